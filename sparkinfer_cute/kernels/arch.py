@@ -1,0 +1,101 @@
+"""Kernel family vs compile target.
+
+Two independent knobs (as quack does with QUACK_ARCH):
+
+* the **kernel family** picks which kernel classes and which shared-memory budget the models use. ``sm120`` (the
+  product: consumer Blackwell, 99 KB smem, no WGMMA) is the default on *every* GPU, so the H100 test host exercises
+  the Blackwell code path. ``sm90`` may select Hopper-only variants where one exists beside the SM120 one.
+  Set with ``SPARKINFER_KERNEL_FAMILY=sm120|sm90`` or :func:`set_kernel_family`.
+* the **compile target** is the PTX/cubin target: the physical GPU when there is one, else ``SPARKINFER_ARCH`` /
+  ``CUTE_DSL_ARCH``, else ``sm_120a``. CI (no GPU) compiles every kernel for sm_120a and sm_121a (and sm_90a).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from ..errors import DeviceError
+
+SUPPORTED_TARGETS = ("sm_90a", "sm_120a", "sm_121a")
+FAMILIES = ("sm120", "sm90")
+
+# Shared memory per block (opt-in max), bytes. sm_120/121: 99 KB = 101376 (cutlass.memory.get_smem_capacity_in_bytes
+# ("sm_120")); sm_90: 227 KB = 232448.
+SMEM_CAPACITY = {"sm120": 101376, "sm90": 232448}
+
+_family_override: str | None = None
+_target_override: str | None = None
+
+
+def kernel_family() -> str:
+    fam = _family_override or os.environ.get("SPARKINFER_KERNEL_FAMILY", "sm120")
+    fam = fam.lower().replace("_", "")
+    if fam not in FAMILIES:
+        raise DeviceError(f"unknown kernel family {fam!r}; choose one of {FAMILIES}")
+    return fam
+
+
+def set_kernel_family(family: str | None) -> None:
+    """Select the kernel family for this process (None: back to the environment/default)."""
+    global _family_override
+    if family is not None and family.lower().replace("_", "") not in FAMILIES:
+        raise DeviceError(f"unknown kernel family {family!r}; choose one of {FAMILIES}")
+    _family_override = None if family is None else family.lower().replace("_", "")
+
+
+def smem_budget() -> int:
+    """Shared-memory bytes a kernel of the selected family may use per block."""
+    return SMEM_CAPACITY[kernel_family()]
+
+
+def normalize_target(arch: str) -> str:
+    a = arch.strip().lower()
+    if not a.startswith("sm_"):
+        a = "sm_" + a.replace("sm", "")
+    if a in ("sm_90", "sm_120", "sm_121"):
+        a += "a"
+    if a not in SUPPORTED_TARGETS:
+        raise DeviceError(f"unsupported compile target {arch!r}; supported: {', '.join(SUPPORTED_TARGETS)}")
+    return a
+
+
+def target_from_capability(major: int, minor: int) -> str:
+    cc = (major, minor)
+    table = {(9, 0): "sm_90a", (12, 0): "sm_120a", (12, 1): "sm_121a"}
+    if cc not in table:
+        raise DeviceError(
+            f"GPU compute capability {major}.{minor} is not supported (sparkinfer_cute targets sm_120a/sm_121a, "
+            "and sm_90a for testing)"
+        )
+    return table[cc]
+
+
+def compile_target() -> str:
+    """The arch kernels are compiled for right now."""
+    if _target_override:
+        return _target_override
+    env = os.environ.get("SPARKINFER_ARCH") or os.environ.get("CUTE_DSL_ARCH")
+    if env:
+        return normalize_target(env)
+    try:
+        from ..runtime.device import current_device_capability
+
+        cap = current_device_capability()
+    except Exception:
+        cap = None
+    if cap is not None:
+        return target_from_capability(*cap)
+    return "sm_120a"
+
+
+@contextmanager
+def target(arch: str):
+    """Compile for ``arch`` inside the block (used by the compile gate; kernels compiled here can't run elsewhere)."""
+    global _target_override
+    old = _target_override
+    _target_override = normalize_target(arch)
+    try:
+        yield _target_override
+    finally:
+        _target_override = old

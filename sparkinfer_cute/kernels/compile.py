@@ -1,0 +1,152 @@
+"""Compile cache for CuTe DSL kernels: in-process memo + on-disk exported objects.
+
+``cute.compile`` never caches (it forces ``no_cache``), and the implicit ``@cute.jit`` call re-traces Python on every
+call (~15 ms measured in ../shared/spec/cute-dsl.md §2.5), so every kernel in this package is compiled through
+:func:`kernel_cache`:
+
+    @kernel_cache
+    def compile_rmsnorm(N: int, eps_is_runtime: bool = True):   # only hashable static config
+        k = RMSNorm(N)
+        return cute.compile(k, *fake_args, options=compile_options())
+
+The key is (qualname, args, compile target, kernel family). Objects are exported with ``export_to_c`` and re-loaded
+with ``cute.runtime.load_module`` (~1 ms instead of ~0.1-1 s of compile). The cache directory is fingerprinted by the
+package sources, the cutlass-dsl and Python versions, so an edit or an upgrade never loads a stale object; writes go
+to a temp file and ``os.replace`` (atomic), under an ``fcntl`` lock, so concurrent processes are safe. A file that
+fails to load is quarantined and recompiled.
+
+``SPARKINFER_CACHE_DIR`` sets the root (default ``~/.cache/sparkinfer_cute``); ``SPARKINFER_DISK_CACHE=0`` disables
+the disk layer (the in-process memo stays).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import arch as _arch
+
+_PKG_ROOT = Path(__file__).resolve().parent.parent
+_lock = threading.Lock()  # cute.compile is not thread-safe (MLIR thread-local state)
+
+# Compile statistics for the compile gate table: key -> dict(seconds, source, ...)
+COMPILE_LOG: list[dict] = []
+
+
+@functools.cache
+def source_fingerprint() -> str:
+    h = hashlib.sha256()
+    for p in sorted(_PKG_ROOT.rglob("*.py")):
+        h.update(str(p.relative_to(_PKG_ROOT)).encode())
+        h.update(p.read_bytes())
+    try:
+        from importlib.metadata import version
+
+        h.update(version("nvidia-cutlass-dsl").encode())
+    except Exception:
+        pass
+    h.update(sys.version.encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("SPARKINFER_CACHE_DIR", Path.home() / ".cache" / "sparkinfer_cute"))
+    return root / "kernels" / source_fingerprint()
+
+
+def disk_cache_enabled() -> bool:
+    return os.environ.get("SPARKINFER_DISK_CACHE", "1") not in ("0", "false", "no")
+
+
+def compile_options(extra: str = "") -> str:
+    """Options string for ``cute.compile``: the current compile target (+ extra flags)."""
+    return f"--gpu-arch {_arch.compile_target()} {extra}".strip()
+
+
+def _key_repr(qualname: str, args: tuple, kwargs: dict) -> str:
+    return repr((qualname, args, tuple(sorted(kwargs.items())), _arch.compile_target(), _arch.kernel_family()))
+
+
+def kernel_cache(fn):
+    """Memoize a ``compile_*`` function (static, hashable args) in-process and on disk.
+
+    The wrapped function returns a compiled callable (``JitCompiledFunction`` or the reloaded module function); both
+    take the same runtime arguments.
+    """
+    memo: dict[str, object] = {}
+    qualname = f"{fn.__module__}.{fn.__qualname__}"
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        key = _key_repr(qualname, args, kwargs)
+        hit = memo.get(key)
+        if hit is not None:
+            return hit
+        with _lock:
+            hit = memo.get(key)
+            if hit is not None:
+                return hit
+            t0 = time.perf_counter()
+            compiled, source = None, "compile"
+            digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+            path = cache_dir() / f"{digest}.o"
+            if disk_cache_enabled() and path.exists():
+                compiled = _load(path)
+                source = "disk" if compiled is not None else "compile"
+            if compiled is None:
+                compiled = fn(*args, **kwargs)
+                if disk_cache_enabled():
+                    _store(compiled, path)
+            dt = time.perf_counter() - t0
+            COMPILE_LOG.append(dict(kernel=qualname, args=args, kwargs=kwargs, arch=_arch.compile_target(),
+                                    family=_arch.kernel_family(), seconds=dt, source=source, compiled=compiled))
+            memo[key] = compiled
+            return compiled
+
+    wrapper.cache_clear = memo.clear  # type: ignore[attr-defined]
+    wrapper.uncached = fn  # type: ignore[attr-defined]
+    return wrapper
+
+
+_FUNC = "kfn"
+
+
+def _store(compiled, path: Path) -> None:
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmpname = f"{path.stem}.{os.getpid()}.tmp"
+        with open(path.parent / ".lock", "w") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            try:
+                compiled.export_to_c(file_path=str(path.parent), file_name=tmpname, function_prefix=_FUNC)
+                os.replace(path.parent / f"{tmpname}.o", path)
+            finally:
+                for suffix in (".h", ".o"):
+                    try:
+                        os.unlink(path.parent / f"{tmpname}{suffix}")
+                    except FileNotFoundError:
+                        pass
+                fcntl.flock(lk, fcntl.LOCK_UN)
+    except Exception as e:  # a cache write failure must never break a run
+        print(f"sparkinfer_cute: kernel cache write failed ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def _load(path: Path):
+    import cutlass.cute as cute
+
+    try:
+        return getattr(cute.runtime.load_module(str(path)), _FUNC)
+    except Exception as e:
+        try:
+            os.replace(path, path.with_suffix(".bad"))
+        except OSError:
+            pass
+        print(f"sparkinfer_cute: quarantined unloadable cached kernel {path.name} ({e})", file=sys.stderr)
+        return None
