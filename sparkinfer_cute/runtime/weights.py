@@ -1,0 +1,90 @@
+"""Upload GGUF tensors to the GPU, still quantized: the raw GGUF bytes, one device buffer per tensor.
+
+Models get :class:`QWeight` handles (type, ggml shape, device bytes) and never look at GGUF files themselves. The total
+is checked against the GPU's free memory *before* any upload, so a model too large for the GPU fails with a clear
+:class:`DeviceOutOfMemoryError` instead of a half-loaded state.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DeviceOutOfMemoryError
+
+
+@dataclass
+class QWeight:
+    name: str
+    qtype: str  # ggml type name: "Q4_K", "Q6_K", "Q8_0", "Q5_0", "F32", ...
+    shape: tuple[int, ...]  # ggml order: (n_in, n_out[, n_expert])
+    data: object  # DeviceArray (uint8 bytes)
+    row_bytes: int
+
+    @property
+    def n_in(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_out(self) -> int:
+        return self.shape[1] if len(self.shape) > 1 else 1
+
+    @property
+    def n_expert(self) -> int:
+        return self.shape[2] if len(self.shape) > 2 else 1
+
+    @property
+    def ptr(self) -> int:
+        return self.data.ptr
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+class WeightStore:
+    """Device copies of a model's tensors. ``resident_bytes`` is what the weights occupy on the GPU."""
+
+    # Headroom kept free for activations, KV cache, workspaces and the CUDA context.
+    HEADROOM = 512 << 20
+
+    def __init__(self, g, names, *, extra_bytes: int = 0, progress: bool = True, stream=None):
+        from . import DeviceArray, get_device
+
+        dev = get_device()
+        infos = [g.check_supported(n) for n in names]
+        total = sum(t.nbytes for t in infos)
+        free = dev.free_memory()
+        if total + extra_bytes + self.HEADROOM > free:
+            raise DeviceOutOfMemoryError(
+                f"{g.path}: the model needs {total / 2**30:.2f} GiB of weights + {extra_bytes / 2**30:.2f} GiB of KV "
+                f"cache/activations, but {dev.name} has {free / 2**30:.2f} GiB free "
+                f"(keeping {self.HEADROOM >> 20} MiB headroom); nothing was uploaded"
+            )
+        self.weights: dict[str, QWeight] = {}
+        it = infos
+        bar = None
+        if progress and total > (256 << 20):
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, unit="B", unit_scale=True, desc="upload weights", file=sys.stderr)
+            except ImportError:
+                bar = None
+        for t in it:
+            raw = g.raw(t.name)
+            buf = DeviceArray.from_numpy(np.ascontiguousarray(raw).reshape(-1), stream)
+            self.weights[t.name] = QWeight(t.name, t.ggml_type.name, t.shape, buf, t.row_bytes)
+            if bar is not None:
+                bar.update(t.nbytes)
+        if bar is not None:
+            bar.close()
+        self.resident_bytes = total
+
+    def __getitem__(self, name: str) -> QWeight:
+        return self.weights[name]
+
+    def get(self, name: str):
+        return self.weights.get(name)
