@@ -1,0 +1,472 @@
+"""Flash-decoding attention over a paged fp16 KV cache (split-KV + log-sum-exp combine), CuTe DSL.
+
+One query token per sequence attends to its sequence's keys ``0..pos`` (``pos`` read from device memory, so a CUDA
+graph captured once replays for every token). Layouts (see :mod:`sparkinfer_cute.kernels.paged_kv` for the pool and
+how the model code allocates it):
+
+* ``q``           f32 ``[B, n_head, D]`` (already q-normed + RoPE'd; ``scale`` is applied here)
+* ``k_pool``      f16 ``[n_pages, page_size, n_kv_head, D]``   (token-major inside a page; a token's K rows for all
+  kv heads are one contiguous ``n_kv_head*D`` run, which is what :mod:`kv_cache_append` writes)
+* ``v_pool``      f16, same shape
+* ``page_table``  int32 ``[B, max_pages_per_seq]``: logical page ``t // page_size`` of sequence b lives in pool page
+  ``page_table[b, t // page_size]`` at slot ``t % page_size``
+* ``pos``         int32 ``[B]``: position of the query token; its own K/V must already be appended at ``pos``
+* ``out``         f32 ``[B, n_head, D]``
+
+Masking (models.md, Attention conventions): key p is visible to query q iff ``p <= q`` and (``window == 0`` or
+``q - p < window``). GQA: q head h reads kv head ``h // (n_head // n_head_kv)``. Logits are
+``s = scale * q.k``, then optionally ``softcap * tanh(s / softcap)``.
+
+Algorithm (two kernels):
+
+1. :class:`AttentionDecodeSplitKV`, grid ``(n_kv_head, num_splits, B)``. The live key range
+   ``[max(0, pos+1-window), pos]`` is cut into ``num_splits`` equal chunks (chunk length computed on the device from
+   ``pos``, so the work stays balanced at every length). A CTA owns one kv head and one chunk and computes all
+   ``G = n_head / n_kv_head`` q heads of the group, so each K/V row is loaded once for G heads. Inside the CTA a
+   *token group* of ``D / 8`` lanes (capped at 32) owns one key at a time: every lane loads 16 bytes (8 halves) of
+   the K row and of the V row, converts to f32, forms partial dot products for the G heads, and a butterfly shuffle
+   inside the group completes them. Each token group keeps its own online-softmax state (running max ``m``, sum
+   ``l``, f32 accumulator ``acc[G, D/lanes]``) in base 2. At the end the token groups are merged through shared
+   memory and the CTA writes the normalized partial output ``O_s`` (f32) and its natural-log
+   ``LSE_s = m + log(l)`` per (q head, split). A chunk with no live key (more splits than keys) writes ``O_s = 0``
+   and ``LSE_s = -inf``, which the combine gives weight 0.
+2. :class:`AttentionDecodeCombine`, grid ``(n_head, B)``: ``out = sum_s exp(LSE_s - M) O_s / sum_s exp(LSE_s - M)``
+   with ``M = max_s LSE_s``.
+
+Decode attention is memory-bound (one 2-byte K and V element per 2*G flops), so the inner product is plain FMA on
+CUDA cores; mma.sync would not help until the loads are pipelined deeper.
+
+Accuracy: inputs are the fp16 values actually stored, products and sums are f32 (24-bit mantissa); the only
+approximate functions are ``ex2.approx`` (max rel. error 2^-22) and ``lg2.approx`` on the merge path. The f32
+accumulation over up to a few thousand keys contributes ~sqrt(n) * 2^-24 relative error, so results agree with a
+float64 reference on the same fp16 K/V to ~1e-5 relative; tests use 1e-3 as a safe bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import cuda.bindings.driver as cuda
+import numpy as np
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float16, Float32, Int32, const_expr
+
+from .arch import smem_budget
+from .common import cu_stream, gptr
+from .compile import compile_options, kernel_cache
+
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256, 512)
+
+
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+# Split-KV kernel
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+
+
+class AttentionDecodeSplitKV:
+    """Partial attention of one (kv head, split, sequence) per CTA; see the module docstring."""
+
+    def __init__(self, n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
+                 has_softcap: bool, num_warps: int | None = None):
+        if n_head % n_kv_head:
+            raise ValueError(f"n_head {n_head} must be a multiple of n_kv_head {n_kv_head}")
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim {head_dim} not supported (one of {SUPPORTED_HEAD_DIMS})")
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        if num_splits < 1:
+            raise ValueError("num_splits must be >= 1")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.page_size, self.num_splits, self.has_softcap = page_size, num_splits, has_softcap
+        self.group = n_head // n_kv_head
+        # A token group: lanes that share one key row, 16 bytes (8 halves) per lane, at most a whole warp.
+        self.lanes_per_tok = min(32, head_dim // 8)
+        self.vec = head_dim // self.lanes_per_tok  # halves per lane per row: 8, or 16 for D=512
+        self.tok_per_warp = 32 // self.lanes_per_tok
+        # q lives in registers when it is small; else in shared memory (G=8, D=512 would need 128 + 128 registers
+        # for q and the accumulator).
+        self.q_in_smem = self.group * self.vec > 64
+        if num_warps is None:
+            num_warps = 4
+            while num_warps > 1 and self.smem_bytes(num_warps) > smem_budget():
+                num_warps //= 2
+        self.num_warps = num_warps
+        self.num_threads = 32 * num_warps
+        self.n_tok_groups = num_warps * self.tok_per_warp
+        if self.smem_bytes(num_warps) > smem_budget():
+            raise ValueError(f"attention decode config needs {self.smem_bytes(num_warps)} B smem > "
+                             f"budget {smem_budget()} B")
+
+    def smem_bytes(self, num_warps: int) -> int:
+        n_groups = num_warps * self.tok_per_warp
+        merge = n_groups * self.group * (self.head_dim + 2) * 4  # acc + m + l per token group
+        q = self.group * self.head_dim * 4 if self.q_in_smem else 0
+        return merge + q + 64
+
+    @cute.jit
+    def __call__(self, pQ: cute.Pointer, pK: cute.Pointer, pV: cute.Pointer, pPageTable: cute.Pointer,
+                 pPos: cute.Pointer, pOPart: cute.Pointer, pLsePart: cute.Pointer,
+                 batch: Int32, n_pages: Int32, pages_per_seq: Int32,
+                 scale: Float32, window: Int32, softcap: Float32, stream: cuda.CUstream):
+        H, KV, D, P, S = self.n_head, self.n_kv_head, self.head_dim, self.page_size, self.num_splits
+        mQ = cute.make_tensor(pQ, cute.make_layout((batch, H, D), stride=(H * D, D, 1)))
+        kv_layout = cute.make_layout((n_pages, P, KV, D), stride=(P * KV * D, KV * D, D, 1))
+        mK = cute.make_tensor(pK, kv_layout)
+        mV = cute.make_tensor(pV, kv_layout)
+        mPT = cute.make_tensor(pPageTable, cute.make_layout((batch, pages_per_seq), stride=(pages_per_seq, 1)))
+        mPos = cute.make_tensor(pPos, cute.make_layout(batch))
+        mOPart = cute.make_tensor(pOPart, cute.make_layout((batch, H, S, D), stride=(H * S * D, S * D, D, 1)))
+        mLsePart = cute.make_tensor(pLsePart, cute.make_layout((batch, H, S), stride=(H * S, S, 1)))
+        self.kernel(mQ, mK, mV, mPT, mPos, mOPart, mLsePart, scale, window, softcap).launch(
+            grid=[KV, S, batch], block=[self.num_threads, 1, 1],
+            smem=self.smem_bytes(self.num_warps), stream=stream)
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mPT: cute.Tensor, mPos: cute.Tensor,
+               mOPart: cute.Tensor, mLsePart: cute.Tensor, scale: Float32, window: Int32, softcap: Float32):
+        G, D, P, S = self.group, self.head_dim, self.page_size, self.num_splits
+        LPT, VEC, TPW = self.lanes_per_tok, self.vec, self.tok_per_warp
+        NG, NW, NT = self.n_tok_groups, self.num_warps, self.num_threads
+
+        tidx, _, _ = cute.arch.thread_idx()
+        kvh, split, b = cute.arch.block_idx()
+        warp = tidx // 32
+        lane = tidx % 32
+        grp_in_warp = lane // LPT
+        grp = warp * TPW + grp_in_warp
+        lig = lane % LPT  # lane in token group
+        d0 = lig * VEC  # this lane's slice of the head dim: [d0, d0 + VEC)
+        h0 = kvh * G  # first q head of this kv group
+
+        # ---- shared memory: merge buffers (+ q when it does not fit in registers) ----
+        smem = cutlass.utils.SmemAllocator()
+        sAcc = smem.allocate_tensor(Float32, cute.make_layout((NG, G, D), stride=(G * D, D, 1)), byte_alignment=16)
+        sM = smem.allocate_tensor(Float32, cute.make_layout((NG, G), stride=(G, 1)), byte_alignment=16)
+        sL = smem.allocate_tensor(Float32, cute.make_layout((NG, G), stride=(G, 1)), byte_alignment=16)
+
+        # ---- the query slice, pre-multiplied so the logit comes out in base 2 ----
+        # no softcap: s2 = (scale*log2e * q) . k ; softcap: s2 = softcap*log2e * tanh((scale/softcap * q) . k)
+        q_mul = scale * Float32(LOG2_E)
+        if const_expr(self.has_softcap):
+            q_mul = scale / softcap
+        cap2 = softcap * Float32(LOG2_E)
+        rQ = cute.make_rmem_tensor((G, VEC), Float32)
+        if const_expr(self.q_in_smem):
+            sQ = smem.allocate_tensor(Float32, cute.make_layout((G, D), stride=(D, 1)), byte_alignment=16)
+            for e in cutlass.range_constexpr((G * D + NT - 1) // NT):
+                idx = tidx + e * NT
+                if const_expr((G * D) % NT == 0) or idx < G * D:
+                    g = idx // D
+                    d = idx % D
+                    sQ[g, d] = mQ[b, h0 + g, d] * q_mul
+            cute.arch.sync_threads()
+        else:
+            for g in cutlass.range_constexpr(G):
+                gq = cute.local_tile(mQ[b, h0 + g, None], (VEC,), (lig,))
+                cute.autovec_copy(gq, rQ[g, None])
+            for g in cutlass.range_constexpr(G):
+                for i in cutlass.range_constexpr(VEC):
+                    rQ[g, i] = rQ[g, i] * q_mul
+
+        # ---- this split's key range, from the device-side position ----
+        pos = mPos[b]
+        kv_end = pos + 1
+        kv_begin = Int32(0)
+        if window > 0:
+            kv_begin = cutlass.max(Int32(0), kv_end - window)
+        chunk = (kv_end - kv_begin + S - 1) // S
+        t_begin = kv_begin + split * chunk
+        t_end = cutlass.min(t_begin + chunk, kv_end)
+
+        # ---- online softmax per token group (base 2) ----
+        rM = cute.make_rmem_tensor((G,), Float32)
+        rL = cute.make_rmem_tensor((G,), Float32)
+        rAcc = cute.make_rmem_tensor((G, VEC), Float32)
+        for g in cutlass.range_constexpr(G):
+            rM[g] = -Float32.inf
+            rL[g] = Float32(0.0)
+            for i in cutlass.range_constexpr(VEC):
+                rAcc[g, i] = Float32(0.0)
+        rK = cute.make_rmem_tensor((VEC,), Float16)
+        rV = cute.make_rmem_tensor((VEC,), Float16)
+        rS = cute.make_rmem_tensor((G,), Float32)
+
+        # A warp walks TPW consecutive keys per step; every lane of the warp runs the same trip count (the shuffles
+        # below need the whole warp), and a token group whose key is past the end masks its update instead.
+        for t_warp in cutlass.range(t_begin + warp * TPW, t_end, NW * TPW, unroll=1):
+            t_mine = t_warp + grp_in_warp
+            valid = t_mine < t_end
+            t = cutlass.select_(valid, t_mine, t_end - 1)
+            page = mPT[b, t // P]
+            slot = t % P
+            cute.autovec_copy(cute.local_tile(mK[page, slot, kvh, None], (VEC,), (lig,)), rK)
+            cute.autovec_copy(cute.local_tile(mV[page, slot, kvh, None], (VEC,), (lig,)), rV)
+            kf = rK.load().to(Float32)
+            vf = rV.load().to(Float32)
+            for g in cutlass.range_constexpr(G):
+                dot = Float32(0.0)
+                for i in cutlass.range_constexpr(VEC):
+                    if const_expr(self.q_in_smem):
+                        dot += sQ[g, d0 + i] * kf[i]
+                    else:
+                        dot += rQ[g, i] * kf[i]
+                for k in cutlass.range_constexpr(int(math.log2(LPT))):
+                    dot += cute.arch.shuffle_sync_bfly(dot, offset=LPT >> (k + 1))
+                if const_expr(self.has_softcap):
+                    dot = cap2 * cute.math.tanh(dot)
+                rS[g] = dot
+            if valid:
+                for g in cutlass.range_constexpr(G):
+                    m_new = cute.arch.fmax(rM[g], rS[g])
+                    alpha = cute.arch.exp2(rM[g] - m_new)  # exp2(-inf) = 0 on the first key
+                    p = cute.arch.exp2(rS[g] - m_new)
+                    rL[g] = rL[g] * alpha + p
+                    for i in cutlass.range_constexpr(VEC):
+                        rAcc[g, i] = rAcc[g, i] * alpha + p * vf[i]
+                    rM[g] = m_new
+
+        # ---- merge the token groups of this CTA through shared memory ----
+        for g in cutlass.range_constexpr(G):
+            cute.autovec_copy(rAcc[g, None], cute.local_tile(sAcc[grp, g, None], (VEC,), (lig,)))
+        if lig == 0:
+            for g in cutlass.range_constexpr(G):
+                sM[grp, g] = rM[g]
+                sL[grp, g] = rL[g]
+        cute.arch.sync_threads()
+
+        for e in cutlass.range_constexpr((G * D + NT - 1) // NT):
+            idx = tidx + e * NT
+            if const_expr((G * D) % NT == 0) or idx < G * D:
+                g = idx // D
+                d = idx % D
+                m_cta = -Float32.inf
+                for j in cutlass.range_constexpr(NG):
+                    m_cta = cute.arch.fmax(m_cta, sM[j, g])
+                # All groups empty (a split past the live range): keep exp2 arguments finite, get l = 0.
+                m_ref = cutlass.select_(m_cta == -Float32.inf, Float32(0.0), m_cta)
+                l_cta = Float32(0.0)
+                o_cta = Float32(0.0)
+                for j in cutlass.range_constexpr(NG):
+                    w = cute.arch.exp2(sM[j, g] - m_ref)
+                    l_cta += sL[j, g] * w
+                    o_cta += sAcc[j, g, d] * w
+                has_keys = l_cta > Float32(0.0)
+                out = cutlass.select_(has_keys, o_cta / l_cta, Float32(0.0))
+                mOPart[b, h0 + g, split, d] = out
+                if d == 0:
+                    lse = cutlass.select_(has_keys, (m_ref + cute.math.log2(l_cta, fastmath=True)) * Float32(LN_2),
+                                          -Float32.inf)
+                    mLsePart[b, h0 + g, split] = lse
+
+
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+# Combine kernel
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+
+
+class AttentionDecodeCombine:
+    """``out[b, h] = sum_s w_s O_s / sum_s w_s`` with ``w_s = exp(LSE_s - max LSE)``; one CTA per (q head, seq)."""
+
+    def __init__(self, n_head: int, head_dim: int, num_splits: int):
+        self.n_head, self.head_dim, self.num_splits = n_head, head_dim, num_splits
+        self.num_threads = min(128, head_dim)
+
+    @cute.jit
+    def __call__(self, pOPart: cute.Pointer, pLsePart: cute.Pointer, pOut: cute.Pointer, batch: Int32,
+                 stream: cuda.CUstream):
+        H, D, S = self.n_head, self.head_dim, self.num_splits
+        mOPart = cute.make_tensor(pOPart, cute.make_layout((batch, H, S, D), stride=(H * S * D, S * D, D, 1)))
+        mLsePart = cute.make_tensor(pLsePart, cute.make_layout((batch, H, S), stride=(H * S, S, 1)))
+        mOut = cute.make_tensor(pOut, cute.make_layout((batch, H, D), stride=(H * D, D, 1)))
+        self.kernel(mOPart, mLsePart, mOut).launch(grid=[H, batch, 1], block=[self.num_threads, 1, 1],
+                                                    stream=stream)
+
+    @cute.kernel
+    def kernel(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor):
+        D, S, NT = self.head_dim, self.num_splits, self.num_threads
+        tidx, _, _ = cute.arch.thread_idx()
+        h, b, _ = cute.arch.block_idx()
+        # Every thread derives the (tiny) split weights itself: S loads from L1, no smem or barrier needed.
+        lse_max = -Float32.inf
+        for s in cutlass.range(S, unroll=1):
+            lse_max = cute.arch.fmax(lse_max, mLsePart[b, h, s])
+        lse_ref = cutlass.select_(lse_max == -Float32.inf, Float32(0.0), lse_max)
+        for e in cutlass.range_constexpr(D // NT):
+            d = tidx + e * NT
+            num = Float32(0.0)
+            den = Float32(0.0)
+            for s in cutlass.range(S, unroll=1):
+                w = cute.arch.exp2((mLsePart[b, h, s] - lse_ref) * Float32(LOG2_E))
+                den += w
+                # A split with no keys has w = 0 and O_s = 0 (never NaN), so it adds nothing.
+                num += w * mOPart[b, h, s, d]
+            mOut[b, h, d] = cutlass.select_(den > Float32(0.0), num / den, Float32(0.0))
+
+
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+# Compile + launch
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+
+
+@kernel_cache
+def compile_attention_decode(n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
+                             softcap: bool = False):
+    """Compile the split-KV kernel. Runtime args: (q, k_pool, v_pool, page_table, pos, o_part, lse_part pointers,
+    batch, n_pages, pages_per_seq, scale, window, softcap, stream)."""
+    k = AttentionDecodeSplitKV(n_head, n_kv_head, head_dim, page_size, num_splits, softcap)
+    f32, f16, i32 = (gptr(t, 0) for t in (Float32, Float16, Int32))
+    i32_4 = gptr(Int32, 0, align=4)
+    return cute.compile(k, f32, f16, f16, i32_4, i32_4, f32, gptr(Float32, 0, align=4),
+                        Int32(1), Int32(1), Int32(1), Float32(1.0), Int32(0), Float32(0.0),
+                        cute.runtime.make_fake_stream(), options=compile_options())
+
+
+@kernel_cache
+def compile_attention_combine(n_head: int, head_dim: int, num_splits: int):
+    """Compile the combine kernel. Runtime args: (o_part, lse_part, out pointers, batch, stream)."""
+    k = AttentionDecodeCombine(n_head, head_dim, num_splits)
+    return cute.compile(k, gptr(Float32, 0), gptr(Float32, 0, align=4), gptr(Float32, 0), Int32(1),
+                        cute.runtime.make_fake_stream(), options=compile_options())
+
+
+def default_num_splits(n_kv_head: int, max_context: int, sm_count: int = 132, batch: int = 1) -> int:
+    """Splits so that ``n_kv_head * splits * batch`` CTAs cover the GPU about twice, but keep >= 64 keys per split
+    at the full context (static: the graph is captured once)."""
+    want = max(1, -(-2 * sm_count // max(1, n_kv_head * batch)))
+    cap = max(1, max_context // 64)
+    return int(min(want, cap, 256))
+
+
+def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window: int = 0, softcap: float = 0.0,
+                     num_splits: int = 16, out=None, o_partial=None, lse_partial=None, workspace=None,
+                     stream=None):
+    """Decode attention for one query token per sequence over a paged fp16 KV cache.
+
+    ``q`` f32 [B, n_head, D] (or [n_head, D] for B = 1); ``k_pool``/``v_pool`` f16 [n_pages, page_size, n_kv_head, D];
+    ``page_table`` int32 [B, max_pages_per_seq]; ``pos`` int32 [B] (device memory: read by the kernel, so a captured
+    graph follows it). Accepts numpy arrays or DeviceArrays; numpy ``q`` in -> numpy out (unless ``out`` is given).
+    ``o_partial`` f32 [B, n_head, num_splits, D] and ``lse_partial`` f32 [B, n_head, num_splits] are the split
+    workspace: pass them (or a runtime ``Workspace``) for CUDA-graph capture, else they are allocated here.
+    ``window`` 0 = full causal; ``softcap`` 0 = off (any other value compiles the softcap variant).
+    """
+    from ..runtime import DeviceArray, as_device, resolve_stream
+
+    stream = resolve_stream(stream)
+    q_shape = tuple(q.shape)
+    B, H, D = (1, *q_shape) if len(q_shape) == 2 else q_shape
+    n_pages, P, KV, Dk = tuple(k_pool.shape)
+    if Dk != D or tuple(v_pool.shape) != tuple(k_pool.shape):
+        raise ValueError(f"k_pool {tuple(k_pool.shape)} / v_pool {tuple(v_pool.shape)} do not match q {q_shape}")
+    if n_pages * P * KV * D >= 2**31:
+        raise ValueError("a KV pool of >= 2^31 elements per layer overflows the kernel's Int32 offsets")
+    pages_per_seq = tuple(page_table.shape)[-1]
+    if int(np.prod(page_table.shape)) != B * pages_per_seq or int(np.prod(pos.shape)) != B:
+        raise ValueError(f"page_table {tuple(page_table.shape)} / pos {tuple(pos.shape)} do not match batch {B}")
+    dq, q_was_np = as_device(q, stream, np.float32)
+    dk, _ = as_device(k_pool, stream, np.float16)
+    dv, _ = as_device(v_pool, stream, np.float16)
+    dpt, _ = as_device(page_table, stream, np.int32)
+    dpos, _ = as_device(pos, stream, np.int32)
+    S = num_splits
+    if o_partial is None:
+        o_partial = (workspace.get((B, H, S, D), np.float32, tag="attention_decode.o_partial") if workspace
+                     else DeviceArray.empty((B, H, S, D), np.float32))
+    if lse_partial is None:
+        lse_partial = (workspace.get((B, H, S), np.float32, tag="attention_decode.lse_partial") if workspace
+                       else DeviceArray.empty((B, H, S), np.float32))
+    out_dev = out if out is not None else DeviceArray.empty((B, H, D), np.float32)
+    has_softcap = softcap != 0.0
+    f_attn = compile_attention_decode(H, KV, D, P, S, has_softcap)
+    f_comb = compile_attention_combine(H, D, S)
+    cus = cu_stream(stream)
+    f_attn(gptr(Float32, dq.ptr), gptr(Float16, dk.ptr), gptr(Float16, dv.ptr),
+           gptr(Int32, dpt.ptr, align=4), gptr(Int32, dpos.ptr, align=4),
+           gptr(Float32, o_partial.ptr), gptr(Float32, lse_partial.ptr, align=4),
+           Int32(B), Int32(n_pages), Int32(pages_per_seq), Float32(scale), Int32(window),
+           Float32(softcap if has_softcap else 1.0), cus)
+    f_comb(gptr(Float32, o_partial.ptr), gptr(Float32, lse_partial.ptr, align=4), gptr(Float32, out_dev.ptr),
+           Int32(B), cus)
+    if q_was_np and out is None:
+        return out_dev.to_numpy(stream).reshape(q_shape)
+    return out_dev
+
+
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+# float64 reference
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+
+
+def attention_decode_ref(q, k_cache_dense, v_cache_dense, pos, scale: float, window: int = 0,
+                         softcap: float = 0.0):
+    """float64 reference. ``q`` [n_head, D] (or [B, n_head, D]); ``k_cache_dense``/``v_cache_dense``
+    [n_ctx, n_kv_head, D] (or [B, n_ctx, n_kv_head, D]) holding the fp16 values actually stored, token t at row t;
+    ``pos`` int (or [B]): the query position, keys 0..pos (with the window rule) are visible."""
+    q = np.asarray(q, np.float64)
+    k = np.asarray(k_cache_dense, np.float64)
+    v = np.asarray(v_cache_dense, np.float64)
+    if q.ndim == 3:
+        pos = np.broadcast_to(np.asarray(pos), (q.shape[0],))
+        return np.stack([attention_decode_ref(q[i], k[i], v[i], int(pos[i]), scale, window, softcap)
+                         for i in range(q.shape[0])])
+    H, D = q.shape
+    pos = int(np.asarray(pos).reshape(-1)[0])
+    KV = k.shape[1]
+    G = H // KV
+    lo = 0 if window == 0 else max(0, pos - window + 1)
+    keys = np.arange(lo, pos + 1)
+    out = np.empty((H, D), np.float64)
+    for h in range(H):
+        kv = h // G
+        s = scale * (k[keys, kv, :] @ q[h])
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        w = np.exp(s - s.max())
+        out[h] = (w / w.sum()) @ v[keys, kv, :]
+    return out
+
+
+def split_kv_ranges(pos: int, window: int, num_splits: int) -> list[tuple[int, int]]:
+    """The [begin, end) key range of each split, exactly as the kernel computes it (for tests and docs)."""
+    kv_end = pos + 1
+    kv_begin = 0 if window <= 0 else max(0, kv_end - window)
+    chunk = (kv_end - kv_begin + num_splits - 1) // num_splits
+    out = []
+    for s in range(num_splits):
+        b = kv_begin + s * chunk
+        out.append((b, min(b + chunk, kv_end)))
+    return out
+
+
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+# Compile-gate registry
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+
+# (n_head, n_kv_head, head_dim, page_size, num_splits, softcap) per model attention layer type.
+MODEL_CONFIGS: dict[str, dict] = {
+    "qwen3moe-30b-a3b": dict(n_head=32, n_kv_head=4, head_dim=128, page_size=64, num_splits=32),
+    "gemma3-270m": dict(n_head=4, n_kv_head=1, head_dim=256, page_size=64, num_splits=64),
+    "gemma4-26b-a4b-swa": dict(n_head=16, n_kv_head=8, head_dim=256, page_size=64, num_splits=16),
+    "gemma4-26b-a4b-full": dict(n_head=16, n_kv_head=2, head_dim=512, page_size=64, num_splits=64),
+    "qwen35moe-full": dict(n_head=16, n_kv_head=2, head_dim=256, page_size=64, num_splits=64),
+    "tiny": dict(n_head=8, n_kv_head=2, head_dim=64, page_size=64, num_splits=8),
+}
+
+
+def _register() -> None:
+    try:
+        from .registry import register
+    except ImportError:  # registry not written yet
+        return
+    configs = [dict(c, softcap=False) for c in MODEL_CONFIGS.values()]
+    register("attention_decode", compile_attention_decode, configs)
+    combine = sorted({(c["n_head"], c["head_dim"], c["num_splits"]) for c in MODEL_CONFIGS.values()})
+    register("attention_combine", compile_attention_combine,
+             [dict(n_head=h, head_dim=d, num_splits=s) for h, d, s in combine])
+
+_register()
