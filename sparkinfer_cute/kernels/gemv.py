@@ -1,0 +1,249 @@
+"""Decode GEMV over raw GGUF-quantized weights, f32 activations: ``y[r, o] = sum_i W[o, i] * x[r, i]``.
+
+Design (memory-bound, batch 1-8):
+- one warp per output row; a CTA holds ``WARPS`` rows; grid.x = ceil(n_out / WARPS). grid.y = selected-expert slot
+  for the expert-indexed variant (W is [n_expert, n_out, n_in], expert ids read from a device int32 array: no host
+  sync, CUDA-graph safe, all slots in one launch).
+- lanes stride over the row's decode units (quant_decode.py): lane L takes units L, L+32, ... so one warp step
+  reads 32 neighbouring units = contiguous bytes of the row (coalesced). Units are decoded into registers
+  (contraction allowed: <= 1 ulp per weight) and dotted with the matching x elements, which are read straight from
+  global memory with 128-bit loads (x is a few KB, L1/L2 resident; ``R`` rows reuse the decoded weights).
+- f32 accumulation in 4 independent chains per unit (ILP), a butterfly shuffle reduction (fixed order:
+  deterministic), lane 0 stores.
+
+Error bound used by the tests (``gemv_error_bound``), u = 2^-24: ``d*sc`` and ``dmin*m`` are rounded exactly as
+gguf-py rounds them; the remaining decode step (``*q``, ``- dmin*m``, possibly fused) differs from gguf-py's by at
+most 2u A_i, where A_i = |d*sc*q_i| + |dmin*m| (K-quants; = |W_i| otherwise: the subtraction may cancel); an f32
+sum of n products adds at most ~n u sum |w x| (Higham's gamma_n). So |y - y_ref| <= (n_in + 8) u sum_i A_oi |x_i|.
+"""
+
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import numpy as np
+from cutlass import Float32, Int32, Uint8
+
+from .compile import kernel_cache
+from .quant_decode import (kernel_options, decode_unit, load_runs_from_gmem, new_unit_buffer, qtype_name, run_divisibility, spec,
+                           unit_base, warp_allreduce_sum)
+
+WARPS = 4
+MAX_ROWS = 8
+
+
+def unit_dot(sp, w, pX, xoff, divby: int):
+    """sum_i w[i] * x[xoff + unit positions], in 4 interleaved chains (4x the FMA ILP of one chain)."""
+    xr = load_runs_from_gmem(sp, pX, xoff, divby)
+    n = sp.unit_elems
+    part = [w[c] * xr[c] for c in range(4)]
+    for i in range(4, n):
+        part[i % 4] = part[i % 4] + w[i] * xr[i]
+    return (part[0] + part[1]) + (part[2] + part[3])
+
+
+class Gemv:
+    """``y[slot, r, o] = sum_i W[e(slot), o, i] * x[xrow(slot, r), i]``.
+
+    Dense: n_slots = 1, e = 0, xrow = r (``rows`` activation rows). Expert-indexed (``experts=True``): e = ids[slot];
+    xrow = slot if ``x_per_slot`` else 0, rows must be 1."""
+
+    def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False):
+        self.qtype = qtype
+        self.sp = spec(qtype)
+        assert n_in % self.sp.block_elems == 0, f"{qtype}: n_in {n_in} % {self.sp.block_elems}"
+        assert 1 <= rows <= MAX_ROWS
+        assert not (experts and rows != 1), "the expert-indexed GEMV takes one activation row per slot"
+        self.n_in, self.rows, self.experts, self.x_per_slot = n_in, rows, experts, x_per_slot
+
+    @cute.jit
+    def __call__(self, pW: cute.Pointer, pX: cute.Pointer, pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32,
+                 n_slots: Int32, stream: cuda.CUstream):
+        self.kernel(pW, pX, pY, pIds, n_out).launch(
+            grid=[cute.ceil_div(n_out, WARPS), n_slots, 1], block=[WARPS * 32, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, pW: cute.Pointer, pX: cute.Pointer, pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32):
+        sp = self.sp
+        tid = cute.arch.thread_idx()[0]
+        bx, slot, _ = cute.arch.block_idx()
+        warp = tid // 32
+        lane = tid % 32
+        o = bx * WARPS + warp
+        nbpr = self.n_in // sp.block_elems
+        upb = sp.units_per_block
+        divby = run_divisibility(sp)
+        if o < n_out:
+            row = o
+            xrow0 = 0
+            if cutlass.const_expr(self.experts):
+                ids = cute.make_tensor(pIds, cute.make_layout(slot + 1))
+                row = ids[slot] * n_out + o
+                if cutlass.const_expr(self.x_per_slot):
+                    xrow0 = slot
+            blk0 = row * nbpr
+            acc = cute.make_rmem_tensor((self.rows,), Float32)
+            acc.fill(0.0)
+            w = new_unit_buffer(self.qtype)
+            for U in cutlass.range(lane, nbpr * upb, 32, unroll=1):
+                kb = U // upb
+                u = U - kb * upb
+                decode_unit(self.qtype, pW, blk0 + kb, u, w, exact=False)
+                xb = kb * sp.block_elems + unit_base(sp, u)
+                for r in cutlass.range_constexpr(self.rows):
+                    acc[r] = acc[r] + unit_dot(sp, w, pX, (xrow0 + r) * self.n_in + xb, divby)
+            # y is [n_slots * rows, n_out] row-major: y[slot*rows + r, o]
+            mY = cute.make_tensor(pY, cute.make_layout((n_out * self.rows) * (slot + 1)))
+            for r in cutlass.range_constexpr(self.rows):
+                t = warp_allreduce_sum(acc[r])
+                if lane == 0:
+                    mY[(slot * self.rows + r) * n_out + o] = t
+
+
+def _ptr(dtype, addr, align=16):
+    return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
+
+
+@kernel_cache
+def compile_gemv(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False):
+    return cute.compile(Gemv(qtype, n_in, rows, experts, x_per_slot), _ptr(Uint8, 0), _ptr(Float32, 0),
+                        _ptr(Float32, 0), _ptr(Int32, 0, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
+                        options=kernel_options())
+
+
+def _check_w(w, q, n_rows_total, n_in):
+    need = n_rows_total * spec(q).row_bytes(n_in)
+    if w.nbytes != need:
+        raise ValueError(f"{q} weight has {w.nbytes} bytes, expected {need} ({n_rows_total} rows x {n_in})")
+
+
+def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None):
+    """y = x @ W.T for raw GGUF weights ``w`` ([n_out, row_bytes] uint8, numpy or DeviceArray) and f32 ``x``
+    ([rows, n_in] or [n_in], rows <= 8). numpy in -> numpy out ([rows, n_out] or [n_out])."""
+    from ..runtime import DeviceArray, as_device, default_stream
+
+    q = qtype_name(qtype)
+    st = stream if stream is not None else default_stream()
+    xs = tuple(x.shape)
+    n_in = xs[-1]
+    rows = 1 if len(xs) == 1 else xs[0]
+    if n_out is None:
+        n_out = int(w.shape[0])
+    dw, w_np = as_device(w, st)
+    dx, x_np = as_device(np.ascontiguousarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x, st)
+    _check_w(dw, q, n_out, n_in)
+    y = out if out is not None else DeviceArray.empty((rows, n_out) if len(xs) > 1 else (n_out,), np.float32)
+    fn = compile_gemv(q, n_in, rows)
+    fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr), _ptr(Int32, dx.ptr, 4), Int32(n_out),
+       Int32(1), cuda.CUstream(st.handle))
+    return y.to_numpy(stream=st) if x_np else y
+
+
+def gemv_experts(w, qtype, x, ids, n_out: int, n_in: int, x_per_slot: bool = False, out=None, stream=None):
+    """Expert-indexed GEMV: ``y[j] = W[ids[j]] @ x[j if x_per_slot else 0]`` for every slot j, one launch.
+
+    ``w``: [n_expert, n_out, row_bytes] raw bytes; ``ids``: int32 [n_slots] (device or numpy); ``x``: f32
+    [n_slots or 1, n_in]. Returns [n_slots, n_out]."""
+    from ..runtime import DeviceArray, as_device, default_stream
+
+    q = qtype_name(qtype)
+    st = stream if stream is not None else default_stream()
+    dw, _ = as_device(w, st)
+    dx, x_np = as_device(np.ascontiguousarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x, st)
+    di, _ = as_device(np.ascontiguousarray(ids, dtype=np.int32) if isinstance(ids, np.ndarray) else ids, st)
+    n_slots = int(np.prod(di.shape))
+    if dw.nbytes % (n_out * spec(q).row_bytes(n_in)):
+        raise ValueError(f"{q} expert weight bytes {dw.nbytes} not a multiple of {n_out} rows x {n_in}")
+    y = out if out is not None else DeviceArray.empty((n_slots, n_out), np.float32)
+    fn = compile_gemv(q, n_in, 1, True, bool(x_per_slot))
+    fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr), _ptr(Int32, di.ptr, 4), Int32(n_out),
+       Int32(n_slots), cuda.CUstream(st.handle))
+    return y.to_numpy(stream=st) if x_np else y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float64 numpy references (dequantize with gguf-py on the original bytes, then matmul in float64)
+
+
+def dequant_rows_f64(w_raw: np.ndarray, qtype, n_in: int) -> np.ndarray:
+    from .dequant import dequantize_ref
+
+    q = qtype_name(qtype)
+    rb = spec(q).row_bytes(n_in)
+    w2 = np.asarray(w_raw, dtype=np.uint8).reshape(-1, rb)
+    return dequantize_ref(w2, q).astype(np.float64).reshape(w2.shape[0], n_in)
+
+
+def gemv_ref(w_raw: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    W = dequant_rows_f64(w_raw, qtype, x.shape[-1])
+    return x @ W.T
+
+
+def gemv_experts_ref(w_raw: np.ndarray, qtype, x: np.ndarray, ids, n_out: int, x_per_slot: bool = False):
+    x = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
+    n_in = x.shape[-1]
+    W = dequant_rows_f64(w_raw, qtype, n_in).reshape(-1, n_out, n_in)
+    return np.stack([W[e] @ x[j if x_per_slot else 0] for j, e in enumerate(np.asarray(ids).reshape(-1))])
+
+
+def weight_magnitude_f64(w_raw: np.ndarray, qtype, n_in: int) -> np.ndarray:
+    """Per-weight magnitude A >= |W| that bounds the decode rounding: for Q4_K/Q5_K (w = d*sc*q - dmin*m, where the
+    subtraction may cancel) A = |d*sc*q| + |dmin*m|, computed by dequantizing copies with dmin = 0 and with d = 0;
+    for the other types A = |W|."""
+    q = qtype_name(qtype)
+    if q not in ("Q4_K", "Q5_K"):
+        return np.abs(dequant_rows_f64(w_raw, q, n_in))
+    sp = spec(q)
+    b = np.array(w_raw, dtype=np.uint8).reshape(-1, sp.block_bytes)
+    no_min, no_scale = b.copy(), b.copy()
+    no_min[:, 2:4] = 0  # dmin = +0.0
+    no_scale[:, 0:2] = 0  # d = +0.0
+    return np.abs(dequant_rows_f64(no_min, q, n_in)) + np.abs(dequant_rows_f64(no_scale, q, n_in))
+
+
+def gemv_error_bound(w_raw: np.ndarray, qtype, x: np.ndarray, ids=None, n_out=None, x_per_slot=False):
+    """Elementwise bound on |y_gpu - y_ref| (module docstring): (n_in + 8) * 2^-24 * sum_i A_oi |x_i|, with A the
+    per-weight magnitude of ``weight_magnitude_f64`` (A = |W| except for the K-quant min term)."""
+    x = np.abs(np.asarray(x, dtype=np.float64))
+    n_in = x.shape[-1]
+    A = weight_magnitude_f64(w_raw, qtype, n_in)
+    if ids is None:
+        mag = x @ A.T
+    else:
+        A = A.reshape(-1, n_out, n_in)
+        x2 = x.reshape(-1, n_in)
+        mag = np.stack([A[e] @ x2[j if x_per_slot else 0] for j, e in enumerate(np.asarray(ids).reshape(-1))])
+    return (n_in + 8) * 2.0**-24 * mag
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registered configurations (compile gate): Qwen3-30B-A3B Q4_K_M and Gemma 3 270M Q4_K_M shapes.
+
+QWEN3_DENSE = [  # (qtype, n_in): q/k/v (2048 ->), o (4096 ->), LM head (2048 -> 151936), token_embd
+    ("Q4_K", 2048), ("Q6_K", 2048), ("Q4_K", 4096),
+]
+QWEN3_EXPERTS = [("Q4_K", 2048, False), ("Q4_K", 768, True), ("Q6_K", 768, True)]
+GEMMA3_DENSE = [("Q5_0", 640), ("Q8_0", 640), ("Q4_K", 1024), ("Q4_K", 2048), ("Q6_K", 2048)]
+
+
+def registered_configs():
+    cfgs = []
+    for q, n in QWEN3_DENSE + GEMMA3_DENSE:
+        cfgs.append(dict(qtype=q, n_in=n, rows=1))
+    for q, n, per in QWEN3_EXPERTS:
+        cfgs.append(dict(qtype=q, n_in=n, rows=1, experts=True, x_per_slot=per))
+    cfgs.append(dict(qtype="Q4_K", n_in=2048, rows=8))
+    return cfgs
+
+
+def _register():
+    try:
+        from .registry import register
+    except ImportError:  # registry.py is owned by another module; absent in early checkouts
+        return
+    register("gemv", compile_gemv, registered_configs())
+
+
+_register()

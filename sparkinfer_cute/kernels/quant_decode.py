@@ -1,0 +1,407 @@
+"""Device-side decoding of GGUF quant blocks, shared by dequant, GEMV and the MoE FFN kernels.
+
+Weights stay in their raw GGUF bytes on the GPU (rows of ``n_in`` elements, blocks along ``n_in``). Every type is
+decoded in *units*: the piece of one block that one lane turns into f32 values in registers per step.
+
+| type | block elems / bytes | unit elems | unit -> element positions (in the block)                         | loads |
+|------|---------------------|------------|-------------------------------------------------------------------|-------|
+| Q4_0 | 32 / 18             | 32         | the whole block                                                   | u16   |
+| Q5_0 | 32 / 22             | 32         | the whole block                                                   | u16   |
+| Q8_0 | 32 / 34             | 32         | the whole block                                                   | u16   |
+| Q4_K | 256 / 144           | 64         | sub-block pair c: [64c, 64c+64) (shares the 32 qs bytes)          | v4.u32 (144 = 9*16) |
+| Q5_K | 256 / 176           | 64         | sub-block pair c: [64c, 64c+64)                                   | v4.u32 (176 = 11*16) |
+| Q6_K | 256 / 210           | 32         | half n, lane-slab t: 128n + 8t + {0..7} + 32k, k=0..3             | u16   |
+| F16/BF16/F32 | 32-element pseudo-blocks | 32 | contiguous                                              | v4.u32 |
+
+Q4_0/Q5_0/Q8_0/Q6_K blocks are only 2-byte aligned (18/22/34/210 bytes), so they are read with 16-bit loads (the
+loads of a warp still coalesce: lanes read neighbouring blocks). A repack to an aligned layout would allow 16-byte
+loads; not done yet (see the report in the commit log).
+
+Numerics. With ``exact=True`` the decode reproduces ggml/gguf-py bit for bit: gguf-py evaluates, in f32,
+``(d*sc)*q - dmin*m`` (K-quants) / ``(d*sc)*q`` (Q6_K) / ``d*q`` (legacy quants), each product rounded. ptxas fuses a
+plain ``mul.f32`` followed by ``sub.f32`` into an ``fma`` (seen in the PTX of our first Q4_K kernel: ``mul.f32`` +
+``sub.f32`` with no rounding modifier, which the PTX ISA allows to be contracted), which changes the last bit, so the
+exact path uses ``mul.rn.f32`` / ``sub.rn.f32`` through inline asm (explicit rounding modifiers are never contracted).
+The GEMV paths use ``exact=False`` (contraction allowed: at most 1 ulp per weight, far inside the GEMV tolerance).
+
+The helpers here are plain Python functions called while a kernel is traced: they unroll into straight-line code
+(no runtime control flow inside), and take runtime ``blk``/``u`` indices.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32, Uint8, Uint16, Uint32
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import dsl_user_op
+
+def kernel_options() -> str:
+    """compile_options() (the --gpu-arch target) + --keep-ptx when SPARKINFER_KEEP_PTX=1 (to read the PTX via
+    ``compiled.artifacts.PTX``)."""
+    from .compile import compile_options
+
+    return compile_options("--keep-ptx" if os.environ.get("SPARKINFER_KEEP_PTX") else "")
+
+
+# ggml type ids (ggml.h enum ggml_type)
+GGML_TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
+                 "BF16": 30}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    name: str
+    block_elems: int  # elements per (pseudo-)block along a row
+    block_bytes: int
+    unit_elems: int  # elements one lane decodes per step
+    # contiguous runs of a unit: (index in the unit's value array, offset from the unit base, length)
+    runs: tuple
+
+    @property
+    def units_per_block(self) -> int:
+        return self.block_elems // self.unit_elems
+
+    def row_bytes(self, n_in: int) -> int:
+        assert n_in % self.block_elems == 0, f"{self.name}: row length {n_in} not a multiple of {self.block_elems}"
+        return n_in // self.block_elems * self.block_bytes
+
+    @property
+    def ggml_type(self) -> int:
+        return GGML_TYPE_IDS[self.name]
+
+
+def _contig(n):
+    return ((0, 0, n),)
+
+
+SPECS = {
+    "Q4_0": QuantSpec("Q4_0", 32, 18, 32, _contig(32)),
+    "Q5_0": QuantSpec("Q5_0", 32, 22, 32, _contig(32)),
+    "Q8_0": QuantSpec("Q8_0", 32, 34, 32, _contig(32)),
+    "Q4_K": QuantSpec("Q4_K", 256, 144, 64, _contig(64)),
+    "Q5_K": QuantSpec("Q5_K", 256, 176, 64, _contig(64)),
+    "Q6_K": QuantSpec("Q6_K", 256, 210, 32, tuple((8 * k, 32 * k, 8) for k in range(4))),
+    "F16": QuantSpec("F16", 32, 64, 32, _contig(32)),
+    "BF16": QuantSpec("BF16", 32, 64, 32, _contig(32)),
+    "F32": QuantSpec("F32", 32, 128, 32, _contig(32)),
+}
+QTYPES = tuple(SPECS)
+
+
+def spec(qtype: str) -> QuantSpec:
+    try:
+        return SPECS[qtype]
+    except KeyError:
+        raise ValueError(f"unsupported quant type {qtype!r}; supported: {QTYPES}") from None
+
+
+def qtype_name(qtype) -> str:
+    """Accept 'Q4_K', a gguf.GGMLQuantizationType or its int value."""
+    if isinstance(qtype, str):
+        return spec(qtype.upper()).name
+    val = int(qtype)
+    for k, v in GGML_TYPE_IDS.items():
+        if v == val:
+            return k
+    raise ValueError(f"unsupported ggml type id {val}")
+
+
+def unit_base(sp: QuantSpec, u):
+    """Element offset (inside the block) where unit ``u`` (runtime) starts."""
+    if sp.name == "Q6_K":
+        return (u >> 2) * 128 + (u & 3) * 8
+    return u * sp.unit_elems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scalar inline-asm helpers
+
+
+@dsl_user_op
+def mul_rn(a, b, *, loc=None, ip=None) -> Float32:
+    """f32 multiply with an explicit rounding modifier: never contracted into an fma by ptxas."""
+    return Float32(llvm.inline_asm(Float32.mlir_type, [Float32(a).ir_value(loc=loc, ip=ip),
+                                                       Float32(b).ir_value(loc=loc, ip=ip)],
+                                   "mul.rn.f32 $0, $1, $2;", "=f,f,f", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def sub_rn(a, b, *, loc=None, ip=None) -> Float32:
+    return Float32(llvm.inline_asm(Float32.mlir_type, [Float32(a).ir_value(loc=loc, ip=ip),
+                                                       Float32(b).ir_value(loc=loc, ip=ip)],
+                                   "sub.rn.f32 $0, $1, $2;", "=f,f,f", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def half_lo_to_f32(w, *, loc=None, ip=None) -> Float32:
+    """IEEE half in bits [0, 16) of a 32-bit word -> f32 (exact)."""
+    return Float32(llvm.inline_asm(
+        Float32.mlir_type, [Uint32(w).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, $1;\n\tcvt.f32.f16 $0, lo;\n\t}", "=f,r", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def half_hi_to_f32(w, *, loc=None, ip=None) -> Float32:
+    """IEEE half in bits [16, 32) of a 32-bit word -> f32 (exact)."""
+    return Float32(llvm.inline_asm(
+        Float32.mlir_type, [Uint32(w).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, $1;\n\tcvt.f32.f16 $0, hi;\n\t}", "=f,r", loc=loc, ip=ip))
+
+
+@dsl_user_op
+def bits_to_f32(w, *, loc=None, ip=None) -> Float32:
+    """Reinterpret 32 bits as an f32."""
+    return Float32(llvm.inline_asm(Float32.mlir_type, [Uint32(w).ir_value(loc=loc, ip=ip)],
+                                   "mov.b32 $0, $1;", "=f,r", loc=loc, ip=ip))
+
+
+def warp_allreduce_sum(v: Float32) -> Float32:
+    """Butterfly sum over the 32 lanes of a warp; every lane ends with the same (fixed-order) total."""
+    for i in range(5):
+        v = v + cute.arch.shuffle_sync_bfly(v, offset=1 << (4 - i))
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loads
+
+
+def load_words(ptr, idx, n: int, divby: int, dtype=Uint32):
+    """Load ``n`` consecutive ``dtype`` elements at element index ``idx`` of ``ptr`` into registers.
+
+    ``divby``: what ``idx`` is known to be divisible by (with a 16-byte aligned base this lets the copy use
+    128-bit loads)."""
+    if divby > 1:
+        idx = cute.assume(idx, divby=divby)
+    src = cute.make_tensor(ptr + idx, cute.make_layout(n))
+    dst = cute.make_rmem_tensor((n,), dtype)
+    cute.autovec_copy(src, dst)
+    return dst
+
+
+def _byte(words, i: int):
+    """Byte i (static) of a little-endian array of u16 / u32 register words."""
+    w = words.element_type.width // 8
+    return (Uint32(words[i // w]) >> (8 * (i % w))) & 0xFF
+
+
+def _sext8(b):
+    """Unsigned byte value (Uint32 0..255) -> signed Int32."""
+    b = Int32(b)
+    return b - ((b & 0x80) << 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-type unit decoders: fill ``out`` (an rmem f32 tensor of spec.unit_elems) with the unit's values in the order
+# given by spec.runs. ``pW`` is a Uint8 global pointer to the tensor's first byte (16-byte aligned); ``blk`` the
+# runtime global block index; ``u`` the runtime unit index inside the block.
+
+
+def _mul(a, b, exact):
+    return mul_rn(a, b) if exact else a * b
+
+
+def _sub(a, b, exact):
+    return sub_rn(a, b) if exact else a - b
+
+
+def _decode_q4_0(pW, blk, u, out, exact):
+    w16 = cute.recast_ptr(pW, dtype=Uint16)
+    base = blk * 9
+    d = half_lo_to_f32(Uint32(w16[base]))
+    qs = load_words(w16, base + 1, 8, 1, Uint16)
+    for j in range(16):
+        b = _byte(qs, j)
+        out[j] = _mul(d, Float32(Int32(b & 0xF) - 8), exact)
+        out[j + 16] = _mul(d, Float32(Int32(b >> 4) - 8), exact)
+
+
+def _decode_q5_0(pW, blk, u, out, exact):
+    w16 = cute.recast_ptr(pW, dtype=Uint16)
+    base = blk * 11
+    hdr = load_words(w16, base, 3, 1, Uint16)
+    d = half_lo_to_f32(Uint32(hdr[0]))
+    qh = Uint32(hdr[1]) | (Uint32(hdr[2]) << 16)
+    qs = load_words(w16, base + 3, 8, 1, Uint16)
+    for j in range(16):
+        b = _byte(qs, j)
+        lo = (b & 0xF) | (((qh >> j) & 1) << 4)
+        hi = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
+        out[j] = _mul(d, Float32(Int32(lo) - 16), exact)
+        out[j + 16] = _mul(d, Float32(Int32(hi) - 16), exact)
+
+
+def _decode_q8_0(pW, blk, u, out, exact):
+    w16 = cute.recast_ptr(pW, dtype=Uint16)
+    base = blk * 17
+    d = half_lo_to_f32(Uint32(w16[base]))
+    qs = load_words(w16, base + 1, 16, 1, Uint16)
+    for j in range(32):
+        out[j] = _mul(d, Float32(_sext8(_byte(qs, j))), exact)
+
+
+def _kquant_scale_min(hdr, c):
+    """(sc, m) of sub-blocks 2c and 2c+1 from the 16-byte K-quant header words [d|dmin, s0..3, s4..7, s8..11].
+
+    get_scale_min_k4(j): j < 4: sc = s[j] & 63, m = s[j+4] & 63;
+                         j >= 4: sc = (s[j+4] & 15) | ((s[j-4] >> 6) << 4), m = (s[j+4] >> 4) | ((s[j] >> 6) << 4).
+    ``c`` is runtime: both cases are computed and selected with a mask (no divergent branch)."""
+    A, B, C = Uint32(hdr[1]), Uint32(hdr[2]), Uint32(hdr[3])
+    res = []
+    for h in range(2):
+        j = Uint32(c) * 2 + h
+        jl = j & 3  # j for j < 4, j - 4 otherwise
+        sh = jl * 8
+        a, b_, cc = (A >> sh) & 0xFF, (B >> sh) & 0xFF, (C >> sh) & 0xFF
+        sc_lo, m_lo = a & 63, b_ & 63
+        sc_hi = (cc & 0xF) | ((a >> 6) << 4)
+        m_hi = (cc >> 4) | ((b_ >> 6) << 4)
+        mask = Uint32(0) - (j >> 2)  # all ones if j >= 4
+        nmask = mask ^ 0xFFFFFFFF
+        sc = (sc_lo & nmask) | (sc_hi & mask)
+        m = (m_lo & nmask) | (m_hi & mask)
+        res.append((Float32(Int32(sc)), Float32(Int32(m))))
+    return res
+
+
+def _decode_q45_k(pW, blk, u, out, exact, has_qh: bool):
+    w32 = cute.recast_ptr(pW, dtype=Uint32)
+    words = 44 if has_qh else 36
+    base = blk * words
+    hdr = load_words(w32, base, 4, 4)
+    d = half_lo_to_f32(hdr[0])
+    dmin = half_hi_to_f32(hdr[0])
+    (sc1, m1), (sc2, m2) = _kquant_scale_min(hdr, u)
+    d1, d2 = _mul(d, sc1, exact), _mul(d, sc2, exact)
+    dm1, dm2 = _mul(dmin, m1, exact), _mul(dmin, m2, exact)
+    qs_off = 12 if has_qh else 4
+    qs = load_words(w32, base + qs_off + u * 8, 8, 4)
+    if has_qh:
+        qh = load_words(w32, base + 4, 8, 4)
+        sh1 = Uint32(u) * 2
+    for l in range(32):
+        b = _byte(qs, l)
+        lo, hi = b & 0xF, b >> 4
+        if has_qh:
+            hb = _byte(qh, l)
+            lo = lo | (((hb >> sh1) & 1) << 4)
+            hi = hi | (((hb >> (sh1 + 1)) & 1) << 4)
+        out[l] = _sub(_mul(d1, Float32(Int32(lo)), exact), dm1, exact)
+        out[32 + l] = _sub(_mul(d2, Float32(Int32(hi)), exact), dm2, exact)
+
+
+def _decode_q6_k(pW, blk, u, out, exact):
+    w16 = cute.recast_ptr(pW, dtype=Uint16)
+    base = blk * 105
+    n = u >> 2
+    t = u & 3
+    L0 = load_words(w16, base + n * 32 + t * 4, 4, 1, Uint16)  # ql[64n + 8t + i]
+    L1 = load_words(w16, base + n * 32 + 16 + t * 4, 4, 1, Uint16)  # ql[64n + 32 + 8t + i]
+    H = load_words(w16, base + 64 + n * 16 + t * 4, 4, 1, Uint16)  # qh[32n + 8t + i]
+    S = load_words(w16, base + 96 + n * 4, 4, 1, Uint16)  # scales[8n .. 8n+8)
+    d = half_lo_to_f32(Uint32(w16[base + 104]))
+    # scale index for output k (positions 32k + 8t + i): is = (8t+i)//16 + 2k = t//2 + 2k (byte of S)
+    s_lo = Uint32(S[0]) | (Uint32(S[1]) << 16)  # scales 8n+0..3
+    s_hi = Uint32(S[2]) | (Uint32(S[3]) << 16)  # scales 8n+4..7
+    th = Uint32(t >> 1) * 8
+    ds = []
+    for k in range(4):
+        word = s_lo if k < 2 else s_hi
+        sb = (word >> (th + 16 * (k % 2))) & 0xFF
+        ds.append(_mul(d, Float32(_sext8(sb)), exact))
+    for i in range(8):
+        l0, l1, h = _byte(L0, i), _byte(L1, i), _byte(H, i)
+        q = (
+            (l0 & 0xF) | ((h & 3) << 4),
+            (l1 & 0xF) | (((h >> 2) & 3) << 4),
+            (l0 >> 4) | (((h >> 4) & 3) << 4),
+            (l1 >> 4) | (((h >> 6) & 3) << 4),
+        )
+        for k in range(4):
+            out[8 * k + i] = _mul(ds[k], Float32(Int32(q[k]) - 32), exact)
+
+
+def _decode_f16(pW, blk, u, out, exact):
+    w = load_words(cute.recast_ptr(pW, dtype=Uint32), blk * 16, 16, 16)
+    for j in range(16):
+        out[2 * j] = half_lo_to_f32(w[j])
+        out[2 * j + 1] = half_hi_to_f32(w[j])
+
+
+def _decode_bf16(pW, blk, u, out, exact):
+    w = load_words(cute.recast_ptr(pW, dtype=Uint32), blk * 16, 16, 16)
+    for j in range(16):
+        out[2 * j] = bits_to_f32(Uint32(w[j]) << 16)
+        out[2 * j + 1] = bits_to_f32(Uint32(w[j]) & 0xFFFF0000)
+
+
+def _decode_f32(pW, blk, u, out, exact):
+    w = load_words(cute.recast_ptr(pW, dtype=Float32), blk * 32, 32, 32, Float32)
+    for j in range(32):
+        out[j] = w[j]
+
+
+def decode_unit(qtype: str, pW, blk, u, out, exact: bool = False):
+    """Decode unit ``u`` of global block ``blk`` of the tensor at ``pW`` (Uint8 gmem pointer) into ``out``."""
+    q = qtype
+    if q == "Q4_0":
+        _decode_q4_0(pW, blk, u, out, exact)
+    elif q == "Q5_0":
+        _decode_q5_0(pW, blk, u, out, exact)
+    elif q == "Q8_0":
+        _decode_q8_0(pW, blk, u, out, exact)
+    elif q == "Q4_K":
+        _decode_q45_k(pW, blk, u, out, exact, has_qh=False)
+    elif q == "Q5_K":
+        _decode_q45_k(pW, blk, u, out, exact, has_qh=True)
+    elif q == "Q6_K":
+        _decode_q6_k(pW, blk, u, out, exact)
+    elif q == "F16":
+        _decode_f16(pW, blk, u, out, exact)
+    elif q == "BF16":
+        _decode_bf16(pW, blk, u, out, exact)
+    elif q == "F32":
+        _decode_f32(pW, blk, u, out, exact)
+    else:
+        raise ValueError(f"unsupported quant type {qtype!r}")
+
+
+def copy_runs_to_gmem(sp: QuantSpec, vals, gptr, gbase, divby: int):
+    """Store a decoded unit (``vals``, rmem) to global memory at element ``gbase`` + the unit's run offsets."""
+    for start, off, n in sp.runs:
+        tmp = cute.make_rmem_tensor((n,), vals.element_type)
+        for i in range(n):
+            tmp[i] = vals[start + i]
+        dst = cute.make_tensor(gptr + cute.assume(gbase + off, divby=divby), cute.make_layout(n))
+        cute.autovec_copy(tmp, dst)
+
+
+def load_runs_from_gmem(sp: QuantSpec, gptr, gbase, divby: int, dtype=Float32):
+    """Load the activations matching a unit's element positions (``gbase`` = row offset + unit base) into rmem,
+    in the unit's value order."""
+    xr = cute.make_rmem_tensor((sp.unit_elems,), dtype)
+    for start, off, n in sp.runs:
+        src = cute.make_tensor(gptr + cute.assume(gbase + off, divby=divby), cute.make_layout(n))
+        tmp = cute.make_rmem_tensor((n,), dtype)
+        cute.autovec_copy(src, tmp)
+        for i in range(n):
+            xr[start + i] = tmp[i]
+    return xr
+
+
+def run_divisibility(sp: QuantSpec) -> int:
+    """What every run start (block-relative element offset) is divisible by."""
+    return 8 if sp.name == "Q6_K" else sp.unit_elems
+
+
+def new_unit_buffer(qtype: str):
+    return cute.make_rmem_tensor((spec(qtype).unit_elems,), Float32)
+
+
+__all__ = ["QuantSpec", "SPECS", "QTYPES", "spec", "qtype_name", "unit_base", "decode_unit", "new_unit_buffer",
+           "load_words", "copy_runs_to_gmem", "load_runs_from_gmem", "run_divisibility", "warp_allreduce_sum", "mul_rn", "sub_rn", "half_lo_to_f32", "half_hi_to_f32", "bits_to_f32",
+           "GGML_TYPE_IDS", "Uint8"]

@@ -1,0 +1,110 @@
+"""Decode GEMV over raw GGUF weights (dense and expert-indexed) vs a float64 numpy reference.
+
+Tolerance: the rigorous elementwise bound of ``gemv_error_bound`` ((n_in + 8) * 2^-24 * sum_i A_oi |x_i|, A = |W|
+up to the K-quant min term, derived in gemv.py's docstring: <= 2 roundings per decoded weight, n_in in the f32 sum), and, on top, the spec's
+1e-3 relative error (max|y - ref| / max|ref|), which the bound implies for these sizes (n_in <= 4096: 2.4e-4
+relative to sum|W x|, which is within a small factor of max|ref| for random data).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparkinfer_cute.kernels import arch
+from sparkinfer_cute.kernels.dequant import random_quant_bytes
+from sparkinfer_cute.kernels.gemv import (compile_gemv, dequant_rows_f64, gemv, gemv_error_bound, gemv_experts,
+                                          gemv_experts_ref, gemv_ref, registered_configs)
+from sparkinfer_cute.kernels.quant_decode import QTYPES, spec
+
+
+def rand_weight(q, n_rows, n_in, rng):
+    sp = spec(q)
+    return random_quant_bytes(q, n_rows * n_in // sp.block_elems, rng).reshape(n_rows, sp.row_bytes(n_in))
+
+
+def test_reference_matches_plain_float64_matmul():
+    """The reference path (gguf dequant + f64 matmul) against an explicit loop on one Q8_0 row (d * int8)."""
+    rng = np.random.default_rng()
+    w = rand_weight("Q8_0", 3, 64, rng)
+    x = rng.standard_normal(64)
+    y = gemv_ref(w, "Q8_0", x)
+    for o in range(3):
+        blocks = w[o].reshape(2, 34)
+        vals = np.concatenate([np.float64(b[:2].view(np.float16)[0]) * b[2:].view(np.int8) for b in blocks])
+        assert abs(y[o] - vals @ x) <= 1e-12 * max(1.0, np.abs(vals) @ np.abs(x))
+
+
+def test_error_bound_is_positive_and_scales():
+    rng = np.random.default_rng()
+    w = rand_weight("Q4_K", 4, 512, rng)
+    x = rng.standard_normal((2, 512)).astype(np.float32)
+    b = gemv_error_bound(w, "Q4_K", x)
+    assert b.shape == (2, 4) and (b > 0).all()
+    assert np.allclose(gemv_error_bound(w, "Q4_K", 2 * x), 2 * b)
+    # the K-quant magnitude dominates |W| (it adds |d*sc*q| and |dmin*m| before they cancel)
+    from sparkinfer_cute.kernels.gemv import weight_magnitude_f64
+    assert (weight_magnitude_f64(w, "Q4_K", 512) >= np.abs(dequant_rows_f64(w, "Q4_K", 512)) * (1 - 1e-12)).all()
+
+
+@pytest.mark.parametrize("target", arch.SUPPORTED_TARGETS)
+def test_registered_configs_compile(target):
+    with arch.target(target):
+        for cfg in registered_configs():
+            assert compile_gemv.uncached(**cfg) is not None, cfg
+
+
+def _check(y, ref, bound):
+    assert not np.isnan(y).any(), "unwritten outputs"
+    err = np.abs(y.astype(np.float64) - ref)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert (err <= bound).all(), f"error {err[worst]} > bound {bound[worst]} at {worst}"
+    assert err.max() <= 1e-3 * max(np.abs(ref).max(), 1e-30)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q", QTYPES)
+@settings(max_examples=4, deadline=None)
+@given(n_out=st.integers(1, 300), kblocks=st.integers(1, 12), rows=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
+def test_gemv_dense(q, n_out, kblocks, rows, seed):
+    from sparkinfer_cute.runtime import DeviceArray
+
+    rng = np.random.default_rng(seed)
+    sp = spec(q)
+    n_in = kblocks * max(sp.block_elems, 64)
+    w = rand_weight(q, n_out, n_in, rng)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    out = DeviceArray.empty((rows, n_out), np.float32)
+    out.fill_bytes(0xFF)
+    gemv(DeviceArray.from_numpy(w), q, DeviceArray.from_numpy(x), n_out=n_out, out=out)
+    _check(out.to_numpy(), gemv_ref(w, q, x), gemv_error_bound(w, q, x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q,n_in,n_out", [("Q4_K", 2048, 4096), ("Q6_K", 2048, 512), ("Q4_K", 4096, 2048),
+                                          ("Q5_0", 640, 1024), ("Q8_0", 640, 256)])
+def test_gemv_model_shapes(q, n_in, n_out):
+    rng = np.random.default_rng()
+    w = rand_weight(q, n_out, n_in, rng)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    y = gemv(w, q, x)
+    assert y.shape == (n_out,)
+    _check(y, gemv_ref(w, q, x), gemv_error_bound(w, q, x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q,n_in,n_out,per_slot", [("Q4_K", 2048, 768, False), ("Q6_K", 768, 2048, True),
+                                                   ("Q4_K", 768, 2048, True), ("Q8_0", 256, 96, False)])
+def test_gemv_experts(q, n_in, n_out, per_slot):
+    rng = np.random.default_rng()
+    n_expert, k = 16, 8
+    w = rand_weight(q, n_expert * n_out, n_in, rng).reshape(n_expert, n_out, -1)
+    ids = rng.choice(n_expert, size=k, replace=False).astype(np.int32)
+    ids[-1] = ids[0] if k > 1 else ids[-1]  # a repeated expert must work too
+    x = rng.standard_normal((k if per_slot else 1, n_in)).astype(np.float32)
+    y = gemv_experts(w, q, x, ids, n_out=n_out, n_in=n_in, x_per_slot=per_slot)
+    assert y.shape == (k, n_out)
+    ref = gemv_experts_ref(w, q, x, ids, n_out, per_slot)
+    _check(y, ref, gemv_error_bound(w, q, x, ids=ids, n_out=n_out, x_per_slot=per_slot))
