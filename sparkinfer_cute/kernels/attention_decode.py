@@ -145,7 +145,7 @@ class AttentionDecodeSplitKV:
         h0 = kvh * G  # first q head of this kv group
 
         # ---- shared memory: merge buffers (+ q when it does not fit in registers) ----
-        smem = cutlass.utils.SmemAllocator()
+        smem = cutlass.memory.SmemAllocator()
         sAcc = smem.allocate_tensor(Float32, cute.make_layout((NG, G, D), stride=(G * D, D, 1)), byte_alignment=16)
         sM = smem.allocate_tensor(Float32, cute.make_layout((NG, G), stride=(G, 1)), byte_alignment=16)
         sL = smem.allocate_tensor(Float32, cute.make_layout((NG, G), stride=(G, 1)), byte_alignment=16)
@@ -224,8 +224,8 @@ class AttentionDecodeSplitKV:
             if valid:
                 for g in cutlass.range_constexpr(G):
                     m_new = cute.arch.fmax(rM[g], rS[g])
-                    alpha = cute.arch.exp2(rM[g] - m_new)  # exp2(-inf) = 0 on the first key
-                    p = cute.arch.exp2(rS[g] - m_new)
+                    alpha = cute.math.exp2(rM[g] - m_new, fastmath=True)  # exp2(-inf) = 0 on the first key
+                    p = cute.math.exp2(rS[g] - m_new, fastmath=True)
                     rL[g] = rL[g] * alpha + p
                     for i in cutlass.range_constexpr(VEC):
                         rAcc[g, i] = rAcc[g, i] * alpha + p * vf[i]
@@ -253,7 +253,7 @@ class AttentionDecodeSplitKV:
                 l_cta = Float32(0.0)
                 o_cta = Float32(0.0)
                 for j in cutlass.range_constexpr(NG):
-                    w = cute.arch.exp2(sM[j, g] - m_ref)
+                    w = cute.math.exp2(sM[j, g] - m_ref, fastmath=True)
                     l_cta += sL[j, g] * w
                     o_cta += sAcc[j, g, d] * w
                 has_keys = l_cta > Float32(0.0)
@@ -302,7 +302,7 @@ class AttentionDecodeCombine:
             num = Float32(0.0)
             den = Float32(0.0)
             for s in cutlass.range(S, unroll=1):
-                w = cute.arch.exp2((mLsePart[b, h, s] - lse_ref) * Float32(LOG2_E))
+                w = cute.math.exp2((mLsePart[b, h, s] - lse_ref) * Float32(LOG2_E), fastmath=True)
                 den += w
                 # A split with no keys has w = 0 and O_s = 0 (never NaN), so it adds nothing.
                 num += w * mOPart[b, h, s, d]

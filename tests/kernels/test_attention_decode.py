@@ -1,0 +1,343 @@
+"""Flash-decoding attention over the paged fp16 KV cache.
+
+CPU tests: the float64 reference against an independent masked-matrix formulation, the split/LSE-combine algorithm
+(as the kernel partitions the keys) against the reference, the split ranges, and compiling every registered config.
+
+GPU tests (``@pytest.mark.gpu``): hypothesis over context length (1..3000, crossing page and split boundaries),
+heads/GQA, head_dim, page size, split count, window and softcap. The pool pages are a random permutation and every
+pool slot that the query must NOT see (future slots, keys before the window, spare pages) holds NaN, so any read
+outside the visible range poisons the output. Outputs and the split workspace are poisoned with 0xFF (NaN) before
+launch, so an element the kernel fails to write shows up as NaN.
+
+Tolerance: K/V are the exact fp16 values the reference uses; the kernel's products and sums are f32 (24-bit
+mantissa) and its only approximate functions are ex2.approx / lg2.approx (rel. error ~2^-22). A dot product of
+D <= 512 terms and a softmax sum over <= 3000 keys in f32 keep the relative error around 1e-6 (worst case
+(D + n) * 2^-24 ~ 2e-4), so ``max|out - ref| / max|ref| <= 1e-3`` is safe. A skipped or doubled key is a ~1/chunk
+effect, which the per-split comparison (chunks of <= a few hundred keys) and the q = 0 counting test catch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparkinfer_cute.kernels import arch
+from sparkinfer_cute.kernels.attention_decode import (
+    MODEL_CONFIGS,
+    AttentionDecodeSplitKV,
+    attention_decode,
+    attention_decode_ref,
+    compile_attention_combine,
+    compile_attention_decode,
+    split_kv_ranges,
+)
+from sparkinfer_cute.kernels.paged_kv import gather_dense, scatter_dense
+
+REL_TOL = 1e-3
+
+
+def rel_err(x, ref) -> float:
+    return float(np.max(np.abs(np.asarray(x, np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+# ---------------------------------------------------------------------------------------------- numpy models
+def masked_matrix_attention(q, k, v, pos, scale, window, softcap):
+    """Independent float64 formulation: scores against *all* cached rows, an explicit visibility mask from the
+    models.md rule, softmax with -inf. (``attention_decode_ref`` slices the visible range instead.)"""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    H, D = q.shape
+    n_ctx, KV, _ = k.shape
+    rep = H // KV
+    p = np.arange(n_ctx)
+    visible = (p <= pos) & ((window == 0) | (pos - p < window))
+    k_h = np.repeat(np.nan_to_num(k), rep, axis=1)  # [n_ctx, H, D]; q head h -> kv head h // rep
+    v_h = np.repeat(np.nan_to_num(v), rep, axis=1)
+    s = scale * np.einsum("hd,thd->ht", q, k_h)
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    s = np.where(visible[None, :], s, -np.inf)
+    w = np.exp(s - s.max(axis=1, keepdims=True))
+    w /= w.sum(axis=1, keepdims=True)
+    return np.einsum("ht,thd->hd", w, v_h)
+
+
+def split_kv_emulation(q, k, v, pos, scale, window, softcap, num_splits):
+    """float64 model of the kernel's algorithm: per-split normalized partial O and natural-log LSE over the ranges of
+    :func:`split_kv_ranges` (O = 0, LSE = -inf for an empty split), then the LSE-weighted combine."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    H, D = q.shape
+    rep = H // k.shape[1]
+    o_part = np.zeros((H, num_splits, D))
+    lse_part = np.full((H, num_splits), -np.inf)
+    for s, (b, e) in enumerate(split_kv_ranges(pos, window, num_splits)):
+        if b >= e:
+            continue
+        for h in range(H):
+            sc = scale * (k[b:e, h // rep] @ q[h])
+            if softcap:
+                sc = softcap * np.tanh(sc / softcap)
+            m = sc.max()
+            w = np.exp(sc - m)
+            o_part[h, s] = (w @ v[b:e, h // rep]) / w.sum()
+            lse_part[h, s] = m + np.log(w.sum())
+    m = lse_part.max(axis=1, keepdims=True)
+    w = np.exp(lse_part - m)
+    out = np.einsum("hs,hsd->hd", w, o_part) / w.sum(axis=1)[:, None]
+    return o_part, lse_part, out
+
+
+def make_paged_case(rng, n_kv_head, head_dim, page_size, positions, window, spare_pages=3):
+    """Random fp16 K/V for each sequence scattered into pools through a shuffled page table; every slot the query at
+    ``positions[b]`` must not see is NaN. Returns (k_pool, v_pool, page_table, dense k list, dense v list)."""
+    B = len(positions)
+    pages_per_seq = max(p for p in positions) // page_size + 1
+    n_pages = B * pages_per_seq + spare_pages
+    table = rng.permutation(n_pages)[: B * pages_per_seq].reshape(B, pages_per_seq).astype(np.int32)
+    shape = (n_pages, page_size, n_kv_head, head_dim)
+    k_pool = np.full(shape, np.nan, np.float16)
+    v_pool = np.full(shape, np.nan, np.float16)
+    ks, vs = [], []
+    for b, pos in enumerate(positions):
+        n = pos + 1
+        k = rng.standard_normal((n, n_kv_head, head_dim)).astype(np.float16)
+        v = rng.standard_normal((n, n_kv_head, head_dim)).astype(np.float16)
+        lo = 0 if window == 0 else max(0, pos - window + 1)
+        k[:lo] = np.nan
+        v[:lo] = np.nan
+        scatter_dense(k, k_pool, table[b])
+        scatter_dense(v, v_pool, table[b])
+        ks.append(k)
+        vs.append(v)
+    return k_pool, v_pool, table, ks, vs
+
+
+# ---------------------------------------------------------------------------------------------- CPU tests
+@settings(max_examples=60, deadline=None)
+@given(n_ctx=st.integers(1, 300), heads=st.sampled_from([(4, 1), (8, 2), (6, 3), (4, 4)]),
+       window=st.sampled_from([0, 1, 2, 17, 64]), softcap=st.sampled_from([0.0, 3.0]), seed=st.integers(0, 2**31))
+def test_reference_matches_masked_matrix(n_ctx, heads, window, softcap, seed):
+    rng = np.random.default_rng(seed)
+    H, KV = heads
+    D = 16
+    extra = int(rng.integers(0, 5))  # rows after pos (future tokens) must be ignored
+    q = rng.standard_normal((H, D))
+    k = rng.standard_normal((n_ctx + extra, KV, D)).astype(np.float16)
+    v = rng.standard_normal((n_ctx + extra, KV, D)).astype(np.float16)
+    pos = n_ctx - 1
+    ref = attention_decode_ref(q, k, v, pos, 0.3, window, softcap)
+    alt = masked_matrix_attention(q, k, v, pos, 0.3, window, softcap)
+    np.testing.assert_allclose(ref, alt, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_window_and_gqa_semantics():
+    """Hand-checkable cases: window 1 sees only the current key; GQA head h reads kv head h // rep."""
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((10, 2, 8))
+    v = rng.standard_normal((10, 2, 8))
+    q = rng.standard_normal((4, 8))
+    out = attention_decode_ref(q, k, v, 6, 1.0, window=1)
+    np.testing.assert_allclose(out[:2], np.broadcast_to(v[6, 0], (2, 8)))
+    np.testing.assert_allclose(out[2:], np.broadcast_to(v[6, 1], (2, 8)))
+    # window 3 at pos 6 sees keys 4, 5, 6 only: changing key 3 or key 7 must not matter
+    base = attention_decode_ref(q, k, v, 6, 1.0, window=3)
+    k2 = k.copy()
+    k2[3] += 5.0
+    k2[7] += 5.0
+    np.testing.assert_allclose(attention_decode_ref(q, k2, v, 6, 1.0, window=3), base)
+    assert not np.allclose(attention_decode_ref(q, k2, v, 6, 1.0, window=4), base)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pos=st.integers(0, 5000), window=st.sampled_from([0, 1, 7, 512, 1024]), splits=st.integers(1, 128))
+def test_split_ranges_partition_the_visible_keys(pos, window, splits):
+    ranges = split_kv_ranges(pos, window, splits)
+    assert len(ranges) == splits
+    lo = 0 if window == 0 else max(0, pos - window + 1)
+    covered = [t for b, e in ranges for t in range(b, e)]
+    assert covered == list(range(lo, pos + 1))  # disjoint, in order, exactly the visible keys
+    sizes = [max(0, e - b) for b, e in ranges]
+    n_live = [s > 0 for s in sizes].count(True)
+    assert all(sizes[:n_live]) and not any(sizes[n_live:])  # empty splits only at the end
+    chunk = -(-(pos + 1 - lo) // splits)
+    assert sizes[: n_live - 1] == [chunk] * (n_live - 1) and 0 < sizes[n_live - 1] <= chunk  # balanced
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_ctx=st.integers(1, 400), splits=st.sampled_from([1, 3, 16, 64]), window=st.sampled_from([0, 5, 100]),
+       softcap=st.sampled_from([0.0, 4.0]), seed=st.integers(0, 2**31))
+def test_split_combine_algorithm_matches_reference(n_ctx, splits, window, softcap, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((8, 32)) * 2
+    k = rng.standard_normal((n_ctx, 2, 32)).astype(np.float16)
+    v = rng.standard_normal((n_ctx, 2, 32)).astype(np.float16)
+    _, lse, out = split_kv_emulation(q, k, v, n_ctx - 1, 0.25, window, softcap, splits)
+    ref = attention_decode_ref(q, k, v, n_ctx - 1, 0.25, window, softcap)
+    np.testing.assert_allclose(out, ref, rtol=1e-10, atol=1e-12)
+    assert np.isfinite(lse).any(axis=1).all()
+
+
+def test_paged_gather_scatter_roundtrip():
+    rng = np.random.default_rng(1)
+    pool = np.zeros((7, 4, 2, 8), np.float16)
+    table = rng.permutation(7)[:5]
+    dense = rng.standard_normal((18, 2, 8)).astype(np.float16)
+    scatter_dense(dense, pool, table)
+    np.testing.assert_array_equal(gather_dense(pool, table, 18), dense)
+    # token 9 is slot 1 of logical page 2
+    np.testing.assert_array_equal(pool[table[2], 1], dense[9])
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_model_configs_fit_smem_budget(name):
+    c = MODEL_CONFIGS[name]
+    k = AttentionDecodeSplitKV(c["n_head"], c["n_kv_head"], c["head_dim"], c["page_size"], c["num_splits"], True)
+    assert k.smem_bytes(k.num_warps) <= arch.SMEM_CAPACITY["sm120"]
+    assert k.lanes_per_tok * k.vec == c["head_dim"] and k.vec * 2 % 16 == 0  # 16-byte K/V loads per lane
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_compile_model_configs_sm120a(name):
+    c = MODEL_CONFIGS[name]
+    with arch.target("sm_120a"):
+        assert compile_attention_decode.uncached(**c, softcap=False) is not None
+        assert compile_attention_combine.uncached(c["n_head"], c["head_dim"], c["num_splits"]) is not None
+
+
+@pytest.mark.parametrize("target", ["sm_121a", "sm_90a"])
+def test_compile_other_targets(target):
+    with arch.target(target):
+        assert compile_attention_decode.uncached(16, 2, 512, 64, 64, softcap=True) is not None
+        assert compile_attention_decode.uncached(32, 4, 128, 64, 32, softcap=False) is not None
+        assert compile_attention_combine.uncached(32, 128, 32) is not None
+
+
+# ---------------------------------------------------------------------------------------------- GPU tests
+HEADS = [(8, 2), (32, 4), (4, 1), (16, 8), (16, 2), (2, 2)]
+
+
+def _run_gpu(rng, H, KV, D, P, S, positions, window, softcap, scale):
+    from sparkinfer_cute.runtime import DeviceArray
+
+    B = len(positions)
+    k_pool, v_pool, table, ks, vs = make_paged_case(rng, KV, D, P, positions, window)
+    q = rng.standard_normal((B, H, D)).astype(np.float32)
+    out = DeviceArray.empty((B, H, D), np.float32).fill_bytes(0xFF)
+    o_part = DeviceArray.empty((B, H, S, D), np.float32).fill_bytes(0xFF)
+    lse_part = DeviceArray.empty((B, H, S), np.float32).fill_bytes(0xFF)
+    attention_decode(q, DeviceArray.from_numpy(k_pool), DeviceArray.from_numpy(v_pool),
+                     DeviceArray.from_numpy(table), DeviceArray.from_numpy(np.array(positions, np.int32)),
+                     scale=scale, window=window, softcap=softcap, num_splits=S, out=out, o_partial=o_part,
+                     lse_partial=lse_part)
+    return q, ks, vs, out.to_numpy(), o_part.to_numpy(), lse_part.to_numpy()
+
+
+@pytest.mark.gpu
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_attention_decode_gpu_matches_reference(data):
+    H, KV = data.draw(st.sampled_from(HEADS), label="heads")
+    D = data.draw(st.sampled_from([64, 128, 256, 512]), label="head_dim")
+    P = data.draw(st.sampled_from([16, 64, 128]), label="page_size")
+    S = data.draw(st.sampled_from([1, 5, 16, 64]), label="num_splits")
+    n_ctx = data.draw(st.integers(1, 3000), label="n_ctx")
+    window = data.draw(st.sampled_from([0, 0, 1, 100, 512, 1024]), label="window")
+    softcap = data.draw(st.sampled_from([0.0, 0.0, 5.0, 30.0]), label="softcap")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31), label="seed"))
+    scale = 2.0 / math.sqrt(D)  # sharper than 1/sqrt(D) so the softmax is far from uniform
+    pos = n_ctx - 1
+    q, ks, vs, out, o_part, lse_part = _run_gpu(rng, H, KV, D, P, S, [pos], window, softcap, scale)
+    assert not np.isnan(out).any(), "unwritten or poisoned output element"
+    assert not np.isnan(o_part).any() and not np.isnan(lse_part).any(), "unwritten split workspace element"
+    ref = attention_decode_ref(q[0], ks[0], vs[0], pos, scale, window, softcap)
+    assert rel_err(out[0], ref) <= REL_TOL
+    e_o, e_lse, _ = split_kv_emulation(q[0], ks[0], vs[0], pos, scale, window, softcap, S)
+    live = np.isfinite(e_lse)
+    np.testing.assert_array_equal(np.isfinite(lse_part[0]), live)  # empty splits -> -inf, others finite
+    np.testing.assert_allclose(lse_part[0][live], e_lse[live], rtol=0, atol=1e-3)
+    assert np.all(o_part[0][~live] == 0)
+    assert rel_err(o_part[0][live], e_o[live]) <= REL_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128, 256, 512])
+def test_attention_decode_gpu_counts_every_key_once(D):
+    """q = 0: every visible key gets weight 1, so each split's LSE is log(#keys in its range) and its O is the mean
+    of its V rows: a skipped, doubled or misplaced key changes the count."""
+    from sparkinfer_cute.runtime import DeviceArray
+
+    rng = np.random.default_rng(D)
+    H, KV, P, S = 8, 2, 16, 7
+    for pos, window in [(0, 0), (15, 0), (16, 0), (1000, 0), (1000, 100), (2047, 512), (5, 100)]:
+        k_pool, v_pool, table, ks, vs = make_paged_case(rng, KV, D, P, [pos], window)
+        q = np.zeros((1, H, D), np.float32)
+        o_part = DeviceArray.empty((1, H, S, D), np.float32).fill_bytes(0xFF)
+        lse_part = DeviceArray.empty((1, H, S), np.float32).fill_bytes(0xFF)
+        out = attention_decode(q, DeviceArray.from_numpy(k_pool), DeviceArray.from_numpy(v_pool), table,
+                               np.array([pos], np.int32), scale=1.0, window=window, num_splits=S,
+                               o_partial=o_part, lse_partial=lse_part)
+        lse = lse_part.to_numpy()[0]
+        for s, (b, e) in enumerate(split_kv_ranges(pos, window, S)):
+            n = max(0, e - b)
+            if n == 0:
+                assert np.all(lse[:, s] == -np.inf)
+            else:
+                np.testing.assert_allclose(lse[:, s], math.log(n), atol=1e-5)
+        lo = 0 if window == 0 else max(0, pos - window + 1)
+        mean_v = np.repeat(vs[0][lo:].astype(np.float64).mean(axis=0), H // KV, axis=0)
+        assert rel_err(out[0], mean_v) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_attention_decode_gpu_batch_positions_differ():
+    rng = np.random.default_rng(7)
+    H, KV, D, P, S = 16, 2, 256, 64, 16
+    positions = [0, 700, 63, 2999]
+    q, ks, vs, out, _, _ = _run_gpu(rng, H, KV, D, P, S, positions, 0, 0.0, 1 / 16)
+    for b, pos in enumerate(positions):
+        assert rel_err(out[b], attention_decode_ref(q[b], ks[b], vs[b], pos, 1 / 16)) <= REL_TOL
+
+
+@pytest.mark.gpu
+def test_append_then_attend_in_cuda_graph():
+    """Capture kv_cache_append + attention once, replay for successive positions with ``pos`` updated in device
+    memory: the graph must follow the device-side position (the model's decode loop)."""
+    from sparkinfer_cute.kernels.kv_cache_append import kv_cache_append
+    from sparkinfer_cute.kernels.paged_kv import PagedKVCache
+    from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Stream, Workspace
+
+    rng = np.random.default_rng(3)
+    H, KV, D, P, S, window = 4, 1, 256, 16, 8, 20
+    cache = PagedKVCache(1, KV, D, page_size=P, max_context=64)
+    stream = Stream()
+    q_dev = DeviceArray.empty((1, H, D), np.float32)
+    k_dev = DeviceArray.empty((1, KV, D), np.float32)
+    v_dev = DeviceArray.empty((1, KV, D), np.float32)
+    out = DeviceArray.empty((1, H, D), np.float32)
+    ws = Workspace()
+    # warm up (compile) outside the capture
+    kv_cache_append(k_dev, v_dev, cache.k[0], cache.v[0], cache.page_table, cache.pos, stream=stream)
+    attention_decode(q_dev, cache.k[0], cache.v[0], cache.page_table, cache.pos, scale=0.1, window=window,
+                     num_splits=S, out=out, workspace=ws, stream=stream)
+    with CudaGraph.capture(stream) as g:
+        kv_cache_append(k_dev, v_dev, cache.k[0], cache.v[0], cache.page_table, cache.pos, stream=stream)
+        attention_decode(q_dev, cache.k[0], cache.v[0], cache.page_table, cache.pos, scale=0.1, window=window,
+                         num_splits=S, out=out, workspace=ws, stream=stream)
+    k_hist = np.zeros((50, KV, D), np.float16)
+    v_hist = np.zeros((50, KV, D), np.float16)
+    for pos in range(50):
+        q = rng.standard_normal((1, H, D)).astype(np.float32)
+        k = rng.standard_normal((1, KV, D)).astype(np.float32) * 2
+        v = rng.standard_normal((1, KV, D)).astype(np.float32)
+        k_hist[pos], v_hist[pos] = k[0].astype(np.float16), v[0].astype(np.float16)
+        for dev, arr in ((q_dev, q), (k_dev, k), (v_dev, v)):
+            dev.copy_from_numpy(arr, stream)
+        cache.set_pos(pos, stream)
+        out.fill_bytes(0xFF, stream)
+        g.replay(stream)
+        got = out.to_numpy(stream)[0]
+        ref = attention_decode_ref(q[0], k_hist[: pos + 1], v_hist[: pos + 1], pos, 0.1, window)
+        assert rel_err(got, ref) <= REL_TOL, pos
