@@ -12,7 +12,7 @@ import operator
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, Int32, const_expr
+from cutlass import Float32, const_expr
 
 WARP = 32
 F32_MAX = 3.4028234663852886e38
@@ -101,4 +101,18 @@ def _pow2_at_least(n: int) -> int:
 
 
 __all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "cu_stream", "warp_reduce", "warp_reduce_sum",
-           "warp_reduce_max", "block_reduce", "block_reduce_sum", "block_reduce_max", "Int32"]
+           "warp_reduce_max", "block_reduce", "block_reduce_sum", "block_reduce_max", "rel_err"]
+
+
+# ---------------------------------------------------------------------------------------------- host helpers
+def rel_err(y, ref) -> float:
+    """max|y - ref| / max(max|ref|, tiny), in float64 (the figure every kernel test reports)."""
+    import numpy as np
+
+    y = np.asarray(y, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if y.shape != ref.shape:
+        raise ValueError(f"shape mismatch {y.shape} vs {ref.shape}")
+    if y.size == 0:
+        return 0.0
+    return float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))

@@ -27,6 +27,7 @@ import os
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import arch as _arch
@@ -63,13 +64,29 @@ def disk_cache_enabled() -> bool:
     return os.environ.get("SPARKINFER_DISK_CACHE", "1") not in ("0", "false", "no")
 
 
+_extra_options: list[str] = []
+
+
+@contextmanager
+def extra_options(*opts: str):
+    """Append flags to every :func:`compile_options` inside the block (the compile gate uses
+    ``extra_options("--keep-ptx", "--keep-cubin")`` to get ``compiled.artifacts.PTX`` / ``.CUBIN``)."""
+    n = len(_extra_options)
+    _extra_options.extend(opts)
+    try:
+        yield
+    finally:
+        del _extra_options[n:]
+
+
 def compile_options(extra: str = "") -> str:
     """Options string for ``cute.compile``: the current compile target (+ extra flags)."""
-    return f"--gpu-arch {_arch.compile_target()} {extra}".strip()
+    return " ".join(["--gpu-arch", _arch.compile_target(), *_extra_options, extra]).strip()
 
 
 def _key_repr(qualname: str, args: tuple, kwargs: dict) -> str:
-    return repr((qualname, args, tuple(sorted(kwargs.items())), _arch.compile_target(), _arch.kernel_family()))
+    return repr((qualname, args, tuple(sorted(kwargs.items())), _arch.compile_target(), _arch.kernel_family(),
+                 tuple(_extra_options)))
 
 
 def kernel_cache(fn):

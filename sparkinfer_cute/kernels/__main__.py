@@ -1,0 +1,58 @@
+"""``python -m sparkinfer_cute.kernels --compile-all --arch sm_120a`` (the compile gate; no GPU needed)
+``python -m sparkinfer_cute.kernels --launch-overhead`` (host µs per launch; GPU).
+``python -m sparkinfer_cute.kernels --list`` (registered kernels and configs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    from .arch import SUPPORTED_TARGETS, normalize_target
+
+    ap = argparse.ArgumentParser(prog="python -m sparkinfer_cute.kernels", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compile-all", action="store_true", help="compile every registered config (the gate)")
+    ap.add_argument("--arch", action="append", default=None,
+                    help="sm_120a | sm_121a | sm_90a | all (repeatable; default sm_120a)")
+    ap.add_argument("--kernel", action="append", default=None, help="only these registered kernel names")
+    ap.add_argument("--jobs", "-j", type=int, default=int(os.environ.get("SPARKINFER_GATE_JOBS", "1")),
+                    help="compile processes (cute.compile is not thread-safe)")
+    ap.add_argument("--list", action="store_true", help="list registered kernels and configs")
+    ap.add_argument("--launch-overhead", action="store_true", help="host µs per launch of each kernel (GPU)")
+    ap.add_argument("-n", type=int, default=1000, help="timed calls for --launch-overhead")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+
+    from . import registry
+
+    archs: list[str] = []
+    for a in args.arch or ["sm_120a"]:
+        for part in a.split(","):
+            archs.extend(SUPPORTED_TARGETS if part.strip() == "all" else [normalize_target(part)])
+    archs = list(dict.fromkeys(archs))
+
+    if args.list:
+        registry.load_all_kernels()
+        for e in registry.REGISTRY.values():
+            print(f"{e.name} ({e.module}): {len(e.configs)} configs")
+            for c in e.configs:
+                print(f"    {c}")
+        for mod, tb in registry.IMPORT_ERRORS.items():
+            print(f"IMPORT ERROR {mod}:\n{tb}")
+        return 1 if registry.IMPORT_ERRORS else 0
+    if args.launch_overhead:
+        for name, us in registry.launch_overhead_us(args.kernel, n=args.n).items():
+            print(f"{name:24s} {us:8.2f} us/launch (median of {args.n})")
+        return 0
+    if args.compile_all:
+        os.environ.setdefault("SPARKINFER_DISK_CACHE", "0")
+        return registry.main_compile_all(archs, args.kernel, args.jobs, args.verbose)
+    ap.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
