@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 Shape = tuple[int, ...]
 
+# llama.cpp's LLAMA_MAX_LAYERS (src/llama-hparams.h): per-layer arrays are sized by it and larger block counts are
+# refused. Bounding it here also keeps a corrupted block_count (say 2**40) from making required_tensors() loop.
+MAX_LAYERS = 512
+
 
 # ----------------------------------------------------------------------------------------------------- metadata access
 class _Meta:
@@ -273,19 +277,24 @@ def _base_fields(g: GGUFFile, m: _Meta, *, n_layer: int | None = None, n_head_kv
         if n_embd % n_head:
             raise GGUFError(g.path, f"no attention.key_length and n_embd {n_embd} is not divisible by n_head {n_head}")
         head_dim = n_embd // n_head
+    if n_layer is None:
+        n_layer = _n_layer(g, m)
     if n_head_kv is None:
         n_head_kv = m.int("attention.head_count_kv", n_head, min_value=1)
     if n_head % n_head_kv:
         raise GGUFError(g.path, f"n_head {n_head} is not a multiple of n_head_kv {n_head_kv}")
+    n_rot = m.int("rope.dimension_count", head_dim, min_value=0)
+    if n_rot % 2 or n_rot > head_dim:
+        raise GGUFError(g.path, f"rope.dimension_count {n_rot} must be even and <= the head size {head_dim}")
     return dict(
         arch=m.arch,
         n_embd=n_embd,
-        n_layer=m.int("block_count", min_value=1) if n_layer is None else n_layer,
+        n_layer=n_layer,
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         head_dim_v=m.int("attention.value_length", head_dim, min_value=1),
-        n_rot=m.int("rope.dimension_count", head_dim, min_value=0),
+        n_rot=n_rot,
         rope_base=m.float("rope.freq_base", 10000.0),
         rms_eps=m.float("attention.layer_norm_rms_epsilon"),
         context_length=m.int("context_length", min_value=1),
@@ -294,8 +303,17 @@ def _base_fields(g: GGUFFile, m: _Meta, *, n_layer: int | None = None, n_head_kv
     )
 
 
+def _n_layer(g: GGUFFile, m: _Meta) -> int:
+    n = m.int("block_count", min_value=1)
+    if n > MAX_LAYERS:
+        raise GGUFError(g.path, f"block_count {n} exceeds llama.cpp's maximum of {MAX_LAYERS} layers")
+    return n
+
+
 def _load_qwen3moe(g: GGUFFile, m: _Meta) -> Qwen3MoeConfig:
     base = _base_fields(g, m)
+    if base["n_rot"] != base["head_dim"]:  # qwen3moe.cpp asserts n_rot == n_embd_head
+        raise GGUFError(g.path, f"qwen3moe needs rope.dimension_count == key_length, got {base['n_rot']}")
     n_expert = m.int("expert_count", min_value=1)
     n_expert_used = m.int("expert_used_count", min_value=1)
     if n_expert_used > n_expert:
@@ -324,6 +342,8 @@ def _load_gemma3(g: GGUFFile, m: _Meta) -> Gemma3Config:
         raise GGUFError(g.path, f"unsupported rope scaling type {scaling!r} for gemma3 (supported: none, linear)")
     # f_attention_scale: llama.cpp uses 1/sqrt(n_embd/n_head) for the 27B model (62 layers), else 1/sqrt(head_dim).
     if base["n_layer"] == 62:
+        if base["n_embd"] < base["n_head"]:
+            raise GGUFError(g.path, f"n_embd {base['n_embd']} < n_head {base['n_head']}")
         attn_scale = 1.0 / math.sqrt(float(base["n_embd"] // base["n_head"]))
     else:
         attn_scale = 1.0 / math.sqrt(float(base["head_dim"]))
@@ -340,7 +360,7 @@ def _load_gemma3(g: GGUFFile, m: _Meta) -> Gemma3Config:
 
 
 def _load_gemma4(g: GGUFFile, m: _Meta) -> Gemma4Config:
-    n_layer = m.int("block_count", min_value=1)
+    n_layer = _n_layer(g, m)
     kv = m.int_or_list("attention.head_count_kv", n_layer, min_value=1)
     swa = m.bool_list("attention.sliding_window_pattern", n_layer, None)
     if swa is None:
@@ -380,7 +400,7 @@ def _load_gemma4(g: GGUFFile, m: _Meta) -> Gemma4Config:
 
 
 def _load_qwen35moe(g: GGUFFile, m: _Meta) -> Qwen35MoeConfig:
-    n_block = m.int("block_count", min_value=1)
+    n_block = _n_layer(g, m)
     nextn = m.int("nextn_predict_layers", 0)
     if nextn >= n_block:
         raise GGUFError(g.path, f"nextn_predict_layers {nextn} >= block_count {n_block}")

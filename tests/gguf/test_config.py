@@ -39,7 +39,12 @@ def write_gguf(path, arch: str, meta: dict, tensors: dict[str, tuple[int, ...]],
         if isinstance(v, bool):
             w.add_bool(key, v)
         elif isinstance(v, int):
-            w.add_uint32(key, v)
+            if 0 <= v < 2**32:
+                w.add_uint32(key, v)
+            elif 0 <= v:
+                w.add_uint64(key, v)
+            else:
+                w.add_int64(key, v)
         elif isinstance(v, float):
             w.add_float32(key, v)
         elif isinstance(v, str):
@@ -379,6 +384,12 @@ def test_missing_and_ill_typed_keys(tmp_path):
     g = write_gguf(tmp_path / "c.gguf", "gemma3", _gemma3_meta(**{"attention.head_count_kv": 3}), t)
     with pytest.raises(GGUFError, match="not a multiple"):
         load_config(g)
+    g = write_gguf(tmp_path / "e.gguf", "gemma3", _gemma3_meta(**{"block_count": 2**40}), t)
+    with pytest.raises(GGUFError, match="exceeds"):
+        load_config(g)
+    g = write_gguf(tmp_path / "f.gguf", "gemma3", _gemma3_meta(**{"rope.dimension_count": 17}), t)
+    with pytest.raises(GGUFError, match="dimension_count"):
+        load_config(g)
     meta = _gemma3_meta(**{"tokenizer.ggml.tokens": None})
     g = write_gguf(tmp_path / "d.gguf", "gemma3", meta, {"output_norm.weight": (32,)})
     with pytest.raises(GGUFError, match="vocabulary size"):
@@ -434,3 +445,54 @@ def test_synthetic_presets_validate(tmp_path, arch, preset):
     assert (c.n_embd, c.n_layer, c.n_head, c.n_head_kv, c.head_dim) == (
         want["n_embd"], want["n_layer"], want["n_head"], want["n_head_kv"], want["head_dim"])
     assert c.vocab_size == want["n_vocab"]
+
+
+# ------------------------------------------------------------------------------------------------ fuzz
+def _fuzz_cases():
+    """(arch, valid metadata, valid tensors) for each architecture."""
+    swa = [True, False]
+    g4 = {
+        "context_length": 64, "embedding_length": 32, "block_count": 2, "feed_forward_length": 16,
+        "attention.head_count": 2, "attention.head_count_kv": [2, 1], "attention.key_length": 16,
+        "attention.value_length": 16, "attention.key_length_swa": 8, "attention.value_length_swa": 8,
+        "rope.dimension_count": 16, "rope.dimension_count_swa": 8, "rope.freq_base": 1e6,
+        "attention.sliding_window": 8, "attention.sliding_window_pattern": swa,
+        "attention.layer_norm_rms_epsilon": 1e-6, "expert_count": 2, "expert_used_count": 1,
+        "expert_feed_forward_length": 8, "embedding_length_per_layer_input": 0, "tokenizer.ggml.tokens": tokens(10),
+    }
+    rec = [True, False]
+    return [
+        ("gemma3", _gemma3_meta(), spec_gemma3(32, 2, 2, 1, 16, 64, 50)),
+        ("qwen3moe", _qwen3_meta(32, 2, 4, 2, 8, 4, 2, 16, 20), spec_qwen3moe(32, 2, 4, 2, 8, 4, 16, 20)),
+        ("gemma4", g4, spec_gemma4(32, swa, 2, 2, 1, 8, 16, 16, 2, 8, 10)),
+        ("qwen35moe", _qwen35_meta(2, **{"attention.recurrent_layers": rec}),
+         spec_qwen35moe(32, rec, 2, 1, 16, 4, 16, 24, 20, nk=2, nv=4, dk=8, dv=8, K=4)),
+    ]
+
+
+_FUZZ_VALUES = st.one_of(
+    st.sampled_from([0, 1, 2, 3, 7, 62, 513, 2**31, 2**40, 2**63, -1, -(2**40)]),
+    st.sampled_from([0.0, -1.0, 1e-6, 1e30, float("nan"), float("inf")]),
+    st.sampled_from(["", "linear", "yarn", "x" * 50]),
+    st.lists(st.integers(0, 40), max_size=6),
+    st.lists(st.booleans(), max_size=6),
+    st.none(),  # delete the key
+)
+
+
+@settings(max_examples=120, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=st.integers(0, 3), edits=st.lists(st.tuples(st.integers(0, 10**6), _FUZZ_VALUES), min_size=1, max_size=3))
+def test_fuzz_metadata_only_gguferror(tmp_path_factory, case, edits):
+    """Corrupted config values (wrong type, zero, huge, NaN, deleted) make load_config / validate_tensors raise
+    GGUFError or succeed; never another exception and never a hang (e.g. block_count 2**40)."""
+    arch, meta, tensors = _fuzz_cases()[case]
+    meta = dict(meta)
+    keys = sorted(meta) + ["rope.scaling.type", "rope.scaling.factor", "nextn_predict_layers"]
+    for i, v in edits:
+        meta[keys[i % len(keys)]] = v
+    meta = {k: v for k, v in meta.items() if v is not None}
+    g = write_gguf(tmp_path_factory.mktemp("m") / "m.gguf", arch, meta, tensors)
+    try:
+        validate_tensors(g, load_config(g))
+    except GGUFError:
+        pass
