@@ -221,20 +221,23 @@ def gemv_error_bound(w_raw: np.ndarray, qtype, x: np.ndarray, ids=None, n_out=No
 # ---------------------------------------------------------------------------------------------------------------
 # Registered configurations (compile gate): Qwen3-30B-A3B Q4_K_M and Gemma 3 270M Q4_K_M shapes.
 
-QWEN3_DENSE = [  # (qtype, n_in): q/k/v (2048 ->), o (4096 ->), LM head (2048 -> 151936), token_embd
-    ("Q4_K", 2048), ("Q6_K", 2048), ("Q4_K", 4096),
-]
-QWEN3_EXPERTS = [("Q4_K", 2048, False), ("Q4_K", 768, True), ("Q6_K", 768, True)]
-GEMMA3_DENSE = [("Q5_0", 640), ("Q8_0", 640), ("Q4_K", 1024), ("Q4_K", 2048), ("Q6_K", 2048)]
+# (qtype, n_in) of every dense projection: Qwen3-30B-A3B (q/k/v 2048 ->, o 4096 ->, LM head Q6_K 2048 ->),
+# Gemma 3 270M (q/k/v/gate/up 640 -> Q5_0/Q8_0, o 1024 -> Q4_K, down 2048 -> Q4_K/Q6_K, tied LM head Q8_0 640 ->),
+# and the synthetic tiny configs of gguf/synth.py (n_embd 256/384/512, o-proj 512/1024/2048, ffn 768/1024/1536).
+DENSE_CONFIGS = sorted({
+    *[(q, n) for q in ("Q4_K", "Q6_K") for n in (256, 512, 768, 1024, 1536, 2048, 4096)],
+    *[(q, n) for q in ("Q5_0", "Q8_0") for n in (384, 640, 768, 1536)],
+})
+# (qtype, n_in, x_per_slot) of the expert-indexed GEMV: gate/up (x shared) and down (x per slot)
+EXPERT_CONFIGS = [("Q4_K", 2048, False), ("Q4_K", 768, True), ("Q6_K", 768, True),
+                  ("Q4_K", 256, False), ("Q4_K", 256, True), ("Q6_K", 256, True), ("Q4_K", 512, False),
+                  ("Q5_0", 384, False), ("Q5_0", 384, True), ("Q8_0", 384, True)]
 
 
 def registered_configs():
-    cfgs = []
-    for q, n in QWEN3_DENSE + GEMMA3_DENSE:
-        cfgs.append(dict(qtype=q, n_in=n, rows=1))
-    for q, n, per in QWEN3_EXPERTS:
-        cfgs.append(dict(qtype=q, n_in=n, rows=1, experts=True, x_per_slot=per))
-    cfgs.append(dict(qtype="Q4_K", n_in=2048, rows=8))
+    cfgs = [dict(qtype=q, n_in=n, rows=1) for q, n in DENSE_CONFIGS]
+    cfgs += [dict(qtype=q, n_in=n, rows=1, experts=True, x_per_slot=per) for q, n, per in EXPERT_CONFIGS]
+    cfgs += [dict(qtype="Q4_K", n_in=2048, rows=r) for r in (2, 4, 8)]
     return cfgs
 
 

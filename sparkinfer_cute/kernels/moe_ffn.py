@@ -1,0 +1,282 @@
+"""Fused selected-expert MoE FFN for decode (one token), over raw GGUF expert weights.
+
+    y = [resid +] sum_j w_j * Wdown[e_j] · (silu(Wgate[e_j] · h) * (Wup[e_j] · h)),   j = 0..k-1
+
+Two launches, both reading the selected expert ids (and router weights) from device memory (CUDA-graph safe, no host
+sync):
+
+- **MoeGateUp** (kernel A): grid (ceil(n_ff / WARPS), k). A warp owns one row o of one selected expert and
+  computes *both* the gate row and the up row with the same activation loads, then applies SwiGLU in registers and
+  writes ``act[j, o]``. Only the [k, n_ff] activations reach memory (no [tokens, 2*n_ff] intermediate). Supports
+  separate ``ffn_gate_exps``/``ffn_up_exps`` tensors and the fused ``ffn_gate_up_exps`` layout ([E, 2*n_ff, n_in]:
+  gate rows first, then up rows, per expert).
+- **MoeDown** (kernel B): grid ceil(n_out / WARPS). A warp owns output row o and sweeps the (slot, unit) pairs of
+  all k experts with its 32 lanes (k*units is 96-192 for the 768-wide down rows, so lanes stay busy where a single
+  768-wide row would occupy only 12-24 of them); each lane adds ``w_j * (unit dot)`` to its private accumulator in a
+  fixed order, then one butterfly reduction: deterministic, no atomics. Optionally adds the residual.
+
+Shapes: Qwen3-30B-A3B: k=8 of 128 experts, n_embd 2048, n_ff_exp 768 (gate/up Q4_K, down Q4_K or Q6_K).
+
+Error: every dot is a GEMV row (see gemv.py for its bound); SwiGLU uses the fast exp (ex2.approx, rel err ~2^-22).
+"""
+
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import numpy as np
+from cutlass import Float32, Int32, Uint8
+
+from .compile import kernel_cache
+from .gemv import WARPS, dequant_rows_f64, unit_dot
+from .quant_decode import (decode_unit, kernel_options, new_unit_buffer, qtype_name, run_divisibility, spec,
+                           unit_base, warp_allreduce_sum)
+
+
+def silu(g: Float32) -> Float32:
+    return g / (Float32(1.0) + cute.math.exp(-g, fastmath=True))
+
+
+class MoeGateUp:
+    def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False):
+        self.qtype, self.sp = qtype, spec(qtype)
+        assert n_in % self.sp.block_elems == 0
+        self.n_in, self.n_ff, self.fused = n_in, n_ff, fused
+        # rows per expert in the weight tensor(s), and where the up rows start inside an expert
+        self.expert_rows = 2 * n_ff if fused else n_ff
+        self.up_row0 = n_ff if fused else 0
+
+    @cute.jit
+    def __call__(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pIds: cute.Pointer,
+                 pAct: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
+        self.kernel(pWg, pWu, pX, pIds, pAct).launch(
+            grid=[cute.ceil_div(self.n_ff, WARPS), n_slots, 1], block=[WARPS * 32, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pIds: cute.Pointer,
+               pAct: cute.Pointer):
+        sp = self.sp
+        tid = cute.arch.thread_idx()[0]
+        bx, slot, _ = cute.arch.block_idx()
+        warp, lane = tid // 32, tid % 32
+        o = bx * WARPS + warp
+        nbpr = self.n_in // sp.block_elems
+        upb = sp.units_per_block
+        divby = run_divisibility(sp)
+        if o < self.n_ff:
+            ids = cute.make_tensor(pIds, cute.make_layout(slot + 1))
+            e = ids[slot]
+            g_blk0 = (e * self.expert_rows + o) * nbpr
+            u_blk0 = (e * self.expert_rows + self.up_row0 + o) * nbpr
+            acc_g = Float32(0.0)
+            acc_u = Float32(0.0)
+            w = new_unit_buffer(self.qtype)
+            for U in cutlass.range(lane, nbpr * upb, 32, unroll=1):
+                kb = U // upb
+                u = U - kb * upb
+                xb = kb * sp.block_elems + unit_base(sp, u)
+                decode_unit(self.qtype, pWg, g_blk0 + kb, u, w, exact=False)
+                acc_g = acc_g + unit_dot(sp, w, pX, xb, divby)
+                decode_unit(self.qtype, pWu, u_blk0 + kb, u, w, exact=False)
+                acc_u = acc_u + unit_dot(sp, w, pX, xb, divby)
+            g = warp_allreduce_sum(acc_g)
+            up = warp_allreduce_sum(acc_u)
+            if lane == 0:
+                act = cute.make_tensor(pAct, cute.make_layout((slot + 1) * self.n_ff))
+                act[slot * self.n_ff + o] = silu(g) * up
+
+
+class MoeDown:
+    def __init__(self, qtype: str, n_ff: int, n_out: int, add_residual: bool = False):
+        self.qtype, self.sp = qtype, spec(qtype)
+        assert n_ff % self.sp.block_elems == 0
+        self.n_ff, self.n_out, self.add_residual = n_ff, n_out, add_residual
+
+    @cute.jit
+    def __call__(self, pW: cute.Pointer, pAct: cute.Pointer, pIds: cute.Pointer, pWeights: cute.Pointer,
+                 pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
+        self.kernel(pW, pAct, pIds, pWeights, pResid, pY, n_slots).launch(
+            grid=[cute.ceil_div(self.n_out, WARPS), 1, 1], block=[WARPS * 32, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, pW: cute.Pointer, pAct: cute.Pointer, pIds: cute.Pointer, pWeights: cute.Pointer,
+               pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32):
+        sp = self.sp
+        tid = cute.arch.thread_idx()[0]
+        bx = cute.arch.block_idx()[0]
+        warp, lane = tid // 32, tid % 32
+        o = bx * WARPS + warp
+        nbpr = self.n_ff // sp.block_elems
+        upb = sp.units_per_block
+        upr = nbpr * upb
+        divby = run_divisibility(sp)
+        if o < self.n_out:
+            ids = cute.make_tensor(pIds, cute.make_layout(n_slots))
+            wts = cute.make_tensor(pWeights, cute.make_layout(n_slots))
+            acc = Float32(0.0)
+            w = new_unit_buffer(self.qtype)
+            for V in cutlass.range(lane, n_slots * upr, 32, unroll=1):
+                j = V // upr
+                U = V - j * upr
+                kb = U // upb
+                u = U - kb * upb
+                blk0 = (ids[j] * self.n_out + o) * nbpr
+                decode_unit(self.qtype, pW, blk0 + kb, u, w, exact=False)
+                d = unit_dot(sp, w, pAct, j * self.n_ff + kb * sp.block_elems + unit_base(sp, u), divby)
+                acc = acc + wts[j] * d
+            total = warp_allreduce_sum(acc)
+            if lane == 0:
+                mY = cute.make_tensor(pY, cute.make_layout(self.n_out))
+                if cutlass.const_expr(self.add_residual):
+                    mR = cute.make_tensor(pResid, cute.make_layout(self.n_out))
+                    total = total + mR[o]
+                mY[o] = total
+
+
+def _ptr(dtype, addr, align=16):
+    return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
+
+
+@kernel_cache
+def compile_moe_gate_up(qtype: str, n_in: int, n_ff: int, fused: bool = False):
+    return cute.compile(MoeGateUp(qtype, n_in, n_ff, fused), _ptr(Uint8, 0), _ptr(Uint8, 0), _ptr(Float32, 0),
+                        _ptr(Int32, 0, 4), _ptr(Float32, 0), Int32(1), cute.runtime.make_fake_stream(),
+                        options=kernel_options())
+
+
+@kernel_cache
+def compile_moe_down(qtype: str, n_ff: int, n_out: int, add_residual: bool = False):
+    return cute.compile(MoeDown(qtype, n_ff, n_out, add_residual), _ptr(Uint8, 0), _ptr(Float32, 0),
+                        _ptr(Int32, 0, 4), _ptr(Float32, 0, 4), _ptr(Float32, 0), _ptr(Float32, 0), Int32(1),
+                        cute.runtime.make_fake_stream(), options=kernel_options())
+
+
+def _aligned(a, what):
+    if a.ptr % 16:
+        raise ValueError(f"{what} must be 16-byte aligned (ptr {a.ptr:#x})")
+    return a
+
+
+def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None):
+    """act[j] = silu(Wgate[ids[j]] · h) * (Wup[ids[j]] · h) -> [k, n_ff] f32.
+
+    ``w_gate``/``w_up``: [E, n_ff, row_bytes] raw bytes; pass ``w_up=None`` and the fused ``ffn_gate_up_exps``
+    tensor ([E, 2*n_ff, row_bytes]) as ``w_gate``. numpy in -> numpy out."""
+    from ..runtime import DeviceArray, as_device, default_stream
+
+    q = qtype_name(qtype)
+    st = stream if stream is not None else default_stream()
+    dh, h_np = as_device(h, st, np.float32)
+    di, _ = as_device(ids, st, np.int32)
+    k = int(np.prod(di.shape))
+    n_in = int(dh.shape[-1])
+    dg, _ = as_device(w_gate, st, np.uint8) if isinstance(w_gate, np.ndarray) else (w_gate, False)
+    fused = w_up is None
+    du = dg if fused else (as_device(w_up, st, np.uint8)[0] if isinstance(w_up, np.ndarray) else w_up)
+    rb = spec(q).row_bytes(n_in)
+    for a in (dg, du):
+        if a.nbytes % ((2 if fused else 1) * n_ff * rb):
+            raise ValueError(f"expert weight of {a.nbytes} bytes is not whole experts of {n_ff} x {n_in} {q}")
+    act = out if out is not None else DeviceArray.empty((k, n_ff), np.float32)
+    fn = compile_moe_gate_up(q, n_in, n_ff, fused)
+    fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr),
+       _ptr(Float32, _aligned(dh, "h").ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, _aligned(act, "act").ptr),
+       Int32(k), cuda.CUstream(st.handle))
+    return act.to_numpy(stream=st) if h_np else act
+
+
+def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None):
+    """y = [resid +] sum_j weights[j] * Wdown[ids[j]] · act[j] -> [n_out] f32 (fixed summation order).
+
+    ``w_down``: [E, n_out, row_bytes(n_ff)] raw bytes; ``act``: [k, n_ff]. ``out`` may alias ``resid``
+    (in-place residual add)."""
+    from ..runtime import DeviceArray, as_device, default_stream
+
+    q = qtype_name(qtype)
+    st = stream if stream is not None else default_stream()
+    da, a_np = as_device(act, st, np.float32)
+    di, _ = as_device(ids, st, np.int32)
+    dwt, _ = as_device(weights, st, np.float32)
+    k, n_ff = int(np.prod(di.shape)), int(da.shape[-1])
+    dw, _ = as_device(w_down, st, np.uint8) if isinstance(w_down, np.ndarray) else (w_down, False)
+    if dw.nbytes % (n_out * spec(q).row_bytes(n_ff)):
+        raise ValueError(f"down weight of {dw.nbytes} bytes is not whole experts of {n_out} x {n_ff} {q}")
+    dr = None
+    if resid is not None:
+        dr, _ = as_device(resid, st, np.float32)
+    y = out if out is not None else DeviceArray.empty((n_out,), np.float32)
+    fn = compile_moe_down(q, n_ff, n_out, dr is not None)
+    fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Float32, _aligned(da, "act").ptr), _ptr(Int32, di.ptr, 4),
+       _ptr(Float32, dwt.ptr, 4), _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr),
+       Int32(k), cuda.CUstream(st.handle))
+    return y.to_numpy(stream=st) if a_np else y
+
+
+def moe_ffn(w_gate, w_up, w_down, qtype_gate_up, qtype_down, h, ids, weights, n_ff: int, resid=None, stream=None):
+    """Both kernels: y = [resid +] sum_j w_j Wdown[e_j] (silu(Wgate[e_j] h) * (Wup[e_j] h)). numpy in -> numpy out."""
+    n_out = int(np.shape(h)[-1]) if not hasattr(h, "ptr") else int(h.shape[-1])
+    act = moe_gate_up(w_gate, w_up, qtype_gate_up, h, ids, n_ff, stream=stream)
+    return moe_down(w_down, qtype_down, act, ids, weights, n_out, resid=resid, stream=stream)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float64 numpy reference (gguf-py dequant of the original bytes)
+
+
+def moe_gate_up_ref(w_gate, w_up, qtype, h, ids, n_ff: int):
+    h = np.asarray(h, dtype=np.float64).reshape(-1)
+    n_in = h.shape[0]
+    G = dequant_rows_f64(w_gate, qtype, n_in)
+    if w_up is None:  # fused [E, 2*n_ff, n_in]
+        G = G.reshape(-1, 2 * n_ff, n_in)
+        G, Up = G[:, :n_ff], G[:, n_ff:]
+    else:
+        G = G.reshape(-1, n_ff, n_in)
+        Up = dequant_rows_f64(w_up, qtype, n_in).reshape(-1, n_ff, n_in)
+    out = []
+    for e in np.asarray(ids).reshape(-1):
+        g, u = G[e] @ h, Up[e] @ h
+        out.append(g / (1.0 + np.exp(-g)) * u)
+    return np.stack(out)
+
+
+def moe_down_ref(w_down, qtype, act, ids, weights, n_out: int, resid=None):
+    act = np.asarray(act, dtype=np.float64)
+    n_ff = act.shape[-1]
+    D = dequant_rows_f64(w_down, qtype, n_ff).reshape(-1, n_out, n_ff)
+    y = np.zeros(n_out) if resid is None else np.asarray(resid, dtype=np.float64).copy()
+    for j, e in enumerate(np.asarray(ids).reshape(-1)):
+        y += float(weights[j]) * (D[e] @ act[j])
+    return y
+
+
+def moe_ffn_ref(w_gate, w_up, w_down, qtype_gate_up, qtype_down, h, ids, weights, n_ff: int, resid=None):
+    act = moe_gate_up_ref(w_gate, w_up, qtype_gate_up, h, ids, n_ff)
+    return moe_down_ref(w_down, qtype_down, act, ids, weights, np.shape(h)[-1], resid)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registered configurations: Qwen3-30B-A3B (2048 / 768, gate+up Q4_K, down Q4_K or Q6_K) + the synthetic qwen3moe
+# configs of gguf/synth.py (n_embd 256/512 with n_ff_exp 256; tiny-fallback 384/384 with Q5_0 gate/up, Q8_0 or
+# Q5_0 down).
+
+GATE_UP_CONFIGS = [dict(qtype="Q4_K", n_in=2048, n_ff=768), dict(qtype="Q4_K", n_in=2048, n_ff=768, fused=True),
+                   dict(qtype="Q4_K", n_in=256, n_ff=256), dict(qtype="Q4_K", n_in=512, n_ff=256),
+                   dict(qtype="Q5_0", n_in=384, n_ff=384)]
+DOWN_CONFIGS = [dict(qtype=q, n_ff=768, n_out=2048, add_residual=r) for q in ("Q4_K", "Q6_K") for r in (False, True)]
+DOWN_CONFIGS += [dict(qtype=q, n_ff=256, n_out=n, add_residual=r) for q in ("Q4_K", "Q6_K") for n in (256, 512)
+                 for r in (False, True)]
+DOWN_CONFIGS += [dict(qtype=q, n_ff=384, n_out=384, add_residual=r) for q in ("Q5_0", "Q8_0") for r in (False, True)]
+
+
+def _register():
+    try:
+        from .registry import register
+    except ImportError:
+        return
+    register("moe_gate_up", compile_moe_gate_up, GATE_UP_CONFIGS)
+    register("moe_down", compile_moe_down, DOWN_CONFIGS)
+
+
+_register()
