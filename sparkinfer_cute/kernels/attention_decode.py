@@ -73,7 +73,8 @@ class AttentionDecodeSplitKV:
     """Partial attention of one (kv head, split, sequence) per CTA; see the module docstring."""
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
-                 has_softcap: bool, num_warps: int | None = None):
+                 has_softcap: bool, num_warps: int | None = None, keys_per_iter: int = 0,
+                 heads_per_cta: int = 0):
         if n_head % n_kv_head:
             raise ValueError(f"n_head {n_head} must be a multiple of n_kv_head {n_kv_head}")
         if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -89,9 +90,22 @@ class AttentionDecodeSplitKV:
         self.lanes_per_tok = min(32, head_dim // 8)
         self.vec = head_dim // self.lanes_per_tok  # halves per lane per row: 8, or 16 for D=512
         self.tok_per_warp = 32 // self.lanes_per_tok
-        # q lives in registers when it is small; else in shared memory (G=8, D=512 would need 128 + 128 registers
-        # for q and the accumulator).
-        self.q_in_smem = self.group * self.vec > 64
+        # q heads per CTA (a divisor of G): the q slice and the f32 accumulator live in registers, GH*VEC each.
+        # Capped at GH*VEC <= 32 so several keys' loads fit in flight next to them (ptxas, sm_120a: G=8, D=128 with
+        # all 8 heads per CTA takes 220 registers with 1 key in flight and spills with 2). A kv group with more
+        # heads runs as several CTAs (head tiles) that read the same K/V rows, the repeats mostly from L2.
+        if not heads_per_cta:
+            heads_per_cta = max(d for d in range(1, self.group + 1) if self.group % d == 0 and d * self.vec <= 32)
+        if self.group % heads_per_cta:
+            raise ValueError(f"heads_per_cta {heads_per_cta} must divide the GQA group {self.group}")
+        self.heads_per_cta = heads_per_cta
+        self.n_head_tiles = self.group // heads_per_cta
+        # Keys in flight per token group per iteration (all their loads are issued before any math): as many as the
+        # registers allow next to q and the accumulator (2*GH*VEC); a key costs ~2*VEC registers (f16 K/V + f32).
+        if not keys_per_iter:
+            live = 2 * heads_per_cta * self.vec
+            keys_per_iter = next(u for u in (4, 2, 1) if u == 1 or live + 2 * u * self.vec <= 160)
+        self.keys_per_iter = keys_per_iter
         if num_warps is None:
             num_warps = 4
             while num_warps > 1 and self.smem_bytes(num_warps) > smem_budget():
@@ -105,9 +119,7 @@ class AttentionDecodeSplitKV:
 
     def smem_bytes(self, num_warps: int) -> int:
         n_groups = num_warps * self.tok_per_warp
-        merge = n_groups * self.group * (self.head_dim + 2) * 4  # acc + m + l per token group
-        q = self.group * self.head_dim * 4 if self.q_in_smem else 0
-        return merge + q + 64
+        return n_groups * self.heads_per_cta * (self.head_dim + 2) * 4 + 64  # acc + m + l per token group
 
     @cute.jit
     def __call__(self, pQ: cute.Pointer, pK: cute.Pointer, pV: cute.Pointer, pPageTable: cute.Pointer,
@@ -124,31 +136,32 @@ class AttentionDecodeSplitKV:
         mOPart = cute.make_tensor(pOPart, cute.make_layout((batch, H, S, D), stride=(H * S * D, S * D, D, 1)))
         mLsePart = cute.make_tensor(pLsePart, cute.make_layout((batch, H, S), stride=(H * S, S, 1)))
         self.kernel(mQ, mK, mV, mPT, mPos, mOPart, mLsePart, scale, window, softcap).launch(
-            grid=[KV, S, batch], block=[self.num_threads, 1, 1],
+            grid=[KV * self.n_head_tiles, S, batch], block=[self.num_threads, 1, 1],
             smem=self.smem_bytes(self.num_warps), stream=stream)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mPT: cute.Tensor, mPos: cute.Tensor,
                mOPart: cute.Tensor, mLsePart: cute.Tensor, scale: Float32, window: Int32, softcap: Float32):
-        G, D, P, S = self.group, self.head_dim, self.page_size, self.num_splits
-        LPT, VEC, TPW = self.lanes_per_tok, self.vec, self.tok_per_warp
+        G, GH, D, P, S = self.group, self.heads_per_cta, self.head_dim, self.page_size, self.num_splits
+        LPT, VEC, TPW, U = self.lanes_per_tok, self.vec, self.tok_per_warp, self.keys_per_iter
         NG, NW, NT = self.n_tok_groups, self.num_warps, self.num_threads
 
         tidx, _, _ = cute.arch.thread_idx()
-        kvh, split, b = cute.arch.block_idx()
+        head_tile, split, b = cute.arch.block_idx()
+        kvh = head_tile // self.n_head_tiles
         warp = tidx // 32
         lane = tidx % 32
         grp_in_warp = lane // LPT
         grp = warp * TPW + grp_in_warp
         lig = lane % LPT  # lane in token group
         d0 = lig * VEC  # this lane's slice of the head dim: [d0, d0 + VEC)
-        h0 = kvh * G  # first q head of this kv group
+        h0 = kvh * G + (head_tile % self.n_head_tiles) * GH  # first q head of this CTA (GQA: kv head h // G)
 
-        # ---- shared memory: merge buffers (+ q when it does not fit in registers) ----
+        # ---- shared memory: buffers to merge the token groups ----
         smem = cutlass.memory.SmemAllocator()
-        sAcc = smem.allocate_tensor(Float32, cute.make_layout((NG, G, D), stride=(G * D, D, 1)), byte_alignment=16)
-        sM = smem.allocate_tensor(Float32, cute.make_layout((NG, G), stride=(G, 1)), byte_alignment=16)
-        sL = smem.allocate_tensor(Float32, cute.make_layout((NG, G), stride=(G, 1)), byte_alignment=16)
+        sAcc = smem.allocate_tensor(Float32, cute.make_layout((NG, GH, D), stride=(GH * D, D, 1)), byte_alignment=16)
+        sM = smem.allocate_tensor(Float32, cute.make_layout((NG, GH), stride=(GH, 1)), byte_alignment=16)
+        sL = smem.allocate_tensor(Float32, cute.make_layout((NG, GH), stride=(GH, 1)), byte_alignment=16)
 
         # ---- the query slice, pre-multiplied so the logit comes out in base 2 ----
         # no softcap: s2 = (scale*log2e * q) . k ; softcap: s2 = softcap*log2e * tanh((scale/softcap * q) . k)
@@ -156,23 +169,12 @@ class AttentionDecodeSplitKV:
         if const_expr(self.has_softcap):
             q_mul = scale / softcap
         cap2 = softcap * Float32(LOG2_E)
-        rQ = cute.make_rmem_tensor((G, VEC), Float32)
-        if const_expr(self.q_in_smem):
-            sQ = smem.allocate_tensor(Float32, cute.make_layout((G, D), stride=(D, 1)), byte_alignment=16)
-            for e in cutlass.range_constexpr((G * D + NT - 1) // NT):
-                idx = tidx + e * NT
-                if const_expr((G * D) % NT == 0) or idx < G * D:
-                    g = idx // D
-                    d = idx % D
-                    sQ[g, d] = mQ[b, h0 + g, d] * q_mul
-            cute.arch.sync_threads()
-        else:
-            for g in cutlass.range_constexpr(G):
-                gq = cute.local_tile(mQ[b, h0 + g, None], (VEC,), (lig,))
-                cute.autovec_copy(gq, rQ[g, None])
-            for g in cutlass.range_constexpr(G):
-                for i in cutlass.range_constexpr(VEC):
-                    rQ[g, i] = rQ[g, i] * q_mul
+        rQ = cute.make_rmem_tensor(cute.make_layout((GH, VEC), stride=(VEC, 1)), Float32)
+        for g in cutlass.range_constexpr(GH):
+            cute.autovec_copy(cute.local_tile(mQ[b, h0 + g, None], (VEC,), (lig,)), rQ[g, None])
+        for g in cutlass.range_constexpr(GH):
+            for i in cutlass.range_constexpr(VEC):
+                rQ[g, i] = rQ[g, i] * q_mul
 
         # ---- this split's key range, from the device-side position ----
         pos = mPos[b]
@@ -185,64 +187,66 @@ class AttentionDecodeSplitKV:
         t_end = cutlass.min(t_begin + chunk, kv_end)
 
         # ---- online softmax per token group (base 2) ----
-        rM = cute.make_rmem_tensor((G,), Float32)
-        rL = cute.make_rmem_tensor((G,), Float32)
-        rAcc = cute.make_rmem_tensor((G, VEC), Float32)
-        for g in cutlass.range_constexpr(G):
+        rM = cute.make_rmem_tensor((GH,), Float32)
+        rL = cute.make_rmem_tensor((GH,), Float32)
+        rAcc = cute.make_rmem_tensor(cute.make_layout((GH, VEC), stride=(VEC, 1)), Float32)
+        for g in cutlass.range_constexpr(GH):
             rM[g] = -Float32.inf
             rL[g] = Float32(0.0)
             for i in cutlass.range_constexpr(VEC):
                 rAcc[g, i] = Float32(0.0)
-        rK = cute.make_rmem_tensor((VEC,), Float16)
-        rV = cute.make_rmem_tensor((VEC,), Float16)
-        rS = cute.make_rmem_tensor((G,), Float32)
+        rK = cute.make_rmem_tensor(cute.make_layout((U, VEC), stride=(VEC, 1)), Float16)
+        rV = cute.make_rmem_tensor(cute.make_layout((U, VEC), stride=(VEC, 1)), Float16)
+        rS = cute.make_rmem_tensor((GH,), Float32)
 
-        # A warp walks TPW consecutive keys per step; every lane of the warp runs the same trip count (the shuffles
-        # below need the whole warp), and a token group whose key is past the end masks its update instead.
-        for t_warp in cutlass.range(t_begin + warp * TPW, t_end, NW * TPW, unroll=1):
-            t_mine = t_warp + grp_in_warp
-            valid = t_mine < t_end
-            t = cutlass.select_(valid, t_mine, t_end - 1)
-            page = mPT[b, t // P]
-            slot = t % P
-            cute.autovec_copy(cute.local_tile(mK[page, slot, kvh, None], (VEC,), (lig,)), rK)
-            cute.autovec_copy(cute.local_tile(mV[page, slot, kvh, None], (VEC,), (lig,)), rV)
-            kf = rK.load().to(Float32)
-            vf = rV.load().to(Float32)
-            for g in cutlass.range_constexpr(G):
-                dot = Float32(0.0)
-                for i in cutlass.range_constexpr(VEC):
-                    if const_expr(self.q_in_smem):
-                        dot += sQ[g, d0 + i] * kf[i]
-                    else:
-                        dot += rQ[g, i] * kf[i]
-                for k in cutlass.range_constexpr(int(math.log2(LPT))):
-                    dot += cute.arch.shuffle_sync_bfly(dot, offset=LPT >> (k + 1))
-                if const_expr(self.has_softcap):
-                    dot = cap2 * cute.math.tanh(dot)
-                rS[g] = dot
-            if valid:
-                for g in cutlass.range_constexpr(G):
-                    m_new = cute.arch.fmax(rM[g], rS[g])
-                    alpha = cute.math.exp2(rM[g] - m_new, fastmath=True)  # exp2(-inf) = 0 on the first key
-                    p = cute.math.exp2(rS[g] - m_new, fastmath=True)
-                    rL[g] = rL[g] * alpha + p
+        # One iteration covers U * NW * TPW consecutive keys: step u of warp w takes keys
+        # [base + (u*NW + w)*TPW, ... + TPW), one per token group. All K/V loads of the U steps are issued before any
+        # math, so each lane keeps 2*U 16-byte loads in flight (decode is latency-bound at low occupancy). Every lane
+        # of a warp runs the same trip count and the same U steps (the shuffles need the whole warp); a token group
+        # whose key is past the end loads a valid key instead and masks its softmax update.
+        for base in cutlass.range(t_begin, t_end, U * NW * TPW, unroll=1):
+            for u in cutlass.range_constexpr(U):
+                t_mine = base + (u * NW + warp) * TPW + grp_in_warp
+                t = cutlass.min(t_mine, t_end - 1)
+                page = mPT[b, t // P]
+                slot = t % P
+                cute.autovec_copy(cute.local_tile(mK[page, slot, kvh, None], (VEC,), (lig,)), rK[u, None])
+                cute.autovec_copy(cute.local_tile(mV[page, slot, kvh, None], (VEC,), (lig,)), rV[u, None])
+            for u in cutlass.range_constexpr(U):
+                valid = base + (u * NW + warp) * TPW + grp_in_warp < t_end
+                kf = rK[u, None].load().to(Float32)
+                vf = rV[u, None].load().to(Float32)
+                for g in cutlass.range_constexpr(GH):
+                    dot = Float32(0.0)
                     for i in cutlass.range_constexpr(VEC):
-                        rAcc[g, i] = rAcc[g, i] * alpha + p * vf[i]
-                    rM[g] = m_new
+                        dot += rQ[g, i] * kf[i]
+                    for k in cutlass.range_constexpr(int(math.log2(LPT))):
+                        dot += cute.arch.shuffle_sync_bfly(dot, offset=LPT >> (k + 1))
+                    if const_expr(self.has_softcap):
+                        dot = cap2 * cute.math.tanh(dot)
+                    rS[g] = dot
+                if valid:
+                    for g in cutlass.range_constexpr(GH):
+                        m_new = cute.arch.fmax(rM[g], rS[g])
+                        alpha = cute.math.exp2(rM[g] - m_new, fastmath=True)  # exp2(-inf) = 0 on the first key
+                        p = cute.math.exp2(rS[g] - m_new, fastmath=True)
+                        rL[g] = rL[g] * alpha + p
+                        for i in cutlass.range_constexpr(VEC):
+                            rAcc[g, i] = rAcc[g, i] * alpha + p * vf[i]
+                        rM[g] = m_new
 
         # ---- merge the token groups of this CTA through shared memory ----
-        for g in cutlass.range_constexpr(G):
+        for g in cutlass.range_constexpr(GH):
             cute.autovec_copy(rAcc[g, None], cute.local_tile(sAcc[grp, g, None], (VEC,), (lig,)))
         if lig == 0:
-            for g in cutlass.range_constexpr(G):
+            for g in cutlass.range_constexpr(GH):
                 sM[grp, g] = rM[g]
                 sL[grp, g] = rL[g]
         cute.arch.sync_threads()
 
-        for e in cutlass.range_constexpr((G * D + NT - 1) // NT):
+        for e in cutlass.range_constexpr((GH * D + NT - 1) // NT):
             idx = tidx + e * NT
-            if const_expr((G * D) % NT == 0) or idx < G * D:
+            if const_expr((GH * D) % NT == 0) or idx < GH * D:
                 g = idx // D
                 d = idx % D
                 m_cta = -Float32.inf
@@ -316,10 +320,12 @@ class AttentionDecodeCombine:
 
 @kernel_cache
 def compile_attention_decode(n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
-                             softcap: bool = False):
-    """Compile the split-KV kernel. Runtime args: (q, k_pool, v_pool, page_table, pos, o_part, lse_part pointers,
-    batch, n_pages, pages_per_seq, scale, window, softcap, stream)."""
-    k = AttentionDecodeSplitKV(n_head, n_kv_head, head_dim, page_size, num_splits, softcap)
+                             softcap: bool = False, heads_per_cta: int = 0, keys_per_iter: int = 0):
+    """Compile the split-KV kernel (``heads_per_cta``/``keys_per_iter`` 0 = automatic; tuning knobs). Runtime args:
+    (q, k_pool, v_pool, page_table, pos, o_part, lse_part pointers, batch, n_pages, pages_per_seq, scale, window,
+    softcap, stream)."""
+    k = AttentionDecodeSplitKV(n_head, n_kv_head, head_dim, page_size, num_splits, softcap,
+                               keys_per_iter=keys_per_iter, heads_per_cta=heads_per_cta)
     f32, f16, i32 = (gptr(t, 0) for t in (Float32, Float16, Int32))
     i32_4 = gptr(Int32, 0, align=4)
     return cute.compile(k, f32, f16, f16, i32_4, i32_4, f32, gptr(Float32, 0, align=4),
@@ -382,8 +388,10 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
                        else DeviceArray.empty((B, H, S), np.float32))
     out_dev = out if out is not None else DeviceArray.empty((B, H, D), np.float32)
     has_softcap = softcap != 0.0
-    f_attn = compile_attention_decode(H, KV, D, P, S, has_softcap)
-    f_comb = compile_attention_combine(H, D, S)
+    # keyword arguments, as the compile-gate registry calls them (one memo/disk-cache key per config)
+    f_attn = compile_attention_decode(n_head=H, n_kv_head=KV, head_dim=D, page_size=P, num_splits=S,
+                                      softcap=has_softcap)
+    f_comb = compile_attention_combine(n_head=H, head_dim=D, num_splits=S)
     cus = cu_stream(stream)
     f_attn(gptr(Float32, dq.ptr), gptr(Float16, dk.ptr), gptr(Float16, dv.ptr),
            gptr(Int32, dpt.ptr, align=4), gptr(Int32, dpos.ptr, align=4),
