@@ -1,0 +1,136 @@
+"""What every GPU forward shares: weight upload, activation buffers, the KV cache, and CUDA-graph decode.
+
+A model subclass implements ``enqueue_step(stream)``: every kernel of one decode step (embedding of the token id held in
+``self.tok`` at the position held in ``self.pos``, all layers, final norm, LM head, argmax into ``self.tok``) on
+``stream``, reading the token id and position **from device memory**. The step is captured once into a CUDA graph
+and replayed per token; between replays the host writes at most the next prompt token and the position (4 bytes
+each) and reads back the sampled id (4 bytes). Routing (expert ids and weights) never leaves the device.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from ..errors import ContextOverflowError  # type: ignore[misc]
+from ..runtime import CudaGraph, DeviceArray, Stream, get_device  # type: ignore[misc]
+from ..runtime.weights import WeightStore  # type: ignore[misc]
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+class GPUDecoder:
+    name = "gpu"
+
+    def __init__(self, g, cfg, *, max_context: int | None = None, progress: bool = True):
+        self.g, self.cfg = g, cfg
+        self.device = get_device()
+        self.max_context = int(min(max_context or DEFAULT_MAX_CONTEXT, cfg.context_length))
+        if self.max_context <= 0:
+            raise ContextOverflowError("max_context must be positive")
+        self.stream = Stream()
+        self.kv_bytes = self.kv_cache_bytes()
+        t0 = time.perf_counter()
+        self.w = WeightStore(g, self.weight_names(), extra_bytes=self.kv_bytes, progress=progress,
+                             stream=self.stream)
+        self.stream.synchronize()
+        self.upload_s = time.perf_counter() - t0
+        self.tok = DeviceArray.zeros((1,), np.int32, self.stream)
+        self.pos_buf = DeviceArray.zeros((1,), np.int32, self.stream)
+        self.logits = DeviceArray.empty((cfg.vocab_size,), np.float32)
+        self.alloc_buffers()
+        self.alloc_kv_cache()
+        self.pos = 0
+        self._graph: CudaGraph | None = None
+        self._host_i32 = np.zeros(1, np.int32)
+        self.kernels_per_token = 0
+        self.name = f"gpu ({self.device.name}, kernel family {self._family()})"
+
+    # ------------------------------------------------------------------ to implement per model
+    def weight_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def kv_cache_bytes(self) -> int:
+        raise NotImplementedError
+
+    def alloc_buffers(self) -> None:
+        raise NotImplementedError
+
+    def alloc_kv_cache(self) -> None:
+        raise NotImplementedError
+
+    def enqueue_step(self, stream) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    @staticmethod
+    def _family() -> str:
+        from ..kernels.arch import kernel_family  # type: ignore[misc]
+
+        return kernel_family()
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.w.resident_bytes + self.kv_bytes
+
+    def _write_i32(self, buf: DeviceArray, value: int) -> None:
+        self._host_i32[0] = value
+        buf.copy_from_numpy(self._host_i32, self.stream)
+
+    def _ensure_graph(self) -> None:
+        if self._graph is not None:
+            return
+        # Warm-up outside capture: loads every kernel module (module loading is not allowed while capturing) and
+        # counts launches. It decodes token 0 at position 0, which the first real step overwrites.
+        from . import ops
+
+        ops.launch_counter.reset()
+        self.enqueue_step(self.stream)
+        self.stream.synchronize()
+        self.kernels_per_token = ops.launch_counter.count()
+        with CudaGraph.capture(self.stream) as graph:
+            self.enqueue_step(self.stream)
+        self._graph = graph
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def _step(self, tok: int | None) -> None:
+        if self.pos >= self.max_context:
+            raise ContextOverflowError(f"context of {self.max_context} tokens is full")
+        self._ensure_graph()
+        if tok is not None:
+            self._write_i32(self.tok, tok)
+        self._write_i32(self.pos_buf, self.pos)
+        self._graph.replay(self.stream)
+        self.pos += 1
+
+    def step_eager(self, tok: int) -> None:
+        """One step without the graph (debugging, and the graph-vs-eager test)."""
+        self._write_i32(self.tok, tok)
+        self._write_i32(self.pos_buf, self.pos)
+        self.enqueue_step(self.stream)
+        self.pos += 1
+
+    def prefill(self, ids) -> np.ndarray:
+        if self.pos + len(ids) > self.max_context:
+            raise ContextOverflowError(f"prompt of {len(ids)} tokens does not fit the context of {self.max_context}")
+        # Prompt prefill runs through the decode graph, one token per replay (a batched prefill is future work).
+        for t in ids:
+            self._step(int(t))
+        return self.logits.to_numpy(self.stream)
+
+    def decode(self, tok: int) -> np.ndarray:
+        self._step(int(tok))
+        return self.logits.to_numpy(self.stream)
+
+    def decode_greedy(self, tok: int | None) -> int:
+        """Replays one step; the argmax kernel inside the graph leaves the next id in ``self.tok`` on the device.
+        ``tok=None`` feeds the id already there (no host->device write at all)."""
+        self._step(tok)
+        return int(self.tok.to_numpy(self.stream)[0])
+
+    def hidden_after_layers(self, *a, **k):  # pragma: no cover - implemented by models that support it
+        raise NotImplementedError

@@ -1,0 +1,96 @@
+"""Gemma 3 GPU forward (spec: ../shared/spec/models.md §4; reference: sparkinfer_cute/reference/gemma3.py).
+
+Per layer: RMSNorm (fused with the residual add of the previous block) → Q/K/V GEMVs → per-head Q/K RMSNorm → NEOX
+RoPE (base 1e4 on sliding-window layers, rope.freq_base on global ones) → KV append (fp16) → flash-decoding attention
+(window on SWA layers; the reference's q·(1/sqrt(head_dim)) with scale 1 is folded into the attention scale) → Wo →
+post-attention RMSNorm; RMSNorm (+residual) → gate/up GEMVs → GeGLU (tanh GELU) → down GEMV → post-FFW RMSNorm.
+Input embedding × sqrt(n_embd); tied output (token_embd) when there is no output.weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..runtime import DeviceArray  # type: ignore[misc]
+from . import ops
+from .base import GPUDecoder
+
+
+class Gemma3GPU(GPUDecoder):
+    def weight_names(self) -> list[str]:
+        c = self.cfg
+        names = ["token_embd.weight", "output_norm.weight"]
+        if not c.tied_output:
+            names.append("output.weight")
+        for l in range(c.n_layer):
+            p = f"blk.{l}."
+            names += [p + s for s in (
+                "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q_norm.weight",
+                "attn_k_norm.weight", "attn_output.weight", "post_attention_norm.weight", "ffn_norm.weight",
+                "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight")]
+        return names
+
+    def kv_cache_bytes(self) -> int:
+        c = self.cfg
+        return ops.PagedKV.bytes_needed(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
+
+    def alloc_buffers(self) -> None:
+        c = self.cfg
+        E, H, Hkv, D = c.n_embd, c.n_head, c.n_head_kv, c.head_dim
+        f32 = np.float32
+        self.x = DeviceArray.zeros((E,), f32)        # residual stream
+        self.h = DeviceArray.empty((E,), f32)        # normed input of a block
+        self.q = DeviceArray.empty((H * D,), f32)
+        self.k = DeviceArray.empty((Hkv * D,), f32)
+        self.v = DeviceArray.empty((Hkv * D,), f32)
+        self.attn = DeviceArray.empty((H * D,), f32)
+        self.o = DeviceArray.empty((E,), f32)
+        self.delta = DeviceArray.empty((E,), f32)    # block output to add to the residual
+        self.gate = DeviceArray.empty((c.n_ff,), f32)
+        self.up = DeviceArray.empty((c.n_ff,), f32)
+        self.act = DeviceArray.empty((c.n_ff,), f32)
+        self.f = DeviceArray.empty((E,), f32)
+        self.attn_ws = ops.AttentionWorkspace(H, D, self.max_context)
+        # 27B rule (gemma3.cpp): 1/sqrt(n_embd/n_head) for 62 layers, else 1/sqrt(head_dim)
+        self.q_scale = 1.0 / math.sqrt(E // H) if c.n_layer == 62 else 1.0 / math.sqrt(D)
+        self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]
+
+    def alloc_kv_cache(self) -> None:
+        c = self.cfg
+        self.kv = ops.PagedKV(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
+
+    def enqueue_step(self, s) -> None:
+        c, w = self.cfg, self.w
+        E, H, Hkv, D, eps = c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.rms_eps
+        ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=math.sqrt(E), stream=s)
+        for l in range(c.n_layer):
+            p = f"blk.{l}."
+            swa = c.sliding_window > 0 and c.is_swa(l)
+            # h = rmsnorm(x, attn_norm), x += delta of the previous layer first (layer 0: x is the embedding)
+            ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=s)
+            ops.gemv(w[p + "attn_q.weight"], self.h, self.q, stream=s)
+            ops.gemv(w[p + "attn_k.weight"], self.h, self.k, stream=s)
+            ops.gemv(w[p + "attn_v.weight"], self.h, self.v, stream=s)
+            ops.rmsnorm_heads(self.q, w[p + "attn_q_norm.weight"], H, D, eps, stream=s)
+            ops.rmsnorm_heads(self.k, w[p + "attn_k_norm.weight"], Hkv, D, eps, stream=s)
+            base = float(c.rope_base_for(l))
+            ops.rope(self.q, H, D, c.n_rot, base, self.pos_buf, stream=s)
+            ops.rope(self.k, Hkv, D, c.n_rot, base, self.pos_buf, stream=s)
+            ops.kv_append(self.kv, l, self.k, self.v, self.pos_buf, stream=s)
+            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=H, scale=self.q_scale,
+                          window=c.sliding_window if swa else 0, stream=s)
+            ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=s)
+            ops.rmsnorm(self.o, w[p + "post_attention_norm.weight"], self.delta, eps, stream=s)
+            ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=s)
+            ops.gemv(w[p + "ffn_gate.weight"], self.h, self.gate, stream=s)
+            ops.gemv(w[p + "ffn_up.weight"], self.h, self.up, stream=s)
+            ops.glu(self.gate, self.up, self.act, act="gelu_tanh", stream=s)
+            ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=s)
+            ops.rmsnorm(self.f, w[p + "post_ffw_norm.weight"], self.delta, eps, stream=s)
+        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=s)
+        ops.gemv(self.out_w, self.h, self.logits, stream=s)
+        if c.final_logit_softcap:
+            ops.softcap(self.logits, c.final_logit_softcap, stream=s)
+        ops.argmax(self.logits, self.tok, stream=s)

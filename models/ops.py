@@ -1,0 +1,149 @@
+"""The ops a GPU forward is written in, bound to the CuTe DSL kernels (``sparkinfer_cute.kernels``).
+
+Every function enqueues on ``stream`` and works on device buffers (``DeviceArray``) and weight handles (``QWeight``):
+nothing here synchronizes or reads device memory on the host, so a whole decode step can be captured in one CUDA
+graph. ``launch_counter`` counts kernel launches (kernels per token in the benchmarks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels import attention_decode as _attn  # type: ignore[misc]
+from ..kernels import embedding as _emb  # type: ignore[misc]
+from ..kernels import gemv as _gemv  # type: ignore[misc]
+from ..kernels import glu as _glu  # type: ignore[misc]
+from ..kernels import kv_cache_append as _kva  # type: ignore[misc]
+from ..kernels import moe_ffn as _moe  # type: ignore[misc]
+from ..kernels import rmsnorm as _rms  # type: ignore[misc]
+from ..kernels.paged_kv import PagedKVCache  # type: ignore[misc]
+from ..runtime import DeviceArray  # type: ignore[misc]
+
+PAGE_SIZE = 64
+
+
+class _Counter:
+    def __init__(self):
+        self.n = 0
+
+    def reset(self):
+        self.n = 0
+
+    def add(self, k: int = 1):
+        self.n += k
+
+    def count(self) -> int:
+        return self.n
+
+
+launch_counter = _Counter()
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+class PagedKV(PagedKVCache):
+    @staticmethod
+    def bytes_needed(n_layer: int, n_kv_head: int, head_dim: int, max_context: int) -> int:
+        pages = -(-max_context // PAGE_SIZE)
+        return 2 * n_layer * pages * PAGE_SIZE * n_kv_head * head_dim * 2
+
+    def __init__(self, n_layer, n_kv_head, head_dim, max_context):
+        super().__init__(n_layer, n_kv_head, head_dim, page_size=PAGE_SIZE, max_context=max_context)
+
+
+class AttentionWorkspace:
+    """Split-KV partials (static shapes: the graph is captured once)."""
+
+    def __init__(self, n_head: int, head_dim: int, max_context: int):
+        from ..runtime import get_device
+
+        n_kv = 1  # splits are sized for the worst case (fewest kv heads): more splits is only more CTAs
+        self.num_splits = _attn.default_num_splits(n_kv, max_context, get_device().sm_count)
+        self.o_partial = DeviceArray.empty((1, n_head, self.num_splits, head_dim), np.float32)
+        self.lse_partial = DeviceArray.empty((1, n_head, self.num_splits), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- ops
+def embedding(w, tok, out, *, scale: float, stream):
+    _emb.embedding(w.data, tok, out, qtype=w.qtype, n_embd=w.n_in, scale=scale, stream=stream)
+    launch_counter.add()
+
+
+def rmsnorm(x, w, out, eps: float, *, residual=None, stream):
+    """out = rmsnorm(x) * w; with ``residual``: x += residual first (x updated in place)."""
+    if residual is None:
+        _rms.rmsnorm(x, w.data.view(np.float32, (w.n_in,)), eps, out=out, stream=stream)
+    else:
+        _rms.rmsnorm_residual(residual, x, w.data.view(np.float32, (w.n_in,)), eps, out=out, residual_out=x,
+                              stream=stream)
+    launch_counter.add()
+
+
+def rmsnorm_heads(x, w, n_heads: int, head_dim: int, eps: float, *, stream):
+    xv = x.view(np.float32, (n_heads, head_dim))
+    _rms.rmsnorm(xv, w.data.view(np.float32, (head_dim,)), eps, out=xv, stream=stream)
+    launch_counter.add()
+
+
+def gemv(w, x, y, *, stream):
+    """y = W x over the raw quantized rows of W (F32 weights go through the same kernel family)."""
+    _gemv.gemv(w.data, w.qtype, x, n_out=w.n_out, out=y, stream=stream)
+    launch_counter.add()
+
+
+def glu(gate, up, out, *, act: str, stream):
+    _glu.glu(gate, up, out, act=act, stream=stream)
+    launch_counter.add()
+
+
+def rope(x, n_heads: int, head_dim: int, n_rot: int, base: float, pos, *, stream, freq_factors=None):
+    from ..kernels import rope as _rope  # type: ignore[misc]
+
+    _rope.rope_neox(x.view(np.float32, (n_heads, head_dim)), pos, n_rot=n_rot, base=base,
+                    freq_factors=freq_factors, stream=stream)
+    launch_counter.add()
+
+
+def kv_append(kv: PagedKV, layer: int, k, v, pos, *, stream):
+    D = kv.head_dim[layer]
+    KV = kv.n_kv_head[layer]
+    _kva.kv_cache_append(k.view(np.float32, (KV, D)), v.view(np.float32, (KV, D)), kv.k[layer], kv.v[layer],
+                         kv.page_table, pos, stream=stream)
+    launch_counter.add()
+
+
+def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n_head: int, scale: float,
+              window: int, stream, softcap: float = 0.0):
+    D = kv.head_dim[layer]
+    _attn.attention_decode(q.view(np.float32, (n_head, D)), kv.k[layer], kv.v[layer], kv.page_table, pos,
+                           scale=scale, window=window, softcap=softcap, num_splits=ws.num_splits,
+                           out=out.view(np.float32, (1, n_head, D)), o_partial=ws.o_partial,
+                           lse_partial=ws.lse_partial, stream=stream)
+    launch_counter.add(2)
+
+
+def router(logits, ids, weights, k: int, *, stream):
+    from ..kernels import router as _router  # type: ignore[misc]
+
+    _router.router_topk(logits, k, ids_out=ids, weights_out=weights, stream=stream)
+    launch_counter.add()
+
+
+def moe_gate_up(w_gate, w_up, h, ids, act, *, stream):
+    _moe.moe_gate_up(w_gate.data, w_up.data, w_gate.qtype, h, ids, w_gate.n_out, out=act, stream=stream)
+    launch_counter.add()
+
+
+def moe_down(w_down, act, ids, weights, out, *, stream):
+    _moe.moe_down(w_down.data, w_down.qtype, act, ids, weights, w_down.n_out, out=out, stream=stream)
+    launch_counter.add()
+
+
+def softcap(x, cap: float, *, stream):
+    raise NotImplementedError("final-logit softcap kernel (Gemma 2/4 style) is not implemented yet")
+
+
+def argmax(logits, out_id, *, stream):
+    from ..kernels import argmax as _am  # type: ignore[misc]
+
+    _am.argmax(logits, out=out_id, stream=stream)
+    launch_counter.add()

@@ -1,0 +1,88 @@
+"""Qwen3-MoE GPU forward (spec: ../shared/spec/models.md §1; reference: sparkinfer_cute/reference/qwen3_moe.py).
+
+Per layer: RMSNorm (fused with the previous block's residual add) → Q/K/V GEMVs → per-head Q/K RMSNorm → NEOX RoPE →
+KV append (fp16) → flash-decoding attention (GQA, scale 1/sqrt(head_dim)) → Wo; RMSNorm (+residual) → router GEMV (F32)
+→ softmax/top-k/renormalize on the device → fused selected-expert FFN: gate+up GEMVs with SwiGLU in registers for the
+k routed experts, then the down projection weighted by the router and summed. Expert ids and weights stay on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..runtime import DeviceArray  # type: ignore[misc]
+from . import ops
+from .base import GPUDecoder
+
+
+class Qwen3MoeGPU(GPUDecoder):
+    def weight_names(self) -> list[str]:
+        c = self.cfg
+        names = ["token_embd.weight", "output_norm.weight"]
+        if not c.tied_output:
+            names.append("output.weight")
+        for l in range(c.n_layer):
+            p = f"blk.{l}."
+            names += [p + s for s in (
+                "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q_norm.weight",
+                "attn_k_norm.weight", "attn_output.weight", "ffn_norm.weight", "ffn_gate_inp.weight",
+                "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")]
+        return names
+
+    def kv_cache_bytes(self) -> int:
+        c = self.cfg
+        return ops.PagedKV.bytes_needed(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
+
+    def alloc_buffers(self) -> None:
+        c = self.cfg
+        E, H, Hkv, D, K = c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_expert_used
+        f32 = np.float32
+        self.x = DeviceArray.zeros((E,), f32)
+        self.h = DeviceArray.empty((E,), f32)
+        self.q = DeviceArray.empty((H * D,), f32)
+        self.k = DeviceArray.empty((Hkv * D,), f32)
+        self.v = DeviceArray.empty((Hkv * D,), f32)
+        self.attn = DeviceArray.empty((H * D,), f32)
+        self.delta = DeviceArray.empty((E,), f32)
+        self.router_logits = DeviceArray.empty((c.n_expert,), f32)
+        self.expert_ids = DeviceArray.zeros((K,), np.int32)
+        self.expert_w = DeviceArray.zeros((K,), f32)
+        self.act = DeviceArray.empty((K, c.n_ff_exp), f32)
+        self.attn_ws = ops.AttentionWorkspace(H, D, self.max_context)
+        self.scale = 1.0 / math.sqrt(D)
+        self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]
+
+    def alloc_kv_cache(self) -> None:
+        c = self.cfg
+        self.kv = ops.PagedKV(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
+
+    def enqueue_step(self, s) -> None:
+        c, w = self.cfg, self.w
+        H, Hkv, D, eps = c.n_head, c.n_head_kv, c.head_dim, c.rms_eps
+        ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=1.0, stream=s)
+        for l in range(c.n_layer):
+            p = f"blk.{l}."
+            ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=s)
+            ops.gemv(w[p + "attn_q.weight"], self.h, self.q, stream=s)
+            ops.gemv(w[p + "attn_k.weight"], self.h, self.k, stream=s)
+            ops.gemv(w[p + "attn_v.weight"], self.h, self.v, stream=s)
+            ops.rmsnorm_heads(self.q, w[p + "attn_q_norm.weight"], H, D, eps, stream=s)
+            ops.rmsnorm_heads(self.k, w[p + "attn_k_norm.weight"], Hkv, D, eps, stream=s)
+            ops.rope(self.q, H, D, c.n_rot, c.rope_base, self.pos_buf, stream=s)
+            ops.rope(self.k, Hkv, D, c.n_rot, c.rope_base, self.pos_buf, stream=s)
+            ops.kv_append(self.kv, l, self.k, self.v, self.pos_buf, stream=s)
+            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=H, scale=self.scale,
+                          window=0, stream=s)
+            ops.gemv(w[p + "attn_output.weight"], self.attn, self.delta, stream=s)
+            ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=s)
+            ops.gemv(w[p + "ffn_gate_inp.weight"], self.h, self.router_logits, stream=s)
+            ops.router(self.router_logits, self.expert_ids, self.expert_w, c.n_expert_used, stream=s)
+            ops.moe_gate_up(w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"], self.h, self.expert_ids,
+                            self.act, stream=s)
+            ops.moe_down(w[p + "ffn_down_exps.weight"], self.act, self.expert_ids, self.expert_w, self.delta,
+                         stream=s)
+        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=s)
+        ops.gemv(self.out_w, self.h, self.logits, stream=s)
+        ops.argmax(self.logits, self.tok, stream=s)

@@ -1,0 +1,180 @@
+"""`python -m sparkinfer_cute.bench MODEL.gguf [--prompt-len P] [--gen N] [--depth D] [--runs R] [--llama-bench PATH]`
+
+Decode tok/s (median of R >= 5 timed runs after a warm-up run; greedy, whole step replayed from one CUDA graph),
+prefill tok/s, kernels per token, bytes of weights + KV read per token and the % of the measured device-to-device copy
+bandwidth that represents, resident GPU memory. With --llama-bench it runs llama.cpp's llama-bench on the same file in
+the same process run and prints the ratio. Prints a table, writes JSON (--json) and appends a line to the results log
+(--log, default RESULTS.md's sibling results/bench.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def measure_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read + written (median of reps)."""
+    from .runtime import DeviceArray, Event, Stream, elapsed_ms
+    from .runtime._driver import check, driver
+
+    cu = driver()
+    s = Stream()
+    a = DeviceArray.empty((nbytes,), np.uint8)
+    b = DeviceArray.empty((nbytes,), np.uint8)
+    a.fill_bytes(1, s)
+    times = []
+    for i in range(reps + 3):
+        e0, e1 = Event(), Event()
+        e0.record(s)
+        check(cu.cuMemcpyDtoDAsync(b.ptr, a.ptr, nbytes, s.cu))
+        e1.record(s)
+        e1.synchronize()
+        if i >= 3:
+            times.append(elapsed_ms(e0, e1))
+    return 2 * nbytes / (statistics.median(times) * 1e-3)
+
+
+def bytes_per_token(model, depth: int) -> int:
+    """Weight bytes a decode step must read (routed experts only: k of n_expert) + the KV cache read at ``depth``."""
+    cfg = model.cfg
+    total = 0
+    for name, w in model.w.weights.items():
+        if "_exps." in name:
+            total += w.nbytes * cfg.n_expert_used // cfg.n_expert
+        else:
+            total += w.nbytes
+    kv = 2 * cfg.n_layer * cfg.n_head_kv * cfg.head_dim * 2 * depth  # K and V, fp16
+    return total + kv
+
+
+def run_llama_bench(path: str, exe: str, p: int, n: int, d: int, reps: int) -> dict:
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.path.dirname(os.path.abspath(exe)) + ":" + env.get("LD_LIBRARY_PATH", "")
+    out = {}
+    cmd = [exe, "-m", path, "-ngl", "99", "-fa", "1", "-p", str(p), "-n", str(n), "-r", str(reps), "-o", "json"]
+    if d:
+        cmd += ["-d", f"0,{d}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if res.returncode != 0:
+        return {"error": res.stderr[-2000:], "cmd": " ".join(cmd)}
+    for row in json.loads(res.stdout):
+        key = ("pp" if row["n_prompt"] else "tg") + str(row["n_prompt"] or row["n_gen"]) + (
+            f"@d{row.get('n_depth', 0)}" if row.get("n_depth") else "")
+        out[key] = {"avg_ts": row["avg_ts"], "stddev_ts": row["stddev_ts"]}
+    out["cmd"] = " ".join(cmd)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sparkinfer_cute.bench", description=__doc__.split("\n\n")[1])
+    ap.add_argument("model")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=0, help="also measure decode with this many tokens already cached")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--llama-bench", help="path of llama.cpp's llama-bench for a same-run comparison")
+    ap.add_argument("--llama-reps", type=int, default=3)
+    ap.add_argument("--json")
+    ap.add_argument("--log", default=os.path.join("results", "bench.jsonl"))
+    ap.add_argument("--note", default="")
+    args = ap.parse_args(argv)
+    if args.runs < 5:
+        ap.error("--runs must be >= 5 (the median of at least 5 timed runs)")
+
+    from .engine import Engine
+    from .runtime import get_device
+
+    dev = get_device()
+    ctx = max(args.prompt_len, args.depth) + args.gen + 8
+    eng = Engine(args.model, backend_name="gpu", max_context=ctx, progress=True)
+    m = eng.backend
+    rng = np.random.default_rng(0)
+    vocab = eng.cfg.vocab_size
+    prompt = rng.integers(0, vocab, size=args.prompt_len).tolist()
+
+    def decode_run(start_pos: int) -> float:
+        m.pos = start_pos
+        tok = m.decode_greedy(int(prompt[0]))
+        t0 = time.perf_counter()
+        for _ in range(args.gen - 1):
+            tok = m.decode_greedy(None)  # the id stays on the device; only 4 bytes come back per token
+        return (args.gen - 1) / (time.perf_counter() - t0)
+
+    # prefill (through the decode graph for now)
+    m.reset()
+    t0 = time.perf_counter()
+    m.prefill(prompt)
+    pp = args.prompt_len / (time.perf_counter() - t0)
+    decode_run(0)  # warm-up
+    tg = [decode_run(0) for _ in range(args.runs)]
+    res = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": dev.name, "target": dev.target, "kernel_family": m._family(), "model": os.path.basename(args.model),
+        "arch": eng.cfg.arch, "prompt_len": args.prompt_len, "gen": args.gen, "runs": args.runs,
+        "decode_tps_median": statistics.median(tg), "decode_tps_all": tg, "prefill_tps": pp,
+        "kernels_per_token": m.kernels_per_token, "resident_bytes": m.resident_bytes,
+    }
+    bw = measure_copy_bandwidth()
+    bpt = bytes_per_token(m, args.prompt_len // 2)
+    res.update(copy_bandwidth_GBps=bw / 1e9, bytes_per_token=bpt,
+               roofline_tps=bw / bpt, pct_of_roofline=100 * res["decode_tps_median"] * bpt / bw)
+    if args.depth:
+        m.reset()
+        dprompt = rng.integers(0, vocab, size=args.depth).tolist()
+        m.prefill(dprompt)
+        tgd = [decode_run(args.depth) for _ in range(args.runs)]
+        res.update(depth=args.depth, decode_tps_at_depth_median=statistics.median(tgd), decode_tps_at_depth_all=tgd)
+    if args.llama_bench:
+        lb = run_llama_bench(args.model, args.llama_bench, args.prompt_len, args.gen, args.depth, args.llama_reps)
+        res["llama_bench"] = lb
+        tgk = f"tg{args.gen}"
+        if tgk in lb:
+            res["ratio_tg_vs_llama"] = res["decode_tps_median"] / lb[tgk]["avg_ts"]
+        dk = f"tg{args.gen}@d{args.depth}"
+        if args.depth and dk in lb:
+            res["ratio_tg_at_depth_vs_llama"] = res["decode_tps_at_depth_median"] / lb[dk]["avg_ts"]
+    res["note"] = args.note
+    rows = [("GPU", f"{dev.name} ({dev.target}), kernel family {res['kernel_family']}"),
+            ("model", f"{res['model']} ({res['arch']})"),
+            (f"decode tg{args.gen} tok/s (median of {args.runs})", f"{res['decode_tps_median']:.1f}"),
+            (f"prefill pp{args.prompt_len} tok/s (decode path)", f"{pp:.1f}"),
+            ("kernels per token", str(m.kernels_per_token)),
+            ("bytes read per token", f"{bpt / 1e6:.1f} MB"),
+            ("copy bandwidth (measured)", f"{bw / 1e9:.0f} GB/s"),
+            ("% of bandwidth roofline", f"{res['pct_of_roofline']:.1f}%"),
+            ("resident GPU memory", f"{m.resident_bytes / 2**30:.2f} GiB")]
+    if args.depth:
+        rows.append((f"decode tok/s at depth {args.depth}", f"{res['decode_tps_at_depth_median']:.1f}"))
+    if "llama_bench" in res:
+        for k, v in res["llama_bench"].items():
+            if isinstance(v, dict):
+                rows.append((f"llama.cpp {k} tok/s", f"{v['avg_ts']:.1f} ± {v['stddev_ts']:.1f}"))
+        for k in ("ratio_tg_vs_llama", "ratio_tg_at_depth_vs_llama"):
+            if k in res:
+                rows.append((k.replace("_", " "), f"{res[k]:.2f}x"))
+        if "error" in res["llama_bench"]:
+            rows.append(("llama-bench error", res["llama_bench"]["error"][-300:]))
+    w = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.log:
+        os.makedirs(os.path.dirname(args.log) or ".", exist_ok=True)
+        with open(args.log, "a") as f:
+            f.write(json.dumps(res) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

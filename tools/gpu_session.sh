@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Everything we run on the (offline, lent) GPU host, in one call, ending with a short table.
+#
+# Fresh host, from the repo root on this machine (each line one `run` call, back to back; the host keeps /tmp only
+# while warm, ~30 s):
+#   bash ../shared/gpu-host/stage                          # once, here: fills .gpuhost/a .gpuhost/b (ignored)
+#   tools/stage_model.sh                                   # once, here: real Gemma 3 270M + llama.cpp into .gpumodel/m0..m4
+#   run carry=[.gpuhost/a]            : bash .gpuhost/a/setup
+#   run carry=[.gpuhost/b]            : bash .gpuhost/b/setup
+#   run carry=[.gpumodel/mK] (K=0..4) : bash tools/gpu_session.sh take .gpumodel/mK      (only for model phases)
+#   run                               : bash tools/gpu_session.sh [tests] [micro] [e2e] [bench] [sanitizer]
+# Results land in $OUT (log, JSON) and the last lines printed are the summary table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if [ "${1:-}" = take ]; then  # stash a carried part of the model/peer bundle in /tmp (survives while warm)
+  mkdir -p /tmp/gpumodel && cp -n "$2"/* /tmp/gpumodel/ && ls -la /tmp/gpumodel; exit 0
+fi
+[ -f /tmp/gpuhost/env.sh ] || { echo "run .gpuhost/a/setup and .gpuhost/b/setup first"; exit 3; }
+. /tmp/gpuhost/env.sh
+# models/ installs as sparkinfer_cute.models (pyproject package-dir); on the host we run from the tree, so link it.
+[ -e sparkinfer_cute/models ] || ln -s ../models sparkinfer_cute/models
+[ -e sparkinfer_cute/autotune ] || ln -s ../autotune sparkinfer_cute/autotune
+export SPARKINFER_CACHE_DIR=/tmp/sparkinfer_cache
+GEMMA=/tmp/gpumodel/gemma-3-270m-q4_k_m.gguf
+if [ ! -f "$GEMMA" ] && ls /tmp/gpumodel/gemma3.gguf.part0* >/dev/null 2>&1; then
+  cat /tmp/gpumodel/gemma3.gguf.part0* > "$GEMMA"
+fi
+if [ -f /tmp/gpumodel/llama.cpp-0c1e570-cuda13-sm90.tar.xz ] && [ ! -x /tmp/llama/llama-bench ]; then
+  mkdir -p /tmp/llama && tar xJf /tmp/gpumodel/llama.cpp-0c1e570-cuda13-sm90.tar.xz -C /tmp/llama
+  LB=$(find /tmp/llama -name llama-bench -type f | head -1); [ -n "$LB" ] && ln -sf "$LB" /tmp/llama/llama-bench
+fi
+[ -f "$GEMMA" ] && export SPARKINFER_GEMMA3_GGUF=$GEMMA
+phases=("$@"); [ ${#phases[@]} -eq 0 ] && phases=(tests micro)
+summary=()
+add() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+for ph in "${phases[@]}"; do
+  case $ph in
+  tests)
+    python3 -m pytest -q -m gpu tests -x -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+    add "GPU tests (pytest -m gpu)" "$(tail -1 "$OUT/gpu_tests.log")" ;;
+  alltests)
+    python3 -m pytest -q -m gpu tests -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -60
+    add "GPU tests (pytest -m gpu)" "$(tail -1 "$OUT/gpu_tests.log")" ;;
+  micro)
+    python3 -m sparkinfer_cute.kernels.microbench --json "$OUT/microbench.json" 2>&1 | tee "$OUT/microbench.log" | tail -30
+    add "microbench" "see microbench.log" ;;
+  e2e)
+    if [ -f "$GEMMA" ]; then
+      python3 -m sparkinfer_cute.accuracy "$GEMMA" --reference cpu -n 128 --min-top1 0.995 --max-kl 0.005 --max-ppl-rel 0.005 --json "$OUT/acc_gemma3.json" 2>&1 | tee "$OUT/acc_gemma3.log" | tail -5
+      add "gemma3 270M GPU vs CPU ref" "$(grep -E 'top-1' "$OUT/acc_gemma3.log" | head -1)"
+      python3 -m sparkinfer_cute.run "$GEMMA" -p "The capital of France is" -n 16 --backend gpu 2>&1 | tee "$OUT/run_gpu.log" | tail -3
+      python3 -m sparkinfer_cute.run "$GEMMA" -p "The capital of France is" -n 16 --backend cpu 2>&1 | tee "$OUT/run_cpu.log" | tail -3
+      if [ "$(head -1 "$OUT/run_gpu.log" | tail -c +1; sed -n 2p "$OUT/run_gpu.log")" = "$(head -1 "$OUT/run_cpu.log"; sed -n 2p "$OUT/run_cpu.log")" ]; then
+        add "greedy gpu == cpu (gemma3)" "identical"; else add "greedy gpu == cpu (gemma3)" "DIFFERENT"; fi
+    fi
+    python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset small -o /tmp/qwen_small.gguf --seed 1 >/dev/null 2>&1
+    python3 -m sparkinfer_cute.accuracy /tmp/qwen_small.gguf --reference cpu -n 128 --random-tokens 0 --min-top1 0.99 --max-kl 0.01 --json "$OUT/acc_qwen_small.json" 2>&1 | tee "$OUT/acc_qwen_small.log" | tail -4
+    add "qwen3moe small GPU vs CPU ref" "$(grep -E 'top-1' "$OUT/acc_qwen_small.log" | head -1)" ;;
+  sanitizer)
+    python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset tiny -o /tmp/qwen_tiny.gguf --seed 2 >/dev/null 2>&1
+    compute-sanitizer --tool memcheck --print-limit 20 python3 -m sparkinfer_cute.run /tmp/qwen_tiny.gguf -p "hi" -n 4 --backend gpu --no-progress 2>&1 | tee "$OUT/memcheck.log" | tail -8
+    add "compute-sanitizer memcheck" "$(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1)" ;;
+  bench30b)
+    t0=$(date +%s)
+    python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o /tmp/qwen30b.gguf --seed 0 2>&1 | tail -2
+    add "30B synth write" "$(( $(date +%s) - t0 )) s"
+    LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
+    python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 512 --gen 128 --depth 4096 --runs 5 "${LBARG[@]}" --json "$OUT/bench30b.json" --log "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench30b.log" | tail -20
+    add "30B bench" "see bench30b.log" ;;
+  benchgemma)
+    LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
+    python3 -m sparkinfer_cute.bench "$GEMMA" --prompt-len 512 --gen 128 --runs 5 "${LBARG[@]}" --json "$OUT/bench_gemma.json" --log "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench_gemma.log" | tail -16
+    add "gemma bench" "see bench_gemma.log" ;;
+  *) echo "unknown phase $ph" ;;
+  esac
+done
+echo "==================== summary"
+printf '%s\n' "${summary[@]}"
