@@ -37,6 +37,10 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_ARRAY_NESTING = 4
+# Longest metadata array accepted. Real ones are vocabularies (262144 tokens for Gemma; scores/merges alike); a
+# corrupted count that still "fits" in a multi-GB file (zero bytes read as empty strings) would otherwise build a
+# list of billions of Python objects (MemoryError, or minutes of work) before failing.
+MAX_ARRAY_LEN = 1 << 24
 
 # GGUF metadata value types -> (struct format, numpy dtype) for the fixed-size ones.
 _T_UINT8, _T_INT8, _T_UINT16, _T_INT16, _T_UINT32, _T_INT32, _T_FLOAT32, _T_BOOL = range(8)
@@ -152,6 +156,8 @@ def _read_value(c: _Cursor, vtype: int, depth: int = 0):
             raise GGUFError(c.path, f"corrupt {c.what}: arrays nested deeper than {_MAX_ARRAY_NESTING}")
         etype = c.u32()
         count = c.u64()
+        if count > MAX_ARRAY_LEN:
+            raise GGUFError(c.path, f"corrupt {c.what}: array of {count} elements (more than {MAX_ARRAY_LEN})")
         if etype in _SCALAR:
             a = c.array(count, _SCALAR[etype][1])
             if etype == _T_BOOL:

@@ -201,6 +201,19 @@ def test_huge_counts_and_lengths(small, huge):
     _expect(path, "runs past|truncated|corrupt")
 
 
+def test_array_length_cap(small, monkeypatch):
+    """A count that passes the file-size bound (zero bytes read as empty strings) but is implausibly long is refused
+    before a giant list is built. The cap is lowered here so the test file stays small."""
+    import sparkinfer_cute.gguf.reader as reader_mod
+
+    monkeypatch.setattr(reader_mod, "MAX_ARRAY_LEN", 1000)
+    path, _ = small
+    data = open(path, "rb").read()
+    i = data.find(b"t.arr_str") + len(b"t.arr_str")
+    path.write_bytes(data[: i + 8] + struct.pack("<Q", 1001) + bytes(8 * 1001) + data[i + 16 :])
+    _expect(path, "more than 1000")
+
+
 def test_unknown_value_type(small):
     path, _ = small
     data = open(path, "rb").read()
