@@ -19,15 +19,17 @@ Masking (models.md, Attention conventions): key p is visible to query q iff ``p 
 
 Algorithm (two kernels):
 
-1. :class:`AttentionDecodeSplitKV`, grid ``(n_kv_head, num_splits, B)``. The live key range
+1. :class:`AttentionDecodeSplitKV`, grid ``(n_kv_head * head_tiles, num_splits, B)``. The live key range
    ``[max(0, pos+1-window), pos]`` is cut into ``num_splits`` equal chunks (chunk length computed on the device from
-   ``pos``, so the work stays balanced at every length). A CTA owns one kv head and one chunk and computes all
-   ``G = n_head / n_kv_head`` q heads of the group, so each K/V row is loaded once for G heads. Inside the CTA a
-   *token group* of ``D / 8`` lanes (capped at 32) owns one key at a time: every lane loads 16 bytes (8 halves) of
-   the K row and of the V row, converts to f32, forms partial dot products for the G heads, and a butterfly shuffle
-   inside the group completes them. Each token group keeps its own online-softmax state (running max ``m``, sum
-   ``l``, f32 accumulator ``acc[G, D/lanes]``) in base 2. At the end the token groups are merged through shared
-   memory and the CTA writes the normalized partial output ``O_s`` (f32) and its natural-log
+   ``pos``, so the work stays balanced at every length). A CTA owns one kv head, one chunk and ``GH`` of the
+   ``G = n_head / n_kv_head`` q heads that share the kv head (all G when they fit in registers, else a head tile;
+   the tiles of one kv head re-read the same K/V rows, mostly from L2), so each K/V row is loaded once for GH heads.
+   Inside the CTA a *token group* of ``D / 8`` lanes (capped at 32) owns one key at a time: every lane loads 16 bytes
+   (8 halves; 2x16 B for D = 512) of the K row and of the V row, converts to f32, forms partial dot products for the
+   GH heads, and a butterfly shuffle inside the group completes them. Each token group issues the loads of
+   ``keys_per_iter`` keys before any math (memory-level parallelism) and keeps its own online-softmax state (running
+   max ``m``, sum ``l``, f32 accumulator ``acc[GH, D/lanes]``) in base 2. At the end the token groups are merged
+   through shared memory and the CTA writes the normalized partial output ``O_s`` (f32) and its natural-log
    ``LSE_s = m + log(l)`` per (q head, split). A chunk with no live key (more splits than keys) writes ``O_s = 0``
    and ``LSE_s = -inf``, which the combine gives weight 0.
 2. :class:`AttentionDecodeCombine`, grid ``(n_head, B)``: ``out = sum_s exp(LSE_s - M) O_s / sum_s exp(LSE_s - M)``
@@ -45,7 +47,6 @@ float64 reference on the same fp16 K/V to ~1e-5 relative; tests use 1e-3 as a sa
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import cuda.bindings.driver as cuda
 import numpy as np
@@ -471,10 +472,78 @@ def _register() -> None:
         from .registry import register
     except ImportError:  # registry not written yet
         return
-    configs = [dict(c, softcap=False) for c in MODEL_CONFIGS.values()]
+    # None of the target models caps attention logits (models.md); the softcap variant is gated on the tiny config.
+    configs = [dict(c, softcap=False) for c in MODEL_CONFIGS.values()] + [dict(MODEL_CONFIGS["tiny"], softcap=True)]
     register("attention_decode", compile_attention_decode, configs)
     combine = sorted({(c["n_head"], c["head_dim"], c["num_splits"]) for c in MODEL_CONFIGS.values()})
     register("attention_combine", compile_attention_combine,
              [dict(n_head=h, head_dim=d, num_splits=s) for h, d, s in combine])
 
 _register()
+
+
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+# GPU micro-benchmark: python -m sparkinfer_cute.kernels.attention_decode [--ctx 512 4096 32768] [--splits N]
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+
+
+def benchmark(config: str, n_ctx: int, num_splits: int | None = None, iters: int = 50, **tuning) -> dict:
+    """GPU time of split-KV + combine for one model config at context ``n_ctx`` (graph of ``iters`` launches,
+    replayed; reports µs per call and the K/V bytes read per second)."""
+    from ..runtime import CudaGraph, DeviceArray, Event, Stream, elapsed_ms, get_device
+
+    c = dict(MODEL_CONFIGS[config])
+    if num_splits:
+        c["num_splits"] = num_splits
+    H, KV, D, P, S = c["n_head"], c["n_kv_head"], c["head_dim"], c["page_size"], c["num_splits"]
+    pages = -(-n_ctx // P)
+    rng = np.random.default_rng(0)
+    k_pool = DeviceArray.from_numpy(rng.standard_normal((pages, P, KV, D)).astype(np.float16))
+    v_pool = DeviceArray.from_numpy(rng.standard_normal((pages, P, KV, D)).astype(np.float16))
+    table = DeviceArray.from_numpy(rng.permutation(pages).astype(np.int32).reshape(1, pages))
+    pos = DeviceArray.from_numpy(np.array([n_ctx - 1], np.int32))
+    q = DeviceArray.from_numpy(rng.standard_normal((1, H, D)).astype(np.float32))
+    out = DeviceArray.empty((1, H, D), np.float32)
+    o_part = DeviceArray.empty((1, H, S, D), np.float32)
+    lse_part = DeviceArray.empty((1, H, S), np.float32)
+    f_attn = compile_attention_decode(H, KV, D, P, S, False, **tuning)
+    f_comb = compile_attention_combine(n_head=H, head_dim=D, num_splits=S)
+    stream = Stream()
+    cus = cu_stream(stream)
+    args = (gptr(Float32, q.ptr), gptr(Float16, k_pool.ptr), gptr(Float16, v_pool.ptr),
+            gptr(Int32, table.ptr, align=4), gptr(Int32, pos.ptr, align=4), gptr(Float32, o_part.ptr),
+            gptr(Float32, lse_part.ptr, align=4), Int32(1), Int32(pages), Int32(pages), Float32(0.1), Int32(0),
+            Float32(1.0), cus)
+    comb_args = (gptr(Float32, o_part.ptr), gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr), Int32(1),
+                 cus)
+    f_attn(*args)
+    f_comb(*comb_args)
+    with CudaGraph.capture(stream) as g:
+        for _ in range(iters):
+            f_attn(*args)
+            f_comb(*comb_args)
+    g.replay(stream)
+    t0, t1 = Event(), Event()
+    t0.record(stream)
+    g.replay(stream)
+    t1.record(stream)
+    t1.synchronize()
+    us = elapsed_ms(t0, t1) * 1e3 / iters
+    kv_bytes = 2 * n_ctx * KV * D * 2
+    return dict(config=config, n_ctx=n_ctx, num_splits=S, us=round(us, 2), gbps=round(kv_bytes / us / 1e3, 1),
+                device=get_device().name, **tuning)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="split-KV decode attention micro-benchmark (GPU)")
+    ap.add_argument("--config", action="append", default=None, choices=sorted(MODEL_CONFIGS))
+    ap.add_argument("--ctx", type=int, nargs="+", default=[512, 4096, 32768])
+    ap.add_argument("--splits", type=int, default=0)
+    ap.add_argument("--heads-per-cta", type=int, default=0)
+    ap.add_argument("--keys-per-iter", type=int, default=0)
+    a = ap.parse_args()
+    for cfg in a.config or sorted(MODEL_CONFIGS):
+        for n in a.ctx:
+            print(benchmark(cfg, n, a.splits or None, heads_per_cta=a.heads_per_cta, keys_per_iter=a.keys_per_iter))
