@@ -78,3 +78,29 @@ def test_kv_cache_append_gpu_bit_exact(cfg, page_size, batch, seed):
     kv_cache_append_ref(k, v, k_pool, v_pool, table, pos)
     np.testing.assert_array_equal(dk_pool.to_numpy().view(np.uint16), k_pool.view(np.uint16))
     np.testing.assert_array_equal(dv_pool.to_numpy().view(np.uint16), v_pool.view(np.uint16))
+
+
+@pytest.mark.gpu
+def test_paged_kv_cache_mixed_layers_append_and_gather():
+    """PagedKVCache with Gemma-4-like per-layer shapes (8 x 256 sliding, 2 x 512 full): appending tokens one by one
+    through the device-side ``pos`` reproduces the dense history of every layer, across page boundaries."""
+    from sparkinfer_cute.kernels.paged_kv import PagedKVCache
+
+    rng = np.random.default_rng(11)
+    kv_heads, dims = [8, 2, 8], [256, 512, 256]
+    cache = PagedKVCache(3, kv_heads, dims, page_size=16, max_context=40)
+    assert cache.pages_per_seq == 3 and cache.max_context == 48
+    hist = [(np.zeros((37, kv, d), np.float16), np.zeros((37, kv, d), np.float16)) for kv, d in zip(kv_heads, dims)]
+    for pos in range(37):
+        cache.set_pos(pos)
+        for layer, (kv, d) in enumerate(zip(kv_heads, dims)):
+            k = rng.standard_normal((kv, d)).astype(np.float32)
+            v = rng.standard_normal((kv, d)).astype(np.float32)
+            kv_cache_append(k, v, cache.k[layer], cache.v[layer], cache.page_table, cache.pos)
+            hist[layer][0][pos], hist[layer][1][pos] = k.astype(np.float16), v.astype(np.float16)
+    for layer in range(3):
+        k_dense, v_dense = cache.dense(layer, 37)
+        np.testing.assert_array_equal(k_dense, hist[layer][0])
+        np.testing.assert_array_equal(v_dense, hist[layer][1])
+    with pytest.raises(ValueError):
+        cache.set_pos(48)
