@@ -288,7 +288,9 @@ def test_attention_decode_gpu_counts_every_key_once(D):
                 np.testing.assert_allclose(lse[:, s], math.log(n), atol=1e-5)
         lo = 0 if window == 0 else max(0, pos - window + 1)
         mean_v = np.repeat(vs[0][lo:].astype(np.float64).mean(axis=0), H // KV, axis=0)
-        assert rel_err(out[0], mean_v) <= 1e-5
+        # f32 sums of ~chunk values of |v| ~ 1 against a mean of size ~1/sqrt(n): ~1e-5 relative at worst; a missed
+        # key moves the mean by ~|v|/n, i.e. >= 1e-2 relative here.
+        assert rel_err(out[0], mean_v) <= 1e-4
 
 
 @pytest.mark.gpu
