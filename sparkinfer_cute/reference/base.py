@@ -1,0 +1,284 @@
+"""The shared machinery of the numpy reference forwards: weight cache, fp16 KV cache, positions, logits.
+
+A :class:`ReferenceModel` keeps state like an inference engine does: ``forward(tokens)`` appends the tokens at the
+current position (a prefill when several, a decode step when one), stores their K/V rounded to fp16 (llama.cpp's
+default F16 cache) and returns their logits. Subclasses (one per architecture) implement ``_layer`` and say how
+the embedding and the output are formed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..errors import ContextOverflowError, GGUFError
+from ..gguf.reader import GGUFFile
+from . import ops
+
+
+def _fallback_config(g: GGUFFile) -> SimpleNamespace:
+    """The config fields the reference uses, read straight from the metadata (used only if
+    ``sparkinfer_cute.gguf.config.load_config`` is unavailable)."""
+    a = g.architecture
+
+    def k(name, default=None):
+        return g.get(f"{a}.{name}", default)
+
+    n_head = int(k("attention.head_count"))
+    n_embd = int(k("embedding_length"))
+    head_dim = int(k("attention.key_length", n_embd // n_head))
+    n_layer = int(k("block_count"))
+    sliding_window = int(k("attention.sliding_window", 0) or 0)
+    pattern = int(k("attention.sliding_window_pattern", 6) or 6)
+    rope_base = float(k("rope.freq_base", 10000.0))
+    rope_base_swa = float(k("rope.freq_base_swa", 10000.0))
+    n_expert = int(k("expert_count", 0) or 0)
+    n_expert_used = int(k("expert_used_count", 0) or 0)
+    n_ff = int(k("feed_forward_length", 0) or 0)
+    te = g.tensor("token_embd.weight")
+
+    def is_swa(l: int) -> bool:
+        return sliding_window > 0 and (l % pattern) < pattern - 1
+
+    return SimpleNamespace(
+        arch=a,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=int(k("attention.head_count_kv", n_head)),
+        head_dim=head_dim,
+        n_rot=int(k("rope.dimension_count", head_dim)),
+        rope_base=rope_base,
+        rms_eps=float(k("attention.layer_norm_rms_epsilon", 1e-6)),
+        vocab_size=int(te.shape[1]),
+        n_ff=n_ff,
+        n_expert=n_expert,
+        n_expert_used=n_expert_used,
+        n_ff_exp=int(k("expert_feed_forward_length", (n_ff // n_expert_used) if n_expert_used else 0) or 0),
+        sliding_window=sliding_window,
+        is_swa=is_swa,
+        rope_base_for=lambda l: rope_base_swa if is_swa(l) else rope_base,
+        final_logit_softcap=float(k("final_logit_softcapping", 0.0) or 0.0) or None,
+        tied_output="output.weight" not in g.tensors,
+        context_length=int(k("context_length", 4096)),
+    )
+
+
+def load_model_config(g: GGUFFile):
+    """``sparkinfer_cute.gguf.config.load_config(g)`` when that module exists, else the fallback above."""
+    try:
+        from ..gguf.config import load_config  # type: ignore[attr-defined]
+    except ImportError:
+        return _fallback_config(g)
+    return load_config(g)
+
+
+def _cfg(cfg, name, default=None):
+    v = getattr(cfg, name, default)
+    return default if v is None else v
+
+
+class _KVCache:
+    """Per-layer K and V, stored as float16 (rounded exactly as llama.cpp's F16 cache stores them), growing by
+    doubling so a large ``max_context`` costs nothing until used."""
+
+    def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, head_dim_v: int):
+        self.shape_k = (n_head_kv, head_dim)
+        self.shape_v = (n_head_kv, head_dim_v)
+        self.k: list[np.ndarray | None] = [None] * n_layer
+        self.v: list[np.ndarray | None] = [None] * n_layer
+
+    def store(self, layer: int, pos: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write k/v (n, n_head_kv, d) at positions pos..pos+n-1; return all of the layer's cache up to pos+n
+        (float16 views)."""
+        n = k.shape[0]
+        end = pos + n
+        K, V = self.k[layer], self.v[layer]
+        if K is None or K.shape[0] < end:
+            cap = max(end, 2 * (0 if K is None else K.shape[0]), 64)
+            K2 = np.zeros((cap, *self.shape_k), np.float16)
+            V2 = np.zeros((cap, *self.shape_v), np.float16)
+            if K is not None:
+                K2[: K.shape[0]] = K
+                V2[: V.shape[0]] = V
+            self.k[layer], self.v[layer] = K, V = K2, V2
+        K[pos:end] = k.astype(np.float16)
+        V[pos:end] = v.astype(np.float16)
+        return K[:end], V[:end]
+
+
+class ReferenceModel:
+    """Base class of the numpy reference forwards (see module docstring).
+
+    ``g``: a :class:`GGUFFile` or a path. ``cfg``: a typed config (default: ``load_config(g)``). ``dtype``: float32
+    (default) or float64: weights are dequantized (exactly, float32) and then held and multiplied in this dtype.
+    ``max_context``: positions the KV cache may hold (default: the model's trained context length); ``forward``
+    raises :class:`ContextOverflowError` beyond it.
+    ``emulate_cpu``: also apply llama.cpp CPU-backend roundings (activations quantized to Q8_0/Q8_K before each
+    quantized matmul, Q rounded to fp16 for attention, Gemma GELU through the fp16 table). Off by default: the
+    default is exact math on the dequantized weights.
+    """
+
+    arch: str = ""
+
+    def __init__(self, g: GGUFFile | str | os.PathLike, cfg=None, dtype=np.float32, max_context: int | None = None,
+                 emulate_cpu: bool = False):
+        if not isinstance(g, GGUFFile):
+            g = GGUFFile(g)
+        self.g = g
+        self.cfg = cfg if cfg is not None else load_model_config(g)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"dtype must be float32 or float64, not {self.dtype}")
+        c = self.cfg
+        self.n_layer = int(c.n_layer)
+        self.n_embd = int(c.n_embd)
+        self.n_head = int(c.n_head)
+        self.n_head_kv = int(c.n_head_kv)
+        self.head_dim = int(c.head_dim)
+        self.n_rot = int(_cfg(c, "n_rot", self.head_dim))
+        self.eps = float(c.rms_eps)
+        self.vocab_size = int(g.tensor("token_embd.weight").shape[1])
+        ctx_train = _cfg(c, "context_length", None) or _cfg(c, "n_ctx_train", None)
+        self.max_context = int(max_context if max_context is not None else (ctx_train or 4096))
+        self.emulate_cpu = bool(emulate_cpu)
+        self._weights: dict[str, np.ndarray] = {}
+        self.reset()
+
+    # ------------------------------------------------------------------ weights
+    def weight(self, name: str) -> np.ndarray:
+        """A dense weight, dequantized once (numpy order: (n_out, n_in) for matrices) and cached in ``dtype``."""
+        w = self._weights.get(name)
+        if w is None:
+            w = self.g.dequant(name)
+            w = np.ascontiguousarray(w, dtype=self.dtype)
+            self._weights[name] = w
+        return w
+
+    def has(self, name: str) -> bool:
+        return name in self.g.tensors
+
+    def embed_rows(self, tokens: np.ndarray) -> np.ndarray:
+        """Rows of token_embd for ``tokens`` (``ggml_get_rows``: exact dequantization of just those rows)."""
+        if "token_embd.weight" in self._weights:
+            return self._weights["token_embd.weight"][tokens]
+        from ..gguf.quants import dequantize
+
+        ti = self.g.check_supported("token_embd.weight")
+        raw = np.asarray(self.g.raw("token_embd.weight")[tokens])
+        return dequantize(raw, ti.ggml_type).reshape(len(tokens), ti.shape[0]).astype(self.dtype)
+
+    def linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        """``ggml_mul_mat(W, x)``: x (n, n_in) -> (n, n_out)."""
+        return self.act_for(x, name) @ self.weight(name).T
+
+    def act_for(self, x: np.ndarray, name: str) -> np.ndarray:
+        """x as the matmul with tensor ``name`` sees it: unchanged, or with ``emulate_cpu`` rounded to the weight
+        type's ``vec_dot_type`` (Q8_K for K-quants, Q8_0 for the 32-blocks, fp16 for F16, unchanged for F32)."""
+        if not self.emulate_cpu:
+            return x
+        t = self.g.tensor(name).ggml_type.name
+        if t.endswith("_K"):
+            return ops.quantize_activation_q8_K(x)
+        if t in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4"):
+            return ops.quantize_activation_q8_0(x)
+        if t in ("F16", "BF16"):
+            return ops.round_fp16(x)
+        return x
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Empty the KV cache; the next forward starts at position 0."""
+        self.pos = 0
+        self.kv = _KVCache(self.n_layer, self.n_head_kv, self.head_dim, self.head_dim)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: Sequence[int], all_logits: bool = True, capture: dict | None = None) -> np.ndarray:
+        """Append ``tokens`` at the current position and return their logits, (len(tokens), vocab) in ``dtype``
+        (or (1, vocab) for the last token when ``all_logits`` is False).
+
+        ``capture``: if a dict is given it receives per-layer activations of these tokens: ``"embd"`` (the scaled
+        input embedding), ``"resid.{l}"`` (the residual stream after layer l), ``"attn_out.{l}"``, ``"ffn_out.{l}"``
+        (each branch's contribution added to the residual) and ``"output_norm"``.
+        """
+        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = toks.shape[0]
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if toks.min() < 0 or toks.max() >= self.vocab_size:
+            bad = int(toks[(toks < 0) | (toks >= self.vocab_size)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if self.pos + n > self.max_context:
+            raise ContextOverflowError(
+                f"{self.pos} cached + {n} new tokens exceed the context of {self.max_context} positions"
+            )
+        positions = np.arange(self.pos, self.pos + n, dtype=np.int64)
+        x = self._embed(toks)
+        if capture is not None:
+            capture["embd"] = x.copy()
+        for l in range(self.n_layer):
+            x = self._layer(l, x, positions, capture)
+            if capture is not None:
+                capture[f"resid.{l}"] = x.copy()
+        self.pos += n
+        if not all_logits:
+            x = x[-1:]
+        return self._output(x, capture)
+
+    def hidden_states(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run ``forward(tokens)`` and return the residual stream, (n_layer + 1, len(tokens), n_embd): index 0 is the
+        input embedding, index l+1 the stream after layer l (for layer-by-layer GPU-vs-reference checks)."""
+        cap: dict = {}
+        self.forward(tokens, all_logits=False, capture=cap)
+        return np.stack([cap["embd"]] + [cap[f"resid.{l}"] for l in range(self.n_layer)])
+
+    # ------------------------------------------------------------------ per-architecture parts
+    def _embed(self, tokens: np.ndarray) -> np.ndarray:
+        return self.embed_rows(tokens)
+
+    def _layer(self, l: int, x: np.ndarray, positions: np.ndarray, capture: dict | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _output(self, x: np.ndarray, capture: dict | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.g.path!r}, dtype={self.dtype.name}, pos={self.pos})"
+
+
+class LRUCache:
+    """A small least-recently-used dict (dequantized MoE experts)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = max(1, int(capacity))
+        self._d: OrderedDict = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key, make):
+        v = self._d.get(key)
+        if v is not None:
+            self._d.move_to_end(key)
+            self.hits += 1
+            return v
+        self.misses += 1
+        v = make()
+        self._d[key] = v
+        if len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+        return v
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+def inv_sqrt(x: float) -> float:
+    return 1.0 / math.sqrt(x)
+
+
+__all__ = ["ReferenceModel", "LRUCache", "load_model_config", "GGUFError"]

@@ -1,0 +1,90 @@
+"""Gemma 3 numpy reference forward (llama.cpp ``src/models/gemma3.cpp``, spec: shared/spec/models.md §4).
+
+Per layer: RMSNorm → Q/K/V → per-head Q/K RMSNorm (no V norm) → NEOX RoPE (base 1e4 on sliding-window layers,
+rope.freq_base on global ones) → Q·(1/sqrt(head_dim)) → attention with scale 1 (window on SWA layers) → Wo →
+post-attention RMSNorm → residual; RMSNorm → GEGLU (tanh GELU) → post-FFW RMSNorm → residual. The input embedding is
+multiplied by sqrt(n_embd); the output matrix is token_embd when there is no output.weight. Norm weights already
+contain Gemma's "+1" (the converter adds it), so they multiply directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import ops
+from .base import ReferenceModel, _cfg
+
+
+class Gemma3Reference(ReferenceModel):
+    arch = "gemma3"
+
+    def __init__(self, g, cfg=None, dtype=np.float32, max_context=None, emulate_cpu: bool = False):
+        super().__init__(g, cfg, dtype, max_context, emulate_cpu)
+        c = self.cfg
+        self.window = int(_cfg(c, "sliding_window", 0) or 0)
+        # f_attention_scale (gemma3.cpp load_arch_hparams): 1/sqrt(n_embd/n_head) for the 27B (62 layers),
+        # 1/sqrt(head_dim) otherwise.
+        if self.n_layer == 62:
+            self.q_scale = 1.0 / math.sqrt(float(self.n_embd // self.n_head))
+        else:
+            self.q_scale = 1.0 / math.sqrt(float(self.head_dim))
+        self.softcap = _cfg(c, "final_logit_softcap", None) or None
+        self.out_name = "output.weight" if self.has("output.weight") else "token_embd.weight"
+
+    def _is_swa(self, l: int) -> bool:
+        return self.window > 0 and bool(self.cfg.is_swa(l))
+
+    def _embed(self, tokens: np.ndarray) -> np.ndarray:
+        # ggml_scale(inpL, sqrtf(n_embd)): a float32 scalar.
+        return self.embed_rows(tokens) * self.dtype.type(np.float32(math.sqrt(self.n_embd)))
+
+    def _layer(self, l, x, positions, capture):
+        p = f"blk.{l}."
+        n = x.shape[0]
+        H, Hkv, D = self.n_head, self.n_head_kv, self.head_dim
+        dt = self.dtype.type
+        h = ops.rmsnorm(x, self.weight(p + "attn_norm.weight"), self.eps)
+        q = self.linear(h, p + "attn_q.weight").reshape(n, H, D)
+        k = self.linear(h, p + "attn_k.weight").reshape(n, Hkv, D)
+        v = self.linear(h, p + "attn_v.weight").reshape(n, Hkv, D)
+        q = ops.rmsnorm_per_head(q, self.weight(p + "attn_q_norm.weight"), self.eps)
+        k = ops.rmsnorm_per_head(k, self.weight(p + "attn_k_norm.weight"), self.eps)
+        base = float(self.cfg.rope_base_for(l))
+        q = ops.rope_neox(q, positions, self.n_rot, base)
+        k = ops.rope_neox(k, positions, self.n_rot, base)
+        q = q * dt(np.float32(self.q_scale))
+        if self.emulate_cpu:
+            q = ops.round_fp16(q)
+        K, V = self.kv.store(l, self.pos, k, v)
+        o = ops.attention(
+            q,
+            K.astype(self.dtype),
+            V.astype(self.dtype),
+            q_pos=positions,
+            scale=1.0,
+            window=self.window if self._is_swa(l) else None,
+        )
+        a = self.linear(o.reshape(n, H * D), p + "attn_output.weight")
+        a = ops.rmsnorm(a, self.weight(p + "post_attention_norm.weight"), self.eps)
+        x = x + a
+        h = ops.rmsnorm(x, self.weight(p + "ffn_norm.weight"), self.eps)
+        gelu = ops.gelu_tanh_fp16_table if self.emulate_cpu else ops.gelu_tanh
+        f = gelu(self.linear(h, p + "ffn_gate.weight")) * self.linear(h, p + "ffn_up.weight")
+        f = self.linear(f, p + "ffn_down.weight")
+        f = ops.rmsnorm(f, self.weight(p + "post_ffw_norm.weight"), self.eps)
+        if capture is not None:
+            capture[f"attn_out.{l}"] = a
+            capture[f"ffn_out.{l}"] = f
+        return x + f
+
+    def _output(self, x, capture):
+        h = ops.rmsnorm(x, self.weight("output_norm.weight"), self.eps)
+        if capture is not None:
+            capture["output_norm"] = h
+        logits = self.linear(h, self.out_name)
+        if self.softcap:
+            c = self.dtype.type(self.softcap)
+            logits = c * np.tanh(logits / c)
+        return logits

@@ -1,0 +1,271 @@
+"""Generic numpy numerics of the forward passes, written to follow llama.cpp's CPU ops (ggml-cpu/ops.cpp).
+
+These are the reference implementations the model forwards (gemma3.py, qwen3_moe.py) are built from, and the
+float32/float64 references the GPU kernel tests compare against. Every function takes and returns numpy arrays and
+computes in the dtype of its (floating) input unless said otherwise; pass float64 arrays for a float64 reference.
+
+Shapes follow the model code: activations are (n_tokens, …) with the feature dimension last; heads are
+``(n_tokens, n_heads, head_dim)``.
+
+Where llama.cpp does something numerically specific, the function does the same and the docstring says where it is
+from (file names are in llama.cpp, read at /work/llama/llama.cpp).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "rmsnorm",
+    "rmsnorm_per_head",
+    "rope_cos_sin",
+    "rope_neox",
+    "attention",
+    "causal_window_mask",
+    "gelu_tanh",
+    "silu",
+    "softmax",
+    "log_softmax",
+    "topk_desc",
+    "round_fp16",
+    "ROUTER_WEIGHT_SUM_MIN",
+]
+
+# build_moe_ffn clamps the sum of the selected routing weights from below before renormalising (llama-graph.cpp:
+# ggml_clamp(weights_sum, 6.103515625e-5, INFINITY)); 6.103515625e-5 is 2**-14, the smallest normal fp16.
+ROUTER_WEIGHT_SUM_MIN = 6.103515625e-5
+
+# gelu tanh-form constants, ggml-cpu/vec.h (GELU_COEF_A, SQRT_2_OVER_PI).
+_GELU_COEF_A = 0.044715
+_SQRT_2_OVER_PI = 0.79788456080286535587989211986876
+
+
+def _float_dtype(x: np.ndarray) -> np.dtype:
+    return x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float32)
+
+
+def round_fp16(x: np.ndarray) -> np.ndarray:
+    """Round to IEEE half and back, keeping the dtype: what storing K/V in llama.cpp's default F16 cache does."""
+    return x.astype(np.float16).astype(x.dtype)
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    """``x / sqrt(mean(x²) + eps) * weight`` over the last axis.
+
+    As ``ggml_compute_forward_rms_norm_f32``: the sum of squares is accumulated in double, ``mean`` and
+    ``scale = 1/sqrtf(mean + eps)`` are then rounded to the working precision (float for f32 inputs).
+    """
+    dt = _float_dtype(x)
+    x = np.asarray(x, dtype=dt)
+    ss = np.einsum("...i,...i->...", x.astype(np.float64), x.astype(np.float64))
+    mean = (ss / x.shape[-1]).astype(dt)
+    scale = (dt.type(1.0) / np.sqrt(mean + dt.type(eps))).astype(dt)
+    y = x * scale[..., None]
+    if weight is not None:
+        y = y * np.asarray(weight, dtype=dt)
+    return y
+
+
+def rmsnorm_per_head(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    """RMSNorm of each head vector: ``x`` is (…, n_heads, head_dim), ``weight`` is (head_dim,) shared by all heads."""
+    return rmsnorm(x, weight, eps)
+
+
+def rope_cos_sin(
+    positions: np.ndarray,
+    n_rot: int,
+    base: float,
+    freq_factors: np.ndarray | None = None,
+    dtype=np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables, shape (len(positions), n_rot // 2), as ``ggml_rope_cache_init`` builds them.
+
+    llama.cpp starts from ``theta = (float) pos`` and multiplies by ``theta_scale = powf(base, -2/n_rot)`` once per
+    pair, in float32 (so for large positions theta drifts from ``pos * base**(-2i/n_rot)`` by float32 rounding; we
+    reproduce the drift). Each theta is divided by ``freq_factors[i]`` when given (``rope_freqs`` tensor), then
+    cos/sin are taken (in float32 for float32 output, float64 otherwise, of the same float32 theta).
+    No YaRN / linear scaling here (freq_scale = 1, ext_factor = 0, mscale = 1: what all our models use).
+    """
+    pos = np.asarray(positions, dtype=np.float32).reshape(-1)
+    half = n_rot // 2
+    theta_scale = np.float32(np.power(np.float32(base), np.float32(-2.0) / np.float32(n_rot), dtype=np.float32))
+    theta = np.empty((pos.shape[0], half), dtype=np.float32)
+    t = pos.copy()
+    for i in range(half):
+        theta[:, i] = t
+        t = (t * theta_scale).astype(np.float32)
+    if freq_factors is not None:
+        theta = (theta / np.asarray(freq_factors, dtype=np.float32)[:half]).astype(np.float32)
+    th = theta.astype(dtype)
+    return np.cos(th).astype(dtype), np.sin(th).astype(dtype)
+
+
+def rope_neox(
+    x: np.ndarray,
+    positions: np.ndarray,
+    n_rot: int,
+    base: float,
+    freq_factors: np.ndarray | None = None,
+) -> np.ndarray:
+    """NEOX rotary embedding of ``x`` (n_tokens, n_heads, head_dim) at ``positions`` (n_tokens,).
+
+    For i < n_rot/2: ``(x[i], x[i+n_rot/2]) <- (x[i]cos - x[i+n_rot/2]sin, x[i]sin + x[i+n_rot/2]cos)``
+    (``rotate_pairs(n_dims, n_dims/2, …)`` in ops.cpp). Dimensions >= n_rot pass through unchanged.
+    """
+    dt = _float_dtype(x)
+    x = np.asarray(x, dtype=dt)
+    half = n_rot // 2
+    cos, sin = rope_cos_sin(positions, n_rot, base, freq_factors, dtype=dt)
+    cos = cos[:, None, :]
+    sin = sin[:, None, :]
+    x0 = x[..., :half]
+    x1 = x[..., half:n_rot]
+    out = x.copy()
+    out[..., :half] = x0 * cos - x1 * sin
+    out[..., half:n_rot] = x0 * sin + x1 * cos
+    return out
+
+
+def causal_window_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None = None) -> np.ndarray:
+    """Boolean (n_q, n_k) mask, True where key position p0 is visible to query position p1.
+
+    Causal: ``p0 <= p1``; with a sliding window also ``p1 - p0 < window`` (``llama_hparams::is_masked_swa``,
+    STANDARD type: window 512 = the current token and the 511 before it).
+    """
+    p1 = np.asarray(q_pos)[:, None]
+    p0 = np.asarray(k_pos)[None, :]
+    vis = p0 <= p1
+    if window is not None and window > 0:
+        vis &= (p1 - p0) < window
+    return vis
+
+
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    q_pos: np.ndarray,
+    k_pos: np.ndarray | None = None,
+    scale: float = 1.0,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> np.ndarray:
+    """Masked multi-head attention with GQA: ``softmax(scale·QKᵀ + mask)·V`` per head.
+
+    q: (n_q, n_head, d); k: (n_k, n_head_kv, d); v: (n_k, n_head_kv, d_v). Query head h reads KV head
+    ``h // (n_head // n_head_kv)`` (ggml broadcast ``i02 = i12/r2``). ``q_pos`` / ``k_pos`` are the absolute
+    positions (k_pos defaults to 0..n_k-1) for the causal / sliding-window mask (see :func:`causal_window_mask`).
+    ``softcap`` applies ``softcap·tanh(s/softcap)`` to the scaled scores before masking (Gemma 2/4 style).
+    Rows with no visible key (cannot happen for causal attention including the diagonal) would give NaN.
+    Returns (n_q, n_head, d_v).
+    """
+    dt = _float_dtype(q)
+    n_q, n_head, d = q.shape
+    n_k, n_head_kv, _ = k.shape
+    if n_head % n_head_kv:
+        raise ValueError(f"n_head {n_head} is not a multiple of n_head_kv {n_head_kv}")
+    group = n_head // n_head_kv
+    if k_pos is None:
+        k_pos = np.arange(n_k)
+    vis = causal_window_mask(q_pos, k_pos, window)  # (n_q, n_k)
+    qg = np.asarray(q, dtype=dt).reshape(n_q, n_head_kv, group, d).transpose(1, 2, 0, 3)  # (kv, g, n_q, d)
+    kk = np.asarray(k, dtype=dt).transpose(1, 2, 0)  # (kv, d, n_k)
+    vv = np.asarray(v, dtype=dt).transpose(1, 0, 2)  # (kv, n_k, d_v)
+    s = np.matmul(qg, kk[:, None]) * dt.type(scale)  # (kv, g, n_q, n_k)
+    if softcap:
+        s = dt.type(softcap) * np.tanh(s / dt.type(softcap))
+    s = np.where(vis, s, -np.inf)
+    p = softmax(s, axis=-1)
+    o = np.matmul(p, vv[:, None])  # (kv, g, n_q, d_v)
+    return o.transpose(2, 0, 1, 3).reshape(n_q, n_head, -1).astype(dt, copy=False)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh form: ``0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`` (``ggml_gelu``; Gemma's hidden_act).
+
+    Computed exactly in the input precision, as the CUDA backend does in f32. (The CPU backend instead rounds x to
+    fp16 and reads a table of fp16 results, GGML_GELU_FP16 in vec.h; we do not emulate that.)
+    """
+    dt = _float_dtype(x)
+    x = np.asarray(x, dtype=dt)
+    inner = dt.type(_SQRT_2_OVER_PI) * x * (dt.type(1.0) + dt.type(_GELU_COEF_A) * x * x)
+    return dt.type(0.5) * x * (dt.type(1.0) + np.tanh(inner))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """``x / (1 + exp(-x))``."""
+    dt = _float_dtype(x)
+    x = np.asarray(x, dtype=dt)
+    with np.errstate(over="ignore"):
+        return x / (dt.type(1.0) + np.exp(-x))
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax (max subtracted; -inf entries give 0)."""
+    m = np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """``x - logsumexp(x)``, computed in float64 whatever the input (it feeds metrics, not the forward)."""
+    x = np.asarray(x, dtype=np.float64)
+    m = np.max(x, axis=axis, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+
+
+def topk_desc(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries along the last axis, largest first: ``ggml_argsort_top_k`` (an argsort in
+    descending order, then the first k). ggml uses std::sort, whose tie order is unspecified; we break ties by the
+    lower index (a stable sort), which is what any tie-free input (all real router outputs) gives anyway."""
+    order = np.argsort(-np.asarray(x), axis=-1, kind="stable")
+    return order[..., :k]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Emulation of llama.cpp CPU-backend rounding (optional; ``ReferenceModel(..., emulate_cpu=True)``).
+# The exact-math functions above are the references; these reproduce the extra roundings llama.cpp's CPU backend
+# applies, to tell model bugs apart from backend noise when comparing against llama.cpp CPU outputs.
+
+
+def gelu_tanh_fp16_table(x: np.ndarray) -> np.ndarray:
+    """``ggml_vec_gelu_f32`` with GGML_GELU_FP16 (ggml-cpu/vec.h): 0 for x <= -10, x for x >= 10, else x rounded to
+    fp16, GELU of that in float32, result rounded to fp16 (the ``ggml_table_gelu_f16`` lookup)."""
+    x32 = np.asarray(x, dtype=np.float32)
+    xh = x32.astype(np.float16).astype(np.float32)
+    y = gelu_tanh(xh).astype(np.float16).astype(np.float32)
+    y = np.where(x32 <= -10.0, np.float32(0.0), np.where(x32 >= 10.0, x32, y))
+    return y.astype(np.asarray(x).dtype if np.issubdtype(np.asarray(x).dtype, np.floating) else np.float32)
+
+
+def quantize_activation_q8_0(x: np.ndarray) -> np.ndarray:
+    """Round activations as ``quantize_row_q8_0`` does before a dot with Q4_0/Q5_0/Q8_0 weights: blocks of 32 along
+    the last axis, ``d = amax/127`` stored as fp16, ``q = round(x·127/amax)`` (x86 AVX path: round-half-even),
+    returned dequantized (``q·fp16(d)``) in the input dtype."""
+    dt = _float_dtype(x)
+    x32 = np.asarray(x, dtype=np.float32)
+    shp = x32.shape
+    b = x32.reshape(*shp[:-1], shp[-1] // 32, 32)
+    amax = np.abs(b).max(axis=-1, keepdims=True)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        idv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    q = np.rint(b * idv)
+    return (q * d.astype(np.float16).astype(np.float32)).reshape(shp).astype(dt)
+
+
+def quantize_activation_q8_K(x: np.ndarray) -> np.ndarray:
+    """``quantize_row_q8_K_ref`` (activations for K-quant dots): blocks of 256, ``iscale = -127/max`` where max is
+    the signed value of largest magnitude, ``q = min(127, nearest_int(iscale·x))``, ``d = 1/iscale`` (float32);
+    returned dequantized (``q·d``) in the input dtype."""
+    dt = _float_dtype(x)
+    x32 = np.asarray(x, dtype=np.float32)
+    shp = x32.shape
+    b = x32.reshape(*shp[:-1], shp[-1] // 256, 256)
+    idx = np.abs(b).argmax(axis=-1)[..., None]
+    mx = np.take_along_axis(b, idx, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127.0) / mx, np.float32(0.0)).astype(np.float32)
+        d = np.where(mx != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
+    q = np.minimum(np.rint(iscale * b), 127)
+    return (q * d).reshape(shp).astype(dt)

