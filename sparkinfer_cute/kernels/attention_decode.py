@@ -467,6 +467,28 @@ MODEL_CONFIGS: dict[str, dict] = {
 }
 
 
+def _launch_example(n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
+                    softcap: bool = False):
+    """One split-KV launch on small zeroed buffers, marshalled like :func:`attention_decode` (host-overhead probe)."""
+    from ..runtime import DeviceArray, default_stream
+
+    H, KV, D, P, S = n_head, n_kv_head, head_dim, page_size, num_splits
+    q = DeviceArray.zeros((1, H, D), np.float32)
+    k = DeviceArray.zeros((4, P, KV, D), np.float16)
+    table = DeviceArray.zeros((1, 4), np.int32)
+    pos = DeviceArray.zeros((1,), np.int32)
+    o_part, lse_part = DeviceArray.empty((1, H, S, D), np.float32), DeviceArray.empty((1, H, S), np.float32)
+    fn = compile_attention_decode(n_head=H, n_kv_head=KV, head_dim=D, page_size=P, num_splits=S, softcap=softcap)
+    s = default_stream()
+
+    def launch():
+        fn(gptr(Float32, q.ptr), gptr(Float16, k.ptr), gptr(Float16, k.ptr), gptr(Int32, table.ptr, align=4),
+           gptr(Int32, pos.ptr, align=4), gptr(Float32, o_part.ptr), gptr(Float32, lse_part.ptr, align=4),
+           Int32(1), Int32(4), Int32(4), Float32(0.1), Int32(0), Float32(1.0), cu_stream(s))
+
+    return launch
+
+
 def _register() -> None:
     try:
         from .registry import register
@@ -474,7 +496,7 @@ def _register() -> None:
         return
     # None of the target models caps attention logits (models.md); the softcap variant is gated on the tiny config.
     configs = [dict(c, softcap=False) for c in MODEL_CONFIGS.values()] + [dict(MODEL_CONFIGS["tiny"], softcap=True)]
-    register("attention_decode", compile_attention_decode, configs)
+    register("attention_decode", compile_attention_decode, configs, launch_example=_launch_example)
     combine = sorted({(c["n_head"], c["head_dim"], c["num_splits"]) for c in MODEL_CONFIGS.values()})
     register("attention_combine", compile_attention_combine,
              [dict(n_head=h, head_dim=d, num_splits=s) for h, d, s in combine])
