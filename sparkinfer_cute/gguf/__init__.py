@@ -1,4 +1,5 @@
-"""GGUF files: memory-mapped reader with validation, typed model configs, numpy dequantization, synthetic writer."""
+"""GGUF files: memory-mapped reader with validation, typed model configs, numpy dequantization, synthetic
+writer."""
 
 from .config import (
     SUPPORTED_ARCHITECTURES,

@@ -1,10 +1,11 @@
 """Typed model configurations built from GGUF metadata, and the tensor inventory each architecture needs.
 
-One frozen dataclass per architecture (``Qwen3MoeConfig``, ``Gemma3Config``, ``Gemma4Config``, ``Qwen35MoeConfig``), all
-deriving from :class:`ModelConfig`. :func:`load_config` dispatches on ``general.architecture``;
-:func:`required_tensors` lists every tensor the forward reads with its ggml shape (ne0 first), which the synthetic
-writer, the GPU loader and :func:`validate_tensors` share. Key names, defaults and the per-layer rules are those of
-llama.cpp (``src/llama-model.cpp``, ``src/models/*.cpp``) as recorded in /work/shared/spec/models.md.
+One frozen dataclass per architecture (``Qwen3MoeConfig``, ``Gemma3Config``, ``Gemma4Config``,
+``Qwen35MoeConfig``), all deriving from :class:`ModelConfig`. :func:`load_config` dispatches on
+``general.architecture``; :func:`required_tensors` lists every tensor the forward reads with its ggml shape
+(ne0 first), which the synthetic writer, the GPU loader and :func:`validate_tensors` share. Key names,
+defaults and the per-layer rules are those of llama.cpp (``src/llama-model.cpp``, ``src/models/*.cpp``) as
+recorded in /work/shared/spec/models.md.
 
 A few facts come from *tensor presence* rather than metadata (llama.cpp does the same): tied output (no
 ``output.weight``), fused ``ffn_gate_up_exps``, fused ``attn_qkv`` (qwen3moe), Gemma 4 full layers without
@@ -25,12 +26,13 @@ if TYPE_CHECKING:
 
 Shape = tuple[int, ...]
 
-# llama.cpp's LLAMA_MAX_LAYERS (src/llama-hparams.h): per-layer arrays are sized by it and larger block counts are
-# refused. Bounding it here also keeps a corrupted block_count (say 2**40) from making required_tensors() loop.
+# llama.cpp's LLAMA_MAX_LAYERS (src/llama-hparams.h): per-layer arrays are sized by it and larger block counts
+# are refused. Bounding it here also keeps a corrupted block_count (say 2**40) from making required_tensors()
+# loop.
 MAX_LAYERS = 512
 
 
-# ----------------------------------------------------------------------------------------------------- metadata access
+# -------------------------------------------------------------------------------------------- metadata access
 class _Meta:
     """Typed, error-reporting access to ``{arch}.*`` metadata keys of one file."""
 
@@ -65,14 +67,20 @@ class _Meta:
             raise GGUFError(self.path, f"metadata key {full!r} should be a finite number, got {v!r:.80}")
         return float(v)
 
-    def int_or_list(self, key: str, n: int, default=_MISSING, *, min_value: int = 0) -> tuple[int, ...] | None:
+    def int_or_list(
+        self, key: str, n: int, default=_MISSING, *, min_value: int = 0
+    ) -> tuple[int, ...] | None:
         """A key llama.cpp accepts either as a scalar (same for every layer) or as a per-layer array."""
         full, v = self._raw(key, default)
         if v is None:
             return None
         vals = v if isinstance(v, list) else [v] * n
-        if len(vals) != n or any(isinstance(x, bool) or not isinstance(x, int) or x < min_value for x in vals):
-            raise GGUFError(self.path, f"metadata key {full!r} should be an integer or {n} integers, got {v!r:.80}")
+        if len(vals) != n or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < min_value for x in vals
+        ):
+            raise GGUFError(
+                self.path, f"metadata key {full!r} should be an integer or {n} integers, got {v!r:.80}"
+            )
         return tuple(vals)
 
     def bool_list(self, key: str, n: int, default=_MISSING) -> tuple[bool, ...] | None:
@@ -80,7 +88,9 @@ class _Meta:
         if v is None:
             return None
         if not isinstance(v, list) or len(v) < n or any(not isinstance(x, (bool, int)) for x in v[:n]):
-            raise GGUFError(self.path, f"metadata key {full!r} should be an array of >= {n} booleans, got {v!r:.80}")
+            raise GGUFError(
+                self.path, f"metadata key {full!r} should be an array of >= {n} booleans, got {v!r:.80}"
+            )
         return tuple(bool(x) for x in v[:n])
 
 
@@ -91,13 +101,16 @@ def _vocab_size(g: GGUFFile) -> int:
         return len(toks)
     if "token_embd.weight" in g.tensors and len(g.tensors["token_embd.weight"].shape) == 2:
         return g.tensors["token_embd.weight"].shape[1]
-    raise GGUFError(g.path, "cannot determine the vocabulary size (no tokenizer.ggml.tokens and no 2-D token_embd)")
+    raise GGUFError(
+        g.path, "cannot determine the vocabulary size (no tokenizer.ggml.tokens and no 2-D token_embd)"
+    )
 
 
-# -------------------------------------------------------------------------------------------------------- the configs
+# ------------------------------------------------------------------------------------------------ the configs
 @dataclass(frozen=True)
 class ModelConfig:
-    """Fields every architecture has. Attention geometry here is that of the *full* (global) layers; architectures
+    """Fields every architecture has. Attention geometry here is that of the *full* (global) layers;
+    architectures
     with per-layer geometry override the ``*_for(layer)`` methods."""
 
     arch: str
@@ -268,14 +281,16 @@ class Qwen35MoeConfig(ModelConfig):
 SUPPORTED_ARCHITECTURES = ("qwen3moe", "qwen35moe", "gemma3", "gemma4")
 
 
-# ---------------------------------------------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------------------------------------- loading
 def _base_fields(g: GGUFFile, m: _Meta, *, n_layer: int | None = None, n_head_kv: int | None = None) -> dict:
     n_embd = m.int("embedding_length", min_value=1)
     n_head = m.int("attention.head_count", min_value=1)
     head_dim = m.int("attention.key_length", None, min_value=1)
     if head_dim is None:
         if n_embd % n_head:
-            raise GGUFError(g.path, f"no attention.key_length and n_embd {n_embd} is not divisible by n_head {n_head}")
+            raise GGUFError(
+                g.path, f"no attention.key_length and n_embd {n_embd} is not divisible by n_head {n_head}"
+            )
         head_dim = n_embd // n_head
     if n_layer is None:
         n_layer = _n_layer(g, m)
@@ -339,8 +354,11 @@ def _load_gemma3(g: GGUFFile, m: _Meta) -> Gemma3Config:
     scaling = g.metadata.get("gemma3.rope.scaling.type")
     factor = m.float("rope.scaling.factor", 1.0) if scaling in ("linear", None) else 1.0
     if scaling not in (None, "none", "linear"):
-        raise GGUFError(g.path, f"unsupported rope scaling type {scaling!r} for gemma3 (supported: none, linear)")
-    # f_attention_scale: llama.cpp uses 1/sqrt(n_embd/n_head) for the 27B model (62 layers), else 1/sqrt(head_dim).
+        raise GGUFError(
+            g.path, f"unsupported rope scaling type {scaling!r} for gemma3 (supported: none, linear)"
+        )
+    # f_attention_scale: llama.cpp uses 1/sqrt(n_embd/n_head) for the 27B model (62 layers), else
+    # 1/sqrt(head_dim).
     if base["n_layer"] == 62:
         if base["n_embd"] < base["n_head"]:
             raise GGUFError(g.path, f"n_embd {base['n_embd']} < n_head {base['n_head']}")
@@ -369,7 +387,9 @@ def _load_gemma4(g: GGUFFile, m: _Meta) -> Gemma4Config:
     base = _base_fields(g, m, n_layer=n_layer, n_head_kv=kv[full[0]] if full else kv[0])
     for i, nkv in enumerate(kv):
         if base["n_head"] % nkv:
-            raise GGUFError(g.path, f"layer {i}: n_head {base['n_head']} is not a multiple of n_head_kv {nkv}")
+            raise GGUFError(
+                g.path, f"layer {i}: n_head {base['n_head']} is not a multiple of n_head_kv {nkv}"
+            )
     hd_swa = m.int("attention.key_length_swa", min_value=1)
     n_expert = m.int("expert_count", 0)
     moe_layers = tuple(f"blk.{i}.ffn_gate_inp.weight" in g.tensors for i in range(n_layer))
@@ -411,8 +431,12 @@ def _load_qwen35moe(g: GGUFFile, m: _Meta) -> Qwen35MoeConfig:
     if rec is None:
         rec = tuple((i + 1) % interval != 0 for i in range(n_layer))
     sections = g.metadata.get(f"{m.arch}.rope.dimension_sections")
-    if not (isinstance(sections, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in sections)):
-        raise GGUFError(g.path, f"missing or invalid metadata key '{m.arch}.rope.dimension_sections' (int array)")
+    if not (
+        isinstance(sections, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in sections)
+    ):
+        raise GGUFError(
+            g.path, f"missing or invalid metadata key '{m.arch}.rope.dimension_sections' (int array)"
+        )
     n_expert = m.int("expert_count", min_value=1)
     cfg = Qwen35MoeConfig(
         **base,
@@ -435,7 +459,8 @@ def _load_qwen35moe(g: GGUFFile, m: _Meta) -> Qwen35MoeConfig:
     if cfg.ssm_inner_size % cfg.ssm_time_step_rank or cfg.ssm_time_step_rank % cfg.ssm_group_count:
         raise GGUFError(
             g.path,
-            f"inconsistent ssm sizes: inner_size {cfg.ssm_inner_size}, time_step_rank {cfg.ssm_time_step_rank}, "
+            f"inconsistent ssm sizes: inner_size {cfg.ssm_inner_size}, "
+            f"time_step_rank {cfg.ssm_time_step_rank}, "
             f"group_count {cfg.ssm_group_count}",
         )
     return cfg
@@ -450,7 +475,8 @@ _LOADERS = {
 
 
 def load_config(g: GGUFFile) -> ModelConfig:
-    """The typed config of ``g`` (dispatching on general.architecture). Raises GGUFError for an unknown architecture
+    """The typed config of ``g`` (dispatching on general.architecture). Raises GGUFError for an unknown
+    architecture
     or a missing / ill-typed required key."""
     arch = g.architecture
     if arch not in _LOADERS:
@@ -460,7 +486,7 @@ def load_config(g: GGUFFile) -> ModelConfig:
     return _LOADERS[arch](g, _Meta(g, arch))
 
 
-# -------------------------------------------------------------------------------------------------- tensor inventory
+# ------------------------------------------------------------------------------------------- tensor inventory
 def _qwen3moe_tensors(c: Qwen3MoeConfig) -> dict[str, Shape]:
     E, H, V = c.n_embd, c.n_head * c.head_dim, c.n_head_kv * c.head_dim
     Hv = c.n_head * c.head_dim_v
@@ -609,7 +635,8 @@ _INVENTORIES = {
 
 
 def required_tensors(cfg: ModelConfig) -> dict[str, Shape]:
-    """Every tensor the forward of ``cfg`` reads, with its ggml shape (ne0 first). Insertion order: globals, then
+    """Every tensor the forward of ``cfg`` reads, with its ggml shape (ne0 first). Insertion order: globals,
+    then
     layer by layer."""
     try:
         return _INVENTORIES[type(cfg)](cfg)
@@ -618,13 +645,16 @@ def required_tensors(cfg: ModelConfig) -> dict[str, Shape]:
 
 
 def validate_tensors(g: GGUFFile, cfg: ModelConfig) -> dict[str, Shape]:
-    """Check that every tensor the forward needs exists with the expected ggml shape and a supported quant type.
+    """Check that every tensor the forward needs exists with the expected ggml shape and a supported quant
+    type.
     Returns :func:`required_tensors`. Raises GGUFError naming the first offending tensor."""
     req = required_tensors(cfg)
     for name, shape in req.items():
         ti = g.tensor(name)  # GGUFError "missing required tensor"
         if tuple(ti.shape) != tuple(shape):
-            raise GGUFError(g.path, f"shape {tuple(ti.shape)} does not match the config's {tuple(shape)}", name)
+            raise GGUFError(
+                g.path, f"shape {tuple(ti.shape)} does not match the config's {tuple(shape)}", name
+            )
         g.check_supported(name)
     return req
 

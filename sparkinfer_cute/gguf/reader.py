@@ -1,16 +1,17 @@
 """Memory-mapped GGUF reading with a bounds-checked parser of our own.
 
-Every problem with the file surfaces as :class:`sparkinfer_cute.errors.GGUFError` naming the file, the tensor (if
-any) and the reason: not a GGUF, unsupported version, truncated header / metadata / tensor data, unknown ggml type,
-unsupported quant type, invalid shape, overlapping or misaligned tensor data, missing tensor. Never an IndexError,
-struct.error or MemoryError, and never a read outside the file.
+Every problem with the file surfaces as :class:`sparkinfer_cute.errors.GGUFError` naming the file, the tensor
+(if any) and the reason: not a GGUF, unsupported version, truncated header / metadata / tensor data, unknown
+ggml type, unsupported quant type, invalid shape, overlapping or misaligned tensor data, missing tensor. Never
+an IndexError, struct.error or MemoryError, and never a read outside the file.
 
-Why not ``gguf.GGUFReader``: it trusts the header's counts and lengths (a corrupted array length of 2**60 makes it
-build gigantic index arrays or loop for ages), and it builds a numpy field object per array element, which takes ~9 s
-for the 262144-token Gemma 3 vocabulary. This parser checks every count and length against the bytes that remain
-before reading, decodes fixed-size arrays with one ``np.frombuffer`` each, and opens the same file in ~0.3 s. The
-layout is the GGUF v2/v3 spec (gguf-py ``gguf_reader.py``, ggml ``gguf.cpp``); the checks mirror ``gguf.cpp``'s
-(power-of-two alignment, aligned tensor offsets, at most 4 dims, data inside the file).
+Why not ``gguf.GGUFReader``: it trusts the header's counts and lengths (a corrupted array length of 2**60
+makes it build gigantic index arrays or loop for ages), and it builds a numpy field object per array element,
+which takes ~9 s for the 262144-token Gemma 3 vocabulary. This parser checks every count and length against
+the bytes that remain before reading, decodes fixed-size arrays with one ``np.frombuffer`` each, and opens the
+same file in ~0.3 s. The layout is the GGUF v2/v3 spec (gguf-py ``gguf_reader.py``, ggml ``gguf.cpp``); the
+checks mirror ``gguf.cpp``'s (power-of-two alignment, aligned tensor offsets, at most 4 dims, data inside the
+file).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 _MAX_ARRAY_NESTING = 4
-# Longest metadata array accepted. Real ones are vocabularies (262144 tokens for Gemma; scores/merges alike); a
-# corrupted count that still "fits" in a multi-GB file (zero bytes read as empty strings) would otherwise build a
-# list of billions of Python objects (MemoryError, or minutes of work) before failing.
+# Longest metadata array accepted. Real ones are vocabularies (262144 tokens for Gemma; scores/merges alike);
+# a corrupted count that still "fits" in a multi-GB file (zero bytes read as empty strings) would otherwise
+# build a list of billions of Python objects (MemoryError, or minutes of work) before failing.
 MAX_ARRAY_LEN = 1 << 24
 
 # GGUF metadata value types -> (struct format, numpy dtype) for the fixed-size ones.
@@ -97,7 +98,8 @@ class TensorInfo:
 
 
 class _Cursor:
-    """Bounds-checked little-endian reads from a buffer; every overrun is a GGUFError saying what was being read."""
+    """Bounds-checked little-endian reads from a buffer; every overrun is a GGUFError saying what was being
+    read."""
 
     def __init__(self, buf, size: int, path: str):
         self.buf, self.size, self.path, self.pos = buf, size, path, 0
@@ -107,7 +109,8 @@ class _Cursor:
         if n < 0 or self.pos + n > self.size:
             raise GGUFError(
                 self.path,
-                f"truncated or corrupt {self.what}: needs {n} bytes at offset {self.pos}, file has {self.size}",
+                f"truncated or corrupt {self.what}: needs {n} bytes at offset {self.pos}, "
+                f"file has {self.size}",
             )
 
     def scalar(self, fmt: str, n: int):
@@ -130,13 +133,16 @@ class _Cursor:
         try:
             return bytes(raw).decode("utf-8")
         except UnicodeDecodeError as e:
-            raise GGUFError(self.path, f"invalid UTF-8 in a string of the {self.what} at offset {self.pos - n}: {e}")
+            raise GGUFError(
+                self.path, f"invalid UTF-8 in a string of the {self.what} at offset {self.pos - n}: {e}"
+            ) from None
 
     def array(self, count: int, dtype: np.dtype) -> np.ndarray:
         if count > (self.size - self.pos) // dtype.itemsize:
             raise GGUFError(
                 self.path,
-                f"truncated or corrupt {self.what}: array of {count} x {dtype.itemsize} bytes at offset {self.pos} "
+                f"truncated or corrupt {self.what}: array of {count} x {dtype.itemsize} bytes "
+                f"at offset {self.pos} "
                 f"runs past the end of the file ({self.size} bytes)",
             )
         a = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
@@ -157,7 +163,9 @@ def _read_value(c: _Cursor, vtype: int, depth: int = 0):
         etype = c.u32()
         count = c.u64()
         if count > MAX_ARRAY_LEN:
-            raise GGUFError(c.path, f"corrupt {c.what}: array of {count} elements (more than {MAX_ARRAY_LEN})")
+            raise GGUFError(
+                c.path, f"corrupt {c.what}: array of {count} elements (more than {MAX_ARRAY_LEN})"
+            )
         if etype in _SCALAR:
             a = c.array(count, _SCALAR[etype][1])
             if etype == _T_BOOL:
@@ -165,11 +173,15 @@ def _read_value(c: _Cursor, vtype: int, depth: int = 0):
             return a.tolist()
         if etype == _T_STRING:
             if count > (c.size - c.pos) // 8:  # every string has at least its 8-byte length
-                raise GGUFError(c.path, f"truncated or corrupt {c.what}: {count} strings cannot fit in the file")
+                raise GGUFError(
+                    c.path, f"truncated or corrupt {c.what}: {count} strings cannot fit in the file"
+                )
             return [c.string() for _ in range(count)]
         if etype == _T_ARRAY:
             if count > (c.size - c.pos) // 12:  # every nested array has at least its type and count
-                raise GGUFError(c.path, f"truncated or corrupt {c.what}: {count} arrays cannot fit in the file")
+                raise GGUFError(
+                    c.path, f"truncated or corrupt {c.what}: {count} arrays cannot fit in the file"
+                )
             return [_read_value(c, _T_ARRAY, depth + 1) for _ in range(count)]
         raise GGUFError(c.path, f"corrupt {c.what}: unknown array element type {etype}")
     raise GGUFError(c.path, f"corrupt {c.what}: unknown metadata value type {vtype}")
@@ -178,8 +190,8 @@ def _read_value(c: _Cursor, vtype: int, depth: int = 0):
 class GGUFFile:
     """A validated, memory-mapped GGUF file.
 
-    ``metadata`` maps every key to a plain Python value (str, int, float, bool, list). ``tensors`` maps names to
-    :class:`TensorInfo` (file order). ``raw(name)`` is a zero-copy uint8 view of a tensor's bytes shaped
+    ``metadata`` maps every key to a plain Python value (str, int, float, bool, list). ``tensors`` maps names
+    to :class:`TensorInfo` (file order). ``raw(name)`` is a zero-copy uint8 view of a tensor's bytes shaped
     (…, n_out, row_bytes); ``dequant(name)`` is the float32 numpy reference. ``version``, ``alignment`` and
     ``data_offset`` (absolute start of the tensor data section) describe the container.
     """
@@ -193,7 +205,9 @@ class GGUFFile:
                 self.file_size = os.fstat(f.fileno()).st_size
                 if self.file_size < 4 or f.read(4) != GGUF_MAGIC:
                     f.seek(0)
-                    raise GGUFError(self.path, f"not a GGUF file (magic {f.read(4)!r}, expected {GGUF_MAGIC!r})")
+                    raise GGUFError(
+                        self.path, f"not a GGUF file (magic {f.read(4)!r}, expected {GGUF_MAGIC!r})"
+                    )
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except OSError as e:
             raise GGUFError(self.path, f"cannot read the file ({e})") from None
@@ -210,11 +224,12 @@ class GGUFFile:
                 self.path, f"unsupported GGUF version {self.version}{hint} (supported: {SUPPORTED_VERSIONS})"
             )
         n_tensors, n_kv = c.u64(), c.u64()
-        # Minimum encoded sizes: a KV is key length (8) + type (4) + >= 1 value byte; a tensor info is name length
-        # (8) + n_dims (4) + >= 1 dim (8) + type (4) + offset (8). Larger counts cannot be real.
+        # Minimum encoded sizes: a KV is key length (8) + type (4) + >= 1 value byte; a tensor info is name
+        # length (8) + n_dims (4) + >= 1 dim (8) + type (4) + offset (8). Larger counts cannot be real.
         if n_kv > (self.file_size - c.pos) // 13 or n_tensors > (self.file_size - c.pos) // 32:
             raise GGUFError(
-                self.path, f"corrupt header: {n_tensors} tensors / {n_kv} metadata keys cannot fit in the file"
+                self.path,
+                f"corrupt header: {n_tensors} tensors / {n_kv} metadata keys cannot fit in the file",
             )
         self.metadata = self._read_metadata(c, n_kv)
         self.alignment = self._alignment()
@@ -280,20 +295,23 @@ class GGUFFile:
             nbytes = n_el // bs * ts
             if rel_offset % self.alignment:
                 raise GGUFError(
-                    self.path, f"data offset {rel_offset} is not a multiple of the alignment {self.alignment}", name
+                    self.path,
+                    f"data offset {rel_offset} is not a multiple of the alignment {self.alignment}",
+                    name,
                 )
             start = self.data_offset + rel_offset
             if start + nbytes > self.file_size:
                 raise GGUFError(
                     self.path,
-                    f"data [{start}, {start + nbytes}) runs past the end of the file ({self.file_size} bytes): "
+                    f"data [{start}, {start + nbytes}) runs past the end of the file "
+                    f"({self.file_size} bytes): "
                     "truncated",
                     name,
                 )
             out[name] = TensorInfo(name, qt, shape, start, nbytes)
         # Tensor data regions must not overlap (the writer lays them out back to back with alignment padding).
         spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in out.values() if t.nbytes)
-        for (_, end0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+        for (_, end0, n0), (s1, _, n1) in zip(spans, spans[1:], strict=False):
             if s1 < end0:
                 raise GGUFError(self.path, f"data overlaps that of tensor {n0!r}", n1)
         return out
@@ -337,13 +355,15 @@ class GGUFFile:
         return np.frombuffer(self._map, dtype=np.uint8)
 
     def raw(self, name: str) -> np.ndarray:
-        """Zero-copy read-only uint8 view of the tensor's bytes, shaped (…, n_out, row_bytes) (numpy order)."""
+        """Zero-copy read-only uint8 view of the tensor's bytes, shaped (…, n_out, row_bytes) (numpy
+        order)."""
         ti = self.tensor(name)
         flat = self._mm[ti.offset : ti.offset + ti.nbytes]
         return flat.reshape(*ti.np_shape[:-1], ti.row_bytes)
 
     def dequant(self, name: str) -> np.ndarray:
-        """float32 numpy array in numpy order (reversed ggml dims), via the package's own numpy dequantizers."""
+        """float32 numpy array in numpy order (reversed ggml dims), via the package's own numpy
+        dequantizers."""
         from .quants import dequantize
 
         ti = self.check_supported(name)
@@ -357,14 +377,16 @@ class GGUFFile:
         n_params = sum(t.n_elements for t in self.tensors.values())
         types = ", ".join(f"{k} x{v}" for k, v in sorted(hist.items(), key=lambda kv: -kv[1]))
         return (
-            f"{os.path.basename(self.path)}: GGUF v{self.version}, arch {self.metadata.get('general.architecture')!r}"
+            f"{os.path.basename(self.path)}: GGUF v{self.version}, "
+            f"arch {self.metadata.get('general.architecture')!r}"
             f" ({self.metadata.get('general.name', '?')}), {len(self.metadata)} metadata keys, "
             f"{len(self.tensors)} tensors ({n_params / 1e6:.1f}M params, {data / 2**20:.1f} MiB data; "
             f"{types}), file {self.file_size / 2**20:.1f} MiB"
         )
 
     def __repr__(self) -> str:
-        return f"GGUFFile({self.path!r}, arch={self.metadata.get('general.architecture')!r}, tensors={len(self.tensors)})"
+        arch = self.metadata.get("general.architecture")
+        return f"GGUFFile({self.path!r}, arch={arch!r}, tensors={len(self.tensors)})"
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:

@@ -1,4 +1,5 @@
-"""Bit-exactness of the package's numpy dequantizers against gguf-py's (``gguf.quants.dequantize``), the independent
+"""Bit-exactness of the package's numpy dequantizers against gguf-py's (``gguf.quants.dequantize``), the
+independent
 reference, on random blocks and on every tensor of the real Gemma 3 270M file."""
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ def gguf_ref(raw: np.ndarray, qtype) -> np.ndarray:
 
 
 def assert_bit_exact(ours: np.ndarray, ref: np.ndarray, what: str = "") -> None:
-    """Same shape, same NaN positions, and identical float32 bit patterns everywhere else. NaN payloads are not
-    compared (they are an artifact of which operand's NaN the FPU propagates), though in practice they match too."""
+    """Same shape, same NaN positions, and identical float32 bit patterns everywhere else. NaN payloads are
+    not
+    compared (they are an artifact of which operand's NaN the FPU propagates), though in practice they match
+    too."""
     assert ours.dtype == np.float32, what
     assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
     nan_o, nan_r = np.isnan(ours), np.isnan(ref)
@@ -48,7 +51,8 @@ def test_block_table_matches_gguf():
 
 @st.composite
 def random_rows(draw, sane_scales: bool):
-    """(qtype, uint8 rows): random bytes; with ``sane_scales`` the f16 scale fields are overwritten with finite
+    """(qtype, uint8 rows): random bytes; with ``sane_scales`` the f16 scale fields are overwritten with
+    finite
     random halves of moderate magnitude (so the bulk of the values are ordinary numbers, not inf/NaN)."""
     qtype = draw(st.sampled_from(TYPES))
     be, bb = QUANT_BLOCK[qtype]
@@ -61,7 +65,9 @@ def random_rows(draw, sane_scales: bool):
         blocks = raw.reshape(-1, bb)
         offs = {Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}.get(qtype, (0,))
         for o in offs:
-            h = (rng.standard_normal(blocks.shape[0]) * 10.0 ** rng.uniform(-6, 2, blocks.shape[0])).astype(np.float16)
+            h = (rng.standard_normal(blocks.shape[0]) * 10.0 ** rng.uniform(-6, 2, blocks.shape[0])).astype(
+                np.float16
+            )
             blocks[:, o : o + 2] = h.view(np.uint8).reshape(-1, 2)
     return qtype, raw
 

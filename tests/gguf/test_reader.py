@@ -1,5 +1,6 @@
-"""GGUF reader: agreement with gguf-py's GGUFReader on valid files, one error type (GGUFError) for every kind of bad
-file, and a hypothesis fuzz (truncation, random byte overwrites, huge counts/lengths) that must never raise anything
+"""GGUF reader: agreement with gguf-py's GGUFReader on valid files, one error type (GGUFError) for every kind
+of bad file, and a hypothesis fuzz (truncation, random byte overwrites, huge counts/lengths) that must never
+raise anything
 else, hang, or read outside the file."""
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from sparkinfer_cute.gguf.reader import SUPPORTED_TYPES
 Q = GGMLQuantizationType
 
 
-def write_small_gguf(path, rng: np.random.Generator, *, alignment: int | None = None) -> dict[str, np.ndarray]:
+def write_small_gguf(
+    path, rng: np.random.Generator, *, alignment: int | None = None
+) -> dict[str, np.ndarray]:
     """A small valid GGUF via gguf-py's writer: every metadata value type and a few tensor types (one of them
     unsupported, Q2_K). Returns the arrays written (raw bytes for quantized ones)."""
     w = gguf.GGUFWriter(str(path), "gemma3")
@@ -130,7 +133,7 @@ def test_describe_real_gemma3(gemma3_path):
     assert len(g.metadata["tokenizer.ggml.tokens"]) == 262144
 
 
-# ------------------------------------------------------------------------------------------------ specific errors
+# -------------------------------------------------------------------------------------------- specific errors
 def _patch(path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
@@ -202,7 +205,8 @@ def test_huge_counts_and_lengths(small, huge):
 
 
 def test_array_length_cap(small, monkeypatch):
-    """A count that passes the file-size bound (zero bytes read as empty strings) but is implausibly long is refused
+    """A count that passes the file-size bound (zero bytes read as empty strings) but is implausibly long is
+    refused
     before a giant list is built. The cap is lowered here so the test file stays small."""
     import sparkinfer_cute.gguf.reader as reader_mod
 
@@ -259,7 +263,9 @@ def test_tensor_errors(small):
 def test_truncated_tensor_data(small):
     path, _ = small
     data = open(path, "rb").read()
-    end = max(t.offset + t.nbytes for t in GGUFFile(path).tensors.values())  # the writer pads after the last one
+    end = max(
+        t.offset + t.nbytes for t in GGUFFile(path).tensors.values()
+    )  # the writer pads after the last one
     path.write_bytes(data[: end - 1])
     e = _expect(path, "truncated")
     assert e.tensor is not None
@@ -288,7 +294,9 @@ def corruptions(draw):
         if kind == "bytes":
             val = draw(st.binary(min_size=1, max_size=4))
         elif kind == "u64":
-            val = struct.pack("<Q", draw(st.sampled_from([0, 1, 7, 2**31, 2**32 - 1, 2**40, 2**60, 2**63, 2**64 - 1])))
+            val = struct.pack(
+                "<Q", draw(st.sampled_from([0, 1, 7, 2**31, 2**32 - 1, 2**40, 2**60, 2**63, 2**64 - 1]))
+            )
         else:
             val = struct.pack("<I", draw(st.sampled_from([0, 1, 4, 13, 255, 2**16, 2**31, 2**32 - 1])))
         edits.append((pos, val))
@@ -297,7 +305,11 @@ def corruptions(draw):
     return variant, kind, edits, header_bias
 
 
-@settings(max_examples=1000, deadline=2000, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=1000,
+    deadline=2000,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(corruptions())
 def test_fuzz_only_gguferror(tmp_path_factory, case):
     variant, kind, edits, header_bias = case
