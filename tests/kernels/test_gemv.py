@@ -108,3 +108,105 @@ def test_gemv_experts(q, n_in, n_out, per_slot):
     assert y.shape == (k, n_out)
     ref = gemv_experts_ref(w, q, x, ids, n_out, per_slot)
     _check(y, ref, gemv_error_bound(w, q, x, ids=ids, n_out=n_out, x_per_slot=per_slot))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# int8 activation path: q8_1 quantization + dp4a GEMV
+
+from sparkinfer_cute.kernels.gemv_q8 import (INT_QTYPES, compile_gemv_q8, gemv_q8, gemv_q8_error_bound,  # noqa: E402
+                                             gemv_q8_experts)
+from sparkinfer_cute.kernels.gemv_q8 import registered_configs as q8_configs  # noqa: E402
+from sparkinfer_cute.kernels.q8_1 import compile_quantize_q8_1, dequantize_q8_1, quantize_q8_1, quantize_q8_1_ref  # noqa: E402,E501
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 4), nb=st.integers(1, 8), seed=st.integers(0, 2**32 - 1), zero_block=st.booleans())
+def test_q8_1_reference_error_bound(rows, nb, seed, zero_block):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, nb * 32)) * rng.uniform(1e-3, 1e3)).astype(np.float32)
+    if zero_block:
+        x[0, :32] = 0
+    q, d, s = quantize_q8_1_ref(x)
+    assert q.dtype == np.int8 and (np.abs(q.astype(np.int32)) <= 127).all()
+    err = np.abs(x - dequantize_q8_1(q, d))
+    half = np.repeat(d.astype(np.float64), 32, axis=-1) * (0.5 + 128 * 2.0**-24)
+    assert (err <= half).all()
+    if zero_block:
+        assert d[0, 0] == 0 and not q[0, :32].any() and s[0, 0] == 0
+    np.testing.assert_allclose(s, d * q.reshape(rows, nb, 32).sum(-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("target", arch.SUPPORTED_TARGETS)
+def test_q8_registered_configs_compile(target):
+    with arch.target(target):
+        for n in (640, 2048):
+            assert compile_quantize_q8_1.uncached(n) is not None
+        for cfg in q8_configs():
+            assert compile_gemv_q8.uncached(**cfg) is not None, cfg
+
+
+@pytest.mark.gpu
+@settings(max_examples=10, deadline=None)
+@given(rows=st.integers(1, 8), nb=st.integers(1, 64), seed=st.integers(0, 2**32 - 1))
+def test_quantize_q8_1_matches_reference(rows, nb, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, nb * 32)) * rng.uniform(1e-3, 1e3)).astype(np.float32)
+    x[0, :32] = 0  # an all-zero block
+    q, d, s = quantize_q8_1(x)
+    rq, rd, rs = quantize_q8_1_ref(x)
+    # same f32 operations (div.rn, round-to-nearest-even, exact integer sums): identical results
+    np.testing.assert_array_equal(q, rq)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(s, rs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q", INT_QTYPES)
+@settings(max_examples=3, deadline=None)
+@given(n_out=st.integers(1, 200), kblocks=st.integers(1, 8), rows=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
+def test_gemv_q8_dense(q, n_out, kblocks, rows, seed):
+    rng = np.random.default_rng(seed)
+    n_in = kblocks * max(spec(q).block_elems, 64)
+    w = rand_weight(q, n_out, n_in, rng)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    y = gemv_q8(w, q, x)
+    assert y.shape == (rows, n_out) and not np.isnan(y).any()
+    # 1) against the exact GEMV of the quantized activations (checks the integer logic tightly)
+    xq, xd, _ = quantize_q8_1_ref(x)
+    xhat = dequantize_q8_1(xq, xd)
+    _check(y, gemv_ref(w, q, xhat), gemv_error_bound(w, q, xhat))
+    # 2) against the float64 GEMV of x, within the q8_1 quantization bound
+    err = np.abs(y - gemv_ref(w, q, x))
+    assert (err <= gemv_q8_error_bound(w, q, x)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q,n_in,n_out,per_slot", [("Q4_K", 2048, 768, False), ("Q6_K", 768, 2048, True),
+                                                   ("Q5_0", 384, 384, False), ("Q8_0", 384, 384, True)])
+def test_gemv_q8_experts(q, n_in, n_out, per_slot):
+    rng = np.random.default_rng()
+    E, k = 16, 8
+    w = rand_weight(q, E * n_out, n_in, rng).reshape(E, n_out, -1)
+    ids = rng.integers(0, E, size=k).astype(np.int32)
+    x = rng.standard_normal((k if per_slot else 1, n_in)).astype(np.float32)
+    y = gemv_q8_experts(w, q, x, ids, n_out, x_per_slot=per_slot)
+    assert y.shape == (k, n_out)
+    err = np.abs(y - gemv_experts_ref(w, q, x, ids, n_out, per_slot))
+    assert (err <= gemv_q8_error_bound(w, q, x, ids=ids, n_out=n_out, x_per_slot=per_slot)).all()
+
+
+@pytest.mark.gpu
+def test_gemv_q8_device_arrays_real_shape():
+    """Device-resident path (Q8Act reused across two GEMVs, as the model does once per norm)."""
+    from sparkinfer_cute.runtime import DeviceArray
+
+    rng = np.random.default_rng()
+    x = rng.standard_normal(2048).astype(np.float32)
+    xq = quantize_q8_1(DeviceArray.from_numpy(x[None]))
+    for q, n_out in (("Q4_K", 4096), ("Q6_K", 512)):
+        w = rand_weight(q, n_out, 2048, rng)
+        out = DeviceArray.empty((n_out,), np.float32)
+        out.fill_bytes(0xFF)
+        gemv_q8(DeviceArray.from_numpy(w), q, xq, n_out=n_out, out=out)
+        y = out.to_numpy()
+        assert (np.abs(y - gemv_ref(w, q, x)) <= gemv_q8_error_bound(w, q, x[None])[0]).all()
