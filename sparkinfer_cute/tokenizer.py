@@ -1,6 +1,6 @@
 """Tokenizers built from GGUF metadata, reproducing llama.cpp's ``llama-vocab.cpp`` token for token.
 
-Two vocabulary families are supported (``tokenizer.ggml.model``):
+Three vocabulary families are supported (``tokenizer.ggml.model``):
 
 * ``llama`` — SentencePiece-style (Gemma 3): ``llm_tokenizer_spm_session``. ' ' becomes '▁', the text is split into
   UTF-8 characters, and the adjacent pair whose concatenation is a vocab token with the highest score is merged
@@ -8,6 +8,8 @@ Two vocabulary families are supported (``tokenizer.ggml.model``):
   with a heap, like llama.cpp (O(n log n)).
 * ``gpt2`` — byte-level BPE (Qwen3 ``pre=qwen2``, Qwen3.5 ``pre=qwen35``): ``llm_tokenizer_bpe_session``. The regex
   pre-split, GPT-2 byte-to-unicode mapping and rank-ordered merges run in the ``tokenizers`` library (Rust).
+* ``gemma4`` — BPE over raw UTF-8 characters (Gemma 4): ' ' -> '▁', split into newline / non-newline runs, merges
+  by rank in ``tokenizers``, ``<0xXX>`` byte fallback; a newline run that is a token is taken whole.
 
 Before either, the text is partitioned on the literal text of special tokens exactly as ``tokenizer_st_partition``
 does: every CONTROL / USER_DEFINED / UNKNOWN token, longest (in UTF-8 bytes) first; CONTROL and UNKNOWN only when
@@ -21,6 +23,7 @@ their byte, CONTROL/UNKNOWN give their text unless skipped, USER_DEFINED always 
 from __future__ import annotations
 
 import heapq
+import re
 import mmap
 import os
 import struct
@@ -68,6 +71,7 @@ QWEN35_REGEX = (
 BPE_PRE_REGEX = {"qwen2": QWEN2_REGEX, "deepseek-r1-qwen": QWEN2_REGEX, "qwen35": QWEN35_REGEX}
 
 SPM_SPACE = "\u2581"  # '▁'
+_NEWLINE_RUNS = re.compile(r"[^\n]+|\n+")
 
 
 def gpt2_bytes_to_unicode() -> dict[int, str]:
@@ -168,6 +172,14 @@ def read_gguf_metadata(path: str | os.PathLike, prefix: str = "") -> dict:
     return out
 
 
+def _strip_thinking(text: str) -> str:
+    """gemma4.jinja strip_thinking: drop every ``<|channel>…<channel|>`` span."""
+    out = []
+    for part in text.split("<channel|>"):
+        out.append(part.split("<|channel>")[0] if "<|channel>" in part else part)
+    return "".join(out)
+
+
 # ----------------------------------------------------------------------------------------------- streaming decode
 class StreamDecoder:
     """Decodes one token id at a time; ``push`` returns only complete UTF-8 text and holds back a partial sequence
@@ -218,9 +230,11 @@ class Tokenizer:
 
         self.model: str = need("tokenizer.ggml.model")
         self.pre: str = md.get("tokenizer.ggml.pre", "default")
-        if self.model not in ("llama", "gpt2"):
+        if self.model not in ("llama", "gpt2", "gemma4"):
             raise GGUFError(source, f"unsupported tokenizer model {self.model!r} (supported: 'llama' SPM as in "
-                                    f"Gemma 3, 'gpt2' byte-level BPE as in Qwen3/Qwen3.5)")
+                                    f"Gemma 3, 'gpt2' byte-level BPE as in Qwen3/Qwen3.5, 'gemma4' BPE as in Gemma 4)")
+        if self.model == "gemma4":
+            self.pre = "gemma4"  # llama.cpp forces this pre-tokenizer for the gemma4 tokenizer model
         if self.model == "gpt2" and self.pre not in BPE_PRE_REGEX:
             raise GGUFError(source, f"unsupported BPE pre-tokenizer {self.pre!r} (supported: "
                                     f"{', '.join(sorted(BPE_PRE_REGEX))})")
@@ -240,7 +254,10 @@ class Tokenizer:
 
         # special ids (llama.cpp defaults: SPM bos 1 eos 2 unk 0; BPE bos/eos 11 — only used if the keys are absent)
         spm = self.model == "llama"
-        default_bos, default_eos = (1, 2) if spm else (11, 11)
+        gemma4 = self.model == "gemma4"
+        # ' ' -> '▁' before tokenizing and back when decoding (SPM, and Gemma 4's SPM-style BPE)
+        self._escape_spaces = spm or gemma4
+        default_bos, default_eos = (1, 2) if spm else (None, None) if gemma4 else (11, 11)
 
         def special_id(key, default):
             v = md.get(key, default)
@@ -252,7 +269,8 @@ class Tokenizer:
         self.pad_id = special_id("tokenizer.ggml.padding_token_id", None)
         eot_id = special_id("tokenizer.ggml.eot_token_id", None)
         eom_id = special_id("tokenizer.ggml.eom_token_id", None)
-        self.add_bos: bool = bool(md.get("tokenizer.ggml.add_bos_token", spm))
+        # llama.cpp forces add_bos for Gemma 4 whatever the file says (llama-vocab.cpp, PR 21500)
+        self.add_bos: bool = bool(md.get("tokenizer.ggml.add_bos_token", spm)) or gemma4
         self.add_eos: bool = bool(md.get("tokenizer.ggml.add_eos_token", False))
         self.add_space_prefix: bool = bool(md.get("tokenizer.ggml.add_space_prefix", spm))
         self.chat_template: str | None = md.get("tokenizer.chat_template")
@@ -275,6 +293,11 @@ class Tokenizer:
         for i in eog | {i for i in (eot_id, *fim.values()) if i is not None}:
             if self._types[i] not in (CONTROL, USER_DEFINED, UNKNOWN):
                 self._types[i] = CONTROL
+        # Gemma 4 has a normal "</s>": with "<|tool_response>" present llama.cpp drops "</s>" from EOG
+        s_id = self._token_to_id.get("</s>")
+        if s_id in eog and "<|tool_response>" in self._token_to_id:
+            eog.discard(s_id)
+            self._types[s_id] = NORMAL
         self.eot_id = eot_id
         self.eog_ids: frozenset[int] = frozenset(eog)
 
@@ -286,7 +309,9 @@ class Tokenizer:
 
         # byte pieces per id (token_to_piece with special=true), built lazily for large vocabularies
         self._piece_cache: dict[int, bytes] = {}
-        if spm:
+        if gemma4:
+            self._hf = self._build_hf_bpe(md, source, byte_level=False)
+        elif spm:
             scores = md.get("tokenizer.ggml.scores") or [0.0] * n
             self._scores: list[float] = scores
             hexd = "0123456789ABCDEF"
@@ -298,7 +323,7 @@ class Tokenizer:
                 self._byte_ids.append(i)
         else:
             self._byte_decoder = {c: b for b, c in gpt2_bytes_to_unicode().items()}
-            self._hf = self._build_hf_bpe(md, source)
+            self._hf = self._build_hf_bpe(md, source, byte_level=True)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -308,7 +333,7 @@ class Tokenizer:
             return cls(read_gguf_metadata(g, prefix="tokenizer."), source=os.fspath(g))
         return cls(g.metadata, source=getattr(g, "path", "<gguf>"))
 
-    def _build_hf_bpe(self, md: Mapping, source: str):
+    def _build_hf_bpe(self, md: Mapping, source: str, byte_level: bool):
         from tokenizers import Regex
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import models, pre_tokenizers
@@ -316,15 +341,20 @@ class Tokenizer:
         merges_raw = md.get("tokenizer.ggml.merges")
         if not merges_raw:
             raise GGUFError(source, "BPE tokenizer without tokenizer.ggml.merges")
-        merges = []
-        for m in merges_raw:
-            k = m.find(" ", 1)  # llama.cpp splits at the first space after position 0
-            if k < 0:
-                raise GGUFError(source, f"malformed BPE merge {m!r}")
-            merges.append((m[:k], m[k + 1 :]))
+        # llama.cpp splits each merge at the first space after position 0 (a byte-level vocab has no literal spaces,
+        # so the plain split is the same; the slow path only runs for a merge that starts with a space)
+        merges = [tuple(m.split(" ", 1)) if m[:1] != " " else (m[: m.find(" ", 1)], m[m.find(" ", 1) + 1 :])
+                  for m in merges_raw]
+        bad = next((m for m, pair in zip(merges_raw, merges) if len(pair) != 2 or not pair[0]), None)
+        if bad is not None:
+            raise GGUFError(source, f"malformed BPE merge {bad!r}")
         # only NORMAL / BYTE pieces are merge targets; special texts are never produced by BPE in practice but keeping
         # the whole vocab makes ids identical to llama.cpp's text_to_token
         vocab = dict(self._token_to_id)
+        if not byte_level:
+            # Gemma 4: merges over raw UTF-8 characters, no pre-split here (encode splits on newline runs), and
+            # characters outside the vocab become <0xXX> tokens (HF byte_fallback == llama.cpp's fallback loop)
+            return HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=True))
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
         hf.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(BPE_PRE_REGEX[self.pre]), behavior="isolated", invert=False),
@@ -375,6 +405,19 @@ class Tokenizer:
                         fr = " " + fr
                     self._spm_tokenize(fr.replace(" ", SPM_SPACE), out)
                     prev_special = False
+        elif self.model == "gemma4":
+            tok = self._token_to_id
+            for fr in frags:
+                if isinstance(fr, int):
+                    out.append(fr)
+                    continue
+                # unicode_regex_split_custom_newlines: runs of '\n' and runs of everything else; a run of newlines
+                # that is itself a token is emitted whole (llm_tokenizer_bpe_session, gemma 4 fix, PR 21343)
+                for word in _NEWLINE_RUNS.findall(fr.replace(" ", SPM_SPACE)):
+                    if word[0] == "\n" and word in tok:
+                        out.append(tok[word])
+                    else:
+                        out.extend(self._hf.encode(word, add_special_tokens=False).ids)
         else:
             for fr in frags:
                 if isinstance(fr, int):
@@ -460,7 +503,7 @@ class Tokenizer:
         if ty in (CONTROL, UNKNOWN, USER_DEFINED):
             return text.encode("utf-8")
         if ty == NORMAL:
-            if self.model == "llama":
+            if self._escape_spaces:
                 return text.replace(SPM_SPACE, " ").encode("utf-8")
             dec = self._byte_decoder
             return bytes(dec[c] for c in text) if all(c in dec for c in text) else text.encode("utf-8")
@@ -503,7 +546,10 @@ class Tokenizer:
     # ------------------------------------------------------------------ chat templates
     @property
     def chat_family(self) -> str:
-        """'gemma' (Gemma 3 turns), 'qwen3' (ChatML + Qwen3 thinking switch) or 'qwen35' (ChatML, Qwen3.5)."""
+        """'gemma' (Gemma 3 turns), 'gemma4' (Gemma 4 turns), 'qwen3' (ChatML + Qwen3 thinking switch) or 'qwen35'
+        (ChatML, Qwen3.5)."""
+        if self.model == "gemma4" or "<|turn>" in self._token_to_id:
+            return "gemma4"
         if "<start_of_turn>" in self._token_to_id:
             return "gemma"
         if "<|im_start|>" in self._token_to_id:
@@ -521,6 +567,11 @@ class Tokenizer:
         * Gemma 3 (llama.cpp LLM_CHAT_TEMPLATE_GEMMA / HF template): system content (trimmed) is prepended to the
           first user turn followed by a blank line; "assistant" is renamed "model"; contents are trimmed;
           ``<start_of_turn>{role}\\n{content}<end_of_turn>\\n`` per turn, then ``<start_of_turn>model\\n``.
+        * Gemma 4 (llama.cpp models/templates/gemma4.jinja, text only): a leading system message becomes
+          ``<|turn>system\n{content|trim}<turn|>\n`` (thinking on: ``<|think|>`` first, and the system turn is
+          opened even without a system message); turns ``<|turn>{role}\n{content|trim}<turn|>\n`` with "assistant"
+          renamed "model" and its ``<|channel>…<channel|>`` thoughts stripped; then ``<|turn>model\n``, followed by
+          an empty thought channel ``<|channel>thought\n<channel|>`` when thinking is off.
         * Qwen3 / Qwen3.5 ChatML: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn, then
           ``<|im_start|>assistant\\n``; with thinking disabled the generation prompt is followed by an empty
           ``<think>\\n\\n</think>\\n\\n`` block (Qwen3.5 opens ``<think>\\n`` when thinking is enabled).
@@ -542,6 +593,26 @@ class Tokenizer:
                 parts.append(content.strip() + "<end_of_turn>\n")
             if add_generation_prompt:
                 parts.append("<start_of_turn>model\n")
+            return "".join(parts)
+        if fam == "gemma4":
+            msgs = list(messages)
+            if enable_thinking or (msgs and msgs[0]["role"] in ("system", "developer")):
+                parts.append("<|turn>system\n")
+                if enable_thinking:
+                    parts.append("<|think|>")
+                if msgs and msgs[0]["role"] in ("system", "developer"):
+                    parts.append((msgs.pop(0).get("content") or "").strip())
+                parts.append("<turn|>\n")
+            for m in msgs:
+                role = "model" if m["role"] == "assistant" else m["role"]
+                content = m.get("content") or ""
+                if role == "model":
+                    content = _strip_thinking(content)
+                parts.append(f"<|turn>{role}\n{content.strip()}<turn|>\n")
+            if add_generation_prompt:
+                parts.append("<|turn>model\n")
+                if not enable_thinking:
+                    parts.append("<|channel>thought\n<channel|>")
             return "".join(parts)
         for m in messages:
             parts.append(f"<|im_start|>{m['role']}\n{m.get('content') or ''}<|im_end|>\n")

@@ -11,8 +11,9 @@ For every text and model it runs (text written verbatim to a file, so no escape 
 
     llama-tokenize -m MODEL -f TEXT_FILE --no-escape --ids --log-disable [--no-parse-special] [--no-bos]
 
-Models: the real Gemma 3 270M Q4_K_M (SPM) and two tiny vocab-only byte-level BPE GGUFs built by qwen_tiny.py
-(pre=qwen2 and pre=qwen35), which the tests rebuild deterministically instead of committing .gguf files.
+Models: the real Gemma 3 270M Q4_K_M (SPM), two tiny vocab-only byte-level BPE GGUFs built by qwen_tiny.py
+(pre=qwen2 and pre=qwen35) and a tiny Gemma-4-style BPE GGUF built by gemma4_tiny.py; the tests rebuild the tiny
+files deterministically instead of committing .gguf files.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import subprocess
 import tempfile
 
 from .corpus import CORPUS
+from . import gemma4_tiny
 from .qwen_tiny import tiny_vocab, write_tiny_qwen_gguf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,6 +87,12 @@ def main():
                 "vocab_sha256": hashlib.sha256(json.dumps([tokens, merges]).encode()).hexdigest(),
                 "cases": cases_for(args.llama_tokenize, path),
             }
+        g4_tokens, _, g4_merges = gemma4_tiny.tiny_vocab()
+        path = gemma4_tiny.write_tiny_gemma4_gguf(os.path.join(d, "tiny_gemma4.gguf"))
+        fixture["models"]["tiny_gemma4"] = {
+            "vocab_sha256": hashlib.sha256(json.dumps([g4_tokens, g4_merges]).encode()).hexdigest(),
+            "cases": cases_for(args.llama_tokenize, path),
+        }
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w", encoding="utf-8") as f:
         json.dump(fixture, f, ensure_ascii=True, separators=(",", ":"))

@@ -25,6 +25,7 @@ from sparkinfer_cute.tokenizer import Tokenizer, gpt2_bytes_to_unicode, read_ggu
 
 from . import bpe_reference as ref
 from .corpus import CORPUS
+from . import gemma4_tiny
 from .qwen_tiny import tiny_vocab, write_tiny_qwen_gguf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,6 +42,9 @@ def test_fixture_matches_corpus():
     vocab_sha = hashlib.sha256(json.dumps([tokens, merges]).encode()).hexdigest()
     for pre in ("qwen2", "qwen35"):
         assert FIXTURE["models"][f"tiny_{pre}"]["vocab_sha256"] == vocab_sha, "qwen_tiny.py changed: rerun fixtures"
+    tokens, _, merges = gemma4_tiny.tiny_vocab()
+    vocab_sha = hashlib.sha256(json.dumps([tokens, merges]).encode()).hexdigest()
+    assert FIXTURE["models"]["tiny_gemma4"]["vocab_sha256"] == vocab_sha, "gemma4_tiny.py changed: rerun fixtures"
 
 
 # ----------------------------------------------------------------------------------------------- tokenizers
@@ -182,7 +186,7 @@ def test_bpe_split_matches_llama_cpp_port(text, pre):
     got = [w for w, _ in tok._hf.pre_tokenizer.pre_tokenize_str(text)]
     want = ["".join(_B2U[b] for b in w.encode("utf-8")) for w in ref.qwen_split(text, qwen35=pre == "qwen35")]
     assert got == want
-    tokens, types, merges = tiny_vocab()
+    tokens, types, merges = _tiny_tokenizers()["vocab"]
     assert tok.encode(text) == ref.encode(text, tokens, types, merges, qwen35=pre == "qwen35")
 
 
@@ -191,7 +195,7 @@ _TINY: dict = {}
 
 def _tiny_tokenizers():
     if not _TINY:
-        tokens, types, merges = tiny_vocab()
+        tokens, types, merges = _TINY["vocab"] = tiny_vocab()
         for pre in ("qwen2", "qwen35"):
             _TINY[pre] = Tokenizer({
                 "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
@@ -199,6 +203,47 @@ def _tiny_tokenizers():
                 "tokenizer.ggml.eos_token_id": tokens.index("<|im_end|>"), "tokenizer.ggml.add_bos_token": False,
             })
     return _TINY
+
+
+# ----------------------------------------------------------------------------------------------- Gemma 4 BPE
+@pytest.fixture(scope="module")
+def tiny_gemma4(tmp_path_factory):
+    path = gemma4_tiny.write_tiny_gemma4_gguf(tmp_path_factory.mktemp("tok") / "tiny_gemma4.gguf")
+    return path, Tokenizer.from_gguf(path)
+
+
+def test_tiny_gemma4_matches_llama_cpp(tiny_gemma4):
+    _, tok = tiny_gemma4
+    assert tok.model == "gemma4" and tok.add_bos is True
+    _check_cases(tok, FIXTURE["models"]["tiny_gemma4"]["cases"])
+
+
+def test_tiny_gemma4_eog_round_trip_stream(tiny_gemma4):
+    _, tok = tiny_gemma4
+    # llama.cpp -v: EOG = <eos>, <turn|>, <|tool_response>; "</s>" is "a normal token here, removing it from EOG"
+    assert tok.eog_ids == frozenset(tok.token_to_id(t) for t in ("<eos>", "<turn|>", "<|tool_response>"))
+    assert tok.token_type(tok.token_to_id("</s>")) == 1
+    for text in CORPUS:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == "<bos>" + text
+        assert tok.decode(tok.encode(text, add_bos=False)) == text
+        sd = tok.stream_decoder()
+        assert "".join(sd.push(i) for i in ids) + sd.flush() == tok.decode(ids)
+
+
+def test_gemma4_chat_template(tiny_gemma4):
+    _, tok = tiny_gemma4
+    msgs = [{"role": "system", "content": " S "}, {"role": "user", "content": " Hi "},
+            {"role": "assistant", "content": "<|channel>thought\nhmm<channel|>Yes"}, {"role": "user", "content": "Q"}]
+    # spec §6 / gemma4.jinja: [<|turn>system\n…<turn|>\n]<|turn>user\n{content}<turn|>\n<|turn>model\n, plus the
+    # empty thought channel when thinking is disabled
+    assert tok.apply_chat_template(msgs) == (
+        "<|turn>system\nS<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\nYes<turn|>\n<|turn>user\nQ<turn|>\n"
+        "<|turn>model\n<|channel>thought\n<channel|>")
+    assert tok.apply_chat_template(msgs[1:2], enable_thinking=True) == (
+        "<|turn>system\n<|think|><turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n")
+    ids = tok.encode(tok.apply_chat_template(msgs[1:2]))
+    assert ids[:2] == [tok.bos_id, tok.token_to_id("<|turn>")]
 
 
 # ----------------------------------------------------------------------------------------------- errors
