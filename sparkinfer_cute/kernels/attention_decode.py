@@ -49,10 +49,9 @@ from __future__ import annotations
 import math
 
 import cuda.bindings.driver as cuda
-import numpy as np
-
 import cutlass
 import cutlass.cute as cute
+import numpy as np
 from cutlass import Float16, Float32, Int32, const_expr
 
 from .arch import smem_budget
@@ -154,8 +153,7 @@ class AttentionDecodeSplitKV:
         lane = tidx % 32
         grp_in_warp = lane // LPT
         grp = warp * TPW + grp_in_warp
-        lig = lane % LPT  # lane in token group
-        d0 = lig * VEC  # this lane's slice of the head dim: [d0, d0 + VEC)
+        lig = lane % LPT  # lane in token group: owns head-dim elements [lig*VEC, (lig+1)*VEC)
         h0 = kvh * G + (head_tile % self.n_head_tiles) * GH  # first q head of this CTA (GQA: kv head h // G)
 
         # ---- shared memory: buffers to merge the token groups ----
@@ -327,7 +325,7 @@ def compile_attention_decode(n_head: int, n_kv_head: int, head_dim: int, page_si
     softcap, stream)."""
     k = AttentionDecodeSplitKV(n_head, n_kv_head, head_dim, page_size, num_splits, softcap,
                                keys_per_iter=keys_per_iter, heads_per_cta=heads_per_cta)
-    f32, f16, i32 = (gptr(t, 0) for t in (Float32, Float16, Int32))
+    f32, f16 = gptr(Float32, 0), gptr(Float16, 0)
     i32_4 = gptr(Int32, 0, align=4)
     return cute.compile(k, f32, f16, f16, i32_4, i32_4, f32, gptr(Float32, 0, align=4),
                         Int32(1), Int32(1), Int32(1), Float32(1.0), Int32(0), Float32(0.0),

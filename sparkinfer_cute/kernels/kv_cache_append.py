@@ -15,10 +15,8 @@ stores).
 from __future__ import annotations
 
 import cuda.bindings.driver as cuda
-import numpy as np
-
-import cutlass
 import cutlass.cute as cute
+import numpy as np
 from cutlass import Float16, Float32, Int32
 
 from .common import cu_stream, gptr

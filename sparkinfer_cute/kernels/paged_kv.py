@@ -28,7 +28,7 @@ Int32 offsets: a pool must hold fewer than 2^31 elements per layer (4 GiB of fp1
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -49,7 +49,7 @@ def masked_matrix_attention(q, k, v, pos, scale, window, softcap):
     """Independent float64 formulation: scores against *all* cached rows, an explicit visibility mask from the
     models.md rule, softmax with -inf. (``attention_decode_ref`` slices the visible range instead.)"""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    H, D = q.shape
+    H = q.shape[0]
     n_ctx, KV, _ = k.shape
     rep = H // KV
     p = np.arange(n_ctx)
@@ -272,7 +272,7 @@ def test_attention_decode_gpu_counts_every_key_once(D):
     rng = np.random.default_rng(D)
     H, KV, P, S = 8, 2, 16, 7
     for pos, window in [(0, 0), (15, 0), (16, 0), (1000, 0), (1000, 100), (2047, 512), (5, 100)]:
-        k_pool, v_pool, table, ks, vs = make_paged_case(rng, KV, D, P, [pos], window)
+        k_pool, v_pool, table, _, vs = make_paged_case(rng, KV, D, P, [pos], window)
         q = np.zeros((1, H, D), np.float32)
         o_part = DeviceArray.empty((1, H, S, D), np.float32).fill_bytes(0xFF)
         lse_part = DeviceArray.empty((1, H, S), np.float32).fill_bytes(0xFF)
