@@ -1,0 +1,280 @@
+"""GPU microbenchmark of the decode GEMV / MoE kernels at the real Qwen3-30B-A3B shapes.
+
+    python -m sparkinfer_cute.kernels.microbench [--json out.json] [--reps 50] [--only gemv]
+
+For each case: median µs per kernel, achieved GB/s (bytes of weights read + activations read + outputs written) and
+the percentage of the device-to-device copy bandwidth measured in the same run (``cuMemcpyDtoDAsync`` of 1 GiB,
+counting bytes read + written).
+
+Method. Host-side argument marshalling of a CuTe DSL launch (~5-8 µs, cute-dsl.md §2.1) is longer than most of these
+kernels, so timing individual launches with events would measure the host. Instead ``G`` launches are captured into
+one CUDA graph (as the model's decode step is) and each replay is timed with a pair of CUDA events; the reported time
+is the median over ``--reps`` replays (after 3 warm-up replays) of replay time / G. Where a case's weights fit in
+L2 (x2), the launches rotate over enough copies of the weights (dense) or over different random expert-id sets
+(experts, whose full [128, ...] tensors exceed L2) that every launch reads from DRAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+
+import numpy as np
+
+GIB = 1 << 30
+
+
+def _ptr(dtype, addr, align=16):
+    import cutlass.cute as cute
+
+    return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
+
+
+def _time_graph(launch_fns, stream, reps: int) -> tuple[float, float]:
+    """(median, min) µs per launch of a graph running ``launch_fns`` in order."""
+    from ..runtime import CudaGraph, Event, elapsed_ms
+
+    with CudaGraph.capture(stream) as g:
+        for fn in launch_fns:
+            fn()
+    for _ in range(3):
+        g.replay(stream)
+    stream.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = Event(), Event()
+        a.record(stream)
+        g.replay(stream)
+        b.record(stream)
+        times.append(elapsed_ms(a, b) * 1e3 / len(launch_fns))
+    return statistics.median(times), min(times)
+
+
+def measure_copy_bandwidth(stream, nbytes: int = GIB, reps: int = 10) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written)."""
+    from ..runtime import DeviceArray, Event, elapsed_ms
+
+    src = DeviceArray.empty((nbytes,), np.uint8)
+    dst = DeviceArray.empty((nbytes,), np.uint8)
+    src.fill_bytes(1, stream)
+    for _ in range(2):
+        dst.copy_from(src, stream)
+    times = []
+    for _ in range(reps):
+        a, b = Event(), Event()
+        a.record(stream)
+        dst.copy_from(src, stream)
+        b.record(stream)
+        times.append(elapsed_ms(a, b))
+    del src, dst
+    return 2 * nbytes / (statistics.median(times) * 1e-3) / 1e9
+
+
+def _rand_weights(q, n_rows, n_in, rng):
+    from .dequant import random_quant_bytes
+    from .quant_decode import spec
+
+    sp = spec(q)
+    return random_quant_bytes(q, n_rows * n_in // sp.block_elems, rng)
+
+
+def _n_copies(nbytes: int, l2: int, cap_bytes: int = 2 * GIB) -> int:
+    return max(1, min(math.ceil(2 * l2 / max(nbytes, 1)), cap_bytes // max(nbytes, 1)))
+
+
+def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng):
+    import cuda.bindings.driver as cuda
+    from cutlass import Float32, Int8, Int32, Uint8
+
+    from ..runtime import DeviceArray
+    from .quant_decode import spec
+
+    w_host = _rand_weights(q, n_out, n_in, rng)
+    wbytes = w_host.nbytes
+    ncopy = _n_copies(wbytes, l2)
+    ws = [DeviceArray.from_numpy(w_host, stream) for _ in range(ncopy)]
+    x = DeviceArray.from_numpy(rng.standard_normal((1, n_in)).astype(np.float32), stream)
+    y = DeviceArray.empty((n_out,), np.float32)
+    cs = cuda.CUstream(stream.handle)
+    if path == "float":
+        from .gemv import compile_gemv
+
+        fn = compile_gemv(q, n_in, 1)
+        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4),
+                 Int32(n_out), Int32(1), cs) for w in ws]
+        xbytes = n_in * 4
+    else:
+        from .gemv_q8 import compile_gemv_q8
+        from .q8_1 import quantize_q8_1
+
+        xq = quantize_q8_1(x, stream=stream)
+        fn = compile_gemv_q8(q, n_in, 1)
+        args = [(_ptr(Uint8, w.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr),
+                 _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4), Int32(n_out), Int32(1), cs) for w in ws]
+        xbytes = n_in + n_in // 32 * 8
+    G = max(20, ncopy)
+    launches = [(lambda a=args[i % ncopy]: fn(*a)) for i in range(G)]
+    med, mn = _time_graph(launches, stream, reps)
+    nbytes = wbytes + xbytes + n_out * 4
+    assert spec(q).row_bytes(n_in) * n_out == wbytes
+    return dict(case=f"gemv {q} {n_in}->{n_out}", path=path, us=med, us_min=mn, bytes=nbytes, copies=ncopy)
+
+
+def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_per_slot=False):
+    import cuda.bindings.driver as cuda
+    from cutlass import Float32, Int8, Int32, Uint8
+
+    from ..runtime import DeviceArray
+    from .quant_decode import spec
+
+    w = DeviceArray.from_numpy(_rand_weights(q, n_expert * n_out, n_in, rng), stream)
+    nsets = 16
+    ids = [DeviceArray.from_numpy(rng.choice(n_expert, k, replace=False).astype(np.int32), stream)
+           for _ in range(nsets)]
+    xrows = k if x_per_slot else 1
+    x = DeviceArray.from_numpy(rng.standard_normal((xrows, n_in)).astype(np.float32), stream)
+    y = DeviceArray.empty((k, n_out), np.float32)
+    cs = cuda.CUstream(stream.handle)
+    if path == "float":
+        from .gemv import compile_gemv
+
+        fn = compile_gemv(q, n_in, 1, True, x_per_slot)
+        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Float32, y.ptr), _ptr(Int32, i.ptr, 4),
+                 Int32(n_out), Int32(k), cs) for i in ids]
+        xbytes = xrows * n_in * 4
+    else:
+        from .gemv_q8 import compile_gemv_q8
+        from .q8_1 import quantize_q8_1
+
+        xq = quantize_q8_1(x, stream=stream)
+        fn = compile_gemv_q8(q, n_in, 1, True, x_per_slot)
+        args = [(_ptr(Uint8, w.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr),
+                 _ptr(Float32, y.ptr), _ptr(Int32, i.ptr, 4), Int32(n_out), Int32(k), cs) for i in ids]
+        xbytes = xrows * (n_in + n_in // 32 * 8)
+    launches = [(lambda a=args[i % nsets]: fn(*a)) for i in range(32)]
+    med, mn = _time_graph(launches, stream, reps)
+    nbytes = k * n_out * spec(q).row_bytes(n_in) + xbytes + k * n_out * 4
+    return dict(case=f"experts {k}x {q} {n_in}->{n_out}", path=path, us=med, us_min=mn, bytes=nbytes, copies=nsets)
+
+
+def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu="Q4_K", q_down="Q6_K"):
+    """The fused MoE FFN kernels (float path): gate+up+SwiGLU, then down + weighted sum + residual."""
+    import cuda.bindings.driver as cuda
+    from cutlass import Float32, Int32, Uint8
+
+    from ..runtime import DeviceArray
+    from .moe_ffn import compile_moe_down, compile_moe_gate_up
+    from .quant_decode import spec
+
+    wg = DeviceArray.from_numpy(_rand_weights(q_gu, n_expert * n_ff, n_embd, rng), stream)
+    wu = DeviceArray.from_numpy(_rand_weights(q_gu, n_expert * n_ff, n_embd, rng), stream)
+    wd = DeviceArray.from_numpy(_rand_weights(q_down, n_expert * n_embd, n_ff, rng), stream)
+    nsets = 16
+    ids = [DeviceArray.from_numpy(rng.choice(n_expert, k, replace=False).astype(np.int32), stream)
+           for _ in range(nsets)]
+    wts = DeviceArray.from_numpy(np.full(k, 1.0 / k, np.float32), stream)
+    h = DeviceArray.from_numpy(rng.standard_normal(n_embd).astype(np.float32), stream)
+    act = DeviceArray.empty((k, n_ff), np.float32)
+    y = DeviceArray.from_numpy(np.zeros(n_embd, np.float32), stream)
+    cs = cuda.CUstream(stream.handle)
+    fa = compile_moe_gate_up(q_gu, n_embd, n_ff, False)
+    fb = compile_moe_down(q_down, n_ff, n_embd, True)
+    a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Float32, h.ptr), _ptr(Int32, i.ptr, 4),
+               _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
+    b_args = [(_ptr(Uint8, wd.ptr), _ptr(Float32, act.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, wts.ptr, 4),
+               _ptr(Float32, y.ptr), _ptr(Float32, y.ptr), Int32(k), cs) for i in ids]
+    res = []
+    gu_bytes = 2 * k * n_ff * spec(q_gu).row_bytes(n_embd) + n_embd * 4 + k * n_ff * 4
+    d_bytes = k * n_embd * spec(q_down).row_bytes(n_ff) + k * n_ff * 4 + 2 * n_embd * 4
+    for name, fn, args, nbytes in (("moe gate+up+swiglu", fa, a_args, gu_bytes),
+                                   ("moe down+wsum+resid", fb, b_args, d_bytes)):
+        launches = [(lambda a=args[i % nsets], f=fn: f(*a)) for i in range(32)]
+        med, mn = _time_graph(launches, stream, reps)
+        res.append(dict(case=f"{name} {k}x{n_embd}/{n_ff} {q_gu}/{q_down}", path="float", us=med, us_min=mn,
+                        bytes=nbytes, copies=nsets))
+    return res
+
+
+def bench_quantize(stream, reps, n=2048):
+    import cuda.bindings.driver as cuda
+    from cutlass import Float32, Int8, Int32
+
+    from ..runtime import DeviceArray
+    from .q8_1 import Q8Act, compile_quantize_q8_1
+
+    x = DeviceArray.from_numpy(np.random.default_rng().standard_normal(n).astype(np.float32), stream)
+    xq = Q8Act(1, n)
+    fn = compile_quantize_q8_1(n)
+    a = (_ptr(Float32, x.ptr, 4), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr), Int32(1),
+         cuda.CUstream(stream.handle))
+    med, mn = _time_graph([lambda: fn(*a)] * 32, stream, reps)
+    return dict(case=f"quantize_q8_1 {n}", path="dp4a", us=med, us_min=mn, bytes=n * 4 + n + n // 32 * 8, copies=1)
+
+
+DENSE_CASES = [("Q4_K", 2048, 4096), ("Q4_K", 4096, 2048), ("Q4_K", 2048, 512), ("Q6_K", 2048, 512),
+               ("Q6_K", 2048, 151936)]
+EXPERT_CASES = [("Q4_K", 2048, 768, False), ("Q6_K", 768, 2048, True), ("Q4_K", 768, 2048, True)]
+
+
+def run(reps: int = 50, only: str | None = None) -> dict:
+    from ..runtime import Stream, get_device
+
+    dev = get_device()
+    stream = Stream(non_blocking=True)
+    rng = np.random.default_rng(0)
+    copy_gbs = measure_copy_bandwidth(stream)
+    rows = []
+    for path in ("float", "dp4a"):
+        if only in (None, "gemv"):
+            for q, n_in, n_out in DENSE_CASES:
+                rows.append(bench_dense(q, n_in, n_out, path, stream, dev.l2_bytes, reps, rng))
+        if only in (None, "experts"):
+            for q, n_in, n_out, per in EXPERT_CASES:
+                rows.append(bench_experts(q, n_in, n_out, path, stream, reps, rng, x_per_slot=per))
+    if only in (None, "moe"):
+        rows += bench_moe(stream, reps, rng)
+        rows += bench_moe(stream, reps, rng, q_down="Q4_K")
+    if only in (None, "gemv"):
+        rows.append(bench_quantize(stream, reps))
+    for r in rows:
+        r["GBps"] = r["bytes"] / (r["us"] * 1e-6) / 1e9
+        r["pct_copy"] = 100.0 * r["GBps"] / copy_gbs
+    return dict(device=dev.name, target=dev.target, sm_count=dev.sm_count, l2_bytes=dev.l2_bytes,
+                copy_GBps=copy_gbs, reps=reps, method="CUDA-graph replays of G launches, median of replay/G",
+                results=rows)
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{report['device']} ({report['target']}, {report['sm_count']} SMs); D2D copy "
+             f"{report['copy_GBps']:.0f} GB/s (read+write); median of {report['reps']} graph replays",
+             f"{'case':44s} {'path':6s} {'us':>9s} {'us_min':>9s} {'MB':>9s} {'GB/s':>8s} {'%copy':>6s}"]
+    for r in report["results"]:
+        lines.append(f"{r['case']:44s} {r['path']:6s} {r['us']:9.2f} {r['us_min']:9.2f} {r['bytes'] / 1e6:9.3f} "
+                     f"{r['GBps']:8.0f} {r['pct_copy']:6.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--json", help="write the results as JSON to this path")
+    ap.add_argument("--reps", type=int, default=50, help="timed graph replays per case (>= 50)")
+    ap.add_argument("--only", choices=("gemv", "experts", "moe"), help="run one group of cases")
+    a = ap.parse_args(argv)
+    from ..runtime import device_available
+
+    if not device_available():
+        print("microbench: no CUDA GPU available", file=sys.stderr)
+        return 2
+    report = run(max(a.reps, 50), a.only)
+    print(format_table(report))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
