@@ -125,46 +125,49 @@ def read_gguf_metadata(path: str | os.PathLike, prefix: str = "") -> dict:
                     raise GGUFError(path, "string runs past the end of the file: truncated")
                 return str(buf[pos + 8 : end], "utf-8", "replace"), end
 
+            unpack_len = struct.Struct("<Q").unpack_from
+
+            def read_value(vtype, pos, want):
+                """(value or None when not wanted, position after it)."""
+                if vtype in _SCALAR:
+                    fmt = _SCALAR[vtype]
+                    return (struct.unpack_from(fmt, buf, pos)[0] if want else None), pos + struct.calcsize(fmt)
+                if vtype == 8:
+                    return read_str(pos) if want else (None, pos + 8 + unpack_len(buf, pos)[0])
+                if vtype != 9:
+                    raise GGUFError(path, f"unknown metadata value type {vtype}")
+                etype, n = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if etype in _SCALAR:
+                    end = pos + struct.calcsize(_SCALAR[etype]) * n
+                    if end > len(buf):
+                        raise GGUFError(path, "metadata array runs past the end of the file: truncated")
+                    return (np.frombuffer(buf[pos:end], dtype=_NP_DTYPE[etype]).tolist() if want else None), end
+                if etype == 8:  # the hot path: 262144 token strings
+                    vals = []
+                    append = vals.append
+                    for _ in range(n):
+                        (ln,) = unpack_len(buf, pos)
+                        pos += 8
+                        if want:
+                            append(str(buf[pos : pos + ln], "utf-8", "replace"))
+                        pos += ln
+                    if pos > len(buf):
+                        raise GGUFError(path, "metadata array runs past the end of the file: truncated")
+                    return (vals if want else None), pos
+                vals = []
+                for _ in range(n):  # nested arrays
+                    v, pos = read_value(etype, pos, want)
+                    vals.append(v)
+                return (vals if want else None), pos
+
             for _ in range(n_kv):
                 key, pos = read_str(pos)
                 (vtype,) = struct.unpack_from("<I", buf, pos)
-                pos += 4
                 want = key.startswith(prefix)
-                if vtype in _SCALAR:
-                    fmt = _SCALAR[vtype]
-                    if want:
-                        (out[key],) = struct.unpack_from(fmt, buf, pos)
-                    pos += struct.calcsize(fmt)
-                elif vtype == 8:
-                    val, pos = read_str(pos)
-                    if want:
-                        out[key] = val
-                elif vtype == 9:
-                    etype, n = struct.unpack_from("<IQ", buf, pos)
-                    pos += 12
-                    if etype in _SCALAR:
-                        size = struct.calcsize(_SCALAR[etype]) * n
-                        if want:
-                            out[key] = np.frombuffer(buf[pos : pos + size], dtype=_NP_DTYPE[etype]).tolist()
-                        pos += size
-                    elif etype == 8:
-                        vals = []
-                        append = vals.append
-                        unpack = struct.Struct("<Q").unpack_from
-                        for _ in range(n):
-                            (ln,) = unpack(buf, pos)
-                            pos += 8
-                            if want:
-                                append(str(buf[pos : pos + ln], "utf-8", "replace"))
-                            pos += ln
-                        if pos > len(buf):
-                            raise GGUFError(path, f"metadata key {key!r} runs past the end of the file: truncated")
-                        if want:
-                            out[key] = vals
-                    else:
-                        raise GGUFError(path, f"metadata key {key!r}: unsupported array element type {etype}")
-                else:
-                    raise GGUFError(path, f"metadata key {key!r}: unknown value type {vtype}")
+                val, pos = read_value(vtype, pos + 4, want)
+                if want:
+                    out[key] = val
         except struct.error:
             raise GGUFError(path, "metadata runs past the end of the file: truncated") from None
         finally:

@@ -256,6 +256,34 @@ def test_unknown_tokenizer_model_is_a_clear_error():
         Tokenizer({"tokenizer.ggml.tokens": ["a"]})
 
 
+def test_fast_metadata_reader_matches_gguffile(tmp_path):
+    import gguf
+
+    path = str(tmp_path / "md.gguf")
+    w = gguf.GGUFWriter(path, "qwen3")
+    w.add_uint8("a.u8", 3)
+    w.add_int16("a.i16", -4)
+    w.add_float64("a.f64", 1.5)
+    w.add_bool("a.b", True)
+    w.add_uint64("a.u64", 2**40)
+    w.add_array("a.nested", [[1, 2], [3]])
+    w.add_array("a.strs", ["x", "ü", ""])
+    w.add_string("a.s", "hé")
+    w.add_array("a.f", [1.0, 2.5])
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert read_gguf_metadata(path) == GGUFFile(path).metadata
+    assert read_gguf_metadata(path, prefix="tokenizer.") == {"tokenizer.ggml.model": "llama"}
+    data = open(path, "rb").read()
+    for cut in (30, 60, len(data) // 3, len(data) // 2):  # inside the key/value section
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(GGUFError, match="truncated"):
+            read_gguf_metadata(tmp_path / "cut.gguf")
+
+
 def test_not_a_gguf(tmp_path):
     p = tmp_path / "x.gguf"
     p.write_bytes(b"NOPE" + bytes(20))
