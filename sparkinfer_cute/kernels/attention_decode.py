@@ -288,28 +288,44 @@ class AttentionDecodeCombine:
         mLsePart = cute.make_tensor(pLsePart, cute.make_layout((batch, H, S), stride=(H * S, S, 1)))
         mOut = cute.make_tensor(pOut, cute.make_layout((batch, H, D), stride=(H * D, D, 1)))
         self.kernel(mOPart, mLsePart, mOut).launch(grid=[H, batch, 1], block=[self.num_threads, 1, 1],
-                                                    stream=stream)
+                                                    smem=2 * 4 * S + 64, stream=stream)
 
     @cute.kernel
     def kernel(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor):
         D, S, NT = self.head_dim, self.num_splits, self.num_threads
         tidx, _, _ = cute.arch.thread_idx()
         h, b, _ = cute.arch.block_idx()
-        # Every thread derives the (tiny) split weights itself: S loads from L1, no smem or barrier needed.
+        smem = cutlass.memory.SmemAllocator()
+        sLse = smem.allocate_tensor(Float32, cute.make_layout(S), byte_alignment=16)
+        sW = smem.allocate_tensor(Float32, cute.make_layout(S), byte_alignment=16)
+        # The S split LSEs are loaded once, in parallel, into smem (a per-thread serial loop over them would pay one
+        # L2 latency per split), then every thread reads them back from smem.
+        for i in cutlass.range_constexpr((S + NT - 1) // NT):
+            s = tidx + i * NT
+            if const_expr(S % NT == 0) or s < S:
+                sLse[s] = mLsePart[b, h, s]
+        cute.arch.sync_threads()
         lse_max = -Float32.inf
-        for s in cutlass.range(S, unroll=1):
-            lse_max = cute.arch.fmax(lse_max, mLsePart[b, h, s])
+        for s in cutlass.range_constexpr(S):
+            lse_max = cute.arch.fmax(lse_max, sLse[s])
         lse_ref = cutlass.select_(lse_max == -Float32.inf, Float32(0.0), lse_max)
+        for i in cutlass.range_constexpr((S + NT - 1) // NT):
+            s = tidx + i * NT
+            if const_expr(S % NT == 0) or s < S:
+                sW[s] = cute.math.exp2((sLse[s] - lse_ref) * Float32(LOG2_E), fastmath=True)
+        cute.arch.sync_threads()
+        den = Float32(0.0)
+        for s in cutlass.range_constexpr(S):
+            den += sW[s]
+        inv_den = cutlass.select_(den > Float32(0.0), Float32(1.0) / den, Float32(0.0))
         for e in cutlass.range_constexpr(D // NT):
             d = tidx + e * NT
             num = Float32(0.0)
-            den = Float32(0.0)
-            for s in cutlass.range(S, unroll=1):
-                w = cute.math.exp2((mLsePart[b, h, s] - lse_ref) * Float32(LOG2_E), fastmath=True)
-                den += w
-                # A split with no keys has w = 0 and O_s = 0 (never NaN), so it adds nothing.
-                num += w * mOPart[b, h, s, d]
-            mOut[b, h, d] = cutlass.select_(den > Float32(0.0), num / den, Float32(0.0))
+            # A split with no keys has w = 0 and O_s = 0 (never NaN), so it adds nothing. Unrolled so the partial-O
+            # loads of several splits are in flight together.
+            for s in cutlass.range(S, unroll=8):
+                num += sW[s] * mOPart[b, h, s, d]
+            mOut[b, h, d] = num * inv_den
 
 
 # ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
