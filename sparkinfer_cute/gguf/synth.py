@@ -1,38 +1,43 @@
 """Synthetic GGUF models: random but well-scaled weights with real tensor names, shapes and Q4_K_M type mix.
 
-``write_synthetic(path, "qwen3moe", "30b-a3b")`` writes a file with the exact tensor list, shapes and per-tensor quant
-types of a llama.cpp Q4_K_M quantization of Qwen3-30B-A3B (17.28 GiB, 30.53 B parameters), so speed measured on it is
-speed on the real model. The small presets are for tests: they load in llama.cpp and decode varied token sequences.
+``write_synthetic(path, "qwen3moe", "30b-a3b")`` writes a file with the exact tensor list, shapes and
+per-tensor quant types of a llama.cpp Q4_K_M quantization of Qwen3-30B-A3B (17.28 GiB, 30.53 B parameters), so
+speed measured on it is speed on the real model (likewise gemma3/270m: its plan equals the real gemma-3-270m
+Q4_K_M file's tensor list, types and shapes, checked in the tests). The small presets are for tests: they load
+in llama.cpp and decode varied token sequences.
 
 How the weights are made (no float weights are ever quantized; blocks are generated directly):
 
-* Quantized tensors are random bytes (``Generator.integers`` over uint64, ~3 GiB/s per core, measured on the dev box)
-  whose per-block header fields are then overwritten in vectorized numpy: an f16 super-scale ``d`` jittered in
-  [0.75, 1.25]·base (random sign where the format is symmetric), and 6-/8-bit sub-block scales drawn from the random
-  bytes themselves. ``base`` is solved in closed form so the dequantized RMS equals the target
-  (``_QuantGen.rms_per_unit_d``). The quant values stay uniform, so every bit of every field is exercised.
-* Targets: projections RMS 1/sqrt(n_in) (unit-RMS inputs give unit-RMS outputs); qwen token_embd RMS 1; gemma3's tied
-  token_embd RMS 1/sqrt(n_embd) (the graph multiplies by sqrt(n_embd), and as the output matrix it gives unit-RMS
-  logits); router (F32) std 1/sqrt(n_embd) so router logits have std ~1 and top-k weights are not degenerate; all
-  norms uniform in [0.9, 1.1] (gemma3 norms carry the +1 baked in, so ~1 is right for both archs).
-* K-quant sub-block mins are chosen to cancel the sub-block mean (dmin·m ≈ d·sc·mean(q)), so rows are zero-mean.
+* Quantized tensors are random bytes (``Generator.integers`` over uint64, ~3 GiB/s per core, measured on the
+  dev box) whose per-block header fields are then overwritten in vectorized numpy: an f16 super-scale ``d``
+  jittered in [0.75, 1.25]·base (random sign where the format is symmetric), and 6-/8-bit sub-block scales
+  drawn from the random bytes themselves. ``base`` is solved in closed form so the dequantized RMS equals the
+  target (``_QuantGen.rms_per_unit_d``). The quant values stay uniform, so every bit of every field is
+  exercised.
+* Targets: projections RMS 1/sqrt(n_in) (unit-RMS inputs give unit-RMS outputs); qwen token_embd RMS 1;
+  gemma3's tied token_embd RMS 0.5/sqrt(n_embd) (the graph multiplies by sqrt(n_embd); as the output matrix it
+  gives logits of std ~0.5); router (F32) std 1/sqrt(n_embd) so router logits have std ~1 and top-k weights
+  are not degenerate; all norms uniform in [0.9, 1.1] (gemma3 norms carry the +1 baked in, so ~1 is right for
+  both archs). gemma3 deviates where a tied embedding needs it (GEMMA3_EMBD_RMS_SQRT_N, GEMMA3_POST_NORM_GAIN:
+  see their comment).
+* K-quant sub-block mins are chosen to cancel the sub-block mean (dmin·m ≈ d·sc·mean(q)), so rows are
+  zero-mean.
 * Deterministic per seed: each tensor is cut into fixed-size chunks and chunk k of tensor NAME draws from
   ``SeedSequence(seed, spawn_key=(crc32(NAME), k))``, independent of thread count and tensor order.
-* Streaming: tensor infos are written first (sizes are known from the plan), then chunks are generated on a thread
-  pool (numpy releases the GIL) with a bounded look-ahead window and written in order, so memory stays ~ a few
-  hundred MiB whatever the file size.
+* Streaming: tensor infos are written first (sizes are known from the plan), then chunks are generated on a
+  thread pool (numpy releases the GIL) with a bounded look-ahead window and written in order, so memory stays
+  ~ a few hundred MiB whatever the file size.
 
 Quant type rules are those of ``src/llama-quant.cpp`` (llama_tensor_get_type_impl + tensor_type_fallback) for
-``LLAMA_FTYPE_MOSTLY_Q4_K_M`` as summarized in shared/spec/models.md §1/§4, including: use_more_bits for attn_v and
-ffn_down(_exps) -> Q6_K; output (and gemma3's tied token_embd) -> Q6_K, or Q8_0 directly when ne0 % 256 != 0;
-ne0 % 256 != 0 fallbacks Q4_K->Q5_0, Q6_K->Q8_0, Q5_K->Q5_1 (refused: unsupported here); the n_expert == 8 rules
-(attn_v/attn_k -> Q8_0, attn_output -> Q5_K); 1-D tensors and ffn_gate_inp kept F32.
+``LLAMA_FTYPE_MOSTLY_Q4_K_M`` as summarized in shared/spec/models.md §1/§4, including: use_more_bits for
+attn_v and ffn_down(_exps) -> Q6_K; output (and gemma3's tied token_embd) -> Q6_K, or Q8_0 directly when ne0 %
+256 != 0; ne0 % 256 != 0 fallbacks Q4_K->Q5_0, Q6_K->Q8_0, Q5_K->Q5_1 (refused: unsupported here); the
+n_expert == 8 rules (attn_v/attn_k -> Q8_0, attn_output -> Q5_K); 1-D tensors and ffn_gate_inp kept F32.
 
-llama.cpp load checks (CPU build at /work/llama/llama.cpp/build/bin, run 2026-11-25), all passed:
-  llama-bench -m F -p 16 -n 4 -r 1         for qwen3moe tiny, qwen3moe tiny-fallback, gemma3 tiny
-  llama-perplexity -m F -f text -c 64      finite perplexity for the same three files
-  llama-completion greedy                  varied, non-repeating token sequences
-(numbers are in tests/gguf/test_synth.py's module docstring).
+llama.cpp load checks (CPU build at /work/llama/llama.cpp/build/bin, 2026-11-25), all passed: llama-bench
+(-p 16 -n 4 -r 1) and llama-perplexity (-c 64, finite PPL ~ V·e^(1/2)) on qwen3moe tiny and tiny-fallback and
+gemma3 tiny, llama-bench on a 1-block real-shape slice of 30b-a3b, llama-completion --temp 0 giving varied
+sequences; details in tests/gguf/test_synth.py's docstring.
 
 CLI: ``python -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o FILE``.
 """
@@ -56,40 +61,106 @@ Q = GGMLQuantizationType
 # llama_ftype ids written to general.file_type (llama.h)
 FTYPE_IDS = {"Q4_K_M": 15}
 
-# ----------------------------------------------------------------------------------------------------------- presets
-# Keys are the model hyper-parameters (names follow llama.cpp's hparams). Values for the real-shape presets are the
-# HF configs quoted in shared/spec/models.md §1 (Qwen3-30B-A3B) and §4 (gemma-3-270m).
+# -----------------------------------------------------------------------------------------------------------
+# presets Keys are the model hyper-parameters (names follow llama.cpp's hparams). Values for the real-shape
+# presets are the HF configs quoted in shared/spec/models.md §1 (Qwen3-30B-A3B) and §4 (gemma-3-270m).
 PRESETS: dict[tuple[str, str], dict] = {
     # every matrix row length (256, 512) is a multiple of 256: all K-quants, no fallbacks
-    ("qwen3moe", "tiny"): dict(
-        n_vocab=1536, n_embd=256, n_layer=4, n_head=8, n_head_kv=2, head_dim=64, n_ff=1024,
-        n_expert=16, n_expert_used=4, n_ff_exp=256, n_ctx=512, rope_base=1e6, rms_eps=1e-6,
-    ),
-    # n_embd 384 and n_ff_exp 384 are not multiples of 256: token_embd/attn_q/k/v/ffn_*_exps fall back to Q5_0 (or Q8_0
-    # where Q6_K was wanted), output -> Q8_0; attn_output (ne0 512) stays Q4_K.
-    ("qwen3moe", "tiny-fallback"): dict(
-        n_vocab=1536, n_embd=384, n_layer=4, n_head=8, n_head_kv=2, head_dim=64, n_ff=1536,
-        n_expert=16, n_expert_used=4, n_ff_exp=384, n_ctx=512, rope_base=1e6, rms_eps=1e-6,
-    ),
-    # real head_dim (128) and GQA group (8), real top-k (8); 8 layers give a mixed use_more_bits pattern (0,3,6,7)
-    ("qwen3moe", "small"): dict(
-        n_vocab=4096, n_embd=512, n_layer=8, n_head=16, n_head_kv=2, head_dim=128, n_ff=2048,
-        n_expert=32, n_expert_used=8, n_ff_exp=256, n_ctx=4096, rope_base=1e6, rms_eps=1e-6,
-    ),
-    ("qwen3moe", "30b-a3b"): dict(
-        n_vocab=151936, n_embd=2048, n_layer=48, n_head=32, n_head_kv=4, head_dim=128, n_ff=6144,
-        n_expert=128, n_expert_used=8, n_ff_exp=768, n_ctx=40960, rope_base=1e6, rms_eps=1e-6,
-    ),
-    # like 270m: n_embd 384 is not a multiple of 256 (as 640 is), so the same type mix (F32, Q4_K, Q5_0, Q6_K, Q8_0);
-    # 6 layers = one full SWA period (layer 5 global); window 32 so that a 64-token context exercises it
-    ("gemma3", "tiny"): dict(
-        n_vocab=2048, n_embd=384, n_layer=6, n_head=4, n_head_kv=1, head_dim=256, n_ff=768,
-        n_ctx=512, rope_base=1e6, rope_base_swa=None, sliding_window=32, rms_eps=1e-6,
-    ),
-    ("gemma3", "270m"): dict(
-        n_vocab=262144, n_embd=640, n_layer=18, n_head=4, n_head_kv=1, head_dim=256, n_ff=2048,
-        n_ctx=32768, rope_base=1e6, rope_base_swa=None, sliding_window=512, rms_eps=1e-6,
-    ),
+    ("qwen3moe", "tiny"): {
+        "n_vocab": 1536,
+        "n_embd": 256,
+        "n_layer": 4,
+        "n_head": 8,
+        "n_head_kv": 2,
+        "head_dim": 64,
+        "n_ff": 1024,
+        "n_expert": 16,
+        "n_expert_used": 4,
+        "n_ff_exp": 256,
+        "n_ctx": 512,
+        "rope_base": 1e6,
+        "rms_eps": 1e-6,
+    },
+    # n_embd 384 and n_ff_exp 384 are not multiples of 256: token_embd/attn_q/k/v/ffn_*_exps fall back to Q5_0
+    # (or Q8_0 where Q6_K was wanted), output -> Q8_0; attn_output (ne0 512) stays Q4_K.
+    ("qwen3moe", "tiny-fallback"): {
+        "n_vocab": 1536,
+        "n_embd": 384,
+        "n_layer": 4,
+        "n_head": 8,
+        "n_head_kv": 2,
+        "head_dim": 64,
+        "n_ff": 1536,
+        "n_expert": 16,
+        "n_expert_used": 4,
+        "n_ff_exp": 384,
+        "n_ctx": 512,
+        "rope_base": 1e6,
+        "rms_eps": 1e-6,
+    },
+    # real head_dim (128) and GQA group (8), real top-k (8); 8 layers give a mixed use_more_bits pattern
+    # (0,3,6,7)
+    ("qwen3moe", "small"): {
+        "n_vocab": 4096,
+        "n_embd": 512,
+        "n_layer": 8,
+        "n_head": 16,
+        "n_head_kv": 2,
+        "head_dim": 128,
+        "n_ff": 2048,
+        "n_expert": 32,
+        "n_expert_used": 8,
+        "n_ff_exp": 256,
+        "n_ctx": 4096,
+        "rope_base": 1e6,
+        "rms_eps": 1e-6,
+    },
+    ("qwen3moe", "30b-a3b"): {
+        "n_vocab": 151936,
+        "n_embd": 2048,
+        "n_layer": 48,
+        "n_head": 32,
+        "n_head_kv": 4,
+        "head_dim": 128,
+        "n_ff": 6144,
+        "n_expert": 128,
+        "n_expert_used": 8,
+        "n_ff_exp": 768,
+        "n_ctx": 40960,
+        "rope_base": 1e6,
+        "rms_eps": 1e-6,
+    },
+    # like 270m: n_embd 384 is not a multiple of 256 (as 640 is), so the same type mix (F32, Q4_K, Q5_0, Q6_K,
+    # Q8_0); 6 layers = one full SWA period (layer 5 global); window 32 so that a 64-token context exercises
+    # it
+    ("gemma3", "tiny"): {
+        "n_vocab": 2048,
+        "n_embd": 384,
+        "n_layer": 6,
+        "n_head": 4,
+        "n_head_kv": 1,
+        "head_dim": 256,
+        "n_ff": 768,
+        "n_ctx": 512,
+        "rope_base": 1e6,
+        "rope_base_swa": None,
+        "sliding_window": 32,
+        "rms_eps": 1e-6,
+    },
+    ("gemma3", "270m"): {
+        "n_vocab": 262144,
+        "n_embd": 640,
+        "n_layer": 18,
+        "n_head": 4,
+        "n_head_kv": 1,
+        "head_dim": 256,
+        "n_ff": 2048,
+        "n_ctx": 32768,
+        "rope_base": 1e6,
+        "rope_base_swa": None,
+        "sliding_window": 512,
+        "rms_eps": 1e-6,
+    },
 }
 
 ARCHS = ("qwen3moe", "gemma3")
@@ -98,11 +169,12 @@ ARCHS = ("qwen3moe", "gemma3")
 NORM_RANGE = (0.9, 1.1)
 ROUTER_LOGIT_STD = 1.0
 # gemma3 ties token_embd to the output, so the current token's embedding in the residual votes for itself
-# (logit ~ rms_embd*sqrt(n_embd)^2/rms(x) sigmas), and post-normed attention outputs (context averages rescaled to
-# RMS 1) make the state drift slowly: with all gains 1 and embedding RMS 1/sqrt(n_embd), llama-completion greedy on
-# gemma3/tiny repeated one token forever ("xxxx…", " is is is …"). Halving the embedding, weighting the per-position
-# FFN output (post_ffw_norm ~2) over the context-averaged attention output (post_attention_norm ~0.5) gave varied
-# sequences (llama-completion --temp 0, two prompts; see tests docstring). Residual RMS stays < ~10 at 18 layers.
+# (logit ~ rms_embd*sqrt(n_embd)^2/rms(x) sigmas), and post-normed attention outputs (context averages
+# rescaled to RMS 1) make the state drift slowly: with all gains 1 and embedding RMS 1/sqrt(n_embd),
+# llama-completion greedy on gemma3/tiny repeated one token forever ("xxxx…", " is is is …"). Halving the
+# embedding, weighting the per-position FFN output (post_ffw_norm ~2) over the context-averaged attention
+# output (post_attention_norm ~0.5) gave varied sequences (llama-completion --temp 0, two prompts; see tests
+# docstring). Residual RMS stays < ~10 at 18 layers.
 GEMMA3_EMBD_RMS_SQRT_N = 0.5  # token_embd RMS = this / sqrt(n_embd): x0 = embd*sqrt(n_embd) has RMS 0.5
 GEMMA3_POST_NORM_GAIN = {"post_attention_norm": 0.5, "post_ffw_norm": 2.0}
 
@@ -128,9 +200,10 @@ def synthetic_config(arch: str, preset: str, overrides: dict | None = None) -> d
     return cfg
 
 
-# ------------------------------------------------------------------------------------------------- Q4_K_M type rules
+# ------------------------------------------------------------------------------------------------- Q4_K_M
+# type rules
 def use_more_bits(i_layer: int, n_layer: int) -> bool:
-    """llama-quant.cpp: the layers that get more bits in *_M mixes (first/last eighth and every third in between)."""
+    """llama-quant.cpp: layers that get more bits in *_M mixes (first/last eighth, every third in between)."""
     return i_layer < n_layer // 8 or i_layer >= 7 * n_layer // 8 or (i_layer - n_layer // 8) % 3 == 2
 
 
@@ -138,22 +211,26 @@ _FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q6_K: Q.Q8_0, Q.Q5_K: Q.Q5_1}
 
 
 def _fallback(qtype: GGMLQuantizationType, ne0: int, name: str) -> GGMLQuantizationType:
-    """tensor_type_fallback: a 256-block type on a row that is not a multiple of 256 demotes to a 32-block type."""
+    """tensor_type_fallback: a 256-block type on a row that is not a multiple of 256 demotes to 32-block."""
     if ne0 % GGML_QUANT_SIZES[qtype][0] == 0:
         return qtype
     qtype = _FALLBACK.get(qtype, qtype)
     if qtype == Q.Q5_1:
-        raise ValueError(f"{name}: ne0 {ne0} makes Q5_K fall back to Q5_1, which sparkinfer_cute does not support")
+        raise ValueError(
+            f"{name}: ne0 {ne0} makes Q5_K fall back to Q5_1, which sparkinfer_cute does not support"
+        )
     if ne0 % GGML_QUANT_SIZES[qtype][0]:
-        raise ValueError(f"{name}: ne0 {ne0} is not a multiple of 32 (llama.cpp would store F16); choose other shapes")
+        raise ValueError(
+            f"{name}: ne0 {ne0} is not a multiple of 32 (llama.cpp would store F16); choose other shapes"
+        )
     return qtype
 
 
 def q4_k_m_type(name: str, shape: tuple[int, ...], *, n_layer: int, n_expert: int, tied_embeddings: bool):
     """The type ``llama-quantize … Q4_K_M`` gives tensor ``name`` (llama_tensor_get_type for MOSTLY_Q4_K_M).
 
-    attn_v and ffn_down layer indices are the counters llama.cpp keeps; with one attn_v / ffn_down per layer in
-    file order they equal the block index parsed from the name.
+    attn_v and ffn_down layer indices are the counters llama.cpp keeps; with one attn_v / ffn_down per layer
+    in file order they equal the block index parsed from the name.
     """
     if len(shape) < 2 or name.endswith("_norm.weight") or "ffn_gate_inp" in name:
         return Q.F32
@@ -174,13 +251,13 @@ def q4_k_m_type(name: str, shape: tuple[int, ...], *, n_layer: int, n_expert: in
     elif "ffn_down" in name:
         if use_more_bits(layer, n_layer):
             t = Q.Q6_K
-    elif name.endswith("attn_output.weight"):
-        if n_expert == 8:
-            t = Q.Q5_K
+    elif name.endswith("attn_output.weight") and n_expert == 8:
+        t = Q.Q5_K
     return _fallback(t, ne0, name)
 
 
-# ---------------------------------------------------------------------------------------------------------- planning
+# ----------------------------------------------------------------------------------------------------------
+# planning
 def _qwen3moe_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     E, V, L = c["n_embd"], c["n_vocab"], c["n_layer"]
     nq, nkv = c["n_head"] * c["head_dim"], c["n_head_kv"] * c["head_dim"]
@@ -231,8 +308,9 @@ def _gemma3_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def plan_synthetic(arch: str = "qwen3moe", preset: str = "tiny", *, overrides: dict | None = None,
-                   ftype: str = "Q4_K_M") -> list[PlannedTensor]:
+def plan_synthetic(
+    arch: str = "qwen3moe", preset: str = "tiny", *, overrides: dict | None = None, ftype: str = "Q4_K_M"
+) -> list[PlannedTensor]:
     """The tensors ``write_synthetic`` would write, in file order, without generating any data."""
     if ftype not in FTYPE_IDS:
         raise ValueError(f"unsupported ftype {ftype!r} (supported: {', '.join(FTYPE_IDS)})")
@@ -258,16 +336,16 @@ def plan_summary(plan: list[PlannedTensor]) -> dict:
         h = hist.setdefault(t.ggml_type.name, [0, 0])
         h[0] += 1
         h[1] += tensor_nbytes(t)
-    return dict(
-        n_params=sum(math.prod(t.shape) for t in plan),
-        n_bytes=sum(tensor_nbytes(t) for t in plan),
-        types={k: tuple(v) for k, v in sorted(hist.items())},
-    )
+    return {
+        "n_params": sum(math.prod(t.shape) for t in plan),
+        "n_bytes": sum(tensor_nbytes(t) for t in plan),
+        "types": {k: tuple(v) for k, v in sorted(hist.items())},
+    }
 
 
 def target_scale(arch: str, cfg: dict, name: str, shape: tuple[int, ...]) -> tuple[str, float]:
-    """How tensor ``name`` is initialized: ("norm", g) uniform g*NORM_RANGE, ("normal", std) for F32 matrices, or
-    ("rms", r) for quantized matrices (dequantized RMS r)."""
+    """How tensor ``name`` is initialized: ("norm", g) uniform g*NORM_RANGE, ("normal", std) for F32
+    matrices, or ("rms", r) for quantized matrices (dequantized RMS r)."""
     if len(shape) == 1:
         if arch == "gemma3":
             for key, gain in GEMMA3_POST_NORM_GAIN.items():
@@ -281,7 +359,8 @@ def target_scale(arch: str, cfg: dict, name: str, shape: tuple[int, ...]) -> tup
     return ("rms", 1.0 / math.sqrt(shape[0]))
 
 
-# ------------------------------------------------------------------------------------------ random block generation
+# ------------------------------------------------------------------------------------------ random block
+# generation
 def _f16_bytes(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
@@ -297,8 +376,9 @@ _JITTER_MS = 49.0 / 48.0  # E[jitter^2]
 class _QuantGen:
     """Fills blocks of one quant type in place from uniform random bytes, given base d."""
 
-    # K-quant sub-block scales sc are drawn from [24, 63] (bit 5 set or not, so the packing's high bits vary) and
-    # the mins m = round(0.8*sc), with dmin = d*mean(q)/0.8 so that dmin*m ~= d*sc*mean(q): zero-mean sub-blocks.
+    # K-quant sub-block scales sc are drawn from [24, 63] (bit 5 set or not, so the packing's high bits vary)
+    # and the mins m = round(0.8*sc), with dmin = d*mean(q)/0.8 so that dmin*m ~= d*sc*mean(q): zero-mean
+    # sub-blocks.
     SC_LO, SC_SPAN, M_RATIO = 24, 40, 0.8
 
     @staticmethod
@@ -308,7 +388,8 @@ class _QuantGen:
             nq = 16 if qtype == Q.Q4_K else 32
             qmean, qvar = (nq - 1) / 2, (nq * nq - 1) / 12
             k = qmean / _QuantGen.M_RATIO
-            # sc = SC_LO + byte % SC_SPAN over uniform bytes: enumerate all 256 bytes (the residues are not uniform)
+            # sc = SC_LO + byte % SC_SPAN over uniform bytes: enumerate all 256 bytes (the residues are not
+            # uniform)
             sc = _QuantGen.SC_LO + np.arange(256, dtype=np.float64) % _QuantGen.SC_SPAN
             m = np.round(_QuantGen.M_RATIO * sc)
             ms = np.mean(sc * sc * qvar + (qmean * sc - k * m) ** 2)
@@ -394,10 +475,15 @@ class _TensorSource:
         return blk
 
 
-# ---------------------------------------------------------------------------------------------------- tokenizers
+# ----------------------------------------------------------------------------------------------------
+# tokenizers
 def _bytes_to_unicode() -> list[tuple[int, str]]:
     """GPT-2's byte -> printable unicode map, in GPT-2 vocabulary order (printable bytes first)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -413,8 +499,10 @@ _LETTERS = _LETTERS + _LETTERS.upper()
 
 
 def _letter_combos():
-    """(prefix, suffix) pairs building ever longer letter strings: 2-letter, then 3-letter ones (frequent first)."""
-    pairs = sorted(((a, b) for a in range(len(_LETTERS)) for b in range(len(_LETTERS))), key=lambda p: (p[0] + p[1], p))
+    """(prefix, suffix) pairs building longer letter strings: 2-letter, then 3-letter (frequent first)."""
+    pairs = sorted(
+        ((a, b) for a in range(len(_LETTERS)) for b in range(len(_LETTERS))), key=lambda p: (p[0] + p[1], p)
+    )
     two = [_LETTERS[a] + _LETTERS[b] for a, b in pairs]
     for s in two:
         yield s[0], s[1]
@@ -425,7 +513,8 @@ def _letter_combos():
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
@@ -434,8 +523,9 @@ def qwen_vocab(n_vocab: int):
     """Byte-level BPE vocabulary of exactly n_vocab tokens, laid out like Qwen's.
 
     ids [0, 256): the GPT-2 byte tokens; then tokens built by merges (" x" as "Ġx", letter pairs, "Ġ"+pair,
-    letter triples — each merge joins two existing tokens, so every one is reachable); then <|endoftext|>,
-    <|im_start|>, <|im_end|> (CONTROL) at n_regular.. (151643.. for the real vocab size), then [PADn] (UNUSED) rows.
+    letter triples, "Ġ"+triple — each merge joins two existing tokens, so every one is reachable); then
+    <|endoftext|>, <|im_start|>, <|im_end|> (CONTROL) at n_regular.. (151643.. for the real vocab size), then
+    [PADn] (UNUSED) rows.
     Returns (tokens, token_types, merges, special_ids).
     """
     n_regular = 151643 if n_vocab == 151936 else n_vocab - len(QWEN_SPECIALS) - 5
@@ -451,8 +541,7 @@ def qwen_vocab(n_vocab: int):
             yield sp, c
         for a, b in _letter_combos():
             yield a, b
-            if len(a) == 1:
-                yield sp + a, b  # "Ġa" + "b"
+            yield sp + a, b  # "Ġa" + "b", "Ġab" + "c"
 
     seen = set(tokens)
     for a, b in gen():
@@ -482,13 +571,14 @@ _SPM_SINGLES = "▁" + _LETTERS + "0123456789.,;:!?'\"-()[]{}/\\@#$%&*+=<>_|~`^"
 def gemma_vocab(n_vocab: int):
     """SPM vocabulary of exactly n_vocab pieces with scores, Gemma-3-style special ids.
 
-    ids 0..5 <pad> <eos> <bos> <unk> <start_of_turn> <end_of_turn> (UNKNOWN for <unk>, CONTROL otherwise), then the
-    256 <0xXX> BYTE tokens, then NORMAL pieces: single characters incl. '▁', '▁'+letter, letter pairs,
-    '▁'+pair, triples. Scores decrease with id (shorter = more frequent), as in a trained SPM model.
+    ids 0..5 <pad> <eos> <bos> <unk> <start_of_turn> <end_of_turn> (CONTROL, score -1000, as in the real
+    file), then the 256 <0xXX> BYTE tokens, then NORMAL pieces: single characters incl. '▁', '▁'+letter,
+    letter pairs, '▁'+pair, triples, '▁'+triple. Scores decrease with id (shorter = more frequent), as in a
+    trained SPM model.
     Returns (tokens, scores, token_types, special_ids).
     """
     tokens = list(GEMMA_SPECIALS)
-    types = [3, 3, 3, 2, 3, 3]
+    types = [3] * len(GEMMA_SPECIALS)  # the real gemma-3-270m file types <unk> CONTROL too (checked)
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [6] * 256
 
@@ -498,8 +588,7 @@ def gemma_vocab(n_vocab: int):
             yield "▁" + c
         for a, b in _letter_combos():
             yield a + b
-            if len(a) == 1:
-                yield "▁" + a + b
+            yield "▁" + a + b
 
     seen = set(tokens)
     for p in gen():
@@ -512,16 +601,19 @@ def gemma_vocab(n_vocab: int):
     if len(tokens) < n_vocab:
         raise ValueError(f"n_vocab {n_vocab} larger than the synthetic SPM generator supports")
     n_fixed = len(GEMMA_SPECIALS) + 256
-    scores = [0.0] * n_fixed + [-float(i) for i in range(len(tokens) - n_fixed)]
+    scores = [-1000.0] * len(GEMMA_SPECIALS) + [0.0] * 256 + [-float(i) for i in range(len(tokens) - n_fixed)]
     return tokens, scores, types, {s: i for i, s in enumerate(GEMMA_SPECIALS)}
 
 
-# -------------------------------------------------------------------------------------------------------- metadata
+# --------------------------------------------------------------------------------------------------------
+# metadata
 def _add_metadata(w: GGUFWriter, arch: str, preset: str, c: dict, ftype: str, seed: int) -> None:
     a = arch
     w.add_string("general.type", "model")
     w.add_string("general.name", f"synthetic {arch} {preset} seed {seed}")
-    w.add_string("general.description", "random weights generated by sparkinfer_cute.gguf.synth; not a trained model")
+    w.add_string(
+        "general.description", "random weights generated by sparkinfer_cute.gguf.synth; not a trained model"
+    )
     w.add_uint32("general.quantization_version", 2)
     w.add_uint32("general.file_type", FTYPE_IDS[ftype])
     w.add_uint32(f"{a}.context_length", c["n_ctx"])
@@ -568,15 +660,25 @@ def _add_metadata(w: GGUFWriter, arch: str, preset: str, c: dict, ftype: str, se
         w.add_bool("tokenizer.ggml.add_space_prefix", False)
 
 
-# ---------------------------------------------------------------------------------------------------------- writer
-def write_synthetic(path, arch: str = "qwen3moe", preset: str = "tiny", seed: int = 0, *,
-                    overrides: dict | None = None, progress: bool = False, ftype: str = "Q4_K_M",
-                    n_threads: int | None = None, max_layers: int | None = None) -> str:
+# ----------------------------------------------------------------------------------------------------------
+# writer
+def write_synthetic(
+    path,
+    arch: str = "qwen3moe",
+    preset: str = "tiny",
+    seed: int = 0,
+    *,
+    overrides: dict | None = None,
+    progress: bool = False,
+    ftype: str = "Q4_K_M",
+    n_threads: int | None = None,
+    max_layers: int | None = None,
+) -> str:
     """Write a synthetic ``arch``/``preset`` model to ``path`` (streamed; memory does not grow with the file).
 
-    ``max_layers`` keeps only the first blocks of a preset while leaving every type rule computed for the full depth
-    (a real-shape 1-2 layer slice of 30b-a3b); block_count in the file is then max_layers.
-    Returns ``str(path)``.
+    ``max_layers`` keeps only the first blocks of a preset while leaving every type rule computed for the full
+    depth (a real-shape 1-2 layer slice of 30b-a3b); block_count in the file is then max_layers. ``n_threads``
+    (default: all cores) does not change the output. Returns ``str(path)``.
     """
     path = os.fspath(path)
     cfg = synthetic_config(arch, preset, overrides)
@@ -590,8 +692,13 @@ def write_synthetic(path, arch: str = "qwen3moe", preset: str = "tiny", seed: in
     _add_metadata(w, arch, preset, cfg, ftype, seed)
     for t in plan:
         dt = np.float32 if t.ggml_type == Q.F32 else np.float16 if t.ggml_type == Q.F16 else np.uint8
-        w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32) if dt is np.uint8 else np.dtype(dt),
-                          tensor_nbytes(t), raw_dtype=t.ggml_type if dt is np.uint8 else None)
+        w.add_tensor_info(
+            t.name,
+            tuple(reversed(t.shape)),
+            np.dtype(np.float32) if dt is np.uint8 else np.dtype(dt),
+            tensor_nbytes(t),
+            raw_dtype=t.ggml_type if dt is np.uint8 else None,
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -621,7 +728,7 @@ def write_synthetic(path, arch: str = "qwen3moe", preset: str = "tiny", seed: in
                 if len(pending) >= window:
                     break
             while pending:
-                (src, k), fut = pending.popleft()
+                (_, k), fut = pending.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append((nxt, ex.submit(nxt[0].chunk, nxt[1])))
@@ -639,7 +746,7 @@ def write_synthetic(path, arch: str = "qwen3moe", preset: str = "tiny", seed: in
     return path
 
 
-# ------------------------------------------------------------------------------------------------------------- CLI
+# -------------------------------------------------------------------------------------------------------- CLI
 def _parse_override(s: str):
     k, _, v = s.partition("=")
     for conv in (int, float):
@@ -651,7 +758,9 @@ def _parse_override(s: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sparkinfer_cute.gguf.synth", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m sparkinfer_cute.gguf.synth", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--arch", default="qwen3moe", choices=ARCHS)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("-o", "--output", help="output .gguf path (required unless --dry-run)")
@@ -665,16 +774,27 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(_parse_override(s) for s in args.set) or None
     plan = plan_synthetic(args.arch, args.preset, overrides=overrides)
     s = plan_summary(plan)
-    print(f"{args.arch}/{args.preset}: {len(plan)} tensors, {s['n_params'] / 1e9:.3f} B params, "
-          f"{s['n_bytes'] / 2**30:.3f} GiB", file=sys.stderr)
+    print(
+        f"{args.arch}/{args.preset}: {len(plan)} tensors, {s['n_params'] / 1e9:.3f} B params, "
+        f"{s['n_bytes'] / 2**30:.3f} GiB",
+        file=sys.stderr,
+    )
     for k, (n, b) in s["types"].items():
         print(f"  {k:6s} {n:5d} tensors {b / 2**20:12.1f} MiB", file=sys.stderr)
     if args.dry_run:
         return 0
     if not args.output:
         ap.error("-o/--output is required")
-    write_synthetic(args.output, args.arch, args.preset, args.seed, overrides=overrides,
-                    progress=not args.no_progress, n_threads=args.threads, max_layers=args.max_layers)
+    write_synthetic(
+        args.output,
+        args.arch,
+        args.preset,
+        args.seed,
+        overrides=overrides,
+        progress=not args.no_progress,
+        n_threads=args.threads,
+        max_layers=args.max_layers,
+    )
     print(args.output)
     return 0
 
