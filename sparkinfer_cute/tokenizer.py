@@ -23,9 +23,9 @@ their byte, CONTROL/UNKNOWN give their text unless skipped, USER_DEFINED always 
 from __future__ import annotations
 
 import heapq
-import re
 import mmap
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
 
@@ -100,78 +100,83 @@ def read_gguf_metadata(path: str | os.PathLike, prefix: str = "") -> dict:
     262144-token vocabulary (measured, Gemma 3 270M, this machine); this takes ~0.2 s, which keeps the tokenize CLI
     interactive. Tensor infos are not read.
     """
-    import numpy as np
-
     path = os.fspath(path)
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 (closed by the with below; open errors become GGUFError)
     except OSError as e:
         raise GGUFError(path, f"cannot open ({e.strerror})") from None
-    with f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        buf = memoryview(mm)
-        try:
-            if bytes(buf[:4]) != b"GGUF":
-                raise GGUFError(path, f"not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
-            version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-            if version not in (2, 3):
-                raise GGUFError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
-            pos = 24
-            out: dict = {}
+    with f:
+        magic = f.read(4)
+        if magic != b"GGUF":
+            raise GGUFError(path, f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        if os.fstat(f.fileno()).st_size < 24:
+            raise GGUFError(path, "shorter than a GGUF header: truncated")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as buf:
+            try:
+                return _parse_gguf_kv(buf, path, prefix)
+            except struct.error:
+                raise GGUFError(path, "metadata runs past the end of the file: truncated") from None
 
-            def read_str(pos):
-                (n,) = struct.unpack_from("<Q", buf, pos)
-                end = pos + 8 + n
-                if end > len(buf):
-                    raise GGUFError(path, "string runs past the end of the file: truncated")
-                return str(buf[pos + 8 : end], "utf-8", "replace"), end
 
-            unpack_len = struct.Struct("<Q").unpack_from
+def _parse_gguf_kv(buf: memoryview, path: str, prefix: str) -> dict:
+    import numpy as np
 
-            def read_value(vtype, pos, want):
-                """(value or None when not wanted, position after it)."""
-                if vtype in _SCALAR:
-                    fmt = _SCALAR[vtype]
-                    return (struct.unpack_from(fmt, buf, pos)[0] if want else None), pos + struct.calcsize(fmt)
-                if vtype == 8:
-                    return read_str(pos) if want else (None, pos + 8 + unpack_len(buf, pos)[0])
-                if vtype != 9:
-                    raise GGUFError(path, f"unknown metadata value type {vtype}")
-                etype, n = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if etype in _SCALAR:
-                    end = pos + struct.calcsize(_SCALAR[etype]) * n
-                    if end > len(buf):
-                        raise GGUFError(path, "metadata array runs past the end of the file: truncated")
-                    return (np.frombuffer(buf[pos:end], dtype=_NP_DTYPE[etype]).tolist() if want else None), end
-                if etype == 8:  # the hot path: 262144 token strings
-                    vals = []
-                    append = vals.append
-                    for _ in range(n):
-                        (ln,) = unpack_len(buf, pos)
-                        pos += 8
-                        if want:
-                            append(str(buf[pos : pos + ln], "utf-8", "replace"))
-                        pos += ln
-                    if pos > len(buf):
-                        raise GGUFError(path, "metadata array runs past the end of the file: truncated")
-                    return (vals if want else None), pos
-                vals = []
-                for _ in range(n):  # nested arrays
-                    v, pos = read_value(etype, pos, want)
-                    vals.append(v)
-                return (vals if want else None), pos
+    version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version not in (2, 3):
+        raise GGUFError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
+    pos = 24
+    out: dict = {}
 
-            for _ in range(n_kv):
-                key, pos = read_str(pos)
-                (vtype,) = struct.unpack_from("<I", buf, pos)
-                want = key.startswith(prefix)
-                val, pos = read_value(vtype, pos + 4, want)
+    def read_str(pos):
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        end = pos + 8 + n
+        if end > len(buf):
+            raise GGUFError(path, "string runs past the end of the file: truncated")
+        return str(buf[pos + 8 : end], "utf-8", "replace"), end
+
+    unpack_len = struct.Struct("<Q").unpack_from
+
+    def read_value(vtype, pos, want):
+        """(value or None when not wanted, position after it)."""
+        if vtype in _SCALAR:
+            fmt = _SCALAR[vtype]
+            return (struct.unpack_from(fmt, buf, pos)[0] if want else None), pos + struct.calcsize(fmt)
+        if vtype == 8:
+            return read_str(pos) if want else (None, pos + 8 + unpack_len(buf, pos)[0])
+        if vtype != 9:
+            raise GGUFError(path, f"unknown metadata value type {vtype}")
+        etype, n = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        if etype in _SCALAR:
+            end = pos + struct.calcsize(_SCALAR[etype]) * n
+            if end > len(buf):
+                raise GGUFError(path, "metadata array runs past the end of the file: truncated")
+            return (np.frombuffer(buf[pos:end], dtype=_NP_DTYPE[etype]).tolist() if want else None), end
+        if etype == 8:  # the hot path: 262144 token strings
+            vals = []
+            append = vals.append
+            for _ in range(n):
+                (ln,) = unpack_len(buf, pos)
+                pos += 8
                 if want:
-                    out[key] = val
-        except struct.error:
-            raise GGUFError(path, "metadata runs past the end of the file: truncated") from None
-        finally:
-            del buf
+                    append(str(buf[pos : pos + ln], "utf-8", "replace"))
+                pos += ln
+            if pos > len(buf):
+                raise GGUFError(path, "metadata array runs past the end of the file: truncated")
+            return (vals if want else None), pos
+        vals = []
+        for _ in range(n):  # nested arrays
+            v, pos = read_value(etype, pos, want)
+            vals.append(v)
+        return (vals if want else None), pos
+
+    for _ in range(n_kv):
+        key, pos = read_str(pos)
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        want = key.startswith(prefix)
+        val, pos = read_value(vtype, pos + 4, want)
+        if want:
+            out[key] = val
     return out
 
 
@@ -337,9 +342,8 @@ class Tokenizer:
         return cls(g.metadata, source=getattr(g, "path", "<gguf>"))
 
     def _build_hf_bpe(self, md: Mapping, source: str, byte_level: bool):
-        from tokenizers import Regex
+        from tokenizers import Regex, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import models, pre_tokenizers
 
         merges_raw = md.get("tokenizer.ggml.merges")
         if not merges_raw:

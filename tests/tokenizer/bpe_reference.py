@@ -23,7 +23,7 @@ OUT_OF_RANGE = 0xFFFFFFFF
 
 
 class _Flags:
-    __slots__ = ("letter", "number", "mark", "ws", "defined")
+    __slots__ = ("defined", "letter", "mark", "number", "ws")
 
     def __init__(self, cpt: int | None):
         if cpt is None:
@@ -78,13 +78,12 @@ def qwen_split(text: str, qwen35: bool = False) -> list[str]:
                     pos += add(pos + 3)
                     continue
         # [^\r\n\p{L}\p{N}]?\p{L}+   (qwen35: [\p{L}\p{M}]+)
-        if not (cpt in (0x0D, 0x0A) or fl.number):
-            if is_letterish(fl) or is_letterish(flags_at(pos + 1)):
+        if not (cpt in (0x0D, 0x0A) or fl.number) and (is_letterish(fl) or is_letterish(flags_at(pos + 1))):
+            pos += 1
+            while is_letterish(flags_at(pos)):
                 pos += 1
-                while is_letterish(flags_at(pos)):
-                    pos += 1
-                add(pos)
-                continue
+            add(pos)
+            continue
         # \p{N}
         if fl.number:
             pos += 1

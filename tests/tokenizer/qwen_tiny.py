@@ -10,6 +10,7 @@ llama.cpp's loader reads, so ``llama-tokenize`` (which loads vocab-only) accepts
 from __future__ import annotations
 
 from collections import Counter
+from itertools import pairwise
 
 from .bpe_reference import bytes_to_unicode, qwen_split
 
@@ -48,7 +49,7 @@ def train_merges(text: str = TRAINING_TEXT, n_merges: int = N_MERGES) -> list[tu
         pairs: Counter = Counter()
         for w, c in words.items():
             s = seqs[w]
-            for a, b in zip(s, s[1:]):
+            for a, b in pairwise(s):
                 pairs[(a, b)] += c
         if not pairs:
             break

@@ -24,12 +24,13 @@ from sparkinfer_cute.gguf import GGUFFile
 from sparkinfer_cute.tokenizer import Tokenizer, gpt2_bytes_to_unicode, read_gguf_metadata
 
 from . import bpe_reference as ref
-from .corpus import CORPUS
 from . import gemma4_tiny
+from .corpus import CORPUS
 from .qwen_tiny import tiny_vocab, write_tiny_qwen_gguf
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURE = json.load(open(os.path.join(HERE, "fixtures", "llama_tokenize.json"), encoding="utf-8"))
+with open(os.path.join(HERE, "fixtures", "llama_tokenize.json"), encoding="utf-8") as _f:
+    FIXTURE = json.load(_f)
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 MODES = [("ids", {}), ("ids_no_parse_special", {"parse_special": False}), ("ids_no_bos", {"add_bos": False})]
@@ -88,8 +89,8 @@ def test_gemma3_from_gguffile_same_as_from_path(gemma, gemma3_path):
     g = GGUFFile(gemma3_path)
     md_ref = {k: v for k, v in g.metadata.items() if k.startswith("tokenizer.")}
     assert md_fast.keys() == md_ref.keys()
-    for k in md_ref:
-        assert md_fast[k] == md_ref[k], k
+    for k, v in md_ref.items():
+        assert md_fast[k] == v, k
     tok = Tokenizer.from_gguf(g)
     text = CORPUS[10] + CORPUS[7]
     assert tok.encode(text) == gemma.encode(text)
@@ -277,7 +278,8 @@ def test_fast_metadata_reader_matches_gguffile(tmp_path):
     w.close()
     assert read_gguf_metadata(path) == GGUFFile(path).metadata
     assert read_gguf_metadata(path, prefix="tokenizer.") == {"tokenizer.ggml.model": "llama"}
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     for cut in (30, 60, len(data) // 3, len(data) // 2):  # inside the key/value section
         (tmp_path / "cut.gguf").write_bytes(data[:cut])
         with pytest.raises(GGUFError, match="truncated"):
@@ -323,7 +325,7 @@ def test_qwen_chat_template(tiny_qwen):
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.tokenize", *args], capture_output=True, text=True,
-                       env=env, cwd=REPO, timeout=120)
+                       env=env, cwd=REPO, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     return ast.literal_eval(r.stdout.strip())
 
@@ -345,5 +347,5 @@ def test_cli_bad_file(tmp_path):
     p = tmp_path / "bad.gguf"
     p.write_bytes(b"GGUF" + bytes(3))
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.tokenize", "-m", str(p), "x"], capture_output=True,
-                       text=True, cwd=REPO, timeout=120)
+                       text=True, cwd=REPO, timeout=120, check=False)
     assert r.returncode != 0 and "truncated" in r.stderr and "Traceback" not in r.stderr
