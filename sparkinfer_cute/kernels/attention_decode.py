@@ -306,7 +306,7 @@ class AttentionDecodeCombine:
                 sLse[s] = mLsePart[b, h, s]
         cute.arch.sync_threads()
         lse_max = -Float32.inf
-        for s in cutlass.range_constexpr(S):
+        for s in cutlass.range(S, unroll_full=True):
             lse_max = cute.arch.fmax(lse_max, sLse[s])
         lse_ref = cutlass.select_(lse_max == -Float32.inf, Float32(0.0), lse_max)
         for i in cutlass.range_constexpr((S + NT - 1) // NT):
@@ -315,7 +315,7 @@ class AttentionDecodeCombine:
                 sW[s] = cute.math.exp2((sLse[s] - lse_ref) * Float32(LOG2_E), fastmath=True)
         cute.arch.sync_threads()
         den = Float32(0.0)
-        for s in cutlass.range_constexpr(S):
+        for s in cutlass.range(S, unroll_full=True):
             den += sW[s]
         inv_den = cutlass.select_(den > Float32(0.0), Float32(1.0) / den, Float32(0.0))
         for e in cutlass.range_constexpr(D // NT):
