@@ -30,8 +30,11 @@ class CudaGraph:
 
     @classmethod
     @contextmanager
-    def capture(cls, stream=None, mode: str = "thread_local"):
-        """``with CudaGraph.capture(stream) as g: <launches on stream>`` then ``g.replay()``."""
+    def capture(cls, stream=None, mode: str = "relaxed"):
+        """``with CudaGraph.capture(stream) as g: <launches on stream>`` then ``g.replay()``.
+
+        ``mode="relaxed"`` (default) lets the CuTe DSL launcher make its bookkeeping driver calls during capture;
+        ``"thread_local"``/``"global"`` make the driver reject capture-unsafe calls (useful to find them)."""
         s = resolve_stream(stream)
         if s.handle == 0:
             raise DeviceError("cannot capture the legacy NULL stream; use runtime.Stream() or default_stream()")

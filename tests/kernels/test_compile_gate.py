@@ -129,3 +129,10 @@ def test_cli_lists_and_compiles_one_kernel():
                          text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "configs" in out.stdout
+
+
+@pytest.mark.gpu
+def test_launch_overhead_us():
+    us = registry.launch_overhead_us(["rmsnorm", "rope_neox", "router", "argmax"], n=50)
+    assert set(us) == {"rmsnorm", "rope_neox", "router", "argmax"}
+    assert all(0 < v < 5000 for v in us.values()), us
