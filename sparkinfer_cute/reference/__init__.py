@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import GGUFError
 from ..gguf.reader import GGUFFile
+from . import metrics, ops
 from .base import ReferenceModel
 from .gemma3 import Gemma3Reference
 from .qwen3_moe import Qwen3MoeReference
@@ -22,15 +23,19 @@ _BY_ARCH: dict[str, type[ReferenceModel]] = {
 }
 
 
-def load_reference(path_or_gguf: GGUFFile | str | os.PathLike, dtype=np.float32, max_context: int | None = None,
-                   **kwargs) -> ReferenceModel:
+def load_reference(
+    path_or_gguf: GGUFFile | str | os.PathLike, dtype=np.float32, max_context: int | None = None, **kwargs
+) -> ReferenceModel:
     """Open (if given a path) a GGUF file and build the reference model of its architecture."""
     g = path_or_gguf if isinstance(path_or_gguf, GGUFFile) else GGUFFile(path_or_gguf)
     cls = _BY_ARCH.get(g.architecture)
     if cls is None:
-        raise GGUFError(g.path, f"no reference forward for architecture {g.architecture!r} "
-                                f"(supported: {', '.join(sorted(_BY_ARCH))})")
+        raise GGUFError(
+            g.path,
+            f"no reference forward for architecture {g.architecture!r} "
+            f"(supported: {', '.join(sorted(_BY_ARCH))})",
+        )
     return cls(g, dtype=dtype, max_context=max_context, **kwargs)
 
 
-__all__ = ["ReferenceModel", "Gemma3Reference", "Qwen3MoeReference", "load_reference"]
+__all__ = ["Gemma3Reference", "Qwen3MoeReference", "ReferenceModel", "load_reference", "metrics", "ops"]

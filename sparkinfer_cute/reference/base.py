@@ -126,8 +126,14 @@ class ReferenceModel:
 
     arch: str = ""
 
-    def __init__(self, g: GGUFFile | str | os.PathLike, cfg=None, dtype=np.float32, max_context: int | None = None,
-                 emulate_cpu: bool = False):
+    def __init__(
+        self,
+        g: GGUFFile | str | os.PathLike,
+        cfg=None,
+        dtype=np.float32,
+        max_context: int | None = None,
+        emulate_cpu: bool = False,
+    ):
         if not isinstance(g, GGUFFile):
             g = GGUFFile(g)
         self.g = g
@@ -141,6 +147,7 @@ class ReferenceModel:
         self.n_head = int(c.n_head)
         self.n_head_kv = int(c.n_head_kv)
         self.head_dim = int(c.head_dim)
+        self.head_dim_v = int(_cfg(c, "head_dim_v", self.head_dim))
         self.n_rot = int(_cfg(c, "n_rot", self.head_dim))
         self.eps = float(c.rms_eps)
         self.vocab_size = int(g.tensor("token_embd.weight").shape[1])
@@ -195,10 +202,12 @@ class ReferenceModel:
     def reset(self) -> None:
         """Empty the KV cache; the next forward starts at position 0."""
         self.pos = 0
-        self.kv = _KVCache(self.n_layer, self.n_head_kv, self.head_dim, self.head_dim)
+        self.kv = _KVCache(self.n_layer, self.n_head_kv, self.head_dim, self.head_dim_v)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, tokens: Sequence[int], all_logits: bool = True, capture: dict | None = None) -> np.ndarray:
+    def forward(
+        self, tokens: Sequence[int], all_logits: bool = True, capture: dict | None = None
+    ) -> np.ndarray:
         """Append ``tokens`` at the current position and return their logits, (len(tokens), vocab) in ``dtype``
         (or (1, vocab) for the last token when ``all_logits`` is False).
 
@@ -281,4 +290,4 @@ def inv_sqrt(x: float) -> float:
     return 1.0 / math.sqrt(x)
 
 
-__all__ = ["ReferenceModel", "LRUCache", "load_model_config", "GGUFError"]
+__all__ = ["GGUFError", "LRUCache", "ReferenceModel", "load_model_config"]

@@ -25,8 +25,10 @@ class Gemma3Reference(ReferenceModel):
         c = self.cfg
         self.window = int(_cfg(c, "sliding_window", 0) or 0)
         # f_attention_scale (gemma3.cpp load_arch_hparams): 1/sqrt(n_embd/n_head) for the 27B (62 layers),
-        # 1/sqrt(head_dim) otherwise.
-        if self.n_layer == 62:
+        # 1/sqrt(head_dim) otherwise (Gemma3Config.attn_scale carries the same rule).
+        if _cfg(c, "attn_scale", 0.0):
+            self.q_scale = float(c.attn_scale)
+        elif self.n_layer == 62:
             self.q_scale = 1.0 / math.sqrt(float(self.n_embd // self.n_head))
         else:
             self.q_scale = 1.0 / math.sqrt(float(self.head_dim))
@@ -52,8 +54,9 @@ class Gemma3Reference(ReferenceModel):
         q = ops.rmsnorm_per_head(q, self.weight(p + "attn_q_norm.weight"), self.eps)
         k = ops.rmsnorm_per_head(k, self.weight(p + "attn_k_norm.weight"), self.eps)
         base = float(self.cfg.rope_base_for(l))
-        q = ops.rope_neox(q, positions, self.n_rot, base)
-        k = ops.rope_neox(k, positions, self.n_rot, base)
+        fs = float(self.cfg.rope_freq_scale_for(l)) if hasattr(self.cfg, "rope_freq_scale_for") else 1.0
+        q = ops.rope_neox(q, positions, self.n_rot, base, freq_scale=fs)
+        k = ops.rope_neox(k, positions, self.n_rot, base, freq_scale=fs)
         q = q * dt(np.float32(self.q_scale))
         if self.emulate_cpu:
             q = ops.round_fp16(q)

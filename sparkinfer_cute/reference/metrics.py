@@ -26,7 +26,10 @@ def topk_record(logits: np.ndarray, targets: np.ndarray | None = None, k: int = 
     ``targets`` is given."""
     ls = log_softmax(logits)
     ids = np.argsort(-ls, axis=-1, kind="stable")[:, :k]
-    rec = {"topk_ids": ids.astype(np.int32), "topk_logprobs": np.take_along_axis(ls, ids, -1).astype(np.float32)}
+    rec = {
+        "topk_ids": ids.astype(np.int32),
+        "topk_logprobs": np.take_along_axis(ls, ids, -1).astype(np.float32),
+    }
     if targets is not None:
         rec["target_logprob"] = ls[np.arange(ls.shape[0]), np.asarray(targets)].astype(np.float32)
     return rec
@@ -71,7 +74,11 @@ def teacher_forced_compare(
         tgt_b = None if tgt_b is None else np.asarray(tgt_b, dtype=np.float64).reshape(-1)
     else:
         rb = topk_record(np.asarray(ref_b), tokens, k)
-        ids, lpb, tgt_b = rb["topk_ids"].astype(np.int64), rb["topk_logprobs"].astype(np.float64), rb["target_logprob"]
+        ids, lpb, tgt_b = (
+            rb["topk_ids"].astype(np.int64),
+            rb["topk_logprobs"].astype(np.float64),
+            rb["target_logprob"],
+        )
     if ids.shape[0] != n:
         raise ValueError(f"{n} logit rows but the reference has {ids.shape[0]} positions")
     rows = np.arange(n)

@@ -16,19 +16,19 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "ROUTER_WEIGHT_SUM_MIN",
+    "attention",
+    "causal_window_mask",
+    "gelu_tanh",
+    "log_softmax",
     "rmsnorm",
     "rmsnorm_per_head",
     "rope_cos_sin",
     "rope_neox",
-    "attention",
-    "causal_window_mask",
-    "gelu_tanh",
+    "round_fp16",
     "silu",
     "softmax",
-    "log_softmax",
     "topk_desc",
-    "round_fp16",
-    "ROUTER_WEIGHT_SUM_MIN",
 ]
 
 # build_moe_ffn clamps the sum of the selected routing weights from below before renormalising (llama-graph.cpp:
@@ -77,6 +77,7 @@ def rope_cos_sin(
     base: float,
     freq_factors: np.ndarray | None = None,
     dtype=np.float32,
+    freq_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin tables, shape (len(positions), n_rot // 2), as ``ggml_rope_cache_init`` builds them.
 
@@ -84,11 +85,14 @@ def rope_cos_sin(
     pair, in float32 (so for large positions theta drifts from ``pos * base**(-2i/n_rot)`` by float32 rounding; we
     reproduce the drift). Each theta is divided by ``freq_factors[i]`` when given (``rope_freqs`` tensor), then
     cos/sin are taken (in float32 for float32 output, float64 otherwise, of the same float32 theta).
-    No YaRN / linear scaling here (freq_scale = 1, ext_factor = 0, mscale = 1: what all our models use).
+    ``freq_scale`` is linear RoPE scaling (``theta_interp = freq_scale * theta``, 1/rope.scaling.factor; Gemma 3
+    4B+ global layers). No YaRN (ext_factor = 0, mscale = 1: what all our models use).
     """
     pos = np.asarray(positions, dtype=np.float32).reshape(-1)
     half = n_rot // 2
-    theta_scale = np.float32(np.power(np.float32(base), np.float32(-2.0) / np.float32(n_rot), dtype=np.float32))
+    theta_scale = np.float32(
+        np.power(np.float32(base), np.float32(-2.0) / np.float32(n_rot), dtype=np.float32)
+    )
     theta = np.empty((pos.shape[0], half), dtype=np.float32)
     t = pos.copy()
     for i in range(half):
@@ -96,6 +100,8 @@ def rope_cos_sin(
         t = (t * theta_scale).astype(np.float32)
     if freq_factors is not None:
         theta = (theta / np.asarray(freq_factors, dtype=np.float32)[:half]).astype(np.float32)
+    if freq_scale != 1.0:
+        theta = (np.float32(freq_scale) * theta).astype(np.float32)
     th = theta.astype(dtype)
     return np.cos(th).astype(dtype), np.sin(th).astype(dtype)
 
@@ -106,6 +112,7 @@ def rope_neox(
     n_rot: int,
     base: float,
     freq_factors: np.ndarray | None = None,
+    freq_scale: float = 1.0,
 ) -> np.ndarray:
     """NEOX rotary embedding of ``x`` (n_tokens, n_heads, head_dim) at ``positions`` (n_tokens,).
 
@@ -115,7 +122,7 @@ def rope_neox(
     dt = _float_dtype(x)
     x = np.asarray(x, dtype=dt)
     half = n_rot // 2
-    cos, sin = rope_cos_sin(positions, n_rot, base, freq_factors, dtype=dt)
+    cos, sin = rope_cos_sin(positions, n_rot, base, freq_factors, dtype=dt, freq_scale=freq_scale)
     cos = cos[:, None, :]
     sin = sin[:, None, :]
     x0 = x[..., :half]

@@ -24,8 +24,15 @@ from .base import LRUCache, ReferenceModel, _cfg
 class Qwen3MoeReference(ReferenceModel):
     arch = "qwen3moe"
 
-    def __init__(self, g, cfg=None, dtype=np.float32, max_context=None, emulate_cpu: bool = False,
-                 expert_cache_size: int = 384):
+    def __init__(
+        self,
+        g,
+        cfg=None,
+        dtype=np.float32,
+        max_context=None,
+        emulate_cpu: bool = False,
+        expert_cache_size: int = 384,
+    ):
         super().__init__(g, cfg, dtype, max_context, emulate_cpu)
         c = self.cfg
         self.n_expert = int(c.n_expert)
@@ -93,8 +100,11 @@ class Qwen3MoeReference(ReferenceModel):
             qkv = self.linear(h, p + "attn_qkv.weight")
             nq, nk = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
             return qkv[:, :nq], qkv[:, nq : nq + nk], qkv[:, nq + nk :]
-        return (self.linear(h, p + "attn_q.weight"), self.linear(h, p + "attn_k.weight"),
-                self.linear(h, p + "attn_v.weight"))
+        return (
+            self.linear(h, p + "attn_q.weight"),
+            self.linear(h, p + "attn_k.weight"),
+            self.linear(h, p + "attn_v.weight"),
+        )
 
     def _layer(self, l, x, positions, capture):
         p = f"blk.{l}."

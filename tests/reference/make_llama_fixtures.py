@@ -52,15 +52,15 @@ N_GREEDY = 16
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from dequant_copy import write_dequantized_copy  # noqa: E402
-from llama_kld import read_kld_base  # noqa: E402
+from dequant_copy import write_dequantized_copy
+from llama_kld import read_kld_base
 
 
 def _run(bin_dir: str, tool: str, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, LD_LIBRARY_PATH=bin_dir)
     cmd = [os.path.join(bin_dir, tool), *args]
     print("+", " ".join(cmd), file=sys.stderr)
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     if p.returncode:
         raise RuntimeError(f"{tool} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p
@@ -72,8 +72,25 @@ def _tokenize(bin_dir: str, model: str, text: str) -> list[int]:
 
 
 def _perplexity(bin_dir: str, model: str, ctx: int, out: str, extra=()) -> tuple[dict, float]:
-    p = _run(bin_dir, "llama-perplexity", "-m", model, "-f", TEXT, "-c", str(ctx), "-b", str(ctx), "-t", "2",
-             "--chunks", "1", *extra, "--kl-divergence-base", out)
+    p = _run(
+        bin_dir,
+        "llama-perplexity",
+        "-m",
+        model,
+        "-f",
+        TEXT,
+        "-c",
+        str(ctx),
+        "-b",
+        str(ctx),
+        "-t",
+        "2",
+        "--chunks",
+        "1",
+        *extra,
+        "--kl-divergence-base",
+        out,
+    )
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", p.stdout + p.stderr)
     return read_kld_base(out), float(m.group(1)) if m else float("nan")
 
@@ -97,16 +114,39 @@ def make_gemma3_teacher_forced(bin_dir: str, tmp: str) -> None:
 
 def make_gemma3_greedy(bin_dir: str) -> None:
     prompt_ids = _tokenize(bin_dir, GEMMA3, PROMPT)
-    p = _run(bin_dir, "llama-completion", "-m", GEMMA3, "-p", PROMPT, "-n", str(N_GREEDY), "--temp", "0", "-no-cnv",
-             "--seed", "42", "-t", "2", "-c", "256", "--no-display-prompt")
+    p = _run(
+        bin_dir,
+        "llama-completion",
+        "-m",
+        GEMMA3,
+        "-p",
+        PROMPT,
+        "-n",
+        str(N_GREEDY),
+        "--temp",
+        "0",
+        "-no-cnv",
+        "--seed",
+        "42",
+        "-t",
+        "2",
+        "-c",
+        "256",
+        "--no-display-prompt",
+    )
     text = p.stdout
     all_ids = _tokenize(bin_dir, GEMMA3, PROMPT + text)
     assert all_ids[: len(prompt_ids)] == prompt_ids, (prompt_ids, all_ids)
     gen = all_ids[len(prompt_ids) :][:N_GREEDY]
     assert len(gen) == N_GREEDY, gen
-    rec = {"prompt": PROMPT, "prompt_ids": prompt_ids, "generated_ids": gen, "generated_text": text,
-           "command": "llama-completion -m gemma-3-270m-q4_k_m.gguf -p PROMPT -n 16 --temp 0 -no-cnv --seed 42 "
-                      "-t 2 -c 256 --no-display-prompt"}
+    rec = {
+        "prompt": PROMPT,
+        "prompt_ids": prompt_ids,
+        "generated_ids": gen,
+        "generated_text": text,
+        "command": "llama-completion -m gemma-3-270m-q4_k_m.gguf -p PROMPT -n 16 --temp 0 -no-cnv --seed 42 "
+        "-t 2 -c 256 --no-display-prompt",
+    }
     with open(os.path.join(FIXTURES, "gemma3_270m_greedy.json"), "w") as f:
         json.dump(rec, f, indent=1)
     print(f"gemma3 greedy: {gen} {text!r}", file=sys.stderr)
@@ -119,7 +159,8 @@ def make_synth(bin_dir: str, tmp: str, arch: str) -> None:
     from sparkinfer_cute.gguf.synth import write_synthetic
 
     q = write_synthetic(os.path.join(tmp, f"{arch}.gguf"), arch=arch, preset="tiny", seed=0)
-    sha = hashlib.sha256(open(q, "rb").read()).hexdigest()
+    with open(q, "rb") as fh:
+        sha = hashlib.sha256(fh.read()).hexdigest()
     f32 = write_dequantized_copy(q, os.path.join(tmp, f"{arch}_f32.gguf"))
     tokens, positions, codes, heads = None, [], [], []
     for c in SYNTH_CTX[arch]:
@@ -129,7 +170,8 @@ def make_synth(bin_dir: str, tmp: str, arch: str) -> None:
             if tokens is not None:
                 assert np.array_equal(t[: len(tokens)], tokens)
             tokens = t
-        raw = open(os.path.join(tmp, f"{arch}_{c}.bin"), "rb").read()
+        with open(os.path.join(tmp, f"{arch}_{c}.bin"), "rb") as fh:
+            raw = fh.read()
         n_vocab, first = d["n_vocab"], d["first"]
         nv = 2 * ((n_vocab + 1) // 2) + 4
         off = 20 + 4 * c

@@ -31,7 +31,10 @@ def synth_files(tmp_path_factory):
     from sparkinfer_cute.gguf.synth import write_synthetic
 
     d = tmp_path_factory.mktemp("synth_ref")
-    return {a: write_synthetic(str(d / f"{a}.gguf"), arch=a, preset="tiny", seed=0) for a in ("qwen3moe", "gemma3")}
+    return {
+        a: write_synthetic(str(d / f"{a}.gguf"), arch=a, preset="tiny", seed=0)
+        for a in ("qwen3moe", "gemma3")
+    }
 
 
 def _fixture(arch):
@@ -45,7 +48,8 @@ def _fixture(arch):
 def test_synthetic_matches_llamacpp_every_position(synth_files, arch):
     tokens, positions, llama_lp, sha = _fixture(arch)
     path = synth_files[arch]
-    got_sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    with open(path, "rb") as fh:
+        got_sha = hashlib.sha256(fh.read()).hexdigest()
     assert got_sha == sha, (
         f"write_synthetic({arch!r}, 'tiny', seed=0) output changed (sha256 {got_sha}, fixture made from {sha}): "
         "rerun tests/reference/make_llama_fixtures.py --only synth"
@@ -136,8 +140,9 @@ def test_hidden_states_and_capture(synth_files):
     cap = {}
     m.forward([1, 2, 3], capture=cap)
     np.testing.assert_array_equal(cap[f"resid.{m.n_layer - 1}"], hs[-1])
-    np.testing.assert_allclose(cap["resid.0"], cap["embd"] + cap["attn_out.0"] + cap["ffn_out.0"], rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        cap["resid.0"], cap["embd"] + cap["attn_out.0"] + cap["ffn_out.0"], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_context_overflow_and_bad_tokens(synth_files):

@@ -31,8 +31,13 @@ def test_rmsnorm_matches_float64_formula(seed, n, eps):
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), head_dim=st.sampled_from([64, 128, 256]),
-       partial=st.booleans(), base=st.sampled_from([1e4, 1e6]), freq=st.booleans())
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    head_dim=st.sampled_from([64, 128, 256]),
+    partial=st.booleans(),
+    base=st.sampled_from([1e4, 1e6]),
+    freq=st.booleans(),
+)
 def test_rope_neox_matches_pairwise_loop(seed, head_dim, partial, base, freq):
     """A per-element loop of the NEOX rotation with theta = pos * base^(-2i/n_rot) / ff in float64."""
     r = _rng(seed)
@@ -53,8 +58,9 @@ def test_rope_neox_matches_pairwise_loop(seed, head_dim, partial, base, freq):
     np.testing.assert_array_equal(got[..., n_rot:], x[..., n_rot:])  # pass-through dims untouched
     # norms of each rotated pair are preserved exactly-ish
     h = n_rot // 2
-    np.testing.assert_allclose(got[..., :h] ** 2 + got[..., h:n_rot] ** 2, x[..., :h] ** 2 + x[..., h:n_rot] ** 2,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        got[..., :h] ** 2 + got[..., h:n_rot] ** 2, x[..., :h] ** 2 + x[..., h:n_rot] ** 2, rtol=1e-6
+    )
 
 
 def test_rope_theta_is_float32_recurrence():
@@ -70,7 +76,7 @@ def test_rope_theta_is_float32_recurrence():
 
 
 def _naive_attention(q, k, v, q_pos, k_pos, scale, window, softcap):
-    n_q, H, d = q.shape
+    n_q, H, _ = q.shape
     n_k, Hkv, _ = k.shape
     out = np.zeros((n_q, H, v.shape[-1]))
     for t in range(n_q):
@@ -79,7 +85,10 @@ def _naive_attention(q, k, v, q_pos, k_pos, scale, window, softcap):
             s = np.array([scale * q[t, h] @ k[j, kh] for j in range(n_k)])
             if softcap:
                 s = softcap * np.tanh(s / softcap)
-            vis = [(k_pos[j] <= q_pos[t]) and (window is None or q_pos[t] - k_pos[j] < window) for j in range(n_k)]
+            vis = [
+                (k_pos[j] <= q_pos[t]) and (window is None or q_pos[t] - k_pos[j] < window)
+                for j in range(n_k)
+            ]
             s = np.where(vis, s, -np.inf)
             p = np.exp(s - s.max())
             p /= p.sum()
@@ -88,9 +97,15 @@ def _naive_attention(q, k, v, q_pos, k_pos, scale, window, softcap):
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), n_kv=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 4]),
-       n_q=st.integers(1, 9), past=st.integers(0, 12), window=st.sampled_from([None, 1, 3, 8]),
-       softcap=st.sampled_from([None, 20.0]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    n_kv=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 2, 4]),
+    n_q=st.integers(1, 9),
+    past=st.integers(0, 12),
+    window=st.sampled_from([None, 1, 3, 8]),
+    softcap=st.sampled_from([None, 20.0]),
+)
 def test_attention_matches_naive_loops(seed, n_kv, group, n_q, past, window, softcap):
     r = _rng(seed)
     d = 16
@@ -128,7 +143,9 @@ def test_gqa_head_mapping_is_floor_division():
 def test_gelu_silu_softmax(seed):
     r = _rng(seed)
     x = r.standard_normal(257) * 4
-    want_gelu = np.array([0.5 * t * (1 + math.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t**3))) for t in x])
+    want_gelu = np.array(
+        [0.5 * t * (1 + math.tanh(math.sqrt(2 / math.pi) * (t + 0.044715 * t**3))) for t in x]
+    )
     np.testing.assert_allclose(ops.gelu_tanh(x), want_gelu, rtol=1e-7, atol=1e-12)
     np.testing.assert_allclose(ops.silu(x), [t / (1 + math.exp(-t)) for t in x], rtol=1e-12)
     p = ops.softmax(x)
@@ -166,9 +183,19 @@ def test_activation_quantizers_error_bounds(seed, scale):
     x = (r.standard_normal((2, 512)) * scale).astype(np.float32)
     q0 = ops.quantize_activation_q8_0(x)
     step0 = np.abs(x.reshape(2, -1, 32)).max(-1, keepdims=True) / 127
-    d_err = np.abs(step0.astype(np.float16).astype(np.float64) - step0)  # d is stored as fp16 (subnormal when tiny)
+    d_err = np.abs(
+        step0.astype(np.float16).astype(np.float64) - step0
+    )  # d is stored as fp16 (subnormal when tiny)
     assert np.all(np.abs(q0 - x).reshape(2, -1, 32) <= step0 * 0.5001 + 127 * d_err + 1e-12)
     qk = ops.quantize_activation_q8_K(x)
     stepk = np.abs(x.reshape(2, -1, 256)).max(-1, keepdims=True) / 127
     assert np.all(np.abs(qk - x).reshape(2, -1, 256) <= stepk * 0.5001)
     assert not np.array_equal(q0, x)  # it does round
+
+
+def test_rope_linear_freq_scale():
+    """Linear scaling by factor 8 (freq_scale 1/8) rotates position p as the unscaled rope rotates p/8."""
+    x = np.random.default_rng().standard_normal((1, 2, 64))
+    a = ops.rope_neox(x, np.array([800]), 64, 1e6, freq_scale=0.125)
+    b = ops.rope_neox(x, np.array([100]), 64, 1e6)
+    np.testing.assert_allclose(a, b, atol=1e-4)
