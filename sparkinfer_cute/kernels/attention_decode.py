@@ -374,7 +374,12 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
     graph follows it). Accepts numpy arrays or DeviceArrays; numpy ``q`` in -> numpy out (unless ``out`` is given).
     ``o_partial`` f32 [B, n_head, num_splits, D] and ``lse_partial`` f32 [B, n_head, num_splits] are the split
     workspace: pass them (or a runtime ``Workspace``) for CUDA-graph capture, else they are allocated here.
-    ``window`` 0 = full causal; ``softcap`` 0 = off (any other value compiles the softcap variant).
+    ``scale`` multiplies q.k (pass 1.0 when q is already scaled); ``window`` 0 = full causal, else keys with
+    ``pos - p < window``; ``softcap`` 0 = off (any other value compiles the softcap variant).
+
+    The compiled functions are memoized, so calling this inside ``CudaGraph.capture`` (with ``out`` and the
+    workspace given) records two kernel launches whose ``pos`` is re-read from device memory at every replay.
+    ``num_splits`` is static: use the model's entry of ``MODEL_CONFIGS`` (what the compile gate checks).
     """
     from ..runtime import DeviceArray, as_device, resolve_stream
 
