@@ -23,10 +23,8 @@ their byte, CONTROL/UNKNOWN give their text unless skipped, USER_DEFINED always 
 from __future__ import annotations
 
 import heapq
-import mmap
 import os
 import re
-import struct
 from collections.abc import Iterable, Mapping
 
 from .errors import GGUFError
@@ -58,8 +56,10 @@ _EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endofte
               "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
 
 # Pre-tokenizer regexes, verbatim from llama-vocab.cpp (llm_tokenizer_bpe constructor). llama.cpp runs them through
-# hand-written equivalents (unicode.cpp unicode_regex_split_custom_qwen2/qwen35); the regex engine here matches those
-# for all assigned code points (tests/tokenizer compares against a port of the custom splitter and llama.cpp).
+# hand-written equivalents (unicode.cpp unicode_regex_split_custom_qwen2/qwen35). The `tokenizers` (Oniguruma) regex
+# gives the same splits, unassigned code points and \x1c-\x1f / U+0085 / U+3000 whitespace included (tests/tokenizer:
+# hypothesis fuzz against a line-by-line port of the custom splitter, and llama-tokenize fixtures). Unicode table
+# versions differ (llama.cpp's unicode-data.cpp is Unicode 15), so code points assigned later may split differently.
 QWEN2_REGEX = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -85,99 +85,6 @@ def gpt2_bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-# ----------------------------------------------------------------------------------------------- fast GGUF metadata
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NP_DTYPE = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
-             12: "<f8"}
-
-
-def read_gguf_metadata(path: str | os.PathLike, prefix: str = "") -> dict:
-    """Key/value metadata of a GGUF file (keys starting with ``prefix``; others are skipped without decoding).
-
-    A direct header parser: ``gguf.GGUFReader`` builds a numpy view per array element and takes ~8 s on a
-    262144-token vocabulary (measured, Gemma 3 270M, this machine); this takes ~0.2 s, which keeps the tokenize CLI
-    interactive. Tensor infos are not read.
-    """
-    path = os.fspath(path)
-    try:
-        f = open(path, "rb")  # noqa: SIM115 (closed by the with below; open errors become GGUFError)
-    except OSError as e:
-        raise GGUFError(path, f"cannot open ({e.strerror})") from None
-    with f:
-        magic = f.read(4)
-        if magic != b"GGUF":
-            raise GGUFError(path, f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
-        if os.fstat(f.fileno()).st_size < 24:
-            raise GGUFError(path, "shorter than a GGUF header: truncated")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm, memoryview(mm) as buf:
-            try:
-                return _parse_gguf_kv(buf, path, prefix)
-            except struct.error:
-                raise GGUFError(path, "metadata runs past the end of the file: truncated") from None
-
-
-def _parse_gguf_kv(buf: memoryview, path: str, prefix: str) -> dict:
-    import numpy as np
-
-    version, _n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version not in (2, 3):
-        raise GGUFError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
-    pos = 24
-    out: dict = {}
-
-    def read_str(pos):
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        end = pos + 8 + n
-        if end > len(buf):
-            raise GGUFError(path, "string runs past the end of the file: truncated")
-        return str(buf[pos + 8 : end], "utf-8", "replace"), end
-
-    unpack_len = struct.Struct("<Q").unpack_from
-
-    def read_value(vtype, pos, want):
-        """(value or None when not wanted, position after it)."""
-        if vtype in _SCALAR:
-            fmt = _SCALAR[vtype]
-            return (struct.unpack_from(fmt, buf, pos)[0] if want else None), pos + struct.calcsize(fmt)
-        if vtype == 8:
-            return read_str(pos) if want else (None, pos + 8 + unpack_len(buf, pos)[0])
-        if vtype != 9:
-            raise GGUFError(path, f"unknown metadata value type {vtype}")
-        etype, n = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        if etype in _SCALAR:
-            end = pos + struct.calcsize(_SCALAR[etype]) * n
-            if end > len(buf):
-                raise GGUFError(path, "metadata array runs past the end of the file: truncated")
-            return (np.frombuffer(buf[pos:end], dtype=_NP_DTYPE[etype]).tolist() if want else None), end
-        if etype == 8:  # the hot path: 262144 token strings
-            vals = []
-            append = vals.append
-            for _ in range(n):
-                (ln,) = unpack_len(buf, pos)
-                pos += 8
-                if want:
-                    append(str(buf[pos : pos + ln], "utf-8", "replace"))
-                pos += ln
-            if pos > len(buf):
-                raise GGUFError(path, "metadata array runs past the end of the file: truncated")
-            return (vals if want else None), pos
-        vals = []
-        for _ in range(n):  # nested arrays
-            v, pos = read_value(etype, pos, want)
-            vals.append(v)
-        return (vals if want else None), pos
-
-    for _ in range(n_kv):
-        key, pos = read_str(pos)
-        (vtype,) = struct.unpack_from("<I", buf, pos)
-        want = key.startswith(prefix)
-        val, pos = read_value(vtype, pos + 4, want)
-        if want:
-            out[key] = val
-    return out
 
 
 def _strip_thinking(text: str) -> str:
@@ -225,7 +132,13 @@ class StreamDecoder:
 
 # ----------------------------------------------------------------------------------------------- the tokenizer
 class Tokenizer:
-    """llama.cpp-exact tokenizer for ``tokenizer.ggml.model`` in {``llama`` (SPM), ``gpt2`` (byte-level BPE)}."""
+    """llama.cpp-exact tokenizer for ``tokenizer.ggml.model`` in {``llama`` (SPM), ``gpt2`` (byte-level BPE, pre
+    ``qwen2``/``qwen35``), ``gemma4`` (raw-UTF-8 BPE)}. Build with :meth:`from_gguf`.
+
+    ``encode(text, add_bos=None, parse_special=True)`` behaves as ``llama_tokenize(text, add_special, parse_special)``
+    (``add_bos=None`` follows the model's ``add_bos_token``); ``decode``/``token_bytes``/``stream_decoder`` follow
+    ``token_to_piece``; ``eog_ids`` is llama.cpp's end-of-generation set.
+    """
 
     def __init__(self, metadata: Mapping, source: str = "<metadata>"):
         md = metadata
@@ -336,9 +249,11 @@ class Tokenizer:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_gguf(cls, g) -> Tokenizer:
-        """From a :class:`sparkinfer_cute.gguf.GGUFFile` (its ``metadata``), or from a path (fast header read)."""
+        """From a :class:`sparkinfer_cute.gguf.GGUFFile` (its ``metadata``), or from a path to a GGUF file."""
         if isinstance(g, (str, os.PathLike)):
-            return cls(read_gguf_metadata(g, prefix="tokenizer."), source=os.fspath(g))
+            from .gguf import GGUFFile
+
+            g = GGUFFile(g)
         return cls(g.metadata, source=getattr(g, "path", "<gguf>"))
 
     def _build_hf_bpe(self, md: Mapping, source: str, byte_level: bool):
