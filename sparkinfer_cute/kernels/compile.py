@@ -61,7 +61,17 @@ def cache_dir() -> Path:
 
 
 def disk_cache_enabled() -> bool:
-    return os.environ.get("SPARKINFER_DISK_CACHE", "1") not in ("0", "false", "no")
+    """On unless ``SPARKINFER_DISK_CACHE=0``, and only where a GPU driver is present: ``export_to_c`` links the
+    host launcher against libcuda/libcudart symbols and fails without them (measured on the CPU CI box: "Symbols
+    not found: _cuKernelGetAttribute, _cudaLaunchKernelEx, ..."), and a CPU-only process never launches anyway."""
+    if os.environ.get("SPARKINFER_DISK_CACHE", "1") in ("0", "false", "no"):
+        return False
+    try:
+        from ..runtime import device_available
+
+        return device_available()
+    except Exception:
+        return False
 
 
 _extra_options: list[str] = []

@@ -115,7 +115,7 @@ def rope_neox(x, pos, *, n_rot: int | None = None, base: float = 10000.0, freq_f
             raise ValueError(f"freq_factors has {fd.size} entries, expected n_rot/2 = {n_rot // 2}")
     if n_tokens:
         fn = compile_rope(head_dim, n_rot, fd is not None)
-        fn(gptr(Float32, xd.ptr, 4), gptr(Int32, pd.ptr, 4), gptr(Float32, (fd or xd).ptr, 4), Int32(n_tokens),
+        fn(gptr(Float32, xd.ptr, 4), gptr(Int32, pd.ptr, 4), gptr(Float32, (xd if fd is None else fd).ptr, 4), Int32(n_tokens),
            Int32(n_heads), Float32(float(theta_scale_f32(base, n_rot))), resolve_stream(stream).cu)
     return xd.to_numpy(stream) if was_np else xd
 

@@ -92,7 +92,6 @@ def test_graph_capture_replay():
         a.fill_bytes(7, stream=s)
         b.copy_from(a, stream=s)
     g.keep(a, b)
-    assert (b.to_numpy(stream=s) != 7).all() or True  # capture records, does not run
     b.fill_bytes(0)
     g.replay(s)
     s.synchronize()
