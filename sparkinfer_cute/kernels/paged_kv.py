@@ -19,6 +19,12 @@ How model code uses it::
     kv_cache_append(k_rope, v, cache.k[l], cache.v[l], cache.page_table, cache.pos, stream=s)
     attention_decode(q, cache.k[l], cache.v[l], cache.page_table, cache.pos, scale=..., window=..., out=o, ...)
 
+Prefill with the same kernels: T prompt tokens of one sequence at positions ``p0 .. p0+T-1`` are a batch of T
+queries of that sequence. Append all T (``kv_cache_append`` with B = T, ``pos = p0 + arange(T)`` and a page table
+of T copies of the sequence's row), then ``attention_decode`` with the same ``pos``/page table attends query i to
+keys ``0 .. p0+i`` (causal). Use a small ``num_splits`` there (1-2): the batch already fills the GPU and the split
+workspace grows as ``T * n_head * num_splits * head_dim``.
+
 ``n_kv_head`` / ``head_dim`` may be per-layer sequences (Gemma 4 mixes 8x256 sliding and 2x512 full layers).
 The page table maps pages identically (sequence b owns pool pages ``b*pages_per_seq ...``); a scheduler that
 shares or recycles pages only rewrites the page table. Pools are zero-filled at allocation.

@@ -343,3 +343,37 @@ def test_append_then_attend_in_cuda_graph():
         got = out.to_numpy(stream)[0]
         ref = attention_decode_ref(q[0], k_hist[: pos + 1], v_hist[: pos + 1], pos, 0.1, window)
         assert rel_err(got, ref) <= REL_TOL, pos
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S", [1, 4])
+def test_prefill_as_batch_of_queries(S):
+    """Prefill recipe of paged_kv's docstring: T tokens appended with one launch (B = T, pos = p0 + i, page-table
+    rows repeated), then one attention launch: query i sees keys 0..p0+i (causal, window)."""
+    from sparkinfer_cute.kernels.kv_cache_append import kv_cache_append
+    from sparkinfer_cute.runtime import DeviceArray
+
+    rng = np.random.default_rng(S)
+    H, KV, D, P, window = 8, 2, 128, 16, 50
+    p0, T = 90, 37
+    n = p0 + T
+    pages = -(-n // P)
+    table_row = rng.permutation(pages + 2)[:pages].astype(np.int32)
+    k_hist = rng.standard_normal((n, KV, D)).astype(np.float32)
+    v_hist = rng.standard_normal((n, KV, D)).astype(np.float32)
+    k_pool = np.zeros((pages + 2, P, KV, D), np.float16)
+    v_pool = np.zeros_like(k_pool)
+    scatter_dense(k_hist[:p0].astype(np.float16), k_pool, table_row)  # the cache before this prompt chunk
+    scatter_dense(v_hist[:p0].astype(np.float16), v_pool, table_row)
+    dk, dv = DeviceArray.from_numpy(k_pool), DeviceArray.from_numpy(v_pool)
+    table = DeviceArray.from_numpy(np.repeat(table_row[None], T, axis=0))
+    pos = DeviceArray.from_numpy((p0 + np.arange(T)).astype(np.int32))
+    kv_cache_append(k_hist[p0:], v_hist[p0:], dk, dv, table, pos)
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    out = DeviceArray.empty((T, H, D), np.float32).fill_bytes(0xFF)
+    attention_decode(q, dk, dv, table, pos, scale=0.2, window=window, num_splits=S, out=out)
+    got = out.to_numpy()
+    k16, v16 = k_hist.astype(np.float16), v_hist.astype(np.float16)
+    for i in range(T):
+        ref = attention_decode_ref(q[i], k16, v16, p0 + i, 0.2, window)
+        assert rel_err(got[i], ref) <= REL_TOL, i
