@@ -401,10 +401,10 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
     dpos, _ = as_device(pos, stream, np.int32)
     S = num_splits
     if o_partial is None:
-        o_partial = (workspace.get((B, H, S, D), np.float32, tag="attention_decode.o_partial") if workspace
+        o_partial = (workspace.get((B, H, S, D), np.float32, tag="attention_decode.o_partial") if workspace is not None
                      else DeviceArray.empty((B, H, S, D), np.float32))
     if lse_partial is None:
-        lse_partial = (workspace.get((B, H, S), np.float32, tag="attention_decode.lse_partial") if workspace
+        lse_partial = (workspace.get((B, H, S), np.float32, tag="attention_decode.lse_partial") if workspace is not None
                        else DeviceArray.empty((B, H, S), np.float32))
     out_dev = out if out is not None else DeviceArray.empty((B, H, D), np.float32)
     has_softcap = softcap != 0.0
