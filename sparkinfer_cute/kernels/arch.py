@@ -12,6 +12,7 @@ Two independent knobs (as quack does with QUACK_ARCH):
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 
@@ -29,8 +30,12 @@ _target_override: str | None = None
 
 
 def kernel_family() -> str:
-    fam = _family_override or os.environ.get("SPARKINFER_KERNEL_FAMILY", "sm120")
-    fam = fam.lower().replace("_", "")
+    return _normalize_family(_family_override or os.environ.get("SPARKINFER_KERNEL_FAMILY", "sm120"))
+
+
+@functools.lru_cache(maxsize=None)
+def _normalize_family(raw: str) -> str:
+    fam = raw.lower().replace("_", "")
     if fam not in FAMILIES:
         raise DeviceError(f"unknown kernel family {fam!r}; choose one of {FAMILIES}")
     return fam
@@ -49,6 +54,7 @@ def smem_budget() -> int:
     return SMEM_CAPACITY[kernel_family()]
 
 
+@functools.lru_cache(maxsize=None)
 def normalize_target(arch: str) -> str:
     a = arch.strip().lower()
     if not a.startswith("sm_"):
@@ -78,15 +84,19 @@ def compile_target() -> str:
     env = os.environ.get("SPARKINFER_ARCH") or os.environ.get("CUTE_DSL_ARCH")
     if env:
         return normalize_target(env)
+    return _physical_target()
+
+
+@functools.lru_cache(maxsize=1)
+def _physical_target() -> str:
+    # Probed once per process: this runs on every kernel-cache lookup (a hot path), and the GPU cannot change.
     try:
         from ..runtime.device import current_device_capability
 
         cap = current_device_capability()
     except Exception:
         cap = None
-    if cap is not None:
-        return target_from_capability(*cap)
-    return "sm_120a"
+    return target_from_capability(*cap) if cap is not None else "sm_120a"
 
 
 @contextmanager

@@ -94,9 +94,14 @@ def compile_options(extra: str = "") -> str:
     return " ".join(["--gpu-arch", _arch.compile_target(), *_extra_options, extra]).strip()
 
 
+def _key(args: tuple, kwargs: dict) -> tuple:
+    # A tuple, not a string: this runs on every kernel call (the memo lookup), so it must stay ~1 us.
+    return (args, tuple(sorted(kwargs.items())) if kwargs else (), _arch.compile_target(), _arch.kernel_family(),
+            tuple(_extra_options))
+
+
 def _key_repr(qualname: str, args: tuple, kwargs: dict) -> str:
-    return repr((qualname, args, tuple(sorted(kwargs.items())), _arch.compile_target(), _arch.kernel_family(),
-                 tuple(_extra_options)))
+    return repr((qualname, *_key(args, kwargs)))
 
 
 def kernel_cache(fn):
@@ -105,12 +110,12 @@ def kernel_cache(fn):
     The wrapped function returns a compiled callable (``JitCompiledFunction`` or the reloaded module function); both
     take the same runtime arguments.
     """
-    memo: dict[str, object] = {}
+    memo: dict[tuple, object] = {}
     qualname = f"{fn.__module__}.{fn.__qualname__}"
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        key = _key_repr(qualname, args, kwargs)
+        key = _key(args, kwargs)
         hit = memo.get(key)
         if hit is not None:
             return hit
@@ -120,7 +125,7 @@ def kernel_cache(fn):
                 return hit
             t0 = time.perf_counter()
             compiled, source = None, "compile"
-            digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+            digest = hashlib.sha256(repr((qualname, *key)).encode()).hexdigest()[:24]
             path = cache_dir() / f"{digest}.o"
             if disk_cache_enabled() and path.exists():
                 compiled = _load(path)

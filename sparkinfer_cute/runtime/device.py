@@ -43,16 +43,25 @@ def _attr(dev, name: str) -> int:
     return int(check(cu.cuDeviceGetAttribute(getattr(cu.CUdevice_attribute, name), dev), f"cuDeviceGetAttribute({name})"))
 
 
+_capability_cache: dict[int, tuple[int, int] | None] = {}
+
+
 def current_device_capability() -> tuple[int, int] | None:
-    """(major, minor) of the selected device, or None without a GPU/driver. Never raises (used by arch.py)."""
+    """(major, minor) of the selected device, or None without a GPU/driver. Never raises (used by arch.py on every
+    kernel-cache lookup, hence memoized per ordinal)."""
+    ordinal = _default_ordinal()
+    if ordinal in _capability_cache:
+        return _capability_cache[ordinal]
     try:
         init_driver()
         cu = driver()
-        dev = check(cu.cuDeviceGet(_default_ordinal()), "cuDeviceGet")
-        return (_attr(dev, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR"),
-                _attr(dev, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR"))
+        dev = check(cu.cuDeviceGet(ordinal), "cuDeviceGet")
+        cap = (_attr(dev, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR"),
+               _attr(dev, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR"))
     except Exception:
-        return None
+        cap = None
+    _capability_cache[ordinal] = cap
+    return cap
 
 
 @dataclass
