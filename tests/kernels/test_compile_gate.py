@@ -136,3 +136,46 @@ def test_launch_overhead_us():
     us = registry.launch_overhead_us(["rmsnorm", "rope_neox", "router", "argmax"], n=50)
     assert set(us) == {"rmsnorm", "rope_neox", "router", "argmax"}
     assert all(0 < v < 5000 for v in us.values()), us
+
+
+def test_kernel_cache_memoizes_per_target_and_options(tmp_path):
+    calls = []
+
+    @kernel_cache
+    def fake_compile(n: int, flag: bool = False):
+        calls.append((n, flag, compile_options()))
+        return object()
+
+    with arch.target("sm_120a"):
+        a = fake_compile(3)
+        assert fake_compile(3) is a and len(calls) == 1
+        assert calls[0][2] == "--gpu-arch sm_120a"
+        b = fake_compile(3, flag=True)
+        assert b is not a and len(calls) == 2
+        with extra_options("--keep-ptx", f"--dump-dir={tmp_path}"):
+            c = fake_compile(3)
+            assert c is not a and calls[-1][2] == f"--gpu-arch sm_120a --keep-ptx --dump-dir={tmp_path}"
+    with arch.target("sm_90a"):
+        d = fake_compile(3)
+        assert d is not a and calls[-1][2] == "--gpu-arch sm_90a"
+    with arch.target("sm_120a"):
+        assert fake_compile(3) is a
+    assert fake_compile.uncached(3) is not a
+
+
+def test_arch_knobs(monkeypatch):
+    monkeypatch.setenv("SPARKINFER_ARCH", "sm_121")
+    assert arch.compile_target() == "sm_121a"
+    with arch.target("90"):
+        assert arch.compile_target() == "sm_90a"
+    monkeypatch.delenv("SPARKINFER_ARCH")
+    monkeypatch.delenv("CUTE_DSL_ARCH", raising=False)
+    from sparkinfer_cute.runtime import current_device_capability
+
+    cap = current_device_capability()
+    assert arch.compile_target() == (arch.target_from_capability(*cap) if cap else "sm_120a")
+    monkeypatch.setenv("SPARKINFER_KERNEL_FAMILY", "SM_90")
+    assert arch.kernel_family() == "sm90" and arch.smem_budget() == 232448
+    monkeypatch.setenv("SPARKINFER_KERNEL_FAMILY", "sm70")
+    with pytest.raises(Exception):
+        arch.kernel_family()
