@@ -18,6 +18,11 @@ Exact commands (FILE is the real Gemma 3 270M Q4_K_M GGUF, TEXT = fixtures/engli
    The prompt ids come from ``llama-tokenize -m FILE -p PROMPT --ids``; the generated ids from
    ``llama-tokenize --ids`` of prompt + generated text (prefix checked to be the prompt ids), first 16 kept.
 
+1b/2b. gemma3_270m_f32_teacher_forced.npz, gemma3_270m_f32_greedy.json: the same two commands on an all-F32 copy of
+   FILE (tests/reference/dequant_copy.py: the very same weights, dequantized). llama.cpp then multiplies exact
+   activations by the weights (vec_dot_type F32) instead of Q8_0/Q8_K-rounded ones, so the comparison isolates the
+   model math from llama.cpp's activation rounding.
+
 3. synth_{qwen3moe,gemma3}_tiny_logprobs.npz (every position 1..N-1 of the synthetic models):
    ``write_synthetic(tmp, arch, preset="tiny", seed=0)`` (sha256 stored; the test regenerates the file and checks it),
    then an all-F32 copy (tests/reference/dequant_copy.py: the same weights, dequantized; this removes llama.cpp's
@@ -95,13 +100,13 @@ def _perplexity(bin_dir: str, model: str, ctx: int, out: str, extra=()) -> tuple
     return read_kld_base(out), float(m.group(1)) if m else float("nan")
 
 
-def make_gemma3_teacher_forced(bin_dir: str, tmp: str) -> None:
-    d, ppl = _perplexity(bin_dir, GEMMA3, 288, os.path.join(tmp, "g.bin"))
+def make_gemma3_teacher_forced(bin_dir: str, tmp: str, model: str = GEMMA3, tag: str = "") -> None:
+    d, ppl = _perplexity(bin_dir, model, 288, os.path.join(tmp, "g.bin"))
     toks, first, lp = d["tokens"][0], d["first"], d["logprobs"][0]
     tgt = toks[first + 1 :]
     ids = np.argsort(-lp, axis=-1, kind="stable")[:, :32]
     np.savez_compressed(
-        os.path.join(FIXTURES, "gemma3_270m_teacher_forced.npz"),
+        os.path.join(FIXTURES, f"gemma3_270m{tag}_teacher_forced.npz"),
         tokens=toks.astype(np.int32),
         first=np.int32(first),
         topk_ids=ids.astype(np.int32),
@@ -109,16 +114,16 @@ def make_gemma3_teacher_forced(bin_dir: str, tmp: str) -> None:
         target_logprob=lp[np.arange(len(tgt)), tgt].astype(np.float32),
         llama_ppl=np.float64(ppl),
     )
-    print(f"gemma3 teacher-forced: {len(tgt)} positions, llama.cpp PPL {ppl}", file=sys.stderr)
+    print(f"gemma3{tag} teacher-forced: {len(tgt)} positions, llama.cpp PPL {ppl}", file=sys.stderr)
 
 
-def make_gemma3_greedy(bin_dir: str) -> None:
-    prompt_ids = _tokenize(bin_dir, GEMMA3, PROMPT)
+def make_gemma3_greedy(bin_dir: str, model: str = GEMMA3, tag: str = "") -> None:
+    prompt_ids = _tokenize(bin_dir, model, PROMPT)
     p = _run(
         bin_dir,
         "llama-completion",
         "-m",
-        GEMMA3,
+        model,
         "-p",
         PROMPT,
         "-n",
@@ -135,7 +140,7 @@ def make_gemma3_greedy(bin_dir: str) -> None:
         "--no-display-prompt",
     )
     text = p.stdout
-    all_ids = _tokenize(bin_dir, GEMMA3, PROMPT + text)
+    all_ids = _tokenize(bin_dir, model, PROMPT + text)
     assert all_ids[: len(prompt_ids)] == prompt_ids, (prompt_ids, all_ids)
     gen = all_ids[len(prompt_ids) :][:N_GREEDY]
     assert len(gen) == N_GREEDY, gen
@@ -144,12 +149,12 @@ def make_gemma3_greedy(bin_dir: str) -> None:
         "prompt_ids": prompt_ids,
         "generated_ids": gen,
         "generated_text": text,
-        "command": "llama-completion -m gemma-3-270m-q4_k_m.gguf -p PROMPT -n 16 --temp 0 -no-cnv --seed 42 "
+        "command": f"llama-completion -m {os.path.basename(model)} -p PROMPT -n 16 --temp 0 -no-cnv --seed 42 "
         "-t 2 -c 256 --no-display-prompt",
     }
-    with open(os.path.join(FIXTURES, "gemma3_270m_greedy.json"), "w") as f:
+    with open(os.path.join(FIXTURES, f"gemma3_270m{tag}_greedy.json"), "w") as f:
         json.dump(rec, f, indent=1)
-    print(f"gemma3 greedy: {gen} {text!r}", file=sys.stderr)
+    print(f"gemma3{tag} greedy: {gen} {text!r}", file=sys.stderr)
 
 
 SYNTH_CTX = {"qwen3moe": (3, 5, 9, 17, 33, 65, 129), "gemma3": (3, 5, 9, 17, 33, 65)}
@@ -200,10 +205,14 @@ def main() -> None:
     ap.add_argument("--only", choices=["gemma3", "greedy", "synth"], default=None)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        if a.only in (None, "gemma3", "greedy"):
+            f32 = write_dequantized_copy(GEMMA3, os.path.join(tmp, "gemma-3-270m-f32.gguf"))
         if a.only in (None, "gemma3"):
             make_gemma3_teacher_forced(a.llama_bin, tmp)
+            make_gemma3_teacher_forced(a.llama_bin, tmp, f32, "_f32")
         if a.only in (None, "greedy"):
             make_gemma3_greedy(a.llama_bin)
+            make_gemma3_greedy(a.llama_bin, f32, "_f32")
         if a.only in (None, "synth"):
             for arch in SYNTH_CTX:
                 make_synth(a.llama_bin, tmp, arch)

@@ -1,11 +1,20 @@
 """The Gemma 3 270M reference forward against llama.cpp on the real Q4_K_M file (fixtures from
 tests/reference/make_llama_fixtures.py; commands in its docstring).
 
-Noise floor, measured on this file and text (llama-perplexity, CPU, 2026-11-25): llama.cpp against *itself* with
-flash attention on vs off gives top-1 agreement 93.7 %, mean KL 0.0057 nats (top-32 support), perplexity 22.004 vs
-22.369 (1.7 %). Our float32 reference against llama.cpp (FA on, the default) gives 97.9 % / 0.0042 / 0.025 %: the
-three top-1 disagreements are near-ties (llama.cpp's own top-2 margins 0.022, 0.065, 0.130 nats). So the asserted
-top-1 bound is 97 %, plus "we never disagree where llama.cpp is confident" (margin >= 0.25 nats).
+Two llama.cpp references, both CPU, default flash attention, fp16 KV cache:
+
+* ``f32``: llama.cpp on an all-F32 copy of the file (the same weights, dequantized). Its matmuls then see exact
+  activations, as ours do, so this checks the model math. Measured (2026-11-25): top-1 agreement 100 % (143/143),
+  mean KL 5.5e-7 nats on llama.cpp's top-32 support, perplexity 22.00981 vs 22.00946 (1.6e-5 relative), greedy
+  continuation identical for all 16 tokens. Asserted: top-1 >= 99 %, mean KL <= 1e-4, perplexity within 0.1 %,
+  greedy 16/16.
+* ``q4_k_m``: llama.cpp on the file itself, which rounds activations to Q8_0/Q8_K before each quantized matmul.
+  That rounding moves llama.cpp's per-token log-probs by ~0.08 nats on this small model: llama.cpp against
+  itself with flash attention on vs off gives top-1 93.7 %, mean KL 0.0057, perplexity 22.004 vs 22.369 (1.7 %).
+  Ours vs llama.cpp: top-1 97.9 % (the 3 disagreements are near-ties: llama.cpp's own top-2 margins 0.022,
+  0.065, 0.130 nats), mean KL 0.0042, perplexity 0.025 %; greedy: 15/16 tokens, the 16th a 0.013-nat tie.
+  Asserted: top-1 >= 97 % with every disagreement a near-tie (llama.cpp margin < 0.25 nats), mean KL <= 0.01,
+  perplexity within 1 %, greedy identical up to the first near-tie.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from sparkinfer_cute.reference.metrics import teacher_forced_compare
 from sparkinfer_cute.reference.ops import log_softmax
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+TAG = {"f32": "_f32", "q4_k_m": ""}
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +38,9 @@ def gemma3_ref(gemma3_path):
     return load_reference(gemma3_path)
 
 
-def test_teacher_forced_vs_llamacpp(gemma3_ref):
-    f = dict(np.load(os.path.join(FIX, "gemma3_270m_teacher_forced.npz")))
+@pytest.mark.parametrize("variant", ["f32", "q4_k_m"])
+def test_teacher_forced_vs_llamacpp(gemma3_ref, variant):
+    f = dict(np.load(os.path.join(FIX, f"gemma3_270m{TAG[variant]}_teacher_forced.npz")))
     tokens, first = f["tokens"], int(f["first"])
     assert len(tokens) - 1 - first >= 128
     m = gemma3_ref
@@ -38,30 +49,29 @@ def test_teacher_forced_vs_llamacpp(gemma3_ref):
     logits = m.forward(tokens[first:-1])
     r = teacher_forced_compare(logits, f, tokens[first + 1 :])
     summary = {k: v for k, v in r.items() if np.ndim(v) == 0}
-    print(summary)
+    print(variant, summary)
     assert r["n"] >= 128
-    assert r["mean_kl"] <= 0.01, summary
-    assert r["ppl_rel_diff"] <= 0.01, summary
-    assert abs(r["ppl_a"] - float(f["llama_ppl"])) / float(f["llama_ppl"]) <= 0.01, summary
-    assert r["top1_agreement"] >= 0.97, summary
-    margins = r["top1_margin_b"][r["disagree_positions"]]
-    assert np.all(margins < 0.25), f"disagreement where llama.cpp is confident: margins {margins}"
+    llama_ppl = float(f["llama_ppl"])
+    if variant == "f32":
+        assert r["top1_agreement"] >= 0.99, summary
+        assert r["mean_kl"] <= 1e-4, summary
+        assert r["ppl_rel_diff"] <= 1e-3 and abs(r["ppl_a"] - llama_ppl) / llama_ppl <= 1e-3, summary
+    else:
+        assert r["top1_agreement"] >= 0.97, summary
+        margins = r["top1_margin_b"][r["disagree_positions"]]
+        assert np.all(margins < 0.25), f"disagreement where llama.cpp is confident: margins {margins}"
+        assert r["mean_kl"] <= 0.01, summary
+        assert r["ppl_rel_diff"] <= 0.01 and abs(r["ppl_a"] - llama_ppl) / llama_ppl <= 0.01, summary
 
 
-def test_greedy_continuation_vs_llamacpp(gemma3_ref):
-    with open(os.path.join(FIX, "gemma3_270m_greedy.json")) as fh:
+@pytest.mark.parametrize("variant", ["f32", "q4_k_m"])
+def test_greedy_continuation_vs_llamacpp(gemma3_ref, variant):
+    with open(os.path.join(FIX, f"gemma3_270m{TAG[variant]}_greedy.json")) as fh:
         g = json.load(fh)
     prompt, want = g["prompt_ids"], g["generated_ids"]
+    assert len(want) == 16
     m = gemma3_ref
-    # teacher-forced over llama.cpp's continuation: at every step its token is our argmax, or (a near-tie) within
-    # 0.05 nats of our best
-    m.reset()
-    lp = log_softmax(m.forward(prompt + want[:-1])[len(prompt) - 1 :])
-    ours = lp.argmax(-1)
-    gap = lp.max(-1) - lp[np.arange(len(want)), want]
-    assert np.all((ours == np.array(want)) | (gap < 0.05)), (ours.tolist(), want, gap)
-    assert np.sum(ours == np.array(want)) >= len(want) - 1
-    # free-running greedy through the decode path agrees up to the first near-tie
+    # free-running greedy through the decode path (prefill the prompt, then one token at a time)
     m.reset()
     logits = m.forward(prompt, all_logits=False)
     gen = []
@@ -69,6 +79,16 @@ def test_greedy_continuation_vs_llamacpp(gemma3_ref):
         t = int(logits[-1].argmax())
         gen.append(t)
         logits = m.forward([t])
-    first_tie = int(np.argmax(gap > 0)) if np.any(ours != np.array(want)) else len(want)
+    if variant == "f32":
+        assert gen == want
+        return
+    # q4_k_m: teacher-forced over llama.cpp's continuation, each of its tokens is our argmax or within 0.05 nats of
+    # it (a near-tie that llama.cpp's activation rounding can flip); free-running agrees up to the first such tie.
+    m.reset()
+    lp = log_softmax(m.forward(prompt + want[:-1])[len(prompt) - 1 :])
+    gap = lp.max(-1) - lp[np.arange(len(want)), want]
+    assert np.all(gap < 0.05), gap
+    ties = np.nonzero(gap > 0)[0]
+    first_tie = int(ties[0]) if len(ties) else len(want)
+    assert first_tie >= 12 and len(ties) <= 1, gap
     assert gen[:first_tie] == want[:first_tie], (gen, want)
-    assert first_tie >= 12
