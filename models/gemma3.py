@@ -52,7 +52,7 @@ class Gemma3GPU(GPUDecoder):
         self.up = DeviceArray.empty((c.n_ff,), f32)
         self.act = DeviceArray.empty((c.n_ff,), f32)
         self.f = DeviceArray.empty((E,), f32)
-        self.attn_ws = ops.AttentionWorkspace(H, D, self.max_context)
+        self.attn_ws = ops.AttentionWorkspace(H, D, ops.attention_splits(H, Hkv, D, self.max_context))
         # 27B rule (gemma3.cpp): 1/sqrt(n_embd/n_head) for 62 layers, else 1/sqrt(head_dim)
         self.q_scale = 1.0 / math.sqrt(E // H) if c.n_layer == 62 else 1.0 / math.sqrt(D)
         self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]

@@ -50,14 +50,21 @@ class PagedKV(PagedKVCache):
         super().__init__(n_layer, n_kv_head, head_dim, page_size=PAGE_SIZE, max_context=max_context)
 
 
+def attention_splits(n_head: int, n_kv_head: int, head_dim: int, max_context: int) -> int:
+    """Static split count: the compile-gated MODEL_CONFIGS entry when the model matches one, else the heuristic."""
+    for c in _attn.MODEL_CONFIGS.values():
+        if (c["n_head"], c["n_kv_head"], c["head_dim"]) == (n_head, n_kv_head, head_dim) and c["page_size"] == PAGE_SIZE:
+            return min(c["num_splits"], max(1, max_context // 64))
+    from ..runtime import get_device  # type: ignore[misc]
+
+    return _attn.default_num_splits(n_kv_head, max_context, get_device().sm_count)
+
+
 class AttentionWorkspace:
     """Split-KV partials (static shapes: the graph is captured once)."""
 
-    def __init__(self, n_head: int, head_dim: int, max_context: int):
-        from ..runtime import get_device
-
-        n_kv = 1  # splits are sized for the worst case (fewest kv heads): more splits is only more CTAs
-        self.num_splits = _attn.default_num_splits(n_kv, max_context, get_device().sm_count)
+    def __init__(self, n_head: int, head_dim: int, num_splits: int):
+        self.num_splits = num_splits
         self.o_partial = DeviceArray.empty((1, n_head, self.num_splits, head_dim), np.float32)
         self.lse_partial = DeviceArray.empty((1, n_head, self.num_splits), np.float32)
 
@@ -99,7 +106,8 @@ def rope(x, n_heads: int, head_dim: int, n_rot: int, base: float, pos, *, stream
     from ..kernels import rope as _rope  # type: ignore[misc]
 
     _rope.rope_neox(x.view(np.float32, (n_heads, head_dim)), pos, n_rot=n_rot, base=base,
-                    freq_factors=freq_factors, stream=stream)
+                    freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32, (n_rot // 2,)),
+                    stream=stream)
     launch_counter.add()
 
 
@@ -124,7 +132,7 @@ def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n
 def router(logits, ids, weights, k: int, *, stream):
     from ..kernels import router as _router  # type: ignore[misc]
 
-    _router.router_topk(logits, k, ids_out=ids, weights_out=weights, stream=stream)
+    _router.route(logits, k, norm_topk=True, ids_out=ids, weights_out=weights, stream=stream)
     launch_counter.add()
 
 
@@ -142,8 +150,15 @@ def softcap(x, cap: float, *, stream):
     raise NotImplementedError("final-logit softcap kernel (Gemma 2/4 style) is not implemented yet")
 
 
+_argmax_ws = None
+
+
 def argmax(logits, out_id, *, stream):
     from ..kernels import argmax as _am  # type: ignore[misc]
+    from ..runtime import Workspace  # type: ignore[misc]
 
-    _am.argmax(logits, out=out_id, stream=stream)
+    global _argmax_ws
+    if _argmax_ws is None:
+        _argmax_ws = Workspace()  # partials allocated at warm-up, reused (graph-stable) afterwards
+    _am.argmax(logits, out=out_id, workspace=_argmax_ws, stream=stream)
     launch_counter.add()

@@ -50,7 +50,7 @@ class Qwen3MoeGPU(GPUDecoder):
         self.expert_ids = DeviceArray.zeros((K,), np.int32)
         self.expert_w = DeviceArray.zeros((K,), f32)
         self.act = DeviceArray.empty((K, c.n_ff_exp), f32)
-        self.attn_ws = ops.AttentionWorkspace(H, D, self.max_context)
+        self.attn_ws = ops.AttentionWorkspace(H, D, ops.attention_splits(H, Hkv, D, self.max_context))
         self.scale = 1.0 / math.sqrt(D)
         self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]
 
