@@ -26,54 +26,59 @@ import numpy as np
 from cutlass import Float32, Int32, Uint8
 
 from .compile import kernel_cache
-from .quant_decode import (kernel_options, decode_unit, load_runs_from_gmem, new_unit_buffer, qtype_name, run_divisibility, spec,
-                           unit_base, warp_allreduce_sum)
+from .quant_decode import Tiling, dot_values, kernel_options, load_x_runs, qtype_name, spec, warp_allreduce_sum
 
 WARPS = 4
 MAX_ROWS = 8
 
 
-def unit_dot(sp, w, pX, xoff, divby: int):
-    """sum_i w[i] * x[xoff + unit positions], in 4 interleaved chains (4x the FMA ILP of one chain)."""
-    xr = load_runs_from_gmem(sp, pX, xoff, divby)
-    n = sp.unit_elems
-    part = [w[c] * xr[c] for c in range(4)]
-    for i in range(4, n):
-        part[i % 4] = part[i % 4] + w[i] * xr[i]
-    return (part[0] + part[1]) + (part[2] + part[3])
+def step_dot(t: Tiling, w, pX, xoff):
+    """sum over one decoded step: w[i] * x[xoff + step positions]."""
+    return dot_values(w, load_x_runs(t, pX, xoff), t.elems)
 
 
 class Gemv:
     """``y[slot, r, o] = sum_i W[e(slot), o, i] * x[xrow(slot, r), i]``.
 
     Dense: n_slots = 1, e = 0, xrow = r (``rows`` activation rows). Expert-indexed (``experts=True``): e = ids[slot];
-    xrow = slot if ``x_per_slot`` else 0, rows must be 1."""
+    xrow = slot if ``x_per_slot`` else 0, rows must be 1.
 
-    def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False):
+    ``wpr`` (warps per row, 1/2/4): a row's steps are split over ``wpr`` warps of the CTA (warp w takes steps
+    lane + 32*(w % wpr) + 32*wpr*t) and the partial sums are added in a fixed order through shared memory. Used
+    when n_out is small (2048 -> 512: 512 rows would be 512 warps, ~4 per SM, too few loads in flight)."""
+
+    def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
+                 mapping: str = "slice", wpr: int = 1):
         self.qtype = qtype
         self.sp = spec(qtype)
+        self.tiling = Tiling(qtype, mapping)
         assert n_in % self.sp.block_elems == 0, f"{qtype}: n_in {n_in} % {self.sp.block_elems}"
         assert 1 <= rows <= MAX_ROWS
         assert not (experts and rows != 1), "the expert-indexed GEMV takes one activation row per slot"
-        self.n_in, self.rows, self.experts, self.x_per_slot = n_in, rows, experts, x_per_slot
+        assert wpr in (1, 2, 4)
+        self.n_in, self.rows, self.experts, self.x_per_slot, self.wpr = n_in, rows, experts, x_per_slot, wpr
+        self.rows_per_cta = WARPS // wpr
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pX: cute.Pointer, pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32,
                  n_slots: Int32, stream: cuda.CUstream):
         self.kernel(pW, pX, pY, pIds, n_out).launch(
-            grid=[cute.ceil_div(n_out, WARPS), n_slots, 1], block=[WARPS * 32, 1, 1], stream=stream)
+            grid=[cute.ceil_div(n_out, self.rows_per_cta), n_slots, 1], block=[WARPS * 32, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pX: cute.Pointer, pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32):
         sp = self.sp
+        wpr = self.wpr
         tid = cute.arch.thread_idx()[0]
         bx, slot, _ = cute.arch.block_idx()
         warp = tid // 32
         lane = tid % 32
-        o = bx * WARPS + warp
+        kpart = warp % wpr
+        o = bx * self.rows_per_cta + warp // wpr
         nbpr = self.n_in // sp.block_elems
-        upb = sp.units_per_block
-        divby = run_divisibility(sp)
+        upb = self.tiling.per_block
+        acc = cute.make_rmem_tensor((self.rows,), Float32)
+        acc.fill(0.0)
         if o < n_out:
             row = o
             xrow0 = 0
@@ -83,22 +88,45 @@ class Gemv:
                 if cutlass.const_expr(self.x_per_slot):
                     xrow0 = slot
             blk0 = row * nbpr
-            acc = cute.make_rmem_tensor((self.rows,), Float32)
-            acc.fill(0.0)
-            w = new_unit_buffer(self.qtype)
-            for U in cutlass.range(lane, nbpr * upb, 32, unroll=1):
+            w = self.tiling.buffer()
+            for U in cutlass.range(lane + 32 * kpart, nbpr * upb, 32 * wpr, unroll=2):
                 kb = U // upb
                 u = U - kb * upb
-                decode_unit(self.qtype, pW, blk0 + kb, u, w, exact=False)
-                xb = kb * sp.block_elems + unit_base(sp, u)
+                self.tiling.decode(pW, blk0 + kb, u, w, exact=False)
+                xb = kb * sp.block_elems + self.tiling.base(u)
                 for r in cutlass.range_constexpr(self.rows):
-                    acc[r] = acc[r] + unit_dot(sp, w, pX, (xrow0 + r) * self.n_in + xb, divby)
-            # y is [n_slots * rows, n_out] row-major: y[slot*rows + r, o]
-            mY = cute.make_tensor(pY, cute.make_layout((n_out * self.rows) * (slot + 1)))
-            for r in cutlass.range_constexpr(self.rows):
-                t = warp_allreduce_sum(acc[r])
+                    acc[r] = acc[r] + step_dot(self.tiling, w, pX, (xrow0 + r) * self.n_in + xb)
+        for r in cutlass.range_constexpr(self.rows):
+            acc[r] = warp_allreduce_sum(acc[r])
+        # y is [n_slots * rows, n_out] row-major: y[slot*rows + r, o]
+        mY = cute.make_tensor(pY, cute.make_layout((n_out * self.rows) * (slot + 1)))
+        if cutlass.const_expr(wpr == 1):
+            if o < n_out:
                 if lane == 0:
-                    mY[(slot * self.rows + r) * n_out + o] = t
+                    for r in cutlass.range_constexpr(self.rows):
+                        mY[(slot * self.rows + r) * n_out + o] = acc[r]
+        else:
+            smem = cutlass.memory.SmemAllocator()
+            part = smem.allocate_tensor(Float32, cute.make_layout(WARPS * self.rows), byte_alignment=16)
+            if lane == 0:
+                for r in cutlass.range_constexpr(self.rows):
+                    part[warp * self.rows + r] = acc[r]
+            cute.arch.barrier()
+            if o < n_out:
+                if tid % (32 * wpr) == 0:  # lane 0 of the row's first warp
+                    for r in cutlass.range_constexpr(self.rows):
+                        t = part[warp * self.rows + r]
+                        for k in cutlass.range_constexpr(1, wpr):
+                            t = t + part[(warp + k) * self.rows + r]
+                        mY[(slot * self.rows + r) * n_out + o] = t
+
+
+def choose_wpr(n_out_total: int, steps_per_row: int, sm_count: int = 132) -> int:
+    """Warps per row: enough warps for ~16 per SM (loads in flight), but >= 2 steps per lane per warp."""
+    wpr = 1
+    while wpr < 4 and n_out_total * wpr < 16 * sm_count and steps_per_row >= 32 * 2 * (wpr * 2):
+        wpr *= 2
+    return wpr
 
 
 def _ptr(dtype, addr, align=16):
@@ -106,10 +134,18 @@ def _ptr(dtype, addr, align=16):
 
 
 @kernel_cache
-def compile_gemv(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False):
-    return cute.compile(Gemv(qtype, n_in, rows, experts, x_per_slot), _ptr(Uint8, 0), _ptr(Float32, 0),
+def compile_gemv(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
+                 mapping: str = "slice", wpr: int = 1):
+    return cute.compile(Gemv(qtype, n_in, rows, experts, x_per_slot, mapping, wpr), _ptr(Uint8, 0), _ptr(Float32, 0),
                         _ptr(Float32, 0), _ptr(Int32, 0, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
                         options=kernel_options())
+
+
+def _wpr(q, n_in, n_rows_total, mapping="slice"):
+    from ..runtime import get_device
+
+    steps = n_in // spec(q).block_elems * Tiling(q, mapping).per_block
+    return choose_wpr(n_rows_total, steps, get_device().sm_count)
 
 
 def _check_w(w, q, n_rows_total, n_in):
@@ -118,7 +154,7 @@ def _check_w(w, q, n_rows_total, n_in):
         raise ValueError(f"{q} weight has {w.nbytes} bytes, expected {need} ({n_rows_total} rows x {n_in})")
 
 
-def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None):
+def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "slice"):
     """y = x @ W.T for raw GGUF weights ``w`` ([n_out, row_bytes] uint8, numpy or DeviceArray) and f32 ``x``
     ([rows, n_in] or [n_in], rows <= 8). numpy in -> numpy out ([rows, n_out] or [n_out])."""
     from ..runtime import DeviceArray, as_device, default_stream
@@ -134,13 +170,14 @@ def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None):
     dx, x_np = as_device(np.ascontiguousarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x, st)
     _check_w(dw, q, n_out, n_in)
     y = out if out is not None else DeviceArray.empty((rows, n_out) if len(xs) > 1 else (n_out,), np.float32)
-    fn = compile_gemv(q, n_in, rows)
+    fn = compile_gemv(q, n_in, rows, False, False, mapping, _wpr(q, n_in, n_out, mapping))
     fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr), _ptr(Int32, dx.ptr, 4), Int32(n_out),
        Int32(1), cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if x_np else y
 
 
-def gemv_experts(w, qtype, x, ids, n_out: int, n_in: int, x_per_slot: bool = False, out=None, stream=None):
+def gemv_experts(w, qtype, x, ids, n_out: int, n_in: int, x_per_slot: bool = False, out=None, stream=None,
+                 mapping: str = "slice"):
     """Expert-indexed GEMV: ``y[j] = W[ids[j]] @ x[j if x_per_slot else 0]`` for every slot j, one launch.
 
     ``w``: [n_expert, n_out, row_bytes] raw bytes; ``ids``: int32 [n_slots] (device or numpy); ``x``: f32
@@ -156,7 +193,7 @@ def gemv_experts(w, qtype, x, ids, n_out: int, n_in: int, x_per_slot: bool = Fal
     if dw.nbytes % (n_out * spec(q).row_bytes(n_in)):
         raise ValueError(f"{q} expert weight bytes {dw.nbytes} not a multiple of {n_out} rows x {n_in}")
     y = out if out is not None else DeviceArray.empty((n_slots, n_out), np.float32)
-    fn = compile_gemv(q, n_in, 1, True, bool(x_per_slot))
+    fn = compile_gemv(q, n_in, 1, True, bool(x_per_slot), mapping, _wpr(q, n_in, n_out * n_slots, mapping))
     fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr), _ptr(Int32, di.ptr, 4), Int32(n_out),
        Int32(n_slots), cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if x_np else y
@@ -235,9 +272,12 @@ EXPERT_CONFIGS = [("Q4_K", 2048, False), ("Q4_K", 768, True), ("Q6_K", 768, True
 
 
 def registered_configs():
-    cfgs = [dict(qtype=q, n_in=n, rows=1) for q, n in DENSE_CONFIGS]
+    cfgs = [dict(qtype=q, n_in=n, rows=1, wpr=k) for q, n in DENSE_CONFIGS for k in (1, 2, 4)
+            if choose_wpr(1, n // spec(q).block_elems * Tiling(q).per_block) >= k]
     cfgs += [dict(qtype=q, n_in=n, rows=1, experts=True, x_per_slot=per) for q, n, per in EXPERT_CONFIGS]
     cfgs += [dict(qtype="Q4_K", n_in=2048, rows=r) for r in (2, 4, 8)]
+    # the per-lane-unit mapping (first version; kept as a fallback / for comparison in the microbench)
+    cfgs += [dict(qtype=q, n_in=2048, rows=1, mapping="unit") for q in ("Q4_K", "Q6_K")]
     return cfgs
 
 

@@ -6,13 +6,13 @@ Two launches, both reading the selected expert ids (and router weights) from dev
 sync):
 
 - **MoeGateUp** (kernel A): grid (ceil(n_ff / WARPS), k). A warp owns one row o of one selected expert and
-  computes *both* the gate row and the up row with the same activation loads, then applies SwiGLU in registers and
+  computes *both* the gate row and the up row with the same activation loads (lanes over quant_decode.py slices), then applies SwiGLU in registers and
   writes ``act[j, o]``. Only the [k, n_ff] activations reach memory (no [tokens, 2*n_ff] intermediate). Supports
   separate ``ffn_gate_exps``/``ffn_up_exps`` tensors and the fused ``ffn_gate_up_exps`` layout ([E, 2*n_ff, n_in]:
   gate rows first, then up rows, per expert).
-- **MoeDown** (kernel B): grid ceil(n_out / WARPS). A warp owns output row o and sweeps the (slot, unit) pairs of
-  all k experts with its 32 lanes (k*units is 96-192 for the 768-wide down rows, so lanes stay busy where a single
-  768-wide row would occupy only 12-24 of them); each lane adds ``w_j * (unit dot)`` to its private accumulator in a
+- **MoeDown** (kernel B): grid ceil(n_out / WARPS). A warp owns output row o and sweeps the (slot, slice) pairs of
+  all k experts with its 32 lanes (quant_decode.py slices: coalesced 4-byte weight and 16-byte activation loads);
+  each lane adds ``w_j * (unit dot)`` to its private accumulator in a
   fixed order, then one butterfly reduction: deterministic, no atomics. Optionally adds the residual.
 
 Shapes: Qwen3-30B-A3B: k=8 of 128 experts, n_embd 2048, n_ff_exp 768 (gate/up Q4_K, down Q4_K or Q6_K).
@@ -29,9 +29,8 @@ import numpy as np
 from cutlass import Float32, Int32, Uint8
 
 from .compile import kernel_cache
-from .gemv import WARPS, dequant_rows_f64, unit_dot
-from .quant_decode import (decode_unit, kernel_options, new_unit_buffer, qtype_name, run_divisibility, spec,
-                           unit_base, warp_allreduce_sum)
+from .gemv import WARPS, dequant_rows_f64
+from .quant_decode import Tiling, dot_values, kernel_options, load_x_runs, qtype_name, spec, warp_allreduce_sum
 
 
 def silu(g: Float32) -> Float32:
@@ -41,6 +40,7 @@ def silu(g: Float32) -> Float32:
 class MoeGateUp:
     def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False):
         self.qtype, self.sp = qtype, spec(qtype)
+        self.tiling = Tiling(qtype, "slice")
         assert n_in % self.sp.block_elems == 0
         self.n_in, self.n_ff, self.fused = n_in, n_ff, fused
         # rows per expert in the weight tensor(s), and where the up rows start inside an expert
@@ -62,8 +62,7 @@ class MoeGateUp:
         warp, lane = tid // 32, tid % 32
         o = bx * WARPS + warp
         nbpr = self.n_in // sp.block_elems
-        upb = sp.units_per_block
-        divby = run_divisibility(sp)
+        upb = self.tiling.per_block
         if o < self.n_ff:
             ids = cute.make_tensor(pIds, cute.make_layout(slot + 1))
             e = ids[slot]
@@ -71,15 +70,16 @@ class MoeGateUp:
             u_blk0 = (e * self.expert_rows + self.up_row0 + o) * nbpr
             acc_g = Float32(0.0)
             acc_u = Float32(0.0)
-            w = new_unit_buffer(self.qtype)
+            wg = self.tiling.buffer()
+            wu = self.tiling.buffer()
             for U in cutlass.range(lane, nbpr * upb, 32, unroll=1):
                 kb = U // upb
                 u = U - kb * upb
-                xb = kb * sp.block_elems + unit_base(sp, u)
-                decode_unit(self.qtype, pWg, g_blk0 + kb, u, w, exact=False)
-                acc_g = acc_g + unit_dot(sp, w, pX, xb, divby)
-                decode_unit(self.qtype, pWu, u_blk0 + kb, u, w, exact=False)
-                acc_u = acc_u + unit_dot(sp, w, pX, xb, divby)
+                self.tiling.decode(pWg, g_blk0 + kb, u, wg, exact=False)
+                self.tiling.decode(pWu, u_blk0 + kb, u, wu, exact=False)
+                xr = load_x_runs(self.tiling, pX, kb * sp.block_elems + self.tiling.base(u))  # shared by the gate and up rows
+                acc_g = acc_g + dot_values(wg, xr, self.tiling.elems)
+                acc_u = acc_u + dot_values(wu, xr, self.tiling.elems)
             g = warp_allreduce_sum(acc_g)
             up = warp_allreduce_sum(acc_u)
             if lane == 0:
@@ -90,6 +90,7 @@ class MoeGateUp:
 class MoeDown:
     def __init__(self, qtype: str, n_ff: int, n_out: int, add_residual: bool = False):
         self.qtype, self.sp = qtype, spec(qtype)
+        self.tiling = Tiling(qtype, "slice")
         assert n_ff % self.sp.block_elems == 0
         self.n_ff, self.n_out, self.add_residual = n_ff, n_out, add_residual
 
@@ -108,23 +109,22 @@ class MoeDown:
         warp, lane = tid // 32, tid % 32
         o = bx * WARPS + warp
         nbpr = self.n_ff // sp.block_elems
-        upb = sp.units_per_block
+        upb = self.tiling.per_block
         upr = nbpr * upb
-        divby = run_divisibility(sp)
         if o < self.n_out:
             ids = cute.make_tensor(pIds, cute.make_layout(n_slots))
             wts = cute.make_tensor(pWeights, cute.make_layout(n_slots))
             acc = Float32(0.0)
-            w = new_unit_buffer(self.qtype)
+            w = self.tiling.buffer()
             for V in cutlass.range(lane, n_slots * upr, 32, unroll=1):
                 j = V // upr
                 U = V - j * upr
                 kb = U // upb
                 u = U - kb * upb
                 blk0 = (ids[j] * self.n_out + o) * nbpr
-                decode_unit(self.qtype, pW, blk0 + kb, u, w, exact=False)
-                d = unit_dot(sp, w, pAct, j * self.n_ff + kb * sp.block_elems + unit_base(sp, u), divby)
-                acc = acc + wts[j] * d
+                self.tiling.decode(pW, blk0 + kb, u, w, exact=False)
+                xr = load_x_runs(self.tiling, pAct, j * self.n_ff + kb * sp.block_elems + self.tiling.base(u))
+                acc = acc + wts[j] * dot_values(w, xr, self.tiling.elems)
             total = warp_allreduce_sum(acc)
             if lane == 0:
                 mY = cute.make_tensor(pY, cute.make_layout(self.n_out))

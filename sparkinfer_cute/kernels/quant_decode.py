@@ -402,6 +402,211 @@ def new_unit_buffer(qtype: str):
     return cute.make_rmem_tensor((spec(qtype).unit_elems,), Float32)
 
 
-__all__ = ["QuantSpec", "SPECS", "QTYPES", "spec", "qtype_name", "unit_base", "decode_unit", "new_unit_buffer",
+# ---------------------------------------------------------------------------------------------------------------
+# Slices: the GEMV work split. A *unit* (above) gives each lane 32-64 contiguous elements, so in one warp load the
+# lanes' activation addresses are 128-256 B apart (32 distinct cache lines per 128-bit load, ~8x the L1 wavefronts
+# of a coalesced load) and the weight loads are block-strided too. A *slice* gives each lane 4 consecutive quant
+# bytes (llama.cpp's mmvq split): neighbouring lanes read neighbouring weight bytes and neighbouring 16-byte groups
+# of x, so every load of a warp is coalesced, and the per-block header (d, scales) is a broadcast.
+#
+# | type | slices/block | slice s -> elements (block-relative)                              | weight loads        |
+# |------|--------------|-------------------------------------------------------------------|---------------------|
+# | Q4_0 | 4            | 4s + {0..3}, 16 + 4s + {0..3}                                     | 2 x u16 (+ d)       |
+# | Q5_0 | 4            | as Q4_0                                                           | 2 x u16 (+ d, qh)   |
+# | Q8_0 | 4            | 8s + {0..7}                                                       | 4 x u16 (+ d)       |
+# | Q4_K | 32           | c = s//8, i = s%8: 64c + 4i + {0..3}, 64c + 32 + 4i + {0..3}      | u32 + v4 header     |
+# | Q5_K | 32           | as Q4_K                                                           | 2 x u32 + v4 header |
+# | Q6_K | 16           | n = s//8, i = s%8: 128n + 4i + 32k + {0..3}, k = 0..3             | 6 x u16 (+ S, d)    |
+# | F16/BF16 | 4 (per 32) | 8s + {0..7}                                                     | v4                  |
+# | F32  | 8 (per 32)   | 4s + {0..3}                                                       | v4                  |
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    elems: int
+    per_block: int
+    runs: tuple  # (value index, offset from the slice base, length)
+
+
+SLICES = {
+    "Q4_0": SliceSpec(8, 4, ((0, 0, 4), (4, 16, 4))),
+    "Q5_0": SliceSpec(8, 4, ((0, 0, 4), (4, 16, 4))),
+    "Q8_0": SliceSpec(8, 4, ((0, 0, 8),)),
+    "Q4_K": SliceSpec(8, 32, ((0, 0, 4), (4, 32, 4))),
+    "Q5_K": SliceSpec(8, 32, ((0, 0, 4), (4, 32, 4))),
+    "Q6_K": SliceSpec(16, 16, tuple((4 * k, 32 * k, 4) for k in range(4))),
+    "F16": SliceSpec(8, 4, ((0, 0, 8),)),
+    "BF16": SliceSpec(8, 4, ((0, 0, 8),)),
+    "F32": SliceSpec(4, 8, ((0, 0, 4),)),
+}
+
+
+def slice_base(qtype: str, s):
+    if qtype in ("Q4_0", "Q5_0"):
+        return s * 4
+    if qtype in ("Q4_K", "Q5_K"):
+        return (s >> 3) * 64 + (s & 7) * 4
+    if qtype == "Q6_K":
+        return (s >> 3) * 128 + (s & 7) * 4
+    if qtype == "F32":
+        return s * 4
+    return s * 8  # Q8_0, F16, BF16
+
+
+def _decode_slice(qtype, pW, blk, s, out, exact):
+    q = qtype
+    if q in ("Q4_0", "Q5_0"):
+        w16 = cute.recast_ptr(pW, dtype=Uint16)
+        if q == "Q4_0":
+            base = blk * 9
+            d = half_lo_to_f32(Uint32(w16[base]))
+            qw = load_words(w16, base + 1 + s * 2, 2, 1, Uint16)
+        else:
+            base = blk * 11
+            hdr = load_words(w16, base, 3, 1, Uint16)
+            d = half_lo_to_f32(Uint32(hdr[0]))
+            qh = Uint32(hdr[1]) | (Uint32(hdr[2]) << 16)
+            qw = load_words(w16, base + 3 + s * 2, 2, 1, Uint16)
+            sh = Uint32(s) * 4
+        for j in range(4):
+            b = _byte(qw, j)
+            lo, hi = b & 0xF, b >> 4
+            if q == "Q5_0":  # element 4s+j uses qh bit 4s+j; element 16+4s+j uses bit 16+4s+j
+                lo = lo | (((qh >> (sh + j)) & 1) << 4)
+                hi = hi | (((qh >> (sh + (16 + j))) & 1) << 4)
+                out[j] = _mul(d, Float32(Int32(lo) - 16), exact)
+                out[4 + j] = _mul(d, Float32(Int32(hi) - 16), exact)
+            else:
+                out[j] = _mul(d, Float32(Int32(lo) - 8), exact)
+                out[4 + j] = _mul(d, Float32(Int32(hi) - 8), exact)
+    elif q == "Q8_0":
+        w16 = cute.recast_ptr(pW, dtype=Uint16)
+        base = blk * 17
+        d = half_lo_to_f32(Uint32(w16[base]))
+        qw = load_words(w16, base + 1 + s * 4, 4, 1, Uint16)
+        for j in range(8):
+            out[j] = _mul(d, Float32(_sext8(_byte(qw, j))), exact)
+    elif q in ("Q4_K", "Q5_K"):
+        has_qh = q == "Q5_K"
+        w32 = cute.recast_ptr(pW, dtype=Uint32)
+        base = blk * (44 if has_qh else 36)
+        c = s >> 3
+        i = s & 7
+        hdr = load_words(w32, base, 4, 4)
+        d = half_lo_to_f32(hdr[0])
+        dmin = half_hi_to_f32(hdr[0])
+        (sc1, m1), (sc2, m2) = _kquant_scale_min(hdr, c)
+        d1, d2 = _mul(d, sc1, exact), _mul(d, sc2, exact)
+        dm1, dm2 = _mul(dmin, m1, exact), _mul(dmin, m2, exact)
+        w32t = cute.make_tensor(w32, cute.make_layout(base + 44))
+        qs = Uint32(w32t[base + (12 if has_qh else 4) + s])  # qs bytes 32c + 4i .. +3  (s = 8c + i)
+        if has_qh:
+            qh = Uint32(w32t[base + 4 + i])  # qh bytes 4i .. 4i+3 (bits 2c, 2c+1)
+            sh = Uint32(c) * 2
+        for j in range(4):
+            b = (qs >> (8 * j)) & 0xFF
+            lo, hi = b & 0xF, b >> 4
+            if has_qh:
+                hb = (qh >> (8 * j)) & 0xFF
+                lo = lo | (((hb >> sh) & 1) << 4)
+                hi = hi | (((hb >> (sh + 1)) & 1) << 4)
+            out[j] = _sub(_mul(d1, Float32(Int32(lo)), exact), dm1, exact)
+            out[4 + j] = _sub(_mul(d2, Float32(Int32(hi)), exact), dm2, exact)
+    elif q == "Q6_K":
+        w16 = cute.recast_ptr(pW, dtype=Uint16)
+        base = blk * 105
+        n = s >> 3
+        i = s & 7
+        L0 = load_words(w16, base + n * 32 + i * 2, 2, 1, Uint16)  # ql[64n + 4i ..]
+        L1 = load_words(w16, base + n * 32 + 16 + i * 2, 2, 1, Uint16)  # ql[64n + 32 + 4i ..]
+        H = load_words(w16, base + 64 + n * 16 + i * 2, 2, 1, Uint16)  # qh[32n + 4i ..]
+        S = load_words(w16, base + 96 + n * 4, 4, 1, Uint16)  # scales[8n .. 8n+8)
+        d = half_lo_to_f32(Uint32(w16[base + 104]))
+        # output k (positions 32k + 4i + j) uses scale 8n + (4i)//16 + 2k = 8n + i//4 + 2k
+        s_lo = Uint32(S[0]) | (Uint32(S[1]) << 16)
+        s_hi = Uint32(S[2]) | (Uint32(S[3]) << 16)
+        th = Uint32(i >> 2) * 8
+        ds = []
+        for k in range(4):
+            word = s_lo if k < 2 else s_hi
+            ds.append(_mul(d, Float32(_sext8((word >> (th + 16 * (k % 2))) & 0xFF)), exact))
+        for j in range(4):
+            l0, l1, h = _byte(L0, j), _byte(L1, j), _byte(H, j)
+            qv = ((l0 & 0xF) | ((h & 3) << 4), (l1 & 0xF) | (((h >> 2) & 3) << 4),
+                  (l0 >> 4) | (((h >> 4) & 3) << 4), (l1 >> 4) | (((h >> 6) & 3) << 4))
+            for k in range(4):
+                out[4 * k + j] = _mul(ds[k], Float32(Int32(qv[k]) - 32), exact)
+    elif q in ("F16", "BF16"):
+        w = load_words(cute.recast_ptr(pW, dtype=Uint32), blk * 16 + s * 4, 4, 4)
+        for j in range(4):
+            if q == "F16":
+                out[2 * j] = half_lo_to_f32(w[j])
+                out[2 * j + 1] = half_hi_to_f32(w[j])
+            else:
+                out[2 * j] = bits_to_f32(Uint32(w[j]) << 16)
+                out[2 * j + 1] = bits_to_f32(Uint32(w[j]) & 0xFFFF0000)
+    elif q == "F32":
+        w = load_words(cute.recast_ptr(pW, dtype=Float32), blk * 32 + s * 4, 4, 4, Float32)
+        for j in range(4):
+            out[j] = w[j]
+    else:
+        raise ValueError(f"unsupported quant type {qtype!r}")
+
+
+class Tiling:
+    """How a weight row is cut into per-lane steps: ``"slice"`` (coalesced, the GEMV default) or ``"unit"``.
+
+    Kernels use: ``elems`` (values per step), ``per_block`` (steps per block), ``runs`` (contiguous activation runs
+    of a step: value index, offset from the step base, length), ``divby`` (what every run start is divisible by),
+    ``base(u)`` (block-relative element of step u), ``decode(pW, blk, u, out, exact)``, ``buffer()``."""
+
+    def __init__(self, qtype: str, mode: str = "slice"):
+        assert mode in ("slice", "unit"), mode
+        self.qtype, self.mode, self.sp = qtype, mode, spec(qtype)
+        if mode == "slice":
+            sl = SLICES[qtype]
+            self.elems, self.per_block, self.runs = sl.elems, sl.per_block, sl.runs
+            self.divby = 4
+        else:
+            self.elems, self.per_block, self.runs = self.sp.unit_elems, self.sp.units_per_block, self.sp.runs
+            self.divby = run_divisibility(self.sp)
+
+    def base(self, u):
+        return slice_base(self.qtype, u) if self.mode == "slice" else unit_base(self.sp, u)
+
+    def decode(self, pW, blk, u, out, exact: bool = False):
+        if self.mode == "slice":
+            _decode_slice(self.qtype, pW, blk, u, out, exact)
+        else:
+            decode_unit(self.qtype, pW, blk, u, out, exact)
+
+    def buffer(self):
+        return cute.make_rmem_tensor((self.elems,), Float32)
+
+
+def load_x_runs(t: Tiling, gptr, gbase):
+    """Activations at a step's element positions (``gbase`` = row offset + step base), in the step's value order."""
+    xr = cute.make_rmem_tensor((t.elems,), Float32)
+    for start, off, n in t.runs:
+        src = cute.make_tensor(gptr + cute.assume(gbase + off, divby=t.divby), cute.make_layout(n))
+        tmp = cute.make_rmem_tensor((n,), Float32)
+        cute.autovec_copy(src, tmp)
+        for i in range(n):
+            xr[start + i] = tmp[i]
+    return xr
+
+
+def dot_values(w, xr, n: int):
+    """sum_i w[i] * xr[i] in up to 4 interleaved chains."""
+    c = min(4, n)
+    part = [w[i] * xr[i] for i in range(c)]
+    for i in range(c, n):
+        part[i % c] = part[i % c] + w[i] * xr[i]
+    while len(part) > 1:
+        part = [part[i] + part[i + 1] for i in range(0, len(part) - 1, 2)] + ([part[-1]] if len(part) % 2 else [])
+    return part[0]
+
+
+__all__ = ["Tiling", "SLICES", "slice_base", "load_x_runs", "dot_values", "QuantSpec", "SPECS", "QTYPES", "spec", "qtype_name", "unit_base", "decode_unit", "new_unit_buffer",
            "load_words", "copy_runs_to_gmem", "load_runs_from_gmem", "run_divisibility", "warp_allreduce_sum", "mul_rn", "sub_rn", "half_lo_to_f32", "half_hi_to_f32", "bits_to_f32",
            "GGML_TYPE_IDS", "Uint8"]
