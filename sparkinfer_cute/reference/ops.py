@@ -191,7 +191,7 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU, tanh form: ``0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`` (``ggml_gelu``; Gemma's hidden_act).
 
     Computed exactly in the input precision, as the CUDA backend does in f32. (The CPU backend instead rounds x to
-    fp16 and reads a table of fp16 results, GGML_GELU_FP16 in vec.h; we do not emulate that.)
+    fp16 and reads a table of fp16 results, GGML_GELU_FP16 in vec.h: :func:`gelu_tanh_fp16_table` emulates that.)
     """
     dt = _float_dtype(x)
     x = np.asarray(x, dtype=dt)
