@@ -92,3 +92,19 @@ def test_greedy_continuation_vs_llamacpp(gemma3_ref, variant):
     first_tie = int(ties[0]) if len(ties) else len(want)
     assert first_tie >= 12 and len(ties) <= 1, gap
     assert gen[:first_tie] == want[:first_tie], (gen, want)
+
+
+def test_fixture_tokens_match_our_tokenizer(gemma3_path):
+    """The fixtures hold llama.cpp's token ids (so the tests above do not depend on our tokenizer); this cross-checks
+    that sparkinfer_cute.tokenizer gives the same ids for the same text and prompt."""
+    tokenizer = pytest.importorskip("sparkinfer_cute.tokenizer")
+    from sparkinfer_cute.gguf.reader import GGUFFile
+
+    tk = tokenizer.Tokenizer.from_gguf(GGUFFile(gemma3_path))
+    with open(os.path.join(FIX, "english_text.txt")) as fh:
+        text = fh.read()
+    want = np.load(os.path.join(FIX, "gemma3_270m_teacher_forced.npz"))["tokens"].tolist()
+    assert list(tk.encode(text))[: len(want)] == want
+    with open(os.path.join(FIX, "gemma3_270m_greedy.json")) as fh:
+        g = json.load(fh)
+    assert list(tk.encode(g["prompt"])) == g["prompt_ids"]
