@@ -125,10 +125,16 @@ def test_static_smem_parser():
 
 def test_cli_lists_and_compiles_one_kernel():
     env = dict(os.environ, SPARKINFER_DISK_CACHE="0")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
     out = subprocess.run([sys.executable, "-m", "sparkinfer_cute.kernels", "--list"], capture_output=True,
-                         text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+                         text=True, env=env, cwd=root)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "configs" in out.stdout
+    assert "argmax" in out.stdout and "configs" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "sparkinfer_cute.kernels", "--compile-all", "--arch", "sm_121a",
+                          "--kernel", "argmax"], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"^argmax\s+vocab=151936\s+sm_121a\s+\d+", out.stdout, re.M), out.stdout
+    assert " 0 failed" in out.stdout
 
 
 @pytest.mark.gpu
