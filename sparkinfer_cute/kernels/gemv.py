@@ -154,7 +154,7 @@ def _check_w(w, q, n_rows_total, n_in):
         raise ValueError(f"{q} weight has {w.nbytes} bytes, expected {need} ({n_rows_total} rows x {n_in})")
 
 
-def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "slice"):
+def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "slice", wpr: int | None = None):
     """y = x @ W.T for raw GGUF weights ``w`` ([n_out, row_bytes] uint8, numpy or DeviceArray) and f32 ``x``
     ([rows, n_in] or [n_in], rows <= 8). numpy in -> numpy out ([rows, n_out] or [n_out])."""
     from ..runtime import DeviceArray, as_device, default_stream
@@ -170,7 +170,7 @@ def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: 
     dx, x_np = as_device(np.ascontiguousarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x, st)
     _check_w(dw, q, n_out, n_in)
     y = out if out is not None else DeviceArray.empty((rows, n_out) if len(xs) > 1 else (n_out,), np.float32)
-    fn = compile_gemv(q, n_in, rows, False, False, mapping, _wpr(q, n_in, n_out, mapping))
+    fn = compile_gemv(q, n_in, rows, False, False, mapping, wpr or _wpr(q, n_in, n_out, mapping))
     fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr), _ptr(Int32, dx.ptr, 4), Int32(n_out),
        Int32(1), cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if x_np else y

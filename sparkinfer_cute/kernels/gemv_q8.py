@@ -1,14 +1,17 @@
 """Decode GEMV with int8 activations (q8_1.py) and ``dp4a`` dot products against the integer weight quants.
 
-Same work split as gemv.py (one warp per output row, lanes stride over decode units, butterfly reduce; expert-indexed
-variant over grid.y with ids from device memory). Per unit, the weight quants are repacked in registers into bytes
+Same work split as gemv.py (one warp per output row, lanes stride over the coalesced slices of quant_decode.py --
+or the per-lane units with ``mapping="unit"`` --, butterfly reduce; expert-indexed variant over grid.y with ids
+from device memory). Per step, the weight quants are repacked in registers into bytes
 (4 per 32-bit word) and dotted with the int8 activations 4 at a time with ``dp4a`` (inline PTX; the DSL has no int8
 dot atom, cute-dsl.md §3). Integer dots are exact; each group of 8-32 elements is then scaled in f32:
 
     group = scale_w * d_x * (dot(q_w, q_x) - off * sum(q_x)) - min_w * s_x
 
 with ``off`` the type's zero point (Q4_0: 8, Q5_0: 16, Q6_K: 32; sum(q_x) from a dp4a against 0x01010101) and the
-K-quant min term (Q4_K/Q5_K: ``dmin*m``) using the block sum ``s = d*sum(q)`` stored by the quantizer.
+K-quant min term (Q4_K/Q5_K: ``dmin*m``) times the sum of the group's activations: the block sum ``s = d*sum(q)``
+stored by the quantizer when a group covers a whole 32-block (unit mapping), else ``d_x * sum(q_x)`` of the group
+(slice mapping: 4 elements per group).
 
 So the result is the exact GEMV against the dequantized int8 activations, up to f32 rounding:
 |y - W x| <= sum_i A_i d_b(i)/2 (quantization, q8_1.py) + the f32 rounding of the float GEMV (gemv.py).
@@ -28,8 +31,8 @@ from cutlass.cutlass_dsl import dsl_user_op
 from .compile import kernel_cache
 from .gemv import MAX_ROWS, WARPS
 from .q8_1 import QK, Q8Act, quantize_q8_1
-from .quant_decode import (_kquant_scale_min, half_lo_to_f32, half_hi_to_f32, kernel_options, load_words,
-                           qtype_name, spec, unit_base, warp_allreduce_sum)
+from .quant_decode import (Tiling, _kquant_scale_min, half_hi_to_f32, half_lo_to_f32, kernel_options, load_words,
+                           qtype_name, spec, warp_allreduce_sum)
 
 INT_QTYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
@@ -57,10 +60,76 @@ M4 = 0x0F0F0F0F
 
 
 class Group:
-    """A run of 4*len(words) weight quants (packed bytes) at unit-relative element offset ``xoff``."""
+    """A run of 4*len(words) weight quants (packed bytes) at step-relative element offset ``xoff``.
 
-    def __init__(self, words, xoff, scale, off=0, signed=False, minc=None):
+    value = scale * d_x * (dot(q, q_x) - off * sum(q_x)) - minc * S, where S = the stored block sum ``s`` when the
+    group covers a whole 32-block (``minc_block_sum``), else d_x * sum(q_x) over the group (dp4a against ones)."""
+
+    def __init__(self, words, xoff, scale, off=0, signed=False, minc=None, minc_block_sum=True):
         self.words, self.xoff, self.scale, self.off, self.signed, self.minc = words, xoff, scale, off, signed, minc
+        self.minc_block_sum = minc_block_sum
+
+
+def decode_int_slice(qtype: str, pW, blk, s):
+    """Integer decode of slice ``s`` of block ``blk`` (quant_decode.py slice table): a list of :class:`Group`."""
+    w16 = cute.recast_ptr(pW, dtype=Uint16)
+    if qtype in ("Q4_0", "Q5_0"):
+        if qtype == "Q4_0":
+            base = blk * 9
+            d = half_lo_to_f32(Uint32(w16[base]))
+            qw = _u16_pairs(load_words(w16, base + 1 + s * 2, 2, 1, Uint16), 1)[0]
+            return [Group([qw & M4], 0, d, 8), Group([(qw >> 4) & M4], 16, d, 8)]
+        base = blk * 11
+        hdr = load_words(w16, base, 3, 1, Uint16)
+        d = half_lo_to_f32(Uint32(hdr[0]))
+        qh = Uint32(hdr[1]) | (Uint32(hdr[2]) << 16)
+        qw = _u16_pairs(load_words(w16, base + 3 + s * 2, 2, 1, Uint16), 1)[0]
+        sh = Uint32(s) * 4
+        lo = (qw & M4) | _spread4((qh >> sh) & 0xF)
+        hi = ((qw >> 4) & M4) | _spread4((qh >> (sh + 16)) & 0xF)
+        return [Group([lo], 0, d, 16), Group([hi], 16, d, 16)]
+    if qtype == "Q8_0":
+        base = blk * 17
+        d = half_lo_to_f32(Uint32(w16[base]))
+        qw = _u16_pairs(load_words(w16, base + 1 + s * 4, 4, 1, Uint16), 2)
+        return [Group(qw, 0, d, 0, signed=True)]
+    if qtype in ("Q4_K", "Q5_K"):
+        has_qh = qtype == "Q5_K"
+        w32 = cute.recast_ptr(pW, dtype=Uint32)
+        base = blk * (44 if has_qh else 36)
+        c, i = s >> 3, s & 7
+        hdr = load_words(w32, base, 4, 4)
+        d, dmin = half_lo_to_f32(hdr[0]), half_hi_to_f32(hdr[0])
+        (sc1, m1), (sc2, m2) = _kquant_scale_min(hdr, c)
+        w32t = cute.make_tensor(w32, cute.make_layout(base + 44))
+        qs = Uint32(w32t[base + (12 if has_qh else 4) + s])
+        lo, hi = qs & M4, (qs >> 4) & M4
+        if has_qh:
+            qh = Uint32(w32t[base + 4 + i])
+            sh = Uint32(c) * 2
+            lo = lo | (((qh >> sh) & 0x01010101) << 4)
+            hi = hi | (((qh >> (sh + 1)) & 0x01010101) << 4)
+        return [Group([lo], 0, d * sc1, minc=dmin * m1, minc_block_sum=False),
+                Group([hi], 32, d * sc2, minc=dmin * m2, minc_block_sum=False)]
+    if qtype == "Q6_K":
+        base = blk * 105
+        n, i = s >> 3, s & 7
+        L0 = _u16_pairs(load_words(w16, base + n * 32 + i * 2, 2, 1, Uint16), 1)[0]
+        L1 = _u16_pairs(load_words(w16, base + n * 32 + 16 + i * 2, 2, 1, Uint16), 1)[0]
+        H = _u16_pairs(load_words(w16, base + 64 + n * 16 + i * 2, 2, 1, Uint16), 1)[0]
+        S = _u16_pairs(load_words(w16, base + 96 + n * 4, 4, 1, Uint16), 2)
+        d = half_lo_to_f32(Uint32(w16[base + 104]))
+        th = Uint32(i >> 2) * 8
+        groups = []
+        for k in range(4):
+            sb = (S[k // 2] >> (th + 16 * (k % 2))) & 0xFF
+            sc = Int32(sb) - ((Int32(sb) & 0x80) << 1)
+            Lk = L0 if k % 2 == 0 else L1
+            shl = 0 if k < 2 else 4
+            word = ((Lk >> shl) & M4) | (((H >> (2 * k)) & 0x03030303) << 4)
+            groups.append(Group([word], 32 * k, d * Float32(sc), 32))
+        return groups
+    raise ValueError(f"gemv_q8: unsupported type {qtype}")
 
 
 def decode_int_unit(qtype: str, pW, blk, u):
@@ -141,15 +210,26 @@ def group_dot(g: Group, pXq, pXd, pXs, row_elem0, xb, n_blocks_row):
     xd = cute.make_tensor(pXd, cute.make_layout(xblk + 1))
     val = g.scale * (xd[xblk] * Float32(acc))
     if g.minc is not None:
-        xs = cute.make_tensor(pXs, cute.make_layout(xblk + 1))
-        val = val - g.minc * xs[xblk]
+        if g.minc_block_sum:
+            xs = cute.make_tensor(pXs, cute.make_layout(xblk + 1))
+            val = val - g.minc * xs[xblk]
+        else:
+            sx = Int32(0)
+            for i in range(nw):
+                sx = dp4a(0x01010101, xw[i], sx)
+            val = val - g.minc * (xd[xblk] * Float32(sx))
     return val
 
 
 class GemvQ8:
-    def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False):
+    """dp4a GEMV; ``mapping`` "slice" (coalesced, default) or "unit" (first version, kept as a fallback)."""
+
+    def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
+                 mapping: str = "slice"):
         assert qtype in INT_QTYPES, f"gemv_q8 supports {INT_QTYPES}"
         self.qtype, self.sp = qtype, spec(qtype)
+        self.tiling = Tiling(qtype, mapping)
+        self.mapping = mapping
         assert n_in % self.sp.block_elems == 0 and 1 <= rows <= MAX_ROWS
         assert not (experts and rows != 1)
         self.n_in, self.rows, self.experts, self.x_per_slot = n_in, rows, experts, x_per_slot
@@ -169,7 +249,7 @@ class GemvQ8:
         warp, lane = tid // 32, tid % 32
         o = bx * WARPS + warp
         nbpr = self.n_in // sp.block_elems
-        upb = sp.units_per_block
+        upb = self.tiling.per_block
         if o < n_out:
             row = o
             xrow0 = 0
@@ -181,11 +261,14 @@ class GemvQ8:
             blk0 = row * nbpr
             acc = cute.make_rmem_tensor((self.rows,), Float32)
             acc.fill(0.0)
-            for U in cutlass.range(lane, nbpr * upb, 32, unroll=1):
+            for U in cutlass.range(lane, nbpr * upb, 32, unroll=2):
                 kb = U // upb
                 u = U - kb * upb
-                groups = decode_int_unit(self.qtype, pW, blk0 + kb, u)
-                xb = kb * sp.block_elems + unit_base(sp, u)
+                if cutlass.const_expr(self.mapping == "slice"):
+                    groups = decode_int_slice(self.qtype, pW, blk0 + kb, u)
+                else:
+                    groups = decode_int_unit(self.qtype, pW, blk0 + kb, u)
+                xb = kb * sp.block_elems + self.tiling.base(u)
                 for r in cutlass.range_constexpr(self.rows):
                     for g in groups:
                         acc[r] = acc[r] + group_dot(g, pXq, pXd, pXs, (xrow0 + r) * self.n_in, xb, 0)
@@ -201,13 +284,14 @@ def _ptr(dtype, addr, align=16):
 
 
 @kernel_cache
-def compile_gemv_q8(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False):
-    return cute.compile(GemvQ8(qtype, n_in, rows, experts, x_per_slot), _ptr(Uint8, 0), _ptr(Int8, 0),
+def compile_gemv_q8(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
+                    mapping: str = "slice"):
+    return cute.compile(GemvQ8(qtype, n_in, rows, experts, x_per_slot, mapping), _ptr(Uint8, 0), _ptr(Int8, 0),
                         _ptr(Float32, 0), _ptr(Float32, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), Int32(1), Int32(1),
                         cute.runtime.make_fake_stream(), options=kernel_options())
 
 
-def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, st):
+def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, st, mapping="slice"):
     from ..runtime import DeviceArray, as_device
 
     q = qtype_name(qtype)
@@ -218,13 +302,13 @@ def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, 
     y = out if out is not None else DeviceArray.empty((n_slots * rows, n_out) if rows > 1 or experts else (n_out,),
                                                       np.float32)
     di = ids if ids is not None else xq.d
-    fn = compile_gemv_q8(q, xq.n, rows, experts, x_per_slot)
+    fn = compile_gemv_q8(q, xq.n, rows, experts, x_per_slot, mapping)
     fn(_ptr(Uint8, dw.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr),
        _ptr(Float32, y.ptr), _ptr(Int32, di.ptr, 4), Int32(n_out), Int32(n_slots), cuda.CUstream(st.handle))
     return y
 
 
-def gemv_q8(w, qtype, x, n_out: int | None = None, out=None, stream=None):
+def gemv_q8(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "slice"):
     """y = x @ W.T through int8 activations: ``x`` is f32 (numpy/DeviceArray, quantized here) or a :class:`Q8Act`.
     numpy in -> numpy out ([rows, n_out] or [n_out])."""
     from ..runtime import DeviceArray, default_stream
@@ -236,7 +320,7 @@ def gemv_q8(w, qtype, x, n_out: int | None = None, out=None, stream=None):
     else:
         xq = quantize_q8_1(DeviceArray.from_numpy(np.ascontiguousarray(x, np.float32)) if x_np else x, stream=st)
     n_out = int(w.shape[0]) if n_out is None else n_out
-    y = _launch(w, qtype, xq, None, n_out, 1, False, False, out, st)
+    y = _launch(w, qtype, xq, None, n_out, 1, False, False, out, st, mapping)
     if x_np:
         r = y.to_numpy(stream=st)
         return r.reshape(n_out) if np.ndim(x) == 1 else r.reshape(-1, n_out)
@@ -280,6 +364,7 @@ def registered_configs():
     cfgs = [dict(qtype=q, n_in=n, rows=1) for q, n in DENSE_CONFIGS if q in INT_QTYPES]
     cfgs += [dict(qtype=q, n_in=n, rows=1, experts=True, x_per_slot=p) for q, n, p in EXPERT_CONFIGS]
     cfgs += [dict(qtype="Q4_K", n_in=2048, rows=r) for r in (2, 4, 8)]
+    cfgs += [dict(qtype=q, n_in=2048, rows=1, mapping="unit") for q in ("Q4_K", "Q6_K")]
     return cfgs
 
 

@@ -83,13 +83,15 @@ def test_gemv_dense(q, n_out, kblocks, rows, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mapping", ["slice", "unit"])
+@pytest.mark.parametrize("wpr", [1, 2, 4])
 @pytest.mark.parametrize("q,n_in,n_out", [("Q4_K", 2048, 4096), ("Q6_K", 2048, 512), ("Q4_K", 4096, 2048),
-                                          ("Q5_0", 640, 1024), ("Q8_0", 640, 256)])
-def test_gemv_model_shapes(q, n_in, n_out):
+                                          ("Q5_0", 640, 1024), ("Q8_0", 640, 256), ("Q4_K", 2048, 13)])
+def test_gemv_model_shapes(q, n_in, n_out, wpr, mapping):
     rng = np.random.default_rng()
     w = rand_weight(q, n_out, n_in, rng)
     x = rng.standard_normal(n_in).astype(np.float32)
-    y = gemv(w, q, x)
+    y = gemv(w, q, x, mapping=mapping, wpr=wpr)
     assert y.shape == (n_out,)
     _check(y, gemv_ref(w, q, x), gemv_error_bound(w, q, x))
 
@@ -161,15 +163,16 @@ def test_quantize_q8_1_matches_reference(rows, nb, seed):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mapping", ["slice", "unit"])
 @pytest.mark.parametrize("q", INT_QTYPES)
 @settings(max_examples=3, deadline=None)
 @given(n_out=st.integers(1, 200), kblocks=st.integers(1, 8), rows=st.integers(1, 8), seed=st.integers(0, 2**32 - 1))
-def test_gemv_q8_dense(q, n_out, kblocks, rows, seed):
+def test_gemv_q8_dense(mapping, q, n_out, kblocks, rows, seed):
     rng = np.random.default_rng(seed)
     n_in = kblocks * max(spec(q).block_elems, 64)
     w = rand_weight(q, n_out, n_in, rng)
     x = rng.standard_normal((rows, n_in)).astype(np.float32)
-    y = gemv_q8(w, q, x)
+    y = gemv_q8(w, q, x, mapping=mapping)
     assert y.shape == (rows, n_out) and not np.isnan(y).any()
     # 1) against the exact GEMV of the quantized activations (checks the integer logic tightly)
     xq, xd, _ = quantize_q8_1_ref(x)
