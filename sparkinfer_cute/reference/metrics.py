@@ -50,14 +50,14 @@ def teacher_forced_compare(
     """Compare model a's logits (n, vocab) with reference b (full logits (n, vocab) or a top-K record, see
     :func:`topk_record`) at n positions whose actual next tokens are ``tokens`` (n,).
 
-    Returns a dict:
+    Returns a JSON-serialisable dict (floats, ints, lists):
       ``n``: positions compared;
       ``top1_agreement``: fraction of positions where a's argmax equals b's top-1;
       ``top1_agreement_tol``: the same, also counting positions where b itself nearly ties: b's log-prob of a's
       argmax is within ``tie_tol`` nats of b's top-1 (a's argmax must be in b's top-K);
-      ``top1_margin_b``: (n,) b's top-1 minus top-2 log-prob, to see how close the disagreements were;
+      ``disagree_margins_b``: list, at each disagreement b's top-1 minus top-2 log-prob (how near a tie it was);
       ``mean_kl`` / ``max_kl``: KL(b‖a) on b's top-K support, renormalised (module docstring), nats;
-      ``disagree_positions``: indices where the argmaxes differ;
+      ``disagree_positions``: list of the indices where the argmaxes differ;
       ``ppl_a``: exp(mean NLL of ``tokens``) under a; ``ppl_b``: the same under b (needs b's ``target_logprob``
       or full logits; else NaN); ``ppl_rel_diff``: ``|ppl_a − ppl_b| / ppl_b``;
       ``mean_abs_target_logprob_diff``: mean |log p_a(tok) − log p_b(tok)|.
@@ -84,6 +84,7 @@ def teacher_forced_compare(
     rows = np.arange(n)
     top1_a = la.argmax(axis=-1)
     top1_agreement = float(np.mean(top1_a == ids[:, 0]))
+    disagree = np.nonzero(top1_a != ids[:, 0])[0]
     in_b = ids == top1_a[:, None]
     lp_b_of_a = np.where(in_b.any(-1), np.where(in_b, lpb, -np.inf).max(-1), -np.inf)
     top1_agreement_tol = float(np.mean((top1_a == ids[:, 0]) | (lp_b_of_a >= lpb[:, 0] - tie_tol)))
@@ -102,8 +103,10 @@ def teacher_forced_compare(
         "n": int(n),
         "top1_agreement": top1_agreement,
         "top1_agreement_tol": top1_agreement_tol,
-        "top1_margin_b": lpb[:, 0] - lpb[:, 1] if lpb.shape[1] > 1 else np.full(n, np.inf),
-        "disagree_positions": np.nonzero(top1_a != ids[:, 0])[0],
+        "disagree_positions": [int(i) for i in disagree],
+        "disagree_margins_b": [
+            float(lpb[i, 0] - lpb[i, 1]) if lpb.shape[1] > 1 else float("inf") for i in disagree
+        ],
         "mean_kl": float(kl.mean()),
         "max_kl": float(kl.max()),
         "ppl_a": ppl_a,

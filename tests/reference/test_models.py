@@ -173,3 +173,34 @@ def test_load_reference_rejects_unknown_arch(tmp_path):
     w.close()
     with pytest.raises(GGUFError):
         load_reference(p)
+
+
+def test_teacher_forced_compare_properties():
+    """Identical logits: KL 0, full agreement, equal perplexities; a perturbed copy: positive KL, lower agreement;
+    a top-K record of b gives the same numbers as b's full logits."""
+    import json
+
+    from sparkinfer_cute.reference.metrics import topk_record
+
+    r = np.random.default_rng()
+    b = r.standard_normal((50, 300)) * 3
+    tok = r.integers(0, 300, 50)
+    same = teacher_forced_compare(b, b, tok)
+    assert same["top1_agreement"] == 1.0 and same["mean_kl"] == pytest.approx(0, abs=1e-12)
+    assert same["ppl_a"] == pytest.approx(same["ppl_b"]) and same["disagree_positions"] == []
+    a = b + r.standard_normal(b.shape)
+    full = teacher_forced_compare(a, b, tok)
+    rec = teacher_forced_compare(a, topk_record(b, tok, k=32), tok)
+    assert full["mean_kl"] > 1e-3 and full["top1_agreement"] < 1.0
+    for key in ("top1_agreement", "mean_kl", "ppl_a", "ppl_b"):
+        assert rec[key] == pytest.approx(full[key], rel=1e-5)
+    json.dumps(full)
+    # KL on the top-K support by hand at one position
+    ids = np.argsort(-b[0])[:32]
+    p = np.exp(b[0, ids] - b[0, ids].max())
+    p /= p.sum()
+    q = np.exp(a[0, ids] - a[0, ids].max())
+    q /= q.sum()
+    one = teacher_forced_compare(a[:1], b[:1], tok[:1])
+    # (the top-K record stores float32 log-probs)
+    assert one["mean_kl"] == pytest.approx(float(np.sum(p * np.log(p / q))), rel=1e-6)
