@@ -85,7 +85,7 @@ def _n_copies(nbytes: int, l2: int, cap_bytes: int = 2 * GIB) -> int:
     return max(1, min(math.ceil(2 * l2 / max(nbytes, 1)), cap_bytes // max(nbytes, 1)))
 
 
-def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng):
+def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice"):
     import cuda.bindings.driver as cuda
     from cutlass import Float32, Int8, Int32, Uint8
 
@@ -99,10 +99,12 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng):
     x = DeviceArray.from_numpy(rng.standard_normal((1, n_in)).astype(np.float32), stream)
     y = DeviceArray.empty((n_out,), np.float32)
     cs = cuda.CUstream(stream.handle)
+    wpr = 1
     if path == "float":
-        from .gemv import compile_gemv
+        from .gemv import _wpr, compile_gemv
 
-        fn = compile_gemv(q, n_in, 1)
+        wpr = _wpr(q, n_in, n_out, mapping)
+        fn = compile_gemv(q, n_in, 1, False, False, mapping, wpr)
         args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4),
                  Int32(n_out), Int32(1), cs) for w in ws]
         xbytes = n_in * 4
@@ -111,7 +113,7 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng):
         from .q8_1 import quantize_q8_1
 
         xq = quantize_q8_1(x, stream=stream)
-        fn = compile_gemv_q8(q, n_in, 1)
+        fn = compile_gemv_q8(q, n_in, 1, False, False, mapping)
         args = [(_ptr(Uint8, w.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr),
                  _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4), Int32(n_out), Int32(1), cs) for w in ws]
         xbytes = n_in + n_in // 32 * 8
@@ -120,7 +122,9 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng):
     med, mn = _time_graph(launches, stream, reps)
     nbytes = wbytes + xbytes + n_out * 4
     assert spec(q).row_bytes(n_in) * n_out == wbytes
-    return dict(case=f"gemv {q} {n_in}->{n_out}", path=path, us=med, us_min=mn, bytes=nbytes, copies=ncopy)
+    tag = "" if mapping == "slice" else f" [{mapping}]"
+    return dict(case=f"gemv {q} {n_in}->{n_out}{tag}", path=path, us=med, us_min=mn, bytes=nbytes, copies=ncopy,
+                wpr=wpr)
 
 
 def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_per_slot=False):
@@ -231,6 +235,9 @@ def run(reps: int = 50, only: str | None = None) -> dict:
         if only in (None, "gemv"):
             for q, n_in, n_out in DENSE_CASES:
                 rows.append(bench_dense(q, n_in, n_out, path, stream, dev.l2_bytes, reps, rng))
+            # the first-version per-lane-unit mapping, for comparison
+            for q, n_in, n_out in DENSE_CASES[:1]:
+                rows.append(bench_dense(q, n_in, n_out, path, stream, dev.l2_bytes, reps, rng, mapping="unit"))
         if only in (None, "experts"):
             for q, n_in, n_out, per in EXPERT_CASES:
                 rows.append(bench_experts(q, n_in, n_out, path, stream, reps, rng, x_per_slot=per))

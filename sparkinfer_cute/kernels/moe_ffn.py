@@ -72,7 +72,7 @@ class MoeGateUp:
             acc_u = Float32(0.0)
             wg = self.tiling.buffer()
             wu = self.tiling.buffer()
-            for U in cutlass.range(lane, nbpr * upb, 32, unroll=1):
+            for U in cutlass.range(lane, nbpr * upb, 32, unroll=2):
                 kb = U // upb
                 u = U - kb * upb
                 self.tiling.decode(pWg, g_blk0 + kb, u, wg, exact=False)
@@ -88,35 +88,42 @@ class MoeGateUp:
 
 
 class MoeDown:
-    def __init__(self, qtype: str, n_ff: int, n_out: int, add_residual: bool = False):
+    """``wpr`` warps per output row (1/2/4): the row's (slot, slice) steps are split over ``wpr`` warps and their
+    partial sums added in a fixed order through shared memory (2048 rows alone give only ~16 warps per SM)."""
+
+    def __init__(self, qtype: str, n_ff: int, n_out: int, add_residual: bool = False, wpr: int = 2):
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, "slice")
         assert n_ff % self.sp.block_elems == 0
-        self.n_ff, self.n_out, self.add_residual = n_ff, n_out, add_residual
+        assert wpr in (1, 2, 4)
+        self.n_ff, self.n_out, self.add_residual, self.wpr = n_ff, n_out, add_residual, wpr
+        self.rows_per_cta = WARPS // wpr
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pAct: cute.Pointer, pIds: cute.Pointer, pWeights: cute.Pointer,
                  pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
         self.kernel(pW, pAct, pIds, pWeights, pResid, pY, n_slots).launch(
-            grid=[cute.ceil_div(self.n_out, WARPS), 1, 1], block=[WARPS * 32, 1, 1], stream=stream)
+            grid=[cute.ceil_div(self.n_out, self.rows_per_cta), 1, 1], block=[WARPS * 32, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pAct: cute.Pointer, pIds: cute.Pointer, pWeights: cute.Pointer,
                pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32):
         sp = self.sp
+        wpr = self.wpr
         tid = cute.arch.thread_idx()[0]
         bx = cute.arch.block_idx()[0]
         warp, lane = tid // 32, tid % 32
-        o = bx * WARPS + warp
+        kpart = warp % wpr
+        o = bx * self.rows_per_cta + warp // wpr
         nbpr = self.n_ff // sp.block_elems
         upb = self.tiling.per_block
         upr = nbpr * upb
+        acc = Float32(0.0)
         if o < self.n_out:
             ids = cute.make_tensor(pIds, cute.make_layout(n_slots))
             wts = cute.make_tensor(pWeights, cute.make_layout(n_slots))
-            acc = Float32(0.0)
             w = self.tiling.buffer()
-            for V in cutlass.range(lane, n_slots * upr, 32, unroll=1):
+            for V in cutlass.range(lane + 32 * kpart, n_slots * upr, 32 * wpr, unroll=2):
                 j = V // upr
                 U = V - j * upr
                 kb = U // upb
@@ -125,8 +132,17 @@ class MoeDown:
                 self.tiling.decode(pW, blk0 + kb, u, w, exact=False)
                 xr = load_x_runs(self.tiling, pAct, j * self.n_ff + kb * sp.block_elems + self.tiling.base(u))
                 acc = acc + wts[j] * dot_values(w, xr, self.tiling.elems)
-            total = warp_allreduce_sum(acc)
+        total = warp_allreduce_sum(acc)
+        smem = cutlass.memory.SmemAllocator()
+        part = smem.allocate_tensor(Float32, cute.make_layout(WARPS), byte_alignment=16)
+        if cutlass.const_expr(wpr > 1):
             if lane == 0:
+                part[warp] = total
+            cute.arch.barrier()
+        if o < self.n_out:
+            if tid % (32 * wpr) == 0:  # lane 0 of the row's first warp: add the other warps' partials in order
+                for k in cutlass.range_constexpr(1, wpr):
+                    total = total + part[warp + k]
                 mY = cute.make_tensor(pY, cute.make_layout(self.n_out))
                 if cutlass.const_expr(self.add_residual):
                     mR = cute.make_tensor(pResid, cute.make_layout(self.n_out))
@@ -146,8 +162,8 @@ def compile_moe_gate_up(qtype: str, n_in: int, n_ff: int, fused: bool = False):
 
 
 @kernel_cache
-def compile_moe_down(qtype: str, n_ff: int, n_out: int, add_residual: bool = False):
-    return cute.compile(MoeDown(qtype, n_ff, n_out, add_residual), _ptr(Uint8, 0), _ptr(Float32, 0),
+def compile_moe_down(qtype: str, n_ff: int, n_out: int, add_residual: bool = False, wpr: int = 2):
+    return cute.compile(MoeDown(qtype, n_ff, n_out, add_residual, wpr), _ptr(Uint8, 0), _ptr(Float32, 0),
                         _ptr(Int32, 0, 4), _ptr(Float32, 0, 4), _ptr(Float32, 0), _ptr(Float32, 0), Int32(1),
                         cute.runtime.make_fake_stream(), options=kernel_options())
 
