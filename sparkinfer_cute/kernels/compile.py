@@ -89,9 +89,33 @@ def extra_options(*opts: str):
         del _extra_options[n:]
 
 
+_dump_dir: str | None = None
+
+
+def _private_dump_dir() -> str:
+    """A per-process temp directory for ``--keep-*`` artifacts (removed at exit)."""
+    global _dump_dir
+    if _dump_dir is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _dump_dir = tempfile.mkdtemp(prefix="sparkinfer_cute_dump_")
+        atexit.register(shutil.rmtree, _dump_dir, True)
+    return _dump_dir
+
+
 def compile_options(extra: str = "") -> str:
-    """Options string for ``cute.compile``: the current compile target (+ extra flags)."""
-    return " ".join(["--gpu-arch", _arch.compile_target(), *_extra_options, extra]).strip()
+    """Options string for ``cute.compile``: the current compile target (+ extra flags).
+
+    ``--keep-ptx``/``--keep-cubin`` without ``--dump-dir`` would write into the current directory (the repo root,
+    under one name per kernel class shared by all its configs and processes), so a private per-process directory
+    is added; the artifacts are read into ``compiled.artifacts`` at compile time."""
+    opts = ["--gpu-arch", _arch.compile_target(), *_extra_options, extra]
+    joined = " ".join(o for o in opts if o)
+    if "--keep-" in joined and "--dump-dir" not in joined:
+        joined += f" --dump-dir={_private_dump_dir()}"
+    return joined
 
 
 def _key(args: tuple, kwargs: dict) -> tuple:
