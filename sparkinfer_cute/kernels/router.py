@@ -13,6 +13,9 @@ negated logits, ``np.argsort(-logits, kind="stable")[:k]``. Ranking is done on t
 like the exact softmax (exp is strictly increasing); the f32 probabilities themselves can round two different
 logits to the same p, and ranking on those (as ggml does) could only differ from ours between such p-ties.
 
+Masked experts (``-inf`` logits) get p = 0 and rank after every finite logit, in index order (as the stable
+argsort does); excluded/padding slots hold ``(-inf, index + 2^24)`` so they lose even that tie.
+
 Mapping: one block per token, one thread per expert (``threads = n_expert`` rounded up to a warp, <= 256 when
 ``n_expert <= 256``; more experts are folded ``ceil(n_expert / 256)`` per thread). Max and sum are block
 all-reductions; each of the k selections is a block arg-max over (logit, -index) with already-chosen experts
@@ -87,8 +90,8 @@ class Router:
         m = Float32(-F32_MAX)
         for j in cutlass.range_constexpr(self.per_thread):
             e = tid + j * self.threads
-            vals[j] = Float32(-F32_MAX)
-            idxs[j] = e + _TAKEN  # padding lanes never win
+            vals[j] = -Float32.inf
+            idxs[j] = e + _TAKEN  # padding lanes never win (they lose the tie even against a live -inf logit)
             if e < self.n_expert:
                 vals[j] = mL[tok, e]
                 idxs[j] = e
@@ -151,7 +154,7 @@ class Router:
             psum += p
             for j in cutlass.range_constexpr(self.per_thread):
                 if idxs[j] == bi:
-                    vals[j] = Float32(-F32_MAX)
+                    vals[j] = -Float32.inf
                     idxs[j] = bi + _TAKEN
         scale = Float32(1.0)
         if const_expr(self.norm_topk):

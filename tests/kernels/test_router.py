@@ -76,6 +76,19 @@ def test_router_ties_follow_stable_order(n_expert, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n_finite", [3, 8, 20])
+def test_router_masked_experts(n_finite):
+    rng = np.random.default_rng()
+    lg = np.full((2, 64), -np.inf, np.float32)
+    for r in range(2):
+        lg[r, rng.choice(64, n_finite, replace=False)] = rng.standard_normal(n_finite)
+    ids, w = _run(lg, 8, True)
+    ref_ids, ref_w = route_ref(lg, 8, True)
+    np.testing.assert_array_equal(ids, ref_ids)  # past the finite ones: -inf experts in index order, weight 0
+    np.testing.assert_allclose(w, ref_w, rtol=TOL, atol=0)
+
+
+@pytest.mark.gpu
 def test_router_numpy_path_single_token():
     lg = np.random.default_rng().standard_normal(128).astype(np.float32)
     ids, w = route(lg, 8)
