@@ -62,11 +62,13 @@ def dequantize(raw, qtype, n_elems: int | None = None, out=None, stream=None):
     """Dequantize raw GGUF bytes (numpy uint8 array or DeviceArray) of type ``qtype`` to f32.
 
     numpy in -> numpy out (flat f32 array); DeviceArray in -> DeviceArray out (``out`` if given)."""
-    from ..runtime import DeviceArray, as_device, default_stream
+    from ..runtime import DeviceArray, default_stream
+    from .gemv import as_device_bytes
 
     q = qtype_name(qtype)
     sp = spec(q)
-    w, was_numpy = as_device(raw, stream)
+    was_numpy = not isinstance(raw, DeviceArray)
+    w = as_device_bytes(raw, stream)
     nbytes = w.nbytes
     if nbytes % sp.block_bytes:
         raise ValueError(f"{q}: {nbytes} bytes is not a whole number of {sp.block_bytes}-byte blocks")

@@ -148,6 +148,22 @@ def _wpr(q, n_in, n_rows_total, mapping="slice"):
     return choose_wpr(n_rows_total, steps, get_device().sm_count)
 
 
+def as_device_bytes(w, stream):
+    """Raw weight bytes on the device: a DeviceArray passes through (any dtype: only its bytes are read), anything
+    else is uploaded as uint8."""
+    from ..runtime import DeviceArray, as_device
+
+    if isinstance(w, DeviceArray):
+        return w
+    return as_device(np.ascontiguousarray(w).view(np.uint8), stream)[0]
+
+
+def _aligned(a, what, align=16):
+    if a.ptr % align:
+        raise ValueError(f"{what} must be {align}-byte aligned (ptr {a.ptr:#x}); the kernel uses 128-bit loads")
+    return a
+
+
 def _check_w(w, q, n_rows_total, n_in):
     need = n_rows_total * spec(q).row_bytes(n_in)
     if w.nbytes != need:
@@ -166,9 +182,10 @@ def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: 
     rows = 1 if len(xs) == 1 else xs[0]
     if n_out is None:
         n_out = int(w.shape[0])
-    dw, w_np = as_device(w, st)
-    dx, x_np = as_device(np.ascontiguousarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x, st)
+    dw = as_device_bytes(w, st)
+    dx, x_np = as_device(x, st, np.float32)
     _check_w(dw, q, n_out, n_in)
+    _aligned(dw, "weights"), _aligned(dx, "x")
     y = out if out is not None else DeviceArray.empty((rows, n_out) if len(xs) > 1 else (n_out,), np.float32)
     fn = compile_gemv(q, n_in, rows, False, False, mapping, wpr or _wpr(q, n_in, n_out, mapping))
     fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr), _ptr(Int32, dx.ptr, 4), Int32(n_out),
@@ -186,9 +203,10 @@ def gemv_experts(w, qtype, x, ids, n_out: int, n_in: int, x_per_slot: bool = Fal
 
     q = qtype_name(qtype)
     st = stream if stream is not None else default_stream()
-    dw, _ = as_device(w, st)
-    dx, x_np = as_device(np.ascontiguousarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x, st)
-    di, _ = as_device(np.ascontiguousarray(ids, dtype=np.int32) if isinstance(ids, np.ndarray) else ids, st)
+    dw = as_device_bytes(w, st)
+    dx, x_np = as_device(x, st, np.float32)
+    di, _ = as_device(ids, st, np.int32)
+    _aligned(dw, "weights"), _aligned(dx, "x")
     n_slots = int(np.prod(di.shape))
     if dw.nbytes % (n_out * spec(q).row_bytes(n_in)):
         raise ValueError(f"{q} expert weight bytes {dw.nbytes} not a multiple of {n_out} rows x {n_in}")

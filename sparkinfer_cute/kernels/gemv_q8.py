@@ -29,7 +29,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
 from .compile import kernel_cache
-from .gemv import MAX_ROWS, WARPS
+from .gemv import MAX_ROWS, WARPS, as_device_bytes
 from .q8_1 import QK, Q8Act, quantize_q8_1
 from .quant_decode import (Tiling, _kquant_scale_min, half_hi_to_f32, half_lo_to_f32, kernel_options, load_words,
                            qtype_name, spec, warp_allreduce_sum)
@@ -295,7 +295,7 @@ def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, 
     from ..runtime import DeviceArray, as_device
 
     q = qtype_name(qtype)
-    dw, _ = as_device(w, st, np.uint8) if isinstance(w, np.ndarray) else (w, False)
+    dw = as_device_bytes(w, st)
     rows = 1 if experts else xq.rows
     if dw.ptr % 16:
         raise ValueError("weights must be 16-byte aligned")

@@ -29,7 +29,7 @@ import numpy as np
 from cutlass import Float32, Int32, Uint8
 
 from .compile import kernel_cache
-from .gemv import WARPS, dequant_rows_f64
+from .gemv import WARPS, as_device_bytes, dequant_rows_f64
 from .quant_decode import Tiling, dot_values, kernel_options, load_x_runs, qtype_name, spec, warp_allreduce_sum
 
 
@@ -187,9 +187,9 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None):
     di, _ = as_device(ids, st, np.int32)
     k = int(np.prod(di.shape))
     n_in = int(dh.shape[-1])
-    dg, _ = as_device(w_gate, st, np.uint8) if isinstance(w_gate, np.ndarray) else (w_gate, False)
+    dg = as_device_bytes(w_gate, st)
     fused = w_up is None
-    du = dg if fused else (as_device(w_up, st, np.uint8)[0] if isinstance(w_up, np.ndarray) else w_up)
+    du = dg if fused else as_device_bytes(w_up, st)
     rb = spec(q).row_bytes(n_in)
     for a in (dg, du):
         if a.nbytes % ((2 if fused else 1) * n_ff * rb):
@@ -215,7 +215,7 @@ def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None,
     di, _ = as_device(ids, st, np.int32)
     dwt, _ = as_device(weights, st, np.float32)
     k, n_ff = int(np.prod(di.shape)), int(da.shape[-1])
-    dw, _ = as_device(w_down, st, np.uint8) if isinstance(w_down, np.ndarray) else (w_down, False)
+    dw = as_device_bytes(w_down, st)
     if dw.nbytes % (n_out * spec(q).row_bytes(n_ff)):
         raise ValueError(f"down weight of {dw.nbytes} bytes is not whole experts of {n_out} x {n_ff} {q}")
     dr = None
