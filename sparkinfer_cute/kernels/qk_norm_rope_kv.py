@@ -9,7 +9,8 @@ between the Q/K/V GEMVs and attention. For each sequence ``b`` of the batch (dec
 
 with ``page = page_table[b, pos[b] // page_size]``, ``slot = pos[b] % page_size``; ``pos`` is int32 in DEVICE
 memory, read by the kernel (a CUDA graph captured once replays for every decode step). The f32 k is not written
-back (attention reads the cache), so ``v`` may alias ``k`` (Gemma 4 full layers use the raw K as V).
+back (attention reads the cache), so ``v`` may alias ``k`` (Gemma 4 full layers use the raw K as V). q heads may
+be strided (``q_stride``: Qwen3.5's gated Q projection holds (q, gate) per head; the gate is not touched).
 
 Semantics (models.md "Conventions"):
 - RMSNorm as ggml: ``scale = 1/sqrt(sum(x²)/D + eps)``, ``y = (x * scale) * w`` (f32 here; ggml sums in double).
@@ -76,10 +77,13 @@ def _exp_bits(half: int) -> int:
 
 class QKNormRopeKV:
     """Static config: ``n_head``, ``n_kv_head``, ``head_dim`` (even), ``n_rot`` (even, <= head_dim),
-    ``has_qk_norm``, ``has_freq_factors``, ``has_v_norm``, ``page_size`` (power of two)."""
+    ``has_qk_norm``, ``has_freq_factors``, ``has_v_norm``, ``page_size`` (power of two), ``q_stride`` (elements
+    between consecutive q heads, >= head_dim; default head_dim. Qwen3.5 gated attention: the Q projection is
+    ``[n_head, 2*head_dim]`` = (q, gate) per head, so q_stride = 2*head_dim and the gate half is left alone)."""
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, n_rot: int, has_qk_norm: bool = True,
-                 has_freq_factors: bool = False, has_v_norm: bool = False, page_size: int = 64):
+                 has_freq_factors: bool = False, has_v_norm: bool = False, page_size: int = 64,
+                 q_stride: int | None = None):
         if n_head <= 0 or n_kv_head <= 0:
             raise ValueError(f"need n_head, n_kv_head > 0, got {n_head}, {n_kv_head}")
         if head_dim <= 0 or head_dim % 2:
@@ -91,6 +95,9 @@ class QKNormRopeKV:
         self.n_head, self.n_kv_head, self.head_dim, self.n_rot = n_head, n_kv_head, head_dim, n_rot
         self.has_qk_norm, self.has_ff, self.has_v_norm = has_qk_norm, has_freq_factors, has_v_norm
         self.page_size = page_size
+        self.q_stride = head_dim if q_stride is None else q_stride
+        if self.q_stride < head_dim:
+            raise ValueError(f"q_stride {q_stride} < head_dim {head_dim}")
         self.half = n_rot // 2
         self.n_tail = head_dim - n_rot
         self.threads = min(128, max(32, _pow2_ceil(head_dim // 2)))
@@ -111,7 +118,8 @@ class QKNormRopeKV:
                  pages_per_seq: Int32, theta_scale: Float32, eps: Float32, q_scale: Float32,
                  stream: cuda.CUstream):
         H, KV, D, P = self.n_head, self.n_kv_head, self.head_dim, self.page_size
-        q_layout = cute.make_layout((batch, H, D), stride=(H * D, D, 1))
+        QS = self.q_stride
+        q_layout = cute.make_layout((batch, H, D), stride=(H * QS, QS, 1))
         kv_layout = cute.make_layout((batch, KV, D), stride=(KV * D, D, 1))
         pool_layout = cute.make_layout((n_pages, P, KV, D), stride=(P * KV * D, KV * D, D, 1))
         mQ = cute.make_tensor(pQ, q_layout)
@@ -255,10 +263,12 @@ class QKNormRopeKV:
 
 @kernel_cache
 def compile_qk_norm_rope_kv(n_head: int, n_kv_head: int, head_dim: int, n_rot: int, has_qk_norm: bool = True,
-                            has_freq_factors: bool = False, has_v_norm: bool = False, page_size: int = 64):
+                            has_freq_factors: bool = False, has_v_norm: bool = False, page_size: int = 64,
+                            q_stride: int | None = None):
     """Runtime args: pointers (q, k, v, q_norm, k_norm, freq_factors f32; k_pool, v_pool f16; page_table, pos
     int32; q_out f32), batch, n_pages, pages_per_seq (Int32), theta_scale, eps, q_scale (Float32), stream."""
-    kern = QKNormRopeKV(n_head, n_kv_head, head_dim, n_rot, has_qk_norm, has_freq_factors, has_v_norm, page_size)
+    kern = QKNormRopeKV(n_head, n_kv_head, head_dim, n_rot, has_qk_norm, has_freq_factors, has_v_norm, page_size,
+                        q_stride)
     f32, f16, i32 = fake_ptr(Float32, _A32), fake_ptr(Float16, _A16), fake_ptr(Int32, _A32)
     return cute.compile(kern, f32, f32, f32, f32, f32, f32, f16, f16, i32, i32, f32, Int32(1), Int32(1), Int32(1),
                         Float32(1.0), Float32(1e-6), Float32(1.0), cute.runtime.make_fake_stream(),
@@ -271,7 +281,8 @@ def qk_norm_rope_kv(q, k, v, q_norm, k_norm, k_pool, v_pool, page_table, pos, *,
                     stream=None):
     """Fused per-head Q/K RMSNorm + NEOX RoPE + q scale + fp16 paged KV append (see module docstring).
 
-    ``q``: f32 ``[n_head, D]`` or ``[B, n_head, D]``; ``k``, ``v``: f32 ``[n_kv_head, D]`` / ``[B, n_kv_head, D]``
+    ``q``: f32 ``[n_head, D]`` or ``[B, n_head, D]`` (or ``[..., n_head, S]`` with ``S > D``: only the first
+    ``D`` of each head row are q, the rest, e.g. Qwen3.5's gate, is neither read nor written); ``k``, ``v``: f32 ``[n_kv_head, D]`` / ``[B, n_kv_head, D]``
     (``v`` may be ``k``); ``q_norm``, ``k_norm``: f32 ``{D}`` or both ``None`` (no Q/K norm); ``k_pool``,
     ``v_pool``: f16 DeviceArrays ``[n_pages, page_size, n_kv_head, D]`` (updated in place); ``page_table``: int32
     ``[B, pages_per_seq]``; ``pos``: int32 ``[B]`` (a DeviceArray is read on the device: graph-safe; numpy/int is
@@ -292,8 +303,9 @@ def qk_norm_rope_kv(q, k, v, q_norm, k_norm, k_pool, v_pool, page_table, pos, *,
     s = resolve_stream(stream)
     n_pages, P, KV, D = (int(d) for d in k_pool.shape)
     q_shape = tuple(q.shape)
-    if len(q_shape) not in (2, 3) or q_shape[-1] != D:
-        raise ValueError(f"q {q_shape} must be [n_head, {D}] or [B, n_head, {D}]")
+    if len(q_shape) not in (2, 3) or q_shape[-1] < D:
+        raise ValueError(f"q {q_shape} must be [n_head, >={D}] or [B, n_head, >={D}]")
+    q_stride = q_shape[-1]
     H = q_shape[-2]
     B = 1 if len(q_shape) == 2 else q_shape[0]
     if tuple(k.shape)[-2:] != (KV, D) or int(np.prod(k.shape)) != B * KV * D or tuple(v.shape) != tuple(k.shape):
@@ -328,7 +340,8 @@ def qk_norm_rope_kv(q, k, v, q_norm, k_norm, k_pool, v_pool, page_table, pos, *,
     if qo is not qd and (not isinstance(qo, DeviceArray) or qo.dtype != np.float32 or qo.size != qd.size):
         raise TypeError("q_out must be an f32 DeviceArray shaped like q")
 
-    fn = compile_qk_norm_rope_kv(H, KV, D, n_rot, bool(norms), fd is not None, bool(v_norm), P)
+    fn = compile_qk_norm_rope_kv(H, KV, D, n_rot, bool(norms), fd is not None, bool(v_norm), P,
+                                 None if q_stride == D else q_stride)
     qn_ptr = norms[0].ptr if norms else qd.ptr  # unused pointers get any valid address
     kn_ptr = norms[1].ptr if norms else qd.ptr
     fn(gptr(Float32, qd.ptr, _A32), gptr(Float32, kd.ptr, _A32), gptr(Float32, vd.ptr, _A32),
@@ -370,7 +383,8 @@ def _rope_with_theta(x: np.ndarray, theta: np.ndarray, n_rot: int) -> np.ndarray
 def qk_norm_rope_kv_ref(q, k, v, q_norm, k_norm, pos, *, n_rot: int, base: float, eps: float,
                         q_scale: float = 1.0, freq_factors=None, v_norm: bool = False, theta: str = "kernel"):
     """float64 reference: returns ``(q_new, k_cached, v_cached)`` as float64 arrays shaped like the inputs
-    (``[B, heads, D]`` or ``[heads, D]``); the cache holds ``k_cached``/``v_cached`` rounded to fp16.
+    (``[B, heads, D]`` or ``[heads, D]``; a q with a longer last axis keeps its extra columns unchanged, as the
+    kernel does with ``q_stride``); the cache holds ``k_cached``/``v_cached`` rounded to fp16.
 
     Built from :mod:`sparkinfer_cute.reference.ops` (``rmsnorm_per_head`` in float64, ``rope_neox``). ``theta``:
     ``"kernel"`` rotates by the kernel's exact f32 theta (:func:`rope_theta_f32`; the tight-tolerance test
@@ -379,7 +393,9 @@ def qk_norm_rope_kv_ref(q, k, v, q_norm, k_norm, pos, *, n_rot: int, base: float
     from ..reference import ops
 
     squeeze = np.ndim(q) == 2
-    q = np.asarray(q, np.float64).reshape((-1,) + np.shape(q)[-2:])
+    q_full = np.asarray(q, np.float64).reshape((-1,) + np.shape(q)[-2:])
+    D = np.shape(k)[-1]
+    q = q_full[..., :D]
     k = np.asarray(k, np.float64).reshape((-1,) + np.shape(k)[-2:])
     v = np.asarray(v, np.float64).reshape((-1,) + np.shape(v)[-2:])
     pos = np.atleast_1d(np.asarray(pos)).astype(np.int64)[: q.shape[0]]
@@ -405,6 +421,8 @@ def qk_norm_rope_kv_ref(q, k, v, q_norm, k_norm, pos, *, n_rot: int, base: float
         q = _rope_with_theta(q, th, n_rot)
         k = _rope_with_theta(k, th, n_rot)
     q = q * float(q_scale)
+    if q_full.shape[-1] != D:
+        q = np.concatenate([q, q_full[..., D:]], axis=-1)
     if squeeze:
         return q[0], k[0], v[0]
     return q, k, v
@@ -412,17 +430,18 @@ def qk_norm_rope_kv_ref(q, k, v, q_norm, k_norm, pos, *, n_rot: int, base: float
 
 # ------------------------------------------------------------------------------------------------ registration
 def _launch_example(n_head: int, n_kv_head: int, head_dim: int, n_rot: int, has_qk_norm: bool = True,
-                    has_freq_factors: bool = False, has_v_norm: bool = False, page_size: int = 64):
+                    has_freq_factors: bool = False, has_v_norm: bool = False, page_size: int = 64,
+                    q_stride: int | None = None):
     from ..runtime import DeviceArray, default_stream
 
-    q = DeviceArray.zeros((1, n_head, head_dim), np.float32)
+    q = DeviceArray.zeros((1, n_head, q_stride or head_dim), np.float32)
     kv = DeviceArray.zeros((1, n_kv_head, head_dim), np.float32)
     w = DeviceArray.zeros((head_dim,), np.float32)
     pool = DeviceArray.zeros((1, page_size, n_kv_head, head_dim), np.float16)
     i32 = DeviceArray.zeros((1,), np.int32)
     s = default_stream()
     fn = compile_qk_norm_rope_kv(n_head, n_kv_head, head_dim, n_rot, has_qk_norm, has_freq_factors, has_v_norm,
-                                 page_size)
+                                 page_size, q_stride)
     ts = Float32(float(theta_scale_f32(1e6, n_rot)))
 
     def launch():
@@ -444,6 +463,9 @@ MODEL_CONFIGS = {
                                 has_v_norm=True),
     "qwen3moe-tiny": dict(n_head=8, n_kv_head=2, head_dim=64, n_rot=64),
     "qwen3moe-small": dict(n_head=16, n_kv_head=2, head_dim=128, n_rot=128),
+    # Qwen3.5-MoE full-attention layers: (q, gate) interleaved per head, partial rotary 64 of 256 (IMROPE == NEOX
+    # for text, models.md section 2)
+    "qwen35moe-full": dict(n_head=16, n_kv_head=2, head_dim=256, n_rot=64, q_stride=512),
     "partial-rope-no-norm": dict(n_head=8, n_kv_head=2, head_dim=256, n_rot=64, has_qk_norm=False),
 }
 

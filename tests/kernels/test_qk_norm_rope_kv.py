@@ -157,7 +157,7 @@ def test_registered_configs_mapping_and_budget():
 
 @pytest.mark.parametrize("bad", [dict(head_dim=63, n_rot=62), dict(head_dim=64, n_rot=66),
                                  dict(head_dim=64, n_rot=3), dict(head_dim=64, n_rot=64, page_size=48),
-                                 dict(head_dim=64, n_rot=0)])
+                                 dict(head_dim=64, n_rot=0), dict(head_dim=64, n_rot=64, q_stride=32)])
 def test_constructor_rejects(bad):
     with pytest.raises(ValueError):
         QKNormRopeKV(4, 2, **bad)
@@ -246,9 +246,10 @@ def _check_pools(k_pool, v_pool, pages, pos, P, kref, vref, v_exact):
        rot_frac=st.sampled_from([1.0, 0.5, 0.25]), B=st.integers(1, 3),
        max_pos=st.sampled_from([0, 5, 100, 4095, 40959, 262143]), has_qk_norm=st.booleans(),
        use_ff=st.booleans(), v_norm=st.booleans(), P=st.sampled_from([16, 64]),
-       base=st.sampled_from([1e4, 1e6, 1e7]), q_scale=st.sampled_from([1.0, 0.0625]), seed=st.integers(0, 2**31))
+       base=st.sampled_from([1e4, 1e6, 1e7]), q_scale=st.sampled_from([1.0, 0.0625]), gated=st.booleans(),
+       seed=st.integers(0, 2**31))
 def test_fused_matches_reference(group, KV, D, rot_frac, B, max_pos, has_qk_norm, use_ff, v_norm, P, base,
-                                 q_scale, seed):
+                                 q_scale, gated, seed):
     from sparkinfer_cute.kernels.common import rel_err
     from sparkinfer_cute.runtime import DeviceArray
 
@@ -263,11 +264,18 @@ def test_fused_matches_reference(group, KV, D, rot_frac, B, max_pos, has_qk_norm
     if use_ff:  # Gemma 4 style: ones then 1e30 (rotation off), plus random factors
         ff = np.where(rng.random(half) < 0.3, np.float32(1e30), rng.uniform(1, 8, half)).astype(np.float32)
     eps = 1e-6
-    qd = DeviceArray.from_numpy(q)
+    if gated:  # Qwen3.5 layout: (q, gate) per head, q_stride = 2 D; the gate must come back bit-identical
+        gate = rng.standard_normal((B, H, D)).astype(np.float32)
+        qd = DeviceArray.from_numpy(np.concatenate([q, gate], axis=-1))
+    else:
+        qd = DeviceArray.from_numpy(q)
     qk_norm_rope_kv(qd, DeviceArray.from_numpy(k), DeviceArray.from_numpy(v), qn, kn, k_pool, v_pool,
                     DeviceArray.from_numpy(table), DeviceArray.from_numpy(pos), n_rot=n_rot, base=base, eps=eps,
                     q_scale=q_scale, freq_factors=ff, v_norm=v_norm)
     y = qd.to_numpy()
+    if gated:
+        np.testing.assert_array_equal(y[..., D:], gate)
+        y = y[..., :D]
     assert not np.isnan(y).any()
     qr, kr, vr = qk_norm_rope_kv_ref(q, k, v, qn, kn, pos, n_rot=n_rot, base=base, eps=eps, q_scale=q_scale,
                                      freq_factors=ff, v_norm=v_norm)
@@ -303,6 +311,9 @@ def test_model_configs_numpy_in_q_out_and_v_aliasing_k(name):
     ff = np.where(np.arange(n_rot // 2) < 64, 1.0, 1e30).astype(np.float32) if c.get("has_freq_factors") else None
     q, k, v, pos, table, pages, k_pool, v_pool = _setup(rng, 1, H, KV, D, P, 9000)
     alias = c.get("has_freq_factors", False)
+    QS = c.get("q_stride") or D
+    if QS != D:  # Qwen3.5 gated layout: (q, gate) per head
+        q = np.concatenate([q, rng.standard_normal((1, H, QS - D)).astype(np.float32)], axis=-1)
     v = k if alias else v
     qn = rng.uniform(0.5, 1.5, D).astype(np.float32) if has_norm else None
     kn = rng.uniform(0.5, 1.5, D).astype(np.float32) if has_norm else None
@@ -310,7 +321,7 @@ def test_model_configs_numpy_in_q_out_and_v_aliasing_k(name):
     kw = dict(n_rot=n_rot, base=1e6, eps=1e-6, q_scale=qs, freq_factors=ff, v_norm=v_norm)
     # numpy q (2-D, one token) -> numpy result
     y = qk_norm_rope_kv(q[0], k[0], k[0] if alias else v[0], qn, kn, k_pool, v_pool, table, int(pos[0]), **kw)
-    assert isinstance(y, np.ndarray) and y.shape == (H, D)
+    assert isinstance(y, np.ndarray) and y.shape == (H, QS)
     qr, kr, vr = qk_norm_rope_kv_ref(q[0], k[0], v[0], qn, kn, pos, **kw)
     assert rel_err(y, qr) <= Q_TOL
     _check_pools(k_pool, v_pool, pages, pos, P, kr[None], vr[None], v_exact=not v_norm)
@@ -320,7 +331,9 @@ def test_model_configs_numpy_in_q_out_and_v_aliasing_k(name):
     r = qk_norm_rope_kv(qd, k, v, qn, kn, k_pool, v_pool, table, pos, q_out=qo, **kw)
     assert r is qo
     np.testing.assert_array_equal(qd.to_numpy(), q)
-    assert rel_err(qo.to_numpy()[0], qr) <= Q_TOL
+    yo = qo.to_numpy()[0]
+    assert rel_err(yo[:, :D], qr[:, :D]) <= Q_TOL
+    assert np.isnan(yo[:, D:]).all()  # columns past head_dim of q_out are not written
 
 
 @pytest.mark.gpu
