@@ -281,13 +281,14 @@ def qk_norm_rope_kv(q, k, v, q_norm, k_norm, k_pool, v_pool, page_table, pos, *,
                     stream=None):
     """Fused per-head Q/K RMSNorm + NEOX RoPE + q scale + fp16 paged KV append (see module docstring).
 
-    ``q``: f32 ``[n_head, D]`` or ``[B, n_head, D]`` (or ``[..., n_head, S]`` with ``S > D``: only the first
-    ``D`` of each head row are q, the rest, e.g. Qwen3.5's gate, is neither read nor written); ``k``, ``v``: f32
+    ``q``: f32 ``[n_head, D]`` or ``[B, n_head, D]`` (or ``[..., n_head, S]`` with ``S > D``: only the first ``D``
+    of each head row are q, the rest, e.g. Qwen3.5's gate, is neither read nor written); ``k``, ``v``: f32
     ``[n_kv_head, D]`` / ``[B, n_kv_head, D]`` (``v`` may be ``k``); ``q_norm``, ``k_norm``: f32 ``{D}`` or both
     ``None`` (no Q/K norm); ``k_pool``, ``v_pool``: f16 DeviceArrays ``[n_pages, page_size, n_kv_head, D]``
     (updated in place); ``page_table``: int32 ``[B, pages_per_seq]``; ``pos``: int32 ``[B]`` (a DeviceArray is
-    read on the device: graph-safe; numpy/int is uploaded). ``freq_factors``: optional f32 ``{n_rot/2}`` theta divisors. ``v_norm``: weightless RMSNorm of v
-    before caching (Gemma 4). ``q_scale`` multiplies q after RoPE (Gemma: ``1/sqrt(head_dim)``).
+    read on the device: graph-safe; numpy/int is uploaded). ``freq_factors``: optional f32 ``{n_rot/2}`` theta
+    divisors. ``v_norm``: weightless RMSNorm of v before caching (Gemma 4). ``q_scale`` multiplies q after RoPE
+    (Gemma: ``1/sqrt(head_dim)``).
 
     numpy ``q`` -> returns the new q as numpy; DeviceArray ``q`` -> written in place (or into ``q_out``) and
     returned. Inputs other than the pools may be numpy or DeviceArrays.
