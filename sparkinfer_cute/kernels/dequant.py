@@ -85,12 +85,34 @@ def dequantize(raw, qtype, n_elems: int | None = None, out=None, stream=None):
     return y
 
 
+def repack_q6_k_padded(raw: np.ndarray) -> np.ndarray:
+    """Upload-time repack of raw Q6_K bytes into the Q6_K_P layout: every 210-byte block followed by 2 zero bytes
+    (212 = 53 32-bit words), so every field of every block is 4-byte aligned and the kernels read it with 32-bit
+    instead of 16-bit loads, for +0.95% bytes. Value-exact: ``unpack_q6_k_padded`` inverts it. Keeps the leading
+    shape; the last axis (bytes) grows by 212/210."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    lead = raw.shape[:-1]
+    b = raw.reshape(-1, 210)
+    out = np.zeros((b.shape[0], 212), np.uint8)
+    out[:, :210] = b
+    return out.reshape(*lead, raw.shape[-1] // 210 * 212)
+
+
+def unpack_q6_k_padded(packed: np.ndarray) -> np.ndarray:
+    p = np.ascontiguousarray(packed, dtype=np.uint8)
+    b = p.reshape(-1, 212)
+    return np.ascontiguousarray(b[:, :210]).reshape(*p.shape[:-1], p.shape[-1] // 212 * 210)
+
+
 def dequantize_ref(raw: np.ndarray, qtype) -> np.ndarray:
-    """Independent reference: gguf-py's numpy dequantizer on the original bytes (flat f32)."""
+    """Independent reference: gguf-py's numpy dequantizer on the original bytes (flat f32). Q6_K_P bytes are
+    unpadded back to Q6_K first."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
     q = qtype_name(qtype)
+    if q == "Q6_K_P":
+        raw, q = unpack_q6_k_padded(np.asarray(raw, dtype=np.uint8).reshape(-1)), "Q6_K"
     return gguf_dequantize(np.asarray(raw, dtype=np.uint8).reshape(-1), GGMLQuantizationType[q]).astype(
         np.float32).reshape(-1)
 
@@ -102,6 +124,8 @@ def random_quant_bytes(qtype, n_blocks: int, rng: np.random.Generator, scale: fl
     decoded values are finite and span many exponents. Float types get random finite values."""
     q = qtype_name(qtype)
     sp = spec(q)
+    if q == "Q6_K_P":
+        return repack_q6_k_padded(random_quant_bytes("Q6_K", n_blocks, rng, scale))
     if q in ("F16", "BF16", "F32"):
         v = (rng.standard_normal(n_blocks * 32) * scale).astype(np.float32)
         if q == "F16":
@@ -131,7 +155,7 @@ def _register():
     except ImportError:  # registry.py is owned by another module; absent in early checkouts
         return
     register("dequant", compile_dequant, [dict(qtype=q) for q in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K",
-                                                                      "Q6_K", "F16", "BF16")])
+                                                                      "Q6_K", "Q6_K_P", "F16", "BF16")])
 
 
 _register()

@@ -281,10 +281,11 @@ def gemv_error_bound(w_raw: np.ndarray, qtype, x: np.ndarray, ids=None, n_out=No
 # and the synthetic tiny configs of gguf/synth.py (n_embd 256/384/512, o-proj 512/1024/2048, ffn 768/1024/1536).
 DENSE_CONFIGS = sorted({
     *[(q, n) for q in ("Q4_K", "Q6_K") for n in (256, 512, 768, 1024, 1536, 2048, 4096)],
+    *[("Q6_K_P", n) for n in (256, 768, 2048)],
     *[(q, n) for q in ("Q5_0", "Q8_0") for n in (384, 640, 768, 1536)],
 })
 # (qtype, n_in, x_per_slot) of the expert-indexed GEMV: gate/up (x shared) and down (x per slot)
-EXPERT_CONFIGS = [("Q4_K", 2048, False), ("Q4_K", 768, True), ("Q6_K", 768, True),
+EXPERT_CONFIGS = [("Q4_K", 2048, False), ("Q4_K", 768, True), ("Q6_K", 768, True), ("Q6_K_P", 768, True),
                   ("Q4_K", 256, False), ("Q4_K", 256, True), ("Q6_K", 256, True), ("Q4_K", 512, False),
                   ("Q5_0", 384, False), ("Q5_0", 384, True), ("Q8_0", 384, True)]
 

@@ -32,9 +32,9 @@ from .compile import kernel_cache
 from .gemv import MAX_ROWS, WARPS, as_device_bytes
 from .q8_1 import QK, Q8Act, quantize_q8_1
 from .quant_decode import (Tiling, _kquant_scale_min, half_hi_to_f32, half_lo_to_f32, kernel_options, load_words,
-                           qtype_name, spec, warp_allreduce_sum)
+                           q6k_load, q6k_scale_bytes, qtype_name, spec, warp_allreduce_sum)
 
-INT_QTYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+INT_QTYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P")
 
 
 @dsl_user_op
@@ -68,6 +68,17 @@ class Group:
     def __init__(self, words, xoff, scale, off=0, signed=False, minc=None, minc_block_sum=True):
         self.words, self.xoff, self.scale, self.off, self.signed, self.minc = words, xoff, scale, off, signed, minc
         self.minc_block_sum = minc_block_sum
+
+
+def _q6k_groups(L0, L1, H, S, d, th, nw):
+    """The 4 output groups k of a Q6_K step (positions 32k + ...): 6-bit quants packed into bytes, zero point 32."""
+    groups = []
+    for k, sc in enumerate(q6k_scale_bytes(S, th)):
+        Lk = L0 if k % 2 == 0 else L1
+        shl = 0 if k < 2 else 4
+        words = [((Lk[m] >> shl) & M4) | (((H[m] >> (2 * k)) & 0x03030303) << 4) for m in range(nw)]
+        groups.append(Group(words, 32 * k, d * Float32(sc), 32))
+    return groups
 
 
 def decode_int_slice(qtype: str, pW, blk, s):
@@ -111,24 +122,10 @@ def decode_int_slice(qtype: str, pW, blk, s):
             hi = hi | (((qh >> (sh + 1)) & 0x01010101) << 4)
         return [Group([lo], 0, d * sc1, minc=dmin * m1, minc_block_sum=False),
                 Group([hi], 32, d * sc2, minc=dmin * m2, minc_block_sum=False)]
-    if qtype == "Q6_K":
-        base = blk * 105
+    if qtype in ("Q6_K", "Q6_K_P"):
         n, i = s >> 3, s & 7
-        L0 = _u16_pairs(load_words(w16, base + n * 32 + i * 2, 2, 1, Uint16), 1)[0]
-        L1 = _u16_pairs(load_words(w16, base + n * 32 + 16 + i * 2, 2, 1, Uint16), 1)[0]
-        H = _u16_pairs(load_words(w16, base + 64 + n * 16 + i * 2, 2, 1, Uint16), 1)[0]
-        S = _u16_pairs(load_words(w16, base + 96 + n * 4, 4, 1, Uint16), 2)
-        d = half_lo_to_f32(Uint32(w16[base + 104]))
-        th = Uint32(i >> 2) * 8
-        groups = []
-        for k in range(4):
-            sb = (S[k // 2] >> (th + 16 * (k % 2))) & 0xFF
-            sc = Int32(sb) - ((Int32(sb) & 0x80) << 1)
-            Lk = L0 if k % 2 == 0 else L1
-            shl = 0 if k < 2 else 4
-            word = ((Lk >> shl) & M4) | (((H >> (2 * k)) & 0x03030303) << 4)
-            groups.append(Group([word], 32 * k, d * Float32(sc), 32))
-        return groups
+        L0, L1, H, S, d = q6k_load(pW, blk, n, i, 1, qtype == "Q6_K_P")
+        return _q6k_groups(L0, L1, H, S, d, Uint32(i >> 2) * 8, 1)
     raise ValueError(f"gemv_q8: unsupported type {qtype}")
 
 
@@ -170,25 +167,10 @@ def decode_int_unit(qtype: str, pW, blk, u):
             lo = [lo[i] | (((Uint32(qh[i]) >> sh) & 0x01010101) << 4) for i in range(8)]
             hi = [hi[i] | (((Uint32(qh[i]) >> (sh + 1)) & 0x01010101) << 4) for i in range(8)]
         return [Group(lo, 0, d * sc1, minc=dmin * m1), Group(hi, 32, d * sc2, minc=dmin * m2)]
-    if qtype == "Q6_K":
-        w16 = cute.recast_ptr(pW, dtype=Uint16)
-        base = blk * 105
+    if qtype in ("Q6_K", "Q6_K_P"):
         n, t = u >> 2, u & 3
-        L0 = _u16_pairs(load_words(w16, base + n * 32 + t * 4, 4, 1, Uint16), 2)
-        L1 = _u16_pairs(load_words(w16, base + n * 32 + 16 + t * 4, 4, 1, Uint16), 2)
-        H = _u16_pairs(load_words(w16, base + 64 + n * 16 + t * 4, 4, 1, Uint16), 2)
-        S = _u16_pairs(load_words(w16, base + 96 + n * 4, 4, 1, Uint16), 2)
-        d = half_lo_to_f32(Uint32(w16[base + 104]))
-        th = Uint32(t >> 1) * 8
-        groups = []
-        for k in range(4):
-            sb = (S[k // 2] >> (th + 16 * (k % 2))) & 0xFF
-            sc = Int32(sb) - ((Int32(sb) & 0x80) << 1)
-            Lk = L0 if k % 2 == 0 else L1
-            shl = 0 if k < 2 else 4
-            words = [((Lk[m] >> shl) & M4) | (((H[m] >> (2 * k)) & 0x03030303) << 4) for m in range(2)]
-            groups.append(Group(words, 32 * k, d * Float32(sc), 32))
-        return groups
+        L0, L1, H, S, d = q6k_load(pW, blk, n, t * 2, 2, qtype == "Q6_K_P")
+        return _q6k_groups(L0, L1, H, S, d, Uint32(t >> 1) * 8, 2)
     raise ValueError(f"gemv_q8: unsupported type {qtype}")
 
 

@@ -280,7 +280,8 @@ def moe_ffn_ref(w_gate, w_up, w_down, qtype_gate_up, qtype_down, h, ids, weights
 GATE_UP_CONFIGS = [dict(qtype="Q4_K", n_in=2048, n_ff=768), dict(qtype="Q4_K", n_in=2048, n_ff=768, fused=True),
                    dict(qtype="Q4_K", n_in=256, n_ff=256), dict(qtype="Q4_K", n_in=512, n_ff=256),
                    dict(qtype="Q5_0", n_in=384, n_ff=384)]
-DOWN_CONFIGS = [dict(qtype=q, n_ff=768, n_out=2048, add_residual=r) for q in ("Q4_K", "Q6_K") for r in (False, True)]
+DOWN_CONFIGS = [dict(qtype=q, n_ff=768, n_out=2048, add_residual=r) for q in ("Q4_K", "Q6_K", "Q6_K_P")
+                for r in (False, True)]
 DOWN_CONFIGS += [dict(qtype=q, n_ff=256, n_out=n, add_residual=r) for q in ("Q4_K", "Q6_K") for n in (256, 512)
                  for r in (False, True)]
 DOWN_CONFIGS += [dict(qtype=q, n_ff=384, n_out=384, add_residual=r) for q in ("Q5_0", "Q8_0") for r in (False, True)]

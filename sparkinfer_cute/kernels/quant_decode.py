@@ -85,6 +85,8 @@ SPECS = {
     "Q4_K": QuantSpec("Q4_K", 256, 144, 64, _contig(64)),
     "Q5_K": QuantSpec("Q5_K", 256, 176, 64, _contig(64)),
     "Q6_K": QuantSpec("Q6_K", 256, 210, 32, tuple((8 * k, 32 * k, 8) for k in range(4))),
+    # Q6_K repacked at upload time: each block + 2 zero bytes (212 = 53 words; see repack_q6_k_padded)
+    "Q6_K_P": QuantSpec("Q6_K_P", 256, 212, 32, tuple((8 * k, 32 * k, 8) for k in range(4))),
     "F16": QuantSpec("F16", 32, 64, 32, _contig(32)),
     "BF16": QuantSpec("BF16", 32, 64, 32, _contig(32)),
     "F32": QuantSpec("F32", 32, 128, 32, _contig(32)),
@@ -112,7 +114,7 @@ def qtype_name(qtype) -> str:
 
 def unit_base(sp: QuantSpec, u):
     """Element offset (inside the block) where unit ``u`` (runtime) starts."""
-    if sp.name == "Q6_K":
+    if sp.name in ("Q6_K", "Q6_K_P"):
         return (u >> 2) * 128 + (u & 3) * 8
     return u * sp.unit_elems
 
@@ -294,27 +296,60 @@ def _decode_q45_k(pW, blk, u, out, exact, has_qh: bool):
         out[32 + l] = _sub(_mul(d2, Float32(Int32(hi)), exact), dm2, exact)
 
 
-def _decode_q6_k(pW, blk, u, out, exact):
+def q6k_load(pW, blk, n, lw, nw: int, padded: bool):
+    """Raw words of a Q6_K block half ``n`` for quant-byte offset l = 4*lw (lw runtime, in 32-bit words):
+    ``(L0, L1, H, (s_lo, s_hi), d)`` with L0 = ql[64n + l ..], L1 = ql[64n + 32 + l ..], H = qh[32n + l ..] as lists
+    of ``nw`` little-endian 32-bit words, the 8 scales of the half as two words and d as f32.
+
+    ``padded``: the Q6_K_P layout (each 210-byte block followed by 2 zero bytes, 212 = 53 words: every field is
+    4-byte aligned, so 32-bit loads); otherwise the raw 2-byte-aligned GGUF layout (16-bit loads, paired)."""
+    if padded:
+        w32 = cute.recast_ptr(pW, dtype=Uint32)
+        base = blk * 53
+        L0 = load_words(w32, base + n * 16 + lw, nw, 1)
+        L1 = load_words(w32, base + n * 16 + 8 + lw, nw, 1)
+        H = load_words(w32, base + 32 + n * 8 + lw, nw, 1)
+        S = load_words(w32, base + 48 + n * 2, 2, 1)
+        w32t = cute.make_tensor(w32, cute.make_layout(base + 53))
+        d = half_lo_to_f32(Uint32(w32t[base + 52]))
+        return ([Uint32(L0[k]) for k in range(nw)], [Uint32(L1[k]) for k in range(nw)],
+                [Uint32(H[k]) for k in range(nw)], (Uint32(S[0]), Uint32(S[1])), d)
     w16 = cute.recast_ptr(pW, dtype=Uint16)
     base = blk * 105
+    L0 = load_words(w16, base + n * 32 + lw * 2, 2 * nw, 1, Uint16)
+    L1 = load_words(w16, base + n * 32 + 16 + lw * 2, 2 * nw, 1, Uint16)
+    H = load_words(w16, base + 64 + n * 16 + lw * 2, 2 * nw, 1, Uint16)
+    S = load_words(w16, base + 96 + n * 4, 4, 1, Uint16)
+    d = half_lo_to_f32(Uint32(w16[base + 104]))
+
+    def pairs(h, m):
+        return [Uint32(h[2 * k]) | (Uint32(h[2 * k + 1]) << 16) for k in range(m)]
+
+    return pairs(L0, nw), pairs(L1, nw), pairs(H, nw), tuple(pairs(S, 2)), d
+
+
+def _wbyte(words, i: int):
+    return (words[i // 4] >> (8 * (i % 4))) & 0xFF
+
+
+def q6k_scale_bytes(S, th):
+    """Signed scales for outputs k = 0..3 of a step whose scale index inside the half is is0 + 2k (th = 8*is0)."""
+    out = []
+    for k in range(4):
+        word = S[0] if k < 2 else S[1]
+        out.append(_sext8((word >> (th + 16 * (k % 2))) & 0xFF))
+    return out
+
+
+def _decode_q6_k(pW, blk, u, out, exact, padded=False):
     n = u >> 2
     t = u & 3
-    L0 = load_words(w16, base + n * 32 + t * 4, 4, 1, Uint16)  # ql[64n + 8t + i]
-    L1 = load_words(w16, base + n * 32 + 16 + t * 4, 4, 1, Uint16)  # ql[64n + 32 + 8t + i]
-    H = load_words(w16, base + 64 + n * 16 + t * 4, 4, 1, Uint16)  # qh[32n + 8t + i]
-    S = load_words(w16, base + 96 + n * 4, 4, 1, Uint16)  # scales[8n .. 8n+8)
-    d = half_lo_to_f32(Uint32(w16[base + 104]))
+    # unit (n, t): l = 8t + i, i < 8: 2 words of each of ql[64n + 8t..], ql[64n + 32 + 8t..], qh[32n + 8t..]
+    L0, L1, H, S, d = q6k_load(pW, blk, n, t * 2, 2, padded)
     # scale index for output k (positions 32k + 8t + i): is = (8t+i)//16 + 2k = t//2 + 2k (byte of S)
-    s_lo = Uint32(S[0]) | (Uint32(S[1]) << 16)  # scales 8n+0..3
-    s_hi = Uint32(S[2]) | (Uint32(S[3]) << 16)  # scales 8n+4..7
-    th = Uint32(t >> 1) * 8
-    ds = []
-    for k in range(4):
-        word = s_lo if k < 2 else s_hi
-        sb = (word >> (th + 16 * (k % 2))) & 0xFF
-        ds.append(_mul(d, Float32(_sext8(sb)), exact))
+    ds = [_mul(d, Float32(sc), exact) for sc in q6k_scale_bytes(S, Uint32(t >> 1) * 8)]
     for i in range(8):
-        l0, l1, h = _byte(L0, i), _byte(L1, i), _byte(H, i)
+        l0, l1, h = _wbyte(L0, i), _wbyte(L1, i), _wbyte(H, i)
         q = (
             (l0 & 0xF) | ((h & 3) << 4),
             (l1 & 0xF) | (((h >> 2) & 3) << 4),
@@ -360,6 +395,8 @@ def decode_unit(qtype: str, pW, blk, u, out, exact: bool = False):
         _decode_q45_k(pW, blk, u, out, exact, has_qh=True)
     elif q == "Q6_K":
         _decode_q6_k(pW, blk, u, out, exact)
+    elif q == "Q6_K_P":
+        _decode_q6_k(pW, blk, u, out, exact, padded=True)
     elif q == "F16":
         _decode_f16(pW, blk, u, out, exact)
     elif q == "BF16":
@@ -395,7 +432,7 @@ def load_runs_from_gmem(sp: QuantSpec, gptr, gbase, divby: int, dtype=Float32):
 
 def run_divisibility(sp: QuantSpec) -> int:
     """What every run start (block-relative element offset) is divisible by."""
-    return 8 if sp.name == "Q6_K" else sp.unit_elems
+    return 8 if sp.name in ("Q6_K", "Q6_K_P") else sp.unit_elems
 
 
 def new_unit_buffer(qtype: str):
@@ -435,6 +472,7 @@ SLICES = {
     "Q4_K": SliceSpec(8, 32, ((0, 0, 4), (4, 32, 4))),
     "Q5_K": SliceSpec(8, 32, ((0, 0, 4), (4, 32, 4))),
     "Q6_K": SliceSpec(16, 16, tuple((4 * k, 32 * k, 4) for k in range(4))),
+    "Q6_K_P": SliceSpec(16, 16, tuple((4 * k, 32 * k, 4) for k in range(4))),
     "F16": SliceSpec(8, 4, ((0, 0, 8),)),
     "BF16": SliceSpec(8, 4, ((0, 0, 8),)),
     "F32": SliceSpec(4, 8, ((0, 0, 4),)),
@@ -446,7 +484,7 @@ def slice_base(qtype: str, s):
         return s * 4
     if qtype in ("Q4_K", "Q5_K"):
         return (s >> 3) * 64 + (s & 7) * 4
-    if qtype == "Q6_K":
+    if qtype in ("Q6_K", "Q6_K_P"):
         return (s >> 3) * 128 + (s & 7) * 4
     if qtype == "F32":
         return s * 4
@@ -512,26 +550,15 @@ def _decode_slice(qtype, pW, blk, s, out, exact):
                 hi = hi | (((hb >> (sh + 1)) & 1) << 4)
             out[j] = _sub(_mul(d1, Float32(Int32(lo)), exact), dm1, exact)
             out[4 + j] = _sub(_mul(d2, Float32(Int32(hi)), exact), dm2, exact)
-    elif q == "Q6_K":
-        w16 = cute.recast_ptr(pW, dtype=Uint16)
-        base = blk * 105
+    elif q in ("Q6_K", "Q6_K_P"):
         n = s >> 3
         i = s & 7
-        L0 = load_words(w16, base + n * 32 + i * 2, 2, 1, Uint16)  # ql[64n + 4i ..]
-        L1 = load_words(w16, base + n * 32 + 16 + i * 2, 2, 1, Uint16)  # ql[64n + 32 + 4i ..]
-        H = load_words(w16, base + 64 + n * 16 + i * 2, 2, 1, Uint16)  # qh[32n + 4i ..]
-        S = load_words(w16, base + 96 + n * 4, 4, 1, Uint16)  # scales[8n .. 8n+8)
-        d = half_lo_to_f32(Uint32(w16[base + 104]))
+        # slice (n, i): l = 4i + j, j < 4: one word of each of ql[64n + 4i..], ql[64n + 32 + 4i..], qh[32n + 4i..]
+        L0, L1, H, S, d = q6k_load(pW, blk, n, i, 1, q == "Q6_K_P")
         # output k (positions 32k + 4i + j) uses scale 8n + (4i)//16 + 2k = 8n + i//4 + 2k
-        s_lo = Uint32(S[0]) | (Uint32(S[1]) << 16)
-        s_hi = Uint32(S[2]) | (Uint32(S[3]) << 16)
-        th = Uint32(i >> 2) * 8
-        ds = []
-        for k in range(4):
-            word = s_lo if k < 2 else s_hi
-            ds.append(_mul(d, Float32(_sext8((word >> (th + 16 * (k % 2))) & 0xFF)), exact))
+        ds = [_mul(d, Float32(sc), exact) for sc in q6k_scale_bytes(S, Uint32(i >> 2) * 8)]
         for j in range(4):
-            l0, l1, h = _byte(L0, j), _byte(L1, j), _byte(H, j)
+            l0, l1, h = _wbyte(L0, j), _wbyte(L1, j), _wbyte(H, j)
             qv = ((l0 & 0xF) | ((h & 3) << 4), (l1 & 0xF) | (((h >> 2) & 3) << 4),
                   (l0 >> 4) | (((h >> 4) & 3) << 4), (l1 >> 4) | (((h >> 6) & 3) << 4))
             for k in range(4):

@@ -25,6 +25,21 @@ def test_spec_matches_gguf_block_sizes(q):
     assert covered == list(range(sp.unit_elems)) or q == "Q6_K"  # Q6_K runs are strided, checked below
 
 
+@settings(max_examples=20, deadline=None)
+@given(n_blocks=st.integers(1, 50), rows=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
+def test_q6k_padded_repack_roundtrip(n_blocks, rows, seed):
+    from sparkinfer_cute.kernels.dequant import repack_q6_k_padded, unpack_q6_k_padded
+
+    raw = random_quant_bytes("Q6_K", rows * n_blocks, np.random.default_rng(seed)).reshape(rows, n_blocks * 210)
+    packed = repack_q6_k_padded(raw)
+    assert packed.shape == (rows, n_blocks * 212)
+    blocks = packed.reshape(-1, 212)
+    assert not blocks[:, 210:].any()
+    np.testing.assert_array_equal(blocks[:, :210], raw.reshape(-1, 210))
+    np.testing.assert_array_equal(unpack_q6_k_padded(packed), raw)
+    np.testing.assert_array_equal(dequantize_ref(packed, "Q6_K_P"), dequantize_ref(raw, "Q6_K"))
+
+
 def test_q6k_units_cover_block_exactly_once():
     sp = spec("Q6_K")
     pos = []
@@ -163,7 +178,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(qd, "bits_to_f32", lambda w: np.array([int(w) & 0xFFFFFFFF], np.uint32).view(np.float32)[0])
 
 
-ALL = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16", "F32")
+ALL = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P", "F16", "BF16", "F32")
 
 
 def _decode_all(q, raw, mode, exact):
