@@ -218,9 +218,11 @@ def bench_quantize(stream, reps, n=2048):
     return dict(case=f"quantize_q8_1 {n}", path="dp4a", us=med, us_min=mn, bytes=n * 4 + n + n // 32 * 8, copies=1)
 
 
+# Q6_K_P: the same Q6_K weights after the optional upload-time repack (dequant.repack_q6_k_padded)
 DENSE_CASES = [("Q4_K", 2048, 4096), ("Q4_K", 4096, 2048), ("Q4_K", 2048, 512), ("Q6_K", 2048, 512),
-               ("Q6_K", 2048, 151936)]
-EXPERT_CASES = [("Q4_K", 2048, 768, False), ("Q6_K", 768, 2048, True), ("Q4_K", 768, 2048, True)]
+               ("Q6_K", 2048, 151936), ("Q6_K_P", 2048, 512), ("Q6_K_P", 2048, 151936)]
+EXPERT_CASES = [("Q4_K", 2048, 768, False), ("Q6_K", 768, 2048, True), ("Q4_K", 768, 2048, True),
+                ("Q6_K_P", 768, 2048, True)]
 
 
 def run(reps: int = 50, only: str | None = None) -> dict:
@@ -244,6 +246,7 @@ def run(reps: int = 50, only: str | None = None) -> dict:
     if only in (None, "moe"):
         rows += bench_moe(stream, reps, rng)
         rows += bench_moe(stream, reps, rng, q_down="Q4_K")
+        rows += bench_moe(stream, reps, rng, q_down="Q6_K_P")
     if only in (None, "gemv"):
         rows.append(bench_quantize(stream, reps))
     for r in rows:
