@@ -73,13 +73,20 @@ class Gemma3GPU(GPUDecoder):
             ops.gemv(w[p + "attn_q.weight"], self.h, self.q, stream=s)
             ops.gemv(w[p + "attn_k.weight"], self.h, self.k, stream=s)
             ops.gemv(w[p + "attn_v.weight"], self.h, self.v, stream=s)
-            ops.rmsnorm_heads(self.q, w[p + "attn_q_norm.weight"], H, D, eps, stream=s)
-            ops.rmsnorm_heads(self.k, w[p + "attn_k_norm.weight"], Hkv, D, eps, stream=s)
-            base = float(c.rope_base_for(l))
-            ops.rope(self.q, H, D, c.n_rot, base, self.pos_buf, stream=s)
-            ops.rope(self.k, Hkv, D, c.n_rot, base, self.pos_buf, stream=s)
-            ops.kv_append(self.kv, l, self.k, self.v, self.pos_buf, stream=s)
-            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=H, scale=self.q_scale,
+            if ops.enabled("fused_qk"):
+                ops.qk_norm_rope_kv(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
+                                    w[p + "attn_k_norm.weight"], self.pos_buf, n_head=H, n_rot=c.n_rot,
+                                    base=float(c.rope_base_for(l)), eps=eps, q_scale=self.q_scale, stream=s)
+                attn_scale = 1.0
+            else:
+                ops.rmsnorm_heads(self.q, w[p + "attn_q_norm.weight"], H, D, eps, stream=s)
+                ops.rmsnorm_heads(self.k, w[p + "attn_k_norm.weight"], Hkv, D, eps, stream=s)
+                base = float(c.rope_base_for(l))
+                ops.rope(self.q, H, D, c.n_rot, base, self.pos_buf, stream=s)
+                ops.rope(self.k, Hkv, D, c.n_rot, base, self.pos_buf, stream=s)
+                ops.kv_append(self.kv, l, self.k, self.v, self.pos_buf, stream=s)
+                attn_scale = self.q_scale
+            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=H, scale=attn_scale,
                           window=c.sliding_window if swa else 0, stream=s)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=s)
             ops.rmsnorm(self.o, w[p + "post_attention_norm.weight"], self.delta, eps, stream=s)

@@ -7,6 +7,8 @@ graph. ``launch_counter`` counts kernel launches (kernels per token in the bench
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..kernels import attention_decode as _attn  # type: ignore[misc]
@@ -15,11 +17,20 @@ from ..kernels import gemv as _gemv  # type: ignore[misc]
 from ..kernels import glu as _glu  # type: ignore[misc]
 from ..kernels import kv_cache_append as _kva  # type: ignore[misc]
 from ..kernels import moe_ffn as _moe  # type: ignore[misc]
+from ..kernels import qk_norm_rope_kv as _qknrk  # type: ignore[misc]
 from ..kernels import rmsnorm as _rms  # type: ignore[misc]
 from ..kernels.paged_kv import PagedKVCache  # type: ignore[misc]
 from ..runtime import DeviceArray  # type: ignore[misc]
 
 PAGE_SIZE = 64
+
+# Speed passes can be switched off one by one (SPARKINFER_DISABLE=fused_qk,...) so the accuracy harness and the
+# benchmark can compare a pass against the build without it, in the same run.
+DISABLED = frozenset(x.strip() for x in os.environ.get("SPARKINFER_DISABLE", "").split(",") if x.strip())
+
+
+def enabled(name: str) -> bool:
+    return name not in DISABLED
 
 
 class _Counter:
@@ -127,6 +138,18 @@ def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n
                            out=out.view(np.float32, (1, n_head, D)), o_partial=ws.o_partial,
                            lse_partial=ws.lse_partial, stream=stream)
     launch_counter.add(2)
+
+
+def qk_norm_rope_kv(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_head: int, n_rot: int, base: float,
+                    eps: float, q_scale: float = 1.0, stream):
+    """Fused per-head Q/K RMSNorm + NEOX RoPE (+ q scale) + fp16 KV append: one launch instead of five."""
+    D = kv.head_dim[layer]
+    KV = kv.n_kv_head[layer]
+    _qknrk.qk_norm_rope_kv(q.view(np.float32, (n_head, D)), k.view(np.float32, (KV, D)), v.view(np.float32, (KV, D)),
+                           q_norm.data.view(np.float32, (D,)), k_norm.data.view(np.float32, (D,)), kv.k[layer],
+                           kv.v[layer], kv.page_table, pos, n_rot=n_rot, base=base, eps=eps, q_scale=q_scale,
+                           stream=stream)
+    launch_counter.add()
 
 
 def router(logits, ids, weights, k: int, *, stream):

@@ -68,12 +68,19 @@ class Qwen3MoeGPU(GPUDecoder):
             ops.gemv(w[p + "attn_q.weight"], self.h, self.q, stream=s)
             ops.gemv(w[p + "attn_k.weight"], self.h, self.k, stream=s)
             ops.gemv(w[p + "attn_v.weight"], self.h, self.v, stream=s)
-            ops.rmsnorm_heads(self.q, w[p + "attn_q_norm.weight"], H, D, eps, stream=s)
-            ops.rmsnorm_heads(self.k, w[p + "attn_k_norm.weight"], Hkv, D, eps, stream=s)
-            ops.rope(self.q, H, D, c.n_rot, c.rope_base, self.pos_buf, stream=s)
-            ops.rope(self.k, Hkv, D, c.n_rot, c.rope_base, self.pos_buf, stream=s)
-            ops.kv_append(self.kv, l, self.k, self.v, self.pos_buf, stream=s)
-            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=H, scale=self.scale,
+            if ops.enabled("fused_qk"):
+                ops.qk_norm_rope_kv(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
+                                    w[p + "attn_k_norm.weight"], self.pos_buf, n_head=H, n_rot=c.n_rot,
+                                    base=c.rope_base, eps=eps, q_scale=1.0, stream=s)
+                attn_scale = self.scale
+            else:
+                ops.rmsnorm_heads(self.q, w[p + "attn_q_norm.weight"], H, D, eps, stream=s)
+                ops.rmsnorm_heads(self.k, w[p + "attn_k_norm.weight"], Hkv, D, eps, stream=s)
+                ops.rope(self.q, H, D, c.n_rot, c.rope_base, self.pos_buf, stream=s)
+                ops.rope(self.k, Hkv, D, c.n_rot, c.rope_base, self.pos_buf, stream=s)
+                ops.kv_append(self.kv, l, self.k, self.v, self.pos_buf, stream=s)
+                attn_scale = self.scale
+            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=H, scale=attn_scale,
                           window=0, stream=s)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.delta, stream=s)
             ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=s)
