@@ -109,3 +109,21 @@ def target(arch: str):
         yield _target_override
     finally:
         _target_override = old
+
+
+# Programmatic dependent launch (PDL): every kernel waits for its predecessor with ``griddepcontrol.wait`` at the
+# top and immediately lets its dependents launch, so the next kernel's launch and block scheduling overlap this
+# one's execution (a decode step is ~500-800 small kernels in one graph). Stream capture keeps the programmatic
+# edges. ``SPARKINFER_PDL=0`` compiles and launches without it (for A/B runs); part of the compile-cache key.
+_pdl_override: bool | None = None
+
+
+def pdl_enabled() -> bool:
+    if _pdl_override is not None:
+        return _pdl_override
+    return os.environ.get("SPARKINFER_PDL", "1") not in ("0", "false", "no")
+
+
+def set_pdl(enabled: bool | None) -> None:
+    global _pdl_override
+    _pdl_override = enabled

@@ -21,7 +21,8 @@ import cutlass.cute as cute
 import numpy as np
 from cutlass import Float32, Int32, const_expr
 
-from .common import F32_MAX, fake_ptr, gptr
+from .common import F32_MAX, fake_ptr, gptr, pdl_prologue
+from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
 from .router import argmax_pair
@@ -35,6 +36,7 @@ class ArgMax:
     """Static config: ``vocab`` (multiple of 4). Rows and the workspace pointer are runtime."""
 
     def __init__(self, vocab: int):
+        self.pdl = pdl_enabled()
         if vocab % VEC:
             raise ValueError(f"vocab must be a multiple of {VEC}, got {vocab}")
         self.vocab = vocab
@@ -53,12 +55,13 @@ class ArgMax:
         wl = cute.make_layout((rows, self.n_chunks), stride=(self.n_chunks, 1))
         mWsV = cute.make_tensor(pWsV, wl)
         mWsI = cute.make_tensor(pWsI, wl)
-        self.chunk_kernel(mL, mWsV, mWsI).launch(grid=[self.n_chunks, rows, 1], block=[THREADS, 1, 1],
+        self.chunk_kernel(mL, mWsV, mWsI).launch(use_pdl=self.pdl, grid=[self.n_chunks, rows, 1], block=[THREADS, 1, 1],
                                                  stream=stream)
-        self.final_kernel(mWsV, mWsI, mIds).launch(grid=[rows, 1, 1], block=[32, 1, 1], stream=stream)
+        self.final_kernel(mWsV, mWsI, mIds).launch(use_pdl=self.pdl, grid=[rows, 1, 1], block=[32, 1, 1], stream=stream)
 
     @cute.kernel
     def chunk_kernel(self, mL: cute.Tensor, mWsV: cute.Tensor, mWsI: cute.Tensor):
+        pdl_prologue(self.pdl)
         tid, _, _ = cute.arch.thread_idx()
         chunk, row, _ = cute.arch.block_idx()
         lane = tid % 32
@@ -97,6 +100,7 @@ class ArgMax:
 
     @cute.kernel
     def final_kernel(self, mWsV: cute.Tensor, mWsI: cute.Tensor, mIds: cute.Tensor):
+        pdl_prologue(self.pdl)
         lane, _, _ = cute.arch.thread_idx()
         row, _, _ = cute.arch.block_idx()
         bv = Float32(-F32_MAX)

@@ -54,8 +54,8 @@ import cutlass.cute as cute
 import numpy as np
 from cutlass import Float16, Float32, Int32, const_expr
 
-from .arch import smem_budget
-from .common import cu_stream, gptr
+from .arch import smem_budget, pdl_enabled
+from .common import cu_stream, gptr, pdl_prologue
 from .compile import compile_options, kernel_cache
 
 LOG2_E = math.log2(math.e)
@@ -75,6 +75,7 @@ class AttentionDecodeSplitKV:
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
                  has_softcap: bool, num_warps: int | None = None, keys_per_iter: int = 0,
                  heads_per_cta: int = 0):
+        self.pdl = pdl_enabled()
         if n_head % n_kv_head:
             raise ValueError(f"n_head {n_head} must be a multiple of n_kv_head {n_kv_head}")
         if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -135,13 +136,14 @@ class AttentionDecodeSplitKV:
         mPos = cute.make_tensor(pPos, cute.make_layout(batch))
         mOPart = cute.make_tensor(pOPart, cute.make_layout((batch, H, S, D), stride=(H * S * D, S * D, D, 1)))
         mLsePart = cute.make_tensor(pLsePart, cute.make_layout((batch, H, S), stride=(H * S, S, 1)))
-        self.kernel(mQ, mK, mV, mPT, mPos, mOPart, mLsePart, scale, window, softcap).launch(
+        self.kernel(mQ, mK, mV, mPT, mPos, mOPart, mLsePart, scale, window, softcap).launch(use_pdl=self.pdl, 
             grid=[KV * self.n_head_tiles, S, batch], block=[self.num_threads, 1, 1],
             smem=self.smem_bytes(self.num_warps), stream=stream)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mPT: cute.Tensor, mPos: cute.Tensor,
                mOPart: cute.Tensor, mLsePart: cute.Tensor, scale: Float32, window: Int32, softcap: Float32):
+        pdl_prologue(self.pdl)
         G, GH, D, P, S = self.group, self.heads_per_cta, self.head_dim, self.page_size, self.num_splits
         LPT, VEC, TPW, U = self.lanes_per_tok, self.vec, self.tok_per_warp, self.keys_per_iter
         NG, NW, NT = self.n_tok_groups, self.num_warps, self.num_threads
@@ -277,6 +279,7 @@ class AttentionDecodeCombine:
     """``out[b, h] = sum_s w_s O_s / sum_s w_s`` with ``w_s = exp(LSE_s - max LSE)``; one CTA per (q head, seq)."""
 
     def __init__(self, n_head: int, head_dim: int, num_splits: int):
+        self.pdl = pdl_enabled()
         self.n_head, self.head_dim, self.num_splits = n_head, head_dim, num_splits
         self.num_threads = min(128, head_dim)
 
@@ -287,11 +290,12 @@ class AttentionDecodeCombine:
         mOPart = cute.make_tensor(pOPart, cute.make_layout((batch, H, S, D), stride=(H * S * D, S * D, D, 1)))
         mLsePart = cute.make_tensor(pLsePart, cute.make_layout((batch, H, S), stride=(H * S, S, 1)))
         mOut = cute.make_tensor(pOut, cute.make_layout((batch, H, D), stride=(H * D, D, 1)))
-        self.kernel(mOPart, mLsePart, mOut).launch(grid=[H, batch, 1], block=[self.num_threads, 1, 1],
+        self.kernel(mOPart, mLsePart, mOut).launch(use_pdl=self.pdl, grid=[H, batch, 1], block=[self.num_threads, 1, 1],
                                                     smem=2 * 4 * S + 64, stream=stream)
 
     @cute.kernel
     def kernel(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor):
+        pdl_prologue(self.pdl)
         D, S, NT = self.head_dim, self.num_splits, self.num_threads
         tidx, _, _ = cute.arch.thread_idx()
         h, b, _ = cute.arch.block_idx()

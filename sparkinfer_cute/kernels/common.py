@@ -42,6 +42,15 @@ def cu_stream(stream):
 
 # ---------------------------------------------------------------------------------------------- device side
 @cute.jit
+def pdl_prologue(enabled: cutlass.Constexpr[bool]):
+    """First statement of every kernel: with PDL, wait until the previous grid in the stream has completed and
+    flushed (so nothing below reads or writes memory early), then allow the next grid to launch. Without PDL a no-op."""
+    if const_expr(enabled):
+        cute.arch.griddepcontrol_wait()
+        cute.arch.griddepcontrol_launch_dependents()
+
+
+@cute.jit
 def warp_reduce(val, op: cutlass.Constexpr, width: cutlass.Constexpr[int] = WARP):
     """Butterfly all-reduce over groups of ``width`` consecutive lanes (every lane gets the result)."""
     offset = width // 2

@@ -121,7 +121,7 @@ def compile_options(extra: str = "") -> str:
 def _key(args: tuple, kwargs: dict) -> tuple:
     # A tuple, not a string: this runs on every kernel call (the memo lookup), so it must stay ~1 us.
     return (args, tuple(sorted(kwargs.items())) if kwargs else (), _arch.compile_target(), _arch.kernel_family(),
-            tuple(_extra_options))
+            _arch.pdl_enabled(), tuple(_extra_options))
 
 
 def _key_repr(qualname: str, args: tuple, kwargs: dict) -> str:

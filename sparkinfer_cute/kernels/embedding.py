@@ -16,6 +16,8 @@ from cutlass import Float16, Float32, Int32, Int64, Uint8, Uint32, const_expr
 from cutlass.cute.runtime import make_fake_stream, make_ptr
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from .common import pdl_prologue
+from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
 
@@ -35,6 +37,7 @@ class EmbeddingGather:
     """out[i] = scale * dequant(W[ids[slot]])[i] for i < n_embd."""
 
     def __init__(self, qtype: str, n_embd: int, threads: int = 256):
+        self.pdl = pdl_enabled()
         assert qtype in EMBED_TYPES, qtype
         self.qtype = qtype
         self.n_embd = n_embd
@@ -52,12 +55,13 @@ class EmbeddingGather:
         mW16 = cute.make_tensor(cute.recast_ptr(p_w, dtype=Float16), cute.make_layout(nbytes // 2))
         mIds = cute.make_tensor(p_ids, cute.make_layout(slot + 1))
         mOut = cute.make_tensor(p_out, cute.make_layout(self.n_embd))
-        self.kernel(mW, mW16, mIds, mOut, slot, scale).launch(
+        self.kernel(mW, mW16, mIds, mOut, slot, scale).launch(use_pdl=self.pdl, 
             grid=[(self.n_embd + self.threads - 1) // self.threads, 1, 1], block=[self.threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mW16: cute.Tensor, mIds: cute.Tensor, mOut: cute.Tensor, slot: Int32,
                scale: Float32):
+        pdl_prologue(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         i = bidx * self.threads + tidx

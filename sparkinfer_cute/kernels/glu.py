@@ -15,6 +15,8 @@ import numpy as np
 from cutlass import Float32, Int32, const_expr
 from cutlass.cute.runtime import make_fake_stream, make_ptr
 
+from .common import pdl_prologue
+from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
 
@@ -24,6 +26,7 @@ SQRT_2_OVER_PI = 0.79788456080286535587989211986876
 
 class GLU:
     def __init__(self, act: str, threads: int = 256):
+        self.pdl = pdl_enabled()
         assert act in ("silu", "gelu_tanh"), act
         self.act = act
         self.threads = threads
@@ -34,11 +37,12 @@ class GLU:
         mG = cute.make_tensor(p_gate, cute.make_layout(n))
         mU = cute.make_tensor(p_up, cute.make_layout(n))
         mO = cute.make_tensor(p_out, cute.make_layout(n))
-        self.kernel(mG, mU, mO, n).launch(grid=[(n + self.threads - 1) // self.threads, 1, 1],
+        self.kernel(mG, mU, mO, n).launch(use_pdl=self.pdl, grid=[(n + self.threads - 1) // self.threads, 1, 1],
                                           block=[self.threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mG: cute.Tensor, mU: cute.Tensor, mO: cute.Tensor, n: Int32):
+        pdl_prologue(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         i = bidx * self.threads + tidx

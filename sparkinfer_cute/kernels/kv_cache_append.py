@@ -19,7 +19,8 @@ import cutlass.cute as cute
 import numpy as np
 from cutlass import Float16, Float32, Int32
 
-from .common import cu_stream, gptr
+from .common import cu_stream, gptr, pdl_prologue
+from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 
 _VEC = 4
@@ -27,6 +28,7 @@ _VEC = 4
 
 class KVCacheAppend:
     def __init__(self, n_kv_head: int, head_dim: int, page_size: int):
+        self.pdl = pdl_enabled()
         if head_dim % _VEC:
             raise ValueError(f"head_dim must be a multiple of {_VEC}")
         if page_size <= 0 or page_size & (page_size - 1):
@@ -47,12 +49,13 @@ class KVCacheAppend:
         mVPool = cute.make_tensor(pVPool, pool_layout)
         mPT = cute.make_tensor(pPageTable, cute.make_layout((batch, pages_per_seq), stride=(pages_per_seq, 1)))
         mPos = cute.make_tensor(pPos, cute.make_layout(batch))
-        self.kernel(mK, mV, mKPool, mVPool, mPT, mPos).launch(
+        self.kernel(mK, mV, mKPool, mVPool, mPT, mPos).launch(use_pdl=self.pdl, 
             grid=[KV, batch, 1], block=[self.num_threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mK: cute.Tensor, mV: cute.Tensor, mKPool: cute.Tensor, mVPool: cute.Tensor,
                mPT: cute.Tensor, mPos: cute.Tensor):
+        pdl_prologue(self.pdl)
         P = self.page_size
         tidx, _, _ = cute.arch.thread_idx()
         h, b, _ = cute.arch.block_idx()

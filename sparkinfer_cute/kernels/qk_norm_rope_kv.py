@@ -50,7 +50,8 @@ import cutlass.cute as cute
 import numpy as np
 from cutlass import Float16, Float32, Int32, const_expr
 
-from .common import block_reduce_sum, fake_ptr, gptr
+from .common import block_reduce_sum, fake_ptr, gptr, pdl_prologue
+from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
 
@@ -84,6 +85,7 @@ class QKNormRopeKV:
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, n_rot: int, has_qk_norm: bool = True,
                  has_freq_factors: bool = False, has_v_norm: bool = False, page_size: int = 64,
                  q_stride: int | None = None):
+        self.pdl = pdl_enabled()
         if n_head <= 0 or n_kv_head <= 0:
             raise ValueError(f"need n_head, n_kv_head > 0, got {n_head}, {n_kv_head}")
         if head_dim <= 0 or head_dim % 2:
@@ -133,13 +135,14 @@ class QKNormRopeKV:
         mVPool = cute.make_tensor(pVPool, pool_layout)
         mPT = cute.make_tensor(pPageTable, cute.make_layout((batch, pages_per_seq), stride=(pages_per_seq, 1)))
         mPos = cute.make_tensor(pPos, cute.make_layout(batch))
-        self.kernel(mQ, mQO, mK, mV, mQN, mKN, mFF, mKPool, mVPool, mPT, mPos, theta_scale, eps, q_scale).launch(
+        self.kernel(mQ, mQO, mK, mV, mQN, mKN, mFF, mKPool, mVPool, mPT, mPos, theta_scale, eps, q_scale).launch(use_pdl=self.pdl, 
             grid=[H + KV, batch, 1], block=[self.threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mQO: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQN: cute.Tensor,
                mKN: cute.Tensor, mFF: cute.Tensor, mKPool: cute.Tensor, mVPool: cute.Tensor, mPT: cute.Tensor,
                mPos: cute.Tensor, theta_scale: Float32, eps: Float32, q_scale: Float32):
+        pdl_prologue(self.pdl)
         T, P = self.threads, self.page_size
         tid, _, _ = cute.arch.thread_idx()
         hid, b, _ = cute.arch.block_idx()

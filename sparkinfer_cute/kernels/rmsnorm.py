@@ -24,7 +24,8 @@ import cutlass.cute as cute
 import numpy as np
 from cutlass import Float32, Int32, const_expr
 
-from .common import fake_ptr, gptr, warp_reduce_sum
+from .common import fake_ptr, gptr, warp_reduce_sum, pdl_prologue
+from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
 
@@ -42,6 +43,7 @@ class RMSNorm:
     """Static config: row length ``N`` (multiple of 4), ``residual``, ``has_weight``."""
 
     def __init__(self, N: int, residual: bool = False, has_weight: bool = True):
+        self.pdl = pdl_enabled()
         if N % VEC:
             raise ValueError(f"RMSNorm needs N % {VEC} == 0, got {N}")
         self.N = N
@@ -64,13 +66,14 @@ class RMSNorm:
         mRO = cute.make_tensor(pRO, layout)
         mO = cute.make_tensor(pO, layout)
         mW = cute.make_tensor(pW, cute.make_layout(self.N))
-        self.kernel(mX, mR, mRO, mW, mO, M, eps).launch(
+        self.kernel(mX, mR, mRO, mW, mO, M, eps).launch(use_pdl=self.pdl, 
             grid=[(M + self.rows_per_block - 1) // self.rows_per_block, 1, 1], block=[self.threads, 1, 1],
             stream=stream)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mR: cute.Tensor, mRO: cute.Tensor, mW: cute.Tensor, mO: cute.Tensor,
                M: Int32, eps: Float32):
+        pdl_prologue(self.pdl)
         tid, _, _ = cute.arch.thread_idx()
         bid, _, _ = cute.arch.block_idx()
         row_in_block = tid // self.tpr

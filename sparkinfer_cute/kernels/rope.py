@@ -26,7 +26,8 @@ import cutlass.cute as cute
 import numpy as np
 from cutlass import Float32, Int32, const_expr
 
-from .common import fake_ptr, gptr
+from .common import fake_ptr, gptr, pdl_prologue
+from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
 
@@ -42,6 +43,7 @@ class RopeNeox:
     """Static config: ``head_dim``, ``n_rot`` (even, <= head_dim), ``has_freq_factors``."""
 
     def __init__(self, head_dim: int, n_rot: int, has_freq_factors: bool = False):
+        self.pdl = pdl_enabled()
         if n_rot % 2 or not 0 < n_rot <= head_dim:
             raise ValueError(f"bad n_rot {n_rot} for head_dim {head_dim}")
         self.head_dim = head_dim
@@ -56,12 +58,13 @@ class RopeNeox:
         mX = cute.make_tensor(pX, cute.make_layout((n_tokens * n_heads, self.head_dim), stride=(self.head_dim, 1)))
         mPos = cute.make_tensor(pPos, cute.make_layout(n_tokens))
         mFF = cute.make_tensor(pFF, cute.make_layout(self.half))
-        self.kernel(mX, mPos, mFF, n_heads, theta_scale).launch(
+        self.kernel(mX, mPos, mFF, n_heads, theta_scale).launch(use_pdl=self.pdl, 
             grid=[n_tokens, (n_heads + HEADS_PER_BLOCK - 1) // HEADS_PER_BLOCK, 1], block=[self.threads, 1, 1],
             stream=stream)
 
     @cute.kernel
     def kernel(self, mX: cute.Tensor, mPos: cute.Tensor, mFF: cute.Tensor, n_heads: Int32, theta_scale: Float32):
+        pdl_prologue(self.pdl)
         i, _, _ = cute.arch.thread_idx()
         tok, hgrp, _ = cute.arch.block_idx()
         if i < self.half:

@@ -32,7 +32,8 @@ import cutlass.cute as cute
 import numpy as np
 from cutlass import Float32, Int32, const_expr
 
-from .common import F32_MAX, fake_ptr, gptr, warp_reduce
+from .common import F32_MAX, fake_ptr, gptr, warp_reduce, pdl_prologue
+from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
 
@@ -58,6 +59,7 @@ class Router:
     """Static config: ``n_expert``, ``k``, ``norm_topk``."""
 
     def __init__(self, n_expert: int, k: int, norm_topk: bool = True):
+        self.pdl = pdl_enabled()
         if not 0 < k <= min(n_expert, 32):
             raise ValueError(f"bad top-k {k} for {n_expert} experts")
         self.n_expert = n_expert
@@ -73,10 +75,11 @@ class Router:
         mL = cute.make_tensor(pLogits, cute.make_layout((n_tokens, self.n_expert), stride=(self.n_expert, 1)))
         mI = cute.make_tensor(pIds, cute.make_layout((n_tokens, self.k), stride=(self.k, 1)))
         mW = cute.make_tensor(pW, cute.make_layout((n_tokens, self.k), stride=(self.k, 1)))
-        self.kernel(mL, mI, mW).launch(grid=[n_tokens, 1, 1], block=[self.threads, 1, 1], stream=stream)
+        self.kernel(mL, mI, mW).launch(use_pdl=self.pdl, grid=[n_tokens, 1, 1], block=[self.threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mL: cute.Tensor, mI: cute.Tensor, mW: cute.Tensor):
+        pdl_prologue(self.pdl)
         tid, _, _ = cute.arch.thread_idx()
         tok, _, _ = cute.arch.block_idx()
         lane = tid % 32
