@@ -236,11 +236,26 @@ def gemv_ref(w_raw: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:
     return x @ W.T
 
 
+def expert_bytes(w_raw: np.ndarray, qtype, e: int, n_out: int, n_in: int) -> np.ndarray:
+    """The raw bytes of expert ``e`` of an [n_expert, n_out, n_in] quantized tensor (only the selected experts are
+    dequantized by the references: 128 Qwen3 experts would be 1.6 GB in float64)."""
+    rb = spec(qtype_name(qtype)).row_bytes(n_in)
+    return np.asarray(w_raw, dtype=np.uint8).reshape(-1, n_out * rb)[int(e)]
+
+
+def _per_expert(fn, w_raw, qtype, ids, n_out, n_in):
+    cache = {}
+    for e in np.asarray(ids).reshape(-1):
+        if int(e) not in cache:
+            cache[int(e)] = fn(expert_bytes(w_raw, qtype, e, n_out, n_in), qtype, n_in)
+    return cache
+
+
 def gemv_experts_ref(w_raw: np.ndarray, qtype, x: np.ndarray, ids, n_out: int, x_per_slot: bool = False):
     x = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
     n_in = x.shape[-1]
-    W = dequant_rows_f64(w_raw, qtype, n_in).reshape(-1, n_out, n_in)
-    return np.stack([W[e] @ x[j if x_per_slot else 0] for j, e in enumerate(np.asarray(ids).reshape(-1))])
+    W = _per_expert(dequant_rows_f64, w_raw, qtype, ids, n_out, n_in)
+    return np.stack([W[int(e)] @ x[j if x_per_slot else 0] for j, e in enumerate(np.asarray(ids).reshape(-1))])
 
 
 def weight_magnitude_f64(w_raw: np.ndarray, qtype, n_in: int) -> np.ndarray:
@@ -263,13 +278,12 @@ def gemv_error_bound(w_raw: np.ndarray, qtype, x: np.ndarray, ids=None, n_out=No
     per-weight magnitude of ``weight_magnitude_f64`` (A = |W| except for the K-quant min term)."""
     x = np.abs(np.asarray(x, dtype=np.float64))
     n_in = x.shape[-1]
-    A = weight_magnitude_f64(w_raw, qtype, n_in)
     if ids is None:
-        mag = x @ A.T
+        mag = x @ weight_magnitude_f64(w_raw, qtype, n_in).T
     else:
-        A = A.reshape(-1, n_out, n_in)
+        A = _per_expert(weight_magnitude_f64, w_raw, qtype, ids, n_out, n_in)
         x2 = x.reshape(-1, n_in)
-        mag = np.stack([A[e] @ x2[j if x_per_slot else 0] for j, e in enumerate(np.asarray(ids).reshape(-1))])
+        mag = np.stack([A[int(e)] @ x2[j if x_per_slot else 0] for j, e in enumerate(np.asarray(ids).reshape(-1))])
     return (n_in + 8) * 2.0**-24 * mag
 
 

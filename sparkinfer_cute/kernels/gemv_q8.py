@@ -324,19 +324,19 @@ def gemv_q8_experts(w, qtype, x, ids, n_out: int, x_per_slot: bool = False, out=
 
 def gemv_q8_error_bound(w_raw, qtype, x, ids=None, n_out=None, x_per_slot=False):
     """|y_dp4a - W x| <= sum_i A_i (d_b(i)/2 + 127 * 2^-24 d_b(i)) + the float GEMV bound evaluated at |x| + d/2."""
-    from .gemv import gemv_error_bound, weight_magnitude_f64
+    from .gemv import _per_expert, gemv_error_bound, weight_magnitude_f64
     from .q8_1 import quantize_q8_1_ref
 
     x = np.asarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1])
     _, d, _ = quantize_q8_1_ref(x)
     half = np.repeat(d.astype(np.float64), QK, axis=-1) * (0.5 + 128 * 2.0**-24)
     n_in = x.shape[-1]
-    A = weight_magnitude_f64(w_raw, qtype, n_in)
     if ids is None:
-        quant = half @ A.T
+        quant = half @ weight_magnitude_f64(w_raw, qtype, n_in).T
     else:
-        A = A.reshape(-1, n_out, n_in)
-        quant = np.stack([A[e] @ half[j if x_per_slot else 0] for j, e in enumerate(np.asarray(ids).reshape(-1))])
+        A = _per_expert(weight_magnitude_f64, w_raw, qtype, ids, n_out, n_in)
+        quant = np.stack([A[int(e)] @ half[j if x_per_slot else 0]
+                          for j, e in enumerate(np.asarray(ids).reshape(-1))])
     return quant + gemv_error_bound(w_raw, qtype, np.abs(x) + half, ids=ids, n_out=n_out, x_per_slot=x_per_slot)
 
 

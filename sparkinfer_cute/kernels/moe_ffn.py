@@ -241,29 +241,32 @@ def moe_ffn(w_gate, w_up, w_down, qtype_gate_up, qtype_down, h, ids, weights, n_
 
 
 def moe_gate_up_ref(w_gate, w_up, qtype, h, ids, n_ff: int):
+    """float64 reference; dequantizes only the selected experts (gguf-py on the original bytes)."""
     h = np.asarray(h, dtype=np.float64).reshape(-1)
     n_in = h.shape[0]
-    G = dequant_rows_f64(w_gate, qtype, n_in)
-    if w_up is None:  # fused [E, 2*n_ff, n_in]
-        G = G.reshape(-1, 2 * n_ff, n_in)
-        G, Up = G[:, :n_ff], G[:, n_ff:]
-    else:
-        G = G.reshape(-1, n_ff, n_in)
-        Up = dequant_rows_f64(w_up, qtype, n_in).reshape(-1, n_ff, n_in)
+    rb = spec(qtype_name(qtype)).row_bytes(n_in)
     out = []
     for e in np.asarray(ids).reshape(-1):
-        g, u = G[e] @ h, Up[e] @ h
-        out.append(g / (1.0 + np.exp(-g)) * u)
+        if w_up is None:  # fused [E, 2*n_ff, n_in]: gate rows then up rows
+            both = dequant_rows_f64(np.asarray(w_gate, np.uint8).reshape(-1, 2 * n_ff * rb)[e], qtype, n_in)
+            G, U = both[:n_ff], both[n_ff:]
+        else:
+            G = dequant_rows_f64(np.asarray(w_gate, np.uint8).reshape(-1, n_ff * rb)[e], qtype, n_in)
+            U = dequant_rows_f64(np.asarray(w_up, np.uint8).reshape(-1, n_ff * rb)[e], qtype, n_in)
+        g, u = G @ h, U @ h
+        with np.errstate(over="ignore"):
+            out.append(g / (1.0 + np.exp(-g)) * u)
     return np.stack(out)
 
 
 def moe_down_ref(w_down, qtype, act, ids, weights, n_out: int, resid=None):
     act = np.asarray(act, dtype=np.float64)
     n_ff = act.shape[-1]
-    D = dequant_rows_f64(w_down, qtype, n_ff).reshape(-1, n_out, n_ff)
+    rb = spec(qtype_name(qtype)).row_bytes(n_ff)
     y = np.zeros(n_out) if resid is None else np.asarray(resid, dtype=np.float64).copy()
     for j, e in enumerate(np.asarray(ids).reshape(-1)):
-        y += float(weights[j]) * (D[e] @ act[j])
+        D = dequant_rows_f64(np.asarray(w_down, np.uint8).reshape(-1, n_out * rb)[e], qtype, n_ff)
+        y += float(weights[j]) * (D @ act[j])
     return y
 
 

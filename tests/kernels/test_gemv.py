@@ -213,3 +213,17 @@ def test_gemv_q8_device_arrays_real_shape():
         gemv_q8(DeviceArray.from_numpy(w), q, xq, n_out=n_out, out=out)
         y = out.to_numpy()
         assert (np.abs(y - gemv_ref(w, q, x)) <= gemv_q8_error_bound(w, q, x[None])[0]).all()
+
+
+def test_expert_reference_matches_full_dequant():
+    """The per-expert reference (dequantizes only the selected experts) equals a full-tensor dequant + matmul."""
+    rng = np.random.default_rng()
+    E, n_out, n_in = 5, 7, 512
+    w = rand_weight("Q6_K", E * n_out, n_in, rng).reshape(E, n_out, -1)
+    ids = np.array([4, 0, 4], np.int32)
+    x = rng.standard_normal((3, n_in))
+    W = dequant_rows_f64(w, "Q6_K", n_in).reshape(E, n_out, n_in)
+    full = np.stack([W[e] @ x[j] for j, e in enumerate(ids)])
+    np.testing.assert_array_equal(gemv_experts_ref(w, "Q6_K", x, ids, n_out, x_per_slot=True), full)
+    b = gemv_error_bound(w, "Q6_K", x, ids=ids, n_out=n_out, x_per_slot=True)
+    np.testing.assert_allclose(b, (n_in + 8) * 2.0**-24 * np.stack([np.abs(W[e]) @ np.abs(x[j]) for j, e in enumerate(ids)]))
