@@ -21,7 +21,6 @@ fi
 . /tmp/gpuhost/env.sh
 # models/ installs as sparkinfer_cute.models (pyproject package-dir); on the host we run from the tree, so link it.
 [ -e sparkinfer_cute/models ] || ln -s ../models sparkinfer_cute/models
-[ -e sparkinfer_cute/autotune ] || ln -s ../autotune sparkinfer_cute/autotune
 export SPARKINFER_CACHE_DIR=/tmp/sparkinfer_cache
 GEMMA=/tmp/gpumodel/gemma-3-270m-q4_k_m.gguf
 if [ ! -f "$GEMMA" ] && ls /tmp/gpumodel/gemma3.gguf.part0* >/dev/null 2>&1; then
@@ -51,10 +50,11 @@ for ph in "${phases[@]}"; do
     if [ -f "$GEMMA" ]; then
       python3 -m sparkinfer_cute.accuracy "$GEMMA" --reference cpu -n 128 --min-top1 0.995 --max-kl 0.005 --max-ppl-rel 0.005 --json "$OUT/acc_gemma3.json" 2>&1 | tee "$OUT/acc_gemma3.log" | tail -5
       add "gemma3 270M GPU vs CPU ref" "$(grep -E 'top-1' "$OUT/acc_gemma3.log" | head -1)"
-      python3 -m sparkinfer_cute.run "$GEMMA" -p "The capital of France is" -n 16 --backend gpu 2>&1 | tee "$OUT/run_gpu.log" | tail -3
-      python3 -m sparkinfer_cute.run "$GEMMA" -p "The capital of France is" -n 16 --backend cpu 2>&1 | tee "$OUT/run_cpu.log" | tail -3
-      if [ "$(head -1 "$OUT/run_gpu.log" | tail -c +1; sed -n 2p "$OUT/run_gpu.log")" = "$(head -1 "$OUT/run_cpu.log"; sed -n 2p "$OUT/run_cpu.log")" ]; then
-        add "greedy gpu == cpu (gemma3)" "identical"; else add "greedy gpu == cpu (gemma3)" "DIFFERENT"; fi
+      python3 -m sparkinfer_cute.run "$GEMMA" -p "The capital of France is" -n 16 --backend gpu > "$OUT/run_gpu.txt" 2> "$OUT/run_gpu.err"
+      python3 -m sparkinfer_cute.run "$GEMMA" -p "The capital of France is" -n 16 --backend cpu > "$OUT/run_cpu.txt" 2> "$OUT/run_cpu.err"
+      cat "$OUT/run_gpu.txt" "$OUT/run_gpu.err" | tail -4
+      if cmp -s "$OUT/run_gpu.txt" "$OUT/run_cpu.txt"; then add "greedy gpu == cpu (gemma3, 16 tok)" "identical"
+      else add "greedy gpu == cpu (gemma3, 16 tok)" "DIFFERENT"; fi
     fi
     python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset small -o /tmp/qwen_small.gguf --seed 1 >/dev/null 2>&1
     python3 -m sparkinfer_cute.accuracy /tmp/qwen_small.gguf --reference cpu -n 128 --random-tokens 0 --min-top1 0.99 --max-kl 0.01 --json "$OUT/acc_qwen_small.json" 2>&1 | tee "$OUT/acc_qwen_small.log" | tail -4
