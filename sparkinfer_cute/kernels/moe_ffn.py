@@ -26,7 +26,7 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import numpy as np
-from cutlass import Float32, Int32, Uint8
+from cutlass import Float32, Int8, Int32, Uint8
 
 from .compile import kernel_cache
 from .gemv import WARPS, as_device_bytes, dequant_rows_f64
@@ -237,6 +237,196 @@ def moe_ffn(w_gate, w_up, w_down, qtype_gate_up, qtype_down, h, ids, weights, n_
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# int8-activation (dp4a) variants: h and the activations quantized to q8_1 (q8_1.py), weights dotted with dp4a
+# (gemv_q8.py groups). Three launches: gate/up + SwiGLU (input: the q8_1 of h, shared with other consumers of the
+# same norm output), quantize_q8_1(act), down + weighted sum. Same work split and fixed-order reductions as above.
+
+
+class MoeGateUpQ8:
+    def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False):
+        from .gemv_q8 import INT_QTYPES
+
+        assert qtype in INT_QTYPES
+        self.qtype, self.sp = qtype, spec(qtype)
+        self.tiling = Tiling(qtype, "slice")
+        assert n_in % self.sp.block_elems == 0
+        self.n_in, self.n_ff, self.fused = n_in, n_ff, fused
+        self.expert_rows = 2 * n_ff if fused else n_ff
+        self.up_row0 = n_ff if fused else 0
+
+    @cute.jit
+    def __call__(self, pWg: cute.Pointer, pWu: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer,
+                 pXs: cute.Pointer, pIds: cute.Pointer, pAct: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
+        self.kernel(pWg, pWu, pXq, pXd, pXs, pIds, pAct).launch(
+            grid=[cute.ceil_div(self.n_ff, WARPS), n_slots, 1], block=[WARPS * 32, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, pWg: cute.Pointer, pWu: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer,
+               pIds: cute.Pointer, pAct: cute.Pointer):
+        from .gemv_q8 import decode_int_slice, group_dot
+
+        sp = self.sp
+        tid = cute.arch.thread_idx()[0]
+        bx, slot, _ = cute.arch.block_idx()
+        warp, lane = tid // 32, tid % 32
+        o = bx * WARPS + warp
+        nbpr = self.n_in // sp.block_elems
+        upb = self.tiling.per_block
+        if o < self.n_ff:
+            ids = cute.make_tensor(pIds, cute.make_layout(slot + 1))
+            e = ids[slot]
+            g_blk0 = (e * self.expert_rows + o) * nbpr
+            u_blk0 = (e * self.expert_rows + self.up_row0 + o) * nbpr
+            acc_g = Float32(0.0)
+            acc_u = Float32(0.0)
+            for U in cutlass.range(lane, nbpr * upb, 32, unroll=2):
+                kb = U // upb
+                u = U - kb * upb
+                xb = kb * sp.block_elems + self.tiling.base(u)
+                for g in decode_int_slice(self.qtype, pWg, g_blk0 + kb, u):
+                    acc_g = acc_g + group_dot(g, pXq, pXd, pXs, 0, xb, 0)
+                for g in decode_int_slice(self.qtype, pWu, u_blk0 + kb, u):
+                    acc_u = acc_u + group_dot(g, pXq, pXd, pXs, 0, xb, 0)
+            gs = warp_allreduce_sum(acc_g)
+            us = warp_allreduce_sum(acc_u)
+            if lane == 0:
+                act = cute.make_tensor(pAct, cute.make_layout((slot + 1) * self.n_ff))
+                act[slot * self.n_ff + o] = silu(gs) * us
+
+
+class MoeDownQ8:
+    def __init__(self, qtype: str, n_ff: int, n_out: int, add_residual: bool = False, wpr: int = 2):
+        from .gemv_q8 import INT_QTYPES
+
+        assert qtype in INT_QTYPES and wpr in (1, 2, 4)
+        self.qtype, self.sp = qtype, spec(qtype)
+        self.tiling = Tiling(qtype, "slice")
+        assert n_ff % self.sp.block_elems == 0
+        self.n_ff, self.n_out, self.add_residual, self.wpr = n_ff, n_out, add_residual, wpr
+        self.rows_per_cta = WARPS // wpr
+
+    @cute.jit
+    def __call__(self, pW: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pAs: cute.Pointer,
+                 pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32,
+                 stream: cuda.CUstream):
+        self.kernel(pW, pAq, pAd, pAs, pIds, pWeights, pResid, pY, n_slots).launch(
+            grid=[cute.ceil_div(self.n_out, self.rows_per_cta), 1, 1], block=[WARPS * 32, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, pW: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pAs: cute.Pointer, pIds: cute.Pointer,
+               pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32):
+        from .gemv_q8 import decode_int_slice, group_dot
+
+        sp = self.sp
+        wpr = self.wpr
+        tid = cute.arch.thread_idx()[0]
+        bx = cute.arch.block_idx()[0]
+        warp, lane = tid // 32, tid % 32
+        kpart = warp % wpr
+        o = bx * self.rows_per_cta + warp // wpr
+        nbpr = self.n_ff // sp.block_elems
+        upb = self.tiling.per_block
+        upr = nbpr * upb
+        acc = Float32(0.0)
+        if o < self.n_out:
+            ids = cute.make_tensor(pIds, cute.make_layout(n_slots))
+            wts = cute.make_tensor(pWeights, cute.make_layout(n_slots))
+            for V in cutlass.range(lane + 32 * kpart, n_slots * upr, 32 * wpr, unroll=2):
+                j = V // upr
+                U = V - j * upr
+                kb = U // upb
+                u = U - kb * upb
+                blk0 = (ids[j] * self.n_out + o) * nbpr
+                xb = kb * sp.block_elems + self.tiling.base(u)
+                part = Float32(0.0)
+                for g in decode_int_slice(self.qtype, pW, blk0 + kb, u):
+                    part = part + group_dot(g, pAq, pAd, pAs, j * self.n_ff, xb, 0)
+                acc = acc + wts[j] * part
+        total = warp_allreduce_sum(acc)
+        smem = cutlass.memory.SmemAllocator()
+        parts = smem.allocate_tensor(Float32, cute.make_layout(WARPS), byte_alignment=16)
+        if cutlass.const_expr(wpr > 1):
+            if lane == 0:
+                parts[warp] = total
+            cute.arch.barrier()
+        if o < self.n_out:
+            if tid % (32 * wpr) == 0:
+                for k in cutlass.range_constexpr(1, wpr):
+                    total = total + parts[warp + k]
+                mY = cute.make_tensor(pY, cute.make_layout(self.n_out))
+                if cutlass.const_expr(self.add_residual):
+                    mR = cute.make_tensor(pResid, cute.make_layout(self.n_out))
+                    total = total + mR[o]
+                mY[o] = total
+
+
+@kernel_cache
+def compile_moe_gate_up_q8(qtype: str, n_in: int, n_ff: int, fused: bool = False):
+    return cute.compile(MoeGateUpQ8(qtype, n_in, n_ff, fused), _ptr(Uint8, 0), _ptr(Uint8, 0), _ptr(Int8, 0),
+                        _ptr(Float32, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), _ptr(Float32, 0), Int32(1),
+                        cute.runtime.make_fake_stream(), options=kernel_options())
+
+
+@kernel_cache
+def compile_moe_down_q8(qtype: str, n_ff: int, n_out: int, add_residual: bool = False, wpr: int = 2):
+    return cute.compile(MoeDownQ8(qtype, n_ff, n_out, add_residual, wpr), _ptr(Uint8, 0), _ptr(Int8, 0),
+                        _ptr(Float32, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), _ptr(Float32, 0, 4),
+                        _ptr(Float32, 0), _ptr(Float32, 0), Int32(1), cute.runtime.make_fake_stream(),
+                        options=kernel_options())
+
+
+def _as_q8(x, st):
+    from ..runtime import DeviceArray
+    from .q8_1 import Q8Act, quantize_q8_1
+
+    if isinstance(x, Q8Act):
+        return x, False
+    was_np = not isinstance(x, DeviceArray)
+    dx = DeviceArray.from_numpy(np.ascontiguousarray(x, np.float32), st) if was_np else x
+    return quantize_q8_1(dx, stream=st), was_np
+
+
+def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None):
+    """dp4a version of :func:`moe_gate_up`; ``h`` f32 (quantized here) or a :class:`q8_1.Q8Act` with one row."""
+    from ..runtime import DeviceArray, as_device, default_stream
+
+    q = qtype_name(qtype)
+    st = stream if stream is not None else default_stream()
+    hq, h_np = _as_q8(h, st)
+    di, _ = as_device(ids, st, np.int32)
+    k = int(np.prod(di.shape))
+    dg = as_device_bytes(w_gate, st)
+    fused = w_up is None
+    du = dg if fused else as_device_bytes(w_up, st)
+    act = out if out is not None else DeviceArray.empty((k, n_ff), np.float32)
+    fn = compile_moe_gate_up_q8(q, hq.n, n_ff, fused)
+    fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr), _ptr(Int8, hq.qs.ptr),
+       _ptr(Float32, hq.d.ptr), _ptr(Float32, hq.s.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, act.ptr), Int32(k),
+       cuda.CUstream(st.handle))
+    return act.to_numpy(stream=st) if h_np else act
+
+
+def moe_down_q8(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None):
+    """dp4a version of :func:`moe_down`; ``act`` f32 [k, n_ff] (quantized here) or a :class:`q8_1.Q8Act`."""
+    from ..runtime import DeviceArray, as_device, default_stream
+
+    q = qtype_name(qtype)
+    st = stream if stream is not None else default_stream()
+    aq, a_np = _as_q8(act, st)
+    di, _ = as_device(ids, st, np.int32)
+    dwt, _ = as_device(weights, st, np.float32)
+    k = int(np.prod(di.shape))
+    dw = as_device_bytes(w_down, st)
+    dr = as_device(resid, st, np.float32)[0] if resid is not None else None
+    y = out if out is not None else DeviceArray.empty((n_out,), np.float32)
+    fn = compile_moe_down_q8(q, aq.n, n_out, dr is not None)
+    fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr),
+       _ptr(Float32, aq.s.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, dwt.ptr, 4),
+       _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr), Int32(k), cuda.CUstream(st.handle))
+    return y.to_numpy(stream=st) if a_np else y
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # float64 numpy reference (gguf-py dequant of the original bytes)
 
 
@@ -297,6 +487,8 @@ def _register():
         return
     register("moe_gate_up", compile_moe_gate_up, GATE_UP_CONFIGS)
     register("moe_down", compile_moe_down, DOWN_CONFIGS)
+    register("moe_gate_up_q8", compile_moe_gate_up_q8, GATE_UP_CONFIGS)
+    register("moe_down_q8", compile_moe_down_q8, DOWN_CONFIGS)
 
 
 _register()

@@ -121,3 +121,59 @@ def test_moe_ffn_qwen3_shape_end_to_end():
     # deterministic: same inputs, same bits
     y2 = moe_ffn(g, u, d, "Q4_K", "Q6_K", h, ids, w, n_ff, resid=resid)
     np.testing.assert_array_equal(y.view(np.uint32), y2.view(np.uint32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dp4a (int8 activation) variants: bounds from gemv_q8_error_bound (q8_1 quantization of h / of the activations)
+
+from sparkinfer_cute.kernels.gemv_q8 import gemv_q8_error_bound  # noqa: E402
+from sparkinfer_cute.kernels.moe_ffn import (compile_moe_down_q8, compile_moe_gate_up_q8, moe_down_q8,  # noqa: E402
+                                             moe_gate_up_q8)
+
+
+@pytest.mark.parametrize("target", arch.SUPPORTED_TARGETS)
+def test_q8_registered_configs_compile(target):
+    with arch.target(target):
+        for cfg in GATE_UP_CONFIGS:
+            assert compile_moe_gate_up_q8.uncached(**cfg) is not None
+        for cfg in DOWN_CONFIGS:
+            assert compile_moe_down_q8.uncached(**cfg) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q,n_in,n_ff,E,k,fused", [("Q4_K", 2048, 768, 128, 8, False), ("Q4_K", 2048, 768, 128, 8, True),
+                                                   ("Q5_0", 384, 384, 16, 4, False)])
+def test_gate_up_q8(q, n_in, n_ff, E, k, fused):
+    rng = np.random.default_rng()
+    g, u = experts(q, E, n_ff, n_in, rng), experts(q, E, n_ff, n_in, rng)
+    h = rng.standard_normal(n_in).astype(np.float32)
+    ids, _ = route(E, k, rng)
+    a = moe_gate_up_q8(np.concatenate([g, u], axis=1) if fused else g, None if fused else u, q, h, ids, n_ff)
+    assert a.shape == (k, n_ff) and not np.isnan(a).any()
+    ref = moe_gate_up_ref(g, u, q, h, ids, n_ff)
+    ur = gemv_experts_ref(u, q, h[None], ids, n_ff)
+    gr = gemv_experts_ref(g, q, h[None], ids, n_ff)
+    bg = gemv_q8_error_bound(g, q, h[None], ids=ids, n_out=n_ff)
+    bu = gemv_q8_error_bound(u, q, h[None], ids=ids, n_out=n_ff)
+    bound = 2 * (1.1 * bg * (np.abs(ur) + bu) + (np.abs(_silu(gr)) + 1.1 * bg) * bu) + 1e-6 * np.abs(ref) + 1e-30
+    err = np.abs(a - ref)
+    assert (err <= bound).all(), f"max excess {np.max(err - bound)}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q,n_ff,n_out,E,k,resid", [("Q6_K", 768, 2048, 128, 8, True), ("Q6_K_P", 768, 2048, 128, 8, False),
+                                                    ("Q4_K", 768, 2048, 128, 8, True), ("Q8_0", 384, 384, 16, 4, False)])
+def test_down_q8(q, n_ff, n_out, E, k, resid):
+    rng = np.random.default_rng()
+    d = experts(q, E, n_out, n_ff, rng)
+    act = rng.standard_normal((k, n_ff)).astype(np.float32)
+    ids, w = route(E, k, rng)
+    r = rng.standard_normal(n_out).astype(np.float32) if resid else None
+    y = moe_down_q8(d, q, act, ids, w, n_out, resid=r)
+    ref = moe_down_ref(d, q, act, ids, w, n_out, r)
+    per = gemv_experts_ref(d, q, act, ids, n_out, x_per_slot=True)
+    bj = gemv_q8_error_bound(d, q, act, ids=ids, n_out=n_out, x_per_slot=True)
+    bound = (np.abs(w)[:, None] * bj).sum(0) + (k + 2) * 2.0**-24 * (
+        (np.abs(w)[:, None] * (np.abs(per) + bj)).sum(0) + (np.abs(r) if resid else 0))
+    err = np.abs(y.astype(np.float64) - ref)
+    assert (err <= bound).all(), f"max excess {np.max(err - bound)}"
