@@ -166,13 +166,16 @@ def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_
     return dict(case=f"experts {k}x {q} {n_in}->{n_out}", path=path, us=med, us_min=mn, bytes=nbytes, copies=nsets)
 
 
-def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu="Q4_K", q_down="Q6_K"):
-    """The fused MoE FFN kernels (float path): gate+up+SwiGLU, then down + weighted sum + residual."""
+def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu="Q4_K", q_down="Q6_K",
+              path="float"):
+    """The fused MoE FFN kernels: gate+up+SwiGLU, then down + weighted sum + residual (dp4a: plus the q8_1
+    quantization of the [k, n_ff] activations, timed as its own row)."""
     import cuda.bindings.driver as cuda
-    from cutlass import Float32, Int32, Uint8
+    from cutlass import Float32, Int8, Int32, Uint8
 
     from ..runtime import DeviceArray
-    from .moe_ffn import compile_moe_down, compile_moe_gate_up
+    from .moe_ffn import compile_moe_down, compile_moe_down_q8, compile_moe_gate_up, compile_moe_gate_up_q8
+    from .q8_1 import Q8Act, compile_quantize_q8_1, quantize_q8_1
     from .quant_decode import spec
 
     wg = DeviceArray.from_numpy(_rand_weights(q_gu, n_expert * n_ff, n_embd, rng), stream)
@@ -182,25 +185,45 @@ def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu=
     ids = [DeviceArray.from_numpy(rng.choice(n_expert, k, replace=False).astype(np.int32), stream)
            for _ in range(nsets)]
     wts = DeviceArray.from_numpy(np.full(k, 1.0 / k, np.float32), stream)
-    h = DeviceArray.from_numpy(rng.standard_normal(n_embd).astype(np.float32), stream)
+    h = DeviceArray.from_numpy(rng.standard_normal((1, n_embd)).astype(np.float32), stream)
     act = DeviceArray.empty((k, n_ff), np.float32)
     y = DeviceArray.from_numpy(np.zeros(n_embd, np.float32), stream)
     cs = cuda.CUstream(stream.handle)
-    fa = compile_moe_gate_up(q_gu, n_embd, n_ff, False)
-    fb = compile_moe_down(q_down, n_ff, n_embd, True)
-    a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Float32, h.ptr), _ptr(Int32, i.ptr, 4),
-               _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
-    b_args = [(_ptr(Uint8, wd.ptr), _ptr(Float32, act.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, wts.ptr, 4),
-               _ptr(Float32, y.ptr), _ptr(Float32, y.ptr), Int32(k), cs) for i in ids]
+    gu_bytes = 2 * k * n_ff * spec(q_gu).row_bytes(n_embd) + k * n_ff * 4
+    d_bytes = k * n_embd * spec(q_down).row_bytes(n_ff) + 2 * n_embd * 4
+    cases = []
+    if path == "float":
+        fa = compile_moe_gate_up(q_gu, n_embd, n_ff, False)
+        fb = compile_moe_down(q_down, n_ff, n_embd, True)
+        a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Float32, h.ptr), _ptr(Int32, i.ptr, 4),
+                   _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
+        b_args = [(_ptr(Uint8, wd.ptr), _ptr(Float32, act.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, wts.ptr, 4),
+                   _ptr(Float32, y.ptr), _ptr(Float32, y.ptr), Int32(k), cs) for i in ids]
+        cases = [("moe gate+up+swiglu", fa, a_args, gu_bytes + n_embd * 4),
+                 ("moe down+wsum+resid", fb, b_args, d_bytes + k * n_ff * 4)]
+    else:
+        hq = quantize_q8_1(h, stream=stream)
+        aq = Q8Act(k, n_ff)
+        fa = compile_moe_gate_up_q8(q_gu, n_embd, n_ff, False)
+        fq = compile_quantize_q8_1(n_ff)
+        fb = compile_moe_down_q8(q_down, n_ff, n_embd, True)
+        a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Int8, hq.qs.ptr), _ptr(Float32, hq.d.ptr),
+                   _ptr(Float32, hq.s.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
+        q_args = [(_ptr(Float32, act.ptr, 4), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr),
+                   _ptr(Float32, aq.s.ptr), Int32(k), cs)]
+        b_args = [(_ptr(Uint8, wd.ptr), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr), _ptr(Float32, aq.s.ptr),
+                   _ptr(Int32, i.ptr, 4), _ptr(Float32, wts.ptr, 4), _ptr(Float32, y.ptr), _ptr(Float32, y.ptr),
+                   Int32(k), cs) for i in ids]
+        q8 = n_embd + n_embd // 32 * 8
+        cases = [("moe gate+up+swiglu", fa, a_args, gu_bytes + q8),
+                 ("moe quantize act", fq, q_args, k * n_ff * (4 + 1) + k * n_ff // 32 * 8),
+                 ("moe down+wsum+resid", fb, b_args, d_bytes + k * (n_ff + n_ff // 32 * 8))]
     res = []
-    gu_bytes = 2 * k * n_ff * spec(q_gu).row_bytes(n_embd) + n_embd * 4 + k * n_ff * 4
-    d_bytes = k * n_embd * spec(q_down).row_bytes(n_ff) + k * n_ff * 4 + 2 * n_embd * 4
-    for name, fn, args, nbytes in (("moe gate+up+swiglu", fa, a_args, gu_bytes),
-                                   ("moe down+wsum+resid", fb, b_args, d_bytes)):
-        launches = [(lambda a=args[i % nsets], f=fn: f(*a)) for i in range(32)]
+    for name, fn, args, nbytes in cases:
+        launches = [(lambda a=args[i % len(args)], f=fn: f(*a)) for i in range(32)]
         med, mn = _time_graph(launches, stream, reps)
-        res.append(dict(case=f"{name} {k}x{n_embd}/{n_ff} {q_gu}/{q_down}", path="float", us=med, us_min=mn,
-                        bytes=nbytes, copies=nsets))
+        res.append(dict(case=f"{name} {k}x{n_embd}/{n_ff} {q_gu}/{q_down}", path=path, us=med, us_min=mn,
+                        bytes=nbytes, copies=len(args)))
     return res
 
 
@@ -246,9 +269,9 @@ def run(reps: int = 50, only: str | None = None) -> dict:
             for q, n_in, n_out, per in EXPERT_CASES:
                 rows.append(bench_experts(q, n_in, n_out, path, stream, reps, rng, x_per_slot=per))
     if only in (None, "moe"):
-        rows += bench_moe(stream, reps, rng)
-        rows += bench_moe(stream, reps, rng, q_down="Q4_K")
-        rows += bench_moe(stream, reps, rng, q_down="Q6_K_P")
+        for path in ("float", "dp4a"):
+            for q_down in ("Q6_K", "Q4_K", "Q6_K_P"):
+                rows += bench_moe(stream, reps, rng, q_down=q_down, path=path)
     if only in (None, "gemv"):
         rows.append(bench_quantize(stream, reps))
     for r in rows:
