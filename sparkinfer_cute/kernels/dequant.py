@@ -11,14 +11,20 @@ tests, debugging); the matmul paths decode in registers instead.
 from __future__ import annotations
 
 import cuda.bindings.driver as cuda
-import cutlass
-import cutlass.cute as cute
 import numpy as np
-from cutlass import Float32, Int32, Uint8
+from cutlass import Float32, Int32, Uint8, cute
 
 from .compile import kernel_cache
-from .quant_decode import (kernel_options, copy_runs_to_gmem, decode_unit, new_unit_buffer, qtype_name, run_divisibility, spec,
-                           unit_base)
+from .quant_decode import (
+    copy_runs_to_gmem,
+    decode_unit,
+    kernel_options,
+    new_unit_buffer,
+    qtype_name,
+    run_divisibility,
+    spec,
+    unit_base,
+)
 
 THREADS = 128
 

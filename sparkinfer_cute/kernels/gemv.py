@@ -1,15 +1,18 @@
 """Decode GEMV over raw GGUF-quantized weights, f32 activations: ``y[r, o] = sum_i W[o, i] * x[r, i]``.
 
 Design (memory-bound, batch 1-8):
-- one warp per output row; a CTA holds ``WARPS`` rows; grid.x = ceil(n_out / WARPS). grid.y = selected-expert slot
-  for the expert-indexed variant (W is [n_expert, n_out, n_in], expert ids read from a device int32 array: no host
-  sync, CUDA-graph safe, all slots in one launch).
-- lanes stride over the row's decode units (quant_decode.py): lane L takes units L, L+32, ... so one warp step
-  reads 32 neighbouring units = contiguous bytes of the row (coalesced). Units are decoded into registers
-  (contraction allowed: <= 1 ulp per weight) and dotted with the matching x elements, which are read straight from
-  global memory with 128-bit loads (x is a few KB, L1/L2 resident; ``R`` rows reuse the decoded weights).
-- f32 accumulation in 4 independent chains per unit (ILP), a butterfly shuffle reduction (fixed order:
-  deterministic), lane 0 stores.
+- one warp per output row (or ``wpr`` = 2/4 warps per row when n_out is small, partial sums combined in a fixed
+  order through shared memory); grid.x over rows, grid.y = selected-expert slot for the expert-indexed variant (W
+  is [n_expert, n_out, n_in], expert ids read from a device int32 array: no host sync, CUDA-graph safe, all slots
+  in one launch).
+- lanes stride over the row's *slices* (quant_decode.py: 4 consecutive quant bytes -> 4-16 weights per lane):
+  neighbouring lanes read neighbouring weight bytes (Q4_K: one coalesced 128-byte request per warp for the quants
+  plus a broadcast 16-byte header) and neighbouring 16-byte groups of x, so every load of a warp is coalesced.
+  The first version gave each lane a 32-64-element *unit* (lane addresses 128-256 B apart: ~8x the L1 wavefronts
+  for the x loads); it is kept as ``mapping="unit"`` for comparison/fallback.
+- x is read straight from global memory with 128-bit loads (a few KB, L1/L2 resident; the ``rows`` activation rows
+  reuse the decoded weights). Decoded weights are f32 in registers (contraction allowed: <= 1 ulp per weight).
+- f32 accumulation, 2-way unrolled loop, butterfly shuffle reduction (fixed order: deterministic), lane 0 stores.
 
 Error bound used by the tests (``gemv_error_bound``), u = 2^-24: ``d*sc`` and ``dmin*m`` are rounded exactly as
 gguf-py rounds them; the remaining decode step (``*q``, ``- dmin*m``, possibly fused) differs from gguf-py's by at
@@ -21,12 +24,19 @@ from __future__ import annotations
 
 import cuda.bindings.driver as cuda
 import cutlass
-import cutlass.cute as cute
 import numpy as np
-from cutlass import Float32, Int32, Uint8
+from cutlass import Float32, Int32, Uint8, cute
 
 from .compile import kernel_cache
-from .quant_decode import Tiling, dot_values, kernel_options, load_x_runs, qtype_name, spec, warp_allreduce_sum
+from .quant_decode import (
+    Tiling,
+    dot_values,
+    kernel_options,
+    load_x_runs,
+    qtype_name,
+    spec,
+    warp_allreduce_sum,
+)
 
 WARPS = 4
 MAX_ROWS = 8

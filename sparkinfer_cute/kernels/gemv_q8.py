@@ -22,17 +22,27 @@ from __future__ import annotations
 
 import cuda.bindings.driver as cuda
 import cutlass
-import cutlass.cute as cute
 import numpy as np
-from cutlass import Float32, Int8, Int32, Uint8, Uint16, Uint32
+from cutlass import Float32, Int8, Int32, Uint8, Uint16, Uint32, cute
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
 from .compile import kernel_cache
 from .gemv import MAX_ROWS, WARPS, as_device_bytes
 from .q8_1 import QK, Q8Act, quantize_q8_1
-from .quant_decode import (Tiling, _kquant_scale_min, half_hi_to_f32, half_lo_to_f32, kernel_options, load_words,
-                           q6k_load, q6k_scale_bytes, qtype_name, spec, warp_allreduce_sum)
+from .quant_decode import (
+    Tiling,
+    _kquant_scale_min,
+    half_hi_to_f32,
+    half_lo_to_f32,
+    kernel_options,
+    load_words,
+    q6k_load,
+    q6k_scale_bytes,
+    qtype_name,
+    spec,
+    warp_allreduce_sum,
+)
 
 INT_QTYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P")
 
@@ -274,7 +284,7 @@ def compile_gemv_q8(qtype: str, n_in: int, rows: int = 1, experts: bool = False,
 
 
 def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, st, mapping="slice"):
-    from ..runtime import DeviceArray, as_device
+    from ..runtime import DeviceArray
 
     q = qtype_name(qtype)
     dw = as_device_bytes(w, st)

@@ -28,7 +28,7 @@ GIB = 1 << 30
 
 
 def _ptr(dtype, addr, align=16):
-    import cutlass.cute as cute
+    from cutlass import cute
 
     return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
 

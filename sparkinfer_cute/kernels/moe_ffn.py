@@ -24,13 +24,20 @@ from __future__ import annotations
 
 import cuda.bindings.driver as cuda
 import cutlass
-import cutlass.cute as cute
 import numpy as np
-from cutlass import Float32, Int8, Int32, Uint8
+from cutlass import Float32, Int8, Int32, Uint8, cute
 
 from .compile import kernel_cache
 from .gemv import WARPS, as_device_bytes, dequant_rows_f64
-from .quant_decode import Tiling, dot_values, kernel_options, load_x_runs, qtype_name, spec, warp_allreduce_sum
+from .quant_decode import (
+    Tiling,
+    dot_values,
+    kernel_options,
+    load_x_runs,
+    qtype_name,
+    spec,
+    warp_allreduce_sum,
+)
 
 
 def silu(g: Float32) -> Float32:

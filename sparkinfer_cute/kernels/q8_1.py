@@ -15,10 +15,8 @@ One warp per block, one element per lane: warp max of |x|, warp sum of q (exact 
 from __future__ import annotations
 
 import cuda.bindings.driver as cuda
-import cutlass
-import cutlass.cute as cute
 import numpy as np
-from cutlass import Float32, Int8, Int32
+from cutlass import Float32, Int8, Int32, cute
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 

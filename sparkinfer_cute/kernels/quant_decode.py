@@ -33,11 +33,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import cutlass
-import cutlass.cute as cute
-from cutlass import Float32, Int32, Uint8, Uint16, Uint32
+from cutlass import Float32, Int32, Uint8, Uint16, Uint32, cute
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
+
 
 def kernel_options() -> str:
     """compile_options() (the --gpu-arch target) + --keep-ptx when SPARKINFER_KEEP_PTX=1 (to read the PTX via
@@ -634,6 +633,30 @@ def dot_values(w, xr, n: int):
     return part[0]
 
 
-__all__ = ["Tiling", "SLICES", "slice_base", "load_x_runs", "dot_values", "QuantSpec", "SPECS", "QTYPES", "spec", "qtype_name", "unit_base", "decode_unit", "new_unit_buffer",
-           "load_words", "copy_runs_to_gmem", "load_runs_from_gmem", "run_divisibility", "warp_allreduce_sum", "mul_rn", "sub_rn", "half_lo_to_f32", "half_hi_to_f32", "bits_to_f32",
-           "GGML_TYPE_IDS", "Uint8"]
+__all__ = [
+    "GGML_TYPE_IDS",
+    "QTYPES",
+    "SLICES",
+    "SPECS",
+    "QuantSpec",
+    "Tiling",
+    "Uint8",
+    "bits_to_f32",
+    "copy_runs_to_gmem",
+    "decode_unit",
+    "dot_values",
+    "half_hi_to_f32",
+    "half_lo_to_f32",
+    "load_runs_from_gmem",
+    "load_words",
+    "load_x_runs",
+    "mul_rn",
+    "new_unit_buffer",
+    "qtype_name",
+    "run_divisibility",
+    "slice_base",
+    "spec",
+    "sub_rn",
+    "unit_base",
+    "warp_allreduce_sum",
+]

@@ -99,10 +99,10 @@ def test_dequant_numpy_roundtrip_real_sizes():
 # This cannot catch DSL-semantics problems (those are for the GPU tests), but it checks every offset, shift and mask
 # on a machine without a GPU. f32 products are numpy float32 scalars (each rounded, like mul.rn).
 
-import types  # noqa: E402
+import types
 
-from sparkinfer_cute.kernels import gemv_q8 as gq  # noqa: E402
-from sparkinfer_cute.kernels import quant_decode as qd  # noqa: E402
+from sparkinfer_cute.kernels import gemv_q8 as gq
+from sparkinfer_cute.kernels import quant_decode as qd
 
 
 def U32(x):

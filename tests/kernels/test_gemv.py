@@ -15,8 +15,16 @@ from hypothesis import strategies as st
 
 from sparkinfer_cute.kernels import arch
 from sparkinfer_cute.kernels.dequant import random_quant_bytes
-from sparkinfer_cute.kernels.gemv import (compile_gemv, dequant_rows_f64, gemv, gemv_error_bound, gemv_experts,
-                                          gemv_experts_ref, gemv_ref, registered_configs)
+from sparkinfer_cute.kernels.gemv import (
+    compile_gemv,
+    dequant_rows_f64,
+    gemv,
+    gemv_error_bound,
+    gemv_experts,
+    gemv_experts_ref,
+    gemv_ref,
+    registered_configs,
+)
 from sparkinfer_cute.kernels.quant_decode import QTYPES, spec
 
 
@@ -115,10 +123,20 @@ def test_gemv_experts(q, n_in, n_out, per_slot):
 # ---------------------------------------------------------------------------------------------------------------
 # int8 activation path: q8_1 quantization + dp4a GEMV
 
-from sparkinfer_cute.kernels.gemv_q8 import (INT_QTYPES, compile_gemv_q8, gemv_q8, gemv_q8_error_bound,  # noqa: E402
-                                             gemv_q8_experts)
-from sparkinfer_cute.kernels.gemv_q8 import registered_configs as q8_configs  # noqa: E402
-from sparkinfer_cute.kernels.q8_1 import compile_quantize_q8_1, dequantize_q8_1, quantize_q8_1, quantize_q8_1_ref  # noqa: E402,E501
+from sparkinfer_cute.kernels.gemv_q8 import (
+    INT_QTYPES,
+    compile_gemv_q8,
+    gemv_q8,
+    gemv_q8_error_bound,
+    gemv_q8_experts,
+)
+from sparkinfer_cute.kernels.gemv_q8 import registered_configs as q8_configs
+from sparkinfer_cute.kernels.q8_1 import (
+    compile_quantize_q8_1,
+    dequantize_q8_1,
+    quantize_q8_1,
+    quantize_q8_1_ref,
+)
 
 
 @settings(max_examples=30, deadline=None)
