@@ -386,7 +386,10 @@ def test_qwen_metadata(tiny_files):
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
 # loads
-LLAMA_BIN = os.environ.get("LLAMA_CPP_BIN", "/work/llama/llama.cpp/build/bin")
+# Opt-in (LLAMA_CPP_BIN=<dir of a llama.cpp build>): CI has no llama.cpp, and an auto-detected local build made this
+# check depend on whatever binary happened to be on the machine (it flaked twice in ~25 runs while that build was
+# being rebuilt). The load checks recorded in the module docstring were run with it set.
+LLAMA_BIN = os.environ.get("LLAMA_CPP_BIN", "")
 _TEXT = (
     "The quick brown fox jumps over the lazy dog. A small model made of random numbers reads text, splits "
     "it into tokens and predicts the next one; the results mean nothing, but the shapes are right and the "
@@ -412,7 +415,8 @@ def _llama(tool: str, *args: str) -> str:
 
 
 @pytest.mark.skipif(
-    not os.path.exists(os.path.join(LLAMA_BIN, "llama-perplexity")), reason="no llama.cpp build"
+    not LLAMA_BIN or not os.path.exists(os.path.join(LLAMA_BIN, "llama-perplexity")),
+    reason="set LLAMA_CPP_BIN to a llama.cpp build directory to run the llama.cpp load check"
 )
 @pytest.mark.parametrize("arch,preset", TINY)
 def test_llama_cpp_loads_and_scores(tiny_files, arch, preset, tmp_path):
@@ -432,7 +436,9 @@ def test_llama_cpp_loads_and_scores(tiny_files, arch, preset, tmp_path):
         "-t",
         "2",
     )
-    ppl = float(re.search(r"Final estimate: PPL = ([\d.]+)", out).group(1))
+    m = re.search(r"Final estimate: PPL = ([\d.]+)", out)
+    assert m, out[-3000:]
+    ppl = float(m.group(1))
     # random logits with std ~1 over V tokens: PPL near V*exp(1/2) (uniform would be V)
     n_vocab = PRESETS[(arch, preset)]["n_vocab"]
     assert math.isfinite(ppl) and 0.3 * n_vocab < ppl < 5 * n_vocab, ppl
