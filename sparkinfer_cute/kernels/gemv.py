@@ -58,8 +58,9 @@ class Gemv:
     when n_out is small (2048 -> 512: 512 rows would be 512 warps, ~4 per SM, too few loads in flight)."""
 
     def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
-                 mapping: str = "slice", wpr: int = 1):
+                 mapping: str = "slice", wpr: int = 1, accumulate: bool = False):
         self.qtype = qtype
+        self.accumulate = accumulate  # y += W x (in-place residual add, e.g. x = x + Wo o)
         self.sp = spec(qtype)
         self.tiling = Tiling(qtype, mapping)
         assert n_in % self.sp.block_elems == 0, f"{qtype}: n_in {n_in} % {self.sp.block_elems}"
@@ -114,7 +115,11 @@ class Gemv:
             if o < n_out:
                 if lane == 0:
                     for r in cutlass.range_constexpr(self.rows):
-                        mY[(slot * self.rows + r) * n_out + o] = acc[r]
+                        yi = (slot * self.rows + r) * n_out + o
+                        if cutlass.const_expr(self.accumulate):
+                            mY[yi] = mY[yi] + acc[r]
+                        else:
+                            mY[yi] = acc[r]
         else:
             smem = cutlass.memory.SmemAllocator()
             part = smem.allocate_tensor(Float32, cute.make_layout(WARPS * self.rows), byte_alignment=16)
@@ -128,7 +133,10 @@ class Gemv:
                         t = part[warp * self.rows + r]
                         for k in cutlass.range_constexpr(1, wpr):
                             t = t + part[(warp + k) * self.rows + r]
-                        mY[(slot * self.rows + r) * n_out + o] = t
+                        yi = (slot * self.rows + r) * n_out + o
+                        if cutlass.const_expr(self.accumulate):
+                            t = t + mY[yi]
+                        mY[yi] = t
 
 
 def choose_wpr(n_out_total: int, steps_per_row: int, sm_count: int = 132) -> int:
@@ -145,8 +153,9 @@ def _ptr(dtype, addr, align=16):
 
 @kernel_cache
 def compile_gemv(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
-                 mapping: str = "slice", wpr: int = 1):
-    return cute.compile(Gemv(qtype, n_in, rows, experts, x_per_slot, mapping, wpr), _ptr(Uint8, 0), _ptr(Float32, 0),
+                 mapping: str = "slice", wpr: int = 1, accumulate: bool = False):
+    return cute.compile(Gemv(qtype, n_in, rows, experts, x_per_slot, mapping, wpr, accumulate),
+                        _ptr(Uint8, 0), _ptr(Float32, 0),
                         _ptr(Float32, 0), _ptr(Int32, 0, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
                         options=kernel_options())
 
@@ -180,9 +189,13 @@ def _check_w(w, q, n_rows_total, n_in):
         raise ValueError(f"{q} weight has {w.nbytes} bytes, expected {need} ({n_rows_total} rows x {n_in})")
 
 
-def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "slice", wpr: int | None = None):
+def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "slice", wpr: int | None = None,
+         accumulate: bool = False):
     """y = x @ W.T for raw GGUF weights ``w`` ([n_out, row_bytes] uint8, numpy or DeviceArray) and f32 ``x``
-    ([rows, n_in] or [n_in], rows <= 8). numpy in -> numpy out ([rows, n_out] or [n_out])."""
+    ([rows, n_in] or [n_in], rows <= 8). numpy in -> numpy out ([rows, n_out] or [n_out]).
+    ``accumulate=True``: ``out += x @ W.T`` in place (``out`` required; the residual add of an output projection)."""
+    if accumulate and out is None:
+        raise ValueError("accumulate=True adds into `out`: pass the residual buffer as out")
     from ..runtime import DeviceArray, as_device, default_stream
 
     q = qtype_name(qtype)
@@ -197,7 +210,7 @@ def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: 
     _check_w(dw, q, n_out, n_in)
     _aligned(dw, "weights"), _aligned(dx, "x")
     y = out if out is not None else DeviceArray.empty((rows, n_out) if len(xs) > 1 else (n_out,), np.float32)
-    fn = compile_gemv(q, n_in, rows, False, False, mapping, wpr or _wpr(q, n_in, n_out, mapping))
+    fn = compile_gemv(q, n_in, rows, False, False, mapping, wpr or _wpr(q, n_in, n_out, mapping), accumulate)
     fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr), _ptr(Int32, dx.ptr, 4), Int32(n_out),
        Int32(1), cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if x_np else y
@@ -319,6 +332,9 @@ def registered_configs():
             if choose_wpr(1, n // spec(q).block_elems * Tiling(q).per_block) >= k]
     cfgs += [dict(qtype=q, n_in=n, rows=1, experts=True, x_per_slot=per) for q, n, per in EXPERT_CONFIGS]
     cfgs += [dict(qtype="Q4_K", n_in=2048, rows=r) for r in (2, 4, 8)]
+    # output projections with the residual add fused (x += Wo o): Qwen3 4096 ->, Gemma 3 1024 ->, synthetic 512/2048
+    cfgs += [dict(qtype="Q4_K", n_in=n, rows=1, wpr=k, accumulate=True) for n in (512, 1024, 2048, 4096)
+             for k in (1, 2, 4)]
     # the per-lane-unit mapping (first version; kept as a fallback / for comparison in the microbench)
     cfgs += [dict(qtype=q, n_in=2048, rows=1, mapping="unit") for q in ("Q4_K", "Q6_K")]
     return cfgs

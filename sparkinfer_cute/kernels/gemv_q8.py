@@ -217,8 +217,9 @@ class GemvQ8:
     """dp4a GEMV; ``mapping`` "slice" (coalesced, default) or "unit" (first version, kept as a fallback)."""
 
     def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
-                 mapping: str = "slice"):
+                 mapping: str = "slice", accumulate: bool = False):
         assert qtype in INT_QTYPES, f"gemv_q8 supports {INT_QTYPES}"
+        self.accumulate = accumulate  # y += W x (in-place residual add)
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, mapping)
         self.mapping = mapping
@@ -268,7 +269,10 @@ class GemvQ8:
             for r in cutlass.range_constexpr(self.rows):
                 t = warp_allreduce_sum(acc[r])
                 if lane == 0:
-                    mY[(slot * self.rows + r) * n_out + o] = t
+                    yi = (slot * self.rows + r) * n_out + o
+                    if cutlass.const_expr(self.accumulate):
+                        t = t + mY[yi]
+                    mY[yi] = t
 
 
 def _ptr(dtype, addr, align=16):
@@ -277,13 +281,15 @@ def _ptr(dtype, addr, align=16):
 
 @kernel_cache
 def compile_gemv_q8(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
-                    mapping: str = "slice"):
-    return cute.compile(GemvQ8(qtype, n_in, rows, experts, x_per_slot, mapping), _ptr(Uint8, 0), _ptr(Int8, 0),
+                    mapping: str = "slice", accumulate: bool = False):
+    return cute.compile(GemvQ8(qtype, n_in, rows, experts, x_per_slot, mapping, accumulate),
+                        _ptr(Uint8, 0), _ptr(Int8, 0),
                         _ptr(Float32, 0), _ptr(Float32, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), Int32(1), Int32(1),
                         cute.runtime.make_fake_stream(), options=kernel_options())
 
 
-def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, st, mapping="slice"):
+def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, st, mapping="slice",
+            accumulate=False):
     from ..runtime import DeviceArray
 
     q = qtype_name(qtype)
@@ -294,15 +300,18 @@ def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, 
     y = out if out is not None else DeviceArray.empty((n_slots * rows, n_out) if rows > 1 or experts else (n_out,),
                                                       np.float32)
     di = ids if ids is not None else xq.d
-    fn = compile_gemv_q8(q, xq.n, rows, experts, x_per_slot, mapping)
+    fn = compile_gemv_q8(q, xq.n, rows, experts, x_per_slot, mapping, accumulate)
     fn(_ptr(Uint8, dw.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr),
        _ptr(Float32, y.ptr), _ptr(Int32, di.ptr, 4), Int32(n_out), Int32(n_slots), cuda.CUstream(st.handle))
     return y
 
 
-def gemv_q8(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "slice"):
+def gemv_q8(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "slice",
+            accumulate: bool = False):
     """y = x @ W.T through int8 activations: ``x`` is f32 (numpy/DeviceArray, quantized here) or a :class:`Q8Act`.
-    numpy in -> numpy out ([rows, n_out] or [n_out])."""
+    numpy in -> numpy out ([rows, n_out] or [n_out]). ``accumulate=True``: ``out += x @ W.T`` (out required)."""
+    if accumulate and out is None:
+        raise ValueError("accumulate=True adds into `out`: pass the residual buffer as out")
     from ..runtime import DeviceArray, default_stream
 
     st = stream if stream is not None else default_stream()
@@ -312,7 +321,7 @@ def gemv_q8(w, qtype, x, n_out: int | None = None, out=None, stream=None, mappin
     else:
         xq = quantize_q8_1(DeviceArray.from_numpy(np.ascontiguousarray(x, np.float32)) if x_np else x, stream=st)
     n_out = int(w.shape[0]) if n_out is None else n_out
-    y = _launch(w, qtype, xq, None, n_out, 1, False, False, out, st, mapping)
+    y = _launch(w, qtype, xq, None, n_out, 1, False, False, out, st, mapping, accumulate)
     if x_np:
         r = y.to_numpy(stream=st)
         return r.reshape(n_out) if np.ndim(x) == 1 else r.reshape(-1, n_out)
@@ -357,6 +366,7 @@ def registered_configs():
     cfgs += [dict(qtype=q, n_in=n, rows=1, experts=True, x_per_slot=p) for q, n, p in EXPERT_CONFIGS]
     cfgs += [dict(qtype="Q4_K", n_in=2048, rows=r) for r in (2, 4, 8)]
     cfgs += [dict(qtype=q, n_in=2048, rows=1, mapping="unit") for q in ("Q4_K", "Q6_K")]
+    cfgs += [dict(qtype="Q4_K", n_in=n, rows=1, accumulate=True) for n in (512, 1024, 2048, 4096)]
     return cfgs
 
 

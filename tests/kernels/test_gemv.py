@@ -247,3 +247,31 @@ def test_expert_reference_matches_full_dequant():
     np.testing.assert_array_equal(gemv_experts_ref(w, "Q6_K", x, ids, n_out, x_per_slot=True), full)
     b = gemv_error_bound(w, "Q6_K", x, ids=ids, n_out=n_out, x_per_slot=True)
     np.testing.assert_allclose(b, (n_in + 8) * 2.0**-24 * np.stack([np.abs(W[e]) @ np.abs(x[j]) for j, e in enumerate(ids)]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["float", "dp4a"])
+@pytest.mark.parametrize("wpr", [1, 2, 4])
+def test_gemv_accumulate_into_residual(path, wpr):
+    """out += W x in place (the output projection's residual add)."""
+    from sparkinfer_cute.runtime import DeviceArray
+
+    rng = np.random.default_rng()
+    n_in, n_out = 4096, 2048
+    w = rand_weight("Q4_K", n_out, n_in, rng)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    resid = rng.standard_normal(n_out).astype(np.float32)
+    out = DeviceArray.from_numpy(resid)
+    if path == "float":
+        gemv(DeviceArray.from_numpy(w), "Q4_K", DeviceArray.from_numpy(x), n_out=n_out, out=out, wpr=wpr,
+             accumulate=True)
+        bound = gemv_error_bound(w, "Q4_K", x)
+    else:
+        if wpr != 1:
+            pytest.skip("the dp4a GEMV has no warps-per-row split")
+        gemv_q8(DeviceArray.from_numpy(w), "Q4_K", DeviceArray.from_numpy(x[None]), n_out=n_out, out=out,
+                accumulate=True)
+        bound = gemv_q8_error_bound(w, "Q4_K", x[None])[0]
+    y = out.to_numpy().astype(np.float64)
+    ref = resid + gemv_ref(w, "Q4_K", x)
+    assert (np.abs(y - ref) <= bound + 2.0**-24 * np.abs(ref)).all()
