@@ -14,8 +14,12 @@ decoded in *units*: the piece of one block that one lane turns into f32 values i
 | F16/BF16/F32 | 32-element pseudo-blocks | 32 | contiguous                                              | v4.u32 |
 
 Q4_0/Q5_0/Q8_0/Q6_K blocks are only 2-byte aligned (18/22/34/210 bytes), so they are read with 16-bit loads (the
-loads of a warp still coalesce: lanes read neighbouring blocks). A repack to an aligned layout would allow 16-byte
-loads; not done yet (see the report in the commit log).
+loads of a warp still coalesce). ``Q6_K_P`` is Q6_K after the optional upload-time repack
+``dequant.repack_q6_k_padded`` (2 zero bytes after each block: 212 = 53 words, every field 4-byte aligned, 32-bit
+loads, +0.95% bytes); Q6_K tensors are the LM head and half of the down experts of Qwen3-30B-A3B Q4_K_M.
+
+Units are what the bit-exact dequant kernel uses. The GEMV/MoE kernels use *slices* (4 quant bytes per lane, see
+below) so that every warp load is coalesced; the unit mapping stays available as ``Tiling(qtype, "unit")``.
 
 Numerics. With ``exact=True`` the decode reproduces ggml/gguf-py bit for bit: gguf-py evaluates, in f32,
 ``(d*sc)*q - dmin*m`` (K-quants) / ``(d*sc)*q`` (Q6_K) / ``d*q`` (legacy quants), each product rounded. ptxas fuses a
