@@ -14,7 +14,9 @@ import numpy as np
 from ..kernels import attention_decode as _attn  # type: ignore[misc]
 from ..kernels import embedding as _emb  # type: ignore[misc]
 from ..kernels import gemv as _gemv  # type: ignore[misc]
+from ..kernels import gemv_q8 as _gemv_q8  # type: ignore[misc]
 from ..kernels import glu as _glu  # type: ignore[misc]
+from ..kernels import q8_1 as _q8  # type: ignore[misc]
 from ..kernels import kv_cache_append as _kva  # type: ignore[misc]
 from ..kernels import moe_ffn as _moe  # type: ignore[misc]
 from ..kernels import qk_norm_rope_kv as _qknrk  # type: ignore[misc]
@@ -102,9 +104,39 @@ def rmsnorm_heads(x, w, n_heads: int, head_dim: int, eps: float, *, stream):
     launch_counter.add()
 
 
-def gemv(w, x, y, *, stream):
-    """y = W x over the raw quantized rows of W (F32 weights go through the same kernel family)."""
-    _gemv.gemv(w.data, w.qtype, x, n_out=w.n_out, out=y, stream=stream)
+# Which GEMVs run on int8 activations (q8_1 blocks of 32, dp4a) instead of f32: SPARKINFER_DP4A=auto|all|none.
+# auto = where the H100 micro-benchmark measured dp4a faster (RESULTS.md): the LM head (2048->151936 Q6_K: 114.6 us
+# vs 153.0 us float, 2026-11-25); the small projections measured within noise, so they stay f32 (exact activations).
+DP4A = os.environ.get("SPARKINFER_DP4A", "auto")
+INT_QTYPES = frozenset({"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P"})
+
+
+def prefer_dp4a(w, auto: bool = True) -> bool:
+    """``auto``: the model's default under SPARKINFER_DP4A=auto (a model may keep exact f32 activations)."""
+    if DP4A == "none" or w.qtype not in INT_QTYPES:
+        return False
+    if DP4A == "all":
+        return True
+    return auto and w.n_out >= 65536
+
+
+def new_q8(n: int, rows: int = 1):
+    """Preallocated q8_1 activation buffers (graph capture must not allocate)."""
+    return _q8.Q8Act(rows, n)
+
+
+def quantize(x, xq, *, stream):
+    _q8.quantize_q8_1(x, out=xq, stream=stream)
+    launch_counter.add()
+
+
+def gemv(w, x, y, *, stream, xq=None):
+    """y = W x over the raw quantized rows of W. With ``xq`` (the q8_1 copy of x, already quantized this step: the
+    caller decided with :func:`prefer_dp4a`) the int8 path runs instead."""
+    if xq is not None:
+        _gemv_q8.gemv_q8(w.data, w.qtype, xq, n_out=w.n_out, out=y, stream=stream)
+    else:
+        _gemv.gemv(w.data, w.qtype, x, n_out=w.n_out, out=y, stream=stream)
     launch_counter.add()
 
 

@@ -53,6 +53,7 @@ class Qwen3MoeGPU(GPUDecoder):
         self.attn_ws = ops.AttentionWorkspace(H, D, ops.attention_splits(H, Hkv, D, self.max_context))
         self.scale = 1.0 / math.sqrt(D)
         self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]
+        self.hq_out = ops.new_q8(c.n_embd)
 
     def alloc_kv_cache(self) -> None:
         c = self.cfg
@@ -91,5 +92,9 @@ class Qwen3MoeGPU(GPUDecoder):
             ops.moe_down(w[p + "ffn_down_exps.weight"], self.act, self.expert_ids, self.expert_w, self.delta,
                          stream=s)
         ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=s)
-        ops.gemv(self.out_w, self.h, self.logits, stream=s)
+        xq = None
+        if ops.prefer_dp4a(self.out_w):
+            ops.quantize(self.h, self.hq_out, stream=s)
+            xq = self.hq_out
+        ops.gemv(self.out_w, self.h, self.logits, stream=s, xq=xq)
         ops.argmax(self.logits, self.tok, stream=s)
