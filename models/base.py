@@ -34,7 +34,7 @@ class GPUDecoder:
         self.kv_bytes = self.kv_cache_bytes()
         t0 = time.perf_counter()
         self.w = WeightStore(g, self.weight_names(), extra_bytes=self.kv_bytes, progress=progress,
-                             stream=self.stream)
+                             stream=self.stream, repack_q6k=self.repack_names())
         self.stream.synchronize()
         self.upload_s = time.perf_counter() - t0
         self.tok = DeviceArray.zeros((1,), np.int32, self.stream)
@@ -54,6 +54,15 @@ class GPUDecoder:
 
     def kv_cache_bytes(self) -> int:
         raise NotImplementedError
+
+    def repack_names(self) -> set[str]:
+        """Q6_K tensors to upload padded (Q6_K_P) for aligned 32-bit loads: every GEMV/MoE weight, never the
+        embedding table (the gather reads GGUF blocks). SPARKINFER_REPACK_Q6K=0 keeps the GGUF bytes."""
+        import os
+
+        if os.environ.get("SPARKINFER_REPACK_Q6K", "1") in ("0", "no", "false"):
+            return set()
+        return {n for n in self.weight_names() if n != "token_embd.weight"}
 
     def alloc_buffers(self) -> None:
         raise NotImplementedError

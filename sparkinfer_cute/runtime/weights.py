@@ -50,7 +50,11 @@ class WeightStore:
     # Headroom kept free for activations, KV cache, workspaces and the CUDA context.
     HEADROOM = 512 << 20
 
-    def __init__(self, g, names, *, extra_bytes: int = 0, progress: bool = True, stream=None):
+    def __init__(self, g, names, *, extra_bytes: int = 0, progress: bool = True, stream=None,
+                 repack_q6k: frozenset[str] | set[str] = frozenset()):
+        """``repack_q6k``: names of Q6_K tensors to upload as ``Q6_K_P`` (each 210-byte block padded to 212 bytes so
+        every field is 4-byte aligned for 32-bit loads; value-exact, +0.95% bytes; kernels/dequant.py). Only for
+        tensors read by the GEMV/MoE kernels, not by the embedding gather."""
         from . import DeviceArray, get_device
 
         dev = get_device()
@@ -75,8 +79,15 @@ class WeightStore:
                 bar = None
         for t in it:
             raw = g.raw(t.name)
+            qtype, row_bytes = t.ggml_type.name, t.row_bytes
+            if qtype == "Q6_K" and t.name in repack_q6k:
+                from ..kernels.dequant import repack_q6_k_padded
+
+                raw = repack_q6_k_padded(raw)
+                qtype, row_bytes = "Q6_K_P", t.shape[0] // 256 * 212
+                total += raw.nbytes - t.nbytes
             buf = DeviceArray.from_numpy(np.ascontiguousarray(raw).reshape(-1), stream)
-            self.weights[t.name] = QWeight(t.name, t.ggml_type.name, t.shape, buf, t.row_bytes)
+            self.weights[t.name] = QWeight(t.name, qtype, t.shape, buf, row_bytes)
             if bar is not None:
                 bar.update(t.nbytes)
         if bar is not None:
