@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import sys
 import threading
@@ -137,15 +138,23 @@ def kernel_cache(fn):
     memo: dict[tuple, object] = {}
     qualname = f"{fn.__module__}.{fn.__qualname__}"
 
+    sig = inspect.signature(fn)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        key = _key(args, kwargs)
-        hit = memo.get(key)
+        raw_key = _key(args, kwargs)
+        hit = memo.get(raw_key)
         if hit is not None:
             return hit
+        # Miss on the call as spelled: normalize to all-keyword with defaults applied, so compile_x(a, b) and
+        # compile_x(a, n=b) (the registry calls with keywords) share one entry instead of compiling twice.
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        key = _key((), dict(bound.arguments))
         with _lock:
             hit = memo.get(key)
             if hit is not None:
+                memo[raw_key] = hit
                 return hit
             t0 = time.perf_counter()
             compiled, source = None, "compile"
@@ -162,6 +171,7 @@ def kernel_cache(fn):
             COMPILE_LOG.append(dict(kernel=qualname, args=args, kwargs=kwargs, arch=_arch.compile_target(),
                                     family=_arch.kernel_family(), seconds=dt, source=source, compiled=compiled))
             memo[key] = compiled
+            memo[raw_key] = compiled
             return compiled
 
     wrapper.cache_clear = memo.clear  # type: ignore[attr-defined]
