@@ -9,7 +9,6 @@ each) and reads back the sampled id (4 bytes). Routing (expert ids and weights) 
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -141,5 +140,19 @@ class GPUDecoder:
         self._step(tok)
         return int(self.tok.to_numpy(self.stream)[0])
 
-    def hidden_after_layers(self, *a, **k):  # pragma: no cover - implemented by models that support it
-        raise NotImplementedError
+    def hidden_after_layers(self, tokens, n_layers: int) -> np.ndarray:
+        """Residual stream after ``n_layers`` layers for each of ``tokens`` (eager launches, from an empty cache):
+        [len(tokens), n_embd]. Checks a model too large for a full CPU reference against its first layers."""
+        self.reset()
+        out = []
+        for t in tokens:
+            self._write_i32(self.tok, int(t))
+            self._write_i32(self.pos_buf, self.pos)
+            self.enqueue_step(self.stream, n_layers=n_layers)
+            x = self.x.to_numpy(self.stream).astype(np.float64)
+            if n_layers > 0:
+                x += self.delta.to_numpy(self.stream)
+            out.append(x)
+            self.pos += 1
+        self.reset()
+        return np.stack(out)

@@ -62,11 +62,11 @@ class Gemma3GPU(GPUDecoder):
         c = self.cfg
         self.kv = ops.PagedKV(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
 
-    def enqueue_step(self, s) -> None:
+    def enqueue_step(self, s, n_layers: int | None = None) -> None:
         c, w = self.cfg, self.w
         E, H, Hkv, D, eps = c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.rms_eps
         ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=math.sqrt(E), stream=s)
-        for l in range(c.n_layer):
+        for l in range(c.n_layer if n_layers is None else n_layers):
             p = f"blk.{l}."
             swa = c.sliding_window > 0 and c.is_swa(l)
             # h = rmsnorm(x, attn_norm), x += delta of the previous layer first (layer 0: x is the embedding)
@@ -97,6 +97,8 @@ class Gemma3GPU(GPUDecoder):
             ops.glu(self.gate, self.up, self.act, act="gelu_tanh", stream=s)
             ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=s)
             ops.rmsnorm(self.f, w[p + "post_ffw_norm.weight"], self.delta, eps, stream=s)
+        if n_layers is not None:
+            return  # hidden state = x + delta (hidden_after_layers)
         ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=s)
         xq = None
         # f32 activations by default: the 270M's greedy text has near-ties (0.013 nats at token 16 of the README

@@ -59,11 +59,11 @@ class Qwen3MoeGPU(GPUDecoder):
         c = self.cfg
         self.kv = ops.PagedKV(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
 
-    def enqueue_step(self, s) -> None:
+    def enqueue_step(self, s, n_layers: int | None = None) -> None:
         c, w = self.cfg, self.w
         H, Hkv, D, eps = c.n_head, c.n_head_kv, c.head_dim, c.rms_eps
         ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=1.0, stream=s)
-        for l in range(c.n_layer):
+        for l in range(c.n_layer if n_layers is None else n_layers):
             p = f"blk.{l}."
             ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=s)
             ops.gemv(w[p + "attn_q.weight"], self.h, self.q, stream=s)
@@ -91,6 +91,8 @@ class Qwen3MoeGPU(GPUDecoder):
                             self.act, stream=s)
             ops.moe_down(w[p + "ffn_down_exps.weight"], self.act, self.expert_ids, self.expert_w, self.delta,
                          stream=s)
+        if n_layers is not None:
+            return  # hidden state = x + delta (hidden_after_layers)
         ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=s)
         xq = None
         if ops.prefer_dp4a(self.out_w):

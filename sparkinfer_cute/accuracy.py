@@ -38,6 +38,34 @@ def reference_logits(g, tokens: list[int], max_context: int) -> np.ndarray:
     return ref.forward(tokens[:-1], all_logits=True)
 
 
+def hidden_check(eng, tokens: list[int], args) -> int:
+    """GPU residual stream after L layers vs the reference's ``resid.{L-1}`` (float32 numpy), per position."""
+    from .reference import load_reference
+
+    L = args.hidden_layers
+    t0 = time.perf_counter()
+    got = eng.backend.hidden_after_layers(tokens, L)
+    t_test = time.perf_counter() - t0
+    ref = load_reference(eng.gguf, max_context=len(tokens) + 1)
+    ref.n_layer = L  # run only the first L layers of the reference (its forward loops over range(self.n_layer))
+    cap: dict = {}
+    t0 = time.perf_counter()
+    ref.forward(tokens, all_logits=False, capture=cap)
+    t_ref = time.perf_counter() - t0
+    want = cap["embd"] if L == 0 else cap[f"resid.{L - 1}"]
+    rel = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
+    print(f"hidden state after {L} layers of {eng.cfg.arch} ({eng.cfg.n_layer} layers), {len(tokens)} positions, "
+          f"{eng.backend.name} vs cpu-reference: rel. error max {rel.max():.2e}, mean {rel.mean():.2e} "
+          f"(gpu {t_test:.1f} s, reference {t_ref:.1f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"layers": L, "positions": len(tokens), "rel_max": float(rel.max()),
+                       "rel_mean": float(rel.mean()), "per_position": rel.tolist()}, f, indent=1)
+    ok = args.max_hidden_rel is None or rel.max() <= args.max_hidden_rel
+    print("  gates:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sparkinfer_cute.accuracy", description=__doc__.split("\n\n")[1])
     ap.add_argument("model", nargs="?", help="GGUF file (default: the packaged Gemma 3 270M)")
@@ -48,6 +76,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", help="comma-separated token ids instead of text (e.g. for synthetic vocabularies)")
     ap.add_argument("--random-tokens", type=int, default=None, metavar="SEED",
                     help="teacher-force random token ids (synthetic models, whose vocabularies are not language)")
+    ap.add_argument("--hidden-layers", type=int, default=None, metavar="L",
+                    help="instead of logits, compare the residual stream after the first L layers with the CPU "
+                         "reference (for models too large to run whole on the CPU); prints per-position rel. error")
+    ap.add_argument("--max-hidden-rel", type=float, default=None, help="gate for --hidden-layers (e.g. 1e-3)")
     ap.add_argument("--save-topk", help="write this run's top-32 record (+ tokens) to an .npz")
     ap.add_argument("--json", help="write the metrics as JSON here")
     ap.add_argument("--min-top1", type=float, default=None)
@@ -75,6 +107,8 @@ def main(argv=None) -> int:
     if len(tokens) < n + 1:
         print(f"warning: the text has only {len(tokens)} tokens; scoring {len(tokens) - 1} positions", file=sys.stderr)
     targets = np.asarray(tokens[1:])
+    if args.hidden_layers is not None:
+        return hidden_check(eng, tokens[:n], args)
     t0 = time.perf_counter()
     logits = teacher_forced_logits(eng.backend, tokens)
     t_test = time.perf_counter() - t0

@@ -15,7 +15,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -103,10 +102,10 @@ def main(argv=None) -> int:
 
     def decode_run(start_pos: int) -> float:
         m.pos = start_pos
-        tok = m.decode_greedy(int(prompt[0]))
+        m.decode_greedy(int(prompt[0]))
         t0 = time.perf_counter()
         for _ in range(args.gen - 1):
-            tok = m.decode_greedy(None)  # the id stays on the device; only 4 bytes come back per token
+            m.decode_greedy(None)  # the id stays on the device; only 4 bytes come back per token
         return (args.gen - 1) / (time.perf_counter() - t0)
 
     # prefill (through the decode graph for now)

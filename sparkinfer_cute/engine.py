@@ -8,14 +8,13 @@ The engine knows nothing about kernel internals: a backend is anything with
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import ContextOverflowError, GGUFError
+from .errors import ContextOverflowError
 from .gguf import GGUFFile
 from .sampling import Sampler, SamplerConfig
 

@@ -72,6 +72,8 @@ for ph in "${phases[@]}"; do
     python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o /tmp/qwen30b.gguf --seed 0 2>&1 | tail -2
     add "30B synth write" "$(( $(date +%s) - t0 )) s"
     LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
+    python3 -m sparkinfer_cute.accuracy /tmp/qwen30b.gguf --backend gpu --random-tokens 3 -n 4 --hidden-layers 2 --max-hidden-rel 1e-3 --json "$OUT/hidden30b.json" 2>&1 | tee "$OUT/hidden30b.log" | tail -3
+    add "30B hidden after 2 layers vs ref" "$(grep -E 'rel. error' "$OUT/hidden30b.log" | sed 's/.*rel. error/rel. error/')"
     python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 512 --gen 128 --depth 4096 --runs 5 "${LBARG[@]}" --json "$OUT/bench30b.json" --log "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench30b.log" | tail -20
     add "30B bench" "see bench30b.log" ;;
   benchgemma)
