@@ -111,3 +111,22 @@ def test_model_too_large_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(weights.WeightStore, "HEADROOM", 1 << 50)  # pretend the GPU is far too small
     with pytest.raises(DeviceOutOfMemoryError, match="nothing was uploaded"):
         _gpu(p)
+
+
+def test_hidden_after_layers_matches_reference(tmp_path):
+    """The truncated-step check used on models too big for a whole CPU reference (accuracy --hidden-layers)."""
+    from sparkinfer_cute.reference import load_reference
+
+    p = str(tmp_path / "q.gguf")
+    write_synthetic(p, arch="qwen3moe", preset="tiny", seed=9)
+    eng = _gpu(p, ctx=16)
+    toks = np.random.default_rng().integers(0, eng.cfg.vocab_size, size=6).tolist()
+    for L in (1, 2):
+        got = eng.backend.hidden_after_layers(toks, L)
+        ref = load_reference(p, max_context=16)
+        ref.n_layer = L
+        cap: dict = {}
+        ref.forward(toks, capture=cap)
+        want = cap[f"resid.{L - 1}"]
+        rel = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
+        assert rel.max() < 1e-3, (L, rel)
