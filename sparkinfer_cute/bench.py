@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         "kernels_per_token": m.kernels_per_token, "resident_bytes": m.resident_bytes,
     }
     bw = measure_copy_bandwidth()
-    bpt = bytes_per_token(m, args.prompt_len // 2)
+    bpt = bytes_per_token(m, args.gen // 2)  # tg runs start at position 0: mean KV depth gen/2
     res.update(copy_bandwidth_GBps=bw / 1e9, bytes_per_token=bpt,
                roofline_tps=bw / bpt, pct_of_roofline=100 * res["decode_tps_median"] * bpt / bw)
     if args.depth:
