@@ -35,6 +35,13 @@ Algorithm (two kernels):
 2. :class:`AttentionDecodeCombine`, grid ``(n_head, B)``: ``out = sum_s exp(LSE_s - M) O_s / sum_s exp(LSE_s - M)``
    with ``M = max_s LSE_s``.
 
+``fused_combine=True`` (what the models run) folds step 2 into step 1: one launch instead of two. Each split CTA,
+after writing its partials, bumps an int32 arrival counter of its (sequence, kv head, head tile) (barrier, then
+thread 0: ``fence.acq_rel.gpu`` + ``atom.add.acq_rel.gpu``); the CTA that arrives last acquires (fence) and runs
+:func:`combine_splits`, the combine kernel's own code, for its ``GH`` heads, then stores 0 into the counter so the
+next launch (next layer, next graph replay) finds it zero. Same code and order: the output bits equal the
+two-kernel path's (GPU-tested). No CTA waits for another, so any residency is deadlock-free.
+
 Decode attention is memory-bound (one 2-byte K and V element per 2*G flops), so the inner product is plain FMA on
 CUDA cores; mma.sync would not help until the loads are pipelined deeper.
 
@@ -46,6 +53,7 @@ float64 reference on the same fp16 K/V to ~1e-5 relative; tests use 1e-3 as a sa
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cuda.bindings.driver as cuda
@@ -74,8 +82,9 @@ class AttentionDecodeSplitKV:
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
                  has_softcap: bool, num_warps: int | None = None, keys_per_iter: int = 0,
-                 heads_per_cta: int = 0):
+                 heads_per_cta: int = 0, fused_combine: bool = False):
         self.pdl = pdl_enabled()
+        self.fused_combine = fused_combine
         if n_head % n_kv_head:
             raise ValueError(f"n_head {n_head} must be a multiple of n_kv_head {n_kv_head}")
         if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -120,12 +129,20 @@ class AttentionDecodeSplitKV:
 
     def smem_bytes(self, num_warps: int) -> int:
         n_groups = num_warps * self.tok_per_warp
-        return n_groups * self.heads_per_cta * (self.head_dim + 2) * 4 + 64  # acc + m + l per token group
+        merge = n_groups * self.heads_per_cta * (self.head_dim + 2) * 4 + 64  # acc + m + l per token group
+        if self.fused_combine:  # + the combine's LSE and weight per split, the arrival flag, alignment padding
+            merge += 2 * 4 * self.num_splits + 16 + 32
+        return merge
+
+    @property
+    def n_counters_per_seq(self) -> int:
+        """Arrival counters per sequence for ``fused_combine``: one per (kv head, head tile) = grid.x."""
+        return self.n_kv_head * self.n_head_tiles
 
     @cute.jit
     def __call__(self, pQ: cute.Pointer, pK: cute.Pointer, pV: cute.Pointer, pPageTable: cute.Pointer,
-                 pPos: cute.Pointer, pOPart: cute.Pointer, pLsePart: cute.Pointer,
-                 batch: Int32, n_pages: Int32, pages_per_seq: Int32,
+                 pPos: cute.Pointer, pOPart: cute.Pointer, pLsePart: cute.Pointer, pOut: cute.Pointer,
+                 pCounters: cute.Pointer, batch: Int32, n_pages: Int32, pages_per_seq: Int32,
                  scale: Float32, window: Int32, softcap: Float32, stream: cuda.CUstream):
         H, KV, D, P, S = self.n_head, self.n_kv_head, self.head_dim, self.page_size, self.num_splits
         mQ = cute.make_tensor(pQ, cute.make_layout((batch, H, D), stride=(H * D, D, 1)))
@@ -136,13 +153,17 @@ class AttentionDecodeSplitKV:
         mPos = cute.make_tensor(pPos, cute.make_layout(batch))
         mOPart = cute.make_tensor(pOPart, cute.make_layout((batch, H, S, D), stride=(H * S * D, S * D, D, 1)))
         mLsePart = cute.make_tensor(pLsePart, cute.make_layout((batch, H, S), stride=(H * S, S, 1)))
-        self.kernel(mQ, mK, mV, mPT, mPos, mOPart, mLsePart, scale, window, softcap).launch(use_pdl=self.pdl, 
-            grid=[KV * self.n_head_tiles, S, batch], block=[self.num_threads, 1, 1],
+        # out / counters are only touched with fused_combine (the two-kernel path passes any valid pointers)
+        mOut = cute.make_tensor(pOut, cute.make_layout((batch, H, D), stride=(H * D, D, 1)))
+        mCnt = cute.make_tensor(pCounters, cute.make_layout(batch * KV * self.n_head_tiles))
+        self.kernel(mQ, mK, mV, mPT, mPos, mOPart, mLsePart, mOut, mCnt, scale, window, softcap).launch(
+            use_pdl=self.pdl, grid=[KV * self.n_head_tiles, S, batch], block=[self.num_threads, 1, 1],
             smem=self.smem_bytes(self.num_warps), stream=stream)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mPT: cute.Tensor, mPos: cute.Tensor,
-               mOPart: cute.Tensor, mLsePart: cute.Tensor, scale: Float32, window: Int32, softcap: Float32):
+               mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor, mCnt: cute.Tensor, scale: Float32,
+               window: Int32, softcap: Float32):
         pdl_prologue(self.pdl)
         G, GH, D, P, S = self.group, self.heads_per_cta, self.head_dim, self.page_size, self.num_splits
         LPT, VEC, TPW, U = self.lanes_per_tok, self.vec, self.tok_per_warp, self.keys_per_iter
@@ -269,10 +290,75 @@ class AttentionDecodeSplitKV:
                                           -Float32.inf)
                     mLsePart[b, h0 + g, split] = lse
 
+        # ---- fused combine: the last of the S split CTAs of this (sequence, kv head, head tile) merges them ----
+        if const_expr(self.fused_combine):
+            sLse = smem.allocate_tensor(Float32, cute.make_layout(S), byte_alignment=16)
+            sWt = smem.allocate_tensor(Float32, cute.make_layout(S), byte_alignment=16)
+            sFlag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
+            # threadFenceReduction / cooperative-groups grid-sync pattern: the CTA's partial O/LSE stores happen
+            # before the barrier; thread 0 then releases them at GPU scope (fence + acq_rel atomic). The CTA that
+            # sees S-1 arrivals before its own is the last: it acquires (fence) and reads every split's partials.
+            # No CTA waits for another, so there is no deadlock whatever the residency.
+            cute.arch.sync_threads()
+            cnt_idx = b * self.n_counters_per_seq + head_tile
+            if tidx == 0:
+                cute.arch.fence_acq_rel_gpu()
+                sFlag[0] = cute.arch.atomic_add((mCnt.iterator + cnt_idx).llvm_ptr, Int32(1), sem="acq_rel",
+                                                scope="gpu")
+            cute.arch.sync_threads()
+            if sFlag[0] == S - 1:
+                cute.arch.fence_acq_rel_gpu()
+                for g in cutlass.range_constexpr(GH):
+                    combine_splits(mOPart, mLsePart, mOut, b, h0 + g, sLse, sWt, tidx, self.n_head, D, S, NT)
+                    cute.arch.sync_threads()  # sLse / sWt are reused by the next head
+                if tidx == 0:
+                    mCnt[cnt_idx] = Int32(0)  # all S arrivals are in: reset for the next launch / graph replay
+
 
 # ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
 # Combine kernel
 # ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+
+
+@cute.jit
+def combine_splits(mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor, b: Int32, h: Int32,
+                   sLse: cute.Tensor, sW: cute.Tensor, tidx: Int32, H: cutlass.Constexpr[int],
+                   D: cutlass.Constexpr[int], S: cutlass.Constexpr[int], NT: cutlass.Constexpr[int]):
+    """``out[b, h] = sum_s w_s O_s / sum_s w_s``, ``w_s = exp(LSE_s - max LSE)``, by the ``NT`` threads of a CTA (all
+    must call it: it has barriers). ``sLse``/``sW``: smem of ``S`` f32 each. Shared by :class:`AttentionDecodeCombine`
+    and the fused-combine split kernel, so both give the same bits (every element's sums run in the same order
+    whatever ``NT`` is). The partial O is read with ``ld.global.cg`` (L2): in the fused kernel it was written by
+    other CTAs of the same grid, and nothing reuses it from L1 anyway."""
+    # The S split LSEs are loaded once, in parallel, into smem (a per-thread serial loop over them would pay one
+    # L2 latency per split), then every thread reads them back from smem.
+    for i in cutlass.range_constexpr((S + NT - 1) // NT):
+        s = tidx + i * NT
+        if const_expr(S % NT == 0) or s < S:
+            sLse[s] = cute.arch.load((mLsePart.iterator + (b * H + h) * S + s).llvm_ptr, Float32, cop="cg")
+    cute.arch.sync_threads()
+    lse_max = -Float32.inf
+    for s in cutlass.range(S, unroll_full=True):
+        lse_max = cute.arch.fmax(lse_max, sLse[s])
+    lse_ref = cutlass.select_(lse_max == -Float32.inf, Float32(0.0), lse_max)
+    for i in cutlass.range_constexpr((S + NT - 1) // NT):
+        s = tidx + i * NT
+        if const_expr(S % NT == 0) or s < S:
+            sW[s] = cute.math.exp2((sLse[s] - lse_ref) * Float32(LOG2_E), fastmath=True)
+    cute.arch.sync_threads()
+    den = Float32(0.0)
+    for s in cutlass.range(S, unroll_full=True):
+        den += sW[s]
+    inv_den = cutlass.select_(den > Float32(0.0), Float32(1.0) / den, Float32(0.0))
+    row = (b * H + h) * S * D
+    for e in cutlass.range_constexpr((D + NT - 1) // NT):
+        d = tidx + e * NT
+        if const_expr(D % NT == 0) or d < D:
+            num = Float32(0.0)
+            # A split with no keys has w = 0 and O_s = 0 (never NaN), so it adds nothing. Unrolled so the
+            # partial-O loads of several splits are in flight together.
+            for s in cutlass.range(S, unroll=8):
+                num += sW[s] * cute.arch.load((mOPart.iterator + row + s * D + d).llvm_ptr, Float32, cop="cg")
+            mOut[b, h, d] = num * inv_den
 
 
 class AttentionDecodeCombine:
@@ -296,40 +382,13 @@ class AttentionDecodeCombine:
     @cute.kernel
     def kernel(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor):
         pdl_prologue(self.pdl)
-        D, S, NT = self.head_dim, self.num_splits, self.num_threads
         tidx, _, _ = cute.arch.thread_idx()
         h, b, _ = cute.arch.block_idx()
         smem = cutlass.memory.SmemAllocator()
-        sLse = smem.allocate_tensor(Float32, cute.make_layout(S), byte_alignment=16)
-        sW = smem.allocate_tensor(Float32, cute.make_layout(S), byte_alignment=16)
-        # The S split LSEs are loaded once, in parallel, into smem (a per-thread serial loop over them would pay one
-        # L2 latency per split), then every thread reads them back from smem.
-        for i in cutlass.range_constexpr((S + NT - 1) // NT):
-            s = tidx + i * NT
-            if const_expr(S % NT == 0) or s < S:
-                sLse[s] = mLsePart[b, h, s]
-        cute.arch.sync_threads()
-        lse_max = -Float32.inf
-        for s in cutlass.range(S, unroll_full=True):
-            lse_max = cute.arch.fmax(lse_max, sLse[s])
-        lse_ref = cutlass.select_(lse_max == -Float32.inf, Float32(0.0), lse_max)
-        for i in cutlass.range_constexpr((S + NT - 1) // NT):
-            s = tidx + i * NT
-            if const_expr(S % NT == 0) or s < S:
-                sW[s] = cute.math.exp2((sLse[s] - lse_ref) * Float32(LOG2_E), fastmath=True)
-        cute.arch.sync_threads()
-        den = Float32(0.0)
-        for s in cutlass.range(S, unroll_full=True):
-            den += sW[s]
-        inv_den = cutlass.select_(den > Float32(0.0), Float32(1.0) / den, Float32(0.0))
-        for e in cutlass.range_constexpr(D // NT):
-            d = tidx + e * NT
-            num = Float32(0.0)
-            # A split with no keys has w = 0 and O_s = 0 (never NaN), so it adds nothing. Unrolled so the partial-O
-            # loads of several splits are in flight together.
-            for s in cutlass.range(S, unroll=8):
-                num += sW[s] * mOPart[b, h, s, d]
-            mOut[b, h, d] = num * inv_den
+        sLse = smem.allocate_tensor(Float32, cute.make_layout(self.num_splits), byte_alignment=16)
+        sW = smem.allocate_tensor(Float32, cute.make_layout(self.num_splits), byte_alignment=16)
+        combine_splits(mOPart, mLsePart, mOut, b, h, sLse, sW, tidx, self.n_head, self.head_dim, self.num_splits,
+                       self.num_threads)
 
 
 # ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
@@ -339,17 +398,28 @@ class AttentionDecodeCombine:
 
 @kernel_cache
 def compile_attention_decode(n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
-                             softcap: bool = False, heads_per_cta: int = 0, keys_per_iter: int = 0):
+                             softcap: bool = False, heads_per_cta: int = 0, keys_per_iter: int = 0,
+                             fused_combine: bool = False):
     """Compile the split-KV kernel (``heads_per_cta``/``keys_per_iter`` 0 = automatic; tuning knobs). Runtime args:
-    (q, k_pool, v_pool, page_table, pos, o_part, lse_part pointers, batch, n_pages, pages_per_seq, scale, window,
-    softcap, stream)."""
+    (q, k_pool, v_pool, page_table, pos, o_part, lse_part, out (align 4), counters (int32, align 4) pointers, batch,
+    n_pages, pages_per_seq, scale, window, softcap, stream). ``out``/``counters`` are only used with
+    ``fused_combine`` (then the kernel also writes ``out``; no combine launch)."""
     k = AttentionDecodeSplitKV(n_head, n_kv_head, head_dim, page_size, num_splits, softcap,
-                               keys_per_iter=keys_per_iter, heads_per_cta=heads_per_cta)
+                               keys_per_iter=keys_per_iter, heads_per_cta=heads_per_cta, fused_combine=fused_combine)
     f32, f16 = gptr(Float32, 0), gptr(Float16, 0)
     i32_4 = gptr(Int32, 0, align=4)
-    return cute.compile(k, f32, f16, f16, i32_4, i32_4, f32, gptr(Float32, 0, align=4),
-                        Int32(1), Int32(1), Int32(1), Float32(1.0), Int32(0), Float32(0.0),
+    return cute.compile(k, f32, f16, f16, i32_4, i32_4, f32, gptr(Float32, 0, align=4), gptr(Float32, 0, align=4),
+                        i32_4, Int32(1), Int32(1), Int32(1), Float32(1.0), Int32(0), Float32(0.0),
                         cute.runtime.make_fake_stream(), options=compile_options())
+
+
+@functools.cache
+def fused_counter_count(n_head: int, n_kv_head: int, head_dim: int, batch: int = 1, heads_per_cta: int = 0) -> int:
+    """int32 arrival counters ``attention_decode(..., fused_combine=True, counters=...)`` needs: one per (sequence,
+    kv head, head tile). They must be zero before the first launch; every launch leaves them zero."""
+    k = AttentionDecodeSplitKV(n_head, n_kv_head, head_dim, 16, 1, False, heads_per_cta=heads_per_cta,
+                               fused_combine=True)
+    return batch * k.n_counters_per_seq
 
 
 @kernel_cache
@@ -370,7 +440,7 @@ def default_num_splits(n_kv_head: int, max_context: int, sm_count: int = 132, ba
 
 def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window: int = 0, softcap: float = 0.0,
                      num_splits: int = 16, out=None, o_partial=None, lse_partial=None, workspace=None,
-                     stream=None):
+                     stream=None, fused_combine: bool = False, counters=None):
     """Decode attention for one query token per sequence over a paged fp16 KV cache.
 
     ``q`` f32 [B, n_head, D] (or [n_head, D] for B = 1); ``k_pool``/``v_pool`` f16 [n_pages, page_size, n_kv_head, D];
@@ -384,6 +454,12 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
     The compiled functions are memoized, so calling this inside ``CudaGraph.capture`` (with ``out`` and the
     workspace given) records two kernel launches whose ``pos`` is re-read from device memory at every replay.
     ``num_splits`` is static: use the model's entry of ``MODEL_CONFIGS`` (what the compile gate checks).
+
+    ``fused_combine=True``: ONE launch; the last split CTA of each (sequence, kv head, head tile) does the LSE
+    combine (same code and order as the combine kernel: bit-identical output). It needs ``counters``: int32, at
+    least :func:`fused_counter_count` elements, zero before the first launch (the kernel leaves them zero, so one
+    buffer serves every layer and replay on one stream). Not given: taken from ``workspace`` (zeroed when first
+    created there) or allocated zeroed here (not allowed inside a graph capture).
     """
     from ..runtime import DeviceArray, as_device, resolve_stream
 
@@ -411,19 +487,35 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
         lse_partial = (workspace.get((B, H, S), np.float32, tag="attention_decode.lse_partial") if workspace is not None
                        else DeviceArray.empty((B, H, S), np.float32))
     out_dev = out if out is not None else DeviceArray.empty((B, H, D), np.float32)
+    if fused_combine:
+        n_cnt = fused_counter_count(H, KV, D, B)
+        if counters is None:
+            if workspace is not None:
+                n_before = len(workspace)
+                counters = workspace.get((n_cnt,), np.int32, tag="attention_decode.counters")
+                if len(workspace) != n_before:  # freshly allocated: zero once (the kernel keeps it zero)
+                    counters.fill_bytes(0, stream)
+            else:
+                counters = DeviceArray.zeros((n_cnt,), np.int32, stream=stream)
+        if counters.nbytes < 4 * n_cnt:
+            raise ValueError(f"counters has {counters.nbytes} bytes; fused_combine needs {n_cnt} int32")
     has_softcap = softcap != 0.0
     # keyword arguments, as the compile-gate registry calls them (one memo/disk-cache key per config)
     f_attn = compile_attention_decode(n_head=H, n_kv_head=KV, head_dim=D, page_size=P, num_splits=S,
-                                      softcap=has_softcap)
-    f_comb = compile_attention_combine(n_head=H, head_dim=D, num_splits=S)
+                                      softcap=has_softcap, **({"fused_combine": True} if fused_combine else {}))
     cus = cu_stream(stream)
+    # without fused_combine the kernel never touches out/counters: any valid pointers do
+    cnt_ptr = counters.ptr if fused_combine else dpos.ptr
     f_attn(gptr(Float32, dq.ptr), gptr(Float16, dk.ptr), gptr(Float16, dv.ptr),
            gptr(Int32, dpt.ptr, align=4), gptr(Int32, dpos.ptr, align=4),
            gptr(Float32, o_partial.ptr), gptr(Float32, lse_partial.ptr, align=4),
+           gptr(Float32, out_dev.ptr, align=4), gptr(Int32, cnt_ptr, align=4),
            Int32(B), Int32(n_pages), Int32(pages_per_seq), Float32(scale), Int32(window),
            Float32(softcap if has_softcap else 1.0), cus)
-    f_comb(gptr(Float32, o_partial.ptr), gptr(Float32, lse_partial.ptr, align=4), gptr(Float32, out_dev.ptr),
-           Int32(B), cus)
+    if not fused_combine:
+        f_comb = compile_attention_combine(n_head=H, head_dim=D, num_splits=S)
+        f_comb(gptr(Float32, o_partial.ptr), gptr(Float32, lse_partial.ptr, align=4), gptr(Float32, out_dev.ptr),
+               Int32(B), cus)
     if q_was_np and out is None:
         return out_dev.to_numpy(stream).reshape(q_shape)
     return out_dev
@@ -491,7 +583,7 @@ MODEL_CONFIGS: dict[str, dict] = {
 
 
 def _launch_example(n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
-                    softcap: bool = False):
+                    softcap: bool = False, fused_combine: bool = False):
     """One split-KV launch on small zeroed buffers, marshalled like :func:`attention_decode` (host-overhead probe)."""
     from ..runtime import DeviceArray, default_stream
 
@@ -501,12 +593,16 @@ def _launch_example(n_head: int, n_kv_head: int, head_dim: int, page_size: int, 
     table = DeviceArray.zeros((1, 4), np.int32)
     pos = DeviceArray.zeros((1,), np.int32)
     o_part, lse_part = DeviceArray.empty((1, H, S, D), np.float32), DeviceArray.empty((1, H, S), np.float32)
-    fn = compile_attention_decode(n_head=H, n_kv_head=KV, head_dim=D, page_size=P, num_splits=S, softcap=softcap)
+    out = DeviceArray.empty((1, H, D), np.float32)
+    counters = DeviceArray.zeros((fused_counter_count(H, KV, D),), np.int32)
+    fn = compile_attention_decode(n_head=H, n_kv_head=KV, head_dim=D, page_size=P, num_splits=S, softcap=softcap,
+                                  **({"fused_combine": True} if fused_combine else {}))
     s = default_stream()
 
     def launch():
         fn(gptr(Float32, q.ptr), gptr(Float16, k.ptr), gptr(Float16, k.ptr), gptr(Int32, table.ptr, align=4),
            gptr(Int32, pos.ptr, align=4), gptr(Float32, o_part.ptr), gptr(Float32, lse_part.ptr, align=4),
+           gptr(Float32, out.ptr, align=4), gptr(Int32, counters.ptr, align=4),
            Int32(1), Int32(4), Int32(4), Float32(0.1), Int32(0), Float32(1.0), cu_stream(s))
 
     return launch
@@ -519,6 +615,9 @@ def _register() -> None:
         return
     # None of the target models caps attention logits (models.md); the softcap variant is gated on the tiny config.
     configs = [dict(c, softcap=False) for c in MODEL_CONFIGS.values()] + [dict(MODEL_CONFIGS["tiny"], softcap=True)]
+    # the models run the fused-combine variant (one launch per layer); the two-kernel path stays gated for A/B
+    configs += [dict(c, softcap=False, fused_combine=True) for c in MODEL_CONFIGS.values()]
+    configs += [dict(MODEL_CONFIGS["tiny"], softcap=True, fused_combine=True)]
     register("attention_decode", compile_attention_decode, configs, launch_example=_launch_example)
     combine = sorted({(c["n_head"], c["head_dim"], c["num_splits"]) for c in MODEL_CONFIGS.values()})
     register("attention_combine", compile_attention_combine,
@@ -532,9 +631,10 @@ _register()
 # ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
 
 
-def benchmark(config: str, n_ctx: int, num_splits: int | None = None, iters: int = 50, **tuning) -> dict:
-    """GPU time of split-KV + combine for one model config at context ``n_ctx`` (graph of ``iters`` launches,
-    replayed; reports µs per call and the K/V bytes read per second)."""
+def benchmark(config: str, n_ctx: int, num_splits: int | None = None, iters: int = 50, fused_combine: bool = False,
+              **tuning) -> dict:
+    """GPU time of split-KV + combine (or the fused-combine single kernel) for one model config at context ``n_ctx``
+    (graph of ``iters`` launches, replayed; reports µs per call and the K/V bytes read per second)."""
     from ..runtime import CudaGraph, DeviceArray, Event, Stream, elapsed_ms, get_device
 
     c = dict(MODEL_CONFIGS[config])
@@ -551,22 +651,28 @@ def benchmark(config: str, n_ctx: int, num_splits: int | None = None, iters: int
     out = DeviceArray.empty((1, H, D), np.float32)
     o_part = DeviceArray.empty((1, H, S, D), np.float32)
     lse_part = DeviceArray.empty((1, H, S), np.float32)
-    f_attn = compile_attention_decode(H, KV, D, P, S, False, **tuning)
+    counters = DeviceArray.zeros((fused_counter_count(H, KV, D, heads_per_cta=tuning.get("heads_per_cta", 0)),),
+                                 np.int32)
+    f_attn = compile_attention_decode(H, KV, D, P, S, False, fused_combine=fused_combine, **tuning)
     f_comb = compile_attention_combine(n_head=H, head_dim=D, num_splits=S)
     stream = Stream()
     cus = cu_stream(stream)
     args = (gptr(Float32, q.ptr), gptr(Float16, k_pool.ptr), gptr(Float16, v_pool.ptr),
             gptr(Int32, table.ptr, align=4), gptr(Int32, pos.ptr, align=4), gptr(Float32, o_part.ptr),
-            gptr(Float32, lse_part.ptr, align=4), Int32(1), Int32(pages), Int32(pages), Float32(0.1), Int32(0),
-            Float32(1.0), cus)
+            gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr, align=4), gptr(Int32, counters.ptr, align=4),
+            Int32(1), Int32(pages), Int32(pages), Float32(0.1), Int32(0), Float32(1.0), cus)
     comb_args = (gptr(Float32, o_part.ptr), gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr), Int32(1),
                  cus)
-    f_attn(*args)
-    f_comb(*comb_args)
+
+    def one():
+        f_attn(*args)
+        if not fused_combine:
+            f_comb(*comb_args)
+
+    one()
     with CudaGraph.capture(stream) as g:
         for _ in range(iters):
-            f_attn(*args)
-            f_comb(*comb_args)
+            one()
     g.replay(stream)
     t0, t1 = Event(), Event()
     t0.record(stream)
@@ -575,8 +681,8 @@ def benchmark(config: str, n_ctx: int, num_splits: int | None = None, iters: int
     t1.synchronize()
     us = elapsed_ms(t0, t1) * 1e3 / iters
     kv_bytes = 2 * n_ctx * KV * D * 2
-    return dict(config=config, n_ctx=n_ctx, num_splits=S, us=round(us, 2), gbps=round(kv_bytes / us / 1e3, 1),
-                device=get_device().name, **tuning)
+    return dict(config=config, n_ctx=n_ctx, num_splits=S, fused_combine=fused_combine, us=round(us, 2),
+                gbps=round(kv_bytes / us / 1e3, 1), device=get_device().name, **tuning)
 
 
 if __name__ == "__main__":
@@ -588,7 +694,10 @@ if __name__ == "__main__":
     ap.add_argument("--splits", type=int, default=0)
     ap.add_argument("--heads-per-cta", type=int, default=0)
     ap.add_argument("--keys-per-iter", type=int, default=0)
+    ap.add_argument("--fused", action="store_true", help="also time the fused-combine single kernel")
     a = ap.parse_args()
     for cfg in a.config or sorted(MODEL_CONFIGS):
         for n in a.ctx:
-            print(benchmark(cfg, n, a.splits or None, heads_per_cta=a.heads_per_cta, keys_per_iter=a.keys_per_iter))
+            for fused in ([False, True] if a.fused else [False]):
+                print(benchmark(cfg, n, a.splits or None, fused_combine=fused, heads_per_cta=a.heads_per_cta,
+                                keys_per_iter=a.keys_per_iter))

@@ -20,6 +20,11 @@ Mapping: one block per token, one thread per expert (``threads = n_expert`` roun
 ``n_expert <= 256``; more experts are folded ``ceil(n_expert / 256)`` per thread). Max and sum are block
 all-reductions; each of the k selections is a block arg-max over (logit, -index) with already-chosen experts
 excluded, so every thread knows the winner and can accumulate the selected probabilities itself.
+
+Fused variant (:class:`RouterGemvTopK`, :func:`route_gemv`): the router GEMV ``logits = W h`` (W the f32
+``ffn_gate_inp``) and the softmax/top-k above in ONE launch (a decode step had two per MoE layer). CTAs compute
+slices of the logits into a global scratch; the last CTA to arrive (int32 arrival counter, fence + acq_rel atomic)
+runs the same :func:`softmax_topk_block` as :class:`Router` on them and resets the counter (graph-replayable).
 """
 
 from __future__ import annotations
@@ -55,6 +60,106 @@ def argmax_pair(v: Float32, i: Int32, width: cutlass.Constexpr[int] = 32):
     return v, i
 
 
+@cute.jit
+def softmax_topk_block(mRow: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, red_v: cute.Tensor, red_i: cute.Tensor,
+                       n_expert: cutlass.Constexpr[int], k: cutlass.Constexpr[int], norm_topk: cutlass.Constexpr[bool],
+                       threads: cutlass.Constexpr[int], coherent: cutlass.Constexpr[bool]):
+    """Softmax -> top-k -> renormalize of one row of ``n_expert`` logits ``mRow`` by a block of ``threads`` threads
+    (a multiple of 32; expert e is held by thread ``e % threads``); writes ``mIds[0:k]``, ``mW[0:k]``.
+
+    ``red_v``/``red_i``: smem (f32, int32) with one slot per warp. ``coherent``: read the logits with
+    ``ld.global.cg`` (L2), for logits written by other CTAs of the same grid (:class:`RouterGemvTopK`).
+    Shared by :class:`Router` and :class:`RouterGemvTopK`, so both rank and weight bit-identically."""
+    per_thread = -(-n_expert // threads)
+    warps = threads // 32
+    tid, _, _ = cute.arch.thread_idx()
+    lane = tid % 32
+    warp = tid // 32
+
+    vals = cute.make_rmem_tensor(cute.make_layout(per_thread), Float32)
+    idxs = cute.make_rmem_tensor(cute.make_layout(per_thread), Int32)
+    m = Float32(-F32_MAX)
+    for j in cutlass.range_constexpr(per_thread):
+        e = tid + j * threads
+        vals[j] = -Float32.inf
+        idxs[j] = e + _TAKEN  # padding lanes never win (they lose the tie even against a live -inf logit)
+        if e < n_expert:
+            if const_expr(coherent):
+                vals[j] = cute.arch.load((mRow.iterator + e).llvm_ptr, Float32, cop="cg")
+            else:
+                vals[j] = mRow[e]
+            idxs[j] = e
+            m = cute.arch.fmax(m, vals[j])
+    # block max
+    m = warp_reduce(m, cute.arch.fmax)
+    if const_expr(warps > 1):
+        if lane == 0:
+            red_v[warp] = m
+        cute.arch.barrier()
+        m = red_v[0]
+        for w in cutlass.range_constexpr(1, warps):
+            m = cute.arch.fmax(m, red_v[w])
+        cute.arch.barrier()
+    # block sum of exp
+    ssum = Float32(0.0)
+    for j in cutlass.range_constexpr(per_thread):
+        if idxs[j] < n_expert:
+            ssum += cute.math.exp(vals[j] - m)
+    ssum = warp_reduce(ssum, operator.add)
+    if const_expr(warps > 1):
+        if lane == 0:
+            red_v[warp] = ssum
+        cute.arch.barrier()
+        ssum = Float32(0.0)
+        for w in cutlass.range_constexpr(warps):  # fixed order: every thread gets the same bits
+            ssum += red_v[w]
+        cute.arch.barrier()
+    inv_sum = Float32(1.0) / ssum
+
+    # k rounds of block arg-max; selected probabilities kept in registers (identical in every thread)
+    sel_p = cute.make_rmem_tensor(cute.make_layout(k), Float32)
+    sel_i = cute.make_rmem_tensor(cute.make_layout(k), Int32)
+    psum = Float32(0.0)
+    for r in cutlass.range_constexpr(k):
+        bv = vals[0]
+        bi = idxs[0]
+        for j in cutlass.range_constexpr(1, per_thread):
+            if (vals[j] > bv) | ((vals[j] == bv) & (idxs[j] < bi)):
+                bv = vals[j]
+                bi = idxs[j]
+        bv, bi = argmax_pair(bv, bi)
+        if const_expr(warps > 1):
+            if lane == 0:
+                red_v[warp] = bv
+                red_i[warp] = bi
+            cute.arch.barrier()
+            bv = red_v[0]
+            bi = red_i[0]
+            for w in cutlass.range_constexpr(1, warps):
+                ov = red_v[w]
+                oi = red_i[w]
+                if (ov > bv) | ((ov == bv) & (oi < bi)):
+                    bv = ov
+                    bi = oi
+            cute.arch.barrier()
+        p = cute.math.exp(bv - m) * inv_sum
+        sel_p[r] = p
+        sel_i[r] = bi
+        psum += p
+        for j in cutlass.range_constexpr(per_thread):
+            if idxs[j] == bi:
+                vals[j] = -Float32.inf
+                idxs[j] = bi + _TAKEN
+    scale = Float32(1.0)
+    if const_expr(norm_topk):
+        scale = Float32(1.0) / cute.arch.fmax(psum, Float32(NORM_TOPK_MIN))
+    if tid < k:
+        for r in cutlass.range_constexpr(k):
+            if tid == r:
+                mIds[r] = sel_i[r]
+                mW[r] = sel_p[r] * scale
+
+
 class Router:
     """Static config: ``n_expert``, ``k``, ``norm_topk``."""
 
@@ -80,93 +185,12 @@ class Router:
     @cute.kernel
     def kernel(self, mL: cute.Tensor, mI: cute.Tensor, mW: cute.Tensor):
         pdl_prologue(self.pdl)
-        tid, _, _ = cute.arch.thread_idx()
         tok, _, _ = cute.arch.block_idx()
-        lane = tid % 32
-        warp = tid // 32
         smem = cutlass.memory.SmemAllocator()
         red_v = smem.allocate_tensor(Float32, cute.make_layout(self.warps), byte_alignment=16)
         red_i = smem.allocate_tensor(Int32, cute.make_layout(self.warps), byte_alignment=16)
-
-        vals = cute.make_rmem_tensor(cute.make_layout(self.per_thread), Float32)
-        idxs = cute.make_rmem_tensor(cute.make_layout(self.per_thread), Int32)
-        m = Float32(-F32_MAX)
-        for j in cutlass.range_constexpr(self.per_thread):
-            e = tid + j * self.threads
-            vals[j] = -Float32.inf
-            idxs[j] = e + _TAKEN  # padding lanes never win (they lose the tie even against a live -inf logit)
-            if e < self.n_expert:
-                vals[j] = mL[tok, e]
-                idxs[j] = e
-                m = cute.arch.fmax(m, vals[j])
-        # block max
-        m = warp_reduce(m, cute.arch.fmax)
-        if const_expr(self.warps > 1):
-            if lane == 0:
-                red_v[warp] = m
-            cute.arch.barrier()
-            m = red_v[0]
-            for w in cutlass.range_constexpr(1, self.warps):
-                m = cute.arch.fmax(m, red_v[w])
-            cute.arch.barrier()
-        # block sum of exp
-        ssum = Float32(0.0)
-        for j in cutlass.range_constexpr(self.per_thread):
-            if idxs[j] < self.n_expert:
-                ssum += cute.math.exp(vals[j] - m)
-        ssum = warp_reduce(ssum, operator.add)
-        if const_expr(self.warps > 1):
-            if lane == 0:
-                red_v[warp] = ssum
-            cute.arch.barrier()
-            ssum = Float32(0.0)
-            for w in cutlass.range_constexpr(self.warps):  # fixed order: every thread gets the same bits
-                ssum += red_v[w]
-            cute.arch.barrier()
-        inv_sum = Float32(1.0) / ssum
-
-        # k rounds of block arg-max; selected probabilities kept in registers (identical in every thread)
-        sel_p = cute.make_rmem_tensor(cute.make_layout(self.k), Float32)
-        sel_i = cute.make_rmem_tensor(cute.make_layout(self.k), Int32)
-        psum = Float32(0.0)
-        for r in cutlass.range_constexpr(self.k):
-            bv = vals[0]
-            bi = idxs[0]
-            for j in cutlass.range_constexpr(1, self.per_thread):
-                if (vals[j] > bv) | ((vals[j] == bv) & (idxs[j] < bi)):
-                    bv = vals[j]
-                    bi = idxs[j]
-            bv, bi = argmax_pair(bv, bi)
-            if const_expr(self.warps > 1):
-                if lane == 0:
-                    red_v[warp] = bv
-                    red_i[warp] = bi
-                cute.arch.barrier()
-                bv = red_v[0]
-                bi = red_i[0]
-                for w in cutlass.range_constexpr(1, self.warps):
-                    ov = red_v[w]
-                    oi = red_i[w]
-                    if (ov > bv) | ((ov == bv) & (oi < bi)):
-                        bv = ov
-                        bi = oi
-                cute.arch.barrier()
-            p = cute.math.exp(bv - m) * inv_sum
-            sel_p[r] = p
-            sel_i[r] = bi
-            psum += p
-            for j in cutlass.range_constexpr(self.per_thread):
-                if idxs[j] == bi:
-                    vals[j] = -Float32.inf
-                    idxs[j] = bi + _TAKEN
-        scale = Float32(1.0)
-        if const_expr(self.norm_topk):
-            scale = Float32(1.0) / cute.arch.fmax(psum, Float32(NORM_TOPK_MIN))
-        if tid < self.k:
-            for r in cutlass.range_constexpr(self.k):
-                if tid == r:
-                    mI[tok, r] = sel_i[r]
-                    mW[tok, r] = sel_p[r] * scale
+        softmax_topk_block(mL[tok, None], mI[tok, None], mW[tok, None], red_v, red_i, self.n_expert, self.k,
+                           self.norm_topk, self.threads, False)
 
 
 @kernel_cache
@@ -190,6 +214,197 @@ def route(logits, k: int, *, norm_topk: bool = True, ids_out=None, weights_out=N
                                                gptr(Float32, w.ptr, 4), Int32(T), resolve_stream(stream).cu)
     if was_np:
         return ids.to_numpy(stream), w.to_numpy(stream)
+    return ids, w
+
+
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+# Fused router GEMV + softmax/top-k: one launch instead of gemv(ffn_gate_inp) + route()
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+
+GEMV_WARPS = 4  # warps per CTA of the fused router (128 threads also run the softmax/top-k of the last CTA)
+_CHUNK = 4  # f32 weights per lane per load: 16 bytes
+_LOADS_IN_FLIGHT = 8  # 16-byte W loads (plus as many x loads) a lane issues before the FMAs of a batch
+
+
+def choose_router_wpr(n_expert: int, n_embd: int, target_ctas: int = 64) -> int:
+    """Warps per expert row: split a row over 2/4 warps while there are fewer than ``target_ctas`` CTAs (1 MB of
+    f32 router weights streams from more SMs), keeping >= 2 16-byte loads per lane."""
+    wpr = 1
+    while (wpr < GEMV_WARPS and -(-n_expert * wpr // GEMV_WARPS) < target_ctas
+           and n_embd >= 2 * 2 * wpr * 32 * _CHUNK):
+        wpr *= 2
+    return wpr
+
+
+class RouterGemvTopK:
+    """``logits = W h`` (W: f32 ``[n_expert, n_embd]``, the GGUF ``ffn_gate_inp``) and :func:`softmax_topk_block`
+    on those logits, in ONE launch (per token: grid ``(n_ctas, n_tokens)``).
+
+    GEMV phase: warp ``w`` of CTA ``c`` owns expert row ``c * (4 // wpr) + w // wpr`` and the ``w % wpr``-th
+    interleaved part of its 16-byte chunks (lane-contiguous: a warp's loads of one step are 512 consecutive bytes);
+    ``h`` is read from global memory (L1/L2 resident, 8 KB). Per lane the products are accumulated in a fixed
+    order, then a butterfly shuffle and, for ``wpr`` > 1, a fixed-order sum of the warp partials through smem: the
+    logits are deterministic. Each row's logit goes to the global ``scratch[token, n_expert]``.
+
+    Last-CTA phase (the threadFenceReduction pattern): the writers fence (``fence.acq_rel.gpu``), the CTA barriers,
+    thread 0 does ``atom.add.acq_rel.gpu`` on ``counter[token]``; the CTA that sees ``n_ctas - 1`` fences again
+    (acquire), reads the logits back with ``ld.global.cg`` and runs the router's own softmax/top-k/renormalize
+    (:func:`softmax_topk_block`, the code :class:`Router` runs), then stores 0 into the counter so the next launch
+    (a CUDA-graph replay, the next layer) starts from zero. No CTA ever waits for another: no deadlock whatever
+    the residency."""
+
+    def __init__(self, n_expert: int, n_embd: int, k: int, norm_topk: bool = True, wpr: int = 0):
+        self.pdl = pdl_enabled()
+        if not 0 < k <= min(n_expert, 32):
+            raise ValueError(f"bad top-k {k} for {n_expert} experts")
+        if n_embd % _CHUNK:
+            raise ValueError(f"n_embd {n_embd} must be a multiple of {_CHUNK} (16-byte f32 loads)")
+        self.n_expert, self.n_embd, self.k, self.norm_topk = n_expert, n_embd, k, norm_topk
+        self.wpr = wpr or choose_router_wpr(n_expert, n_embd)
+        if self.wpr not in (1, 2, 4):
+            raise ValueError(f"wpr must be 1, 2 or 4, got {self.wpr}")
+        self.threads = GEMV_WARPS * 32
+        self.rows_per_cta = GEMV_WARPS // self.wpr
+        self.n_ctas = -(-n_expert // self.rows_per_cta)
+        self.n_chunks = n_embd // _CHUNK
+        self.chunks_per_lane = -(-self.n_chunks // (32 * self.wpr))
+
+    @cute.jit
+    def __call__(self, pW: cute.Pointer, pH: cute.Pointer, pScratch: cute.Pointer, pCounter: cute.Pointer,
+                 pIds: cute.Pointer, pWeights: cute.Pointer, n_tokens: Int32, stream: cuda.CUstream):
+        E, N, K = self.n_expert, self.n_embd, self.k
+        mW = cute.make_tensor(pW, cute.make_layout((E, N), stride=(N, 1)))
+        mH = cute.make_tensor(pH, cute.make_layout((n_tokens, N), stride=(N, 1)))
+        mS = cute.make_tensor(pScratch, cute.make_layout((n_tokens, E), stride=(E, 1)))
+        mCnt = cute.make_tensor(pCounter, cute.make_layout(n_tokens))
+        mI = cute.make_tensor(pIds, cute.make_layout((n_tokens, K), stride=(K, 1)))
+        mP = cute.make_tensor(pWeights, cute.make_layout((n_tokens, K), stride=(K, 1)))
+        self.kernel(mW, mH, mS, mCnt, mI, mP).launch(use_pdl=self.pdl, grid=[self.n_ctas, n_tokens, 1],
+                                                     block=[self.threads, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mW: cute.Tensor, mH: cute.Tensor, mS: cute.Tensor, mCnt: cute.Tensor, mI: cute.Tensor,
+               mP: cute.Tensor):
+        pdl_prologue(self.pdl)
+        wpr, CPL, U = self.wpr, self.chunks_per_lane, _LOADS_IN_FLIGHT
+        tid, _, _ = cute.arch.thread_idx()
+        cta, tok, _ = cute.arch.block_idx()
+        lane = tid % 32
+        warp = tid // 32
+        kpart = warp % wpr
+        row = cta * self.rows_per_cta + warp // wpr
+
+        smem = cutlass.memory.SmemAllocator()
+        red_v = smem.allocate_tensor(Float32, cute.make_layout(GEMV_WARPS), byte_alignment=16)
+        red_i = smem.allocate_tensor(Int32, cute.make_layout(GEMV_WARPS), byte_alignment=16)
+        sFlag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
+
+        # ---- GEMV: this warp's part of row `row` ----
+        acc = Float32(0.0)
+        if row < self.n_expert:
+            rW = cute.make_rmem_tensor(cute.make_layout((U, _CHUNK), stride=(_CHUNK, 1)), Float32)
+            rX = cute.make_rmem_tensor(cute.make_layout((U, _CHUNK), stride=(_CHUNK, 1)), Float32)
+            for i0 in cutlass.range_constexpr(0, CPL, U):
+                nb = min(U, CPL - i0)
+                for u in cutlass.range_constexpr(nb):
+                    c = (i0 + u) * 32 * wpr + kpart * 32 + lane  # chunk index: lane-contiguous per warp step
+                    if const_expr(self.n_chunks % (32 * wpr) == 0) or c < self.n_chunks:
+                        cute.autovec_copy(cute.local_tile(mW[row, None], (_CHUNK,), (c,)), rW[u, None])
+                        cute.autovec_copy(cute.local_tile(mH[tok, None], (_CHUNK,), (c,)), rX[u, None])
+                    else:
+                        for j in cutlass.range_constexpr(_CHUNK):
+                            rW[u, j] = Float32(0.0)
+                            rX[u, j] = Float32(0.0)
+                for u in cutlass.range_constexpr(nb):
+                    for j in cutlass.range_constexpr(_CHUNK):
+                        acc += rW[u, j] * rX[u, j]
+        acc = warp_reduce(acc, operator.add)
+        if const_expr(wpr == 1):
+            if row < self.n_expert:  # noqa: SIM102 (runtime conditions, kept as nested DSL ifs)
+                if lane == 0:
+                    mS[tok, row] = acc
+                    cute.arch.fence_acq_rel_gpu()  # release this logit before the CTA's arrival below
+        else:
+            if lane == 0:
+                red_v[warp] = acc
+            cute.arch.barrier()
+            if row < self.n_expert:  # noqa: SIM102 (runtime conditions, kept as nested DSL ifs)
+                if tid % (32 * wpr) == 0:  # lane 0 of the row's first warp: fixed-order sum of the parts
+                    t = red_v[warp]
+                    for j in cutlass.range_constexpr(1, wpr):
+                        t = t + red_v[warp + j]
+                    mS[tok, row] = t
+                    cute.arch.fence_acq_rel_gpu()
+
+        # ---- arrival: the last CTA of this token runs the softmax/top-k ----
+        cute.arch.barrier()
+        if tid == 0:
+            sFlag[0] = cute.arch.atomic_add((mCnt.iterator + tok).llvm_ptr, Int32(1), sem="acq_rel", scope="gpu")
+        cute.arch.barrier()
+        if sFlag[0] == self.n_ctas - 1:
+            cute.arch.fence_acq_rel_gpu()  # acquire: every CTA's logits are visible below
+            softmax_topk_block(mS[tok, None], mI[tok, None], mP[tok, None], red_v, red_i, self.n_expert, self.k,
+                               self.norm_topk, self.threads, True)
+            if tid == 0:
+                mCnt[tok] = Int32(0)  # all n_ctas arrivals are in: reset for the next launch / graph replay
+
+
+@kernel_cache
+def compile_router_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, wpr: int = 0):
+    """Compile :class:`RouterGemvTopK` (``wpr`` 0 = :func:`choose_router_wpr`). Runtime args: (w f32, h f32,
+    scratch f32, counter int32, ids int32, weights f32 pointers, n_tokens, stream)."""
+    return cute.compile(RouterGemvTopK(n_expert, n_embd, k, norm_topk, wpr), fake_ptr(Float32, 16),
+                        fake_ptr(Float32, 16), fake_ptr(Float32, 4), fake_ptr(Int32, 4), fake_ptr(Int32, 4),
+                        fake_ptr(Float32, 4), Int32(1), cute.runtime.make_fake_stream(), options=compile_options())
+
+
+def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, weights_out=None, scratch=None,
+               counter=None, stream=None, n_expert: int | None = None, wpr: int = 0):
+    """Fused MoE router: ``route(w_router @ h, k)`` in one launch.
+
+    ``w_router``: f32 ``[n_expert, n_embd]`` (numpy, or a DeviceArray of any dtype holding those bytes, e.g. the raw
+    GGUF ``ffn_gate_inp`` upload; pass ``n_expert`` when its shape does not say it), 16-byte aligned.
+    ``h``: f32 ``[n_embd]`` or ``[T, n_embd]`` (16-byte aligned). Returns ``(ids int32 [T, k], weights f32 [T, k])``
+    (numpy if ``h`` is numpy).
+
+    CUDA-graph capture: pass ``ids_out``, ``weights_out``, ``scratch`` (f32, >= T * n_expert elements: the logits,
+    readable afterwards) and ``counter`` (int32, >= T elements, **zero** before the first launch; the kernel leaves
+    it zero, so one zeroed counter serves every layer and every replay on one stream). Anything not given is
+    allocated here (the counter zeroed), which a capture must not do."""
+    from ..runtime import DeviceArray, as_device, resolve_stream
+
+    st = resolve_stream(stream)
+    dh, was_np = as_device(h, st, np.float32)
+    n_embd = int(dh.shape[-1])
+    T = dh.size // n_embd
+    if isinstance(w_router, DeviceArray):
+        dw = w_router
+    else:
+        dw, _ = as_device(np.ascontiguousarray(w_router, np.float32), st, np.float32)
+    if n_expert is None:
+        if dw.dtype == np.float32 and len(dw.shape) == 2:
+            n_expert = int(dw.shape[0])
+        else:
+            n_expert = dw.nbytes // (4 * n_embd)
+    if dw.nbytes != 4 * n_expert * n_embd:
+        raise ValueError(f"router weight has {dw.nbytes} bytes, expected f32 [{n_expert}, {n_embd}]")
+    for a, what in ((dw, "w_router"), (dh, "h")):
+        if a.ptr % 16:
+            raise ValueError(f"{what} must be 16-byte aligned (ptr {a.ptr:#x}): the kernel uses 128-bit loads")
+    ids = ids_out if ids_out is not None else DeviceArray.empty((T, k), np.int32)
+    w = weights_out if weights_out is not None else DeviceArray.empty((T, k), np.float32)
+    if scratch is None:
+        scratch = DeviceArray.empty((T, n_expert), np.float32)
+    if counter is None:
+        counter = DeviceArray.zeros((T,), np.int32, stream=st)
+    if scratch.nbytes < 4 * T * n_expert or counter.nbytes < 4 * T:
+        raise ValueError(f"scratch needs {T * n_expert} f32 and counter {T} int32 elements")
+    if T:
+        compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, wpr=wpr)(
+            gptr(Float32, dw.ptr, 16), gptr(Float32, dh.ptr, 16), gptr(Float32, scratch.ptr, 4),
+            gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, w.ptr, 4), Int32(T), st.cu)
+    if was_np:
+        return ids.to_numpy(st), w.to_numpy(st)
     return ids, w
 
 
@@ -227,3 +442,31 @@ register("router", compile_router, [
     dict(n_expert=32, k=8),     # synthetic
     dict(n_expert=128, k=8, norm_topk=False),
 ], launch_example=_launch_example)
+
+
+def _launch_example_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, wpr: int = 0):
+    from ..runtime import DeviceArray, default_stream
+
+    w = DeviceArray.zeros((n_expert, n_embd), np.float32)
+    h = DeviceArray.zeros((1, n_embd), np.float32)
+    scratch = DeviceArray.empty((1, n_expert), np.float32)
+    counter = DeviceArray.zeros((1,), np.int32)
+    ids = DeviceArray.empty((1, k), np.int32)
+    p = DeviceArray.empty((1, k), np.float32)
+    s = default_stream()
+    fn = compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, wpr=wpr)
+
+    def launch():
+        fn(gptr(Float32, w.ptr, 16), gptr(Float32, h.ptr, 16), gptr(Float32, scratch.ptr, 4),
+           gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, p.ptr, 4), Int32(1), s.cu)
+
+    return launch
+
+
+register("router_gemv", compile_router_gemv, [
+    dict(n_expert=128, n_embd=2048, k=8),   # Qwen3-30B-A3B
+    dict(n_expert=256, n_embd=2048, k=8),   # Qwen3.5 MoE
+    dict(n_expert=16, n_embd=256, k=4),     # synthetic qwen3moe tiny
+    dict(n_expert=16, n_embd=384, k=4),     # synthetic qwen3moe tiny-fallback
+    dict(n_expert=32, n_embd=512, k=8),     # synthetic qwen3moe small
+], launch_example=_launch_example_gemv)

@@ -33,6 +33,7 @@ from sparkinfer_cute.kernels.attention_decode import (
     attention_decode_ref,
     compile_attention_combine,
     compile_attention_decode,
+    fused_counter_count,
     split_kv_ranges,
 )
 from sparkinfer_cute.kernels.paged_kv import gather_dense, scatter_dense
@@ -215,6 +216,27 @@ def test_compile_other_targets(target):
         assert compile_attention_combine.uncached(32, 128, 32) is not None
 
 
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_fused_combine_config(name):
+    c = MODEL_CONFIGS[name]
+    k = AttentionDecodeSplitKV(c["n_head"], c["n_kv_head"], c["head_dim"], c["page_size"], c["num_splits"], False,
+                               fused_combine=True)
+    assert k.smem_bytes(k.num_warps) <= arch.SMEM_CAPACITY["sm120"]
+    # one counter per CTA column of the grid (kv head x head tile), per sequence
+    assert k.n_counters_per_seq == c["n_kv_head"] * k.n_head_tiles
+    assert fused_counter_count(c["n_head"], c["n_kv_head"], c["head_dim"], batch=3) == 3 * k.n_counters_per_seq
+    assert k.n_head_tiles * k.heads_per_cta * c["n_kv_head"] == c["n_head"]
+
+
+@pytest.mark.parametrize("target", ["sm_120a", "sm_121a", "sm_90a"])
+def test_compile_fused_combine(target):
+    with arch.target(target):
+        for name in ("qwen3moe-30b-a3b", "tiny", "gemma4-26b-a4b-full"):
+            c = MODEL_CONFIGS[name]
+            assert compile_attention_decode.uncached(**c, softcap=False, fused_combine=True) is not None
+        assert compile_attention_decode.uncached(**MODEL_CONFIGS["tiny"], softcap=True, fused_combine=True)
+
+
 # ---------------------------------------------------------------------------------------------- GPU tests
 HEADS = [(8, 2), (32, 4), (4, 1), (16, 8), (16, 2), (2, 2)]
 
@@ -377,3 +399,126 @@ def test_prefill_as_batch_of_queries(S):
     for i in range(T):
         ref = attention_decode_ref(q[i], k16, v16, p0 + i, 0.2, window)
         assert rel_err(got[i], ref) <= REL_TOL, i
+
+
+# ---------------------------------------------------------------------------------------------- fused combine (GPU)
+def _both_paths(rng, H, KV, D, P, S, positions, window, softcap, scale):
+    """The same case through the two-kernel path and the fused-combine kernel, every output poisoned first."""
+    from sparkinfer_cute.runtime import DeviceArray
+
+    B = len(positions)
+    k_pool, v_pool, table, ks, vs = make_paged_case(rng, KV, D, P, positions, window)
+    q = rng.standard_normal((B, H, D)).astype(np.float32)
+    dk, dv = DeviceArray.from_numpy(k_pool), DeviceArray.from_numpy(v_pool)
+    dtable, dpos = DeviceArray.from_numpy(table), DeviceArray.from_numpy(np.array(positions, np.int32))
+    dq = DeviceArray.from_numpy(q)
+    res = {}
+    for fused in (False, True):
+        out = DeviceArray.empty((B, H, D), np.float32).fill_bytes(0xFF)
+        o_part = DeviceArray.empty((B, H, S, D), np.float32).fill_bytes(0xFF)
+        lse_part = DeviceArray.empty((B, H, S), np.float32).fill_bytes(0xFF)
+        counters = DeviceArray.zeros((fused_counter_count(H, KV, D, B),), np.int32)
+        attention_decode(dq, dk, dv, dtable, dpos, scale=scale, window=window, softcap=softcap, num_splits=S,
+                         out=out, o_partial=o_part, lse_partial=lse_part, fused_combine=fused,
+                         counters=counters if fused else None)
+        res[fused] = (out.to_numpy(), o_part.to_numpy(), lse_part.to_numpy(), counters.to_numpy())
+    return q, ks, vs, res
+
+
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_fused_combine_bit_identical_to_two_kernels(data):
+    H, KV = data.draw(st.sampled_from(HEADS), label="heads")
+    D = data.draw(st.sampled_from([64, 128, 256, 512]), label="head_dim")
+    P = data.draw(st.sampled_from([16, 64]), label="page_size")
+    S = data.draw(st.sampled_from([1, 3, 16, 32, 64]), label="num_splits")
+    positions = data.draw(st.lists(st.integers(0, 2000), min_size=1, max_size=3), label="positions")
+    window = data.draw(st.sampled_from([0, 0, 1, 100, 512]), label="window")
+    softcap = data.draw(st.sampled_from([0.0, 0.0, 20.0]), label="softcap")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31), label="seed"))
+    scale = 2.0 / math.sqrt(D)
+    q, ks, vs, res = _both_paths(rng, H, KV, D, P, S, positions, window, softcap, scale)
+    out2, o2, lse2, _ = res[False]
+    out1, o1, lse1, cnt = res[True]
+    assert not np.isnan(out1).any(), "fused: unwritten or poisoned output element"
+    assert (cnt == 0).all(), "fused: arrival counters not reset"
+    # same split code -> same partials; same combine code and order -> the same output bits
+    np.testing.assert_array_equal(o1.view(np.uint32), o2.view(np.uint32))
+    np.testing.assert_array_equal(lse1.view(np.uint32), lse2.view(np.uint32))
+    np.testing.assert_array_equal(out1.view(np.uint32), out2.view(np.uint32))
+    for b, pos in enumerate(positions):
+        assert rel_err(out1[b], attention_decode_ref(q[b], ks[b], vs[b], pos, scale, window, softcap)) <= REL_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3moe-30b-a3b", "tiny", "gemma3-270m"])
+def test_fused_combine_graph_replay(name):
+    """Two attention 'layers' sharing one zeroed counter buffer, fused, captured once and replayed 20x with new q
+    and a moving pos: each replay must equal (bitwise) the eager two-kernel path on the same inputs, so every launch
+    left its counters at 0 for the next."""
+    from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Stream
+
+    c = MODEL_CONFIGS[name]
+    H, KV, D, P, S = c["n_head"], c["n_kv_head"], c["head_dim"], c["page_size"], c["num_splits"]
+    rng = np.random.default_rng()
+    n_ctx = 700
+    stream = Stream()
+    layers, layer_tables = [], []  # each layer: its own pools and its own shuffled page table
+    for _ in range(2):
+        k_pool, v_pool, table, ks, vs = make_paged_case(rng, KV, D, P, [n_ctx - 1], 0)
+        layers.append((DeviceArray.from_numpy(k_pool), DeviceArray.from_numpy(v_pool), ks[0], vs[0]))
+        layer_tables.append(DeviceArray.from_numpy(table))
+    pos = DeviceArray.zeros((1,), np.int32, stream=stream)
+    q = DeviceArray.empty((1, H, D), np.float32)
+    outs = [DeviceArray.empty((1, H, D), np.float32) for _ in range(2)]
+    o_part = DeviceArray.empty((1, H, S, D), np.float32)
+    lse_part = DeviceArray.empty((1, H, S), np.float32)
+    counters = DeviceArray.zeros((fused_counter_count(H, KV, D),), np.int32, stream=stream)
+
+    def step(fused, out_bufs):
+        for i in range(2):
+            dk, dv, _, _ = layers[i]
+            attention_decode(q, dk, dv, layer_tables[i], pos, scale=0.1, num_splits=S, out=out_bufs[i],
+                             o_partial=o_part, lse_partial=lse_part, fused_combine=fused,
+                             counters=counters if fused else None, stream=stream)
+
+    q.copy_from_numpy(np.zeros((1, H, D), np.float32), stream)
+    step(True, outs)  # compile outside the capture
+    with CudaGraph.capture(stream) as g:
+        step(True, outs)
+    ref_outs = [DeviceArray.empty((1, H, D), np.float32) for _ in range(2)]
+    for it in range(20):
+        p = int(rng.integers(0, n_ctx)) if it else n_ctx - 1
+        q_np = rng.standard_normal((1, H, D)).astype(np.float32)
+        q.copy_from_numpy(q_np, stream)
+        pos.copy_from_numpy(np.array([p], np.int32), stream)
+        for o in outs:
+            o.fill_bytes(0xFF, stream)
+        g.replay(stream)
+        got = [o.to_numpy(stream) for o in outs]
+        step(False, ref_outs)  # eager two-kernel path, same inputs
+        for i in range(2):
+            want = ref_outs[i].to_numpy(stream)
+            np.testing.assert_array_equal(got[i].view(np.uint32), want.view(np.uint32))
+            ref = attention_decode_ref(q_np[0], layers[i][2], layers[i][3], p, 0.1)
+            assert rel_err(got[i][0], ref) <= REL_TOL, (it, i, p)
+        assert (counters.to_numpy(stream) == 0).all()
+
+
+@pytest.mark.gpu
+def test_fused_combine_workspace_counters():
+    """counters taken from a Workspace are zeroed when created there and stay zero across calls."""
+    from sparkinfer_cute.runtime import DeviceArray, Workspace
+
+    rng = np.random.default_rng()
+    H, KV, D, P, S = 8, 2, 128, 16, 5
+    ws = Workspace()
+    for pos in (10, 300, 301):
+        k_pool, v_pool, table, ks, vs = make_paged_case(rng, KV, D, P, [pos], 0)
+        q = rng.standard_normal((1, H, D)).astype(np.float32)
+        out = attention_decode(q, DeviceArray.from_numpy(k_pool), DeviceArray.from_numpy(v_pool), table,
+                               np.array([pos], np.int32), scale=0.2, num_splits=S, workspace=ws, fused_combine=True)
+        assert rel_err(out[0], attention_decode_ref(q[0], ks[0], vs[0], pos, 0.2)) <= REL_TOL
+        cnt = ws.get((fused_counter_count(H, KV, D),), np.int32, tag="attention_decode.counters").to_numpy()
+        assert (cnt == 0).all()

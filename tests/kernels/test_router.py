@@ -1,4 +1,5 @@
-"""MoE router kernel (softmax -> top-k -> renormalize) vs a float64 numpy reference with stable tie order."""
+"""MoE router kernels vs float64 numpy references with stable tie order: ``route`` (softmax -> top-k ->
+renormalize of given logits) and ``route_gemv`` (the fused router GEMV + the same softmax/top-k, one launch)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparkinfer_cute.kernels.router import NORM_TOPK_MIN, route, route_ref
+from sparkinfer_cute.kernels import arch
+from sparkinfer_cute.kernels.router import (
+    NORM_TOPK_MIN,
+    RouterGemvTopK,
+    choose_router_wpr,
+    compile_router_gemv,
+    route,
+    route_gemv,
+    route_ref,
+)
 from sparkinfer_cute.runtime.testing import assert_all_written, poisoned
 
 # Weight tolerance (relative to max|ref|): exp is ex2.approx (<= 2 ulp) of an f32 argument (l - max)*log2(e)
@@ -95,3 +105,185 @@ def test_router_numpy_path_single_token():
     ref_ids, ref_w = route_ref(lg, 8)
     assert ids.shape == (1, 8) and (ids == ref_ids).all()
     np.testing.assert_allclose(w, ref_w, rtol=TOL)
+
+
+# ---------------------------------------------------------------------------------------------- fused router GEMV
+# (n_expert, n_embd, k): Qwen3-30B-A3B, Qwen3.5 MoE, synthetic qwen3moe tiny / tiny-fallback / small presets
+FUSED_CONFIGS = [(128, 2048, 8), (256, 2048, 8), (16, 256, 4), (16, 384, 4), (32, 512, 8)]
+
+
+def test_choose_router_wpr_and_grid():
+    for n_expert, n_embd, k in FUSED_CONFIGS:
+        kern = RouterGemvTopK(n_expert, n_embd, k)
+        assert kern.wpr == choose_router_wpr(n_expert, n_embd) in (1, 2, 4)
+        # every expert row is owned by exactly one (CTA, warp group)
+        assert kern.n_ctas * kern.rows_per_cta >= n_expert > (kern.n_ctas - 1) * kern.rows_per_cta
+        assert kern.chunks_per_lane * 32 * kern.wpr * 4 >= n_embd
+    assert RouterGemvTopK(128, 2048, 8).n_ctas == 64  # 30B-A3B: 2 warps per row, 64 CTAs (measured choice)
+    with pytest.raises(ValueError):
+        RouterGemvTopK(128, 2046, 8)  # not a multiple of 4 f32 (16-byte loads)
+    with pytest.raises(ValueError):
+        RouterGemvTopK(8, 256, 9)
+
+
+@pytest.mark.parametrize("target", ["sm_120a", "sm_121a", "sm_90a"])
+@pytest.mark.parametrize("cfg", FUSED_CONFIGS)
+def test_router_gemv_compiles(target, cfg):
+    n_expert, n_embd, k = cfg
+    with arch.target(target):
+        assert compile_router_gemv.uncached(n_expert=n_expert, n_embd=n_embd, k=k) is not None
+
+
+def dot_error_bound(w, h):
+    """Rigorous bound on |f32 dot - exact| per row (Higham gamma_n with n = n_embd + 8, u = 2^-24)."""
+    return (w.shape[1] + 8) * 2.0**-24 * (np.abs(w.astype(np.float64)) @ np.abs(h.astype(np.float64)).T).T
+
+
+def _run_fused(w, h, k, norm, wpr=0, counter=None):
+    from sparkinfer_cute.runtime import DeviceArray
+
+    T, n_expert = h.shape[0], w.shape[0]
+    ids, p = poisoned((T, k), np.int32), poisoned((T, k), np.float32)
+    scratch = poisoned((T, n_expert), np.float32)
+    counter = counter if counter is not None else DeviceArray.zeros((T,), np.int32)
+    route_gemv(DeviceArray.from_numpy(w), DeviceArray.from_numpy(h), k, norm_topk=norm, ids_out=ids, weights_out=p,
+               scratch=scratch, counter=counter, wpr=wpr)
+    ids, p, logits = ids.to_numpy(), p.to_numpy(), scratch.to_numpy()
+    assert_all_written(ids, "ids")
+    assert_all_written(p, "weights")
+    assert_all_written(logits, "logits scratch")
+    assert (counter.to_numpy() == 0).all(), "arrival counter not reset"
+    return ids, p, logits
+
+
+def _check_fused(w, h, k, norm, ids, p, logits):
+    from sparkinfer_cute.kernels.common import rel_err
+
+    ref_logits = h.astype(np.float64) @ w.astype(np.float64).T
+    bound = dot_error_bound(w, h)
+    assert (np.abs(logits - ref_logits) <= bound).all()
+    # f32 sums in chains of <= 16*4 products plus a 5-7 level tree: ~1e-6 relative typically; 1e-5 leaves margin
+    assert rel_err(logits, ref_logits) < 1e-5
+    # softmax/top-k of the kernel's own logits: exact ids, same tolerance as the standalone router
+    own_ids, own_w = route_ref(logits, k, norm)
+    np.testing.assert_array_equal(ids, own_ids)
+    assert rel_err(p, own_w) < TOL
+    # a logit error d moves a weight by <= ~2 d relative (softmax derivative; renormalization)
+    _assert_matches_f64(w, h, k, norm, ids, p, TOL + 4 * float(np.max(np.abs(logits - ref_logits))))
+
+
+def _assert_matches_f64(w, h, k, norm, ids, p, wtol):
+    """End to end vs route_ref(float64 W @ h): ids exact for every token whose top k+1 exact logits are separated by
+    more than twice the f32 dot error bound (continuous random data: all but ~1e-5 of draws); weights to ``wtol``."""
+    from sparkinfer_cute.kernels.common import rel_err
+
+    ref_logits = h.astype(np.float64) @ w.astype(np.float64).T
+    ref_ids, ref_w = route_ref(ref_logits, k, norm)
+    top = -np.sort(-ref_logits, axis=-1)[:, : k + 1]
+    separated = (np.diff(-top, axis=-1) > 2 * dot_error_bound(w, h).max(axis=-1, keepdims=True)).all(axis=-1)
+    assert separated.mean() >= 0.5, "test data too tie-prone to check against float64"
+    np.testing.assert_array_equal(ids[separated], ref_ids[separated])
+    assert rel_err(p[separated], ref_w[separated]) < wtol
+
+
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None)
+@given(cfg=st.sampled_from(FUSED_CONFIGS + [(8, 4, 1), (40, 100, 5), (300, 1000, 8), (64, 2816, 8)]),
+       T=st.integers(1, 3), wpr=st.sampled_from([0, 1, 2, 4]), sigma=st.floats(0.1, 4.0), norm=st.booleans())
+def test_route_gemv_random(cfg, T, wpr, sigma, norm):
+    n_expert, n_embd, k = cfg
+    rng = np.random.default_rng()
+    w = (rng.standard_normal((n_expert, n_embd)) * (sigma / np.sqrt(n_embd))).astype(np.float32)
+    h = rng.standard_normal((T, n_embd)).astype(np.float32)
+    ids, p, logits = _run_fused(w, h, k, norm, wpr)
+    _check_fused(w, h, k, norm, ids, p, logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", FUSED_CONFIGS)
+def test_route_gemv_bit_identical_to_route_on_its_logits(cfg):
+    """The last CTA runs the standalone router's code: same ids and the same weight bits as route() on the logits
+    the GEMV phase wrote."""
+    from sparkinfer_cute.runtime import DeviceArray
+
+    n_expert, n_embd, k = cfg
+    rng = np.random.default_rng()
+    w = (rng.standard_normal((n_expert, n_embd)) / np.sqrt(n_embd)).astype(np.float32)
+    h = rng.standard_normal((2, n_embd)).astype(np.float32)
+    ids, p, logits = _run_fused(w, h, k, True)
+    ids2, p2 = route(DeviceArray.from_numpy(logits), k)
+    np.testing.assert_array_equal(ids, ids2.to_numpy())
+    np.testing.assert_array_equal(p.view(np.uint32), p2.to_numpy().view(np.uint32))
+    _check_fused(w, h, k, True, ids, p, logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", FUSED_CONFIGS)
+def test_route_gemv_ties_lowest_index_first(cfg):
+    """Duplicated weight rows give bit-equal logits (same code, same order): ties must rank by expert index."""
+    n_expert, n_embd, k = cfg
+    rng = np.random.default_rng()
+    base = (rng.standard_normal((3, n_embd)) / np.sqrt(n_embd)).astype(np.float32)
+    w = base[rng.integers(0, 3, n_expert)]  # only 3 distinct rows: many exact ties
+    h = rng.standard_normal((1, n_embd)).astype(np.float32)
+    ids, p, logits = _run_fused(w, h, k, True)
+    ref_ids, ref_w = route_ref(logits, k, True)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_allclose(p, ref_w, rtol=TOL)
+    # float64 logits of equal rows are equal too: the same tie order end to end
+    np.testing.assert_array_equal(ids, route_ref(h.astype(np.float64) @ w.astype(np.float64).T, k)[0])
+
+
+@pytest.mark.gpu
+def test_route_gemv_numpy_path():
+    rng = np.random.default_rng()
+    w = (rng.standard_normal((128, 2048)) / 45).astype(np.float32)
+    h = rng.standard_normal(2048).astype(np.float32)
+    ids, p = route_gemv(w, h, 8)
+    assert ids.shape == (1, 8) and p.shape == (1, 8)
+    _assert_matches_f64(w, h[None], 8, True, ids, p, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [(128, 2048, 8), (16, 256, 4)])
+def test_route_gemv_graph_replay(cfg):
+    """Two fused routers (two 'layers', one shared zeroed counter) captured once, replayed 20x with new weights and
+    activations each time: every replay must be right, so each launch left the counter at 0 for the next one."""
+    from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Stream
+
+    n_expert, n_embd, k = cfg
+    rng = np.random.default_rng()
+    stream = Stream()
+    w = [DeviceArray.empty((n_expert, n_embd), np.float32) for _ in range(2)]
+    h = [DeviceArray.empty((1, n_embd), np.float32) for _ in range(2)]
+    ids = [DeviceArray.empty((1, k), np.int32) for _ in range(2)]
+    p = [DeviceArray.empty((1, k), np.float32) for _ in range(2)]
+    scratch = DeviceArray.empty((1, n_expert), np.float32)
+    counter = DeviceArray.zeros((1,), np.int32, stream=stream)
+
+    def step():
+        for i in range(2):
+            route_gemv(w[i], h[i], k, ids_out=ids[i], weights_out=p[i], scratch=scratch, counter=counter,
+                       stream=stream)
+
+    for a in w + h:
+        a.copy_from_numpy(np.zeros(a.shape, np.float32), stream)
+    step()  # compile outside the capture
+    with CudaGraph.capture(stream) as g:
+        step()
+    for _ in range(20):
+        ws = [(rng.standard_normal((n_expert, n_embd)) / np.sqrt(n_embd)).astype(np.float32) for _ in range(2)]
+        hs = [rng.standard_normal((1, n_embd)).astype(np.float32) for _ in range(2)]
+        for i in range(2):
+            w[i].copy_from_numpy(ws[i], stream)
+            h[i].copy_from_numpy(hs[i], stream)
+            ids[i].fill_bytes(0xFF, stream)
+            p[i].fill_bytes(0xFF, stream)
+        g.replay(stream)
+        stream.synchronize()
+        for i in range(2):
+            got_ids, got_p = ids[i].to_numpy(stream), p[i].to_numpy(stream)
+            assert_all_written(got_ids, "ids")
+            assert_all_written(got_p, "weights")
+            _assert_matches_f64(ws[i], hs[i], k, True, got_ids, got_p, 1e-4)
+        assert counter.to_numpy(stream)[0] == 0
