@@ -21,6 +21,11 @@ from ..gguf.reader import GGUFFile
 from . import ops
 
 
+# bytes per 32-weight block of the types llama.cpp's x86 CPU backend multiplies with Q8_0 activations through
+# tinyBLAS_Q0_AVX / ggml_vec_dot_*_q8_0 (fp16 scale first)
+_Q0_BLOCK_BYTES = {"Q4_0": 18, "Q5_0": 22, "Q8_0": 34}
+
+
 def _fallback_config(g: GGUFFile) -> SimpleNamespace:
     """The config fields the reference uses, read straight from the metadata (used only if
     ``sparkinfer_cute.gguf.config.load_config`` is unavailable)."""
@@ -180,9 +185,51 @@ class ReferenceModel:
         raw = np.asarray(self.g.raw("token_embd.weight")[tokens])
         return dequantize(raw, ti.ggml_type).reshape(len(tokens), ti.shape[0]).astype(self.dtype)
 
-    def linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        """``ggml_mul_mat(W, x)``: x (n, n_in) -> (n, n_out)."""
+    def linear(self, x: np.ndarray, name: str, float_order: bool = True) -> np.ndarray:
+        """``ggml_mul_mat(W, x)``: x (n, n_in) -> (n, n_out).
+
+        With ``emulate_cpu`` the activations are rounded as llama.cpp's CPU backend rounds them (:meth:`act_for`),
+        and, unless ``float_order`` is False, the float accumulation follows llama.cpp's too: bit for bit for the
+        32-block weights (:func:`ops.matmul_q0_llama_cpu`), and exact-then-rounded-to-f32 (float64) for K-quants.
+        That matters because every later activation rounding (Q8_0/Q8_K, fp16 K/V) turns a last-bit difference into
+        a 1/127 step, and these steps compound over the layers (measured, Gemma 3 270M: with per-op differences of
+        ~1e-7 relative the logits still drift by ~0.1 nat). ``float_order=False`` (used for the LM head, whose
+        output feeds no later rounding) keeps the fast float32 product.
+        """
+        if self.emulate_cpu and float_order:
+            t = self.g.tensor(name).ggml_type.name
+            if t in _Q0_BLOCK_BYTES:
+                qa, da = ops.quantize_q8_0_blocks(x)
+                qw, dw = self._q0_blocks(name)
+                return ops.matmul_q0_llama_cpu(qa, da, qw, dw).astype(self.dtype)
+            if t.endswith("_K"):
+                xa = ops.quantize_activation_q8_K(x).astype(np.float64)
+                return (xa @ self.weight(name).astype(np.float64).T).astype(np.float32).astype(self.dtype)
         return self.act_for(x, name) @ self.weight(name).T
+
+    def _q0_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A 32-block weight as integer blocks (n_out, nb, 32) float32 and scales (n_out, nb) float32 (cached)."""
+        key = "q0:" + name
+        blk = self._weights.get(key)
+        if blk is None:
+            t = self.g.tensor(name).ggml_type.name
+            w = np.asarray(self.g.dequant(name), dtype=np.float32)
+            n_out, n_in = w.shape
+            raw = np.ascontiguousarray(np.asarray(self.g.raw(name))).view(np.uint8).reshape(n_out, n_in // 32, -1)
+            assert raw.shape[-1] == _Q0_BLOCK_BYTES[t], (name, raw.shape)
+            d = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q = np.where(d[..., None] != 0, w.reshape(n_out, n_in // 32, 32) / d[..., None], 0.0)
+            q = q.astype(np.float32)
+            assert np.array_equal(q, np.rint(q)), name
+            blk = (q, d)
+            self._weights[key] = blk
+        return blk
+
+    def norm(self, x: np.ndarray, weight_name: str) -> np.ndarray:
+        """RMSNorm with the named weight: :func:`ops.rmsnorm`, or with ``emulate_cpu`` its llama.cpp rounding."""
+        fn = ops.rmsnorm_llama_cpu if self.emulate_cpu else ops.rmsnorm
+        return fn(x, self.weight(weight_name), self.eps)
 
     def act_for(self, x: np.ndarray, name: str) -> np.ndarray:
         """x as the matmul with tensor ``name`` sees it: unchanged, or with ``emulate_cpu`` rounded to the weight
@@ -197,6 +244,13 @@ class ReferenceModel:
         if t in ("F16", "BF16"):
             return ops.round_fp16(x)
         return x
+
+    def attend(self, q, k, v, q_pos, k_pos=None, scale: float = 1.0, window: int | None = None) -> np.ndarray:
+        """Attention over the cache: :func:`ops.attention` (exact math), or with ``emulate_cpu`` llama.cpp's CPU
+        flash-attention numerics (:func:`ops.attention_llama_cpu`: f32 for batches of >= 64 rows, fp16 Q and fp16
+        V accumulator below)."""
+        fn = ops.attention_llama_cpu if self.emulate_cpu else ops.attention
+        return fn(q, k, v, q_pos=q_pos, k_pos=k_pos, scale=scale, window=window)
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:

@@ -47,21 +47,20 @@ class Gemma3Reference(ReferenceModel):
         n = x.shape[0]
         H, Hkv, D = self.n_head, self.n_head_kv, self.head_dim
         dt = self.dtype.type
-        h = ops.rmsnorm(x, self.weight(p + "attn_norm.weight"), self.eps)
+        h = self.norm(x, p + "attn_norm.weight")
         q = self.linear(h, p + "attn_q.weight").reshape(n, H, D)
         k = self.linear(h, p + "attn_k.weight").reshape(n, Hkv, D)
         v = self.linear(h, p + "attn_v.weight").reshape(n, Hkv, D)
-        q = ops.rmsnorm_per_head(q, self.weight(p + "attn_q_norm.weight"), self.eps)
-        k = ops.rmsnorm_per_head(k, self.weight(p + "attn_k_norm.weight"), self.eps)
+        q = self.norm(q, p + "attn_q_norm.weight")
+        k = self.norm(k, p + "attn_k_norm.weight")
         base = float(self.cfg.rope_base_for(l))
         fs = float(self.cfg.rope_freq_scale_for(l)) if hasattr(self.cfg, "rope_freq_scale_for") else 1.0
-        q = ops.rope_neox(q, positions, self.n_rot, base, freq_scale=fs)
-        k = ops.rope_neox(k, positions, self.n_rot, base, freq_scale=fs)
+        rope = ops.rope_neox_llama_cpu if self.emulate_cpu else ops.rope_neox
+        q = rope(q, positions, self.n_rot, base, freq_scale=fs)
+        k = rope(k, positions, self.n_rot, base, freq_scale=fs)
         q = q * dt(np.float32(self.q_scale))
-        if self.emulate_cpu:
-            q = ops.round_fp16(q)
         K, V = self.kv.store(l, self.pos, k, v)
-        o = ops.attention(
+        o = self.attend(
             q,
             K.astype(self.dtype),
             V.astype(self.dtype),
@@ -70,23 +69,23 @@ class Gemma3Reference(ReferenceModel):
             window=self.window if self._is_swa(l) else None,
         )
         a = self.linear(o.reshape(n, H * D), p + "attn_output.weight")
-        a = ops.rmsnorm(a, self.weight(p + "post_attention_norm.weight"), self.eps)
+        a = self.norm(a, p + "post_attention_norm.weight")
         x = x + a
-        h = ops.rmsnorm(x, self.weight(p + "ffn_norm.weight"), self.eps)
+        h = self.norm(x, p + "ffn_norm.weight")
         gelu = ops.gelu_tanh_fp16_table if self.emulate_cpu else ops.gelu_tanh
         f = gelu(self.linear(h, p + "ffn_gate.weight")) * self.linear(h, p + "ffn_up.weight")
         f = self.linear(f, p + "ffn_down.weight")
-        f = ops.rmsnorm(f, self.weight(p + "post_ffw_norm.weight"), self.eps)
+        f = self.norm(f, p + "post_ffw_norm.weight")
         if capture is not None:
             capture[f"attn_out.{l}"] = a
             capture[f"ffn_out.{l}"] = f
         return x + f
 
     def _output(self, x, capture):
-        h = ops.rmsnorm(x, self.weight("output_norm.weight"), self.eps)
+        h = self.norm(x, "output_norm.weight")
         if capture is not None:
             capture["output_norm"] = h
-        logits = self.linear(h, self.out_name)
+        logits = self.linear(h, self.out_name, float_order=False)
         if self.softcap:
             c = self.dtype.type(self.softcap)
             logits = c * np.tanh(logits / c)

@@ -261,6 +261,63 @@ def quantize_activation_q8_0(x: np.ndarray) -> np.ndarray:
     return (q * d.astype(np.float16).astype(np.float32)).reshape(shp).astype(dt)
 
 
+def quantize_q8_0_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same Q8_0 rounding as :func:`quantize_activation_q8_0`, returned as blocks: ``q`` (…, n/32, 32) float32
+    integers in [-127, 127] and ``d`` (…, n/32) float32 holding the fp16 block scale."""
+    x32 = np.asarray(x, dtype=np.float32)
+    b = x32.reshape(*x32.shape[:-1], x32.shape[-1] // 32, 32)
+    amax = np.abs(b).max(axis=-1)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        idv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    q = np.rint((b * idv[..., None]).astype(np.float32)).astype(np.float32)
+    return q, d.astype(np.float16).astype(np.float32)
+
+
+def rmsnorm_llama_cpu(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    """:func:`rmsnorm` as ``ggml_compute_forward_rms_norm_f32`` rounds it: each square ``x·x`` is a float product
+    (rounded to f32) before it is added to the double sum; then ``mean`` (f32), ``1/sqrtf(mean + eps)``, ``x·scale``
+    and (a separate ggml_mul) ``·weight``, each rounded to f32."""
+    x = np.asarray(x, dtype=np.float32)
+    ss = np.sum((x * x).astype(np.float32).astype(np.float64), axis=-1)
+    mean = (ss / x.shape[-1]).astype(np.float32)
+    scale = (np.float32(1.0) / np.sqrt(mean + np.float32(eps))).astype(np.float32)
+    y = (x * scale[..., None]).astype(np.float32)
+    if weight is not None:
+        y = (y * np.asarray(weight, dtype=np.float32)).astype(np.float32)
+    return y
+
+
+def _hsum8_f32(acc: np.ndarray) -> np.ndarray:
+    """``hsum(__m256)`` of llamafile/sgemm.cpp and ``hsum_float_8`` of arch/x86/quants.c on 8 float lanes (last
+    axis): ``r_i = x_{i+4} + x_i``, then ``(r_0 + r_2) + (r_1 + r_3)``, every add in f32."""
+    r = (acc[..., 4:] + acc[..., :4]).astype(np.float32)
+    return ((r[..., 0] + r[..., 2]).astype(np.float32) + (r[..., 1] + r[..., 3]).astype(np.float32)).astype(np.float32)
+
+
+def matmul_q0_llama_cpu(qa: np.ndarray, da: np.ndarray, qw: np.ndarray, dw: np.ndarray) -> np.ndarray:
+    """``ggml_mul_mat`` of a 32-block weight (Q4_0/Q5_0/Q8_0) and Q8_0 activations on llama.cpp's x86 CPU path,
+    in its float order. Both the llamafile ``tinyBLAS_Q0_AVX`` kernels (batches of >= 2 rows, every tile shape) and
+    ``ggml_vec_dot_q{5,8}_0_q8_0`` (one row) keep 8 f32 lanes per output; at block b lane j gets
+    ``fma(f32(d_w·d_a), Σ_{k<4} q_w[4j+k]·q_a[4j+k], lane_j)`` (an exact int32 partial sum; dpbusd / maddubs+madd
+    both group 4 consecutive bytes), and the lanes are reduced by :func:`_hsum8_f32`.
+
+    qa (t, nb, 32), da (t, nb): activation blocks (:func:`quantize_q8_0_blocks`); qw (o, nb, 32), dw (o, nb): weight
+    blocks as integers and f32 scales. Returns (t, o) float32. (The fma is emulated as a float64 multiply-add
+    rounded to f32: a*b is exact in float64, so this differs from a true fma only on double-rounding ties.)
+    """
+    t, nb = da.shape
+    o = dw.shape[0]
+    a = np.ascontiguousarray(qa.reshape(t, nb, 8, 4).transpose(1, 2, 0, 3))  # (nb, 8, t, 4)
+    w = np.ascontiguousarray(qw.reshape(o, nb, 8, 4).transpose(1, 2, 3, 0))  # (nb, 8, 4, o)
+    acc = np.zeros((t, o, 8), np.float32)
+    for b in range(nb):
+        isum = np.matmul(a[b], w[b]).transpose(1, 2, 0)  # (t, o, 8): exact integers in f32
+        dd = (dw[None, :, b] * da[:, b, None]).astype(np.float32)
+        acc = (acc.astype(np.float64) + dd[..., None].astype(np.float64) * isum).astype(np.float32)
+    return _hsum8_f32(acc)
+
+
 def quantize_activation_q8_K(x: np.ndarray) -> np.ndarray:
     """``quantize_row_q8_K_ref`` (activations for K-quant dots): blocks of 256, ``iscale = -127/max`` where max is
     the signed value of largest magnitude, ``q = min(127, nearest_int(iscale·x))``, ``d = 1/iscale`` (float32);
@@ -276,3 +333,127 @@ def quantize_activation_q8_K(x: np.ndarray) -> np.ndarray:
         d = np.where(mx != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
     q = np.minimum(np.rint(iscale * b), 127)
     return (q * d).reshape(shp).astype(dt)
+
+
+# ggml-cpu/common.h GGML_FA_TILE_Q: ggml_compute_forward_flash_attn_ext_f16 takes its tiled path (f32 Q, f32 GEMMs,
+# f32 accumulator) when a batch has at least this many query rows, else the per-row ``one_chunk`` path below.
+FA_TILE_Q = 64
+
+
+def attention_llama_cpu(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    q_pos: np.ndarray,
+    k_pos: np.ndarray | None = None,
+    scale: float = 1.0,
+    window: int | None = None,
+) -> np.ndarray:
+    """:func:`attention` with the numerics of llama.cpp's CPU flash attention over an F16 KV cache
+    (``ggml_compute_forward_flash_attn_ext_f16``, ggml-cpu/ops.cpp), the path ``-fa auto`` picks on CPU.
+
+    * ``n_q >= FA_TILE_Q`` (prefill batches): the tiled path converts K/V to f32 and does everything in f32, so it
+      is :func:`attention` itself (measured on Gemma 3 270M layer 0, 288 rows, from llama.cpp's own Q/K/V: max rel.
+      diff 7e-7 of the output, float32 summation order).
+    * fewer rows (decode, short prompts): ``one_chunk``: Q rounded to fp16, scores ``f16·f16`` dots in f32, then an
+      online softmax over the keys in order whose V accumulator ``VKQ16`` is **fp16**: on a new maximum
+      ``VKQ16 = fp16(VKQ16·expf(M_old - M))``, then ``VKQ16 = fp16(fma(v, expf(s - M), VKQ16))``; the f32 sum S
+      likewise; the output is ``f32(VKQ16) · (1/S)``. The fp16 accumulator is the largest rounding in llama.cpp's
+      decode path (~5e-4 relative per step), so it is reproduced step by step here.
+    """
+    n_q = q.shape[0]
+    if n_q >= FA_TILE_Q:
+        return attention(q, k, v, q_pos, k_pos, scale=scale, window=window)
+    f32, f16 = np.float32, np.float16
+    _, n_head, d = q.shape
+    n_k, n_head_kv, _ = k.shape
+    group = n_head // n_head_kv
+    if k_pos is None:
+        k_pos = np.arange(n_k)
+    vis = causal_window_mask(q_pos, k_pos, window)  # (n_q, n_k)
+    kv_of_head = np.arange(n_head) // group
+    qh = np.asarray(q, f32).astype(f16).astype(np.float64)
+    kh = np.asarray(k, f32).astype(f16).astype(np.float64)[:, kv_of_head]  # (n_k, H, d)
+    vh = np.asarray(v, f32).astype(f16).astype(np.float64)[:, kv_of_head]  # (n_k, H, d_v)
+    # each score is a dot of fp16 values (exact products) summed in f32 lanes: float64 then rounded is within an
+    # ulp or so of ggml_vec_dot_f16
+    s = (np.einsum("qhd,khd->qhk", qh, kh).astype(f32) * f32(scale)).astype(f32)
+    M = np.full((n_q, n_head), -np.inf, f32)
+    S = np.zeros((n_q, n_head), f32)
+    acc = np.zeros((n_q, n_head, vh.shape[-1]), f16)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for ic in range(n_k):
+            act = vis[:, ic]
+            if not act.any():
+                continue
+            sc = s[:, :, ic]
+            new = (sc > M) & act[:, None]
+            ms = np.where(new, np.exp((M - sc).astype(f32)), f32(1.0)).astype(f32)
+            vs = np.where(new, f32(1.0), np.exp((sc - M).astype(f32))).astype(f32)
+            scaled = (acc.astype(f32) * ms[..., None]).astype(f16)
+            acc = np.where(new[..., None], scaled, acc)
+            upd = (acc.astype(np.float64) + vh[ic][None] * vs[..., None].astype(np.float64)).astype(f32).astype(f16)
+            acc = np.where(act[:, None, None], upd, acc)
+            S = np.where(act[:, None], (S.astype(np.float64) * ms + vs).astype(f32), S)
+            M = np.where(new, sc, M)
+    s_inv = np.where(S == 0, f32(0.0), f32(1.0) / S).astype(f32)
+    return (acc.astype(f32) * s_inv[..., None]).astype(f32).astype(_float_dtype(q), copy=False)
+
+
+def _libm_f32(name: str):
+    """glibc's float ``cosf``/``sinf`` (what ggml_rope_cache_init calls), through ctypes; None where unavailable."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        f = getattr(lib, name)
+    except (OSError, AttributeError):
+        return None
+    f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+    return np.frompyfunc(lambda v: f(float(v)), 1, 1)
+
+
+_COSF, _SINF = _libm_f32("cosf"), _libm_f32("sinf")
+
+
+def rope_neox_llama_cpu(
+    x: np.ndarray,
+    positions: np.ndarray,
+    n_rot: int,
+    base: float,
+    freq_factors: np.ndarray | None = None,
+    freq_scale: float = 1.0,
+) -> np.ndarray:
+    """:func:`rope_neox` bit for bit as llama.cpp's CPU ``rotate_pairs`` computes it (float32 in and out): the same
+    float32 thetas, cos/sin from libm ``cosf``/``sinf`` (glibc, not correctly rounded: they differ from the
+    correctly rounded values in ~1 % of entries), and GCC's default fp-contraction of
+    ``x0*cos - x1*sin`` to ``fma(x0, cos, -(x1*sin))`` (and ``fma(x0, sin, x1*cos)``). Measured on Gemma 3 270M
+    layer 0 (288 positions x 4 heads): 100 % of Q elements identical to llama.cpp's; plain float32 math: 70 %.
+    """
+    f32, f64 = np.float32, np.float64
+    x = np.asarray(x, dtype=f32)
+    half = n_rot // 2
+    # thetas exactly as rope_cos_sin builds them (its float32 path), then libm cos/sin of those float32 values
+    pos = np.asarray(positions, dtype=f32).reshape(-1)
+    theta_scale = f32(np.power(f32(base), f32(-2.0) / f32(n_rot), dtype=f32))
+    theta = np.empty((pos.shape[0], half), dtype=f32)
+    t = pos.copy()
+    for i in range(half):
+        theta[:, i] = t
+        t = (t * theta_scale).astype(f32)
+    if freq_factors is not None:
+        theta = (theta / np.asarray(freq_factors, dtype=f32)[:half]).astype(f32)
+    if freq_scale != 1.0:
+        theta = (f32(freq_scale) * theta).astype(f32)
+    if _COSF is not None:
+        cos = _COSF(theta).astype(f32)
+        sin = _SINF(theta).astype(f32)
+    else:  # correctly rounded: differs from glibc in ~1 % of entries
+        cos, sin = np.cos(theta.astype(f64)).astype(f32), np.sin(theta.astype(f64)).astype(f32)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x0, x1 = x[..., :half].astype(f64), x[..., half:n_rot].astype(f64)
+    out = x.copy()
+    out[..., :half] = (x0 * cos - (x[..., half:n_rot] * sin).astype(f32)).astype(f32)
+    out[..., half:n_rot] = (x0 * sin + (x[..., half:n_rot] * cos).astype(f32)).astype(f32)
+    return out

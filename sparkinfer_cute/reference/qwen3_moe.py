@@ -119,9 +119,7 @@ class Qwen3MoeReference(ReferenceModel):
         q = ops.rope_neox(q, positions, self.n_rot, base)
         k = ops.rope_neox(k, positions, self.n_rot, base)
         K, V = self.kv.store(l, self.pos, k, v)
-        if self.emulate_cpu:
-            q = ops.round_fp16(q)
-        o = ops.attention(q, K.astype(self.dtype), V.astype(self.dtype), q_pos=positions, scale=self.kq_scale)
+        o = self.attend(q, K.astype(self.dtype), V.astype(self.dtype), q_pos=positions, scale=self.kq_scale)
         a = self.linear(o.reshape(n, H * D), p + "attn_output.weight")
         x = x + a
         h = ops.rmsnorm(x, self.weight(p + "ffn_norm.weight"), self.eps)
