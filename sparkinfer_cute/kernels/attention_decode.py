@@ -38,7 +38,7 @@ Algorithm (two kernels):
 ``fused_combine=True`` (what the models run) folds step 2 into step 1: one launch instead of two. Each split CTA,
 after writing its partials, bumps an int32 arrival counter of its (sequence, kv head, head tile) (barrier, then
 thread 0: ``fence.acq_rel.gpu`` + ``atom.add.acq_rel.gpu``); the CTA that arrives last acquires (fence) and runs
-:func:`combine_splits`, the combine kernel's own code, for its ``GH`` heads, then stores 0 into the counter so the
+:func:`combine_splits`, the combine kernel's own code, for its ``GH`` heads at once, then stores 0 into the counter so the
 next launch (next layer, next graph replay) finds it zero. Same code and order: the output bits equal the
 two-kernel path's (GPU-tested). No CTA waits for another, so any residency is deadlock-free.
 
@@ -131,7 +131,7 @@ class AttentionDecodeSplitKV:
         n_groups = num_warps * self.tok_per_warp
         merge = n_groups * self.heads_per_cta * (self.head_dim + 2) * 4 + 64  # acc + m + l per token group
         if self.fused_combine:  # + the combine's LSE and weight per split, the arrival flag, alignment padding
-            merge += 2 * 4 * self.num_splits + 16 + 32
+            merge += 2 * 4 * self.heads_per_cta * self.num_splits + 8 * self.heads_per_cta + 16 + 48
         return merge
 
     @property
@@ -292,8 +292,9 @@ class AttentionDecodeSplitKV:
 
         # ---- fused combine: the last of the S split CTAs of this (sequence, kv head, head tile) merges them ----
         if const_expr(self.fused_combine):
-            sLse = smem.allocate_tensor(Float32, cute.make_layout(S), byte_alignment=16)
-            sWt = smem.allocate_tensor(Float32, cute.make_layout(S), byte_alignment=16)
+            sLse = smem.allocate_tensor(Float32, cute.make_layout(GH * S), byte_alignment=16)
+            sWt = smem.allocate_tensor(Float32, cute.make_layout(GH * S), byte_alignment=16)
+            sStat = smem.allocate_tensor(Float32, cute.make_layout(2 * GH), byte_alignment=16)
             sFlag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
             # threadFenceReduction / cooperative-groups grid-sync pattern: the CTA's partial O/LSE stores happen
             # before the barrier; thread 0 then releases them at GPU scope (fence + acq_rel atomic). The CTA that
@@ -308,9 +309,7 @@ class AttentionDecodeSplitKV:
             cute.arch.sync_threads()
             if sFlag[0] == S - 1:
                 cute.arch.fence_acq_rel_gpu()
-                for g in cutlass.range_constexpr(GH):
-                    combine_splits(mOPart, mLsePart, mOut, b, h0 + g, sLse, sWt, tidx, self.n_head, D, S, NT)
-                    cute.arch.sync_threads()  # sLse / sWt are reused by the next head
+                combine_splits(mOPart, mLsePart, mOut, b, h0, sLse, sWt, sStat, tidx, self.n_head, D, S, NT, GH)
                 if tidx == 0:
                     mCnt[cnt_idx] = Int32(0)  # all S arrivals are in: reset for the next launch / graph replay
 
@@ -320,45 +319,70 @@ class AttentionDecodeSplitKV:
 # ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
 
 
+COMBINE_LOADS_IN_FLIGHT = 32  # partial-O loads a thread issues per unrolled step of the split loop
+
+
 @cute.jit
-def combine_splits(mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor, b: Int32, h: Int32,
-                   sLse: cute.Tensor, sW: cute.Tensor, tidx: Int32, H: cutlass.Constexpr[int],
-                   D: cutlass.Constexpr[int], S: cutlass.Constexpr[int], NT: cutlass.Constexpr[int]):
-    """``out[b, h] = sum_s w_s O_s / sum_s w_s``, ``w_s = exp(LSE_s - max LSE)``, by the ``NT`` threads of a CTA (all
-    must call it: it has barriers). ``sLse``/``sW``: smem of ``S`` f32 each. Shared by :class:`AttentionDecodeCombine`
-    and the fused-combine split kernel, so both give the same bits (every element's sums run in the same order
-    whatever ``NT`` is). The partial O is read with ``ld.global.cg`` (L2): in the fused kernel it was written by
-    other CTAs of the same grid, and nothing reuses it from L1 anyway."""
-    # The S split LSEs are loaded once, in parallel, into smem (a per-thread serial loop over them would pay one
-    # L2 latency per split), then every thread reads them back from smem.
-    for i in cutlass.range_constexpr((S + NT - 1) // NT):
-        s = tidx + i * NT
-        if const_expr(S % NT == 0) or s < S:
-            sLse[s] = cute.arch.load((mLsePart.iterator + (b * H + h) * S + s).llvm_ptr, Float32, cop="cg")
+def combine_splits(mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor, b: Int32, h0: Int32,
+                   sLse: cute.Tensor, sW: cute.Tensor, sStat: cute.Tensor, tidx: Int32, H: cutlass.Constexpr[int],
+                   D: cutlass.Constexpr[int], S: cutlass.Constexpr[int], NT: cutlass.Constexpr[int],
+                   NH: cutlass.Constexpr[int]):
+    """``out[b, h] = sum_s w_s O_s / sum_s w_s``, ``w_s = exp(LSE_s - max_s LSE_s)``, for the ``NH`` heads
+    ``h0 .. h0+NH-1`` of sequence ``b``, by the ``NT`` threads of a CTA (all must call it: it has barriers).
+    ``sLse``/``sW``: smem of ``NH*S`` f32 each, ``sStat``: ``2*NH`` f32.
+
+    Shared by :class:`AttentionDecodeCombine` (NH = 1) and the fused-combine split kernel (NH = its GH heads), so
+    both give the same bits: every output element is ``num = 0; num += w_s * O_s for s = 0..S-1; num * (1/den)``
+    with ``den = w_0 + w_1 + ...`` in split order, whichever thread computes it. The heads are combined together
+    (the loads of all of a thread's elements are in flight at once; combining GH heads one after the other cost
+    GH dependent rounds of L2 latency). Partials are read with ``ld.global.cg`` (L2): in the fused kernel they were
+    written by other CTAs of the same grid (after the acquire fence), and nothing reuses them from L1 anyway."""
+    NS = NH * S
+    # The NH*S split LSEs (contiguous in lse_part) are loaded once, in parallel, into smem.
+    lse_base = (b * H + h0) * S
+    for i in cutlass.range_constexpr((NS + NT - 1) // NT):
+        j = tidx + i * NT
+        if const_expr(NS % NT == 0) or j < NS:
+            sLse[j] = cute.arch.load((mLsePart.iterator + lse_base + j).llvm_ptr, Float32, cop="cg")
     cute.arch.sync_threads()
-    lse_max = -Float32.inf
-    for s in cutlass.range(S, unroll_full=True):
-        lse_max = cute.arch.fmax(lse_max, sLse[s])
-    lse_ref = cutlass.select_(lse_max == -Float32.inf, Float32(0.0), lse_max)
-    for i in cutlass.range_constexpr((S + NT - 1) // NT):
-        s = tidx + i * NT
-        if const_expr(S % NT == 0) or s < S:
-            sW[s] = cute.math.exp2((sLse[s] - lse_ref) * Float32(LOG2_E), fastmath=True)
+    if tidx < NH:  # per head: the reference LSE (0 when every split is empty, so the weights stay finite)
+        lse_max = -Float32.inf
+        for s in cutlass.range(S, unroll_full=True):
+            lse_max = cute.arch.fmax(lse_max, sLse[tidx * S + s])
+        sStat[tidx] = cutlass.select_(lse_max == -Float32.inf, Float32(0.0), lse_max)
     cute.arch.sync_threads()
-    den = Float32(0.0)
-    for s in cutlass.range(S, unroll_full=True):
-        den += sW[s]
-    inv_den = cutlass.select_(den > Float32(0.0), Float32(1.0) / den, Float32(0.0))
-    row = (b * H + h) * S * D
-    for e in cutlass.range_constexpr((D + NT - 1) // NT):
-        d = tidx + e * NT
-        if const_expr(D % NT == 0) or d < D:
-            num = Float32(0.0)
-            # A split with no keys has w = 0 and O_s = 0 (never NaN), so it adds nothing. Unrolled so the
-            # partial-O loads of several splits are in flight together.
-            for s in cutlass.range(S, unroll=8):
-                num += sW[s] * cute.arch.load((mOPart.iterator + row + s * D + d).llvm_ptr, Float32, cop="cg")
-            mOut[b, h, d] = num * inv_den
+    for i in cutlass.range_constexpr((NS + NT - 1) // NT):
+        j = tidx + i * NT
+        if const_expr(NS % NT == 0) or j < NS:
+            sW[j] = cute.math.exp2((sLse[j] - sStat[j // S]) * Float32(LOG2_E), fastmath=True)
+    cute.arch.sync_threads()
+    if tidx < NH:  # per head: 1 / sum of the weights, summed in split order
+        den = Float32(0.0)
+        for s in cutlass.range(S, unroll_full=True):
+            den += sW[tidx * S + s]
+        sStat[NH + tidx] = cutlass.select_(den > Float32(0.0), Float32(1.0) / den, Float32(0.0))
+    cute.arch.sync_threads()
+    # Output elements j = tidx + i*NT of the NH*D outputs; E per thread. A split with no keys has w = 0 and O = 0
+    # (never NaN), so it adds nothing.
+    NE = NH * D
+    E = (NE + NT - 1) // NT
+    num = cute.make_rmem_tensor((E,), Float32)
+    for i in cutlass.range_constexpr(E):
+        num[i] = Float32(0.0)
+    for s in cutlass.range(S, unroll=max(1, min(8, COMBINE_LOADS_IN_FLIGHT // E))):
+        for i in cutlass.range_constexpr(E):
+            j = tidx + i * NT
+            if const_expr(NE % NT == 0) or j < NE:
+                g = j // D
+                d = j % D
+                o = cute.arch.load((mOPart.iterator + ((b * H + h0 + g) * S + s) * D + d).llvm_ptr, Float32,
+                                   cop="cg")
+                num[i] += sW[g * S + s] * o
+    for i in cutlass.range_constexpr(E):
+        j = tidx + i * NT
+        if const_expr(NE % NT == 0) or j < NE:
+            g = j // D
+            mOut[b, h0 + g, j % D] = num[i] * sStat[NH + g]
 
 
 class AttentionDecodeCombine:
@@ -377,7 +401,7 @@ class AttentionDecodeCombine:
         mLsePart = cute.make_tensor(pLsePart, cute.make_layout((batch, H, S), stride=(H * S, S, 1)))
         mOut = cute.make_tensor(pOut, cute.make_layout((batch, H, D), stride=(H * D, D, 1)))
         self.kernel(mOPart, mLsePart, mOut).launch(use_pdl=self.pdl, grid=[H, batch, 1], block=[self.num_threads, 1, 1],
-                                                    smem=2 * 4 * S + 64, stream=stream)
+                                                    smem=2 * 4 * S + 16 + 64, stream=stream)
 
     @cute.kernel
     def kernel(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor):
@@ -387,8 +411,9 @@ class AttentionDecodeCombine:
         smem = cutlass.memory.SmemAllocator()
         sLse = smem.allocate_tensor(Float32, cute.make_layout(self.num_splits), byte_alignment=16)
         sW = smem.allocate_tensor(Float32, cute.make_layout(self.num_splits), byte_alignment=16)
-        combine_splits(mOPart, mLsePart, mOut, b, h, sLse, sW, tidx, self.n_head, self.head_dim, self.num_splits,
-                       self.num_threads)
+        sStat = smem.allocate_tensor(Float32, cute.make_layout(2), byte_alignment=16)
+        combine_splits(mOPart, mLsePart, mOut, b, h, sLse, sW, sStat, tidx, self.n_head, self.head_dim,
+                       self.num_splits, self.num_threads, 1)
 
 
 # ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
