@@ -110,6 +110,7 @@ def test_router_numpy_path_single_token():
 # ---------------------------------------------------------------------------------------------- fused router GEMV
 # (n_expert, n_embd, k): Qwen3-30B-A3B, Qwen3.5 MoE, synthetic qwen3moe tiny / tiny-fallback / small presets
 FUSED_CONFIGS = [(128, 2048, 8), (256, 2048, 8), (16, 256, 4), (16, 384, 4), (32, 512, 8)]
+LOGIT_RTOL = 1e-5  # fused GEMV logits vs float64, relative to max|logit| (see _check_fused)
 
 
 def test_choose_router_wpr_and_grid():
@@ -163,7 +164,7 @@ def _check_fused(w, h, k, norm, ids, p, logits):
     bound = dot_error_bound(w, h)
     assert (np.abs(logits - ref_logits) <= bound).all()
     # f32 sums in chains of <= 16*4 products plus a 5-7 level tree: ~1e-6 relative typically; 1e-5 leaves margin
-    assert rel_err(logits, ref_logits) < 1e-5
+    assert rel_err(logits, ref_logits) < LOGIT_RTOL
     # softmax/top-k of the kernel's own logits: exact ids, same tolerance as the standalone router
     own_ids, own_w = route_ref(logits, k, norm)
     np.testing.assert_array_equal(ids, own_ids)
@@ -173,17 +174,19 @@ def _check_fused(w, h, k, norm, ids, p, logits):
 
 
 def _assert_matches_f64(w, h, k, norm, ids, p, wtol):
-    """End to end vs route_ref(float64 W @ h): ids exact for every token whose top k+1 exact logits are separated by
-    more than twice the f32 dot error bound (continuous random data: all but ~1e-5 of draws); weights to ``wtol``."""
+    """End to end vs route_ref(float64 W @ h): ids exact for every token whose top k+1 exact logits are more than
+    2 * LOGIT_RTOL * max|logit| apart (the fused kernel's logits are asserted within LOGIT_RTOL of float64 in
+    _check_fused, so their ranking cannot differ there; with continuous random data ~0.3% of tokens are skipped,
+    chosen from the reference alone); weights to ``wtol`` relative."""
     from sparkinfer_cute.kernels.common import rel_err
 
     ref_logits = h.astype(np.float64) @ w.astype(np.float64).T
     ref_ids, ref_w = route_ref(ref_logits, k, norm)
     top = -np.sort(-ref_logits, axis=-1)[:, : k + 1]
-    separated = (np.diff(-top, axis=-1) > 2 * dot_error_bound(w, h).max(axis=-1, keepdims=True)).all(axis=-1)
-    assert separated.mean() >= 0.5, "test data too tie-prone to check against float64"
+    separated = (np.diff(-top, axis=-1) > 2 * LOGIT_RTOL * np.abs(ref_logits).max()).all(axis=-1)
     np.testing.assert_array_equal(ids[separated], ref_ids[separated])
-    assert rel_err(p[separated], ref_w[separated]) < wtol
+    if separated.any():
+        assert rel_err(p[separated], ref_w[separated]) < wtol
 
 
 @pytest.mark.gpu
