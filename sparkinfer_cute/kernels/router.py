@@ -470,3 +470,59 @@ register("router_gemv", compile_router_gemv, [
     dict(n_expert=16, n_embd=384, k=4),     # synthetic qwen3moe tiny-fallback
     dict(n_expert=32, n_embd=512, k=8),     # synthetic qwen3moe small
 ], launch_example=_launch_example_gemv)
+
+
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+# GPU micro-benchmark: python -m sparkinfer_cute.kernels.router [--iters 200]
+# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
+
+
+def benchmark(n_expert: int = 128, n_embd: int = 2048, k: int = 8, iters: int = 200) -> dict:
+    """µs per router call, CUDA graph of ``iters`` calls: the two-launch path (F32 ``gemv`` + ``route``) vs the
+    fused :func:`route_gemv`; also checks the fused ids equal the two-launch ids on the benchmark data."""
+    from ..runtime import CudaGraph, DeviceArray, Event, Stream, elapsed_ms, get_device
+    from .gemv import gemv
+
+    rng = np.random.default_rng(0)
+    w_np = (rng.standard_normal((n_expert, n_embd)) / np.sqrt(n_embd)).astype(np.float32)
+    w = DeviceArray.from_numpy(w_np)
+    h = DeviceArray.from_numpy(rng.standard_normal((1, n_embd)).astype(np.float32))
+    logits = DeviceArray.empty((1, n_expert), np.float32)
+    counter = DeviceArray.zeros((1,), np.int32)
+    ids = [DeviceArray.empty((1, k), np.int32) for _ in range(2)]
+    p = [DeviceArray.empty((1, k), np.float32) for _ in range(2)]
+    stream = Stream()
+    w_bytes = w.view(np.uint8, (n_expert, 4 * n_embd))
+
+    def two_launch():
+        gemv(w_bytes, "F32", h, n_out=n_expert, out=logits, stream=stream)
+        route(logits, k, ids_out=ids[0], weights_out=p[0], stream=stream)
+
+    def fused():
+        route_gemv(w, h, k, ids_out=ids[1], weights_out=p[1], scratch=logits, counter=counter, stream=stream)
+
+    out = dict(n_expert=n_expert, n_embd=n_embd, k=k, device=get_device().name)
+    for name, fn in (("two_launch_us", two_launch), ("fused_us", fused)):
+        fn()
+        with CudaGraph.capture(stream) as g:
+            for _ in range(iters):
+                fn()
+        g.replay(stream)
+        t0, t1 = Event(), Event()
+        t0.record(stream)
+        g.replay(stream)
+        t1.record(stream)
+        t1.synchronize()
+        out[name] = round(elapsed_ms(t0, t1) * 1e3 / iters, 2)
+    out["same_ids"] = bool((ids[0].to_numpy(stream) == ids[1].to_numpy(stream)).all())
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="fused router GEMV + top-k vs gemv + route (GPU)")
+    ap.add_argument("--iters", type=int, default=200)
+    a = ap.parse_args()
+    for n_expert, n_embd, k in ((128, 2048, 8), (256, 2048, 8)):
+        print(benchmark(n_expert, n_embd, k, a.iters))
