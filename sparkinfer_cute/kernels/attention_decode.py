@@ -441,7 +441,8 @@ def compile_attention_decode(n_head: int, n_kv_head: int, head_dim: int, page_si
 @functools.cache
 def fused_counter_count(n_head: int, n_kv_head: int, head_dim: int, batch: int = 1, heads_per_cta: int = 0) -> int:
     """int32 arrival counters ``attention_decode(..., fused_combine=True, counters=...)`` needs: one per (sequence,
-    kv head, head tile). They must be zero before the first launch; every launch leaves them zero."""
+    kv head, head tile). They must be zero before the first launch; every launch leaves them zero. Never more than
+    ``batch * n_head`` (a head tile holds >= 1 q head), so ``n_head`` counters per sequence fit every layer type."""
     k = AttentionDecodeSplitKV(n_head, n_kv_head, head_dim, 16, 1, False, heads_per_cta=heads_per_cta,
                                fused_combine=True)
     return batch * k.n_counters_per_seq

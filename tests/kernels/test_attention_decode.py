@@ -226,6 +226,7 @@ def test_fused_combine_config(name):
     assert k.n_counters_per_seq == c["n_kv_head"] * k.n_head_tiles
     assert fused_counter_count(c["n_head"], c["n_kv_head"], c["head_dim"], batch=3) == 3 * k.n_counters_per_seq
     assert k.n_head_tiles * k.heads_per_cta * c["n_kv_head"] == c["n_head"]
+    assert fused_counter_count(c["n_head"], c["n_kv_head"], c["head_dim"]) <= c["n_head"]  # documented bound
 
 
 @pytest.mark.parametrize("target", ["sm_120a", "sm_121a", "sm_90a"])
