@@ -25,11 +25,21 @@ from __future__ import annotations
 import cuda.bindings.driver as cuda
 import cutlass
 import numpy as np
-from cutlass import Float32, Int32, Uint8, cute
+from cutlass import Float32, Int8, Int32, Uint8, cute
 
+from .arch import pdl_enabled
+from .common import pdl_prologue
 from .compile import kernel_cache
 from .quant_decode import (
+    CHUNKS_PER_BLOCK,
     Tiling,
+    chunk_dot_f32,
+    chunk_dot_q8,
+    chunk_load,
+    chunk_supported,
+    chunk_x_f32,
+    chunk_x_q8,
+    x_sums_f32,
     dot_values,
     kernel_options,
     load_x_runs,
@@ -139,6 +149,98 @@ class Gemv:
                         mY[yi] = t
 
 
+def chunk_rows_partial(qtype: str, q8: bool, rows, xargs, xrow_base, lane, cpl: int):
+    """Per-lane partial dots of ``len(rows)`` weight rows with one activation row (``mapping="chunk"``).
+
+    ``rows``: list of (Uint8 weight pointer, global block index of the row's first block); ``xargs``: (pX,) f32 or
+    (pXq, pXd) q8_1; ``xrow_base``: element index of the activation row. Lane L takes chunks C = L + 32 t,
+    t < ``cpl`` (block C // 8, chunk s = L % 8). Every weight load of the lane is issued before any math."""
+    s = lane & (CHUNKS_PER_BLOCK - 1)
+    kb0 = lane >> 3
+    raws = [[chunk_load(qtype, pW, blk0 + kb0 + 4 * t, s) for pW, blk0 in rows] for t in range(cpl)]
+    acc = [None] * len(rows)
+    for t in range(cpl):
+        xbase = xrow_base + (kb0 + 4 * t) * 256
+        if q8:
+            xq = chunk_x_q8(qtype, xargs[0], xargs[1], xbase, s)
+            vals = [chunk_dot_q8(qtype, raw, s, xq) for raw in raws[t]]
+        else:
+            xv = chunk_x_f32(qtype, xargs[0], xbase, s)
+            xs = x_sums_f32(qtype, xv)
+            vals = [chunk_dot_f32(qtype, raw, s, xv, xs) for raw in raws[t]]
+        acc = [v if a is None else a + v for a, v in zip(acc, vals)]
+    return acc
+
+
+def chunk_ok(qtype: str, n_in: int) -> bool:
+    """The chunk mapping needs a supported type and whole warps of chunks per row (n_in % 1024 == 0)."""
+    return chunk_supported(qtype) and n_in % 256 == 0 and (n_in // 256 * CHUNKS_PER_BLOCK) % 32 == 0
+
+
+class GemvChunk:
+    """``mapping="chunk"`` GEMV (float or dp4a with ``q8``): ``rpw`` output rows per warp share the activation
+    loads; all weight loads of a lane are in flight before the math (quant_decode.py "Chunks").
+    ``y[slot, o] (+)= W[e(slot), o] . x[xrow(slot)]``; dense: n_slots = 1. Needs n_out % rpw == 0."""
+
+    def __init__(self, qtype: str, n_in: int, rpw: int = 1, experts: bool = False, x_per_slot: bool = False,
+                 accumulate: bool = False, q8: bool = False):
+        assert chunk_ok(qtype, n_in), (qtype, n_in)
+        self.pdl = pdl_enabled()
+        self.qtype, self.n_in, self.rpw, self.experts, self.x_per_slot = qtype, n_in, rpw, experts, x_per_slot
+        self.accumulate, self.q8 = accumulate, q8
+        self.cpl = n_in // 256 * CHUNKS_PER_BLOCK // 32
+
+    @cute.jit
+    def __call__(self, pW: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pY: cute.Pointer,
+                 pIds: cute.Pointer, n_out: Int32, n_slots: Int32, stream: cuda.CUstream):
+        self.kernel(pW, pX, pXq, pXd, pY, pIds, n_out).launch(
+            grid=[cute.ceil_div(n_out, WARPS * self.rpw), n_slots, 1], block=[WARPS * 32, 1, 1], stream=stream,
+            use_pdl=self.pdl)
+
+    @cute.kernel
+    def kernel(self, pW: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pY: cute.Pointer,
+               pIds: cute.Pointer, n_out: Int32):
+        pdl_prologue(self.pdl)
+        tid = cute.arch.thread_idx()[0]
+        bx, slot, _ = cute.arch.block_idx()
+        warp, lane = tid // 32, tid % 32
+        o0 = (bx * WARPS + warp) * self.rpw
+        nbpr = self.n_in // 256
+        if o0 < n_out:
+            row0 = o0
+            xrow = 0
+            if cutlass.const_expr(self.experts):
+                ids = cute.make_tensor(pIds, cute.make_layout(slot + 1))
+                row0 = ids[slot] * n_out + o0
+                if cutlass.const_expr(self.x_per_slot):
+                    xrow = slot
+            rows = [(pW, (row0 + r) * nbpr) for r in range(self.rpw)]
+            xargs = (pXq, pXd) if self.q8 else (pX,)
+            acc = chunk_rows_partial(self.qtype, self.q8, rows, xargs, xrow * self.n_in, lane, self.cpl)
+            mY = cute.make_tensor(pY, cute.make_layout(n_out * (slot + 1)))
+            for r in cutlass.range_constexpr(self.rpw):
+                t = warp_allreduce_sum(acc[r])
+                if lane == r:
+                    yi = slot * n_out + o0 + r
+                    if cutlass.const_expr(self.accumulate):
+                        t = t + mY[yi]
+                    mY[yi] = t
+
+
+@kernel_cache
+def compile_gemv_chunk(qtype: str, n_in: int, rpw: int = 1, experts: bool = False, x_per_slot: bool = False,
+                       accumulate: bool = False, q8: bool = False):
+    return cute.compile(GemvChunk(qtype, n_in, rpw, experts, x_per_slot, accumulate, q8),
+                        _ptr(Uint8, 0), _ptr(Float32, 0), _ptr(Int8, 0), _ptr(Float32, 0), _ptr(Float32, 0),
+                        _ptr(Int32, 0, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
+                        options=kernel_options())
+
+
+def choose_rpw(n_out_total: int, sm_count: int = 132) -> int:
+    """Rows per warp of the chunk GEMV: 2 (halves the activation traffic) while >= 8 warps per SM remain."""
+    return 2 if n_out_total % 2 == 0 and n_out_total // 2 >= 8 * sm_count else 1
+
+
 def choose_wpr(n_out_total: int, steps_per_row: int, sm_count: int = 132) -> int:
     """Warps per row: enough warps for ~16 per SM (loads in flight), but >= 2 steps per lane per warp."""
     wpr = 1
@@ -189,7 +291,22 @@ def _check_w(w, q, n_rows_total, n_in):
         raise ValueError(f"{q} weight has {w.nbytes} bytes, expected {need} ({n_rows_total} rows x {n_in})")
 
 
-def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "slice", wpr: int | None = None,
+def resolve_mapping(mapping: str, qtype: str, n_in: int, rows: int) -> str:
+    """"auto": the chunk mapping where it applies (Q4_K/Q6_K, n_in % 1024 == 0, one activation row), else slice."""
+    if mapping == "auto":
+        return "chunk" if rows == 1 and chunk_ok(qtype, n_in) else "slice"
+    if mapping == "chunk" and not (rows == 1 and chunk_ok(qtype, n_in)):
+        raise ValueError(f"mapping='chunk' needs Q4_K/Q6_K, n_in % 1024 == 0 and one row ({qtype}, {n_in}, {rows})")
+    return mapping
+
+
+def _sm_count() -> int:
+    from ..runtime import get_device
+
+    return get_device().sm_count
+
+
+def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "auto", wpr: int | None = None,
          accumulate: bool = False):
     """y = x @ W.T for raw GGUF weights ``w`` ([n_out, row_bytes] uint8, numpy or DeviceArray) and f32 ``x``
     ([rows, n_in] or [n_in], rows <= 8). numpy in -> numpy out ([rows, n_out] or [n_out]).
@@ -210,6 +327,13 @@ def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: 
     _check_w(dw, q, n_out, n_in)
     _aligned(dw, "weights"), _aligned(dx, "x")
     y = out if out is not None else DeviceArray.empty((rows, n_out) if len(xs) > 1 else (n_out,), np.float32)
+    mapping = resolve_mapping(mapping, q, n_in, rows)
+    if mapping == "chunk":
+        rpw = choose_rpw(n_out, _sm_count()) if wpr is None else 1
+        fn = compile_gemv_chunk(q, n_in, rpw, False, False, accumulate, False)
+        fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Int8, dx.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr),
+           _ptr(Int32, dx.ptr, 4), Int32(n_out), Int32(1), cuda.CUstream(st.handle))
+        return y.to_numpy(stream=st) if x_np else y
     fn = compile_gemv(q, n_in, rows, False, False, mapping, wpr or _wpr(q, n_in, n_out, mapping), accumulate)
     fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr), _ptr(Int32, dx.ptr, 4), Int32(n_out),
        Int32(1), cuda.CUstream(st.handle))
@@ -217,7 +341,7 @@ def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: 
 
 
 def gemv_experts(w, qtype, x, ids, n_out: int, n_in: int, x_per_slot: bool = False, out=None, stream=None,
-                 mapping: str = "slice"):
+                 mapping: str = "auto"):
     """Expert-indexed GEMV: ``y[j] = W[ids[j]] @ x[j if x_per_slot else 0]`` for every slot j, one launch.
 
     ``w``: [n_expert, n_out, row_bytes] raw bytes; ``ids``: int32 [n_slots] (device or numpy); ``x``: f32
@@ -234,6 +358,13 @@ def gemv_experts(w, qtype, x, ids, n_out: int, n_in: int, x_per_slot: bool = Fal
     if dw.nbytes % (n_out * spec(q).row_bytes(n_in)):
         raise ValueError(f"{q} expert weight bytes {dw.nbytes} not a multiple of {n_out} rows x {n_in}")
     y = out if out is not None else DeviceArray.empty((n_slots, n_out), np.float32)
+    mapping = resolve_mapping(mapping, q, n_in, 1)
+    if mapping == "chunk":
+        rpw = choose_rpw(n_out * n_slots, _sm_count()) if n_out % 2 == 0 else 1
+        fn = compile_gemv_chunk(q, n_in, rpw, True, bool(x_per_slot), False, False)
+        fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Int8, dx.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr),
+           _ptr(Int32, di.ptr, 4), Int32(n_out), Int32(n_slots), cuda.CUstream(st.handle))
+        return y.to_numpy(stream=st) if x_np else y
     fn = compile_gemv(q, n_in, 1, True, bool(x_per_slot), mapping, _wpr(q, n_in, n_out * n_slots, mapping))
     fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr), _ptr(Int32, di.ptr, 4), Int32(n_out),
        Int32(n_slots), cuda.CUstream(st.handle))

@@ -28,7 +28,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
 from .compile import kernel_cache
-from .gemv import MAX_ROWS, WARPS, as_device_bytes
+from .gemv import MAX_ROWS, WARPS, as_device_bytes, resolve_mapping
 from .q8_1 import QK, Q8Act, quantize_q8_1
 from .quant_decode import (
     Tiling,
@@ -288,7 +288,7 @@ def compile_gemv_q8(qtype: str, n_in: int, rows: int = 1, experts: bool = False,
                         cute.runtime.make_fake_stream(), options=kernel_options())
 
 
-def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, st, mapping="slice",
+def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, st, mapping="auto",
             accumulate=False):
     from ..runtime import DeviceArray
 
@@ -300,13 +300,22 @@ def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, 
     y = out if out is not None else DeviceArray.empty((n_slots * rows, n_out) if rows > 1 or experts else (n_out,),
                                                       np.float32)
     di = ids if ids is not None else xq.d
+    mapping = resolve_mapping(mapping, q, xq.n, rows)
+    if mapping == "chunk":
+        from .gemv import _sm_count, choose_rpw, compile_gemv_chunk
+
+        rpw = choose_rpw(n_out * n_slots, _sm_count()) if n_out % 2 == 0 else 1
+        fn = compile_gemv_chunk(q, xq.n, rpw, experts, x_per_slot, accumulate, True)
+        fn(_ptr(Uint8, dw.ptr), _ptr(Float32, xq.d.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr),
+           _ptr(Float32, y.ptr), _ptr(Int32, di.ptr, 4), Int32(n_out), Int32(n_slots), cuda.CUstream(st.handle))
+        return y
     fn = compile_gemv_q8(q, xq.n, rows, experts, x_per_slot, mapping, accumulate)
     fn(_ptr(Uint8, dw.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr),
        _ptr(Float32, y.ptr), _ptr(Int32, di.ptr, 4), Int32(n_out), Int32(n_slots), cuda.CUstream(st.handle))
     return y
 
 
-def gemv_q8(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "slice",
+def gemv_q8(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "auto",
             accumulate: bool = False):
     """y = x @ W.T through int8 activations: ``x`` is f32 (numpy/DeviceArray, quantized here) or a :class:`Q8Act`.
     numpy in -> numpy out ([rows, n_out] or [n_out]). ``accumulate=True``: ``out += x @ W.T`` (out required)."""

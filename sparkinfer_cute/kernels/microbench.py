@@ -87,7 +87,7 @@ def _n_copies(nbytes: int, l2: int, cap_bytes: int = 2 * GIB) -> int:
     return max(1, min(math.ceil(2 * l2 / max(nbytes, 1)), cap_bytes // max(nbytes, 1)))
 
 
-def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice"):
+def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice", rpw=None):
     import cuda.bindings.driver as cuda
     from cutlass import Float32, Int8, Int32, Uint8
 
@@ -102,7 +102,17 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice"):
     y = DeviceArray.empty((n_out,), np.float32)
     cs = cuda.CUstream(stream.handle)
     wpr = 1
-    if path == "float":
+    if mapping == "chunk":
+        from .gemv import choose_rpw, compile_gemv_chunk
+        from .q8_1 import quantize_q8_1
+
+        wpr = rpw if rpw is not None else choose_rpw(n_out, 132)
+        fn = compile_gemv_chunk(q, n_in, wpr, False, False, False, path == "dp4a")
+        xq = quantize_q8_1(x, stream=stream)
+        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr),
+                 _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4), Int32(n_out), Int32(1), cs) for w in ws]
+        xbytes = n_in * 4 if path == "float" else n_in + n_in // 32 * 8
+    elif path == "float":
         from .gemv import _wpr, compile_gemv
 
         wpr = _wpr(q, n_in, n_out, mapping)
@@ -124,12 +134,12 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice"):
     med, mn = _time_graph(launches, stream, reps)
     nbytes = wbytes + xbytes + n_out * 4
     assert spec(q).row_bytes(n_in) * n_out == wbytes
-    tag = "" if mapping == "slice" else f" [{mapping}]"
+    tag = "" if mapping == "slice" else f" [{mapping}{'' if mapping != 'chunk' else f' rpw{wpr}'}]"
     return dict(case=f"gemv {q} {n_in}->{n_out}{tag}", path=path, us=med, us_min=mn, bytes=nbytes, copies=ncopy,
                 wpr=wpr)
 
 
-def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_per_slot=False):
+def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_per_slot=False, mapping="slice"):
     import cuda.bindings.driver as cuda
     from cutlass import Float32, Int8, Int32, Uint8
 
@@ -144,7 +154,16 @@ def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_
     x = DeviceArray.from_numpy(rng.standard_normal((xrows, n_in)).astype(np.float32), stream)
     y = DeviceArray.empty((k, n_out), np.float32)
     cs = cuda.CUstream(stream.handle)
-    if path == "float":
+    if mapping == "chunk":
+        from .gemv import choose_rpw, compile_gemv_chunk
+        from .q8_1 import quantize_q8_1
+
+        xq = quantize_q8_1(x, stream=stream)
+        fn = compile_gemv_chunk(q, n_in, choose_rpw(k * n_out, 132), True, x_per_slot, False, path == "dp4a")
+        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr),
+                 _ptr(Float32, y.ptr), _ptr(Int32, i.ptr, 4), Int32(n_out), Int32(k), cs) for i in ids]
+        xbytes = xrows * (n_in * 4 if path == "float" else n_in + n_in // 32 * 8)
+    elif path == "float":
         from .gemv import compile_gemv
 
         fn = compile_gemv(q, n_in, 1, True, x_per_slot)
@@ -163,11 +182,11 @@ def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_
     launches = [(lambda a=args[i % nsets]: fn(*a)) for i in range(32)]
     med, mn = _time_graph(launches, stream, reps)
     nbytes = k * n_out * spec(q).row_bytes(n_in) + xbytes + k * n_out * 4
-    return dict(case=f"experts {k}x {q} {n_in}->{n_out}", path=path, us=med, us_min=mn, bytes=nbytes, copies=nsets)
+    return dict(case=f"experts {k}x {q} {n_in}->{n_out}" + (" [chunk]" if mapping == "chunk" else ""), path=path, us=med, us_min=mn, bytes=nbytes, copies=nsets)
 
 
 def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu="Q4_K", q_down="Q6_K",
-              path="float"):
+              path="float", mapping="slice", rpw_gu=1):
     """The fused MoE FFN kernels: gate+up+SwiGLU, then down + weighted sum + residual (dp4a: plus the q8_1
     quantization of the [k, n_ff] activations, timed as its own row)."""
     import cuda.bindings.driver as cuda
@@ -192,7 +211,24 @@ def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu=
     gu_bytes = 2 * k * n_ff * spec(q_gu).row_bytes(n_embd) + k * n_ff * 4
     d_bytes = k * n_embd * spec(q_down).row_bytes(n_ff) + 2 * n_embd * 4
     cases = []
-    if path == "float":
+    if mapping == "chunk":
+        from .moe_ffn import compile_moe_down_chunk, compile_moe_gate_up_chunk
+
+        q8 = path == "dp4a"
+        hq = quantize_q8_1(h, stream=stream)
+        aq = Q8Act(k, n_ff)
+        fa = compile_moe_gate_up_chunk(q_gu, n_embd, n_ff, False, q8, rpw_gu)
+        fb = compile_moe_down_chunk(q_down, n_ff, n_embd, k, True, q8)
+        a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Float32, h.ptr), _ptr(Int8, hq.qs.ptr),
+                   _ptr(Float32, hq.d.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
+        b_args = [(_ptr(Uint8, wd.ptr), _ptr(Float32, act.ptr), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr),
+                   _ptr(Int32, i.ptr, 4), _ptr(Float32, wts.ptr, 4), _ptr(Float32, y.ptr), _ptr(Float32, y.ptr), cs)
+                  for i in ids]
+        xb = n_embd * 4 if not q8 else n_embd + n_embd // 32 * 8
+        ab = k * n_ff * 4 if not q8 else k * (n_ff + n_ff // 32 * 8)
+        cases = [(f"moe gate+up+swiglu [chunk rpw{rpw_gu}]", fa, a_args, gu_bytes + xb),
+                 ("moe down+wsum+resid [chunk]", fb, b_args, d_bytes + ab)]
+    elif path == "float":
         fa = compile_moe_gate_up(q_gu, n_embd, n_ff, False)
         fb = compile_moe_down(q_down, n_ff, n_embd, True)
         a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Float32, h.ptr), _ptr(Int32, i.ptr, 4),
@@ -250,6 +286,19 @@ EXPERT_CASES = [("Q4_K", 2048, 768, False), ("Q6_K", 768, 2048, True), ("Q4_K", 
                 ("Q6_K_P", 768, 2048, True)]
 
 
+def run_chunk(stream, dev, reps, rng, rows):
+    """The chunk-mapping kernels (gemv.py GemvChunk, moe_ffn.py Moe*Chunk) at the Qwen3-30B-A3B shapes."""
+    for path in ("float", "dp4a"):
+        for q, n_in, n_out in DENSE_CASES:
+            for rpw in (1, 2):
+                rows.append(bench_dense(q, n_in, n_out, path, stream, dev.l2_bytes, reps, rng, "chunk", rpw))
+        for q, n_in, n_out, per in EXPERT_CASES[:1]:
+            rows.append(bench_experts(q, n_in, n_out, path, stream, reps, rng, x_per_slot=per, mapping="chunk"))
+        for q_down in ("Q6_K", "Q4_K"):
+            for rpw in (1, 2):
+                rows += bench_moe(stream, reps, rng, q_down=q_down, path=path, mapping="chunk", rpw_gu=rpw)
+
+
 def run(reps: int = 50, only: str | None = None) -> dict:
     from ..runtime import Stream, get_device
 
@@ -268,6 +317,8 @@ def run(reps: int = 50, only: str | None = None) -> dict:
         if only in (None, "experts"):
             for q, n_in, n_out, per in EXPERT_CASES:
                 rows.append(bench_experts(q, n_in, n_out, path, stream, reps, rng, x_per_slot=per))
+    if only in (None, "chunk"):
+        run_chunk(stream, dev, reps, rng, rows)
     if only in (None, "moe"):
         for path in ("float", "dp4a"):
             for q_down in ("Q6_K", "Q4_K", "Q6_K_P"):
@@ -296,7 +347,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the results as JSON to this path")
     ap.add_argument("--reps", type=int, default=50, help="timed graph replays per case (>= 50)")
-    ap.add_argument("--only", choices=("gemv", "experts", "moe"), help="run one group of cases")
+    ap.add_argument("--only", choices=("gemv", "experts", "moe", "chunk"), help="run one group of cases")
     a = ap.parse_args(argv)
     from ..runtime import device_available
 

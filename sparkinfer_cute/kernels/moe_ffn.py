@@ -27,10 +27,20 @@ import cutlass
 import numpy as np
 from cutlass import Float32, Int8, Int32, Uint8, cute
 
+from .arch import pdl_enabled
+from .common import pdl_prologue
 from .compile import kernel_cache
-from .gemv import WARPS, as_device_bytes, dequant_rows_f64
+from .gemv import WARPS, as_device_bytes, chunk_ok, chunk_rows_partial, dequant_rows_f64
 from .quant_decode import (
+    CHUNKS_PER_BLOCK,
     Tiling,
+    chunk_dot_f32,
+    chunk_dot_q8,
+    chunk_load,
+    chunk_supported,
+    chunk_x_f32,
+    chunk_x_q8,
+    x_sums_f32,
     dot_values,
     kernel_options,
     load_x_runs,
@@ -181,7 +191,7 @@ def _aligned(a, what):
     return a
 
 
-def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None):
+def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto"):
     """act[j] = silu(Wgate[ids[j]] · h) * (Wup[ids[j]] · h) -> [k, n_ff] f32.
 
     ``w_gate``/``w_up``: [E, n_ff, row_bytes] raw bytes; pass ``w_up=None`` and the fused ``ffn_gate_up_exps``
@@ -202,6 +212,12 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None):
         if a.nbytes % ((2 if fused else 1) * n_ff * rb):
             raise ValueError(f"expert weight of {a.nbytes} bytes is not whole experts of {n_ff} x {n_in} {q}")
     act = out if out is not None else DeviceArray.empty((k, n_ff), np.float32)
+    if mapping == "auto" and chunk_ok(q, n_in):
+        fn = compile_moe_gate_up_chunk(q, n_in, n_ff, fused, False, 1)
+        fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr),
+           _ptr(Float32, _aligned(dh, "h").ptr), _ptr(Int8, dh.ptr), _ptr(Float32, dh.ptr), _ptr(Int32, di.ptr, 4),
+           _ptr(Float32, _aligned(act, "act").ptr), Int32(k), cuda.CUstream(st.handle))
+        return act.to_numpy(stream=st) if h_np else act
     fn = compile_moe_gate_up(q, n_in, n_ff, fused)
     fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr),
        _ptr(Float32, _aligned(dh, "h").ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, _aligned(act, "act").ptr),
@@ -209,7 +225,8 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None):
     return act.to_numpy(stream=st) if h_np else act
 
 
-def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None):
+def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None,
+             mapping: str = "auto"):
     """y = [resid +] sum_j weights[j] * Wdown[ids[j]] · act[j] -> [n_out] f32 (fixed summation order).
 
     ``w_down``: [E, n_out, row_bytes(n_ff)] raw bytes; ``act``: [k, n_ff]. ``out`` may alias ``resid``
@@ -229,6 +246,12 @@ def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None,
     if resid is not None:
         dr, _ = as_device(resid, st, np.float32)
     y = out if out is not None else DeviceArray.empty((n_out,), np.float32)
+    if mapping == "auto" and down_chunk_ok(q, n_ff, k):
+        fn = compile_moe_down_chunk(q, n_ff, n_out, k, dr is not None, False)
+        fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Float32, _aligned(da, "act").ptr), _ptr(Int8, da.ptr),
+           _ptr(Float32, da.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, dwt.ptr, 4),
+           _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr), cuda.CUstream(st.handle))
+        return y.to_numpy(stream=st) if a_np else y
     fn = compile_moe_down(q, n_ff, n_out, dr is not None)
     fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Float32, _aligned(da, "act").ptr), _ptr(Int32, di.ptr, 4),
        _ptr(Float32, dwt.ptr, 4), _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr),
@@ -393,7 +416,7 @@ def _as_q8(x, st):
     return quantize_q8_1(dx, stream=st), was_np
 
 
-def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None):
+def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto"):
     """dp4a version of :func:`moe_gate_up`; ``h`` f32 (quantized here) or a :class:`q8_1.Q8Act` with one row."""
     from ..runtime import DeviceArray, as_device, default_stream
 
@@ -406,6 +429,12 @@ def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None
     fused = w_up is None
     du = dg if fused else as_device_bytes(w_up, st)
     act = out if out is not None else DeviceArray.empty((k, n_ff), np.float32)
+    if mapping == "auto" and chunk_ok(q, hq.n):
+        fn = compile_moe_gate_up_chunk(q, hq.n, n_ff, fused, True, 1)
+        fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr), _ptr(Float32, hq.d.ptr),
+           _ptr(Int8, hq.qs.ptr), _ptr(Float32, hq.d.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, act.ptr), Int32(k),
+           cuda.CUstream(st.handle))
+        return act.to_numpy(stream=st) if h_np else act
     fn = compile_moe_gate_up_q8(q, hq.n, n_ff, fused)
     fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr), _ptr(Int8, hq.qs.ptr),
        _ptr(Float32, hq.d.ptr), _ptr(Float32, hq.s.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, act.ptr), Int32(k),
@@ -413,7 +442,8 @@ def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None
     return act.to_numpy(stream=st) if h_np else act
 
 
-def moe_down_q8(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None):
+def moe_down_q8(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None,
+                mapping: str = "auto"):
     """dp4a version of :func:`moe_down`; ``act`` f32 [k, n_ff] (quantized here) or a :class:`q8_1.Q8Act`."""
     from ..runtime import DeviceArray, as_device, default_stream
 
@@ -426,11 +456,148 @@ def moe_down_q8(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=No
     dw = as_device_bytes(w_down, st)
     dr = as_device(resid, st, np.float32)[0] if resid is not None else None
     y = out if out is not None else DeviceArray.empty((n_out,), np.float32)
+    if mapping == "auto" and down_chunk_ok(q, aq.n, k):
+        fn = compile_moe_down_chunk(q, aq.n, n_out, k, dr is not None, True)
+        fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Float32, aq.d.ptr), _ptr(Int8, aq.qs.ptr),
+           _ptr(Float32, aq.d.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, dwt.ptr, 4),
+           _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr), cuda.CUstream(st.handle))
+        return y.to_numpy(stream=st) if a_np else y
     fn = compile_moe_down_q8(q, aq.n, n_out, dr is not None)
     fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr),
        _ptr(Float32, aq.s.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, dwt.ptr, 4),
        _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr), Int32(k), cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if a_np else y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunk-mapping variants (float or dp4a by ``q8``): the wide per-lane steps of quant_decode.py "Chunks", every
+# weight load of a lane issued before the math (one DRAM round trip per warp). Q4_K / Q6_K / Q6_K_P only.
+
+
+class MoeGateUpChunk:
+    """Kernel A with the chunk mapping: a warp owns ``rpw`` rows o of one selected expert and computes their gate
+    and up rows (2*rpw weight rows sharing the activation loads), then SwiGLU."""
+
+    def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False, rpw: int = 1):
+        assert chunk_ok(qtype, n_in) and n_ff % rpw == 0
+        self.pdl = pdl_enabled()
+        self.qtype, self.n_in, self.n_ff, self.fused, self.q8, self.rpw = qtype, n_in, n_ff, fused, q8, rpw
+        self.expert_rows = 2 * n_ff if fused else n_ff
+        self.up_row0 = n_ff if fused else 0
+        self.cpl = n_in // 256 * CHUNKS_PER_BLOCK // 32
+
+    @cute.jit
+    def __call__(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer,
+                 pXd: cute.Pointer, pIds: cute.Pointer, pAct: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
+        self.kernel(pWg, pWu, pX, pXq, pXd, pIds, pAct).launch(
+            grid=[cute.ceil_div(self.n_ff, WARPS * self.rpw), n_slots, 1], block=[WARPS * 32, 1, 1], stream=stream,
+            use_pdl=self.pdl)
+
+    @cute.kernel
+    def kernel(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer,
+               pIds: cute.Pointer, pAct: cute.Pointer):
+        pdl_prologue(self.pdl)
+        tid = cute.arch.thread_idx()[0]
+        bx, slot, _ = cute.arch.block_idx()
+        warp, lane = tid // 32, tid % 32
+        o0 = (bx * WARPS + warp) * self.rpw
+        nbpr = self.n_in // 256
+        if o0 < self.n_ff:
+            ids = cute.make_tensor(pIds, cute.make_layout(slot + 1))
+            e = ids[slot]
+            g0 = e * self.expert_rows + o0
+            u0 = e * self.expert_rows + self.up_row0 + o0
+            rows = [(pWg, (g0 + r) * nbpr) for r in range(self.rpw)] + [(pWu, (u0 + r) * nbpr) for r in range(self.rpw)]
+            xargs = (pXq, pXd) if self.q8 else (pX,)
+            acc = chunk_rows_partial(self.qtype, self.q8, rows, xargs, 0, lane, self.cpl)
+            act = cute.make_tensor(pAct, cute.make_layout((slot + 1) * self.n_ff))
+            for r in cutlass.range_constexpr(self.rpw):
+                g = warp_allreduce_sum(acc[r])
+                up = warp_allreduce_sum(acc[self.rpw + r])
+                if lane == r:
+                    act[slot * self.n_ff + o0 + r] = silu(g) * up
+
+
+def down_chunk_ok(qtype: str, n_ff: int, k: int) -> bool:
+    return chunk_supported(qtype) and n_ff % 256 == 0 and (k * (n_ff // 256) * CHUNKS_PER_BLOCK) % 32 == 0
+
+
+class MoeDownChunk:
+    """Kernel B with the chunk mapping: a warp owns output row o; its lanes sweep the (slot, chunk) pairs of all
+    ``k`` (static) experts, all weight loads first, w_j-weighted, then one butterfly (fixed order, no atomics)."""
+
+    def __init__(self, qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False):
+        assert down_chunk_ok(qtype, n_ff, k)
+        self.pdl = pdl_enabled()
+        self.qtype, self.n_ff, self.n_out, self.k, self.add_residual, self.q8 = qtype, n_ff, n_out, k, add_residual, q8
+        self.cpr = n_ff // 256 * CHUNKS_PER_BLOCK
+        self.cpl = k * self.cpr // 32
+
+    @cute.jit
+    def __call__(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer,
+                 pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer,
+                 stream: cuda.CUstream):
+        self.kernel(pW, pAct, pAq, pAd, pIds, pWeights, pResid, pY).launch(
+            grid=[cute.ceil_div(self.n_out, WARPS), 1, 1], block=[WARPS * 32, 1, 1], stream=stream,
+            use_pdl=self.pdl)
+
+    @cute.kernel
+    def kernel(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pIds: cute.Pointer,
+               pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer):
+        pdl_prologue(self.pdl)
+        tid = cute.arch.thread_idx()[0]
+        bx = cute.arch.block_idx()[0]
+        warp, lane = tid // 32, tid % 32
+        o = bx * WARPS + warp
+        if o < self.n_out:
+            acc = _down_chunk_partial(self, pW, pAct, pAq, pAd, pIds, pWeights, o, lane)
+            total = warp_allreduce_sum(acc)
+            if lane == 0:
+                mY = cute.make_tensor(pY, cute.make_layout(self.n_out))
+                if cutlass.const_expr(self.add_residual):
+                    mR = cute.make_tensor(pResid, cute.make_layout(self.n_out))
+                    total = total + mR[o]
+                mY[o] = total
+
+
+def _down_chunk_partial(kern: MoeDownChunk, pW, pAct, pAq, pAd, pIds, pWeights, o, lane):
+    q, cpr, nbpr = kern.qtype, kern.cpr, kern.n_ff // 256
+    s = lane & (CHUNKS_PER_BLOCK - 1)
+    ids = cute.make_tensor(pIds, cute.make_layout(kern.k))
+    wts = cute.make_tensor(pWeights, cute.make_layout(kern.k))
+    js, kbs, raws = [], [], []
+    for t in range(kern.cpl):
+        C = lane + 32 * t
+        j = C // cpr
+        kb = (C - j * cpr) >> 3
+        js.append(j)
+        kbs.append(kb)
+        raws.append(chunk_load(q, pW, (ids[j] * kern.n_out + o) * nbpr + kb, s))
+    acc = None
+    for t in range(kern.cpl):
+        xbase = js[t] * kern.n_ff + kbs[t] * 256
+        if kern.q8:
+            v = chunk_dot_q8(q, raws[t], s, chunk_x_q8(q, pAq, pAd, xbase, s))
+        else:
+            xv = chunk_x_f32(q, pAct, xbase, s)
+            v = chunk_dot_f32(q, raws[t], s, xv, x_sums_f32(q, xv))
+        v = wts[js[t]] * v
+        acc = v if acc is None else acc + v
+    return acc
+
+
+@kernel_cache
+def compile_moe_gate_up_chunk(qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False, rpw: int = 1):
+    return cute.compile(MoeGateUpChunk(qtype, n_in, n_ff, fused, q8, rpw), _ptr(Uint8, 0), _ptr(Uint8, 0),
+                        _ptr(Float32, 0), _ptr(Int8, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), _ptr(Float32, 0),
+                        Int32(1), cute.runtime.make_fake_stream(), options=kernel_options())
+
+
+@kernel_cache
+def compile_moe_down_chunk(qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False):
+    return cute.compile(MoeDownChunk(qtype, n_ff, n_out, k, add_residual, q8), _ptr(Uint8, 0), _ptr(Float32, 0),
+                        _ptr(Int8, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), _ptr(Float32, 0, 4), _ptr(Float32, 0),
+                        _ptr(Float32, 0), cute.runtime.make_fake_stream(), options=kernel_options())
 
 
 # ---------------------------------------------------------------------------------------------------------------

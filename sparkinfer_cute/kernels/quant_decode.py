@@ -637,7 +637,183 @@ def dot_values(w, xr, n: int):
     return part[0]
 
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunks: the wide GEMV work split (``mapping="chunk"``, Q4_K / Q6_K / Q6_K_P). A lane owns 32 weights of one block
+# per step -- Q4_K: one 16-byte qs vector (quants 16h..16h+15 of sub-block pair c, chunk s = 2c + h); Q6_K: 8 bytes of
+# each of ql_lo, ql_hi, qh (chunk s = 4n + i: positions 128n + 8i + {0..7} + 32k, k = 0..3) -- so every block has 8
+# chunks and lane L of a warp always has chunk s = L % 8: the per-chunk header work (scale selection) is the same in
+# every step of a lane. Kernels issue *all* of a lane's weight loads first (the steps are unrolled at trace time),
+# then the activation loads and the math: one DRAM round trip per warp instead of one per step (the slice kernels
+# ran at 20-30% of copy bandwidth at the Qwen3 decode shapes, RESULTS.md 2026-11-25, mostly serial round trips).
+#
+# Float math avoids int->float conversion instructions (quarter rate): a quant byte b becomes f32 through
+# prmt (b into the mantissa of 2^23) and one subtraction of 2^23 (exact), and the affine parts are factored out:
+# Q4_K  sum_l (d1 q_l - dm1) x_l = d1 * sum q_l x_l - dm1 * sum x_l;  Q6_K  d sc_k * (sum q x - 32 sum x).
+
+CHUNK_QTYPES = ("Q4_K", "Q6_K", "Q6_K_P")
+CHUNKS_PER_BLOCK = 8
+
+
+@dsl_user_op
+def byte_f32(w, j: int, *, loc=None, ip=None) -> Float32:
+    """Byte ``j`` (static) of a 32-bit word as an exact f32, without a conversion instruction."""
+    sel = 0x7540 | j  # result bytes: [w.byte_j, 0, 0, 0x4B] -> bits of 2^23 + b
+    return Float32(llvm.inline_asm(
+        Float32.mlir_type, [Uint32(w).ir_value(loc=loc, ip=ip)],
+        "{\n\t.reg .b32 t, m;\n\t.reg .f32 f;\n\tmov.b32 m, 0x4B000000;\n\t"
+        f"prmt.b32 t, $1, m, {sel:#x};\n\tmov.b32 f, t;\n\tsub.f32 $0, f, 0f4B000000;\n\t}}",
+        "=f,r", loc=loc, ip=ip))
+
+
+def chunk_supported(qtype: str) -> bool:
+    return qtype in CHUNK_QTYPES
+
+
+def chunk_load(qtype: str, pW, blk, s):
+    """Raw weight words of chunk ``s`` (runtime, 0..7) of global block ``blk`` (loads only; decode in chunk_dot_*)."""
+    if qtype == "Q4_K":
+        w32 = cute.recast_ptr(pW, dtype=Uint32)
+        base = blk * 36
+        hdr = load_words(w32, base, 4, 4)
+        qs = load_words(w32, base + 4 + s * 4, 4, 4)
+        return (hdr, qs)
+    n, i = s >> 2, s & 3
+    return q6k_load(pW, blk, n, i * 2, 2, qtype == "Q6_K_P")
+
+
+def _q4k_chunk_scales(hdr, s):
+    d, dmin = half_lo_to_f32(hdr[0]), half_hi_to_f32(hdr[0])
+    (sc1, m1), (sc2, m2) = _kquant_scale_min(hdr, s >> 1)
+    return d * sc1, dmin * m1, d * sc2, dmin * m2
+
+
+def _q6k_chunk_words(raw):
+    """Q6_K chunk -> 4 groups k of 2 words of packed 6-bit quants (bytes 0..63, zero point 32)."""
+    L0, L1, H, _, _ = raw
+    out = []
+    for k in range(4):
+        Lk = L0 if k % 2 == 0 else L1
+        shl = 0 if k < 2 else 4
+        out.append([((Lk[m] >> shl) & 0x0F0F0F0F) | (((H[m] >> (2 * k)) & 0x03030303) << 4) for m in range(2)])
+    return out
+
+
+def _q6k_chunk_dscales(raw, s):
+    S, d = raw[3], raw[4]
+    return [d * Float32(sc) for sc in q6k_scale_bytes(S, Uint32((s & 3) >> 1) * 8)]
+
+
+def _load_f32(ptr, idx, n, divby):
+    return load_words(ptr, idx, n, divby, Float32)
+
+
+def chunk_x_f32(qtype: str, pX, xbase, s):
+    """The f32 activations of chunk ``s`` of the block whose first element is ``xbase`` (a multiple of 256):
+    Q4_K [lo 16, hi 16]; Q6_K 4 groups of 8. Returned as a list of rmem tensors (16-byte loads)."""
+    if qtype == "Q4_K":
+        e = xbase + (s >> 1) * 64 + (s & 1) * 16
+        return [_load_f32(pX, e, 16, 16), _load_f32(pX, e + 32, 16, 16)]
+    e = xbase + (s >> 2) * 128 + (s & 3) * 8
+    return [_load_f32(pX, e + 32 * k, 8, 8) for k in range(4)]
+
+
+def x_sums_f32(qtype: str, xv):
+    """Per-group sums of the chunk activations (shared by every row that uses the same x)."""
+    n = 16 if qtype == "Q4_K" else 8
+    out = []
+    for t in xv:
+        parts = [t[i] for i in range(4)]
+        for i in range(4, n):
+            parts[i % 4] = parts[i % 4] + t[i]
+        out.append((parts[0] + parts[1]) + (parts[2] + parts[3]))
+    return out
+
+
+def _dot_bytes(words, xt):
+    """sum_j byte_j(words) * xt[j] in 4 interleaved chains."""
+    parts = [None] * 4
+    for m, w in enumerate(words):
+        for j in range(4):
+            p = byte_f32(w, j) * xt[4 * m + j]
+            parts[j] = p if parts[j] is None else parts[j] + p
+    return (parts[0] + parts[1]) + (parts[2] + parts[3])
+
+
+def chunk_dot_f32(qtype: str, raw, s, xv, xs):
+    """f32 partial dot of one chunk with its activations ``xv`` (chunk_x_f32) and group sums ``xs`` (x_sums_f32)."""
+    if qtype == "Q4_K":
+        hdr, qs = raw
+        d1, dm1, d2, dm2 = _q4k_chunk_scales(hdr, s)
+        lo = [Uint32(qs[m]) & 0x0F0F0F0F for m in range(4)]
+        hi = [(Uint32(qs[m]) >> 4) & 0x0F0F0F0F for m in range(4)]
+        return (d1 * _dot_bytes(lo, xv[0]) - dm1 * xs[0]) + (d2 * _dot_bytes(hi, xv[1]) - dm2 * xs[1])
+    words = _q6k_chunk_words(raw)
+    ds = _q6k_chunk_dscales(raw, s)
+    val = None
+    for k in range(4):
+        t = ds[k] * (_dot_bytes(words[k], xv[k]) - Float32(32.0) * xs[k])
+        val = t if val is None else val + t
+    return val
+
+
+def chunk_x_q8(qtype: str, pXq, pXd, xbase, s):
+    """int8 activations (q8_1.py layout) of chunk ``s``: (list of word groups, list of block scales d_x)."""
+    xq32 = cute.recast_ptr(pXq, dtype=Int32)
+    if qtype == "Q4_K":
+        e = xbase + (s >> 1) * 64 + (s & 1) * 16
+        words = [load_words(xq32, e // 4, 4, 4, Int32), load_words(xq32, (e + 32) // 4, 4, 4, Int32)]
+        b0 = (xbase + (s >> 1) * 64) // 32
+        xd = cute.make_tensor(pXd, cute.make_layout(b0 + 2))
+        return words, [xd[b0], xd[b0 + 1]]
+    e = xbase + (s >> 2) * 128 + (s & 3) * 8
+    words = [load_words(xq32, (e + 32 * k) // 4, 2, 2, Int32) for k in range(4)]
+    b0 = (xbase + (s >> 2) * 128) // 32
+    xd = cute.make_tensor(pXd, cute.make_layout(b0 + 4))
+    return words, [xd[b0 + k] for k in range(4)]
+
+
+def chunk_dot_q8(qtype: str, raw, s, xq):
+    """dp4a partial dot of one chunk with int8 activations ``xq`` (chunk_x_q8): exact integer dots, f32 scaling."""
+    from .gemv_q8 import dp4a
+
+    xw, xd = xq
+    if qtype == "Q4_K":
+        hdr, qs = raw
+        d1, dm1, d2, dm2 = _q4k_chunk_scales(hdr, s)
+        val = None
+        for h, (dd, dm) in enumerate(((d1, dm1), (d2, dm2))):
+            dot = Int32(0)
+            sx = Int32(0)
+            for m in range(4):
+                w = ((Uint32(qs[m]) >> 4) & 0x0F0F0F0F) if h else (Uint32(qs[m]) & 0x0F0F0F0F)
+                dot = dp4a(w, xw[h][m], dot)
+                sx = dp4a(0x01010101, xw[h][m], sx)
+            t = xd[h] * (dd * Float32(dot) - dm * Float32(sx))
+            val = t if val is None else val + t
+        return val
+    words = _q6k_chunk_words(raw)
+    ds = _q6k_chunk_dscales(raw, s)
+    val = None
+    for k in range(4):
+        dot = Int32(0)
+        sx = Int32(0)
+        for m in range(2):
+            dot = dp4a(words[k][m], xw[k][m], dot)
+            sx = dp4a(0x01010101, xw[k][m], sx)
+        t = (ds[k] * xd[k]) * Float32(dot - sx * 32)
+        val = t if val is None else val + t
+    return val
+
 __all__ = [
+    "CHUNK_QTYPES",
+    "chunk_dot_f32",
+    "chunk_dot_q8",
+    "chunk_load",
+    "chunk_supported",
+    "chunk_x_f32",
+    "chunk_x_q8",
+    "x_sums_f32",
     "GGML_TYPE_IDS",
     "QTYPES",
     "SLICES",

@@ -275,3 +275,35 @@ def test_gemv_accumulate_into_residual(path, wpr):
     y = out.to_numpy().astype(np.float64)
     ref = resid + gemv_ref(w, "Q4_K", x)
     assert (np.abs(y - ref) <= bound + 2.0**-24 * np.abs(ref)).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chunk mapping (GemvChunk: wide per-lane steps, all weight loads first; float and dp4a)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["float", "dp4a"])
+@pytest.mark.parametrize("q,n_in,n_out", [("Q4_K", 2048, 4096), ("Q4_K", 4096, 2048), ("Q6_K", 2048, 4352),
+                                          ("Q6_K", 2048, 513), ("Q6_K_P", 1024, 77), ("Q4_K", 1024, 2113),
+                                          ("Q4_K", 3072, 30)])
+def test_gemv_chunk(path, q, n_in, n_out):
+    from sparkinfer_cute.kernels.gemv import chunk_ok, resolve_mapping
+    from sparkinfer_cute.runtime import DeviceArray
+
+    assert chunk_ok(q, n_in) and resolve_mapping("auto", q, n_in, 1) == "chunk"
+    rng = np.random.default_rng()
+    w = rand_weight(q, n_out, n_in, rng)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    out = DeviceArray.empty((n_out,), np.float32)
+    out.fill_bytes(0xFF)
+    if path == "float":
+        gemv(DeviceArray.from_numpy(w), q, DeviceArray.from_numpy(x), n_out=n_out, out=out, mapping="chunk")
+        _check(out.to_numpy(), gemv_ref(w, q, x), gemv_error_bound(w, q, x))
+    else:
+        gemv_q8(DeviceArray.from_numpy(w), q, DeviceArray.from_numpy(x[None]), n_out=n_out, out=out, mapping="chunk")
+        y = out.to_numpy()
+        assert not np.isnan(y).any()
+        xq, xd, _ = quantize_q8_1_ref(x[None])
+        xhat = dequantize_q8_1(xq, xd)[0]
+        _check(y, gemv_ref(w, q, xhat), gemv_error_bound(w, q, xhat))
+        assert (np.abs(y - gemv_ref(w, q, x)) <= gemv_q8_error_bound(w, q, x[None])[0]).all()
