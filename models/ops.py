@@ -78,6 +78,8 @@ class AttentionWorkspace:
 
     def __init__(self, n_head: int, head_dim: int, num_splits: int):
         self.num_splits = num_splits
+        # arrival counters of the fused combine (the last split CTA of a head group combines; left at zero)
+        self.counters = DeviceArray.zeros((n_head,), np.int32)
         self.o_partial = DeviceArray.empty((1, n_head, self.num_splits, head_dim), np.float32)
         self.lse_partial = DeviceArray.empty((1, n_head, self.num_splits), np.float32)
 
@@ -165,11 +167,12 @@ def kv_append(kv: PagedKV, layer: int, k, v, pos, *, stream):
 def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n_head: int, scale: float,
               window: int, stream, softcap: float = 0.0):
     D = kv.head_dim[layer]
+    fused = enabled("fused_combine")  # split-KV + LSE combine in one launch (last CTA of a head group combines)
     _attn.attention_decode(q.view(np.float32, (n_head, D)), kv.k[layer], kv.v[layer], kv.page_table, pos,
                            scale=scale, window=window, softcap=softcap, num_splits=ws.num_splits,
                            out=out.view(np.float32, (1, n_head, D)), o_partial=ws.o_partial,
-                           lse_partial=ws.lse_partial, stream=stream)
-    launch_counter.add(2)
+                           lse_partial=ws.lse_partial, fused_combine=fused, counters=ws.counters, stream=stream)
+    launch_counter.add(1 if fused else 2)
 
 
 def qk_norm_rope_kv(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_head: int, n_rot: int, base: float,
@@ -181,6 +184,24 @@ def qk_norm_rope_kv(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_
                            q_norm.data.view(np.float32, (D,)), k_norm.data.view(np.float32, (D,)), kv.k[layer],
                            kv.v[layer], kv.page_table, pos, n_rot=n_rot, base=base, eps=eps, q_scale=q_scale,
                            stream=stream)
+    launch_counter.add()
+
+
+class RouterState:
+    """Graph-stable buffers of the fused router: logits scratch + the last-CTA arrival counter (shared by layers:
+    each launch leaves it at zero)."""
+
+    def __init__(self, n_expert: int):
+        self.logits = DeviceArray.empty((n_expert,), np.float32)
+        self.counter = DeviceArray.zeros((1,), np.int32)
+
+
+def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream):
+    """F32 router GEMV + softmax + top-k + renormalize in one launch (kernels/router.py RouterGemvTopK)."""
+    from ..kernels import router as _router  # type: ignore[misc]
+
+    _router.route_gemv(w.data, h, k, norm_topk=True, ids_out=ids, weights_out=weights, scratch=st.logits,
+                       counter=st.counter, n_expert=w.n_out, stream=stream)
     launch_counter.add()
 
 

@@ -47,6 +47,7 @@ class Qwen3MoeGPU(GPUDecoder):
         self.attn = DeviceArray.empty((H * D,), f32)
         self.delta = DeviceArray.empty((E,), f32)
         self.router_logits = DeviceArray.empty((c.n_expert,), f32)
+        self.router_state = ops.RouterState(c.n_expert)
         self.expert_ids = DeviceArray.zeros((K,), np.int32)
         self.expert_w = DeviceArray.zeros((K,), f32)
         self.act = DeviceArray.empty((K, c.n_ff_exp), f32)
@@ -85,8 +86,13 @@ class Qwen3MoeGPU(GPUDecoder):
                           window=0, stream=s)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.delta, stream=s)
             ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=s)
-            ops.gemv(w[p + "ffn_gate_inp.weight"], self.h, self.router_logits, stream=s)
-            ops.router(self.router_logits, self.expert_ids, self.expert_w, c.n_expert_used, stream=s)
+            wr = w[p + "ffn_gate_inp.weight"]
+            if ops.enabled("fused_router") and wr.qtype == "F32":
+                ops.router_gemv(wr, self.h, self.expert_ids, self.expert_w, c.n_expert_used, self.router_state,
+                                stream=s)
+            else:
+                ops.gemv(wr, self.h, self.router_logits, stream=s)
+                ops.router(self.router_logits, self.expert_ids, self.expert_w, c.n_expert_used, stream=s)
             ops.moe_gate_up(w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"], self.h, self.expert_ids,
                             self.act, stream=s)
             ops.moe_down(w[p + "ffn_down_exps.weight"], self.act, self.expert_ids, self.expert_w, self.delta,
