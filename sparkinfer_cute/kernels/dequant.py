@@ -14,6 +14,8 @@ import cuda.bindings.driver as cuda
 import numpy as np
 from cutlass import Float32, Int32, Uint8, cute
 
+from .arch import pdl_enabled
+from .common import pdl_prologue
 from .compile import kernel_cache
 from .quant_decode import (
     copy_runs_to_gmem,
@@ -31,16 +33,19 @@ THREADS = 128
 
 class Dequant:
     def __init__(self, qtype: str):
+        self.pdl = pdl_enabled()
         self.qtype = qtype
         self.sp = spec(qtype)
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pY: cute.Pointer, n_units: Int32, stream: cuda.CUstream):
         self.kernel(pW, pY, n_units).launch(
-            grid=[cute.ceil_div(n_units, THREADS), 1, 1], block=[THREADS, 1, 1], stream=stream)
+            grid=[cute.ceil_div(n_units, THREADS), 1, 1], block=[THREADS, 1, 1],
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pY: cute.Pointer, n_units: Int32):
+        pdl_prologue(self.pdl)
         sp = self.sp
         tid = cute.arch.thread_idx()[0]
         bid = cute.arch.block_idx()[0]

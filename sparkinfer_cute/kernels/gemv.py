@@ -39,13 +39,13 @@ from .quant_decode import (
     chunk_supported,
     chunk_x_f32,
     chunk_x_q8,
-    x_sums_f32,
     dot_values,
     kernel_options,
     load_x_runs,
     qtype_name,
     spec,
     warp_allreduce_sum,
+    x_sums_f32,
 )
 
 WARPS = 4
@@ -69,6 +69,7 @@ class Gemv:
 
     def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
                  mapping: str = "slice", wpr: int = 1, accumulate: bool = False):
+        self.pdl = pdl_enabled()
         self.qtype = qtype
         self.accumulate = accumulate  # y += W x (in-place residual add, e.g. x = x + Wo o)
         self.sp = spec(qtype)
@@ -84,10 +85,12 @@ class Gemv:
     def __call__(self, pW: cute.Pointer, pX: cute.Pointer, pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32,
                  n_slots: Int32, stream: cuda.CUstream):
         self.kernel(pW, pX, pY, pIds, n_out).launch(
-            grid=[cute.ceil_div(n_out, self.rows_per_cta), n_slots, 1], block=[WARPS * 32, 1, 1], stream=stream)
+            grid=[cute.ceil_div(n_out, self.rows_per_cta), n_slots, 1], block=[WARPS * 32, 1, 1],
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pX: cute.Pointer, pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32):
+        pdl_prologue(self.pdl)
         sp = self.sp
         wpr = self.wpr
         tid = cute.arch.thread_idx()[0]
@@ -184,8 +187,8 @@ class GemvChunk:
 
     def __init__(self, qtype: str, n_in: int, rpw: int = 1, experts: bool = False, x_per_slot: bool = False,
                  accumulate: bool = False, q8: bool = False):
-        assert chunk_ok(qtype, n_in), (qtype, n_in)
         self.pdl = pdl_enabled()
+        assert chunk_ok(qtype, n_in), (qtype, n_in)
         self.qtype, self.n_in, self.rpw, self.experts, self.x_per_slot = qtype, n_in, rpw, experts, x_per_slot
         self.accumulate, self.q8 = accumulate, q8
         self.cpl = n_in // 256 * CHUNKS_PER_BLOCK // 32
@@ -239,6 +242,101 @@ def compile_gemv_chunk(qtype: str, n_in: int, rpw: int = 1, experts: bool = Fals
 def choose_rpw(n_out_total: int, sm_count: int = 132) -> int:
     """Rows per warp of the chunk GEMV: 2 (halves the activation traffic) while >= 8 warps per SM remain."""
     return 2 if n_out_total % 2 == 0 and n_out_total // 2 >= 8 * sm_count else 1
+
+
+class GemvMulti:
+    """Up to 3 chunk-mapping GEMVs on the same activation row in ONE launch (e.g. the q, k and v projections):
+    ``mats`` = ((qtype, n_out), ...) static; matrix m owns a contiguous range of CTAs (blockIdx.x), each with its
+    own rows per warp. Float (``q8=False``) or dp4a on a q8_1 activation (``q8=True``)."""
+
+    def __init__(self, mats: tuple, n_in: int, q8: bool = False, sm_count: int = 132):
+        self.pdl = pdl_enabled()
+        assert 1 <= len(mats) <= 3
+        self.mats, self.n_in, self.q8 = tuple(mats), n_in, q8
+        for q, _ in mats:
+            assert chunk_ok(q, n_in), (q, n_in)
+        self.cpl = n_in // 256 * CHUNKS_PER_BLOCK // 32
+        self.rpws = tuple(choose_rpw(n, sm_count) for _, n in mats)
+        self.ctas = tuple(-(-n // (WARPS * r)) for (_, n), r in zip(mats, self.rpws))
+        self.starts = tuple(sum(self.ctas[:m]) for m in range(len(mats)))
+
+    @cute.jit
+    def __call__(self, pW0: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pX: cute.Pointer,
+                 pXq: cute.Pointer, pXd: cute.Pointer, pY0: cute.Pointer, pY1: cute.Pointer, pY2: cute.Pointer,
+                 stream: cuda.CUstream):
+        self.kernel(pW0, pW1, pW2, pX, pXq, pXd, pY0, pY1, pY2).launch(
+            grid=[sum(self.ctas), 1, 1], block=[WARPS * 32, 1, 1], stream=stream, use_pdl=self.pdl)
+
+    @cute.kernel
+    def kernel(self, pW0: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer,
+               pXd: cute.Pointer, pY0: cute.Pointer, pY1: cute.Pointer, pY2: cute.Pointer):
+        pdl_prologue(self.pdl)
+        tid = cute.arch.thread_idx()[0]
+        bx = cute.arch.block_idx()[0]
+        warp, lane = tid // 32, tid % 32
+        nbpr = self.n_in // 256
+        pWs = (pW0, pW1, pW2)
+        pYs = (pY0, pY1, pY2)
+        xargs = (pXq, pXd) if self.q8 else (pX,)
+        for m in cutlass.range_constexpr(len(self.mats)):
+            if bx >= self.starts[m]:
+                if bx < self.starts[m] + self.ctas[m]:
+                    rpw = self.rpws[m]
+                    n_out = self.mats[m][1]
+                    o0 = ((bx - self.starts[m]) * WARPS + warp) * rpw
+                    if o0 < n_out:
+                        rows = [(pWs[m], (o0 + r) * nbpr) for r in range(rpw)]
+                        acc = chunk_rows_partial(self.mats[m][0], self.q8, rows, xargs, 0, lane, self.cpl)
+                        mY = cute.make_tensor(pYs[m], cute.make_layout(n_out))
+                        for r in cutlass.range_constexpr(rpw):
+                            t = warp_allreduce_sum(acc[r])
+                            if lane == r:
+                                mY[o0 + r] = t
+
+
+@kernel_cache
+def compile_gemv_multi(mats: tuple, n_in: int, q8: bool = False, sm_count: int = 132):
+    p8, pf = _ptr(Uint8, 0), _ptr(Float32, 0)
+    return cute.compile(GemvMulti(mats, n_in, q8, sm_count), p8, p8, p8, pf, _ptr(Int8, 0), pf, pf, pf, pf,
+                        cute.runtime.make_fake_stream(), options=kernel_options())
+
+
+def gemv_multi(items, x, stream=None):
+    """``y_m = W_m @ x`` for up to 3 (w, qtype, y) items sharing one activation row, in one launch.
+
+    ``x``: f32 DeviceArray ([n_in] or [1, n_in]; float path) or a q8_1 ``Q8Act`` with one row (dp4a path).
+    ``y``: f32 DeviceArrays of n_out elements (written). Every (qtype, n_in) must suit the chunk mapping
+    (:func:`chunk_ok`); otherwise the items are launched one by one through :func:`gemv` / ``gemv_q8``."""
+    from ..runtime import default_stream
+    from .q8_1 import Q8Act
+
+    st = stream if stream is not None else default_stream()
+    q8 = isinstance(x, Q8Act)
+    n_in = x.n if q8 else int(x.shape[-1])
+    mats = tuple((qtype_name(q), int(np.prod(y.shape))) for _, q, y in items)
+    if not (1 <= len(items) <= 3) or not all(chunk_ok(q, n_in) for q, _ in mats):
+        for w, q, y in items:
+            if q8:
+                from .gemv_q8 import gemv_q8
+
+                gemv_q8(w, q, x, n_out=int(np.prod(y.shape)), out=y, stream=st)
+            else:
+                gemv(w, q, x, n_out=int(np.prod(y.shape)), out=y, stream=st)
+        return [y for _, _, y in items]
+    dws = [as_device_bytes(w, st) for w, _, _ in items]
+    for dw, (q, n) in zip(dws, mats):
+        _check_w(dw, q, n, n_in)
+        _aligned(dw, "weights")
+    pw = [dw.ptr for dw in dws] + [dws[0].ptr] * (3 - len(dws))
+    py = [y.ptr for _, _, y in items] + [items[0][2].ptr] * (3 - len(items))
+    fn = compile_gemv_multi(mats, n_in, q8, _sm_count())
+    if q8:
+        xp, xq, xd = x.d.ptr, x.qs.ptr, x.d.ptr
+    else:
+        xp = xq = xd = _aligned(x, "x").ptr
+    fn(_ptr(Uint8, pw[0]), _ptr(Uint8, pw[1]), _ptr(Uint8, pw[2]), _ptr(Float32, xp), _ptr(Int8, xq),
+       _ptr(Float32, xd), _ptr(Float32, py[0]), _ptr(Float32, py[1]), _ptr(Float32, py[2]), cuda.CUstream(st.handle))
+    return [y for _, _, y in items]
 
 
 def choose_wpr(n_out_total: int, steps_per_row: int, sm_count: int = 132) -> int:

@@ -27,6 +27,8 @@ from cutlass import Float32, Int8, Int32, Uint8, Uint16, Uint32, cute
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
+from .arch import pdl_enabled
+from .common import pdl_prologue
 from .compile import kernel_cache
 from .gemv import MAX_ROWS, WARPS, as_device_bytes, resolve_mapping
 from .q8_1 import QK, Q8Act, quantize_q8_1
@@ -218,6 +220,7 @@ class GemvQ8:
 
     def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
                  mapping: str = "slice", accumulate: bool = False):
+        self.pdl = pdl_enabled()
         assert qtype in INT_QTYPES, f"gemv_q8 supports {INT_QTYPES}"
         self.accumulate = accumulate  # y += W x (in-place residual add)
         self.qtype, self.sp = qtype, spec(qtype)
@@ -231,11 +234,13 @@ class GemvQ8:
     def __call__(self, pW: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer, pY: cute.Pointer,
                  pIds: cute.Pointer, n_out: Int32, n_slots: Int32, stream: cuda.CUstream):
         self.kernel(pW, pXq, pXd, pXs, pY, pIds, n_out).launch(
-            grid=[cute.ceil_div(n_out, WARPS), n_slots, 1], block=[WARPS * 32, 1, 1], stream=stream)
+            grid=[cute.ceil_div(n_out, WARPS), n_slots, 1], block=[WARPS * 32, 1, 1],
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer, pY: cute.Pointer,
                pIds: cute.Pointer, n_out: Int32):
+        pdl_prologue(self.pdl)
         sp = self.sp
         tid = cute.arch.thread_idx()[0]
         bx, slot, _ = cute.arch.block_idx()

@@ -286,6 +286,81 @@ EXPERT_CASES = [("Q4_K", 2048, 768, False), ("Q6_K", 768, 2048, True), ("Q4_K", 
                 ("Q6_K_P", 768, 2048, True)]
 
 
+def bench_multi(stream, l2, reps, rng, path, mats=(("Q4_K", 4096), ("Q4_K", 512), ("Q6_K_P", 512)), n_in=2048):
+    """q/k/v in one GemvMulti launch vs three GemvChunk launches (same weights, rotated copies beyond L2)."""
+    import cuda.bindings.driver as cuda
+    from cutlass import Float32, Int8, Int32, Uint8
+
+    from ..runtime import DeviceArray
+    from .gemv import _sm_count, choose_rpw, compile_gemv_chunk, compile_gemv_multi
+    from .q8_1 import quantize_q8_1
+    from .quant_decode import spec
+
+    q8 = path == "dp4a"
+    hosts = [_rand_weights(q, n, n_in, rng) for q, n in mats]
+    wbytes = sum(h.nbytes for h in hosts)
+    ncopy = _n_copies(wbytes, l2)
+    ws = [[DeviceArray.from_numpy(h, stream) for h in hosts] for _ in range(ncopy)]
+    x = DeviceArray.from_numpy(rng.standard_normal((1, n_in)).astype(np.float32), stream)
+    xq = quantize_q8_1(x, stream=stream)
+    ys = [DeviceArray.empty((n,), np.float32) for _, n in mats]
+    cs = cuda.CUstream(stream.handle)
+    fm = compile_gemv_multi(tuple(mats), n_in, q8, _sm_count())
+    m_args = [(_ptr(Uint8, w[0].ptr), _ptr(Uint8, w[1].ptr), _ptr(Uint8, w[2].ptr), _ptr(Float32, x.ptr),
+               _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, ys[0].ptr), _ptr(Float32, ys[1].ptr),
+               _ptr(Float32, ys[2].ptr), cs) for w in ws]
+    fs = [compile_gemv_chunk(q, n_in, choose_rpw(n, _sm_count()), False, False, False, q8) for q, n in mats]
+    G = max(20, ncopy)
+    med_m, mn_m = _time_graph([(lambda a=m_args[i % ncopy]: fm(*a)) for i in range(G)], stream, reps)
+    seq = []
+    for i in range(G):
+        w = ws[i % ncopy]
+        for m, (f, y) in enumerate(zip(fs, ys)):
+            a = (_ptr(Uint8, w[m].ptr), _ptr(Float32, x.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr),
+                 _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4), Int32(mats[m][1]), Int32(1), cs)
+            seq.append(lambda f=f, a=a: f(*a))
+    med_s, mn_s = _time_graph(seq, stream, reps)
+    xb = n_in * 4 if not q8 else n_in + n_in // 32 * 8
+    nbytes = wbytes + xb + sum(n for _, n in mats) * 4
+    assert wbytes == sum(spec(q).row_bytes(n_in) * n for q, n in mats)
+    name = "+".join(f"{q}->{n}" for q, n in mats)
+    return [dict(case=f"gemv_multi {name}", path=path, us=med_m, us_min=mn_m, bytes=nbytes, copies=ncopy),
+            dict(case=f"3x gemv chunk {name}", path=path, us=med_s * len(mats), us_min=mn_s * len(mats),
+                 bytes=nbytes, copies=ncopy)]
+
+
+def bench_norm_q8(stream, reps, N=2048):
+    """Fused rmsnorm_residual -> q8_1 vs rmsnorm_residual + quantize_q8_1 (two launches)."""
+    import cuda.bindings.driver as cuda
+    from cutlass import Float32, Int8, Int32
+
+    from ..runtime import DeviceArray
+    from .q8_1 import Q8Act, compile_quantize_q8_1, compile_rmsnorm_q8_1
+    from .rmsnorm import compile_rmsnorm
+
+    rng = np.random.default_rng(1)
+    x = DeviceArray.from_numpy(rng.standard_normal(N).astype(np.float32), stream)
+    r = DeviceArray.from_numpy(rng.standard_normal(N).astype(np.float32), stream)
+    w = DeviceArray.from_numpy(rng.standard_normal(N).astype(np.float32), stream)
+    h = DeviceArray.empty((N,), np.float32)
+    xq = Q8Act(1, N)
+    cs = cuda.CUstream(stream.handle)
+    ff = compile_rmsnorm_q8_1(N, True, True)
+    fa = (_ptr(Float32, x.ptr), _ptr(Float32, r.ptr), _ptr(Float32, r.ptr), _ptr(Float32, w.ptr), _ptr(Float32, h.ptr),
+          _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr), Int32(1), Float32(1e-6), cs)
+    med_f, mn_f = _time_graph([lambda: ff(*fa)] * 32, stream, reps)
+    fr = compile_rmsnorm(N, True, True)
+    fq = compile_quantize_q8_1(N)
+    ra = (_ptr(Float32, x.ptr), _ptr(Float32, r.ptr), _ptr(Float32, r.ptr), _ptr(Float32, w.ptr), _ptr(Float32, h.ptr),
+          Int32(1), Float32(1e-6), cs)
+    qa = (_ptr(Float32, h.ptr, 4), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr), Int32(1), cs)
+    med_s, mn_s = _time_graph([lambda: fr(*ra), lambda: fq(*qa)] * 16, stream, reps)
+    nb = N * 4 * 4 + N + N // 32 * 8
+    return [dict(case=f"rmsnorm_residual->q8_1 fused {N}", path="dp4a", us=med_f, us_min=mn_f, bytes=nb, copies=1),
+            dict(case=f"rmsnorm_residual + quantize {N}", path="dp4a", us=2 * med_s, us_min=2 * mn_s, bytes=nb,
+                 copies=1)]
+
+
 def run_chunk(stream, dev, reps, rng, rows):
     """The chunk-mapping kernels (gemv.py GemvChunk, moe_ffn.py Moe*Chunk) at the Qwen3-30B-A3B shapes."""
     for path in ("float", "dp4a"):
@@ -294,7 +369,7 @@ def run_chunk(stream, dev, reps, rng, rows):
                 rows.append(bench_dense(q, n_in, n_out, path, stream, dev.l2_bytes, reps, rng, "chunk", rpw))
         for q, n_in, n_out, per in EXPERT_CASES[:1]:
             rows.append(bench_experts(q, n_in, n_out, path, stream, reps, rng, x_per_slot=per, mapping="chunk"))
-        for q_down in ("Q6_K", "Q4_K"):
+        for q_down in ("Q6_K", "Q4_K", "Q6_K_P"):
             for rpw in (1, 2):
                 rows += bench_moe(stream, reps, rng, q_down=q_down, path=path, mapping="chunk", rpw_gu=rpw)
 
@@ -319,6 +394,10 @@ def run(reps: int = 50, only: str | None = None) -> dict:
                 rows.append(bench_experts(q, n_in, n_out, path, stream, reps, rng, x_per_slot=per))
     if only in (None, "chunk"):
         run_chunk(stream, dev, reps, rng, rows)
+    if only in (None, "chunk", "fused"):
+        for path in ("float", "dp4a"):
+            rows += bench_multi(stream, dev.l2_bytes, reps, rng, path)
+        rows += bench_norm_q8(stream, reps)
     if only in (None, "moe"):
         for path in ("float", "dp4a"):
             for q_down in ("Q6_K", "Q4_K", "Q6_K_P"):
@@ -347,7 +426,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the results as JSON to this path")
     ap.add_argument("--reps", type=int, default=50, help="timed graph replays per case (>= 50)")
-    ap.add_argument("--only", choices=("gemv", "experts", "moe", "chunk"), help="run one group of cases")
+    ap.add_argument("--only", choices=("gemv", "experts", "moe", "chunk", "fused"), help="run one group of cases")
     a = ap.parse_args(argv)
     from ..runtime import device_available
 

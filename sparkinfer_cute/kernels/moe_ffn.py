@@ -40,13 +40,13 @@ from .quant_decode import (
     chunk_supported,
     chunk_x_f32,
     chunk_x_q8,
-    x_sums_f32,
     dot_values,
     kernel_options,
     load_x_runs,
     qtype_name,
     spec,
     warp_allreduce_sum,
+    x_sums_f32,
 )
 
 
@@ -56,6 +56,7 @@ def silu(g: Float32) -> Float32:
 
 class MoeGateUp:
     def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False):
+        self.pdl = pdl_enabled()
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, "slice")
         assert n_in % self.sp.block_elems == 0
@@ -68,11 +69,13 @@ class MoeGateUp:
     def __call__(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pIds: cute.Pointer,
                  pAct: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
         self.kernel(pWg, pWu, pX, pIds, pAct).launch(
-            grid=[cute.ceil_div(self.n_ff, WARPS), n_slots, 1], block=[WARPS * 32, 1, 1], stream=stream)
+            grid=[cute.ceil_div(self.n_ff, WARPS), n_slots, 1], block=[WARPS * 32, 1, 1],
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pIds: cute.Pointer,
                pAct: cute.Pointer):
+        pdl_prologue(self.pdl)
         sp = self.sp
         tid = cute.arch.thread_idx()[0]
         bx, slot, _ = cute.arch.block_idx()
@@ -109,6 +112,7 @@ class MoeDown:
     partial sums added in a fixed order through shared memory (2048 rows alone give only ~16 warps per SM)."""
 
     def __init__(self, qtype: str, n_ff: int, n_out: int, add_residual: bool = False, wpr: int = 2):
+        self.pdl = pdl_enabled()
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, "slice")
         assert n_ff % self.sp.block_elems == 0
@@ -120,11 +124,13 @@ class MoeDown:
     def __call__(self, pW: cute.Pointer, pAct: cute.Pointer, pIds: cute.Pointer, pWeights: cute.Pointer,
                  pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
         self.kernel(pW, pAct, pIds, pWeights, pResid, pY, n_slots).launch(
-            grid=[cute.ceil_div(self.n_out, self.rows_per_cta), 1, 1], block=[WARPS * 32, 1, 1], stream=stream)
+            grid=[cute.ceil_div(self.n_out, self.rows_per_cta), 1, 1], block=[WARPS * 32, 1, 1],
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pAct: cute.Pointer, pIds: cute.Pointer, pWeights: cute.Pointer,
                pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32):
+        pdl_prologue(self.pdl)
         sp = self.sp
         wpr = self.wpr
         tid = cute.arch.thread_idx()[0]
@@ -274,6 +280,7 @@ def moe_ffn(w_gate, w_up, w_down, qtype_gate_up, qtype_down, h, ids, weights, n_
 
 class MoeGateUpQ8:
     def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False):
+        self.pdl = pdl_enabled()
         from .gemv_q8 import INT_QTYPES
 
         assert qtype in INT_QTYPES
@@ -288,11 +295,13 @@ class MoeGateUpQ8:
     def __call__(self, pWg: cute.Pointer, pWu: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer,
                  pXs: cute.Pointer, pIds: cute.Pointer, pAct: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
         self.kernel(pWg, pWu, pXq, pXd, pXs, pIds, pAct).launch(
-            grid=[cute.ceil_div(self.n_ff, WARPS), n_slots, 1], block=[WARPS * 32, 1, 1], stream=stream)
+            grid=[cute.ceil_div(self.n_ff, WARPS), n_slots, 1], block=[WARPS * 32, 1, 1],
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, pWg: cute.Pointer, pWu: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer,
                pIds: cute.Pointer, pAct: cute.Pointer):
+        pdl_prologue(self.pdl)
         from .gemv_q8 import decode_int_slice, group_dot
 
         sp = self.sp
@@ -326,6 +335,7 @@ class MoeGateUpQ8:
 
 class MoeDownQ8:
     def __init__(self, qtype: str, n_ff: int, n_out: int, add_residual: bool = False, wpr: int = 2):
+        self.pdl = pdl_enabled()
         from .gemv_q8 import INT_QTYPES
 
         assert qtype in INT_QTYPES and wpr in (1, 2, 4)
@@ -340,11 +350,13 @@ class MoeDownQ8:
                  pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32,
                  stream: cuda.CUstream):
         self.kernel(pW, pAq, pAd, pAs, pIds, pWeights, pResid, pY, n_slots).launch(
-            grid=[cute.ceil_div(self.n_out, self.rows_per_cta), 1, 1], block=[WARPS * 32, 1, 1], stream=stream)
+            grid=[cute.ceil_div(self.n_out, self.rows_per_cta), 1, 1], block=[WARPS * 32, 1, 1],
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pAs: cute.Pointer, pIds: cute.Pointer,
                pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32):
+        pdl_prologue(self.pdl)
         from .gemv_q8 import decode_int_slice, group_dot
 
         sp = self.sp
@@ -479,8 +491,8 @@ class MoeGateUpChunk:
     and up rows (2*rpw weight rows sharing the activation loads), then SwiGLU."""
 
     def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False, rpw: int = 1):
-        assert chunk_ok(qtype, n_in) and n_ff % rpw == 0
         self.pdl = pdl_enabled()
+        assert chunk_ok(qtype, n_in) and n_ff % rpw == 0
         self.qtype, self.n_in, self.n_ff, self.fused, self.q8, self.rpw = qtype, n_in, n_ff, fused, q8, rpw
         self.expert_rows = 2 * n_ff if fused else n_ff
         self.up_row0 = n_ff if fused else 0
@@ -527,8 +539,8 @@ class MoeDownChunk:
     ``k`` (static) experts, all weight loads first, w_j-weighted, then one butterfly (fixed order, no atomics)."""
 
     def __init__(self, qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False):
-        assert down_chunk_ok(qtype, n_ff, k)
         self.pdl = pdl_enabled()
+        assert down_chunk_ok(qtype, n_ff, k)
         self.qtype, self.n_ff, self.n_out, self.k, self.add_residual, self.q8 = qtype, n_ff, n_out, k, add_residual, q8
         self.cpr = n_ff // 256 * CHUNKS_PER_BLOCK
         self.cpl = k * self.cpr // 32

@@ -15,11 +15,14 @@ One warp per block, one element per lane: warp max of |x|, warp sum of q (exact 
 from __future__ import annotations
 
 import cuda.bindings.driver as cuda
+import cutlass
 import numpy as np
 from cutlass import Float32, Int8, Int32, cute
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
+from .arch import pdl_enabled
+from .common import pdl_prologue
 from .compile import kernel_cache
 from .quant_decode import kernel_options
 
@@ -48,6 +51,7 @@ def _warp_sum(v):
 
 class QuantizeQ8_1:
     def __init__(self, n: int):
+        self.pdl = pdl_enabled()
         assert n % QK == 0, f"row length {n} must be a multiple of {QK}"
         self.n = n
 
@@ -56,10 +60,12 @@ class QuantizeQ8_1:
                  stream: cuda.CUstream):
         n_blocks = rows * (self.n // QK)
         self.kernel(pX, pQ, pD, pS, n_blocks).launch(
-            grid=[cute.ceil_div(n_blocks, WARPS), 1, 1], block=[WARPS * 32, 1, 1], stream=stream)
+            grid=[cute.ceil_div(n_blocks, WARPS), 1, 1], block=[WARPS * 32, 1, 1],
+            stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, pX: cute.Pointer, pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer, n_blocks: Int32):
+        pdl_prologue(self.pdl)
         tid = cute.arch.thread_idx()[0]
         bx = cute.arch.block_idx()[0]
         warp, lane = tid // 32, tid % 32
@@ -80,6 +86,139 @@ class QuantizeQ8_1:
             if lane == 0:
                 mD[b] = d
                 mS[b] = d * qs
+
+
+class RmsNormQ8_1:
+    """Fused ``[s = x + r;] h = rmsnorm(s) * w`` -> h (f32) AND its q8_1 quantization (qs, d, s), one row per CTA.
+
+    Same semantics and summation structure as rmsnorm.py (``residual=True``: ``s`` written to ``residual_out``, which
+    may alias ``r``; h = (s * rstd) * w, ggml order; rstd = rsqrt(mean(s^2) + eps)); then the q8_1 rules of this
+    module applied to the f32 h. A thread owns 8 consecutive elements (two 16-byte vectors), so a q8_1 block of 32 is
+    4 neighbouring lanes: amax and sum(q) are 2-step shuffle butterflies. Saves the separate quantize launch that
+    the dp4a GEMVs would need after every norm."""
+
+    EPT = 8  # elements per thread
+
+    def __init__(self, N: int, residual: bool = False, has_weight: bool = True):
+        self.pdl = pdl_enabled()
+
+        assert N % QK == 0, f"row length {N} must be a multiple of {QK}"
+        self.N, self.residual, self.has_weight = N, residual, has_weight
+        self.active = N // self.EPT
+        self.threads = -(-self.active // 32) * 32
+        assert self.threads <= 1024
+        self.warps = self.threads // 32
+
+    @cute.jit
+    def __call__(self, pX: cute.Pointer, pR: cute.Pointer, pRO: cute.Pointer, pW: cute.Pointer, pH: cute.Pointer,
+                 pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer, M: Int32, eps: Float32, stream: cuda.CUstream):
+        self.kernel(pX, pR, pRO, pW, pH, pQ, pD, pS, eps).launch(
+            grid=[M, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
+
+    @cute.kernel
+    def kernel(self, pX: cute.Pointer, pR: cute.Pointer, pRO: cute.Pointer, pW: cute.Pointer, pH: cute.Pointer,
+               pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer, eps: Float32):
+        pdl_prologue(self.pdl)
+        N, E = self.N, self.EPT
+        tid = cute.arch.thread_idx()[0]
+        row = cute.arch.block_idx()[0]
+        warp, lane = tid // 32, tid % 32
+        smem = cutlass.memory.SmemAllocator()
+        red = smem.allocate_tensor(Float32, cute.make_layout(self.warps), byte_alignment=16)
+        v = cute.make_rmem_tensor((E,), Float32)
+        tmp = cute.make_rmem_tensor((E,), Float32)
+        ss = Float32(0.0)
+        e0 = row * N + tid * E
+        if tid < self.active:
+            cute.autovec_copy(cute.make_tensor(pX + cute.assume(e0, divby=E), cute.make_layout(E)), v)
+            if cutlass.const_expr(self.residual):
+                cute.autovec_copy(cute.make_tensor(pR + cute.assume(e0, divby=E), cute.make_layout(E)), tmp)
+                for i in cutlass.range_constexpr(E):
+                    v[i] = v[i] + tmp[i]
+                cute.autovec_copy(v, cute.make_tensor(pRO + cute.assume(e0, divby=E), cute.make_layout(E)))
+            for i in cutlass.range_constexpr(E):
+                ss = ss + v[i] * v[i]
+        ss = _warp_sum(ss)
+        if lane == 0:
+            red[warp] = ss
+        cute.arch.barrier()
+        tot = Float32(0.0)
+        for i in cutlass.range_constexpr(self.warps):
+            tot = tot + red[i]
+        rstd = cute.math.rsqrt(tot / Float32(N) + eps)
+        amax = Float32(0.0)
+        if tid < self.active:
+            if cutlass.const_expr(self.has_weight):
+                cute.autovec_copy(cute.make_tensor(pW + cute.assume(tid * E, divby=E), cute.make_layout(E)), tmp)
+            for i in cutlass.range_constexpr(E):
+                h = v[i] * rstd
+                if cutlass.const_expr(self.has_weight):
+                    h = h * tmp[i]
+                v[i] = h
+                amax = cute.arch.fmax(amax, cute.math.absf(h))
+            cute.autovec_copy(v, cute.make_tensor(pH + cute.assume(e0, divby=E), cute.make_layout(E)))
+        # q8_1 block = lanes 4g..4g+3 (all active or all inactive: N % 32 == 0)
+        for i in cutlass.range_constexpr(2):
+            amax = cute.arch.fmax(amax, cute.arch.shuffle_sync_bfly(amax, offset=1 << i))
+        d = amax / Float32(127.0)
+        qsum = Int32(0)
+        if tid < self.active:
+            qv = cute.make_rmem_tensor((E,), Int8)
+            for i in cutlass.range_constexpr(E):
+                qi = Int32(0)
+                if amax > Float32(0.0):
+                    qi = rint_s32(v[i] / d)
+                qv[i] = Int8(qi)
+                qsum = qsum + qi
+            cute.autovec_copy(qv, cute.make_tensor(pQ + cute.assume(e0, divby=E), cute.make_layout(E)))
+        for i in cutlass.range_constexpr(2):
+            qsum = qsum + cute.arch.shuffle_sync_bfly(qsum, offset=1 << i)
+        if tid < self.active:
+            if tid % 4 == 0:
+                b = e0 // QK
+                mD = cute.make_tensor(pD, cute.make_layout(b + 1))
+                mS = cute.make_tensor(pS, cute.make_layout(b + 1))
+                mD[b] = d
+                mS[b] = d * Float32(qsum)
+
+
+@kernel_cache
+def compile_rmsnorm_q8_1(N: int, residual: bool = False, has_weight: bool = True):
+    p = _ptr(Float32, 0)
+    return cute.compile(RmsNormQ8_1(N, residual, has_weight), p, p, p, p, p, _ptr(Int8, 0), p, p, Int32(1),
+                        Float32(1e-6), cute.runtime.make_fake_stream(), options=kernel_options())
+
+
+def rmsnorm_q8_1(x, w=None, eps: float = 1e-6, *, residual=None, out=None, residual_out=None, xq: Q8Act | None = None,
+                 stream=None):
+    """``h = rmsnorm(x [+ residual]) * w`` (f32) and ``q8_1(h)`` in one launch.
+
+    ``residual`` given: ``s = x + residual`` is written to ``residual_out`` (default: ``residual`` itself, in place),
+    exactly as kernels/rmsnorm.py's ``rmsnorm_residual``. DeviceArray in -> ``(h, xq)`` or ``(h, s, xq)`` with
+    ``xq`` a :class:`Q8Act`; numpy in -> numpy ``(h, (qs, d, s_q))`` / ``(h, s, (qs, d, s_q))``."""
+    from ..runtime import DeviceArray, as_device, default_stream
+
+    st = stream if stream is not None else default_stream()
+    dx, x_np = as_device(x, st, np.float32)
+    N = int(dx.shape[-1])
+    M = int(np.prod(dx.shape[:-1])) if len(dx.shape) > 1 else 1
+    dw = as_device(w, st, np.float32)[0] if w is not None else None
+    dr = as_device(residual, st, np.float32)[0] if residual is not None else None
+    ro = residual_out if residual_out is not None else dr
+    h = out if out is not None else DeviceArray.empty(dx.shape, np.float32)
+    q = xq if xq is not None else Q8Act(M, N)
+    fn = compile_rmsnorm_q8_1(N, dr is not None, dw is not None)
+    for a in (dx, h, dr, ro, dw):
+        if a is not None and a.ptr % 16:
+            raise ValueError("rmsnorm_q8_1 needs 16-byte aligned buffers (32-byte loads per thread)")
+    fn(_ptr(Float32, dx.ptr), _ptr(Float32, (dx if dr is None else dr).ptr), _ptr(Float32, (dx if ro is None else ro).ptr),
+       _ptr(Float32, (dx if dw is None else dw).ptr), _ptr(Float32, h.ptr), _ptr(Int8, q.qs.ptr), _ptr(Float32, q.d.ptr),
+       _ptr(Float32, q.s.ptr), Int32(M), Float32(eps), cuda.CUstream(st.handle))
+    if x_np:
+        hq = tuple(a.reshape(*dx.shape[:-1], -1) if len(dx.shape) > 1 else a[0] for a in q.to_numpy())
+        hn = h.to_numpy(stream=st)
+        return (hn, ro.to_numpy(stream=st), hq) if dr is not None else (hn, hq)
+    return (h, ro, q) if dr is not None else (h, q)
 
 
 def _ptr(dtype, addr, align=16):
@@ -152,6 +291,8 @@ def _register():
         return
     register("quantize_q8_1", compile_quantize_q8_1,
              [dict(n=n) for n in (256, 384, 512, 640, 768, 1024, 1536, 2048, 4096)])
+    register("rmsnorm_q8_1", compile_rmsnorm_q8_1,
+             [dict(N=n, residual=r) for n in (2048, 640, 2816, 256, 384, 512) for r in (False, True)])
 
 
 _register()

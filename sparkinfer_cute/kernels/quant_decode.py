@@ -807,13 +807,6 @@ def chunk_dot_q8(qtype: str, raw, s, xq):
 
 __all__ = [
     "CHUNK_QTYPES",
-    "chunk_dot_f32",
-    "chunk_dot_q8",
-    "chunk_load",
-    "chunk_supported",
-    "chunk_x_f32",
-    "chunk_x_q8",
-    "x_sums_f32",
     "GGML_TYPE_IDS",
     "QTYPES",
     "SLICES",
@@ -822,6 +815,12 @@ __all__ = [
     "Tiling",
     "Uint8",
     "bits_to_f32",
+    "chunk_dot_f32",
+    "chunk_dot_q8",
+    "chunk_load",
+    "chunk_supported",
+    "chunk_x_f32",
+    "chunk_x_q8",
     "copy_runs_to_gmem",
     "decode_unit",
     "dot_values",
@@ -839,4 +838,5 @@ __all__ = [
     "sub_rn",
     "unit_base",
     "warp_allreduce_sum",
+    "x_sums_f32",
 ]

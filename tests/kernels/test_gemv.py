@@ -307,3 +307,60 @@ def test_gemv_chunk(path, q, n_in, n_out):
         xhat = dequantize_q8_1(xq, xd)[0]
         _check(y, gemv_ref(w, q, xhat), gemv_error_bound(w, q, xhat))
         assert (np.abs(y - gemv_ref(w, q, x)) <= gemv_q8_error_bound(w, q, x[None])[0]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["float", "dp4a"])
+@pytest.mark.parametrize("mats", [(("Q4_K", 4096), ("Q4_K", 512), ("Q6_K_P", 512)),
+                                  (("Q4_K", 2048), ("Q6_K", 333)), (("Q6_K", 1000),)])
+def test_gemv_multi(path, mats):
+    """q/k/v in one launch: every output equals its own GEMV reference (bounds as for gemv / gemv_q8)."""
+    from sparkinfer_cute.kernels.gemv import gemv_multi
+    from sparkinfer_cute.runtime import DeviceArray
+
+    rng = np.random.default_rng()
+    n_in = 2048
+    ws = [rand_weight(q, n, n_in, rng) for q, n in mats]
+    x = rng.standard_normal(n_in).astype(np.float32)
+    ys = [DeviceArray.empty((n,), np.float32) for _, n in mats]
+    for y in ys:
+        y.fill_bytes(0xFF)
+    dx = DeviceArray.from_numpy(x[None])
+    xin = dx if path == "float" else quantize_q8_1(dx)
+    gemv_multi([(DeviceArray.from_numpy(w), q, y) for w, (q, _), y in zip(ws, mats, ys)], xin)
+    for w, (q, _), y in zip(ws, mats, ys):
+        yn = y.to_numpy()
+        assert not np.isnan(yn).any()
+        if path == "float":
+            _check(yn, gemv_ref(w, q, x), gemv_error_bound(w, q, x))
+        else:
+            assert (np.abs(yn - gemv_ref(w, q, x)) <= gemv_q8_error_bound(w, q, x[None])[0]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [2048, 640, 256])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rmsnorm_q8_1_fused(N, residual):
+    """h matches rmsnorm(_residual)_ref; the q8_1 part equals quantize_q8_1_ref of the kernel's own h bit for bit;
+    the residual sum equals the f32 x + r (rmsnorm.py semantics)."""
+    from sparkinfer_cute.kernels.q8_1 import rmsnorm_q8_1
+    from sparkinfer_cute.kernels.rmsnorm import rmsnorm_ref, rmsnorm_residual_ref
+
+    rng = np.random.default_rng()
+    rows = 2
+    x = rng.standard_normal((rows, N)).astype(np.float32) * 3
+    w = rng.standard_normal(N).astype(np.float32)
+    if residual:
+        r = rng.standard_normal((rows, N)).astype(np.float32)
+        h, s, (qs, d, sq) = rmsnorm_q8_1(x, w, 1e-6, residual=r)
+        ref, sref = rmsnorm_residual_ref(x, r, w, 1e-6)
+        np.testing.assert_array_equal(s, sref.astype(np.float32))
+    else:
+        h, (qs, d, sq) = rmsnorm_q8_1(x, w, 1e-6)
+        ref = rmsnorm_ref(x, w, 1e-6)
+    # f32 norm: a sum of N squares and a few roundings, far under 1e-5 relative
+    assert np.abs(h - ref).max() <= 1e-5 * np.abs(ref).max()
+    rq, rd, rs = quantize_q8_1_ref(h)
+    np.testing.assert_array_equal(qs, rq)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(sq, rs)
