@@ -202,6 +202,22 @@ class ReferenceModel:
                 qa, da = ops.quantize_q8_0_blocks(x)
                 qw, dw = self._q0_blocks(name)
                 return ops.matmul_q0_llama_cpu(qa, da, qw, dw).astype(self.dtype)
+            if t == "Q4_K" and self.g.tensor(name).shape[1] % 8 == 0:
+                # CPU_REPACK: rows in groups of 4 through the gemm kernel, the rest through the gemv kernel
+                qa, da = ops.quantize_q8_K_blocks(x)
+                blk = self._q4k_blocks(name)
+                n4 = x.shape[0] - x.shape[0] % 4
+                parts = []
+                if n4:
+                    parts.append(ops.matmul_q4_K_llama_cpu(qa[:n4], da[:n4], *blk))
+                if n4 < x.shape[0]:
+                    parts.append(ops.matmul_q4_K_llama_cpu(qa[n4:], da[n4:], *blk, gemv=True))
+                return np.concatenate(parts).astype(self.dtype)
+            if t == "Q6_K":
+                # ggml-cpu/tiled kernel for batches of >= 8 rows, ggml_vec_dot_q6_K_q8_K below that
+                qa, da = ops.quantize_q8_K_blocks(x)
+                out = ops.matmul_q6_K_llama_cpu(qa, da, *self._q6k_blocks(name), vec_dot=x.shape[0] < 8)
+                return out.astype(self.dtype)
             if t.endswith("_K"):
                 xa = ops.quantize_activation_q8_K(x).astype(np.float64)
                 return (xa @ self.weight(name).astype(np.float64).T).astype(np.float32).astype(self.dtype)
@@ -223,6 +239,24 @@ class ReferenceModel:
             q = q.astype(np.float32)
             assert np.array_equal(q, np.rint(q)), name
             blk = (q, d)
+            self._weights[key] = blk
+        return blk
+
+    def _q4k_blocks(self, name: str):
+        key = "q4k:" + name
+        blk = self._weights.get(key)
+        if blk is None:
+            n_in, n_out = (int(v) for v in self.g.tensor(name).shape[:2])
+            blk = ops.q4_K_blocks(np.asarray(self.g.raw(name)), n_out, n_in)
+            self._weights[key] = blk
+        return blk
+
+    def _q6k_blocks(self, name: str):
+        key = "q6k:" + name
+        blk = self._weights.get(key)
+        if blk is None:
+            n_in, n_out = (int(v) for v in self.g.tensor(name).shape[:2])
+            blk = ops.q6_K_blocks(np.asarray(self.g.raw(name)), n_out, n_in)
             self._weights[key] = blk
         return blk
 

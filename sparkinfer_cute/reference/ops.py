@@ -235,12 +235,35 @@ def topk_desc(x: np.ndarray, k: int) -> np.ndarray:
 # applies, to tell model bugs apart from backend noise when comparing against llama.cpp CPU outputs.
 
 
+_GELU_TABLE: np.ndarray | None = None
+
+
+def _gelu_fp16_table() -> np.ndarray:
+    """``ggml_table_gelu_f16`` (ggml-cpu.c, ggml_cpu_init): for every fp16 value, ``ggml_gelu_f32`` of it in float32
+    rounded to fp16. ggml_gelu_f32 is ``0.5f*x*(1.0f + tanhf(SQRT_2_OVER_PI*x*(1.0f + GELU_COEF_A*x*x)))``, which
+    GCC's default fp-contraction compiles with ``1 + A·x·x`` as ``fma(A·x, x, 1)``; tanhf is glibc's. This variant
+    reproduced all 1,474,560 ffn_geglu outputs of 5 Gemma 3 270M layers (288 tokens) that llama.cpp computed;
+    plain float32 math misses 167 of them, numpy's float32 tanh 3782."""
+    global _GELU_TABLE
+    if _GELU_TABLE is None:
+        f32 = np.float32
+        xs = np.arange(65536, dtype=np.uint16).view(np.float16).astype(f32)
+        xs = np.where(np.isfinite(xs), xs, f32(0.0)).astype(f32)
+        with np.errstate(all="ignore"):
+            inner = _fma((f32(_GELU_COEF_A) * xs).astype(f32), xs, f32(1.0))
+            arg = (f32(_SQRT_2_OVER_PI) * xs * inner).astype(f32)
+            th = tanhf_libm(arg)
+            y = (f32(0.5) * xs * (f32(1.0) + th).astype(f32)).astype(f32)
+        _GELU_TABLE = y.astype(np.float16).astype(f32)
+    return _GELU_TABLE
+
+
 def gelu_tanh_fp16_table(x: np.ndarray) -> np.ndarray:
-    """``ggml_vec_gelu_f32`` with GGML_GELU_FP16 (ggml-cpu/vec.h): 0 for x <= -10, x for x >= 10, else x rounded to
-    fp16, GELU of that in float32, result rounded to fp16 (the ``ggml_table_gelu_f16`` lookup)."""
+    """``ggml_vec_gelu_f32`` / the GELU of ``ggml_vec_geglu_f32`` with GGML_GELU_FP16 (ggml-cpu/vec.h): 0 for
+    x <= -10, x for x >= 10, else the ``ggml_table_gelu_f16`` entry of fp16(x) (:func:`_gelu_fp16_table`)."""
     x32 = np.asarray(x, dtype=np.float32)
-    xh = x32.astype(np.float16).astype(np.float32)
-    y = gelu_tanh(xh).astype(np.float16).astype(np.float32)
+    idx = x32.astype(np.float16).view(np.uint16)
+    y = _gelu_fp16_table()[idx]
     y = np.where(x32 <= -10.0, np.float32(0.0), np.where(x32 >= 10.0, x32, y))
     return y.astype(np.asarray(x).dtype if np.issubdtype(np.asarray(x).dtype, np.floating) else np.float32)
 
@@ -352,9 +375,9 @@ def attention_llama_cpu(
     """:func:`attention` with the numerics of llama.cpp's CPU flash attention over an F16 KV cache
     (``ggml_compute_forward_flash_attn_ext_f16``, ggml-cpu/ops.cpp), the path ``-fa auto`` picks on CPU.
 
-    * ``n_q >= FA_TILE_Q`` (prefill batches): the tiled path converts K/V to f32 and does everything in f32, so it
-      is :func:`attention` itself (measured on Gemma 3 270M layer 0, 288 rows, from llama.cpp's own Q/K/V: max rel.
-      diff 7e-7 of the output, float32 summation order).
+    * ``n_q >= FA_TILE_Q`` (prefill batches): the tiled path converts K/V to f32 and does everything in f32:
+      :func:`attention_llama_cpu_tiled` follows its order bit for bit (measured on Gemma 3 270M layers 0 and 5,
+      288 rows, from llama.cpp's own Q/K/V: 100 % of outputs identical; :func:`attention`: 17 %, max rel. 7e-7).
     * fewer rows (decode, short prompts): ``one_chunk``: Q rounded to fp16, scores ``f16·f16`` dots in f32, then an
       online softmax over the keys in order whose V accumulator ``VKQ16`` is **fp16**: on a new maximum
       ``VKQ16 = fp16(VKQ16·expf(M_old - M))``, then ``VKQ16 = fp16(fma(v, expf(s - M), VKQ16))``; the f32 sum S
@@ -363,7 +386,7 @@ def attention_llama_cpu(
     """
     n_q = q.shape[0]
     if n_q >= FA_TILE_Q:
-        return attention(q, k, v, q_pos, k_pos, scale=scale, window=window)
+        return attention_llama_cpu_tiled(q, k, v, q_pos, k_pos, scale=scale, window=window)
     f32, f16 = np.float32, np.float16
     _, n_head, d = q.shape
     n_k, n_head_kv, _ = k.shape
@@ -388,8 +411,8 @@ def attention_llama_cpu(
                 continue
             sc = s[:, :, ic]
             new = (sc > M) & act[:, None]
-            ms = np.where(new, np.exp((M - sc).astype(f32)), f32(1.0)).astype(f32)
-            vs = np.where(new, f32(1.0), np.exp((sc - M).astype(f32))).astype(f32)
+            ms = np.where(new, expf_libm(np.where(new, M - sc, 0).astype(f32)), f32(1.0)).astype(f32)
+            vs = np.where(new | ~act[:, None], f32(1.0), expf_libm(np.where(new, 0, sc - M).astype(f32))).astype(f32)
             scaled = (acc.astype(f32) * ms[..., None]).astype(f16)
             acc = np.where(new[..., None], scaled, acc)
             upd = (acc.astype(np.float64) + vh[ic][None] * vs[..., None].astype(np.float64)).astype(f32).astype(f16)
@@ -414,7 +437,23 @@ def _libm_f32(name: str):
     return np.frompyfunc(lambda v: f(float(v)), 1, 1)
 
 
-_COSF, _SINF = _libm_f32("cosf"), _libm_f32("sinf")
+_COSF, _SINF, _EXPF, _TANHF = (_libm_f32(f) for f in ("cosf", "sinf", "expf", "tanhf"))
+
+
+def tanhf_libm(x: np.ndarray) -> np.ndarray:
+    """Scalar ``tanhf`` (glibc through ctypes; numpy's float32 tanh otherwise)."""
+    x = np.asarray(x, np.float32)
+    if _TANHF is None:
+        return np.tanh(x)
+    return np.asarray(_TANHF(x), dtype=np.float32).reshape(x.shape)
+
+
+def expf_libm(x: np.ndarray) -> np.ndarray:
+    """Scalar ``expf`` as llama.cpp's C code calls it (glibc through ctypes; numpy's float32 exp otherwise)."""
+    x = np.asarray(x, np.float32)
+    if _EXPF is None:
+        return np.exp(x)
+    return np.asarray(_EXPF(x), dtype=np.float32).reshape(x.shape)
 
 
 def rope_neox_llama_cpu(
@@ -457,3 +496,225 @@ def rope_neox_llama_cpu(
     out[..., :half] = (x0 * cos - (x[..., half:n_rot] * sin).astype(f32)).astype(f32)
     out[..., half:n_rot] = (x0 * sin + (x[..., half:n_rot] * cos).astype(f32)).astype(f32)
     return out
+
+
+def _f32(a):
+    return np.asarray(a, dtype=np.float64).astype(np.float32)
+
+
+def _fma(a, b, c):
+    """float32 fused multiply-add emulated in float64 (a·b exact there; differs from a true fma only on
+    double-rounding ties)."""
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
+
+
+def expf_ggml_avx512(x: np.ndarray) -> np.ndarray:
+    """``ggml_v_expf(__m512)`` (ggml-cpu/vec.h), the vectorised expf of ``ggml_vec_soft_max_f32`` on AVX512: a
+    range reduction ``n = round(x·log2 e)`` and a degree-5 polynomial in fused multiply-adds, scaled by 2**n;
+    returns 0 / inf where |n| > 192 (x = -inf gives 0)."""
+    f32 = np.float32
+    x = np.asarray(x, f32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        r = f32(float.fromhex("0x1.8p23"))
+        z = _fma(x, f32(float.fromhex("0x1.715476p0")), r)
+        n = (z - r).astype(f32)
+        b = _fma(-n, f32(float.fromhex("0x1.7F7D1Cp-20")), _fma(-n, f32(float.fromhex("0x1.62E4p-1")), x))
+        u = (b * b).astype(f32)
+        j = _fma(
+            _fma(_fma(f32(float.fromhex("0x1.0E4020p-7")), b, f32(float.fromhex("0x1.573E2Ep-5"))), u, _fma(f32(float.fromhex("0x1.555E66p-3")), b, f32(float.fromhex("0x1.FFFDB6p-2")))),
+            u,
+            _fma(f32(float.fromhex("0x1.FFFFECp-1")), b, f32(1.0)),
+        )
+        big = np.abs(n) > 192
+        nn = np.where(big, 0, n).astype(np.int32)
+        res = np.ldexp(j, nn).astype(f32)
+        return np.where(big, np.where(n <= 0, f32(0.0), f32(np.inf)), res).astype(f32)
+
+
+def _reduce_add_16(v: np.ndarray) -> np.ndarray:
+    """``_mm512_reduce_add_ps`` over the last axis (16 lanes), GCC's order: halves, quarters, then pairs."""
+    t3 = _f32(v[..., 8:] + v[..., :8])
+    t6 = _f32(t3[..., 4:] + t3[..., :4])
+    return _f32(_f32(t6[..., 0] + t6[..., 2]) + _f32(t6[..., 1] + t6[..., 3]))
+
+
+def attention_llama_cpu_tiled(q, k, v, q_pos, k_pos=None, scale: float = 1.0, window: int | None = None):
+    """The tiled path of ``ggml_compute_forward_flash_attn_ext_f16`` (batches of >= FA_TILE_Q rows, AVX512 build),
+    in its float order: KV tiles of 64 keys; ``KQ = simd_gemm(Q, K)`` (each score a sequential fma over the head
+    dim, from 0), ``·scale``, mask; per tile ``M_new = max(M, tile max)``, on a new max ``VKQ·=expf(M-M_new)``,
+    ``S·=`` the same; ``S += Σ ggml_v_expf(KQ - M_new)`` (16-lane reduce_add, summed in double per 16 keys); then
+    ``VKQ = simd_gemm(P, V)`` continuing the sequential fma over the tile's keys; finally ``VKQ·(1/S)``."""
+    f32 = np.float32
+    n_q, n_head, d = q.shape
+    n_k, n_head_kv, _ = k.shape
+    group = n_head // n_head_kv
+    if k_pos is None:
+        k_pos = np.arange(n_k)
+    vis = causal_window_mask(q_pos, k_pos, window)  # (n_q, n_k)
+    kvh = np.arange(n_head) // group
+    qf = np.asarray(q, f32).transpose(1, 0, 2)  # (H, n_q, d)
+    kf = np.asarray(k, f32)[:, kvh].transpose(1, 0, 2)  # (H, n_k, d)
+    vf = np.asarray(v, f32)[:, kvh].transpose(1, 0, 2)  # (H, n_k, dv)
+    T = 64
+    n_tiles = -(-n_k // T)
+    M = np.full((n_head, n_q), -np.inf, f32)
+    S = np.zeros((n_head, n_q), f32)
+    acc = np.zeros((n_head, n_q, vf.shape[-1]), f32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for ti in range(n_tiles):
+            k0, k1 = ti * T, min(n_k, (ti + 1) * T)
+            vis_t = vis[:, k0:k1]
+            rows = vis_t.any(axis=1)
+            if not rows.any():
+                continue
+            kq = np.zeros((n_head, n_q, k1 - k0), f32)
+            for dd in range(d):
+                kq = _fma(qf[:, :, dd, None], kf[None, :, k0:k1, dd].reshape(n_head, 1, -1), kq)
+            kq = (kq * f32(scale)).astype(f32)
+            kq = np.where(vis_t[None], kq, -np.inf).astype(f32)
+            if k1 - k0 < T:  # padded keys: -inf
+                kq = np.concatenate([kq, np.full((n_head, n_q, T - (k1 - k0)), -np.inf, f32)], axis=-1)
+            tmax = kq.max(axis=-1)
+            Mnew = np.maximum(M, tmax)
+            upd = rows[None] & (Mnew > M)
+            ms = np.where(upd, expf_libm(np.where(upd, M - Mnew, 0).astype(f32)), f32(1.0)).astype(f32)
+            acc = np.where(upd[..., None], (acc * ms[..., None]).astype(f32), acc)
+            S = np.where(upd, (S * ms).astype(f32), S)
+            M = np.where(rows[None], Mnew, M)
+            p = expf_ggml_avx512((kq - M[..., None]).astype(f32))
+            p = np.where(rows[None, :, None], p, f32(0.0))
+            tot = np.zeros(S.shape, np.float64)
+            for c in range(0, T, 16):
+                tot += _reduce_add_16(p[..., c : c + 16]).astype(np.float64)
+            S = np.where(rows[None], (S.astype(np.float64) + tot).astype(f32), S)
+            for j in range(k1 - k0):
+                acc = _fma(p[:, :, j, None], vf[:, None, k0 + j], acc)
+    s_inv = np.where(S == 0, f32(0.0), f32(1.0) / S).astype(f32)
+    return (acc * s_inv[..., None]).astype(f32).transpose(1, 0, 2)
+
+
+def quantize_q8_K_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``quantize_row_q8_K_ref`` (what x86 ``quantize_row_q8_K`` calls) as blocks: ``q`` (…, n/256, 256) float64
+    integers (``min(127, nearest_int(-127/max · x))``, max the signed value of largest magnitude) and ``d``
+    (…, n/256) float32 ``= 1/iscale``."""
+    x32 = np.asarray(x, dtype=np.float32)
+    b = x32.reshape(*x32.shape[:-1], x32.shape[-1] // 256, 256)
+    idx = np.abs(b).argmax(axis=-1)[..., None]
+    mx = np.take_along_axis(b, idx, axis=-1)[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127.0) / mx, np.float32(0.0)).astype(np.float32)
+        d = np.where(mx != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
+    q = np.minimum(np.rint((iscale[..., None] * b).astype(np.float32)), 127).astype(np.float64)
+    return q, d
+
+
+def q4_K_blocks(raw: np.ndarray, n_out: int, n_in: int):
+    """Decode Q4_K rows (raw bytes, (n_out, n_in/256·144)) into ``q`` (n_out, nb, 256) 4-bit values in element
+    order, per-element sub-block scale ``sc`` and min ``m`` (n_out, nb, 256) (6-bit integers, as float64), and
+    ``d``, ``dmin`` (n_out, nb) float32 (``dequantize_row_q4_K``: ``y = d·sc·q - dmin·m``)."""
+    nb = n_in // 256
+    r = np.ascontiguousarray(raw).view(np.uint8).reshape(n_out, nb, 144)
+    d = r[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = r[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    s = r[..., 4:16].astype(np.int64)
+    qs = r[..., 16:144].astype(np.int64)
+    sc = np.empty((n_out, nb, 8), np.int64)
+    mn = np.empty((n_out, nb, 8), np.int64)
+    for j in range(8):  # get_scale_min_k4
+        if j < 4:
+            sc[..., j], mn[..., j] = s[..., j] & 63, s[..., j + 4] & 63
+        else:
+            sc[..., j] = (s[..., j + 4] & 0xF) | ((s[..., j - 4] >> 6) << 4)
+            mn[..., j] = (s[..., j + 4] >> 4) | ((s[..., j] >> 6) << 4)
+    q = np.empty((n_out, nb, 256), np.float64)
+    for j in range(4):
+        q[..., 64 * j : 64 * j + 32] = qs[..., 32 * j : 32 * j + 32] & 0xF
+        q[..., 64 * j + 32 : 64 * j + 64] = qs[..., 32 * j : 32 * j + 32] >> 4
+    return q, np.repeat(sc, 32, -1).astype(np.float64), np.repeat(mn, 32, -1).astype(np.float64), d, dmin
+
+
+def matmul_q4_K_llama_cpu(qa, da, q, sc, mn, d, dmin, gemv: bool = False) -> np.ndarray:
+    """``ggml_gemm_q4_K_8x8_q8_K`` (x86 AVX512/AVX2, the CPU_REPACK kernel llama.cpp uses for Q4_K weights with a
+    multiple of 8 rows) in its float order: two f32 accumulators per output; for every 64 elements (two 32-element
+    sub-blocks j, j+1) ``acc = fma(f32(sc_j·Σq·q8 + sc_{j+1}·Σq·q8), f32(d_w·d_a), acc)`` and
+    ``acc_min = fma(f32(m_j·bsum_j + m_{j+1}·bsum_{j+1}), f32(dmin_w·d_a), acc_min)``; result ``acc - acc_min``.
+    qa (t, nb, 256), da (t, nb) from :func:`quantize_q8_K_blocks`; the rest from :func:`q4_K_blocks`.
+
+    ``gemv=True``: ``ggml_gemv_q4_K_8x8_q8_K`` (the rows left over when the batch is not a multiple of 4, and
+    decode): the same, but one fma per 256-element block (integer sums over all 8 sub-blocks)."""
+    t, nb = da.shape
+    o = d.shape[0]
+    wsc = q * sc
+    acc = np.zeros((t, o), np.float32)
+    acc_min = np.zeros((t, o), np.float32)
+    for b in range(nb):
+        dd = (d[None, :, b] * da[:, b, None]).astype(np.float32)
+        dm = (dmin[None, :, b] * da[:, b, None]).astype(np.float32)
+        for sb in range(1 if gemv else 4):
+            e = slice(0, 256) if gemv else slice(64 * sb, 64 * sb + 64)
+            isum = (qa[:, b, e] @ wsc[:, b, e].T).astype(np.float32)
+            imin = (qa[:, b, e] @ mn[:, b, e].T).astype(np.float32)
+            acc = _fma(isum, dd, acc)
+            acc_min = _fma(imin, dm, acc_min)
+    return (acc - acc_min).astype(np.float32)
+
+
+def q6_K_blocks(raw: np.ndarray, n_out: int, n_in: int):
+    """Decode Q6_K rows (raw bytes, (n_out, n_in/256·210)) into ``q`` (n_out, nb, 256) unsigned 6-bit values
+    0..63 in element order, the per-element scale ``sc`` (n_out, nb, 256) (int8 scales of 16-element groups, as
+    float64) and ``d`` (n_out, nb) float32 (``dequantize_row_q6_K``: ``y = d·sc·(q - 32)``)."""
+    nb = n_in // 256
+    r = np.ascontiguousarray(raw).view(np.uint8).reshape(n_out, nb, 210)
+    ql, qh = r[..., :128].astype(np.int64), r[..., 128:192].astype(np.int64)
+    sc = r[..., 192:208].copy().view(np.int8).astype(np.float64)
+    d = r[..., 208:210].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = np.empty((n_out, nb, 256), np.float64)
+    for h in range(2):
+        L, H = ql[..., 64 * h : 64 * h + 64], qh[..., 32 * h : 32 * h + 32]
+        o = 128 * h
+        q[..., o : o + 32] = (L[..., :32] & 0xF) | ((H & 3) << 4)
+        q[..., o + 32 : o + 64] = (L[..., 32:] & 0xF) | (((H >> 2) & 3) << 4)
+        q[..., o + 64 : o + 96] = (L[..., :32] >> 4) | (((H >> 4) & 3) << 4)
+        q[..., o + 96 : o + 128] = (L[..., 32:] >> 4) | (((H >> 6) & 3) << 4)
+    return q, np.repeat(sc, 16, axis=-1), d
+
+
+# ggml_vec_dot_q6_K_q8_K (x86 AVX2 code, also in AVX512 builds) keeps 8 int32 lanes per block: the products
+# sc·q6·q8 go to lane (e % 32) // 4 (maddubs + madd over 4 consecutive bytes of each 32-element chunk), the
+# offset term 32·sc·bsum to lane e // 32 (madd over pairs of 16-element bsums)
+_Q6K_LANE_PRODUCT = [np.array([32 * c + 4 * j + k for c in range(8) for k in range(4)]) for j in range(8)]
+_Q6K_LANE_OFFSET = [np.arange(32 * j, 32 * j + 32) for j in range(8)]
+
+
+def matmul_q6_K_llama_cpu(qa, da, q, sc, d, vec_dot: bool = False) -> np.ndarray:
+    """``ggml_mul_mat`` of Q6_K weights and Q8_K activations on llama.cpp's x86 CPU backend, in its float order.
+
+    * batches of >= 8 rows (default): the ``tiled`` K-quant kernel (ggml-cpu/tiled, AVX512-VNNI microkernel): per
+      256-element block the exact integer ``s = Σ sc·(q6 - 32)·q8``, ``r = f32(s)·d_w``, then
+      ``buf = fma(r, d_a, buf)``, blocks in order (the kernel's mul + add, contracted by GCC; the unfused
+      variant matches only 52 % of llama.cpp's outputs, this one 100 %, Gemma 3 270M layer 0 ffn_down);
+    * ``vec_dot=True`` (fewer rows, decode): ``ggml_vec_dot_q6_K_q8_K``: 8 int32 lanes per block (see the lane
+      tables above), ``acc = fma(f32(d_a·d_w), f32(lane), acc)``, then :func:`_hsum8_f32`.
+
+    qa (t, nb, 256), da (t, nb) from :func:`quantize_q8_K_blocks`; q, sc, d from :func:`q6_K_blocks`.
+    """
+    t, nb = da.shape
+    o = d.shape[0]
+    if not vec_dot:
+        w = (q - 32.0) * sc
+        buf = np.zeros((t, o), np.float32)
+        for b in range(nb):
+            s = (qa[:, b] @ w[:, b].T).astype(np.float32)
+            r = (s * d[None, :, b]).astype(np.float32)
+            buf = _fma(r, da[:, b, None], buf)  # GCC contracts the kernel's mul + add into an fma
+        return buf
+    wsc = q * sc
+    acc = np.zeros((t, o, 8), np.float32)
+    for b in range(nb):
+        lanes = np.empty((t, o, 8), np.float64)
+        for j in range(8):
+            i1, i2 = _Q6K_LANE_PRODUCT[j], _Q6K_LANE_OFFSET[j]
+            lanes[..., j] = qa[:, b, i1] @ wsc[:, b, i1].T - 32.0 * (qa[:, b, i2] @ sc[:, b, i2].T)
+        dd = (da[:, b, None] * d[None, :, b]).astype(np.float32)
+        acc = _fma(dd[..., None], lanes.astype(np.float32), acc)
+    return _hsum8_f32(acc)
