@@ -569,12 +569,34 @@ def registered_configs():
     return cfgs
 
 
+def chunk_configs():
+    """The chunk GEMV at the model shapes (both paths): Qwen3-30B-A3B q/k/v/router (2048 ->), o-proj (4096 ->, also
+    fused with the residual add), LM head (Q6_K / Q6_K_P 2048 -> 151936), experts gate/up (2048 -> 768, x shared);
+    Gemma 3 270M o-proj (1024 -> 640) and down (2048 -> 640)."""
+    shapes = [("Q4_K", 2048, 4096), ("Q4_K", 2048, 512), ("Q6_K", 2048, 512), ("Q6_K_P", 2048, 512),
+              ("Q4_K", 2048, 128), ("Q4_K", 4096, 2048), ("Q6_K", 2048, 151936), ("Q6_K_P", 2048, 151936),
+              ("Q4_K", 1024, 640), ("Q4_K", 2048, 640), ("Q6_K", 2048, 640)]
+    cfgs = []
+    for q8 in (False, True):
+        cfgs += [dict(qtype=q, n_in=n, rpw=choose_rpw(o), q8=q8) for q, n, o in shapes]
+        cfgs += [dict(qtype="Q4_K", n_in=n, rpw=choose_rpw(o), accumulate=True, q8=q8) for n, o in ((4096, 2048), (1024, 640))]
+        cfgs += [dict(qtype="Q4_K", n_in=2048, rpw=choose_rpw(8 * 768), experts=True, q8=q8)]
+    return cfgs
+
+
+# Qwen3-30B-A3B q/k/v (attn_v is Q4_K or Q6_K per layer in Q4_K_M; Q6_K_P after the upload repack)
+MULTI_CONFIGS = [dict(mats=(("Q4_K", 4096), ("Q4_K", 512), (v, 512)), n_in=2048, q8=q8)
+                 for v in ("Q4_K", "Q6_K", "Q6_K_P") for q8 in (False, True)]
+
+
 def _register():
     try:
         from .registry import register
     except ImportError:  # registry.py is owned by another module; absent in early checkouts
         return
     register("gemv", compile_gemv, registered_configs())
+    register("gemv_chunk", compile_gemv_chunk, chunk_configs())
+    register("gemv_multi", compile_gemv_multi, MULTI_CONFIGS)
 
 
 _register()

@@ -49,6 +49,20 @@ from .quant_decode import (
     x_sums_f32,
 )
 
+# Rows per warp of the chunk kernels, from the H100 microbench (2026-11-25, Qwen3 8x2048/768, µs rpw1 / rpw2):
+# gate+up float 11.7 / 11.3, dp4a 7.8 / 9.0; down float Q4_K 9.1 / 7.6, Q6_K_P 11.1 / 8.9, Q6_K 9.0 / 10.7;
+# down dp4a Q4_K 7.1 / 7.1, Q6_K_P 6.1 / 8.5, Q6_K 7.7 / 10.2. None (the default) picks the faster one.
+GATE_UP_RPW = None
+DOWN_RPW = None
+
+
+def gate_up_rpw(q8: bool) -> int:
+    return 1 if q8 else 2
+
+
+def down_rpw(qtype: str, q8: bool) -> int:
+    return 2 if (not q8 and qtype in ("Q4_K", "Q6_K_P")) else 1
+
 
 def silu(g: Float32) -> Float32:
     return g / (Float32(1.0) + cute.math.exp(-g, fastmath=True))
@@ -197,7 +211,8 @@ def _aligned(a, what):
     return a
 
 
-def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto"):
+def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto",
+                rpw: int | None = GATE_UP_RPW):
     """act[j] = silu(Wgate[ids[j]] · h) * (Wup[ids[j]] · h) -> [k, n_ff] f32.
 
     ``w_gate``/``w_up``: [E, n_ff, row_bytes] raw bytes; pass ``w_up=None`` and the fused ``ffn_gate_up_exps``
@@ -219,7 +234,7 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
             raise ValueError(f"expert weight of {a.nbytes} bytes is not whole experts of {n_ff} x {n_in} {q}")
     act = out if out is not None else DeviceArray.empty((k, n_ff), np.float32)
     if mapping == "auto" and chunk_ok(q, n_in):
-        fn = compile_moe_gate_up_chunk(q, n_in, n_ff, fused, False, 1)
+        fn = compile_moe_gate_up_chunk(q, n_in, n_ff, fused, False, rpw or gate_up_rpw(False))
         fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr),
            _ptr(Float32, _aligned(dh, "h").ptr), _ptr(Int8, dh.ptr), _ptr(Float32, dh.ptr), _ptr(Int32, di.ptr, 4),
            _ptr(Float32, _aligned(act, "act").ptr), Int32(k), cuda.CUstream(st.handle))
@@ -232,7 +247,7 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
 
 
 def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None,
-             mapping: str = "auto"):
+             mapping: str = "auto", rpw: int | None = DOWN_RPW):
     """y = [resid +] sum_j weights[j] * Wdown[ids[j]] · act[j] -> [n_out] f32 (fixed summation order).
 
     ``w_down``: [E, n_out, row_bytes(n_ff)] raw bytes; ``act``: [k, n_ff]. ``out`` may alias ``resid``
@@ -253,7 +268,7 @@ def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None,
         dr, _ = as_device(resid, st, np.float32)
     y = out if out is not None else DeviceArray.empty((n_out,), np.float32)
     if mapping == "auto" and down_chunk_ok(q, n_ff, k):
-        fn = compile_moe_down_chunk(q, n_ff, n_out, k, dr is not None, False)
+        fn = compile_moe_down_chunk(q, n_ff, n_out, k, dr is not None, False, rpw or down_rpw(q, False))
         fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Float32, _aligned(da, "act").ptr), _ptr(Int8, da.ptr),
            _ptr(Float32, da.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, dwt.ptr, 4),
            _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr), cuda.CUstream(st.handle))
@@ -428,7 +443,8 @@ def _as_q8(x, st):
     return quantize_q8_1(dx, stream=st), was_np
 
 
-def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto"):
+def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto",
+                   rpw: int | None = GATE_UP_RPW):
     """dp4a version of :func:`moe_gate_up`; ``h`` f32 (quantized here) or a :class:`q8_1.Q8Act` with one row."""
     from ..runtime import DeviceArray, as_device, default_stream
 
@@ -442,7 +458,7 @@ def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None
     du = dg if fused else as_device_bytes(w_up, st)
     act = out if out is not None else DeviceArray.empty((k, n_ff), np.float32)
     if mapping == "auto" and chunk_ok(q, hq.n):
-        fn = compile_moe_gate_up_chunk(q, hq.n, n_ff, fused, True, 1)
+        fn = compile_moe_gate_up_chunk(q, hq.n, n_ff, fused, True, rpw or gate_up_rpw(True))
         fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr), _ptr(Float32, hq.d.ptr),
            _ptr(Int8, hq.qs.ptr), _ptr(Float32, hq.d.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, act.ptr), Int32(k),
            cuda.CUstream(st.handle))
@@ -455,7 +471,7 @@ def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None
 
 
 def moe_down_q8(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None,
-                mapping: str = "auto"):
+                mapping: str = "auto", rpw: int | None = DOWN_RPW):
     """dp4a version of :func:`moe_down`; ``act`` f32 [k, n_ff] (quantized here) or a :class:`q8_1.Q8Act`."""
     from ..runtime import DeviceArray, as_device, default_stream
 
@@ -469,7 +485,7 @@ def moe_down_q8(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=No
     dr = as_device(resid, st, np.float32)[0] if resid is not None else None
     y = out if out is not None else DeviceArray.empty((n_out,), np.float32)
     if mapping == "auto" and down_chunk_ok(q, aq.n, k):
-        fn = compile_moe_down_chunk(q, aq.n, n_out, k, dr is not None, True)
+        fn = compile_moe_down_chunk(q, aq.n, n_out, k, dr is not None, True, rpw or down_rpw(q, True))
         fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Float32, aq.d.ptr), _ptr(Int8, aq.qs.ptr),
            _ptr(Float32, aq.d.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, dwt.ptr, 4),
            _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr), cuda.CUstream(st.handle))
@@ -535,13 +551,16 @@ def down_chunk_ok(qtype: str, n_ff: int, k: int) -> bool:
 
 
 class MoeDownChunk:
-    """Kernel B with the chunk mapping: a warp owns output row o; its lanes sweep the (slot, chunk) pairs of all
-    ``k`` (static) experts, all weight loads first, w_j-weighted, then one butterfly (fixed order, no atomics)."""
+    """Kernel B with the chunk mapping: a warp owns ``rpw`` output rows; its lanes sweep the (slot, chunk) pairs of
+    all ``k`` (static) experts, all weight loads first, w_j-weighted, then one butterfly per row (fixed order, no
+    atomics). The rows of a warp share the expert-id, router-weight and activation loads."""
 
-    def __init__(self, qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False):
+    def __init__(self, qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False,
+                 rpw: int = 1):
+        assert down_chunk_ok(qtype, n_ff, k) and n_out % rpw == 0
         self.pdl = pdl_enabled()
-        assert down_chunk_ok(qtype, n_ff, k)
         self.qtype, self.n_ff, self.n_out, self.k, self.add_residual, self.q8 = qtype, n_ff, n_out, k, add_residual, q8
+        self.rpw = rpw
         self.cpr = n_ff // 256 * CHUNKS_PER_BLOCK
         self.cpl = k * self.cpr // 32
 
@@ -550,7 +569,7 @@ class MoeDownChunk:
                  pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer,
                  stream: cuda.CUstream):
         self.kernel(pW, pAct, pAq, pAd, pIds, pWeights, pResid, pY).launch(
-            grid=[cute.ceil_div(self.n_out, WARPS), 1, 1], block=[WARPS * 32, 1, 1], stream=stream,
+            grid=[cute.ceil_div(self.n_out, WARPS * self.rpw), 1, 1], block=[WARPS * 32, 1, 1], stream=stream,
             use_pdl=self.pdl)
 
     @cute.kernel
@@ -560,20 +579,21 @@ class MoeDownChunk:
         tid = cute.arch.thread_idx()[0]
         bx = cute.arch.block_idx()[0]
         warp, lane = tid // 32, tid % 32
-        o = bx * WARPS + warp
-        if o < self.n_out:
-            acc = _down_chunk_partial(self, pW, pAct, pAq, pAd, pIds, pWeights, o, lane)
-            total = warp_allreduce_sum(acc)
-            if lane == 0:
-                mY = cute.make_tensor(pY, cute.make_layout(self.n_out))
-                if cutlass.const_expr(self.add_residual):
-                    mR = cute.make_tensor(pResid, cute.make_layout(self.n_out))
-                    total = total + mR[o]
-                mY[o] = total
+        o0 = (bx * WARPS + warp) * self.rpw
+        if o0 < self.n_out:
+            acc = _down_chunk_partial(self, pW, pAct, pAq, pAd, pIds, pWeights, o0, lane)
+            mY = cute.make_tensor(pY, cute.make_layout(self.n_out))
+            mR = cute.make_tensor(pResid, cute.make_layout(self.n_out))
+            for r in cutlass.range_constexpr(self.rpw):
+                total = warp_allreduce_sum(acc[r])
+                if lane == r:
+                    if cutlass.const_expr(self.add_residual):
+                        total = total + mR[o0 + r]
+                    mY[o0 + r] = total
 
 
-def _down_chunk_partial(kern: MoeDownChunk, pW, pAct, pAq, pAd, pIds, pWeights, o, lane):
-    q, cpr, nbpr = kern.qtype, kern.cpr, kern.n_ff // 256
+def _down_chunk_partial(kern: MoeDownChunk, pW, pAct, pAq, pAd, pIds, pWeights, o0, lane):
+    q, cpr, nbpr, rpw = kern.qtype, kern.cpr, kern.n_ff // 256, kern.rpw
     s = lane & (CHUNKS_PER_BLOCK - 1)
     ids = cute.make_tensor(pIds, cute.make_layout(kern.k))
     wts = cute.make_tensor(pWeights, cute.make_layout(kern.k))
@@ -584,17 +604,20 @@ def _down_chunk_partial(kern: MoeDownChunk, pW, pAct, pAq, pAd, pIds, pWeights, 
         kb = (C - j * cpr) >> 3
         js.append(j)
         kbs.append(kb)
-        raws.append(chunk_load(q, pW, (ids[j] * kern.n_out + o) * nbpr + kb, s))
-    acc = None
+        row0 = ids[j] * kern.n_out + o0
+        raws.append([chunk_load(q, pW, (row0 + r) * nbpr + kb, s) for r in range(rpw)])
+    acc = [None] * rpw
     for t in range(kern.cpl):
         xbase = js[t] * kern.n_ff + kbs[t] * 256
+        wj = wts[js[t]]
         if kern.q8:
-            v = chunk_dot_q8(q, raws[t], s, chunk_x_q8(q, pAq, pAd, xbase, s))
+            xq = chunk_x_q8(q, pAq, pAd, xbase, s)
+            vals = [chunk_dot_q8(q, raw, s, xq) for raw in raws[t]]
         else:
             xv = chunk_x_f32(q, pAct, xbase, s)
-            v = chunk_dot_f32(q, raws[t], s, xv, x_sums_f32(q, xv))
-        v = wts[js[t]] * v
-        acc = v if acc is None else acc + v
+            xs = x_sums_f32(q, xv)
+            vals = [chunk_dot_f32(q, raw, s, xv, xs) for raw in raws[t]]
+        acc = [wj * v if a is None else a + wj * v for a, v in zip(acc, vals)]
     return acc
 
 
@@ -606,8 +629,9 @@ def compile_moe_gate_up_chunk(qtype: str, n_in: int, n_ff: int, fused: bool = Fa
 
 
 @kernel_cache
-def compile_moe_down_chunk(qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False):
-    return cute.compile(MoeDownChunk(qtype, n_ff, n_out, k, add_residual, q8), _ptr(Uint8, 0), _ptr(Float32, 0),
+def compile_moe_down_chunk(qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False,
+                           rpw: int = 1):
+    return cute.compile(MoeDownChunk(qtype, n_ff, n_out, k, add_residual, q8, rpw), _ptr(Uint8, 0), _ptr(Float32, 0),
                         _ptr(Int8, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), _ptr(Float32, 0, 4), _ptr(Float32, 0),
                         _ptr(Float32, 0), cute.runtime.make_fake_stream(), options=kernel_options())
 
@@ -665,6 +689,12 @@ DOWN_CONFIGS += [dict(qtype=q, n_ff=256, n_out=n, add_residual=r) for q in ("Q4_
                  for r in (False, True)]
 DOWN_CONFIGS += [dict(qtype=q, n_ff=384, n_out=384, add_residual=r) for q in ("Q5_0", "Q8_0") for r in (False, True)]
 
+# chunk kernels: Qwen3-30B-A3B (8 of 128 experts, 2048 / 768), default rows per warp of each path
+GATE_UP_CHUNK_CONFIGS = [dict(qtype="Q4_K", n_in=2048, n_ff=768, fused=f, q8=q8, rpw=gate_up_rpw(q8))
+                         for f in (False, True) for q8 in (False, True)]
+DOWN_CHUNK_CONFIGS = [dict(qtype=q, n_ff=768, n_out=2048, k=8, add_residual=r, q8=q8, rpw=down_rpw(q, q8))
+                      for q in ("Q4_K", "Q6_K", "Q6_K_P") for r in (False, True) for q8 in (False, True)]
+
 
 def _register():
     try:
@@ -675,6 +705,8 @@ def _register():
     register("moe_down", compile_moe_down, DOWN_CONFIGS)
     register("moe_gate_up_q8", compile_moe_gate_up_q8, GATE_UP_CONFIGS)
     register("moe_down_q8", compile_moe_down_q8, DOWN_CONFIGS)
+    register("moe_gate_up_chunk", compile_moe_gate_up_chunk, GATE_UP_CHUNK_CONFIGS)
+    register("moe_down_chunk", compile_moe_down_chunk, DOWN_CHUNK_CONFIGS)
 
 
 _register()
