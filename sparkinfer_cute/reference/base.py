@@ -20,7 +20,6 @@ from ..errors import ContextOverflowError, GGUFError
 from ..gguf.reader import GGUFFile
 from . import ops
 
-
 # bytes per 32-weight block of the types llama.cpp's x86 CPU backend multiplies with Q8_0 activations through
 # tinyBLAS_Q0_AVX / ggml_vec_dot_*_q8_0 (fp16 scale first)
 _Q0_BLOCK_BYTES = {"Q4_0": 18, "Q5_0": 22, "Q8_0": 34}
@@ -231,7 +230,11 @@ class ReferenceModel:
             t = self.g.tensor(name).ggml_type.name
             w = np.asarray(self.g.dequant(name), dtype=np.float32)
             n_out, n_in = w.shape
-            raw = np.ascontiguousarray(np.asarray(self.g.raw(name))).view(np.uint8).reshape(n_out, n_in // 32, -1)
+            raw = (
+                np.ascontiguousarray(np.asarray(self.g.raw(name)))
+                .view(np.uint8)
+                .reshape(n_out, n_in // 32, -1)
+            )
             assert raw.shape[-1] == _Q0_BLOCK_BYTES[t], (name, raw.shape)
             d = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
             with np.errstate(divide="ignore", invalid="ignore"):

@@ -315,7 +315,9 @@ def _hsum8_f32(acc: np.ndarray) -> np.ndarray:
     """``hsum(__m256)`` of llamafile/sgemm.cpp and ``hsum_float_8`` of arch/x86/quants.c on 8 float lanes (last
     axis): ``r_i = x_{i+4} + x_i``, then ``(r_0 + r_2) + (r_1 + r_3)``, every add in f32."""
     r = (acc[..., 4:] + acc[..., :4]).astype(np.float32)
-    return ((r[..., 0] + r[..., 2]).astype(np.float32) + (r[..., 1] + r[..., 3]).astype(np.float32)).astype(np.float32)
+    return ((r[..., 0] + r[..., 2]).astype(np.float32) + (r[..., 1] + r[..., 3]).astype(np.float32)).astype(
+        np.float32
+    )
 
 
 def matmul_q0_llama_cpu(qa: np.ndarray, da: np.ndarray, qw: np.ndarray, dw: np.ndarray) -> np.ndarray:
@@ -407,7 +409,7 @@ def attention_llama_cpu(
     if n_q >= FA_TILE_Q:
         return attention_llama_cpu_tiled(q, k, v, q_pos, k_pos, scale=scale, window=window)
     f32, f16 = np.float32, np.float16
-    _, n_head, d = q.shape
+    n_head = q.shape[1]
     n_k, n_head_kv, _ = k.shape
     group = n_head // n_head_kv
     if k_pos is None:
@@ -429,10 +431,16 @@ def attention_llama_cpu(
             sc = s[:, :, ic]
             new = (sc > M) & act[:, None]
             ms = np.where(new, expf_libm(np.where(new, M - sc, 0).astype(f32)), f32(1.0)).astype(f32)
-            vs = np.where(new | ~act[:, None], f32(1.0), expf_libm(np.where(new, 0, sc - M).astype(f32))).astype(f32)
+            vs = np.where(
+                new | ~act[:, None], f32(1.0), expf_libm(np.where(new, 0, sc - M).astype(f32))
+            ).astype(f32)
             scaled = (acc.astype(f32) * ms[..., None]).astype(f16)
             acc = np.where(new[..., None], scaled, acc)
-            upd = (acc.astype(np.float64) + vh[ic][None] * vs[..., None].astype(np.float64)).astype(f32).astype(f16)
+            upd = (
+                (acc.astype(np.float64) + vh[ic][None] * vs[..., None].astype(np.float64))
+                .astype(f32)
+                .astype(f16)
+            )
             acc = np.where(act[:, None, None], upd, acc)
             S = np.where(act[:, None], (S.astype(np.float64) * ms + vs).astype(f32), S)
             M = np.where(new, sc, M)
@@ -508,10 +516,10 @@ def rope_neox_llama_cpu(
     else:  # correctly rounded: differs from glibc in ~1 % of entries
         cos, sin = np.cos(theta.astype(f64)).astype(f32), np.sin(theta.astype(f64)).astype(f32)
     cos, sin = cos[:, None, :], sin[:, None, :]
-    x0, x1 = x[..., :half].astype(f64), x[..., half:n_rot].astype(f64)
+    x0, x1 = x[..., :half], x[..., half:n_rot]
     out = x.copy()
-    out[..., :half] = (x0 * cos - (x[..., half:n_rot] * sin).astype(f32)).astype(f32)
-    out[..., half:n_rot] = (x0 * sin + (x[..., half:n_rot] * cos).astype(f32)).astype(f32)
+    out[..., :half] = _fma(x0, cos, -(x1 * sin).astype(f32))
+    out[..., half:n_rot] = _fma(x0, sin, (x1 * cos).astype(f32))
     return out
 
 
@@ -522,7 +530,9 @@ def _f32(a):
 def _fma(a, b, c):
     """float32 fused multiply-add emulated in float64 (a·b exact there; differs from a true fma only on
     double-rounding ties)."""
-    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(np.float32)
+    return (np.asarray(a, np.float64) * np.asarray(b, np.float64) + np.asarray(c, np.float64)).astype(
+        np.float32
+    )
 
 
 def expf_ggml_avx512(x: np.ndarray) -> np.ndarray:
@@ -538,7 +548,11 @@ def expf_ggml_avx512(x: np.ndarray) -> np.ndarray:
         b = _fma(-n, f32(float.fromhex("0x1.7F7D1Cp-20")), _fma(-n, f32(float.fromhex("0x1.62E4p-1")), x))
         u = (b * b).astype(f32)
         j = _fma(
-            _fma(_fma(f32(float.fromhex("0x1.0E4020p-7")), b, f32(float.fromhex("0x1.573E2Ep-5"))), u, _fma(f32(float.fromhex("0x1.555E66p-3")), b, f32(float.fromhex("0x1.FFFDB6p-2")))),
+            _fma(
+                _fma(f32(float.fromhex("0x1.0E4020p-7")), b, f32(float.fromhex("0x1.573E2Ep-5"))),
+                u,
+                _fma(f32(float.fromhex("0x1.555E66p-3")), b, f32(float.fromhex("0x1.FFFDB6p-2"))),
+            ),
             u,
             _fma(f32(float.fromhex("0x1.FFFFECp-1")), b, f32(1.0)),
         )

@@ -15,6 +15,18 @@ Two llama.cpp references, both CPU, default flash attention, fp16 KV cache:
   0.065, 0.130 nats), mean KL 0.0042, perplexity 0.025 %; greedy: 15/16 tokens, the 16th a 0.013-nat tie.
   Asserted: top-1 >= 97 % with every disagreement a near-tie (llama.cpp margin < 0.25 nats), mean KL <= 0.01,
   perplexity within 1 %, greedy identical up to the first near-tie.
+* ``q4_k_m`` with ``emulate_cpu=True``: our reference following llama.cpp's CPU numerics op by op (activation
+  Q8_0/Q8_K rounding, each matmul kernel's float order, flash attention's tiled / fp16-accumulator paths, the GELU
+  table, libm cos/sin/exp). Checked against llama.cpp's per-op tensors (a cb_eval dump of the same 288-token
+  prefill and of the greedy decode): the residual stream is bit-identical in every layer; only the LM head (kept in
+  numpy's float order for speed) differs, by ~1e-5 in the logits. Measured (2026-11-25), the 288 tokens in one
+  batch as llama-perplexity runs them: top-1 100 % (143/143), mean KL 1.3e-9 nats (max 3.2e-9), perplexity
+  22.004367 vs 22.004314 (2.4e-6 relative); greedy 16/16. (Split into 144 + 143-row batches instead, 3 rows of
+  the second batch go through llama.cpp's Q4_K gemv kernel rather than the gemm one; that alone gives mean KL 5e-5.)
+  Asserted: top-1 >= 99 %, mean KL <= 1e-5, perplexity within 1e-4, greedy 16/16 (the issue asks top-1 >= 99 %,
+  KL <= 0.01, greedy identical). The bit-exactness relies on glibc's cosf/sinf/expf/tanhf (called through ctypes);
+  another libm may differ in the last bit of a few values, which the Q8 roundings then amplify (then expect
+  top-1 ~96-97 %, as with plain float32 math).
 """
 
 from __future__ import annotations
@@ -108,3 +120,44 @@ def test_fixture_tokens_match_our_tokenizer(gemma3_path):
     with open(os.path.join(FIX, "gemma3_270m_greedy.json")) as fh:
         g = json.load(fh)
     assert list(tk.encode(g["prompt"])) == g["prompt_ids"]
+
+
+@pytest.fixture(scope="module")
+def gemma3_emulated(gemma3_path):
+    return load_reference(gemma3_path, emulate_cpu=True)
+
+
+def test_teacher_forced_emulated_vs_llamacpp_q4_k_m(gemma3_emulated):
+    """``emulate_cpu=True`` against llama.cpp on the Q4_K_M file. The whole 288-token chunk is one batch, as
+    llama-perplexity decodes it: batch size picks llama.cpp's kernels (Q4_K gemm for rows in groups of 4, gemv for the
+    rest; flash attention tiled from 64 rows; Q6_K tiled from 8 rows), so the same batching gives the same bits."""
+    f = dict(np.load(os.path.join(FIX, "gemma3_270m_teacher_forced.npz")))
+    tokens, first = f["tokens"], int(f["first"])
+    m = gemma3_emulated
+    m.reset()
+    logits = m.forward(tokens)[first:-1]
+    r = teacher_forced_compare(logits, f, tokens[first + 1 :])
+    summary = json.dumps(r)
+    print("q4_k_m emulated", summary)
+    assert r["n"] >= 128
+    assert r["top1_agreement"] >= 0.99, summary
+    assert r["mean_kl"] <= 1e-5, summary
+    llama_ppl = float(f["llama_ppl"])
+    assert abs(r["ppl_a"] - llama_ppl) / llama_ppl <= 1e-4, summary
+
+
+def test_greedy_emulated_vs_llamacpp_q4_k_m(gemma3_emulated):
+    """Free-running greedy through the decode path (prompt prefill of 6 rows, then one token at a time, as
+    llama-completion runs it) reproduces llama.cpp's 16 tokens."""
+    with open(os.path.join(FIX, "gemma3_270m_greedy.json")) as fh:
+        g = json.load(fh)
+    prompt, want = g["prompt_ids"], g["generated_ids"]
+    m = gemma3_emulated
+    m.reset()
+    logits = m.forward(prompt, all_logits=False)
+    gen = []
+    for _ in range(len(want)):
+        t = int(logits[-1].argmax())
+        gen.append(t)
+        logits = m.forward([t])
+    assert gen == want, (gen, want)
