@@ -14,6 +14,14 @@ Design (memory-bound, batch 1-8):
   reuse the decoded weights). Decoded weights are f32 in registers (contraction allowed: <= 1 ulp per weight).
 - f32 accumulation, 2-way unrolled loop, butterfly shuffle reduction (fixed order: deterministic), lane 0 stores.
 
+``mapping="chunk"`` (:class:`GemvChunk`, the default where it applies: Q4_K / Q6_K / Q6_K_P, n_in % 1024 == 0, one
+activation row): a lane owns 32 weights of a block per step (a 16-byte Q4_K qs vector; 8+8+8 bytes of Q6_K), the
+steps are unrolled at trace time and every weight load of the lane is issued before any math; ``rpw`` output rows per
+warp share the activation loads; float (prmt byte->f32, factored scales) or dp4a (``q8=True``) in the same kernel.
+H100 microbench (2026-11-25, median of graph replays; RESULTS.md): Q4_K 2048->4096 dp4a 7.41 -> 3.37 µs, float
+7.83 -> 4.89 µs; 4096->2048 dp4a 9.72 -> 4.25; LM head Q6_K_P 2048->151936 dp4a 88 µs (99% of copy BW).
+:class:`GemvMulti` runs up to 3 chunk GEMVs on the same x in one launch (q/k/v: dp4a 5.05 µs vs 7.73 for three).
+
 Error bound used by the tests (``gemv_error_bound``), u = 2^-24: ``d*sc`` and ``dmin*m`` are rounded exactly as
 gguf-py rounds them; the remaining decode step (``*q``, ``- dmin*m``, possibly fused) differs from gguf-py's by at
 most 2u A_i, where A_i = |d*sc*q_i| + |dmin*m| (K-quants; = |W_i| otherwise: the subtraction may cancel); an f32
@@ -152,7 +160,7 @@ class Gemv:
                         mY[yi] = t
 
 
-def chunk_rows_partial(qtype: str, q8: bool, rows, xargs, xrow_base, lane, cpl: int):
+def chunk_rows_partial(qtype: str, q8: bool, rows, xargs, xrow_base, lane, cpl: int, xfirst: bool = False):
     """Per-lane partial dots of ``len(rows)`` weight rows with one activation row (``mapping="chunk"``).
 
     ``rows``: list of (Uint8 weight pointer, global block index of the row's first block); ``xargs``: (pX,) f32 or
@@ -160,12 +168,15 @@ def chunk_rows_partial(qtype: str, q8: bool, rows, xargs, xrow_base, lane, cpl: 
     t < ``cpl`` (block C // 8, chunk s = L % 8). Every weight load of the lane is issued before any math."""
     s = lane & (CHUNKS_PER_BLOCK - 1)
     kb0 = lane >> 3
+    xqs = []
+    if q8 and xfirst:  # activation loads (cache hits) issued before the weights
+        xqs = [chunk_x_q8(qtype, xargs[0], xargs[1], xrow_base + (kb0 + 4 * t) * 256, s) for t in range(cpl)]
     raws = [[chunk_load(qtype, pW, blk0 + kb0 + 4 * t, s) for pW, blk0 in rows] for t in range(cpl)]
     acc = [None] * len(rows)
     for t in range(cpl):
         xbase = xrow_base + (kb0 + 4 * t) * 256
         if q8:
-            xq = chunk_x_q8(qtype, xargs[0], xargs[1], xbase, s)
+            xq = xqs[t] if xqs else chunk_x_q8(qtype, xargs[0], xargs[1], xbase, s)
             vals = [chunk_dot_q8(qtype, raw, s, xq) for raw in raws[t]]
         else:
             xv = chunk_x_f32(qtype, xargs[0], xbase, s)

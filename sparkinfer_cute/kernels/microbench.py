@@ -186,7 +186,7 @@ def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_
 
 
 def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu="Q4_K", q_down="Q6_K",
-              path="float", mapping="slice", rpw_gu=1, rpw_down=1):
+              path="float", mapping="slice", rpw_gu=1, rpw_down=1, xfirst=False):
     """The fused MoE FFN kernels: gate+up+SwiGLU, then down + weighted sum + residual (dp4a: plus the q8_1
     quantization of the [k, n_ff] activations, timed as its own row)."""
     import cuda.bindings.driver as cuda
@@ -217,8 +217,8 @@ def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu=
         q8 = path == "dp4a"
         hq = quantize_q8_1(h, stream=stream)
         aq = Q8Act(k, n_ff)
-        fa = compile_moe_gate_up_chunk(q_gu, n_embd, n_ff, False, q8, rpw_gu)
-        fb = compile_moe_down_chunk(q_down, n_ff, n_embd, k, True, q8, rpw_down)
+        fa = compile_moe_gate_up_chunk(q_gu, n_embd, n_ff, False, q8, rpw_gu, xfirst)
+        fb = compile_moe_down_chunk(q_down, n_ff, n_embd, k, True, q8, rpw_down, xfirst)
         a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Float32, h.ptr), _ptr(Int8, hq.qs.ptr),
                    _ptr(Float32, hq.d.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
         b_args = [(_ptr(Uint8, wd.ptr), _ptr(Float32, act.ptr), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr),
@@ -226,8 +226,9 @@ def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu=
                   for i in ids]
         xb = n_embd * 4 if not q8 else n_embd + n_embd // 32 * 8
         ab = k * n_ff * 4 if not q8 else k * (n_ff + n_ff // 32 * 8)
-        cases = [(f"moe gate+up+swiglu [chunk rpw{rpw_gu}]", fa, a_args, gu_bytes + xb),
-                 (f"moe down+wsum+resid [chunk rpw{rpw_down}]", fb, b_args, d_bytes + ab)]
+        xf = " xfirst" if xfirst else ""
+        cases = [(f"moe gate+up+swiglu [chunk rpw{rpw_gu}{xf}]", fa, a_args, gu_bytes + xb),
+                 (f"moe down+wsum+resid [chunk rpw{rpw_down}{xf}]", fb, b_args, d_bytes + ab)]
     elif path == "float":
         fa = compile_moe_gate_up(q_gu, n_embd, n_ff, False)
         fb = compile_moe_down(q_down, n_ff, n_embd, True)
@@ -395,6 +396,11 @@ def run(reps: int = 50, only: str | None = None) -> dict:
                 rows.append(bench_experts(q, n_in, n_out, path, stream, reps, rng, x_per_slot=per))
     if only in (None, "chunk"):
         run_chunk(stream, dev, reps, rng, rows)
+    if only == "xfirst":
+        for _ in range(2):
+            for q_down in ("Q6_K_P", "Q4_K"):
+                for xf in (False, True):
+                    rows += bench_moe(stream, reps, rng, q_down=q_down, path="dp4a", mapping="chunk", xfirst=xf)
     if only == "moechunk":
         for path in ("float", "dp4a"):
             for q_down in ("Q6_K_P", "Q4_K", "Q6_K"):
@@ -433,7 +439,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the results as JSON to this path")
     ap.add_argument("--reps", type=int, default=50, help="timed graph replays per case (>= 50)")
-    ap.add_argument("--only", choices=("gemv", "experts", "moe", "chunk", "fused", "moechunk"), help="run one group of cases")
+    ap.add_argument("--only", choices=("gemv", "experts", "moe", "chunk", "fused", "moechunk", "xfirst"), help="run one group of cases")
     a = ap.parse_args(argv)
     from ..runtime import device_available
 
