@@ -123,9 +123,14 @@ class ReferenceModel:
     (default) or float64: weights are dequantized (exactly, float32) and then held and multiplied in this dtype.
     ``max_context``: positions the KV cache may hold (default: the model's trained context length); ``forward``
     raises :class:`ContextOverflowError` beyond it.
-    ``emulate_cpu``: also apply llama.cpp CPU-backend roundings (activations quantized to Q8_0/Q8_K before each
-    quantized matmul, Q rounded to fp16 for attention, Gemma GELU through the fp16 table). Off by default: the
-    default is exact math on the dequantized weights.
+    ``emulate_cpu``: follow llama.cpp's CPU backend (x86 AVX512 build, ggml 0.25.3, default flash attention and
+    CPU_REPACK) numerically, op by op: activations quantized to Q8_0/Q8_K before each quantized matmul, each matmul
+    kernel's float accumulation order (:meth:`linear`), RMSNorm's rounding, RoPE with libm cos/sin and GCC's fma
+    contraction, flash attention's tiled (>= 64 rows) and fp16-accumulator (< 64 rows) paths, the GELU fp16 table.
+    For Gemma 3 (gemma3.py) this reproduces llama.cpp's residual stream bit for bit (prefill and decode, measured
+    on the 270M Q4_K_M file, tests/reference/test_gemma3_real.py); the batch split matters, because llama.cpp picks
+    kernels by batch size. Qwen3-MoE uses the matmul, attention and activation roundings but not the rest. Off by
+    default: the default is exact float math on the dequantized weights (what the GPU path is gated against).
     """
 
     arch: str = ""
@@ -318,6 +323,9 @@ class ReferenceModel:
                 f"{self.pos} cached + {n} new tokens exceed the context of {self.max_context} positions"
             )
         positions = np.arange(self.pos, self.pos + n, dtype=np.int64)
+        # llama.cpp drops the rows whose logits are not wanted after the last layer's attention (inp_out_ids); the
+        # emulation does the same, since the row count picks llama.cpp's matmul kernels
+        self._last_layer_rows_all = bool(all_logits)
         x = self._embed(toks)
         if capture is not None:
             capture["embd"] = x.copy()

@@ -69,6 +69,8 @@ class Gemma3Reference(ReferenceModel):
             window=self.window if self._is_swa(l) else None,
         )
         a = self.linear(o.reshape(n, H * D), p + "attn_output.weight")
+        if self.emulate_cpu and l == self.n_layer - 1 and not getattr(self, "_last_layer_rows_all", True):
+            a, x = a[-1:], x[-1:]  # llama.cpp's inp_out_ids: only the output row goes on through the FFN
         a = self.norm(a, p + "post_attention_norm.weight")
         x = x + a
         h = self.norm(x, p + "ffn_norm.weight")

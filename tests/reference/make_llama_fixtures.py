@@ -2,7 +2,10 @@
 
     cd /work/main && python tests/reference/make_llama_fixtures.py [--llama-bin /work/llama/llama.cpp/build/bin]
 
-llama.cpp: CPU build at /work/llama/llama.cpp/build/bin (ggml 0.25.3), run with LD_LIBRARY_PATH set to that directory.
+llama.cpp: CPU build at /work/llama/llama.cpp/build/bin (ggml 0.25.3, x86 AVX512 native build with CPU_REPACK and
+llamafile), run with LD_LIBRARY_PATH set to that directory. All commands use the default ``-fa auto``, which on CPU
+means flash attention (llama_context logs "flash_attn = auto" and the graph has FLASH_ATTN_EXT nodes); the
+``emulate_cpu`` reference follows that path's numerics.
 Exact commands (FILE is the real Gemma 3 270M Q4_K_M GGUF, TEXT = fixtures/english_text.txt):
 
 1. gemma3_270m_teacher_forced.npz (teacher-forced log-probs over 143 positions):
