@@ -44,9 +44,14 @@ def test_matmul_q0_equals_exact_dot_up_to_f32_rounding(seed, t, nb, o):
     got = ops.matmul_q0_llama_cpu(qa, da, qw, dw)
     # float64 of the very same terms: f32(d_w·d_a)·Σq·q per block
     dd = (da[:, None, :] * dw[None]).astype(np.float32).astype(np.float64)
-    isum = np.einsum("tbe,obe->tob", qa.astype(np.float64), qw.astype(np.float64))
-    want = (dd * isum).sum(-1)
-    bound = 4 * (nb + 3) * F32_EPS * (np.abs(dd * isum).sum(-1) + 1e-30)
+    lanes = np.einsum(  # the 8 exact int32 lane sums per block (4 consecutive elements each)
+        "tbjk,objk->tobj",
+        qa.reshape(t, nb, 8, 4).astype(np.float64),
+        qw.reshape(o, nb, 8, 4).astype(np.float64),
+    )
+    want = (dd[..., None] * lanes).sum((-1, -2))
+    # each lane is rounded once per block (fma) and once per hsum level: error <= (nb + 3)·eps·Σ|terms|
+    bound = 2 * (nb + 3) * F32_EPS * (np.abs(dd[..., None] * lanes).sum((-1, -2)) + 1e-30)
     assert np.all(np.abs(got - want) <= bound)
 
 
