@@ -24,10 +24,17 @@ class ReferenceBackend:
 
     name = "cpu-reference"
 
-    def __init__(self, g: GGUFFile, cfg, max_context: int | None = None):
+    def __init__(self, g: GGUFFile, cfg, max_context: int | None = None, numerics: str = "exact"):
         from .reference import load_reference
 
-        self.model = load_reference(g, max_context=max_context)
+        if numerics not in ("exact", "llama"):
+            raise ValueError(f"cpu numerics must be 'exact' or 'llama' (got {numerics!r})")
+        # exact: float32 math as the spec defines it (what the GPU path is gated against). llama: llama.cpp's CPU
+        # build reproduced bit for bit (activation q8 rounding, fp16 flash attention, GELU table; x86 AVX512 build,
+        # validated on Gemma 3: tests/reference/test_gemma3_real.py).
+        self.model = load_reference(g, max_context=max_context, emulate_cpu=numerics == "llama")
+        if numerics == "llama":
+            self.name = "cpu-reference (llama.cpp CPU numerics)"
         self.max_context = self.model.max_context
 
     @property
@@ -102,6 +109,7 @@ class Engine:
     backend_name: str = "auto"  # auto | gpu | cpu
     max_context: int | None = None
     progress: bool = True
+    cpu_numerics: str = "exact"
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __post_init__(self):
@@ -132,7 +140,7 @@ class Engine:
             note = f"{why}: using the CPU reference backend (numpy, slow)"
         else:
             note = "CPU reference backend requested"
-        return ReferenceBackend(self.gguf, self.cfg, max_context=self.max_context), note
+        return ReferenceBackend(self.gguf, self.cfg, max_context=self.max_context, numerics=self.cpu_numerics), note
 
     # ------------------------------------------------------------------ generation
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:

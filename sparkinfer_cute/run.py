@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--backend", choices=("auto", "gpu", "cpu"), default="auto")
+    p.add_argument("--cpu-numerics", choices=("exact", "llama"), default="exact",
+                   help="CPU backend: exact float32 math (default) or llama.cpp's CPU numerics bit for bit")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: model's, capped)")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -36,7 +38,8 @@ def main(argv=None) -> int:
 
     path = args.model or default_model_path()
     try:
-        eng = Engine(path, backend_name=args.backend, max_context=args.ctx_size, progress=not args.no_progress)
+        eng = Engine(path, backend_name=args.backend, max_context=args.ctx_size, progress=not args.no_progress,
+                     cpu_numerics=args.cpu_numerics)
         print(f"[sparkinfer_cute] {eng.cfg.arch} from {path}; backend: {eng.backend.name} ({eng.backend_note})",
               file=sys.stderr)
         sys.stdout.write(args.prompt)

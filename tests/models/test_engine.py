@@ -108,3 +108,21 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
 
     with pytest.raises(GGUFError, match="llama"):
         Engine(str(p), backend_name="cpu", progress=False)
+
+
+def test_cli_greedy_matches_llamacpp_with_llama_cpu_numerics(gemma3_path):
+    """`run --cpu-numerics llama` prints llama.cpp's greedy continuation of the README prompt (fixture made by
+    llama-completion --temp 0, tests/reference/fixtures/gemma3_270m_greedy.json)."""
+    import json
+    import os
+
+    fx = json.load(open(os.path.join(os.path.dirname(__file__), "..", "reference", "fixtures",
+                                     "gemma3_270m_greedy.json")))
+    r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.run", gemma3_path, "-p", fx["prompt"], "-n", "16",
+                        "--backend", "cpu", "--cpu-numerics", "llama"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    from sparkinfer_cute.gguf import GGUFFile
+    from sparkinfer_cute.tokenizer import Tokenizer
+
+    want = Tokenizer.from_gguf(GGUFFile(gemma3_path)).decode(fx["generated_ids"])
+    assert r.stdout.rstrip("\n") == (fx["prompt"] + want).rstrip("\n")
