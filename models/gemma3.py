@@ -71,9 +71,8 @@ class Gemma3GPU(GPUDecoder):
             swa = c.sliding_window > 0 and c.is_swa(l)
             # h = rmsnorm(x, attn_norm), x += delta of the previous layer first (layer 0: x is the embedding)
             ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=s)
-            ops.gemv(w[p + "attn_q.weight"], self.h, self.q, stream=s)
-            ops.gemv(w[p + "attn_k.weight"], self.h, self.k, stream=s)
-            ops.gemv(w[p + "attn_v.weight"], self.h, self.v, stream=s)
+            ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
+                         self.k, self.v, stream=s)
             if ops.enabled("fused_qk"):
                 ops.qk_norm_rope_kv(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
                                     w[p + "attn_k_norm.weight"], self.pos_buf, n_head=H, n_rot=c.n_rot,

@@ -90,9 +90,16 @@ def embedding(w, tok, out, *, scale: float, stream):
     launch_counter.add()
 
 
-def rmsnorm(x, w, out, eps: float, *, residual=None, stream):
-    """out = rmsnorm(x) * w; with ``residual``: x += residual first (x updated in place)."""
-    if residual is None:
+def rmsnorm(x, w, out, eps: float, *, residual=None, stream, xq=None):
+    """out = rmsnorm(x) * w; with ``residual``: x += residual first (x updated in place). With ``xq`` (a Q8Act) the
+    same launch also writes q8_1(out) for the int8-activation GEMVs."""
+    if xq is not None:
+        wv = w.data.view(np.float32, (w.n_in,))
+        if residual is None:
+            _q8.rmsnorm_q8_1(x, wv, eps, out=out, xq=xq, stream=stream)
+        else:
+            _q8.rmsnorm_q8_1(residual, wv, eps, residual=x, residual_out=x, out=out, xq=xq, stream=stream)
+    elif residual is None:
         _rms.rmsnorm(x, w.data.view(np.float32, (w.n_in,)), eps, out=out, stream=stream)
     else:
         _rms.rmsnorm_residual(residual, x, w.data.view(np.float32, (w.n_in,)), eps, out=out, residual_out=x,
@@ -111,6 +118,19 @@ def rmsnorm_heads(x, w, n_heads: int, head_dim: int, eps: float, *, stream):
 # vs 153.0 us float, 2026-11-25); the small projections measured within noise, so they stay f32 (exact activations).
 DP4A = os.environ.get("SPARKINFER_DP4A", "auto")
 INT_QTYPES = frozenset({"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P"})
+
+
+def dp4a_for(part: str, auto: bool = True) -> bool:
+    """Model-level choice for a group of GEMVs: "attn" (q/k/v/o projections) or "moe" (expert FFN)."""
+    if DP4A == "none":
+        return False
+    if DP4A == "all":
+        return True
+    return auto and part in DP4A_AUTO_PARTS
+
+
+# Groups that use int8 activations under SPARKINFER_DP4A=auto (from the H100 micro-benchmark; RESULTS.md).
+DP4A_AUTO_PARTS: frozenset[str] = frozenset()
 
 
 def prefer_dp4a(w, auto: bool = True) -> bool:
@@ -140,6 +160,18 @@ def gemv(w, x, y, *, stream, xq=None):
     else:
         _gemv.gemv(w.data, w.qtype, x, n_out=w.n_out, out=y, stream=stream)
     launch_counter.add()
+
+
+def gemv_qkv(wq, wk, wv, x, q, k, v, *, stream, xq=None):
+    """q, k, v projections of one normed input: one launch (kernels/gemv.py GemvMulti) unless disabled."""
+    if enabled("fused_qkv"):
+        _gemv.gemv_multi([(wq.data, wq.qtype, q), (wk.data, wk.qtype, k), (wv.data, wv.qtype, v)],
+                         xq if xq is not None else x, stream=stream)
+        # gemv_multi falls back to one launch per matrix where the chunk mapping does not apply
+        launch_counter.add(1 if all(_gemv.chunk_ok(w.qtype, w.n_in) for w in (wq, wk, wv)) else 3)
+    else:
+        for w, y in ((wq, q), (wk, k), (wv, v)):
+            gemv(w, x, y, stream=stream, xq=xq)
 
 
 def glu(gate, up, out, *, act: str, stream):
@@ -212,13 +244,21 @@ def router(logits, ids, weights, k: int, *, stream):
     launch_counter.add()
 
 
-def moe_gate_up(w_gate, w_up, h, ids, act, *, stream):
-    _moe.moe_gate_up(w_gate.data, w_up.data, w_gate.qtype, h, ids, w_gate.n_out, out=act, stream=stream)
+def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None):
+    if hq is not None:
+        _moe.moe_gate_up_q8(w_gate.data, w_up.data, w_gate.qtype, hq, ids, w_gate.n_out, out=act, stream=stream)
+    else:
+        _moe.moe_gate_up(w_gate.data, w_up.data, w_gate.qtype, h, ids, w_gate.n_out, out=act, stream=stream)
     launch_counter.add()
 
 
-def moe_down(w_down, act, ids, weights, out, *, stream):
-    _moe.moe_down(w_down.data, w_down.qtype, act, ids, weights, w_down.n_out, out=out, stream=stream)
+def moe_down(w_down, act, ids, weights, out, *, stream, actq=None):
+    """``actq``: a preallocated Q8Act of k rows: act is quantized into it (one more launch) for the dp4a kernel."""
+    if actq is not None:
+        quantize(act, actq, stream=stream)
+        _moe.moe_down_q8(w_down.data, w_down.qtype, actq, ids, weights, w_down.n_out, out=out, stream=stream)
+    else:
+        _moe.moe_down(w_down.data, w_down.qtype, act, ids, weights, w_down.n_out, out=out, stream=stream)
     launch_counter.add()
 
 

@@ -55,6 +55,11 @@ class Qwen3MoeGPU(GPUDecoder):
         self.scale = 1.0 / math.sqrt(D)
         self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]
         self.hq_out = ops.new_q8(c.n_embd)
+        self.q8_attn = ops.dp4a_for("attn")
+        self.q8_moe = ops.dp4a_for("moe")
+        self.hq = ops.new_q8(c.n_embd)                 # q8_1 copy of the normed input (dp4a GEMVs)
+        self.attnq = ops.new_q8(H * D)                 # q8_1 copy of the attention output (dp4a o-proj)
+        self.actq = ops.new_q8(c.n_ff_exp, rows=K)     # q8_1 copy of the SwiGLU activations (dp4a down)
 
     def alloc_kv_cache(self) -> None:
         c = self.cfg
@@ -66,10 +71,11 @@ class Qwen3MoeGPU(GPUDecoder):
         ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=1.0, stream=s)
         for l in range(c.n_layer if n_layers is None else n_layers):
             p = f"blk.{l}."
-            ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=s)
-            ops.gemv(w[p + "attn_q.weight"], self.h, self.q, stream=s)
-            ops.gemv(w[p + "attn_k.weight"], self.h, self.k, stream=s)
-            ops.gemv(w[p + "attn_v.weight"], self.h, self.v, stream=s)
+            hq = self.hq if self.q8_attn else None
+            ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=s,
+                        xq=hq)
+            ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
+                         self.k, self.v, stream=s, xq=hq)
             if ops.enabled("fused_qk"):
                 ops.qk_norm_rope_kv(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
                                     w[p + "attn_k_norm.weight"], self.pos_buf, n_head=H, n_rot=c.n_rot,
@@ -84,8 +90,13 @@ class Qwen3MoeGPU(GPUDecoder):
                 attn_scale = self.scale
             ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=H, scale=attn_scale,
                           window=0, stream=s)
-            ops.gemv(w[p + "attn_output.weight"], self.attn, self.delta, stream=s)
-            ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=s)
+            aq = None
+            if self.q8_attn:
+                ops.quantize(self.attn, self.attnq, stream=s)
+                aq = self.attnq
+            ops.gemv(w[p + "attn_output.weight"], self.attn, self.delta, stream=s, xq=aq)
+            hq = self.hq if self.q8_moe else None
+            ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=s, xq=hq)
             wr = w[p + "ffn_gate_inp.weight"]
             if ops.enabled("fused_router") and wr.qtype == "F32":
                 ops.router_gemv(wr, self.h, self.expert_ids, self.expert_w, c.n_expert_used, self.router_state,
@@ -94,9 +105,9 @@ class Qwen3MoeGPU(GPUDecoder):
                 ops.gemv(wr, self.h, self.router_logits, stream=s)
                 ops.router(self.router_logits, self.expert_ids, self.expert_w, c.n_expert_used, stream=s)
             ops.moe_gate_up(w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"], self.h, self.expert_ids,
-                            self.act, stream=s)
+                            self.act, stream=s, hq=hq)
             ops.moe_down(w[p + "ffn_down_exps.weight"], self.act, self.expert_ids, self.expert_w, self.delta,
-                         stream=s)
+                         stream=s, actq=self.actq if self.q8_moe else None)
         if n_layers is not None:
             return  # hidden state = x + delta (hidden_after_layers)
         ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=s)
