@@ -30,6 +30,8 @@ sum of n products adds at most ~n u sum |w x| (Higham's gamma_n). So |y - y_ref|
 
 from __future__ import annotations
 
+import os
+
 import cuda.bindings.driver as cuda
 import cutlass
 import numpy as np
@@ -58,6 +60,9 @@ from .quant_decode import (
 
 WARPS = 4
 MAX_ROWS = 8
+# chunk GEMVs without expert ids issue their weight loads before griddepcontrol.wait (PDL only).
+# SPARKINFER_EARLY_WEIGHTS=0 (read once at import) turns it off for A/B runs.
+EARLY_WEIGHTS = os.environ.get("SPARKINFER_EARLY_WEIGHTS", "1") not in ("0", "false", "no")
 
 
 def step_dot(t: Tiling, w, pX, xoff):
@@ -160,7 +165,8 @@ class Gemv:
                         mY[yi] = t
 
 
-def chunk_rows_partial(qtype: str, q8: bool, rows, xargs, xrow_base, lane, cpl: int, xfirst: bool = False):
+def chunk_rows_partial(qtype: str, q8: bool, rows, xargs, xrow_base, lane, cpl: int, xfirst: bool = False,
+                       pdl_after_weights: bool = False):
     """Per-lane partial dots of ``len(rows)`` weight rows with one activation row (``mapping="chunk"``).
 
     ``rows``: list of (Uint8 weight pointer, global block index of the row's first block); ``xargs``: (pX,) f32 or
@@ -172,6 +178,11 @@ def chunk_rows_partial(qtype: str, q8: bool, rows, xargs, xrow_base, lane, cpl: 
     if q8 and xfirst:  # activation loads (cache hits) issued before the weights
         xqs = [chunk_x_q8(qtype, xargs[0], xargs[1], xrow_base + (kb0 + 4 * t) * 256, s) for t in range(cpl)]
     raws = [[chunk_load(qtype, pW, blk0 + kb0 + 4 * t, s) for pW, blk0 in rows] for t in range(cpl)]
+    if pdl_after_weights:
+        # PDL with early weights: the weights are constant during decode, so their loads are issued before waiting
+        # for the previous kernel (they overlap its tail); everything it writes (x, y) is read after the wait.
+        cute.arch.griddepcontrol_wait()
+        cute.arch.griddepcontrol_launch_dependents()
     acc = [None] * len(rows)
     for t in range(cpl):
         xbase = xrow_base + (kb0 + 4 * t) * 256
@@ -203,6 +214,8 @@ class GemvChunk:
         self.qtype, self.n_in, self.rpw, self.experts, self.x_per_slot = qtype, n_in, rpw, experts, x_per_slot
         self.accumulate, self.q8 = accumulate, q8
         self.cpl = n_in // 256 * CHUNKS_PER_BLOCK // 32
+        # dense: weight loads before griddepcontrol.wait (chunk_rows_partial); experts need the ids first
+        self.early = self.pdl and not experts and EARLY_WEIGHTS
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pY: cute.Pointer,
@@ -214,7 +227,8 @@ class GemvChunk:
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pY: cute.Pointer,
                pIds: cute.Pointer, n_out: Int32):
-        pdl_prologue(self.pdl)
+        if cutlass.const_expr(not self.early):
+            pdl_prologue(self.pdl)
         tid = cute.arch.thread_idx()[0]
         bx, slot, _ = cute.arch.block_idx()
         warp, lane = tid // 32, tid % 32
@@ -230,7 +244,8 @@ class GemvChunk:
                     xrow = slot
             rows = [(pW, (row0 + r) * nbpr) for r in range(self.rpw)]
             xargs = (pXq, pXd) if self.q8 else (pX,)
-            acc = chunk_rows_partial(self.qtype, self.q8, rows, xargs, xrow * self.n_in, lane, self.cpl)
+            acc = chunk_rows_partial(self.qtype, self.q8, rows, xargs, xrow * self.n_in, lane, self.cpl,
+                                     pdl_after_weights=self.early)
             mY = cute.make_tensor(pY, cute.make_layout(n_out * (slot + 1)))
             for r in cutlass.range_constexpr(self.rpw):
                 t = warp_allreduce_sum(acc[r])
@@ -270,6 +285,7 @@ class GemvMulti:
         self.rpws = tuple(choose_rpw(n, sm_count) for _, n in mats)
         self.ctas = tuple(-(-n // (WARPS * r)) for (_, n), r in zip(mats, self.rpws))
         self.starts = tuple(sum(self.ctas[:m]) for m in range(len(mats)))
+        self.early = self.pdl and EARLY_WEIGHTS
 
     @cute.jit
     def __call__(self, pW0: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pX: cute.Pointer,
@@ -281,7 +297,8 @@ class GemvMulti:
     @cute.kernel
     def kernel(self, pW0: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer,
                pXd: cute.Pointer, pY0: cute.Pointer, pY1: cute.Pointer, pY2: cute.Pointer):
-        pdl_prologue(self.pdl)
+        if cutlass.const_expr(not self.early):
+            pdl_prologue(self.pdl)
         tid = cute.arch.thread_idx()[0]
         bx = cute.arch.block_idx()[0]
         warp, lane = tid // 32, tid % 32
@@ -297,7 +314,8 @@ class GemvMulti:
                     o0 = ((bx - self.starts[m]) * WARPS + warp) * rpw
                     if o0 < n_out:
                         rows = [(pWs[m], (o0 + r) * nbpr) for r in range(rpw)]
-                        acc = chunk_rows_partial(self.mats[m][0], self.q8, rows, xargs, 0, lane, self.cpl)
+                        acc = chunk_rows_partial(self.mats[m][0], self.q8, rows, xargs, 0, lane, self.cpl,
+                                                 pdl_after_weights=self.early)
                         mY = cute.make_tensor(pYs[m], cute.make_layout(n_out))
                         for r in cutlass.range_constexpr(rpw):
                             t = warp_allreduce_sum(acc[r])

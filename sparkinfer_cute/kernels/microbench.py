@@ -396,6 +396,14 @@ def run(reps: int = 50, only: str | None = None) -> dict:
                 rows.append(bench_experts(q, n_in, n_out, path, stream, reps, rng, x_per_slot=per))
     if only in (None, "chunk"):
         run_chunk(stream, dev, reps, rng, rows)
+    if only == "chunkdense":  # dense chunk GEMVs (default rows per warp) + q/k/v multi, both paths
+        from .gemv import choose_rpw
+
+        for path in ("float", "dp4a"):
+            for q, n_in, n_out in DENSE_CASES:
+                rows.append(bench_dense(q, n_in, n_out, path, stream, dev.l2_bytes, reps, rng, "chunk",
+                                        choose_rpw(n_out, dev.sm_count)))
+            rows += bench_multi(stream, dev.l2_bytes, reps, rng, path)
     if only == "xfirst":
         for _ in range(2):
             for q_down in ("Q6_K_P", "Q4_K"):
@@ -439,7 +447,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the results as JSON to this path")
     ap.add_argument("--reps", type=int, default=50, help="timed graph replays per case (>= 50)")
-    ap.add_argument("--only", choices=("gemv", "experts", "moe", "chunk", "fused", "moechunk", "xfirst"), help="run one group of cases")
+    ap.add_argument("--only", choices=("gemv", "experts", "moe", "chunk", "fused", "moechunk", "xfirst", "chunkdense"), help="run one group of cases")
     a = ap.parse_args(argv)
     from ..runtime import device_available
 
