@@ -114,8 +114,8 @@ def rmsnorm_heads(x, w, n_heads: int, head_dim: int, eps: float, *, stream):
 
 
 # Which GEMVs run on int8 activations (q8_1 blocks of 32, dp4a) instead of f32: SPARKINFER_DP4A=auto|all|none.
-# auto = where the H100 micro-benchmark measured dp4a faster (RESULTS.md): the LM head (2048->151936 Q6_K: 114.6 us
-# vs 153.0 us float, 2026-11-25); the small projections measured within noise, so they stay f32 (exact activations).
+# auto = where the H100 micro-benchmark measured dp4a faster (RESULTS.md), for models that opt in (Qwen3-MoE; Gemma
+# keeps exact f32 activations): the LM head (2048->151936 Q6_K_P: 88.4 us dp4a vs 158.1 float) and DP4A_AUTO_PARTS.
 DP4A = os.environ.get("SPARKINFER_DP4A", "auto")
 INT_QTYPES = frozenset({"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P"})
 
@@ -129,8 +129,10 @@ def dp4a_for(part: str, auto: bool = True) -> bool:
     return auto and part in DP4A_AUTO_PARTS
 
 
-# Groups that use int8 activations under SPARKINFER_DP4A=auto (from the H100 micro-benchmark; RESULTS.md).
-DP4A_AUTO_PARTS: frozenset[str] = frozenset()
+# Groups that use int8 activations under SPARKINFER_DP4A=auto. H100 micro-benchmark, 2026-11-25 (RESULTS.md): dp4a
+# beats f32 at every Qwen3-30B-A3B shape (dense 2048->4096 3.37 vs 4.89 us, q/k/v multi 5.05 vs 7.12, MoE gate+up
+# 7.8 vs 11.2, down 6.3 vs 8.9 incl. the activation quantize); the f32 chunk path is bound by weight decode.
+DP4A_AUTO_PARTS: frozenset[str] = frozenset({"attn", "moe"})
 
 
 def prefer_dp4a(w, auto: bool = True) -> bool:

@@ -76,6 +76,23 @@ for ph in "${phases[@]}"; do
     add "30B hidden after 2 layers vs ref" "$(grep -E 'rel. error' "$OUT/hidden30b.log" | sed 's/.*rel. error/rel. error/')"
     python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 512 --gen 128 --depth 4096 --runs 5 "${LBARG[@]}" --json "$OUT/bench30b.json" --log "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench30b.log" | tail -20
     add "30B bench" "see bench30b.log" ;;
+  ab)
+    # Speed passes A/B on the same files in the same run: the unoptimized build (every pass off) vs the default.
+    [ -f /tmp/qwen30b.gguf ] || python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o /tmp/qwen30b.gguf --seed 0 >/dev/null 2>&1
+    BASE="SPARKINFER_PDL=0 SPARKINFER_DP4A=none SPARKINFER_REPACK_Q6K=0 SPARKINFER_DISABLE=fused_qk,fused_router,fused_combine,fused_qkv"
+    env $BASE python3 -m sparkinfer_cute.accuracy /tmp/qwen30b.gguf --random-tokens 0 -n 64 --save-topk /tmp/base30b.npz 2>&1 | tail -2
+    python3 -m sparkinfer_cute.accuracy /tmp/qwen30b.gguf --random-tokens 0 -n 64 --reference /tmp/base30b.npz --max-kl 0.01 --json "$OUT/ab_acc30b.json" 2>&1 | tee "$OUT/ab_acc30b.log" | tail -3
+    add "30B optimized vs unoptimized build" "$(grep -E 'top-1' "$OUT/ab_acc30b.log" | head -1)"
+    if [ -f "$GEMMA" ]; then
+      env $BASE python3 -m sparkinfer_cute.run "$GEMMA" -p "The capital of France is" -n 16 --backend gpu > "$OUT/ab_gemma_base.txt" 2>/dev/null
+      python3 -m sparkinfer_cute.run "$GEMMA" -p "The capital of France is" -n 16 --backend gpu > "$OUT/ab_gemma_opt.txt" 2>/dev/null
+      if cmp -s "$OUT/ab_gemma_base.txt" "$OUT/ab_gemma_opt.txt"; then add "gemma greedy optimized == unoptimized" "identical"; else add "gemma greedy optimized == unoptimized" "DIFFERENT"; fi
+    fi
+    for cfg in "base|$BASE" "fused|SPARKINFER_PDL=0 SPARKINFER_DP4A=none SPARKINFER_REPACK_Q6K=0" "fused+pdl|SPARKINFER_DP4A=none SPARKINFER_REPACK_Q6K=0" "fused+pdl+dp4a|SPARKINFER_REPACK_Q6K=0" "all|X=1"; do
+      name=${cfg%%|*}; envs=${cfg#*|}
+      env $envs python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 64 --gen 128 --runs 5 --note "ab:$name" --json "$OUT/ab_$name.json" --log "$OUT/bench.jsonl" > "$OUT/ab_$name.log" 2>&1
+      add "30B tg128 [$name]" "$(grep -E '^decode tg128' "$OUT/ab_$name.log" | awk '{print $NF}') tok/s, $(grep -E '^kernels per token' "$OUT/ab_$name.log" | awk '{print $NF}') kernels/token"
+    done ;;
   benchgemma)
     LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
     python3 -m sparkinfer_cute.bench "$GEMMA" --prompt-len 512 --gen 128 --runs 5 "${LBARG[@]}" --json "$OUT/bench_gemma.json" --log "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench_gemma.log" | tail -16
