@@ -47,6 +47,9 @@ for ph in "${phases[@]}"; do
     ok=0; n=0
     for ex in examples/*.py; do n=$((n+1)); python3 "$ex" ${GEMMA:+$( [ "$ex" = examples/notebook_gemv_q4k.py ] && echo "$GEMMA")} > "$OUT/$(basename "$ex" .py).log" 2>&1 && ok=$((ok+1)); tail -3 "$OUT/$(basename "$ex" .py).log"; done
     add "examples run" "$ok of $n ok" ;;
+  alltests_noqk)  # everything but the fused QK kernel's file (known to fail on GPU, off in the models; ~4 min of hypothesis)
+    python3 -m pytest -q -m gpu tests -p no:cacheprovider --ignore=tests/kernels/test_qk_norm_rope_kv.py --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+    add "GPU tests (pytest -m gpu, no qk file)" "$(tail -1 "$OUT/gpu_tests.log")" ;;
   micro)
     python3 -m sparkinfer_cute.kernels.microbench --json "$OUT/microbench.json" 2>&1 | tee "$OUT/microbench.log" | tail -30
     add "microbench" "see microbench.log" ;;
