@@ -47,12 +47,27 @@ class GPUDecoder:
         self.kernels_per_token = 0
         self.name = f"gpu ({self.device.name}, kernel family {self._family()})"
 
-    # ------------------------------------------------------------------ to implement per model
+    # ------------------------------------------------------------------ per model
+    LAYER_TENSORS: tuple[str, ...] = ()  # blk.N.<name> tensors the forward reads, in forward order
+
     def weight_names(self) -> list[str]:
-        raise NotImplementedError
+        c = self.cfg
+        names = ["token_embd.weight", "output_norm.weight"] + ([] if c.tied_output else ["output.weight"])
+        for l in range(c.n_layer):
+            names += [f"blk.{l}.{t}" for t in self.LAYER_TENSORS]
+        return names
 
     def kv_cache_bytes(self) -> int:
-        raise NotImplementedError
+        from . import ops
+
+        c = self.cfg
+        return ops.PagedKV.bytes_needed(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
+
+    def alloc_kv_cache(self) -> None:
+        from . import ops
+
+        c = self.cfg
+        self.kv = ops.PagedKV(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
 
     def repack_names(self) -> set[str]:
         """Q6_K tensors to upload padded (Q6_K_P) for aligned 32-bit loads: every GEMV/MoE weight, never the
@@ -64,9 +79,6 @@ class GPUDecoder:
         return {n for n in self.weight_names() if n != "token_embd.weight"}
 
     def alloc_buffers(self) -> None:
-        raise NotImplementedError
-
-    def alloc_kv_cache(self) -> None:
         raise NotImplementedError
 
     def enqueue_step(self, stream) -> None:

@@ -19,22 +19,9 @@ from .base import GPUDecoder
 
 
 class Gemma3GPU(GPUDecoder):
-    def weight_names(self) -> list[str]:
-        c = self.cfg
-        names = ["token_embd.weight", "output_norm.weight"]
-        if not c.tied_output:
-            names.append("output.weight")
-        for l in range(c.n_layer):
-            p = f"blk.{l}."
-            names += [p + s for s in (
-                "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q_norm.weight",
-                "attn_k_norm.weight", "attn_output.weight", "post_attention_norm.weight", "ffn_norm.weight",
-                "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight")]
-        return names
-
-    def kv_cache_bytes(self) -> int:
-        c = self.cfg
-        return ops.PagedKV.bytes_needed(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
+    LAYER_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q_norm.weight",
+                     "attn_k_norm.weight", "attn_output.weight", "post_attention_norm.weight", "ffn_norm.weight",
+                     "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight")
 
     def alloc_buffers(self) -> None:
         c = self.cfg
@@ -57,10 +44,6 @@ class Gemma3GPU(GPUDecoder):
         self.q_scale = 1.0 / math.sqrt(E // H) if c.n_layer == 62 else 1.0 / math.sqrt(D)
         self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]
         self.hq_out = ops.new_q8(c.n_embd)
-
-    def alloc_kv_cache(self) -> None:
-        c = self.cfg
-        self.kv = ops.PagedKV(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
 
     def enqueue_step(self, s, n_layers: int | None = None) -> None:
         c, w = self.cfg, self.w

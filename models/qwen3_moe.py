@@ -18,22 +18,9 @@ from .base import GPUDecoder
 
 
 class Qwen3MoeGPU(GPUDecoder):
-    def weight_names(self) -> list[str]:
-        c = self.cfg
-        names = ["token_embd.weight", "output_norm.weight"]
-        if not c.tied_output:
-            names.append("output.weight")
-        for l in range(c.n_layer):
-            p = f"blk.{l}."
-            names += [p + s for s in (
-                "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q_norm.weight",
-                "attn_k_norm.weight", "attn_output.weight", "ffn_norm.weight", "ffn_gate_inp.weight",
-                "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")]
-        return names
-
-    def kv_cache_bytes(self) -> int:
-        c = self.cfg
-        return ops.PagedKV.bytes_needed(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
+    LAYER_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q_norm.weight",
+                     "attn_k_norm.weight", "attn_output.weight", "ffn_norm.weight", "ffn_gate_inp.weight",
+                     "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 
     def alloc_buffers(self) -> None:
         c = self.cfg
@@ -60,10 +47,6 @@ class Qwen3MoeGPU(GPUDecoder):
         self.hq = ops.new_q8(c.n_embd)                 # q8_1 copy of the normed input (dp4a GEMVs)
         self.attnq = ops.new_q8(H * D)                 # q8_1 copy of the attention output (dp4a o-proj)
         self.actq = ops.new_q8(c.n_ff_exp, rows=K)     # q8_1 copy of the SwiGLU activations (dp4a down)
-
-    def alloc_kv_cache(self) -> None:
-        c = self.cfg
-        self.kv = ops.PagedKV(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
 
     def enqueue_step(self, s, n_layers: int | None = None) -> None:
         c, w = self.cfg, self.w
