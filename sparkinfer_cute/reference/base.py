@@ -129,7 +129,10 @@ class ReferenceModel:
     contraction, flash attention's tiled (>= 64 rows) and fp16-accumulator (< 64 rows) paths, the GELU fp16 table.
     For Gemma 3 (gemma3.py) this reproduces llama.cpp's residual stream bit for bit (prefill and decode, measured
     on the 270M Q4_K_M file, tests/reference/test_gemma3_real.py); the batch split matters, because llama.cpp picks
-    kernels by batch size. Qwen3-MoE uses the matmul, attention and activation roundings but not the rest. Off by
+    kernels by batch size. For Qwen3-MoE (qwen3_moe.py) the same, plus the F32 router product, ggml_soft_max,
+    the weight renormalisation, ``ggml_mul_mat_id`` per expert (repacked Q4_K gemv per routed row; Q6_K through the
+    tiled kernel when >= 8 rows go to the expert, vec_dot below) and ``ggml_swiglu``: bit-identical residual stream
+    on the synthetic Q4_K_M qwen3moe file (prefill 9/129 tokens and decode; tests/reference/test_models.py). Off by
     default: the default is exact float math on the dequantized weights (what the GPU path is gated against).
     """
 

@@ -749,3 +749,76 @@ def matmul_q6_K_llama_cpu(qa, da, q, sc, d, vec_dot: bool = False) -> np.ndarray
         dd = (da[:, b, None] * d[None, :, b]).astype(np.float32)
         acc = _fma(dd[..., None], lanes.astype(np.float32), acc)
     return _hsum8_f32(acc)
+
+
+def matmul_f32_llama_cpu(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``ggml_mul_mat`` of an F32 weight w (n_out, n_in) and F32 activations x (n, n_in) on llama.cpp's x86 AVX512
+    CPU backend, in its float order (the MoE router ``ffn_gate_inp``, F32 in GGUF files):
+
+    * n >= 2 rows: llamafile ``tinyBLAS<16, __m512>`` (n_in a multiple of 16): per output 16 lanes, lane j an fma
+      chain over the inputs j, j+16, … from 0, then ``_mm512_reduce_add_ps`` (:func:`_reduce_add_16`);
+    * n == 1 (llamafile_sgemm declines ``n < 2``): ``ggml_vec_dot_f32`` (GGML_F32_STEP 64): four 16-lane fma
+      accumulators over 64-element steps, reduced ``(a0 + a2) + (a1 + a3)`` then ``_mm512_reduce_add_ps``; the
+      ``n_in % 64`` leftovers added one by one (``sumf += x·y``, contracted to an fma).
+    """
+    f32 = np.float32
+    x = np.asarray(x, f32)
+    w = np.asarray(w, f32)
+    n_in = x.shape[-1]
+    if x.shape[0] < 2:
+        acc = np.zeros((x.shape[0], w.shape[0], 4, 16), f32)
+        np64 = n_in - n_in % 64
+        for c in range(0, np64, 64):
+            xa = x[:, None, c : c + 64].reshape(x.shape[0], 1, 4, 16)
+            wa = w[None, :, c : c + 64].reshape(1, w.shape[0], 4, 16)
+            acc = _fma(xa, wa, acc)
+        a02 = _f32(acc[..., 0, :] + acc[..., 2, :])
+        a13 = _f32(acc[..., 1, :] + acc[..., 3, :])
+        out = _reduce_add_16(_f32(a02 + a13))
+        for i in range(np64, n_in):
+            out = _fma(x[:, None, i], w[None, :, i], out)
+        return out
+    if n_in % 16:
+        raise ValueError(f"n_in {n_in} is not a multiple of 16")
+    acc = np.zeros((x.shape[0], w.shape[0], 16), f32)
+    for c in range(0, n_in, 16):
+        acc = _fma(x[:, None, c : c + 16], w[None, :, c : c + 16], acc)
+    return _reduce_add_16(acc)
+
+
+def softmax_llama_cpu(x: np.ndarray) -> np.ndarray:
+    """``ggml_soft_max`` (scale 1, no mask) over the last axis as ``ggml_compute_forward_soft_max_f32`` computes
+    it on AVX512: ``e = ggml_v_expf(x - max)`` per 16 lanes (:func:`expf_ggml_avx512`; the scalar tail uses
+    ``expf``), ``sum`` in double (each 16-lane chunk reduced in f32 first), then ``e·(float)(1.0/sum)`` in f32."""
+    f32 = np.float32
+    x = np.asarray(x, f32)
+    n = x.shape[-1]
+    mx = x.max(axis=-1, keepdims=True)
+    d = (x - mx).astype(f32)
+    n16 = n - n % 16
+    e = np.empty_like(d)
+    e[..., :n16] = expf_ggml_avx512(d[..., :n16])
+    e[..., n16:] = expf_libm(d[..., n16:])
+    s = np.zeros(x.shape[:-1], np.float64)
+    for c in range(0, n16, 16):
+        s += _reduce_add_16(e[..., c : c + 16]).astype(np.float64)
+    for c in range(n16, n):
+        s += e[..., c].astype(np.float64)
+    inv = (1.0 / s).astype(f32)
+    return (e * inv[..., None]).astype(f32)
+
+
+def swiglu_llama_cpu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``ggml_swiglu`` (ggml_vec_swiglu_f32, AVX512): ``(g / (1 + ggml_v_expf(-g)))·u`` in f32 per 16 lanes; the
+    scalar tail (length not a multiple of 16) uses ``ggml_silu_f32`` = ``x/(1 + expf(-x))``."""
+    f32 = np.float32
+    g = np.asarray(g, f32)
+    u = np.asarray(u, f32)
+    n = g.shape[-1]
+    n16 = n - n % 16
+    ex = np.empty_like(g)
+    with np.errstate(over="ignore"):
+        ex[..., :n16] = expf_ggml_avx512((-g[..., :n16]).astype(f32))
+        ex[..., n16:] = expf_libm((-g[..., n16:]).astype(f32))
+        silu_g = (g / (f32(1.0) + ex).astype(f32)).astype(f32)
+    return (silu_g * u).astype(f32)

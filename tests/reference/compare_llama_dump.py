@@ -13,7 +13,9 @@ debugging tool, not run by CI: it needs llama.cpp and a dump made by llama_tenso
 Prints, per batch, the first (layer, tensor) where ours differs from llama.cpp's and by how much, the fraction of
 bit-identical residual-stream values per layer, and the last-position logits difference. Measured 2026-11-25 on the
 Gemma 3 270M Q4_K_M file: every layer bit-identical for the 288-token prefill and for a 6-token prompt + 13 decode
-steps (logits differ by <= 8e-6: our LM head keeps numpy's float order).
+steps (logits differ by <= 8e-6: our LM head keeps numpy's float order). Synthetic qwen3moe Q4_K_M file
+(``write_synthetic(p, arch="qwen3moe", preset="tiny", seed=0)``, ``--model p``; dump with ``-c 129 -b 129``, and
+``-c 32 -b 32`` with DUMP_SPLIT=9 for 14 tokens): every layer bit-identical, prefill and decode.
 """
 
 from __future__ import annotations

@@ -35,6 +35,10 @@ Exact commands (FILE is the real Gemma 3 270M Q4_K_M GGUF, TEXT = fixtures/engli
    C-2, so together they cover positions 1..127 (resp. 1..63; gemma3 tiny's window is 32, so its SWA layers are
    exercised) of the same token prefix. Position 0 is never scored by llama-perplexity. Stored per position: the
    uint16 codes, scale and min_log_prob exactly as llama.cpp wrote them.
+
+4. synth_qwen3moe_tiny_q_logprobs.npz (``--only synth_q``): as 3., but llama-perplexity runs on the quantized
+   (Q4_K/Q6_K) file itself, with the same contexts; the reference for ``emulate_cpu=True``, which must score each
+   position with the batch of C tokens llama.cpp used (test_models.py).
 """
 
 from __future__ import annotations
@@ -163,16 +167,18 @@ def make_gemma3_greedy(bin_dir: str, model: str = GEMMA3, tag: str = "") -> None
 SYNTH_CTX = {"qwen3moe": (3, 5, 9, 17, 33, 65, 129), "gemma3": (3, 5, 9, 17, 33, 65)}
 
 
-def make_synth(bin_dir: str, tmp: str, arch: str) -> None:
+def make_synth(bin_dir: str, tmp: str, arch: str, quantized: bool = False) -> None:
+    """``quantized=False``: llama.cpp on the all-F32 copy (synth_{arch}_tiny_logprobs.npz); ``quantized=True``:
+    on the quantized file itself (synth_{arch}_tiny_q_logprobs.npz, for the ``emulate_cpu`` reference)."""
     from sparkinfer_cute.gguf.synth import write_synthetic
 
     q = write_synthetic(os.path.join(tmp, f"{arch}.gguf"), arch=arch, preset="tiny", seed=0)
     with open(q, "rb") as fh:
         sha = hashlib.sha256(fh.read()).hexdigest()
-    f32 = write_dequantized_copy(q, os.path.join(tmp, f"{arch}_f32.gguf"))
+    model = q if quantized else write_dequantized_copy(q, os.path.join(tmp, f"{arch}_f32.gguf"))
     tokens, positions, codes, heads = None, [], [], []
     for c in SYNTH_CTX[arch]:
-        d, _ = _perplexity(bin_dir, f32, c, os.path.join(tmp, f"{arch}_{c}.bin"))
+        d, _ = _perplexity(bin_dir, model, c, os.path.join(tmp, f"{arch}_{c}.bin"))
         t = d["tokens"][0]
         if tokens is None or len(t) > len(tokens):
             if tokens is not None:
@@ -192,7 +198,7 @@ def make_synth(bin_dir: str, tmp: str, arch: str) -> None:
     positions = np.asarray(positions)[order]
     assert np.array_equal(positions, np.arange(1, positions.max() + 1)), positions
     np.savez_compressed(
-        os.path.join(FIXTURES, f"synth_{arch}_tiny_logprobs.npz"),
+        os.path.join(FIXTURES, f"synth_{arch}_tiny{'_q' if quantized else ''}_logprobs.npz"),
         tokens=tokens[: positions.max() + 2].astype(np.int32),
         positions=positions.astype(np.int32),
         codes=np.stack(codes)[order].astype(np.uint16),
@@ -205,7 +211,7 @@ def make_synth(bin_dir: str, tmp: str, arch: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-bin", default="/work/llama/llama.cpp/build/bin")
-    ap.add_argument("--only", choices=["gemma3", "greedy", "synth"], default=None)
+    ap.add_argument("--only", choices=["gemma3", "greedy", "synth", "synth_q"], default=None)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if a.only in (None, "gemma3", "greedy"):
@@ -219,6 +225,8 @@ def main() -> None:
         if a.only in (None, "synth"):
             for arch in SYNTH_CTX:
                 make_synth(a.llama_bin, tmp, arch)
+        if a.only in (None, "synth_q"):
+            make_synth(a.llama_bin, tmp, "qwen3moe", quantized=True)
 
 
 if __name__ == "__main__":

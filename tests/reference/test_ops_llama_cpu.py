@@ -192,3 +192,58 @@ def test_k_quant_decoders_and_matmuls_on_real_weights(gguf, type_name):
         outs = [ops.matmul_q6_K_llama_cpu(qa, da, q, sc, d, vec_dot=v) for v in (False, True)]
     for got in outs:
         assert np.all(np.abs(got - want) <= 64 * F32_EPS * scale + 1e-30)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), t=st.integers(1, 5), n64=st.integers(1, 6), o=st.integers(1, 17))
+def test_matmul_f32_llama_cpu_close_to_float64(seed, t, n64, o):
+    """Both float orders (tinyBLAS for >= 2 rows, ggml_vec_dot_f32 for 1) compute x·wᵀ to within their f32
+    summation error; the two orders are genuinely different (not the same code path)."""
+    r = _rng(seed)
+    n_in = 64 * n64
+    x = r.standard_normal((t, n_in)).astype(np.float32)
+    w = r.standard_normal((o, n_in)).astype(np.float32)
+    got = ops.matmul_f32_llama_cpu(x, w)
+    assert got.dtype == np.float32 and got.shape == (t, o)
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    # longest chain: n_in/16 fmas per lane + 4 reduction levels
+    bound = (n_in // 16 + 6) * F32_EPS * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T)
+    assert np.all(np.abs(got - want) <= bound)
+    one = np.stack([ops.matmul_f32_llama_cpu(x[i : i + 1], w)[0] for i in range(t)])
+    assert np.all(np.abs(one - want) <= bound)
+
+
+def test_matmul_f32_llama_cpu_orders_differ():
+    r = _rng(None)
+    x = r.standard_normal((2, 1024)).astype(np.float32)
+    w = r.standard_normal((64, 1024)).astype(np.float32)
+    batched = ops.matmul_f32_llama_cpu(x, w)
+    single = np.concatenate([ops.matmul_f32_llama_cpu(x[i : i + 1], w) for i in range(2)])
+    assert not np.array_equal(batched, single)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 40))
+def test_softmax_llama_cpu_close_to_exact(seed, n):
+    x = (_rng(seed).standard_normal((7, n)) * 4).astype(np.float32)
+    got = ops.softmax_llama_cpu(x)
+    x64 = x.astype(np.float64)
+    want = np.exp(x64 - x64.max(-1, keepdims=True))
+    want /= want.sum(-1, keepdims=True)
+    assert got.dtype == np.float32
+    # x - max is rounded to f32 first: exp's relative error grows with |x - max| (measured 9.7e-7 at 0.2 eps·|x-max|)
+    tol = (8 + np.abs(x64 - x64.max(-1, keepdims=True))) * F32_EPS * want
+    assert np.all(np.abs(got - want) <= tol)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 70))
+def test_swiglu_llama_cpu_close_to_exact(seed, n):
+    r = _rng(seed)
+    g = (r.standard_normal((5, n)) * 5).astype(np.float32)
+    u = r.standard_normal((5, n)).astype(np.float32)
+    got = ops.swiglu_llama_cpu(g, u)
+    g64 = g.astype(np.float64)
+    want = g64 / (1 + np.exp(-g64)) * u
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=8 * F32_EPS, atol=1e-30)
