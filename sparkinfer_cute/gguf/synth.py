@@ -258,21 +258,29 @@ def q4_k_m_type(name: str, shape: tuple[int, ...], *, n_layer: int, n_expert: in
 
 # ----------------------------------------------------------------------------------------------------------
 # planning
+def _attn_shapes(b: str, c: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """The attention block both architectures share (norm, q/k/v/o, per-head q/k norms), in file order."""
+    E, D = c["n_embd"], c["head_dim"]
+    nq, nkv = c["n_head"] * D, c["n_head_kv"] * D
+    return [
+        (b + "attn_norm.weight", (E,)),
+        (b + "attn_q.weight", (E, nq)),
+        (b + "attn_k.weight", (E, nkv)),
+        (b + "attn_v.weight", (E, nkv)),
+        (b + "attn_output.weight", (nq, E)),
+        (b + "attn_q_norm.weight", (D,)),
+        (b + "attn_k_norm.weight", (D,)),
+    ]
+
+
 def _qwen3moe_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     E, V, L = c["n_embd"], c["n_vocab"], c["n_layer"]
-    nq, nkv = c["n_head"] * c["head_dim"], c["n_head_kv"] * c["head_dim"]
     X, F = c["n_expert"], c["n_ff_exp"]
     out = [("token_embd.weight", (E, V))]
     for i in range(L):
         b = f"blk.{i}."
         out += [
-            (b + "attn_norm.weight", (E,)),
-            (b + "attn_q.weight", (E, nq)),
-            (b + "attn_k.weight", (E, nkv)),
-            (b + "attn_v.weight", (E, nkv)),
-            (b + "attn_output.weight", (nq, E)),
-            (b + "attn_q_norm.weight", (c["head_dim"],)),
-            (b + "attn_k_norm.weight", (c["head_dim"],)),
+            *_attn_shapes(b, c),
             (b + "ffn_norm.weight", (E,)),
             (b + "ffn_gate_inp.weight", (E, X)),
             (b + "ffn_gate_exps.weight", (E, F, X)),
@@ -285,18 +293,11 @@ def _qwen3moe_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 def _gemma3_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     E, V, L, FF = c["n_embd"], c["n_vocab"], c["n_layer"], c["n_ff"]
-    nq, nkv = c["n_head"] * c["head_dim"], c["n_head_kv"] * c["head_dim"]
     out = [("token_embd.weight", (E, V))]
     for i in range(L):
         b = f"blk.{i}."
         out += [
-            (b + "attn_norm.weight", (E,)),
-            (b + "attn_q.weight", (E, nq)),
-            (b + "attn_k.weight", (E, nkv)),
-            (b + "attn_v.weight", (E, nkv)),
-            (b + "attn_output.weight", (nq, E)),
-            (b + "attn_q_norm.weight", (c["head_dim"],)),
-            (b + "attn_k_norm.weight", (c["head_dim"],)),
+            *_attn_shapes(b, c),
             (b + "post_attention_norm.weight", (E,)),
             (b + "ffn_norm.weight", (E,)),
             (b + "ffn_gate.weight", (E, FF)),
