@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     ap.add_argument("model", nargs="?", help="GGUF file (default: the packaged Gemma 3 270M)")
     ap.add_argument("--reference", default="cpu", help="'cpu' (numpy reference forward) or a top-K .npz fixture")
     ap.add_argument("--backend", default="gpu", choices=("gpu", "cpu"), help="the side under test")
+    ap.add_argument("--cpu-numerics", default="llama", choices=("llama", "exact"),
+                    help="numerics of the CPU backend when it is the side under test (--backend cpu); the 'cpu' "
+                         "reference itself is always exact float32")
     ap.add_argument("-n", "--positions", type=int, default=128, help="scored positions (>= 128 for the gates)")
     ap.add_argument("--text", help="text file to teacher-force (default: the packaged English passage)")
     ap.add_argument("--tokens", help="comma-separated token ids instead of text (e.g. for synthetic vocabularies)")
@@ -91,7 +94,8 @@ def main(argv=None) -> int:
     from .reference.metrics import teacher_forced_compare, topk_record
 
     path = args.model or default_model_path()
-    eng = Engine(path, backend_name=args.backend, max_context=args.positions + 8, progress=False)
+    eng = Engine(path, backend_name=args.backend, max_context=args.positions + 8, progress=False,
+                 cpu_numerics=args.cpu_numerics)
     n = args.positions
     if args.tokens:
         tokens = [int(t) for t in args.tokens.split(",")]

@@ -20,10 +20,10 @@ def qwen_tiny(tmp_path_factory):
     return str(p)
 
 
-def _engine(path, backend="cpu", ctx=64):
+def _engine(path, backend="cpu", ctx=64, numerics="exact"):
     from sparkinfer_cute.engine import Engine
 
-    return Engine(path, backend_name=backend, max_context=ctx, progress=False)
+    return Engine(path, backend_name=backend, max_context=ctx, progress=False, cpu_numerics=numerics)
 
 
 def test_greedy_generate_matches_reference_argmax(qwen_tiny):
@@ -110,16 +110,16 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
         Engine(str(p), backend_name="cpu", progress=False)
 
 
-def test_cli_greedy_matches_llamacpp_with_llama_cpu_numerics(gemma3_path):
-    """`run --cpu-numerics llama` prints llama.cpp's greedy continuation of the README prompt (fixture made by
-    llama-completion --temp 0, tests/reference/fixtures/gemma3_270m_greedy.json)."""
+def test_cli_greedy_matches_llamacpp(gemma3_path):
+    """The README command on a CPU machine (`run -p PROMPT -n 16`, default numerics) prints llama.cpp's greedy
+    continuation (fixture made by llama-completion --temp 0, tests/reference/fixtures/gemma3_270m_greedy.json)."""
     import json
     import os
 
     fx = json.load(open(os.path.join(os.path.dirname(__file__), "..", "reference", "fixtures",
                                      "gemma3_270m_greedy.json")))
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.run", gemma3_path, "-p", fx["prompt"], "-n", "16",
-                        "--backend", "cpu", "--cpu-numerics", "llama"], capture_output=True, text=True, timeout=600)
+                        "--backend", "cpu"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     from sparkinfer_cute.gguf import GGUFFile
     from sparkinfer_cute.tokenizer import Tokenizer
