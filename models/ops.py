@@ -29,11 +29,11 @@ PAGE_SIZE = 64
 # Speed passes can be switched off one by one (SPARKINFER_DISABLE=fused_qk,...) so the accuracy harness and the
 # benchmark can compare a pass against the build without it, in the same run.
 DISABLED = frozenset(x.strip() for x in os.environ.get("SPARKINFER_DISABLE", "").split(",") if x.strip())
-# Passes that are off unless SPARKINFER_ENABLE names them. fused_qk (kernels/qk_norm_rope_kv.py): the model's decode
-# with it is wrong on the H100 (Gemma 3 270M GPU vs CPU reference: top-1 3.1%, 2026-11-25, gpu_session bisect) and
-# its own GPU test fails (test_fused_matches_reference, v_norm=True, page_size 16); the unfused path (per-head
-# RMSNorm, RoPE, KV append: 5 launches) is what runs until that is found and fixed.
-DEFAULT_OFF = frozenset({"fused_qk"})
+# Passes that are off unless SPARKINFER_ENABLE names them (none now). fused_qk was here while the fused QK-norm
+# kernel was wrong on the H100: block_reduce (kernels/common.py) left the total only in lanes < num_warps, so heads
+# of >= 128 elements were normalized with rsqrt(eps); fixed 2026-11-25 (tools/qk_fused_diag.py, tests/kernels/
+# test_block_reduce.py).
+DEFAULT_OFF: frozenset[str] = frozenset()
 ENABLED = frozenset(x.strip() for x in os.environ.get("SPARKINFER_ENABLE", "").split(",") if x.strip())
 
 

@@ -76,6 +76,11 @@ def block_reduce(val, op: cutlass.Constexpr, buf: cute.Tensor, num_warps: cutlas
 
     Ends with every thread holding the result. Contains two barriers, so it may be called repeatedly with the same
     ``buf`` (the second barrier protects the buffer from being overwritten by a later call before everyone read it).
+
+    The second stage reduces the per-warp partials within groups of ``pow2(num_warps)`` lanes, so only lanes
+    ``< num_warps`` hold the total after it; lane 0's value is then broadcast. (Without that broadcast, lanes >= 4 of
+    a 4-warp block got the identity: the fused QK-norm kernel normalized with rsqrt(0 + eps), measured on the H100
+    with tools/qk_fused_diag.py, 2026-11-25.)
     """
     val = warp_reduce(val, op)
     if const_expr(num_warps > 1):
@@ -88,6 +93,7 @@ def block_reduce(val, op: cutlass.Constexpr, buf: cute.Tensor, num_warps: cutlas
         if lane < num_warps:
             r = buf[lane]
         val = warp_reduce(r, op, _pow2_at_least(num_warps))
+        val = cute.arch.shuffle_sync(val, 0)  # lanes >= num_warps reduced only identities: take lane 0's total
         cute.arch.barrier()
     return val
 
