@@ -114,6 +114,10 @@ class GPUDecoder:
             self.enqueue_step(self.stream)
         self._graph = graph
 
+    def warm_up(self) -> None:
+        """Build the decode graph now (loads or compiles every kernel), so the first prompt is not charged for it."""
+        self._ensure_graph()
+
     def reset(self) -> None:
         self.pos = 0
 

@@ -139,7 +139,9 @@ class Engine:
             if ok:
                 from .models import load_gpu_model
 
-                return load_gpu_model(self.gguf, self.cfg, max_context=self.max_context, progress=self.progress), why
+                m = load_gpu_model(self.gguf, self.cfg, max_context=self.max_context, progress=self.progress)
+                m.warm_up()  # graph build + kernel loading count as load time, not as prompt speed
+                return m, why
             if want == "gpu":
                 raise SystemExit(f"--backend gpu requested but {why}")
             note = f"{why}: using the CPU reference backend (numpy, slow)"
