@@ -231,7 +231,8 @@ class ReferenceModel:
         return self.act_for(x, name) @ self.weight(name).T
 
     def _q0_blocks(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """A 32-block weight as integer blocks (n_out, nb, 32) float32 and scales (n_out, nb) float32 (cached)."""
+        """A 32-block weight as integer blocks float32, in :func:`ops.q0_weight_tiles` layout (nb, 8, 4, n_out), and
+        scales (n_out, nb) float32 (cached)."""
         key = "q0:" + name
         blk = self._weights.get(key)
         if blk is None:
@@ -249,7 +250,7 @@ class ReferenceModel:
                 q = np.where(d[..., None] != 0, w.reshape(n_out, n_in // 32, 32) / d[..., None], 0.0)
             q = q.astype(np.float32)
             assert np.array_equal(q, np.rint(q)), name
-            blk = (q, d)
+            blk = (ops.q0_weight_tiles(q), d)  # cached in the layout the product uses (the transpose is costly)
             self._weights[key] = blk
         return blk
 

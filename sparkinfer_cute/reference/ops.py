@@ -320,6 +320,13 @@ def _hsum8_f32(acc: np.ndarray) -> np.ndarray:
     )
 
 
+def q0_weight_tiles(qw: np.ndarray) -> np.ndarray:
+    """32-block weight integers (o, nb, 32) in the (nb, 8, 4, o) layout :func:`matmul_q0_llama_cpu` multiplies
+    (cache it: the transpose costs more than the product for a decode row)."""
+    o, nb = qw.shape[:2]
+    return np.ascontiguousarray(qw.reshape(o, nb, 8, 4).transpose(1, 2, 3, 0))
+
+
 def matmul_q0_llama_cpu(qa: np.ndarray, da: np.ndarray, qw: np.ndarray, dw: np.ndarray) -> np.ndarray:
     """``ggml_mul_mat`` of a 32-block weight (Q4_0/Q5_0/Q8_0) and Q8_0 activations on llama.cpp's x86 CPU path,
     in its float order. Both the llamafile ``tinyBLAS_Q0_AVX`` kernels (batches of >= 2 rows, every tile shape) and
@@ -328,13 +335,13 @@ def matmul_q0_llama_cpu(qa: np.ndarray, da: np.ndarray, qw: np.ndarray, dw: np.n
     both group 4 consecutive bytes), and the lanes are reduced by :func:`_hsum8_f32`.
 
     qa (t, nb, 32), da (t, nb): activation blocks (:func:`quantize_q8_0_blocks`); qw (o, nb, 32), dw (o, nb): weight
-    blocks as integers and f32 scales. Returns (t, o) float32. (The fma is emulated as a float64 multiply-add
+    blocks as integers and f32 scales (qw may also be :func:`q0_weight_tiles` of it). Returns (t, o) float32. (The fma is emulated as a float64 multiply-add
     rounded to f32: a*b is exact in float64, so this differs from a true fma only on double-rounding ties.)
     """
     t, nb = da.shape
     o = dw.shape[0]
     a = np.ascontiguousarray(qa.reshape(t, nb, 8, 4).transpose(1, 2, 0, 3))  # (nb, 8, t, 4)
-    w = np.ascontiguousarray(qw.reshape(o, nb, 8, 4).transpose(1, 2, 3, 0))  # (nb, 8, 4, o)
+    w = qw if qw.ndim == 4 else q0_weight_tiles(qw)  # (nb, 8, 4, o)
     acc = np.zeros((t, o, 8), np.float32)
     for b in range(nb):
         isum = np.matmul(a[b], w[b]).transpose(1, 2, 0)  # (t, o, 8): exact integers in f32
@@ -715,6 +722,11 @@ def q6_K_blocks(raw: np.ndarray, n_out: int, n_in: int):
 # offset term 32·sc·bsum to lane e // 32 (madd over pairs of 16-element bsums)
 _Q6K_LANE_PRODUCT = [np.array([32 * c + 4 * j + k for c in range(8) for k in range(4)]) for j in range(8)]
 _Q6K_LANE_OFFSET = [np.arange(32 * j, 32 * j + 32) for j in range(8)]
+_Q6K_MASK_PRODUCT = np.zeros((8, 256))
+_Q6K_MASK_OFFSET = np.zeros((8, 256))
+for _j in range(8):
+    _Q6K_MASK_PRODUCT[_j, _Q6K_LANE_PRODUCT[_j]] = 1.0
+    _Q6K_MASK_OFFSET[_j, _Q6K_LANE_OFFSET[_j]] = 1.0
 
 
 def matmul_q6_K_llama_cpu(qa, da, q, sc, d, vec_dot: bool = False) -> np.ndarray:
@@ -739,13 +751,15 @@ def matmul_q6_K_llama_cpu(qa, da, q, sc, d, vec_dot: bool = False) -> np.ndarray
             r = (s * d[None, :, b]).astype(np.float32)
             buf = _fma(r, da[:, b, None], buf)  # GCC contracts the kernel's mul + add into an fma
         return buf
+    # every lane sum is an exact integer in float64 (|sc·q6·q8| < 2^21, 32 terms), so the order of the products
+    # is free: per block, lane j of all rows is one BLAS product with the activations masked to lane j's elements
+    qa = np.asarray(qa, np.float64)
     wsc = q * sc
     acc = np.zeros((t, o, 8), np.float32)
     for b in range(nb):
-        lanes = np.empty((t, o, 8), np.float64)
-        for j in range(8):
-            i1, i2 = _Q6K_LANE_PRODUCT[j], _Q6K_LANE_OFFSET[j]
-            lanes[..., j] = qa[:, b, i1] @ wsc[:, b, i1].T - 32.0 * (qa[:, b, i2] @ sc[:, b, i2].T)
+        ap = (qa[:, b, None, :] * _Q6K_MASK_PRODUCT).reshape(t * 8, 256)
+        ao = (qa[:, b, None, :] * _Q6K_MASK_OFFSET).reshape(t * 8, 256)
+        lanes = (ap @ wsc[:, b].T - 32.0 * (ao @ sc[:, b].T)).reshape(t, 8, o).transpose(0, 2, 1)
         dd = (da[:, b, None] * d[None, :, b]).astype(np.float32)
         acc = _fma(dd[..., None], lanes.astype(np.float32), acc)
     return _hsum8_f32(acc)
