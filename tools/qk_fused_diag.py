@@ -97,9 +97,9 @@ def kernel_cases():
 
 
 def gemma_layer0(path):
-    from sparkinfer_cute.engine import Engine
     from sparkinfer_cute.models import ops
-    from sparkinfer_cute.runtime import DeviceArray
+
+    from sparkinfer_cute.engine import Engine
 
     eng = Engine(path, backend_name="gpu", max_context=64, progress=False)
     m = eng.backend

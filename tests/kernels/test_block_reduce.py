@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import cuda.bindings.driver as cuda
 import cutlass
-import cutlass.cute as cute
 import numpy as np
 import pytest
-from cutlass import Float32, Int32
+from cutlass import Float32, Int32, cute
 
 from sparkinfer_cute.kernels import arch
 from sparkinfer_cute.kernels.common import block_reduce_max, block_reduce_sum, fake_ptr, gptr

@@ -247,3 +247,32 @@ def test_swiglu_llama_cpu_close_to_exact(seed, n):
     want = g64 / (1 + np.exp(-g64)) * u
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=8 * F32_EPS, atol=1e-30)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), t=st.integers(1, 3), nb=st.integers(1, 3), o=st.integers(1, 9))
+def test_q6_K_vec_dot_lanes_match_a_plain_loop(seed, t, nb, o):
+    """The vectorized ggml_vec_dot_q6_K_q8_K emulation (lane sums as masked BLAS products) equals, bit for bit, a
+    loop written straight from the lane assignment: lane j of block b sums sc·q6·q8 over 4 consecutive bytes of
+    each 32-element chunk (e % 32 // 4 == j) minus 32·sc·q8 over elements 32j..32j+31, then the f32 fma chain."""
+    rng = _rng(seed)
+    n_in = 256 * nb
+    raw = rng.integers(0, 256, size=(o, nb * 210), dtype=np.uint8)
+    r = raw.reshape(o, nb, 210)
+    r[..., 208:210] = np.frombuffer(np.float16(rng.uniform(-0.02, 0.02, (o, nb))).tobytes(), np.uint8).reshape(o, nb, 2)
+    q, sc, d = ops.q6_K_blocks(raw, o, n_in)
+    qa, da = ops.quantize_q8_K_blocks(rng.standard_normal((t, n_in)).astype(np.float32))
+    got = ops.matmul_q6_K_llama_cpu(qa, da, q, sc, d, vec_dot=True)
+    e = np.arange(256)
+    want = np.zeros((t, o), np.float32)
+    for i in range(t):
+        for k in range(o):
+            acc = np.zeros(8, np.float32)
+            for b in range(nb):
+                lanes = np.array([sum(int(sc[k, b, x]) * int(q[k, b, x]) * int(qa[i, b, x]) for x in e[(e % 32) // 4 == j])
+                                  - 32 * sum(int(sc[k, b, x]) * int(qa[i, b, x]) for x in range(32 * j, 32 * j + 32))
+                                  for j in range(8)], np.float64)
+                dd = np.float32(np.float32(da[i, b]) * np.float32(d[k, b]))
+                acc = (np.float64(dd) * lanes.astype(np.float32).astype(np.float64) + acc.astype(np.float64)).astype(np.float32)
+            want[i, k] = ops._hsum8_f32(acc[None])[0]
+    np.testing.assert_array_equal(got, want)
