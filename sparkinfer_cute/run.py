@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "gpu", "cpu"), default="auto")
     p.add_argument("--cpu-numerics", choices=("exact", "llama"), default="llama",
                    help="CPU backend: llama.cpp's CPU numerics bit for bit (default; same text as llama.cpp) or exact "
-                        "float32 math (the reference the GPU path is gated against; ~10x faster on the CPU)")
+                        "float32 math (the reference the GPU path is gated against; ~5x faster on the CPU)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: model's, capped)")
     p.add_argument("--no-progress", action="store_true")
     return p
