@@ -47,7 +47,7 @@ class Gemma3GPU(GPUDecoder):
 
     def enqueue_step(self, s, n_layers: int | None = None) -> None:
         c, w = self.cfg, self.w
-        E, H, Hkv, D, eps = c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.rms_eps
+        E, H, eps = c.n_embd, c.n_head, c.rms_eps
         ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=math.sqrt(E), stream=s)
         for l in range(c.n_layer if n_layers is None else n_layers):
             p = f"blk.{l}."
@@ -56,19 +56,9 @@ class Gemma3GPU(GPUDecoder):
             ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=s)
             ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
                          self.k, self.v, stream=s)
-            if ops.enabled("fused_qk"):
-                ops.qk_norm_rope_kv(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
-                                    w[p + "attn_k_norm.weight"], self.pos_buf, n_head=H, n_rot=c.n_rot,
-                                    base=float(c.rope_base_for(l)), eps=eps, q_scale=self.q_scale, stream=s)
-                attn_scale = 1.0
-            else:
-                ops.rmsnorm_heads(self.q, w[p + "attn_q_norm.weight"], H, D, eps, stream=s)
-                ops.rmsnorm_heads(self.k, w[p + "attn_k_norm.weight"], Hkv, D, eps, stream=s)
-                base = float(c.rope_base_for(l))
-                ops.rope(self.q, H, D, c.n_rot, base, self.pos_buf, stream=s)
-                ops.rope(self.k, Hkv, D, c.n_rot, base, self.pos_buf, stream=s)
-                ops.kv_append(self.kv, l, self.k, self.v, self.pos_buf, stream=s)
-                attn_scale = self.q_scale
+            attn_scale = ops.qk_prologue(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
+                                         w[p + "attn_k_norm.weight"], self.pos_buf, n_head=H, n_rot=c.n_rot,
+                                         base=float(c.rope_base_for(l)), eps=eps, q_scale=self.q_scale, stream=s)
             ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=H, scale=attn_scale,
                           window=c.sliding_window if swa else 0, stream=s)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=s)

@@ -229,6 +229,25 @@ def qk_norm_rope_kv(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_
     launch_counter.add()
 
 
+def qk_prologue(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_head: int, n_rot: int, base: float,
+                eps: float, q_scale: float, stream) -> float:
+    """Between the q/k/v projections and attention: per-head Q/K RMSNorm, NEOX RoPE, fp16 KV append. One fused launch
+    (:func:`qk_norm_rope_kv`, which also multiplies q by ``q_scale``) unless ``fused_qk`` is disabled, else the five
+    unfused launches (q left unscaled). Returns the factor attention must still apply to q·k: 1.0 or ``q_scale``."""
+    if enabled("fused_qk"):
+        qk_norm_rope_kv(kv, layer, q, k, v, q_norm, k_norm, pos, n_head=n_head, n_rot=n_rot, base=base, eps=eps,
+                        q_scale=q_scale, stream=stream)
+        return 1.0
+    D = kv.head_dim[layer]
+    KV = kv.n_kv_head[layer]
+    rmsnorm_heads(q, q_norm, n_head, D, eps, stream=stream)
+    rmsnorm_heads(k, k_norm, KV, D, eps, stream=stream)
+    rope(q, n_head, D, n_rot, base, pos, stream=stream)
+    rope(k, KV, D, n_rot, base, pos, stream=stream)
+    kv_append(kv, layer, k, v, pos, stream=stream)
+    return q_scale
+
+
 class RouterState:
     """Graph-stable buffers of the fused router: logits scratch + the last-CTA arrival counter (shared by layers:
     each launch leaves it at zero)."""

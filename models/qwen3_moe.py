@@ -50,7 +50,7 @@ class Qwen3MoeGPU(GPUDecoder):
 
     def enqueue_step(self, s, n_layers: int | None = None) -> None:
         c, w = self.cfg, self.w
-        H, Hkv, D, eps = c.n_head, c.n_head_kv, c.head_dim, c.rms_eps
+        H, eps = c.n_head, c.rms_eps
         ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=1.0, stream=s)
         for l in range(c.n_layer if n_layers is None else n_layers):
             p = f"blk.{l}."
@@ -59,18 +59,10 @@ class Qwen3MoeGPU(GPUDecoder):
                         xq=hq)
             ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
                          self.k, self.v, stream=s, xq=hq)
-            if ops.enabled("fused_qk"):
-                ops.qk_norm_rope_kv(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
-                                    w[p + "attn_k_norm.weight"], self.pos_buf, n_head=H, n_rot=c.n_rot,
-                                    base=c.rope_base, eps=eps, q_scale=1.0, stream=s)
-                attn_scale = self.scale
-            else:
-                ops.rmsnorm_heads(self.q, w[p + "attn_q_norm.weight"], H, D, eps, stream=s)
-                ops.rmsnorm_heads(self.k, w[p + "attn_k_norm.weight"], Hkv, D, eps, stream=s)
-                ops.rope(self.q, H, D, c.n_rot, c.rope_base, self.pos_buf, stream=s)
-                ops.rope(self.k, Hkv, D, c.n_rot, c.rope_base, self.pos_buf, stream=s)
-                ops.kv_append(self.kv, l, self.k, self.v, self.pos_buf, stream=s)
-                attn_scale = self.scale
+            # q_scale 1: the scale stays in attention (q·k·scale) on both paths, as before the fused kernel existed
+            attn_scale = self.scale * ops.qk_prologue(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
+                                                      w[p + "attn_k_norm.weight"], self.pos_buf, n_head=H,
+                                                      n_rot=c.n_rot, base=c.rope_base, eps=eps, q_scale=1.0, stream=s)
             ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=H, scale=attn_scale,
                           window=0, stream=s)
             aq = None
