@@ -1,9 +1,8 @@
 """GPU diagnostic for the fused QK-norm + RoPE + KV-append kernel (kernels/qk_norm_rope_kv.py).
 
 Prints one row per case: the fused kernel against the float64 reference and against the unfused kernels
-(rmsnorm_per_head + rope_neox + kv_cache_append) on the same inputs; then, with a Gemma 3 GGUF, layer 0 of the real
-model run both ways (q after the prologue, the cached k/v slot) and the residual stream after L layers, fused vs
-unfused. Usage (GPU host): python3 tools/qk_fused_diag.py [GEMMA.gguf]
+(rmsnorm_per_head + rope_neox + kv_cache_append) on the same inputs; then, with a Gemma 3 GGUF, the real model's
+residual stream after L layers with the fused and the unfused prologue. Usage (GPU host): python3 tools/qk_fused_diag.py [GEMMA.gguf]
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ import sys
 import numpy as np
 
 
-def f16_dist(a, b):
-    def o(x):
-        u = np.asarray(x, np.float16).view(np.uint16).astype(np.int64)
-        return np.where(u & 0x8000, -(u & 0x7FFF), u)
-    return int(np.abs(o(a) - o(b)).max()) if np.size(a) else 0
+def f16_dist(a, b) -> int:
+    from sparkinfer_cute.kernels.common import f16_ulp_distance
+
+    return int(f16_ulp_distance(a, b).max()) if np.size(a) else 0
 
 
 def kernel_cases():
@@ -96,71 +94,25 @@ def kernel_cases():
     return n_bad
 
 
-def gemma_layer0(path):
+def gemma_fused_vs_unfused(path):
+    """Residual stream of the real model after L layers, fused vs unfused prologue (models/ops.py qk_prologue)."""
+    from sparkinfer_cute.engine import Engine
     from sparkinfer_cute.models import ops
 
-    from sparkinfer_cute.engine import Engine
-
-    eng = Engine(path, backend_name="gpu", max_context=64, progress=False)
-    m = eng.backend
-    c, w, s = m.cfg, m.w, m.stream
+    m = Engine(path, backend_name="gpu", max_context=64, progress=False).backend
     tokens = [2, 818, 5279, 529, 7001, 563]
-    out = {}
-    for mode in ("unfused", "fused"):
-        ops.ENABLED = frozenset({"fused_qk"}) if mode == "fused" else frozenset()
-        out[mode] = m.hidden_after_layers(tokens, c.n_layer)
-    ops.ENABLED = frozenset()
-    a, b = out["unfused"], out["fused"]
-    rel = np.linalg.norm(a - b, axis=-1) / np.linalg.norm(a, axis=-1)
-    print("gemma3 residual after all layers, fused vs unfused, rel per position:", np.array2string(rel, precision=2))
-    for L in (1, 2, 6):
+    for L in (1, 2, 6, m.cfg.n_layer):
         r = {}
-        for mode in ("unfused", "fused"):
-            ops.ENABLED = frozenset({"fused_qk"}) if mode == "fused" else frozenset()
+        for mode, enabled in (("unfused", frozenset()), ("fused", frozenset({"fused_qk"}))):
+            ops.ENABLED = enabled
             r[mode] = m.hidden_after_layers(tokens, L)
         ops.ENABLED = frozenset()
         rel = np.linalg.norm(r["unfused"] - r["fused"], axis=-1) / np.linalg.norm(r["unfused"], axis=-1)
-        print(f"  after {L} layers: rel per position", np.array2string(rel, precision=2))
-    # layer 0 prologue by hand, both ways, at position 3
-    E, H, Hkv, D, eps = c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.rms_eps
-    p = "blk.0."
-    res = {}
-    for mode in ("unfused", "fused"):
-        m.kv.k[0].fill_bytes(0)
-        m.kv.v[0].fill_bytes(0)
-        m._write_i32(m.tok, 5279)
-        m._write_i32(m.pos_buf, 3)
-        import math
-
-        ops.embedding(w["token_embd.weight"], m.tok, m.x, scale=math.sqrt(E), stream=s)
-        ops.rmsnorm(m.x, w[p + "attn_norm.weight"], m.h, eps, stream=s)
-        ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], m.h, m.q, m.k, m.v,
-                     stream=s)
-        raw = (m.q.to_numpy(s).copy(), m.k.to_numpy(s).copy(), m.v.to_numpy(s).copy())
-        if mode == "fused":
-            ops.qk_norm_rope_kv(m.kv, 0, m.q, m.k, m.v, w[p + "attn_q_norm.weight"], w[p + "attn_k_norm.weight"],
-                                m.pos_buf, n_head=H, n_rot=c.n_rot, base=float(c.rope_base_for(0)), eps=eps,
-                                q_scale=1.0, stream=s)
-        else:
-            ops.rmsnorm_heads(m.q, w[p + "attn_q_norm.weight"], H, D, eps, stream=s)
-            ops.rmsnorm_heads(m.k, w[p + "attn_k_norm.weight"], Hkv, D, eps, stream=s)
-            ops.rope(m.q, H, D, c.n_rot, float(c.rope_base_for(0)), m.pos_buf, stream=s)
-            ops.rope(m.k, Hkv, D, c.n_rot, float(c.rope_base_for(0)), m.pos_buf, stream=s)
-            ops.kv_append(m.kv, 0, m.k, m.v, m.pos_buf, stream=s)
-        kk = m.kv.k[0].to_numpy(s)[0, 3].copy()
-        vv = m.kv.v[0].to_numpy(s)[0, 3].copy()
-        res[mode] = (m.q.to_numpy(s).copy(), kk, vv, raw)
-    qa, ka, va, ra = res["unfused"]
-    qb, kb, vb, rb = res["fused"]
-    print("layer 0 pos 3: raw q/k/v identical:", all(np.array_equal(x, y) for x, y in zip(ra, rb)))
-    print("  q rel diff", float(np.abs(qa - qb).max() / np.abs(qa).max()), "k f16 ulp", f16_dist(ka, kb),
-          "v f16 ulp", f16_dist(va, vb))
-    print("  q unfused[:6]", qa[:6], "\n  q fused[:6]  ", qb[:6])
-    print("  k unfused[0,:6]", ka.reshape(-1)[:6], "\n  k fused[0,:6]  ", kb.reshape(-1)[:6])
+        print(f"gemma3 residual after {L} layers, fused vs unfused: rel per position", np.array2string(rel, precision=2))
 
 
 if __name__ == "__main__":
     bad = kernel_cases()
     if len(sys.argv) > 1:
-        gemma_layer0(sys.argv[1])
+        gemma_fused_vs_unfused(sys.argv[1])
     sys.exit(1 if bad else 0)

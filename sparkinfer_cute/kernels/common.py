@@ -115,8 +115,8 @@ def _pow2_at_least(n: int) -> int:
     return min(p, WARP)
 
 
-__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "cu_stream", "warp_reduce", "warp_reduce_sum",
-           "warp_reduce_max", "block_reduce", "block_reduce_sum", "block_reduce_max", "rel_err"]
+__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "cu_stream", "warp_reduce", "warp_reduce_sum", "warp_reduce_max",
+           "block_reduce", "block_reduce_sum", "block_reduce_max", "rel_err", "f16_ulp_distance"]
 
 
 # ---------------------------------------------------------------------------------------------- host helpers
@@ -131,3 +131,15 @@ def rel_err(y, ref) -> float:
     if y.size == 0:
         return 0.0
     return float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+
+
+def f16_ulp_distance(a, b):
+    """Elementwise distance in fp16 ulps between ``a`` and ``b`` rounded to fp16 (int64 array): the bit patterns
+    mapped to a monotonic integer line (-0 and +0 coincide), then subtracted."""
+    import numpy as np
+
+    def ordinal(x):
+        u = np.asarray(x, np.float16).view(np.uint16).astype(np.int64)
+        return np.where(u & 0x8000, -(u & 0x7FFF), u)
+
+    return np.abs(ordinal(a) - ordinal(b))

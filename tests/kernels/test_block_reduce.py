@@ -52,9 +52,10 @@ def _compile(threads: int):
                         options=compile_options())
 
 
+@pytest.mark.parametrize("target", ["sm_120a", "sm_121a"])
 @pytest.mark.parametrize("threads", [32, 64, 128, 256, 1024])
-def test_block_reduce_probe_compiles(threads):
-    with arch.target("sm_120a"):
+def test_block_reduce_probe_compiles(threads, target):
+    with arch.target(target):
         assert _compile(threads) is not None
 
 

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparkinfer_cute.kernels import arch
+from sparkinfer_cute.kernels.common import f16_ulp_distance
 from sparkinfer_cute.kernels.qk_norm_rope_kv import (
     MODEL_CONFIGS,
     QKNormRopeKV,
@@ -172,19 +173,24 @@ def test_compile_off_registry_configs(cfg):
         assert compile_qk_norm_rope_kv.uncached(**cfg) is not None
 
 
+def test_f16_ulp_distance():
+    one = np.float16(1.0)
+    nxt = np.nextafter(one, np.float16(2.0))
+    assert f16_ulp_distance(one, nxt) == 1
+    assert f16_ulp_distance(np.float16(-0.0), np.float16(0.0)) == 0
+    tiny = np.float16(2.0**-24)  # smallest subnormal: -tiny and tiny are 2 ulps apart across zero
+    assert f16_ulp_distance(-tiny, tiny) == 2
+    assert (f16_ulp_distance([1.0, 2.0], [1.0, 2.0]) == 0).all()
+
+
 # ------------------------------------------------------------------------------------------------ GPU helpers
-def _f16_ord(x: np.ndarray) -> np.ndarray:
-    b = np.asarray(x, np.float16).view(np.uint16).astype(np.int64)
-    return np.where(b & 0x8000, -(b & 0x7FFF), b)
-
-
 def _check_f16(got16: np.ndarray, ref: np.ndarray, what: str):
     """fp16 cache rows vs the float64 reference, per head: <= 1 ulp of fp16. The kernel's f32 value is within
     ~2e-6 * max|head| of the reference (q bound below), so rounding both to fp16 differs by <= 1 ulp wherever
     that is below an fp16 ulp (|x| > ~1e-2 max|head|); tinier elements get the absolute f32 bound 1e-5 max|head|."""
     ref16 = ref.astype(np.float16)
     assert not np.isnan(got16).any(), f"{what}: NaN (poison) left in the written slot"
-    dist = np.abs(_f16_ord(got16) - _f16_ord(ref16))
+    dist = f16_ulp_distance(got16, ref16)
     scale = np.abs(ref).max(axis=-1, keepdims=True)
     near = np.abs(got16.astype(np.float64) - ref) <= 1e-5 * scale
     ok = (dist <= 1) | near
