@@ -17,6 +17,8 @@ from importlib.resources import files
 
 import numpy as np
 
+from .engine import CPU_NUMERICS, DEFAULT_CPU_NUMERICS
+
 
 def default_text() -> str:
     return files("sparkinfer_cute").joinpath("data/accuracy_text.txt").read_text()
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("model", nargs="?", help="GGUF file (default: the packaged Gemma 3 270M)")
     ap.add_argument("--reference", default="cpu", help="'cpu' (numpy reference forward) or a top-K .npz fixture")
     ap.add_argument("--backend", default="gpu", choices=("gpu", "cpu"), help="the side under test")
-    ap.add_argument("--cpu-numerics", default="llama", choices=("llama", "exact"),
+    ap.add_argument("--cpu-numerics", default=DEFAULT_CPU_NUMERICS, choices=CPU_NUMERICS,
                     help="numerics of the CPU backend when it is the side under test (--backend cpu); the 'cpu' "
                          "reference itself is always exact float32")
     ap.add_argument("-n", "--positions", type=int, default=128, help="scored positions (>= 128 for the gates)")

@@ -108,11 +108,8 @@ def main(argv=None) -> int:
             m.decode_greedy(None)  # the id stays on the device; only 4 bytes come back per token
         return (args.gen - 1) / (time.perf_counter() - t0)
 
-    # prefill (through the decode graph for now). Warm up first: the first step builds the CUDA graph and loads
-    # (or compiles) every kernel module, which is load time, not prefill speed (the figures logged before
-    # 2026-11-25b timed that too: 99-110 tok/s on the 30B shape).
-    m.reset()
-    m.prefill(prompt[:2])
+    # prefill (through the decode graph for now). The Engine built the CUDA graph and loaded every kernel at load
+    # time (GPUDecoder.warm_up); the figures logged before 2026-11-25c timed that too (99-110 tok/s, 30B shape).
     m.reset()
     t0 = time.perf_counter()
     m.prefill(prompt)

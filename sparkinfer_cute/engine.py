@@ -19,6 +19,11 @@ from .gguf import GGUFFile
 from .sampling import Sampler, SamplerConfig
 
 
+# CPU backend numerics: llama.cpp's CPU build reproduced bit for bit (the default) or exact float32 math.
+CPU_NUMERICS = ("llama", "exact")
+DEFAULT_CPU_NUMERICS = "llama"
+
+
 class ReferenceBackend:
     """The numpy reference forward as a backend: slow, runs anywhere.
 
@@ -29,11 +34,11 @@ class ReferenceBackend:
 
     name = "cpu-reference"
 
-    def __init__(self, g: GGUFFile, cfg, max_context: int | None = None, numerics: str = "llama"):
+    def __init__(self, g: GGUFFile, cfg, max_context: int | None = None, numerics: str = DEFAULT_CPU_NUMERICS):
         from .reference import load_reference
 
-        if numerics not in ("exact", "llama"):
-            raise ValueError(f"cpu numerics must be 'exact' or 'llama' (got {numerics!r})")
+        if numerics not in CPU_NUMERICS:
+            raise ValueError(f"cpu numerics must be one of {CPU_NUMERICS} (got {numerics!r})")
         # exact: float32 math as the spec defines it (what the GPU path is gated against). llama: llama.cpp's CPU
         # build reproduced bit for bit (activation q8 rounding, fp16 flash attention, GELU table; x86 AVX512 build,
         # validated on Gemma 3: tests/reference/test_gemma3_real.py).
@@ -114,7 +119,7 @@ class Engine:
     backend_name: str = "auto"  # auto | gpu | cpu
     max_context: int | None = None
     progress: bool = True
-    cpu_numerics: str = "llama"  # CPU backend only: "llama" (llama.cpp CPU build, bit for bit) or "exact" (f32)
+    cpu_numerics: str = DEFAULT_CPU_NUMERICS  # CPU backend only (CPU_NUMERICS)
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __post_init__(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .engine import CPU_NUMERICS, DEFAULT_CPU_NUMERICS
 from .errors import SparkinferError
 from .sampling import SamplerConfig
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--backend", choices=("auto", "gpu", "cpu"), default="auto")
-    p.add_argument("--cpu-numerics", choices=("exact", "llama"), default="llama",
+    p.add_argument("--cpu-numerics", choices=CPU_NUMERICS, default=DEFAULT_CPU_NUMERICS,
                    help="CPU backend: llama.cpp's CPU numerics bit for bit (default; same text as llama.cpp) or exact "
                         "float32 math (the reference the GPU path is gated against; ~5x faster on the CPU)")
     p.add_argument("-c", "--ctx-size", type=int, default=None, help="context length (default: model's, capped)")
