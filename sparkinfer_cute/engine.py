@@ -165,6 +165,11 @@ class Engine:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampler_cfg: SamplerConfig = SamplerConfig(),
                  stop_at_eog: bool = True) -> Iterator[int]:
         """Yields generated token ids; fills ``self.stats``. Starts from an empty KV cache."""
+        self.check_request(prompt_ids, max_new_tokens)
+        return self._generate(prompt_ids, max_new_tokens, sampler_cfg, stop_at_eog)
+
+    def check_request(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        """Raises (ContextOverflowError, ValueError) if the request cannot run, before anything is computed."""
         if not prompt_ids:
             raise ValueError("empty prompt: nothing to condition on (a model with add_bos gets at least BOS)")
         if max_new_tokens < 0:
@@ -179,6 +184,8 @@ class Engine:
         bad = [t for t in prompt_ids if not (0 <= t < vocab)]
         if bad:
             raise ValueError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+
+    def _generate(self, prompt_ids, max_new_tokens, sampler_cfg, stop_at_eog) -> Iterator[int]:
         sampler = Sampler(sampler_cfg)
         st = self.stats
         st.prompt_tokens, st.gen_tokens, st.decode_s = len(prompt_ids), 0, 0.0
@@ -203,11 +210,18 @@ class Engine:
         st.decode_s = time.perf_counter() - t1
 
     def complete(self, prompt: str, max_new_tokens: int, sampler_cfg: SamplerConfig = SamplerConfig(),
-                 chat: bool = False, on_text: Callable[[str], None] | None = None) -> tuple[list[int], str]:
+                 chat: bool = False, on_text: Callable[[str], None] | None = None,
+                 on_start: Callable[[], None] | None = None) -> tuple[list[int], str]:
+        """Generates from a text prompt; ``on_text`` gets each new piece of text as it is decoded, ``on_start`` is
+        called once the request is checked (fits the context) and before any compute (the CLI echoes the prompt
+        there, so a rejected request prints only its error)."""
         ids = self.encode_prompt(prompt, chat=chat)
+        steps = self.generate(ids, max_new_tokens, sampler_cfg)  # checks the request now
+        if on_start:
+            on_start()
         dec = self.tokenizer.stream_decoder()
         out_ids, pieces = [], []
-        for tok in self.generate(ids, max_new_tokens, sampler_cfg):
+        for tok in steps:
             out_ids.append(tok)
             if chat and tok in self.tokenizer.eog_ids:
                 break

@@ -44,10 +44,12 @@ def main(argv=None) -> int:
                      cpu_numerics=args.cpu_numerics)
         print(f"[sparkinfer_cute] {eng.cfg.arch} from {path}; backend: {eng.backend.name} ({eng.backend_note})",
               file=sys.stderr)
-        sys.stdout.write(args.prompt)
-        sys.stdout.flush()
-        _, _ = eng.complete(args.prompt, args.n_predict, SamplerConfig(args.temp, args.top_k, args.top_p, args.seed),
-                            chat=args.chat, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        def write(s: str) -> None:
+            sys.stdout.write(s)
+            sys.stdout.flush()
+
+        eng.complete(args.prompt, args.n_predict, SamplerConfig(args.temp, args.top_k, args.top_p, args.seed),
+                     chat=args.chat, on_text=write, on_start=lambda: write(args.prompt))
     except SparkinferError as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 2

@@ -91,6 +91,7 @@ def test_cli_prompt_too_long(qwen_tiny):
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.run", qwen_tiny, "-p", "word " * 40, "-n", "8",
                         "-c", "16", "--backend", "cpu"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "exceeds the context" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout.strip() == ""  # the prompt is echoed only once the request is accepted
 
 
 def test_unknown_architecture_is_a_clear_error(tmp_path):
