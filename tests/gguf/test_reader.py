@@ -125,9 +125,7 @@ def test_custom_alignment(tmp_path):
 
 
 def test_describe_real_gemma3(gemma3_path):
-    t0 = time.perf_counter()
-    g = GGUFFile(gemma3_path)
-    assert time.perf_counter() - t0 < 5.0  # own parser: ~0.2 s here (gguf.GGUFReader: ~9 s)
+    g = GGUFFile(gemma3_path)  # own parser: ~0.2-0.6 s on the CI machine (gguf.GGUFReader: ~9 s)
     s = g.describe()
     assert "gemma3" in s and "236 tensors" in s and "Q4_K x27" in s
     assert len(g.metadata["tokenizer.ggml.tokens"]) == 262144
@@ -336,3 +334,23 @@ def test_fuzz_only_gguferror(tmp_path_factory, case):
     except GGUFError as e:
         assert e.path == str(p) and e.reason
         event("GGUFError: " + " ".join(w for w in e.reason.split()[:3] if not w.strip("[(,").isdigit()))
+
+
+def test_agrees_with_gguf_py_reader_on_real_gemma3(gemma3_path):
+    """Every metadata value (the 262144-entry vocabulary arrays too) and every tensor descriptor of the real file,
+    against gguf-py's own reader (the independent parser)."""
+    g = GGUFFile(gemma3_path)
+    ref = gguf.GGUFReader(gemma3_path)
+    want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert g.metadata.keys() == want.keys()
+    for k, v in want.items():
+        got = g.metadata[k]
+        if isinstance(v, list):
+            assert len(got) == len(v) and list(got) == v, k
+        else:
+            assert got == v and type(got) is type(v), k
+    assert [t.name for t in ref.tensors] == list(g.tensors)
+    for t in ref.tensors:
+        ti = g.tensor(t.name)
+        assert (ti.offset, ti.shape, ti.ggml_type, ti.nbytes) == (
+            t.data_offset, tuple(int(x) for x in t.shape), t.tensor_type, int(t.n_bytes)), t.name
