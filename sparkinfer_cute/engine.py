@@ -158,8 +158,9 @@ class Engine:
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-            # the template already carries the BOS text where the model wants one
-            return self.tokenizer.encode(text, add_bos=False, parse_special=True)
+            # the template text carries no BOS (as llama.cpp strips it): encode adds one where the model wants it.
+            # (Encoding with add_bos=False dropped Gemma's BOS; the 270M then answered with blank lines.)
+            return self.tokenizer.encode(text, parse_special=True)
         return self.tokenizer.encode(prompt, parse_special=True)
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampler_cfg: SamplerConfig = SamplerConfig(),

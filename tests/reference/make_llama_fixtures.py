@@ -21,6 +21,9 @@ Exact commands (FILE is the real Gemma 3 270M Q4_K_M GGUF, TEXT = fixtures/engli
    The prompt ids come from ``llama-tokenize -m FILE -p PROMPT --ids``; the generated ids from
    ``llama-tokenize --ids`` of prompt + generated text (prefix checked to be the prompt ids), first 16 kept.
 
+2c. gemma3_270m_chat_greedy.json: as 2., with the prompt "<start_of_turn>user\nName three colors.<end_of_turn>\n
+   <start_of_turn>model\n" (what ``run --chat`` builds; llama.cpp adds BOS and parses the turn markers).
+
 1b/2b. gemma3_270m_f32_teacher_forced.npz, gemma3_270m_f32_greedy.json: the same two commands on an all-F32 copy of
    FILE (tests/reference/dequant_copy.py: the very same weights, dequantized). llama.cpp then multiplies exact
    activations by the weights (vec_dot_type F32) instead of Q8_0/Q8_K-rounded ones, so the comparison isolates the
@@ -164,6 +167,28 @@ def make_gemma3_greedy(bin_dir: str, model: str = GEMMA3, tag: str = "") -> None
     print(f"gemma3{tag} greedy: {gen} {text!r}", file=sys.stderr)
 
 
+CHAT_USER = "Name three colors."
+
+
+def make_gemma3_chat_greedy(bin_dir: str, model: str = GEMMA3) -> None:
+    """gemma3_270m_chat_greedy.json: ``run --chat`` parity. The Gemma chat turn markers typed into the prompt (llama.cpp
+    parses special tokens in -p and adds BOS), greedy; ids recovered as in :func:`make_gemma3_greedy`."""
+    prompt = f"<start_of_turn>user\n{CHAT_USER}<end_of_turn>\n<start_of_turn>model\n"
+    prompt_ids = _tokenize(bin_dir, model, prompt)
+    p = _run(bin_dir, "llama-completion", "-m", model, "-p", prompt, "-n", str(N_GREEDY), "--temp", "0", "-no-cnv",
+             "--seed", "42", "-t", "2", "-c", "256", "--no-display-prompt")
+    all_ids = _tokenize(bin_dir, model, prompt + p.stdout)
+    assert all_ids[: len(prompt_ids)] == prompt_ids, (prompt_ids, all_ids)
+    gen = all_ids[len(prompt_ids) :][:N_GREEDY]
+    rec = {"user": CHAT_USER, "prompt": prompt, "prompt_ids": prompt_ids, "generated_ids": gen,
+           "generated_text": p.stdout,
+           "command": f"llama-completion -m {os.path.basename(model)} -p PROMPT -n 16 --temp 0 -no-cnv --seed 42 "
+           "-t 2 -c 256 --no-display-prompt"}
+    with open(os.path.join(FIXTURES, "gemma3_270m_chat_greedy.json"), "w") as f:
+        json.dump(rec, f, indent=1)
+    print(f"gemma3 chat greedy: {gen} {p.stdout!r}", file=sys.stderr)
+
+
 SYNTH_CTX = {"qwen3moe": (3, 5, 9, 17, 33, 65, 129), "gemma3": (3, 5, 9, 17, 33, 65)}
 
 
@@ -222,6 +247,7 @@ def main() -> None:
         if a.only in (None, "greedy"):
             make_gemma3_greedy(a.llama_bin)
             make_gemma3_greedy(a.llama_bin, f32, "_f32")
+            make_gemma3_chat_greedy(a.llama_bin)
         if a.only in (None, "synth"):
             for arch in SYNTH_CTX:
                 make_synth(a.llama_bin, tmp, arch)
