@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -18,6 +20,11 @@ def qwen_tiny(tmp_path_factory):
     p = tmp_path_factory.mktemp("m") / "qwen_tiny.gguf"
     write_synthetic(str(p), arch="qwen3moe", preset="tiny", seed=11)
     return str(p)
+
+
+def _llama_fixture(name: str) -> dict:
+    with open(os.path.join(os.path.dirname(__file__), "..", "reference", "fixtures", name)) as fh:
+        return json.load(fh)
 
 
 def _engine(path, backend="cpu", ctx=64, numerics="exact"):
@@ -114,11 +121,7 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
 def test_cli_greedy_matches_llamacpp(gemma3_path):
     """The README command on a CPU machine (`run -p PROMPT -n 16`, default numerics) prints llama.cpp's greedy
     continuation (fixture made by llama-completion --temp 0, tests/reference/fixtures/gemma3_270m_greedy.json)."""
-    import json
-    import os
-
-    fx = json.load(open(os.path.join(os.path.dirname(__file__), "..", "reference", "fixtures",
-                                     "gemma3_270m_greedy.json")))
+    fx = _llama_fixture("gemma3_270m_greedy.json")
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.run", gemma3_path, "-p", fx["prompt"], "-n", "16",
                         "--backend", "cpu"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
@@ -134,11 +137,7 @@ def test_chat_matches_llamacpp(gemma3_path):
     <start_of_turn>user...; llama.cpp adds BOS to a template that carries none) and the greedy continuation with the
     default CPU numerics is llama-completion's (fixture gemma3_270m_chat_greedy.json, make_llama_fixtures.py 2c).
     The 270M file is a base model, so the "answer" is an echo; what matters is that it is llama.cpp's echo."""
-    import json
-    import os
-
-    fx = json.load(open(os.path.join(os.path.dirname(__file__), "..", "reference", "fixtures",
-                                     "gemma3_270m_chat_greedy.json")))
+    fx = _llama_fixture("gemma3_270m_chat_greedy.json")
     eng = _engine(gemma3_path, ctx=64, numerics="llama")
     assert eng.encode_prompt(fx["user"], chat=True) == fx["prompt_ids"]
     ids, _ = eng.complete(fx["user"], len(fx["generated_ids"]), chat=True)

@@ -127,44 +127,34 @@ def make_gemma3_teacher_forced(bin_dir: str, tmp: str, model: str = GEMMA3, tag:
     print(f"gemma3{tag} teacher-forced: {len(tgt)} positions, llama.cpp PPL {ppl}", file=sys.stderr)
 
 
-def make_gemma3_greedy(bin_dir: str, model: str = GEMMA3, tag: str = "") -> None:
-    prompt_ids = _tokenize(bin_dir, model, PROMPT)
-    p = _run(
-        bin_dir,
-        "llama-completion",
-        "-m",
-        model,
-        "-p",
-        PROMPT,
-        "-n",
-        str(N_GREEDY),
-        "--temp",
-        "0",
-        "-no-cnv",
-        "--seed",
-        "42",
-        "-t",
-        "2",
-        "-c",
-        "256",
-        "--no-display-prompt",
-    )
+def _greedy(bin_dir: str, model: str, prompt: str) -> dict:
+    """llama-completion's greedy continuation of ``prompt`` (N_GREEDY tokens) as prompt ids, generated ids, text."""
+    prompt_ids = _tokenize(bin_dir, model, prompt)
+    p = _run(bin_dir, "llama-completion", "-m", model, "-p", prompt, "-n", str(N_GREEDY), "--temp", "0", "-no-cnv",
+             "--seed", "42", "-t", "2", "-c", "256", "--no-display-prompt")
     text = p.stdout
-    all_ids = _tokenize(bin_dir, model, PROMPT + text)
+    all_ids = _tokenize(bin_dir, model, prompt + text)
     assert all_ids[: len(prompt_ids)] == prompt_ids, (prompt_ids, all_ids)
     gen = all_ids[len(prompt_ids) :][:N_GREEDY]
     assert len(gen) == N_GREEDY, gen
-    rec = {
-        "prompt": PROMPT,
+    return {
+        "prompt": prompt,
         "prompt_ids": prompt_ids,
         "generated_ids": gen,
         "generated_text": text,
         "command": f"llama-completion -m {os.path.basename(model)} -p PROMPT -n 16 --temp 0 -no-cnv --seed 42 "
         "-t 2 -c 256 --no-display-prompt",
     }
-    with open(os.path.join(FIXTURES, f"gemma3_270m{tag}_greedy.json"), "w") as f:
+
+
+def _write_json(name: str, rec: dict) -> None:
+    with open(os.path.join(FIXTURES, name), "w") as f:
         json.dump(rec, f, indent=1)
-    print(f"gemma3{tag} greedy: {gen} {text!r}", file=sys.stderr)
+    print(f"{name}: {rec['generated_ids']} {rec['generated_text']!r}", file=sys.stderr)
+
+
+def make_gemma3_greedy(bin_dir: str, model: str = GEMMA3, tag: str = "") -> None:
+    _write_json(f"gemma3_270m{tag}_greedy.json", _greedy(bin_dir, model, PROMPT))
 
 
 CHAT_USER = "Name three colors."
@@ -172,21 +162,9 @@ CHAT_USER = "Name three colors."
 
 def make_gemma3_chat_greedy(bin_dir: str, model: str = GEMMA3) -> None:
     """gemma3_270m_chat_greedy.json: ``run --chat`` parity. The Gemma chat turn markers typed into the prompt (llama.cpp
-    parses special tokens in -p and adds BOS), greedy; ids recovered as in :func:`make_gemma3_greedy`."""
+    parses special tokens in -p and adds BOS)."""
     prompt = f"<start_of_turn>user\n{CHAT_USER}<end_of_turn>\n<start_of_turn>model\n"
-    prompt_ids = _tokenize(bin_dir, model, prompt)
-    p = _run(bin_dir, "llama-completion", "-m", model, "-p", prompt, "-n", str(N_GREEDY), "--temp", "0", "-no-cnv",
-             "--seed", "42", "-t", "2", "-c", "256", "--no-display-prompt")
-    all_ids = _tokenize(bin_dir, model, prompt + p.stdout)
-    assert all_ids[: len(prompt_ids)] == prompt_ids, (prompt_ids, all_ids)
-    gen = all_ids[len(prompt_ids) :][:N_GREEDY]
-    rec = {"user": CHAT_USER, "prompt": prompt, "prompt_ids": prompt_ids, "generated_ids": gen,
-           "generated_text": p.stdout,
-           "command": f"llama-completion -m {os.path.basename(model)} -p PROMPT -n 16 --temp 0 -no-cnv --seed 42 "
-           "-t 2 -c 256 --no-display-prompt"}
-    with open(os.path.join(FIXTURES, "gemma3_270m_chat_greedy.json"), "w") as f:
-        json.dump(rec, f, indent=1)
-    print(f"gemma3 chat greedy: {gen} {p.stdout!r}", file=sys.stderr)
+    _write_json("gemma3_270m_chat_greedy.json", {"user": CHAT_USER, **_greedy(bin_dir, model, prompt)})
 
 
 SYNTH_CTX = {"qwen3moe": (3, 5, 9, 17, 33, 65, 129), "gemma3": (3, 5, 9, 17, 33, 65)}
