@@ -90,23 +90,28 @@ def touch_everything(g: GGUFFile) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ valid files
-def test_agrees_with_gguf_py_reader(small):
-    path, arrays = small
-    g = GGUFFile(path)
-    ref = gguf.GGUFReader(str(path))
+def _assert_same_as_gguf_py(g: GGUFFile, ref) -> None:
+    """Every metadata value (value and Python type) and every tensor descriptor equal to gguf-py's GGUFReader's."""
     want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
     assert g.metadata.keys() == want.keys()
     for k, v in want.items():
         assert g.metadata[k] == v and type(g.metadata[k]) is type(v), k
-    assert g.metadata["t.str"] == "héllo ▁ wörld"
-    assert g.metadata["t.u64"] == 2**64 - 1 and g.metadata["t.i64"] == -(2**63)
-    assert g.architecture == "gemma3" and g.version == 3
     assert [t.name for t in ref.tensors] == list(g.tensors)
     for t in ref.tensors:
         ti = g.tensor(t.name)
-        assert ti.offset == t.data_offset
-        assert ti.shape == tuple(int(x) for x in t.shape)
-        assert ti.ggml_type == t.tensor_type
+        assert (ti.offset, ti.shape, ti.ggml_type, ti.nbytes) == (
+            t.data_offset, tuple(int(x) for x in t.shape), t.tensor_type, int(t.n_bytes)), t.name
+
+
+def test_agrees_with_gguf_py_reader(small):
+    path, arrays = small
+    g = GGUFFile(path)
+    ref = gguf.GGUFReader(str(path))
+    _assert_same_as_gguf_py(g, ref)
+    assert g.metadata["t.str"] == "héllo ▁ wörld"
+    assert g.metadata["t.u64"] == 2**64 - 1 and g.metadata["t.i64"] == -(2**63)
+    assert g.architecture == "gemma3" and g.version == 3
+    for t in ref.tensors:
         assert np.array_equal(g.raw(t.name).reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1))
     # dequant of plain float tensors returns exactly what was written, in numpy order
     assert np.array_equal(g.dequant("f32"), arrays["f32"])
@@ -337,20 +342,5 @@ def test_fuzz_only_gguferror(tmp_path_factory, case):
 
 
 def test_agrees_with_gguf_py_reader_on_real_gemma3(gemma3_path):
-    """Every metadata value (the 262144-entry vocabulary arrays too) and every tensor descriptor of the real file,
-    against gguf-py's own reader (the independent parser)."""
-    g = GGUFFile(gemma3_path)
-    ref = gguf.GGUFReader(gemma3_path)
-    want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
-    assert g.metadata.keys() == want.keys()
-    for k, v in want.items():
-        got = g.metadata[k]
-        if isinstance(v, list):
-            assert len(got) == len(v) and list(got) == v, k
-        else:
-            assert got == v and type(got) is type(v), k
-    assert [t.name for t in ref.tensors] == list(g.tensors)
-    for t in ref.tensors:
-        ti = g.tensor(t.name)
-        assert (ti.offset, ti.shape, ti.ggml_type, ti.nbytes) == (
-            t.data_offset, tuple(int(x) for x in t.shape), t.tensor_type, int(t.n_bytes)), t.name
+    """The real file (the 262144-entry vocabulary arrays too) against gguf-py's own reader (the independent parser)."""
+    _assert_same_as_gguf_py(GGUFFile(gemma3_path), gguf.GGUFReader(gemma3_path))
