@@ -52,9 +52,12 @@ def test_error_bound_is_positive_and_scales():
     b = gemv_error_bound(w, "Q4_K", x)
     assert b.shape == (2, 4) and (b > 0).all()
     assert np.allclose(gemv_error_bound(w, "Q4_K", 2 * x), 2 * b)
-    # the K-quant magnitude dominates |W| (it adds |d*sc*q| and |dmin*m| before they cancel)
+    # the K-quant magnitude dominates |W| (it adds |d*sc*q| and |dmin*m| before they cancel), up to the float32
+    # rounding of W itself: with random sign bits in d/dmin the two terms add, and fl32(p - r) may round up past
+    # |p| + |r| by half an ulp (measured: 28 of 300 seeds exceed A, by at most 5.92e-8 relative < 2^-24)
     from sparkinfer_cute.kernels.gemv import weight_magnitude_f64
-    assert (weight_magnitude_f64(w, "Q4_K", 512) >= np.abs(dequant_rows_f64(w, "Q4_K", 512)) * (1 - 1e-12)).all()
+    A, W = weight_magnitude_f64(w, "Q4_K", 512), np.abs(dequant_rows_f64(w, "Q4_K", 512))
+    assert (A * (1 + 2.0**-24) >= W).all()
 
 
 @pytest.mark.parametrize("target", arch.SUPPORTED_TARGETS)
