@@ -138,13 +138,75 @@ class GPUDecoder:
         self.enqueue_step(self.stream)
         self.pos += 1
 
+    # ------------------------------------------------------------------ prefill
+    PREFILL_CHUNK = 512  # tokens per batched prefill step (llama.cpp's default ubatch)
+
     def prefill(self, ids) -> np.ndarray:
+        """Process the prompt ``ids`` at the current position; returns the last position's logits (and leaves the
+        greedy next id in ``self.tok``). Batched (chunks of ``PREFILL_CHUNK`` tokens through the grouped GEMM) where
+        the model has ``enqueue_prefill``, unless ``SPARKINFER_PREFILL=loop``; else one decode-graph replay per
+        token (the reference path)."""
         if self.pos + len(ids) > self.max_context:
             raise ContextOverflowError(f"prompt of {len(ids)} tokens does not fit the context of {self.max_context}")
-        # Prompt prefill runs through the decode graph, one token per replay (a batched prefill is future work).
+        if self.batched_prefill():
+            for i in range(0, len(ids), self.PREFILL_CHUNK):
+                self._prefill_chunk(ids[i:i + self.PREFILL_CHUNK])
+            return self.logits.to_numpy(self.stream)
         for t in ids:
             self._step(int(t))
         return self.logits.to_numpy(self.stream)
+
+    def batched_prefill(self) -> bool:
+        import os
+
+        return hasattr(self, "enqueue_prefill") and os.environ.get("SPARKINFER_PREFILL", "batched") != "loop"
+
+    def _prefill_buffers(self):
+        if getattr(self, "_pf", None) is None:
+            chunk = min(self.PREFILL_CHUNK, self.max_context)
+            self._pf = self.alloc_prefill(chunk)
+            self._pf_graphs = {}
+        return self._pf
+
+    def _prefill_chunk(self, ids, all_logits=None) -> None:
+        """One chunk of T <= PREFILL_CHUNK tokens at positions pos .. pos+T-1: a CUDA graph per chunk length T
+        (captured on first use after an eager warm-up run that loads the kernels), replayed after writing the
+        token ids and positions. ``all_logits``: a [T, vocab] device buffer to receive every position's logits
+        (eager, not captured)."""
+        pf = self._prefill_buffers()
+        T = len(ids)
+        tok = np.zeros(pf.chunk, np.int32)
+        tok[:T] = np.asarray(ids, np.int32)
+        pf.tok.copy_from_numpy(tok, self.stream)
+        pf.pos.copy_from_numpy(np.arange(self.pos, self.pos + pf.chunk, dtype=np.int32), self.stream)
+        if all_logits is not None:
+            self.enqueue_prefill(self.stream, T, all_logits=all_logits)
+        else:
+            g = self._pf_graphs.get(T)
+            if g is None:
+                from . import ops
+
+                ops.launch_counter.reset()
+                self.enqueue_prefill(self.stream, T)  # eager: loads every kernel module (not allowed in capture)
+                self.stream.synchronize()
+                self.kernels_per_prefill_chunk = ops.launch_counter.count()
+                pf.pos.copy_from_numpy(np.arange(self.pos, self.pos + pf.chunk, dtype=np.int32), self.stream)
+                with CudaGraph.capture(self.stream) as g:
+                    self.enqueue_prefill(self.stream, T)
+                self._pf_graphs[T] = g
+            g.replay(self.stream)
+        self.pos += T
+
+    def prefill_all_logits(self, ids) -> np.ndarray:
+        """Teacher-forced logits of every position of ``ids`` (from the current position) through the batched
+        prefill: [len(ids), vocab] (the accuracy harness)."""
+        out = []
+        for i in range(0, len(ids), self.PREFILL_CHUNK):
+            chunk = ids[i:i + self.PREFILL_CHUNK]
+            buf = DeviceArray.empty((len(chunk), self.cfg.vocab_size), np.float32)
+            self._prefill_chunk(chunk, all_logits=buf)
+            out.append(buf.to_numpy(self.stream))
+        return np.concatenate(out)
 
     def decode(self, tok: int) -> np.ndarray:
         self._step(int(tok))

@@ -82,3 +82,47 @@ class Gemma3GPU(GPUDecoder):
         if c.final_logit_softcap:
             ops.softcap(self.logits, c.final_logit_softcap, stream=s)
         ops.argmax(self.logits, self.tok, stream=s)
+
+    # ------------------------------------------------------------------ batched prefill (same math, T rows)
+    def alloc_prefill(self, chunk: int):
+        c = self.cfg
+        return ops.PrefillBuffers(c, chunk, self.kv, n_q=c.n_head * c.head_dim, n_kv=c.n_head_kv * c.head_dim,
+                                  n_ff=c.n_ff)
+
+    def enqueue_prefill(self, s, T: int, all_logits=None) -> None:
+        """Prompt chunk of T tokens through every layer with int8-activation GEMMs (GeGLU in the gate/up GEMM's
+        epilogue); the residual convention of :meth:`enqueue_step` (x plus the pending block output ``delta``)."""
+        c, w, pf = self.cfg, self.w, self._pf
+        E, H, eps = c.n_embd, c.n_head, c.rms_eps
+        ops.embedding_rows(w["token_embd.weight"], pf.tok, pf.x, T, scale=math.sqrt(E), stream=s)
+        for l in range(c.n_layer):
+            p = f"blk.{l}."
+            swa = c.sliding_window > 0 and c.is_swa(l)
+            ops.rmsnorm_rows(pf.x, w[p + "attn_norm.weight"], pf.h, T, eps, residual=pf.delta if l else None,
+                             xq=pf.hq, stream=s)
+            ops.gemm(w[p + "attn_q.weight"], pf.hq, pf.q, T, stream=s)
+            ops.gemm(w[p + "attn_k.weight"], pf.hq, pf.k, T, stream=s)
+            ops.gemm(w[p + "attn_v.weight"], pf.hq, pf.v, T, stream=s)
+            ops.qk_norm_rope_kv_rows(self.kv, l, pf, T, w[p + "attn_q_norm.weight"], w[p + "attn_k_norm.weight"],
+                                     n_head=H, n_rot=c.n_rot, base=float(c.rope_base_for(l)), eps=eps,
+                                     q_scale=self.q_scale, stream=s)
+            ops.attention_rows(self.kv, l, pf, T, n_head=H, scale=1.0, window=c.sliding_window if swa else 0,
+                               stream=s)
+            ops.quantize_rows(pf.attn, pf.attnq, T, stream=s)
+            ops.gemm(w[p + "attn_output.weight"], pf.attnq, pf.o, T, stream=s)
+            ops.rmsnorm_rows(pf.o, w[p + "post_attention_norm.weight"], pf.delta, T, eps, stream=s)
+            ops.rmsnorm_rows(pf.x, w[p + "ffn_norm.weight"], pf.h, T, eps, residual=pf.delta, xq=pf.hq, stream=s)
+            ops.gemm(w[p + "ffn_gate.weight"], pf.hq, pf.act, T, w_up=w[p + "ffn_up.weight"], act="gelu_tanh",
+                     stream=s)
+            ops.quantize_rows(pf.act, pf.actq, T, stream=s)
+            ops.gemm(w[p + "ffn_down.weight"], pf.actq, pf.f, T, stream=s)
+            ops.rmsnorm_rows(pf.f, w[p + "post_ffw_norm.weight"], pf.delta, T, eps, stream=s)
+        if all_logits is not None:
+            ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, eps, residual=pf.delta, xq=pf.hq, stream=s)
+            ops.gemm(self.out_w, pf.hq, all_logits, T, stream=s)
+            ops.argmax(ops.row(all_logits, T - 1), self.tok, stream=s)
+            return
+        ops.rmsnorm(ops.row(pf.x, T - 1), w["output_norm.weight"], self.h, eps, residual=ops.row(pf.delta, T - 1),
+                    stream=s)
+        ops.gemv(self.out_w, self.h, self.logits, stream=s)
+        ops.argmax(self.logits, self.tok, stream=s)

@@ -307,3 +307,156 @@ def argmax(logits, out_id, *, stream):
         _argmax_ws = Workspace()  # partials allocated at warm-up, reused (graph-stable) afterwards
     _am.argmax(logits, out=out_id, workspace=_argmax_ws, stream=stream)
     launch_counter.add(2)  # chunk partials + final reduce
+
+
+# ---------------------------------------------------------------------------------------------- batched prefill
+# A prompt chunk of T tokens runs through the same KV cache as decode: the projections and expert FFNs through the
+# grouped GEMM (kernels/quant_gemm.py, int8 activations), Q/K-norm + RoPE + KV append and attention through the
+# decode kernels with the chunk as a batch of T queries of one sequence (kernels/paged_kv.py "Prefill").
+PREFILL_TILE_TOKENS = 64
+MOE_TILE_TOKENS = 32
+
+
+def rows(buf, T: int, n: int | None = None):
+    """The first T rows of a [C, n] f32 device buffer as a [T, n] view."""
+    n = buf.shape[-1] if n is None else n
+    return buf.view(np.float32, (T, n))
+
+
+def row(buf, t: int):
+    """Row t of a [C, n] f32 device buffer as an [n] view."""
+    n = buf.shape[-1]
+    return buf.view(np.float32, (n,), offset_bytes=t * n * 4)
+
+
+class PrefillBuffers:
+    """Device buffers of one prompt chunk of up to ``chunk`` tokens (allocated once; a graph per chunk length)."""
+
+    def __init__(self, cfg, chunk: int, kv: PagedKV, *, n_q: int, n_kv: int, n_ff: int = 0, moe=None):
+        from ..kernels.quant_gemm import max_grouped_tiles  # type: ignore[misc]
+
+        E = cfg.n_embd
+        f32 = np.float32
+        self.chunk = chunk
+        self.tok = DeviceArray.zeros((chunk,), np.int32)
+        self.pos = DeviceArray.zeros((chunk,), np.int32)
+        table = kv.page_table.to_numpy()[:1]
+        self.page_table = DeviceArray.from_numpy(np.repeat(table, chunk, axis=0))
+        self.x = DeviceArray.zeros((chunk, E), f32)
+        self.h = DeviceArray.empty((chunk, E), f32)
+        self.hq = new_q8(E, rows=chunk)
+        self.delta = DeviceArray.zeros((chunk, E), f32)
+        self.o = DeviceArray.empty((chunk, E), f32)
+        self.q = DeviceArray.empty((chunk, n_q), f32)
+        self.k = DeviceArray.empty((chunk, n_kv), f32)
+        self.v = DeviceArray.empty((chunk, n_kv), f32)
+        self.attn = DeviceArray.empty((chunk, n_q), f32)
+        self.attnq = new_q8(n_q, rows=chunk)
+        H, D = cfg.n_head, n_q // cfg.n_head
+        # split-KV partials for num_splits = 1 (the chunk's T queries already fill the GPU); the fused combine's
+        # arrival counters (one per query and head bound the kernel's per (query, kv head, head tile) need)
+        from types import SimpleNamespace
+
+        self.attn_ws = SimpleNamespace(o_partial=DeviceArray.empty((chunk, H, 1, D), f32),
+                                       lse_partial=DeviceArray.empty((chunk, H, 1), f32),
+                                       counters=DeviceArray.zeros((chunk * H,), np.int32))
+        if n_ff:
+            self.act = DeviceArray.empty((chunk, n_ff), f32)
+            self.actq = new_q8(n_ff, rows=chunk)
+            self.f = DeviceArray.empty((chunk, E), f32)
+        if moe is not None:
+            n_expert, k, n_ff_exp = moe
+            self.k_used = k
+            self.router_logits = DeviceArray.empty((chunk, n_expert), f32)
+            self.ids = DeviceArray.zeros((chunk, k), np.int32)
+            self.wts = DeviceArray.zeros((chunk, k), f32)
+            self.max_tiles = max_grouped_tiles(chunk * k, n_expert, MOE_TILE_TOKENS)
+            self.tiles = DeviceArray.zeros((self.max_tiles + 1, 4), np.int32)
+            self.n_tiles = DeviceArray.zeros((1,), np.int32)
+            self.sorted_token = DeviceArray.zeros((chunk * k,), np.int32)
+            self.sorted_pos = DeviceArray.zeros((chunk * k,), np.int32)
+            self.moe_act = DeviceArray.empty((chunk * k, n_ff_exp), f32)
+            self.moe_actq = new_q8(n_ff_exp, rows=chunk * k)
+            self.moe_y = DeviceArray.empty((chunk * k, E), f32)
+
+
+def embedding_rows(w, tok, out, T: int, *, scale: float, stream):
+    _emb.embedding(w.data, tok, out, qtype=w.qtype, n_embd=w.n_in, scale=scale, n_tokens=T, stream=stream)
+    launch_counter.add()
+
+
+def rmsnorm_rows(x, w, out, T: int, eps: float, *, residual=None, xq=None, stream):
+    """:func:`rmsnorm` over the first T rows (``xq``: also the q8_1 copy for the GEMMs)."""
+    rmsnorm(rows(x, T), w, rows(out, T), eps, residual=None if residual is None else rows(residual, T), stream=stream,
+            xq=xq)
+
+
+def quantize_rows(x, xq, T: int, *, stream):
+    _q8.quantize_q8_1(rows(x, T), out=xq, stream=stream)
+    launch_counter.add()
+
+
+def gemm(w, xq, out, T: int, *, stream, accumulate: bool = False, w_up=None, act: str = "silu"):
+    """``out[:T] (+)= W xq[:T]`` (or ``act(W xq) * (W_up xq)`` with ``w_up``) through the grouped GEMM."""
+    from ..kernels.quant_gemm import quant_gemm  # type: ignore[misc]
+
+    quant_gemm(w.data, w.qtype, xq, w.n_out, out=out, w_up=None if w_up is None else w_up.data, act=act,
+               accumulate=accumulate, n_rows=T, tile_tokens=PREFILL_TILE_TOKENS, stream=stream)
+    launch_counter.add()
+
+
+def qk_norm_rope_kv_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, q_norm, k_norm, *, n_head: int,
+                         n_rot: int, base: float, eps: float, q_scale: float, stream):
+    D = kv.head_dim[layer]
+    KV = kv.n_kv_head[layer]
+    _qknrk.qk_norm_rope_kv(pf.q.view(np.float32, (T, n_head, D)), pf.k.view(np.float32, (T, KV, D)),
+                           pf.v.view(np.float32, (T, KV, D)), q_norm.data.view(np.float32, (D,)),
+                           k_norm.data.view(np.float32, (D,)), kv.k[layer], kv.v[layer],
+                           pf.page_table.view(np.int32, (T, pf.page_table.shape[1])),
+                           pf.pos.view(np.int32, (T,)), n_rot=n_rot, base=base, eps=eps, q_scale=q_scale,
+                           stream=stream)
+    launch_counter.add()
+
+
+def attention_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, *, n_head: int, scale: float, window: int,
+                   stream, softcap: float = 0.0):
+    D = kv.head_dim[layer]
+    ws = pf.attn_ws
+    _attn.attention_decode(pf.q.view(np.float32, (T, n_head, D)), kv.k[layer], kv.v[layer],
+                           pf.page_table.view(np.int32, (T, pf.page_table.shape[1])), pf.pos.view(np.int32, (T,)),
+                           scale=scale, window=window, softcap=softcap, num_splits=1,
+                           out=pf.attn.view(np.float32, (T, n_head, D)),
+                           o_partial=ws.o_partial.view(np.float32, (T, n_head, 1, D)),
+                           lse_partial=ws.lse_partial.view(np.float32, (T, n_head, 1)), fused_combine=True,
+                           counters=ws.counters, stream=stream)
+    launch_counter.add()
+
+
+def moe_rows(w_router, w_gate, w_up, w_down, pf: PrefillBuffers, T: int, *, act: str = "silu", stream,
+             accumulate_into=None, expert_scale=None):
+    """The routed-expert FFN of T tokens whose normed input is ``pf.h`` / ``pf.hq``: router logits -> softmax/top-k
+    -> sort by expert -> grouped gate+up GLU (gathered rows) -> q8_1 -> grouped down -> weighted combine into
+    ``accumulate_into`` (added to it) or ``pf.f``."""
+    from ..kernels import moe_route as _route  # type: ignore[misc]
+    from ..kernels import router as _router  # type: ignore[misc]
+    from ..kernels.quant_gemm import quant_gemm  # type: ignore[misc]
+
+    k = pf.k_used
+    _route.router_logits(w_router.data.view(np.float32, (w_router.n_out, w_router.n_in)), rows(pf.h, T), T,
+                         pf.router_logits, stream=stream)
+    _router.route(pf.router_logits.view(np.float32, (T, w_router.n_out)), k, norm_topk=True,
+                  ids_out=pf.ids.view(np.int32, (T, k)), weights_out=pf.wts.view(np.float32, (T, k)), stream=stream)
+    _route.moe_align(pf.ids.view(np.int32, (T, k)), T, w_router.n_out, MOE_TILE_TOKENS, pf.tiles, pf.n_tiles,
+                     pf.sorted_token, pf.sorted_pos, stream=stream)
+    n_ff = w_gate.n_out
+    quant_gemm(w_gate.data, w_gate.qtype, pf.hq, n_ff, out=pf.moe_act, w_up=w_up.data, act=act, tiles=pf.tiles,
+               n_tiles=pf.n_tiles, max_tiles=pf.max_tiles, row_index=pf.sorted_token, tile_tokens=MOE_TILE_TOKENS,
+               stream=stream)
+    _q8.quantize_q8_1(rows(pf.moe_act, T * k), out=pf.moe_actq, stream=stream)
+    quant_gemm(w_down.data, w_down.qtype, pf.moe_actq, w_down.n_out, out=pf.moe_y, tiles=pf.tiles,
+               n_tiles=pf.n_tiles, max_tiles=pf.max_tiles, tile_tokens=MOE_TILE_TOKENS, stream=stream)
+    target = accumulate_into if accumulate_into is not None else pf.f
+    _route.moe_combine(pf.moe_y, pf.sorted_pos, pf.wts.view(np.float32, (T, k)), pf.ids.view(np.int32, (T, k)),
+                       rows(target, T), T, accumulate=accumulate_into is not None, expert_scale=expert_scale,
+                       stream=stream)
+    launch_counter.add(8)

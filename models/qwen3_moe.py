@@ -92,3 +92,47 @@ class Qwen3MoeGPU(GPUDecoder):
             xq = self.hq_out
         ops.gemv(self.out_w, self.h, self.logits, stream=s, xq=xq)
         ops.argmax(self.logits, self.tok, stream=s)
+
+    # ------------------------------------------------------------------ batched prefill (same math, T rows)
+    def alloc_prefill(self, chunk: int):
+        c = self.cfg
+        return ops.PrefillBuffers(c, chunk, self.kv, n_q=c.n_head * c.head_dim, n_kv=c.n_head_kv * c.head_dim,
+                                  moe=(c.n_expert, c.n_expert_used, c.n_ff_exp))
+
+    def enqueue_prefill(self, s, T: int, all_logits=None) -> None:
+        """Prompt chunk of T tokens (ids in ``pf.tok``, positions in ``pf.pos``): every layer over the T rows with
+        int8-activation GEMMs, K/V of all T appended to the cache; then the last row (or, with ``all_logits``, every
+        row) through the final norm and the LM head, argmax into ``self.tok``."""
+        c, w, pf = self.cfg, self.w, self._pf
+        H, eps = c.n_head, c.rms_eps
+        ops.embedding_rows(w["token_embd.weight"], pf.tok, pf.x, T, scale=1.0, stream=s)
+        for l in range(c.n_layer):
+            p = f"blk.{l}."
+            ops.rmsnorm_rows(pf.x, w[p + "attn_norm.weight"], pf.h, T, eps, xq=pf.hq, stream=s)
+            ops.gemm(w[p + "attn_q.weight"], pf.hq, pf.q, T, stream=s)
+            ops.gemm(w[p + "attn_k.weight"], pf.hq, pf.k, T, stream=s)
+            ops.gemm(w[p + "attn_v.weight"], pf.hq, pf.v, T, stream=s)
+            ops.qk_norm_rope_kv_rows(self.kv, l, pf, T, w[p + "attn_q_norm.weight"], w[p + "attn_k_norm.weight"],
+                                     n_head=H, n_rot=c.n_rot, base=c.rope_base, eps=eps, q_scale=1.0, stream=s)
+            ops.attention_rows(self.kv, l, pf, T, n_head=H, scale=self.scale, window=0, stream=s)
+            ops.quantize_rows(pf.attn, pf.attnq, T, stream=s)
+            ops.gemm(w[p + "attn_output.weight"], pf.attnq, pf.x, T, accumulate=True, stream=s)  # x += Wo attn
+            ops.rmsnorm_rows(pf.x, w[p + "ffn_norm.weight"], pf.h, T, eps, xq=pf.hq, stream=s)
+            ops.moe_rows(w[p + "ffn_gate_inp.weight"], w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"],
+                         w[p + "ffn_down_exps.weight"], pf, T, act="silu", accumulate_into=pf.x, stream=s)
+        self._prefill_output(s, T, all_logits)
+
+    def _prefill_output(self, s, T: int, all_logits=None) -> None:
+        c, w, pf = self.cfg, self.w, self._pf
+        if all_logits is not None:
+            ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, c.rms_eps, xq=pf.hq, stream=s)
+            ops.gemm(self.out_w, pf.hq, all_logits, T, stream=s)
+            ops.argmax(ops.row(all_logits, T - 1), self.tok, stream=s)
+            return
+        ops.rmsnorm(ops.row(pf.x, T - 1), w["output_norm.weight"], self.h, c.rms_eps, stream=s)
+        xq = None
+        if ops.prefer_dp4a(self.out_w):
+            ops.quantize(self.h, self.hq_out, stream=s)
+            xq = self.hq_out
+        ops.gemv(self.out_w, self.h, self.logits, stream=s, xq=xq)
+        ops.argmax(self.logits, self.tok, stream=s)

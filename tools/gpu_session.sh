@@ -61,6 +61,9 @@ for ph in "${phases[@]}"; do
     add "quant_gemm GPU tests" "$(tail -1 "$OUT/qgemm_tests.log")"
     python3 tools/bench_quant_gemm.py --json "$OUT/bench_qgemm.json" 2>&1 | tee "$OUT/bench_qgemm.log" | tail -30
     add "quant_gemm bench" "see bench_qgemm.log" ;;
+  prefill)  # batched prefill end to end on synthetic models (GPU tests)
+    python3 -m pytest -q -m gpu tests/models/test_gpu_prefill.py tests/kernels/test_embedding_batch.py -p no:cacheprovider 2>&1 | tee "$OUT/prefill_tests.log" | tail -25
+    add "prefill GPU tests" "$(tail -1 "$OUT/prefill_tests.log")" ;;
   micro)
     python3 -m sparkinfer_cute.kernels.microbench --json "$OUT/microbench.json" 2>&1 | tee "$OUT/microbench.log" | tail -30
     add "microbench" "see microbench.log" ;;

@@ -34,7 +34,7 @@ EMBED_TYPES = ("F32", "F16", "Q8_0", "Q5_0", "Q4_0", "Q4_K", "Q6_K")
 
 
 class EmbeddingGather:
-    """out[i] = scale * dequant(W[ids[slot]])[i] for i < n_embd."""
+    """out[t, i] = scale * dequant(W[ids[slot + t]])[i] for i < n_embd, t < n_tokens (grid.y: one row each)."""
 
     def __init__(self, qtype: str, n_embd: int, threads: int = 256):
         self.pdl = pdl_enabled()
@@ -49,24 +49,25 @@ class EmbeddingGather:
 
     @cute.jit
     def __call__(self, p_w: cute.Pointer, p_ids: cute.Pointer, p_out: cute.Pointer, n_rows: Int32, slot: Int32,
-                 scale: Float32, stream: cuda.CUstream):
+                 scale: Float32, n_tokens: Int32, stream: cuda.CUstream):
         nbytes = Int64(n_rows) * self.row_bytes
         mW = cute.make_tensor(p_w, cute.make_layout(nbytes))
         mW16 = cute.make_tensor(cute.recast_ptr(p_w, dtype=Float16), cute.make_layout(nbytes // 2))
-        mIds = cute.make_tensor(p_ids, cute.make_layout(slot + 1))
-        mOut = cute.make_tensor(p_out, cute.make_layout(self.n_embd))
-        self.kernel(mW, mW16, mIds, mOut, slot, scale).launch(use_pdl=self.pdl, 
-            grid=[(self.n_embd + self.threads - 1) // self.threads, 1, 1], block=[self.threads, 1, 1], stream=stream)
+        mIds = cute.make_tensor(p_ids, cute.make_layout(slot + n_tokens))
+        mOut = cute.make_tensor(p_out, cute.make_layout(self.n_embd * n_tokens))
+        self.kernel(mW, mW16, mIds, mOut, slot, scale).launch(
+            use_pdl=self.pdl, grid=[(self.n_embd + self.threads - 1) // self.threads, n_tokens, 1],
+            block=[self.threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mW16: cute.Tensor, mIds: cute.Tensor, mOut: cute.Tensor, slot: Int32,
                scale: Float32):
         pdl_prologue(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
-        bidx, _, _ = cute.arch.block_idx()
+        bidx, row_t, _ = cute.arch.block_idx()
         i = bidx * self.threads + tidx
         if i < self.n_embd:
-            tok = Int64(mIds[slot])
+            tok = Int64(mIds[slot + row_t])
             row = tok * self.row_bytes
             b = i // self.qk
             t = i - b * self.qk
@@ -120,7 +121,7 @@ class EmbeddingGather:
                 q = (low | (high << 4)) - 32
                 s = Int32(cutlass.Int8(mW[base + 192 + 8 * n + l // 16 + 2 * quarter]))
                 v = d * Float32(s) * Float32(q)
-            mOut[i] = v * scale
+            mOut[row_t * self.n_embd + i] = v * scale
 
     @cute.jit
     def _scale_min_k4(self, mW: cute.Tensor, sbase, j):
@@ -141,24 +142,26 @@ def compile_embedding(qtype: str, n_embd: int):
     pw = make_ptr(Uint8, 0, cute.AddressSpace.gmem, assumed_align=4)
     pi = make_ptr(Int32, 0, cute.AddressSpace.gmem, assumed_align=4)
     po = make_ptr(Float32, 0, cute.AddressSpace.gmem, assumed_align=16)
-    return cute.compile(EmbeddingGather(qtype, n_embd), pw, pi, po, Int32(1), Int32(0), Float32(1.0),
+    return cute.compile(EmbeddingGather(qtype, n_embd), pw, pi, po, Int32(1), Int32(0), Float32(1.0), Int32(1),
                         make_fake_stream(), options=compile_options())
 
 
-def embedding(weight, ids, out=None, *, qtype: str, n_embd: int, slot: int = 0, scale: float = 1.0, stream=None):
-    """Gather row ids[slot] of a raw GGUF embedding matrix (uint8 rows) into f32 [n_embd] (numpy in -> numpy out)."""
+def embedding(weight, ids, out=None, *, qtype: str, n_embd: int, slot: int = 0, scale: float = 1.0, n_tokens: int = 1,
+              stream=None):
+    """Gather row ids[slot] of a raw GGUF embedding matrix (uint8 rows) into f32 [n_embd] (numpy in -> numpy out);
+    with ``n_tokens`` > 1 the rows of ids[slot .. slot + n_tokens) into [n_tokens, n_embd]."""
     from ..runtime import DeviceArray, as_device, default_stream
 
     stream = stream or default_stream()
     w, w_np = as_device(weight, stream)
     i, _ = as_device(np.asarray(ids, dtype=np.int32) if isinstance(ids, (list, tuple)) else ids, stream)
-    o = out if out is not None else DeviceArray.empty((n_embd,), np.float32)
+    o = out if out is not None else DeviceArray.empty((n_embd,) if n_tokens == 1 else (n_tokens, n_embd), np.float32)
     n_rows = w.nbytes // (n_embd // GGML_QUANT_SIZES[Q[qtype]][0] * GGML_QUANT_SIZES[Q[qtype]][1])
     f = compile_embedding(qtype, n_embd)
     f(make_ptr(Uint8, w.ptr, cute.AddressSpace.gmem, assumed_align=4),
       make_ptr(Int32, i.ptr, cute.AddressSpace.gmem, assumed_align=4),
       make_ptr(Float32, o.ptr, cute.AddressSpace.gmem, assumed_align=16),
-      Int32(n_rows), Int32(slot), Float32(scale), cuda.CUstream(stream.handle))
+      Int32(n_rows), Int32(slot), Float32(scale), Int32(n_tokens), cuda.CUstream(stream.handle))
     return o.to_numpy(stream) if w_np else o
 
 
