@@ -57,7 +57,7 @@ for ph in "${phases[@]}"; do
     python3 -m pytest -q -m gpu tests/kernels/test_block_reduce.py tests/kernels/test_qk_norm_rope_kv.py tests/models -p no:cacheprovider 2>&1 | tee "$OUT/qk_tests.log" | tail -15
     add "GPU tests qk+block_reduce+models" "$(tail -1 "$OUT/qk_tests.log")" ;;
   qgemm)  # prefill GEMM: its GPU tests, then its benchmark
-    python3 -m pytest -q -m gpu tests/kernels/test_quant_gemm.py tests/kernels/test_moe_route.py -p no:cacheprovider 2>&1 | tee "$OUT/qgemm_tests.log" | tail -25
+    python3 -m pytest -q -m gpu tests/kernels/test_quant_gemm.py tests/kernels/test_moe_route.py tests/kernels/test_elementwise.py -p no:cacheprovider 2>&1 | tee "$OUT/qgemm_tests.log" | tail -25
     add "quant_gemm GPU tests" "$(tail -1 "$OUT/qgemm_tests.log")"
     python3 tools/bench_quant_gemm.py --json "$OUT/bench_qgemm.json" 2>&1 | tee "$OUT/bench_qgemm.log" | tail -30
     add "quant_gemm bench" "see bench_qgemm.log" ;;

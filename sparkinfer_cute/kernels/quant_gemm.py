@@ -124,7 +124,7 @@ class QuantGemm:
 
     def __init__(self, qtype: str, n_in: int, n_out: int, *, tile_rows: int = 64, tile_tokens: int = 64,
                  stages: int = 0, gated: bool = False, act: str = "silu", experts: bool = False,
-                 gather: bool = False, accumulate: bool = False):
+                 gather: bool = False, accumulate: bool = False, group_stride: int = 0):
         if qtype not in SUPPORTED_QTYPES:
             raise ValueError(f"quant_gemm: unsupported weight type {qtype} (supported: {SUPPORTED_QTYPES})")
         self.pdl = pdl_enabled()
@@ -136,6 +136,9 @@ class QuantGemm:
         assert act in ("silu", "gelu_tanh")
         assert not (gated and accumulate)
         self.n_in, self.n_out = n_in, n_out
+        # weight rows between consecutive groups (experts): n_out, or 2 * n_out for a fused [E, 2F, K] gate+up tensor
+        # whose up rows start F rows after the gate rows (the caller passes that offset pointer as the up weights)
+        self.group_stride = group_stride or n_out
         self.tile_rows, self.tile_tokens = tile_rows, tile_tokens
         self.gated, self.act, self.experts, self.gather, self.accumulate = gated, act, experts, gather, accumulate
         # outputs per CTA along n_out: gated CTAs hold tile_rows/2 gate rows + the matching up rows
@@ -252,11 +255,11 @@ class QuantGemm:
                 dst = wbase + (r * self.w_stride + ch * 16)
                 if const_expr(self.gated):
                     if r < half:
-                        self.copy_weight_chunk(dst, pW, expert * self.n_out + o0 + r, kt, ch)
+                        self.copy_weight_chunk(dst, pW, expert * self.group_stride + o0 + r, kt, ch)
                     else:
-                        self.copy_weight_chunk(dst, pW2, expert * self.n_out + o0 + r - half, kt, ch)
+                        self.copy_weight_chunk(dst, pW2, expert * self.group_stride + o0 + r - half, kt, ch)
                 else:
-                    self.copy_weight_chunk(dst, pW, expert * self.n_out + o0 + r, kt, ch)
+                    self.copy_weight_chunk(dst, pW, expert * self.group_stride + o0 + r, kt, ch)
             # activations: BN rows x 16 copies of 16 bytes (int8 quants), zero-filled past the valid rows / K
             xbase = sX.iterator + st * (BN * X_STRIDE)
             for c in cutlass.range(lane, BN * 16, 32, unroll=1):
@@ -348,7 +351,7 @@ class QuantGemm:
                     r, ro = rows[i][h]
                     off = Int32(0)
                     if const_expr(not self.w_aligned):
-                        grow = Int64(expert * self.n_out + o0 + ro)
+                        grow = Int64(expert * self.group_stride + o0 + ro)
                         off = Int32((grow * self.row_bytes + Int64(kt * self.tile_bytes)) & Int64(15))
                     pair.append(w8 + (r * self.w_stride + off))
                 roff.append(pair)
@@ -540,9 +543,9 @@ class QuantGemm:
 @kernel_cache
 def compile_quant_gemm(qtype: str, n_in: int, n_out: int, tile_rows: int = 64, tile_tokens: int = 64,
                        stages: int = 0, gated: bool = False, act: str = "silu", experts: bool = False,
-                       gather: bool = False, accumulate: bool = False):
+                       gather: bool = False, accumulate: bool = False, group_stride: int = 0):
     k = QuantGemm(qtype, n_in, n_out, tile_rows=tile_rows, tile_tokens=tile_tokens, stages=stages, gated=gated,
-                  act=act, experts=experts, gather=gather, accumulate=accumulate)
+                  act=act, experts=experts, gather=gather, accumulate=accumulate, group_stride=group_stride)
     p = lambda dt, a=16: cute.runtime.make_ptr(dt, 0, cute.AddressSpace.gmem, assumed_align=a)  # noqa: E731
     return cute.compile(k, p(Uint8), p(Uint8), p(Int8), p(Float32), p(Float32), p(Float32), p(Int32, 4),
                         p(Int32, 4), p(Int32, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
@@ -580,7 +583,7 @@ def max_grouped_tiles(n_assignments: int, n_expert: int, tile_tokens: int) -> in
 
 def quant_gemm(w, qtype: str, xq, n_out: int, *, out=None, w_up=None, act: str = "silu", accumulate: bool = False,
                tiles=None, n_tiles=None, max_tiles: int | None = None, row_index=None, n_rows: int | None = None,
-               tile_rows: int = 64, tile_tokens: int = 64, stream=None):
+               tile_rows: int = 64, tile_tokens: int = 64, fused_gate_up: bool = False, stream=None):
     """Launch :class:`QuantGemm`. ``w``: raw GGUF weight bytes on the device ([groups * n_out, row_bytes]);
     ``xq``: a q8_1 ``Q8Act`` ([rows, n_in]). ``w_up`` given: gated (``out = act(W x) * (W_up x)``).
 
@@ -600,8 +603,14 @@ def quant_gemm(w, qtype: str, xq, n_out: int, *, out=None, w_up=None, act: str =
             raise ValueError("accumulate=True adds into `out`: pass it")
         out_rows = xq.rows if not grouped or row_index is None else int(np.prod(row_index.shape))
         out = DeviceArray.empty((out_rows, n_out), np.float32)
+    group_stride = 0
+    if fused_gate_up:
+        if (n_out * spec(q).row_bytes(n_in)) % 16:
+            raise ValueError(f"fused gate+up {q}: the up rows must start 16-byte aligned (n_out {n_out}, n_in {n_in})")
+        w_up = w.view(np.uint8, offset_bytes=n_out * spec(q).row_bytes(n_in))
+        group_stride = 2 * n_out
     fn = compile_quant_gemm(q, n_in, n_out, tile_rows, tile_tokens, 0, w_up is not None, act, grouped,
-                            row_index is not None, accumulate)
+                            row_index is not None, accumulate, group_stride)
     grid_y = int(max_tiles) if grouped else -(-rows // tile_tokens)
     if grid_y == 0:
         return out
