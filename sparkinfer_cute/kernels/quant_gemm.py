@@ -155,6 +155,9 @@ class QuantGemm:
         self.row_bytes = self.sp.row_bytes(n_in)
         # whether every row's K-tile starts 16-byte aligned (then the smem row offset is statically 0)
         self.w_aligned = self.row_bytes % 16 == 0 and self.tile_bytes % 16 == 0
+        # 32-bit loads of the row's fields need every row's tile to start 4-byte aligned (an odd number of 32-element
+        # blocks of 18/22/34 bytes leaves rows 2-byte aligned: then every A-fragment word is two 16-bit loads)
+        self.w_align4 = self.row_bytes % 4 == 0 and self.tile_bytes % 4 == 0
         w_span = self.tile_bytes + (0 if self.w_aligned else 16)
         self.w_chunks = -(-w_span // 16)  # 16-byte copies per row per stage
         stride = self.w_chunks * 16
@@ -307,6 +310,7 @@ class QuantGemm:
         tile_end = cutlass.min(start + Int64(TB), Int64(grow) * RB + Int64(RB))
         pos = start - (start & Int64(15)) + Int64(ch * 16)
         nbytes = cutlass.max(Int64(0), cutlass.min(Int64(16), tile_end - pos))
+        pos = cutlass.select_(nbytes == Int64(0), Int64(0), pos)  # zero fill: an in-bounds (unread) source address
         cp_async(dst, src + pos, 16, Int32(nbytes))
 
     # ------------------------------------------------------------------ consumer warps
@@ -420,7 +424,7 @@ class QuantGemm:
 
     def _u32_at(self, p, byte_off: int):
         """32-bit little-endian word at a static byte offset of a row (2-byte aligned offsets use two u16 loads)."""
-        if byte_off % 4 == 0:
+        if byte_off % 4 == 0 and self.w_align4:
             return Uint32(self._w32(p)[byte_off // 4])
         w16 = self._w16(p)
         return Uint32(w16[byte_off // 2]) | (Uint32(w16[byte_off // 2 + 1]) << 16)
@@ -497,7 +501,7 @@ class QuantGemm:
 
     def _u32_at_rt(self, p, byte_off: int, tig):
         """Word at static byte offset + 4*tig (runtime lane part)."""
-        if byte_off % 4 == 0:
+        if byte_off % 4 == 0 and self.w_align4:
             return Uint32(self._w32(p)[byte_off // 4 + tig])
         w16 = self._w16(p)
         i = byte_off // 2 + tig * 2
