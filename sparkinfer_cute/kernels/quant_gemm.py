@@ -118,13 +118,15 @@ def _sext8(b):
 
 # ---------------------------------------------------------------------------------------------- the kernel
 class QuantGemm:
-    """Static config: weight ``qtype``, ``n_in`` (K), ``n_out`` (weight rows per group; gated: per gate/up matrix),
-    tile sizes, ``stages``, ``gated`` + ``act`` ("silu" | "gelu_tanh"), ``experts`` (grouped), ``gather`` (sorted
-    row -> activation row through ``row_index``), ``accumulate`` (Y += result; residual add)."""
+    """Static config: weight ``qtype``, ``n_in`` (K), tile sizes, ``stages``, ``gated`` + ``act`` ("silu" |
+    "gelu_tanh"), ``experts`` (grouped), ``gather`` (sorted row -> activation row through ``row_index``),
+    ``accumulate`` (Y += result; residual add), ``fused_gate_up`` (one [E, 2F, K] tensor: the up rows of expert e
+    start F rows after its gate rows). ``n_out`` (weight rows per group; gated: per gate/up matrix) is a launch
+    argument: a multiple of :attr:`out_rows`."""
 
-    def __init__(self, qtype: str, n_in: int, n_out: int, *, tile_rows: int = 64, tile_tokens: int = 64,
+    def __init__(self, qtype: str, n_in: int, *, tile_rows: int = 64, tile_tokens: int = 64,
                  stages: int = 0, gated: bool = False, act: str = "silu", experts: bool = False,
-                 gather: bool = False, accumulate: bool = False, group_stride: int = 0):
+                 gather: bool = False, accumulate: bool = False, fused_gate_up: bool = False):
         if qtype not in SUPPORTED_QTYPES:
             raise ValueError(f"quant_gemm: unsupported weight type {qtype} (supported: {SUPPORTED_QTYPES})")
         self.pdl = pdl_enabled()
@@ -135,16 +137,14 @@ class QuantGemm:
         assert tile_rows in (32, 64, 128) and tile_tokens in (16, 32, 64, 128)
         assert act in ("silu", "gelu_tanh")
         assert not (gated and accumulate)
-        self.n_in, self.n_out = n_in, n_out
+        self.n_in = n_in
         # weight rows between consecutive groups (experts): n_out, or 2 * n_out for a fused [E, 2F, K] gate+up tensor
         # whose up rows start F rows after the gate rows (the caller passes that offset pointer as the up weights)
-        self.group_stride = group_stride or n_out
+        self.stride_factor = 2 if fused_gate_up else 1
         self.tile_rows, self.tile_tokens = tile_rows, tile_tokens
         self.gated, self.act, self.experts, self.gather, self.accumulate = gated, act, experts, gather, accumulate
         # outputs per CTA along n_out: gated CTAs hold tile_rows/2 gate rows + the matching up rows
         self.out_rows = tile_rows // 2 if gated else tile_rows
-        if n_out % self.out_rows:
-            raise ValueError(f"quant_gemm: n_out {n_out} is not a multiple of {self.out_rows} rows per CTA")
         # 2x2 consumer warps; a warp owns m_tiles m16 tiles and n_tiles n8 tiles
         self.m_tiles = tile_rows // 32
         self.n_tiles = tile_tokens // 16
@@ -182,16 +182,16 @@ class QuantGemm:
     @cute.jit
     def __call__(self, pW: cute.Pointer, pW2: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer,
                  pXs: cute.Pointer, pY: cute.Pointer, pRowIndex: cute.Pointer, pTiles: cute.Pointer,
-                 pNTiles: cute.Pointer, n_rows: Int32, grid_y: Int32, stream: cuda.CUstream):
-        self.kernel(pW, pW2, pXq, pXd, pXs, pY, pRowIndex, pTiles, pNTiles, n_rows).launch(
-            grid=[self.n_out // self.out_rows, grid_y, 1], block=[THREADS, 1, 1], smem=self.smem_bytes(),
+                 pNTiles: cute.Pointer, n_rows: Int32, n_out: Int32, grid_y: Int32, stream: cuda.CUstream):
+        self.kernel(pW, pW2, pXq, pXd, pXs, pY, pRowIndex, pTiles, pNTiles, n_rows, n_out).launch(
+            grid=[n_out // self.out_rows, grid_y, 1], block=[THREADS, 1, 1], smem=self.smem_bytes(),
             stream=stream, use_pdl=self.pdl)
 
     # ------------------------------------------------------------------ device side
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pW2: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer,
                pY: cute.Pointer, pRowIndex: cute.Pointer, pTiles: cute.Pointer, pNTiles: cute.Pointer,
-               n_rows: Int32):
+               n_rows: Int32, n_out: Int32):
         pdl_prologue(self.pdl)
         S, BM, BN = self.stages, self.tile_rows, self.tile_tokens
         tid = cute.arch.thread_idx()[0]
@@ -231,21 +231,22 @@ class QuantGemm:
 
         if live:
             if warp == CONSUMER_WARPS:
-                self.producer(lane, pW, pW2, pXq, pXd, pXs, pRowIndex, expert, row0, n_valid, bx, sW, sX, sXd,
-                              sXs, full, empty)
+                self.producer(lane, pW, pW2, pXq, pXd, pXs, pRowIndex, expert, row0, n_valid, bx, n_out, sW, sX,
+                              sXd, sXs, full, empty)
             else:
-                self.consumer(warp, lane, pY, expert, row0, n_valid, bx, sW, sX, sXd, sXs, full, empty)
+                self.consumer(warp, lane, pY, expert, row0, n_valid, bx, n_out, sW, sX, sXd, sXs, full, empty)
 
     # ------------------------------------------------------------------ producer warp
     @cute.jit
     def producer(self, lane: Int32, pW: cute.Pointer, pW2: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer,
                  pXs: cute.Pointer, pRowIndex: cute.Pointer, expert: Int32, row0: Int32, n_valid: Int32, bx: Int32,
-                 sW: cute.Tensor, sX: cute.Tensor, sXd: cute.Tensor, sXs: cute.Tensor, full: cute.Pointer,
-                 empty: cute.Pointer):
+                 n_out: Int32, sW: cute.Tensor, sX: cute.Tensor, sXd: cute.Tensor, sXs: cute.Tensor,
+                 full: cute.Pointer, empty: cute.Pointer):
         S, BM, BN = self.stages, self.tile_rows, self.tile_tokens
         K, RB, TB = self.n_in, self.row_bytes, self.tile_bytes
         half = BM // 2
         o0 = bx * self.out_rows
+        gbase = expert * (self.stride_factor * n_out) + o0  # first weight row of this CTA in its group
         mRowIndex = cute.make_tensor(pRowIndex, cute.make_layout(row0 + BN))
         for kt in cutlass.range(self.n_ktiles, unroll=1):
             st = kt % S
@@ -258,11 +259,11 @@ class QuantGemm:
                 dst = wbase + (r * self.w_stride + ch * 16)
                 if const_expr(self.gated):
                     if r < half:
-                        self.copy_weight_chunk(dst, pW, expert * self.group_stride + o0 + r, kt, ch)
+                        self.copy_weight_chunk(dst, pW, gbase + r, kt, ch)
                     else:
-                        self.copy_weight_chunk(dst, pW2, expert * self.group_stride + o0 + r - half, kt, ch)
+                        self.copy_weight_chunk(dst, pW2, gbase + r - half, kt, ch)
                 else:
-                    self.copy_weight_chunk(dst, pW, expert * self.group_stride + o0 + r, kt, ch)
+                    self.copy_weight_chunk(dst, pW, gbase + r, kt, ch)
             # activations: BN rows x 16 copies of 16 bytes (int8 quants), zero-filled past the valid rows / K
             xbase = sX.iterator + st * (BN * X_STRIDE)
             for c in cutlass.range(lane, BN * 16, 32, unroll=1):
@@ -316,8 +317,8 @@ class QuantGemm:
     # ------------------------------------------------------------------ consumer warps
     @cute.jit
     def consumer(self, warp: Int32, lane: Int32, pY: cute.Pointer, expert: Int32, row0: Int32, n_valid: Int32,
-                 bx: Int32, sW: cute.Tensor, sX: cute.Tensor, sXd: cute.Tensor, sXs: cute.Tensor, full: cute.Pointer,
-                 empty: cute.Pointer):
+                 bx: Int32, n_out: Int32, sW: cute.Tensor, sX: cute.Tensor, sXd: cute.Tensor, sXs: cute.Tensor,
+                 full: cute.Pointer, empty: cute.Pointer):
         S, BM, BN = self.stages, self.tile_rows, self.tile_tokens
         MT, NT = self.m_tiles, self.n_tiles
         g = lane // 4
@@ -325,6 +326,7 @@ class QuantGemm:
         wm = warp // 2
         wn = warp % 2
         o0 = bx * self.out_rows
+        gbase = expert * (self.stride_factor * n_out) + o0
         # this thread's A-fragment rows, m tile i, half h (row g or g+8): (smem row, output row offset in the CTA)
         rows = []
         for i in cutlass.range_constexpr(MT):
@@ -355,13 +357,13 @@ class QuantGemm:
                     r, ro = rows[i][h]
                     off = Int32(0)
                     if const_expr(not self.w_aligned):
-                        grow = Int64(expert * self.group_stride + o0 + ro)
+                        grow = Int64(gbase + ro)
                         off = Int32((grow * self.row_bytes + Int64(kt * self.tile_bytes)) & Int64(15))
                     pair.append(w8 + (r * self.w_stride + off))
                 roff.append(pair)
             self.tile_math(roff, x8, xd, xs, toks, g, tig, acc)
             cute.arch.mbarrier_arrive(empty + st)
-        self.epilogue(pY, acc, rows, toks, g, tig, wm, row0, n_valid, o0)
+        self.epilogue(pY, acc, rows, toks, g, tig, wm, row0, n_valid, o0, n_out)
 
     @cute.jit
     def tile_math(self, rowp, x8: cute.Pointer, xd: cute.Pointer, xs: cute.Pointer, toks, g: Int32, tig: Int32,
@@ -509,9 +511,8 @@ class QuantGemm:
 
     @cute.jit
     def epilogue(self, pY: cute.Pointer, acc: cute.Tensor, rows, toks, g: Int32, tig: Int32, wm: Int32,
-                 row0: Int32, n_valid: Int32, o0: Int32):
+                 row0: Int32, n_valid: Int32, o0: Int32, n_out: Int32):
         MT, NT = self.m_tiles, self.n_tiles
-        n_out = self.n_out
         mY = cute.make_tensor(pY, cute.make_layout((row0 + self.tile_tokens) * n_out))
         if const_expr(self.gated):
             half = MT // 2
@@ -545,14 +546,14 @@ class QuantGemm:
 
 
 @kernel_cache
-def compile_quant_gemm(qtype: str, n_in: int, n_out: int, tile_rows: int = 64, tile_tokens: int = 64,
-                       stages: int = 0, gated: bool = False, act: str = "silu", experts: bool = False,
-                       gather: bool = False, accumulate: bool = False, group_stride: int = 0):
-    k = QuantGemm(qtype, n_in, n_out, tile_rows=tile_rows, tile_tokens=tile_tokens, stages=stages, gated=gated,
-                  act=act, experts=experts, gather=gather, accumulate=accumulate, group_stride=group_stride)
+def compile_quant_gemm(qtype: str, n_in: int, tile_rows: int = 64, tile_tokens: int = 64, stages: int = 0,
+                       gated: bool = False, act: str = "silu", experts: bool = False, gather: bool = False,
+                       accumulate: bool = False, fused_gate_up: bool = False):
+    k = QuantGemm(qtype, n_in, tile_rows=tile_rows, tile_tokens=tile_tokens, stages=stages, gated=gated,
+                  act=act, experts=experts, gather=gather, accumulate=accumulate, fused_gate_up=fused_gate_up)
     p = lambda dt, a=16: cute.runtime.make_ptr(dt, 0, cute.AddressSpace.gmem, assumed_align=a)  # noqa: E731
     return cute.compile(k, p(Uint8), p(Uint8), p(Int8), p(Float32), p(Float32), p(Float32), p(Int32, 4),
-                        p(Int32, 4), p(Int32, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
+                        p(Int32, 4), p(Int32, 4), Int32(1), Int32(64), Int32(1), cute.runtime.make_fake_stream(),
                         options=compile_options())
 
 
@@ -607,14 +608,15 @@ def quant_gemm(w, qtype: str, xq, n_out: int, *, out=None, w_up=None, act: str =
             raise ValueError("accumulate=True adds into `out`: pass it")
         out_rows = xq.rows if not grouped or row_index is None else int(np.prod(row_index.shape))
         out = DeviceArray.empty((out_rows, n_out), np.float32)
-    group_stride = 0
     if fused_gate_up:
         if (n_out * spec(q).row_bytes(n_in)) % 16:
             raise ValueError(f"fused gate+up {q}: the up rows must start 16-byte aligned (n_out {n_out}, n_in {n_in})")
         w_up = w.view(np.uint8, offset_bytes=n_out * spec(q).row_bytes(n_in))
-        group_stride = 2 * n_out
-    fn = compile_quant_gemm(q, n_in, n_out, tile_rows, tile_tokens, 0, w_up is not None, act, grouped,
-                            row_index is not None, accumulate, group_stride)
+    out_rows = tile_rows // 2 if w_up is not None else tile_rows
+    if n_out % out_rows:
+        raise ValueError(f"quant_gemm: n_out {n_out} is not a multiple of {out_rows} rows per CTA")
+    fn = compile_quant_gemm(q, n_in, tile_rows, tile_tokens, 0, w_up is not None, act, grouped, row_index is not None,
+                            accumulate, fused_gate_up)
     grid_y = int(max_tiles) if grouped else -(-rows // tile_tokens)
     if grid_y == 0:
         return out
@@ -623,27 +625,29 @@ def quant_gemm(w, qtype: str, xq, n_out: int, *, out=None, w_up=None, act: str =
     fn(p(Uint8, w), p(Uint8, w_up if w_up is not None else w), p(Int8, xq.qs), p(Float32, xq.d), p(Float32, xq.s),
        p(Float32, out), p(Int32, row_index if row_index is not None else dummy, 4),
        p(Int32, tiles if grouped else dummy, 4), p(Int32, n_tiles if grouped else dummy, 4), Int32(rows),
-       Int32(grid_y), cuda.CUstream(st.handle))
+       Int32(n_out), Int32(grid_y), cuda.CUstream(st.handle))
     return out
 
 
 # ---------------------------------------------------------------------------------------------- compile gate
 def registered_configs():
-    """The model shapes: Qwen3-30B-A3B Q4_K_M (q/k/v/o, experts gate+up SwiGLU and down), Gemma 3 270M Q4_K_M
-    (q/k/v, gate+up GeGLU Q5_0/Q8_0 at n_in 640, o and down Q4_K / Q6_K_P), and the synthetic tiny shapes."""
-    c = [
-        dict(qtype="Q4_K", n_in=2048, n_out=4096), dict(qtype="Q4_K", n_in=2048, n_out=512),
-        dict(qtype="Q6_K_P", n_in=2048, n_out=512), dict(qtype="Q4_K", n_in=4096, n_out=2048, accumulate=True),
-        dict(qtype="Q4_K", n_in=2048, n_out=768, gated=True, experts=True, gather=True, tile_tokens=32),
-        dict(qtype="Q4_K", n_in=768, n_out=2048, experts=True, tile_tokens=32),
-        dict(qtype="Q6_K_P", n_in=768, n_out=2048, experts=True, tile_tokens=32),
-        dict(qtype="Q5_0", n_in=640, n_out=1024), dict(qtype="Q8_0", n_in=640, n_out=256),
-        dict(qtype="Q5_0", n_in=640, n_out=2048, gated=True, act="gelu_tanh"),
-        dict(qtype="Q8_0", n_in=640, n_out=2048, gated=True, act="gelu_tanh"),
-        dict(qtype="Q4_K", n_in=1024, n_out=640), dict(qtype="Q4_K", n_in=2048, n_out=640),
-        dict(qtype="Q6_K_P", n_in=2048, n_out=640),
-    ]
-    return [dict(tile_rows=64, tile_tokens=64, **x) if "tile_tokens" not in x else dict(tile_rows=64, **x) for x in c]
+    """The model shapes (n_out is a launch argument): Qwen3-30B-A3B Q4_K_M (q/k/v/o, experts gate+up SwiGLU and
+    down, Q4_K or Q6_K_P), Gemma 3 270M Q4_K_M (q/k/v and gate+up GeGLU Q5_0/Q8_0 at n_in 640, o and down Q4_K /
+    Q6_K_P), Gemma 4 26B-A4B (n_in 2816: attention and fused expert gate+up GeGLU; experts down Q5_0/Q8_0 at 704,
+    dense down at 2112), and the synthetic tiny shapes of gguf/synth.py."""
+    dense = [("Q4_K", 2048), ("Q6_K_P", 2048), ("Q4_K", 4096), ("Q5_0", 640), ("Q8_0", 640), ("Q4_K", 1024),
+             ("Q4_K", 2816), ("Q6_K_P", 2816), ("Q4_K", 4096), ("Q5_0", 2112), ("Q8_0", 2112), ("Q4_K", 256),
+             ("Q4_K", 512), ("Q4_K", 768), ("Q6_K_P", 256)]
+    c = [dict(qtype=q, n_in=n) for q, n in sorted(set(dense))]
+    c += [dict(qtype="Q4_K", n_in=n, accumulate=True) for n in (512, 4096)]
+    c += [dict(qtype=q, n_in=640, gated=True, act="gelu_tanh") for q in ("Q5_0", "Q8_0")]
+    c += [dict(qtype="Q4_K", n_in=2816, gated=True, act="gelu_tanh")]
+    c += [dict(qtype="Q4_K", n_in=n, gated=True, experts=True, gather=True, tile_tokens=32) for n in (256, 2048)]
+    c += [dict(qtype="Q4_K", n_in=2816, gated=True, act="gelu_tanh", experts=True, gather=True, tile_tokens=32,
+               fused_gate_up=True)]
+    c += [dict(qtype=q, n_in=n, experts=True, tile_tokens=32) for q, n in
+          (("Q4_K", 768), ("Q6_K_P", 768), ("Q4_K", 256), ("Q5_0", 704), ("Q8_0", 704))]
+    return [dict(dict(tile_rows=64, tile_tokens=64), **x) for x in c]
 
 
 def _register():
