@@ -22,7 +22,8 @@ from .sampling import Sampler, SamplerConfig
 
 
 # CPU backend numerics: exact float32 math (the default: fast, what the GPU path is gated against) or llama.cpp's CPU
-# build reproduced op by op (a testing instrument for bit-level comparisons with llama.cpp; ~50x slower).
+# build reproduced op by op (a testing instrument for bit-level comparisons with llama.cpp; measured on Gemma 3 270M,
+# 2 cores: ~20x slower on a 128-token prompt, ~5x per generated token).
 CPU_NUMERICS = ("exact", "llama")
 DEFAULT_CPU_NUMERICS = "exact"
 

@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-numerics", choices=CPU_NUMERICS, default=DEFAULT_CPU_NUMERICS,
                    help="CPU backend numerics: 'exact' float32 math (the reference the GPU path is gated against; "
                         "weights dequantized once at load) or 'llama', llama.cpp's CPU numerics op by op "
-                        "(a testing instrument, ~50x slower: same text as the x86 AVX512 llama.cpp build it was "
-                        "validated against; other builds can flip near-ties)")
+                        "(a testing instrument, ~20x slower on a prompt: same text as the x86 AVX512 llama.cpp "
+                        "build it was validated against; other builds can flip near-ties)")
     p.add_argument("-t", "--threads", type=int_at_least(1), default=None,
                    help="CPU backend: BLAS threads (default: all cores but one, at least 1; OPENBLAS_NUM_THREADS "
                         "is respected)")
