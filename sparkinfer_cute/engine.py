@@ -52,10 +52,13 @@ class ReferenceBackend:
     matrices at load time (when they fit in half the available memory; else on first use): the reference the GPU
     path is gated against (accuracy harness, GPU tests), one BLAS matrix product per weight per prompt chunk.
     numerics="llama" follows llama.cpp's CPU backend op by op (activation rounding to Q8_0/Q8_K, its accumulation
-    orders, fp16 flash attention, the GELU table), for bit-level comparisons: it reproduces the x86 build it was
-    validated against (AVX512, ggml 0.25.3: tests/reference/test_gemma3_real.py), not every build (an AVX2 build
-    of llama.cpp 0c1e570 flips a near-tie on "The three primary colors are"). The two differ only where llama.cpp's
-    int8 activation rounding flips a near-tie (README prompt on Gemma 3 270M: token 16, a 0.013-nat tie).
+    orders, fp16 flash attention, the GELU table), for bit-level comparisons. It reproduces the x86 AVX512 build it
+    was validated against (ggml 0.25.3; the committed llama.cpp fixtures, tests/reference/test_gemma3_real.py), not
+    every build: against an AVX2 build of llama.cpp 0c1e570 (-DGGML_NATIVE=OFF -DGGML_AVX2=ON) on the Gemma 3 270M
+    file, 16 greedy tokens of "The capital of France is" are the same text, but "The three primary colors are"
+    continues "red, yellow, and blue" here and "red, blue, and yellow" there (as exact float32 does). Exact and
+    llama numerics differ only where llama.cpp's int8 activation rounding flips a near-tie (README prompt: token
+    16, a 0.013-nat tie).
 
     ``progress``: show a progress bar on stderr (a terminal only) while a long prompt is processed. ``threads``:
     numpy's BLAS threads (process-wide; default: all cores but one, unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS
