@@ -128,7 +128,7 @@ def _reference(s: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog="python -m sparkinfer_cute.accuracy", description=__doc__.split("\n\n")[1],
-                        epilog=__doc__.split("\n\n")[2], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        epilog=__doc__.split("\n\n")[2])
     ap.add_argument("model", nargs="?", type=existing_file, default=None,
                     help="GGUF file (default: the packaged Gemma 3 270M)")
     ap.add_argument("--reference", type=_reference, default="cpu",

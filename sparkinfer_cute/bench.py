@@ -80,7 +80,7 @@ def run_llama_bench(path: str, exe: str, p: int, n: int, d: int, reps: int) -> d
 
 def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m sparkinfer_cute.bench", description=__doc__.split("\n\n")[1],
-                        epilog=__doc__.split("\n\n")[2], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        epilog=__doc__.split("\n\n")[2])
     ap.add_argument("model", type=existing_file, help="GGUF file")
     ap.add_argument("--prompt-len", type=int_at_least(1), default=512, help="prompt tokens for the prefill figure")
     ap.add_argument("--gen", type=int_at_least(2), default=128, help="tokens generated per timed decode run")

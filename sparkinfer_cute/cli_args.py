@@ -21,11 +21,28 @@ from typing import Callable, NoReturn
 USAGE_ERROR = 2  # the exit status of every refusal below (argparse's own)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as written in the docstrings (descriptions keep their line breaks), each option's default appended
+    as ``(default: X)`` unless its help already speaks of the default or there is none to show."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if ("default" in h or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return h
+        return h + " (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line, ``error: MESSAGE (see PROG --help)``, exit status 2.
+    """``argparse.ArgumentParser`` whose errors are one line, ``error: MESSAGE (see PROG --help)``, exit status 2,
+    and whose help uses :class:`HelpFormatter`.
 
     (argparse's own prints the whole usage first; for a user who typed one wrong value, the one line is the point.)
     """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         fail(f"{message} (see {self.prog} --help)")

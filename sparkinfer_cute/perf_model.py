@@ -69,8 +69,7 @@ def predict(bench: dict, eta: float) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = ArgumentParser(prog="python -m sparkinfer_cute.perf_model", description=__doc__.split("\n\n")[0],
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = ArgumentParser(prog="python -m sparkinfer_cute.perf_model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--bench", required=True, type=existing_file,
                     help="bench JSON/JSONL from python -m sparkinfer_cute.bench")
     ap.add_argument("--microbench", required=True, type=existing_file,

@@ -26,7 +26,7 @@ DEFAULT_PROMPT = "The capital of France is"
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m sparkinfer_cute.run", description=__doc__.split("\n\n")[1],
-                       epilog=__doc__.split("\n\n")[2], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       epilog=__doc__.split("\n\n")[2])
     p.add_argument("model", nargs="?", type=existing_file, default=None,
                    help="GGUF file (default: the packaged Gemma 3 270M Q4_K_M)")
     p.add_argument("-p", "--prompt", type=nonempty_text, default=DEFAULT_PROMPT, help="the text to continue")

@@ -32,7 +32,7 @@ def default_model_path() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(prog="python -m sparkinfer_cute.tokenize", description=__doc__.split("\n\n")[1],
-                        epilog=__doc__.split("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                        epilog=__doc__.split("\n\n")[2])
     ap.add_argument("-m", "--model", type=existing_file, help="GGUF file (default: the packaged Gemma 3 270M)")
     ap.add_argument("--no-bos", action="store_true", help="do not add BOS even if the model wants it")
     ap.add_argument("--no-parse-special", action="store_true",

@@ -26,8 +26,7 @@ def _arch_list(s: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = ArgumentParser(prog="python -m sparkinfer_cute.kernels", description=__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m sparkinfer_cute.kernels", description=__doc__)
     ap.add_argument("--compile-all", action="store_true", help="compile every registered config (the gate)")
     ap.add_argument("--arch", action="append", default=None, type=_arch_list,
                     help="sm_120a | sm_121a | sm_90a | all (repeatable; default sm_120a)")
