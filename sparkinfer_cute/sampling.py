@@ -11,7 +11,7 @@ import numpy as np
 @dataclass(frozen=True)
 class SamplerConfig:
     temperature: float = 0.0  # 0 = greedy
-    top_k: int = 40
+    top_k: int = 40  # 0 = no limit
     top_p: float = 0.95
     seed: int | None = None
 
@@ -22,8 +22,12 @@ class SamplerConfig:
 
 class Sampler:
     def __init__(self, cfg: SamplerConfig):
-        if cfg.temperature < 0:
+        if not cfg.temperature >= 0:  # also refuses NaN
             raise ValueError("temperature must be >= 0")
+        if cfg.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 = no limit)")
+        if cfg.seed is not None and cfg.seed < 0:
+            raise ValueError("seed must be >= 0")
         if not (0.0 < cfg.top_p <= 1.0):
             raise ValueError("top_p must be in (0, 1]")
         self.cfg = cfg

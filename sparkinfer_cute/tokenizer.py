@@ -95,6 +95,19 @@ def _strip_thinking(text: str) -> str:
     return "".join(out)
 
 
+def _chat_family_of_template(template: str) -> str | None:
+    """The turn format of a Jinja chat template, by its markers (src/llama-chat.cpp ``llm_chat_detect_template``
+    order for the ones it knows): 'gemma4', 'chatml', 'gemma', or None for a format we do not render."""
+    if "<|turn>" in template:
+        return "gemma4"
+    if "<|im_start|>" in template:
+        # llama.cpp: <|im_sep|> is Phi-4, <end_of_utterance> SmolVLM; neither is ChatML
+        return None if ("<|im_sep|>" in template or "<end_of_utterance>" in template) else "chatml"
+    if "<start_of_turn>" in template:
+        return "gemma"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- streaming decode
 class StreamDecoder:
     """Decodes one token id at a time; ``push`` returns only complete UTF-8 text and holds back a partial sequence
@@ -469,15 +482,37 @@ class Tokenizer:
     @property
     def chat_family(self) -> str:
         """'gemma' (Gemma 3 turns), 'gemma4' (Gemma 4 turns), 'qwen3' (ChatML + Qwen3 thinking switch) or 'qwen35'
-        (ChatML, Qwen3.5)."""
-        if self.model == "gemma4" or "<|turn>" in self._token_to_id:
-            return "gemma4"
-        if "<start_of_turn>" in self._token_to_id:
-            return "gemma"
-        if "<|im_start|>" in self._token_to_id:
+        (ChatML, Qwen3.5).
+
+        From the GGUF's ``tokenizer.chat_template`` when the file has one, recognised by its turn markers as
+        llama.cpp's ``llm_chat_detect_template`` does (src/llama-chat.cpp: ``<|im_start|>`` is ChatML, checked before
+        ``<start_of_turn>``, Gemma; Gemma 4's ``<|turn>`` goes through llama.cpp's Jinja engine, so it is checked
+        first here). ChatML is Qwen3.5's flavour when the vocabulary's pre-tokenizer is ``qwen35``. A template we do
+        not render (Llama 3, Mistral, ...) is a :class:`GGUFError`. Without a template (base models such as the
+        packaged Gemma 3 270M) the family is guessed from the turn-marker tokens of the vocabulary
+        (:attr:`chat_template_guessed` says so)."""
+        fam = _chat_family_of_template(self.chat_template) if self.chat_template else None
+        if self.chat_template and fam is None:
+            raise GGUFError(self.source, "tokenizer.chat_template is not a format we render (supported: Gemma 3, "
+                                         "Gemma 4, ChatML as Qwen3 / Qwen3.5 use it)")
+        if fam is None:
+            if self.model == "gemma4" or "<|turn>" in self._token_to_id:
+                fam = "gemma4"
+            elif "<start_of_turn>" in self._token_to_id:
+                fam = "gemma"
+            elif "<|im_start|>" in self._token_to_id:
+                fam = "chatml"
+            else:
+                raise GGUFError(self.source, "no chat template in the file and no known turn markers in the "
+                                             "vocabulary (neither <start_of_turn>, <|turn> nor <|im_start|>)")
+        if fam == "chatml":
             return "qwen35" if self.pre == "qwen35" else "qwen3"
-        raise GGUFError(self.source, "no known chat format for this vocabulary (neither <start_of_turn> nor "
-                                     "<|im_start|> present)")
+        return fam
+
+    @property
+    def chat_template_guessed(self) -> bool:
+        """True when the file has no ``tokenizer.chat_template`` (the turn format is guessed from the vocabulary)."""
+        return not self.chat_template
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, *,
                             enable_thinking: bool = False) -> str:
@@ -494,7 +529,8 @@ class Tokenizer:
           opened even without a system message); turns ``<|turn>{role}\n{content|trim}<turn|>\n`` with "assistant"
           renamed "model" and its ``<|channel>…<channel|>`` thoughts stripped; then ``<|turn>model\n``, followed by
           an empty thought channel ``<|channel>thought\n<channel|>`` when thinking is off.
-        * Qwen3 / Qwen3.5 ChatML: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn, then
+        * Qwen3 / Qwen3.5 ChatML: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn (an assistant turn before
+          the last user turn loses its ``<think>…</think>`` reasoning, as the Qwen3 templates drop it), then
           ``<|im_start|>assistant\\n``; with thinking disabled the generation prompt is followed by an empty
           ``<think>\\n\\n</think>\\n\\n`` block (Qwen3.5 opens ``<think>\\n`` when thinking is enabled).
         """
@@ -536,8 +572,12 @@ class Tokenizer:
                 if not enable_thinking:
                     parts.append("<|channel>thought\n<channel|>")
             return "".join(parts)
-        for m in messages:
-            parts.append(f"<|im_start|>{m['role']}\n{m.get('content') or ''}<|im_end|>\n")
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        for i, m in enumerate(messages):
+            content = m.get("content") or ""
+            if m["role"] == "assistant" and i < last_user and "</think>" in content:
+                content = content.split("</think>")[-1].lstrip("\n")  # earlier turns' reasoning is dropped
+            parts.append(f"<|im_start|>{m['role']}\n{content}<|im_end|>\n")
         if add_generation_prompt:
             parts.append("<|im_start|>assistant\n")
             if not enable_thinking:

@@ -8,31 +8,47 @@ import argparse
 import os
 import sys
 
+from ..cli_args import ArgumentParser, int_at_least, require_gpu
 
-def main(argv=None) -> int:
+
+def _arch_list(s: str) -> list[str]:
+    """``--arch`` converter: comma-separated compile targets or 'all', checked at parse time."""
+    from ..errors import DeviceError
     from .arch import SUPPORTED_TARGETS, normalize_target
 
-    ap = argparse.ArgumentParser(prog="python -m sparkinfer_cute.kernels", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    out = []
+    for part in s.split(","):
+        try:
+            out.extend(SUPPORTED_TARGETS if part.strip() == "all" else [normalize_target(part)])
+        except DeviceError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return out
+
+
+def main(argv=None) -> int:
+    ap = ArgumentParser(prog="python -m sparkinfer_cute.kernels", description=__doc__)
     ap.add_argument("--compile-all", action="store_true", help="compile every registered config (the gate)")
-    ap.add_argument("--arch", action="append", default=None,
+    ap.add_argument("--arch", action="append", default=None, type=_arch_list,
                     help="sm_120a | sm_121a | sm_90a | all (repeatable; default sm_120a)")
     ap.add_argument("--kernel", action="append", default=None, help="only these registered kernel names")
-    ap.add_argument("--jobs", "-j", type=int, default=int(os.environ.get("SPARKINFER_GATE_JOBS", "1")),
+    ap.add_argument("--jobs", "-j", type=int_at_least(1), default=int(os.environ.get("SPARKINFER_GATE_JOBS", "1")),
                     help="compile processes (cute.compile is not thread-safe)")
     ap.add_argument("--list", action="store_true", help="list registered kernels and configs")
     ap.add_argument("--launch-overhead", action="store_true", help="host µs per launch of each kernel (GPU)")
-    ap.add_argument("-n", type=int, default=1000, help="timed calls for --launch-overhead")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-n", type=int_at_least(1), default=1000, help="timed calls for --launch-overhead")
+    ap.add_argument("-v", "--verbose", action="store_true", help="--compile-all: a line per compile on stderr")
     args = ap.parse_args(argv)
+    if args.launch_overhead:
+        require_gpu(ap.prog, "--launch-overhead")
 
     from . import registry
 
-    archs: list[str] = []
-    for a in args.arch or ["sm_120a"]:
-        for part in a.split(","):
-            archs.extend(SUPPORTED_TARGETS if part.strip() == "all" else [normalize_target(part)])
-    archs = list(dict.fromkeys(archs))
+    archs = list(dict.fromkeys(a for group in args.arch or [["sm_120a"]] for a in group))
+    if args.kernel:
+        registry.load_all_kernels()
+        unknown = sorted(set(args.kernel) - set(registry.REGISTRY))
+        if unknown:
+            ap.error(f"unknown kernel {', '.join(unknown)}; registered: {', '.join(sorted(registry.REGISTRY))}")
 
     if args.list:
         registry.load_all_kernels()

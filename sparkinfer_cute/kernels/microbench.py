@@ -16,13 +16,14 @@ L2 (x2), the launches rotate over enough copies of the weights (dense) or over d
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
 import sys
 
 import numpy as np
+
+from ..cli_args import ArgumentParser, int_at_least, require_gpu, writable_path
 
 GIB = 1 << 30
 
@@ -444,17 +445,13 @@ def format_table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", help="write the results as JSON to this path")
-    ap.add_argument("--reps", type=int, default=50, help="timed graph replays per case (>= 50)")
+    ap = ArgumentParser(prog="python -m sparkinfer_cute.kernels.microbench", description=__doc__.split("\n")[0])
+    ap.add_argument("--json", type=writable_path, help="write the results as JSON to this path")
+    ap.add_argument("--reps", type=int_at_least(50), default=50, help="timed graph replays per case (>= 50)")
     ap.add_argument("--only", choices=("gemv", "experts", "moe", "chunk", "fused", "moechunk", "xfirst", "chunkdense"), help="run one group of cases")
     a = ap.parse_args(argv)
-    from ..runtime import device_available
-
-    if not device_available():
-        print("microbench: no CUDA GPU available", file=sys.stderr)
-        return 2
-    report = run(max(a.reps, 50), a.only)
+    require_gpu(ap.prog, "the micro-benchmark")
+    report = run(a.reps, a.only)
     print(format_table(report))
     if a.json:
         with open(a.json, "w") as f:

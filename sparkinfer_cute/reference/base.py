@@ -179,6 +179,22 @@ class ReferenceModel:
             self._weights[name] = w
         return w
 
+    def _dense_names(self) -> list[str]:
+        """The tensors the forward multiplies whole (every one but the MoE expert stacks, which subclasses keep in
+        an LRU cache of single experts)."""
+        return [n for n in self.g.tensors if "_exps." not in n]
+
+    def dense_weight_bytes(self) -> int:
+        """Bytes :meth:`preload_weights` would hold (every dense tensor in ``dtype``)."""
+        return sum(int(np.prod(self.g.tensor(n).shape)) for n in self._dense_names()) * self.dtype.itemsize
+
+    def preload_weights(self) -> int:
+        """Dequantize every dense weight into the cache now (as :meth:`weight` would on first use), so that the
+        first forward costs what every later one does; returns the bytes held."""
+        for n in self._dense_names():
+            self.weight(n)
+        return sum(w.nbytes for k, w in self._weights.items() if isinstance(w, np.ndarray))
+
     def has(self, name: str) -> bool:
         return name in self.g.tensors
 

@@ -119,11 +119,12 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
 
 
 def test_cli_greedy_matches_llamacpp(gemma3_path):
-    """The README command on a CPU machine (`run -p PROMPT -n 16`, default numerics) prints llama.cpp's greedy
-    continuation (fixture made by llama-completion --temp 0, tests/reference/fixtures/gemma3_270m_greedy.json)."""
+    """The README command on a CPU machine with llama.cpp's CPU numerics (`run -p PROMPT -n 16 --cpu-numerics llama`)
+    prints llama.cpp's greedy continuation (fixture made by llama-completion --temp 0,
+    tests/reference/fixtures/gemma3_270m_greedy.json)."""
     fx = _llama_fixture("gemma3_270m_greedy.json")
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.run", gemma3_path, "-p", fx["prompt"], "-n", "16",
-                        "--backend", "cpu"], capture_output=True, text=True, timeout=600)
+                        "--backend", "cpu", "--cpu-numerics", "llama"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     from sparkinfer_cute.gguf import GGUFFile
     from sparkinfer_cute.tokenizer import Tokenizer
@@ -134,9 +135,9 @@ def test_cli_greedy_matches_llamacpp(gemma3_path):
 
 def test_chat_matches_llamacpp(gemma3_path):
     """--chat on Gemma 3: the prompt ids are llama.cpp's for the same turn markers (BOS once, then
-    <start_of_turn>user...; llama.cpp adds BOS to a template that carries none) and the greedy continuation with the
-    default CPU numerics is llama-completion's (fixture gemma3_270m_chat_greedy.json, make_llama_fixtures.py 2c).
-    The 270M file is a base model, so the "answer" is an echo; what matters is that it is llama.cpp's echo."""
+    <start_of_turn>user...; llama.cpp adds BOS to a template that carries none) and the greedy continuation with
+    llama.cpp's CPU numerics (numerics="llama") is llama-completion's (fixture gemma3_270m_chat_greedy.json,
+    make_llama_fixtures.py 2c). The 270M file is a base model, so the "answer" is an echo; what matters is that it is llama.cpp's echo."""
     fx = _llama_fixture("gemma3_270m_chat_greedy.json")
     eng = _engine(gemma3_path, ctx=64, numerics="llama")
     assert eng.encode_prompt(fx["user"], chat=True) == fx["prompt_ids"]
