@@ -76,14 +76,18 @@ def compile_all(jobs: dict[Hashable, tuple], *, workers: int, deadline: float | 
             if nxt is None:
                 return False
             key, (op, config, shape) = nxt
-            running[ex.submit(_compile_one, op.module, op.name, config, shape)] = key
+            try:
+                running[ex.submit(_compile_one, op.module, op.name, config, shape)] = key
+            except Exception as e:  # the pool broke (a worker crashed): the remaining jobs fail the same way
+                done(key, f"compile pool failed: {type(e).__name__}: {e}"[:300])
             return True
 
-        # keep the pool full but never queue far ahead, so a budget stop leaves little compiled for nothing
-        for _ in range(2 * workers):
-            if not submit_next():
+        while True:
+            # keep the pool busy but never queue far ahead, so a budget stop leaves little compiled for nothing
+            while len(running) < 2 * workers and submit_next():
+                pass
+            if not running:
                 break
-        while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for f in finished:
                 key = running.pop(f)
@@ -92,5 +96,4 @@ def compile_all(jobs: dict[Hashable, tuple], *, workers: int, deadline: float | 
                 except Exception as e:  # the worker died (e.g. killed for memory)
                     err = f"compile worker failed: {type(e).__name__}: {e}"[:300]
                 done(key, err)
-                submit_next()
     return results

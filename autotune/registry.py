@@ -148,7 +148,8 @@ def load_ops() -> dict[str, TunableOp]:
 
 
 def get_op(name: str) -> TunableOp:
-    load_ops()
+    if name not in REGISTRY:
+        load_ops()
     try:
         return REGISTRY[name]
     except KeyError:

@@ -4,7 +4,8 @@ module name: pytest puts this directory on sys.path and spawn passes sys.path on
 ``fake_op``: candidates ``{"v": 0..4}``; ``v = 0`` is the default. The runner's "kernel" returns ``x * factor`` and
 takes ``cost`` µs, both per candidate from ``BEHAVIOUR`` (a test rewrites it); the reference is ``x * 1``. A
 candidate whose factor is not 1 is wrong. ``compile`` raises for candidates listed in ``COMPILE_FAILS`` and appends
-(pid, config) to the file named by ``$FAKE_COMPILE_LOG`` (so a test sees which process compiled what).
+(pid, config) to the file named by ``$FAKE_COMPILE_LOG`` (so a test sees which process compiled what); ``v = 8``
+kills the compiling process.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def _compile(config, shape):
             f.write(f"{os.getpid()} {config['v']}\n")
     if not isinstance(config["v"], int):
         raise TypeError(f"v={config['v']!r} is not an int")
+    if config["v"] == 8:  # a compiler crash takes the worker process down
+        os._exit(3)
     if config["v"] in COMPILE_FAILS:
         raise RuntimeError(f"cannot compile v={config['v']}\nsecond line of the message")
     return object()

@@ -167,3 +167,28 @@ def test_compile_pool_in_process_respects_the_deadline(tmp_path):
     COMPILE_FAILS.add(1)
     res = compile_all(jobs, workers=0)
     assert res[0] is None and res[2] is None and res[1].startswith("RuntimeError: cannot compile v=1")
+
+
+def test_a_crashing_compile_worker_fails_its_jobs_not_the_search():
+    from sparkinfer_cute.autotune.compile_pool import compile_all
+    from sparkinfer_cute.autotune.registry import REGISTRY
+
+    op = REGISTRY["fake_op"]
+    jobs = {v: (op, dict(v=v), dict(n=8)) for v in (8, 0, 1, 2, 3)}
+    res = compile_all(jobs, workers=1)
+    assert set(res) == set(jobs)  # every job has an answer
+    assert res[8] is not None and "BrokenProcessPool" in res[8]
+
+
+def test_outcome_table(capsys):
+    from sparkinfer_cute.autotune.__main__ import print_outcomes
+
+    COMPILE_FAILS.add(4)
+    s = Searcher(CTX, SearchOptions(progress=False))
+    print_outcomes(s.run([_task(8), Task("fake_op", dict(n=16), count=2, uses={"r": 2})]))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["op", "shape", "uses", "default", "µs", "tuned", "µs", "gain", "timed", "status"]
+    assert out[2].split() == ["fake_op", "n=8", "3", "v=0", "10.00", "v=3", "7.00", "+42.9%", "3/5", "tuned"]
+    assert "  fake_op            default       50.0 µs -> tuned       35.0 µs  (+42.9%, 2 shapes)" in out
+    assert "rejected candidates (never timed): 2 compile failed, 2 wrong output" in out
+    assert "  fake_op [n=8] v=2: wrong output: max error 8 > 1e-12" in out
