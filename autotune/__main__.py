@@ -16,6 +16,11 @@ on the same GPU is answered from the cache without timing anything (--force sear
 
 Ops: gemv, gemv_q8 (decode GEMV, f32 / q8_1 activations), moe_gate_up[_q8], moe_down[_q8] (MoE expert FFN),
 attention_decode (split-KV decode attention, per context bucket), quant_gemm (prefill GEMM, --prefill-tokens).
+By default every op runs on both activation paths; the models run one (SPARKINFER_DP4A=auto: Qwen3-MoE the q8_1
+ops, Gemma the f32 ones, the LM head q8_1 on Qwen3-MoE), so --ops narrows the search to what will be used:
+
+    python -m sparkinfer_cute.autotune qwen3-30b-a3b.gguf --ops gemv_q8,moe_gate_up_q8,moe_down_q8,attention_decode
+    python -m sparkinfer_cute.autotune gemma-3-270m.gguf --ops gemv,attention_decode
 SPARKINFER_AUTOTUNE=0 makes the engine ignore the cache (A/B runs). Without a GPU only --plan, --show and --clear
 run; anything else is a one-line error (exit 2).
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -114,8 +120,6 @@ def _parse_ops(text: str | None, prefill_tokens: int) -> list[str]:
 
 def _gpu_or_reason():
     """(device, None) or (None, why there is no usable GPU)."""
-    import os
-
     if os.environ.get("SPARKINFER_NO_GPU"):
         return None, "SPARKINFER_NO_GPU is set"
     from sparkinfer_cute.errors import DeviceError
@@ -263,8 +267,6 @@ def main(argv=None) -> int:
         return _fail("give a MODEL.gguf to tune (or --show / --clear)")
     if args.reps < 5:
         return _fail(f"--reps {args.reps}: at least 5 timed replays (the median of fewer is noise)")
-    import os
-
     if not os.path.isfile(args.model):
         return _fail(f"{args.model}: no such file")
     try:
@@ -338,7 +340,7 @@ def _search(args, dev, arch, tasks, notes) -> int:
     if args.json:
         rows = [dict(op=o.task.op, shape=o.task.shape, key=o.key, uses=o.task.count, where=o.task.where,
                      status=o.status, default=o.default, default_us=o.default_us, tuned=o.best, tuned_us=o.best_us,
-                     candidates=o.n_candidates, timed=o.n_timed, detail=o.detail,
+                     candidates=o.n_candidates, pruned=o.n_pruned, timed=o.n_timed, detail=o.detail,
                      rejected=[dict(config=c, reason=r) for c, r in o.rejected]) for o in outcomes]
         with open(args.json, "w") as f:
             json.dump(dict(model=args.model, gpu=dev.name, meta=current_metadata(ident), timing=opt.mode,

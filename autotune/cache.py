@@ -12,8 +12,8 @@ Layout::
 
 One block per GPU model (name + SM count + compute capability), so two GPUs share the file. A block is used only
 when its whole ``meta`` equals the current one: another driver, DSL version, kernel source (the fingerprint of
-``kernels/compile.py``), kernel family or PDL setting means the timings may not hold, so the block is ignored (never
-trusted) and the next tuning run replaces it. A file that is not valid JSON of this layout is ignored with a one-line
+``kernels/compile.py``), autotuner source, kernel family or PDL setting means the timings may not hold, so the block
+is ignored (never trusted) and the next tuning run replaces it. A file that is not valid JSON of this layout is ignored with a one-line
 warning (and replaced by the next write).
 
 Concurrent processes: every write is read-merge-write under an exclusive ``fcntl`` lock on ``autotune.json.lock``,
@@ -22,6 +22,8 @@ through a temp file and an atomic ``os.replace``; readers need no lock (they see
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import sys
@@ -65,9 +67,21 @@ class DeviceIdentity:
         return f"{self.name}|{self.sm_count}|sm_{self.capability[0]}{self.capability[1]}"
 
 
+@functools.cache
+def autotune_fingerprint() -> str:
+    """Hash of the autotuner's own sources (config spaces, references, timing): results of another search are
+    not reused. (An editable install's ``source_fingerprint`` covers ``sparkinfer_cute/`` only, not ``autotune/``.)"""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def current_metadata(ident: DeviceIdentity) -> dict:
-    """The metadata block tuned entries are valid for: the GPU, driver, DSL version, kernel sources and the
-    compile settings that change the kernels (family, target, PDL)."""
+    """The metadata block tuned entries are valid for: the GPU, driver, DSL version, kernel and autotuner sources,
+    and the compile settings that change the kernels (family, target, PDL)."""
     from importlib.metadata import PackageNotFoundError, version
 
     from sparkinfer_cute.kernels import arch
@@ -84,6 +98,7 @@ def current_metadata(ident: DeviceIdentity) -> dict:
         "driver": ident.driver_version,
         "cutlass_dsl": dsl,
         "source_fingerprint": source_fingerprint(),
+        "autotune_fingerprint": autotune_fingerprint(),
         "kernel_family": arch.kernel_family(),
         "compile_target": arch.compile_target(),
         "pdl": arch.pdl_enabled(),
@@ -99,9 +114,12 @@ def _valid_layout(data) -> bool:
         return False
     for block in data["devices"].values():
         if not (isinstance(block, dict) and isinstance(block.get("meta"), dict)
-                and isinstance(block.get("entries"), dict)
-                and all(isinstance(v, dict) for v in block["entries"].values())):
+                and isinstance(block.get("entries"), dict)):
             return False
+        for by_shape in block["entries"].values():
+            if not (isinstance(by_shape, dict)
+                    and all(isinstance(e, dict) and isinstance(e.get("config"), dict) for e in by_shape.values())):
+                return False
     return True
 
 

@@ -65,7 +65,8 @@ def test_blocks_of_two_gpus_coexist(cache):
 
 
 @pytest.mark.parametrize("field,value", [("driver", 13000), ("cutlass_dsl", "9.9.9"), ("source_fingerprint", "x"),
-                                         ("kernel_family", "sm90"), ("pdl", False)])
+                                         ("autotune_fingerprint", "y"), ("kernel_family", "sm90"), ("pdl", False),
+                                         ("compile_target", "sm_121a")])
 def test_mismatched_metadata_block_is_ignored_then_replaced(cache, field, value):
     meta = current_metadata(IDENT)
     stale = dict(meta, **{field: value})
@@ -81,7 +82,8 @@ def test_mismatched_metadata_block_is_ignored_then_replaced(cache, field, value)
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[]", b'{"format": 1, "devices": {"x": 3}}',
-                                     b'{"format": 99, "devices": {}}', b""])
+                                     b'{"format": 99, "devices": {}}', b"",
+                                     b'{"format": 1, "devices": {"g": {"meta": {}, "entries": {"gemv": {"s": {}}}}}}'])
 def test_corrupt_file_is_ignored_with_a_one_line_warning(cache, capsys, content):
     cache.path.write_bytes(content)
     t = load_tuned(IDENT)
