@@ -13,8 +13,8 @@ Layout::
 One block per GPU model (name + SM count + compute capability), so two GPUs share the file. A block is used only
 when its whole ``meta`` equals the current one: another driver, DSL version, kernel source (the fingerprint of
 ``kernels/compile.py``), autotuner source, kernel family or PDL setting means the timings may not hold, so the block
-is ignored (never trusted) and the next tuning run replaces it. A file that is not valid JSON of this layout is ignored with a one-line
-warning (and replaced by the next write).
+is ignored (never trusted) and the next tuning run replaces it. A file that is not valid JSON of this layout is
+ignored with a one-line warning (and replaced by the next write).
 
 Concurrent processes: every write is read-merge-write under an exclusive ``fcntl`` lock on ``autotune.json.lock``,
 through a temp file and an atomic ``os.replace``; readers need no lock (they see the old or the new file, whole).

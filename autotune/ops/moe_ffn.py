@@ -130,7 +130,8 @@ def _random_ids(n_expert: int, k: int, rng) -> np.ndarray:
 def _random_experts(q: str, n_expert: int, n_rows: int, n_in: int, rng) -> np.ndarray:
     """Random raw bytes of an [n_expert, n_rows, row_bytes] expert tensor."""
     b = _bind()
-    return b.random_quant_bytes(q, n_expert * n_rows * n_in // b.spec(q).block_elems, rng).reshape(n_expert, n_rows, -1)
+    n_blocks = n_expert * n_rows * n_in // b.spec(q).block_elems
+    return b.random_quant_bytes(q, n_blocks, rng).reshape(n_expert, n_rows, -1)
 
 
 class GateUpProblem:
