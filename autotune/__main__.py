@@ -314,8 +314,8 @@ def _search(args, dev, arch, tasks, notes) -> int:
     ident = DeviceIdentity.of(dev)
     workers = default_workers() if args.jobs is None else args.jobs
     if workers and not disk_cache_usable():
-        print(f"{PROG}: the kernel disk cache is off (SPARKINFER_DISK_CACHE=0): compiling in this process",
-              file=sys.stderr)
+        print(f"{PROG}: the kernel disk cache is off (SPARKINFER_DISK_CACHE=0), so worker processes cannot hand "
+              "their compiles over: compiling in this process", file=sys.stderr)
         workers = 0
     opt = SearchOptions(budget_s=args.budget, cold=args.cold_l2, reps=args.reps, workers=workers, force=args.force,
                         progress=not args.no_progress)

@@ -101,3 +101,37 @@ def test_plan_lists_shapes_and_candidates_without_a_gpu(capsys, gguf):
     assert ("gemv_q8", "qtype=Q4_K,n_in=512,n_out=256") in rows
     assert any(op == "quant_gemm" for op, _ in rows)
     assert "note: context 4096 > the model's 512: not tuned" in out
+
+
+def test_search_end_to_end_with_a_fake_gpu_and_op(capsys, monkeypatch, tmp_path, gguf):
+    """The CLI glue around the search (header, table, JSON, cache, second run) with the fake op of fake_ops.py."""
+    import json
+    from types import SimpleNamespace
+
+    import fake_ops
+
+    from sparkinfer_cute.autotune import __main__ as cli
+    from sparkinfer_cute.autotune import shapes
+    from sparkinfer_cute.autotune.cache import DeviceIdentity
+
+    fake_ops.Calls.reset()
+    dev = SimpleNamespace(name="NVIDIA Fake 5090", sm_count=170, capability=(12, 0), target="sm_120a",
+                          l2_bytes=96 << 20)
+    monkeypatch.setattr(cli, "_gpu_or_reason", lambda: (dev, None))
+    monkeypatch.setattr(DeviceIdentity, "of", staticmethod(lambda d: DeviceIdentity(d.name, d.sm_count,
+                                                                                     d.capability, 12080)))
+    task = shapes.Task("fake_op", dict(n=8), count=4, uses={"blk": 4})
+    monkeypatch.setattr(shapes, "load_model_tasks", lambda path, ops, **kw: ("fakearch", [task], ["a note"]))
+    argv = [gguf, "--ops", "fake_op", "--jobs", "0", "--no-progress", "--json", str(tmp_path / "out.json")]
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 0, err
+    assert out.startswith("autotune ") and "on NVIDIA Fake 5090 (170 SMs, sm_120a, L2 96 MiB): 1 shapes" in out
+    assert "fake_op  n=8    4     v=0      10.00  v=3    7.00  +42.9%  4/5    tuned" in out
+    assert "note: a note" in out and "1 shapes: 0 from the cache, 4 configs timed" in out
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert res["outcomes"][0]["tuned"] == {"v": 3} and res["outcomes"][0]["rejected"][0]["config"] == {"v": 2}
+    fake_ops.Calls.reset()
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 0 and "1 shapes: 1 from the cache, 0 configs timed" in out and fake_ops.Calls.timed == []
+    rc, out, err = _run(capsys, "--show")
+    assert "NVIDIA Fake 5090|170|sm_120: in use on this GPU" in out
