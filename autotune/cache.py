@@ -6,9 +6,10 @@ Layout::
     {"format": 1,
      "devices": {"NVIDIA H100 80GB HBM3|132|sm_90": {
          "meta": {"gpu": ..., "sm_count": ..., "compute_capability": "9.0", "driver": 12080, "cutlass_dsl": "4.8.1",
-                  "source_fingerprint": ..., "kernel_family": "sm120", "compile_target": "sm_90a", "pdl": true},
-         "entries": {"gemv": {"qtype=Q4_K,n_in=2048,n_out=4096,q8=1": {"config": {...}, "default": {...},
-                                                                       "us": ..., "default_us": ..., ...}}}}}}
+                  "source_fingerprint": ..., "autotune_fingerprint": ..., "kernel_family": "sm120",
+                  "compile_target": "sm_90a", "pdl": true},
+         "entries": {"gemv_q8": {"qtype=Q4_K,n_in=2048,n_out=4096": {"config": {...}, "default": {...},
+                                                                     "us": ..., "default_us": ..., ...}}}}}}
 
 One block per GPU model (name + SM count + compute capability), so two GPUs share the file. A block is used only
 when its whole ``meta`` equals the current one: another driver, DSL version, kernel source (the fingerprint of
