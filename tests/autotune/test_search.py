@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from fake_ops import BEHAVIOUR, COMPILE_FAILS, DEFAULT_BEHAVIOUR, Calls
+from fake_ops import BEHAVIOUR, COMPILE_FAILS, DEFAULT_BEHAVIOUR, SLOW_FIRST, Calls
 
 from sparkinfer_cute.autotune.cache import DeviceIdentity, TuneCache, current_metadata
 from sparkinfer_cute.autotune.registry import TuneContext
@@ -22,6 +22,7 @@ def _fresh():
     BEHAVIOUR.clear()
     BEHAVIOUR.update(DEFAULT_BEHAVIOUR)
     COMPILE_FAILS.clear()
+    SLOW_FIRST.clear()
     Calls.reset()
     yield
 
@@ -42,7 +43,8 @@ def test_fast_wrong_candidate_never_wins_and_is_never_timed(tmp_path):
     # v=2 is the fastest (1 µs) but returns 2x: rejected before timing; v=3 (7 µs) is the fastest right one
     assert out.status == "tuned" and out.best == {"v": 3} and out.best_us == 7.0
     assert out.default == {"v": 0} and out.default_us == 10.0
-    assert 2 not in Calls.timed and sorted(Calls.timed) == [0, 1, 3, 4]
+    # every verified candidate timed once, then the default and the winner again, back to back
+    assert 2 not in Calls.timed and Calls.timed == [0, 1, 3, 4, 0, 3]
     (cfg, reason), = out.rejected
     assert cfg == {"v": 2} and reason.startswith("wrong output: max error")
     assert out.gain == pytest.approx(10 / 7 - 1)
@@ -72,6 +74,15 @@ def test_a_gain_below_the_noise_threshold_keeps_the_default(tmp_path):
     BEHAVIOUR.update({0: (1.0, 10.0), 1: (1.0, 9.9)})  # 1% faster: noise
     (out,) = _searcher(tmp_path)[0].run([_task()])
     assert out.status == "default kept" and out.best == {"v": 0} and out.best_us == 10.0
+
+
+def test_the_winner_is_confirmed_against_the_default_back_to_back(tmp_path):
+    BEHAVIOUR.clear()
+    BEHAVIOUR.update({0: (1.0, 10.0), 1: (1.0, 9.9)})
+    SLOW_FIRST[0] = 20.0  # the default's first timing is off: alone it would make v=1 look 2x faster
+    (out,) = _searcher(tmp_path)[0].run([_task()])
+    assert Calls.timed == [0, 1, 0, 1]
+    assert out.status == "default kept" and out.default_us == 10.0 and out.best == {"v": 0}
 
 
 def test_a_broken_default_is_reported_and_not_cached(tmp_path):
