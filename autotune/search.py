@@ -7,7 +7,8 @@ Rules that keep a result trustworthy:
   rejected with its reason and never timed, so a fast wrong config cannot win;
 - the default config is verified first: when it fails, the reference or the kernel is broken, the task reports
   ``default failed`` and nothing is cached for it;
-- a candidate replaces the default only when it is at least ``MIN_GAIN`` faster (below that, timing noise picks);
+- a candidate replaces the default only when it is at least ``MIN_GAIN`` faster (below that, timing noise picks),
+  in a confirmation that times the default and the winner again back to back (each keeps its better median);
 - only complete tasks (every candidate timed or rejected) are cached; a task cut by the budget is shown with its
   best-so-far and searched again by the next run;
 - a task whose entry is cached (same GPU block, same timing mode) is not compiled, built or timed at all.
