@@ -105,6 +105,12 @@ class TunableOp:
         return default, valid, pruned
 
 
+def pow2_bucket(n: int, minimum: int) -> int:
+    """``n`` rounded up to a power of two, at least ``minimum``: sizes that vary at run time (context length,
+    prompt tokens) share one cache entry per bucket."""
+    return max(minimum, 1 << (max(1, int(n)) - 1).bit_length())
+
+
 def _fmt(v) -> str:
     if isinstance(v, bool):
         return "1" if v else "0"

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..measure import KernelRunner, copies_for_cold_l2, nonfinite, ptr
-from ..registry import TunableOp, int_in, register, unknown_keys_reason
+from ..registry import TunableOp, int_in, pow2_bucket, register, unknown_keys_reason
 
 PAGE_SIZE = 64  # models/ops.py PAGE_SIZE: the page size every model's KV cache uses
 SPLITS = tuple(2**i for i in range(9))  # 1 .. 256
@@ -53,7 +53,7 @@ def _bind() -> SimpleNamespace:
 
 def ctx_bucket(ctx: int) -> int:
     """Live keys rounded up to a power of two (at least 64): the key the cache stores attention configs under."""
-    return max(MIN_CTX_BUCKET, 1 << max(0, math.ceil(math.log2(max(1, int(ctx))))))
+    return pow2_bucket(ctx, MIN_CTX_BUCKET)
 
 
 def _bucket(shape):

@@ -24,13 +24,12 @@ Applying a tuned config today: ``quant_gemm(tile_rows=..., tile_tokens=...)``; `
 from __future__ import annotations
 
 import functools
-import math
 from types import SimpleNamespace
 
 import numpy as np
 
 from ..measure import KernelRunner, bound_violation, copies_for_cold_l2, nonfinite, ptr, sample_rows
-from ..registry import TunableOp, int_in, register, unknown_keys_reason
+from ..registry import TunableOp, int_in, pow2_bucket, register, unknown_keys_reason
 
 TILE_ROWS = (32, 64, 128)
 TILE_TOKENS = (16, 32, 64, 128)
@@ -57,7 +56,8 @@ def _bind() -> SimpleNamespace:
 
 
 def token_bucket(tokens: int) -> int:
-    return max(MIN_TOKEN_BUCKET, 1 << max(0, math.ceil(math.log2(max(1, int(tokens))))))
+    """Prompt tokens rounded up to a power of two (at least 16): the key the cache stores GEMM configs under."""
+    return pow2_bucket(tokens, MIN_TOKEN_BUCKET)
 
 
 def _bucket(shape):
