@@ -17,9 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _package_files() -> set[str]:
-    """Files under sparkinfer_cute/ and models/ (installed as sparkinfer_cute.models) as wheel paths."""
+    """Files under sparkinfer_cute/, models/ and autotune/ (installed as sparkinfer_cute.models / .autotune) as wheel
+    paths."""
     out = set()
-    for src, dst in (("sparkinfer_cute", "sparkinfer_cute"), ("models", "sparkinfer_cute/models")):
+    for src, dst in (("sparkinfer_cute", "sparkinfer_cute"), ("models", "sparkinfer_cute/models"),
+                     ("autotune", "sparkinfer_cute/autotune")):
         for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, src)):
             dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.endswith(".egg-info")]
             for f in filenames:
