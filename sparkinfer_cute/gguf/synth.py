@@ -173,7 +173,8 @@ PRESETS: dict[tuple[str, str], dict] = {
     # partial_rotary_full of each half-head (rope_freqs: 1 then 1e30, as conversion/gemma.py writes it), base
     # rope_base, no attn_v when k_eq_v (V = the K projection). Every layer: dense GeGLU MLP (n_ff) + routed experts.
     # tiny: the real type mix (F32, Q4_K, Q5_0, Q6_K, Q8_0: n_ff 320 and n_ff_exp 160 are not multiples of 256, as
-    # 2112 and 704 are not), two full layers (2 and 5) with K = V, window 32 so that a 258-token test crosses it.
+    # 2112 and 704 are not), two full layers (2 and 5) with K = V, window 32 so that a 258-token test crosses it,
+    # and a final softcap of 2 (real: 30) so that the cap bends these random models' logits (std ~0.5) visibly.
     ("gemma4", "tiny"): {
         "n_vocab": 1024,
         "n_embd": 256,
@@ -195,7 +196,7 @@ PRESETS: dict[tuple[str, str], dict] = {
         "n_ctx": 512,
         "rope_base": 1e6,
         "rope_base_swa": 1e4,
-        "final_logit_softcap": 30.0,
+        "final_logit_softcap": 2.0,
         "rms_eps": 1e-6,
     },
     # the real per-layer attention geometry (16 heads; hd 256 / 8 KV heads sliding, hd 512 / 2 KV heads full, K = V),

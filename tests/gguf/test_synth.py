@@ -520,7 +520,7 @@ def test_gemma4_tiny_file(gemma4_tiny):
         assert c.n_rot_for(i) == c.head_dim_for(i) and c.rope_base_for(i) == (1e4 if sw else 1e6)
         assert c.k_eq_v(i) == (not sw) and c.is_moe(i) and c.has_out_scale(i) and c.has_down_exps_scale(i)
     assert (c.n_expert, c.n_expert_used, c.n_ff_exp, c.n_ff[0]) == (16, 4, 160, 320)
-    assert c.tied_output and c.final_logit_softcap == 30.0 and c.vocab_size == 1024
+    assert c.tied_output and c.final_logit_softcap == 2.0 and c.vocab_size == 1024
     assert g.metadata["general.file_type"] == 15
     rf = g.dequant("rope_freqs.weight")
     assert rf.shape == (64,) and np.all(rf[:16] == 1.0) and np.all(rf[16:] == np.float32(1e30))  # 0.25 of 64 pairs
