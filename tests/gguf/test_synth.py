@@ -660,3 +660,24 @@ def test_30b_a3b_one_layer_slice(tmp_path):
     validate_tensors(g, load_config(g))
     w = g.dequant("blk.0.ffn_down_exps.weight")[:4]
     assert abs(math.sqrt(np.mean(w.astype(np.float64) ** 2)) * math.sqrt(768) - 1) < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SPARKINFER_SLOW"), reason="writes ~2 GB; set SPARKINFER_SLOW=1")
+@pytest.mark.parametrize("preset,max_layers", [("small", None), ("26b-a4b", 6)])
+def test_gemma4_real_shapes_validate_and_stay_well_scaled(tmp_path, preset, max_layers):
+    """small, and the first 6 blocks of 26b-a4b (five sliding layers and the first full one, real shapes): the file
+    validates, and the reference forward keeps the residual stream O(1) and the logits finite and varied."""
+    from sparkinfer_cute.gguf.config import load_config, validate_tensors
+    from sparkinfer_cute.reference import load_reference
+
+    p = write_synthetic(tmp_path / "g.gguf", "gemma4", preset, max_layers=max_layers)
+    g = GGUFFile(p)
+    validate_tensors(g, load_config(g))
+    m = load_reference(g)
+    cap: dict = {}
+    logits = m.forward(np.random.default_rng(0).integers(0, 4096, 8), capture=cap)
+    for l in range(m.n_layer):
+        rms = float(np.sqrt(np.mean(cap[f"resid.{l}"].astype(np.float64) ** 2)))
+        assert 0.3 < rms < 10, (l, rms)
+    assert np.isfinite(logits).all() and 0.2 < logits.std(axis=-1).mean() < 5

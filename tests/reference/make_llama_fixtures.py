@@ -46,8 +46,9 @@ Exact commands (FILE is the real Gemma 3 270M Q4_K_M GGUF, TEXT = fixtures/engli
 5. synth_gemma4_tiny_logprobs.npz (``--only synth_gemma4``; test_gemma4.py): as 3. for ``write_synthetic(tmp,
    "gemma4", "tiny", seed=0)`` (all-F32 copy), with the one context C = 258: chunk 0 is one batch of 258 tokens
    (llama.cpp's tiled f32 flash-attention path; below 64 rows its CPU FA rounds Q and accumulates in fp16) and scores
-   positions 129..256, far beyond the 32-token window of the sliding layers. ``llama_build`` holds the
-   "build: N (commit)" line llama-perplexity printed.
+   positions 129..256, far beyond the 32-token window of the sliding layers. ``llama_build`` holds the build and
+   system_info lines llama-perplexity printed. Made 2026-12-07 with llama.cpp 0c1e570 (source tarball, so its build
+   line reads "unknown (0)"), CPU build ``-DGGML_NATIVE=OFF -DGGML_AVX2=ON`` (AVX2, LLAMAFILE, REPACK), -t 2.
 """
 
 from __future__ import annotations
@@ -93,8 +94,10 @@ def _tokenize(bin_dir: str, model: str, text: str) -> list[int]:
 
 
 def _llama_build(p: subprocess.CompletedProcess) -> str:
-    m = re.search(r"build: \d+ \([0-9a-f]+\)[^\n]*", p.stdout + p.stderr)
-    return m.group(0) if m else "unknown"
+    """llama-perplexity's "build: ..." and "system_info: ..." log lines (a build from a source tarball says
+    "build: unknown (0)": the fixture docstrings then name the source commit)."""
+    lines = [m.group(0).strip() for m in re.finditer(r"(build: |system_info: )[^\n]*", p.stdout + p.stderr)]
+    return " | ".join(dict.fromkeys(lines)) or "unknown"
 
 
 def _perplexity(bin_dir: str, model: str, ctx: int, out: str, extra=()) -> tuple[dict, float]:
