@@ -440,7 +440,9 @@ def _gemma4_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     (src/models/gemma4.cpp load_arch_tensors), fused ffn_gate_up_exps as conversion/gemma.py writes it."""
     E, V, L, H = c["n_embd"], c["n_vocab"], c["n_layer"], c["n_head"]
     FF, X, F = c["n_ff"], c["n_expert"], c["n_ff_exp"]
-    out = [("token_embd.weight", (E, V)), ("rope_freqs.weight", (c["head_dim_full"] // 2,))]
+    out = [("token_embd.weight", (E, V))]
+    if not all(gemma4_is_swa(c, i) for i in range(L)):  # llama.cpp loads rope_freqs only with a full layer
+        out.append(("rope_freqs.weight", (c["head_dim_full"] // 2,)))
     for i in range(L):
         b = f"blk.{i}."
         swa = gemma4_is_swa(c, i)
@@ -1002,6 +1004,8 @@ def write_synthetic(
     if max_layers is not None:
         plan = [t for t in plan if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < max_layers]
         cfg["n_layer"] = min(cfg["n_layer"], max_layers)
+        if arch == "gemma4" and all(gemma4_is_swa(cfg, i) for i in range(cfg["n_layer"])):
+            plan = [t for t in plan if t.name != "rope_freqs.weight"]  # no full layer left to read it
     sources = [_TensorSource(t, *target_scale(arch, cfg, t.name, t.shape), seed) for t in plan]
 
     w = GGUFWriter(path, arch)

@@ -580,6 +580,18 @@ def test_gemma4_deterministic_and_streaming(tmp_path, monkeypatch):
     assert np.all(rf[:16] == 1.0) and np.all(rf[16:] > 1e29)
 
 
+def test_gemma4_rope_freqs_only_with_a_full_layer(tmp_path):
+    """llama.cpp creates rope_freqs at the first full layer: a file without one must not hold it (its loader then
+    refuses the file: "wrong number of tensors"), whether the preset or --max-layers removes the full layers."""
+    from sparkinfer_cute.gguf.config import load_config, validate_tensors
+
+    assert "rope_freqs.weight" not in {t.name for t in plan_synthetic("gemma4", "tiny", overrides={"n_layer": 2})}
+    g = GGUFFile(write_synthetic(tmp_path / "s.gguf", "gemma4", "tiny", max_layers=2))
+    assert "rope_freqs.weight" not in g.tensors and g.metadata["gemma4.block_count"] == 2
+    c = load_config(g)
+    assert not c.has_rope_freqs and set(validate_tensors(g, c)) == set(g.tensors)
+
+
 def test_gemma4_max_layers_slice(tmp_path):
     """A 7-block slice of 26b-a4b keeps the real shapes and full-depth type rules (metadata arrays sliced)."""
     from sparkinfer_cute.gguf.config import load_config, validate_tensors
