@@ -191,32 +191,31 @@ class Gemma3Config(ModelConfig):
 class Gemma4Config(ModelConfig):
     """Gemma 4 (llama.cpp ``gemma4``: ``src/models/gemma4.cpp``), whose attention geometry varies per layer.
 
-    The base fields ``head_dim`` / ``head_dim_v`` / ``n_rot`` / ``rope_base`` / ``n_head_kv`` describe the *full*
-    (global) layers; use the per-layer accessors, which also cover the sliding (SWA) layers:
+    The base fields ``head_dim`` / ``head_dim_v`` / ``n_rot`` / ``rope_base`` / ``n_head_kv`` describe the
+    *full* (global) layers; use the per-layer accessors, which also cover the sliding (SWA) layers:
 
-    ========================== ===================================================================================
-    ``is_swa(l)``              sliding-window layer (``attention.sliding_window_pattern[l]``)
-    ``window_for(l)``          the window (keys ``p0`` with ``p1 - p0 < window`` are visible) or None (full)
-    ``head_dim_for(l)``        head size of Q, K and V (256 / 512 for 26B-A4B; K and V sizes are equal)
-    ``n_head_kv_for(l)``       KV heads (``attention.head_count_kv[l]``: 8 / 2 for 26B-A4B)
-    ``n_rot_for(l)``           rotary dims (NEOX pairs ``(i, i + n_rot/2)``)
-    ``rope_base_for(l)``       RoPE base (``rope.freq_base_swa`` / ``rope.freq_base``)
-    ``rope_freq_scale_for(l)`` linear RoPE scaling (1 / rope.scaling.factor, full layers only; 1 in real files)
-    ``uses_rope_freqs(l)``     full layers divide theta by ``rope_freqs.weight`` ({head_dim/2} F32; 1e30 entries
-                               leave a pair unrotated: the "partial rotary" of 26B-A4B, 64 of 256 pairs rotate)
-    ``has_v(l)``, ``k_eq_v(l)``  ``attn_v`` present, or absent (K = V: V is the raw K projection, see below)
-    ``is_moe(l)``              routed experts beside the dense MLP (``ffn_gate_inp`` present)
-    ``n_ff_for(l)``            dense MLP width
-    ``has_out_scale(l)``       ``layer_output_scale.weight`` {1} multiplies the residual at the end of the layer
-    ``has_down_exps_scale(l)`` ``ffn_down_exps.scale`` {n_expert} multiplies expert e's down projection
-    ``has_kv(l)``, ``kv_source_layer(l)``  KV sharing (E2B/E4B only; 26B-A4B: every layer has its own KV)
-    ========================== ===================================================================================
+    - ``is_swa(l)``: sliding-window layer (``attention.sliding_window_pattern[l]``);
+    - ``window_for(l)``: the window (keys ``p0`` with ``p1 - p0 < window`` are visible), None on full layers;
+    - ``head_dim_for(l)``: head size of Q, K and V (256 / 512 for 26B-A4B; K and V sizes are always equal);
+    - ``n_head_kv_for(l)``: KV heads (``attention.head_count_kv[l]``: 8 / 2 for 26B-A4B);
+    - ``n_rot_for(l)``: rotary dims (NEOX pairs ``(i, i + n_rot/2)``);
+    - ``rope_base_for(l)``: RoPE base (``rope.freq_base_swa`` / ``rope.freq_base``);
+    - ``rope_freq_scale_for(l)``: linear RoPE scaling (1 / rope.scaling.factor, full layers only; 1 in real
+      files);
+    - ``uses_rope_freqs(l)``: full layers divide theta by ``rope_freqs.weight`` ({head_dim/2} F32): its 1e30
+      entries leave a pair unrotated, the "partial rotary" of 26B-A4B (64 of 256 pairs rotate);
+    - ``has_v(l)`` / ``k_eq_v(l)``: ``attn_v`` present, or absent (K = V: V is the raw K projection);
+    - ``is_moe(l)``: routed experts beside the dense MLP (``ffn_gate_inp`` present); ``n_ff_for(l)``: dense
+      MLP width;
+    - ``has_out_scale(l)``: ``layer_output_scale.weight`` {1} multiplies the residual at the end of the layer;
+    - ``has_down_exps_scale(l)``: ``ffn_down_exps.scale`` {n_expert} multiplies expert e's down projection;
+    - ``has_kv(l)`` / ``kv_source_layer(l)``: KV sharing (E2B/E4B only; 26B-A4B: every layer has its own KV).
 
     Per layer (llama.cpp's graph): Q = rmsnorm_per_head(Wq h, attn_q_norm); K = rmsnorm_per_head(Wk h,
     attn_k_norm); V = rmsnorm_per_head(Wv h or, when K = V, Wk h, no weight); Q, K rotated; attention scale
     ``attn_scale`` = 1.0. Router input: ``rmsnorm(x, no weight) * router_input_scale * ffn_gate_inp.scale``.
-    Logits: ``final_logit_softcap * tanh(logits / final_logit_softcap)`` (llama.cpp's default 30 when the key is
-    absent; None when it is 0).
+    Logits: ``final_logit_softcap * tanh(logits / final_logit_softcap)`` (llama.cpp's default 30 when the key
+    is absent; None when it is 0).
     """
 
     swa_layers: tuple[bool, ...] = ()
@@ -233,9 +232,13 @@ class Gemma4Config(ModelConfig):
     n_ff_exp: int = 0
     moe_layers: tuple[bool, ...] = ()  # ffn_gate_inp present
     attn_v_layers: tuple[bool, ...] = ()  # attn_v present (absent on 26B-A4B's full layers: K = V)
-    fused_qkv: bool = False  # blk.N.attn_qkv {n_embd, H*d + 2*nkv*d} instead of attn_q/k/v (llama.cpp accepts it)
+    fused_qkv: bool = (
+        False  # blk.N.attn_qkv {n_embd, H*d + 2*nkv*d} instead of attn_q/k/v (llama.cpp accepts it)
+    )
     fused_gate_up_exps: bool = True  # ffn_gate_up_exps {n_embd, 2*n_ff_exp, n_expert}, gate rows first
-    has_rope_freqs: bool = False  # rope_freqs.weight {head_dim/2}: required by llama.cpp iff a full layer exists
+    has_rope_freqs: bool = (
+        False  # rope_freqs.weight {head_dim/2}: required by llama.cpp iff a full layer exists
+    )
     out_scale_layers: tuple[bool, ...] = ()  # layer_output_scale.weight present
     down_exps_scale_layers: tuple[bool, ...] = ()  # ffn_down_exps.scale present
     final_logit_softcap: float | None = 30.0
@@ -278,7 +281,8 @@ class Gemma4Config(ModelConfig):
         return self.fused_qkv or self._flag(self.attn_v_layers, layer)
 
     def k_eq_v(self, layer: int) -> bool:
-        """No V projection: V is the raw K projection (before attn_k_norm and RoPE), RMS-normed without weight."""
+        """No V projection: V is the raw K projection (before attn_k_norm and RoPE), RMS-normed without a
+        weight."""
         return not self.has_v(layer)
 
     def is_moe(self, layer: int) -> bool:
@@ -299,7 +303,8 @@ class Gemma4Config(ModelConfig):
 
     @property
     def router_input_scale(self) -> float:
-        """The router input is ``rmsnorm(x) * (1/sqrt(n_embd)) * ffn_gate_inp.scale`` (f32 ``1.0f/sqrtf(n_embd)``)."""
+        """The router input is ``rmsnorm(x) * (1/sqrt(n_embd)) * ffn_gate_inp.scale`` (the f32 constant
+        ``1.0f/sqrtf(n_embd)``)."""
         return float(np.float32(1.0) / np.sqrt(np.float32(self.n_embd)))
 
     @property
@@ -464,13 +469,17 @@ def _load_gemma4(g: GGUFFile, m: _Meta) -> Gemma4Config:
     n_layer = _n_layer(g, m)
     n_embd = m.int("embedding_length", min_value=1)
     if isinstance(g.metadata.get(f"{m.arch}.attention.head_count"), list):
-        raise GGUFError(path, f"per-layer {m.arch}.attention.head_count is not supported (one head count expected)")
+        raise GGUFError(
+            path, f"per-layer {m.arch}.attention.head_count is not supported (one head count expected)"
+        )
     n_head = m.int("attention.head_count", min_value=1)
     kv = m.int_or_list("attention.head_count_kv", n_layer, n_head, min_value=1)  # llama.cpp default: n_head
     swa = m.bool_list("attention.sliding_window_pattern", n_layer)  # required (get_arr without default)
     if not any(swa):
         # gemma4 sets LLAMA_SWA_TYPE_STANDARD, and the KV cache then asserts is_swa_any()
-        raise GGUFError(path, "gemma4 needs at least one sliding-window layer (attention.sliding_window_pattern)")
+        raise GGUFError(
+            path, "gemma4 needs at least one sliding-window layer (attention.sliding_window_pattern)"
+        )
     full = [i for i in range(n_layer) if not swa[i]]
     base = _base_fields(g, m, n_layer=n_layer, n_head_kv=kv[full[0]] if full else kv[0])
     for i, nkv in enumerate(kv):
@@ -490,25 +499,32 @@ def _load_gemma4(g: GGUFFile, m: _Meta) -> Gemma4Config:
     hd_v_swa = m.int("attention.value_length_swa", min_value=1)
     if hd_swa != hd_v_swa:
         raise GGUFError(
-            path, f"Gemma 4 requires attention.key_length_swa == value_length_swa, got {hd_swa} and {hd_v_swa}"
+            path,
+            f"Gemma 4 requires attention.key_length_swa == value_length_swa, got {hd_swa} and {hd_v_swa}",
         )
-    # rope.dimension_count_swa defaults to the full layers' n_rot (llama.cpp), which must still fit the SWA head
+    # rope.dimension_count_swa defaults to the full layers' n_rot (llama.cpp), which must still fit the SWA
+    # head
     n_rot_swa = m.int("rope.dimension_count_swa", base["n_rot"], min_value=0)
     if n_rot_swa % 2 or n_rot_swa > hd_swa:
         raise GGUFError(
-            path, f"rope.dimension_count_swa {n_rot_swa} must be even and <= the SWA head size {hd_swa} "
-            "(when absent, llama.cpp uses rope.dimension_count)"
+            path,
+            f"rope.dimension_count_swa {n_rot_swa} must be even and <= the SWA head size {hd_swa} "
+            "(when absent, llama.cpp uses rope.dimension_count)",
         )
     window = m.int("attention.sliding_window", min_value=1)  # required by load_arch_hparams
     scaling = g.metadata.get(f"{m.arch}.rope.scaling.type")
     if scaling not in (None, "none", "linear"):
-        raise GGUFError(path, f"unsupported rope scaling type {scaling!r} for gemma4 (supported: none, linear)")
+        raise GGUFError(
+            path, f"unsupported rope scaling type {scaling!r} for gemma4 (supported: none, linear)"
+        )
     factor = m.float("rope.scaling.factor", 0.0)
     n_ff = m.int_or_list("feed_forward_length", n_layer, min_value=1)  # ffn_gate/up/down are sized by it
     n_expert = m.int("expert_count", 0)
     used = m.int_or_list("expert_used_count", n_layer, 0)
     if len(set(used)) != 1:
-        raise GGUFError(path, f"per-layer expert_used_count {list(used)} is not supported (one value expected)")
+        raise GGUFError(
+            path, f"per-layer expert_used_count {list(used)} is not supported (one value expected)"
+        )
     n_expert_used = used[0]
     # llama.cpp sizes every layer's expert tensors by n_ff_exp(0), the first entry when it is an array
     n_ff_exp = m.int_or_list("expert_feed_forward_length", n_layer, 0)[0]
@@ -516,16 +532,21 @@ def _load_gemma4(g: GGUFFile, m: _Meta) -> Gemma4Config:
     if n_expert_used > n_expert:
         raise GGUFError(path, f"expert_used_count {n_expert_used} > expert_count {n_expert}")
     if n_expert and not n_expert_used:
-        raise GGUFError(path, "expert_count > 0 but expert_used_count is 0 (llama.cpp: no expert layers are used)")
+        raise GGUFError(
+            path, "expert_count > 0 but expert_used_count is 0 (llama.cpp: no expert layers are used)"
+        )
     if any(moe_layers) and (n_expert == 0 or n_ff_exp == 0):
         raise GGUFError(
-            path, "ffn_gate_inp tensors present but gemma4.expert_count or expert_feed_forward_length is missing or 0"
+            path,
+            "ffn_gate_inp tensors present but gemma4.expert_count or expert_feed_forward_length is missing "
+            "or 0",
         )
     shared = m.int("attention.shared_kv_layers", 0)
     if n_layer - shared < 2:
         # the KV-reuse callback of llama-model.cpp asserts n_layer_kv_from_start >= 2
         raise GGUFError(
-            path, f"block_count {n_layer} - attention.shared_kv_layers {shared} < 2 (llama.cpp needs 2 KV layers)"
+            path,
+            f"block_count {n_layer} - attention.shared_kv_layers {shared} < 2 (llama.cpp needs 2 KV layers)",
         )
     softcap = m.float("final_logit_softcapping", 30.0)  # hparams default 30, which gemma4 does not reset
     has = g.tensors.__contains__
@@ -682,7 +703,8 @@ def _gemma3_tensors(c: Gemma3Config) -> dict[str, Shape]:
 
 def _gemma4_tensors(c: Gemma4Config) -> dict[str, Shape]:
     """llama_model_gemma4::load_arch_tensors (src/models/gemma4.cpp) plus the generic optional
-    ``ffn_down_exps.scale`` (src/llama-model.cpp), for the tensors this file has (see :func:`_gemma4_optional`)."""
+    ``ffn_down_exps.scale`` (src/llama-model.cpp), for the tensors this file has (see
+    :func:`_gemma4_optional`)."""
     E, L, npl = c.n_embd, c.n_layer, c.n_embd_per_layer
     t: dict[str, Shape] = {"token_embd.weight": (E, c.vocab_size), "output_norm.weight": (E,)}
     if not c.tied_output:
@@ -802,8 +824,8 @@ def required_tensors(cfg: ModelConfig) -> dict[str, Shape]:
 
 def validate_tensors(g: GGUFFile, cfg: ModelConfig) -> dict[str, Shape]:
     """Check that every tensor the forward needs exists with the expected ggml shape and a supported quant
-    type.
-    Returns :func:`required_tensors`. Raises GGUFError naming the first offending tensor."""
+    type; for gemma4 also that the file holds no tensor llama.cpp's loader would leave unused (it refuses such
+    files). Returns :func:`required_tensors`. Raises GGUFError naming the first offending tensor."""
     req = required_tensors(cfg)
     for name, shape in req.items():
         ti = g.tensor(name)  # GGUFError "missing required tensor"
@@ -813,19 +835,23 @@ def validate_tensors(g: GGUFFile, cfg: ModelConfig) -> dict[str, Shape]:
             )
         g.check_supported(name)
     if isinstance(cfg, Gemma4Config):
-        # llama.cpp refuses a file with tensors its loader did not create ("wrong number of tensors"); name the
-        # first one instead (the generic NVFP4 ".scale"/".input_scale" tensors are not supported here)
+        # llama.cpp refuses a file with tensors its loader did not create ("wrong number of tensors"); name
+        # the first one instead (the generic NVFP4 ".scale"/".input_scale" tensors are not supported here)
         optional = _gemma4_optional(cfg)
         for name, ti in g.tensors.items():
             if name in req:
                 continue
             if name not in optional:
                 raise GGUFError(
-                    g.path, "unexpected tensor: llama.cpp's gemma4 loader would not use it and refuses the file", name
+                    g.path,
+                    "unexpected tensor: llama.cpp's gemma4 loader would not use it and refuses the file",
+                    name,
                 )
             if tuple(ti.shape) != tuple(optional[name]):
                 raise GGUFError(
-                    g.path, f"shape {tuple(ti.shape)} does not match the config's {tuple(optional[name])}", name
+                    g.path,
+                    f"shape {tuple(ti.shape)} does not match the config's {tuple(optional[name])}",
+                    name,
                 )
     return req
 

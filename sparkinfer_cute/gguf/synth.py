@@ -3,9 +3,9 @@
 ``write_synthetic(path, "qwen3moe", "30b-a3b")`` writes a file with the exact tensor list, shapes and
 per-tensor quant types of a llama.cpp Q4_K_M quantization of Qwen3-30B-A3B (17.28 GiB, 30.53 B parameters), so
 speed measured on it is speed on the real model (likewise gemma3/270m: its plan equals the real gemma-3-270m
-Q4_K_M file's tensor list, types and shapes, checked in the tests; gemma4/26b-a4b has Gemma 4 26B-A4B's tensors,
-25.23 B parameters, 15.63 GiB). The small presets are for tests: they load in llama.cpp and decode varied token
-sequences.
+Q4_K_M file's tensor list, types and shapes, checked in the tests; gemma4/26b-a4b has Gemma 4 26B-A4B's
+tensors, 25.23 B parameters, 15.63 GiB). The small presets are for tests: they load in llama.cpp and decode
+varied token sequences.
 
 How the weights are made (no float weights are ever quantized; blocks are generated directly):
 
@@ -20,9 +20,9 @@ How the weights are made (no float weights are ever quantized; blocks are genera
   gives logits of std ~0.5); router (F32) std 1/sqrt(n_embd) so router logits have std ~1 and top-k weights
   are not degenerate; all norms uniform in [0.9, 1.1] (gemma3 norms carry the +1 baked in, so ~1 is right for
   both archs). gemma3 deviates where a tied embedding needs it (GEMMA3_EMBD_RMS_SQRT_N, GEMMA3_POST_NORM_GAIN:
-  see their comment); gemma4 likewise, plus Q/K norm gains for its scale-1.0 attention, an F32 router weight of
-  std 1 (its input is divided by sqrt(n_embd)), wide per-expert down scales and layer output scales, and the
-  deterministic rope_freqs (GEMMA4_* constants and their comment).
+  see their comment); gemma4 likewise, plus Q/K norm gains for its scale-1.0 attention, an F32 router weight
+  of std 1 (its input is divided by sqrt(n_embd)), wide per-expert down scales and layer output scales, and
+  the deterministic rope_freqs (GEMMA4_* constants and their comment).
 * K-quant sub-block mins are chosen to cancel the sub-block mean (dmin·m ≈ d·sc·mean(q)), so rows are
   zero-mean.
 * Deterministic per seed: each tensor is cut into fixed-size chunks and chunk k of tensor NAME draws from
@@ -35,17 +35,17 @@ Quant type rules are those of ``src/llama-quant.cpp`` (llama_tensor_get_type_imp
 ``LLAMA_FTYPE_MOSTLY_Q4_K_M`` as summarized in shared/spec/models.md §1/§4, including: use_more_bits for
 attn_v and ffn_down(_exps) -> Q6_K; output (and gemma3's tied token_embd) -> Q6_K, or Q8_0 directly when ne0 %
 256 != 0; ne0 % 256 != 0 fallbacks Q4_K->Q5_0, Q6_K->Q8_0, Q5_K->Q5_1 (refused: unsupported here); the
-n_expert == 8 rules (attn_v/attn_k -> Q8_0, attn_output -> Q5_K); 1-D tensors and ffn_gate_inp kept F32; attn_v's
-use_more_bits counts attn_v tensors (gemma4's K = V layers have none), ffn_down's counts layers.
+n_expert == 8 rules (attn_v/attn_k -> Q8_0, attn_output -> Q5_K); 1-D tensors and ffn_gate_inp kept F32;
+attn_v's use_more_bits counts attn_v tensors (gemma4's K = V layers have none), ffn_down's counts layers.
 
 llama.cpp load checks (CPU build at /work/llama/llama.cpp/build/bin, 2026-11-25), all passed: llama-bench
 (-p 16 -n 4 -r 1) and llama-perplexity (-c 64, finite PPL ~ V·e^(1/2)) on qwen3moe tiny and tiny-fallback and
 gemma3 tiny, llama-bench on a 1-block real-shape slice of 30b-a3b, llama-completion --temp 0 giving varied
 sequences; details in tests/gguf/test_synth.py's docstring.
 
-CLI: ``python -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o FILE`` (``--arch gemma4 --preset
-26b-a4b``, ``--set KEY=VALUE`` to override a preset value). Usage errors (unknown preset or key, inconsistent shapes)
-print one ``error: ...`` line and exit 2.
+CLI: ``python -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o FILE`` (``--arch gemma4
+--preset 26b-a4b``, ``--set KEY=VALUE`` to override a preset value). Usage errors (unknown preset or key,
+inconsistent shapes) print one ``error: ...`` line and exit 2.
 """
 
 from __future__ import annotations
@@ -167,14 +167,15 @@ PRESETS: dict[tuple[str, str], dict] = {
         "sliding_window": 512,
         "rms_eps": 1e-6,
     },
-    # Gemma 4 (shared/spec/models.md §3). Layer l is sliding iff l % swa_period < swa_period - 1 (26B-A4B: 5 sliding :
-    # 1 full, the last layer full). Sliding layers: head_dim / n_head_kv, rotary over the whole head, base
-    # rope_base_swa, attn_v. Full layers: head_dim_full / n_head_kv_full, rotary over the first
+    # Gemma 4 (shared/spec/models.md §3). Layer l is sliding iff l % swa_period < swa_period - 1 (26B-A4B: 5
+    # sliding : 1 full, the last layer full). Sliding layers: head_dim / n_head_kv, rotary over the whole
+    # head, base rope_base_swa, attn_v. Full layers: head_dim_full / n_head_kv_full, rotary over the first
     # partial_rotary_full of each half-head (rope_freqs: 1 then 1e30, as conversion/gemma.py writes it), base
-    # rope_base, no attn_v when k_eq_v (V = the K projection). Every layer: dense GeGLU MLP (n_ff) + routed experts.
-    # tiny: the real type mix (F32, Q4_K, Q5_0, Q6_K, Q8_0: n_ff 320 and n_ff_exp 160 are not multiples of 256, as
-    # 2112 and 704 are not), two full layers (2 and 5) with K = V, window 32 so that a 258-token test crosses it,
-    # and a final softcap of 2 (real: 30) so that the cap bends these random models' logits (std ~0.5) visibly.
+    # rope_base, no attn_v when k_eq_v (V = the K projection). Every layer: dense GeGLU MLP (n_ff) + routed
+    # experts. tiny: the real type mix (F32, Q4_K, Q5_0, Q6_K, Q8_0: n_ff 320 and n_ff_exp 160 are not
+    # multiples of 256, as 2112 and 704 are not), two full layers (2 and 5) with K = V, window 32 so that a
+    # 258-token test crosses it, and a final softcap of 2 (real: 30) so that the cap bends these random
+    # models' logits (std ~0.5) visibly.
     ("gemma4", "tiny"): {
         "n_vocab": 1024,
         "n_embd": 256,
@@ -199,9 +200,9 @@ PRESETS: dict[tuple[str, str], dict] = {
         "final_logit_softcap": 2.0,
         "rms_eps": 1e-6,
     },
-    # the real per-layer attention geometry (16 heads; hd 256 / 8 KV heads sliding, hd 512 / 2 KV heads full, K = V),
-    # the real expert and dense-MLP widths and top-8 routing; narrower model (n_embd 512), fewer experts and layers
-    # (full at 5 and 11), window 128
+    # the real per-layer attention geometry (16 heads; hd 256 / 8 KV heads sliding, hd 512 / 2 KV heads full,
+    # K = V), the real expert and dense-MLP widths and top-8 routing; narrower model (n_embd 512), fewer
+    # experts and layers (full at 5 and 11), window 128
     ("gemma4", "small"): {
         "n_vocab": 4096,
         "n_embd": 512,
@@ -267,13 +268,14 @@ ROUTER_LOGIT_STD = 1.0
 # docstring). Residual RMS stays < ~10 at 18 layers.
 GEMMA3_EMBD_RMS_SQRT_N = 0.5  # token_embd RMS = this / sqrt(n_embd): x0 = embd*sqrt(n_embd) has RMS 0.5
 GEMMA3_POST_NORM_GAIN = {"post_attention_norm": 0.5, "post_ffw_norm": 2.0}
-# Gemma 4 (tied embedding too): the same embedding / post-norm balance as gemma3 (see above), applied to the norms
-# that end each branch. Gemma 4's attention scale is 1.0 on RMS-normed Q and K, so with unit norm gains the scores
-# would have std sqrt(head_dim) (16 to 23 at real sizes: one-hot attention); attn_q_norm and attn_k_norm get gains
-# g with g^2 = GEMMA4_SCORE_STD / sqrt(head_dim), giving scores of std ~GEMMA4_SCORE_STD. The router weight is
-# F32 with std ROUTER_LOGIT_STD: its input rmsnorm(x)/sqrt(n_embd)*ffn_gate_inp.scale has RMS ~1/sqrt(n_embd), so
-# router logits have std ~1. The per-expert down scales and the layer output scales are drawn from wide ranges so
-# that a forward ignoring them is visibly wrong (both are otherwise partly hidden by the RMSNorms that follow).
+# Gemma 4 (tied embedding too): the same embedding / post-norm balance as gemma3 (see above), applied to the
+# norms that end each branch. Gemma 4's attention scale is 1.0 on RMS-normed Q and K, so with unit norm gains
+# the scores would have std sqrt(head_dim) (16 to 23 at real sizes: one-hot attention); attn_q_norm and
+# attn_k_norm get gains g with g^2 = GEMMA4_SCORE_STD / sqrt(head_dim), giving scores of std
+# ~GEMMA4_SCORE_STD. The router weight is F32 with std ROUTER_LOGIT_STD: its input
+# rmsnorm(x)/sqrt(n_embd)*ffn_gate_inp.scale has RMS ~1/sqrt(n_embd), so router logits have std ~1. The
+# per-expert down scales and the layer output scales are drawn from wide ranges so that a forward ignoring
+# them is visibly wrong (both are otherwise partly hidden by the RMSNorms that follow).
 GEMMA4_EMBD_RMS_SQRT_N = GEMMA3_EMBD_RMS_SQRT_N
 GEMMA4_NORM_GAIN = {"post_attention_norm.weight": 0.5, "post_ffw_norm.weight": 2.0}
 GEMMA4_SCORE_STD = 1.5
@@ -306,12 +308,15 @@ def synthetic_config(arch: str, preset: str, overrides: dict | None = None) -> d
             raise ValueError(f"n_expert_used {cfg['n_expert_used']} > n_expert {cfg['n_expert']}")
         n_rot_pairs = cfg["head_dim_full"] * cfg["partial_rotary_full"] / 2
         if not (0 < n_rot_pairs <= cfg["head_dim_full"] // 2) or n_rot_pairs != int(n_rot_pairs):
-            raise ValueError(f"partial_rotary_full {cfg['partial_rotary_full']} does not give a whole number of pairs")
+            raise ValueError(
+                f"partial_rotary_full {cfg['partial_rotary_full']} does not give a whole number of pairs"
+            )
     return cfg
 
 
 def gemma4_is_swa(cfg: dict, layer: int) -> bool:
-    """Sliding-window layers of a gemma4 preset: all but every swa_period-th (26B-A4B: full at 5, 11, ..., 29)."""
+    """Sliding-window layers of a gemma4 preset: all but every swa_period-th (26B-A4B: full at 5, 11, ...,
+    29)."""
     return layer % cfg["swa_period"] < cfg["swa_period"] - 1
 
 
@@ -354,9 +359,9 @@ def q4_k_m_type(
 
     attn_v: llama.cpp's rule is ``use_more_bits(i_attention_wv, n_attention_wv)``, counters over the attn_v
     tensors in file order; ``attn_v_counter`` = (this tensor's rank among them, their number), by default
-    (layer, n_layer), which is right when every layer has one (gemma4's K = V layers have none). ffn_down: with
-    n_expert > 1 llama.cpp parses the layer from the name (layer_info), else it counts ffn_down tensors, which is
-    the same for one ffn_down per layer.
+    (layer, n_layer), which is right when every layer has one (gemma4's K = V layers have none). ffn_down:
+    with n_expert > 1 llama.cpp parses the layer from the name (layer_info), else it counts ffn_down tensors,
+    which is the same for one ffn_down per layer.
     """
     if len(shape) < 2 or name.endswith("_norm.weight") or "ffn_gate_inp" in name:
         return Q.F32
@@ -500,7 +505,12 @@ def plan_synthetic(
         PlannedTensor(
             n,
             q4_k_m_type(
-                n, s, n_layer=c["n_layer"], n_expert=n_expert, tied_embeddings=tied, attn_v_counter=rank.get(n)
+                n,
+                s,
+                n_layer=c["n_layer"],
+                n_expert=n_expert,
+                tied_embeddings=tied,
+                attn_v_counter=rank.get(n),
             ),
             s,
         )
@@ -529,8 +539,8 @@ def plan_summary(plan: list[PlannedTensor]) -> dict:
 
 def target_scale(arch: str, cfg: dict, name: str, shape: tuple[int, ...]) -> tuple[str, float | tuple]:
     """How tensor ``name`` is initialized: ("norm", g) uniform g*NORM_RANGE, ("uniform", (lo, hi)),
-    ("rope_freqs", n) (n ones then 1e30), ("normal", std) for F32 matrices, or ("rms", r) for quantized matrices
-    (dequantized RMS r)."""
+    ("rope_freqs", n) (n ones then 1e30), ("normal", std) for F32 matrices, or ("rms", r) for quantized
+    matrices (dequantized RMS r)."""
     if arch == "gemma4":
         return _gemma4_target_scale(cfg, name, shape)
     if len(shape) == 1:
@@ -813,7 +823,8 @@ def gemma_vocab(n_vocab: int):
     return tokens, scores, types, {s: i for i, s in enumerate(GEMMA_SPECIALS)}
 
 
-GEMMA4_SPECIALS = {  # id: (text, llama.cpp token type); ids as models.md §6 gives them (<|turn> 105, <turn|> 106)
+# id: (text, llama.cpp token type); ids as models.md §6 gives them (<|turn> 105, <turn|> 106)
+GEMMA4_SPECIALS = {
     0: ("<pad>", 3),
     1: ("<eos>", 3),
     2: ("<bos>", 3),
@@ -829,11 +840,11 @@ GEMMA4_MAX_NEWLINES = 8
 
 
 def gemma4_vocab(n_vocab: int):
-    """A Gemma-4-style vocabulary (``tokenizer.ggml.model = gemma4``: BPE over raw UTF-8 with ' ' -> '▁', newline
-    runs as tokens, ``<0xXX>`` byte fallback) of exactly n_vocab tokens, with merges.
+    """A Gemma-4-style vocabulary (``tokenizer.ggml.model = gemma4``: BPE over raw UTF-8 with ' ' -> '▁',
+    newline runs as tokens, ``<0xXX>`` byte fallback) of exactly n_vocab tokens, with merges.
 
-    ids: the specials of GEMMA4_SPECIALS (the other ids below 111 are ``<unusedN>``, UNUSED), then the 256 BYTE
-    tokens, newline runs (1 to 8 newlines), single characters (incl. '▁'), then merged tokens built as in
+    ids: the specials of GEMMA4_SPECIALS (the other ids below 111 are ``<unusedN>``, UNUSED), then the 256
+    BYTE tokens, newline runs (1 to 8 newlines), single characters (incl. '▁'), then merged tokens built as in
     :func:`qwen_vocab` ('▁'+letter, letter pairs, '▁'+pair, triples, '▁'+triple; each merge joins two existing
     tokens). Returns (tokens, token_types, merges, special_ids by text).
     """
@@ -852,7 +863,9 @@ def gemma4_vocab(n_vocab: int):
             seen.add(ch)
             types.append(1)
     if len(tokens) > n_vocab:
-        raise ValueError(f"n_vocab {n_vocab} too small for the synthetic gemma4 vocabulary (>= {len(tokens)})")
+        raise ValueError(
+            f"n_vocab {n_vocab} too small for the synthetic gemma4 vocabulary (>= {len(tokens)})"
+        )
     sp = "▁"
     merges: list[str] = []
 

@@ -427,7 +427,8 @@ def test_gemma4_per_layer_geometry(tmp_path):
 
 
 def test_gemma4_llama_cpp_defaults(tmp_path):
-    # final_logit_softcapping: llama_hparams default 30 (gemma4 does not reset it, unlike gemma3); 0 disables it
+    # final_logit_softcapping: llama_hparams default 30 (gemma4 does not reset it, unlike gemma3); 0 disables
+    # it
     assert load_config(_g4(tmp_path, "a.gguf", final_logit_softcapping=None)[0]).final_logit_softcap == 30.0
     assert load_config(_g4(tmp_path, "b.gguf", final_logit_softcapping=0.0)[0]).final_logit_softcap is None
     # head_count_kv defaults to head_count; a scalar applies to every layer
@@ -437,7 +438,9 @@ def test_gemma4_llama_cpp_defaults(tmp_path):
     # rope.dimension_count_swa defaults to the full layers' n_rot (here 32 > the SWA head 16: refused)
     with pytest.raises(GGUFError, match="dimension_count_swa"):
         load_config(_g4(tmp_path, "d.gguf", **{"rope.dimension_count_swa": None})[0])
-    c = load_config(_g4(tmp_path, "e.gguf", **{"rope.dimension_count_swa": None, "rope.dimension_count": 16})[0])
+    c = load_config(
+        _g4(tmp_path, "e.gguf", **{"rope.dimension_count_swa": None, "rope.dimension_count": 16})[0]
+    )
     assert c.n_rot_swa == 16 and c.n_rot_for(2) == 16
     # expert_feed_forward_length as an array: llama.cpp sizes every layer by the first entry
     c = load_config(_g4(tmp_path, "f.gguf", expert_feed_forward_length=[24] * 5)[0])
@@ -483,14 +486,20 @@ def test_gemma4_tensor_rules(tmp_path):
         assert ei.value.tensor == bad
         assert "\n" not in str(ei.value)  # one line
 
-    # a tensor llama.cpp's loader does not create (here the generic NVFP4 per-tensor scale) makes it refuse the file
+    # a tensor llama.cpp's loader does not create (here the generic NVFP4 per-tensor scale): it refuses the file
     check("a.gguf", {**full, "blk.1.attn_q.scale": (1,)}, "unexpected tensor", "blk.1.attn_q.scale")
-    # rope_freqs: required when a full layer exists, {head_dim_full/2} even when rope.dimension_count is smaller
+    # rope_freqs: required when a full layer exists, {head_dim_full/2} even when rope.dimension_count is
+    # smaller
     t = dict(full)
     del t["rope_freqs.weight"]
     check("b.gguf", t, "missing required tensor", "rope_freqs.weight")
-    check("c.gguf", {**full, "rope_freqs.weight": (8,)}, "does not match", "rope_freqs.weight",
-          **{"rope.dimension_count": 16})
+    check(
+        "c.gguf",
+        {**full, "rope_freqs.weight": (8,)},
+        "does not match",
+        "rope_freqs.weight",
+        **{"rope.dimension_count": 16},
+    )
     g, _ = _g4(tmp_path, "d.gguf", tensors=full, **{"rope.dimension_count": 16})
     assert validate_tensors(g, load_config(g))["rope_freqs.weight"] == (16,)
     # attn_v on a full layer: K != V there
@@ -504,16 +513,35 @@ def test_gemma4_tensor_rules(tmp_path):
 def test_gemma4_optional_and_variant_tensors(tmp_path):
     full = spec_gemma4(64, G4_SWA, 4, 4, 2, 16, 32, 48, 4, 24, 30)
     # per-layer optional: ffn_down_exps.scale (generic loader pass) and layer_output_scale
-    t = {k: v for k, v in full.items() if k not in ("blk.1.ffn_down_exps.scale", "blk.3.layer_output_scale.weight")}
+    t = {
+        k: v
+        for k, v in full.items()
+        if k not in ("blk.1.ffn_down_exps.scale", "blk.3.layer_output_scale.weight")
+    }
     g, _ = _g4(tmp_path, "a.gguf", tensors=t)
     c = load_config(g)
     assert [c.has_down_exps_scale(i) for i in range(5)] == [True, False, True, True, True]
     assert [c.has_out_scale(i) for i in range(5)] == [True, True, True, False, True]
     assert validate_tensors(g, c) == t
     # a dense layer (no router): no MoE tensors; separate gate/up experts; untied output
-    t = {k: v for k, v in full.items() if not (k.startswith("blk.0.") and k.split(".", 2)[2] in (
-        "ffn_gate_inp.weight", "ffn_gate_inp.scale", "pre_ffw_norm_2.weight", "post_ffw_norm_1.weight",
-        "post_ffw_norm_2.weight", "ffn_gate_up_exps.weight", "ffn_down_exps.weight", "ffn_down_exps.scale"))}
+    t = {
+        k: v
+        for k, v in full.items()
+        if not (
+            k.startswith("blk.0.")
+            and k.split(".", 2)[2]
+            in (
+                "ffn_gate_inp.weight",
+                "ffn_gate_inp.scale",
+                "pre_ffw_norm_2.weight",
+                "post_ffw_norm_1.weight",
+                "post_ffw_norm_2.weight",
+                "ffn_gate_up_exps.weight",
+                "ffn_down_exps.weight",
+                "ffn_down_exps.scale",
+            )
+        )
+    }
     for i in range(1, 5):
         del t[f"blk.{i}.ffn_gate_up_exps.weight"]
         t[f"blk.{i}.ffn_gate_exps.weight"] = t[f"blk.{i}.ffn_up_exps.weight"] = (64, 24, 4)
@@ -530,8 +558,11 @@ def test_gemma4_optional_and_variant_tensors(tmp_path):
         validate_tensors(g, load_config(g))
     assert ei.value.tensor == "blk.3.ffn_gate_inp.scale"
     # fused attn_qkv {n_embd, H*d + 2*nkv*d}, V rows included even where K = V would apply
-    t3 = {k: v for k, v in full.items() if k.split(".", 2)[-1] not in ("attn_q.weight", "attn_k.weight",
-                                                                       "attn_v.weight")}
+    t3 = {
+        k: v
+        for k, v in full.items()
+        if k.split(".", 2)[-1] not in ("attn_q.weight", "attn_k.weight", "attn_v.weight")
+    }
     for i, sw in enumerate(G4_SWA):
         d, kv = (16, 4) if sw else (32, 2)
         t3[f"blk.{i}.attn_qkv.weight"] = (64, 4 * d + 2 * kv * d)

@@ -110,7 +110,7 @@ def test_plan_rules_hold_for_every_preset(arch, preset):
     cfg = synth.synthetic_config(arch, preset)
     L = cfg["n_layer"]
     plan = plan_synthetic(arch, preset)
-    # llama-quant.cpp counts attn_v tensors in file order (i_attention_wv of n_attention_wv); ffn_down is by layer
+    # llama-quant.cpp counts attn_v tensors in file order (i_attention_wv of n_attention_wv); ffn_down by layer
     attn_v = [t.name for t in plan if t.name.endswith("attn_v.weight")]
     for name, t, shape in plan:
         ne0 = shape[0]
@@ -423,7 +423,7 @@ def _llama(tool: str, *args: str) -> str:
 
 @pytest.mark.skipif(
     not LLAMA_BIN or not os.path.exists(os.path.join(LLAMA_BIN, "llama-perplexity")),
-    reason="set LLAMA_CPP_BIN to a llama.cpp build directory to run the llama.cpp load check"
+    reason="set LLAMA_CPP_BIN to a llama.cpp build directory to run the llama.cpp load check",
 )
 @pytest.mark.parametrize("arch,preset", [*TINY, ("gemma4", "tiny")])
 def test_llama_cpp_loads_and_scores(tiny_files, gemma4_tiny, arch, preset, tmp_path):
@@ -460,10 +460,10 @@ def gemma4_tiny(tmp_path_factory):
 
 
 def test_plan_gemma4_26b_a4b_by_hand():
-    """The 26B-A4B plan against shapes and types derived here from models.md §3 and llama-quant.cpp's Q4_K_M rules:
-    attn_v Q6_K iff use_more_bits(rank among the 25 attn_v tensors, 25); ffn_down / ffn_down_exps (ne0 2112 / 704,
-    not multiples of 256) Q8_0 iff use_more_bits(layer, 30), else Q5_0; tied token_embd Q6_K (2816 % 256 == 0);
-    every other matrix Q4_K; vectors and the router F32."""
+    """The 26B-A4B plan against shapes and types derived here from models.md §3 and llama-quant.cpp's Q4_K_M
+    rules: attn_v Q6_K iff use_more_bits(rank among the 25 attn_v tensors, 25); ffn_down / ffn_down_exps (ne0
+    2112 / 704, not multiples of 256) Q8_0 iff use_more_bits(layer, 30), else Q5_0; tied token_embd Q6_K
+    (2816 % 256 == 0); every other matrix Q4_K; vectors and the router F32."""
     plan = plan_synthetic("gemma4", "26b-a4b")
     types = {t.name: t.ggml_type for t in plan}
     shapes = {t.name: t.shape for t in plan}
@@ -474,13 +474,20 @@ def test_plan_gemma4_26b_a4b_by_hand():
     for i in range(30):
         b = f"blk.{i}."
         d, kv = (512, 2) if i in full else (256, 8)
-        n += E * (H * d) * 2 + E * kv * d + 2 * d + 2 * E + 1  # q, o, k, q/k norms, attn_norm, post-attn, out scale
+        n += (
+            E * (H * d) * 2 + E * kv * d + 2 * d + 2 * E + 1
+        )  # q, o, k, q/k norms, attn_norm, post-attn, out scale
         n += 3 * E * 2112 + 2 * E  # dense MLP and its two norms
-        n += E * NE + E + 3 * E + NE * (E * 2 * 704 + 704 * E) + NE  # router, scale, 3 norms, experts, down scale
+        n += (
+            E * NE + E + 3 * E + NE * (E * 2 * 704 + 704 * E) + NE
+        )  # router, scale, 3 norms, experts, down scale
         assert shapes[b + "attn_q.weight"] == (E, H * d) and shapes[b + "attn_k.weight"] == (E, kv * d)
         assert shapes[b + "attn_output.weight"] == (H * d, E) and shapes[b + "attn_q_norm.weight"] == (d,)
         assert shapes[b + "ffn_gate_up_exps.weight"] == (E, 1408, NE)
-        assert shapes[b + "ffn_down_exps.weight"] == (704, E, NE) and shapes[b + "ffn_down.weight"] == (2112, E)
+        assert shapes[b + "ffn_down_exps.weight"] == (704, E, NE) and shapes[b + "ffn_down.weight"] == (
+            2112,
+            E,
+        )
         if i in full:
             assert b + "attn_v.weight" not in types
         else:
@@ -492,7 +499,12 @@ def test_plan_gemma4_26b_a4b_by_hand():
         assert types[b + "ffn_down.weight"] == types[b + "ffn_down_exps.weight"] == want_down, i
         for t in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up", "ffn_gate_up_exps"):
             assert types[b + t + ".weight"] == Q.Q4_K, (i, t)
-        for t in ("ffn_gate_inp.weight", "ffn_gate_inp.scale", "ffn_down_exps.scale", "layer_output_scale.weight"):
+        for t in (
+            "ffn_gate_inp.weight",
+            "ffn_gate_inp.scale",
+            "ffn_down_exps.scale",
+            "layer_output_scale.weight",
+        ):
             assert types[b + t] == Q.F32
     assert v_rank == 25
     assert types["token_embd.weight"] == Q.Q6_K and "output.weight" not in types
@@ -503,8 +515,8 @@ def test_plan_gemma4_26b_a4b_by_hand():
 
 
 def test_gemma4_tiny_file(gemma4_tiny):
-    """The tiny file validates against the config's inventory (exactly the file's tensors) and echoes the preset;
-    the deterministic and scaled tensors hold what synth.py's docstrings say."""
+    """The tiny file validates against the config's inventory (exactly the file's tensors) and echoes the
+    preset; the deterministic and scaled tensors hold what synth.py's docstrings say."""
     from sparkinfer_cute.gguf.config import Gemma4Config, load_config, validate_tensors
 
     g = GGUFFile(gemma4_tiny)
@@ -523,7 +535,9 @@ def test_gemma4_tiny_file(gemma4_tiny):
     assert c.tied_output and c.final_logit_softcap == 2.0 and c.vocab_size == 1024
     assert g.metadata["general.file_type"] == 15
     rf = g.dequant("rope_freqs.weight")
-    assert rf.shape == (64,) and np.all(rf[:16] == 1.0) and np.all(rf[16:] == np.float32(1e30))  # 0.25 of 64 pairs
+    assert (
+        rf.shape == (64,) and np.all(rf[:16] == 1.0) and np.all(rf[16:] == np.float32(1e30))
+    )  # 0.25 of 64 pairs
     for i in range(6):
         s = float(g.dequant(f"blk.{i}.layer_output_scale.weight")[0])
         assert 0.7 <= s <= 1.3
@@ -542,19 +556,29 @@ def test_gemma4_tiny_file(gemma4_tiny):
 
 def test_gemma4_vocab_is_a_consistent_bpe(gemma4_tiny):
     """Every merge joins two tokens into a third; llama.cpp's special ids; our tokenizer (validated against
-    llama-tokenize on gemma4 vocabularies in tests/tokenizer) encodes text into multi-character tokens and back."""
+    llama-tokenize on gemma4 vocabularies in tests/tokenizer) encodes text into multi-character tokens and
+    back."""
     from sparkinfer_cute.tokenizer import Tokenizer
 
     g = GGUFFile(gemma4_tiny)
     md = g.metadata
-    toks, types, merges = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"], md["tokenizer.ggml.merges"]
+    toks, types, merges = (
+        md["tokenizer.ggml.tokens"],
+        md["tokenizer.ggml.token_type"],
+        md["tokenizer.ggml.merges"],
+    )
     assert len(toks) == len(set(toks)) == len(types) == 1024
     vocab = set(toks)
     for m in merges:
         a, b = m.split(" ")
         assert a in vocab and b in vocab and a + b in vocab, m
     assert (md["tokenizer.ggml.model"], toks[2], toks[1], toks[105], toks[106]) == (
-        "gemma4", "<bos>", "<eos>", "<|turn>", "<turn|>")
+        "gemma4",
+        "<bos>",
+        "<eos>",
+        "<|turn>",
+        "<turn|>",
+    )
     assert (md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"]) == (2, 1)
     assert [t for t, ty in zip(toks, types) if ty == 6] == [f"<0x{b:02X}>" for b in range(256)]
     tok = Tokenizer.from_gguf(g)
@@ -581,11 +605,14 @@ def test_gemma4_deterministic_and_streaming(tmp_path, monkeypatch):
 
 
 def test_gemma4_rope_freqs_only_with_a_full_layer(tmp_path):
-    """llama.cpp creates rope_freqs at the first full layer: a file without one must not hold it (its loader then
-    refuses the file: "wrong number of tensors"), whether the preset or --max-layers removes the full layers."""
+    """llama.cpp creates rope_freqs at the first full layer: a file without one must not hold it (its loader
+    then refuses the file: "wrong number of tensors"), whether the preset or --max-layers removes the full
+    layers."""
     from sparkinfer_cute.gguf.config import load_config, validate_tensors
 
-    assert "rope_freqs.weight" not in {t.name for t in plan_synthetic("gemma4", "tiny", overrides={"n_layer": 2})}
+    assert "rope_freqs.weight" not in {
+        t.name for t in plan_synthetic("gemma4", "tiny", overrides={"n_layer": 2})
+    }
     g = GGUFFile(write_synthetic(tmp_path / "s.gguf", "gemma4", "tiny", max_layers=2))
     assert "rope_freqs.weight" not in g.tensors and g.metadata["gemma4.block_count"] == 2
     c = load_config(g)
@@ -594,12 +621,12 @@ def test_gemma4_rope_freqs_only_with_a_full_layer(tmp_path):
 
 def test_gemma4_max_layers_slice(tmp_path):
     """A 7-block slice of 26b-a4b keeps the real shapes and full-depth type rules (metadata arrays sliced)."""
-    from sparkinfer_cute.gguf.config import load_config, validate_tensors
-
     plan = {t.name: t for t in plan_synthetic("gemma4", "26b-a4b")}
     c = synth.synthetic_config("gemma4", "26b-a4b")
     c["n_layer"] = 7
-    c["n_vocab"] = 1024  # the metadata arrays checked here do not depend on it (the real vocabulary takes seconds)
+    c["n_vocab"] = (
+        1024  # the metadata arrays checked here do not depend on it (the real vocabulary takes seconds)
+    )
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gemma4")
     synth._add_metadata(w, "gemma4", "26b-a4b", c, "Q4_K_M", 0)
     w.write_header_to_file()
@@ -643,8 +670,15 @@ def test_cli_dry_run_and_write(tmp_path, capsys):
     assert GGUFFile(out).metadata["gemma3.block_count"] == 2
 
 
-@pytest.mark.parametrize("argv", [["--preset", "nope"], ["--set", "foo=1"], ["--arch", "gemma4", "--set", "n_head_kv=3"],
-                                  ["--set", "novalue"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--preset", "nope"],
+        ["--set", "foo=1"],
+        ["--arch", "gemma4", "--set", "n_head_kv=3"],
+        ["--set", "novalue"],
+    ],
+)
 def test_cli_usage_errors_are_one_line(argv, capsys):
     assert synth.main([*argv, "--dry-run"]) == 2
     err = capsys.readouterr().err
@@ -656,8 +690,13 @@ def test_cli_module_exit_status_without_traceback(tmp_path):
     import sys
 
     for argv in (["--preset", "nope"], ["--set", "foo=1"]):
-        r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.gguf.synth", *argv, "-o", str(tmp_path / "x")],
-                           capture_output=True, text=True, timeout=120, check=False)
+        r = subprocess.run(
+            [sys.executable, "-m", "sparkinfer_cute.gguf.synth", *argv, "-o", str(tmp_path / "x")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1 and not (tmp_path / "x").exists()
 
@@ -678,8 +717,9 @@ def test_30b_a3b_one_layer_slice(tmp_path):
 @pytest.mark.skipif(not os.environ.get("SPARKINFER_SLOW"), reason="writes ~2 GB; set SPARKINFER_SLOW=1")
 @pytest.mark.parametrize("preset,max_layers", [("small", None), ("26b-a4b", 6)])
 def test_gemma4_real_shapes_validate_and_stay_well_scaled(tmp_path, preset, max_layers):
-    """small, and the first 6 blocks of 26b-a4b (five sliding layers and the first full one, real shapes): the file
-    validates, and the reference forward keeps the residual stream O(1) and the logits finite and varied."""
+    """small, and the first 6 blocks of 26b-a4b (five sliding layers and the first full one, real shapes): the
+    file validates, and the reference forward keeps the residual stream O(1) and the logits finite and
+    varied."""
     from sparkinfer_cute.gguf.config import load_config, validate_tensors
     from sparkinfer_cute.reference import load_reference
 

@@ -127,8 +127,8 @@ def test_full_layer_k_eq_v_and_partial_rotary(tiny, m64):
         for got, pre in ((cap[f"q.{l}"], q0), (cap[f"k.{l}"], k0)):
             np.testing.assert_allclose(got[..., ~rot], pre[..., ~rot], rtol=1e-10, atol=1e-12)
             # rotation keeps each pair's norm and moves it (position 0 is the identity)
-            pn = lambda a: np.hypot(a[..., :n_pairs], a[..., half : half + n_pairs])  # noqa: E731
-            np.testing.assert_allclose(pn(got), pn(pre), rtol=1e-9)
+            norms = [np.hypot(a[..., :n_pairs], a[..., half : half + n_pairs]) for a in (got, pre)]
+            np.testing.assert_allclose(norms[0], norms[1], rtol=1e-9)
             assert np.abs(got[1:, :, rot] - pre[1:, :, rot]).min(axis=-1).max() > 0
             np.testing.assert_allclose(got[0], pre[0], rtol=1e-10, atol=1e-12)
 
