@@ -14,7 +14,8 @@ window / base 1e4, full layers hd 512 / 2 KV heads / base 1e6 with ``rope_freqs`
     MoE layer:  m = rmsnorm(GeGLU_dense(rmsnorm(x1, ffn_norm)), post_ffw_norm_1)
                 r = rmsnorm(x1, no weight) * (1/sqrt(n_embd)) * ffn_gate_inp.scale
                 p = softmax(W_gate_inp r); top-k; w = p_top / max(sum p_top, 2^-14)
-                y = Σ_j w_j * down_scale[e_j] * Wdown_e( gelu(Wgate_e e_in) * Wup_e e_in ),  e_in = rmsnorm(x1, pre_ffw_norm_2)
+                e_in = rmsnorm(x1, pre_ffw_norm_2)
+                y = Σ_j w_j * down_scale[e_j] * Wdown_e( gelu(Wgate_e e_in) * Wup_e e_in )
                 f = m + rmsnorm(y, post_ffw_norm_2)
     dense layer: f = GeGLU_dense(rmsnorm(x1, ffn_norm))
     x  = (x1 + rmsnorm(f, post_ffw_norm)) * layer_output_scale   (the scale only if the file has it)
@@ -34,8 +35,16 @@ Spec errors found against llama.cpp 0c1e570 (src/models/gemma4.cpp, src/llama-mo
   not to key_length_swa; ``attention.value_length`` defaults to n_embd/n_head and must equal key_length.
 * ``ffn_down_exps.scale`` and ``layer_output_scale.weight`` are optional per layer (the spec's tensor list shows the
   per-expert scale without saying so).
+* Q4_K_M types (§3 "Derived Q4_K_M consequence"): attn_v's use_more_bits counts the attn_v tensors (25 in 26B-A4B,
+  the K = V layers have none), not the layers, so its Q6_K attn_v are those of layers 0-2, 6, 9, 13, 16, 19, 24-28
+  (src/llama-quant.cpp i_attention_wv / n_attention_wv); ffn_down(_exps) do go by layer (n_expert > 1).
 * The spec's "Q/K norms ... rope" order and K = V semantics are right: V takes the K projection before attn_k_norm
   and before RoPE, and is RMS-normed without a weight.
+
+Notes for the GPU forward: the top-k renormalisation is invisible in Gemma 4 (post_ffw_norm_2 RMS-normalises
+the weighted expert sum, so a per-token factor cancels, up to the eps in the norm), but the per-expert down
+scale is not (it weights experts against each other); the router reads x1 itself, not the pre_ffw_norm_2
+output the experts multiply.
 
 Experts are dequantized lazily, one (layer, kind, expert) matrix at a time from ``GGUFFile.raw`` slices, and kept in
 an LRU cache, as in qwen3_moe.py. ``emulate_cpu`` (llama.cpp CPU-backend numerics) is not implemented for Gemma 4:

@@ -18,6 +18,16 @@ and ran:
   llama-completion -p "The quick brown fox" -n 32 --temp 0: varied greedy continuations, e.g.
     qwen3moe/tiny: "An� gmey nxcmunuj ww oywlbm`ghak wwtyu tr Ts� gm wsts nz ga- hbtkbm lr rr"
     gemma3/tiny:   "'mp wkgupgbt ht i i hi wsiweo paYcnjn nb nb nbsh nbsh uu td tdfcw tqdyok"
+2026-12-07, llama.cpp 0c1e570 CPU build (AVX2, /work/llama/llama.cpp/build/bin), gemma4 seed 0 files:
+  llama-bench -p 16 -n 4 (-p 8 -n 2 for 26b-a4b) loads and runs gemma4/tiny (9.28 MiB, 14.95 M), gemma4/small
+    (335.96 MiB, 537.26 M) and the whole gemma4/26b-a4b file ("gemma4 26B.A4B Q4_K - Medium", 15.63 GiB,
+    25.23 B params; written in 2 min 35 s on this 2-core box, max RSS 341 MB).
+  llama-perplexity on english_text.txt: PPL 1146 (tiny, -c 64), 4313 (small, -c 128), 292931 (26b-a4b, -c 32,
+    2 chunks): near the vocabulary size (1024 / 4096 / 262144), finite.
+  llama-completion -p "The quick brown fox" -n 32 --temp 0 on gemma4/tiny: "xut-x do�dr gi do�Z\btsur oh he
+    ds do do sr gi Fdsii il" then newlines and "ftftftft" (its tiny vocabulary's EOG tokens end it early).
+  Files without a full layer must not hold rope_freqs ("wrong number of tensors"), and a 1-layer file aborts
+    (GGML_ASSERT n_layer_kv_from_start >= 2): both checked, both mirrored by the writer and the config.
 test_llama_cpp_loads_and_scores repeats the bench/perplexity checks when a llama.cpp build is present.
 """
 
@@ -110,7 +120,7 @@ def test_plan_rules_hold_for_every_preset(arch, preset):
     cfg = synth.synthetic_config(arch, preset)
     L = cfg["n_layer"]
     plan = plan_synthetic(arch, preset)
-    # llama-quant.cpp counts attn_v tensors in file order (i_attention_wv of n_attention_wv); ffn_down by layer
+    # llama-quant.cpp counts attn_v tensors in file order (i_attention_wv, n_attention_wv); ffn_down by layer
     attn_v = [t.name for t in plan if t.name.endswith("attn_v.weight")]
     for name, t, shape in plan:
         ne0 = shape[0]
