@@ -36,7 +36,7 @@ Spec errors found against llama.cpp 0c1e570 (src/models/gemma4.cpp, src/llama-mo
 * ``ffn_down_exps.scale`` and ``layer_output_scale.weight`` are optional per layer (the spec's tensor list shows the
   per-expert scale without saying so).
 * Q4_K_M types (§3 "Derived Q4_K_M consequence"): attn_v's use_more_bits counts the attn_v tensors (25 in 26B-A4B,
-  the K = V layers have none), not the layers, so its Q6_K attn_v are those of layers 0-2, 6, 9, 13, 16, 19, 24-28
+  the K = V layers have none), not the layers, so its Q6_K attn_v are those of layers 0-2, 6, 9, 13, 16, 20, 24-28
   (src/llama-quant.cpp i_attention_wv / n_attention_wv); ffn_down(_exps) do go by layer (n_expert > 1).
 * The spec's "Q/K norms ... rope" order and K = V semantics are right: V takes the K projection before attn_k_norm
   and before RoPE, and is RMS-normed without a weight.
