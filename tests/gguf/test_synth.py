@@ -18,7 +18,7 @@ and ran:
   llama-completion -p "The quick brown fox" -n 32 --temp 0: varied greedy continuations, e.g.
     qwen3moe/tiny: "An� gmey nxcmunuj ww oywlbm`ghak wwtyu tr Ts� gm wsts nz ga- hbtkbm lr rr"
     gemma3/tiny:   "'mp wkgupgbt ht i i hi wsiweo paYcnjn nb nb nbsh nbsh uu td tdfcw tqdyok"
-2026-12-07, llama.cpp 0c1e570 CPU build (AVX2, /work/llama/llama.cpp/build/bin), gemma4 seed 0 files:
+2026-12-07, llama.cpp 0c1e570 CPU build (AVX2, the same directory, 2 threads), gemma4 seed 0 files:
   llama-bench -p 16 -n 4 (-p 8 -n 2 for 26b-a4b) loads and runs gemma4/tiny (9.28 MiB, 14.95 M), gemma4/small
     (335.96 MiB, 537.26 M) and the whole gemma4/26b-a4b file ("gemma4 26B.A4B Q4_K - Medium", 15.63 GiB,
     25.23 B params; written in 2 min 35 s on this 2-core box, max RSS 341 MB).
@@ -517,6 +517,9 @@ def test_plan_gemma4_26b_a4b_by_hand():
         ):
             assert types[b + t] == Q.F32
     assert v_rank == 25
+    # the same rule written out: attn_v ranks 0-2, 5, 8, 11, 14, 17, 20-24 are the sliding layers below
+    q6_v = [i for i in range(30) if types.get(f"blk.{i}.attn_v.weight") == Q.Q6_K]
+    assert q6_v == [0, 1, 2, 6, 9, 13, 16, 20, 24, 25, 26, 27, 28]
     assert types["token_embd.weight"] == Q.Q6_K and "output.weight" not in types
     assert shapes["rope_freqs.weight"] == (256,)
     s = plan_summary(plan)
