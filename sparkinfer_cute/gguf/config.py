@@ -5,7 +5,7 @@ One frozen dataclass per architecture (``Qwen3MoeConfig``, ``Gemma3Config``, ``G
 ``general.architecture``; :func:`required_tensors` lists every tensor the forward reads with its ggml shape
 (ne0 first), which the synthetic writer, the GPU loader and :func:`validate_tensors` share. Key names,
 defaults and the per-layer rules are those of llama.cpp (``src/llama-model.cpp``, ``src/models/*.cpp``) as
-recorded in /work/shared/spec/models.md.
+recorded in shared/spec/models.md.
 
 A few facts come from *tensor presence* rather than metadata (llama.cpp does the same): tied output (no
 ``output.weight``), fused ``ffn_gate_up_exps``, fused ``attn_qkv`` (qwen3moe), Gemma 4 full layers without
@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from ..errors import GGUFError
 
@@ -187,33 +189,74 @@ class Gemma3Config(ModelConfig):
 
 @dataclass(frozen=True)
 class Gemma4Config(ModelConfig):
-    # base fields head_dim / head_dim_v / n_rot / rope_base / n_head_kv describe the FULL layers
+    """Gemma 4 (llama.cpp ``gemma4``: ``src/models/gemma4.cpp``), whose attention geometry varies per layer.
+
+    The base fields ``head_dim`` / ``head_dim_v`` / ``n_rot`` / ``rope_base`` / ``n_head_kv`` describe the
+    *full* (global) layers; use the per-layer accessors, which also cover the sliding (SWA) layers:
+
+    - ``is_swa(l)``: sliding-window layer (``attention.sliding_window_pattern[l]``);
+    - ``window_for(l)``: the window (keys ``p0`` with ``p1 - p0 < window`` are visible), None on full layers;
+    - ``head_dim_for(l)``: head size of Q, K and V (256 / 512 for 26B-A4B; K and V sizes are always equal);
+    - ``n_head_kv_for(l)``: KV heads (``attention.head_count_kv[l]``: 8 / 2 for 26B-A4B);
+    - ``n_rot_for(l)``: rotary dims (NEOX pairs ``(i, i + n_rot/2)``);
+    - ``rope_base_for(l)``: RoPE base (``rope.freq_base_swa`` / ``rope.freq_base``);
+    - ``rope_freq_scale_for(l)``: linear RoPE scaling (1 / rope.scaling.factor, full layers only; 1 in real
+      files);
+    - ``uses_rope_freqs(l)``: full layers divide theta by ``rope_freqs.weight`` ({head_dim/2} F32): its 1e30
+      entries leave a pair unrotated, the "partial rotary" of 26B-A4B (64 of 256 pairs rotate);
+    - ``has_v(l)`` / ``k_eq_v(l)``: ``attn_v`` present, or absent (K = V: V is the raw K projection);
+    - ``is_moe(l)``: routed experts beside the dense MLP (``ffn_gate_inp`` present); ``n_ff_for(l)``: dense
+      MLP width;
+    - ``has_out_scale(l)``: ``layer_output_scale.weight`` {1} multiplies the residual at the end of the layer;
+    - ``has_down_exps_scale(l)``: ``ffn_down_exps.scale`` {n_expert} multiplies expert e's down projection;
+    - ``has_kv(l)`` / ``kv_source_layer(l)``: KV sharing (E2B/E4B only; 26B-A4B: every layer has its own KV).
+
+    Per layer (llama.cpp's graph): Q = rmsnorm_per_head(Wq h, attn_q_norm); K = rmsnorm_per_head(Wk h,
+    attn_k_norm); V = rmsnorm_per_head(Wv h or, when K = V, Wk h, no weight); Q, K rotated; attention scale
+    ``attn_scale`` = 1.0. Router input: ``rmsnorm(x, no weight) * router_input_scale * ffn_gate_inp.scale``.
+    Logits: ``final_logit_softcap * tanh(logits / final_logit_softcap)`` (llama.cpp's default 30 when the key
+    is absent; None when it is 0).
+    """
+
     swa_layers: tuple[bool, ...] = ()
     sliding_window: int = 0
     head_dim_swa: int = 0
     head_dim_v_swa: int = 0
     n_rot_swa: int = 0
     rope_base_swa: float = 10000.0
+    rope_freq_scale: float = 1.0  # full layers only (llama.cpp reads no SWA scaling for gemma4)
     n_head_kv_layers: tuple[int, ...] = ()
     n_ff: tuple[int, ...] = ()  # dense MLP width per layer
     n_expert: int = 0
     n_expert_used: int = 0
     n_ff_exp: int = 0
     moe_layers: tuple[bool, ...] = ()  # ffn_gate_inp present
-    attn_v_layers: tuple[bool, ...] = ()  # attn_v present (absent on full layers: V = raw K)
-    fused_gate_up_exps: bool = True
-    has_rope_freqs: bool = False  # rope_freqs.weight {n_rot/2} freq factors for full layers
-    has_layer_output_scale: bool = False
-    final_logit_softcap: float | None = None
+    attn_v_layers: tuple[bool, ...] = ()  # attn_v present (absent on 26B-A4B's full layers: K = V)
+    fused_qkv: bool = (
+        False  # blk.N.attn_qkv {n_embd, H*d + 2*nkv*d} instead of attn_q/k/v (llama.cpp accepts it)
+    )
+    fused_gate_up_exps: bool = True  # ffn_gate_up_exps {n_embd, 2*n_ff_exp, n_expert}, gate rows first
+    has_rope_freqs: bool = (
+        False  # rope_freqs.weight {head_dim/2}: required by llama.cpp iff a full layer exists
+    )
+    out_scale_layers: tuple[bool, ...] = ()  # layer_output_scale.weight present
+    down_exps_scale_layers: tuple[bool, ...] = ()  # ffn_down_exps.scale present
+    final_logit_softcap: float | None = 30.0
     shared_kv_layers: int = 0
     n_embd_per_layer: int = 0  # PLE width (E2B/E4B); 0 for 26B-A4B
-    attn_scale: float = 1.0  # Gemma 4 uses scale 1.0 (q/k are RMS-normed)
+    attn_scale: float = 1.0  # llama.cpp f_attention_scale = 1.0 for gemma4 (Q and K are RMS-normed)
+
+    def _flag(self, flags: tuple[bool, ...], layer: int) -> bool:
+        return bool(flags[layer]) if flags else False
 
     def is_swa(self, layer: int) -> bool:
         return self.swa_layers[layer]
 
+    def window_for(self, layer: int) -> int | None:
+        return self.sliding_window if self.is_swa(layer) else None
+
     def n_head_kv_for(self, layer: int) -> int:
-        return self.n_head_kv_layers[layer]
+        return self.n_head_kv_layers[layer] if self.n_head_kv_layers else self.n_head_kv
 
     def head_dim_for(self, layer: int) -> int:
         return self.head_dim_swa if self.is_swa(layer) else self.head_dim
@@ -226,6 +269,48 @@ class Gemma4Config(ModelConfig):
 
     def rope_base_for(self, layer: int) -> float:
         return self.rope_base_swa if self.is_swa(layer) else self.rope_base
+
+    def rope_freq_scale_for(self, layer: int) -> float:
+        return 1.0 if self.is_swa(layer) else self.rope_freq_scale
+
+    def uses_rope_freqs(self, layer: int) -> bool:
+        return self.has_rope_freqs and not self.is_swa(layer)
+
+    def has_v(self, layer: int) -> bool:
+        """A V projection of its own (attn_v, or the V rows of a fused attn_qkv)."""
+        return self.fused_qkv or self._flag(self.attn_v_layers, layer)
+
+    def k_eq_v(self, layer: int) -> bool:
+        """No V projection: V is the raw K projection (before attn_k_norm and RoPE), RMS-normed without a
+        weight."""
+        return not self.has_v(layer)
+
+    def is_moe(self, layer: int) -> bool:
+        return self._flag(self.moe_layers, layer)
+
+    def n_ff_for(self, layer: int) -> int:
+        return self.n_ff[layer]
+
+    def has_out_scale(self, layer: int) -> bool:
+        return self._flag(self.out_scale_layers, layer)
+
+    def has_down_exps_scale(self, layer: int) -> bool:
+        return self._flag(self.down_exps_scale_layers, layer)
+
+    @property
+    def has_layer_output_scale(self) -> bool:
+        return any(self.out_scale_layers)
+
+    @property
+    def router_input_scale(self) -> float:
+        """The router input is ``rmsnorm(x) * (1/sqrt(n_embd)) * ffn_gate_inp.scale`` (the f32 constant
+        ``1.0f/sqrtf(n_embd)``)."""
+        return float(np.float32(1.0) / np.sqrt(np.float32(self.n_embd)))
+
+    @property
+    def embd_scale(self) -> float:
+        """The input embedding is multiplied by ``sqrtf(n_embd)`` (f32, not rounded to bf16 as HF does)."""
+        return float(np.sqrt(np.float32(self.n_embd)))
 
     def has_kv(self, layer: int) -> bool:
         """False for KV-shared layers (E2B/E4B), which reuse an earlier layer's cache."""
@@ -378,43 +463,116 @@ def _load_gemma3(g: GGUFFile, m: _Meta) -> Gemma3Config:
 
 
 def _load_gemma4(g: GGUFFile, m: _Meta) -> Gemma4Config:
+    """llama.cpp's rules: ``llama_model_base::load_hparams`` (generic keys and defaults, src/llama-model.cpp),
+    ``llama_model_gemma4::load_arch_hparams`` / ``load_arch_tensors`` (src/models/gemma4.cpp)."""
+    path = g.path
     n_layer = _n_layer(g, m)
-    kv = m.int_or_list("attention.head_count_kv", n_layer, min_value=1)
-    swa = m.bool_list("attention.sliding_window_pattern", n_layer, None)
-    if swa is None:
-        swa = tuple(False for _ in range(n_layer))
+    n_embd = m.int("embedding_length", min_value=1)
+    if isinstance(g.metadata.get(f"{m.arch}.attention.head_count"), list):
+        raise GGUFError(
+            path, f"per-layer {m.arch}.attention.head_count is not supported (one head count expected)"
+        )
+    n_head = m.int("attention.head_count", min_value=1)
+    kv = m.int_or_list("attention.head_count_kv", n_layer, n_head, min_value=1)  # llama.cpp default: n_head
+    swa = m.bool_list("attention.sliding_window_pattern", n_layer)  # required (get_arr without default)
+    if not any(swa):
+        # gemma4 sets LLAMA_SWA_TYPE_STANDARD, and the KV cache then asserts is_swa_any()
+        raise GGUFError(
+            path, "gemma4 needs at least one sliding-window layer (attention.sliding_window_pattern)"
+        )
     full = [i for i in range(n_layer) if not swa[i]]
     base = _base_fields(g, m, n_layer=n_layer, n_head_kv=kv[full[0]] if full else kv[0])
     for i, nkv in enumerate(kv):
-        if base["n_head"] % nkv:
-            raise GGUFError(
-                g.path, f"layer {i}: n_head {base['n_head']} is not a multiple of n_head_kv {nkv}"
-            )
+        if n_head % nkv:
+            raise GGUFError(path, f"layer {i}: n_head {n_head} is not a multiple of n_head_kv {nkv}")
+    # value_length defaults to n_embd/n_head (not to key_length), and load_arch_tensors requires K and V head
+    # sizes to be equal, for the full and the SWA layers alike
+    hd_v = m.int("attention.value_length", None, min_value=1)
+    if hd_v is None:
+        hd_v = n_embd // n_head
+    if hd_v != base["head_dim"]:
+        raise GGUFError(
+            path, f"Gemma 4 requires attention.key_length == value_length, got {base['head_dim']} and {hd_v}"
+        )
+    base["head_dim_v"] = hd_v
     hd_swa = m.int("attention.key_length_swa", min_value=1)
+    hd_v_swa = m.int("attention.value_length_swa", min_value=1)
+    if hd_swa != hd_v_swa:
+        raise GGUFError(
+            path,
+            f"Gemma 4 requires attention.key_length_swa == value_length_swa, got {hd_swa} and {hd_v_swa}",
+        )
+    # rope.dimension_count_swa defaults to the full layers' n_rot (llama.cpp), which must still fit the SWA
+    # head
+    n_rot_swa = m.int("rope.dimension_count_swa", base["n_rot"], min_value=0)
+    if n_rot_swa % 2 or n_rot_swa > hd_swa:
+        raise GGUFError(
+            path,
+            f"rope.dimension_count_swa {n_rot_swa} must be even and <= the SWA head size {hd_swa} "
+            "(when absent, llama.cpp uses rope.dimension_count)",
+        )
+    window = m.int("attention.sliding_window", min_value=1)  # required by load_arch_hparams
+    scaling = g.metadata.get(f"{m.arch}.rope.scaling.type")
+    if scaling not in (None, "none", "linear"):
+        raise GGUFError(
+            path, f"unsupported rope scaling type {scaling!r} for gemma4 (supported: none, linear)"
+        )
+    factor = m.float("rope.scaling.factor", 0.0)
+    n_ff = m.int_or_list("feed_forward_length", n_layer, min_value=1)  # ffn_gate/up/down are sized by it
     n_expert = m.int("expert_count", 0)
+    used = m.int_or_list("expert_used_count", n_layer, 0)
+    if len(set(used)) != 1:
+        raise GGUFError(
+            path, f"per-layer expert_used_count {list(used)} is not supported (one value expected)"
+        )
+    n_expert_used = used[0]
+    # llama.cpp sizes every layer's expert tensors by n_ff_exp(0), the first entry when it is an array
+    n_ff_exp = m.int_or_list("expert_feed_forward_length", n_layer, 0)[0]
     moe_layers = tuple(f"blk.{i}.ffn_gate_inp.weight" in g.tensors for i in range(n_layer))
-    if any(moe_layers) and n_expert == 0:
-        raise GGUFError(g.path, "ffn_gate_inp tensors present but gemma4.expert_count is missing or 0")
+    if n_expert_used > n_expert:
+        raise GGUFError(path, f"expert_used_count {n_expert_used} > expert_count {n_expert}")
+    if n_expert and not n_expert_used:
+        raise GGUFError(
+            path, "expert_count > 0 but expert_used_count is 0 (llama.cpp: no expert layers are used)"
+        )
+    if any(moe_layers) and (n_expert == 0 or n_ff_exp == 0):
+        raise GGUFError(
+            path,
+            "ffn_gate_inp tensors present but gemma4.expert_count or expert_feed_forward_length is missing "
+            "or 0",
+        )
+    shared = m.int("attention.shared_kv_layers", 0)
+    if n_layer - shared < 2:
+        # the KV-reuse callback of llama-model.cpp asserts n_layer_kv_from_start >= 2
+        raise GGUFError(
+            path,
+            f"block_count {n_layer} - attention.shared_kv_layers {shared} < 2 (llama.cpp needs 2 KV layers)",
+        )
+    softcap = m.float("final_logit_softcapping", 30.0)  # hparams default 30, which gemma4 does not reset
+    has = g.tensors.__contains__
     return Gemma4Config(
         **base,
         swa_layers=swa,
-        sliding_window=m.int("attention.sliding_window", 0),
+        sliding_window=window,
         head_dim_swa=hd_swa,
-        head_dim_v_swa=m.int("attention.value_length_swa", min_value=1),
-        n_rot_swa=m.int("rope.dimension_count_swa", hd_swa),
+        head_dim_v_swa=hd_v_swa,
+        n_rot_swa=n_rot_swa,
         rope_base_swa=m.float("rope.freq_base_swa", 10000.0),
+        rope_freq_scale=1.0 / factor if factor > 0 else 1.0,
         n_head_kv_layers=kv,
-        n_ff=m.int_or_list("feed_forward_length", n_layer, min_value=1),
+        n_ff=n_ff,
         n_expert=n_expert,
-        n_expert_used=m.int("expert_used_count", 0) if n_expert else 0,
-        n_ff_exp=m.int("expert_feed_forward_length", 0) if n_expert else 0,
+        n_expert_used=n_expert_used,
+        n_ff_exp=n_ff_exp,
         moe_layers=moe_layers,
-        attn_v_layers=tuple(f"blk.{i}.attn_v.weight" in g.tensors for i in range(n_layer)),
-        fused_gate_up_exps=not any(f"blk.{i}.ffn_gate_exps.weight" in g.tensors for i in range(n_layer)),
-        has_rope_freqs="rope_freqs.weight" in g.tensors,
-        has_layer_output_scale="blk.0.layer_output_scale.weight" in g.tensors,
-        final_logit_softcap=m.float("final_logit_softcapping", None),
-        shared_kv_layers=m.int("attention.shared_kv_layers", 0),
+        attn_v_layers=tuple(has(f"blk.{i}.attn_v.weight") for i in range(n_layer)),
+        fused_qkv=has("blk.0.attn_qkv.weight"),
+        fused_gate_up_exps=not any(has(f"blk.{i}.ffn_gate_exps.weight") for i in range(n_layer)),
+        has_rope_freqs=bool(full),
+        out_scale_layers=tuple(has(f"blk.{i}.layer_output_scale.weight") for i in range(n_layer)),
+        down_exps_scale_layers=tuple(has(f"blk.{i}.ffn_down_exps.scale") for i in range(n_layer)),
+        final_logit_softcap=softcap if softcap != 0.0 else None,
+        shared_kv_layers=shared,
         n_embd_per_layer=m.int("embedding_length_per_layer_input"),
     )
 
@@ -544,12 +702,16 @@ def _gemma3_tensors(c: Gemma3Config) -> dict[str, Shape]:
 
 
 def _gemma4_tensors(c: Gemma4Config) -> dict[str, Shape]:
+    """llama_model_gemma4::load_arch_tensors (src/models/gemma4.cpp) plus the generic optional
+    ``ffn_down_exps.scale`` (src/llama-model.cpp), for the tensors this file has (see
+    :func:`_gemma4_optional`)."""
     E, L, npl = c.n_embd, c.n_layer, c.n_embd_per_layer
     t: dict[str, Shape] = {"token_embd.weight": (E, c.vocab_size), "output_norm.weight": (E,)}
     if not c.tied_output:
         t["output.weight"] = (E, c.vocab_size)
     if c.has_rope_freqs:
-        t["rope_freqs.weight"] = (c.n_rot // 2,)
+        # created (required) at the first full layer with {n_embd_head/2} of that layer, i.e. of the full head
+        t["rope_freqs.weight"] = (c.head_dim // 2,)
     if npl:
         t["per_layer_token_embd.weight"] = (npl * L, c.vocab_size)
         t["per_layer_model_proj.weight"] = (E, npl * L)
@@ -558,16 +720,20 @@ def _gemma4_tensors(c: Gemma4Config) -> dict[str, Shape]:
         p = f"blk.{i}."
         d, dv, nkv = c.head_dim_for(i), c.head_dim_v_for(i), c.n_head_kv_for(i)
         t[p + "attn_norm.weight"] = (E,)
-        t[p + "attn_q.weight"] = (E, c.n_head * d)
-        if c.has_kv(i):
-            t[p + "attn_k.weight"] = (E, nkv * d)
+        if c.fused_qkv:
+            t[p + "attn_qkv.weight"] = (E, c.n_head * d + nkv * d + nkv * dv)
+        else:
+            t[p + "attn_q.weight"] = (E, c.n_head * d)
+            if c.has_kv(i):
+                t[p + "attn_k.weight"] = (E, nkv * d)
             if c.attn_v_layers[i]:
                 t[p + "attn_v.weight"] = (E, nkv * dv)
-        t[p + "attn_output.weight"] = (c.n_head * dv, E)
+        t[p + "attn_output.weight"] = (c.n_head * d, E)
         t[p + "attn_q_norm.weight"] = (d,)
-        t[p + "attn_k_norm.weight"] = (d,)
+        if c.has_kv(i):
+            t[p + "attn_k_norm.weight"] = (d,)
         t[p + "post_attention_norm.weight"] = (E,)
-        if c.has_layer_output_scale:
+        if c.has_out_scale(i):
             t[p + "layer_output_scale.weight"] = (1,)
         F = c.n_ff[i]
         t[p + "ffn_norm.weight"] = (E,)
@@ -582,11 +748,23 @@ def _gemma4_tensors(c: Gemma4Config) -> dict[str, Shape]:
             t[p + "post_ffw_norm_1.weight"] = (E,)
             t[p + "post_ffw_norm_2.weight"] = (E,)
             _moe_experts(t, p, E, c.n_ff_exp, c.n_expert, c.fused_gate_up_exps)
-            t[p + "ffn_down_exps.scale"] = (c.n_expert,)
+            if c.has_down_exps_scale(i):
+                t[p + "ffn_down_exps.scale"] = (c.n_expert,)
         if npl:
             t[p + "inp_gate.weight"] = (E, npl)
             t[p + "proj.weight"] = (npl, E)
             t[p + "post_norm.weight"] = (E,)
+    return t
+
+
+def _gemma4_optional(c: Gemma4Config) -> dict[str, Shape]:
+    """Tensors llama.cpp loads if present but the forward does not read: K/V of KV-shared layers (E2B/E4B)."""
+    t: dict[str, Shape] = {}
+    for i in range(c.n_layer):
+        if not c.has_kv(i) and not c.fused_qkv:
+            p, d, nkv = f"blk.{i}.", c.head_dim_for(i), c.n_head_kv_for(i)
+            t[p + "attn_k.weight"] = (c.n_embd, nkv * d)
+            t[p + "attn_k_norm.weight"] = (d,)
     return t
 
 
@@ -646,8 +824,8 @@ def required_tensors(cfg: ModelConfig) -> dict[str, Shape]:
 
 def validate_tensors(g: GGUFFile, cfg: ModelConfig) -> dict[str, Shape]:
     """Check that every tensor the forward needs exists with the expected ggml shape and a supported quant
-    type.
-    Returns :func:`required_tensors`. Raises GGUFError naming the first offending tensor."""
+    type; for gemma4 also that the file holds no tensor llama.cpp's loader would leave unused (it refuses such
+    files). Returns :func:`required_tensors`. Raises GGUFError naming the first offending tensor."""
     req = required_tensors(cfg)
     for name, shape in req.items():
         ti = g.tensor(name)  # GGUFError "missing required tensor"
@@ -656,6 +834,25 @@ def validate_tensors(g: GGUFFile, cfg: ModelConfig) -> dict[str, Shape]:
                 g.path, f"shape {tuple(ti.shape)} does not match the config's {tuple(shape)}", name
             )
         g.check_supported(name)
+    if isinstance(cfg, Gemma4Config):
+        # llama.cpp refuses a file with tensors its loader did not create ("wrong number of tensors"); name
+        # the first one instead (the generic NVFP4 ".scale"/".input_scale" tensors are not supported here)
+        optional = _gemma4_optional(cfg)
+        for name, ti in g.tensors.items():
+            if name in req:
+                continue
+            if name not in optional:
+                raise GGUFError(
+                    g.path,
+                    "unexpected tensor: llama.cpp's gemma4 loader would not use it and refuses the file",
+                    name,
+                )
+            if tuple(ti.shape) != tuple(optional[name]):
+                raise GGUFError(
+                    g.path,
+                    f"shape {tuple(ti.shape)} does not match the config's {tuple(optional[name])}",
+                    name,
+                )
     return req
 
 

@@ -3,8 +3,9 @@
 ``write_synthetic(path, "qwen3moe", "30b-a3b")`` writes a file with the exact tensor list, shapes and
 per-tensor quant types of a llama.cpp Q4_K_M quantization of Qwen3-30B-A3B (17.28 GiB, 30.53 B parameters), so
 speed measured on it is speed on the real model (likewise gemma3/270m: its plan equals the real gemma-3-270m
-Q4_K_M file's tensor list, types and shapes, checked in the tests). The small presets are for tests: they load
-in llama.cpp and decode varied token sequences.
+Q4_K_M file's tensor list, types and shapes, checked in the tests; gemma4/26b-a4b has Gemma 4 26B-A4B's
+tensors, 25.23 B parameters, 15.63 GiB). The small presets are for tests: they load in llama.cpp and decode
+varied token sequences.
 
 How the weights are made (no float weights are ever quantized; blocks are generated directly):
 
@@ -19,7 +20,9 @@ How the weights are made (no float weights are ever quantized; blocks are genera
   gives logits of std ~0.5); router (F32) std 1/sqrt(n_embd) so router logits have std ~1 and top-k weights
   are not degenerate; all norms uniform in [0.9, 1.1] (gemma3 norms carry the +1 baked in, so ~1 is right for
   both archs). gemma3 deviates where a tied embedding needs it (GEMMA3_EMBD_RMS_SQRT_N, GEMMA3_POST_NORM_GAIN:
-  see their comment).
+  see their comment); gemma4 likewise, plus Q/K norm gains for its scale-1.0 attention, an F32 router weight
+  of std 1 (its input is divided by sqrt(n_embd)), wide per-expert down scales and layer output scales, and
+  the deterministic rope_freqs (GEMMA4_* constants and their comment).
 * K-quant sub-block mins are chosen to cancel the sub-block mean (dmin·m ≈ d·sc·mean(q)), so rows are
   zero-mean.
 * Deterministic per seed: each tensor is cut into fixed-size chunks and chunk k of tensor NAME draws from
@@ -32,14 +35,19 @@ Quant type rules are those of ``src/llama-quant.cpp`` (llama_tensor_get_type_imp
 ``LLAMA_FTYPE_MOSTLY_Q4_K_M`` as summarized in shared/spec/models.md §1/§4, including: use_more_bits for
 attn_v and ffn_down(_exps) -> Q6_K; output (and gemma3's tied token_embd) -> Q6_K, or Q8_0 directly when ne0 %
 256 != 0; ne0 % 256 != 0 fallbacks Q4_K->Q5_0, Q6_K->Q8_0, Q5_K->Q5_1 (refused: unsupported here); the
-n_expert == 8 rules (attn_v/attn_k -> Q8_0, attn_output -> Q5_K); 1-D tensors and ffn_gate_inp kept F32.
+n_expert == 8 rules (attn_v/attn_k -> Q8_0, attn_output -> Q5_K); 1-D tensors and ffn_gate_inp kept F32;
+attn_v's use_more_bits counts attn_v tensors (gemma4's K = V layers have none), ffn_down's counts layers.
 
-llama.cpp load checks (CPU build at /work/llama/llama.cpp/build/bin, 2026-11-25), all passed: llama-bench
-(-p 16 -n 4 -r 1) and llama-perplexity (-c 64, finite PPL ~ V·e^(1/2)) on qwen3moe tiny and tiny-fallback and
+llama.cpp load checks (CPU build at /work/llama/llama.cpp/build/bin, 2026-11-25), all passed: llama-bench (-p
+16 -n 4 -r 1) and llama-perplexity (-c 64, finite PPL ~ V·e^(1/2)) on qwen3moe tiny and tiny-fallback and
 gemma3 tiny, llama-bench on a 1-block real-shape slice of 30b-a3b, llama-completion --temp 0 giving varied
-sequences; details in tests/gguf/test_synth.py's docstring.
+sequences; 2026-12-07 (llama.cpp 0c1e570, AVX2 build): gemma4 tiny, small and the whole 26b-a4b file
+(llama.cpp names it "gemma4 26B.A4B Q4_K - Medium", 15.63 GiB, 25.23 B); details in tests/gguf/test_synth.py's
+docstring.
 
-CLI: ``python -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o FILE``.
+CLI: ``python -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o FILE`` (``--arch gemma4
+--preset 26b-a4b``, ``--set KEY=VALUE`` to override a preset value). Usage errors (unknown preset or key,
+inconsistent shapes) print one ``error: ...`` line and exit 2.
 """
 
 from __future__ import annotations
@@ -161,9 +169,94 @@ PRESETS: dict[tuple[str, str], dict] = {
         "sliding_window": 512,
         "rms_eps": 1e-6,
     },
+    # Gemma 4 (shared/spec/models.md §3). Layer l is sliding iff l % swa_period < swa_period - 1 (26B-A4B: 5
+    # sliding : 1 full, the last layer full). Sliding layers: head_dim / n_head_kv, rotary over the whole
+    # head, base rope_base_swa, attn_v. Full layers: head_dim_full / n_head_kv_full, rotary over the first
+    # partial_rotary_full of each half-head (rope_freqs: 1 then 1e30, as conversion/gemma.py writes it), base
+    # rope_base, no attn_v when k_eq_v (V = the K projection). Every layer: dense GeGLU MLP (n_ff) + routed
+    # experts. tiny: the real type mix (F32, Q4_K, Q5_0, Q6_K, Q8_0: n_ff 320 and n_ff_exp 160 are not
+    # multiples of 256, as 2112 and 704 are not), two full layers (2 and 5) with K = V, window 32 so that a
+    # 258-token test crosses it, and a final softcap of 2 (real: 30) so that the cap bends these random
+    # models' logits (std ~0.5) visibly.
+    ("gemma4", "tiny"): {
+        "n_vocab": 1024,
+        "n_embd": 256,
+        "n_layer": 6,
+        "swa_period": 3,
+        "n_head": 4,
+        "n_head_kv": 2,
+        "head_dim": 64,
+        "n_head_kv_full": 1,
+        "head_dim_full": 128,
+        "partial_rotary_full": 0.25,
+        "k_eq_v": True,
+        "sliding_window": 32,
+        "n_ff": 320,
+        "n_expert": 16,
+        "n_expert_used": 4,
+        "n_ff_exp": 160,
+        "layer_output_scale": True,
+        "n_ctx": 512,
+        "rope_base": 1e6,
+        "rope_base_swa": 1e4,
+        "final_logit_softcap": 2.0,
+        "rms_eps": 1e-6,
+    },
+    # the real per-layer attention geometry (16 heads; hd 256 / 8 KV heads sliding, hd 512 / 2 KV heads full,
+    # K = V), the real expert and dense-MLP widths and top-8 routing; narrower model (n_embd 512), fewer
+    # experts and layers (full at 5 and 11), window 128
+    ("gemma4", "small"): {
+        "n_vocab": 4096,
+        "n_embd": 512,
+        "n_layer": 12,
+        "swa_period": 6,
+        "n_head": 16,
+        "n_head_kv": 8,
+        "head_dim": 256,
+        "n_head_kv_full": 2,
+        "head_dim_full": 512,
+        "partial_rotary_full": 0.25,
+        "k_eq_v": True,
+        "sliding_window": 128,
+        "n_ff": 2112,
+        "n_expert": 32,
+        "n_expert_used": 8,
+        "n_ff_exp": 704,
+        "layer_output_scale": True,
+        "n_ctx": 4096,
+        "rope_base": 1e6,
+        "rope_base_swa": 1e4,
+        "final_logit_softcap": 30.0,
+        "rms_eps": 1e-6,
+    },
+    # Gemma 4 26B-A4B (models.md §3 config table): 25.2 B parameters
+    ("gemma4", "26b-a4b"): {
+        "n_vocab": 262144,
+        "n_embd": 2816,
+        "n_layer": 30,
+        "swa_period": 6,
+        "n_head": 16,
+        "n_head_kv": 8,
+        "head_dim": 256,
+        "n_head_kv_full": 2,
+        "head_dim_full": 512,
+        "partial_rotary_full": 0.25,
+        "k_eq_v": True,
+        "sliding_window": 1024,
+        "n_ff": 2112,
+        "n_expert": 128,
+        "n_expert_used": 8,
+        "n_ff_exp": 704,
+        "layer_output_scale": True,
+        "n_ctx": 262144,
+        "rope_base": 1e6,
+        "rope_base_swa": 1e4,
+        "final_logit_softcap": 30.0,
+        "rms_eps": 1e-6,
+    },
 }
 
-ARCHS = ("qwen3moe", "gemma3")
+ARCHS = ("qwen3moe", "gemma3", "gemma4")
 
 # Target scales (see module docstring).
 NORM_RANGE = (0.9, 1.1)
@@ -177,6 +270,18 @@ ROUTER_LOGIT_STD = 1.0
 # docstring). Residual RMS stays < ~10 at 18 layers.
 GEMMA3_EMBD_RMS_SQRT_N = 0.5  # token_embd RMS = this / sqrt(n_embd): x0 = embd*sqrt(n_embd) has RMS 0.5
 GEMMA3_POST_NORM_GAIN = {"post_attention_norm": 0.5, "post_ffw_norm": 2.0}
+# Gemma 4 (tied embedding too): the same embedding / post-norm balance as gemma3 (see above), applied to the
+# norms that end each branch. Gemma 4's attention scale is 1.0 on RMS-normed Q and K, so with unit norm gains
+# the scores would have std sqrt(head_dim) (16 to 23 at real sizes: one-hot attention); attn_q_norm and
+# attn_k_norm get gains g with g^2 = GEMMA4_SCORE_STD / sqrt(head_dim), giving scores of std
+# ~GEMMA4_SCORE_STD. The router weight is F32 with std ROUTER_LOGIT_STD: its input
+# rmsnorm(x)/sqrt(n_embd)*ffn_gate_inp.scale has RMS ~1/sqrt(n_embd), so router logits have std ~1. The
+# per-expert down scales and the layer output scales are drawn from wide ranges so that a forward ignoring
+# them is visibly wrong (both are otherwise partly hidden by the RMSNorms that follow).
+GEMMA4_EMBD_RMS_SQRT_N = GEMMA3_EMBD_RMS_SQRT_N
+GEMMA4_NORM_GAIN = {"post_attention_norm.weight": 0.5, "post_ffw_norm.weight": 2.0}
+GEMMA4_SCORE_STD = 1.5
+GEMMA4_UNIFORM = {"ffn_down_exps.scale": (0.5, 1.5), "layer_output_scale.weight": (0.7, 1.3)}
 
 
 class PlannedTensor(NamedTuple):
@@ -195,9 +300,26 @@ def synthetic_config(arch: str, preset: str, overrides: dict | None = None) -> d
         if k not in cfg:
             raise ValueError(f"unknown override {k!r} for {arch} (keys: {', '.join(cfg)})")
         cfg[k] = v
-    if cfg["n_head"] % cfg["n_head_kv"]:
-        raise ValueError(f"n_head {cfg['n_head']} is not a multiple of n_head_kv {cfg['n_head_kv']}")
+    for kv in ("n_head_kv", "n_head_kv_full"):
+        if kv in cfg and (not isinstance(cfg[kv], int) or cfg[kv] < 1 or cfg["n_head"] % cfg[kv]):
+            raise ValueError(f"n_head {cfg['n_head']} is not a multiple of {kv} {cfg[kv]}")
+    if arch == "gemma4":
+        if cfg["swa_period"] < 2:
+            raise ValueError("swa_period must be >= 2 (gemma4 needs a sliding-window layer)")
+        if cfg["n_expert_used"] > cfg["n_expert"]:
+            raise ValueError(f"n_expert_used {cfg['n_expert_used']} > n_expert {cfg['n_expert']}")
+        n_rot_pairs = cfg["head_dim_full"] * cfg["partial_rotary_full"] / 2
+        if not (0 < n_rot_pairs <= cfg["head_dim_full"] // 2) or n_rot_pairs != int(n_rot_pairs):
+            raise ValueError(
+                f"partial_rotary_full {cfg['partial_rotary_full']} does not give a whole number of pairs"
+            )
     return cfg
+
+
+def gemma4_is_swa(cfg: dict, layer: int) -> bool:
+    """Sliding-window layers of a gemma4 preset: all but every swa_period-th (26B-A4B: full at 5, 11, ...,
+    29)."""
+    return layer % cfg["swa_period"] < cfg["swa_period"] - 1
 
 
 # ------------------------------------------------------------------------------------------------- Q4_K_M
@@ -226,11 +348,22 @@ def _fallback(qtype: GGMLQuantizationType, ne0: int, name: str) -> GGMLQuantizat
     return qtype
 
 
-def q4_k_m_type(name: str, shape: tuple[int, ...], *, n_layer: int, n_expert: int, tied_embeddings: bool):
+def q4_k_m_type(
+    name: str,
+    shape: tuple[int, ...],
+    *,
+    n_layer: int,
+    n_expert: int,
+    tied_embeddings: bool,
+    attn_v_counter: tuple[int, int] | None = None,
+):
     """The type ``llama-quantize … Q4_K_M`` gives tensor ``name`` (llama_tensor_get_type for MOSTLY_Q4_K_M).
 
-    attn_v and ffn_down layer indices are the counters llama.cpp keeps; with one attn_v / ffn_down per layer
-    in file order they equal the block index parsed from the name.
+    attn_v: llama.cpp's rule is ``use_more_bits(i_attention_wv, n_attention_wv)``, counters over the attn_v
+    tensors in file order; ``attn_v_counter`` = (this tensor's rank among them, their number), by default
+    (layer, n_layer), which is right when every layer has one (gemma4's K = V layers have none). ffn_down:
+    with n_expert > 1 llama.cpp parses the layer from the name (layer_info), else it counts ffn_down tensors,
+    which is the same for one ffn_down per layer.
     """
     if len(shape) < 2 or name.endswith("_norm.weight") or "ffn_gate_inp" in name:
         return Q.F32
@@ -241,7 +374,7 @@ def q4_k_m_type(name: str, shape: tuple[int, ...], *, n_layer: int, n_expert: in
         return Q.Q6_K if ne0 % 256 == 0 else Q.Q8_0
     t = Q.Q4_K
     if name.endswith("attn_v.weight"):
-        if use_more_bits(layer, n_layer):
+        if use_more_bits(*(attn_v_counter or (layer, n_layer))):
             t = Q.Q6_K
         if n_expert == 8:
             t = Q.Q8_0
@@ -309,6 +442,55 @@ def _gemma3_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def _gemma4_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a gemma4 preset, in the order llama.cpp's loader lists them
+    (src/models/gemma4.cpp load_arch_tensors), fused ffn_gate_up_exps as conversion/gemma.py writes it."""
+    E, V, L, H = c["n_embd"], c["n_vocab"], c["n_layer"], c["n_head"]
+    FF, X, F = c["n_ff"], c["n_expert"], c["n_ff_exp"]
+    out = [("token_embd.weight", (E, V))]
+    if not all(gemma4_is_swa(c, i) for i in range(L)):  # llama.cpp loads rope_freqs only with a full layer
+        out.append(("rope_freqs.weight", (c["head_dim_full"] // 2,)))
+    for i in range(L):
+        b = f"blk.{i}."
+        swa = gemma4_is_swa(c, i)
+        d, kv = (c["head_dim"], c["n_head_kv"]) if swa else (c["head_dim_full"], c["n_head_kv_full"])
+        out += [
+            (b + "attn_norm.weight", (E,)),
+            (b + "attn_q.weight", (E, H * d)),
+            (b + "attn_k.weight", (E, kv * d)),
+        ]
+        if swa or not c["k_eq_v"]:
+            out.append((b + "attn_v.weight", (E, kv * d)))
+        out += [
+            (b + "attn_output.weight", (H * d, E)),
+            (b + "attn_q_norm.weight", (d,)),
+            (b + "attn_k_norm.weight", (d,)),
+            (b + "post_attention_norm.weight", (E,)),
+        ]
+        if c["layer_output_scale"]:
+            out.append((b + "layer_output_scale.weight", (1,)))
+        out += [
+            (b + "ffn_norm.weight", (E,)),
+            (b + "ffn_gate.weight", (E, FF)),
+            (b + "ffn_up.weight", (E, FF)),
+            (b + "ffn_down.weight", (FF, E)),
+            (b + "post_ffw_norm.weight", (E,)),
+            (b + "ffn_gate_inp.weight", (E, X)),
+            (b + "ffn_gate_inp.scale", (E,)),
+            (b + "pre_ffw_norm_2.weight", (E,)),
+            (b + "post_ffw_norm_1.weight", (E,)),
+            (b + "post_ffw_norm_2.weight", (E,)),
+            (b + "ffn_gate_up_exps.weight", (E, 2 * F, X)),
+            (b + "ffn_down_exps.weight", (F, E, X)),
+            (b + "ffn_down_exps.scale", (X,)),
+        ]
+    out += [("output_norm.weight", (E,))]  # no output.weight: tied to token_embd
+    return out
+
+
+_SHAPES = {"qwen3moe": _qwen3moe_shapes, "gemma3": _gemma3_shapes, "gemma4": _gemma4_shapes}
+
+
 def plan_synthetic(
     arch: str = "qwen3moe", preset: str = "tiny", *, overrides: dict | None = None, ftype: str = "Q4_K_M"
 ) -> list[PlannedTensor]:
@@ -316,11 +498,24 @@ def plan_synthetic(
     if ftype not in FTYPE_IDS:
         raise ValueError(f"unsupported ftype {ftype!r} (supported: {', '.join(FTYPE_IDS)})")
     c = synthetic_config(arch, preset, overrides)
-    shapes = _qwen3moe_shapes(c) if arch == "qwen3moe" else _gemma3_shapes(c)
-    tied = arch == "gemma3"
+    shapes = _SHAPES[arch](c)
+    tied = arch in ("gemma3", "gemma4")
     n_expert = c.get("n_expert", 0)
+    attn_v = [n for n, _ in shapes if n.endswith("attn_v.weight")]
+    rank = {n: (i, len(attn_v)) for i, n in enumerate(attn_v)}
     return [
-        PlannedTensor(n, q4_k_m_type(n, s, n_layer=c["n_layer"], n_expert=n_expert, tied_embeddings=tied), s)
+        PlannedTensor(
+            n,
+            q4_k_m_type(
+                n,
+                s,
+                n_layer=c["n_layer"],
+                n_expert=n_expert,
+                tied_embeddings=tied,
+                attn_v_counter=rank.get(n),
+            ),
+            s,
+        )
         for n, s in shapes
     ]
 
@@ -344,9 +539,12 @@ def plan_summary(plan: list[PlannedTensor]) -> dict:
     }
 
 
-def target_scale(arch: str, cfg: dict, name: str, shape: tuple[int, ...]) -> tuple[str, float]:
-    """How tensor ``name`` is initialized: ("norm", g) uniform g*NORM_RANGE, ("normal", std) for F32
-    matrices, or ("rms", r) for quantized matrices (dequantized RMS r)."""
+def target_scale(arch: str, cfg: dict, name: str, shape: tuple[int, ...]) -> tuple[str, float | tuple]:
+    """How tensor ``name`` is initialized: ("norm", g) uniform g*NORM_RANGE, ("uniform", (lo, hi)),
+    ("rope_freqs", n) (n ones then 1e30), ("normal", std) for F32 matrices, or ("rms", r) for quantized
+    matrices (dequantized RMS r)."""
+    if arch == "gemma4":
+        return _gemma4_target_scale(cfg, name, shape)
     if len(shape) == 1:
         if arch == "gemma3":
             for key, gain in GEMMA3_POST_NORM_GAIN.items():
@@ -357,6 +555,23 @@ def target_scale(arch: str, cfg: dict, name: str, shape: tuple[int, ...]) -> tup
         return ("normal", ROUTER_LOGIT_STD / math.sqrt(cfg["n_embd"]))
     if name == "token_embd.weight":
         return ("rms", 1.0 if arch == "qwen3moe" else GEMMA3_EMBD_RMS_SQRT_N / math.sqrt(cfg["n_embd"]))
+    return ("rms", 1.0 / math.sqrt(shape[0]))
+
+
+def _gemma4_target_scale(cfg: dict, name: str, shape: tuple[int, ...]) -> tuple[str, float | tuple]:
+    suffix = name.split(".", 2)[-1] if name.startswith("blk.") else name
+    if name == "rope_freqs.weight":
+        return ("rope_freqs", round(cfg["head_dim_full"] * cfg["partial_rotary_full"] / 2))
+    if suffix in GEMMA4_UNIFORM:
+        return ("uniform", GEMMA4_UNIFORM[suffix])
+    if suffix in ("attn_q_norm.weight", "attn_k_norm.weight"):
+        return ("norm", (GEMMA4_SCORE_STD / math.sqrt(shape[0])) ** 0.5)
+    if len(shape) == 1:  # norms, ffn_gate_inp.scale
+        return ("norm", GEMMA4_NORM_GAIN.get(suffix, 1.0))
+    if suffix == "ffn_gate_inp.weight":
+        return ("normal", ROUTER_LOGIT_STD)
+    if name == "token_embd.weight":
+        return ("rms", GEMMA4_EMBD_RMS_SQRT_N / math.sqrt(cfg["n_embd"]))
     return ("rms", 1.0 / math.sqrt(shape[0]))
 
 
@@ -466,6 +681,10 @@ class _TensorSource:
             dt = np.float32 if qt == Q.F32 else np.float16
             if self.kind == "norm":
                 x = rng.uniform(*NORM_RANGE, size=nb) * self.scale
+            elif self.kind == "uniform":
+                x = rng.uniform(*self.scale, size=nb)
+            elif self.kind == "rope_freqs":  # conversion/gemma.py: 1.0 for rotated pairs, 1e30 for the others
+                x = np.where(np.arange(lo, lo + nb) < self.scale, 1.0, 1e30)
             else:
                 x = rng.standard_normal(nb) * self.scale
             return x.astype(dt)
@@ -606,6 +825,73 @@ def gemma_vocab(n_vocab: int):
     return tokens, scores, types, {s: i for i, s in enumerate(GEMMA_SPECIALS)}
 
 
+# id: (text, llama.cpp token type); ids as models.md §6 gives them (<|turn> 105, <turn|> 106)
+GEMMA4_SPECIALS = {
+    0: ("<pad>", 3),
+    1: ("<eos>", 3),
+    2: ("<bos>", 3),
+    3: ("<unk>", 2),
+    105: ("<|turn>", 3),
+    106: ("<turn|>", 3),
+    107: ("<|channel>", 4),  # USER_DEFINED, as conversion/gemma.py marks the "visible" tokens
+    108: ("<channel|>", 4),
+    109: ("<|think|>", 3),
+    110: ("<|tool_response>", 3),
+}
+GEMMA4_MAX_NEWLINES = 8
+
+
+def gemma4_vocab(n_vocab: int):
+    """A Gemma-4-style vocabulary (``tokenizer.ggml.model = gemma4``: BPE over raw UTF-8 with ' ' -> '▁',
+    newline runs as tokens, ``<0xXX>`` byte fallback) of exactly n_vocab tokens, with merges.
+
+    ids: the specials of GEMMA4_SPECIALS (the other ids below 111 are ``<unusedN>``, UNUSED), then the 256
+    BYTE tokens, newline runs (1 to 8 newlines), single characters (incl. '▁'), then merged tokens built as in
+    :func:`qwen_vocab` ('▁'+letter, letter pairs, '▁'+pair, triples, '▁'+triple; each merge joins two existing
+    tokens). Returns (tokens, token_types, merges, special_ids by text).
+    """
+    n_fixed = max(GEMMA4_SPECIALS) + 1
+    tokens = [GEMMA4_SPECIALS.get(i, (f"<unused{i}>", 5))[0] for i in range(n_fixed)]
+    types = [GEMMA4_SPECIALS.get(i, ("", 5))[1] for i in range(n_fixed)]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    for k in range(1, GEMMA4_MAX_NEWLINES + 1):
+        tokens.append("\n" * k)
+        types.append(1)
+    seen = set(tokens)
+    for ch in _SPM_SINGLES:
+        if ch not in seen:
+            tokens.append(ch)
+            seen.add(ch)
+            types.append(1)
+    if len(tokens) > n_vocab:
+        raise ValueError(
+            f"n_vocab {n_vocab} too small for the synthetic gemma4 vocabulary (>= {len(tokens)})"
+        )
+    sp = "▁"
+    merges: list[str] = []
+
+    def gen():
+        for c in _LETTERS:
+            yield sp, c
+        for a, b in _letter_combos():
+            yield a, b
+            yield sp + a, b
+
+    for a, b in gen():
+        if len(tokens) >= n_vocab:
+            break
+        if a + b in seen or a not in seen or b not in seen:
+            continue
+        tokens.append(a + b)
+        seen.add(a + b)
+        types.append(1)
+        merges.append(f"{a} {b}")
+    if len(tokens) < n_vocab:
+        raise ValueError(f"n_vocab {n_vocab} larger than the synthetic gemma4 vocabulary generator supports")
+    return tokens, types, merges, {t: i for i, (t, _) in GEMMA4_SPECIALS.items()}
+
+
 # --------------------------------------------------------------------------------------------------------
 # metadata
 def _add_metadata(w: GGUFWriter, arch: str, preset: str, c: dict, ftype: str, seed: int) -> None:
@@ -620,6 +906,9 @@ def _add_metadata(w: GGUFWriter, arch: str, preset: str, c: dict, ftype: str, se
     w.add_uint32(f"{a}.context_length", c["n_ctx"])
     w.add_uint32(f"{a}.embedding_length", c["n_embd"])
     w.add_uint32(f"{a}.block_count", c["n_layer"])
+    if arch == "gemma4":
+        _add_gemma4_metadata(w, c)
+        return
     w.add_uint32(f"{a}.feed_forward_length", c["n_ff"])
     w.add_uint32(f"{a}.attention.head_count", c["n_head"])
     w.add_uint32(f"{a}.attention.head_count_kv", c["n_head_kv"])
@@ -661,6 +950,49 @@ def _add_metadata(w: GGUFWriter, arch: str, preset: str, c: dict, ftype: str, se
         w.add_bool("tokenizer.ggml.add_space_prefix", False)
 
 
+def _add_gemma4_metadata(w: GGUFWriter, c: dict) -> None:
+    """The keys conversion/gemma.py (Gemma4Model.set_gguf_parameters) writes. llama.cpp requires
+    attention.key_length (else n_embd/n_head), the *_swa head sizes, sliding_window(_pattern),
+    embedding_length_per_layer_input and (in practice) feed_forward_length."""
+    a = "gemma4"
+    L = c["n_layer"]
+    swa = [gemma4_is_swa(c, i) for i in range(L)]
+    hd, hd_full = c["head_dim"], c["head_dim_full"]
+    w.add_uint32(f"{a}.feed_forward_length", c["n_ff"])
+    w.add_uint32(f"{a}.attention.head_count", c["n_head"])
+    w.add_array(f"{a}.attention.head_count_kv", [c["n_head_kv"] if s else c["n_head_kv_full"] for s in swa])
+    w.add_uint32(f"{a}.attention.key_length", hd_full)
+    w.add_uint32(f"{a}.attention.value_length", hd_full)
+    w.add_uint32(f"{a}.attention.key_length_swa", hd)
+    w.add_uint32(f"{a}.attention.value_length_swa", hd)
+    w.add_uint32(f"{a}.rope.dimension_count", hd_full)  # full layers: partial rotary through rope_freqs
+    w.add_uint32(f"{a}.rope.dimension_count_swa", hd)
+    w.add_float32(f"{a}.rope.freq_base", float(c["rope_base"]))
+    w.add_float32(f"{a}.rope.freq_base_swa", float(c["rope_base_swa"]))
+    w.add_uint32(f"{a}.attention.sliding_window", c["sliding_window"])
+    w.add_array(f"{a}.attention.sliding_window_pattern", swa)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", float(c["rms_eps"]))
+    w.add_uint32(f"{a}.expert_count", c["n_expert"])
+    w.add_uint32(f"{a}.expert_used_count", c["n_expert_used"])
+    w.add_uint32(f"{a}.expert_feed_forward_length", c["n_ff_exp"])
+    w.add_float32(f"{a}.final_logit_softcapping", float(c["final_logit_softcap"]))
+    w.add_uint32(f"{a}.attention.shared_kv_layers", 0)
+    w.add_uint32(f"{a}.embedding_length_per_layer_input", 0)
+    tokens, types, merges, sp = gemma4_vocab(c["n_vocab"])
+    w.add_string("tokenizer.ggml.model", "gemma4")
+    w.add_string("tokenizer.ggml.pre", "gemma4")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", types)
+    w.add_array("tokenizer.ggml.merges", merges)
+    w.add_uint32("tokenizer.ggml.bos_token_id", sp["<bos>"])
+    w.add_uint32("tokenizer.ggml.eos_token_id", sp["<eos>"])
+    w.add_uint32("tokenizer.ggml.unknown_token_id", sp["<unk>"])
+    w.add_uint32("tokenizer.ggml.padding_token_id", sp["<pad>"])
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_bool("tokenizer.ggml.add_eos_token", False)
+    w.add_bool("tokenizer.ggml.add_space_prefix", False)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # writer
 def write_synthetic(
@@ -687,6 +1019,8 @@ def write_synthetic(
     if max_layers is not None:
         plan = [t for t in plan if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < max_layers]
         cfg["n_layer"] = min(cfg["n_layer"], max_layers)
+        if arch == "gemma4" and all(gemma4_is_swa(cfg, i) for i in range(cfg["n_layer"])):
+            plan = [t for t in plan if t.name != "rope_freqs.weight"]  # no full layer left to read it
     sources = [_TensorSource(t, *target_scale(arch, cfg, t.name, t.shape), seed) for t in plan]
 
     w = GGUFWriter(path, arch)
@@ -749,13 +1083,15 @@ def write_synthetic(
 
 # -------------------------------------------------------------------------------------------------------- CLI
 def _parse_override(s: str):
-    k, _, v = s.partition("=")
+    k, eq, v = s.partition("=")
+    if not eq or not k:
+        raise ValueError(f"--set expects KEY=VALUE, got {s!r}")
     for conv in (int, float):
         try:
             return k, conv(v)
         except ValueError:
             pass
-    return k, None if v == "None" else v
+    return k, {"None": None, "True": True, "False": False}.get(v, v)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -772,8 +1108,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the plan summary, write nothing")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    overrides = dict(_parse_override(s) for s in args.set) or None
-    plan = plan_synthetic(args.arch, args.preset, overrides=overrides)
+    try:
+        overrides = dict(_parse_override(s) for s in args.set) or None
+        plan = plan_synthetic(args.arch, args.preset, overrides=overrides)
+    except ValueError as e:  # unknown preset or override, inconsistent shapes: a usage error, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     s = plan_summary(plan)
     print(
         f"{args.arch}/{args.preset}: {len(plan)} tensors, {s['n_params'] / 1e9:.3f} B params, "
@@ -786,16 +1126,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.output:
         ap.error("-o/--output is required")
-    write_synthetic(
-        args.output,
-        args.arch,
-        args.preset,
-        args.seed,
-        overrides=overrides,
-        progress=not args.no_progress,
-        n_threads=args.threads,
-        max_layers=args.max_layers,
-    )
+    try:
+        write_synthetic(
+            args.output,
+            args.arch,
+            args.preset,
+            args.seed,
+            overrides=overrides,
+            progress=not args.no_progress,
+            n_threads=args.threads,
+            max_layers=args.max_layers,
+        )
+    except OSError as e:
+        print(f"error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print(args.output)
     return 0
 

@@ -15,10 +15,12 @@ from ..gguf.reader import GGUFFile
 from . import metrics, ops
 from .base import ReferenceModel
 from .gemma3 import Gemma3Reference
+from .gemma4 import Gemma4Reference
 from .qwen3_moe import Qwen3MoeReference
 
 _BY_ARCH: dict[str, type[ReferenceModel]] = {
     "gemma3": Gemma3Reference,
+    "gemma4": Gemma4Reference,
     "qwen3moe": Qwen3MoeReference,
 }
 
@@ -38,4 +40,4 @@ def load_reference(
     return cls(g, dtype=dtype, max_context=max_context, **kwargs)
 
 
-__all__ = ["Gemma3Reference", "Qwen3MoeReference", "ReferenceModel", "load_reference", "metrics", "ops"]
+__all__ = ["Gemma3Reference", "Gemma4Reference", "Qwen3MoeReference", "ReferenceModel", "load_reference", "metrics", "ops"]

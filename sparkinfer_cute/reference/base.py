@@ -89,11 +89,15 @@ def _cfg(cfg, name, default=None):
 
 class _KVCache:
     """Per-layer K and V, stored as float16 (rounded exactly as llama.cpp's F16 cache stores them), growing by
-    doubling so a large ``max_context`` costs nothing until used."""
+    doubling so a large ``max_context`` costs nothing until used. ``n_head_kv``, ``head_dim`` and ``head_dim_v``
+    are the same for every layer, or (Gemma 4) sequences of one value per layer."""
 
-    def __init__(self, n_layer: int, n_head_kv: int, head_dim: int, head_dim_v: int):
-        self.shape_k = (n_head_kv, head_dim)
-        self.shape_v = (n_head_kv, head_dim_v)
+    def __init__(self, n_layer: int, n_head_kv, head_dim, head_dim_v):
+        def per_layer(v) -> list[int]:
+            return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)] * n_layer
+
+        self.shapes_k = list(zip(per_layer(n_head_kv), per_layer(head_dim)))
+        self.shapes_v = list(zip(per_layer(n_head_kv), per_layer(head_dim_v)))
         self.k: list[np.ndarray | None] = [None] * n_layer
         self.v: list[np.ndarray | None] = [None] * n_layer
 
@@ -105,8 +109,8 @@ class _KVCache:
         K, V = self.k[layer], self.v[layer]
         if K is None or K.shape[0] < end:
             cap = max(end, 2 * (0 if K is None else K.shape[0]), 64)
-            K2 = np.zeros((cap, *self.shape_k), np.float16)
-            V2 = np.zeros((cap, *self.shape_v), np.float16)
+            K2 = np.zeros((cap, *self.shapes_k[layer]), np.float16)
+            V2 = np.zeros((cap, *self.shapes_v[layer]), np.float16)
             if K is not None:
                 K2[: K.shape[0]] = K
                 V2[: V.shape[0]] = V

@@ -362,12 +362,14 @@ def test_qwen3moe_fallbacks_and_fused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ gemma4
-def test_gemma4_per_layer_geometry(tmp_path):
-    swa = [True, True, False, True, False]
+# Expected values below come from llama.cpp 0c1e570's loader, read by hand (src/models/gemma4.cpp
+# load_arch_hparams / load_arch_tensors, src/llama-model.cpp load_hparams and the generic ".scale" pass,
+# src/llama-hparams.h defaults), not from sparkinfer_cute.gguf.config.
+def _gemma4_meta(swa, **kw):
     meta = {
         "context_length": 256,
         "embedding_length": 64,
-        "block_count": 5,
+        "block_count": len(swa),
         "feed_forward_length": 48,
         "attention.head_count": 4,
         "attention.head_count_kv": [4 if s else 2 for s in swa],
@@ -380,7 +382,7 @@ def test_gemma4_per_layer_geometry(tmp_path):
         "rope.freq_base": 1e6,
         "rope.freq_base_swa": 1e4,
         "attention.sliding_window": 8,
-        "attention.sliding_window_pattern": swa,
+        "attention.sliding_window_pattern": list(swa),
         "attention.layer_norm_rms_epsilon": 1e-6,
         "expert_count": 4,
         "expert_used_count": 2,
@@ -390,21 +392,184 @@ def test_gemma4_per_layer_geometry(tmp_path):
         "embedding_length_per_layer_input": 0,
         "tokenizer.ggml.tokens": tokens(30),
     }
-    t = spec_gemma4(64, swa, 4, 4, 2, 16, 32, 48, 4, 24, 30)
-    g = write_gguf(tmp_path / "g4.gguf", "gemma4", meta, t)
+    meta.update(kw)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+G4_SWA = [True, True, False, True, False]
+
+
+def _g4(tmp_path, name="g4.gguf", swa=G4_SWA, tensors=None, **meta):
+    t = spec_gemma4(64, swa, 4, 4, 2, 16, 32, 48, 4, 24, 30) if tensors is None else tensors
+    return write_gguf(tmp_path / name, "gemma4", _gemma4_meta(swa, **meta), t), t
+
+
+def test_gemma4_per_layer_geometry(tmp_path):
+    g, t = _g4(tmp_path)
     c = load_config(g)
     assert isinstance(c, Gemma4Config)
     assert c.final_logit_softcap == 30.0 and c.tied_output and c.attn_scale == 1.0 and c.has_rope_freqs
-    for i, sw in enumerate(swa):
+    for i, sw in enumerate(G4_SWA):
         assert c.is_swa(i) == sw
+        assert c.window_for(i) == (8 if sw else None)
         assert c.head_dim_for(i) == (16 if sw else 32) == c.head_dim_v_for(i)
         assert c.n_head_kv_for(i) == (4 if sw else 2)
         assert c.n_rot_for(i) == (16 if sw else 32)
-        assert c.rope_base_for(i) == (1e4 if sw else 1e6)
-        assert c.attn_v_layers[i] == sw and c.moe_layers[i] and c.has_kv(i) and c.kv_source_layer(i) == i
-    assert c.n_ff == (48,) * 5 and c.n_expert == 4 and c.n_ff_exp == 24 and c.fused_gate_up_exps
-    assert c.has_layer_output_scale
+        assert c.rope_base_for(i) == (1e4 if sw else 1e6) and c.rope_freq_scale_for(i) == 1.0
+        assert c.uses_rope_freqs(i) == (not sw)
+        assert c.has_v(i) == sw and c.k_eq_v(i) == (not sw)  # spec_gemma4: no attn_v on full layers
+        assert c.is_moe(i) and c.has_kv(i) and c.kv_source_layer(i) == i
+        assert c.has_out_scale(i) and c.has_down_exps_scale(i) and c.n_ff_for(i) == 48
+    assert c.n_ff == (48,) * 5 and c.n_expert == 4 and c.n_expert_used == 2 and c.n_ff_exp == 24
+    assert c.fused_gate_up_exps and not c.fused_qkv and c.has_layer_output_scale
+    assert c.router_input_scale == pytest.approx(1 / 8) and c.embd_scale == pytest.approx(8.0)
     assert validate_tensors(g, c) == t
+
+
+def test_gemma4_llama_cpp_defaults(tmp_path):
+    # final_logit_softcapping: llama_hparams default 30 (gemma4 does not reset it, unlike gemma3); 0 disables
+    # it
+    assert load_config(_g4(tmp_path, "a.gguf", final_logit_softcapping=None)[0]).final_logit_softcap == 30.0
+    assert load_config(_g4(tmp_path, "b.gguf", final_logit_softcapping=0.0)[0]).final_logit_softcap is None
+    # head_count_kv defaults to head_count; a scalar applies to every layer
+    t = spec_gemma4(64, G4_SWA, 4, 4, 4, 16, 32, 48, 4, 24, 30)
+    c = load_config(_g4(tmp_path, "c.gguf", tensors=t, **{"attention.head_count_kv": None})[0])
+    assert [c.n_head_kv_for(i) for i in range(5)] == [4] * 5
+    # rope.dimension_count_swa defaults to the full layers' n_rot (here 32 > the SWA head 16: refused)
+    with pytest.raises(GGUFError, match="dimension_count_swa"):
+        load_config(_g4(tmp_path, "d.gguf", **{"rope.dimension_count_swa": None})[0])
+    c = load_config(
+        _g4(tmp_path, "e.gguf", **{"rope.dimension_count_swa": None, "rope.dimension_count": 16})[0]
+    )
+    assert c.n_rot_swa == 16 and c.n_rot_for(2) == 16
+    # expert_feed_forward_length as an array: llama.cpp sizes every layer by the first entry
+    c = load_config(_g4(tmp_path, "f.gguf", expert_feed_forward_length=[24] * 5)[0])
+    assert c.n_ff_exp == 24
+    # linear rope scaling applies to the full layers only
+    c = load_config(_g4(tmp_path, "g.gguf", **{"rope.scaling.type": "linear", "rope.scaling.factor": 4.0})[0])
+    assert [c.rope_freq_scale_for(i) for i in range(5)] == [1.0, 1.0, 0.25, 1.0, 0.25]
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        ({"attention.value_length": 16}, "key_length == value_length"),
+        ({"attention.value_length": None}, "key_length == value_length"),  # default n_embd/n_head = 16
+        ({"attention.value_length_swa": 8}, "key_length_swa == value_length_swa"),
+        ({"attention.key_length_swa": None}, "key_length_swa"),
+        ({"attention.sliding_window": None}, "sliding_window"),
+        ({"attention.sliding_window_pattern": None}, "sliding_window_pattern"),
+        ({"attention.sliding_window_pattern": [False] * 5}, "at least one sliding-window layer"),
+        ({"embedding_length_per_layer_input": None}, "embedding_length_per_layer_input"),
+        ({"feed_forward_length": None}, "feed_forward_length"),
+        ({"attention.shared_kv_layers": 4}, "2 KV layers"),
+        ({"expert_count": None}, "expert_count"),
+        ({"expert_used_count": None}, "expert_used_count is 0"),
+        ({"expert_used_count": [2, 2, 1, 2, 2]}, "per-layer expert_used_count"),
+        ({"attention.head_count": [4] * 5}, "per-layer"),
+        ({"rope.scaling.type": "yarn"}, "rope scaling"),
+    ],
+)
+def test_gemma4_bad_metadata(tmp_path, edit, match):
+    g, _ = _g4(tmp_path, **edit)
+    with pytest.raises(GGUFError, match=match):
+        load_config(g)
+
+
+def test_gemma4_tensor_rules(tmp_path):
+    full = spec_gemma4(64, G4_SWA, 4, 4, 2, 16, 32, 48, 4, 24, 30)
+
+    def check(name, tensors, match, bad=None, **meta):
+        g, _ = _g4(tmp_path, name, tensors=tensors, **meta)
+        with pytest.raises(GGUFError, match=match) as ei:
+            validate_tensors(g, load_config(g))
+        assert ei.value.tensor == bad
+        assert "\n" not in str(ei.value)  # one line
+
+    # a tensor llama.cpp's loader does not create (here the generic NVFP4 per-tensor scale): it refuses the file
+    check("a.gguf", {**full, "blk.1.attn_q.scale": (1,)}, "unexpected tensor", "blk.1.attn_q.scale")
+    # rope_freqs: required when a full layer exists, {head_dim_full/2} even when rope.dimension_count is
+    # smaller
+    t = dict(full)
+    del t["rope_freqs.weight"]
+    check("b.gguf", t, "missing required tensor", "rope_freqs.weight")
+    check(
+        "c.gguf",
+        {**full, "rope_freqs.weight": (8,)},
+        "does not match",
+        "rope_freqs.weight",
+        **{"rope.dimension_count": 16},
+    )
+    g, _ = _g4(tmp_path, "d.gguf", tensors=full, **{"rope.dimension_count": 16})
+    assert validate_tensors(g, load_config(g))["rope_freqs.weight"] == (16,)
+    # attn_v on a full layer: K != V there
+    g, _ = _g4(tmp_path, "e.gguf", tensors={**full, "blk.2.attn_v.weight": (64, 64)})
+    c = load_config(g)
+    assert c.has_v(2) and not c.k_eq_v(2) and c.k_eq_v(4)
+    validate_tensors(g, c)
+    check("f.gguf", {**full, "blk.2.attn_v.weight": (64, 32)}, "does not match", "blk.2.attn_v.weight")
+
+
+def test_gemma4_optional_and_variant_tensors(tmp_path):
+    full = spec_gemma4(64, G4_SWA, 4, 4, 2, 16, 32, 48, 4, 24, 30)
+    # per-layer optional: ffn_down_exps.scale (generic loader pass) and layer_output_scale
+    t = {
+        k: v
+        for k, v in full.items()
+        if k not in ("blk.1.ffn_down_exps.scale", "blk.3.layer_output_scale.weight")
+    }
+    g, _ = _g4(tmp_path, "a.gguf", tensors=t)
+    c = load_config(g)
+    assert [c.has_down_exps_scale(i) for i in range(5)] == [True, False, True, True, True]
+    assert [c.has_out_scale(i) for i in range(5)] == [True, True, True, False, True]
+    assert validate_tensors(g, c) == t
+    # a dense layer (no router): no MoE tensors; separate gate/up experts; untied output
+    t = {
+        k: v
+        for k, v in full.items()
+        if not (
+            k.startswith("blk.0.")
+            and k.split(".", 2)[2]
+            in (
+                "ffn_gate_inp.weight",
+                "ffn_gate_inp.scale",
+                "pre_ffw_norm_2.weight",
+                "post_ffw_norm_1.weight",
+                "post_ffw_norm_2.weight",
+                "ffn_gate_up_exps.weight",
+                "ffn_down_exps.weight",
+                "ffn_down_exps.scale",
+            )
+        )
+    }
+    for i in range(1, 5):
+        del t[f"blk.{i}.ffn_gate_up_exps.weight"]
+        t[f"blk.{i}.ffn_gate_exps.weight"] = t[f"blk.{i}.ffn_up_exps.weight"] = (64, 24, 4)
+    t["output.weight"] = (64, 30)
+    g, _ = _g4(tmp_path, "b.gguf", tensors=t)
+    c = load_config(g)
+    assert not c.is_moe(0) and c.is_moe(1) and not c.fused_gate_up_exps and not c.tied_output
+    assert validate_tensors(g, c) == t
+    # a router without its input scale is refused, as llama.cpp requires ffn_gate_inp.scale on MoE layers
+    t2 = dict(full)
+    del t2["blk.3.ffn_gate_inp.scale"]
+    g, _ = _g4(tmp_path, "c.gguf", tensors=t2)
+    with pytest.raises(GGUFError, match="missing required tensor") as ei:
+        validate_tensors(g, load_config(g))
+    assert ei.value.tensor == "blk.3.ffn_gate_inp.scale"
+    # fused attn_qkv {n_embd, H*d + 2*nkv*d}, V rows included even where K = V would apply
+    t3 = {
+        k: v
+        for k, v in full.items()
+        if k.split(".", 2)[-1] not in ("attn_q.weight", "attn_k.weight", "attn_v.weight")
+    }
+    for i, sw in enumerate(G4_SWA):
+        d, kv = (16, 4) if sw else (32, 2)
+        t3[f"blk.{i}.attn_qkv.weight"] = (64, 4 * d + 2 * kv * d)
+    g, _ = _g4(tmp_path, "d.gguf", tensors=t3)
+    c = load_config(g)
+    assert c.fused_qkv and all(c.has_v(i) for i in range(5))
+    assert validate_tensors(g, c) == t3
 
 
 def test_gemma4_kv_sharing_rule():

@@ -18,6 +18,16 @@ and ran:
   llama-completion -p "The quick brown fox" -n 32 --temp 0: varied greedy continuations, e.g.
     qwen3moe/tiny: "An� gmey nxcmunuj ww oywlbm`ghak wwtyu tr Ts� gm wsts nz ga- hbtkbm lr rr"
     gemma3/tiny:   "'mp wkgupgbt ht i i hi wsiweo paYcnjn nb nb nbsh nbsh uu td tdfcw tqdyok"
+2026-12-07, llama.cpp 0c1e570 CPU build (AVX2, the same directory, 2 threads), gemma4 seed 0 files:
+  llama-bench -p 16 -n 4 (-p 8 -n 2 for 26b-a4b) loads and runs gemma4/tiny (9.28 MiB, 14.95 M), gemma4/small
+    (335.96 MiB, 537.26 M) and the whole gemma4/26b-a4b file ("gemma4 26B.A4B Q4_K - Medium", 15.63 GiB,
+    25.23 B params; written in 2 min 35 s on this 2-core box, max RSS 341 MB).
+  llama-perplexity on english_text.txt: PPL 1146 (tiny, -c 64), 4313 (small, -c 128), 292931 (26b-a4b, -c 32,
+    2 chunks): near the vocabulary size (1024 / 4096 / 262144), finite.
+  llama-completion -p "The quick brown fox" -n 32 --temp 0 on gemma4/tiny: "xut-x do�dr gi do�Z\btsur oh he
+    ds do do sr gi Fdsii il" then newlines and "ftftftft" (its tiny vocabulary's EOG tokens end it early).
+  Files without a full layer must not hold rope_freqs ("wrong number of tensors"), and a 1-layer file aborts
+    (GGML_ASSERT n_layer_kv_from_start >= 2): both checked, both mirrored by the writer and the config.
 test_llama_cpp_loads_and_scores repeats the bench/perplexity checks when a llama.cpp build is present.
 """
 
@@ -28,6 +38,7 @@ import itertools
 import math
 import os
 
+import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -108,7 +119,10 @@ def test_plan_gemma3_270m_equals_real_file(gemma3_path):
 def test_plan_rules_hold_for_every_preset(arch, preset):
     cfg = synth.synthetic_config(arch, preset)
     L = cfg["n_layer"]
-    for name, t, shape in plan_synthetic(arch, preset):
+    plan = plan_synthetic(arch, preset)
+    # llama-quant.cpp counts attn_v tensors in file order (i_attention_wv, n_attention_wv); ffn_down by layer
+    attn_v = [t.name for t in plan if t.name.endswith("attn_v.weight")]
+    for name, t, shape in plan:
         ne0 = shape[0]
         if len(shape) == 1 or "ffn_gate_inp" in name:
             assert t == Q.F32, name
@@ -118,11 +132,14 @@ def test_plan_rules_hold_for_every_preset(arch, preset):
             assert ne0 % 256 == 0, name
         else:  # 32-block types appear only as fallbacks of rows that K-quants cannot hold
             assert ne0 % 256 != 0, name
-        output_like = name == "output.weight" or (arch == "gemma3" and name == "token_embd.weight")
+        output_like = name == "output.weight" or (arch != "qwen3moe" and name == "token_embd.weight")  # tied
         if output_like:
             assert t == (Q.Q6_K if ne0 % 256 == 0 else Q.Q8_0), name
         elif "attn_v" in name or "ffn_down" in name:
-            more = use_more_bits(int(name.split(".")[1]), L)
+            if "attn_v" in name:
+                more = use_more_bits(attn_v.index(name), len(attn_v))
+            else:
+                more = use_more_bits(int(name.split(".")[1]), L)
             hi, lo = (Q.Q6_K, Q.Q4_K) if ne0 % 256 == 0 else (Q.Q8_0, Q.Q5_0)
             assert t == (hi if more else lo), name
         else:
@@ -416,19 +433,20 @@ def _llama(tool: str, *args: str) -> str:
 
 @pytest.mark.skipif(
     not LLAMA_BIN or not os.path.exists(os.path.join(LLAMA_BIN, "llama-perplexity")),
-    reason="set LLAMA_CPP_BIN to a llama.cpp build directory to run the llama.cpp load check"
+    reason="set LLAMA_CPP_BIN to a llama.cpp build directory to run the llama.cpp load check",
 )
-@pytest.mark.parametrize("arch,preset", TINY)
-def test_llama_cpp_loads_and_scores(tiny_files, arch, preset, tmp_path):
+@pytest.mark.parametrize("arch,preset", [*TINY, ("gemma4", "tiny")])
+def test_llama_cpp_loads_and_scores(tiny_files, gemma4_tiny, arch, preset, tmp_path):
     import re
 
-    out = _llama("llama-bench", "-m", tiny_files[(arch, preset)], "-p", "8", "-n", "2", "-r", "1", "-t", "2")
+    path = gemma4_tiny if arch == "gemma4" else tiny_files[(arch, preset)]
+    out = _llama("llama-bench", "-m", path, "-p", "8", "-n", "2", "-r", "1", "-t", "2")
     assert re.search(r"\btg2\b", out), out[-2000:]
     (tmp_path / "t.txt").write_text(_TEXT)
     out = _llama(
         "llama-perplexity",
         "-m",
-        tiny_files[(arch, preset)],
+        path,
         "-f",
         str(tmp_path / "t.txt"),
         "-c",
@@ -442,6 +460,196 @@ def test_llama_cpp_loads_and_scores(tiny_files, arch, preset, tmp_path):
     # random logits with std ~1 over V tokens: PPL near V*exp(1/2) (uniform would be V)
     n_vocab = PRESETS[(arch, preset)]["n_vocab"]
     assert math.isfinite(ppl) and 0.3 * n_vocab < ppl < 5 * n_vocab, ppl
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gemma4
+@pytest.fixture(scope="module")
+def gemma4_tiny(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("g4") / "gemma4-tiny.gguf", "gemma4", "tiny", seed=1234)
+
+
+def test_plan_gemma4_26b_a4b_by_hand():
+    """The 26B-A4B plan against shapes and types derived here from models.md §3 and llama-quant.cpp's Q4_K_M
+    rules: attn_v Q6_K iff use_more_bits(rank among the 25 attn_v tensors, 25); ffn_down / ffn_down_exps (ne0
+    2112 / 704, not multiples of 256) Q8_0 iff use_more_bits(layer, 30), else Q5_0; tied token_embd Q6_K
+    (2816 % 256 == 0); every other matrix Q4_K; vectors and the router F32."""
+    plan = plan_synthetic("gemma4", "26b-a4b")
+    types = {t.name: t.ggml_type for t in plan}
+    shapes = {t.name: t.shape for t in plan}
+    full = [5, 11, 17, 23, 29]
+    E, V, H, NE = 2816, 262144, 16, 128
+    n = E * V + 256 + E  # token_embd, rope_freqs, output_norm
+    v_rank = 0
+    for i in range(30):
+        b = f"blk.{i}."
+        d, kv = (512, 2) if i in full else (256, 8)
+        n += (
+            E * (H * d) * 2 + E * kv * d + 2 * d + 2 * E + 1
+        )  # q, o, k, q/k norms, attn_norm, post-attn, out scale
+        n += 3 * E * 2112 + 2 * E  # dense MLP and its two norms
+        n += (
+            E * NE + E + 3 * E + NE * (E * 2 * 704 + 704 * E) + NE
+        )  # router, scale, 3 norms, experts, down scale
+        assert shapes[b + "attn_q.weight"] == (E, H * d) and shapes[b + "attn_k.weight"] == (E, kv * d)
+        assert shapes[b + "attn_output.weight"] == (H * d, E) and shapes[b + "attn_q_norm.weight"] == (d,)
+        assert shapes[b + "ffn_gate_up_exps.weight"] == (E, 1408, NE)
+        assert shapes[b + "ffn_down_exps.weight"] == (704, E, NE) and shapes[b + "ffn_down.weight"] == (
+            2112,
+            E,
+        )
+        if i in full:
+            assert b + "attn_v.weight" not in types
+        else:
+            n += E * kv * d
+            assert shapes[b + "attn_v.weight"] == (E, kv * d)
+            assert types[b + "attn_v.weight"] == (Q.Q6_K if use_more_bits(v_rank, 25) else Q.Q4_K), i
+            v_rank += 1
+        want_down = Q.Q8_0 if use_more_bits(i, 30) else Q.Q5_0
+        assert types[b + "ffn_down.weight"] == types[b + "ffn_down_exps.weight"] == want_down, i
+        for t in ("attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up", "ffn_gate_up_exps"):
+            assert types[b + t + ".weight"] == Q.Q4_K, (i, t)
+        for t in (
+            "ffn_gate_inp.weight",
+            "ffn_gate_inp.scale",
+            "ffn_down_exps.scale",
+            "layer_output_scale.weight",
+        ):
+            assert types[b + t] == Q.F32
+    assert v_rank == 25
+    # the same rule written out: attn_v ranks 0-2, 5, 8, 11, 14, 17, 20-24 are the sliding layers below
+    q6_v = [i for i in range(30) if types.get(f"blk.{i}.attn_v.weight") == Q.Q6_K]
+    assert q6_v == [0, 1, 2, 6, 9, 13, 16, 20, 24, 25, 26, 27, 28]
+    assert types["token_embd.weight"] == Q.Q6_K and "output.weight" not in types
+    assert shapes["rope_freqs.weight"] == (256,)
+    s = plan_summary(plan)
+    assert s["n_params"] == n and 25.2e9 < n < 25.3e9  # "26B-A4B": 25.2 B parameters
+    assert 15.5 < s["n_bytes"] / 2**30 < 15.7
+
+
+def test_gemma4_tiny_file(gemma4_tiny):
+    """The tiny file validates against the config's inventory (exactly the file's tensors) and echoes the
+    preset; the deterministic and scaled tensors hold what synth.py's docstrings say."""
+    from sparkinfer_cute.gguf.config import Gemma4Config, load_config, validate_tensors
+
+    g = GGUFFile(gemma4_tiny)
+    c = load_config(g)
+    want = PRESETS[("gemma4", "tiny")]
+    assert isinstance(c, Gemma4Config)
+    assert set(validate_tensors(g, c)) == set(g.tensors)
+    assert [t.name for t in plan_synthetic("gemma4", "tiny")] == list(g.tensors)
+    swa = [i % 3 < 2 for i in range(6)]
+    assert list(c.swa_layers) == swa and c.sliding_window == want["sliding_window"]
+    for i, sw in enumerate(swa):
+        assert c.head_dim_for(i) == (64 if sw else 128) and c.n_head_kv_for(i) == (2 if sw else 1)
+        assert c.n_rot_for(i) == c.head_dim_for(i) and c.rope_base_for(i) == (1e4 if sw else 1e6)
+        assert c.k_eq_v(i) == (not sw) and c.is_moe(i) and c.has_out_scale(i) and c.has_down_exps_scale(i)
+    assert (c.n_expert, c.n_expert_used, c.n_ff_exp, c.n_ff[0]) == (16, 4, 160, 320)
+    assert c.tied_output and c.final_logit_softcap == 2.0 and c.vocab_size == 1024
+    assert g.metadata["general.file_type"] == 15
+    rf = g.dequant("rope_freqs.weight")
+    assert (
+        rf.shape == (64,) and np.all(rf[:16] == 1.0) and np.all(rf[16:] == np.float32(1e30))
+    )  # 0.25 of 64 pairs
+    for i in range(6):
+        s = float(g.dequant(f"blk.{i}.layer_output_scale.weight")[0])
+        assert 0.7 <= s <= 1.3
+        ds = g.dequant(f"blk.{i}.ffn_down_exps.scale")
+        assert ds.shape == (16,) and 0.5 <= ds.min() and ds.max() <= 1.5 and ds.max() - ds.min() > 0.3
+        d = c.head_dim_for(i)
+        gain = (synth.GEMMA4_SCORE_STD / math.sqrt(d)) ** 0.5
+        for nrm in ("attn_q_norm", "attn_k_norm"):
+            w = g.dequant(f"blk.{i}.{nrm}.weight")
+            assert 0.9 * gain - 1e-6 <= w.min() and w.max() <= 1.1 * gain + 1e-6
+    emb = gguf_dequantize(np.asarray(g.raw("token_embd.weight")), Q.Q6_K).astype(np.float64)
+    assert abs(math.sqrt(np.mean(emb**2)) * math.sqrt(256) / synth.GEMMA4_EMBD_RMS_SQRT_N - 1) < 0.05
+    wr = g.dequant("blk.0.ffn_gate_inp.weight").astype(np.float64)
+    assert abs(wr.std() - synth.ROUTER_LOGIT_STD) < 0.05
+
+
+def test_gemma4_vocab_is_a_consistent_bpe(gemma4_tiny):
+    """Every merge joins two tokens into a third; llama.cpp's special ids; our tokenizer (validated against
+    llama-tokenize on gemma4 vocabularies in tests/tokenizer) encodes text into multi-character tokens and
+    back."""
+    from sparkinfer_cute.tokenizer import Tokenizer
+
+    g = GGUFFile(gemma4_tiny)
+    md = g.metadata
+    toks, types, merges = (
+        md["tokenizer.ggml.tokens"],
+        md["tokenizer.ggml.token_type"],
+        md["tokenizer.ggml.merges"],
+    )
+    assert len(toks) == len(set(toks)) == len(types) == 1024
+    vocab = set(toks)
+    for m in merges:
+        a, b = m.split(" ")
+        assert a in vocab and b in vocab and a + b in vocab, m
+    assert (md["tokenizer.ggml.model"], toks[2], toks[1], toks[105], toks[106]) == (
+        "gemma4",
+        "<bos>",
+        "<eos>",
+        "<|turn>",
+        "<turn|>",
+    )
+    assert (md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"]) == (2, 1)
+    assert [t for t, ty in zip(toks, types) if ty == 6] == [f"<0x{b:02X}>" for b in range(256)]
+    tok = Tokenizer.from_gguf(g)
+    text = "the rain in Spain stays mainly in the plain"
+    ids = tok.encode(text)
+    assert ids[0] == 2 and len(ids) < 0.7 * len(text)
+    assert max(len(toks[i]) for i in ids) >= 3
+    assert tok.decode(ids[1:]) == text
+    text = "line\n\nünïcödé 42!"  # a newline-run token, byte fallback for characters outside the vocabulary
+    ids = tok.encode(text, add_bos=False)
+    assert toks.index("\n\n") in ids and tok.decode(ids) == text
+    assert {1, 106} <= set(tok.eog_ids)
+    big = synth.gemma4_vocab(262144)
+    assert len(big[0]) == len(set(big[0])) == 262144 and big[3]["<|turn>"] == 105
+
+
+def test_gemma4_deterministic_and_streaming(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "CHUNK_BYTES", 4099)  # several chunks in most tensors, ragged last chunks
+    a = write_synthetic(tmp_path / "a.gguf", "gemma4", "tiny", seed=3, n_threads=1)
+    b = write_synthetic(tmp_path / "b.gguf", "gemma4", "tiny", seed=3, n_threads=3)
+    assert _sha(a) == _sha(b)
+    rf = GGUFFile(a).dequant("rope_freqs.weight")  # the deterministic tensor survives chunking
+    assert np.all(rf[:16] == 1.0) and np.all(rf[16:] > 1e29)
+
+
+def test_gemma4_rope_freqs_only_with_a_full_layer(tmp_path):
+    """llama.cpp creates rope_freqs at the first full layer: a file without one must not hold it (its loader
+    then refuses the file: "wrong number of tensors"), whether the preset or --max-layers removes the full
+    layers."""
+    from sparkinfer_cute.gguf.config import load_config, validate_tensors
+
+    assert "rope_freqs.weight" not in {
+        t.name for t in plan_synthetic("gemma4", "tiny", overrides={"n_layer": 2})
+    }
+    g = GGUFFile(write_synthetic(tmp_path / "s.gguf", "gemma4", "tiny", max_layers=2))
+    assert "rope_freqs.weight" not in g.tensors and g.metadata["gemma4.block_count"] == 2
+    c = load_config(g)
+    assert not c.has_rope_freqs and set(validate_tensors(g, c)) == set(g.tensors)
+
+
+def test_gemma4_max_layers_slice(tmp_path):
+    """A 7-block slice of 26b-a4b keeps the real shapes and full-depth type rules (metadata arrays sliced)."""
+    plan = {t.name: t for t in plan_synthetic("gemma4", "26b-a4b")}
+    c = synth.synthetic_config("gemma4", "26b-a4b")
+    c["n_layer"] = 7
+    c["n_vocab"] = (
+        1024  # the metadata arrays checked here do not depend on it (the real vocabulary takes seconds)
+    )
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gemma4")
+    synth._add_metadata(w, "gemma4", "26b-a4b", c, "Q4_K_M", 0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    md = GGUFFile(tmp_path / "m.gguf").metadata
+    assert md["gemma4.block_count"] == 7
+    assert md["gemma4.attention.sliding_window_pattern"] == [True] * 5 + [False, True]
+    assert md["gemma4.attention.head_count_kv"] == [8] * 5 + [2, 8]
+    assert plan["blk.5.attn_k.weight"].shape == (2816, 1024)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -475,6 +683,37 @@ def test_cli_dry_run_and_write(tmp_path, capsys):
     assert GGUFFile(out).metadata["gemma3.block_count"] == 2
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--preset", "nope"],
+        ["--set", "foo=1"],
+        ["--arch", "gemma4", "--set", "n_head_kv=3"],
+        ["--set", "novalue"],
+    ],
+)
+def test_cli_usage_errors_are_one_line(argv, capsys):
+    assert synth.main([*argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_cli_module_exit_status_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    for argv in (["--preset", "nope"], ["--set", "foo=1"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "sparkinfer_cute.gguf.synth", *argv, "-o", str(tmp_path / "x")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("SPARKINFER_SLOW"), reason="writes ~800 MB; set SPARKINFER_SLOW=1")
 def test_30b_a3b_one_layer_slice(tmp_path):
@@ -485,3 +724,25 @@ def test_30b_a3b_one_layer_slice(tmp_path):
     validate_tensors(g, load_config(g))
     w = g.dequant("blk.0.ffn_down_exps.weight")[:4]
     assert abs(math.sqrt(np.mean(w.astype(np.float64) ** 2)) * math.sqrt(768) - 1) < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("SPARKINFER_SLOW"), reason="writes ~2 GB; set SPARKINFER_SLOW=1")
+@pytest.mark.parametrize("preset,max_layers", [("small", None), ("26b-a4b", 6)])
+def test_gemma4_real_shapes_validate_and_stay_well_scaled(tmp_path, preset, max_layers):
+    """small, and the first 6 blocks of 26b-a4b (five sliding layers and the first full one, real shapes): the
+    file validates, and the reference forward keeps the residual stream O(1) and the logits finite and
+    varied."""
+    from sparkinfer_cute.gguf.config import load_config, validate_tensors
+    from sparkinfer_cute.reference import load_reference
+
+    p = write_synthetic(tmp_path / "g.gguf", "gemma4", preset, max_layers=max_layers)
+    g = GGUFFile(p)
+    validate_tensors(g, load_config(g))
+    m = load_reference(g)
+    cap: dict = {}
+    logits = m.forward(np.random.default_rng(0).integers(0, 4096, 8), capture=cap)
+    for l in range(m.n_layer):
+        rms = float(np.sqrt(np.mean(cap[f"resid.{l}"].astype(np.float64) ** 2)))
+        assert 0.3 < rms < 10, (l, rms)
+    assert np.isfinite(logits).all() and 0.2 < logits.std(axis=-1).mean() < 5

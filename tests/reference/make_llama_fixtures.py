@@ -42,6 +42,13 @@ Exact commands (FILE is the real Gemma 3 270M Q4_K_M GGUF, TEXT = fixtures/engli
 4. synth_qwen3moe_tiny_q_logprobs.npz (``--only synth_q``): as 3., but llama-perplexity runs on the quantized
    (Q4_K/Q6_K) file itself, with the same contexts; the reference for ``emulate_cpu=True``, which must score each
    position with the batch of C tokens llama.cpp used (test_models.py).
+
+5. synth_gemma4_tiny_logprobs.npz (``--only synth_gemma4``; test_gemma4.py): as 3. for ``write_synthetic(tmp,
+   "gemma4", "tiny", seed=0)`` (all-F32 copy), with the one context C = 258: chunk 0 is one batch of 258 tokens
+   (llama.cpp's tiled f32 flash-attention path; below 64 rows its CPU FA rounds Q and accumulates in fp16) and scores
+   positions 129..256, far beyond the 32-token window of the sliding layers. ``llama_build`` holds the build and
+   system_info lines llama-perplexity printed. Made 2026-12-07 with llama.cpp 0c1e570 (source tarball, so its build
+   line reads "unknown (0)"), CPU build ``-DGGML_NATIVE=OFF -DGGML_AVX2=ON`` (AVX2, LLAMAFILE, REPACK), -t 2.
 """
 
 from __future__ import annotations
@@ -86,6 +93,13 @@ def _tokenize(bin_dir: str, model: str, text: str) -> list[int]:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def _llama_build(p: subprocess.CompletedProcess) -> str:
+    """llama-perplexity's "build: ..." and "system_info: ..." log lines (a build from a source tarball says
+    "build: unknown (0)": the fixture docstrings then name the source commit)."""
+    lines = [m.group(0).strip() for m in re.finditer(r"(build: |system_info: )[^\n]*", p.stdout + p.stderr)]
+    return " | ".join(dict.fromkeys(lines)) or "unknown"
+
+
 def _perplexity(bin_dir: str, model: str, ctx: int, out: str, extra=()) -> tuple[dict, float]:
     p = _run(
         bin_dir,
@@ -107,7 +121,9 @@ def _perplexity(bin_dir: str, model: str, ctx: int, out: str, extra=()) -> tuple
         out,
     )
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", p.stdout + p.stderr)
-    return read_kld_base(out), float(m.group(1)) if m else float("nan")
+    d = read_kld_base(out)
+    d["llama_build"] = _llama_build(p)
+    return d, float(m.group(1)) if m else float("nan")
 
 
 def make_gemma3_teacher_forced(bin_dir: str, tmp: str, model: str = GEMMA3, tag: str = "") -> None:
@@ -168,20 +184,24 @@ def make_gemma3_chat_greedy(bin_dir: str, model: str = GEMMA3) -> None:
 
 
 SYNTH_CTX = {"qwen3moe": (3, 5, 9, 17, 33, 65, 129), "gemma3": (3, 5, 9, 17, 33, 65)}
+GEMMA4_CTX = (258,)
 
 
-def make_synth(bin_dir: str, tmp: str, arch: str, quantized: bool = False) -> None:
+def make_synth(bin_dir: str, tmp: str, arch: str, quantized: bool = False, contexts=None) -> None:
     """``quantized=False``: llama.cpp on the all-F32 copy (synth_{arch}_tiny_logprobs.npz); ``quantized=True``:
-    on the quantized file itself (synth_{arch}_tiny_q_logprobs.npz, for the ``emulate_cpu`` reference)."""
+    on the quantized file itself (synth_{arch}_tiny_q_logprobs.npz, for the ``emulate_cpu`` reference).
+    ``contexts``: the llama-perplexity contexts (default ``SYNTH_CTX[arch]``); the positions they score must be
+    contiguous."""
     from sparkinfer_cute.gguf.synth import write_synthetic
 
     q = write_synthetic(os.path.join(tmp, f"{arch}.gguf"), arch=arch, preset="tiny", seed=0)
     with open(q, "rb") as fh:
         sha = hashlib.sha256(fh.read()).hexdigest()
     model = q if quantized else write_dequantized_copy(q, os.path.join(tmp, f"{arch}_f32.gguf"))
-    tokens, positions, codes, heads = None, [], [], []
-    for c in SYNTH_CTX[arch]:
+    tokens, positions, codes, heads, build = None, [], [], [], "unknown"
+    for c in contexts or SYNTH_CTX[arch]:
         d, _ = _perplexity(bin_dir, model, c, os.path.join(tmp, f"{arch}_{c}.bin"))
+        build = d["llama_build"]
         t = d["tokens"][0]
         if tokens is None or len(t) > len(tokens):
             if tokens is not None:
@@ -199,7 +219,8 @@ def make_synth(bin_dir: str, tmp: str, arch: str, quantized: bool = False) -> No
             codes.append(rows[i, 4 : 4 + n_vocab])
     order = np.argsort(positions)
     positions = np.asarray(positions)[order]
-    assert np.array_equal(positions, np.arange(1, positions.max() + 1)), positions
+    assert np.array_equal(positions, np.arange(positions.min(), positions.max() + 1)), positions
+    extra = {"llama_build": np.array(build)} if arch == "gemma4" else {}  # the older fixtures keep their bytes
     np.savez_compressed(
         os.path.join(FIXTURES, f"synth_{arch}_tiny{'_q' if quantized else ''}_logprobs.npz"),
         tokens=tokens[: positions.max() + 2].astype(np.int32),
@@ -207,14 +228,15 @@ def make_synth(bin_dir: str, tmp: str, arch: str, quantized: bool = False) -> No
         codes=np.stack(codes)[order].astype(np.uint16),
         scale_min=np.stack(heads)[order].astype(np.float32),
         synth_sha256=np.array(sha),
+        **extra,
     )
-    print(f"synth {arch}: positions 1..{positions.max()}, sha256 {sha}", file=sys.stderr)
+    print(f"synth {arch}: positions {positions.min()}..{positions.max()}, sha256 {sha}, {build}", file=sys.stderr)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-bin", default="/work/llama/llama.cpp/build/bin")
-    ap.add_argument("--only", choices=["gemma3", "greedy", "synth", "synth_q"], default=None)
+    ap.add_argument("--only", choices=["gemma3", "greedy", "synth", "synth_q", "synth_gemma4"], default=None)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if a.only in (None, "gemma3", "greedy"):
@@ -231,6 +253,8 @@ def main() -> None:
                 make_synth(a.llama_bin, tmp, arch)
         if a.only in (None, "synth_q"):
             make_synth(a.llama_bin, tmp, "qwen3moe", quantized=True)
+        if a.only in (None, "synth_gemma4"):
+            make_synth(a.llama_bin, tmp, "gemma4", contexts=GEMMA4_CTX)
 
 
 if __name__ == "__main__":
