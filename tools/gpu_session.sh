@@ -21,6 +21,7 @@ fi
 . /tmp/gpuhost/env.sh
 # models/ installs as sparkinfer_cute.models (pyproject package-dir); on the host we run from the tree, so link it.
 [ -e sparkinfer_cute/models ] || ln -s ../models sparkinfer_cute/models
+[ -e sparkinfer_cute/autotune ] || ln -s ../autotune sparkinfer_cute/autotune
 export SPARKINFER_CACHE_DIR=/tmp/sparkinfer_cache
 GEMMA=/tmp/gpumodel/gemma-3-270m-q4_k_m.gguf
 if [ ! -f "$GEMMA" ] && ls /tmp/gpumodel/gemma3.gguf.part0* >/dev/null 2>&1; then
@@ -33,7 +34,7 @@ fi
 [ -f "$GEMMA" ] && export SPARKINFER_GEMMA3_GGUF=$GEMMA
 phases=("$@"); [ ${#phases[@]} -eq 0 ] && phases=(tests micro)
 # fill the kernel disk cache with parallel compiles first (every phase below then loads objects in ~1 ms each)
-python3 tools/precompile.py 2>&1 | tail -5
+[ "${PRECOMPILE:-1}" = 1 ] && timeout 300 python3 tools/precompile.py 2>&1 | tail -5
 summary=()
 add() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -63,6 +64,16 @@ for ph in "${phases[@]}"; do
     add "quant_gemm GPU tests" "$(tail -1 "$OUT/qgemm_tests.log")"
     python3 tools/bench_quant_gemm.py --json "$OUT/bench_qgemm.json" 2>&1 | tee "$OUT/bench_qgemm.log" | tail -30
     add "quant_gemm bench" "see bench_qgemm.log" ;;
+  newgpu)  # the new kernels and the batched prefill, plus the decode e2e tests (xdist: compiles in parallel)
+    timeout 330 python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider tests/kernels/test_quant_gemm.py \
+      tests/kernels/test_moe_route.py tests/kernels/test_elementwise.py tests/kernels/test_embedding_batch.py \
+      tests/models/test_gpu_prefill.py tests/models/test_gpu_decode.py 2>&1 | tee "$OUT/newgpu_tests.log" | tail -45
+    add "new-kernel + prefill + decode GPU tests" "$(tail -1 "$OUT/newgpu_tests.log")" ;;
+  bench30b_pp)  # 30B shape: batched prefill pp512 and decode tg128, llama.cpp in the same run
+    [ -f /tmp/qwen30b.gguf ] || python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o /tmp/qwen30b.gguf --seed 0 >/dev/null 2>&1
+    LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
+    timeout 280 python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 512 --gen 128 --runs 3 "${LBARG[@]}" --json "$OUT/bench30b_pp.json" 2>&1 | tee "$OUT/bench30b_pp.log" | tail -22
+    add "30B bench (batched prefill)" "see bench30b_pp.log" ;;
   prefill)  # batched prefill end to end on synthetic models (GPU tests)
     python3 -m pytest -q -m gpu tests/models/test_gpu_prefill.py tests/kernels/test_embedding_batch.py -p no:cacheprovider 2>&1 | tee "$OUT/prefill_tests.log" | tail -25
     add "prefill GPU tests" "$(tail -1 "$OUT/prefill_tests.log")" ;;
