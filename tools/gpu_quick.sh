@@ -10,13 +10,16 @@ export SPARKINFER_CACHE_DIR=/tmp/sparkinfer_cache PYTHONUNBUFFERED=1
 [ -e sparkinfer_cute/models ] || ln -s ../models sparkinfer_cute/models
 [ -e sparkinfer_cute/autotune ] || ln -s ../autotune sparkinfer_cute/autotune
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-( python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o /tmp/qwen30b.gguf --seed 0 > "$OUT/synth.log" 2>&1 ) &
-timeout "${T_PRE:-140}" python3 tools/precompile.py > "$OUT/precompile.log" 2>&1; tail -3 "$OUT/precompile.log"
+[ "${BENCH:-1}" = 1 ] && ( python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o /tmp/qwen30b.gguf --seed 0 > "$OUT/synth.log" 2>&1 ) &
+if [ "${PRECOMPILE:-1}" = 1 ]; then
+  timeout "${T_PRE:-140}" python3 tools/precompile.py > "$OUT/precompile.log" 2>&1; tail -3 "$OUT/precompile.log"
+fi
 timeout "${T_TEST:-200}" python3 -m pytest -q -m gpu -n 14 -p no:cacheprovider tests/kernels/test_quant_gemm.py \
   tests/kernels/test_moe_route.py tests/kernels/test_elementwise.py tests/kernels/test_embedding_batch.py \
   tests/models/test_gpu_prefill.py tests/models/test_gpu_decode.py > "$OUT/tests.log" 2>&1
 grep -E "passed|failed|Error|error" "$OUT/tests.log" | tail -25
 wait
+[ "${BENCH:-1}" = 1 ] || exit 0
 timeout "${T_BENCH:-170}" python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 512 --gen 64 --runs 5 \
   --llama-bench /tmp/llama/llama-bench --llama-reps 2 --json "$OUT/bench30b.json" > "$OUT/bench30b.log" 2>&1
 tail -16 "$OUT/bench30b.log"
