@@ -1,21 +1,31 @@
 """What every GPU forward shares: weight upload, activation buffers, the KV cache, and CUDA-graph decode.
 
-A model subclass implements ``enqueue_step(stream)``: every kernel of one decode step (embedding of the token id held in
-``self.tok`` at the position held in ``self.pos``, all layers, final norm, LM head, argmax into ``self.tok``) on
-``stream``, reading the token id and position **from device memory**. The step is captured once into a CUDA graph
-and replayed per token; between replays the host writes at most the next prompt token and the position (4 bytes
-each) and reads back the sampled id (4 bytes). Routing (expert ids and weights) never leaves the device.
+A model subclass implements ``enqueue_step(stream, n_layers=None)``: every kernel of one decode step (embedding of
+the token id held in ``self.tok`` at the position held in ``self.pos``, all layers, final norm, LM head, argmax into
+``self.tok``) on ``stream``, reading the token id and position **from device memory**. The step is captured once into
+a CUDA graph and replayed per token; between replays the host writes at most the next prompt token and the position
+(4 bytes each) and reads back the sampled id (4 bytes). Routing (expert ids and weights) never leaves the device.
+
+Seams for what comes next:
+- attention geometry is per layer (``self.attn_layers``, from the config's ``*_for(layer)`` views): KV cache sizing,
+  split counts and the split workspace follow it, so layer types with other head sizes / KV heads / windows fit.
+- prompt prefill goes through :meth:`GPUDecoder.prefill_chunk` (T tokens in, logits of the last one left in
+  ``self.logits``). The default replays the decode graph once per token; a batched prefill overrides it (and may
+  set ``PREFILL_CHUNK`` to the most tokens its buffers take per call).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
-from ..errors import ContextOverflowError  # type: ignore[misc]
-from ..runtime import CudaGraph, DeviceArray, Stream, get_device  # type: ignore[misc]
-from ..runtime.weights import WeightStore  # type: ignore[misc]
+from sparkinfer_cute.errors import ContextOverflowError
+from sparkinfer_cute.kernels.arch import kernel_family
+from sparkinfer_cute.models import ops
+from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Stream, get_device
+from sparkinfer_cute.runtime.weights import WeightStore
 
 DEFAULT_MAX_CONTEXT = 4096
 
@@ -30,6 +40,7 @@ class GPUDecoder:
         if self.max_context <= 0:
             raise ContextOverflowError("max_context must be positive")
         self.stream = Stream()
+        self.attn_layers = ops.attention_geometry(cfg)
         self.kv_bytes = self.kv_cache_bytes()
         t0 = time.perf_counter()
         self.w = WeightStore(g, self.weight_names(), extra_bytes=self.kv_bytes, progress=progress,
@@ -58,22 +69,14 @@ class GPUDecoder:
         return names
 
     def kv_cache_bytes(self) -> int:
-        from . import ops
-
-        c = self.cfg
-        return ops.PagedKV.bytes_needed(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
+        return ops.PagedKV.bytes_needed(self.attn_layers, self.max_context)
 
     def alloc_kv_cache(self) -> None:
-        from . import ops
-
-        c = self.cfg
-        self.kv = ops.PagedKV(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
+        self.kv = ops.PagedKV(self.attn_layers, self.max_context)
 
     def repack_names(self) -> set[str]:
         """Q6_K tensors to upload padded (Q6_K_P) for aligned 32-bit loads: every GEMV/MoE weight, never the
         embedding table (the gather reads GGUF blocks). SPARKINFER_REPACK_Q6K=0 keeps the GGUF bytes."""
-        import os
-
         if os.environ.get("SPARKINFER_REPACK_Q6K", "1") in ("0", "no", "false"):
             return set()
         return {n for n in self.weight_names() if n != "token_embd.weight"}
@@ -81,14 +84,14 @@ class GPUDecoder:
     def alloc_buffers(self) -> None:
         raise NotImplementedError
 
-    def enqueue_step(self, stream) -> None:
+    def enqueue_step(self, stream, n_layers: int | None = None) -> None:
+        """Enqueue one decode step on ``stream``. ``n_layers`` (eager debugging only): stop after that many layers,
+        leaving the residual stream in ``self.x`` (+ ``self.delta``), without the final norm / LM head / argmax."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
     @staticmethod
     def _family() -> str:
-        from ..kernels.arch import kernel_family  # type: ignore[misc]
-
         return kernel_family()
 
     @property
@@ -104,8 +107,6 @@ class GPUDecoder:
             return
         # Warm-up outside capture: loads every kernel module (module loading is not allowed while capturing) and
         # counts launches. It decodes token 0 at position 0, which the first real step overwrites.
-        from . import ops
-
         ops.launch_counter.reset()
         self.enqueue_step(self.stream)
         self.stream.synchronize()
@@ -138,13 +139,25 @@ class GPUDecoder:
         self.enqueue_step(self.stream)
         self.pos += 1
 
+    #: Most tokens one :meth:`prefill_chunk` call takes (a batched prefill sizes its buffers for it); None: all.
+    PREFILL_CHUNK: int | None = None
+
     def prefill(self, ids) -> np.ndarray:
+        """Feed prompt tokens at positions ``pos ..``; returns the logits after the last one (f32 [vocab])."""
+        ids = np.asarray(ids, dtype=np.int32).reshape(-1)
         if self.pos + len(ids) > self.max_context:
             raise ContextOverflowError(f"prompt of {len(ids)} tokens does not fit the context of {self.max_context}")
-        # Prompt prefill runs through the decode graph, one token per replay (a batched prefill is future work).
+        n = self.PREFILL_CHUNK or max(len(ids), 1)
+        for i in range(0, len(ids), n):
+            self.prefill_chunk(ids[i:i + n])
+        return self.logits.to_numpy(self.stream)
+
+    def prefill_chunk(self, ids: np.ndarray) -> None:
+        """Append T tokens at positions ``pos .. pos+T-1`` to the KV cache, leave the logits after the last one in
+        ``self.logits`` and advance ``pos`` by T. This fallback replays the decode graph once per token; a batched
+        prefill (one grouped GEMM per weight over the T tokens) replaces it."""
         for t in ids:
             self._step(int(t))
-        return self.logits.to_numpy(self.stream)
 
     def decode(self, tok: int) -> np.ndarray:
         self._step(int(tok))

@@ -8,38 +8,35 @@ graph. ``launch_counter`` counts kernel launches (kernels per token in the bench
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels import attention_decode as _attn  # type: ignore[misc]
-from ..kernels import embedding as _emb  # type: ignore[misc]
-from ..kernels import gemv as _gemv  # type: ignore[misc]
-from ..kernels import gemv_q8 as _gemv_q8  # type: ignore[misc]
-from ..kernels import glu as _glu  # type: ignore[misc]
-from ..kernels import q8_1 as _q8  # type: ignore[misc]
-from ..kernels import kv_cache_append as _kva  # type: ignore[misc]
-from ..kernels import moe_ffn as _moe  # type: ignore[misc]
-from ..kernels import qk_norm_rope_kv as _qknrk  # type: ignore[misc]
-from ..kernels import rmsnorm as _rms  # type: ignore[misc]
-from ..kernels.paged_kv import PagedKVCache  # type: ignore[misc]
-from ..runtime import DeviceArray  # type: ignore[misc]
+from sparkinfer_cute.kernels import argmax as _am
+from sparkinfer_cute.kernels import attention_decode as _attn
+from sparkinfer_cute.kernels import embedding as _emb
+from sparkinfer_cute.kernels import gemv as _gemv
+from sparkinfer_cute.kernels import gemv_q8 as _gemv_q8
+from sparkinfer_cute.kernels import glu as _glu
+from sparkinfer_cute.kernels import kv_cache_append as _kva
+from sparkinfer_cute.kernels import moe_ffn as _moe
+from sparkinfer_cute.kernels import q8_1 as _q8
+from sparkinfer_cute.kernels import qk_norm_rope_kv as _qknrk
+from sparkinfer_cute.kernels import rmsnorm as _rms
+from sparkinfer_cute.kernels import rope as _rope
+from sparkinfer_cute.kernels import router as _router
+from sparkinfer_cute.kernels.paged_kv import PagedKVCache
+from sparkinfer_cute.runtime import DeviceArray, Workspace, get_device
 
 PAGE_SIZE = 64
 
 # Speed passes can be switched off one by one (SPARKINFER_DISABLE=fused_qk,...) so the accuracy harness and the
 # benchmark can compare a pass against the build without it, in the same run.
 DISABLED = frozenset(x.strip() for x in os.environ.get("SPARKINFER_DISABLE", "").split(",") if x.strip())
-# Passes that are off unless SPARKINFER_ENABLE names them (none now). fused_qk was here while the fused QK-norm
-# kernel was wrong on the H100: block_reduce (kernels/common.py) left the total only in lanes < num_warps, so heads
-# of >= 128 elements were normalized with rsqrt(eps); fixed 2026-11-25 (tools/qk_fused_diag.py, tests/kernels/
-# test_block_reduce.py).
-DEFAULT_OFF: frozenset[str] = frozenset()
-ENABLED = frozenset(x.strip() for x in os.environ.get("SPARKINFER_ENABLE", "").split(",") if x.strip())
 
 
 def enabled(name: str) -> bool:
-    if name in DEFAULT_OFF and name not in ENABLED:
-        return False
     return name not in DISABLED
 
 
@@ -60,36 +57,81 @@ class _Counter:
 launch_counter = _Counter()
 
 
+# ---------------------------------------------------------------------------------------------- attention geometry
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """The attention shape of one layer. Per layer because architectures mix layer types (Gemma 4: head_dim 256 /
+    8 KV heads on sliding-window layers, 512 / 2 on global ones, each with its own RoPE)."""
+
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    rope_base: float
+    window: int  # 0: full causal attention, else keys with pos - p < window
+
+
+def attention_geometry(cfg) -> list[AttentionGeometry]:
+    """One :class:`AttentionGeometry` per layer, from the config's per-layer views (``head_dim_for(l)``, ...)."""
+    out = []
+    for l in range(cfg.n_layer):
+        if cfg.head_dim_v_for(l) != cfg.head_dim_for(l):
+            raise ValueError(f"layer {l}: K head size {cfg.head_dim_for(l)} != V head size {cfg.head_dim_v_for(l)}; "
+                             "the paged KV cache stores both with one head size")
+        out.append(AttentionGeometry(n_head=cfg.n_head, n_head_kv=cfg.n_head_kv_for(l), head_dim=cfg.head_dim_for(l),
+                                     n_rot=cfg.n_rot_for(l), rope_base=float(cfg.rope_base_for(l)),
+                                     window=cfg.sliding_window if cfg.is_swa(l) else 0))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- KV cache
 class PagedKV(PagedKVCache):
+    """The model's fp16 paged KV cache: pages of ``PAGE_SIZE`` tokens, each layer with its own KV heads and head
+    size (kernels/paged_kv.py)."""
+
     @staticmethod
-    def bytes_needed(n_layer: int, n_kv_head: int, head_dim: int, max_context: int) -> int:
+    def bytes_needed(layers: Sequence[AttentionGeometry], max_context: int) -> int:
         pages = -(-max_context // PAGE_SIZE)
-        return 2 * n_layer * pages * PAGE_SIZE * n_kv_head * head_dim * 2
+        return sum(2 * pages * PAGE_SIZE * g.n_head_kv * g.head_dim * 2 for g in layers)
 
-    def __init__(self, n_layer, n_kv_head, head_dim, max_context):
-        super().__init__(n_layer, n_kv_head, head_dim, page_size=PAGE_SIZE, max_context=max_context)
+    def __init__(self, layers: Sequence[AttentionGeometry], max_context: int):
+        super().__init__(len(layers), [g.n_head_kv for g in layers], [g.head_dim for g in layers],
+                         page_size=PAGE_SIZE, max_context=max_context)
 
 
-def attention_splits(n_head: int, n_kv_head: int, head_dim: int, max_context: int) -> int:
-    """Static split count: the compile-gated MODEL_CONFIGS entry when the model matches one, else the heuristic."""
+def attention_splits(g: AttentionGeometry, max_context: int, sm_count: int | None = None) -> int:
+    """Static split count of one layer type: the compile-gated MODEL_CONFIGS entry when the layer matches one, else
+    the heuristic (``sm_count``: the GPU's, asked only then)."""
     for c in _attn.MODEL_CONFIGS.values():
-        if (c["n_head"], c["n_kv_head"], c["head_dim"]) == (n_head, n_kv_head, head_dim) and c["page_size"] == PAGE_SIZE:
+        if (c["n_head"], c["n_kv_head"], c["head_dim"]) == (g.n_head, g.n_head_kv, g.head_dim) \
+                and c["page_size"] == PAGE_SIZE:
             return min(c["num_splits"], max(1, max_context // 64))
-    from ..runtime import get_device  # type: ignore[misc]
-
-    return _attn.default_num_splits(n_kv_head, max_context, get_device().sm_count)
+    if sm_count is None:
+        sm_count = get_device().sm_count
+    return _attn.default_num_splits(g.n_head_kv, max_context, sm_count)
 
 
 class AttentionWorkspace:
-    """Split-KV partials (static shapes: the graph is captured once)."""
+    """Split-KV partials, shared by all layers (static shapes: the graph is captured once). Each layer has its own
+    split count (``num_splits[l]``); the buffers are sized for the largest layer and each layer reads a view."""
 
-    def __init__(self, n_head: int, head_dim: int, num_splits: int):
-        self.num_splits = num_splits
-        # arrival counters of the fused combine (the last split CTA of a head group combines; left at zero)
+    def __init__(self, layers: Sequence[AttentionGeometry], max_context: int):
+        self.layers = list(layers)
+        self.num_splits = [attention_splits(g, max_context) for g in self.layers]
+        n_head = max(g.n_head for g in self.layers)
+        # arrival counters of the fused combine (the last split CTA of a head group combines; left at zero):
+        # at most n_head per sequence for every layer type (attention_decode.fused_counter_count)
         self.counters = DeviceArray.zeros((n_head,), np.int32)
-        self.o_partial = DeviceArray.empty((1, n_head, self.num_splits, head_dim), np.float32)
-        self.lse_partial = DeviceArray.empty((1, n_head, self.num_splits), np.float32)
+        self.o_partial = DeviceArray.empty(
+            (max(g.n_head * s * g.head_dim for g, s in zip(self.layers, self.num_splits)),), np.float32)
+        self.lse_partial = DeviceArray.empty(
+            (max(g.n_head * s for g, s in zip(self.layers, self.num_splits)),), np.float32)
+
+    def partials(self, layer: int) -> tuple[int, DeviceArray, DeviceArray]:
+        """(num_splits, o_partial [1, H, S, D], lse_partial [1, H, S]) of one layer."""
+        g, S = self.layers[layer], self.num_splits[layer]
+        return (S, self.o_partial.view(np.float32, (1, g.n_head, S, g.head_dim)),
+                self.lse_partial.view(np.float32, (1, g.n_head, S)))
 
 
 # ---------------------------------------------------------------------------------------------- ops
@@ -190,8 +232,6 @@ def glu(gate, up, out, *, act: str, stream):
 
 
 def rope(x, n_heads: int, head_dim: int, n_rot: int, base: float, pos, *, stream, freq_factors=None):
-    from ..kernels import rope as _rope  # type: ignore[misc]
-
     _rope.rope_neox(x.view(np.float32, (n_heads, head_dim)), pos, n_rot=n_rot, base=base,
                     freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32, (n_rot // 2,)),
                     stream=stream)
@@ -210,10 +250,11 @@ def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n
               window: int, stream, softcap: float = 0.0):
     D = kv.head_dim[layer]
     fused = enabled("fused_combine")  # split-KV + LSE combine in one launch (last CTA of a head group combines)
+    num_splits, o_partial, lse_partial = ws.partials(layer)
     _attn.attention_decode(q.view(np.float32, (n_head, D)), kv.k[layer], kv.v[layer], kv.page_table, pos,
-                           scale=scale, window=window, softcap=softcap, num_splits=ws.num_splits,
-                           out=out.view(np.float32, (1, n_head, D)), o_partial=ws.o_partial,
-                           lse_partial=ws.lse_partial, fused_combine=fused, counters=ws.counters, stream=stream)
+                           scale=scale, window=window, softcap=softcap, num_splits=num_splits,
+                           out=out.view(np.float32, (1, n_head, D)), o_partial=o_partial,
+                           lse_partial=lse_partial, fused_combine=fused, counters=ws.counters, stream=stream)
     launch_counter.add(1 if fused else 2)
 
 
@@ -259,16 +300,12 @@ class RouterState:
 
 def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream):
     """F32 router GEMV + softmax + top-k + renormalize in one launch (kernels/router.py RouterGemvTopK)."""
-    from ..kernels import router as _router  # type: ignore[misc]
-
     _router.route_gemv(w.data, h, k, norm_topk=True, ids_out=ids, weights_out=weights, scratch=st.logits,
                        counter=st.counter, n_expert=w.n_out, stream=stream)
     launch_counter.add()
 
 
 def router(logits, ids, weights, k: int, *, stream):
-    from ..kernels import router as _router  # type: ignore[misc]
-
     _router.route(logits, k, norm_topk=True, ids_out=ids, weights_out=weights, stream=stream)
     launch_counter.add()
 
@@ -291,17 +328,10 @@ def moe_down(w_down, act, ids, weights, out, *, stream, actq=None):
     launch_counter.add()
 
 
-def softcap(x, cap: float, *, stream):
-    raise NotImplementedError("final-logit softcap kernel (Gemma 2/4 style) is not implemented yet")
-
-
 _argmax_ws = None
 
 
 def argmax(logits, out_id, *, stream):
-    from ..kernels import argmax as _am  # type: ignore[misc]
-    from ..runtime import Workspace  # type: ignore[misc]
-
     global _argmax_ws
     if _argmax_ws is None:
         _argmax_ws = Workspace()  # partials allocated at warm-up, reused (graph-stable) afterwards
