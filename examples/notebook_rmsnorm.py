@@ -6,8 +6,8 @@ Run on a GPU host:  python examples/notebook_rmsnorm.py
 
 import numpy as np
 
-from sparkinfer_cute.kernels.common import rel_err
-from sparkinfer_cute.kernels.rmsnorm import rmsnorm, rmsnorm_ref, rmsnorm_residual
+from sparkinfer_cute.kernels.rmsnorm import rmsnorm, rmsnorm_residual
+from sparkinfer_cute.reference.kernel_refs import rel_err, rmsnorm_ref
 from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Event, Stream, elapsed_ms, get_device
 
 print(get_device())

@@ -547,40 +547,6 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
     return out_dev
 
 
-# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
-# float64 reference
-# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
-
-
-def attention_decode_ref(q, k_cache_dense, v_cache_dense, pos, scale: float, window: int = 0,
-                         softcap: float = 0.0):
-    """float64 reference. ``q`` [n_head, D] (or [B, n_head, D]); ``k_cache_dense``/``v_cache_dense``
-    [n_ctx, n_kv_head, D] (or [B, n_ctx, n_kv_head, D]) holding the fp16 values actually stored, token t at row t;
-    ``pos`` int (or [B]): the query position, keys 0..pos (with the window rule) are visible."""
-    q = np.asarray(q, np.float64)
-    k = np.asarray(k_cache_dense, np.float64)
-    v = np.asarray(v_cache_dense, np.float64)
-    if q.ndim == 3:
-        pos = np.broadcast_to(np.asarray(pos), (q.shape[0],))
-        return np.stack([attention_decode_ref(q[i], k[i], v[i], int(pos[i]), scale, window, softcap)
-                         for i in range(q.shape[0])])
-    H, D = q.shape
-    pos = int(np.asarray(pos).reshape(-1)[0])
-    KV = k.shape[1]
-    G = H // KV
-    lo = 0 if window == 0 else max(0, pos - window + 1)
-    keys = np.arange(lo, pos + 1)
-    out = np.empty((H, D), np.float64)
-    for h in range(H):
-        kv = h // G
-        s = scale * (k[keys, kv, :] @ q[h])
-        if softcap:
-            s = softcap * np.tanh(s / softcap)
-        w = np.exp(s - s.max())
-        out[h] = (w / w.sum()) @ v[keys, kv, :]
-    return out
-
-
 def split_kv_ranges(pos: int, window: int, num_splits: int) -> list[tuple[int, int]]:
     """The [begin, end) key range of each split, exactly as the kernel computes it (for tests and docs)."""
     kv_end = pos + 1

@@ -1,4 +1,6 @@
-"""Device helpers shared by every kernel module: pointer wrapping, warp/block reductions, launch-argument helpers.
+"""Helpers shared by every kernel module: pointer wrapping and argument checks on the host side; PDL prologue and
+warp/block reductions on the device side. The one helper dialect of the package: kernels use these, not local
+copies.
 
 Reductions are shuffle butterflies (``shfl.sync.bfly``): there is no f32 ``redux.sync`` on SM120 (quack
 ``reduce.py`` docstring), so the same code is used on every target. Block reductions go through a small smem buffer
@@ -12,7 +14,7 @@ import operator
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, const_expr
+from cutlass import Float32, Int32, const_expr
 
 WARP = 32
 F32_MAX = 3.4028234663852886e38
@@ -23,7 +25,8 @@ def gptr(dtype, addr: int, align: int = 16) -> cute.Pointer:
     """A global-memory ``cute.Pointer`` for launching through raw device addresses.
 
     Never pass a plain int where a pointer was compiled: the non-TVM-FFI path silently truncates it to Int32
-    (../shared/spec/cute-dsl.md §2.1). ``align`` must match what the kernel was compiled with (alignment is static).
+    (cute-dsl.md §2.1 of the project spec). ``align`` must match what the kernel was compiled with (alignment is
+    static).
     """
     return cute.runtime.make_ptr(dtype, int(addr), cute.AddressSpace.gmem, assumed_align=align)
 
@@ -31,6 +34,14 @@ def gptr(dtype, addr: int, align: int = 16) -> cute.Pointer:
 def fake_ptr(dtype, align: int = 16) -> cute.Pointer:
     """Placeholder pointer for ``cute.compile`` (the address is irrelevant at compile time)."""
     return gptr(dtype, 0, align)
+
+
+def aligned(a, what: str, align: int = 16):
+    """``a`` (anything with ``.ptr``), after checking that its address is ``align``-byte aligned (ValueError else):
+    the kernels are compiled with 16-byte pointer alignment and read with 128-bit loads."""
+    if a.ptr % align:
+        raise ValueError(f"{what} must be {align}-byte aligned (ptr {a.ptr:#x}); the kernel uses 128-bit loads")
+    return a
 
 
 def cu_stream(stream):
@@ -51,23 +62,46 @@ def pdl_prologue(enabled: cutlass.Constexpr[bool]):
 
 
 @cute.jit
-def warp_reduce(val, op: cutlass.Constexpr, width: cutlass.Constexpr[int] = WARP):
-    """Butterfly all-reduce over groups of ``width`` consecutive lanes (every lane gets the result)."""
-    offset = width // 2
-    while const_expr(offset > 0):
-        val = op(val, cute.arch.shuffle_sync_bfly(val, offset=offset))
-        offset = offset // 2
+def warp_reduce(val, op: cutlass.Constexpr, width: cutlass.Constexpr[int] = WARP,
+                small_offsets_first: cutlass.Constexpr[bool] = False):
+    """Butterfly all-reduce over groups of ``width`` consecutive lanes (every lane gets the result, the same bits in
+    every lane). Stages run with offsets width/2, ..., 2, 1, or 1, 2, ..., width/2 with ``small_offsets_first``
+    (the order the q8_1 kernels were validated with; for a float sum the order decides the rounding)."""
+    if const_expr(small_offsets_first):
+        offset = 1
+        while const_expr(offset < width):
+            val = op(val, cute.arch.shuffle_sync_bfly(val, offset=offset))
+            offset = offset * 2
+    else:
+        offset = width // 2
+        while const_expr(offset > 0):
+            val = op(val, cute.arch.shuffle_sync_bfly(val, offset=offset))
+            offset = offset // 2
     return val
 
 
 @cute.jit
-def warp_reduce_sum(val, width: cutlass.Constexpr[int] = WARP):
-    return warp_reduce(val, operator.add, width)
+def warp_reduce_sum(val, width: cutlass.Constexpr[int] = WARP, small_offsets_first: cutlass.Constexpr[bool] = False):
+    return warp_reduce(val, operator.add, width, small_offsets_first)
 
 
 @cute.jit
-def warp_reduce_max(val: Float32, width: cutlass.Constexpr[int] = WARP) -> Float32:
-    return warp_reduce(val, cute.arch.fmax, width)
+def warp_reduce_max(val, width: cutlass.Constexpr[int] = WARP, small_offsets_first: cutlass.Constexpr[bool] = False):
+    return warp_reduce(val, cute.arch.fmax, width, small_offsets_first)
+
+
+@cute.jit
+def warp_argmax(v: Float32, i: Int32, width: cutlass.Constexpr[int] = WARP):
+    """Warp all-reduce of (value, index) to the max value, ties -> lowest index (every lane gets the result)."""
+    offset = width // 2
+    while const_expr(offset > 0):
+        ov = cute.arch.shuffle_sync_bfly(v, offset=offset)
+        oi = cute.arch.shuffle_sync_bfly(i, offset=offset)
+        take = (ov > v) | ((ov == v) & (oi < i))
+        v = ov if take else v
+        i = oi if take else i
+        offset = offset // 2
+    return v, i
 
 
 @cute.jit
@@ -115,31 +149,6 @@ def _pow2_at_least(n: int) -> int:
     return min(p, WARP)
 
 
-__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "cu_stream", "warp_reduce", "warp_reduce_sum", "warp_reduce_max",
-           "block_reduce", "block_reduce_sum", "block_reduce_max", "rel_err", "f16_ulp_distance"]
+__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "aligned", "cu_stream", "pdl_prologue", "warp_reduce",
+           "warp_reduce_sum", "warp_reduce_max", "warp_argmax", "block_reduce", "block_reduce_sum", "block_reduce_max"]
 
-
-# ---------------------------------------------------------------------------------------------- host helpers
-def rel_err(y, ref) -> float:
-    """max|y - ref| / max(max|ref|, tiny), in float64 (the figure every kernel test reports)."""
-    import numpy as np
-
-    y = np.asarray(y, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if y.shape != ref.shape:
-        raise ValueError(f"shape mismatch {y.shape} vs {ref.shape}")
-    if y.size == 0:
-        return 0.0
-    return float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
-
-
-def f16_ulp_distance(a, b):
-    """Elementwise distance in fp16 ulps between ``a`` and ``b`` rounded to fp16 (int64 array): the bit patterns
-    mapped to a monotonic integer line (-0 and +0 coincide), then subtracted."""
-    import numpy as np
-
-    def ordinal(x):
-        u = np.asarray(x, np.float16).view(np.uint16).astype(np.int64)
-        return np.where(u & 0x8000, -(u & 0x7FFF), u)
-
-    return np.abs(ordinal(a) - ordinal(b))

@@ -38,8 +38,8 @@ import numpy as np
 from cutlass import Float32, Int8, Int32, Uint8, cute
 
 from .arch import pdl_enabled
-from .common import pdl_prologue
-from .compile import kernel_cache
+from .common import aligned, gptr, pdl_prologue, warp_reduce_sum
+from .compile import compile_options, kernel_cache
 from .quant_decode import (
     CHUNKS_PER_BLOCK,
     Tiling,
@@ -50,11 +50,9 @@ from .quant_decode import (
     chunk_x_f32,
     chunk_x_q8,
     dot_values,
-    kernel_options,
     load_x_runs,
     qtype_name,
     spec,
-    warp_allreduce_sum,
     x_sums_f32,
 )
 
@@ -134,7 +132,7 @@ class Gemv:
                 for r in cutlass.range_constexpr(self.rows):
                     acc[r] = acc[r] + step_dot(self.tiling, w, pX, (xrow0 + r) * self.n_in + xb)
         for r in cutlass.range_constexpr(self.rows):
-            acc[r] = warp_allreduce_sum(acc[r])
+            acc[r] = warp_reduce_sum(acc[r])
         # y is [n_slots * rows, n_out] row-major: y[slot*rows + r, o]
         mY = cute.make_tensor(pY, cute.make_layout((n_out * self.rows) * (slot + 1)))
         if cutlass.const_expr(wpr == 1):
@@ -248,7 +246,7 @@ class GemvChunk:
                                      pdl_after_weights=self.early)
             mY = cute.make_tensor(pY, cute.make_layout(n_out * (slot + 1)))
             for r in cutlass.range_constexpr(self.rpw):
-                t = warp_allreduce_sum(acc[r])
+                t = warp_reduce_sum(acc[r])
                 if lane == r:
                     yi = slot * n_out + o0 + r
                     if cutlass.const_expr(self.accumulate):
@@ -260,9 +258,9 @@ class GemvChunk:
 def compile_gemv_chunk(qtype: str, n_in: int, rpw: int = 1, experts: bool = False, x_per_slot: bool = False,
                        accumulate: bool = False, q8: bool = False):
     return cute.compile(GemvChunk(qtype, n_in, rpw, experts, x_per_slot, accumulate, q8),
-                        _ptr(Uint8, 0), _ptr(Float32, 0), _ptr(Int8, 0), _ptr(Float32, 0), _ptr(Float32, 0),
-                        _ptr(Int32, 0, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
-                        options=kernel_options())
+                        gptr(Uint8, 0), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0), gptr(Float32, 0),
+                        gptr(Int32, 0, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
+                        options=compile_options())
 
 
 def choose_rpw(n_out_total: int, sm_count: int = 132) -> int:
@@ -318,16 +316,16 @@ class GemvMulti:
                                                  pdl_after_weights=self.early)
                         mY = cute.make_tensor(pYs[m], cute.make_layout(n_out))
                         for r in cutlass.range_constexpr(rpw):
-                            t = warp_allreduce_sum(acc[r])
+                            t = warp_reduce_sum(acc[r])
                             if lane == r:
                                 mY[o0 + r] = t
 
 
 @kernel_cache
 def compile_gemv_multi(mats: tuple, n_in: int, q8: bool = False, sm_count: int = 132):
-    p8, pf = _ptr(Uint8, 0), _ptr(Float32, 0)
-    return cute.compile(GemvMulti(mats, n_in, q8, sm_count), p8, p8, p8, pf, _ptr(Int8, 0), pf, pf, pf, pf,
-                        cute.runtime.make_fake_stream(), options=kernel_options())
+    p8, pf = gptr(Uint8, 0), gptr(Float32, 0)
+    return cute.compile(GemvMulti(mats, n_in, q8, sm_count), p8, p8, p8, pf, gptr(Int8, 0), pf, pf, pf, pf,
+                        cute.runtime.make_fake_stream(), options=compile_options())
 
 
 def gemv_multi(items, x, stream=None):
@@ -355,16 +353,16 @@ def gemv_multi(items, x, stream=None):
     dws = [as_device_bytes(w, st) for w, _, _ in items]
     for dw, (q, n) in zip(dws, mats):
         _check_w(dw, q, n, n_in)
-        _aligned(dw, "weights")
+        aligned(dw, "weights")
     pw = [dw.ptr for dw in dws] + [dws[0].ptr] * (3 - len(dws))
     py = [y.ptr for _, _, y in items] + [items[0][2].ptr] * (3 - len(items))
     fn = compile_gemv_multi(mats, n_in, q8, _sm_count())
     if q8:
         xp, xq, xd = x.d.ptr, x.qs.ptr, x.d.ptr
     else:
-        xp = xq = xd = _aligned(x, "x").ptr
-    fn(_ptr(Uint8, pw[0]), _ptr(Uint8, pw[1]), _ptr(Uint8, pw[2]), _ptr(Float32, xp), _ptr(Int8, xq),
-       _ptr(Float32, xd), _ptr(Float32, py[0]), _ptr(Float32, py[1]), _ptr(Float32, py[2]), cuda.CUstream(st.handle))
+        xp = xq = xd = aligned(x, "x").ptr
+    fn(gptr(Uint8, pw[0]), gptr(Uint8, pw[1]), gptr(Uint8, pw[2]), gptr(Float32, xp), gptr(Int8, xq),
+       gptr(Float32, xd), gptr(Float32, py[0]), gptr(Float32, py[1]), gptr(Float32, py[2]), cuda.CUstream(st.handle))
     return [y for _, _, y in items]
 
 
@@ -376,17 +374,13 @@ def choose_wpr(n_out_total: int, steps_per_row: int, sm_count: int = 132) -> int
     return wpr
 
 
-def _ptr(dtype, addr, align=16):
-    return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
-
-
 @kernel_cache
 def compile_gemv(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
                  mapping: str = "slice", wpr: int = 1, accumulate: bool = False):
     return cute.compile(Gemv(qtype, n_in, rows, experts, x_per_slot, mapping, wpr, accumulate),
-                        _ptr(Uint8, 0), _ptr(Float32, 0),
-                        _ptr(Float32, 0), _ptr(Int32, 0, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
-                        options=kernel_options())
+                        gptr(Uint8, 0), gptr(Float32, 0),
+                        gptr(Float32, 0), gptr(Int32, 0, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
+                        options=compile_options())
 
 
 def _wpr(q, n_in, n_rows_total, mapping="slice"):
@@ -404,12 +398,6 @@ def as_device_bytes(w, stream):
     if isinstance(w, DeviceArray):
         return w
     return as_device(np.ascontiguousarray(w).view(np.uint8), stream)[0]
-
-
-def _aligned(a, what, align=16):
-    if a.ptr % align:
-        raise ValueError(f"{what} must be {align}-byte aligned (ptr {a.ptr:#x}); the kernel uses 128-bit loads")
-    return a
 
 
 def _check_w(w, q, n_rows_total, n_in):
@@ -452,17 +440,17 @@ def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: 
     dw = as_device_bytes(w, st)
     dx, x_np = as_device(x, st, np.float32)
     _check_w(dw, q, n_out, n_in)
-    _aligned(dw, "weights"), _aligned(dx, "x")
+    aligned(dw, "weights"), aligned(dx, "x")
     y = out if out is not None else DeviceArray.empty((rows, n_out) if len(xs) > 1 else (n_out,), np.float32)
     mapping = resolve_mapping(mapping, q, n_in, rows)
     if mapping == "chunk":
         rpw = choose_rpw(n_out, _sm_count()) if wpr is None else 1
         fn = compile_gemv_chunk(q, n_in, rpw, False, False, accumulate, False)
-        fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Int8, dx.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr),
-           _ptr(Int32, dx.ptr, 4), Int32(n_out), Int32(1), cuda.CUstream(st.handle))
+        fn(gptr(Uint8, dw.ptr), gptr(Float32, dx.ptr), gptr(Int8, dx.ptr), gptr(Float32, dx.ptr), gptr(Float32, y.ptr),
+           gptr(Int32, dx.ptr, 4), Int32(n_out), Int32(1), cuda.CUstream(st.handle))
         return y.to_numpy(stream=st) if x_np else y
     fn = compile_gemv(q, n_in, rows, False, False, mapping, wpr or _wpr(q, n_in, n_out, mapping), accumulate)
-    fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr), _ptr(Int32, dx.ptr, 4), Int32(n_out),
+    fn(gptr(Uint8, dw.ptr), gptr(Float32, dx.ptr), gptr(Float32, y.ptr), gptr(Int32, dx.ptr, 4), Int32(n_out),
        Int32(1), cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if x_np else y
 
@@ -480,7 +468,7 @@ def gemv_experts(w, qtype, x, ids, n_out: int, n_in: int, x_per_slot: bool = Fal
     dw = as_device_bytes(w, st)
     dx, x_np = as_device(x, st, np.float32)
     di, _ = as_device(ids, st, np.int32)
-    _aligned(dw, "weights"), _aligned(dx, "x")
+    aligned(dw, "weights"), aligned(dx, "x")
     n_slots = int(np.prod(di.shape))
     if dw.nbytes % (n_out * spec(q).row_bytes(n_in)):
         raise ValueError(f"{q} expert weight bytes {dw.nbytes} not a multiple of {n_out} rows x {n_in}")
@@ -489,83 +477,13 @@ def gemv_experts(w, qtype, x, ids, n_out: int, n_in: int, x_per_slot: bool = Fal
     if mapping == "chunk":
         rpw = choose_rpw(n_out * n_slots, _sm_count()) if n_out % 2 == 0 else 1
         fn = compile_gemv_chunk(q, n_in, rpw, True, bool(x_per_slot), False, False)
-        fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Int8, dx.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr),
-           _ptr(Int32, di.ptr, 4), Int32(n_out), Int32(n_slots), cuda.CUstream(st.handle))
+        fn(gptr(Uint8, dw.ptr), gptr(Float32, dx.ptr), gptr(Int8, dx.ptr), gptr(Float32, dx.ptr), gptr(Float32, y.ptr),
+           gptr(Int32, di.ptr, 4), Int32(n_out), Int32(n_slots), cuda.CUstream(st.handle))
         return y.to_numpy(stream=st) if x_np else y
     fn = compile_gemv(q, n_in, 1, True, bool(x_per_slot), mapping, _wpr(q, n_in, n_out * n_slots, mapping))
-    fn(_ptr(Uint8, dw.ptr), _ptr(Float32, dx.ptr), _ptr(Float32, y.ptr), _ptr(Int32, di.ptr, 4), Int32(n_out),
+    fn(gptr(Uint8, dw.ptr), gptr(Float32, dx.ptr), gptr(Float32, y.ptr), gptr(Int32, di.ptr, 4), Int32(n_out),
        Int32(n_slots), cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if x_np else y
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# float64 numpy references (dequantize with gguf-py on the original bytes, then matmul in float64)
-
-
-def dequant_rows_f64(w_raw: np.ndarray, qtype, n_in: int) -> np.ndarray:
-    from .dequant import dequantize_ref
-
-    q = qtype_name(qtype)
-    rb = spec(q).row_bytes(n_in)
-    w2 = np.asarray(w_raw, dtype=np.uint8).reshape(-1, rb)
-    return dequantize_ref(w2, q).astype(np.float64).reshape(w2.shape[0], n_in)
-
-
-def gemv_ref(w_raw: np.ndarray, qtype, x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    W = dequant_rows_f64(w_raw, qtype, x.shape[-1])
-    return x @ W.T
-
-
-def expert_bytes(w_raw: np.ndarray, qtype, e: int, n_out: int, n_in: int) -> np.ndarray:
-    """The raw bytes of expert ``e`` of an [n_expert, n_out, n_in] quantized tensor (only the selected experts are
-    dequantized by the references: 128 Qwen3 experts would be 1.6 GB in float64)."""
-    rb = spec(qtype_name(qtype)).row_bytes(n_in)
-    return np.asarray(w_raw, dtype=np.uint8).reshape(-1, n_out * rb)[int(e)]
-
-
-def _per_expert(fn, w_raw, qtype, ids, n_out, n_in):
-    cache = {}
-    for e in np.asarray(ids).reshape(-1):
-        if int(e) not in cache:
-            cache[int(e)] = fn(expert_bytes(w_raw, qtype, e, n_out, n_in), qtype, n_in)
-    return cache
-
-
-def gemv_experts_ref(w_raw: np.ndarray, qtype, x: np.ndarray, ids, n_out: int, x_per_slot: bool = False):
-    x = np.asarray(x, dtype=np.float64).reshape(-1, np.shape(x)[-1])
-    n_in = x.shape[-1]
-    W = _per_expert(dequant_rows_f64, w_raw, qtype, ids, n_out, n_in)
-    return np.stack([W[int(e)] @ x[j if x_per_slot else 0] for j, e in enumerate(np.asarray(ids).reshape(-1))])
-
-
-def weight_magnitude_f64(w_raw: np.ndarray, qtype, n_in: int) -> np.ndarray:
-    """Per-weight magnitude A >= |W| that bounds the decode rounding: for Q4_K/Q5_K (w = d*sc*q - dmin*m, where the
-    subtraction may cancel) A = |d*sc*q| + |dmin*m|, computed by dequantizing copies with dmin = 0 and with d = 0;
-    for the other types A = |W|."""
-    q = qtype_name(qtype)
-    if q not in ("Q4_K", "Q5_K"):
-        return np.abs(dequant_rows_f64(w_raw, q, n_in))
-    sp = spec(q)
-    b = np.array(w_raw, dtype=np.uint8).reshape(-1, sp.block_bytes)
-    no_min, no_scale = b.copy(), b.copy()
-    no_min[:, 2:4] = 0  # dmin = +0.0
-    no_scale[:, 0:2] = 0  # d = +0.0
-    return np.abs(dequant_rows_f64(no_min, q, n_in)) + np.abs(dequant_rows_f64(no_scale, q, n_in))
-
-
-def gemv_error_bound(w_raw: np.ndarray, qtype, x: np.ndarray, ids=None, n_out=None, x_per_slot=False):
-    """Elementwise bound on |y_gpu - y_ref| (module docstring): (n_in + 8) * 2^-24 * sum_i A_oi |x_i|, with A the
-    per-weight magnitude of ``weight_magnitude_f64`` (A = |W| except for the K-quant min term)."""
-    x = np.abs(np.asarray(x, dtype=np.float64))
-    n_in = x.shape[-1]
-    if ids is None:
-        mag = x @ weight_magnitude_f64(w_raw, qtype, n_in).T
-    else:
-        A = _per_expert(weight_magnitude_f64, w_raw, qtype, ids, n_out, n_in)
-        x2 = x.reshape(-1, n_in)
-        mag = np.stack([A[int(e)] @ x2[j if x_per_slot else 0] for j, e in enumerate(np.asarray(ids).reshape(-1))])
-    return (n_in + 8) * 2.0**-24 * mag
 
 
 # ---------------------------------------------------------------------------------------------------------------

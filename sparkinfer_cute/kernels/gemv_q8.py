@@ -28,26 +28,22 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
 from .arch import pdl_enabled
-from .common import pdl_prologue
-from .compile import kernel_cache
+from .common import gptr, pdl_prologue, warp_reduce_sum
+from .compile import compile_options, kernel_cache
 from .gemv import MAX_ROWS, WARPS, as_device_bytes, resolve_mapping
 from .q8_1 import QK, Q8Act, quantize_q8_1
 from .quant_decode import (
+    INT_QTYPES,
     Tiling,
     _kquant_scale_min,
     half_hi_to_f32,
     half_lo_to_f32,
-    kernel_options,
     load_words,
     q6k_load,
     q6k_scale_bytes,
     qtype_name,
     spec,
-    warp_allreduce_sum,
 )
-
-INT_QTYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P")
-
 
 @dsl_user_op
 def dp4a(a, b, c, signed_a: bool = False, *, loc=None, ip=None) -> Int32:
@@ -272,7 +268,7 @@ class GemvQ8:
                         acc[r] = acc[r] + group_dot(g, pXq, pXd, pXs, (xrow0 + r) * self.n_in, xb, 0)
             mY = cute.make_tensor(pY, cute.make_layout((n_out * self.rows) * (slot + 1)))
             for r in cutlass.range_constexpr(self.rows):
-                t = warp_allreduce_sum(acc[r])
+                t = warp_reduce_sum(acc[r])
                 if lane == 0:
                     yi = (slot * self.rows + r) * n_out + o
                     if cutlass.const_expr(self.accumulate):
@@ -280,17 +276,13 @@ class GemvQ8:
                     mY[yi] = t
 
 
-def _ptr(dtype, addr, align=16):
-    return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
-
-
 @kernel_cache
 def compile_gemv_q8(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
                     mapping: str = "slice", accumulate: bool = False):
     return cute.compile(GemvQ8(qtype, n_in, rows, experts, x_per_slot, mapping, accumulate),
-                        _ptr(Uint8, 0), _ptr(Int8, 0),
-                        _ptr(Float32, 0), _ptr(Float32, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), Int32(1), Int32(1),
-                        cute.runtime.make_fake_stream(), options=kernel_options())
+                        gptr(Uint8, 0), gptr(Int8, 0),
+                        gptr(Float32, 0), gptr(Float32, 0), gptr(Float32, 0), gptr(Int32, 0, 4), Int32(1), Int32(1),
+                        cute.runtime.make_fake_stream(), options=compile_options())
 
 
 def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, st, mapping="auto",
@@ -311,12 +303,12 @@ def _launch(w, qtype, xq: Q8Act, ids, n_out, n_slots, experts, x_per_slot, out, 
 
         rpw = choose_rpw(n_out * n_slots, _sm_count()) if n_out % 2 == 0 else 1
         fn = compile_gemv_chunk(q, xq.n, rpw, experts, x_per_slot, accumulate, True)
-        fn(_ptr(Uint8, dw.ptr), _ptr(Float32, xq.d.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr),
-           _ptr(Float32, y.ptr), _ptr(Int32, di.ptr, 4), Int32(n_out), Int32(n_slots), cuda.CUstream(st.handle))
+        fn(gptr(Uint8, dw.ptr), gptr(Float32, xq.d.ptr), gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr),
+           gptr(Float32, y.ptr), gptr(Int32, di.ptr, 4), Int32(n_out), Int32(n_slots), cuda.CUstream(st.handle))
         return y
     fn = compile_gemv_q8(q, xq.n, rows, experts, x_per_slot, mapping, accumulate)
-    fn(_ptr(Uint8, dw.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr),
-       _ptr(Float32, y.ptr), _ptr(Int32, di.ptr, 4), Int32(n_out), Int32(n_slots), cuda.CUstream(st.handle))
+    fn(gptr(Uint8, dw.ptr), gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr), gptr(Float32, xq.s.ptr),
+       gptr(Float32, y.ptr), gptr(Int32, di.ptr, 4), Int32(n_out), Int32(n_slots), cuda.CUstream(st.handle))
     return y
 
 
@@ -353,24 +345,6 @@ def gemv_q8_experts(w, qtype, x, ids, n_out: int, x_per_slot: bool = False, out=
     di, _ = as_device(ids, st, np.int32)
     y = _launch(w, qtype, xq, di, n_out, int(np.prod(di.shape)), True, x_per_slot, out, st)
     return y.to_numpy(stream=st) if x_np else y
-
-
-def gemv_q8_error_bound(w_raw, qtype, x, ids=None, n_out=None, x_per_slot=False):
-    """|y_dp4a - W x| <= sum_i A_i (d_b(i)/2 + 127 * 2^-24 d_b(i)) + the float GEMV bound evaluated at |x| + d/2."""
-    from .gemv import _per_expert, gemv_error_bound, weight_magnitude_f64
-    from .q8_1 import quantize_q8_1_ref
-
-    x = np.asarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1])
-    _, d, _ = quantize_q8_1_ref(x)
-    half = np.repeat(d.astype(np.float64), QK, axis=-1) * (0.5 + 128 * 2.0**-24)
-    n_in = x.shape[-1]
-    if ids is None:
-        quant = half @ weight_magnitude_f64(w_raw, qtype, n_in).T
-    else:
-        A = _per_expert(weight_magnitude_f64, w_raw, qtype, ids, n_out, n_in)
-        quant = np.stack([A[int(e)] @ half[j if x_per_slot else 0]
-                          for j, e in enumerate(np.asarray(ids).reshape(-1))])
-    return quant + gemv_error_bound(w_raw, qtype, np.abs(x) + half, ids=ids, n_out=n_out, x_per_slot=x_per_slot)
 
 
 def registered_configs():

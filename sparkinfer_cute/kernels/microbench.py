@@ -24,13 +24,9 @@ import sys
 
 import numpy as np
 
+from .common import gptr
+
 GIB = 1 << 30
-
-
-def _ptr(dtype, addr, align=16):
-    from cutlass import cute
-
-    return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
 
 
 def _time_graph(launch_fns, stream, reps: int) -> tuple[float, float]:
@@ -76,7 +72,7 @@ def measure_copy_bandwidth(stream, nbytes: int = GIB, reps: int = 10) -> float:
 
 
 def _rand_weights(q, n_rows, n_in, rng):
-    from .dequant import random_quant_bytes
+    from ..reference.kernel_refs import random_quant_bytes
     from .quant_decode import spec
 
     sp = spec(q)
@@ -109,15 +105,15 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice", rp
         wpr = rpw if rpw is not None else choose_rpw(n_out, 132)
         fn = compile_gemv_chunk(q, n_in, wpr, False, False, False, path == "dp4a")
         xq = quantize_q8_1(x, stream=stream)
-        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr),
-                 _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4), Int32(n_out), Int32(1), cs) for w in ws]
+        args = [(gptr(Uint8, w.ptr), gptr(Float32, x.ptr), gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr),
+                 gptr(Float32, y.ptr), gptr(Int32, x.ptr, 4), Int32(n_out), Int32(1), cs) for w in ws]
         xbytes = n_in * 4 if path == "float" else n_in + n_in // 32 * 8
     elif path == "float":
         from .gemv import _wpr, compile_gemv
 
         wpr = _wpr(q, n_in, n_out, mapping)
         fn = compile_gemv(q, n_in, 1, False, False, mapping, wpr)
-        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4),
+        args = [(gptr(Uint8, w.ptr), gptr(Float32, x.ptr), gptr(Float32, y.ptr), gptr(Int32, x.ptr, 4),
                  Int32(n_out), Int32(1), cs) for w in ws]
         xbytes = n_in * 4
     else:
@@ -126,8 +122,8 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice", rp
 
         xq = quantize_q8_1(x, stream=stream)
         fn = compile_gemv_q8(q, n_in, 1, False, False, mapping)
-        args = [(_ptr(Uint8, w.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr),
-                 _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4), Int32(n_out), Int32(1), cs) for w in ws]
+        args = [(gptr(Uint8, w.ptr), gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr), gptr(Float32, xq.s.ptr),
+                 gptr(Float32, y.ptr), gptr(Int32, x.ptr, 4), Int32(n_out), Int32(1), cs) for w in ws]
         xbytes = n_in + n_in // 32 * 8
     G = max(20, ncopy)
     launches = [(lambda a=args[i % ncopy]: fn(*a)) for i in range(G)]
@@ -160,14 +156,14 @@ def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_
 
         xq = quantize_q8_1(x, stream=stream)
         fn = compile_gemv_chunk(q, n_in, choose_rpw(k * n_out, 132), True, x_per_slot, False, path == "dp4a")
-        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr),
-                 _ptr(Float32, y.ptr), _ptr(Int32, i.ptr, 4), Int32(n_out), Int32(k), cs) for i in ids]
+        args = [(gptr(Uint8, w.ptr), gptr(Float32, x.ptr), gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr),
+                 gptr(Float32, y.ptr), gptr(Int32, i.ptr, 4), Int32(n_out), Int32(k), cs) for i in ids]
         xbytes = xrows * (n_in * 4 if path == "float" else n_in + n_in // 32 * 8)
     elif path == "float":
         from .gemv import compile_gemv
 
         fn = compile_gemv(q, n_in, 1, True, x_per_slot)
-        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Float32, y.ptr), _ptr(Int32, i.ptr, 4),
+        args = [(gptr(Uint8, w.ptr), gptr(Float32, x.ptr), gptr(Float32, y.ptr), gptr(Int32, i.ptr, 4),
                  Int32(n_out), Int32(k), cs) for i in ids]
         xbytes = xrows * n_in * 4
     else:
@@ -176,8 +172,8 @@ def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_
 
         xq = quantize_q8_1(x, stream=stream)
         fn = compile_gemv_q8(q, n_in, 1, True, x_per_slot)
-        args = [(_ptr(Uint8, w.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr),
-                 _ptr(Float32, y.ptr), _ptr(Int32, i.ptr, 4), Int32(n_out), Int32(k), cs) for i in ids]
+        args = [(gptr(Uint8, w.ptr), gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr), gptr(Float32, xq.s.ptr),
+                 gptr(Float32, y.ptr), gptr(Int32, i.ptr, 4), Int32(n_out), Int32(k), cs) for i in ids]
         xbytes = xrows * (n_in + n_in // 32 * 8)
     launches = [(lambda a=args[i % nsets]: fn(*a)) for i in range(32)]
     med, mn = _time_graph(launches, stream, reps)
@@ -219,10 +215,10 @@ def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu=
         aq = Q8Act(k, n_ff)
         fa = compile_moe_gate_up_chunk(q_gu, n_embd, n_ff, False, q8, rpw_gu, xfirst)
         fb = compile_moe_down_chunk(q_down, n_ff, n_embd, k, True, q8, rpw_down, xfirst)
-        a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Float32, h.ptr), _ptr(Int8, hq.qs.ptr),
-                   _ptr(Float32, hq.d.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
-        b_args = [(_ptr(Uint8, wd.ptr), _ptr(Float32, act.ptr), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr),
-                   _ptr(Int32, i.ptr, 4), _ptr(Float32, wts.ptr, 4), _ptr(Float32, y.ptr), _ptr(Float32, y.ptr), cs)
+        a_args = [(gptr(Uint8, wg.ptr), gptr(Uint8, wu.ptr), gptr(Float32, h.ptr), gptr(Int8, hq.qs.ptr),
+                   gptr(Float32, hq.d.ptr), gptr(Int32, i.ptr, 4), gptr(Float32, act.ptr), Int32(k), cs) for i in ids]
+        b_args = [(gptr(Uint8, wd.ptr), gptr(Float32, act.ptr), gptr(Int8, aq.qs.ptr), gptr(Float32, aq.d.ptr),
+                   gptr(Int32, i.ptr, 4), gptr(Float32, wts.ptr, 4), gptr(Float32, y.ptr), gptr(Float32, y.ptr), cs)
                   for i in ids]
         xb = n_embd * 4 if not q8 else n_embd + n_embd // 32 * 8
         ab = k * n_ff * 4 if not q8 else k * (n_ff + n_ff // 32 * 8)
@@ -232,10 +228,10 @@ def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu=
     elif path == "float":
         fa = compile_moe_gate_up(q_gu, n_embd, n_ff, False)
         fb = compile_moe_down(q_down, n_ff, n_embd, True)
-        a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Float32, h.ptr), _ptr(Int32, i.ptr, 4),
-                   _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
-        b_args = [(_ptr(Uint8, wd.ptr), _ptr(Float32, act.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, wts.ptr, 4),
-                   _ptr(Float32, y.ptr), _ptr(Float32, y.ptr), Int32(k), cs) for i in ids]
+        a_args = [(gptr(Uint8, wg.ptr), gptr(Uint8, wu.ptr), gptr(Float32, h.ptr), gptr(Int32, i.ptr, 4),
+                   gptr(Float32, act.ptr), Int32(k), cs) for i in ids]
+        b_args = [(gptr(Uint8, wd.ptr), gptr(Float32, act.ptr), gptr(Int32, i.ptr, 4), gptr(Float32, wts.ptr, 4),
+                   gptr(Float32, y.ptr), gptr(Float32, y.ptr), Int32(k), cs) for i in ids]
         cases = [("moe gate+up+swiglu", fa, a_args, gu_bytes + n_embd * 4),
                  ("moe down+wsum+resid", fb, b_args, d_bytes + k * n_ff * 4)]
     else:
@@ -244,12 +240,12 @@ def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu=
         fa = compile_moe_gate_up_q8(q_gu, n_embd, n_ff, False)
         fq = compile_quantize_q8_1(n_ff)
         fb = compile_moe_down_q8(q_down, n_ff, n_embd, True)
-        a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Int8, hq.qs.ptr), _ptr(Float32, hq.d.ptr),
-                   _ptr(Float32, hq.s.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
-        q_args = [(_ptr(Float32, act.ptr, 4), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr),
-                   _ptr(Float32, aq.s.ptr), Int32(k), cs)]
-        b_args = [(_ptr(Uint8, wd.ptr), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr), _ptr(Float32, aq.s.ptr),
-                   _ptr(Int32, i.ptr, 4), _ptr(Float32, wts.ptr, 4), _ptr(Float32, y.ptr), _ptr(Float32, y.ptr),
+        a_args = [(gptr(Uint8, wg.ptr), gptr(Uint8, wu.ptr), gptr(Int8, hq.qs.ptr), gptr(Float32, hq.d.ptr),
+                   gptr(Float32, hq.s.ptr), gptr(Int32, i.ptr, 4), gptr(Float32, act.ptr), Int32(k), cs) for i in ids]
+        q_args = [(gptr(Float32, act.ptr, 4), gptr(Int8, aq.qs.ptr), gptr(Float32, aq.d.ptr),
+                   gptr(Float32, aq.s.ptr), Int32(k), cs)]
+        b_args = [(gptr(Uint8, wd.ptr), gptr(Int8, aq.qs.ptr), gptr(Float32, aq.d.ptr), gptr(Float32, aq.s.ptr),
+                   gptr(Int32, i.ptr, 4), gptr(Float32, wts.ptr, 4), gptr(Float32, y.ptr), gptr(Float32, y.ptr),
                    Int32(k), cs) for i in ids]
         q8 = n_embd + n_embd // 32 * 8
         cases = [("moe gate+up+swiglu", fa, a_args, gu_bytes + q8),
@@ -274,13 +270,13 @@ def bench_quantize(stream, reps, n=2048):
     x = DeviceArray.from_numpy(np.random.default_rng().standard_normal(n).astype(np.float32), stream)
     xq = Q8Act(1, n)
     fn = compile_quantize_q8_1(n)
-    a = (_ptr(Float32, x.ptr, 4), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr), Int32(1),
+    a = (gptr(Float32, x.ptr, 4), gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr), gptr(Float32, xq.s.ptr), Int32(1),
          cuda.CUstream(stream.handle))
     med, mn = _time_graph([lambda: fn(*a)] * 32, stream, reps)
     return dict(case=f"quantize_q8_1 {n}", path="dp4a", us=med, us_min=mn, bytes=n * 4 + n + n // 32 * 8, copies=1)
 
 
-# Q6_K_P: the same Q6_K weights after the optional upload-time repack (dequant.repack_q6_k_padded)
+# Q6_K_P: the same Q6_K weights after the optional upload-time repack (gguf.quants.repack_q6_k_padded)
 DENSE_CASES = [("Q4_K", 2048, 4096), ("Q4_K", 4096, 2048), ("Q4_K", 2048, 512), ("Q6_K", 2048, 512),
                ("Q6_K", 2048, 151936), ("Q6_K_P", 2048, 512), ("Q6_K_P", 2048, 151936)]
 EXPERT_CASES = [("Q4_K", 2048, 768, False), ("Q6_K", 768, 2048, True), ("Q4_K", 768, 2048, True),
@@ -307,9 +303,9 @@ def bench_multi(stream, l2, reps, rng, path, mats=(("Q4_K", 4096), ("Q4_K", 512)
     ys = [DeviceArray.empty((n,), np.float32) for _, n in mats]
     cs = cuda.CUstream(stream.handle)
     fm = compile_gemv_multi(tuple(mats), n_in, q8, _sm_count())
-    m_args = [(_ptr(Uint8, w[0].ptr), _ptr(Uint8, w[1].ptr), _ptr(Uint8, w[2].ptr), _ptr(Float32, x.ptr),
-               _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, ys[0].ptr), _ptr(Float32, ys[1].ptr),
-               _ptr(Float32, ys[2].ptr), cs) for w in ws]
+    m_args = [(gptr(Uint8, w[0].ptr), gptr(Uint8, w[1].ptr), gptr(Uint8, w[2].ptr), gptr(Float32, x.ptr),
+               gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr), gptr(Float32, ys[0].ptr), gptr(Float32, ys[1].ptr),
+               gptr(Float32, ys[2].ptr), cs) for w in ws]
     fs = [compile_gemv_chunk(q, n_in, choose_rpw(n, _sm_count()), False, False, False, q8) for q, n in mats]
     G = max(20, ncopy)
     med_m, mn_m = _time_graph([(lambda a=m_args[i % ncopy]: fm(*a)) for i in range(G)], stream, reps)
@@ -317,8 +313,8 @@ def bench_multi(stream, l2, reps, rng, path, mats=(("Q4_K", 4096), ("Q4_K", 512)
     for i in range(G):
         w = ws[i % ncopy]
         for m, (f, y) in enumerate(zip(fs, ys)):
-            a = (_ptr(Uint8, w[m].ptr), _ptr(Float32, x.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr),
-                 _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4), Int32(mats[m][1]), Int32(1), cs)
+            a = (gptr(Uint8, w[m].ptr), gptr(Float32, x.ptr), gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr),
+                 gptr(Float32, y.ptr), gptr(Int32, x.ptr, 4), Int32(mats[m][1]), Int32(1), cs)
             seq.append(lambda f=f, a=a: f(*a))
     med_s, mn_s = _time_graph(seq, stream, reps)
     xb = n_in * 4 if not q8 else n_in + n_in // 32 * 8
@@ -347,14 +343,14 @@ def bench_norm_q8(stream, reps, N=2048):
     xq = Q8Act(1, N)
     cs = cuda.CUstream(stream.handle)
     ff = compile_rmsnorm_q8_1(N, True, True)
-    fa = (_ptr(Float32, x.ptr), _ptr(Float32, r.ptr), _ptr(Float32, r.ptr), _ptr(Float32, w.ptr), _ptr(Float32, h.ptr),
-          _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr), Int32(1), Float32(1e-6), cs)
+    fa = (gptr(Float32, x.ptr), gptr(Float32, r.ptr), gptr(Float32, r.ptr), gptr(Float32, w.ptr), gptr(Float32, h.ptr),
+          gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr), gptr(Float32, xq.s.ptr), Int32(1), Float32(1e-6), cs)
     med_f, mn_f = _time_graph([lambda: ff(*fa)] * 32, stream, reps)
     fr = compile_rmsnorm(N, True, True)
     fq = compile_quantize_q8_1(N)
-    ra = (_ptr(Float32, x.ptr), _ptr(Float32, r.ptr), _ptr(Float32, r.ptr), _ptr(Float32, w.ptr), _ptr(Float32, h.ptr),
+    ra = (gptr(Float32, x.ptr), gptr(Float32, r.ptr), gptr(Float32, r.ptr), gptr(Float32, w.ptr), gptr(Float32, h.ptr),
           Int32(1), Float32(1e-6), cs)
-    qa = (_ptr(Float32, h.ptr, 4), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr), Int32(1), cs)
+    qa = (gptr(Float32, h.ptr, 4), gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr), gptr(Float32, xq.s.ptr), Int32(1), cs)
     med_s, mn_s = _time_graph([lambda: fr(*ra), lambda: fq(*qa)] * 16, stream, reps)
     nb = N * 4 * 4 + N + N // 32 * 8
     return [dict(case=f"rmsnorm_residual->q8_1 fused {N}", path="dp4a", us=med_f, us_min=mn_f, bytes=nb, copies=1),

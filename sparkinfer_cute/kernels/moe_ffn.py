@@ -32,10 +32,11 @@ import numpy as np
 from cutlass import Float32, Int8, Int32, Uint8, cute
 
 from .arch import pdl_enabled
-from .common import pdl_prologue
-from .compile import kernel_cache
-from .gemv import WARPS, as_device_bytes, chunk_ok, chunk_rows_partial, dequant_rows_f64
+from .common import aligned, gptr, pdl_prologue, warp_reduce_sum
+from .compile import compile_options, kernel_cache
+from .gemv import WARPS, as_device_bytes, chunk_ok, chunk_rows_partial
 from .quant_decode import (
+    INT_QTYPES,
     CHUNKS_PER_BLOCK,
     Tiling,
     chunk_dot_f32,
@@ -45,11 +46,9 @@ from .quant_decode import (
     chunk_x_f32,
     chunk_x_q8,
     dot_values,
-    kernel_options,
     load_x_runs,
     qtype_name,
     spec,
-    warp_allreduce_sum,
     x_sums_f32,
 )
 
@@ -118,8 +117,8 @@ class MoeGateUp:
                 xr = load_x_runs(self.tiling, pX, kb * sp.block_elems + self.tiling.base(u))  # shared by the gate and up rows
                 acc_g = acc_g + dot_values(wg, xr, self.tiling.elems)
                 acc_u = acc_u + dot_values(wu, xr, self.tiling.elems)
-            g = warp_allreduce_sum(acc_g)
-            up = warp_allreduce_sum(acc_u)
+            g = warp_reduce_sum(acc_g)
+            up = warp_reduce_sum(acc_u)
             if lane == 0:
                 act = cute.make_tensor(pAct, cute.make_layout((slot + 1) * self.n_ff))
                 act[slot * self.n_ff + o] = silu(g) * up
@@ -173,7 +172,7 @@ class MoeDown:
                 self.tiling.decode(pW, blk0 + kb, u, w, exact=False)
                 xr = load_x_runs(self.tiling, pAct, j * self.n_ff + kb * sp.block_elems + self.tiling.base(u))
                 acc = acc + wts[j] * dot_values(w, xr, self.tiling.elems)
-        total = warp_allreduce_sum(acc)
+        total = warp_reduce_sum(acc)
         smem = cutlass.memory.SmemAllocator()
         part = smem.allocate_tensor(Float32, cute.make_layout(WARPS), byte_alignment=16)
         if cutlass.const_expr(wpr > 1):
@@ -191,28 +190,18 @@ class MoeDown:
                 mY[o] = total
 
 
-def _ptr(dtype, addr, align=16):
-    return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
-
-
 @kernel_cache
 def compile_moe_gate_up(qtype: str, n_in: int, n_ff: int, fused: bool = False):
-    return cute.compile(MoeGateUp(qtype, n_in, n_ff, fused), _ptr(Uint8, 0), _ptr(Uint8, 0), _ptr(Float32, 0),
-                        _ptr(Int32, 0, 4), _ptr(Float32, 0), Int32(1), cute.runtime.make_fake_stream(),
-                        options=kernel_options())
+    return cute.compile(MoeGateUp(qtype, n_in, n_ff, fused), gptr(Uint8, 0), gptr(Uint8, 0), gptr(Float32, 0),
+                        gptr(Int32, 0, 4), gptr(Float32, 0), Int32(1), cute.runtime.make_fake_stream(),
+                        options=compile_options())
 
 
 @kernel_cache
 def compile_moe_down(qtype: str, n_ff: int, n_out: int, add_residual: bool = False, wpr: int = 2):
-    return cute.compile(MoeDown(qtype, n_ff, n_out, add_residual, wpr), _ptr(Uint8, 0), _ptr(Float32, 0),
-                        _ptr(Int32, 0, 4), _ptr(Float32, 0, 4), _ptr(Float32, 0), _ptr(Float32, 0), Int32(1),
-                        cute.runtime.make_fake_stream(), options=kernel_options())
-
-
-def _aligned(a, what):
-    if a.ptr % 16:
-        raise ValueError(f"{what} must be 16-byte aligned (ptr {a.ptr:#x})")
-    return a
+    return cute.compile(MoeDown(qtype, n_ff, n_out, add_residual, wpr), gptr(Uint8, 0), gptr(Float32, 0),
+                        gptr(Int32, 0, 4), gptr(Float32, 0, 4), gptr(Float32, 0), gptr(Float32, 0), Int32(1),
+                        cute.runtime.make_fake_stream(), options=compile_options())
 
 
 def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto",
@@ -239,13 +228,13 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
     act = out if out is not None else DeviceArray.empty((k, n_ff), np.float32)
     if mapping == "auto" and chunk_ok(q, n_in):
         fn = compile_moe_gate_up_chunk(q, n_in, n_ff, fused, False, rpw or gate_up_rpw(False))
-        fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr),
-           _ptr(Float32, _aligned(dh, "h").ptr), _ptr(Int8, dh.ptr), _ptr(Float32, dh.ptr), _ptr(Int32, di.ptr, 4),
-           _ptr(Float32, _aligned(act, "act").ptr), Int32(k), cuda.CUstream(st.handle))
+        fn(gptr(Uint8, aligned(dg, "w_gate").ptr), gptr(Uint8, aligned(du, "w_up").ptr),
+           gptr(Float32, aligned(dh, "h").ptr), gptr(Int8, dh.ptr), gptr(Float32, dh.ptr), gptr(Int32, di.ptr, 4),
+           gptr(Float32, aligned(act, "act").ptr), Int32(k), cuda.CUstream(st.handle))
         return act.to_numpy(stream=st) if h_np else act
     fn = compile_moe_gate_up(q, n_in, n_ff, fused)
-    fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr),
-       _ptr(Float32, _aligned(dh, "h").ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, _aligned(act, "act").ptr),
+    fn(gptr(Uint8, aligned(dg, "w_gate").ptr), gptr(Uint8, aligned(du, "w_up").ptr),
+       gptr(Float32, aligned(dh, "h").ptr), gptr(Int32, di.ptr, 4), gptr(Float32, aligned(act, "act").ptr),
        Int32(k), cuda.CUstream(st.handle))
     return act.to_numpy(stream=st) if h_np else act
 
@@ -273,13 +262,13 @@ def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None,
     y = out if out is not None else DeviceArray.empty((n_out,), np.float32)
     if mapping == "auto" and down_chunk_ok(q, n_ff, k):
         fn = compile_moe_down_chunk(q, n_ff, n_out, k, dr is not None, False, rpw or down_rpw(q, False))
-        fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Float32, _aligned(da, "act").ptr), _ptr(Int8, da.ptr),
-           _ptr(Float32, da.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, dwt.ptr, 4),
-           _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr), cuda.CUstream(st.handle))
+        fn(gptr(Uint8, aligned(dw, "w_down").ptr), gptr(Float32, aligned(da, "act").ptr), gptr(Int8, da.ptr),
+           gptr(Float32, da.ptr), gptr(Int32, di.ptr, 4), gptr(Float32, dwt.ptr, 4),
+           gptr(Float32, (dr if dr is not None else y).ptr), gptr(Float32, y.ptr), cuda.CUstream(st.handle))
         return y.to_numpy(stream=st) if a_np else y
     fn = compile_moe_down(q, n_ff, n_out, dr is not None)
-    fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Float32, _aligned(da, "act").ptr), _ptr(Int32, di.ptr, 4),
-       _ptr(Float32, dwt.ptr, 4), _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr),
+    fn(gptr(Uint8, aligned(dw, "w_down").ptr), gptr(Float32, aligned(da, "act").ptr), gptr(Int32, di.ptr, 4),
+       gptr(Float32, dwt.ptr, 4), gptr(Float32, (dr if dr is not None else y).ptr), gptr(Float32, y.ptr),
        Int32(k), cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if a_np else y
 
@@ -300,8 +289,6 @@ def moe_ffn(w_gate, w_up, w_down, qtype_gate_up, qtype_down, h, ids, weights, n_
 class MoeGateUpQ8:
     def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False):
         self.pdl = pdl_enabled()
-        from .gemv_q8 import INT_QTYPES
-
         assert qtype in INT_QTYPES
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, "slice")
@@ -345,8 +332,8 @@ class MoeGateUpQ8:
                     acc_g = acc_g + group_dot(g, pXq, pXd, pXs, 0, xb, 0)
                 for g in decode_int_slice(self.qtype, pWu, u_blk0 + kb, u):
                     acc_u = acc_u + group_dot(g, pXq, pXd, pXs, 0, xb, 0)
-            gs = warp_allreduce_sum(acc_g)
-            us = warp_allreduce_sum(acc_u)
+            gs = warp_reduce_sum(acc_g)
+            us = warp_reduce_sum(acc_u)
             if lane == 0:
                 act = cute.make_tensor(pAct, cute.make_layout((slot + 1) * self.n_ff))
                 act[slot * self.n_ff + o] = silu(gs) * us
@@ -355,8 +342,6 @@ class MoeGateUpQ8:
 class MoeDownQ8:
     def __init__(self, qtype: str, n_ff: int, n_out: int, add_residual: bool = False, wpr: int = 2):
         self.pdl = pdl_enabled()
-        from .gemv_q8 import INT_QTYPES
-
         assert qtype in INT_QTYPES and wpr in (1, 2, 4)
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, "slice")
@@ -403,7 +388,7 @@ class MoeDownQ8:
                 for g in decode_int_slice(self.qtype, pW, blk0 + kb, u):
                     part = part + group_dot(g, pAq, pAd, pAs, j * self.n_ff, xb, 0)
                 acc = acc + wts[j] * part
-        total = warp_allreduce_sum(acc)
+        total = warp_reduce_sum(acc)
         smem = cutlass.memory.SmemAllocator()
         parts = smem.allocate_tensor(Float32, cute.make_layout(WARPS), byte_alignment=16)
         if cutlass.const_expr(wpr > 1):
@@ -423,17 +408,17 @@ class MoeDownQ8:
 
 @kernel_cache
 def compile_moe_gate_up_q8(qtype: str, n_in: int, n_ff: int, fused: bool = False):
-    return cute.compile(MoeGateUpQ8(qtype, n_in, n_ff, fused), _ptr(Uint8, 0), _ptr(Uint8, 0), _ptr(Int8, 0),
-                        _ptr(Float32, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), _ptr(Float32, 0), Int32(1),
-                        cute.runtime.make_fake_stream(), options=kernel_options())
+    return cute.compile(MoeGateUpQ8(qtype, n_in, n_ff, fused), gptr(Uint8, 0), gptr(Uint8, 0), gptr(Int8, 0),
+                        gptr(Float32, 0), gptr(Float32, 0), gptr(Int32, 0, 4), gptr(Float32, 0), Int32(1),
+                        cute.runtime.make_fake_stream(), options=compile_options())
 
 
 @kernel_cache
 def compile_moe_down_q8(qtype: str, n_ff: int, n_out: int, add_residual: bool = False, wpr: int = 2):
-    return cute.compile(MoeDownQ8(qtype, n_ff, n_out, add_residual, wpr), _ptr(Uint8, 0), _ptr(Int8, 0),
-                        _ptr(Float32, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), _ptr(Float32, 0, 4),
-                        _ptr(Float32, 0), _ptr(Float32, 0), Int32(1), cute.runtime.make_fake_stream(),
-                        options=kernel_options())
+    return cute.compile(MoeDownQ8(qtype, n_ff, n_out, add_residual, wpr), gptr(Uint8, 0), gptr(Int8, 0),
+                        gptr(Float32, 0), gptr(Float32, 0), gptr(Int32, 0, 4), gptr(Float32, 0, 4),
+                        gptr(Float32, 0), gptr(Float32, 0), Int32(1), cute.runtime.make_fake_stream(),
+                        options=compile_options())
 
 
 def _as_q8(x, st):
@@ -463,13 +448,13 @@ def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None
     act = out if out is not None else DeviceArray.empty((k, n_ff), np.float32)
     if mapping == "auto" and chunk_ok(q, hq.n):
         fn = compile_moe_gate_up_chunk(q, hq.n, n_ff, fused, True, rpw or gate_up_rpw(True))
-        fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr), _ptr(Float32, hq.d.ptr),
-           _ptr(Int8, hq.qs.ptr), _ptr(Float32, hq.d.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, act.ptr), Int32(k),
+        fn(gptr(Uint8, aligned(dg, "w_gate").ptr), gptr(Uint8, aligned(du, "w_up").ptr), gptr(Float32, hq.d.ptr),
+           gptr(Int8, hq.qs.ptr), gptr(Float32, hq.d.ptr), gptr(Int32, di.ptr, 4), gptr(Float32, act.ptr), Int32(k),
            cuda.CUstream(st.handle))
         return act.to_numpy(stream=st) if h_np else act
     fn = compile_moe_gate_up_q8(q, hq.n, n_ff, fused)
-    fn(_ptr(Uint8, _aligned(dg, "w_gate").ptr), _ptr(Uint8, _aligned(du, "w_up").ptr), _ptr(Int8, hq.qs.ptr),
-       _ptr(Float32, hq.d.ptr), _ptr(Float32, hq.s.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, act.ptr), Int32(k),
+    fn(gptr(Uint8, aligned(dg, "w_gate").ptr), gptr(Uint8, aligned(du, "w_up").ptr), gptr(Int8, hq.qs.ptr),
+       gptr(Float32, hq.d.ptr), gptr(Float32, hq.s.ptr), gptr(Int32, di.ptr, 4), gptr(Float32, act.ptr), Int32(k),
        cuda.CUstream(st.handle))
     return act.to_numpy(stream=st) if h_np else act
 
@@ -490,14 +475,14 @@ def moe_down_q8(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=No
     y = out if out is not None else DeviceArray.empty((n_out,), np.float32)
     if mapping == "auto" and down_chunk_ok(q, aq.n, k):
         fn = compile_moe_down_chunk(q, aq.n, n_out, k, dr is not None, True, rpw or down_rpw(q, True))
-        fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Float32, aq.d.ptr), _ptr(Int8, aq.qs.ptr),
-           _ptr(Float32, aq.d.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, dwt.ptr, 4),
-           _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr), cuda.CUstream(st.handle))
+        fn(gptr(Uint8, aligned(dw, "w_down").ptr), gptr(Float32, aq.d.ptr), gptr(Int8, aq.qs.ptr),
+           gptr(Float32, aq.d.ptr), gptr(Int32, di.ptr, 4), gptr(Float32, dwt.ptr, 4),
+           gptr(Float32, (dr if dr is not None else y).ptr), gptr(Float32, y.ptr), cuda.CUstream(st.handle))
         return y.to_numpy(stream=st) if a_np else y
     fn = compile_moe_down_q8(q, aq.n, n_out, dr is not None)
-    fn(_ptr(Uint8, _aligned(dw, "w_down").ptr), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr),
-       _ptr(Float32, aq.s.ptr), _ptr(Int32, di.ptr, 4), _ptr(Float32, dwt.ptr, 4),
-       _ptr(Float32, (dr if dr is not None else y).ptr), _ptr(Float32, y.ptr), Int32(k), cuda.CUstream(st.handle))
+    fn(gptr(Uint8, aligned(dw, "w_down").ptr), gptr(Int8, aq.qs.ptr), gptr(Float32, aq.d.ptr),
+       gptr(Float32, aq.s.ptr), gptr(Int32, di.ptr, 4), gptr(Float32, dwt.ptr, 4),
+       gptr(Float32, (dr if dr is not None else y).ptr), gptr(Float32, y.ptr), Int32(k), cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if a_np else y
 
 
@@ -546,8 +531,8 @@ class MoeGateUpChunk:
             acc = chunk_rows_partial(self.qtype, self.q8, rows, xargs, 0, lane, self.cpl, self.xfirst)
             act = cute.make_tensor(pAct, cute.make_layout((slot + 1) * self.n_ff))
             for r in cutlass.range_constexpr(self.rpw):
-                g = warp_allreduce_sum(acc[r])
-                up = warp_allreduce_sum(acc[self.rpw + r])
+                g = warp_reduce_sum(acc[r])
+                up = warp_reduce_sum(acc[self.rpw + r])
                 if lane == r:
                     act[slot * self.n_ff + o0 + r] = silu(g) * up
 
@@ -592,7 +577,7 @@ class MoeDownChunk:
             mY = cute.make_tensor(pY, cute.make_layout(self.n_out))
             mR = cute.make_tensor(pResid, cute.make_layout(self.n_out))
             for r in cutlass.range_constexpr(self.rpw):
-                total = warp_allreduce_sum(acc[r])
+                total = warp_reduce_sum(acc[r])
                 if lane == r:
                     if cutlass.const_expr(self.add_residual):
                         total = total + mR[o0 + r]
@@ -634,56 +619,17 @@ def _down_chunk_partial(kern: MoeDownChunk, pW, pAct, pAq, pAd, pIds, pWeights, 
 @kernel_cache
 def compile_moe_gate_up_chunk(qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False, rpw: int = 1,
                               xfirst: bool = False):
-    return cute.compile(MoeGateUpChunk(qtype, n_in, n_ff, fused, q8, rpw, xfirst), _ptr(Uint8, 0), _ptr(Uint8, 0),
-                        _ptr(Float32, 0), _ptr(Int8, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), _ptr(Float32, 0),
-                        Int32(1), cute.runtime.make_fake_stream(), options=kernel_options())
+    return cute.compile(MoeGateUpChunk(qtype, n_in, n_ff, fused, q8, rpw, xfirst), gptr(Uint8, 0), gptr(Uint8, 0),
+                        gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0), gptr(Int32, 0, 4), gptr(Float32, 0),
+                        Int32(1), cute.runtime.make_fake_stream(), options=compile_options())
 
 
 @kernel_cache
 def compile_moe_down_chunk(qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False,
                            rpw: int = 1, xfirst: bool = False):
-    return cute.compile(MoeDownChunk(qtype, n_ff, n_out, k, add_residual, q8, rpw, xfirst), _ptr(Uint8, 0), _ptr(Float32, 0),
-                        _ptr(Int8, 0), _ptr(Float32, 0), _ptr(Int32, 0, 4), _ptr(Float32, 0, 4), _ptr(Float32, 0),
-                        _ptr(Float32, 0), cute.runtime.make_fake_stream(), options=kernel_options())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# float64 numpy reference (gguf-py dequant of the original bytes)
-
-
-def moe_gate_up_ref(w_gate, w_up, qtype, h, ids, n_ff: int):
-    """float64 reference; dequantizes only the selected experts (gguf-py on the original bytes)."""
-    h = np.asarray(h, dtype=np.float64).reshape(-1)
-    n_in = h.shape[0]
-    rb = spec(qtype_name(qtype)).row_bytes(n_in)
-    out = []
-    for e in np.asarray(ids).reshape(-1):
-        if w_up is None:  # fused [E, 2*n_ff, n_in]: gate rows then up rows
-            both = dequant_rows_f64(np.asarray(w_gate, np.uint8).reshape(-1, 2 * n_ff * rb)[e], qtype, n_in)
-            G, U = both[:n_ff], both[n_ff:]
-        else:
-            G = dequant_rows_f64(np.asarray(w_gate, np.uint8).reshape(-1, n_ff * rb)[e], qtype, n_in)
-            U = dequant_rows_f64(np.asarray(w_up, np.uint8).reshape(-1, n_ff * rb)[e], qtype, n_in)
-        g, u = G @ h, U @ h
-        with np.errstate(over="ignore"):
-            out.append(g / (1.0 + np.exp(-g)) * u)
-    return np.stack(out)
-
-
-def moe_down_ref(w_down, qtype, act, ids, weights, n_out: int, resid=None):
-    act = np.asarray(act, dtype=np.float64)
-    n_ff = act.shape[-1]
-    rb = spec(qtype_name(qtype)).row_bytes(n_ff)
-    y = np.zeros(n_out) if resid is None else np.asarray(resid, dtype=np.float64).copy()
-    for j, e in enumerate(np.asarray(ids).reshape(-1)):
-        D = dequant_rows_f64(np.asarray(w_down, np.uint8).reshape(-1, n_out * rb)[e], qtype, n_ff)
-        y += float(weights[j]) * (D @ act[j])
-    return y
-
-
-def moe_ffn_ref(w_gate, w_up, w_down, qtype_gate_up, qtype_down, h, ids, weights, n_ff: int, resid=None):
-    act = moe_gate_up_ref(w_gate, w_up, qtype_gate_up, h, ids, n_ff)
-    return moe_down_ref(w_down, qtype_down, act, ids, weights, np.shape(h)[-1], resid)
+    return cute.compile(MoeDownChunk(qtype, n_ff, n_out, k, add_residual, q8, rpw, xfirst), gptr(Uint8, 0), gptr(Float32, 0),
+                        gptr(Int8, 0), gptr(Float32, 0), gptr(Int32, 0, 4), gptr(Float32, 0, 4), gptr(Float32, 0),
+                        gptr(Float32, 0), cute.runtime.make_fake_stream(), options=compile_options())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,9 +22,8 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
 from .arch import pdl_enabled
-from .common import pdl_prologue
-from .compile import kernel_cache
-from .quant_decode import kernel_options
+from .common import gptr, pdl_prologue, warp_reduce_max, warp_reduce_sum
+from .compile import compile_options, kernel_cache
 
 QK = 32
 WARPS = 4
@@ -35,18 +34,6 @@ def rint_s32(x, *, loc=None, ip=None) -> Int32:
     """Round to nearest (ties to even) f32 -> s32."""
     return Int32(llvm.inline_asm(Int32.mlir_type, [Float32(x).ir_value(loc=loc, ip=ip)], "cvt.rni.s32.f32 $0, $1;",
                                  "=r,f", loc=loc, ip=ip))
-
-
-def _warp_max(v):
-    for i in range(5):
-        v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=1 << i))
-    return v
-
-
-def _warp_sum(v):
-    for i in range(5):
-        v = v + cute.arch.shuffle_sync_bfly(v, offset=1 << i)
-    return v
 
 
 class QuantizeQ8_1:
@@ -76,13 +63,13 @@ class QuantizeQ8_1:
             mD = cute.make_tensor(pD, cute.make_layout(n_blocks))
             mS = cute.make_tensor(pS, cute.make_layout(n_blocks))
             x = mX[b * QK + lane]
-            amax = _warp_max(cute.math.absf(x))
+            amax = warp_reduce_max(cute.math.absf(x), small_offsets_first=True)
             d = amax / Float32(127.0)
             q = Int32(0)
             if amax > Float32(0.0):
                 q = rint_s32(x / d)
             mQ[b * QK + lane] = Int8(q)
-            qs = _warp_sum(Float32(q))
+            qs = warp_reduce_sum(Float32(q), small_offsets_first=True)
             if lane == 0:
                 mD[b] = d
                 mS[b] = d * qs
@@ -138,7 +125,7 @@ class RmsNormQ8_1:
                 cute.autovec_copy(v, cute.make_tensor(pRO + cute.assume(e0, divby=E), cute.make_layout(E)))
             for i in cutlass.range_constexpr(E):
                 ss = ss + v[i] * v[i]
-        ss = _warp_sum(ss)
+        ss = warp_reduce_sum(ss, small_offsets_first=True)
         if lane == 0:
             red[warp] = ss
         cute.arch.barrier()
@@ -158,8 +145,7 @@ class RmsNormQ8_1:
                 amax = cute.arch.fmax(amax, cute.math.absf(h))
             cute.autovec_copy(v, cute.make_tensor(pH + cute.assume(e0, divby=E), cute.make_layout(E)))
         # q8_1 block = lanes 4g..4g+3 (all active or all inactive: N % 32 == 0)
-        for i in cutlass.range_constexpr(2):
-            amax = cute.arch.fmax(amax, cute.arch.shuffle_sync_bfly(amax, offset=1 << i))
+        amax = warp_reduce_max(amax, width=4, small_offsets_first=True)
         d = amax / Float32(127.0)
         qsum = Int32(0)
         if tid < self.active:
@@ -171,8 +157,7 @@ class RmsNormQ8_1:
                 qv[i] = Int8(qi)
                 qsum = qsum + qi
             cute.autovec_copy(qv, cute.make_tensor(pQ + cute.assume(e0, divby=E), cute.make_layout(E)))
-        for i in cutlass.range_constexpr(2):
-            qsum = qsum + cute.arch.shuffle_sync_bfly(qsum, offset=1 << i)
+        qsum = warp_reduce_sum(qsum, width=4, small_offsets_first=True)
         if tid < self.active:
             if tid % 4 == 0:
                 b = e0 // QK
@@ -184,9 +169,9 @@ class RmsNormQ8_1:
 
 @kernel_cache
 def compile_rmsnorm_q8_1(N: int, residual: bool = False, has_weight: bool = True):
-    p = _ptr(Float32, 0)
-    return cute.compile(RmsNormQ8_1(N, residual, has_weight), p, p, p, p, p, _ptr(Int8, 0), p, p, Int32(1),
-                        Float32(1e-6), cute.runtime.make_fake_stream(), options=kernel_options())
+    p = gptr(Float32, 0)
+    return cute.compile(RmsNormQ8_1(N, residual, has_weight), p, p, p, p, p, gptr(Int8, 0), p, p, Int32(1),
+                        Float32(1e-6), cute.runtime.make_fake_stream(), options=compile_options())
 
 
 def rmsnorm_q8_1(x, w=None, eps: float = 1e-6, *, residual=None, out=None, residual_out=None, xq: Q8Act | None = None,
@@ -211,9 +196,9 @@ def rmsnorm_q8_1(x, w=None, eps: float = 1e-6, *, residual=None, out=None, resid
     for a in (dx, h, dr, ro, dw):
         if a is not None and a.ptr % 16:
             raise ValueError("rmsnorm_q8_1 needs 16-byte aligned buffers (32-byte loads per thread)")
-    fn(_ptr(Float32, dx.ptr), _ptr(Float32, (dx if dr is None else dr).ptr), _ptr(Float32, (dx if ro is None else ro).ptr),
-       _ptr(Float32, (dx if dw is None else dw).ptr), _ptr(Float32, h.ptr), _ptr(Int8, q.qs.ptr), _ptr(Float32, q.d.ptr),
-       _ptr(Float32, q.s.ptr), Int32(M), Float32(eps), cuda.CUstream(st.handle))
+    fn(gptr(Float32, dx.ptr), gptr(Float32, (dx if dr is None else dr).ptr), gptr(Float32, (dx if ro is None else ro).ptr),
+       gptr(Float32, (dx if dw is None else dw).ptr), gptr(Float32, h.ptr), gptr(Int8, q.qs.ptr), gptr(Float32, q.d.ptr),
+       gptr(Float32, q.s.ptr), Int32(M), Float32(eps), cuda.CUstream(st.handle))
     if x_np:
         hq = tuple(a.reshape(*dx.shape[:-1], -1) if len(dx.shape) > 1 else a[0] for a in q.to_numpy())
         hn = h.to_numpy(stream=st)
@@ -221,14 +206,10 @@ def rmsnorm_q8_1(x, w=None, eps: float = 1e-6, *, residual=None, out=None, resid
     return (h, ro, q) if dr is not None else (h, q)
 
 
-def _ptr(dtype, addr, align=16):
-    return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
-
-
 @kernel_cache
 def compile_quantize_q8_1(n: int):
-    return cute.compile(QuantizeQ8_1(n), _ptr(Float32, 0), _ptr(Int8, 0), _ptr(Float32, 0), _ptr(Float32, 0),
-                        Int32(1), cute.runtime.make_fake_stream(), options=kernel_options())
+    return cute.compile(QuantizeQ8_1(n), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0), gptr(Float32, 0),
+                        Int32(1), cute.runtime.make_fake_stream(), options=compile_options())
 
 
 class Q8Act:
@@ -257,7 +238,7 @@ def quantize_q8_1(x, out: Q8Act | None = None, stream=None):
     rows = int(np.prod(dx.shape[:-1])) if len(dx.shape) > 1 else 1
     q = out if out is not None else Q8Act(rows, n)
     fn = compile_quantize_q8_1(n)
-    fn(_ptr(Float32, dx.ptr, 4), _ptr(Int8, q.qs.ptr), _ptr(Float32, q.d.ptr), _ptr(Float32, q.s.ptr), Int32(rows),
+    fn(gptr(Float32, dx.ptr, 4), gptr(Int8, q.qs.ptr), gptr(Float32, q.d.ptr), gptr(Float32, q.s.ptr), Int32(rows),
        cuda.CUstream(st.handle))
     if x_np:
         qs, d, s = q.to_numpy()
@@ -265,23 +246,6 @@ def quantize_q8_1(x, out: Q8Act | None = None, stream=None):
             return qs[0], d[0], s[0]
         return qs, d, s
     return q
-
-
-def quantize_q8_1_ref(x: np.ndarray):
-    """numpy reference (f32 arithmetic like the kernel): returns (qs int8, d f32, s f32)."""
-    x = np.asarray(x, dtype=np.float32)
-    xb = x.reshape(*x.shape[:-1], -1, QK)
-    amax = np.abs(xb).max(-1)
-    d = (amax / np.float32(127.0)).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(amax[..., None] > 0, np.rint(xb / d[..., None]), 0).astype(np.int8)
-    s = (d * q.astype(np.float32).sum(-1)).astype(np.float32)
-    return q.reshape(x.shape), d, s
-
-
-def dequantize_q8_1(qs, d) -> np.ndarray:
-    qs = np.asarray(qs, dtype=np.float64)
-    return (qs.reshape(*qs.shape[:-1], -1, QK) * np.asarray(d, np.float64)[..., None]).reshape(qs.shape)
 
 
 def _register():

@@ -15,7 +15,7 @@ decoded in *units*: the piece of one block that one lane turns into f32 values i
 
 Q4_0/Q5_0/Q8_0/Q6_K blocks are only 2-byte aligned (18/22/34/210 bytes), so they are read with 16-bit loads (the
 loads of a warp still coalesce). ``Q6_K_P`` is Q6_K after the optional upload-time repack
-``dequant.repack_q6_k_padded`` (2 zero bytes after each block: 212 = 53 words, every field 4-byte aligned, 32-bit
+``gguf.quants.repack_q6_k_padded`` (2 zero bytes after each block: 212 = 53 words, every field 4-byte aligned, 32-bit
 loads, +0.95% bytes); Q6_K tensors are the LM head and half of the down experts of Qwen3-30B-A3B Q4_K_M.
 
 Units are what the bit-exact dequant kernel uses. The GEMV/MoE kernels use *slices* (4 quant bytes per lane, see
@@ -34,20 +34,11 @@ The helpers here are plain Python functions called while a kernel is traced: the
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from cutlass import Float32, Int32, Uint8, Uint16, Uint32, cute
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
-
-
-def kernel_options() -> str:
-    """compile_options() (the --gpu-arch target) + --keep-ptx when SPARKINFER_KEEP_PTX=1 (to read the PTX via
-    ``compiled.artifacts.PTX``)."""
-    from .compile import compile_options
-
-    return compile_options("--keep-ptx" if os.environ.get("SPARKINFER_KEEP_PTX") else "")
 
 
 # ggml type ids (ggml.h enum ggml_type)
@@ -95,6 +86,8 @@ SPECS = {
     "F32": QuantSpec("F32", 32, 128, 32, _contig(32)),
 }
 QTYPES = tuple(SPECS)
+# Types with integer quants that the dp4a (int8-activation) paths decode; the float types use the f32 GEMV.
+INT_QTYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P")
 
 
 def spec(qtype: str) -> QuantSpec:
@@ -162,13 +155,6 @@ def bits_to_f32(w, *, loc=None, ip=None) -> Float32:
     """Reinterpret 32 bits as an f32."""
     return Float32(llvm.inline_asm(Float32.mlir_type, [Uint32(w).ir_value(loc=loc, ip=ip)],
                                    "mov.b32 $0, $1;", "=f,r", loc=loc, ip=ip))
-
-
-def warp_allreduce_sum(v: Float32) -> Float32:
-    """Butterfly sum over the 32 lanes of a warp; every lane ends with the same (fixed-order) total."""
-    for i in range(5):
-        v = v + cute.arch.shuffle_sync_bfly(v, offset=1 << (4 - i))
-    return v
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -808,6 +794,7 @@ def chunk_dot_q8(qtype: str, raw, s, xq):
 __all__ = [
     "CHUNK_QTYPES",
     "GGML_TYPE_IDS",
+    "INT_QTYPES",
     "QTYPES",
     "SLICES",
     "SPECS",
@@ -837,6 +824,5 @@ __all__ = [
     "spec",
     "sub_rn",
     "unit_base",
-    "warp_allreduce_sum",
     "x_sums_f32",
 ]

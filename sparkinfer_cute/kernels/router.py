@@ -37,27 +37,13 @@ import cutlass.cute as cute
 import numpy as np
 from cutlass import Float32, Int32, const_expr
 
-from .common import F32_MAX, fake_ptr, gptr, warp_reduce, pdl_prologue
+from .common import F32_MAX, fake_ptr, gptr, pdl_prologue, warp_argmax, warp_reduce
 from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
 
 NORM_TOPK_MIN = 6.103515625e-5  # llama.cpp clamps the renormalization denominator (2^-14)
 _TAKEN = 1 << 24  # added to the index of an excluded expert so it loses every tie against a live one
-
-
-@cute.jit
-def argmax_pair(v: Float32, i: Int32, width: cutlass.Constexpr[int] = 32):
-    """Warp all-reduce of (value, index) to the max value, ties -> lowest index (every lane gets the result)."""
-    offset = width // 2
-    while const_expr(offset > 0):
-        ov = cute.arch.shuffle_sync_bfly(v, offset=offset)
-        oi = cute.arch.shuffle_sync_bfly(i, offset=offset)
-        take = (ov > v) | ((ov == v) & (oi < i))
-        v = ov if take else v
-        i = oi if take else i
-        offset = offset // 2
-    return v, i
 
 
 @cute.jit
@@ -127,7 +113,7 @@ def softmax_topk_block(mRow: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, re
             if (vals[j] > bv) | ((vals[j] == bv) & (idxs[j] < bi)):
                 bv = vals[j]
                 bi = idxs[j]
-        bv, bi = argmax_pair(bv, bi)
+        bv, bi = warp_argmax(bv, bi)
         if const_expr(warps > 1):
             if lane == 0:
                 red_v[warp] = bv
@@ -406,18 +392,6 @@ def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, wei
     if was_np:
         return ids.to_numpy(st), w.to_numpy(st)
     return ids, w
-
-
-def route_ref(logits, k: int, norm_topk: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """float64 reference: (ids [T, k] int32 by stable descending order, weights [T, k] float64)."""
-    lg = np.atleast_2d(np.asarray(logits, np.float64))
-    p = np.exp(lg - lg.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    ids = np.argsort(-lg, axis=-1, kind="stable")[:, :k]
-    w = np.take_along_axis(p, ids, axis=-1)
-    if norm_topk:
-        w = w / np.maximum(w.sum(axis=-1, keepdims=True), NORM_TOPK_MIN)
-    return ids.astype(np.int32), w
 
 
 def _launch_example(n_expert: int, k: int, norm_topk: bool = True):

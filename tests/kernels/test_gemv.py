@@ -14,17 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparkinfer_cute.kernels import arch
-from sparkinfer_cute.kernels.dequant import random_quant_bytes
-from sparkinfer_cute.kernels.gemv import (
-    compile_gemv,
-    dequant_rows_f64,
-    gemv,
-    gemv_error_bound,
-    gemv_experts,
-    gemv_experts_ref,
-    gemv_ref,
-    registered_configs,
-)
+from sparkinfer_cute.reference.kernel_refs import random_quant_bytes
+from sparkinfer_cute.kernels.gemv import compile_gemv, gemv, gemv_experts, registered_configs
+from sparkinfer_cute.reference.kernel_refs import dequant_rows_f64, gemv_error_bound, gemv_experts_ref, gemv_ref
 from sparkinfer_cute.kernels.quant_decode import QTYPES, spec
 
 
@@ -55,7 +47,7 @@ def test_error_bound_is_positive_and_scales():
     # the K-quant magnitude dominates |W| (it adds |d*sc*q| and |dmin*m| before they cancel), up to the float32
     # rounding of W itself: with random sign bits in d/dmin the two terms add, and fl32(p - r) may round up past
     # |p| + |r| by half an ulp (measured: 28 of 300 seeds exceed A, by at most 5.92e-8 relative < 2^-24)
-    from sparkinfer_cute.kernels.gemv import weight_magnitude_f64
+    from sparkinfer_cute.reference.kernel_refs import weight_magnitude_f64
     A, W = weight_magnitude_f64(w, "Q4_K", 512), np.abs(dequant_rows_f64(w, "Q4_K", 512))
     assert (A * (1 + 2.0**-24) >= W).all()
 
@@ -128,20 +120,11 @@ def test_gemv_experts(q, n_in, n_out, per_slot):
 # ---------------------------------------------------------------------------------------------------------------
 # int8 activation path: q8_1 quantization + dp4a GEMV
 
-from sparkinfer_cute.kernels.gemv_q8 import (
-    INT_QTYPES,
-    compile_gemv_q8,
-    gemv_q8,
-    gemv_q8_error_bound,
-    gemv_q8_experts,
-)
+from sparkinfer_cute.kernels.gemv_q8 import INT_QTYPES, compile_gemv_q8, gemv_q8, gemv_q8_experts
+from sparkinfer_cute.reference.kernel_refs import gemv_q8_error_bound
 from sparkinfer_cute.kernels.gemv_q8 import registered_configs as q8_configs
-from sparkinfer_cute.kernels.q8_1 import (
-    compile_quantize_q8_1,
-    dequantize_q8_1,
-    quantize_q8_1,
-    quantize_q8_1_ref,
-)
+from sparkinfer_cute.kernels.q8_1 import compile_quantize_q8_1, quantize_q8_1
+from sparkinfer_cute.reference.kernel_refs import dequantize_q8_1, quantize_q8_1_ref
 
 
 @settings(max_examples=30, deadline=None)
@@ -347,7 +330,7 @@ def test_rmsnorm_q8_1_fused(N, residual):
     """h matches rmsnorm(_residual)_ref; the q8_1 part equals quantize_q8_1_ref of the kernel's own h bit for bit;
     the residual sum equals the f32 x + r (rmsnorm.py semantics)."""
     from sparkinfer_cute.kernels.q8_1 import rmsnorm_q8_1
-    from sparkinfer_cute.kernels.rmsnorm import rmsnorm_ref, rmsnorm_residual_ref
+    from sparkinfer_cute.reference.kernel_refs import rmsnorm_ref, rmsnorm_residual_ref
 
     rng = np.random.default_rng()
     rows = 2

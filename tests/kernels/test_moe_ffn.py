@@ -12,20 +12,18 @@ import numpy as np
 import pytest
 
 from sparkinfer_cute.kernels import arch
-from sparkinfer_cute.kernels.dequant import random_quant_bytes
-from sparkinfer_cute.kernels.gemv import gemv_error_bound, gemv_experts_ref
+from sparkinfer_cute.reference.kernel_refs import random_quant_bytes
+from sparkinfer_cute.reference.kernel_refs import gemv_error_bound, gemv_experts_ref
 from sparkinfer_cute.kernels.moe_ffn import (
     DOWN_CONFIGS,
     GATE_UP_CONFIGS,
     compile_moe_down,
     compile_moe_gate_up,
     moe_down,
-    moe_down_ref,
     moe_ffn,
-    moe_ffn_ref,
     moe_gate_up,
-    moe_gate_up_ref,
 )
+from sparkinfer_cute.reference.kernel_refs import moe_down_ref, moe_ffn_ref, moe_gate_up_ref
 from sparkinfer_cute.kernels.quant_decode import spec
 
 
@@ -135,7 +133,7 @@ def test_moe_ffn_qwen3_shape_end_to_end():
 # ---------------------------------------------------------------------------------------------------------------
 # dp4a (int8 activation) variants: bounds from gemv_q8_error_bound (q8_1 quantization of h / of the activations)
 
-from sparkinfer_cute.kernels.gemv_q8 import gemv_q8_error_bound
+from sparkinfer_cute.reference.kernel_refs import gemv_q8_error_bound
 from sparkinfer_cute.kernels.moe_ffn import (
     compile_moe_down_q8,
     compile_moe_gate_up_q8,

@@ -16,8 +16,8 @@ from sparkinfer_cute.kernels.router import (
     compile_router_gemv,
     route,
     route_gemv,
-    route_ref,
 )
+from sparkinfer_cute.reference.kernel_refs import route_ref
 from sparkinfer_cute.runtime.testing import assert_all_written, poisoned
 
 # Weight tolerance (relative to max|ref|): exp is ex2.approx (<= 2 ulp) of an f32 argument (l - max)*log2(e)
@@ -65,7 +65,7 @@ def _run(lg, k, norm):
 @given(n_expert=st.integers(8, 384), k=st.integers(1, 8), T=st.integers(1, 5), sigma=st.floats(0.05, 8.0),
        norm=st.booleans())
 def test_router_random(n_expert, k, T, sigma, norm):
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
 
     lg = (np.random.default_rng().standard_normal((T, n_expert)) * sigma).astype(np.float32)
     ids, w = _run(lg, k, norm)
@@ -158,7 +158,7 @@ def _run_fused(w, h, k, norm, wpr=0, counter=None):
 
 
 def _check_fused(w, h, k, norm, ids, p, logits):
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
 
     ref_logits = h.astype(np.float64) @ w.astype(np.float64).T
     bound = dot_error_bound(w, h)
@@ -178,7 +178,7 @@ def _assert_matches_f64(w, h, k, norm, ids, p, wtol):
     2 * LOGIT_RTOL * max|logit| apart (the fused kernel's logits are asserted within LOGIT_RTOL of float64 in
     _check_fused, so their ranking cannot differ there; with continuous random data ~0.3% of tokens are skipped,
     chosen from the reference alone); weights to ``wtol`` relative."""
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
 
     ref_logits = h.astype(np.float64) @ w.astype(np.float64).T
     ref_ids, ref_w = route_ref(ref_logits, k, norm)
