@@ -17,7 +17,7 @@ from sparkinfer_cute.kernels import argmax as _am
 from sparkinfer_cute.kernels import attention_decode as _attn
 from sparkinfer_cute.kernels import embedding as _emb
 from sparkinfer_cute.kernels import gemv as _gemv
-from sparkinfer_cute.kernels import gemv_q8 as _gemv_q8
+from sparkinfer_cute.kernels import gemv_chunk as _gemv_chunk
 from sparkinfer_cute.kernels import glu as _glu
 from sparkinfer_cute.kernels import kv_cache_append as _kva
 from sparkinfer_cute.kernels import moe_ffn as _moe
@@ -27,6 +27,7 @@ from sparkinfer_cute.kernels import rmsnorm as _rms
 from sparkinfer_cute.kernels import rope as _rope
 from sparkinfer_cute.kernels import router as _router
 from sparkinfer_cute.kernels.paged_kv import PagedKVCache
+from sparkinfer_cute.kernels.quant_decode import INT_QTYPES
 from sparkinfer_cute.runtime import DeviceArray, Workspace, get_device
 
 PAGE_SIZE = 64
@@ -164,10 +165,9 @@ def rmsnorm_heads(x, w, n_heads: int, head_dim: int, eps: float, *, stream):
 
 
 # Which GEMVs run on int8 activations (q8_1 blocks of 32, dp4a) instead of f32: SPARKINFER_DP4A=auto|all|none.
-# auto = where the H100 micro-benchmark measured dp4a faster (RESULTS.md), for models that opt in (Qwen3-MoE; Gemma
-# keeps exact f32 activations): the LM head (2048->151936 Q6_K_P: 88.4 us dp4a vs 158.1 float) and DP4A_AUTO_PARTS.
+# auto = where the H100 micro-benchmark measured dp4a faster (RESULTS.md, "int8 activations by default"), for models
+# that opt in (Qwen3-MoE; Gemma keeps exact f32 activations): the LM head and DP4A_AUTO_PARTS.
 DP4A = os.environ.get("SPARKINFER_DP4A", "auto")
-INT_QTYPES = frozenset({"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P"})
 
 
 def dp4a_for(part: str, auto: bool = True) -> bool:
@@ -179,9 +179,8 @@ def dp4a_for(part: str, auto: bool = True) -> bool:
     return auto and part in DP4A_AUTO_PARTS
 
 
-# Groups that use int8 activations under SPARKINFER_DP4A=auto. H100 micro-benchmark, 2026-11-25 (RESULTS.md): dp4a
-# beats f32 at every Qwen3-30B-A3B shape (dense 2048->4096 3.37 vs 4.89 us, q/k/v multi 5.05 vs 7.12, MoE gate+up
-# 7.8 vs 11.2, down 6.3 vs 8.9 incl. the activation quantize); the f32 chunk path is bound by weight decode.
+# Groups that use int8 activations under SPARKINFER_DP4A=auto: dp4a beats f32 at every Qwen3-30B-A3B shape
+# (RESULTS.md, "int8 activations by default"); the f32 chunk path is bound by weight decode.
 DP4A_AUTO_PARTS: frozenset[str] = frozenset({"attn", "moe"})
 
 
@@ -207,20 +206,17 @@ def quantize(x, xq, *, stream):
 def gemv(w, x, y, *, stream, xq=None):
     """y = W x over the raw quantized rows of W. With ``xq`` (the q8_1 copy of x, already quantized this step: the
     caller decided with :func:`prefer_dp4a`) the int8 path runs instead."""
-    if xq is not None:
-        _gemv_q8.gemv_q8(w.data, w.qtype, xq, n_out=w.n_out, out=y, stream=stream)
-    else:
-        _gemv.gemv(w.data, w.qtype, x, n_out=w.n_out, out=y, stream=stream)
+    _gemv.gemv(w.data, w.qtype, xq if xq is not None else x, n_out=w.n_out, out=y, stream=stream)
     launch_counter.add()
 
 
 def gemv_qkv(wq, wk, wv, x, q, k, v, *, stream, xq=None):
-    """q, k, v projections of one normed input: one launch (kernels/gemv.py GemvMulti) unless disabled."""
+    """q, k, v projections of one normed input: one launch (kernels/gemv_chunk.py GemvMulti) unless disabled."""
     if enabled("fused_qkv"):
         _gemv.gemv_multi([(wq.data, wq.qtype, q), (wk.data, wk.qtype, k), (wv.data, wv.qtype, v)],
                          xq if xq is not None else x, stream=stream)
         # gemv_multi falls back to one launch per matrix where the chunk mapping does not apply
-        launch_counter.add(1 if all(_gemv.chunk_ok(w.qtype, w.n_in) for w in (wq, wk, wv)) else 3)
+        launch_counter.add(1 if all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in (wq, wk, wv)) else 3)
     else:
         for w, y in ((wq, q), (wk, k), (wv, v)):
             gemv(w, x, y, stream=stream, xq=xq)
@@ -311,10 +307,9 @@ def router(logits, ids, weights, k: int, *, stream):
 
 
 def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None):
-    if hq is not None:
-        _moe.moe_gate_up_q8(w_gate.data, w_up.data, w_gate.qtype, hq, ids, w_gate.n_out, out=act, stream=stream)
-    else:
-        _moe.moe_gate_up(w_gate.data, w_up.data, w_gate.qtype, h, ids, w_gate.n_out, out=act, stream=stream)
+    """``hq`` (the q8_1 copy of h, already quantized this step): the dp4a kernel instead of the f32 one."""
+    _moe.moe_gate_up(w_gate.data, w_up.data, w_gate.qtype, hq if hq is not None else h, ids, w_gate.n_out, out=act,
+                     stream=stream)
     launch_counter.add()
 
 
@@ -322,9 +317,8 @@ def moe_down(w_down, act, ids, weights, out, *, stream, actq=None):
     """``actq``: a preallocated Q8Act of k rows: act is quantized into it (one more launch) for the dp4a kernel."""
     if actq is not None:
         quantize(act, actq, stream=stream)
-        _moe.moe_down_q8(w_down.data, w_down.qtype, actq, ids, weights, w_down.n_out, out=out, stream=stream)
-    else:
-        _moe.moe_down(w_down.data, w_down.qtype, act, ids, weights, w_down.n_out, out=out, stream=stream)
+    _moe.moe_down(w_down.data, w_down.qtype, actq if actq is not None else act, ids, weights, w_down.n_out, out=out,
+                  stream=stream)
     launch_counter.add()
 
 

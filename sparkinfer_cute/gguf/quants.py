@@ -13,7 +13,7 @@ follows gguf-py:
 Integer unpacking stays in uint8 and every type is a handful of whole-array numpy operations written in place
 into the output (chunks of ~8 MB of blocks bound the temporaries), with no per-block Python work.
 
-Block layouts (ggml-common.h, also /work/shared/spec/models.md §5):
+Block layouts (ggml-common.h; models.md §5 of the project spec):
 Q4_0 {d f16, qs[16]}, Q5_0 {d f16, qh u32, qs[16]}, Q8_0 {d f16, qs i8[32]},
 Q4_K {d, dmin f16, scales[12], qs[128]}, Q5_K {d, dmin, scales[12], qh[32], qs[128]},
 Q6_K {ql[128], qh[64], sc i8[16], d}.

@@ -14,7 +14,10 @@ import operator
 
 import cutlass
 import cutlass.cute as cute
+import numpy as np
 from cutlass import Float32, Int32, const_expr
+
+from .arch import pdl_enabled
 
 WARP = 32
 F32_MAX = 3.4028234663852886e38
@@ -49,6 +52,55 @@ def cu_stream(stream):
     from ..runtime.stream import resolve_stream
 
     return resolve_stream(stream).cu
+
+
+def as_device_bytes(w, stream):
+    """Raw weight bytes on the device: a DeviceArray passes through (any dtype: only its bytes are read), anything
+    else is uploaded as uint8."""
+    from ..runtime import DeviceArray, as_device
+
+    if isinstance(w, DeviceArray):
+        return w
+    return as_device(np.ascontiguousarray(w).view(np.uint8), stream)[0]
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (the launch heuristics size grids with it)."""
+    from ..runtime import get_device
+
+    return get_device().sm_count
+
+
+# ---------------------------------------------------------------------------------------------- kernel base
+class WarpRowKernel:
+    """Base of the one-warp-per-row kernels (GEMV, MoE FFN): ``WARPS`` warps per CTA, each owning one output row (or
+    a few rows, or a share of one row); grid.x covers the rows, grid.y the slots (selected experts / activation
+    rows). A subclass keeps its static config in ``__init__`` (after ``super().__init__()``), launches from its
+    ``@cute.jit __call__`` with :meth:`launch_rows`, and starts its ``@cute.kernel`` with ``pdl_prologue(self.pdl)``
+    and :meth:`thread_coords`. What the rows hold and how a warp walks them stays in the subclass."""
+
+    WARPS = 4
+
+    def __init__(self):
+        self.pdl = pdl_enabled()
+
+    def launch_rows(self, kernel, n_rows, rows_per_cta: int, n_slots, stream):
+        """Launch ``kernel`` (a bound ``self.kernel(...)``) over ``ceil(n_rows / rows_per_cta)`` x ``n_slots`` CTAs."""
+        kernel.launch(grid=[cute.ceil_div(n_rows, rows_per_cta), n_slots, 1], block=[self.WARPS * 32, 1, 1],
+                      stream=stream, use_pdl=self.pdl)
+
+    @staticmethod
+    def thread_coords():
+        """(thread, CTA x, slot = CTA y, warp, lane) of the calling thread (device side)."""
+        tid = cute.arch.thread_idx()[0]
+        bx, slot, _ = cute.arch.block_idx()
+        return tid, bx, slot, tid // 32, tid % 32
+
+    @staticmethod
+    def expert_id(pIds, slot):
+        """The expert id of ``slot``, read from the int32 device array ``pIds`` (device side: no host sync)."""
+        ids = cute.make_tensor(pIds, cute.make_layout(slot + 1))
+        return ids[slot]
 
 
 # ---------------------------------------------------------------------------------------------- device side
@@ -112,9 +164,8 @@ def block_reduce(val, op: cutlass.Constexpr, buf: cute.Tensor, num_warps: cutlas
     ``buf`` (the second barrier protects the buffer from being overwritten by a later call before everyone read it).
 
     The second stage reduces the per-warp partials within groups of ``pow2(num_warps)`` lanes, so only lanes
-    ``< num_warps`` hold the total after it; lane 0's value is then broadcast. (Without that broadcast, lanes >= 4 of
-    a 4-warp block got the identity: the fused QK-norm kernel normalized with rsqrt(0 + eps), measured on the H100
-    with tools/qk_fused_diag.py, 2026-11-25.)
+    ``< num_warps`` hold the total after it; lane 0's value is then broadcast (without it the other lanes hold the
+    identity: RESULTS.md, "block_reduce broadcast").
     """
     val = warp_reduce(val, op)
     if const_expr(num_warps > 1):
@@ -149,6 +200,7 @@ def _pow2_at_least(n: int) -> int:
     return min(p, WARP)
 
 
-__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "aligned", "cu_stream", "pdl_prologue", "warp_reduce",
+__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "aligned", "cu_stream", "as_device_bytes", "sm_count",
+           "WarpRowKernel", "pdl_prologue", "warp_reduce",
            "warp_reduce_sum", "warp_reduce_max", "warp_argmax", "block_reduce", "block_reduce_sum", "block_reduce_max"]
 

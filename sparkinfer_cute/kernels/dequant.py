@@ -17,8 +17,8 @@ from cutlass import Float32, Int32, Uint8, cute
 from .arch import pdl_enabled
 from .common import gptr, pdl_prologue
 from .compile import compile_options, kernel_cache
+from .registry import register
 from .quant_decode import (
-    copy_runs_to_gmem,
     decode_unit,
     new_unit_buffer,
     qtype_name,
@@ -28,6 +28,16 @@ from .quant_decode import (
 )
 
 THREADS = 128
+
+
+def copy_runs_to_gmem(sp, vals, pY, gbase, divby: int):
+    """Store a decoded unit (``vals``, rmem) to global memory at element ``gbase`` + the unit's run offsets."""
+    for start, off, n in sp.runs:
+        tmp = cute.make_rmem_tensor((n,), vals.element_type)
+        for i in range(n):
+            tmp[i] = vals[start + i]
+        dst = cute.make_tensor(pY + cute.assume(gbase + off, divby=divby), cute.make_layout(n))
+        cute.autovec_copy(tmp, dst)
 
 
 class Dequant:
@@ -91,13 +101,5 @@ def dequantize(raw, qtype, n_elems: int | None = None, out=None, stream=None):
     return y
 
 
-def _register():
-    try:
-        from .registry import register
-    except ImportError:  # registry.py is owned by another module; absent in early checkouts
-        return
-    register("dequant", compile_dequant, [dict(qtype=q) for q in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K",
-                                                                      "Q6_K", "Q6_K_P", "F16", "BF16")])
-
-
-_register()
+register("dequant", compile_dequant,
+         [dict(qtype=q) for q in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P", "F16", "BF16")])

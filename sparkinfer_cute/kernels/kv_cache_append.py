@@ -22,6 +22,7 @@ from cutlass import Float16, Float32, Int32
 from .common import cu_stream, gptr, pdl_prologue
 from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
+from .registry import register
 
 _VEC = 4
 
@@ -119,12 +120,4 @@ MODEL_CONFIGS = {
 }
 
 
-def _register() -> None:
-    try:
-        from .registry import register
-    except ImportError:  # registry not written yet
-        return
-    register("kv_cache_append", compile_kv_cache_append, list(MODEL_CONFIGS.values()))
-
-
-_register()
+register("kv_cache_append", compile_kv_cache_append, list(MODEL_CONFIGS.values()))

@@ -1,4 +1,4 @@
-"""Quantize f32 activations to q8_1-style int8 blocks of 32 (for the dp4a GEMV, gemv_q8.py).
+"""Quantize f32 activations to q8_1-style int8 blocks of 32 (for the dp4a GEMV / MoE paths, quant_dot.py).
 
 For every block of 32 consecutive elements of a row: ``d = amax / 127`` (f32), ``q = rint(x / d)`` (int8, |q| <=
 127; q = 0 and d = 0 for an all-zero block), ``s = d * sum(q)`` (f32; the K-quants' min term needs the sum of the
@@ -7,7 +7,7 @@ For every block of 32 consecutive elements of a row: ``d = amax / 127`` (f32), `
 Layout (three separate, 16-byte-aligned arrays; unlike llama.cpp's interleaved ``block_q8_1`` so that the int8 data
 can be read with 128-bit loads): ``qs`` int8 [rows, n], ``d`` f32 [rows, n/32], ``s`` f32 [rows, n/32].
 
-Elementwise error: |x - d*q| <= d/2 (+ the f32 rounding of x/d, <= 127 * 2^-24 * d), the bound gemv_q8 tests use.
+Elementwise error: |x - d*q| <= d/2 (+ the f32 rounding of x/d, <= 127 * 2^-24 * d), the bound the dp4a tests use.
 
 One warp per block, one element per lane: warp max of |x|, warp sum of q (exact in f32: |sum| <= 32*127).
 """
@@ -22,10 +22,11 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
 from .arch import pdl_enabled
-from .common import gptr, pdl_prologue, warp_reduce_max, warp_reduce_sum
+from .common import aligned, gptr, pdl_prologue, warp_reduce_max, warp_reduce_sum
 from .compile import compile_options, kernel_cache
+from .quant_decode import QK8_1
+from .registry import register
 
-QK = 32
 WARPS = 4
 
 
@@ -39,13 +40,13 @@ def rint_s32(x, *, loc=None, ip=None) -> Int32:
 class QuantizeQ8_1:
     def __init__(self, n: int):
         self.pdl = pdl_enabled()
-        assert n % QK == 0, f"row length {n} must be a multiple of {QK}"
+        assert n % QK8_1 == 0, f"row length {n} must be a multiple of {QK8_1}"
         self.n = n
 
     @cute.jit
     def __call__(self, pX: cute.Pointer, pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer, rows: Int32,
                  stream: cuda.CUstream):
-        n_blocks = rows * (self.n // QK)
+        n_blocks = rows * (self.n // QK8_1)
         self.kernel(pX, pQ, pD, pS, n_blocks).launch(
             grid=[cute.ceil_div(n_blocks, WARPS), 1, 1], block=[WARPS * 32, 1, 1],
             stream=stream, use_pdl=self.pdl)
@@ -58,17 +59,17 @@ class QuantizeQ8_1:
         warp, lane = tid // 32, tid % 32
         b = bx * WARPS + warp
         if b < n_blocks:
-            mX = cute.make_tensor(pX, cute.make_layout(n_blocks * QK))
-            mQ = cute.make_tensor(pQ, cute.make_layout(n_blocks * QK))
+            mX = cute.make_tensor(pX, cute.make_layout(n_blocks * QK8_1))
+            mQ = cute.make_tensor(pQ, cute.make_layout(n_blocks * QK8_1))
             mD = cute.make_tensor(pD, cute.make_layout(n_blocks))
             mS = cute.make_tensor(pS, cute.make_layout(n_blocks))
-            x = mX[b * QK + lane]
+            x = mX[b * QK8_1 + lane]
             amax = warp_reduce_max(cute.math.absf(x), small_offsets_first=True)
             d = amax / Float32(127.0)
             q = Int32(0)
             if amax > Float32(0.0):
                 q = rint_s32(x / d)
-            mQ[b * QK + lane] = Int8(q)
+            mQ[b * QK8_1 + lane] = Int8(q)
             qs = warp_reduce_sum(Float32(q), small_offsets_first=True)
             if lane == 0:
                 mD[b] = d
@@ -89,7 +90,7 @@ class RmsNormQ8_1:
     def __init__(self, N: int, residual: bool = False, has_weight: bool = True):
         self.pdl = pdl_enabled()
 
-        assert N % QK == 0, f"row length {N} must be a multiple of {QK}"
+        assert N % QK8_1 == 0, f"row length {N} must be a multiple of {QK8_1}"
         self.N, self.residual, self.has_weight = N, residual, has_weight
         self.active = N // self.EPT
         self.threads = -(-self.active // 32) * 32
@@ -160,7 +161,7 @@ class RmsNormQ8_1:
         qsum = warp_reduce_sum(qsum, width=4, small_offsets_first=True)
         if tid < self.active:
             if tid % 4 == 0:
-                b = e0 // QK
+                b = e0 // QK8_1
                 mD = cute.make_tensor(pD, cute.make_layout(b + 1))
                 mS = cute.make_tensor(pS, cute.make_layout(b + 1))
                 mD[b] = d
@@ -220,8 +221,8 @@ class Q8Act:
 
         self.rows, self.n = rows, n
         self.qs = DeviceArray.empty((rows, n), np.int8)
-        self.d = DeviceArray.empty((rows, n // QK), np.float32)
-        self.s = DeviceArray.empty((rows, n // QK), np.float32)
+        self.d = DeviceArray.empty((rows, n // QK8_1), np.float32)
+        self.s = DeviceArray.empty((rows, n // QK8_1), np.float32)
 
     def to_numpy(self):
         return self.qs.to_numpy(), self.d.to_numpy(), self.s.to_numpy()
@@ -248,15 +249,27 @@ def quantize_q8_1(x, out: Q8Act | None = None, stream=None):
     return q
 
 
-def _register():
-    try:
-        from .registry import register
-    except ImportError:
-        return
-    register("quantize_q8_1", compile_quantize_q8_1,
-             [dict(n=n) for n in (256, 384, 512, 640, 768, 1024, 1536, 2048, 4096)])
-    register("rmsnorm_q8_1", compile_rmsnorm_q8_1,
-             [dict(N=n, residual=r) for n in (2048, 640, 2816, 256, 384, 512) for r in (False, True)])
+def as_q8(x, stream):
+    """(Q8Act, was numpy): ``x`` as int8 activations, quantized here unless it already is a :class:`Q8Act`."""
+    from ..runtime import DeviceArray
+
+    if isinstance(x, Q8Act):
+        return x, False
+    x_np = not isinstance(x, DeviceArray)
+    dx = DeviceArray.from_numpy(np.ascontiguousarray(x, np.float32), stream) if x_np else x
+    return quantize_q8_1(dx, stream=stream), x_np
 
 
-_register()
+def x_pointers(x) -> tuple:
+    """(x f32, xq i8, xd f32, xs f32) launch pointers of an activation that is either f32 (a DeviceArray: the float
+    kernels read ``x``) or a :class:`Q8Act` (the dp4a kernels read ``xq``, ``xd``, ``xs``). The pointers a path does
+    not read are any valid address."""
+    if isinstance(x, Q8Act):
+        return gptr(Float32, x.d.ptr), gptr(Int8, x.qs.ptr), gptr(Float32, x.d.ptr), gptr(Float32, x.s.ptr)
+    p = aligned(x, "x").ptr
+    return gptr(Float32, p), gptr(Int8, p), gptr(Float32, p), gptr(Float32, p)
+
+
+register("quantize_q8_1", compile_quantize_q8_1, [dict(n=n) for n in (256, 384, 512, 640, 768, 1024, 1536, 2048, 4096)])
+register("rmsnorm_q8_1", compile_rmsnorm_q8_1,
+         [dict(N=n, residual=r) for n in (2048, 640, 2816, 256, 384, 512) for r in (False, True)])

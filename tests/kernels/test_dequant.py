@@ -93,7 +93,7 @@ def test_dequant_numpy_roundtrip_real_sizes():
 
 # ---------------------------------------------------------------------------------------------------------------
 # CPU check of the decoders' index and bit logic: the very Python functions that the kernels trace
-# (quant_decode.decode_unit / slice decoders, gemv_q8.decode_int_slice / decode_int_unit) are executed with
+# (quant_decode.decode_unit / slice decoders, quant_dot.decode_int_slice / decode_int_unit) are executed with
 # numpy-backed stand-ins for the few DSL primitives they use (typed pointer indexing, word loads, integer and f32
 # scalar types, f16 bit conversion), over random blocks, and compared with gguf-py's dequantization.
 # 
@@ -102,7 +102,7 @@ def test_dequant_numpy_roundtrip_real_sizes():
 
 import types
 
-from sparkinfer_cute.kernels import gemv_q8 as gq
+from sparkinfer_cute.kernels import quant_dot as gq
 from sparkinfer_cute.kernels import quant_decode as qd
 
 
@@ -217,7 +217,7 @@ def test_float_decoders_match_gguf(emulated, q, mode):
 
 
 @pytest.mark.parametrize("mode", ["unit", "slice"])
-@pytest.mark.parametrize("q", gq.INT_QTYPES)
+@pytest.mark.parametrize("q", qd.INT_QTYPES)
 def test_int_decoders_match_gguf(emulated, q, mode):
     """Rebuild each weight from the dp4a groups: scale * (byte - off) - minc (the group's integer quants)."""
     sp = qd.spec(q)
