@@ -82,7 +82,26 @@ class GPUDecoder:
         return {n for n in self.weight_names() if n != "token_embd.weight"}
 
     def alloc_buffers(self) -> None:
+        """Allocate the model's activation buffers (once: the graph is captured over them). Subclasses call
+        :meth:`alloc_block_buffers` for the ones every transformer block has, then add their own."""
         raise NotImplementedError
+
+    def alloc_block_buffers(self) -> None:
+        """The buffers every decoder block uses, sized for the largest attention layer: residual stream ``x``, normed
+        block input ``h``, ``q``/``k``/``v``, attention output ``attn``, block output ``delta`` (added to ``x`` by the
+        next norm), the split-KV workspace ``attn_ws`` and the q8_1 copy ``hq_out`` of the final norm output."""
+        E, f32 = self.cfg.n_embd, np.float32
+        q_len = max(a.n_head * a.head_dim for a in self.attn_layers)
+        kv_len = max(a.n_head_kv * a.head_dim for a in self.attn_layers)
+        self.x = DeviceArray.zeros((E,), f32)
+        self.h = DeviceArray.empty((E,), f32)
+        self.q = DeviceArray.empty((q_len,), f32)
+        self.k = DeviceArray.empty((kv_len,), f32)
+        self.v = DeviceArray.empty((kv_len,), f32)
+        self.attn = DeviceArray.empty((q_len,), f32)
+        self.delta = DeviceArray.empty((E,), f32)
+        self.attn_ws = ops.AttentionWorkspace(self.attn_layers, self.max_context)
+        self.hq_out = ops.new_q8(E)
 
     def enqueue_step(self, stream, n_layers: int | None = None) -> None:
         """Enqueue one decode step on ``stream``. ``n_layers`` (eager debugging only): stop after that many layers,

@@ -33,26 +33,16 @@ class Gemma3GPU(GPUDecoder):
     def alloc_buffers(self) -> None:
         c = self.cfg
         E, H, D = c.n_embd, c.n_head, c.head_dim
-        q_len = max(a.n_head * a.head_dim for a in self.attn_layers)
-        kv_len = max(a.n_head_kv * a.head_dim for a in self.attn_layers)
         f32 = np.float32
-        self.x = DeviceArray.zeros((E,), f32)        # residual stream
-        self.h = DeviceArray.empty((E,), f32)        # normed input of a block
-        self.q = DeviceArray.empty((q_len,), f32)
-        self.k = DeviceArray.empty((kv_len,), f32)
-        self.v = DeviceArray.empty((kv_len,), f32)
-        self.attn = DeviceArray.empty((q_len,), f32)
-        self.o = DeviceArray.empty((E,), f32)
-        self.delta = DeviceArray.empty((E,), f32)    # block output to add to the residual
+        self.alloc_block_buffers()                   # x (residual stream), h (normed block input), q, k, v, attn, delta
+        self.o = DeviceArray.empty((E,), f32)        # attention output projection, before its post-norm
         self.gate = DeviceArray.empty((c.n_ff,), f32)
         self.up = DeviceArray.empty((c.n_ff,), f32)
         self.act = DeviceArray.empty((c.n_ff,), f32)
         self.f = DeviceArray.empty((E,), f32)
-        self.attn_ws = ops.AttentionWorkspace(self.attn_layers, self.max_context)
         # 27B rule (gemma3.cpp): 1/sqrt(n_embd/n_head) for 62 layers, else 1/sqrt(head_dim)
         self.q_scale = 1.0 / math.sqrt(E // H) if c.n_layer == 62 else 1.0 / math.sqrt(D)
         self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]
-        self.hq_out = ops.new_q8(c.n_embd)
 
     def enqueue_step(self, stream, n_layers: int | None = None) -> None:
         c, w = self.cfg, self.w

@@ -24,30 +24,20 @@ class Qwen3MoeGPU(GPUDecoder):
 
     def alloc_buffers(self) -> None:
         c = self.cfg
-        E, D, K = c.n_embd, c.head_dim, c.n_expert_used
-        q_len = max(a.n_head * a.head_dim for a in self.attn_layers)
-        kv_len = max(a.n_head_kv * a.head_dim for a in self.attn_layers)
+        D, K = c.head_dim, c.n_expert_used
         f32 = np.float32
-        self.x = DeviceArray.zeros((E,), f32)
-        self.h = DeviceArray.empty((E,), f32)
-        self.q = DeviceArray.empty((q_len,), f32)
-        self.k = DeviceArray.empty((kv_len,), f32)
-        self.v = DeviceArray.empty((kv_len,), f32)
-        self.attn = DeviceArray.empty((q_len,), f32)
-        self.delta = DeviceArray.empty((E,), f32)
+        self.alloc_block_buffers()                     # x, h, q, k, v, attn, delta, attn_ws, hq_out
         self.router_logits = DeviceArray.empty((c.n_expert,), f32)
         self.router_state = ops.RouterState(c.n_expert)
         self.expert_ids = DeviceArray.zeros((K,), np.int32)
         self.expert_w = DeviceArray.zeros((K,), f32)
         self.act = DeviceArray.empty((K, c.n_ff_exp), f32)
-        self.attn_ws = ops.AttentionWorkspace(self.attn_layers, self.max_context)
         self.scale = 1.0 / math.sqrt(D)
         self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]
-        self.hq_out = ops.new_q8(c.n_embd)
         self.q8_attn = ops.dp4a_for("attn")
         self.q8_moe = ops.dp4a_for("moe")
         self.hq = ops.new_q8(c.n_embd)                 # q8_1 copy of the normed input (dp4a GEMVs)
-        self.attnq = ops.new_q8(q_len)                 # q8_1 copy of the attention output (dp4a o-proj)
+        self.attnq = ops.new_q8(self.attn.size)        # q8_1 copy of the attention output (dp4a o-proj)
         self.actq = ops.new_q8(c.n_ff_exp, rows=K)     # q8_1 copy of the SwiGLU activations (dp4a down)
 
     def enqueue_step(self, stream, n_layers: int | None = None) -> None:

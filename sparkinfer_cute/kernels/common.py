@@ -80,6 +80,8 @@ class WarpRowKernel:
     and :meth:`thread_coords`. What the rows hold and how a warp walks them stays in the subclass."""
 
     WARPS = 4
+    experts = False  # grid.y runs over selected-expert slots (expert ids read from device memory)
+    x_per_slot = False  # with experts: slot j reads activation row j (else row 0)
 
     def __init__(self):
         self.pdl = pdl_enabled()
@@ -101,6 +103,13 @@ class WarpRowKernel:
         """The expert id of ``slot``, read from the int32 device array ``pIds`` (device side: no host sync)."""
         ids = cute.make_tensor(pIds, cute.make_layout(slot + 1))
         return ids[slot]
+
+    def slot_row(self, pIds, slot, n_rows, o):
+        """(weight row, activation row) of output row ``o`` in ``slot`` (device side): dense (o, 0); expert-indexed
+        (ids[slot] * n_rows + o, slot if ``x_per_slot`` else 0)."""
+        if self.experts:
+            return self.expert_id(pIds, slot) * n_rows + o, (slot if self.x_per_slot else 0)
+        return o, 0
 
 
 # ---------------------------------------------------------------------------------------------- device side

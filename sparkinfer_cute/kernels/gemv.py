@@ -83,12 +83,7 @@ class Gemv(WarpRowKernel):
         acc = cute.make_rmem_tensor((self.rows,), Float32)
         acc.fill(0.0)
         if o < n_out:
-            row = o
-            xrow0 = 0
-            if cutlass.const_expr(self.experts):
-                row = self.expert_id(pIds, slot) * n_out + o
-                if cutlass.const_expr(self.x_per_slot):
-                    xrow0 = slot
+            row, xrow0 = self.slot_row(pIds, slot, n_out, o)
             blk0 = row * nbpr
             w = self.tiling.buffer()
             for U in cutlass.range(lane + 32 * kpart, nbpr * upb, 32 * wpr, unroll=2):

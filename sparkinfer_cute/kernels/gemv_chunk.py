@@ -113,12 +113,7 @@ class GemvChunk(WarpRowKernel):
         o0 = (bx * WARPS + warp) * self.rows_per_warp
         nbpr = self.n_in // 256
         if o0 < n_out:
-            row0 = o0
-            xrow = 0
-            if cutlass.const_expr(self.experts):
-                row0 = self.expert_id(pIds, slot) * n_out + o0
-                if cutlass.const_expr(self.x_per_slot):
-                    xrow = slot
+            row0, xrow = self.slot_row(pIds, slot, n_out, o0)
             rows = [(pW, (row0 + r) * nbpr) for r in range(self.rows_per_warp)]
             xargs = (pXq, pXd) if self.q8 else (pX,)
             acc = chunk_rows_partial(self.qtype, self.q8, rows, xargs, xrow * self.n_in, lane, self.chunks_per_lane,

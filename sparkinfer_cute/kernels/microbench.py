@@ -55,6 +55,24 @@ def _time_graph(launch_fns, stream, reps: int) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
+def _graph_call_us(fn, stream, iters: int) -> float:
+    """µs per call of ``fn`` (host function enqueueing on ``stream``): ``iters`` calls captured in one CUDA graph, one
+    warm-up replay, then one timed replay / iters (the attention and router benchmarks' method)."""
+    from ..runtime import CudaGraph, Event, elapsed_ms
+
+    fn()
+    with CudaGraph.capture(stream) as g:
+        for _ in range(iters):
+            fn()
+    g.replay(stream)
+    t0, t1 = Event(), Event()
+    t0.record(stream)
+    g.replay(stream)
+    t1.record(stream)
+    t1.synchronize()
+    return elapsed_ms(t0, t1) * 1e3 / iters
+
+
 def measure_copy_bandwidth(stream, nbytes: int = GIB, reps: int = 10) -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read + written)."""
     from ..runtime import DeviceArray, Event, elapsed_ms
@@ -408,7 +426,7 @@ def bench_attention(config: str, n_ctx: int, num_splits: int | None = None, iter
     (graph of ``iters`` launches, replayed; reports µs per call and the K/V bytes read per second)."""
     from cutlass import Float16, Float32, Int32
 
-    from ..runtime import CudaGraph, DeviceArray, Event, Stream, elapsed_ms, get_device
+    from ..runtime import DeviceArray, Stream, get_device
     from .attention_decode import MODEL_CONFIGS, compile_attention_combine, compile_attention_decode, \
         fused_counter_count
     from .common import cu_stream
@@ -445,17 +463,7 @@ def bench_attention(config: str, n_ctx: int, num_splits: int | None = None, iter
         if not fused_combine:
             f_comb(*comb_args)
 
-    one()
-    with CudaGraph.capture(stream) as g:
-        for _ in range(iters):
-            one()
-    g.replay(stream)
-    t0, t1 = Event(), Event()
-    t0.record(stream)
-    g.replay(stream)
-    t1.record(stream)
-    t1.synchronize()
-    us = elapsed_ms(t0, t1) * 1e3 / iters
+    us = _graph_call_us(one, stream, iters)
     kv_bytes = 2 * n_ctx * KV * D * 2
     return dict(config=config, n_ctx=n_ctx, num_splits=S, fused_combine=fused_combine, us=round(us, 2),
                 gbps=round(kv_bytes / us / 1e3, 1), device=get_device().name, **tuning)
@@ -464,7 +472,7 @@ def bench_attention(config: str, n_ctx: int, num_splits: int | None = None, iter
 def bench_router(n_expert: int = 128, n_embd: int = 2048, k: int = 8, iters: int = 200) -> dict:
     """µs per router call, CUDA graph of ``iters`` calls: the two-launch path (F32 ``gemv`` + ``route``) vs the
     fused :func:`route_gemv`; also checks the fused ids equal the two-launch ids on the benchmark data."""
-    from ..runtime import CudaGraph, DeviceArray, Event, Stream, elapsed_ms, get_device
+    from ..runtime import DeviceArray, Stream, get_device
     from .gemv import gemv
     from .router import route, route_gemv
 
@@ -488,17 +496,7 @@ def bench_router(n_expert: int = 128, n_embd: int = 2048, k: int = 8, iters: int
 
     out = dict(n_expert=n_expert, n_embd=n_embd, k=k, device=get_device().name)
     for name, fn in (("two_launch_us", two_launch), ("fused_us", fused)):
-        fn()
-        with CudaGraph.capture(stream) as g:
-            for _ in range(iters):
-                fn()
-        g.replay(stream)
-        t0, t1 = Event(), Event()
-        t0.record(stream)
-        g.replay(stream)
-        t1.record(stream)
-        t1.synchronize()
-        out[name] = round(elapsed_ms(t0, t1) * 1e3 / iters, 2)
+        out[name] = round(_graph_call_us(fn, stream, iters), 2)
     out["same_ids"] = bool((ids[0].to_numpy(stream) == ids[1].to_numpy(stream)).all())
     return out
 

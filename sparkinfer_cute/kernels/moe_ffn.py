@@ -211,6 +211,16 @@ def compile_moe_down(qtype: str, n_ff: int, n_out: int, add_residual: bool = Fal
 # Host side
 
 
+def _activation(x, st):
+    """(device activation, was numpy, row length, int8?): a :class:`Q8Act` as is (the dp4a kernels), else f32."""
+    from ..runtime import as_device
+
+    if isinstance(x, Q8Act):
+        return x, False, x.n, True
+    dx, x_np = as_device(x, st, np.float32)
+    return dx, x_np, int(dx.shape[-1]), False
+
+
 def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto",
                 rows_per_warp: int | None = None):
     """act[j] = silu(Wgate[ids[j]] · h) * (Wup[ids[j]] · h) -> [k, n_ff] f32.
@@ -223,9 +233,7 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
 
     q = qtype_name(qtype)
     st = stream if stream is not None else default_stream()
-    q8 = isinstance(h, Q8Act)
-    dh, h_np = (h, False) if q8 else as_device(h, st, np.float32)
-    n_in = h.n if q8 else int(dh.shape[-1])
+    dh, h_np, n_in, q8 = _activation(h, st)
     di, _ = as_device(ids, st, np.int32)
     k = int(np.prod(di.shape))
     dg = as_device_bytes(w_gate, st)
@@ -258,9 +266,7 @@ def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None,
 
     q = qtype_name(qtype)
     st = stream if stream is not None else default_stream()
-    q8 = isinstance(act, Q8Act)
-    da, a_np = (act, False) if q8 else as_device(act, st, np.float32)
-    n_ff = act.n if q8 else int(da.shape[-1])
+    da, a_np, n_ff, q8 = _activation(act, st)
     di, _ = as_device(ids, st, np.int32)
     dwt, _ = as_device(weights, st, np.float32)
     k = int(np.prod(di.shape))
