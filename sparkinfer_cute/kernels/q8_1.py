@@ -22,12 +22,12 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
 from .arch import pdl_enabled
-from .common import aligned, gptr, pdl_prologue, warp_reduce_max, warp_reduce_sum
+from .common import WarpRowKernel, aligned, gptr, pdl_prologue, warp_reduce_max, warp_reduce_sum
 from .compile import compile_options, kernel_cache
 from .quant_decode import QK8_1
 from .registry import register
 
-WARPS = 4
+WARPS = WarpRowKernel.WARPS
 
 
 @dsl_user_op
@@ -37,9 +37,11 @@ def rint_s32(x, *, loc=None, ip=None) -> Int32:
                                  "=r,f", loc=loc, ip=ip))
 
 
-class QuantizeQ8_1:
+class QuantizeQ8_1(WarpRowKernel):
+    """One warp per q8_1 block of 32 elements (the "rows" of :class:`WarpRowKernel`), one element per lane."""
+
     def __init__(self, n: int):
-        self.pdl = pdl_enabled()
+        super().__init__()
         assert n % QK8_1 == 0, f"row length {n} must be a multiple of {QK8_1}"
         self.n = n
 
@@ -47,16 +49,12 @@ class QuantizeQ8_1:
     def __call__(self, pX: cute.Pointer, pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer, rows: Int32,
                  stream: cuda.CUstream):
         n_blocks = rows * (self.n // QK8_1)
-        self.kernel(pX, pQ, pD, pS, n_blocks).launch(
-            grid=[cute.ceil_div(n_blocks, WARPS), 1, 1], block=[WARPS * 32, 1, 1],
-            stream=stream, use_pdl=self.pdl)
+        self.launch_rows(self.kernel(pX, pQ, pD, pS, n_blocks), n_blocks, WARPS, 1, stream)
 
     @cute.kernel
     def kernel(self, pX: cute.Pointer, pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer, n_blocks: Int32):
         pdl_prologue(self.pdl)
-        tid = cute.arch.thread_idx()[0]
-        bx = cute.arch.block_idx()[0]
-        warp, lane = tid // 32, tid % 32
+        _, bx, _, warp, lane = self.thread_coords()
         b = bx * WARPS + warp
         if b < n_blocks:
             mX = cute.make_tensor(pX, cute.make_layout(n_blocks * QK8_1))

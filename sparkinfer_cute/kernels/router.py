@@ -212,25 +212,26 @@ _CHUNK = 4  # f32 weights per lane per load: 16 bytes
 _LOADS_IN_FLIGHT = 8  # 16-byte W loads (plus as many x loads) a lane issues before the FMAs of a batch
 
 
-def choose_router_wpr(n_expert: int, n_embd: int, target_ctas: int = 64) -> int:
+def choose_router_warps_per_row(n_expert: int, n_embd: int, target_ctas: int = 64) -> int:
     """Warps per expert row: split a row over 2/4 warps while there are fewer than ``target_ctas`` CTAs (1 MB of
     f32 router weights streams from more SMs), keeping >= 2 16-byte loads per lane."""
-    wpr = 1
-    while (wpr < GEMV_WARPS and -(-n_expert * wpr // GEMV_WARPS) < target_ctas
-           and n_embd >= 2 * 2 * wpr * 32 * _CHUNK):
-        wpr *= 2
-    return wpr
+    warps_per_row = 1
+    while (warps_per_row < GEMV_WARPS and -(-n_expert * warps_per_row // GEMV_WARPS) < target_ctas
+           and n_embd >= 2 * 2 * warps_per_row * 32 * _CHUNK):
+        warps_per_row *= 2
+    return warps_per_row
 
 
 class RouterGemvTopK:
     """``logits = W h`` (W: f32 ``[n_expert, n_embd]``, the GGUF ``ffn_gate_inp``) and :func:`softmax_topk_block`
     on those logits, in ONE launch (per token: grid ``(n_ctas, n_tokens)``).
 
-    GEMV phase: warp ``w`` of CTA ``c`` owns expert row ``c * (4 // wpr) + w // wpr`` and the ``w % wpr``-th
-    interleaved part of its 16-byte chunks (lane-contiguous: a warp's loads of one step are 512 consecutive bytes);
-    ``h`` is read from global memory (L1/L2 resident, 8 KB). Per lane the products are accumulated in a fixed
-    order, then a butterfly shuffle and, for ``wpr`` > 1, a fixed-order sum of the warp partials through smem: the
-    logits are deterministic. Each row's logit goes to the global ``scratch[token, n_expert]``.
+    GEMV phase (``wpr`` = ``warps_per_row``): warp ``w`` of CTA ``c`` owns expert row ``c * (4 // wpr) + w // wpr``
+    and the ``w % wpr``-th interleaved part of its 16-byte chunks (lane-contiguous: a warp's loads of one step are
+    512 consecutive bytes); ``h`` is read from global memory (L1/L2 resident, 8 KB). Per lane the products are
+    accumulated in a fixed order, then a butterfly shuffle and, for ``wpr`` > 1, a fixed-order sum of the warp
+    partials through smem: the logits are deterministic. Each row's logit goes to the global
+    ``scratch[token, n_expert]``.
 
     Last-CTA phase (the threadFenceReduction pattern): the writers fence (``fence.acq_rel.gpu``), the CTA barriers,
     thread 0 does ``atom.add.acq_rel.gpu`` on ``counter[token]``; the CTA that sees ``n_ctas - 1`` fences again
@@ -239,21 +240,21 @@ class RouterGemvTopK:
     (a CUDA-graph replay, the next layer) starts from zero. No CTA ever waits for another: no deadlock whatever
     the residency."""
 
-    def __init__(self, n_expert: int, n_embd: int, k: int, norm_topk: bool = True, wpr: int = 0):
+    def __init__(self, n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0):
         self.pdl = pdl_enabled()
         if not 0 < k <= min(n_expert, 32):
             raise ValueError(f"bad top-k {k} for {n_expert} experts")
         if n_embd % _CHUNK:
             raise ValueError(f"n_embd {n_embd} must be a multiple of {_CHUNK} (16-byte f32 loads)")
         self.n_expert, self.n_embd, self.k, self.norm_topk = n_expert, n_embd, k, norm_topk
-        self.wpr = wpr or choose_router_wpr(n_expert, n_embd)
-        if self.wpr not in (1, 2, 4):
-            raise ValueError(f"wpr must be 1, 2 or 4, got {self.wpr}")
+        self.warps_per_row = warps_per_row or choose_router_warps_per_row(n_expert, n_embd)
+        if self.warps_per_row not in (1, 2, 4):
+            raise ValueError(f"warps_per_row must be 1, 2 or 4, got {self.warps_per_row}")
         self.threads = GEMV_WARPS * 32
-        self.rows_per_cta = GEMV_WARPS // self.wpr
+        self.rows_per_cta = GEMV_WARPS // self.warps_per_row
         self.n_ctas = -(-n_expert // self.rows_per_cta)
         self.n_chunks = n_embd // _CHUNK
-        self.chunks_per_lane = -(-self.n_chunks // (32 * self.wpr))
+        self.chunks_per_lane = -(-self.n_chunks // (32 * self.warps_per_row))
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pH: cute.Pointer, pScratch: cute.Pointer, pCounter: cute.Pointer,
@@ -272,13 +273,13 @@ class RouterGemvTopK:
     def kernel(self, mW: cute.Tensor, mH: cute.Tensor, mS: cute.Tensor, mCnt: cute.Tensor, mI: cute.Tensor,
                mP: cute.Tensor):
         pdl_prologue(self.pdl)
-        wpr, CPL, U = self.wpr, self.chunks_per_lane, _LOADS_IN_FLIGHT
+        warps_per_row, CPL, U = self.warps_per_row, self.chunks_per_lane, _LOADS_IN_FLIGHT
         tid, _, _ = cute.arch.thread_idx()
         cta, tok, _ = cute.arch.block_idx()
         lane = tid % 32
         warp = tid // 32
-        kpart = warp % wpr
-        row = cta * self.rows_per_cta + warp // wpr
+        kpart = warp % warps_per_row
+        row = cta * self.rows_per_cta + warp // warps_per_row
 
         smem = cutlass.memory.SmemAllocator()
         red_v = smem.allocate_tensor(Float32, cute.make_layout(GEMV_WARPS), byte_alignment=16)
@@ -293,8 +294,8 @@ class RouterGemvTopK:
             for i0 in cutlass.range_constexpr(0, CPL, U):
                 nb = min(U, CPL - i0)
                 for u in cutlass.range_constexpr(nb):
-                    c = (i0 + u) * 32 * wpr + kpart * 32 + lane  # chunk index: lane-contiguous per warp step
-                    if const_expr(self.n_chunks % (32 * wpr) == 0) or c < self.n_chunks:
+                    c = (i0 + u) * 32 * warps_per_row + kpart * 32 + lane  # chunk index: lane-contiguous per warp step
+                    if const_expr(self.n_chunks % (32 * warps_per_row) == 0) or c < self.n_chunks:
                         cute.autovec_copy(cute.local_tile(mW[row, None], (_CHUNK,), (c,)), rW[u, None])
                         cute.autovec_copy(cute.local_tile(mH[tok, None], (_CHUNK,), (c,)), rX[u, None])
                     else:
@@ -305,7 +306,7 @@ class RouterGemvTopK:
                     for j in cutlass.range_constexpr(_CHUNK):
                         acc += rW[u, j] * rX[u, j]
         acc = warp_reduce(acc, operator.add)
-        if const_expr(wpr == 1):
+        if const_expr(warps_per_row == 1):
             if row < self.n_expert:  # noqa: SIM102 (runtime conditions, kept as nested DSL ifs)
                 if lane == 0:
                     mS[tok, row] = acc
@@ -315,9 +316,9 @@ class RouterGemvTopK:
                 red_v[warp] = acc
             cute.arch.barrier()
             if row < self.n_expert:  # noqa: SIM102 (runtime conditions, kept as nested DSL ifs)
-                if tid % (32 * wpr) == 0:  # lane 0 of the row's first warp: fixed-order sum of the parts
+                if tid % (32 * warps_per_row) == 0:  # lane 0 of the row's first warp: fixed-order sum of the parts
                     t = red_v[warp]
-                    for j in cutlass.range_constexpr(1, wpr):
+                    for j in cutlass.range_constexpr(1, warps_per_row):
                         t = t + red_v[warp + j]
                     mS[tok, row] = t
                     cute.arch.fence_acq_rel_gpu()
@@ -336,16 +337,16 @@ class RouterGemvTopK:
 
 
 @kernel_cache
-def compile_router_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, wpr: int = 0):
-    """Compile :class:`RouterGemvTopK` (``wpr`` 0 = :func:`choose_router_wpr`). Runtime args: (w f32, h f32,
-    scratch f32, counter int32, ids int32, weights f32 pointers, n_tokens, stream)."""
-    return cute.compile(RouterGemvTopK(n_expert, n_embd, k, norm_topk, wpr), fake_ptr(Float32, 16),
+def compile_router_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0):
+    """Compile :class:`RouterGemvTopK` (``warps_per_row`` 0 = :func:`choose_router_warps_per_row`). Runtime args:
+    (w f32, h f32, scratch f32, counter int32, ids int32, weights f32 pointers, n_tokens, stream)."""
+    return cute.compile(RouterGemvTopK(n_expert, n_embd, k, norm_topk, warps_per_row), fake_ptr(Float32, 16),
                         fake_ptr(Float32, 16), fake_ptr(Float32, 4), fake_ptr(Int32, 4), fake_ptr(Int32, 4),
                         fake_ptr(Float32, 4), Int32(1), cute.runtime.make_fake_stream(), options=compile_options())
 
 
 def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, weights_out=None, scratch=None,
-               counter=None, stream=None, n_expert: int | None = None, wpr: int = 0):
+               counter=None, stream=None, n_expert: int | None = None, warps_per_row: int = 0):
     """Fused MoE router: ``route(w_router @ h, k)`` in one launch.
 
     ``w_router``: f32 ``[n_expert, n_embd]`` (numpy, or a DeviceArray of any dtype holding those bytes, e.g. the raw
@@ -386,7 +387,7 @@ def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, wei
     if scratch.nbytes < 4 * T * n_expert or counter.nbytes < 4 * T:
         raise ValueError(f"scratch needs {T * n_expert} f32 and counter {T} int32 elements")
     if T:
-        compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, wpr=wpr)(
+        compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, warps_per_row=warps_per_row)(
             gptr(Float32, dw.ptr, 16), gptr(Float32, dh.ptr, 16), gptr(Float32, scratch.ptr, 4),
             gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, w.ptr, 4), Int32(T), st.cu)
     if was_np:
@@ -418,7 +419,7 @@ register("router", compile_router, [
 ], launch_example=_launch_example)
 
 
-def _launch_example_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, wpr: int = 0):
+def _launch_example_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0):
     from ..runtime import DeviceArray, default_stream
 
     w = DeviceArray.zeros((n_expert, n_embd), np.float32)
@@ -428,7 +429,7 @@ def _launch_example_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = T
     ids = DeviceArray.empty((1, k), np.int32)
     p = DeviceArray.empty((1, k), np.float32)
     s = default_stream()
-    fn = compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, wpr=wpr)
+    fn = compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, warps_per_row=warps_per_row)
 
     def launch():
         fn(gptr(Float32, w.ptr, 16), gptr(Float32, h.ptr, 16), gptr(Float32, scratch.ptr, 4),
