@@ -1,23 +1,30 @@
 """GPU forwards, one file per architecture (installed as ``sparkinfer_cute.models``).
 
-Each reads like its numpy reference in ``sparkinfer_cute.reference`` and like ../shared/spec/models.md, op by op,
+Each reads like its numpy reference in ``sparkinfer_cute.reference`` and like the model spec (models.md), op by op,
 and enqueues one decode step on a stream so the engine can capture it once in a CUDA graph and replay it per token.
+``GPU_FORWARDS`` maps a GGUF ``general.architecture`` to its forward, as ``reference._BY_ARCH`` does for the CPU
+references.
 """
 
 from __future__ import annotations
 
-from ..errors import GGUFError  # type: ignore[misc]  (resolved as sparkinfer_cute.errors once installed)
+from sparkinfer_cute.errors import GGUFError
+from sparkinfer_cute.models.base import GPUDecoder
+from sparkinfer_cute.models.gemma3 import Gemma3GPU
+from sparkinfer_cute.models.qwen3_moe import Qwen3MoeGPU
+
+GPU_FORWARDS: dict[str, type[GPUDecoder]] = {
+    "gemma3": Gemma3GPU,
+    "qwen3moe": Qwen3MoeGPU,
+}
 
 
-def load_gpu_model(g, cfg, *, max_context: int | None = None, progress: bool = True):
-    arch = cfg.arch
-    if arch == "gemma3":
-        from .gemma3 import Gemma3GPU
+def load_gpu_model(g, cfg, *, max_context: int | None = None, progress: bool = True) -> GPUDecoder:
+    cls = GPU_FORWARDS.get(cfg.arch)
+    if cls is None:
+        raise GGUFError(g.path, f"architecture {cfg.arch!r} has no GPU forward yet (GPU: {', '.join(GPU_FORWARDS)}); "
+                                "use --backend cpu where a reference exists")
+    return cls(g, cfg, max_context=max_context, progress=progress)
 
-        return Gemma3GPU(g, cfg, max_context=max_context, progress=progress)
-    if arch == "qwen3moe":
-        from .qwen3_moe import Qwen3MoeGPU
 
-        return Qwen3MoeGPU(g, cfg, max_context=max_context, progress=progress)
-    raise GGUFError(g.path, f"architecture {arch!r} has no GPU forward yet (GPU: gemma3, qwen3moe); "
-                            "use --backend cpu where a reference exists")
+__all__ = ["GPU_FORWARDS", "GPUDecoder", "Gemma3GPU", "Qwen3MoeGPU", "load_gpu_model"]

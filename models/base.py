@@ -1,21 +1,31 @@
 """What every GPU forward shares: weight upload, activation buffers, the KV cache, and CUDA-graph decode.
 
-A model subclass implements ``enqueue_step(stream)``: every kernel of one decode step (embedding of the token id held in
-``self.tok`` at the position held in ``self.pos``, all layers, final norm, LM head, argmax into ``self.tok``) on
-``stream``, reading the token id and position **from device memory**. The step is captured once into a CUDA graph
-and replayed per token; between replays the host writes at most the next prompt token and the position (4 bytes
-each) and reads back the sampled id (4 bytes). Routing (expert ids and weights) never leaves the device.
+A model subclass implements ``enqueue_step(stream, n_layers=None)``: every kernel of one decode step (embedding of
+the token id held in ``self.tok`` at the position held in ``self.pos``, all layers, final norm, LM head, argmax into
+``self.tok``) on ``stream``, reading the token id and position **from device memory**. The step is captured once into
+a CUDA graph and replayed per token; between replays the host writes at most the next prompt token and the position
+(4 bytes each) and reads back the sampled id (4 bytes). Routing (expert ids and weights) never leaves the device.
+
+Seams for what comes next:
+- attention geometry is per layer (``self.attn_layers``, from the config's ``*_for(layer)`` views): KV cache sizing,
+  split counts and the split workspace follow it, so layer types with other head sizes / KV heads / windows fit.
+- prompt prefill goes through :meth:`GPUDecoder.prefill_chunk` (T tokens in, logits of the last one left in
+  ``self.logits``). The default replays the decode graph once per token; a batched prefill overrides it (and may
+  set ``PREFILL_CHUNK`` to the most tokens its buffers take per call).
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
-from ..errors import ContextOverflowError  # type: ignore[misc]
-from ..runtime import CudaGraph, DeviceArray, Stream, get_device  # type: ignore[misc]
-from ..runtime.weights import WeightStore  # type: ignore[misc]
+from sparkinfer_cute.errors import ContextOverflowError
+from sparkinfer_cute.kernels.arch import kernel_family
+from sparkinfer_cute.models import ops
+from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Stream, get_device
+from sparkinfer_cute.runtime.weights import WeightStore
 
 DEFAULT_MAX_CONTEXT = 4096
 
@@ -30,6 +40,7 @@ class GPUDecoder:
         if self.max_context <= 0:
             raise ContextOverflowError("max_context must be positive")
         self.stream = Stream()
+        self.attn_layers = ops.attention_geometry(cfg)
         self.kv_bytes = self.kv_cache_bytes()
         t0 = time.perf_counter()
         self.w = WeightStore(g, self.weight_names(), extra_bytes=self.kv_bytes, progress=progress,
@@ -58,37 +69,48 @@ class GPUDecoder:
         return names
 
     def kv_cache_bytes(self) -> int:
-        from . import ops
-
-        c = self.cfg
-        return ops.PagedKV.bytes_needed(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
+        return ops.PagedKV.bytes_needed(self.attn_layers, self.max_context)
 
     def alloc_kv_cache(self) -> None:
-        from . import ops
-
-        c = self.cfg
-        self.kv = ops.PagedKV(c.n_layer, c.n_head_kv, c.head_dim, self.max_context)
+        self.kv = ops.PagedKV(self.attn_layers, self.max_context)
 
     def repack_names(self) -> set[str]:
         """Q6_K tensors to upload padded (Q6_K_P) for aligned 32-bit loads: every GEMV/MoE weight, never the
         embedding table (the gather reads GGUF blocks). SPARKINFER_REPACK_Q6K=0 keeps the GGUF bytes."""
-        import os
-
         if os.environ.get("SPARKINFER_REPACK_Q6K", "1") in ("0", "no", "false"):
             return set()
         return {n for n in self.weight_names() if n != "token_embd.weight"}
 
     def alloc_buffers(self) -> None:
+        """Allocate the model's activation buffers (once: the graph is captured over them). Subclasses call
+        :meth:`alloc_block_buffers` for the ones every transformer block has, then add their own."""
         raise NotImplementedError
 
-    def enqueue_step(self, stream) -> None:
+    def alloc_block_buffers(self) -> None:
+        """The buffers every decoder block uses, sized for the largest attention layer: residual stream ``x``, normed
+        block input ``h``, ``q``/``k``/``v``, attention output ``attn``, block output ``delta`` (added to ``x`` by the
+        next norm), the split-KV workspace ``attn_ws`` and the q8_1 copy ``hq_out`` of the final norm output."""
+        E, f32 = self.cfg.n_embd, np.float32
+        q_len = max(a.n_head * a.head_dim for a in self.attn_layers)
+        kv_len = max(a.n_head_kv * a.head_dim for a in self.attn_layers)
+        self.x = DeviceArray.zeros((E,), f32)
+        self.h = DeviceArray.empty((E,), f32)
+        self.q = DeviceArray.empty((q_len,), f32)
+        self.k = DeviceArray.empty((kv_len,), f32)
+        self.v = DeviceArray.empty((kv_len,), f32)
+        self.attn = DeviceArray.empty((q_len,), f32)
+        self.delta = DeviceArray.empty((E,), f32)
+        self.attn_ws = ops.AttentionWorkspace(self.attn_layers, self.max_context)
+        self.hq_out = ops.new_q8(E)
+
+    def enqueue_step(self, stream, n_layers: int | None = None) -> None:
+        """Enqueue one decode step on ``stream``. ``n_layers`` (eager debugging only): stop after that many layers,
+        leaving the residual stream in ``self.x`` (+ ``self.delta``), without the final norm / LM head / argmax."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared
     @staticmethod
     def _family() -> str:
-        from ..kernels.arch import kernel_family  # type: ignore[misc]
-
         return kernel_family()
 
     @property
@@ -104,8 +126,6 @@ class GPUDecoder:
             return
         # Warm-up outside capture: loads every kernel module (module loading is not allowed while capturing) and
         # counts launches. It decodes token 0 at position 0, which the first real step overwrites.
-        from . import ops
-
         ops.launch_counter.reset()
         self.enqueue_step(self.stream)
         self.stream.synchronize()
@@ -138,73 +158,76 @@ class GPUDecoder:
         self.enqueue_step(self.stream)
         self.pos += 1
 
-    # ------------------------------------------------------------------ prefill
-    PREFILL_CHUNK = 512  # tokens per batched prefill step (llama.cpp's default ubatch)
+    #: Most tokens one :meth:`prefill_chunk` call takes: the batched prefill's buffers are sized for it (llama.cpp's
+    #: default ubatch).
+    PREFILL_CHUNK: int | None = 512
 
     def prefill(self, ids) -> np.ndarray:
-        """Process the prompt ``ids`` at the current position; returns the last position's logits (and leaves the
-        greedy next id in ``self.tok``). Batched (chunks of ``PREFILL_CHUNK`` tokens through the grouped GEMM) where
-        the model has ``enqueue_prefill``, unless ``SPARKINFER_PREFILL=loop``; else one decode-graph replay per
-        token (the reference path)."""
+        """Feed prompt tokens at positions ``pos ..``; returns the logits after the last one (f32 [vocab])."""
+        ids = np.asarray(ids, dtype=np.int32).reshape(-1)
         if self.pos + len(ids) > self.max_context:
             raise ContextOverflowError(f"prompt of {len(ids)} tokens does not fit the context of {self.max_context}")
-        if self.batched_prefill():
-            for i in range(0, len(ids), self.PREFILL_CHUNK):
-                self._prefill_chunk(ids[i:i + self.PREFILL_CHUNK])
-            return self.logits.to_numpy(self.stream)
-        for t in ids:
-            self._step(int(t))
+        n = self.PREFILL_CHUNK or max(len(ids), 1)
+        for i in range(0, len(ids), n):
+            self.prefill_chunk(ids[i:i + n])
         return self.logits.to_numpy(self.stream)
 
     def batched_prefill(self) -> bool:
-        import os
-
+        """Prefill in batched chunks: the model has ``enqueue_prefill`` and ``SPARKINFER_PREFILL`` is not ``loop``."""
         return hasattr(self, "enqueue_prefill") and os.environ.get("SPARKINFER_PREFILL", "batched") != "loop"
+
+    def prefill_chunk(self, ids: np.ndarray) -> None:
+        """Append T tokens at positions ``pos .. pos+T-1`` to the KV cache, leave the logits after the last one in
+        ``self.logits`` (and the greedy next id in ``self.tok``) and advance ``pos`` by T. Batched (one grouped GEMM per
+        weight over the T tokens, a CUDA graph per chunk length) where the model has ``enqueue_prefill``; else, and
+        with ``SPARKINFER_PREFILL=loop`` (the reference path), one decode-graph replay per token."""
+        if self.batched_prefill():
+            self._prefill_batched(ids)
+            return
+        for t in ids:
+            self._step(int(t))
 
     def _prefill_buffers(self):
         if getattr(self, "_pf", None) is None:
-            chunk = min(self.PREFILL_CHUNK, self.max_context)
-            self._pf = self.alloc_prefill(chunk)
+            self._pf = self.alloc_prefill(min(self.PREFILL_CHUNK or self.max_context, self.max_context))
             self._pf_graphs = {}
         return self._pf
 
-    def _prefill_chunk(self, ids, all_logits=None) -> None:
-        """One chunk of T <= PREFILL_CHUNK tokens at positions pos .. pos+T-1: a CUDA graph per chunk length T
-        (captured on first use after an eager warm-up run that loads the kernels), replayed after writing the
-        token ids and positions. ``all_logits``: a [T, vocab] device buffer to receive every position's logits
-        (eager, not captured)."""
+    def _prefill_batched(self, ids, all_logits=None) -> None:
+        """One chunk of T tokens: write the ids and positions, then replay the chunk length's CUDA graph (captured on
+        first use, after an eager run that loads the kernels). ``all_logits``: a [T, vocab] device buffer that
+        receives every position's logits (eager, not captured: the accuracy harness)."""
         pf = self._prefill_buffers()
         T = len(ids)
         tok = np.zeros(pf.chunk, np.int32)
         tok[:T] = np.asarray(ids, np.int32)
         pf.tok.copy_from_numpy(tok, self.stream)
-        pf.pos.copy_from_numpy(np.arange(self.pos, self.pos + pf.chunk, dtype=np.int32), self.stream)
+        positions = np.arange(self.pos, self.pos + pf.chunk, dtype=np.int32)
+        pf.pos.copy_from_numpy(positions, self.stream)
         if all_logits is not None:
             self.enqueue_prefill(self.stream, T, all_logits=all_logits)
         else:
-            g = self._pf_graphs.get(T)
-            if g is None:
-                from . import ops
-
+            graph = self._pf_graphs.get(T)
+            if graph is None:
                 ops.launch_counter.reset()
-                self.enqueue_prefill(self.stream, T)  # eager: loads every kernel module (not allowed in capture)
+                self.enqueue_prefill(self.stream, T)  # eager: loads every kernel module (not allowed in a capture)
                 self.stream.synchronize()
                 self.kernels_per_prefill_chunk = ops.launch_counter.count()
-                pf.pos.copy_from_numpy(np.arange(self.pos, self.pos + pf.chunk, dtype=np.int32), self.stream)
-                with CudaGraph.capture(self.stream) as g:
+                with CudaGraph.capture(self.stream) as graph:
                     self.enqueue_prefill(self.stream, T)
-                self._pf_graphs[T] = g
-            g.replay(self.stream)
+                self._pf_graphs[T] = graph
+            graph.replay(self.stream)
         self.pos += T
 
     def prefill_all_logits(self, ids) -> np.ndarray:
         """Teacher-forced logits of every position of ``ids`` (from the current position) through the batched
         prefill: [len(ids), vocab] (the accuracy harness)."""
         out = []
-        for i in range(0, len(ids), self.PREFILL_CHUNK):
-            chunk = ids[i:i + self.PREFILL_CHUNK]
+        n = self.PREFILL_CHUNK or max(len(ids), 1)
+        for i in range(0, len(ids), n):
+            chunk = ids[i:i + n]
             buf = DeviceArray.empty((len(chunk), self.cfg.vocab_size), np.float32)
-            self._prefill_chunk(chunk, all_logits=buf)
+            self._prefill_batched(chunk, all_logits=buf)
             out.append(buf.to_numpy(self.stream))
         return np.concatenate(out)
 

@@ -1,4 +1,4 @@
-"""Gemma 3 GPU forward (spec: ../shared/spec/models.md §4; reference: sparkinfer_cute/reference/gemma3.py).
+"""Gemma 3 GPU forward (spec: models.md §4; reference: sparkinfer_cute/reference/gemma3.py).
 
 Per layer: RMSNorm (fused with the residual add of the previous block) → Q/K/V GEMVs → per-head Q/K RMSNorm → NEOX
 RoPE (base 1e4 on sliding-window layers, rope.freq_base on global ones) → KV append (fp16) → flash-decoding attention
@@ -13,9 +13,10 @@ import math
 
 import numpy as np
 
-from ..runtime import DeviceArray  # type: ignore[misc]
-from . import ops
-from .base import GPUDecoder
+from sparkinfer_cute.errors import GGUFError
+from sparkinfer_cute.models import ops
+from sparkinfer_cute.models.base import GPUDecoder
+from sparkinfer_cute.runtime import DeviceArray
 
 
 class Gemma3GPU(GPUDecoder):
@@ -23,65 +24,61 @@ class Gemma3GPU(GPUDecoder):
                      "attn_k_norm.weight", "attn_output.weight", "post_attention_norm.weight", "ffn_norm.weight",
                      "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight")
 
+    def __init__(self, g, cfg, **kwargs):
+        if cfg.final_logit_softcap:  # checked before the upload: there is no GPU softcap op
+            raise GGUFError(g.path, f"final_logit_softcapping = {cfg.final_logit_softcap} is not supported by the GPU "
+                                    "forward yet; use --backend cpu")
+        super().__init__(g, cfg, **kwargs)
+
     def alloc_buffers(self) -> None:
         c = self.cfg
-        E, H, Hkv, D = c.n_embd, c.n_head, c.n_head_kv, c.head_dim
+        E, H, D = c.n_embd, c.n_head, c.head_dim
         f32 = np.float32
-        self.x = DeviceArray.zeros((E,), f32)        # residual stream
-        self.h = DeviceArray.empty((E,), f32)        # normed input of a block
-        self.q = DeviceArray.empty((H * D,), f32)
-        self.k = DeviceArray.empty((Hkv * D,), f32)
-        self.v = DeviceArray.empty((Hkv * D,), f32)
-        self.attn = DeviceArray.empty((H * D,), f32)
-        self.o = DeviceArray.empty((E,), f32)
-        self.delta = DeviceArray.empty((E,), f32)    # block output to add to the residual
+        self.alloc_block_buffers()                   # x (residual stream), h (normed block input), q, k, v, attn, delta
+        self.o = DeviceArray.empty((E,), f32)        # attention output projection, before its post-norm
         self.gate = DeviceArray.empty((c.n_ff,), f32)
         self.up = DeviceArray.empty((c.n_ff,), f32)
         self.act = DeviceArray.empty((c.n_ff,), f32)
         self.f = DeviceArray.empty((E,), f32)
-        self.attn_ws = ops.AttentionWorkspace(H, D, ops.attention_splits(H, Hkv, D, self.max_context))
         # 27B rule (gemma3.cpp): 1/sqrt(n_embd/n_head) for 62 layers, else 1/sqrt(head_dim)
         self.q_scale = 1.0 / math.sqrt(E // H) if c.n_layer == 62 else 1.0 / math.sqrt(D)
         self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]
-        self.hq_out = ops.new_q8(c.n_embd)
 
-    def enqueue_step(self, s, n_layers: int | None = None) -> None:
+    def enqueue_step(self, stream, n_layers: int | None = None) -> None:
         c, w = self.cfg, self.w
-        E, H, eps = c.n_embd, c.n_head, c.rms_eps
-        ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=math.sqrt(E), stream=s)
+        E, eps = c.n_embd, c.rms_eps
+        ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=math.sqrt(E), stream=stream)
         for l in range(c.n_layer if n_layers is None else n_layers):
             p = f"blk.{l}."
-            swa = c.sliding_window > 0 and c.is_swa(l)
+            a = self.attn_layers[l]
             # h = rmsnorm(x, attn_norm), x += delta of the previous layer first (layer 0: x is the embedding)
-            ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=s)
+            ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=stream)
             ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
-                         self.k, self.v, stream=s)
+                         self.k, self.v, stream=stream)
             attn_scale = ops.qk_prologue(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
-                                         w[p + "attn_k_norm.weight"], self.pos_buf, n_head=H, n_rot=c.n_rot,
-                                         base=float(c.rope_base_for(l)), eps=eps, q_scale=self.q_scale, stream=s)
-            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=H, scale=attn_scale,
-                          window=c.sliding_window if swa else 0, stream=s)
-            ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=s)
-            ops.rmsnorm(self.o, w[p + "post_attention_norm.weight"], self.delta, eps, stream=s)
-            ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=s)
-            ops.gemv(w[p + "ffn_gate.weight"], self.h, self.gate, stream=s)
-            ops.gemv(w[p + "ffn_up.weight"], self.h, self.up, stream=s)
-            ops.glu(self.gate, self.up, self.act, act="gelu_tanh", stream=s)
-            ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=s)
-            ops.rmsnorm(self.f, w[p + "post_ffw_norm.weight"], self.delta, eps, stream=s)
+                                         w[p + "attn_k_norm.weight"], self.pos_buf, n_head=a.n_head, n_rot=a.n_rot,
+                                         base=a.rope_base, eps=eps, q_scale=self.q_scale, stream=stream)
+            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
+                          scale=attn_scale, window=a.window, stream=stream)
+            ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream)
+            ops.rmsnorm(self.o, w[p + "post_attention_norm.weight"], self.delta, eps, stream=stream)
+            ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=stream)
+            ops.gemv(w[p + "ffn_gate.weight"], self.h, self.gate, stream=stream)
+            ops.gemv(w[p + "ffn_up.weight"], self.h, self.up, stream=stream)
+            ops.glu(self.gate, self.up, self.act, act="gelu_tanh", stream=stream)
+            ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=stream)
+            ops.rmsnorm(self.f, w[p + "post_ffw_norm.weight"], self.delta, eps, stream=stream)
         if n_layers is not None:
             return  # hidden state = x + delta (hidden_after_layers)
-        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=s)
+        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=stream)
         xq = None
         # f32 activations by default: the 270M's greedy text has near-ties (0.013 nats at token 16 of the README
         # prompt, tests/reference) that int8 activations could flip; SPARKINFER_DP4A=all opts in.
         if ops.prefer_dp4a(self.out_w, auto=False):
-            ops.quantize(self.h, self.hq_out, stream=s)
+            ops.quantize(self.h, self.hq_out, stream=stream)
             xq = self.hq_out
-        ops.gemv(self.out_w, self.h, self.logits, stream=s, xq=xq)
-        if c.final_logit_softcap:
-            ops.softcap(self.logits, c.final_logit_softcap, stream=s)
-        ops.argmax(self.logits, self.tok, stream=s)
+        ops.gemv(self.out_w, self.h, self.logits, stream=stream, xq=xq)
+        ops.argmax(self.logits, self.tok, stream=stream)
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):

@@ -8,38 +8,38 @@ graph. ``launch_counter`` counts kernel launches (kernels per token in the bench
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels import attention_decode as _attn  # type: ignore[misc]
-from ..kernels import embedding as _emb  # type: ignore[misc]
-from ..kernels import gemv as _gemv  # type: ignore[misc]
-from ..kernels import gemv_q8 as _gemv_q8  # type: ignore[misc]
-from ..kernels import glu as _glu  # type: ignore[misc]
-from ..kernels import q8_1 as _q8  # type: ignore[misc]
-from ..kernels import kv_cache_append as _kva  # type: ignore[misc]
-from ..kernels import moe_ffn as _moe  # type: ignore[misc]
-from ..kernels import qk_norm_rope_kv as _qknrk  # type: ignore[misc]
-from ..kernels import rmsnorm as _rms  # type: ignore[misc]
-from ..kernels.paged_kv import PagedKVCache  # type: ignore[misc]
-from ..runtime import DeviceArray  # type: ignore[misc]
+from sparkinfer_cute.kernels import argmax as _am
+from sparkinfer_cute.kernels import attention_decode as _attn
+from sparkinfer_cute.kernels import embedding as _emb
+from sparkinfer_cute.kernels import gemv as _gemv
+from sparkinfer_cute.kernels import gemv_chunk as _gemv_chunk
+from sparkinfer_cute.kernels import glu as _glu
+from sparkinfer_cute.kernels import kv_cache_append as _kva
+from sparkinfer_cute.kernels import moe_ffn as _moe
+from sparkinfer_cute.kernels import moe_route as _moe_route
+from sparkinfer_cute.kernels import q8_1 as _q8
+from sparkinfer_cute.kernels import qk_norm_rope_kv as _qknrk
+from sparkinfer_cute.kernels import quant_gemm as _qgemm
+from sparkinfer_cute.kernels import rmsnorm as _rms
+from sparkinfer_cute.kernels import rope as _rope
+from sparkinfer_cute.kernels import router as _router
+from sparkinfer_cute.kernels.paged_kv import PagedKVCache
+from sparkinfer_cute.kernels.quant_decode import INT_QTYPES
+from sparkinfer_cute.runtime import DeviceArray, Workspace, get_device
 
 PAGE_SIZE = 64
 
 # Speed passes can be switched off one by one (SPARKINFER_DISABLE=fused_qk,...) so the accuracy harness and the
 # benchmark can compare a pass against the build without it, in the same run.
 DISABLED = frozenset(x.strip() for x in os.environ.get("SPARKINFER_DISABLE", "").split(",") if x.strip())
-# Passes that are off unless SPARKINFER_ENABLE names them (none now). fused_qk was here while the fused QK-norm
-# kernel was wrong on the H100: block_reduce (kernels/common.py) left the total only in lanes < num_warps, so heads
-# of >= 128 elements were normalized with rsqrt(eps); fixed 2026-11-25 (tools/qk_fused_diag.py, tests/kernels/
-# test_block_reduce.py).
-DEFAULT_OFF: frozenset[str] = frozenset()
-ENABLED = frozenset(x.strip() for x in os.environ.get("SPARKINFER_ENABLE", "").split(",") if x.strip())
 
 
 def enabled(name: str) -> bool:
-    if name in DEFAULT_OFF and name not in ENABLED:
-        return False
     return name not in DISABLED
 
 
@@ -60,36 +60,81 @@ class _Counter:
 launch_counter = _Counter()
 
 
+# ---------------------------------------------------------------------------------------------- attention geometry
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """The attention shape of one layer. Per layer because architectures mix layer types (Gemma 4: head_dim 256 /
+    8 KV heads on sliding-window layers, 512 / 2 on global ones, each with its own RoPE)."""
+
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int
+    rope_base: float
+    window: int  # 0: full causal attention, else keys with pos - p < window
+
+
+def attention_geometry(cfg) -> list[AttentionGeometry]:
+    """One :class:`AttentionGeometry` per layer, from the config's per-layer views (``head_dim_for(l)``, ...)."""
+    out = []
+    for l in range(cfg.n_layer):
+        if cfg.head_dim_v_for(l) != cfg.head_dim_for(l):
+            raise ValueError(f"layer {l}: K head size {cfg.head_dim_for(l)} != V head size {cfg.head_dim_v_for(l)}; "
+                             "the paged KV cache stores both with one head size")
+        out.append(AttentionGeometry(n_head=cfg.n_head, n_head_kv=cfg.n_head_kv_for(l), head_dim=cfg.head_dim_for(l),
+                                     n_rot=cfg.n_rot_for(l), rope_base=float(cfg.rope_base_for(l)),
+                                     window=cfg.sliding_window if cfg.is_swa(l) else 0))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- KV cache
 class PagedKV(PagedKVCache):
+    """The model's fp16 paged KV cache: pages of ``PAGE_SIZE`` tokens, each layer with its own KV heads and head
+    size (kernels/paged_kv.py)."""
+
     @staticmethod
-    def bytes_needed(n_layer: int, n_kv_head: int, head_dim: int, max_context: int) -> int:
+    def bytes_needed(layers: Sequence[AttentionGeometry], max_context: int) -> int:
         pages = -(-max_context // PAGE_SIZE)
-        return 2 * n_layer * pages * PAGE_SIZE * n_kv_head * head_dim * 2
+        return sum(2 * pages * PAGE_SIZE * g.n_head_kv * g.head_dim * 2 for g in layers)
 
-    def __init__(self, n_layer, n_kv_head, head_dim, max_context):
-        super().__init__(n_layer, n_kv_head, head_dim, page_size=PAGE_SIZE, max_context=max_context)
+    def __init__(self, layers: Sequence[AttentionGeometry], max_context: int):
+        super().__init__(len(layers), [g.n_head_kv for g in layers], [g.head_dim for g in layers],
+                         page_size=PAGE_SIZE, max_context=max_context)
 
 
-def attention_splits(n_head: int, n_kv_head: int, head_dim: int, max_context: int) -> int:
-    """Static split count: the compile-gated MODEL_CONFIGS entry when the model matches one, else the heuristic."""
+def attention_splits(g: AttentionGeometry, max_context: int, sm_count: int | None = None) -> int:
+    """Static split count of one layer type: the compile-gated MODEL_CONFIGS entry when the layer matches one, else
+    the heuristic (``sm_count``: the GPU's, asked only then)."""
     for c in _attn.MODEL_CONFIGS.values():
-        if (c["n_head"], c["n_kv_head"], c["head_dim"]) == (n_head, n_kv_head, head_dim) and c["page_size"] == PAGE_SIZE:
+        if (c["n_head"], c["n_kv_head"], c["head_dim"]) == (g.n_head, g.n_head_kv, g.head_dim) \
+                and c["page_size"] == PAGE_SIZE:
             return min(c["num_splits"], max(1, max_context // 64))
-    from ..runtime import get_device  # type: ignore[misc]
-
-    return _attn.default_num_splits(n_kv_head, max_context, get_device().sm_count)
+    if sm_count is None:
+        sm_count = get_device().sm_count
+    return _attn.default_num_splits(g.n_head_kv, max_context, sm_count)
 
 
 class AttentionWorkspace:
-    """Split-KV partials (static shapes: the graph is captured once)."""
+    """Split-KV partials, shared by all layers (static shapes: the graph is captured once). Each layer has its own
+    split count (``num_splits[l]``); the buffers are sized for the largest layer and each layer reads a view."""
 
-    def __init__(self, n_head: int, head_dim: int, num_splits: int):
-        self.num_splits = num_splits
-        # arrival counters of the fused combine (the last split CTA of a head group combines; left at zero)
+    def __init__(self, layers: Sequence[AttentionGeometry], max_context: int):
+        self.layers = list(layers)
+        self.num_splits = [attention_splits(g, max_context) for g in self.layers]
+        n_head = max(g.n_head for g in self.layers)
+        # arrival counters of the fused combine (the last split CTA of a head group combines; left at zero):
+        # at most n_head per sequence for every layer type (attention_decode.fused_counter_count)
         self.counters = DeviceArray.zeros((n_head,), np.int32)
-        self.o_partial = DeviceArray.empty((1, n_head, self.num_splits, head_dim), np.float32)
-        self.lse_partial = DeviceArray.empty((1, n_head, self.num_splits), np.float32)
+        self.o_partial = DeviceArray.empty(
+            (max(g.n_head * s * g.head_dim for g, s in zip(self.layers, self.num_splits)),), np.float32)
+        self.lse_partial = DeviceArray.empty(
+            (max(g.n_head * s for g, s in zip(self.layers, self.num_splits)),), np.float32)
+
+    def partials(self, layer: int) -> tuple[int, DeviceArray, DeviceArray]:
+        """(num_splits, o_partial [1, H, S, D], lse_partial [1, H, S]) of one layer."""
+        g, S = self.layers[layer], self.num_splits[layer]
+        return (S, self.o_partial.view(np.float32, (1, g.n_head, S, g.head_dim)),
+                self.lse_partial.view(np.float32, (1, g.n_head, S)))
 
 
 # ---------------------------------------------------------------------------------------------- ops
@@ -122,10 +167,9 @@ def rmsnorm_heads(x, w, n_heads: int, head_dim: int, eps: float, *, stream):
 
 
 # Which GEMVs run on int8 activations (q8_1 blocks of 32, dp4a) instead of f32: SPARKINFER_DP4A=auto|all|none.
-# auto = where the H100 micro-benchmark measured dp4a faster (RESULTS.md), for models that opt in (Qwen3-MoE; Gemma
-# keeps exact f32 activations): the LM head (2048->151936 Q6_K_P: 88.4 us dp4a vs 158.1 float) and DP4A_AUTO_PARTS.
+# auto = where the H100 micro-benchmark measured dp4a faster (RESULTS.md, "int8 activations by default"), for models
+# that opt in (Qwen3-MoE; Gemma keeps exact f32 activations): the LM head and DP4A_AUTO_PARTS.
 DP4A = os.environ.get("SPARKINFER_DP4A", "auto")
-INT_QTYPES = frozenset({"Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P"})
 
 
 def dp4a_for(part: str, auto: bool = True) -> bool:
@@ -137,9 +181,8 @@ def dp4a_for(part: str, auto: bool = True) -> bool:
     return auto and part in DP4A_AUTO_PARTS
 
 
-# Groups that use int8 activations under SPARKINFER_DP4A=auto. H100 micro-benchmark, 2026-11-25 (RESULTS.md): dp4a
-# beats f32 at every Qwen3-30B-A3B shape (dense 2048->4096 3.37 vs 4.89 us, q/k/v multi 5.05 vs 7.12, MoE gate+up
-# 7.8 vs 11.2, down 6.3 vs 8.9 incl. the activation quantize); the f32 chunk path is bound by weight decode.
+# Groups that use int8 activations under SPARKINFER_DP4A=auto: dp4a beats f32 at every Qwen3-30B-A3B shape
+# (RESULTS.md, "int8 activations by default"); the f32 chunk path is bound by weight decode.
 DP4A_AUTO_PARTS: frozenset[str] = frozenset({"attn", "moe"})
 
 
@@ -165,20 +208,17 @@ def quantize(x, xq, *, stream):
 def gemv(w, x, y, *, stream, xq=None):
     """y = W x over the raw quantized rows of W. With ``xq`` (the q8_1 copy of x, already quantized this step: the
     caller decided with :func:`prefer_dp4a`) the int8 path runs instead."""
-    if xq is not None:
-        _gemv_q8.gemv_q8(w.data, w.qtype, xq, n_out=w.n_out, out=y, stream=stream)
-    else:
-        _gemv.gemv(w.data, w.qtype, x, n_out=w.n_out, out=y, stream=stream)
+    _gemv.gemv(w.data, w.qtype, xq if xq is not None else x, n_out=w.n_out, out=y, stream=stream)
     launch_counter.add()
 
 
 def gemv_qkv(wq, wk, wv, x, q, k, v, *, stream, xq=None):
-    """q, k, v projections of one normed input: one launch (kernels/gemv.py GemvMulti) unless disabled."""
+    """q, k, v projections of one normed input: one launch (kernels/gemv_chunk.py GemvMulti) unless disabled."""
     if enabled("fused_qkv"):
         _gemv.gemv_multi([(wq.data, wq.qtype, q), (wk.data, wk.qtype, k), (wv.data, wv.qtype, v)],
                          xq if xq is not None else x, stream=stream)
         # gemv_multi falls back to one launch per matrix where the chunk mapping does not apply
-        launch_counter.add(1 if all(_gemv.chunk_ok(w.qtype, w.n_in) for w in (wq, wk, wv)) else 3)
+        launch_counter.add(1 if all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in (wq, wk, wv)) else 3)
     else:
         for w, y in ((wq, q), (wk, k), (wv, v)):
             gemv(w, x, y, stream=stream, xq=xq)
@@ -190,8 +230,6 @@ def glu(gate, up, out, *, act: str, stream):
 
 
 def rope(x, n_heads: int, head_dim: int, n_rot: int, base: float, pos, *, stream, freq_factors=None):
-    from ..kernels import rope as _rope  # type: ignore[misc]
-
     _rope.rope_neox(x.view(np.float32, (n_heads, head_dim)), pos, n_rot=n_rot, base=base,
                     freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32, (n_rot // 2,)),
                     stream=stream)
@@ -210,10 +248,11 @@ def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n
               window: int, stream, softcap: float = 0.0):
     D = kv.head_dim[layer]
     fused = enabled("fused_combine")  # split-KV + LSE combine in one launch (last CTA of a head group combines)
+    num_splits, o_partial, lse_partial = ws.partials(layer)
     _attn.attention_decode(q.view(np.float32, (n_head, D)), kv.k[layer], kv.v[layer], kv.page_table, pos,
-                           scale=scale, window=window, softcap=softcap, num_splits=ws.num_splits,
-                           out=out.view(np.float32, (1, n_head, D)), o_partial=ws.o_partial,
-                           lse_partial=ws.lse_partial, fused_combine=fused, counters=ws.counters, stream=stream)
+                           scale=scale, window=window, softcap=softcap, num_splits=num_splits,
+                           out=out.view(np.float32, (1, n_head, D)), o_partial=o_partial,
+                           lse_partial=lse_partial, fused_combine=fused, counters=ws.counters, stream=stream)
     launch_counter.add(1 if fused else 2)
 
 
@@ -259,25 +298,20 @@ class RouterState:
 
 def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream):
     """F32 router GEMV + softmax + top-k + renormalize in one launch (kernels/router.py RouterGemvTopK)."""
-    from ..kernels import router as _router  # type: ignore[misc]
-
     _router.route_gemv(w.data, h, k, norm_topk=True, ids_out=ids, weights_out=weights, scratch=st.logits,
                        counter=st.counter, n_expert=w.n_out, stream=stream)
     launch_counter.add()
 
 
 def router(logits, ids, weights, k: int, *, stream):
-    from ..kernels import router as _router  # type: ignore[misc]
-
     _router.route(logits, k, norm_topk=True, ids_out=ids, weights_out=weights, stream=stream)
     launch_counter.add()
 
 
 def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None):
-    if hq is not None:
-        _moe.moe_gate_up_q8(w_gate.data, w_up.data, w_gate.qtype, hq, ids, w_gate.n_out, out=act, stream=stream)
-    else:
-        _moe.moe_gate_up(w_gate.data, w_up.data, w_gate.qtype, h, ids, w_gate.n_out, out=act, stream=stream)
+    """``hq`` (the q8_1 copy of h, already quantized this step): the dp4a kernel instead of the f32 one."""
+    _moe.moe_gate_up(w_gate.data, w_up.data, w_gate.qtype, hq if hq is not None else h, ids, w_gate.n_out, out=act,
+                     stream=stream)
     launch_counter.add()
 
 
@@ -285,23 +319,15 @@ def moe_down(w_down, act, ids, weights, out, *, stream, actq=None):
     """``actq``: a preallocated Q8Act of k rows: act is quantized into it (one more launch) for the dp4a kernel."""
     if actq is not None:
         quantize(act, actq, stream=stream)
-        _moe.moe_down_q8(w_down.data, w_down.qtype, actq, ids, weights, w_down.n_out, out=out, stream=stream)
-    else:
-        _moe.moe_down(w_down.data, w_down.qtype, act, ids, weights, w_down.n_out, out=out, stream=stream)
+    _moe.moe_down(w_down.data, w_down.qtype, actq if actq is not None else act, ids, weights, w_down.n_out, out=out,
+                  stream=stream)
     launch_counter.add()
-
-
-def softcap(x, cap: float, *, stream):
-    raise NotImplementedError("final-logit softcap kernel (Gemma 2/4 style) is not implemented yet")
 
 
 _argmax_ws = None
 
 
 def argmax(logits, out_id, *, stream):
-    from ..kernels import argmax as _am  # type: ignore[misc]
-    from ..runtime import Workspace  # type: ignore[misc]
-
     global _argmax_ws
     if _argmax_ws is None:
         _argmax_ws = Workspace()  # partials allocated at warm-up, reused (graph-stable) afterwards
@@ -333,8 +359,6 @@ class PrefillBuffers:
     """Device buffers of one prompt chunk of up to ``chunk`` tokens (allocated once; a graph per chunk length)."""
 
     def __init__(self, cfg, chunk: int, kv: PagedKV, *, n_q: int, n_kv: int, n_ff: int = 0, moe=None):
-        from ..kernels.quant_gemm import max_grouped_tiles  # type: ignore[misc]
-
         E = cfg.n_embd
         f32 = np.float32
         self.chunk = chunk
@@ -370,7 +394,7 @@ class PrefillBuffers:
             self.router_logits = DeviceArray.empty((chunk, n_expert), f32)
             self.ids = DeviceArray.zeros((chunk, k), np.int32)
             self.wts = DeviceArray.zeros((chunk, k), f32)
-            self.max_tiles = max_grouped_tiles(chunk * k, n_expert, MOE_TILE_TOKENS)
+            self.max_tiles = _qgemm.max_grouped_tiles(chunk * k, n_expert, MOE_TILE_TOKENS)
             self.tiles = DeviceArray.zeros((self.max_tiles + 1, 4), np.int32)
             self.n_tiles = DeviceArray.zeros((1,), np.int32)
             self.sorted_token = DeviceArray.zeros((chunk * k,), np.int32)
@@ -398,9 +422,7 @@ def quantize_rows(x, xq, T: int, *, stream):
 
 def gemm(w, xq, out, T: int, *, stream, accumulate: bool = False, w_up=None, act: str = "silu"):
     """``out[:T] (+)= W xq[:T]`` (or ``act(W xq) * (W_up xq)`` with ``w_up``) through the grouped GEMM."""
-    from ..kernels.quant_gemm import quant_gemm  # type: ignore[misc]
-
-    quant_gemm(w.data, w.qtype, xq, w.n_out, out=out, w_up=None if w_up is None else w_up.data, act=act,
+    _qgemm.quant_gemm(w.data, w.qtype, xq, w.n_out, out=out, w_up=None if w_up is None else w_up.data, act=act,
                accumulate=accumulate, n_rows=T, tile_tokens=PREFILL_TILE_TOKENS, stream=stream)
     launch_counter.add()
 
@@ -437,26 +459,22 @@ def moe_rows(w_router, w_gate, w_up, w_down, pf: PrefillBuffers, T: int, *, act:
     """The routed-expert FFN of T tokens whose normed input is ``pf.h`` / ``pf.hq``: router logits -> softmax/top-k
     -> sort by expert -> grouped gate+up GLU (gathered rows) -> q8_1 -> grouped down -> weighted combine into
     ``accumulate_into`` (added to it) or ``pf.f``."""
-    from ..kernels import moe_route as _route  # type: ignore[misc]
-    from ..kernels import router as _router  # type: ignore[misc]
-    from ..kernels.quant_gemm import quant_gemm  # type: ignore[misc]
-
     k = pf.k_used
-    _route.router_logits(w_router.data.view(np.float32, (w_router.n_out, w_router.n_in)), rows(pf.h, T), T,
-                         pf.router_logits, stream=stream)
+    _moe_route.router_logits(w_router.data.view(np.float32, (w_router.n_out, w_router.n_in)), rows(pf.h, T), T,
+                             pf.router_logits, stream=stream)
     _router.route(pf.router_logits.view(np.float32, (T, w_router.n_out)), k, norm_topk=True,
                   ids_out=pf.ids.view(np.int32, (T, k)), weights_out=pf.wts.view(np.float32, (T, k)), stream=stream)
-    _route.moe_align(pf.ids.view(np.int32, (T, k)), T, w_router.n_out, MOE_TILE_TOKENS, pf.tiles, pf.n_tiles,
-                     pf.sorted_token, pf.sorted_pos, stream=stream)
+    _moe_route.moe_align(pf.ids.view(np.int32, (T, k)), T, w_router.n_out, MOE_TILE_TOKENS, pf.tiles, pf.n_tiles,
+                         pf.sorted_token, pf.sorted_pos, stream=stream)
     n_ff = w_gate.n_out
-    quant_gemm(w_gate.data, w_gate.qtype, pf.hq, n_ff, out=pf.moe_act, w_up=w_up.data, act=act, tiles=pf.tiles,
+    _qgemm.quant_gemm(w_gate.data, w_gate.qtype, pf.hq, n_ff, out=pf.moe_act, w_up=w_up.data, act=act, tiles=pf.tiles,
                n_tiles=pf.n_tiles, max_tiles=pf.max_tiles, row_index=pf.sorted_token, tile_tokens=MOE_TILE_TOKENS,
                stream=stream)
     _q8.quantize_q8_1(rows(pf.moe_act, T * k), out=pf.moe_actq, stream=stream)
-    quant_gemm(w_down.data, w_down.qtype, pf.moe_actq, w_down.n_out, out=pf.moe_y, tiles=pf.tiles,
+    _qgemm.quant_gemm(w_down.data, w_down.qtype, pf.moe_actq, w_down.n_out, out=pf.moe_y, tiles=pf.tiles,
                n_tiles=pf.n_tiles, max_tiles=pf.max_tiles, tile_tokens=MOE_TILE_TOKENS, stream=stream)
     target = accumulate_into if accumulate_into is not None else pf.f
-    _route.moe_combine(pf.moe_y, pf.sorted_pos, pf.wts.view(np.float32, (T, k)), pf.ids.view(np.int32, (T, k)),
+    _moe_route.moe_combine(pf.moe_y, pf.sorted_pos, pf.wts.view(np.float32, (T, k)), pf.ids.view(np.int32, (T, k)),
                        rows(target, T), T, accumulate=accumulate_into is not None, expert_scale=expert_scale,
                        stream=stream)
     launch_counter.add(8)

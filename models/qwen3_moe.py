@@ -1,4 +1,4 @@
-"""Qwen3-MoE GPU forward (spec: ../shared/spec/models.md §1; reference: sparkinfer_cute/reference/qwen3_moe.py).
+"""Qwen3-MoE GPU forward (spec: models.md §1; reference: sparkinfer_cute/reference/qwen3_moe.py).
 
 Per layer: RMSNorm (fused with the previous block's residual add) → Q/K/V GEMVs → per-head Q/K RMSNorm → NEOX RoPE →
 KV append (fp16) → flash-decoding attention (GQA, scale 1/sqrt(head_dim)) → Wo; RMSNorm (+residual) → router GEMV (F32)
@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
-from ..runtime import DeviceArray  # type: ignore[misc]
-from . import ops
-from .base import GPUDecoder
+from sparkinfer_cute.models import ops
+from sparkinfer_cute.models.base import GPUDecoder
+from sparkinfer_cute.runtime import DeviceArray
 
 
 class Qwen3MoeGPU(GPUDecoder):
@@ -24,74 +24,68 @@ class Qwen3MoeGPU(GPUDecoder):
 
     def alloc_buffers(self) -> None:
         c = self.cfg
-        E, H, Hkv, D, K = c.n_embd, c.n_head, c.n_head_kv, c.head_dim, c.n_expert_used
+        D, K = c.head_dim, c.n_expert_used
         f32 = np.float32
-        self.x = DeviceArray.zeros((E,), f32)
-        self.h = DeviceArray.empty((E,), f32)
-        self.q = DeviceArray.empty((H * D,), f32)
-        self.k = DeviceArray.empty((Hkv * D,), f32)
-        self.v = DeviceArray.empty((Hkv * D,), f32)
-        self.attn = DeviceArray.empty((H * D,), f32)
-        self.delta = DeviceArray.empty((E,), f32)
+        self.alloc_block_buffers()                     # x, h, q, k, v, attn, delta, attn_ws, hq_out
         self.router_logits = DeviceArray.empty((c.n_expert,), f32)
         self.router_state = ops.RouterState(c.n_expert)
         self.expert_ids = DeviceArray.zeros((K,), np.int32)
         self.expert_w = DeviceArray.zeros((K,), f32)
         self.act = DeviceArray.empty((K, c.n_ff_exp), f32)
-        self.attn_ws = ops.AttentionWorkspace(H, D, ops.attention_splits(H, Hkv, D, self.max_context))
         self.scale = 1.0 / math.sqrt(D)
         self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]
-        self.hq_out = ops.new_q8(c.n_embd)
         self.q8_attn = ops.dp4a_for("attn")
         self.q8_moe = ops.dp4a_for("moe")
         self.hq = ops.new_q8(c.n_embd)                 # q8_1 copy of the normed input (dp4a GEMVs)
-        self.attnq = ops.new_q8(H * D)                 # q8_1 copy of the attention output (dp4a o-proj)
+        self.attnq = ops.new_q8(self.attn.size)        # q8_1 copy of the attention output (dp4a o-proj)
         self.actq = ops.new_q8(c.n_ff_exp, rows=K)     # q8_1 copy of the SwiGLU activations (dp4a down)
 
-    def enqueue_step(self, s, n_layers: int | None = None) -> None:
+    def enqueue_step(self, stream, n_layers: int | None = None) -> None:
         c, w = self.cfg, self.w
-        H, eps = c.n_head, c.rms_eps
-        ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=1.0, stream=s)
+        eps = c.rms_eps
+        ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=1.0, stream=stream)
         for l in range(c.n_layer if n_layers is None else n_layers):
             p = f"blk.{l}."
+            a = self.attn_layers[l]
             hq = self.hq if self.q8_attn else None
-            ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=s,
+            ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=stream,
                         xq=hq)
             ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
-                         self.k, self.v, stream=s, xq=hq)
+                         self.k, self.v, stream=stream, xq=hq)
             # q_scale 1: the scale stays in attention (q·k·scale) on both paths, as before the fused kernel existed
             attn_scale = self.scale * ops.qk_prologue(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
-                                                      w[p + "attn_k_norm.weight"], self.pos_buf, n_head=H,
-                                                      n_rot=c.n_rot, base=c.rope_base, eps=eps, q_scale=1.0, stream=s)
-            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=H, scale=attn_scale,
-                          window=0, stream=s)
+                                                      w[p + "attn_k_norm.weight"], self.pos_buf,
+                                                      n_head=a.n_head, n_rot=a.n_rot, base=a.rope_base, eps=eps,
+                                                      q_scale=1.0, stream=stream)
+            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
+                          scale=attn_scale, window=a.window, stream=stream)
             aq = None
             if self.q8_attn:
-                ops.quantize(self.attn, self.attnq, stream=s)
+                ops.quantize(self.attn, self.attnq, stream=stream)
                 aq = self.attnq
-            ops.gemv(w[p + "attn_output.weight"], self.attn, self.delta, stream=s, xq=aq)
+            ops.gemv(w[p + "attn_output.weight"], self.attn, self.delta, stream=stream, xq=aq)
             hq = self.hq if self.q8_moe else None
-            ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=s, xq=hq)
+            ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=stream, xq=hq)
             wr = w[p + "ffn_gate_inp.weight"]
             if ops.enabled("fused_router") and wr.qtype == "F32":
                 ops.router_gemv(wr, self.h, self.expert_ids, self.expert_w, c.n_expert_used, self.router_state,
-                                stream=s)
+                                stream=stream)
             else:
-                ops.gemv(wr, self.h, self.router_logits, stream=s)
-                ops.router(self.router_logits, self.expert_ids, self.expert_w, c.n_expert_used, stream=s)
+                ops.gemv(wr, self.h, self.router_logits, stream=stream)
+                ops.router(self.router_logits, self.expert_ids, self.expert_w, c.n_expert_used, stream=stream)
             ops.moe_gate_up(w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"], self.h, self.expert_ids,
-                            self.act, stream=s, hq=hq)
+                            self.act, stream=stream, hq=hq)
             ops.moe_down(w[p + "ffn_down_exps.weight"], self.act, self.expert_ids, self.expert_w, self.delta,
-                         stream=s, actq=self.actq if self.q8_moe else None)
+                         stream=stream, actq=self.actq if self.q8_moe else None)
         if n_layers is not None:
             return  # hidden state = x + delta (hidden_after_layers)
-        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=s)
+        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=stream)
         xq = None
         if ops.prefer_dp4a(self.out_w):
-            ops.quantize(self.h, self.hq_out, stream=s)
+            ops.quantize(self.h, self.hq_out, stream=stream)
             xq = self.hq_out
-        ops.gemv(self.out_w, self.h, self.logits, stream=s, xq=xq)
-        ops.argmax(self.logits, self.tok, stream=s)
+        ops.gemv(self.out_w, self.h, self.logits, stream=stream, xq=xq)
+        ops.argmax(self.logits, self.tok, stream=stream)
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):

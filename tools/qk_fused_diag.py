@@ -14,15 +14,16 @@ import numpy as np
 
 
 def f16_dist(a, b) -> int:
-    from sparkinfer_cute.kernels.common import f16_ulp_distance
+    from sparkinfer_cute.reference.kernel_refs import f16_ulp_distance
 
     return int(f16_ulp_distance(a, b).max()) if np.size(a) else 0
 
 
 def kernel_cases():
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
     from sparkinfer_cute.kernels.kv_cache_append import kv_cache_append
-    from sparkinfer_cute.kernels.qk_norm_rope_kv import qk_norm_rope_kv, qk_norm_rope_kv_ref
+    from sparkinfer_cute.kernels.qk_norm_rope_kv import qk_norm_rope_kv
+    from sparkinfer_cute.reference.kernel_refs import qk_norm_rope_kv_ref
     from sparkinfer_cute.kernels.rmsnorm import rmsnorm_per_head
     from sparkinfer_cute.kernels.rope import rope_neox
     from sparkinfer_cute.runtime import DeviceArray
@@ -103,10 +104,11 @@ def gemma_fused_vs_unfused(path):
     tokens = [2, 818, 5279, 529, 7001, 563]
     for L in (1, 2, 6, m.cfg.n_layer):
         r = {}
-        for mode, enabled in (("unfused", frozenset()), ("fused", frozenset({"fused_qk"}))):
-            ops.ENABLED = enabled
+        saved = ops.DISABLED
+        for mode, disabled in (("unfused", saved | {"fused_qk"}), ("fused", saved - {"fused_qk"})):
+            ops.DISABLED = disabled
             r[mode] = m.hidden_after_layers(tokens, L)
-        ops.ENABLED = frozenset()
+        ops.DISABLED = saved
         rel = np.linalg.norm(r["unfused"] - r["fused"], axis=-1) / np.linalg.norm(r["unfused"], axis=-1)
         print(f"gemma3 residual after {L} layers, fused vs unfused: rel per position", np.array2string(rel, precision=2))
 

@@ -17,8 +17,8 @@ import os
 from contextlib import contextmanager
 
 from ..errors import DeviceError
+from ..runtime.device import SUPPORTED_TARGETS, current_device_target
 
-SUPPORTED_TARGETS = ("sm_90a", "sm_120a", "sm_121a")
 FAMILIES = ("sm120", "sm90")
 
 # Shared memory per block (opt-in max), bytes. sm_120/121: 99 KB = 101376 (cutlass.memory.get_smem_capacity_in_bytes
@@ -66,17 +66,6 @@ def normalize_target(arch: str) -> str:
     return a
 
 
-def target_from_capability(major: int, minor: int) -> str:
-    cc = (major, minor)
-    table = {(9, 0): "sm_90a", (12, 0): "sm_120a", (12, 1): "sm_121a"}
-    if cc not in table:
-        raise DeviceError(
-            f"GPU compute capability {major}.{minor} is not supported (sparkinfer_cute targets sm_120a/sm_121a, "
-            "and sm_90a for testing)"
-        )
-    return table[cc]
-
-
 def compile_target() -> str:
     """The arch kernels are compiled for right now."""
     if _target_override:
@@ -90,13 +79,7 @@ def compile_target() -> str:
 @functools.lru_cache(maxsize=1)
 def _physical_target() -> str:
     # Probed once per process: this runs on every kernel-cache lookup (a hot path), and the GPU cannot change.
-    try:
-        from ..runtime.device import current_device_capability
-
-        cap = current_device_capability()
-    except Exception:
-        cap = None
-    return target_from_capability(*cap) if cap is not None else "sm_120a"
+    return current_device_target() or "sm_120a"
 
 
 @contextmanager

@@ -19,13 +19,12 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import numpy as np
-from cutlass import Float32, Int32, const_expr
+from cutlass import Float32, Int32
 
-from .common import F32_MAX, fake_ptr, gptr, pdl_prologue
+from .common import F32_MAX, fake_ptr, gptr, pdl_prologue, warp_argmax
 from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
-from .router import argmax_pair
 
 VEC = 4
 THREADS = 256
@@ -83,7 +82,7 @@ class ArgMax:
                     if x > bv:  # strictly greater: the first (lowest-index) maximum of this thread is kept
                         bv = x
                         bi = v * VEC + e
-        bv, bi = argmax_pair(bv, bi)
+        bv, bi = warp_argmax(bv, bi)
         if lane == 0:
             red_v[warp] = bv
             red_i[warp] = bi
@@ -113,7 +112,7 @@ class ArgMax:
                 if (ov > bv) | ((ov == bv) & (oi < bi)):
                     bv = ov
                     bi = oi
-        bv, bi = argmax_pair(bv, bi)
+        bv, bi = warp_argmax(bv, bi)
         if lane == 0:
             # all logits <= -F32_MAX (e.g. all -inf): fall back to index 0, as np.argmax does
             mIds[row] = bi if bi < self.vocab else Int32(0)
@@ -152,10 +151,6 @@ def argmax(logits, *, out=None, workspace=None, stream=None):
         compile_argmax(vocab)(gptr(Float32, ld.ptr, 16), gptr(Int32, ids.ptr, 4), gptr(Float32, ws_v.ptr, 4),
                               gptr(Int32, ws_i.ptr, 4), Int32(rows), resolve_stream(stream).cu)
     return ids.to_numpy(stream) if was_np else ids
-
-
-def argmax_ref(logits) -> np.ndarray:
-    return np.argmax(np.atleast_2d(np.asarray(logits, np.float64)), axis=-1).astype(np.int32)
 
 
 def _launch_example(vocab: int):

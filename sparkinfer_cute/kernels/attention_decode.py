@@ -1,5 +1,8 @@
 """Flash-decoding attention over a paged fp16 KV cache (split-KV + log-sum-exp combine), CuTe DSL.
 
+(~600 lines: the split-KV kernel, the combine kernel and the combine code both run (:func:`combine_splits`), kept
+in one file because the fused and the two-kernel paths must stay bit-identical.)
+
 One query token per sequence attends to its sequence's keys ``0..pos`` (``pos`` read from device memory, so a CUDA
 graph captured once replays for every token). Layouts (see :mod:`sparkinfer_cute.kernels.paged_kv` for the pool and
 how the model code allocates it):
@@ -65,6 +68,7 @@ from cutlass import Float16, Float32, Int32, const_expr
 from .arch import smem_budget, pdl_enabled
 from .common import cu_stream, gptr, pdl_prologue
 from .compile import compile_options, kernel_cache
+from .registry import register
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -547,40 +551,6 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
     return out_dev
 
 
-# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
-# float64 reference
-# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
-
-
-def attention_decode_ref(q, k_cache_dense, v_cache_dense, pos, scale: float, window: int = 0,
-                         softcap: float = 0.0):
-    """float64 reference. ``q`` [n_head, D] (or [B, n_head, D]); ``k_cache_dense``/``v_cache_dense``
-    [n_ctx, n_kv_head, D] (or [B, n_ctx, n_kv_head, D]) holding the fp16 values actually stored, token t at row t;
-    ``pos`` int (or [B]): the query position, keys 0..pos (with the window rule) are visible."""
-    q = np.asarray(q, np.float64)
-    k = np.asarray(k_cache_dense, np.float64)
-    v = np.asarray(v_cache_dense, np.float64)
-    if q.ndim == 3:
-        pos = np.broadcast_to(np.asarray(pos), (q.shape[0],))
-        return np.stack([attention_decode_ref(q[i], k[i], v[i], int(pos[i]), scale, window, softcap)
-                         for i in range(q.shape[0])])
-    H, D = q.shape
-    pos = int(np.asarray(pos).reshape(-1)[0])
-    KV = k.shape[1]
-    G = H // KV
-    lo = 0 if window == 0 else max(0, pos - window + 1)
-    keys = np.arange(lo, pos + 1)
-    out = np.empty((H, D), np.float64)
-    for h in range(H):
-        kv = h // G
-        s = scale * (k[keys, kv, :] @ q[h])
-        if softcap:
-            s = softcap * np.tanh(s / softcap)
-        w = np.exp(s - s.max())
-        out[h] = (w / w.sum()) @ v[keys, kv, :]
-    return out
-
-
 def split_kv_ranges(pos: int, window: int, num_splits: int) -> list[tuple[int, int]]:
     """The [begin, end) key range of each split, exactly as the kernel computes it (for tests and docs)."""
     kv_end = pos + 1
@@ -634,96 +604,12 @@ def _launch_example(n_head: int, n_kv_head: int, head_dim: int, page_size: int, 
     return launch
 
 
-def _register() -> None:
-    try:
-        from .registry import register
-    except ImportError:  # registry not written yet
-        return
-    # None of the target models caps attention logits (models.md); the softcap variant is gated on the tiny config.
-    configs = [dict(c, softcap=False) for c in MODEL_CONFIGS.values()] + [dict(MODEL_CONFIGS["tiny"], softcap=True)]
-    # the models run the fused-combine variant (one launch per layer); the two-kernel path stays gated for A/B
-    configs += [dict(c, softcap=False, fused_combine=True) for c in MODEL_CONFIGS.values()]
-    configs += [dict(MODEL_CONFIGS["tiny"], softcap=True, fused_combine=True)]
-    register("attention_decode", compile_attention_decode, configs, launch_example=_launch_example)
-    combine = sorted({(c["n_head"], c["head_dim"], c["num_splits"]) for c in MODEL_CONFIGS.values()})
-    register("attention_combine", compile_attention_combine,
-             [dict(n_head=h, head_dim=d, num_splits=s) for h, d, s in combine])
-
-_register()
-
-
-# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
-# GPU micro-benchmark: python -m sparkinfer_cute.kernels.attention_decode [--ctx 512 4096 32768] [--splits N]
-# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
-
-
-def benchmark(config: str, n_ctx: int, num_splits: int | None = None, iters: int = 50, fused_combine: bool = False,
-              **tuning) -> dict:
-    """GPU time of split-KV + combine (or the fused-combine single kernel) for one model config at context ``n_ctx``
-    (graph of ``iters`` launches, replayed; reports µs per call and the K/V bytes read per second)."""
-    from ..runtime import CudaGraph, DeviceArray, Event, Stream, elapsed_ms, get_device
-
-    c = dict(MODEL_CONFIGS[config])
-    if num_splits:
-        c["num_splits"] = num_splits
-    H, KV, D, P, S = c["n_head"], c["n_kv_head"], c["head_dim"], c["page_size"], c["num_splits"]
-    pages = -(-n_ctx // P)
-    rng = np.random.default_rng(0)
-    k_pool = DeviceArray.from_numpy(rng.standard_normal((pages, P, KV, D)).astype(np.float16))
-    v_pool = DeviceArray.from_numpy(rng.standard_normal((pages, P, KV, D)).astype(np.float16))
-    table = DeviceArray.from_numpy(rng.permutation(pages).astype(np.int32).reshape(1, pages))
-    pos = DeviceArray.from_numpy(np.array([n_ctx - 1], np.int32))
-    q = DeviceArray.from_numpy(rng.standard_normal((1, H, D)).astype(np.float32))
-    out = DeviceArray.empty((1, H, D), np.float32)
-    o_part = DeviceArray.empty((1, H, S, D), np.float32)
-    lse_part = DeviceArray.empty((1, H, S), np.float32)
-    counters = DeviceArray.zeros((fused_counter_count(H, KV, D, heads_per_cta=tuning.get("heads_per_cta", 0)),),
-                                 np.int32)
-    f_attn = compile_attention_decode(H, KV, D, P, S, False, fused_combine=fused_combine, **tuning)
-    f_comb = compile_attention_combine(n_head=H, head_dim=D, num_splits=S)
-    stream = Stream()
-    cus = cu_stream(stream)
-    args = (gptr(Float32, q.ptr), gptr(Float16, k_pool.ptr), gptr(Float16, v_pool.ptr),
-            gptr(Int32, table.ptr, align=4), gptr(Int32, pos.ptr, align=4), gptr(Float32, o_part.ptr),
-            gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr, align=4), gptr(Int32, counters.ptr, align=4),
-            Int32(1), Int32(pages), Int32(pages), Float32(0.1), Int32(0), Float32(1.0), cus)
-    comb_args = (gptr(Float32, o_part.ptr), gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr), Int32(1),
-                 cus)
-
-    def one():
-        f_attn(*args)
-        if not fused_combine:
-            f_comb(*comb_args)
-
-    one()
-    with CudaGraph.capture(stream) as g:
-        for _ in range(iters):
-            one()
-    g.replay(stream)
-    t0, t1 = Event(), Event()
-    t0.record(stream)
-    g.replay(stream)
-    t1.record(stream)
-    t1.synchronize()
-    us = elapsed_ms(t0, t1) * 1e3 / iters
-    kv_bytes = 2 * n_ctx * KV * D * 2
-    return dict(config=config, n_ctx=n_ctx, num_splits=S, fused_combine=fused_combine, us=round(us, 2),
-                gbps=round(kv_bytes / us / 1e3, 1), device=get_device().name, **tuning)
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="split-KV decode attention micro-benchmark (GPU)")
-    ap.add_argument("--config", action="append", default=None, choices=sorted(MODEL_CONFIGS))
-    ap.add_argument("--ctx", type=int, nargs="+", default=[512, 4096, 32768])
-    ap.add_argument("--splits", type=int, default=0)
-    ap.add_argument("--heads-per-cta", type=int, default=0)
-    ap.add_argument("--keys-per-iter", type=int, default=0)
-    ap.add_argument("--fused", action="store_true", help="also time the fused-combine single kernel")
-    a = ap.parse_args()
-    for cfg in a.config or sorted(MODEL_CONFIGS):
-        for n in a.ctx:
-            for fused in ([False, True] if a.fused else [False]):
-                print(benchmark(cfg, n, a.splits or None, fused_combine=fused, heads_per_cta=a.heads_per_cta,
-                                keys_per_iter=a.keys_per_iter))
+# None of the target models caps attention logits (models.md); the softcap variant is gated on the tiny config.
+_CONFIGS = [dict(c, softcap=False) for c in MODEL_CONFIGS.values()] + [dict(MODEL_CONFIGS["tiny"], softcap=True)]
+# the models run the fused-combine variant (one launch per layer); the two-kernel path stays gated for A/B
+_CONFIGS += [dict(c, softcap=False, fused_combine=True) for c in MODEL_CONFIGS.values()]
+_CONFIGS += [dict(MODEL_CONFIGS["tiny"], softcap=True, fused_combine=True)]
+register("attention_decode", compile_attention_decode, _CONFIGS, launch_example=_launch_example)
+register("attention_combine", compile_attention_combine,
+         [dict(n_head=h, head_dim=d, num_splits=s)
+          for h, d, s in sorted({(c["n_head"], c["head_dim"], c["num_splits"]) for c in MODEL_CONFIGS.values()})])

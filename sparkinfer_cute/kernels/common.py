@@ -1,4 +1,6 @@
-"""Device helpers shared by every kernel module: pointer wrapping, warp/block reductions, launch-argument helpers.
+"""Helpers shared by every kernel module: pointer wrapping and argument checks on the host side; PDL prologue and
+warp/block reductions on the device side. The one helper dialect of the package: kernels use these, not local
+copies.
 
 Reductions are shuffle butterflies (``shfl.sync.bfly``): there is no f32 ``redux.sync`` on SM120 (quack
 ``reduce.py`` docstring), so the same code is used on every target. Block reductions go through a small smem buffer
@@ -12,7 +14,10 @@ import operator
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import Float32, const_expr
+import numpy as np
+from cutlass import Float32, Int32, const_expr
+
+from .arch import pdl_enabled
 
 WARP = 32
 F32_MAX = 3.4028234663852886e38
@@ -23,7 +28,8 @@ def gptr(dtype, addr: int, align: int = 16) -> cute.Pointer:
     """A global-memory ``cute.Pointer`` for launching through raw device addresses.
 
     Never pass a plain int where a pointer was compiled: the non-TVM-FFI path silently truncates it to Int32
-    (../shared/spec/cute-dsl.md §2.1). ``align`` must match what the kernel was compiled with (alignment is static).
+    (cute-dsl.md §2.1 of the project spec). ``align`` must match what the kernel was compiled with (alignment is
+    static).
     """
     return cute.runtime.make_ptr(dtype, int(addr), cute.AddressSpace.gmem, assumed_align=align)
 
@@ -33,11 +39,77 @@ def fake_ptr(dtype, align: int = 16) -> cute.Pointer:
     return gptr(dtype, 0, align)
 
 
+def aligned(a, what: str, align: int = 16):
+    """``a`` (anything with ``.ptr``), after checking that its address is ``align``-byte aligned (ValueError else):
+    the kernels are compiled with 16-byte pointer alignment and read with 128-bit loads."""
+    if a.ptr % align:
+        raise ValueError(f"{what} must be {align}-byte aligned (ptr {a.ptr:#x}); the kernel uses 128-bit loads")
+    return a
+
+
 def cu_stream(stream):
     """``cuda.bindings.driver.CUstream`` for a runtime Stream / int handle / None (the package default stream)."""
     from ..runtime.stream import resolve_stream
 
     return resolve_stream(stream).cu
+
+
+def as_device_bytes(w, stream):
+    """Raw weight bytes on the device: a DeviceArray passes through (any dtype: only its bytes are read), anything
+    else is uploaded as uint8."""
+    from ..runtime import DeviceArray, as_device
+
+    if isinstance(w, DeviceArray):
+        return w
+    return as_device(np.ascontiguousarray(w).view(np.uint8), stream)[0]
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current GPU (the launch heuristics size grids with it)."""
+    from ..runtime import get_device
+
+    return get_device().sm_count
+
+
+# ---------------------------------------------------------------------------------------------- kernel base
+class WarpRowKernel:
+    """Base of the one-warp-per-row kernels (GEMV, MoE FFN): ``WARPS`` warps per CTA, each owning one output row (or
+    a few rows, or a share of one row); grid.x covers the rows, grid.y the slots (selected experts / activation
+    rows). A subclass keeps its static config in ``__init__`` (after ``super().__init__()``), launches from its
+    ``@cute.jit __call__`` with :meth:`launch_rows`, and starts its ``@cute.kernel`` with ``pdl_prologue(self.pdl)``
+    and :meth:`thread_coords`. What the rows hold and how a warp walks them stays in the subclass."""
+
+    WARPS = 4
+    experts = False  # grid.y runs over selected-expert slots (expert ids read from device memory)
+    x_per_slot = False  # with experts: slot j reads activation row j (else row 0)
+
+    def __init__(self):
+        self.pdl = pdl_enabled()
+
+    def launch_rows(self, kernel, n_rows, rows_per_cta: int, n_slots, stream):
+        """Launch ``kernel`` (a bound ``self.kernel(...)``) over ``ceil(n_rows / rows_per_cta)`` x ``n_slots`` CTAs."""
+        kernel.launch(grid=[cute.ceil_div(n_rows, rows_per_cta), n_slots, 1], block=[self.WARPS * 32, 1, 1],
+                      stream=stream, use_pdl=self.pdl)
+
+    @staticmethod
+    def thread_coords():
+        """(thread, CTA x, slot = CTA y, warp, lane) of the calling thread (device side)."""
+        tid = cute.arch.thread_idx()[0]
+        bx, slot, _ = cute.arch.block_idx()
+        return tid, bx, slot, tid // 32, tid % 32
+
+    @staticmethod
+    def expert_id(pIds, slot):
+        """The expert id of ``slot``, read from the int32 device array ``pIds`` (device side: no host sync)."""
+        ids = cute.make_tensor(pIds, cute.make_layout(slot + 1))
+        return ids[slot]
+
+    def slot_row(self, pIds, slot, n_rows, o):
+        """(weight row, activation row) of output row ``o`` in ``slot`` (device side): dense (o, 0); expert-indexed
+        (ids[slot] * n_rows + o, slot if ``x_per_slot`` else 0)."""
+        if self.experts:
+            return self.expert_id(pIds, slot) * n_rows + o, (slot if self.x_per_slot else 0)
+        return o, 0
 
 
 # ---------------------------------------------------------------------------------------------- device side
@@ -51,23 +123,46 @@ def pdl_prologue(enabled: cutlass.Constexpr[bool]):
 
 
 @cute.jit
-def warp_reduce(val, op: cutlass.Constexpr, width: cutlass.Constexpr[int] = WARP):
-    """Butterfly all-reduce over groups of ``width`` consecutive lanes (every lane gets the result)."""
-    offset = width // 2
-    while const_expr(offset > 0):
-        val = op(val, cute.arch.shuffle_sync_bfly(val, offset=offset))
-        offset = offset // 2
+def warp_reduce(val, op: cutlass.Constexpr, width: cutlass.Constexpr[int] = WARP,
+                small_offsets_first: cutlass.Constexpr[bool] = False):
+    """Butterfly all-reduce over groups of ``width`` consecutive lanes (every lane gets the result, the same bits in
+    every lane). Stages run with offsets width/2, ..., 2, 1, or 1, 2, ..., width/2 with ``small_offsets_first``
+    (the order the q8_1 kernels were validated with; for a float sum the order decides the rounding)."""
+    if const_expr(small_offsets_first):
+        offset = 1
+        while const_expr(offset < width):
+            val = op(val, cute.arch.shuffle_sync_bfly(val, offset=offset))
+            offset = offset * 2
+    else:
+        offset = width // 2
+        while const_expr(offset > 0):
+            val = op(val, cute.arch.shuffle_sync_bfly(val, offset=offset))
+            offset = offset // 2
     return val
 
 
 @cute.jit
-def warp_reduce_sum(val, width: cutlass.Constexpr[int] = WARP):
-    return warp_reduce(val, operator.add, width)
+def warp_reduce_sum(val, width: cutlass.Constexpr[int] = WARP, small_offsets_first: cutlass.Constexpr[bool] = False):
+    return warp_reduce(val, operator.add, width, small_offsets_first)
 
 
 @cute.jit
-def warp_reduce_max(val: Float32, width: cutlass.Constexpr[int] = WARP) -> Float32:
-    return warp_reduce(val, cute.arch.fmax, width)
+def warp_reduce_max(val, width: cutlass.Constexpr[int] = WARP, small_offsets_first: cutlass.Constexpr[bool] = False):
+    return warp_reduce(val, cute.arch.fmax, width, small_offsets_first)
+
+
+@cute.jit
+def warp_argmax(v: Float32, i: Int32, width: cutlass.Constexpr[int] = WARP):
+    """Warp all-reduce of (value, index) to the max value, ties -> lowest index (every lane gets the result)."""
+    offset = width // 2
+    while const_expr(offset > 0):
+        ov = cute.arch.shuffle_sync_bfly(v, offset=offset)
+        oi = cute.arch.shuffle_sync_bfly(i, offset=offset)
+        take = (ov > v) | ((ov == v) & (oi < i))
+        v = ov if take else v
+        i = oi if take else i
+        offset = offset // 2
+    return v, i
 
 
 @cute.jit
@@ -78,9 +173,8 @@ def block_reduce(val, op: cutlass.Constexpr, buf: cute.Tensor, num_warps: cutlas
     ``buf`` (the second barrier protects the buffer from being overwritten by a later call before everyone read it).
 
     The second stage reduces the per-warp partials within groups of ``pow2(num_warps)`` lanes, so only lanes
-    ``< num_warps`` hold the total after it; lane 0's value is then broadcast. (Without that broadcast, lanes >= 4 of
-    a 4-warp block got the identity: the fused QK-norm kernel normalized with rsqrt(0 + eps), measured on the H100
-    with tools/qk_fused_diag.py, 2026-11-25.)
+    ``< num_warps`` hold the total after it; lane 0's value is then broadcast (without it the other lanes hold the
+    identity: RESULTS.md, "block_reduce broadcast").
     """
     val = warp_reduce(val, op)
     if const_expr(num_warps > 1):
@@ -115,31 +209,7 @@ def _pow2_at_least(n: int) -> int:
     return min(p, WARP)
 
 
-__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "cu_stream", "warp_reduce", "warp_reduce_sum", "warp_reduce_max",
-           "block_reduce", "block_reduce_sum", "block_reduce_max", "rel_err", "f16_ulp_distance"]
+__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "aligned", "cu_stream", "as_device_bytes", "sm_count",
+           "WarpRowKernel", "pdl_prologue", "warp_reduce",
+           "warp_reduce_sum", "warp_reduce_max", "warp_argmax", "block_reduce", "block_reduce_sum", "block_reduce_max"]
 
-
-# ---------------------------------------------------------------------------------------------- host helpers
-def rel_err(y, ref) -> float:
-    """max|y - ref| / max(max|ref|, tiny), in float64 (the figure every kernel test reports)."""
-    import numpy as np
-
-    y = np.asarray(y, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if y.shape != ref.shape:
-        raise ValueError(f"shape mismatch {y.shape} vs {ref.shape}")
-    if y.size == 0:
-        return 0.0
-    return float(np.max(np.abs(y - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
-
-
-def f16_ulp_distance(a, b):
-    """Elementwise distance in fp16 ulps between ``a`` and ``b`` rounded to fp16 (int64 array): the bit patterns
-    mapped to a monotonic integer line (-0 and +0 coincide), then subtracted."""
-    import numpy as np
-
-    def ordinal(x):
-        u = np.asarray(x, np.float16).view(np.uint16).astype(np.int64)
-        return np.where(u & 0x8000, -(u & 0x7FFF), u)
-
-    return np.abs(ordinal(a) - ordinal(b))

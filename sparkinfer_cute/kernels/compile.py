@@ -1,7 +1,7 @@
 """Compile cache for CuTe DSL kernels: in-process memo + on-disk exported objects.
 
 ``cute.compile`` never caches (it forces ``no_cache``), and the implicit ``@cute.jit`` call re-traces Python on every
-call (~15 ms measured in ../shared/spec/cute-dsl.md §2.5), so every kernel in this package is compiled through
+call (~15 ms measured, cute-dsl.md §2.5 of the project spec), so every kernel in this package is compiled through
 :func:`kernel_cache`:
 
     @kernel_cache
@@ -107,12 +107,15 @@ def _private_dump_dir() -> str:
 
 
 def compile_options(extra: str = "") -> str:
-    """Options string for ``cute.compile``: the current compile target (+ extra flags).
+    """Options string for ``cute.compile`` (every kernel passes ``options=compile_options()``): the current compile
+    target, the flags of enclosing :func:`extra_options` blocks, ``--keep-ptx`` when ``SPARKINFER_KEEP_PTX=1`` (to
+    read the PTX from ``compiled.artifacts.PTX``), and ``extra``.
 
     ``--keep-ptx``/``--keep-cubin`` without ``--dump-dir`` would write into the current directory (the repo root,
     under one name per kernel class shared by all its configs and processes), so a private per-process directory
     is added; the artifacts are read into ``compiled.artifacts`` at compile time."""
-    opts = ["--gpu-arch", _arch.compile_target(), *_extra_options, extra]
+    keep_ptx = "--keep-ptx" if os.environ.get("SPARKINFER_KEEP_PTX", "0") not in ("0", "", "false", "no") else ""
+    opts = ["--gpu-arch", _arch.compile_target(), *_extra_options, keep_ptx, extra]
     joined = " ".join(o for o in opts if o)
     if "--keep-" in joined and "--dump-dir" not in joined:
         joined += f" --dump-dir={_private_dump_dir()}"

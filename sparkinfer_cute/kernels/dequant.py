@@ -5,7 +5,7 @@ contracted) arithmetic and stores it with vector stores. Used for weights that a
 tests, debugging); the matmul paths decode in registers instead.
 
     y = dequantize(raw_u8, "Q4_K")            # numpy in -> numpy out, shape (n_elems,)
-    ref = dequantize_ref(raw_u8, "Q4_K")      # gguf.quants.dequantize (the independent reference)
+    ref = kernel_refs.dequantize_ref(raw_u8, "Q4_K")   # gguf-py's dequantize (sparkinfer_cute/reference)
 """
 
 from __future__ import annotations
@@ -15,12 +15,11 @@ import numpy as np
 from cutlass import Float32, Int32, Uint8, cute
 
 from .arch import pdl_enabled
-from .common import pdl_prologue
-from .compile import kernel_cache
+from .common import gptr, pdl_prologue
+from .compile import compile_options, kernel_cache
+from .registry import register
 from .quant_decode import (
-    copy_runs_to_gmem,
     decode_unit,
-    kernel_options,
     new_unit_buffer,
     qtype_name,
     run_divisibility,
@@ -29,6 +28,16 @@ from .quant_decode import (
 )
 
 THREADS = 128
+
+
+def copy_runs_to_gmem(sp, vals, pY, gbase, divby: int):
+    """Store a decoded unit (``vals``, rmem) to global memory at element ``gbase`` + the unit's run offsets."""
+    for start, off, n in sp.runs:
+        tmp = cute.make_rmem_tensor((n,), vals.element_type)
+        for i in range(n):
+            tmp[i] = vals[start + i]
+        dst = cute.make_tensor(pY + cute.assume(gbase + off, divby=divby), cute.make_layout(n))
+        cute.autovec_copy(tmp, dst)
 
 
 class Dequant:
@@ -59,14 +68,10 @@ class Dequant:
             copy_runs_to_gmem(sp, vals, pY, blk * sp.block_elems + unit_base(sp, u), run_divisibility(sp))
 
 
-def _ptr(dtype, addr, align=16):
-    return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
-
-
 @kernel_cache
 def compile_dequant(qtype: str):
-    return cute.compile(Dequant(qtype), _ptr(Uint8, 0), _ptr(Float32, 0), Int32(1),
-                        cute.runtime.make_fake_stream(), options=kernel_options())
+    return cute.compile(Dequant(qtype), gptr(Uint8, 0), gptr(Float32, 0), Int32(1),
+                        cute.runtime.make_fake_stream(), options=compile_options())
 
 
 def dequantize(raw, qtype, n_elems: int | None = None, out=None, stream=None):
@@ -90,83 +95,11 @@ def dequantize(raw, qtype, n_elems: int | None = None, out=None, stream=None):
     y = out if out is not None else DeviceArray.empty((n,), np.float32)
     st = stream if stream is not None else default_stream()
     fn = compile_dequant(q)
-    fn(_ptr(Uint8, w.ptr), _ptr(Float32, y.ptr), Int32(n_blocks * sp.units_per_block), cuda.CUstream(st.handle))
+    fn(gptr(Uint8, w.ptr), gptr(Float32, y.ptr), Int32(n_blocks * sp.units_per_block), cuda.CUstream(st.handle))
     if was_numpy:
         return y.to_numpy(stream=st)
     return y
 
 
-def repack_q6_k_padded(raw: np.ndarray) -> np.ndarray:
-    """Upload-time repack of raw Q6_K bytes into the Q6_K_P layout: every 210-byte block followed by 2 zero bytes
-    (212 = 53 32-bit words), so every field of every block is 4-byte aligned and the kernels read it with 32-bit
-    instead of 16-bit loads, for +0.95% bytes. Value-exact: ``unpack_q6_k_padded`` inverts it. Keeps the leading
-    shape; the last axis (bytes) grows by 212/210."""
-    raw = np.ascontiguousarray(raw, dtype=np.uint8)
-    lead = raw.shape[:-1]
-    b = raw.reshape(-1, 210)
-    out = np.zeros((b.shape[0], 212), np.uint8)
-    out[:, :210] = b
-    return out.reshape(*lead, raw.shape[-1] // 210 * 212)
-
-
-def unpack_q6_k_padded(packed: np.ndarray) -> np.ndarray:
-    p = np.ascontiguousarray(packed, dtype=np.uint8)
-    b = p.reshape(-1, 212)
-    return np.ascontiguousarray(b[:, :210]).reshape(*p.shape[:-1], p.shape[-1] // 212 * 210)
-
-
-def dequantize_ref(raw: np.ndarray, qtype) -> np.ndarray:
-    """Independent reference: gguf-py's numpy dequantizer on the original bytes (flat f32). Q6_K_P bytes are
-    unpadded back to Q6_K first."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize as gguf_dequantize
-
-    q = qtype_name(qtype)
-    if q == "Q6_K_P":
-        raw, q = unpack_q6_k_padded(np.asarray(raw, dtype=np.uint8).reshape(-1)), "Q6_K"
-    return gguf_dequantize(np.asarray(raw, dtype=np.uint8).reshape(-1), GGMLQuantizationType[q]).astype(
-        np.float32).reshape(-1)
-
-
-def random_quant_bytes(qtype, n_blocks: int, rng: np.random.Generator, scale: float = 1.0) -> np.ndarray:
-    """Random blocks of ``qtype`` (uint8, shape (n_blocks, block_bytes)): random quant bits, finite f16 scales.
-
-    The f16 scale fields get |N(0, scale)|-ish finite values (d may be negative: ggml never forbids it), so the
-    decoded values are finite and span many exponents. Float types get random finite values."""
-    q = qtype_name(qtype)
-    sp = spec(q)
-    if q == "Q6_K_P":
-        return repack_q6_k_padded(random_quant_bytes("Q6_K", n_blocks, rng, scale))
-    if q in ("F16", "BF16", "F32"):
-        v = (rng.standard_normal(n_blocks * 32) * scale).astype(np.float32)
-        if q == "F16":
-            b = v.astype(np.float16).view(np.uint8)
-        elif q == "BF16":
-            b = (v.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
-        else:
-            b = v.view(np.uint8)
-        return b.reshape(n_blocks, sp.block_bytes).copy()
-    raw = rng.integers(0, 256, size=(n_blocks, sp.block_bytes), dtype=np.uint8)
-
-    def halves(k):
-        return (rng.standard_normal((n_blocks, k)) * scale * 0.05).astype(np.float16).view(np.uint8)
-
-    if q == "Q6_K":
-        raw[:, 208:210] = halves(1)
-    elif q in ("Q4_K", "Q5_K"):
-        raw[:, 0:4] = halves(2)
-    else:
-        raw[:, 0:2] = halves(1)
-    return raw
-
-
-def _register():
-    try:
-        from .registry import register
-    except ImportError:  # registry.py is owned by another module; absent in early checkouts
-        return
-    register("dequant", compile_dequant, [dict(qtype=q) for q in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K",
-                                                                      "Q6_K", "Q6_K_P", "F16", "BF16")])
-
-
-_register()
+register("dequant", compile_dequant,
+         [dict(qtype=q) for q in ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P", "F16", "BF16")])

@@ -13,10 +13,10 @@ import cutlass
 import cutlass.cute as cute
 import numpy as np
 from cutlass import Float16, Float32, Int32, Int64, Uint8, Uint32, const_expr
-from cutlass.cute.runtime import make_fake_stream, make_ptr
+from cutlass.cute.runtime import make_fake_stream
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .common import pdl_prologue
+from .common import gptr, pdl_prologue
 from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
@@ -139,9 +139,9 @@ class EmbeddingGather:
 
 @kernel_cache
 def compile_embedding(qtype: str, n_embd: int):
-    pw = make_ptr(Uint8, 0, cute.AddressSpace.gmem, assumed_align=4)
-    pi = make_ptr(Int32, 0, cute.AddressSpace.gmem, assumed_align=4)
-    po = make_ptr(Float32, 0, cute.AddressSpace.gmem, assumed_align=16)
+    pw = gptr(Uint8, 0, 4)
+    pi = gptr(Int32, 0, 4)
+    po = gptr(Float32, 0)
     return cute.compile(EmbeddingGather(qtype, n_embd), pw, pi, po, Int32(1), Int32(0), Float32(1.0), Int32(1),
                         make_fake_stream(), options=compile_options())
 
@@ -158,18 +158,11 @@ def embedding(weight, ids, out=None, *, qtype: str, n_embd: int, slot: int = 0, 
     o = out if out is not None else DeviceArray.empty((n_embd,) if n_tokens == 1 else (n_tokens, n_embd), np.float32)
     n_rows = w.nbytes // (n_embd // GGML_QUANT_SIZES[Q[qtype]][0] * GGML_QUANT_SIZES[Q[qtype]][1])
     f = compile_embedding(qtype, n_embd)
-    f(make_ptr(Uint8, w.ptr, cute.AddressSpace.gmem, assumed_align=4),
-      make_ptr(Int32, i.ptr, cute.AddressSpace.gmem, assumed_align=4),
-      make_ptr(Float32, o.ptr, cute.AddressSpace.gmem, assumed_align=16),
+    f(gptr(Uint8, w.ptr, 4),
+      gptr(Int32, i.ptr, 4),
+      gptr(Float32, o.ptr),
       Int32(n_rows), Int32(slot), Float32(scale), Int32(n_tokens), cuda.CUstream(stream.handle))
     return o.to_numpy(stream) if w_np else o
-
-
-def embedding_ref(weight_rows: np.ndarray, qtype: str, tok: int, scale: float = 1.0) -> np.ndarray:
-    """float64 reference: dequantize row ``tok`` with gguf.quants and scale."""
-    from gguf.quants import dequantize
-
-    return dequantize(np.asarray(weight_rows)[tok], Q[qtype]).astype(np.float64).reshape(-1) * scale
 
 
 register("embedding", compile_embedding, [

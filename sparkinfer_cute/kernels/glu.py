@@ -7,15 +7,13 @@ f32 like ggml-cuda (the CPU backend's fp16 table differs by ~1e-3 relative; the 
 
 from __future__ import annotations
 
-import math
-
 import cuda.bindings.driver as cuda
 import cutlass.cute as cute
 import numpy as np
 from cutlass import Float32, Int32, const_expr
-from cutlass.cute.runtime import make_fake_stream, make_ptr
+from cutlass.cute.runtime import make_fake_stream
 
-from .common import pdl_prologue
+from .common import gptr, pdl_prologue
 from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
@@ -59,7 +57,7 @@ class GLU:
 
 @kernel_cache
 def compile_glu(act: str):
-    p = make_ptr(Float32, 0, cute.AddressSpace.gmem, assumed_align=16)
+    p = gptr(Float32, 0)
     return cute.compile(GLU(act), p, p, p, Int32(1), make_fake_stream(), options=compile_options())
 
 
@@ -72,18 +70,9 @@ def glu(gate, up, out=None, *, act: str = "silu", stream=None):
     u, _ = as_device(np.asarray(up, np.float32) if isinstance(up, np.ndarray) else up, stream)
     n = int(np.prod(g.shape))
     o = out if out is not None else DeviceArray.empty(g.shape, np.float32)
-    mk = lambda a: make_ptr(Float32, a.ptr, cute.AddressSpace.gmem, assumed_align=16)
-    compile_glu(act)(mk(g), mk(u), mk(o), Int32(n), cuda.CUstream(stream.handle))
+    compile_glu(act)(gptr(Float32, g.ptr), gptr(Float32, u.ptr), gptr(Float32, o.ptr), Int32(n),
+                     cuda.CUstream(stream.handle))
     return o.to_numpy(stream) if was_np else o
-
-
-def glu_ref(gate, up, act: str = "silu") -> np.ndarray:
-    g = np.asarray(gate, np.float64)
-    if act == "silu":
-        a = g / (1.0 + np.exp(-g))
-    else:
-        a = 0.5 * g * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * g * (1.0 + GELU_COEF_A * g * g)))
-    return a * np.asarray(up, np.float64)
 
 
 register("glu", compile_glu, [dict(act="silu"), dict(act="gelu_tanh")])

@@ -22,6 +22,7 @@ from cutlass import Float16, Float32, Int32
 from .common import cu_stream, gptr, pdl_prologue
 from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
+from .registry import register
 
 _VEC = 4
 
@@ -108,17 +109,6 @@ def kv_cache_append(k, v, k_pool, v_pool, page_table, pos, *, stream=None):
       Int32(B), Int32(n_pages), Int32(pages_per_seq), cu_stream(stream))
 
 
-def kv_cache_append_ref(k, v, k_pool: np.ndarray, v_pool: np.ndarray, page_table, pos) -> None:
-    """numpy reference: the same store, in place on host pools."""
-    k = np.asarray(k, np.float32).reshape(-1, *k_pool.shape[2:])
-    v = np.asarray(v, np.float32).reshape(-1, *v_pool.shape[2:])
-    table = np.asarray(page_table).reshape(k.shape[0], -1)
-    P = k_pool.shape[1]
-    for b, p in enumerate(np.asarray(pos).reshape(-1)):
-        k_pool[table[b, p // P], p % P] = k[b].astype(np.float16)
-        v_pool[table[b, p // P], p % P] = v[b].astype(np.float16)
-
-
 # (n_kv_head, head_dim, page_size) per model attention layer type.
 MODEL_CONFIGS = {
     "qwen3moe-30b-a3b": dict(n_kv_head=4, head_dim=128, page_size=64),
@@ -130,12 +120,4 @@ MODEL_CONFIGS = {
 }
 
 
-def _register() -> None:
-    try:
-        from .registry import register
-    except ImportError:  # registry not written yet
-        return
-    register("kv_cache_append", compile_kv_cache_append, list(MODEL_CONFIGS.values()))
-
-
-_register()
+register("kv_cache_append", compile_kv_cache_append, list(MODEL_CONFIGS.values()))

@@ -1,6 +1,10 @@
-"""GPU microbenchmark of the decode GEMV / MoE kernels at the real Qwen3-30B-A3B shapes.
+"""GPU microbenchmark of the decode GEMV / MoE kernels at the real Qwen3-30B-A3B shapes (and, with --attention /
+--router, of the split-KV decode attention and the fused router). Every kernel's benchmark lives here, none in the
+kernel files.
 
     python -m sparkinfer_cute.kernels.microbench [--json out.json] [--reps 50] [--only gemv]
+    python -m sparkinfer_cute.kernels.microbench --attention [--ctx 512 4096 32768] [--splits N] [--fused]
+    python -m sparkinfer_cute.kernels.microbench --router
 
 For each case: median µs per kernel, achieved GB/s (bytes of weights read + activations read + outputs written) and
 the percentage of the device-to-device copy bandwidth measured in the same run (``cuMemcpyDtoDAsync`` of 1 GiB,
@@ -24,14 +28,9 @@ import sys
 import numpy as np
 
 from ..cli_args import ArgumentParser, int_at_least, require_gpu, writable_path
+from .common import gptr
 
 GIB = 1 << 30
-
-
-def _ptr(dtype, addr, align=16):
-    from cutlass import cute
-
-    return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
 
 
 def _time_graph(launch_fns, stream, reps: int) -> tuple[float, float]:
@@ -56,6 +55,24 @@ def _time_graph(launch_fns, stream, reps: int) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
+def _graph_call_us(fn, stream, iters: int) -> float:
+    """µs per call of ``fn`` (host function enqueueing on ``stream``): ``iters`` calls captured in one CUDA graph, one
+    warm-up replay, then one timed replay / iters (the attention and router benchmarks' method)."""
+    from ..runtime import CudaGraph, Event, elapsed_ms
+
+    fn()
+    with CudaGraph.capture(stream) as g:
+        for _ in range(iters):
+            fn()
+    g.replay(stream)
+    t0, t1 = Event(), Event()
+    t0.record(stream)
+    g.replay(stream)
+    t1.record(stream)
+    t1.synchronize()
+    return elapsed_ms(t0, t1) * 1e3 / iters
+
+
 def measure_copy_bandwidth(stream, nbytes: int = GIB, reps: int = 10) -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read + written)."""
     from ..runtime import DeviceArray, Event, elapsed_ms
@@ -77,7 +94,7 @@ def measure_copy_bandwidth(stream, nbytes: int = GIB, reps: int = 10) -> float:
 
 
 def _rand_weights(q, n_rows, n_in, rng):
-    from .dequant import random_quant_bytes
+    from ..reference.kernel_refs import random_quant_bytes
     from .quant_decode import spec
 
     sp = spec(q)
@@ -90,9 +107,12 @@ def _n_copies(nbytes: int, l2: int, cap_bytes: int = 2 * GIB) -> int:
 
 def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice", rpw=None):
     import cuda.bindings.driver as cuda
-    from cutlass import Float32, Int8, Int32, Uint8
+    from cutlass import Float32, Int32, Uint8
 
     from ..runtime import DeviceArray
+    from .gemv import _warps_per_row, compile_gemv
+    from .gemv_chunk import choose_rows_per_warp, compile_gemv_chunk
+    from .q8_1 import quantize_q8_1, x_pointers
     from .quant_decode import spec
 
     w_host = _rand_weights(q, n_out, n_in, rng)
@@ -102,34 +122,20 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice", rp
     x = DeviceArray.from_numpy(rng.standard_normal((1, n_in)).astype(np.float32), stream)
     y = DeviceArray.empty((n_out,), np.float32)
     cs = cuda.CUstream(stream.handle)
-    wpr = 1
+    q8 = path == "dp4a"
+    xa = quantize_q8_1(x, stream=stream) if q8 else x  # the activation the kernel reads
+    px, pxq, pxd, pxs = x_pointers(xa)
+    xbytes = n_in + n_in // 32 * 8 if q8 else n_in * 4
     if mapping == "chunk":
-        from .gemv import choose_rpw, compile_gemv_chunk
-        from .q8_1 import quantize_q8_1
-
-        wpr = rpw if rpw is not None else choose_rpw(n_out, 132)
-        fn = compile_gemv_chunk(q, n_in, wpr, False, False, False, path == "dp4a")
-        xq = quantize_q8_1(x, stream=stream)
-        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr),
-                 _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4), Int32(n_out), Int32(1), cs) for w in ws]
-        xbytes = n_in * 4 if path == "float" else n_in + n_in // 32 * 8
-    elif path == "float":
-        from .gemv import _wpr, compile_gemv
-
-        wpr = _wpr(q, n_in, n_out, mapping)
-        fn = compile_gemv(q, n_in, 1, False, False, mapping, wpr)
-        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4),
-                 Int32(n_out), Int32(1), cs) for w in ws]
-        xbytes = n_in * 4
+        wpr = rpw if rpw is not None else choose_rows_per_warp(n_out, 132)  # rows per warp here
+        fn = compile_gemv_chunk(q, n_in, wpr, False, False, False, q8)
+        args = [(gptr(Uint8, w.ptr), px, pxq, pxd, gptr(Float32, y.ptr), gptr(Int32, x.ptr, 4), Int32(n_out),
+                 Int32(1), cs) for w in ws]
     else:
-        from .gemv_q8 import compile_gemv_q8
-        from .q8_1 import quantize_q8_1
-
-        xq = quantize_q8_1(x, stream=stream)
-        fn = compile_gemv_q8(q, n_in, 1, False, False, mapping)
-        args = [(_ptr(Uint8, w.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr),
-                 _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4), Int32(n_out), Int32(1), cs) for w in ws]
-        xbytes = n_in + n_in // 32 * 8
+        wpr = 1 if q8 else _warps_per_row(q, n_in, n_out, mapping)
+        fn = compile_gemv(q, n_in, 1, False, False, mapping, wpr, q8=q8)
+        args = [(gptr(Uint8, w.ptr), px, pxq, pxd, pxs, gptr(Float32, y.ptr), gptr(Int32, x.ptr, 4),
+                 Int32(n_out), Int32(1), cs) for w in ws]
     G = max(20, ncopy)
     launches = [(lambda a=args[i % ncopy]: fn(*a)) for i in range(G)]
     med, mn = _time_graph(launches, stream, reps)
@@ -142,9 +148,12 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice", rp
 
 def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_per_slot=False, mapping="slice"):
     import cuda.bindings.driver as cuda
-    from cutlass import Float32, Int8, Int32, Uint8
+    from cutlass import Float32, Int32, Uint8
 
     from ..runtime import DeviceArray
+    from .gemv import compile_gemv
+    from .gemv_chunk import choose_rows_per_warp, compile_gemv_chunk
+    from .q8_1 import quantize_q8_1, x_pointers
     from .quant_decode import spec
 
     w = DeviceArray.from_numpy(_rand_weights(q, n_expert * n_out, n_in, rng), stream)
@@ -155,31 +164,18 @@ def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_
     x = DeviceArray.from_numpy(rng.standard_normal((xrows, n_in)).astype(np.float32), stream)
     y = DeviceArray.empty((k, n_out), np.float32)
     cs = cuda.CUstream(stream.handle)
+    q8 = path == "dp4a"
+    xa = quantize_q8_1(x, stream=stream) if q8 else x
+    px, pxq, pxd, pxs = x_pointers(xa)
+    xbytes = xrows * (n_in + n_in // 32 * 8 if q8 else n_in * 4)
     if mapping == "chunk":
-        from .gemv import choose_rpw, compile_gemv_chunk
-        from .q8_1 import quantize_q8_1
-
-        xq = quantize_q8_1(x, stream=stream)
-        fn = compile_gemv_chunk(q, n_in, choose_rpw(k * n_out, 132), True, x_per_slot, False, path == "dp4a")
-        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr),
-                 _ptr(Float32, y.ptr), _ptr(Int32, i.ptr, 4), Int32(n_out), Int32(k), cs) for i in ids]
-        xbytes = xrows * (n_in * 4 if path == "float" else n_in + n_in // 32 * 8)
-    elif path == "float":
-        from .gemv import compile_gemv
-
-        fn = compile_gemv(q, n_in, 1, True, x_per_slot)
-        args = [(_ptr(Uint8, w.ptr), _ptr(Float32, x.ptr), _ptr(Float32, y.ptr), _ptr(Int32, i.ptr, 4),
-                 Int32(n_out), Int32(k), cs) for i in ids]
-        xbytes = xrows * n_in * 4
+        fn = compile_gemv_chunk(q, n_in, choose_rows_per_warp(k * n_out, 132), True, x_per_slot, False, q8)
+        args = [(gptr(Uint8, w.ptr), px, pxq, pxd, gptr(Float32, y.ptr), gptr(Int32, i.ptr, 4), Int32(n_out),
+                 Int32(k), cs) for i in ids]
     else:
-        from .gemv_q8 import compile_gemv_q8
-        from .q8_1 import quantize_q8_1
-
-        xq = quantize_q8_1(x, stream=stream)
-        fn = compile_gemv_q8(q, n_in, 1, True, x_per_slot)
-        args = [(_ptr(Uint8, w.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr),
-                 _ptr(Float32, y.ptr), _ptr(Int32, i.ptr, 4), Int32(n_out), Int32(k), cs) for i in ids]
-        xbytes = xrows * (n_in + n_in // 32 * 8)
+        fn = compile_gemv(q, n_in, 1, True, x_per_slot, q8=q8)
+        args = [(gptr(Uint8, w.ptr), px, pxq, pxd, pxs, gptr(Float32, y.ptr), gptr(Int32, i.ptr, 4), Int32(n_out),
+                 Int32(k), cs) for i in ids]
     launches = [(lambda a=args[i % nsets]: fn(*a)) for i in range(32)]
     med, mn = _time_graph(launches, stream, reps)
     nbytes = k * n_out * spec(q).row_bytes(n_in) + xbytes + k * n_out * 4
@@ -187,15 +183,16 @@ def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_
 
 
 def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu="Q4_K", q_down="Q6_K",
-              path="float", mapping="slice", rpw_gu=1, rpw_down=1, xfirst=False):
+              path="float", mapping="slice", rpw_gu=1, rpw_down=1, x_loads_first=False):
     """The fused MoE FFN kernels: gate+up+SwiGLU, then down + weighted sum + residual (dp4a: plus the q8_1
     quantization of the [k, n_ff] activations, timed as its own row)."""
     import cuda.bindings.driver as cuda
-    from cutlass import Float32, Int8, Int32, Uint8
+    from cutlass import Float32, Int32, Uint8
 
     from ..runtime import DeviceArray
-    from .moe_ffn import compile_moe_down, compile_moe_down_q8, compile_moe_gate_up, compile_moe_gate_up_q8
-    from .q8_1 import Q8Act, compile_quantize_q8_1, quantize_q8_1
+    from .moe_ffn import compile_moe_down, compile_moe_gate_up
+    from .moe_ffn_chunk import compile_moe_down_chunk, compile_moe_gate_up_chunk
+    from .q8_1 import Q8Act, compile_quantize_q8_1, quantize_q8_1, x_pointers
     from .quant_decode import spec
 
     wg = DeviceArray.from_numpy(_rand_weights(q_gu, n_expert * n_ff, n_embd, rng), stream)
@@ -211,51 +208,35 @@ def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu=
     cs = cuda.CUstream(stream.handle)
     gu_bytes = 2 * k * n_ff * spec(q_gu).row_bytes(n_embd) + k * n_ff * 4
     d_bytes = k * n_embd * spec(q_down).row_bytes(n_ff) + 2 * n_embd * 4
-    cases = []
+    q8 = path == "dp4a"
+    hq, aq = quantize_q8_1(h, stream=stream), Q8Act(k, n_ff)
+    ph, phq, phd, phs = x_pointers(hq if q8 else h)
+    pa, paq, pad, pas = x_pointers(aq if q8 else act)
+    pact, py, pwts = gptr(Float32, act.ptr), gptr(Float32, y.ptr), gptr(Float32, wts.ptr, 4)
+    xb = n_embd + n_embd // 32 * 8 if q8 else n_embd * 4
+    ab = k * (n_ff + n_ff // 32 * 8) if q8 else k * n_ff * 4
     if mapping == "chunk":
-        from .moe_ffn import compile_moe_down_chunk, compile_moe_gate_up_chunk
-
-        q8 = path == "dp4a"
-        hq = quantize_q8_1(h, stream=stream)
-        aq = Q8Act(k, n_ff)
-        fa = compile_moe_gate_up_chunk(q_gu, n_embd, n_ff, False, q8, rpw_gu, xfirst)
-        fb = compile_moe_down_chunk(q_down, n_ff, n_embd, k, True, q8, rpw_down, xfirst)
-        a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Float32, h.ptr), _ptr(Int8, hq.qs.ptr),
-                   _ptr(Float32, hq.d.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
-        b_args = [(_ptr(Uint8, wd.ptr), _ptr(Float32, act.ptr), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr),
-                   _ptr(Int32, i.ptr, 4), _ptr(Float32, wts.ptr, 4), _ptr(Float32, y.ptr), _ptr(Float32, y.ptr), cs)
+        fa = compile_moe_gate_up_chunk(q_gu, n_embd, n_ff, False, q8, rpw_gu, x_loads_first)
+        fb = compile_moe_down_chunk(q_down, n_ff, n_embd, k, True, q8, rpw_down, x_loads_first)
+        a_args = [(gptr(Uint8, wg.ptr), gptr(Uint8, wu.ptr), ph, phq, phd, gptr(Int32, i.ptr, 4), pact, Int32(k), cs)
                   for i in ids]
-        xb = n_embd * 4 if not q8 else n_embd + n_embd // 32 * 8
-        ab = k * n_ff * 4 if not q8 else k * (n_ff + n_ff // 32 * 8)
-        xf = " xfirst" if xfirst else ""
+        b_args = [(gptr(Uint8, wd.ptr), pa, paq, pad, gptr(Int32, i.ptr, 4), pwts, py, py, cs) for i in ids]
+        xf = " x-loads-first" if x_loads_first else ""
         cases = [(f"moe gate+up+swiglu [chunk rpw{rpw_gu}{xf}]", fa, a_args, gu_bytes + xb),
                  (f"moe down+wsum+resid [chunk rpw{rpw_down}{xf}]", fb, b_args, d_bytes + ab)]
-    elif path == "float":
-        fa = compile_moe_gate_up(q_gu, n_embd, n_ff, False)
-        fb = compile_moe_down(q_down, n_ff, n_embd, True)
-        a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Float32, h.ptr), _ptr(Int32, i.ptr, 4),
-                   _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
-        b_args = [(_ptr(Uint8, wd.ptr), _ptr(Float32, act.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, wts.ptr, 4),
-                   _ptr(Float32, y.ptr), _ptr(Float32, y.ptr), Int32(k), cs) for i in ids]
-        cases = [("moe gate+up+swiglu", fa, a_args, gu_bytes + n_embd * 4),
-                 ("moe down+wsum+resid", fb, b_args, d_bytes + k * n_ff * 4)]
     else:
-        hq = quantize_q8_1(h, stream=stream)
-        aq = Q8Act(k, n_ff)
-        fa = compile_moe_gate_up_q8(q_gu, n_embd, n_ff, False)
-        fq = compile_quantize_q8_1(n_ff)
-        fb = compile_moe_down_q8(q_down, n_ff, n_embd, True)
-        a_args = [(_ptr(Uint8, wg.ptr), _ptr(Uint8, wu.ptr), _ptr(Int8, hq.qs.ptr), _ptr(Float32, hq.d.ptr),
-                   _ptr(Float32, hq.s.ptr), _ptr(Int32, i.ptr, 4), _ptr(Float32, act.ptr), Int32(k), cs) for i in ids]
-        q_args = [(_ptr(Float32, act.ptr, 4), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr),
-                   _ptr(Float32, aq.s.ptr), Int32(k), cs)]
-        b_args = [(_ptr(Uint8, wd.ptr), _ptr(Int8, aq.qs.ptr), _ptr(Float32, aq.d.ptr), _ptr(Float32, aq.s.ptr),
-                   _ptr(Int32, i.ptr, 4), _ptr(Float32, wts.ptr, 4), _ptr(Float32, y.ptr), _ptr(Float32, y.ptr),
+        fa = compile_moe_gate_up(q_gu, n_embd, n_ff, False, q8)
+        fb = compile_moe_down(q_down, n_ff, n_embd, True, q8=q8)
+        a_args = [(gptr(Uint8, wg.ptr), gptr(Uint8, wu.ptr), ph, phq, phd, phs, gptr(Int32, i.ptr, 4), pact,
                    Int32(k), cs) for i in ids]
-        q8 = n_embd + n_embd // 32 * 8
-        cases = [("moe gate+up+swiglu", fa, a_args, gu_bytes + q8),
-                 ("moe quantize act", fq, q_args, k * n_ff * (4 + 1) + k * n_ff // 32 * 8),
-                 ("moe down+wsum+resid", fb, b_args, d_bytes + k * (n_ff + n_ff // 32 * 8))]
+        b_args = [(gptr(Uint8, wd.ptr), pa, paq, pad, pas, gptr(Int32, i.ptr, 4), pwts, py, py, Int32(k), cs)
+                  for i in ids]
+        cases = [("moe gate+up+swiglu", fa, a_args, gu_bytes + xb)]
+        if q8:  # the dp4a down reads the q8_1 copy of the activations: one more launch
+            q_args = [(gptr(Float32, act.ptr, 4), paq, pad, pas, Int32(k), cs)]
+            cases.append(("moe quantize act", compile_quantize_q8_1(n_ff), q_args,
+                          k * n_ff * (4 + 1) + k * n_ff // 32 * 8))
+        cases.append(("moe down+wsum+resid", fb, b_args, d_bytes + ab))
     res = []
     for name, fn, args, nbytes in cases:
         launches = [(lambda a=args[i % len(args)], f=fn: f(*a)) for i in range(32)]
@@ -275,13 +256,13 @@ def bench_quantize(stream, reps, n=2048):
     x = DeviceArray.from_numpy(np.random.default_rng().standard_normal(n).astype(np.float32), stream)
     xq = Q8Act(1, n)
     fn = compile_quantize_q8_1(n)
-    a = (_ptr(Float32, x.ptr, 4), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr), Int32(1),
+    a = (gptr(Float32, x.ptr, 4), gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr), gptr(Float32, xq.s.ptr), Int32(1),
          cuda.CUstream(stream.handle))
     med, mn = _time_graph([lambda: fn(*a)] * 32, stream, reps)
     return dict(case=f"quantize_q8_1 {n}", path="dp4a", us=med, us_min=mn, bytes=n * 4 + n + n // 32 * 8, copies=1)
 
 
-# Q6_K_P: the same Q6_K weights after the optional upload-time repack (dequant.repack_q6_k_padded)
+# Q6_K_P: the same Q6_K weights after the optional upload-time repack (gguf.quants.repack_q6_k_padded)
 DENSE_CASES = [("Q4_K", 2048, 4096), ("Q4_K", 4096, 2048), ("Q4_K", 2048, 512), ("Q6_K", 2048, 512),
                ("Q6_K", 2048, 151936), ("Q6_K_P", 2048, 512), ("Q6_K_P", 2048, 151936)]
 EXPERT_CASES = [("Q4_K", 2048, 768, False), ("Q6_K", 768, 2048, True), ("Q4_K", 768, 2048, True),
@@ -291,11 +272,12 @@ EXPERT_CASES = [("Q4_K", 2048, 768, False), ("Q6_K", 768, 2048, True), ("Q4_K", 
 def bench_multi(stream, l2, reps, rng, path, mats=(("Q4_K", 4096), ("Q4_K", 512), ("Q6_K_P", 512)), n_in=2048):
     """q/k/v in one GemvMulti launch vs three GemvChunk launches (same weights, rotated copies beyond L2)."""
     import cuda.bindings.driver as cuda
-    from cutlass import Float32, Int8, Int32, Uint8
+    from cutlass import Float32, Int32, Uint8
 
     from ..runtime import DeviceArray
-    from .gemv import _sm_count, choose_rpw, compile_gemv_chunk, compile_gemv_multi
-    from .q8_1 import quantize_q8_1
+    from .common import sm_count
+    from .gemv_chunk import choose_rows_per_warp, compile_gemv_chunk, compile_gemv_multi
+    from .q8_1 import quantize_q8_1, x_pointers
     from .quant_decode import spec
 
     q8 = path == "dp4a"
@@ -304,22 +286,21 @@ def bench_multi(stream, l2, reps, rng, path, mats=(("Q4_K", 4096), ("Q4_K", 512)
     ncopy = _n_copies(wbytes, l2)
     ws = [[DeviceArray.from_numpy(h, stream) for h in hosts] for _ in range(ncopy)]
     x = DeviceArray.from_numpy(rng.standard_normal((1, n_in)).astype(np.float32), stream)
-    xq = quantize_q8_1(x, stream=stream)
+    px, pxq, pxd, _ = x_pointers(quantize_q8_1(x, stream=stream) if q8 else x)
     ys = [DeviceArray.empty((n,), np.float32) for _, n in mats]
     cs = cuda.CUstream(stream.handle)
-    fm = compile_gemv_multi(tuple(mats), n_in, q8, _sm_count())
-    m_args = [(_ptr(Uint8, w[0].ptr), _ptr(Uint8, w[1].ptr), _ptr(Uint8, w[2].ptr), _ptr(Float32, x.ptr),
-               _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, ys[0].ptr), _ptr(Float32, ys[1].ptr),
-               _ptr(Float32, ys[2].ptr), cs) for w in ws]
-    fs = [compile_gemv_chunk(q, n_in, choose_rpw(n, _sm_count()), False, False, False, q8) for q, n in mats]
+    fm = compile_gemv_multi(tuple(mats), n_in, q8, sm_count())
+    m_args = [(gptr(Uint8, w[0].ptr), gptr(Uint8, w[1].ptr), gptr(Uint8, w[2].ptr), px, pxq, pxd,
+               gptr(Float32, ys[0].ptr), gptr(Float32, ys[1].ptr), gptr(Float32, ys[2].ptr), cs) for w in ws]
+    fs = [compile_gemv_chunk(q, n_in, choose_rows_per_warp(n, sm_count()), False, False, False, q8) for q, n in mats]
     G = max(20, ncopy)
     med_m, mn_m = _time_graph([(lambda a=m_args[i % ncopy]: fm(*a)) for i in range(G)], stream, reps)
     seq = []
     for i in range(G):
         w = ws[i % ncopy]
         for m, (f, y) in enumerate(zip(fs, ys)):
-            a = (_ptr(Uint8, w[m].ptr), _ptr(Float32, x.ptr), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr),
-                 _ptr(Float32, y.ptr), _ptr(Int32, x.ptr, 4), Int32(mats[m][1]), Int32(1), cs)
+            a = (gptr(Uint8, w[m].ptr), px, pxq, pxd, gptr(Float32, y.ptr), gptr(Int32, x.ptr, 4), Int32(mats[m][1]),
+                 Int32(1), cs)
             seq.append(lambda f=f, a=a: f(*a))
     med_s, mn_s = _time_graph(seq, stream, reps)
     xb = n_in * 4 if not q8 else n_in + n_in // 32 * 8
@@ -348,14 +329,14 @@ def bench_norm_q8(stream, reps, N=2048):
     xq = Q8Act(1, N)
     cs = cuda.CUstream(stream.handle)
     ff = compile_rmsnorm_q8_1(N, True, True)
-    fa = (_ptr(Float32, x.ptr), _ptr(Float32, r.ptr), _ptr(Float32, r.ptr), _ptr(Float32, w.ptr), _ptr(Float32, h.ptr),
-          _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr), Int32(1), Float32(1e-6), cs)
+    fa = (gptr(Float32, x.ptr), gptr(Float32, r.ptr), gptr(Float32, r.ptr), gptr(Float32, w.ptr), gptr(Float32, h.ptr),
+          gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr), gptr(Float32, xq.s.ptr), Int32(1), Float32(1e-6), cs)
     med_f, mn_f = _time_graph([lambda: ff(*fa)] * 32, stream, reps)
     fr = compile_rmsnorm(N, True, True)
     fq = compile_quantize_q8_1(N)
-    ra = (_ptr(Float32, x.ptr), _ptr(Float32, r.ptr), _ptr(Float32, r.ptr), _ptr(Float32, w.ptr), _ptr(Float32, h.ptr),
+    ra = (gptr(Float32, x.ptr), gptr(Float32, r.ptr), gptr(Float32, r.ptr), gptr(Float32, w.ptr), gptr(Float32, h.ptr),
           Int32(1), Float32(1e-6), cs)
-    qa = (_ptr(Float32, h.ptr, 4), _ptr(Int8, xq.qs.ptr), _ptr(Float32, xq.d.ptr), _ptr(Float32, xq.s.ptr), Int32(1), cs)
+    qa = (gptr(Float32, h.ptr, 4), gptr(Int8, xq.qs.ptr), gptr(Float32, xq.d.ptr), gptr(Float32, xq.s.ptr), Int32(1), cs)
     med_s, mn_s = _time_graph([lambda: fr(*ra), lambda: fq(*qa)] * 16, stream, reps)
     nb = N * 4 * 4 + N + N // 32 * 8
     return [dict(case=f"rmsnorm_residual->q8_1 fused {N}", path="dp4a", us=med_f, us_min=mn_f, bytes=nb, copies=1),
@@ -364,7 +345,7 @@ def bench_norm_q8(stream, reps, N=2048):
 
 
 def run_chunk(stream, dev, reps, rng, rows):
-    """The chunk-mapping kernels (gemv.py GemvChunk, moe_ffn.py Moe*Chunk) at the Qwen3-30B-A3B shapes."""
+    """The chunk-mapping kernels (gemv_chunk.py GemvChunk, moe_ffn_chunk.py Moe*Chunk) at the Qwen3-30B-A3B shapes."""
     for path in ("float", "dp4a"):
         for q, n_in, n_out in DENSE_CASES:
             for rpw in (1, 2):
@@ -398,18 +379,19 @@ def run(reps: int = 50, only: str | None = None) -> dict:
     if only in (None, "chunk"):
         run_chunk(stream, dev, reps, rng, rows)
     if only == "chunkdense":  # dense chunk GEMVs (default rows per warp) + q/k/v multi, both paths
-        from .gemv import choose_rpw
+        from .gemv_chunk import choose_rows_per_warp
 
         for path in ("float", "dp4a"):
             for q, n_in, n_out in DENSE_CASES:
                 rows.append(bench_dense(q, n_in, n_out, path, stream, dev.l2_bytes, reps, rng, "chunk",
-                                        choose_rpw(n_out, dev.sm_count)))
+                                        choose_rows_per_warp(n_out, dev.sm_count)))
             rows += bench_multi(stream, dev.l2_bytes, reps, rng, path)
-    if only == "xfirst":
+    if only == "xfirst":  # dp4a chunk MoE with the activation loads issued before the weight loads, A/B
         for _ in range(2):
             for q_down in ("Q6_K_P", "Q4_K"):
                 for xf in (False, True):
-                    rows += bench_moe(stream, reps, rng, q_down=q_down, path="dp4a", mapping="chunk", xfirst=xf)
+                    rows += bench_moe(stream, reps, rng, q_down=q_down, path="dp4a", mapping="chunk",
+                                      x_loads_first=xf)
     if only == "moechunk":
         for path in ("float", "dp4a"):
             for q_down in ("Q6_K_P", "Q4_K", "Q6_K"):
@@ -434,6 +416,91 @@ def run(reps: int = 50, only: str | None = None) -> dict:
                 results=rows)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Attention and router (their own tables: python -m sparkinfer_cute.kernels.microbench --attention / --router)
+
+
+def bench_attention(config: str, n_ctx: int, num_splits: int | None = None, iters: int = 50, fused_combine: bool = False,
+              **tuning) -> dict:
+    """GPU time of split-KV + combine (or the fused-combine single kernel) for one model config at context ``n_ctx``
+    (graph of ``iters`` launches, replayed; reports µs per call and the K/V bytes read per second)."""
+    from cutlass import Float16, Float32, Int32
+
+    from ..runtime import DeviceArray, Stream, get_device
+    from .attention_decode import MODEL_CONFIGS, compile_attention_combine, compile_attention_decode, \
+        fused_counter_count
+    from .common import cu_stream
+
+    c = dict(MODEL_CONFIGS[config])
+    if num_splits:
+        c["num_splits"] = num_splits
+    H, KV, D, P, S = c["n_head"], c["n_kv_head"], c["head_dim"], c["page_size"], c["num_splits"]
+    pages = -(-n_ctx // P)
+    rng = np.random.default_rng(0)
+    k_pool = DeviceArray.from_numpy(rng.standard_normal((pages, P, KV, D)).astype(np.float16))
+    v_pool = DeviceArray.from_numpy(rng.standard_normal((pages, P, KV, D)).astype(np.float16))
+    table = DeviceArray.from_numpy(rng.permutation(pages).astype(np.int32).reshape(1, pages))
+    pos = DeviceArray.from_numpy(np.array([n_ctx - 1], np.int32))
+    q = DeviceArray.from_numpy(rng.standard_normal((1, H, D)).astype(np.float32))
+    out = DeviceArray.empty((1, H, D), np.float32)
+    o_part = DeviceArray.empty((1, H, S, D), np.float32)
+    lse_part = DeviceArray.empty((1, H, S), np.float32)
+    counters = DeviceArray.zeros((fused_counter_count(H, KV, D, heads_per_cta=tuning.get("heads_per_cta", 0)),),
+                                 np.int32)
+    f_attn = compile_attention_decode(H, KV, D, P, S, False, fused_combine=fused_combine, **tuning)
+    f_comb = compile_attention_combine(n_head=H, head_dim=D, num_splits=S)
+    stream = Stream()
+    cus = cu_stream(stream)
+    args = (gptr(Float32, q.ptr), gptr(Float16, k_pool.ptr), gptr(Float16, v_pool.ptr),
+            gptr(Int32, table.ptr, align=4), gptr(Int32, pos.ptr, align=4), gptr(Float32, o_part.ptr),
+            gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr, align=4), gptr(Int32, counters.ptr, align=4),
+            Int32(1), Int32(pages), Int32(pages), Float32(0.1), Int32(0), Float32(1.0), cus)
+    comb_args = (gptr(Float32, o_part.ptr), gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr), Int32(1),
+                 cus)
+
+    def one():
+        f_attn(*args)
+        if not fused_combine:
+            f_comb(*comb_args)
+
+    us = _graph_call_us(one, stream, iters)
+    kv_bytes = 2 * n_ctx * KV * D * 2
+    return dict(config=config, n_ctx=n_ctx, num_splits=S, fused_combine=fused_combine, us=round(us, 2),
+                gbps=round(kv_bytes / us / 1e3, 1), device=get_device().name, **tuning)
+
+
+def bench_router(n_expert: int = 128, n_embd: int = 2048, k: int = 8, iters: int = 200) -> dict:
+    """µs per router call, CUDA graph of ``iters`` calls: the two-launch path (F32 ``gemv`` + ``route``) vs the
+    fused :func:`route_gemv`; also checks the fused ids equal the two-launch ids on the benchmark data."""
+    from ..runtime import DeviceArray, Stream, get_device
+    from .gemv import gemv
+    from .router import route, route_gemv
+
+    rng = np.random.default_rng(0)
+    w_np = (rng.standard_normal((n_expert, n_embd)) / np.sqrt(n_embd)).astype(np.float32)
+    w = DeviceArray.from_numpy(w_np)
+    h = DeviceArray.from_numpy(rng.standard_normal((1, n_embd)).astype(np.float32))
+    logits = DeviceArray.empty((1, n_expert), np.float32)
+    counter = DeviceArray.zeros((1,), np.int32)
+    ids = [DeviceArray.empty((1, k), np.int32) for _ in range(2)]
+    p = [DeviceArray.empty((1, k), np.float32) for _ in range(2)]
+    stream = Stream()
+    w_bytes = w.view(np.uint8, (n_expert, 4 * n_embd))
+
+    def two_launch():
+        gemv(w_bytes, "F32", h, n_out=n_expert, out=logits, stream=stream)
+        route(logits, k, ids_out=ids[0], weights_out=p[0], stream=stream)
+
+    def fused():
+        route_gemv(w, h, k, ids_out=ids[1], weights_out=p[1], scratch=logits, counter=counter, stream=stream)
+
+    out = dict(n_expert=n_expert, n_embd=n_embd, k=k, device=get_device().name)
+    for name, fn in (("two_launch_us", two_launch), ("fused_us", fused)):
+        out[name] = round(_graph_call_us(fn, stream, iters), 2)
+    out["same_ids"] = bool((ids[0].to_numpy(stream) == ids[1].to_numpy(stream)).all())
+    return out
+
+
 def format_table(report: dict) -> str:
     lines = [f"{report['device']} ({report['target']}, {report['sm_count']} SMs); D2D copy "
              f"{report['copy_GBps']:.0f} GB/s (read+write); median of {report['reps']} graph replays",
@@ -448,9 +515,33 @@ def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m sparkinfer_cute.kernels.microbench", description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=writable_path, help="write the results as JSON to this path")
     ap.add_argument("--reps", type=int_at_least(50), default=50, help="timed graph replays per case (>= 50)")
-    ap.add_argument("--only", choices=("gemv", "experts", "moe", "chunk", "fused", "moechunk", "xfirst", "chunkdense"), help="run one group of cases")
+    ap.add_argument("--only", choices=("gemv", "experts", "moe", "chunk", "fused", "moechunk", "xfirst", "chunkdense"),
+                    help="run one group of cases")
+    ap.add_argument("--attention", action="store_true",
+                    help="split-KV decode attention instead: µs and K/V GB/s per model config and context")
+    ap.add_argument("--ctx", type=int_at_least(1), nargs="+", default=[512, 4096, 32768],
+                    help="contexts for --attention")
+    ap.add_argument("--splits", type=int_at_least(0), default=0, help="--attention: split count (0: the model config's)")
+    ap.add_argument("--fused", action="store_true", help="--attention: also time the fused-combine kernel")
+    ap.add_argument("--config", action="append", default=None, help="--attention: only these model configs")
+    ap.add_argument("--heads-per-cta", type=int_at_least(0), default=0, help="--attention tuning knob (0: automatic)")
+    ap.add_argument("--keys-per-iter", type=int_at_least(0), default=0, help="--attention tuning knob (0: automatic)")
+    ap.add_argument("--router", action="store_true", help="fused router GEMV + top-k vs gemv + route instead")
     a = ap.parse_args(argv)
     require_gpu(ap.prog, "the micro-benchmark")
+    if a.attention:
+        from .attention_decode import MODEL_CONFIGS
+
+        for cfg in a.config or sorted(MODEL_CONFIGS):
+            for n in a.ctx:
+                for fused in ([False, True] if a.fused else [False]):
+                    print(bench_attention(cfg, n, a.splits or None, fused_combine=fused,
+                                          heads_per_cta=a.heads_per_cta, keys_per_iter=a.keys_per_iter))
+        return 0
+    if a.router:
+        for n_expert, n_embd, k in ((128, 2048, 8), (256, 2048, 8)):
+            print(bench_router(n_expert, n_embd, k))
+        return 0
     report = run(a.reps, a.only)
     print(format_table(report))
     if a.json:

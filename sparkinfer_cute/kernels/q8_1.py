@@ -1,4 +1,4 @@
-"""Quantize f32 activations to q8_1-style int8 blocks of 32 (for the dp4a GEMV, gemv_q8.py).
+"""Quantize f32 activations to q8_1-style int8 blocks of 32 (for the dp4a GEMV / MoE paths, quant_dot.py).
 
 For every block of 32 consecutive elements of a row: ``d = amax / 127`` (f32), ``q = rint(x / d)`` (int8, |q| <=
 127; q = 0 and d = 0 for an all-zero block), ``s = d * sum(q)`` (f32; the K-quants' min term needs the sum of the
@@ -7,7 +7,7 @@ For every block of 32 consecutive elements of a row: ``d = amax / 127`` (f32), `
 Layout (three separate, 16-byte-aligned arrays; unlike llama.cpp's interleaved ``block_q8_1`` so that the int8 data
 can be read with 128-bit loads): ``qs`` int8 [rows, n], ``d`` f32 [rows, n/32], ``s`` f32 [rows, n/32].
 
-Elementwise error: |x - d*q| <= d/2 (+ the f32 rounding of x/d, <= 127 * 2^-24 * d), the bound gemv_q8 tests use.
+Elementwise error: |x - d*q| <= d/2 (+ the f32 rounding of x/d, <= 127 * 2^-24 * d), the bound the dp4a tests use.
 
 One warp per block, one element per lane: warp max of |x|, warp sum of q (exact in f32: |sum| <= 32*127).
 """
@@ -22,12 +22,12 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
 
 from .arch import pdl_enabled
-from .common import pdl_prologue
-from .compile import kernel_cache
-from .quant_decode import kernel_options
+from .common import WarpRowKernel, aligned, gptr, pdl_prologue, warp_reduce_max, warp_reduce_sum
+from .compile import compile_options, kernel_cache
+from .quant_decode import QK8_1
+from .registry import register
 
-QK = 32
-WARPS = 4
+WARPS = WarpRowKernel.WARPS
 
 
 @dsl_user_op
@@ -37,52 +37,38 @@ def rint_s32(x, *, loc=None, ip=None) -> Int32:
                                  "=r,f", loc=loc, ip=ip))
 
 
-def _warp_max(v):
-    for i in range(5):
-        v = cute.arch.fmax(v, cute.arch.shuffle_sync_bfly(v, offset=1 << i))
-    return v
+class QuantizeQ8_1(WarpRowKernel):
+    """One warp per q8_1 block of 32 elements (the "rows" of :class:`WarpRowKernel`), one element per lane."""
 
-
-def _warp_sum(v):
-    for i in range(5):
-        v = v + cute.arch.shuffle_sync_bfly(v, offset=1 << i)
-    return v
-
-
-class QuantizeQ8_1:
     def __init__(self, n: int):
-        self.pdl = pdl_enabled()
-        assert n % QK == 0, f"row length {n} must be a multiple of {QK}"
+        super().__init__()
+        assert n % QK8_1 == 0, f"row length {n} must be a multiple of {QK8_1}"
         self.n = n
 
     @cute.jit
     def __call__(self, pX: cute.Pointer, pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer, rows: Int32,
                  stream: cuda.CUstream):
-        n_blocks = rows * (self.n // QK)
-        self.kernel(pX, pQ, pD, pS, n_blocks).launch(
-            grid=[cute.ceil_div(n_blocks, WARPS), 1, 1], block=[WARPS * 32, 1, 1],
-            stream=stream, use_pdl=self.pdl)
+        n_blocks = rows * (self.n // QK8_1)
+        self.launch_rows(self.kernel(pX, pQ, pD, pS, n_blocks), n_blocks, WARPS, 1, stream)
 
     @cute.kernel
     def kernel(self, pX: cute.Pointer, pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer, n_blocks: Int32):
         pdl_prologue(self.pdl)
-        tid = cute.arch.thread_idx()[0]
-        bx = cute.arch.block_idx()[0]
-        warp, lane = tid // 32, tid % 32
+        _, bx, _, warp, lane = self.thread_coords()
         b = bx * WARPS + warp
         if b < n_blocks:
-            mX = cute.make_tensor(pX, cute.make_layout(n_blocks * QK))
-            mQ = cute.make_tensor(pQ, cute.make_layout(n_blocks * QK))
+            mX = cute.make_tensor(pX, cute.make_layout(n_blocks * QK8_1))
+            mQ = cute.make_tensor(pQ, cute.make_layout(n_blocks * QK8_1))
             mD = cute.make_tensor(pD, cute.make_layout(n_blocks))
             mS = cute.make_tensor(pS, cute.make_layout(n_blocks))
-            x = mX[b * QK + lane]
-            amax = _warp_max(cute.math.absf(x))
+            x = mX[b * QK8_1 + lane]
+            amax = warp_reduce_max(cute.math.absf(x), small_offsets_first=True)
             d = amax / Float32(127.0)
             q = Int32(0)
             if amax > Float32(0.0):
                 q = rint_s32(x / d)
-            mQ[b * QK + lane] = Int8(q)
-            qs = _warp_sum(Float32(q))
+            mQ[b * QK8_1 + lane] = Int8(q)
+            qs = warp_reduce_sum(Float32(q), small_offsets_first=True)
             if lane == 0:
                 mD[b] = d
                 mS[b] = d * qs
@@ -102,7 +88,7 @@ class RmsNormQ8_1:
     def __init__(self, N: int, residual: bool = False, has_weight: bool = True):
         self.pdl = pdl_enabled()
 
-        assert N % QK == 0, f"row length {N} must be a multiple of {QK}"
+        assert N % QK8_1 == 0, f"row length {N} must be a multiple of {QK8_1}"
         self.N, self.residual, self.has_weight = N, residual, has_weight
         self.active = N // self.EPT
         self.threads = -(-self.active // 32) * 32
@@ -138,7 +124,7 @@ class RmsNormQ8_1:
                 cute.autovec_copy(v, cute.make_tensor(pRO + cute.assume(e0, divby=E), cute.make_layout(E)))
             for i in cutlass.range_constexpr(E):
                 ss = ss + v[i] * v[i]
-        ss = _warp_sum(ss)
+        ss = warp_reduce_sum(ss, small_offsets_first=True)
         if lane == 0:
             red[warp] = ss
         cute.arch.barrier()
@@ -158,8 +144,7 @@ class RmsNormQ8_1:
                 amax = cute.arch.fmax(amax, cute.math.absf(h))
             cute.autovec_copy(v, cute.make_tensor(pH + cute.assume(e0, divby=E), cute.make_layout(E)))
         # q8_1 block = lanes 4g..4g+3 (all active or all inactive: N % 32 == 0)
-        for i in cutlass.range_constexpr(2):
-            amax = cute.arch.fmax(amax, cute.arch.shuffle_sync_bfly(amax, offset=1 << i))
+        amax = warp_reduce_max(amax, width=4, small_offsets_first=True)
         d = amax / Float32(127.0)
         qsum = Int32(0)
         if tid < self.active:
@@ -171,11 +156,10 @@ class RmsNormQ8_1:
                 qv[i] = Int8(qi)
                 qsum = qsum + qi
             cute.autovec_copy(qv, cute.make_tensor(pQ + cute.assume(e0, divby=E), cute.make_layout(E)))
-        for i in cutlass.range_constexpr(2):
-            qsum = qsum + cute.arch.shuffle_sync_bfly(qsum, offset=1 << i)
+        qsum = warp_reduce_sum(qsum, width=4, small_offsets_first=True)
         if tid < self.active:
             if tid % 4 == 0:
-                b = e0 // QK
+                b = e0 // QK8_1
                 mD = cute.make_tensor(pD, cute.make_layout(b + 1))
                 mS = cute.make_tensor(pS, cute.make_layout(b + 1))
                 mD[b] = d
@@ -184,9 +168,9 @@ class RmsNormQ8_1:
 
 @kernel_cache
 def compile_rmsnorm_q8_1(N: int, residual: bool = False, has_weight: bool = True):
-    p = _ptr(Float32, 0)
-    return cute.compile(RmsNormQ8_1(N, residual, has_weight), p, p, p, p, p, _ptr(Int8, 0), p, p, Int32(1),
-                        Float32(1e-6), cute.runtime.make_fake_stream(), options=kernel_options())
+    p = gptr(Float32, 0)
+    return cute.compile(RmsNormQ8_1(N, residual, has_weight), p, p, p, p, p, gptr(Int8, 0), p, p, Int32(1),
+                        Float32(1e-6), cute.runtime.make_fake_stream(), options=compile_options())
 
 
 def rmsnorm_q8_1(x, w=None, eps: float = 1e-6, *, residual=None, out=None, residual_out=None, xq: Q8Act | None = None,
@@ -211,9 +195,9 @@ def rmsnorm_q8_1(x, w=None, eps: float = 1e-6, *, residual=None, out=None, resid
     for a in (dx, h, dr, ro, dw):
         if a is not None and a.ptr % 16:
             raise ValueError("rmsnorm_q8_1 needs 16-byte aligned buffers (32-byte loads per thread)")
-    fn(_ptr(Float32, dx.ptr), _ptr(Float32, (dx if dr is None else dr).ptr), _ptr(Float32, (dx if ro is None else ro).ptr),
-       _ptr(Float32, (dx if dw is None else dw).ptr), _ptr(Float32, h.ptr), _ptr(Int8, q.qs.ptr), _ptr(Float32, q.d.ptr),
-       _ptr(Float32, q.s.ptr), Int32(M), Float32(eps), cuda.CUstream(st.handle))
+    fn(gptr(Float32, dx.ptr), gptr(Float32, (dx if dr is None else dr).ptr), gptr(Float32, (dx if ro is None else ro).ptr),
+       gptr(Float32, (dx if dw is None else dw).ptr), gptr(Float32, h.ptr), gptr(Int8, q.qs.ptr), gptr(Float32, q.d.ptr),
+       gptr(Float32, q.s.ptr), Int32(M), Float32(eps), cuda.CUstream(st.handle))
     if x_np:
         hq = tuple(a.reshape(*dx.shape[:-1], -1) if len(dx.shape) > 1 else a[0] for a in q.to_numpy())
         hn = h.to_numpy(stream=st)
@@ -221,14 +205,10 @@ def rmsnorm_q8_1(x, w=None, eps: float = 1e-6, *, residual=None, out=None, resid
     return (h, ro, q) if dr is not None else (h, q)
 
 
-def _ptr(dtype, addr, align=16):
-    return cute.runtime.make_ptr(dtype, addr, cute.AddressSpace.gmem, assumed_align=align)
-
-
 @kernel_cache
 def compile_quantize_q8_1(n: int):
-    return cute.compile(QuantizeQ8_1(n), _ptr(Float32, 0), _ptr(Int8, 0), _ptr(Float32, 0), _ptr(Float32, 0),
-                        Int32(1), cute.runtime.make_fake_stream(), options=kernel_options())
+    return cute.compile(QuantizeQ8_1(n), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0), gptr(Float32, 0),
+                        Int32(1), cute.runtime.make_fake_stream(), options=compile_options())
 
 
 class Q8Act:
@@ -239,8 +219,8 @@ class Q8Act:
 
         self.rows, self.n = rows, n
         self.qs = DeviceArray.empty((rows, n), np.int8)
-        self.d = DeviceArray.empty((rows, n // QK), np.float32)
-        self.s = DeviceArray.empty((rows, n // QK), np.float32)
+        self.d = DeviceArray.empty((rows, n // QK8_1), np.float32)
+        self.s = DeviceArray.empty((rows, n // QK8_1), np.float32)
 
     def to_numpy(self):
         return self.qs.to_numpy(), self.d.to_numpy(), self.s.to_numpy()
@@ -257,7 +237,7 @@ def quantize_q8_1(x, out: Q8Act | None = None, stream=None):
     rows = int(np.prod(dx.shape[:-1])) if len(dx.shape) > 1 else 1
     q = out if out is not None else Q8Act(rows, n)
     fn = compile_quantize_q8_1(n)
-    fn(_ptr(Float32, dx.ptr, 4), _ptr(Int8, q.qs.ptr), _ptr(Float32, q.d.ptr), _ptr(Float32, q.s.ptr), Int32(rows),
+    fn(gptr(Float32, dx.ptr, 4), gptr(Int8, q.qs.ptr), gptr(Float32, q.d.ptr), gptr(Float32, q.s.ptr), Int32(rows),
        cuda.CUstream(st.handle))
     if x_np:
         qs, d, s = q.to_numpy()
@@ -267,32 +247,27 @@ def quantize_q8_1(x, out: Q8Act | None = None, stream=None):
     return q
 
 
-def quantize_q8_1_ref(x: np.ndarray):
-    """numpy reference (f32 arithmetic like the kernel): returns (qs int8, d f32, s f32)."""
-    x = np.asarray(x, dtype=np.float32)
-    xb = x.reshape(*x.shape[:-1], -1, QK)
-    amax = np.abs(xb).max(-1)
-    d = (amax / np.float32(127.0)).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(amax[..., None] > 0, np.rint(xb / d[..., None]), 0).astype(np.int8)
-    s = (d * q.astype(np.float32).sum(-1)).astype(np.float32)
-    return q.reshape(x.shape), d, s
+def as_q8(x, stream):
+    """(Q8Act, was numpy): ``x`` as int8 activations, quantized here unless it already is a :class:`Q8Act`."""
+    from ..runtime import DeviceArray
+
+    if isinstance(x, Q8Act):
+        return x, False
+    x_np = not isinstance(x, DeviceArray)
+    dx = DeviceArray.from_numpy(np.ascontiguousarray(x, np.float32), stream) if x_np else x
+    return quantize_q8_1(dx, stream=stream), x_np
 
 
-def dequantize_q8_1(qs, d) -> np.ndarray:
-    qs = np.asarray(qs, dtype=np.float64)
-    return (qs.reshape(*qs.shape[:-1], -1, QK) * np.asarray(d, np.float64)[..., None]).reshape(qs.shape)
+def x_pointers(x) -> tuple:
+    """(x f32, xq i8, xd f32, xs f32) launch pointers of an activation that is either f32 (a DeviceArray: the float
+    kernels read ``x``) or a :class:`Q8Act` (the dp4a kernels read ``xq``, ``xd``, ``xs``). The pointers a path does
+    not read are any valid address."""
+    if isinstance(x, Q8Act):
+        return gptr(Float32, x.d.ptr), gptr(Int8, x.qs.ptr), gptr(Float32, x.d.ptr), gptr(Float32, x.s.ptr)
+    p = aligned(x, "x").ptr
+    return gptr(Float32, p), gptr(Int8, p), gptr(Float32, p), gptr(Float32, p)
 
 
-def _register():
-    try:
-        from .registry import register
-    except ImportError:
-        return
-    register("quantize_q8_1", compile_quantize_q8_1,
-             [dict(n=n) for n in (256, 384, 512, 640, 768, 1024, 1536, 2048, 4096)])
-    register("rmsnorm_q8_1", compile_rmsnorm_q8_1,
-             [dict(N=n, residual=r) for n in (2048, 640, 2816, 256, 384, 512) for r in (False, True)])
-
-
-_register()
+register("quantize_q8_1", compile_quantize_q8_1, [dict(n=n) for n in (256, 384, 512, 640, 768, 1024, 1536, 2048, 4096)])
+register("rmsnorm_q8_1", compile_rmsnorm_q8_1,
+         [dict(N=n, residual=r) for n in (2048, 640, 2816, 256, 384, 512) for r in (False, True)])

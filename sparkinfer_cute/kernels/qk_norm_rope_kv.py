@@ -21,7 +21,7 @@ Semantics (models.md "Conventions"):
 - ``theta_scale**i`` is computed by **binary exponentiation in f32**: ``p = prod_{bit b of i} s_b`` with
   ``s_0 = theta_scale``, ``s_{b+1} = s_b * s_b``, multiplied in increasing ``b``; then ``theta = f32(pos) * p``
   and ``theta / ff[i]`` (IEEE division). Every step is one correctly rounded f32 multiply/divide, so the result is
-  bit-reproducible in numpy (:func:`rope_theta_f32`) and the test compares against a float64 rotation of exactly
+  bit-reproducible in numpy (``reference.kernel_refs.rope_theta_f32``) and the test compares against a float64 rotation of exactly
   the kernel's theta. Accuracy vs the exact ``pos * base^(-2i/n_rot)``: squaring doubles the relative error, so
   ``|dp/p| <= (i - 1 + popcount(i)) * 2^-24`` (about what llama.cpp's CPU loop ``theta *= theta_scale`` gives,
   ``<= i * 2^-24``), while ``p`` itself decays as ``theta_scale**i``; the absolute theta error
@@ -51,6 +51,7 @@ import numpy as np
 from cutlass import Float16, Float32, Int32, const_expr
 
 from .common import block_reduce_sum, fake_ptr, gptr, pdl_prologue
+from ..reference.kernel_refs import theta_scale_f32
 from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
@@ -67,12 +68,8 @@ def _pow2_ceil(n: int) -> int:
     return p
 
 
-def theta_scale_f32(base: float, n_rot: int) -> np.float32:
-    """``powf(base, -2.0f / n_rot)`` in f32, as llama.cpp computes it on the host (same as :mod:`rope`)."""
-    return np.power(np.float32(base), np.float32(-2.0) / np.float32(n_rot), dtype=np.float32)
-
-
 def _exp_bits(half: int) -> int:
+    """Bits of the binary exponentiation of theta_scale (reference.kernel_refs.rope_theta_f32 mirrors it)."""
     return max(1, (half - 1).bit_length())
 
 
@@ -354,82 +351,6 @@ def qk_norm_rope_kv(q, k, v, q_norm, k_norm, k_pool, v_pool, page_table, pos, *,
        gptr(Int32, dpos.ptr, _A32), gptr(Float32, qo.ptr, _A32), Int32(B), Int32(n_pages), Int32(pages_per_seq),
        Float32(float(theta_scale_f32(base, n_rot))), Float32(eps), Float32(q_scale), s.cu)
     return qo.to_numpy(s) if q_np else qo
-
-
-# ------------------------------------------------------------------------------------------------ references
-def rope_theta_f32(pos, n_rot: int, base: float, freq_factors=None) -> np.ndarray:
-    """The kernel's f32 theta ``[len(pos), n_rot/2]``, bit for bit (binary exponentiation of the f32
-    theta_scale, f32 product with the position, IEEE f32 division by the frequency factors)."""
-    half = n_rot // 2
-    i = np.arange(half)
-    p = np.ones(half, np.float32)
-    sq = theta_scale_f32(base, n_rot)
-    for bit in range(_exp_bits(half)):
-        p = np.where((i >> bit) & 1 == 1, p * sq, p).astype(np.float32)
-        sq = np.float32(sq * sq)
-    theta = np.atleast_1d(np.asarray(pos)).astype(np.float32)[:, None] * p[None, :]
-    if freq_factors is not None:
-        theta = theta / np.asarray(freq_factors, np.float32)[None, :]
-    return theta.astype(np.float32)
-
-
-def _rope_with_theta(x: np.ndarray, theta: np.ndarray, n_rot: int) -> np.ndarray:
-    """float64 NEOX rotation of ``x [B, heads, D]`` by ``theta [B, n_rot/2]`` (same pairing as ops.rope_neox)."""
-    half = n_rot // 2
-    c, s = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-    y = x.copy()
-    x0, x1 = x[..., :half], x[..., half:n_rot]
-    y[..., :half] = x0 * c - x1 * s
-    y[..., half:n_rot] = x0 * s + x1 * c
-    return y
-
-
-def qk_norm_rope_kv_ref(q, k, v, q_norm, k_norm, pos, *, n_rot: int, base: float, eps: float,
-                        q_scale: float = 1.0, freq_factors=None, v_norm: bool = False, theta: str = "kernel"):
-    """float64 reference: returns ``(q_new, k_cached, v_cached)`` as float64 arrays shaped like the inputs
-    (``[B, heads, D]`` or ``[heads, D]``; a q with a longer last axis keeps its extra columns unchanged, as the
-    kernel does with ``q_stride``); the cache holds ``k_cached``/``v_cached`` rounded to fp16.
-
-    Built from :mod:`sparkinfer_cute.reference.ops` (``rmsnorm_per_head`` in float64, ``rope_neox``). ``theta``:
-    ``"kernel"`` rotates by the kernel's exact f32 theta (:func:`rope_theta_f32`; the tight-tolerance test
-    reference), ``"llama_cpu"`` uses ``ops.rope_neox`` (llama.cpp CPU: f32 ``theta *= theta_scale``), ``"exact"``
-    uses float64 ``pos * base**(-2i/n_rot) / ff``."""
-    from ..reference import ops
-
-    squeeze = np.ndim(q) == 2
-    q_full = np.asarray(q, np.float64).reshape((-1,) + np.shape(q)[-2:])
-    D = np.shape(k)[-1]
-    q = q_full[..., :D]
-    k = np.asarray(k, np.float64).reshape((-1,) + np.shape(k)[-2:])
-    v = np.asarray(v, np.float64).reshape((-1,) + np.shape(v)[-2:])
-    pos = np.atleast_1d(np.asarray(pos)).astype(np.int64)[: q.shape[0]]
-    if q_norm is not None:
-        q = ops.rmsnorm_per_head(q, np.asarray(q_norm, np.float64), eps)
-        k = ops.rmsnorm_per_head(k, np.asarray(k_norm, np.float64), eps)
-    if v_norm:
-        v = ops.rmsnorm_per_head(v, None, eps)
-    if theta == "llama_cpu":
-        ff = None if freq_factors is None else np.asarray(freq_factors, np.float32)
-        q = ops.rope_neox(q, pos, n_rot, base, ff)
-        k = ops.rope_neox(k, pos, n_rot, base, ff)
-    else:
-        if theta == "kernel":
-            th = rope_theta_f32(pos, n_rot, base, freq_factors).astype(np.float64)
-        elif theta == "exact":
-            i = np.arange(n_rot // 2)
-            th = pos[:, None].astype(np.float64) * np.power(float(base), -2.0 * i / n_rot)[None, :]
-            if freq_factors is not None:
-                th = th / np.asarray(freq_factors, np.float64)[None, :]
-        else:
-            raise ValueError(f"theta must be 'kernel', 'llama_cpu' or 'exact', got {theta!r}")
-        q = _rope_with_theta(q, th, n_rot)
-        k = _rope_with_theta(k, th, n_rot)
-    q = q * float(q_scale)
-    if q_full.shape[-1] != D:
-        q = np.concatenate([q, q_full[..., D:]], axis=-1)
-    if squeeze:
-        return q[0], k[0], v[0]
-    return q, k, v
 
 
 # ------------------------------------------------------------------------------------------------ registration

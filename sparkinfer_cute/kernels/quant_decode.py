@@ -1,5 +1,8 @@
 """Device-side decoding of GGUF quant blocks, shared by dequant, GEMV and the MoE FFN kernels.
 
+(~600 lines: the decoders of ten types in two step shapes, unit and slice, kept in one file so that a type's two
+decoders and its table rows can be read side by side; the dot products are in quant_dot.py.)
+
 Weights stay in their raw GGUF bytes on the GPU (rows of ``n_in`` elements, blocks along ``n_in``). Every type is
 decoded in *units*: the piece of one block that one lane turns into f32 values in registers per step.
 
@@ -15,11 +18,12 @@ decoded in *units*: the piece of one block that one lane turns into f32 values i
 
 Q4_0/Q5_0/Q8_0/Q6_K blocks are only 2-byte aligned (18/22/34/210 bytes), so they are read with 16-bit loads (the
 loads of a warp still coalesce). ``Q6_K_P`` is Q6_K after the optional upload-time repack
-``dequant.repack_q6_k_padded`` (2 zero bytes after each block: 212 = 53 words, every field 4-byte aligned, 32-bit
+``gguf.quants.repack_q6_k_padded`` (2 zero bytes after each block: 212 = 53 words, every field 4-byte aligned, 32-bit
 loads, +0.95% bytes); Q6_K tensors are the LM head and half of the down experts of Qwen3-30B-A3B Q4_K_M.
 
 Units are what the bit-exact dequant kernel uses. The GEMV/MoE kernels use *slices* (4 quant bytes per lane, see
-below) so that every warp load is coalesced; the unit mapping stays available as ``Tiling(qtype, "unit")``.
+below) so that every warp load is coalesced; the unit mapping stays available as ``Tiling(qtype, "unit")``. The dot
+products of decoded steps with the activations (f32 or int8, and the wide *chunk* mapping) are in quant_dot.py.
 
 Numerics. With ``exact=True`` the decode reproduces ggml/gguf-py bit for bit: gguf-py evaluates, in f32,
 ``(d*sc)*q - dmin*m`` (K-quants) / ``(d*sc)*q`` (Q6_K) / ``d*q`` (legacy quants), each product rounded. ptxas fuses a
@@ -34,20 +38,11 @@ The helpers here are plain Python functions called while a kernel is traced: the
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from cutlass import Float32, Int32, Uint8, Uint16, Uint32, cute
+from cutlass import Float32, Int32, Uint16, Uint32, cute
 from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import dsl_user_op
-
-
-def kernel_options() -> str:
-    """compile_options() (the --gpu-arch target) + --keep-ptx when SPARKINFER_KEEP_PTX=1 (to read the PTX via
-    ``compiled.artifacts.PTX``)."""
-    from .compile import compile_options
-
-    return compile_options("--keep-ptx" if os.environ.get("SPARKINFER_KEEP_PTX") else "")
 
 
 # ggml type ids (ggml.h enum ggml_type)
@@ -95,6 +90,9 @@ SPECS = {
     "F32": QuantSpec("F32", 32, 128, 32, _contig(32)),
 }
 QTYPES = tuple(SPECS)
+# Types with integer quants that the dp4a (int8-activation) paths decode; the float types use the f32 GEMV.
+INT_QTYPES = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q6_K_P")
+QK8_1 = 32  # elements per block of the q8_1 int8 activations (q8_1.py)
 
 
 def spec(qtype: str) -> QuantSpec:
@@ -162,13 +160,6 @@ def bits_to_f32(w, *, loc=None, ip=None) -> Float32:
     """Reinterpret 32 bits as an f32."""
     return Float32(llvm.inline_asm(Float32.mlir_type, [Uint32(w).ir_value(loc=loc, ip=ip)],
                                    "mov.b32 $0, $1;", "=f,r", loc=loc, ip=ip))
-
-
-def warp_allreduce_sum(v: Float32) -> Float32:
-    """Butterfly sum over the 32 lanes of a warp; every lane ends with the same (fixed-order) total."""
-    for i in range(5):
-        v = v + cute.arch.shuffle_sync_bfly(v, offset=1 << (4 - i))
-    return v
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,29 +401,6 @@ def decode_unit(qtype: str, pW, blk, u, out, exact: bool = False):
         raise ValueError(f"unsupported quant type {qtype!r}")
 
 
-def copy_runs_to_gmem(sp: QuantSpec, vals, gptr, gbase, divby: int):
-    """Store a decoded unit (``vals``, rmem) to global memory at element ``gbase`` + the unit's run offsets."""
-    for start, off, n in sp.runs:
-        tmp = cute.make_rmem_tensor((n,), vals.element_type)
-        for i in range(n):
-            tmp[i] = vals[start + i]
-        dst = cute.make_tensor(gptr + cute.assume(gbase + off, divby=divby), cute.make_layout(n))
-        cute.autovec_copy(tmp, dst)
-
-
-def load_runs_from_gmem(sp: QuantSpec, gptr, gbase, divby: int, dtype=Float32):
-    """Load the activations matching a unit's element positions (``gbase`` = row offset + unit base) into rmem,
-    in the unit's value order."""
-    xr = cute.make_rmem_tensor((sp.unit_elems,), dtype)
-    for start, off, n in sp.runs:
-        src = cute.make_tensor(gptr + cute.assume(gbase + off, divby=divby), cute.make_layout(n))
-        tmp = cute.make_rmem_tensor((n,), dtype)
-        cute.autovec_copy(src, tmp)
-        for i in range(n):
-            xr[start + i] = tmp[i]
-    return xr
-
-
 def run_divisibility(sp: QuantSpec) -> int:
     """What every run start (block-relative element offset) is divisible by."""
     return 8 if sp.name in ("Q6_K", "Q6_K_P") else sp.unit_elems
@@ -614,229 +582,28 @@ class Tiling:
         return cute.make_rmem_tensor((self.elems,), Float32)
 
 
-def load_x_runs(t: Tiling, gptr, gbase):
-    """Activations at a step's element positions (``gbase`` = row offset + step base), in the step's value order."""
-    xr = cute.make_rmem_tensor((t.elems,), Float32)
-    for start, off, n in t.runs:
-        src = cute.make_tensor(gptr + cute.assume(gbase + off, divby=t.divby), cute.make_layout(n))
-        tmp = cute.make_rmem_tensor((n,), Float32)
-        cute.autovec_copy(src, tmp)
-        for i in range(n):
-            xr[start + i] = tmp[i]
-    return xr
-
-
-def dot_values(w, xr, n: int):
-    """sum_i w[i] * xr[i] in up to 4 interleaved chains."""
-    c = min(4, n)
-    part = [w[i] * xr[i] for i in range(c)]
-    for i in range(c, n):
-        part[i % c] = part[i % c] + w[i] * xr[i]
-    while len(part) > 1:
-        part = [part[i] + part[i + 1] for i in range(0, len(part) - 1, 2)] + ([part[-1]] if len(part) % 2 else [])
-    return part[0]
-
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Chunks: the wide GEMV work split (``mapping="chunk"``, Q4_K / Q6_K / Q6_K_P). A lane owns 32 weights of one block
-# per step -- Q4_K: one 16-byte qs vector (quants 16h..16h+15 of sub-block pair c, chunk s = 2c + h); Q6_K: 8 bytes of
-# each of ql_lo, ql_hi, qh (chunk s = 4n + i: positions 128n + 8i + {0..7} + 32k, k = 0..3) -- so every block has 8
-# chunks and lane L of a warp always has chunk s = L % 8: the per-chunk header work (scale selection) is the same in
-# every step of a lane. Kernels issue *all* of a lane's weight loads first (the steps are unrolled at trace time),
-# then the activation loads and the math: one DRAM round trip per warp instead of one per step (the slice kernels
-# ran at 20-30% of copy bandwidth at the Qwen3 decode shapes, RESULTS.md 2026-11-25, mostly serial round trips).
-#
-# Float math avoids int->float conversion instructions (quarter rate): a quant byte b becomes f32 through
-# prmt (b into the mantissa of 2^23) and one subtraction of 2^23 (exact), and the affine parts are factored out:
-# Q4_K  sum_l (d1 q_l - dm1) x_l = d1 * sum q_l x_l - dm1 * sum x_l;  Q6_K  d sc_k * (sum q x - 32 sum x).
-
-CHUNK_QTYPES = ("Q4_K", "Q6_K", "Q6_K_P")
-CHUNKS_PER_BLOCK = 8
-
-
-@dsl_user_op
-def byte_f32(w, j: int, *, loc=None, ip=None) -> Float32:
-    """Byte ``j`` (static) of a 32-bit word as an exact f32, without a conversion instruction."""
-    sel = 0x7540 | j  # result bytes: [w.byte_j, 0, 0, 0x4B] -> bits of 2^23 + b
-    return Float32(llvm.inline_asm(
-        Float32.mlir_type, [Uint32(w).ir_value(loc=loc, ip=ip)],
-        "{\n\t.reg .b32 t, m;\n\t.reg .f32 f;\n\tmov.b32 m, 0x4B000000;\n\t"
-        f"prmt.b32 t, $1, m, {sel:#x};\n\tmov.b32 f, t;\n\tsub.f32 $0, f, 0f4B000000;\n\t}}",
-        "=f,r", loc=loc, ip=ip))
-
-
-def chunk_supported(qtype: str) -> bool:
-    return qtype in CHUNK_QTYPES
-
-
-def chunk_load(qtype: str, pW, blk, s):
-    """Raw weight words of chunk ``s`` (runtime, 0..7) of global block ``blk`` (loads only; decode in chunk_dot_*)."""
-    if qtype == "Q4_K":
-        w32 = cute.recast_ptr(pW, dtype=Uint32)
-        base = blk * 36
-        hdr = load_words(w32, base, 4, 4)
-        qs = load_words(w32, base + 4 + s * 4, 4, 4)
-        return (hdr, qs)
-    n, i = s >> 2, s & 3
-    return q6k_load(pW, blk, n, i * 2, 2, qtype == "Q6_K_P")
-
-
-def _q4k_chunk_scales(hdr, s):
-    d, dmin = half_lo_to_f32(hdr[0]), half_hi_to_f32(hdr[0])
-    (sc1, m1), (sc2, m2) = _kquant_scale_min(hdr, s >> 1)
-    return d * sc1, dmin * m1, d * sc2, dmin * m2
-
-
-def _q6k_chunk_words(raw):
-    """Q6_K chunk -> 4 groups k of 2 words of packed 6-bit quants (bytes 0..63, zero point 32)."""
-    L0, L1, H, _, _ = raw
-    out = []
-    for k in range(4):
-        Lk = L0 if k % 2 == 0 else L1
-        shl = 0 if k < 2 else 4
-        out.append([((Lk[m] >> shl) & 0x0F0F0F0F) | (((H[m] >> (2 * k)) & 0x03030303) << 4) for m in range(2)])
-    return out
-
-
-def _q6k_chunk_dscales(raw, s):
-    S, d = raw[3], raw[4]
-    return [d * Float32(sc) for sc in q6k_scale_bytes(S, Uint32((s & 3) >> 1) * 8)]
-
-
-def _load_f32(ptr, idx, n, divby):
-    return load_words(ptr, idx, n, divby, Float32)
-
-
-def chunk_x_f32(qtype: str, pX, xbase, s):
-    """The f32 activations of chunk ``s`` of the block whose first element is ``xbase`` (a multiple of 256):
-    Q4_K [lo 16, hi 16]; Q6_K 4 groups of 8. Returned as a list of rmem tensors (16-byte loads)."""
-    if qtype == "Q4_K":
-        e = xbase + (s >> 1) * 64 + (s & 1) * 16
-        return [_load_f32(pX, e, 16, 16), _load_f32(pX, e + 32, 16, 16)]
-    e = xbase + (s >> 2) * 128 + (s & 3) * 8
-    return [_load_f32(pX, e + 32 * k, 8, 8) for k in range(4)]
-
-
-def x_sums_f32(qtype: str, xv):
-    """Per-group sums of the chunk activations (shared by every row that uses the same x)."""
-    n = 16 if qtype == "Q4_K" else 8
-    out = []
-    for t in xv:
-        parts = [t[i] for i in range(4)]
-        for i in range(4, n):
-            parts[i % 4] = parts[i % 4] + t[i]
-        out.append((parts[0] + parts[1]) + (parts[2] + parts[3]))
-    return out
-
-
-def _dot_bytes(words, xt):
-    """sum_j byte_j(words) * xt[j] in 4 interleaved chains."""
-    parts = [None] * 4
-    for m, w in enumerate(words):
-        for j in range(4):
-            p = byte_f32(w, j) * xt[4 * m + j]
-            parts[j] = p if parts[j] is None else parts[j] + p
-    return (parts[0] + parts[1]) + (parts[2] + parts[3])
-
-
-def chunk_dot_f32(qtype: str, raw, s, xv, xs):
-    """f32 partial dot of one chunk with its activations ``xv`` (chunk_x_f32) and group sums ``xs`` (x_sums_f32)."""
-    if qtype == "Q4_K":
-        hdr, qs = raw
-        d1, dm1, d2, dm2 = _q4k_chunk_scales(hdr, s)
-        lo = [Uint32(qs[m]) & 0x0F0F0F0F for m in range(4)]
-        hi = [(Uint32(qs[m]) >> 4) & 0x0F0F0F0F for m in range(4)]
-        return (d1 * _dot_bytes(lo, xv[0]) - dm1 * xs[0]) + (d2 * _dot_bytes(hi, xv[1]) - dm2 * xs[1])
-    words = _q6k_chunk_words(raw)
-    ds = _q6k_chunk_dscales(raw, s)
-    val = None
-    for k in range(4):
-        t = ds[k] * (_dot_bytes(words[k], xv[k]) - Float32(32.0) * xs[k])
-        val = t if val is None else val + t
-    return val
-
-
-def chunk_x_q8(qtype: str, pXq, pXd, xbase, s):
-    """int8 activations (q8_1.py layout) of chunk ``s``: (list of word groups, list of block scales d_x)."""
-    xq32 = cute.recast_ptr(pXq, dtype=Int32)
-    if qtype == "Q4_K":
-        e = xbase + (s >> 1) * 64 + (s & 1) * 16
-        words = [load_words(xq32, e // 4, 4, 4, Int32), load_words(xq32, (e + 32) // 4, 4, 4, Int32)]
-        b0 = (xbase + (s >> 1) * 64) // 32
-        xd = cute.make_tensor(pXd, cute.make_layout(b0 + 2))
-        return words, [xd[b0], xd[b0 + 1]]
-    e = xbase + (s >> 2) * 128 + (s & 3) * 8
-    words = [load_words(xq32, (e + 32 * k) // 4, 2, 2, Int32) for k in range(4)]
-    b0 = (xbase + (s >> 2) * 128) // 32
-    xd = cute.make_tensor(pXd, cute.make_layout(b0 + 4))
-    return words, [xd[b0 + k] for k in range(4)]
-
-
-def chunk_dot_q8(qtype: str, raw, s, xq):
-    """dp4a partial dot of one chunk with int8 activations ``xq`` (chunk_x_q8): exact integer dots, f32 scaling."""
-    from .gemv_q8 import dp4a
-
-    xw, xd = xq
-    if qtype == "Q4_K":
-        hdr, qs = raw
-        d1, dm1, d2, dm2 = _q4k_chunk_scales(hdr, s)
-        val = None
-        for h, (dd, dm) in enumerate(((d1, dm1), (d2, dm2))):
-            dot = Int32(0)
-            sx = Int32(0)
-            for m in range(4):
-                w = ((Uint32(qs[m]) >> 4) & 0x0F0F0F0F) if h else (Uint32(qs[m]) & 0x0F0F0F0F)
-                dot = dp4a(w, xw[h][m], dot)
-                sx = dp4a(0x01010101, xw[h][m], sx)
-            t = xd[h] * (dd * Float32(dot) - dm * Float32(sx))
-            val = t if val is None else val + t
-        return val
-    words = _q6k_chunk_words(raw)
-    ds = _q6k_chunk_dscales(raw, s)
-    val = None
-    for k in range(4):
-        dot = Int32(0)
-        sx = Int32(0)
-        for m in range(2):
-            dot = dp4a(words[k][m], xw[k][m], dot)
-            sx = dp4a(0x01010101, xw[k][m], sx)
-        t = (ds[k] * xd[k]) * Float32(dot - sx * 32)
-        val = t if val is None else val + t
-    return val
-
 __all__ = [
-    "CHUNK_QTYPES",
     "GGML_TYPE_IDS",
+    "INT_QTYPES",
+    "QK8_1",
     "QTYPES",
     "SLICES",
     "SPECS",
     "QuantSpec",
     "Tiling",
-    "Uint8",
     "bits_to_f32",
-    "chunk_dot_f32",
-    "chunk_dot_q8",
-    "chunk_load",
-    "chunk_supported",
-    "chunk_x_f32",
-    "chunk_x_q8",
-    "copy_runs_to_gmem",
     "decode_unit",
-    "dot_values",
     "half_hi_to_f32",
     "half_lo_to_f32",
-    "load_runs_from_gmem",
     "load_words",
-    "load_x_runs",
     "mul_rn",
     "new_unit_buffer",
+    "q6k_load",
+    "q6k_scale_bytes",
     "qtype_name",
     "run_divisibility",
     "slice_base",
     "spec",
     "sub_rn",
     "unit_base",
-    "warp_allreduce_sum",
-    "x_sums_f32",
 ]

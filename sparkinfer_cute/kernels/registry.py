@@ -33,8 +33,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-# Modules of this package that are infrastructure, not kernels.
-_NON_KERNEL_MODULES = {"arch", "compile", "common", "registry", "__main__", "gpu_check", "microbench"}
+# Modules of this package that are infrastructure or device helpers, not kernels (they register nothing).
+_NON_KERNEL_MODULES = {"arch", "common", "compile", "microbench", "paged_kv", "quant_decode", "quant_dot",
+                       "registry"}
 
 
 @dataclass

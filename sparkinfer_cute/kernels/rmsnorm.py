@@ -194,19 +194,6 @@ def rmsnorm_residual(x, residual, w=None, eps: float = 1e-6, *, out=None, residu
     return o, ro
 
 
-# ------------------------------------------------------------------------------------------------ references
-def rmsnorm_ref(x, w=None, eps: float = 1e-6) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
-    return y if w is None else y * np.asarray(w, np.float64)
-
-
-def rmsnorm_residual_ref(x, residual, w=None, eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-    # The residual sum is rounded to f32 as the kernel (and ggml's f32 add) stores it; the norm is then exact.
-    s = (np.asarray(x, np.float32) + np.asarray(residual, np.float32)).astype(np.float64)
-    return rmsnorm_ref(s, w, eps), s
-
-
 # ------------------------------------------------------------------------------------------------ registration
 def _launch_example(N: int, residual: bool = False, has_weight: bool = True):
     from ..runtime import DeviceArray, default_stream

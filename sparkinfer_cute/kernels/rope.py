@@ -27,16 +27,12 @@ import numpy as np
 from cutlass import Float32, Int32, const_expr
 
 from .common import fake_ptr, gptr, pdl_prologue
+from ..reference.kernel_refs import theta_scale_f32
 from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
 
 HEADS_PER_BLOCK = 4
-
-
-def theta_scale_f32(base: float, n_rot: int) -> np.float32:
-    """``powf(base, -2.0f / n_rot)`` in f32, as llama.cpp computes it on the host."""
-    return np.power(np.float32(base), np.float32(-2.0) / np.float32(n_rot), dtype=np.float32)
 
 
 class RopeNeox:
@@ -121,41 +117,6 @@ def rope_neox(x, pos, *, n_rot: int | None = None, base: float = 10000.0, freq_f
         fn(gptr(Float32, xd.ptr, 4), gptr(Int32, pd.ptr, 4), gptr(Float32, (xd if fd is None else fd).ptr, 4), Int32(n_tokens),
            Int32(n_heads), Float32(float(theta_scale_f32(base, n_rot))), resolve_stream(stream).cu)
     return xd.to_numpy(stream) if was_np else xd
-
-
-def rope_neox_ref(x, pos, *, n_rot: int | None = None, base: float = 10000.0, freq_factors=None,
-                  f32_theta: bool = False) -> np.ndarray:
-    """float64 reference. ``x``: ``[n_tokens, n_heads, head_dim]`` or ``[n_heads, head_dim]``.
-
-    ``f32_theta=False``: exact theta = pos * base^(-2i/n_rot) / ff. ``f32_theta=True``: theta rounded the way the
-    f32 kernel (and llama.cpp) builds it (f32 theta_scale, powf, product, quotient), so the remaining difference is
-    only sin/cos/rotation rounding; used by the tests to get a tight tolerance at large positions."""
-    x = np.asarray(x, np.float64)
-    squeeze = x.ndim == 2
-    if squeeze:
-        x = x[None]
-    head_dim = x.shape[-1]
-    n_rot = head_dim if n_rot is None else n_rot
-    half = n_rot // 2
-    pos = np.atleast_1d(np.asarray(pos)).astype(np.int64)[: x.shape[0]]
-    i = np.arange(half)
-    if f32_theta:
-        ts = theta_scale_f32(base, n_rot)
-        pw = np.power(ts, i.astype(np.float32), dtype=np.float32)
-        theta = (pos.astype(np.float32)[:, None] * pw[None, :]).astype(np.float32)
-        if freq_factors is not None:
-            theta = (theta / np.asarray(freq_factors, np.float32)[None, :]).astype(np.float32)
-        theta = theta.astype(np.float64)
-    else:
-        theta = pos[:, None].astype(np.float64) * np.power(float(base), -2.0 * i / n_rot)[None, :]
-        if freq_factors is not None:
-            theta = theta / np.asarray(freq_factors, np.float64)[None, :]
-    c, s = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
-    y = x.copy()
-    x0, x1 = x[..., :half], x[..., half:n_rot]
-    y[..., :half] = x0 * c - x1 * s
-    y[..., half:n_rot] = x0 * s + x1 * c
-    return y[0] if squeeze else y
 
 
 def _launch_example(head_dim: int, n_rot: int, has_freq_factors: bool = False):

@@ -37,27 +37,13 @@ import cutlass.cute as cute
 import numpy as np
 from cutlass import Float32, Int32, const_expr
 
-from .common import F32_MAX, fake_ptr, gptr, warp_reduce, pdl_prologue
+from .common import F32_MAX, fake_ptr, gptr, pdl_prologue, warp_argmax, warp_reduce
 from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
 
 NORM_TOPK_MIN = 6.103515625e-5  # llama.cpp clamps the renormalization denominator (2^-14)
 _TAKEN = 1 << 24  # added to the index of an excluded expert so it loses every tie against a live one
-
-
-@cute.jit
-def argmax_pair(v: Float32, i: Int32, width: cutlass.Constexpr[int] = 32):
-    """Warp all-reduce of (value, index) to the max value, ties -> lowest index (every lane gets the result)."""
-    offset = width // 2
-    while const_expr(offset > 0):
-        ov = cute.arch.shuffle_sync_bfly(v, offset=offset)
-        oi = cute.arch.shuffle_sync_bfly(i, offset=offset)
-        take = (ov > v) | ((ov == v) & (oi < i))
-        v = ov if take else v
-        i = oi if take else i
-        offset = offset // 2
-    return v, i
 
 
 @cute.jit
@@ -127,7 +113,7 @@ def softmax_topk_block(mRow: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, re
             if (vals[j] > bv) | ((vals[j] == bv) & (idxs[j] < bi)):
                 bv = vals[j]
                 bi = idxs[j]
-        bv, bi = argmax_pair(bv, bi)
+        bv, bi = warp_argmax(bv, bi)
         if const_expr(warps > 1):
             if lane == 0:
                 red_v[warp] = bv
@@ -226,25 +212,26 @@ _CHUNK = 4  # f32 weights per lane per load: 16 bytes
 _LOADS_IN_FLIGHT = 8  # 16-byte W loads (plus as many x loads) a lane issues before the FMAs of a batch
 
 
-def choose_router_wpr(n_expert: int, n_embd: int, target_ctas: int = 64) -> int:
+def choose_router_warps_per_row(n_expert: int, n_embd: int, target_ctas: int = 64) -> int:
     """Warps per expert row: split a row over 2/4 warps while there are fewer than ``target_ctas`` CTAs (1 MB of
     f32 router weights streams from more SMs), keeping >= 2 16-byte loads per lane."""
-    wpr = 1
-    while (wpr < GEMV_WARPS and -(-n_expert * wpr // GEMV_WARPS) < target_ctas
-           and n_embd >= 2 * 2 * wpr * 32 * _CHUNK):
-        wpr *= 2
-    return wpr
+    warps_per_row = 1
+    while (warps_per_row < GEMV_WARPS and -(-n_expert * warps_per_row // GEMV_WARPS) < target_ctas
+           and n_embd >= 2 * 2 * warps_per_row * 32 * _CHUNK):
+        warps_per_row *= 2
+    return warps_per_row
 
 
 class RouterGemvTopK:
     """``logits = W h`` (W: f32 ``[n_expert, n_embd]``, the GGUF ``ffn_gate_inp``) and :func:`softmax_topk_block`
     on those logits, in ONE launch (per token: grid ``(n_ctas, n_tokens)``).
 
-    GEMV phase: warp ``w`` of CTA ``c`` owns expert row ``c * (4 // wpr) + w // wpr`` and the ``w % wpr``-th
-    interleaved part of its 16-byte chunks (lane-contiguous: a warp's loads of one step are 512 consecutive bytes);
-    ``h`` is read from global memory (L1/L2 resident, 8 KB). Per lane the products are accumulated in a fixed
-    order, then a butterfly shuffle and, for ``wpr`` > 1, a fixed-order sum of the warp partials through smem: the
-    logits are deterministic. Each row's logit goes to the global ``scratch[token, n_expert]``.
+    GEMV phase (``wpr`` = ``warps_per_row``): warp ``w`` of CTA ``c`` owns expert row ``c * (4 // wpr) + w // wpr``
+    and the ``w % wpr``-th interleaved part of its 16-byte chunks (lane-contiguous: a warp's loads of one step are
+    512 consecutive bytes); ``h`` is read from global memory (L1/L2 resident, 8 KB). Per lane the products are
+    accumulated in a fixed order, then a butterfly shuffle and, for ``wpr`` > 1, a fixed-order sum of the warp
+    partials through smem: the logits are deterministic. Each row's logit goes to the global
+    ``scratch[token, n_expert]``.
 
     Last-CTA phase (the threadFenceReduction pattern): the writers fence (``fence.acq_rel.gpu``), the CTA barriers,
     thread 0 does ``atom.add.acq_rel.gpu`` on ``counter[token]``; the CTA that sees ``n_ctas - 1`` fences again
@@ -253,21 +240,21 @@ class RouterGemvTopK:
     (a CUDA-graph replay, the next layer) starts from zero. No CTA ever waits for another: no deadlock whatever
     the residency."""
 
-    def __init__(self, n_expert: int, n_embd: int, k: int, norm_topk: bool = True, wpr: int = 0):
+    def __init__(self, n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0):
         self.pdl = pdl_enabled()
         if not 0 < k <= min(n_expert, 32):
             raise ValueError(f"bad top-k {k} for {n_expert} experts")
         if n_embd % _CHUNK:
             raise ValueError(f"n_embd {n_embd} must be a multiple of {_CHUNK} (16-byte f32 loads)")
         self.n_expert, self.n_embd, self.k, self.norm_topk = n_expert, n_embd, k, norm_topk
-        self.wpr = wpr or choose_router_wpr(n_expert, n_embd)
-        if self.wpr not in (1, 2, 4):
-            raise ValueError(f"wpr must be 1, 2 or 4, got {self.wpr}")
+        self.warps_per_row = warps_per_row or choose_router_warps_per_row(n_expert, n_embd)
+        if self.warps_per_row not in (1, 2, 4):
+            raise ValueError(f"warps_per_row must be 1, 2 or 4, got {self.warps_per_row}")
         self.threads = GEMV_WARPS * 32
-        self.rows_per_cta = GEMV_WARPS // self.wpr
+        self.rows_per_cta = GEMV_WARPS // self.warps_per_row
         self.n_ctas = -(-n_expert // self.rows_per_cta)
         self.n_chunks = n_embd // _CHUNK
-        self.chunks_per_lane = -(-self.n_chunks // (32 * self.wpr))
+        self.chunks_per_lane = -(-self.n_chunks // (32 * self.warps_per_row))
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pH: cute.Pointer, pScratch: cute.Pointer, pCounter: cute.Pointer,
@@ -286,13 +273,13 @@ class RouterGemvTopK:
     def kernel(self, mW: cute.Tensor, mH: cute.Tensor, mS: cute.Tensor, mCnt: cute.Tensor, mI: cute.Tensor,
                mP: cute.Tensor):
         pdl_prologue(self.pdl)
-        wpr, CPL, U = self.wpr, self.chunks_per_lane, _LOADS_IN_FLIGHT
+        warps_per_row, CPL, U = self.warps_per_row, self.chunks_per_lane, _LOADS_IN_FLIGHT
         tid, _, _ = cute.arch.thread_idx()
         cta, tok, _ = cute.arch.block_idx()
         lane = tid % 32
         warp = tid // 32
-        kpart = warp % wpr
-        row = cta * self.rows_per_cta + warp // wpr
+        kpart = warp % warps_per_row
+        row = cta * self.rows_per_cta + warp // warps_per_row
 
         smem = cutlass.memory.SmemAllocator()
         red_v = smem.allocate_tensor(Float32, cute.make_layout(GEMV_WARPS), byte_alignment=16)
@@ -307,8 +294,8 @@ class RouterGemvTopK:
             for i0 in cutlass.range_constexpr(0, CPL, U):
                 nb = min(U, CPL - i0)
                 for u in cutlass.range_constexpr(nb):
-                    c = (i0 + u) * 32 * wpr + kpart * 32 + lane  # chunk index: lane-contiguous per warp step
-                    if const_expr(self.n_chunks % (32 * wpr) == 0) or c < self.n_chunks:
+                    c = (i0 + u) * 32 * warps_per_row + kpart * 32 + lane  # chunk index: lane-contiguous per warp step
+                    if const_expr(self.n_chunks % (32 * warps_per_row) == 0) or c < self.n_chunks:
                         cute.autovec_copy(cute.local_tile(mW[row, None], (_CHUNK,), (c,)), rW[u, None])
                         cute.autovec_copy(cute.local_tile(mH[tok, None], (_CHUNK,), (c,)), rX[u, None])
                     else:
@@ -319,7 +306,7 @@ class RouterGemvTopK:
                     for j in cutlass.range_constexpr(_CHUNK):
                         acc += rW[u, j] * rX[u, j]
         acc = warp_reduce(acc, operator.add)
-        if const_expr(wpr == 1):
+        if const_expr(warps_per_row == 1):
             if row < self.n_expert:  # noqa: SIM102 (runtime conditions, kept as nested DSL ifs)
                 if lane == 0:
                     mS[tok, row] = acc
@@ -329,9 +316,9 @@ class RouterGemvTopK:
                 red_v[warp] = acc
             cute.arch.barrier()
             if row < self.n_expert:  # noqa: SIM102 (runtime conditions, kept as nested DSL ifs)
-                if tid % (32 * wpr) == 0:  # lane 0 of the row's first warp: fixed-order sum of the parts
+                if tid % (32 * warps_per_row) == 0:  # lane 0 of the row's first warp: fixed-order sum of the parts
                     t = red_v[warp]
-                    for j in cutlass.range_constexpr(1, wpr):
+                    for j in cutlass.range_constexpr(1, warps_per_row):
                         t = t + red_v[warp + j]
                     mS[tok, row] = t
                     cute.arch.fence_acq_rel_gpu()
@@ -350,16 +337,16 @@ class RouterGemvTopK:
 
 
 @kernel_cache
-def compile_router_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, wpr: int = 0):
-    """Compile :class:`RouterGemvTopK` (``wpr`` 0 = :func:`choose_router_wpr`). Runtime args: (w f32, h f32,
-    scratch f32, counter int32, ids int32, weights f32 pointers, n_tokens, stream)."""
-    return cute.compile(RouterGemvTopK(n_expert, n_embd, k, norm_topk, wpr), fake_ptr(Float32, 16),
+def compile_router_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0):
+    """Compile :class:`RouterGemvTopK` (``warps_per_row`` 0 = :func:`choose_router_warps_per_row`). Runtime args:
+    (w f32, h f32, scratch f32, counter int32, ids int32, weights f32 pointers, n_tokens, stream)."""
+    return cute.compile(RouterGemvTopK(n_expert, n_embd, k, norm_topk, warps_per_row), fake_ptr(Float32, 16),
                         fake_ptr(Float32, 16), fake_ptr(Float32, 4), fake_ptr(Int32, 4), fake_ptr(Int32, 4),
                         fake_ptr(Float32, 4), Int32(1), cute.runtime.make_fake_stream(), options=compile_options())
 
 
 def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, weights_out=None, scratch=None,
-               counter=None, stream=None, n_expert: int | None = None, wpr: int = 0):
+               counter=None, stream=None, n_expert: int | None = None, warps_per_row: int = 0):
     """Fused MoE router: ``route(w_router @ h, k)`` in one launch.
 
     ``w_router``: f32 ``[n_expert, n_embd]`` (numpy, or a DeviceArray of any dtype holding those bytes, e.g. the raw
@@ -400,24 +387,12 @@ def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, wei
     if scratch.nbytes < 4 * T * n_expert or counter.nbytes < 4 * T:
         raise ValueError(f"scratch needs {T * n_expert} f32 and counter {T} int32 elements")
     if T:
-        compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, wpr=wpr)(
+        compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, warps_per_row=warps_per_row)(
             gptr(Float32, dw.ptr, 16), gptr(Float32, dh.ptr, 16), gptr(Float32, scratch.ptr, 4),
             gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, w.ptr, 4), Int32(T), st.cu)
     if was_np:
         return ids.to_numpy(st), w.to_numpy(st)
     return ids, w
-
-
-def route_ref(logits, k: int, norm_topk: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """float64 reference: (ids [T, k] int32 by stable descending order, weights [T, k] float64)."""
-    lg = np.atleast_2d(np.asarray(logits, np.float64))
-    p = np.exp(lg - lg.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    ids = np.argsort(-lg, axis=-1, kind="stable")[:, :k]
-    w = np.take_along_axis(p, ids, axis=-1)
-    if norm_topk:
-        w = w / np.maximum(w.sum(axis=-1, keepdims=True), NORM_TOPK_MIN)
-    return ids.astype(np.int32), w
 
 
 def _launch_example(n_expert: int, k: int, norm_topk: bool = True):
@@ -444,7 +419,7 @@ register("router", compile_router, [
 ], launch_example=_launch_example)
 
 
-def _launch_example_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, wpr: int = 0):
+def _launch_example_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0):
     from ..runtime import DeviceArray, default_stream
 
     w = DeviceArray.zeros((n_expert, n_embd), np.float32)
@@ -454,7 +429,7 @@ def _launch_example_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = T
     ids = DeviceArray.empty((1, k), np.int32)
     p = DeviceArray.empty((1, k), np.float32)
     s = default_stream()
-    fn = compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, wpr=wpr)
+    fn = compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, warps_per_row=warps_per_row)
 
     def launch():
         fn(gptr(Float32, w.ptr, 16), gptr(Float32, h.ptr, 16), gptr(Float32, scratch.ptr, 4),
@@ -470,59 +445,3 @@ register("router_gemv", compile_router_gemv, [
     dict(n_expert=16, n_embd=384, k=4),     # synthetic qwen3moe tiny-fallback
     dict(n_expert=32, n_embd=512, k=8),     # synthetic qwen3moe small
 ], launch_example=_launch_example_gemv)
-
-
-# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
-# GPU micro-benchmark: python -m sparkinfer_cute.kernels.router [--iters 200]
-# ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
-
-
-def benchmark(n_expert: int = 128, n_embd: int = 2048, k: int = 8, iters: int = 200) -> dict:
-    """µs per router call, CUDA graph of ``iters`` calls: the two-launch path (F32 ``gemv`` + ``route``) vs the
-    fused :func:`route_gemv`; also checks the fused ids equal the two-launch ids on the benchmark data."""
-    from ..runtime import CudaGraph, DeviceArray, Event, Stream, elapsed_ms, get_device
-    from .gemv import gemv
-
-    rng = np.random.default_rng(0)
-    w_np = (rng.standard_normal((n_expert, n_embd)) / np.sqrt(n_embd)).astype(np.float32)
-    w = DeviceArray.from_numpy(w_np)
-    h = DeviceArray.from_numpy(rng.standard_normal((1, n_embd)).astype(np.float32))
-    logits = DeviceArray.empty((1, n_expert), np.float32)
-    counter = DeviceArray.zeros((1,), np.int32)
-    ids = [DeviceArray.empty((1, k), np.int32) for _ in range(2)]
-    p = [DeviceArray.empty((1, k), np.float32) for _ in range(2)]
-    stream = Stream()
-    w_bytes = w.view(np.uint8, (n_expert, 4 * n_embd))
-
-    def two_launch():
-        gemv(w_bytes, "F32", h, n_out=n_expert, out=logits, stream=stream)
-        route(logits, k, ids_out=ids[0], weights_out=p[0], stream=stream)
-
-    def fused():
-        route_gemv(w, h, k, ids_out=ids[1], weights_out=p[1], scratch=logits, counter=counter, stream=stream)
-
-    out = dict(n_expert=n_expert, n_embd=n_embd, k=k, device=get_device().name)
-    for name, fn in (("two_launch_us", two_launch), ("fused_us", fused)):
-        fn()
-        with CudaGraph.capture(stream) as g:
-            for _ in range(iters):
-                fn()
-        g.replay(stream)
-        t0, t1 = Event(), Event()
-        t0.record(stream)
-        g.replay(stream)
-        t1.record(stream)
-        t1.synchronize()
-        out[name] = round(elapsed_ms(t0, t1) * 1e3 / iters, 2)
-    out["same_ids"] = bool((ids[0].to_numpy(stream) == ids[1].to_numpy(stream)).all())
-    return out
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="fused router GEMV + top-k vs gemv + route (GPU)")
-    ap.add_argument("--iters", type=int, default=200)
-    a = ap.parse_args()
-    for n_expert, n_embd, k in ((128, 2048, 8), (256, 2048, 8)):
-        print(benchmark(n_expert, n_embd, k, a.iters))

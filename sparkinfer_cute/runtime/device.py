@@ -45,6 +45,28 @@ def _attr(dev, name: str) -> int:
 
 _capability_cache: dict[int, tuple[int, int] | None] = {}
 
+# Compile targets of the GPUs this package runs on: the product (consumer Blackwell sm_120a / DGX Spark sm_121a) and
+# the H100 test host (sm_90a, running the same SM120 kernel family).
+SUPPORTED_TARGETS = ("sm_90a", "sm_120a", "sm_121a")
+_TARGET_BY_CAPABILITY = {(9, 0): "sm_90a", (12, 0): "sm_120a", (12, 1): "sm_121a"}
+
+
+def target_from_capability(major: int, minor: int) -> str:
+    """PTX/cubin target of a GPU of compute capability ``major.minor``; DeviceError for an unsupported GPU."""
+    try:
+        return _TARGET_BY_CAPABILITY[(major, minor)]
+    except KeyError:
+        raise DeviceError(
+            f"GPU compute capability {major}.{minor} is not supported (sparkinfer_cute targets sm_120a/sm_121a, "
+            "and sm_90a for testing)"
+        ) from None
+
+
+def current_device_target() -> str | None:
+    """Compile target of the selected device, or None without a GPU/driver (DeviceError for an unsupported GPU)."""
+    cap = current_device_capability()
+    return None if cap is None else target_from_capability(*cap)
+
 
 def current_device_capability() -> tuple[int, int] | None:
     """(major, minor) of the selected device, or None without a GPU/driver. Never raises (used by arch.py on every
@@ -81,8 +103,6 @@ class Device:
     @property
     def target(self) -> str:
         """Compile target ('sm_90a' | 'sm_120a' | 'sm_121a'); DeviceError for other GPUs."""
-        from ..kernels.arch import target_from_capability
-
         return target_from_capability(*self.capability)
 
     def make_current(self) -> None:

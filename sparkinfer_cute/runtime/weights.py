@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DeviceOutOfMemoryError
+from ..gguf.quants import Q6_K_P_BLOCK_BYTES, repack_q6_k_padded
 
 
 @dataclass
@@ -53,7 +54,7 @@ class WeightStore:
     def __init__(self, g, names, *, extra_bytes: int = 0, progress: bool = True, stream=None,
                  repack_q6k: frozenset[str] | set[str] = frozenset()):
         """``repack_q6k``: names of Q6_K tensors to upload as ``Q6_K_P`` (each 210-byte block padded to 212 bytes so
-        every field is 4-byte aligned for 32-bit loads; value-exact, +0.95% bytes; kernels/dequant.py). Only for
+        every field is 4-byte aligned for 32-bit loads; value-exact, +0.95% bytes; gguf/quants.py). Only for
         tensors read by the GEMV/MoE kernels, not by the embedding gather."""
         from . import DeviceArray, get_device
 
@@ -81,10 +82,8 @@ class WeightStore:
             raw = g.raw(t.name)
             qtype, row_bytes = t.ggml_type.name, t.row_bytes
             if qtype == "Q6_K" and t.name in repack_q6k:
-                from ..kernels.dequant import repack_q6_k_padded
-
                 raw = repack_q6_k_padded(raw)
-                qtype, row_bytes = "Q6_K_P", t.shape[0] // 256 * 212
+                qtype, row_bytes = "Q6_K_P", t.shape[0] // 256 * Q6_K_P_BLOCK_BYTES
                 total += raw.nbytes - t.nbytes
             buf = DeviceArray.from_numpy(np.ascontiguousarray(raw).reshape(-1), stream)
             self.weights[t.name] = QWeight(t.name, qtype, t.shape, buf, row_bytes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparkinfer_cute.kernels.common import rel_err as _rel_err
+from sparkinfer_cute.reference.kernel_refs import rel_err as _rel_err
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparkinfer_cute.kernels.argmax import ArgMax, argmax, argmax_ref
+from sparkinfer_cute.kernels.argmax import ArgMax, argmax
+from sparkinfer_cute.reference.kernel_refs import argmax_ref
 from sparkinfer_cute.runtime.testing import assert_all_written, poisoned
 
 

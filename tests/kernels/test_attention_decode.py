@@ -30,12 +30,12 @@ from sparkinfer_cute.kernels.attention_decode import (
     MODEL_CONFIGS,
     AttentionDecodeSplitKV,
     attention_decode,
-    attention_decode_ref,
     compile_attention_combine,
     compile_attention_decode,
     fused_counter_count,
     split_kv_ranges,
 )
+from sparkinfer_cute.reference.kernel_refs import attention_decode_ref
 from sparkinfer_cute.kernels.paged_kv import gather_dense, scatter_dense
 
 REL_TOL = 1e-3

@@ -14,7 +14,7 @@ import cutlass
 import cutlass.cute as cute
 import pytest
 from cuda.bindings import driver as cuda
-from cutlass import Float32, Int32
+from cutlass import Float32
 
 from sparkinfer_cute.kernels import arch, registry
 from sparkinfer_cute.kernels.common import fake_ptr
@@ -176,10 +176,10 @@ def test_arch_knobs(monkeypatch):
         assert arch.compile_target() == "sm_90a"
     monkeypatch.delenv("SPARKINFER_ARCH")
     monkeypatch.delenv("CUTE_DSL_ARCH", raising=False)
-    from sparkinfer_cute.runtime import current_device_capability
+    from sparkinfer_cute.runtime.device import current_device_capability, target_from_capability
 
     cap = current_device_capability()
-    assert arch.compile_target() == (arch.target_from_capability(*cap) if cap else "sm_120a")
+    assert arch.compile_target() == (target_from_capability(*cap) if cap else "sm_120a")
     monkeypatch.setenv("SPARKINFER_KERNEL_FAMILY", "SM_90")
     assert arch.kernel_family() == "sm90" and arch.smem_budget() == 232448
     monkeypatch.setenv("SPARKINFER_KERNEL_FAMILY", "sm70")

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparkinfer_cute.kernels import arch
-from sparkinfer_cute.kernels.dequant import compile_dequant, dequantize, dequantize_ref, random_quant_bytes
+from sparkinfer_cute.kernels.dequant import compile_dequant, dequantize
+from sparkinfer_cute.reference.kernel_refs import dequantize_ref, random_quant_bytes
 from sparkinfer_cute.kernels.quant_decode import QTYPES, spec
 
 QUANT = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
@@ -28,7 +29,7 @@ def test_spec_matches_gguf_block_sizes(q):
 @settings(max_examples=20, deadline=None)
 @given(n_blocks=st.integers(1, 50), rows=st.integers(1, 3), seed=st.integers(0, 2**32 - 1))
 def test_q6k_padded_repack_roundtrip(n_blocks, rows, seed):
-    from sparkinfer_cute.kernels.dequant import repack_q6_k_padded, unpack_q6_k_padded
+    from sparkinfer_cute.gguf.quants import repack_q6_k_padded, unpack_q6_k_padded
 
     raw = random_quant_bytes("Q6_K", rows * n_blocks, np.random.default_rng(seed)).reshape(rows, n_blocks * 210)
     packed = repack_q6_k_padded(raw)
@@ -92,7 +93,7 @@ def test_dequant_numpy_roundtrip_real_sizes():
 
 # ---------------------------------------------------------------------------------------------------------------
 # CPU check of the decoders' index and bit logic: the very Python functions that the kernels trace
-# (quant_decode.decode_unit / slice decoders, gemv_q8.decode_int_slice / decode_int_unit) are executed with
+# (quant_decode.decode_unit / slice decoders, quant_dot.decode_int_slice / decode_int_unit) are executed with
 # numpy-backed stand-ins for the few DSL primitives they use (typed pointer indexing, word loads, integer and f32
 # scalar types, f16 bit conversion), over random blocks, and compared with gguf-py's dequantization.
 # 
@@ -101,7 +102,7 @@ def test_dequant_numpy_roundtrip_real_sizes():
 
 import types
 
-from sparkinfer_cute.kernels import gemv_q8 as gq
+from sparkinfer_cute.kernels import quant_dot as gq
 from sparkinfer_cute.kernels import quant_decode as qd
 
 
@@ -216,7 +217,7 @@ def test_float_decoders_match_gguf(emulated, q, mode):
 
 
 @pytest.mark.parametrize("mode", ["unit", "slice"])
-@pytest.mark.parametrize("q", gq.INT_QTYPES)
+@pytest.mark.parametrize("q", qd.INT_QTYPES)
 def test_int_decoders_match_gguf(emulated, q, mode):
     """Rebuild each weight from the dp4a groups: scale * (byte - off) - minc (the group's integer quants)."""
     sp = qd.spec(q)

@@ -14,17 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparkinfer_cute.kernels import arch
-from sparkinfer_cute.kernels.dequant import random_quant_bytes
-from sparkinfer_cute.kernels.gemv import (
-    compile_gemv,
-    dequant_rows_f64,
-    gemv,
-    gemv_error_bound,
-    gemv_experts,
-    gemv_experts_ref,
-    gemv_ref,
-    registered_configs,
-)
+from sparkinfer_cute.reference.kernel_refs import random_quant_bytes
+from sparkinfer_cute.kernels.gemv import compile_gemv, gemv, gemv_experts, registered_configs
+from sparkinfer_cute.reference.kernel_refs import dequant_rows_f64, gemv_error_bound, gemv_experts_ref, gemv_ref
 from sparkinfer_cute.kernels.quant_decode import QTYPES, spec
 
 
@@ -55,7 +47,7 @@ def test_error_bound_is_positive_and_scales():
     # the K-quant magnitude dominates |W| (it adds |d*sc*q| and |dmin*m| before they cancel), up to the float32
     # rounding of W itself: with random sign bits in d/dmin the two terms add, and fl32(p - r) may round up past
     # |p| + |r| by half an ulp (measured: 28 of 300 seeds exceed A, by at most 5.92e-8 relative < 2^-24)
-    from sparkinfer_cute.kernels.gemv import weight_magnitude_f64
+    from sparkinfer_cute.reference.kernel_refs import weight_magnitude_f64
     A, W = weight_magnitude_f64(w, "Q4_K", 512), np.abs(dequant_rows_f64(w, "Q4_K", 512))
     assert (A * (1 + 2.0**-24) >= W).all()
 
@@ -63,7 +55,7 @@ def test_error_bound_is_positive_and_scales():
 @pytest.mark.parametrize("target", arch.SUPPORTED_TARGETS)
 def test_registered_configs_compile(target):
     with arch.target(target):
-        for cfg in registered_configs():
+        for cfg in registered_configs(q8=False):
             assert compile_gemv.uncached(**cfg) is not None, cfg
 
 
@@ -97,14 +89,14 @@ def test_gemv_dense(q, n_out, kblocks, rows, seed):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mapping", ["slice", "unit"])
-@pytest.mark.parametrize("wpr", [1, 2, 4])
+@pytest.mark.parametrize("warps_per_row", [1, 2, 4])
 @pytest.mark.parametrize("q,n_in,n_out", [("Q4_K", 2048, 4096), ("Q6_K", 2048, 512), ("Q4_K", 4096, 2048),
                                           ("Q5_0", 640, 1024), ("Q8_0", 640, 256), ("Q4_K", 2048, 13)])
-def test_gemv_model_shapes(q, n_in, n_out, wpr, mapping):
+def test_gemv_model_shapes(q, n_in, n_out, warps_per_row, mapping):
     rng = np.random.default_rng()
     w = rand_weight(q, n_out, n_in, rng)
     x = rng.standard_normal(n_in).astype(np.float32)
-    y = gemv(w, q, x, mapping=mapping, wpr=wpr)
+    y = gemv(w, q, x, mapping=mapping, warps_per_row=warps_per_row)
     assert y.shape == (n_out,)
     _check(y, gemv_ref(w, q, x), gemv_error_bound(w, q, x))
 
@@ -128,20 +120,11 @@ def test_gemv_experts(q, n_in, n_out, per_slot):
 # ---------------------------------------------------------------------------------------------------------------
 # int8 activation path: q8_1 quantization + dp4a GEMV
 
-from sparkinfer_cute.kernels.gemv_q8 import (
-    INT_QTYPES,
-    compile_gemv_q8,
-    gemv_q8,
-    gemv_q8_error_bound,
-    gemv_q8_experts,
-)
-from sparkinfer_cute.kernels.gemv_q8 import registered_configs as q8_configs
-from sparkinfer_cute.kernels.q8_1 import (
-    compile_quantize_q8_1,
-    dequantize_q8_1,
-    quantize_q8_1,
-    quantize_q8_1_ref,
-)
+from sparkinfer_cute.kernels.gemv import gemv_q8, gemv_q8_experts
+from sparkinfer_cute.kernels.quant_decode import INT_QTYPES
+from sparkinfer_cute.reference.kernel_refs import gemv_q8_error_bound
+from sparkinfer_cute.kernels.q8_1 import compile_quantize_q8_1, quantize_q8_1
+from sparkinfer_cute.reference.kernel_refs import dequantize_q8_1, quantize_q8_1_ref
 
 
 @settings(max_examples=30, deadline=None)
@@ -166,8 +149,8 @@ def test_q8_registered_configs_compile(target):
     with arch.target(target):
         for n in (640, 2048):
             assert compile_quantize_q8_1.uncached(n) is not None
-        for cfg in q8_configs():
-            assert compile_gemv_q8.uncached(**cfg) is not None, cfg
+        for cfg in registered_configs(q8=True):
+            assert compile_gemv.uncached(**cfg) is not None, cfg
 
 
 @pytest.mark.gpu
@@ -254,8 +237,8 @@ def test_expert_reference_matches_full_dequant():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["float", "dp4a"])
-@pytest.mark.parametrize("wpr", [1, 2, 4])
-def test_gemv_accumulate_into_residual(path, wpr):
+@pytest.mark.parametrize("warps_per_row", [1, 2, 4])
+def test_gemv_accumulate_into_residual(path, warps_per_row):
     """out += W x in place (the output projection's residual add)."""
     from sparkinfer_cute.runtime import DeviceArray
 
@@ -266,12 +249,12 @@ def test_gemv_accumulate_into_residual(path, wpr):
     resid = rng.standard_normal(n_out).astype(np.float32)
     out = DeviceArray.from_numpy(resid)
     if path == "float":
-        gemv(DeviceArray.from_numpy(w), "Q4_K", DeviceArray.from_numpy(x), n_out=n_out, out=out, wpr=wpr,
-             accumulate=True)
+        gemv(DeviceArray.from_numpy(w), "Q4_K", DeviceArray.from_numpy(x), n_out=n_out, out=out,
+             warps_per_row=warps_per_row, accumulate=True)
         bound = gemv_error_bound(w, "Q4_K", x)
     else:
-        if wpr != 1:
-            pytest.skip("the dp4a GEMV has no warps-per-row split")
+        if warps_per_row != 1:
+            pytest.skip("gemv_q8 runs one warp per row (the dp4a configs are gated that way)")
         gemv_q8(DeviceArray.from_numpy(w), "Q4_K", DeviceArray.from_numpy(x[None]), n_out=n_out, out=out,
                 accumulate=True)
         bound = gemv_q8_error_bound(w, "Q4_K", x[None])[0]
@@ -290,7 +273,8 @@ def test_gemv_accumulate_into_residual(path, wpr):
                                           ("Q6_K", 2048, 513), ("Q6_K_P", 1024, 77), ("Q4_K", 1024, 2113),
                                           ("Q4_K", 3072, 30)])
 def test_gemv_chunk(path, q, n_in, n_out):
-    from sparkinfer_cute.kernels.gemv import chunk_ok, resolve_mapping
+    from sparkinfer_cute.kernels.gemv import resolve_mapping
+    from sparkinfer_cute.kernels.gemv_chunk import chunk_ok
     from sparkinfer_cute.runtime import DeviceArray
 
     assert chunk_ok(q, n_in) and resolve_mapping("auto", q, n_in, 1) == "chunk"
@@ -347,7 +331,7 @@ def test_rmsnorm_q8_1_fused(N, residual):
     """h matches rmsnorm(_residual)_ref; the q8_1 part equals quantize_q8_1_ref of the kernel's own h bit for bit;
     the residual sum equals the f32 x + r (rmsnorm.py semantics)."""
     from sparkinfer_cute.kernels.q8_1 import rmsnorm_q8_1
-    from sparkinfer_cute.kernels.rmsnorm import rmsnorm_ref, rmsnorm_residual_ref
+    from sparkinfer_cute.reference.kernel_refs import rmsnorm_ref, rmsnorm_residual_ref
 
     rng = np.random.default_rng()
     rows = 2

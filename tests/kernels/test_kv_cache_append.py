@@ -9,12 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparkinfer_cute.kernels import arch
-from sparkinfer_cute.kernels.kv_cache_append import (
-    MODEL_CONFIGS,
-    compile_kv_cache_append,
-    kv_cache_append,
-    kv_cache_append_ref,
-)
+from sparkinfer_cute.kernels.kv_cache_append import MODEL_CONFIGS, compile_kv_cache_append, kv_cache_append
+from sparkinfer_cute.reference.kernel_refs import kv_cache_append_ref
 
 
 def test_reference_writes_only_the_target_slot():

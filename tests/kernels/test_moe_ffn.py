@@ -1,6 +1,6 @@
 """Fused selected-expert MoE FFN (gate/up + SwiGLU kernel, down + weighted-sum kernel) vs float64 numpy.
 
-Tolerances. Kernel A: g and u are GEMV rows, each within the GEMV bound B (gemv.py), so
+Tolerances. Kernel A: g and u are GEMV rows, each within the GEMV bound B (reference/kernel_refs.py), so
 |silu(g)u - silu(g*)u*| <= |silu'| B_g |u| + |silu(g)| B_u + (exp approx, ~2^-22 relative) with |silu'| <= 1.1;
 we assert that bound (x2 slack for the second-order terms) and the spec's 1e-3 relative error. Kernel B: a weighted
 sum of k GEMV rows: bound sum_j |w_j| B_j + k * 2^-24 * sum_j |w_j d_j|. End to end: 1e-3 relative to max|y|.
@@ -12,21 +12,27 @@ import numpy as np
 import pytest
 
 from sparkinfer_cute.kernels import arch
-from sparkinfer_cute.kernels.dequant import random_quant_bytes
-from sparkinfer_cute.kernels.gemv import gemv_error_bound, gemv_experts_ref
 from sparkinfer_cute.kernels.moe_ffn import (
     DOWN_CONFIGS,
     GATE_UP_CONFIGS,
     compile_moe_down,
     compile_moe_gate_up,
     moe_down,
-    moe_down_ref,
+    moe_down_q8,
     moe_ffn,
-    moe_ffn_ref,
     moe_gate_up,
-    moe_gate_up_ref,
+    moe_gate_up_q8,
 )
 from sparkinfer_cute.kernels.quant_decode import spec
+from sparkinfer_cute.reference.kernel_refs import (
+    gemv_error_bound,
+    gemv_experts_ref,
+    gemv_q8_error_bound,
+    moe_down_ref,
+    moe_ffn_ref,
+    moe_gate_up_ref,
+    random_quant_bytes,
+)
 
 
 def experts(q, n_expert, n_rows, n_in, rng):
@@ -135,22 +141,15 @@ def test_moe_ffn_qwen3_shape_end_to_end():
 # ---------------------------------------------------------------------------------------------------------------
 # dp4a (int8 activation) variants: bounds from gemv_q8_error_bound (q8_1 quantization of h / of the activations)
 
-from sparkinfer_cute.kernels.gemv_q8 import gemv_q8_error_bound
-from sparkinfer_cute.kernels.moe_ffn import (
-    compile_moe_down_q8,
-    compile_moe_gate_up_q8,
-    moe_down_q8,
-    moe_gate_up_q8,
-)
 
 
 @pytest.mark.parametrize("target", arch.SUPPORTED_TARGETS)
 def test_q8_registered_configs_compile(target):
     with arch.target(target):
         for cfg in GATE_UP_CONFIGS:
-            assert compile_moe_gate_up_q8.uncached(**cfg) is not None
+            assert compile_moe_gate_up.uncached(**cfg, q8=True) is not None
         for cfg in DOWN_CONFIGS:
-            assert compile_moe_down_q8.uncached(**cfg) is not None
+            assert compile_moe_down.uncached(**cfg, q8=True) is not None
 
 
 @pytest.mark.gpu
@@ -195,8 +194,8 @@ def test_down_q8(q, n_ff, n_out, E, k, resid):
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["float", "dp4a"])
 @pytest.mark.parametrize("q_down", ["Q6_K_P", "Q4_K"])
-@pytest.mark.parametrize("rpw", [1, 2])
-def test_moe_chunk_rows_per_warp(path, q_down, rpw):
+@pytest.mark.parametrize("rows_per_warp", [1, 2])
+def test_moe_chunk_rows_per_warp(path, q_down, rows_per_warp):
     """The chunk-mapping MoE kernels with 1 and 2 rows per warp (Qwen3 shape) against the float64 reference."""
     rng = np.random.default_rng()
     E, k, n_embd, n_ff = 32, 8, 2048, 768
@@ -207,12 +206,12 @@ def test_moe_chunk_rows_per_warp(path, q_down, rpw):
     ids, w = route(E, k, rng)
     gate_up = moe_gate_up if path == "float" else moe_gate_up_q8
     down = moe_down if path == "float" else moe_down_q8
-    act = gate_up(g, u, "Q4_K", h, ids, n_ff, rpw=rpw)
+    act = gate_up(g, u, "Q4_K", h, ids, n_ff, rows_per_warp=rows_per_warp)
     aref = moe_gate_up_ref(g, u, "Q4_K", h, ids, n_ff)
     # 1e-3 relative (f32 GEMV rows; dp4a adds the q8_1 quantization of h, ~0.4% per element worst case, far less
     # on average over 2048-element dots)
     assert np.abs(act - aref).max() <= (1e-3 if path == "float" else 2e-2) * np.abs(aref).max()
-    y = down(d, q_down, act, ids, w, n_embd, resid=resid, rpw=rpw)
+    y = down(d, q_down, act, ids, w, n_embd, resid=resid, rows_per_warp=rows_per_warp)
     ref = moe_down_ref(d, q_down, act, ids, w, n_embd, resid)
     assert not np.isnan(y).any()
     assert np.abs(y - ref).max() <= (1e-5 if path == "float" else 2e-2) * np.abs(ref).max()

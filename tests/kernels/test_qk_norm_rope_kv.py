@@ -19,16 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparkinfer_cute.kernels import arch
-from sparkinfer_cute.kernels.common import f16_ulp_distance
+from sparkinfer_cute.reference.kernel_refs import f16_ulp_distance
 from sparkinfer_cute.kernels.qk_norm_rope_kv import (
     MODEL_CONFIGS,
     QKNormRopeKV,
     compile_qk_norm_rope_kv,
     qk_norm_rope_kv,
-    qk_norm_rope_kv_ref,
-    rope_theta_f32,
-    theta_scale_f32,
 )
+from sparkinfer_cute.reference.kernel_refs import qk_norm_rope_kv_ref, rope_theta_f32, theta_scale_f32
 
 U = 2.0**-24  # unit roundoff of f32
 
@@ -257,7 +255,7 @@ def _check_pools(k_pool, v_pool, pages, pos, P, kref, vref, v_exact):
        seed=st.integers(0, 2**31))
 def test_fused_matches_reference(group, KV, D, rot_frac, B, max_pos, has_qk_norm, use_ff, v_norm, P, base,
                                  q_scale, gated, seed):
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
     from sparkinfer_cute.runtime import DeviceArray
 
     rng = np.random.default_rng(seed)
@@ -308,7 +306,7 @@ def test_fused_matches_reference(group, KV, D, rot_frac, B, max_pos, has_qk_norm
 def test_model_configs_numpy_in_q_out_and_v_aliasing_k(name):
     """Registered configs, single token (2-D inputs), numpy inputs; q_out leaves q untouched; Gemma 4 full layers
     pass the raw K as V (v is k)."""
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
     from sparkinfer_cute.runtime import DeviceArray
 
     c = MODEL_CONFIGS[name]
@@ -350,7 +348,7 @@ def test_matches_unfused_kernels():
     within (3 i + 12) u + 4 u of the exact theta_i = pos ts^i (ts = 0.806), so at pos <= 100 they differ by
     <= max_i (6 i + 28) u pos ts^i <= 28 u * 100 = 1.7e-4 absolute -> |dq| <= (|x0|+|x1|) 1.7e-4 <= 3.4e-4 max|q|
     (plus the 1e-5 f32 budget of each). A layout / pairing / position bug gives O(1) differences."""
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
     from sparkinfer_cute.kernels.kv_cache_append import kv_cache_append
     from sparkinfer_cute.kernels.rmsnorm import rmsnorm_per_head
     from sparkinfer_cute.kernels.rope import rope_neox
@@ -377,7 +375,7 @@ def test_matches_unfused_kernels():
 
 @pytest.mark.gpu
 def test_position_is_read_from_device_in_graph_replay():
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
     from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Stream
 
     rng = np.random.default_rng()

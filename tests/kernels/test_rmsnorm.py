@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparkinfer_cute.kernels.rmsnorm import (RMSNorm, rmsnorm, rmsnorm_per_head, rmsnorm_ref, rmsnorm_residual,
-                                             rmsnorm_residual_ref)
+from sparkinfer_cute.kernels.rmsnorm import RMSNorm, rmsnorm, rmsnorm_per_head, rmsnorm_residual
+from sparkinfer_cute.reference.kernel_refs import rmsnorm_ref, rmsnorm_residual_ref
 
 from sparkinfer_cute.runtime.testing import assert_all_written, poisoned
 
@@ -37,7 +37,7 @@ def _inputs(rng, M, N, scale):
 @given(N=st.integers(1, 1200).map(lambda n: 4 * n), M=st.integers(1, 19), has_w=st.booleans(),
        log_scale=st.floats(-3, 3), eps=st.sampled_from([1e-6, 1e-5]))
 def test_rmsnorm(N, M, has_w, log_scale, eps):
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
     from sparkinfer_cute.runtime import DeviceArray
 
     rng = np.random.default_rng()
@@ -56,7 +56,7 @@ def test_rmsnorm(N, M, has_w, log_scale, eps):
 @pytest.mark.parametrize("N", [2048, 640, 2816, 256, 384, 512])
 @pytest.mark.parametrize("M", [1, 3, 8])
 def test_rmsnorm_residual_in_place(N, M):
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
     from sparkinfer_cute.runtime import DeviceArray
 
     rng = np.random.default_rng()
@@ -75,7 +75,7 @@ def test_rmsnorm_residual_in_place(N, M):
 
 @pytest.mark.gpu
 def test_rmsnorm_residual_separate_output_and_numpy_path():
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
 
     rng = np.random.default_rng()
     x, w = _inputs(rng, 2, 640, 1.0)
@@ -90,7 +90,7 @@ def test_rmsnorm_residual_separate_output_and_numpy_path():
 @pytest.mark.parametrize("n_heads,head_dim,has_w", [(32, 128, True), (4, 128, True), (4, 256, True), (1, 256, True),
                                                     (16, 256, False), (2, 512, False), (16, 512, True), (8, 64, True)])
 def test_rmsnorm_per_head_in_place(n_heads, head_dim, has_w):
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
     from sparkinfer_cute.runtime import DeviceArray
 
     rng = np.random.default_rng()
@@ -105,7 +105,7 @@ def test_rmsnorm_per_head_in_place(n_heads, head_dim, has_w):
 
 @pytest.mark.gpu
 def test_rmsnorm_numpy_in_numpy_out_three_lines():
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
 
     x = np.random.default_rng().standard_normal((1, 2048)).astype(np.float32)
     w = np.random.default_rng().standard_normal(2048).astype(np.float32)

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparkinfer_cute.kernels.rope import rope_neox, rope_neox_ref, theta_scale_f32
+from sparkinfer_cute.kernels.rope import rope_neox
+from sparkinfer_cute.reference.kernel_refs import rope_neox_ref, theta_scale_f32
 
 
 def _rope_loop(x, pos, n_rot, base, ff=None):
@@ -97,7 +98,7 @@ def test_rope_matches_reference(head_dim, rot_frac, n_tokens, n_heads, max_pos, 
 
 @pytest.mark.gpu
 def test_rope_numpy_single_token_and_exact_theta_small_pos():
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
 
     rng = np.random.default_rng()
     q = rng.standard_normal((32, 128)).astype(np.float32)

@@ -12,12 +12,12 @@ from sparkinfer_cute.kernels import arch
 from sparkinfer_cute.kernels.router import (
     NORM_TOPK_MIN,
     RouterGemvTopK,
-    choose_router_wpr,
+    choose_router_warps_per_row,
     compile_router_gemv,
     route,
     route_gemv,
-    route_ref,
 )
+from sparkinfer_cute.reference.kernel_refs import route_ref
 from sparkinfer_cute.runtime.testing import assert_all_written, poisoned
 
 # Weight tolerance (relative to max|ref|): exp is ex2.approx (<= 2 ulp) of an f32 argument (l - max)*log2(e)
@@ -65,7 +65,7 @@ def _run(lg, k, norm):
 @given(n_expert=st.integers(8, 384), k=st.integers(1, 8), T=st.integers(1, 5), sigma=st.floats(0.05, 8.0),
        norm=st.booleans())
 def test_router_random(n_expert, k, T, sigma, norm):
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
 
     lg = (np.random.default_rng().standard_normal((T, n_expert)) * sigma).astype(np.float32)
     ids, w = _run(lg, k, norm)
@@ -113,13 +113,13 @@ FUSED_CONFIGS = [(128, 2048, 8), (256, 2048, 8), (16, 256, 4), (16, 384, 4), (32
 LOGIT_RTOL = 1e-5  # fused GEMV logits vs float64, relative to max|logit| (see _check_fused)
 
 
-def test_choose_router_wpr_and_grid():
+def test_choose_router_warps_per_row_and_grid():
     for n_expert, n_embd, k in FUSED_CONFIGS:
         kern = RouterGemvTopK(n_expert, n_embd, k)
-        assert kern.wpr == choose_router_wpr(n_expert, n_embd) in (1, 2, 4)
+        assert kern.warps_per_row == choose_router_warps_per_row(n_expert, n_embd) in (1, 2, 4)
         # every expert row is owned by exactly one (CTA, warp group)
         assert kern.n_ctas * kern.rows_per_cta >= n_expert > (kern.n_ctas - 1) * kern.rows_per_cta
-        assert kern.chunks_per_lane * 32 * kern.wpr * 4 >= n_embd
+        assert kern.chunks_per_lane * 32 * kern.warps_per_row * 4 >= n_embd
     assert RouterGemvTopK(128, 2048, 8).n_ctas == 64  # 30B-A3B: 2 warps per row, 64 CTAs (measured choice)
     with pytest.raises(ValueError):
         RouterGemvTopK(128, 2046, 8)  # not a multiple of 4 f32 (16-byte loads)
@@ -140,7 +140,7 @@ def dot_error_bound(w, h):
     return (w.shape[1] + 8) * 2.0**-24 * (np.abs(w.astype(np.float64)) @ np.abs(h.astype(np.float64)).T).T
 
 
-def _run_fused(w, h, k, norm, wpr=0, counter=None):
+def _run_fused(w, h, k, norm, warps_per_row=0, counter=None):
     from sparkinfer_cute.runtime import DeviceArray
 
     T, n_expert = h.shape[0], w.shape[0]
@@ -148,7 +148,7 @@ def _run_fused(w, h, k, norm, wpr=0, counter=None):
     scratch = poisoned((T, n_expert), np.float32)
     counter = counter if counter is not None else DeviceArray.zeros((T,), np.int32)
     route_gemv(DeviceArray.from_numpy(w), DeviceArray.from_numpy(h), k, norm_topk=norm, ids_out=ids, weights_out=p,
-               scratch=scratch, counter=counter, wpr=wpr)
+               scratch=scratch, counter=counter, warps_per_row=warps_per_row)
     ids, p, logits = ids.to_numpy(), p.to_numpy(), scratch.to_numpy()
     assert_all_written(ids, "ids")
     assert_all_written(p, "weights")
@@ -158,7 +158,7 @@ def _run_fused(w, h, k, norm, wpr=0, counter=None):
 
 
 def _check_fused(w, h, k, norm, ids, p, logits):
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
 
     ref_logits = h.astype(np.float64) @ w.astype(np.float64).T
     bound = dot_error_bound(w, h)
@@ -178,7 +178,7 @@ def _assert_matches_f64(w, h, k, norm, ids, p, wtol):
     2 * LOGIT_RTOL * max|logit| apart (the fused kernel's logits are asserted within LOGIT_RTOL of float64 in
     _check_fused, so their ranking cannot differ there; with continuous random data ~0.3% of tokens are skipped,
     chosen from the reference alone); weights to ``wtol`` relative."""
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import rel_err
 
     ref_logits = h.astype(np.float64) @ w.astype(np.float64).T
     ref_ids, ref_w = route_ref(ref_logits, k, norm)
@@ -192,13 +192,13 @@ def _assert_matches_f64(w, h, k, norm, ids, p, wtol):
 @pytest.mark.gpu
 @settings(max_examples=40, deadline=None)
 @given(cfg=st.sampled_from(FUSED_CONFIGS + [(8, 4, 1), (40, 100, 5), (300, 1000, 8), (64, 2816, 8)]),
-       T=st.integers(1, 3), wpr=st.sampled_from([0, 1, 2, 4]), sigma=st.floats(0.1, 4.0), norm=st.booleans())
-def test_route_gemv_random(cfg, T, wpr, sigma, norm):
+       T=st.integers(1, 3), warps_per_row=st.sampled_from([0, 1, 2, 4]), sigma=st.floats(0.1, 4.0), norm=st.booleans())
+def test_route_gemv_random(cfg, T, warps_per_row, sigma, norm):
     n_expert, n_embd, k = cfg
     rng = np.random.default_rng()
     w = (rng.standard_normal((n_expert, n_embd)) * (sigma / np.sqrt(n_embd))).astype(np.float32)
     h = rng.standard_normal((T, n_embd)).astype(np.float32)
-    ids, p, logits = _run_fused(w, h, k, norm, wpr)
+    ids, p, logits = _run_fused(w, h, k, norm, warps_per_row)
     _check_fused(w, h, k, norm, ids, p, logits)
 
 

@@ -1,0 +1,191 @@
+"""Fused selected-expert MoE FFN, chunk mapping (Q4_K / Q6_K / Q6_K_P): the default in the moe_ffn.py wrappers
+where it applies. The gemv_chunk.py mapping (a lane owns 32 weights of a block per step, every weight load of a
+lane issued before the math: one DRAM round trip per warp), float or dp4a (``q8``) in the same kernel.
+
+- :class:`MoeGateUpChunk`: a warp owns ``rows_per_warp`` rows o of one selected expert and computes their gate and
+  up rows (2 * rows_per_warp weight rows sharing the activation loads), then SwiGLU.
+- :class:`MoeDownChunk`: a warp owns ``rows_per_warp`` output rows; its lanes sweep the (slot, chunk) pairs of all
+  ``k`` (static) experts, all weight loads first, w_j-weighted, then one butterfly per row (fixed order, no
+  atomics). The rows of a warp share the expert-id, router-weight and activation loads.
+
+Rows per warp: the faster of 1 and 2 on the H100 per path and type (RESULTS.md, "MoE chunk rows per warp"); the
+chunk kernels are ~2.5x faster than the slice ones at the Qwen3 shapes (RESULTS.md, "Fused MoE FFN").
+"""
+
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import cutlass
+from cutlass import Float32, Int8, Int32, Uint8, cute
+
+from .common import WarpRowKernel, gptr, pdl_prologue, warp_reduce_sum
+from .compile import compile_options, kernel_cache
+from .gemv_chunk import chunk_ok, chunk_rows_partial
+from .quant_dot import CHUNKS_PER_BLOCK, chunk_dot_f32, chunk_dot_q8, chunk_load, chunk_supported, chunk_x_f32, \
+    chunk_x_q8, x_sums_f32
+from .registry import register
+
+WARPS = WarpRowKernel.WARPS
+
+
+def gate_up_rows_per_warp(q8: bool) -> int:
+    return 1 if q8 else 2
+
+
+def down_rows_per_warp(qtype: str, q8: bool) -> int:
+    return 2 if (not q8 and qtype in ("Q4_K", "Q6_K_P")) else 1
+
+
+def silu(g: Float32) -> Float32:
+    return g / (Float32(1.0) + cute.math.exp(-g, fastmath=True))
+
+
+class MoeGateUpChunk(WarpRowKernel):
+    """``act[slot, o] = silu(Wgate[e] . x) * (Wup[e] . x)``, e = ids[slot]; ``fused``: one [E, 2*n_ff, n_in]
+    tensor, gate rows first (``pWu`` unused)."""
+
+    def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False,
+                 rows_per_warp: int = 1, x_loads_first: bool = False):
+        super().__init__()
+        self.x_loads_first = x_loads_first
+        assert chunk_ok(qtype, n_in) and n_ff % rows_per_warp == 0
+        self.qtype, self.n_in, self.n_ff, self.fused, self.q8 = qtype, n_in, n_ff, fused, q8
+        self.rows_per_warp = rows_per_warp
+        self.expert_rows = 2 * n_ff if fused else n_ff
+        self.up_row0 = n_ff if fused else 0
+        self.chunks_per_lane = n_in // 256 * CHUNKS_PER_BLOCK // 32
+
+    @cute.jit
+    def __call__(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer,
+                 pXd: cute.Pointer, pIds: cute.Pointer, pAct: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
+        self.launch_rows(self.kernel(pWg, pWu, pX, pXq, pXd, pIds, pAct), self.n_ff, WARPS * self.rows_per_warp,
+                         n_slots, stream)
+
+    @cute.kernel
+    def kernel(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer,
+               pIds: cute.Pointer, pAct: cute.Pointer):
+        pdl_prologue(self.pdl)
+        _, bx, slot, warp, lane = self.thread_coords()
+        rpw = self.rows_per_warp
+        o0 = (bx * WARPS + warp) * rpw
+        nbpr = self.n_in // 256
+        if o0 < self.n_ff:
+            e = self.expert_id(pIds, slot)
+            g0 = e * self.expert_rows + o0
+            u0 = e * self.expert_rows + self.up_row0 + o0
+            rows = [(pWg, (g0 + r) * nbpr) for r in range(rpw)] + [(pWu, (u0 + r) * nbpr) for r in range(rpw)]
+            xargs = (pXq, pXd) if self.q8 else (pX,)
+            acc = chunk_rows_partial(self.qtype, self.q8, rows, xargs, 0, lane, self.chunks_per_lane,
+                                     self.x_loads_first)
+            act = cute.make_tensor(pAct, cute.make_layout((slot + 1) * self.n_ff))
+            for r in cutlass.range_constexpr(rpw):
+                g = warp_reduce_sum(acc[r])
+                up = warp_reduce_sum(acc[rpw + r])
+                if lane == r:
+                    act[slot * self.n_ff + o0 + r] = silu(g) * up
+
+
+def down_chunk_ok(qtype: str, n_ff: int, k: int) -> bool:
+    return chunk_supported(qtype) and n_ff % 256 == 0 and (k * (n_ff // 256) * CHUNKS_PER_BLOCK) % 32 == 0
+
+
+class MoeDownChunk(WarpRowKernel):
+    """``y[o] = [resid[o] +] sum_j w_j * Wdown[ids[j], o] . act[j]`` for the ``rows_per_warp`` rows o of a warp."""
+
+    def __init__(self, qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False,
+                 rows_per_warp: int = 1, x_loads_first: bool = False):
+        assert down_chunk_ok(qtype, n_ff, k) and n_out % rows_per_warp == 0
+        self.x_loads_first = x_loads_first
+        super().__init__()
+        self.qtype, self.n_ff, self.n_out, self.k, self.add_residual, self.q8 = qtype, n_ff, n_out, k, add_residual, q8
+        self.rows_per_warp = rows_per_warp
+        self.chunks_per_row = n_ff // 256 * CHUNKS_PER_BLOCK
+        self.chunks_per_lane = k * self.chunks_per_row // 32
+
+    @cute.jit
+    def __call__(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer,
+                 pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer,
+                 stream: cuda.CUstream):
+        self.launch_rows(self.kernel(pW, pAct, pAq, pAd, pIds, pWeights, pResid, pY), self.n_out,
+                         WARPS * self.rows_per_warp, 1, stream)
+
+    @cute.kernel
+    def kernel(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pIds: cute.Pointer,
+               pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer):
+        pdl_prologue(self.pdl)
+        _, bx, _, warp, lane = self.thread_coords()
+        o0 = (bx * WARPS + warp) * self.rows_per_warp
+        if o0 < self.n_out:
+            acc = self.partial_dots(pW, pAct, pAq, pAd, pIds, pWeights, o0, lane)
+            mY = cute.make_tensor(pY, cute.make_layout(self.n_out))
+            mR = cute.make_tensor(pResid, cute.make_layout(self.n_out))
+            for r in cutlass.range_constexpr(self.rows_per_warp):
+                total = warp_reduce_sum(acc[r])
+                if lane == r:
+                    if cutlass.const_expr(self.add_residual):
+                        total = total + mR[o0 + r]
+                    mY[o0 + r] = total
+
+    def partial_dots(self, pW, pAct, pAq, pAd, pIds, pWeights, o0, lane):
+        """Per-lane w_j-weighted partial dots of the warp's rows (traced inline into :meth:`kernel`)."""
+        q, cpr, nbpr, rpw = self.qtype, self.chunks_per_row, self.n_ff // 256, self.rows_per_warp
+        s = lane & (CHUNKS_PER_BLOCK - 1)
+        ids = cute.make_tensor(pIds, cute.make_layout(self.k))
+        wts = cute.make_tensor(pWeights, cute.make_layout(self.k))
+        js, kbs, raws = [], [], []
+        for t in range(self.chunks_per_lane):
+            C = lane + 32 * t
+            j = C // cpr
+            js.append(j)
+            kbs.append((C - j * cpr) >> 3)
+        xqs = []
+        if self.q8 and self.x_loads_first:  # activation loads (L2 hits, independent of the expert ids) first
+            xqs = [chunk_x_q8(q, pAq, pAd, js[t] * self.n_ff + kbs[t] * 256, s) for t in range(self.chunks_per_lane)]
+        for t in range(self.chunks_per_lane):
+            row0 = ids[js[t]] * self.n_out + o0
+            raws.append([chunk_load(q, pW, (row0 + r) * nbpr + kbs[t], s) for r in range(rpw)])
+        acc = [None] * rpw
+        for t in range(self.chunks_per_lane):
+            xbase = js[t] * self.n_ff + kbs[t] * 256
+            wj = wts[js[t]]
+            if self.q8:
+                xq = xqs[t] if xqs else chunk_x_q8(q, pAq, pAd, xbase, s)
+                vals = [chunk_dot_q8(q, raw, s, xq) for raw in raws[t]]
+            else:
+                xv = chunk_x_f32(q, pAct, xbase, s)
+                xs = x_sums_f32(q, xv)
+                vals = [chunk_dot_f32(q, raw, s, xv, xs) for raw in raws[t]]
+            acc = [wj * v if a is None else a + wj * v for a, v in zip(acc, vals)]
+        return acc
+
+
+@kernel_cache
+def compile_moe_gate_up_chunk(qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False,
+                              rows_per_warp: int = 1, x_loads_first: bool = False):
+    """Runtime args: (Wg, Wu u8, x f32, xq i8, xd f32, ids i32 (align 4), act f32 pointers, n_slots, stream)."""
+    return cute.compile(MoeGateUpChunk(qtype, n_in, n_ff, fused, q8, rows_per_warp, x_loads_first),
+                        gptr(Uint8, 0), gptr(Uint8, 0), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0),
+                        gptr(Int32, 0, 4), gptr(Float32, 0), Int32(1), cute.runtime.make_fake_stream(),
+                        options=compile_options())
+
+
+@kernel_cache
+def compile_moe_down_chunk(qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False,
+                           rows_per_warp: int = 1, x_loads_first: bool = False):
+    """Runtime args: (W u8, act f32, aq i8, ad f32, ids i32 (align 4), weights f32 (align 4), resid f32, y f32
+    pointers, stream)."""
+    return cute.compile(MoeDownChunk(qtype, n_ff, n_out, k, add_residual, q8, rows_per_warp, x_loads_first),
+                        gptr(Uint8, 0), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0), gptr(Int32, 0, 4),
+                        gptr(Float32, 0, 4), gptr(Float32, 0), gptr(Float32, 0), cute.runtime.make_fake_stream(),
+                        options=compile_options())
+
+
+# Qwen3-30B-A3B (8 of 128 experts, 2048 / 768), the default rows per warp of each path
+GATE_UP_CHUNK_CONFIGS = [dict(qtype="Q4_K", n_in=2048, n_ff=768, fused=f, q8=q8, rows_per_warp=gate_up_rows_per_warp(q8))
+                         for f in (False, True) for q8 in (False, True)]
+DOWN_CHUNK_CONFIGS = [dict(qtype=q, n_ff=768, n_out=2048, k=8, add_residual=r, q8=q8,
+                           rows_per_warp=down_rows_per_warp(q, q8))
+                      for q in ("Q4_K", "Q6_K", "Q6_K_P") for r in (False, True) for q8 in (False, True)]
+
+register("moe_gate_up_chunk", compile_moe_gate_up_chunk, GATE_UP_CHUNK_CONFIGS)
+register("moe_down_chunk", compile_moe_down_chunk, DOWN_CHUNK_CONFIGS)
