@@ -2,11 +2,12 @@
 
     entry points (run, tokenize, accuracy, bench, perf_model)
       -> engine (engine, sampling)
-      -> models
+      -> models | autotune                    (peers: the autotuner binds kernels, never a model forward)
       -> kernels
+      -> cli_args                             (argument checks shared by every CLI, kernels' own included)
       -> runtime | reference | tokenizer      (peers: none imports another)
       -> gguf
-      -> errors                               (importable by all)
+      -> errors, blas_threads                 (importable by all)
 
 Every ``import`` / ``from ... import`` of every module is read statically (ast, function-level imports included, no
 module is executed), relative imports resolved, ``models/`` taken as ``sparkinfer_cute.models`` (pyproject
@@ -22,13 +23,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = {"sparkinfer_cute": ROOT / "sparkinfer_cute", "sparkinfer_cute.models": ROOT / "models"}
+PACKAGE_DIRS = {"sparkinfer_cute": ROOT / "sparkinfer_cute", "sparkinfer_cute.models": ROOT / "models",
+                "sparkinfer_cute.autotune": ROOT / "autotune"}
 
 # group -> rank; a module belongs to the group of its longest matching prefix in GROUP_OF
-RANK = {"errors": 0, "gguf": 1, "runtime": 2, "reference": 2, "tokenizer": 2, "kernels": 3, "models": 4,
-        "engine": 5, "entry": 6}
+RANK = {"errors": 0, "util": 0, "gguf": 1, "runtime": 2, "reference": 2, "tokenizer": 2, "cli": 2.5, "kernels": 3,
+        "models": 4, "autotune": 4, "engine": 5, "entry": 6}
 GROUP_OF = {
     "sparkinfer_cute.errors": "errors",
+    "sparkinfer_cute.blas_threads": "util",
+    "sparkinfer_cute.cli_args": "cli",
+    "sparkinfer_cute.autotune": "autotune",
     "sparkinfer_cute.gguf": "gguf",
     "sparkinfer_cute.runtime": "runtime",
     "sparkinfer_cute.reference": "reference",
@@ -50,8 +55,8 @@ def discover_modules() -> dict[str, Path]:
     for pkg, root in PACKAGE_DIRS.items():
         for path in sorted(root.rglob("*.py")):
             parts = list(path.relative_to(root).with_suffix("").parts)
-            if parts[0] == "models" and pkg == "sparkinfer_cute":
-                continue  # a stray sparkinfer_cute/models would shadow the top-level models/ package
+            if parts[0] in ("models", "autotune") and pkg == "sparkinfer_cute":
+                continue  # a stray sparkinfer_cute/models (autotune) link would shadow the top-level package
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             mods[".".join([pkg, *parts])] = path
