@@ -11,10 +11,12 @@ from __future__ import annotations
 from sparkinfer_cute.errors import GGUFError
 from sparkinfer_cute.models.base import GPUDecoder
 from sparkinfer_cute.models.gemma3 import Gemma3GPU
+from sparkinfer_cute.models.gemma4 import Gemma4GPU
 from sparkinfer_cute.models.qwen3_moe import Qwen3MoeGPU
 
 GPU_FORWARDS: dict[str, type[GPUDecoder]] = {
     "gemma3": Gemma3GPU,
+    "gemma4": Gemma4GPU,
     "qwen3moe": Qwen3MoeGPU,
 }
 
@@ -27,4 +29,4 @@ def load_gpu_model(g, cfg, *, max_context: int | None = None, progress: bool = T
     return cls(g, cfg, max_context=max_context, progress=progress)
 
 
-__all__ = ["GPU_FORWARDS", "GPUDecoder", "Gemma3GPU", "Qwen3MoeGPU", "load_gpu_model"]
+__all__ = ["GPU_FORWARDS", "GPUDecoder", "Gemma3GPU", "Gemma4GPU", "Qwen3MoeGPU", "load_gpu_model"]

@@ -15,6 +15,7 @@ import numpy as np
 
 from sparkinfer_cute.kernels import argmax as _am
 from sparkinfer_cute.kernels import attention_decode as _attn
+from sparkinfer_cute.kernels import elementwise as _elem
 from sparkinfer_cute.kernels import embedding as _emb
 from sparkinfer_cute.kernels import gemv as _gemv
 from sparkinfer_cute.kernels import gemv_chunk as _gemv_chunk
@@ -224,6 +225,16 @@ def gemv_qkv(wq, wk, wv, x, q, k, v, *, stream, xq=None):
             gemv(w, x, y, stream=stream, xq=xq)
 
 
+def gemv_qk(wq, wk, x, q, k, *, stream, xq=None):
+    """q and k projections of one normed input (K = V layers have no V projection): one launch where it applies."""
+    if enabled("fused_qkv"):
+        _gemv.gemv_multi([(wq.data, wq.qtype, q), (wk.data, wk.qtype, k)], xq if xq is not None else x, stream=stream)
+        launch_counter.add(1 if all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in (wq, wk)) else 2)
+    else:
+        for w, y in ((wq, q), (wk, k)):
+            gemv(w, x, y, stream=stream, xq=xq)
+
+
 def glu(gate, up, out, *, act: str, stream):
     _glu.glu(gate, up, out, act=act, stream=stream)
     launch_counter.add()
@@ -257,32 +268,40 @@ def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n
 
 
 def qk_norm_rope_kv(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_head: int, n_rot: int, base: float,
-                    eps: float, q_scale: float = 1.0, stream):
-    """Fused per-head Q/K RMSNorm + NEOX RoPE (+ q scale) + fp16 KV append: one launch instead of five."""
+                    eps: float, q_scale: float = 1.0, freq_factors=None, v_norm: bool = False, stream):
+    """Fused per-head Q/K RMSNorm + NEOX RoPE (+ q scale) + fp16 KV append: one launch instead of five.
+    ``freq_factors``: an F32 weight dividing theta per pair (Gemma 4 ``rope_freqs``); ``v_norm``: V is RMS-normed
+    without a weight before caching (Gemma 4; ``v`` may be ``k``: K = V layers)."""
     D = kv.head_dim[layer]
     KV = kv.n_kv_head[layer]
     _qknrk.qk_norm_rope_kv(q.view(np.float32, (n_head, D)), k.view(np.float32, (KV, D)), v.view(np.float32, (KV, D)),
                            q_norm.data.view(np.float32, (D,)), k_norm.data.view(np.float32, (D,)), kv.k[layer],
                            kv.v[layer], kv.page_table, pos, n_rot=n_rot, base=base, eps=eps, q_scale=q_scale,
-                           stream=stream)
+                           freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32,
+                                                                                                 (n_rot // 2,)),
+                           v_norm=v_norm, stream=stream)
     launch_counter.add()
 
 
 def qk_prologue(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_head: int, n_rot: int, base: float,
-                eps: float, q_scale: float, stream) -> float:
+                eps: float, q_scale: float, stream, freq_factors=None, v_norm: bool = False) -> float:
     """Between the q/k/v projections and attention: per-head Q/K RMSNorm, NEOX RoPE, fp16 KV append. One fused launch
-    (:func:`qk_norm_rope_kv`, which also multiplies q by ``q_scale``) unless ``fused_qk`` is disabled, else the five
-    unfused launches (q left unscaled). Returns the factor attention must still apply to q·k: 1.0 or ``q_scale``."""
+    (:func:`qk_norm_rope_kv`, which also multiplies q by ``q_scale``) unless ``fused_qk`` is disabled, else the
+    unfused launches (q left unscaled). Returns the factor attention must still apply to q·k: 1.0 or ``q_scale``.
+    ``v`` may be ``k`` (K = V: the fused kernel never writes k back); the unfused path (``fused_qk`` disabled) has
+    neither K = V nor the V norm, so Gemma 4 runs the fused kernel only."""
     if enabled("fused_qk"):
         qk_norm_rope_kv(kv, layer, q, k, v, q_norm, k_norm, pos, n_head=n_head, n_rot=n_rot, base=base, eps=eps,
-                        q_scale=q_scale, stream=stream)
+                        q_scale=q_scale, freq_factors=freq_factors, v_norm=v_norm, stream=stream)
         return 1.0
+    if v is k or v_norm:
+        raise ValueError("the unfused Q/K prologue has no K = V / V-norm path (Gemma 4): leave fused_qk enabled")
     D = kv.head_dim[layer]
     KV = kv.n_kv_head[layer]
     rmsnorm_heads(q, q_norm, n_head, D, eps, stream=stream)
     rmsnorm_heads(k, k_norm, KV, D, eps, stream=stream)
-    rope(q, n_head, D, n_rot, base, pos, stream=stream)
-    rope(k, KV, D, n_rot, base, pos, stream=stream)
+    rope(q, n_head, D, n_rot, base, pos, stream=stream, freq_factors=freq_factors)
+    rope(k, KV, D, n_rot, base, pos, stream=stream, freq_factors=freq_factors)
     kv_append(kv, layer, k, v, pos, stream=stream)
     return q_scale
 
@@ -308,10 +327,12 @@ def router(logits, ids, weights, k: int, *, stream):
     launch_counter.add()
 
 
-def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None):
-    """``hq`` (the q8_1 copy of h, already quantized this step): the dp4a kernel instead of the f32 one."""
-    _moe.moe_gate_up(w_gate.data, w_up.data, w_gate.qtype, hq if hq is not None else h, ids, w_gate.n_out, out=act,
-                     stream=stream)
+def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu"):
+    """``hq`` (the q8_1 copy of h, already quantized this step): the dp4a kernel instead of the f32 one. ``w_up``
+    None: ``w_gate`` is a fused [E, 2F, n_in] gate+up tensor (Gemma 4). ``glu``: the gate activation."""
+    n_ff = w_gate.n_out if w_up is not None else w_gate.n_out // 2
+    _moe.moe_gate_up(w_gate.data, None if w_up is None else w_up.data, w_gate.qtype, hq if hq is not None else h, ids,
+                     n_ff, out=act, stream=stream, act=glu)
     launch_counter.add()
 
 
@@ -321,6 +342,24 @@ def moe_down(w_down, act, ids, weights, out, *, stream, actq=None):
         quantize(act, actq, stream=stream)
     _moe.moe_down(w_down.data, w_down.qtype, actq if actq is not None else act, ids, weights, w_down.n_out, out=out,
                   stream=stream)
+    launch_counter.add()
+
+
+def residual_scale(x, f, s, *, stream):
+    """``x = (x + f) * s`` (``s``: one f32 on the device: Gemma 4's layer_output_scale, or 1)."""
+    _elem.residual_scale(x, f, s, stream=stream)
+    launch_counter.add()
+
+
+def softcap(x, cap: float, *, stream):
+    """``x = cap * tanh(x / cap)`` in place (final logit softcapping)."""
+    _elem.softcap(x, cap, stream=stream)
+    launch_counter.add()
+
+
+def expert_scale(weights, ids, scale, *, stream):
+    """``weights[j] *= scale[ids[j]]``: a per-expert down scale folded into the routing weights."""
+    _elem.gather_scale(weights, ids, scale.data.view(np.float32, (scale.n_in,)), stream=stream)
     launch_counter.add()
 
 
@@ -427,16 +466,35 @@ def gemm(w, xq, out, T: int, *, stream, accumulate: bool = False, w_up=None, act
     launch_counter.add()
 
 
+def lm_head_rows(w, h, hq, out, T: int, *, stream):
+    """Logits of T rows (the accuracy harness's all-position prefill): the grouped GEMM on the q8_1 rows where it
+    takes the type, else the decode GEMV over groups of <= 8 f32 rows (Q6_K in its GGUF layout: a tied embedding)."""
+    if w.qtype in _qgemm.SUPPORTED_QTYPES:
+        gemm(w, hq, out, T, stream=stream)
+        return
+    n = w.n_in
+    for r0 in range(0, T, 8):
+        r = min(8, T - r0)
+        _gemv.gemv(w.data, w.qtype, h.view(np.float32, (r, n), offset_bytes=r0 * n * 4), n_out=w.n_out,
+                   out=out.view(np.float32, (r, w.n_out), offset_bytes=r0 * w.n_out * 4), stream=stream)
+        launch_counter.add()
+
+
 def qk_norm_rope_kv_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, q_norm, k_norm, *, n_head: int,
-                         n_rot: int, base: float, eps: float, q_scale: float, stream):
+                         n_rot: int, base: float, eps: float, q_scale: float, stream, freq_factors=None,
+                         v_norm: bool = False, k_eq_v: bool = False):
+    """:func:`qk_norm_rope_kv` for the T rows of a chunk (a batch of T queries of one sequence). ``k_eq_v``: V is
+    the raw K projection (Gemma 4 full layers)."""
     D = kv.head_dim[layer]
     KV = kv.n_kv_head[layer]
-    _qknrk.qk_norm_rope_kv(pf.q.view(np.float32, (T, n_head, D)), pf.k.view(np.float32, (T, KV, D)),
-                           pf.v.view(np.float32, (T, KV, D)), q_norm.data.view(np.float32, (D,)),
-                           k_norm.data.view(np.float32, (D,)), kv.k[layer], kv.v[layer],
-                           pf.page_table.view(np.int32, (T, pf.page_table.shape[1])),
+    k = pf.k.view(np.float32, (T, KV, D))
+    _qknrk.qk_norm_rope_kv(pf.q.view(np.float32, (T, n_head, D)), k, k if k_eq_v else pf.v.view(np.float32, (T, KV, D)),
+                           q_norm.data.view(np.float32, (D,)), k_norm.data.view(np.float32, (D,)), kv.k[layer],
+                           kv.v[layer], pf.page_table.view(np.int32, (T, pf.page_table.shape[1])),
                            pf.pos.view(np.int32, (T,)), n_rot=n_rot, base=base, eps=eps, q_scale=q_scale,
-                           stream=stream)
+                           freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32,
+                                                                                                 (n_rot // 2,)),
+                           v_norm=v_norm, stream=stream)
     launch_counter.add()
 
 
@@ -455,26 +513,30 @@ def attention_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, *, n_hea
 
 
 def moe_rows(w_router, w_gate, w_up, w_down, pf: PrefillBuffers, T: int, *, act: str = "silu", stream,
-             accumulate_into=None, expert_scale=None):
-    """The routed-expert FFN of T tokens whose normed input is ``pf.h`` / ``pf.hq``: router logits -> softmax/top-k
-    -> sort by expert -> grouped gate+up GLU (gathered rows) -> q8_1 -> grouped down -> weighted combine into
-    ``accumulate_into`` (added to it) or ``pf.f``."""
+             accumulate_into=None, expert_scale=None, router_in=None, expert_in=None):
+    """The routed-expert FFN of T tokens: router logits of ``router_in`` (default ``pf.h``) -> softmax/top-k -> sort
+    by expert -> grouped gate+up GLU of ``expert_in`` (a q8_1 copy, default ``pf.hq``; gathered rows) -> q8_1 ->
+    grouped down -> weighted combine (times ``expert_scale[e]`` when given) into ``accumulate_into`` (added to it)
+    or ``pf.f``. ``w_up`` None: ``w_gate`` is a fused [E, 2F, n_in] gate+up tensor."""
     k = pf.k_used
-    _moe_route.router_logits(w_router.data.view(np.float32, (w_router.n_out, w_router.n_in)), rows(pf.h, T), T,
+    r_in = pf.h if router_in is None else router_in
+    e_in = pf.hq if expert_in is None else expert_in
+    _moe_route.router_logits(w_router.data.view(np.float32, (w_router.n_out, w_router.n_in)), rows(r_in, T), T,
                              pf.router_logits, stream=stream)
     _router.route(pf.router_logits.view(np.float32, (T, w_router.n_out)), k, norm_topk=True,
                   ids_out=pf.ids.view(np.int32, (T, k)), weights_out=pf.wts.view(np.float32, (T, k)), stream=stream)
     _moe_route.moe_align(pf.ids.view(np.int32, (T, k)), T, w_router.n_out, MOE_TILE_TOKENS, pf.tiles, pf.n_tiles,
                          pf.sorted_token, pf.sorted_pos, stream=stream)
-    n_ff = w_gate.n_out
-    _qgemm.quant_gemm(w_gate.data, w_gate.qtype, pf.hq, n_ff, out=pf.moe_act, w_up=w_up.data, act=act, tiles=pf.tiles,
-               n_tiles=pf.n_tiles, max_tiles=pf.max_tiles, row_index=pf.sorted_token, tile_tokens=MOE_TILE_TOKENS,
-               stream=stream)
+    fused = w_up is None
+    n_ff = w_gate.n_out // 2 if fused else w_gate.n_out
+    _qgemm.quant_gemm(w_gate.data, w_gate.qtype, e_in, n_ff, out=pf.moe_act, w_up=None if fused else w_up.data,
+                      act=act, tiles=pf.tiles, n_tiles=pf.n_tiles, max_tiles=pf.max_tiles, row_index=pf.sorted_token,
+                      tile_tokens=MOE_TILE_TOKENS, fused_gate_up=fused, stream=stream)
     _q8.quantize_q8_1(rows(pf.moe_act, T * k), out=pf.moe_actq, stream=stream)
     _qgemm.quant_gemm(w_down.data, w_down.qtype, pf.moe_actq, w_down.n_out, out=pf.moe_y, tiles=pf.tiles,
-               n_tiles=pf.n_tiles, max_tiles=pf.max_tiles, tile_tokens=MOE_TILE_TOKENS, stream=stream)
+                      n_tiles=pf.n_tiles, max_tiles=pf.max_tiles, tile_tokens=MOE_TILE_TOKENS, stream=stream)
     target = accumulate_into if accumulate_into is not None else pf.f
     _moe_route.moe_combine(pf.moe_y, pf.sorted_pos, pf.wts.view(np.float32, (T, k)), pf.ids.view(np.int32, (T, k)),
-                       rows(target, T), T, accumulate=accumulate_into is not None, expert_scale=expert_scale,
-                       stream=stream)
+                           rows(target, T), T, accumulate=accumulate_into is not None,
+                           expert_scale=None if expert_scale is None else expert_scale.data, stream=stream)
     launch_counter.add(8)

@@ -85,3 +85,48 @@ def softcap(y, cap: float, *, stream=None):
 
 
 register("elementwise", compile_elementwise, [dict(op=o) for o in OPS])
+
+
+class GatherScale:
+    """``w[j] *= s[ids[j]]`` for the k routed slots (one warp): Gemma 4's per-expert down scale
+    (``ffn_down_exps.scale``) folded into the router weights before the expert FFN, which multiplies each expert's
+    down output by its weight (llama.cpp ``build_lora_mm_id``'s ``w_s``: the same product, rounded in another order)."""
+
+    def __init__(self, k: int):
+        assert 1 <= k <= 32
+        self.pdl = pdl_enabled()
+        self.k = k
+
+    @cute.jit
+    def __call__(self, pW: cute.Pointer, pIds: cute.Pointer, pS: cute.Pointer, stream: cuda.CUstream):
+        self.kernel(pW, pIds, pS).launch(grid=[1, 1, 1], block=[32, 1, 1], stream=stream, use_pdl=self.pdl)
+
+    @cute.kernel
+    def kernel(self, pW: cute.Pointer, pIds: cute.Pointer, pS: cute.Pointer):
+        pdl_prologue(self.pdl)
+        j = cute.arch.thread_idx()[0]
+        if j < self.k:
+            mW = cute.make_tensor(pW, cute.make_layout(self.k))
+            mIds = cute.make_tensor(pIds, cute.make_layout(self.k))
+            e = mIds[j]
+            mS = cute.make_tensor(pS, cute.make_layout(e + 1))
+            mW[j] = mW[j] * mS[e]
+
+
+@kernel_cache
+def compile_gather_scale(k: int):
+    return cute.compile(GatherScale(k), fake_ptr(Float32, 4), fake_ptr(Int32, 4), fake_ptr(Float32, 4),
+                        cute.runtime.make_fake_stream(), options=compile_options())
+
+
+def gather_scale(w, ids, s, *, stream=None):
+    """``w[j] *= s[ids[j]]`` in place (f32 w [k], int32 ids [k], f32 s [n_expert]; DeviceArrays)."""
+    from ..runtime import resolve_stream
+
+    k = int(np.prod(w.shape))
+    compile_gather_scale(k)(gptr(Float32, w.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, s.ptr, 4),
+                            resolve_stream(stream).cu)
+    return w
+
+
+register("gather_scale", compile_gather_scale, [dict(k=8)])

@@ -174,4 +174,6 @@ register("embedding", compile_embedding, [
     dict(qtype="F16", n_embd=256),
     dict(qtype="F32", n_embd=256),
     dict(qtype="Q4_K", n_embd=256),    # tiny synthetic
+    dict(qtype="Q6_K", n_embd=2816),   # Gemma 4 26B-A4B token_embd (tied LM head)
+    dict(qtype="Q6_K", n_embd=256),    # synthetic gemma4 tiny
 ])

@@ -317,6 +317,10 @@ DENSE_CONFIGS = sorted({
     *[(q, n) for q in ("Q4_K", "Q6_K") for n in (256, 512, 768, 1024, 1536, 2048, 4096)],
     *[("Q6_K_P", n) for n in (256, 768, 2048)],
     *[(q, n) for q in ("Q5_0", "Q8_0") for n in (384, 640, 768, 1536)],
+    # Gemma 4 26B-A4B: n_embd 2816 (q/k/v/o-in, dense gate/up, the tied Q6_K LM head), dense down 2112 (Q5_0/Q8_0:
+    # 2112 % 256 != 0), attention out 4096 / 8192 (16 heads x 256 / 512)
+    *[(q, 2816) for q in ("Q4_K", "Q6_K", "Q6_K_P")], *[(q, 2112) for q in ("Q5_0", "Q8_0")],
+    ("Q4_K", 8192),
 })
 # (qtype, n_in, x_per_slot) of the expert-indexed GEMV: gate/up (x shared) and down (x per slot)
 EXPERT_CONFIGS = [("Q4_K", 2048, False), ("Q4_K", 768, True), ("Q6_K", 768, True), ("Q6_K_P", 768, True),

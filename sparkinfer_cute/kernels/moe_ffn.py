@@ -40,7 +40,7 @@ from .moe_ffn_chunk import (
     down_chunk_ok,
     down_rows_per_warp,
     gate_up_rows_per_warp,
-    silu,
+    glu_act,
 )
 from .q8_1 import Q8Act, as_q8, x_pointers
 from .quant_decode import INT_QTYPES, Tiling, qtype_name, spec
@@ -51,11 +51,13 @@ WARPS = WarpRowKernel.WARPS
 
 
 class MoeGateUp(WarpRowKernel):
-    """``act[slot, o] = silu(Wgate[e] . x) * (Wup[e] . x)``, e = ids[slot], slice mapping; ``fused``: one
-    [E, 2*n_ff, n_in] tensor, gate rows first. ``q8``: int8 activations (pXq, pXd, pXs) and dp4a, else f32 (pX)."""
+    """``act[slot, o] = glu_act(Wgate[e] . x) * (Wup[e] . x)``, e = ids[slot], slice mapping (``act``: "silu" or
+    "gelu_tanh"); ``fused``: one [E, 2*n_ff, n_in] tensor, gate rows first. ``q8``: int8 activations (pXq, pXd, pXs)
+    and dp4a, else f32 (pX)."""
 
-    def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False):
+    def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False, act: str = "silu"):
         super().__init__()
+        self.act = act
         assert not q8 or qtype in INT_QTYPES, f"the dp4a path supports {INT_QTYPES}"
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, "slice")
@@ -108,7 +110,7 @@ class MoeGateUp(WarpRowKernel):
             up = warp_reduce_sum(acc_u)
             if lane == 0:
                 act = cute.make_tensor(pAct, cute.make_layout((slot + 1) * self.n_ff))
-                act[slot * self.n_ff + o] = silu(g) * up
+                act[slot * self.n_ff + o] = glu_act(g, self.act) * up
 
 
 class MoeDown(WarpRowKernel):
@@ -188,10 +190,11 @@ class MoeDown(WarpRowKernel):
 
 
 @kernel_cache
-def compile_moe_gate_up(qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False):
+def compile_moe_gate_up(qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False, act: str = "silu"):
     """Runtime args: (Wg, Wu u8, x f32, xq i8, xd f32, xs f32, ids i32 (align 4), act f32 pointers, n_slots,
     stream); q8_1.x_pointers gives the four x pointers."""
-    return cute.compile(MoeGateUp(qtype, n_in, n_ff, fused, q8), gptr(Uint8, 0), gptr(Uint8, 0), gptr(Float32, 0),
+    return cute.compile(MoeGateUp(qtype, n_in, n_ff, fused, q8, act), gptr(Uint8, 0), gptr(Uint8, 0),
+                        gptr(Float32, 0),
                         gptr(Int8, 0), gptr(Float32, 0), gptr(Float32, 0), gptr(Int32, 0, 4), gptr(Float32, 0),
                         Int32(1), cute.runtime.make_fake_stream(), options=compile_options())
 
@@ -222,8 +225,9 @@ def _activation(x, st):
 
 
 def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto",
-                rows_per_warp: int | None = None):
-    """act[j] = silu(Wgate[ids[j]] · h) * (Wup[ids[j]] · h) -> [k, n_ff] f32.
+                rows_per_warp: int | None = None, act: str = "silu"):
+    """act[j] = act(Wgate[ids[j]] · h) * (Wup[ids[j]] · h) -> [k, n_ff] f32 (``act``: "silu", or "gelu_tanh" for
+    Gemma's GeGLU experts).
 
     ``w_gate``/``w_up``: [E, n_ff, row_bytes] raw bytes; pass ``w_up=None`` and the fused ``ffn_gate_up_exps``
     tensor ([E, 2*n_ff, row_bytes]) as ``w_gate``. ``h``: f32 [n_in] (numpy or DeviceArray) or a :class:`Q8Act`
@@ -248,10 +252,11 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
     pwg, pwu = gptr(Uint8, aligned(dg, "w_gate").ptr), gptr(Uint8, aligned(du, "w_up").ptr)
     pids, pact = gptr(Int32, di.ptr, 4), gptr(Float32, aligned(act, "act").ptr)
     if mapping == "auto" and chunk_ok(q, n_in):
-        fn = compile_moe_gate_up_chunk(q, n_in, n_ff, fused, q8, rows_per_warp or gate_up_rows_per_warp(q8))
+        fn = compile_moe_gate_up_chunk(q, n_in, n_ff, fused, q8, rows_per_warp or gate_up_rows_per_warp(q8),
+                                       False, act)
         fn(pwg, pwu, px, pxq, pxd, pids, pact, Int32(k), cuda.CUstream(st.handle))
     else:
-        fn = compile_moe_gate_up(q, n_in, n_ff, fused, q8)
+        fn = compile_moe_gate_up(q, n_in, n_ff, fused, q8, act)
         fn(pwg, pwu, px, pxq, pxd, pxs, pids, pact, Int32(k), cuda.CUstream(st.handle))
     return act.to_numpy(stream=st) if h_np else act
 
@@ -325,12 +330,18 @@ def moe_ffn(w_gate, w_up, w_down, qtype_gate_up, qtype_down, h, ids, weights, n_
 
 GATE_UP_CONFIGS = [dict(qtype="Q4_K", n_in=2048, n_ff=768), dict(qtype="Q4_K", n_in=2048, n_ff=768, fused=True),
                    dict(qtype="Q4_K", n_in=256, n_ff=256), dict(qtype="Q4_K", n_in=512, n_ff=256),
-                   dict(qtype="Q5_0", n_in=384, n_ff=384)]
+                   dict(qtype="Q5_0", n_in=384, n_ff=384),
+                   # Gemma 4: fused ffn_gate_up_exps, GeGLU experts (26B-A4B 2816 / 704, synthetic tiny 256 / 160)
+                   dict(qtype="Q4_K", n_in=2816, n_ff=704, fused=True, act="gelu_tanh"),
+                   dict(qtype="Q4_K", n_in=256, n_ff=160, fused=True, act="gelu_tanh")]
 DOWN_CONFIGS = [dict(qtype=q, n_ff=768, n_out=2048, add_residual=r) for q in ("Q4_K", "Q6_K", "Q6_K_P")
                 for r in (False, True)]
 DOWN_CONFIGS += [dict(qtype=q, n_ff=256, n_out=n, add_residual=r) for q in ("Q4_K", "Q6_K") for n in (256, 512)
                  for r in (False, True)]
 DOWN_CONFIGS += [dict(qtype=q, n_ff=384, n_out=384, add_residual=r) for q in ("Q5_0", "Q8_0") for r in (False, True)]
+# Gemma 4 26B-A4B experts down (704 % 256 != 0: Q5_0 / Q8_0) and the synthetic tiny one (160)
+DOWN_CONFIGS += [dict(qtype=q, n_ff=n_ff, n_out=n_out) for q in ("Q5_0", "Q8_0")
+                 for n_ff, n_out in ((704, 2816), (160, 256))]
 
 register("moe_gate_up", compile_moe_gate_up, [dict(c, q8=q8) for q8 in (False, True) for c in GATE_UP_CONFIGS])
 register("moe_down", compile_moe_down, [dict(c, q8=q8) for q8 in (False, True) for c in DOWN_CONFIGS])

@@ -40,13 +40,27 @@ def silu(g: Float32) -> Float32:
     return g / (Float32(1.0) + cute.math.exp(-g, fastmath=True))
 
 
+GLU_ACTS = ("silu", "gelu_tanh")
+
+
+def glu_act(g: Float32, act: str) -> Float32:
+    """The gate activation of a GLU expert: SiLU (Qwen) or the tanh GELU (Gemma: ggml_gelu, kernels/glu.py's
+    formula ``0.5 g (1 + tanh(sqrt(2/pi) g (1 + 0.044715 g^2)))``). ``act`` is static."""
+    if act == "silu":
+        return silu(g)
+    inner = Float32(0.79788456080286535587989211986876) * g * (Float32(1.0) + Float32(0.044715) * g * g)
+    return Float32(0.5) * g * (Float32(1.0) + cute.math.tanh(inner))
+
+
 class MoeGateUpChunk(WarpRowKernel):
-    """``act[slot, o] = silu(Wgate[e] . x) * (Wup[e] . x)``, e = ids[slot]; ``fused``: one [E, 2*n_ff, n_in]
-    tensor, gate rows first (``pWu`` unused)."""
+    """``act[slot, o] = glu_act(Wgate[e] . x) * (Wup[e] . x)``, e = ids[slot] (``act``: "silu" or "gelu_tanh");
+    ``fused``: one [E, 2*n_ff, n_in] tensor, gate rows first (``pWu`` unused)."""
 
     def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False,
-                 rows_per_warp: int = 1, x_loads_first: bool = False):
+                 rows_per_warp: int = 1, x_loads_first: bool = False, act: str = "silu"):
         super().__init__()
+        assert act in GLU_ACTS, act
+        self.act = act
         self.x_loads_first = x_loads_first
         assert chunk_ok(qtype, n_in) and n_ff % rows_per_warp == 0
         self.qtype, self.n_in, self.n_ff, self.fused, self.q8 = qtype, n_in, n_ff, fused, q8
@@ -82,7 +96,7 @@ class MoeGateUpChunk(WarpRowKernel):
                 g = warp_reduce_sum(acc[r])
                 up = warp_reduce_sum(acc[rpw + r])
                 if lane == r:
-                    act[slot * self.n_ff + o0 + r] = silu(g) * up
+                    act[slot * self.n_ff + o0 + r] = glu_act(g, self.act) * up
 
 
 def down_chunk_ok(qtype: str, n_ff: int, k: int) -> bool:
@@ -161,9 +175,9 @@ class MoeDownChunk(WarpRowKernel):
 
 @kernel_cache
 def compile_moe_gate_up_chunk(qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False,
-                              rows_per_warp: int = 1, x_loads_first: bool = False):
+                              rows_per_warp: int = 1, x_loads_first: bool = False, act: str = "silu"):
     """Runtime args: (Wg, Wu u8, x f32, xq i8, xd f32, ids i32 (align 4), act f32 pointers, n_slots, stream)."""
-    return cute.compile(MoeGateUpChunk(qtype, n_in, n_ff, fused, q8, rows_per_warp, x_loads_first),
+    return cute.compile(MoeGateUpChunk(qtype, n_in, n_ff, fused, q8, rows_per_warp, x_loads_first, act),
                         gptr(Uint8, 0), gptr(Uint8, 0), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0),
                         gptr(Int32, 0, 4), gptr(Float32, 0), Int32(1), cute.runtime.make_fake_stream(),
                         options=compile_options())

@@ -444,4 +444,6 @@ register("router_gemv", compile_router_gemv, [
     dict(n_expert=16, n_embd=256, k=4),     # synthetic qwen3moe tiny
     dict(n_expert=16, n_embd=384, k=4),     # synthetic qwen3moe tiny-fallback
     dict(n_expert=32, n_embd=512, k=8),     # synthetic qwen3moe small
+    dict(n_expert=128, n_embd=2816, k=8),   # Gemma 4 26B-A4B
+    dict(n_expert=16, n_embd=256, k=4),     # synthetic gemma4 tiny
 ], launch_example=_launch_example_gemv)

@@ -31,3 +31,20 @@ def test_residual_scale_and_softcap(seed, n):
     softcap(dy, 30.0)
     ref = 30.0 * np.tanh(y.astype(np.float64) / 30.0)
     assert (np.abs(dy.to_numpy() - ref) <= 8 * U * 30.0).all()
+
+
+@pytest.mark.gpu
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), k=st.integers(1, 8))
+def test_gather_scale(seed, k):
+    """One f32 product per slot: exact to 1 ulp."""
+    from sparkinfer_cute.kernels.elementwise import gather_scale
+    from sparkinfer_cute.runtime import DeviceArray
+
+    rng = np.random.default_rng(seed)
+    w = rng.random(k).astype(np.float32)
+    ids = rng.choice(128, k, replace=False).astype(np.int32)
+    s = rng.uniform(0.1, 4, 128).astype(np.float32)
+    dw = DeviceArray.from_numpy(w)
+    gather_scale(dw, DeviceArray.from_numpy(ids), DeviceArray.from_numpy(s))
+    np.testing.assert_array_equal(dw.to_numpy(), (w * s[ids]).astype(np.float32))

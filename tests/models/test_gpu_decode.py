@@ -76,6 +76,34 @@ def test_gemma3_tiny_synthetic_gpu_vs_reference(tmp_path):
     _compare(p, tokens, 0.99, 0.01)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_gemma4_synthetic_gpu_vs_reference(tmp_path, preset, f32_activations):
+    """Gemma 4 (sliding hd/KV heads vs full layers with K = V and rope_freqs, GeGLU experts + dense MLP, output and
+    per-expert scales, softcap) with f32 activations: the strict gate; tokens cross the tiny preset's window."""
+    p = str(tmp_path / f"g4_{preset}.gguf")
+    write_synthetic(p, arch="gemma4", preset=preset, seed=7)
+    rng = np.random.default_rng()
+    from sparkinfer_cute.gguf import GGUFFile
+    from sparkinfer_cute.gguf.config import load_config
+
+    vocab = load_config(GGUFFile(p)).vocab_size
+    tokens = [2] + rng.integers(4, vocab, size=80).tolist()
+    _compare(p, tokens, 0.99, 0.01)
+
+
+def test_gemma4_tiny_default_build_kl(tmp_path):
+    """The default build (int8 activations for the attention projections and the experts): the KL gate."""
+    p = str(tmp_path / "g4_tiny.gguf")
+    write_synthetic(p, arch="gemma4", preset="tiny", seed=8)
+    rng = np.random.default_rng()
+    from sparkinfer_cute.gguf import GGUFFile
+    from sparkinfer_cute.gguf.config import load_config
+
+    vocab = load_config(GGUFFile(p)).vocab_size
+    tokens = [2] + rng.integers(4, vocab, size=64).tolist()
+    _compare(p, tokens, 0.9, 0.005)
+
+
 def test_gemma3_real_gpu_vs_reference(gemma3_path):
     from sparkinfer_cute.accuracy import default_text
     from sparkinfer_cute.gguf import GGUFFile

@@ -41,7 +41,8 @@ def _tokens(eng, n, rng):
     return [2] + rng.integers(4, eng.cfg.vocab_size, size=n - 1).tolist()
 
 
-@pytest.mark.parametrize("arch,preset", [("qwen3moe", "tiny"), ("qwen3moe", "small"), ("gemma3", "tiny")])
+@pytest.mark.parametrize("arch,preset", [("qwen3moe", "tiny"), ("qwen3moe", "small"), ("gemma3", "tiny"),
+                                         ("gemma4", "tiny")])
 def test_prefill_all_positions_vs_reference(tmp_path, arch, preset):
     from sparkinfer_cute.reference import load_reference
     from sparkinfer_cute.reference.metrics import teacher_forced_compare
@@ -59,7 +60,7 @@ def test_prefill_all_positions_vs_reference(tmp_path, arch, preset):
     assert m["top1_agreement_tol"] >= 0.97, m
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "gemma3", "gemma4"])
 def test_batched_vs_loop_prefill_and_chunks(tmp_path, arch, monkeypatch):
     rng = np.random.default_rng()
     _, eng = _model(tmp_path, arch, "tiny", 12)
