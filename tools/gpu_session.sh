@@ -3,12 +3,12 @@
 #
 # Fresh host, from the repo root on this machine (each line one `run` call, back to back; the host keeps /tmp only
 # while warm, ~30 s):
-#   bash ../shared/gpu-host/stage                          # once, here: fills .gpuhost/a .gpuhost/b (ignored)
-#   tools/stage_model.sh                                   # once, here: real Gemma 3 270M + llama.cpp into .gpumodel/m0..m4
-#   run carry=[.gpuhost/a]            : bash .gpuhost/a/setup
-#   run carry=[.gpuhost/b]            : bash .gpuhost/b/setup
-#   run carry=[.gpumodel/mK] (K=0..4) : bash tools/gpu_session.sh take .gpumodel/mK      (only for model phases)
-#   run                               : bash tools/gpu_session.sh [tests] [micro] [e2e] [bench] [sanitizer]
+#   bash tools/stage_gpuhost.sh          # once, here: .gpuhost/p1, p2 (wheels + llama.cpp); DEMO=1 adds .gpuhost/mK
+#   run carry=[.gpuhost/p1]              : bash .gpuhost/p1/setup
+#   run carry=[.gpuhost/p2]              : bash .gpuhost/p2/setup
+#   run carry=[.gpuhost/mK] (K=0..)      : bash tools/gpu_session.sh take .gpuhost/mK      (only for the real Gemma)
+#   run                                  : bash tools/gpu_session.sh [tests] [newgpu] [e2e] [bench30b_pp] [sanitizer] ...
+# (tools/gpu_quick.sh is the one-call subset: precompile, new-kernel/prefill/decode tests, 30B bench vs llama.cpp.)
 # Results land in $OUT (log, JSON) and the last lines printed are the summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
