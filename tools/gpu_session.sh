@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1
 if [ "${1:-}" = take ]; then  # stash a carried part of the model/peer bundle in /tmp (survives while warm)
   mkdir -p /tmp/gpumodel && cp -n "$2"/* /tmp/gpumodel/ && ls -la /tmp/gpumodel; exit 0
 fi
-[ -f /tmp/gpuhost/env.sh ] || { echo "run .gpuhost/a/setup and .gpuhost/b/setup first"; exit 3; }
+[ -f /tmp/gpuhost/env.sh ] || { echo "run .gpuhost/p1/setup and .gpuhost/p2/setup first (tools/stage_gpuhost.sh)"; exit 3; }
 . /tmp/gpuhost/env.sh
 # models/ installs as sparkinfer_cute.models (pyproject package-dir); on the host we run from the tree, so link it.
 [ -e sparkinfer_cute/models ] || ln -s ../models sparkinfer_cute/models
