@@ -22,7 +22,8 @@ ops, Gemma the f32 ones, the LM head q8_1 on Qwen3-MoE), so --ops narrows the se
     python -m sparkinfer_cute.autotune qwen3-30b-a3b.gguf --ops gemv_q8,moe_gate_up_q8,moe_down_q8,attention_decode
     python -m sparkinfer_cute.autotune gemma-3-270m.gguf --ops gemv,attention_decode
 SPARKINFER_AUTOTUNE=0 makes the engine ignore the cache (A/B runs). Without a GPU only --plan, --show and --clear
-run; anything else is a one-line error (exit 2).
+run; anything else is a one-line error (exit 2). --plan exits 1 when an op's adapter fails on a shape (a row marked
+``error:``, e.g. a kernel name that moved), so it doubles as a CPU check of the adapters against the kernels.
 """
 
 from __future__ import annotations
@@ -235,10 +236,12 @@ def clear_cache() -> int:
     return 0
 
 
-def plan(tasks, ctx) -> None:
+def plan(tasks, ctx) -> int:
+    """Print the plan table; returns the number of tasks whose candidates could not be listed (an adapter error,
+    e.g. a kernel module that moved: a row says ``error: ...``), which makes ``--plan`` exit 1."""
     from .registry import REGISTRY, format_config
 
-    rows = []
+    rows, errors = [], 0
     for t in tasks:
         op = REGISTRY[t.op]
         try:
@@ -248,8 +251,10 @@ def plan(tasks, ctx) -> None:
                     "" if why is None else f"unsupported: {why}"]
         except Exception as e:
             info = ["-", "-", "-", f"error: {type(e).__name__}: {e}"]
+            errors += 1
         rows.append([t.op, op.shape_key(t.shape), str(t.count), t.where, *info])
     print(_table(rows, ["op", "shape", "uses", "where", "default", "candidates", "pruned", "note"]))
+    return errors
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -296,9 +301,13 @@ def main(argv=None) -> int:
                TuneContext(sm_count=args.sm_count or 132, smem_budget=smem_budget()))
         where = dev.name if dev is not None and args.sm_count is None else f"assumed {ctx.sm_count} SMs"
         print(f"{args.model} ({arch}): {len(tasks)} shapes to tune on {where}")
-        plan(tasks, ctx)
+        errors = plan(tasks, ctx)
         for n in notes:
             print(f"note: {n}")
+        if errors:
+            print(f"{PROG}: {errors} of {len(tasks)} shapes could not be planned (the rows marked error)",
+                  file=sys.stderr)
+            return 1
         return 0
     return _search(args, dev, arch, tasks, notes)
 

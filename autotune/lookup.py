@@ -4,8 +4,8 @@
 
     tuned = load_tuned(device)                       # once at start-up (<= 0.1 s; no kernel or cutlass import)
     cfg = tuned.get("gemv_q8", dict(qtype="Q4_K", n_in=2048, n_out=4096))
-    # cfg: e.g. {"mapping": "chunk", "rpw": 1} -- the tuning arguments of the kernel's compile function (see the
-    # op's adapter in autotune/ops/) -- or None: nothing tuned for this shape, use today's heuristic
+    # cfg: e.g. {"mapping": "chunk", "rows_per_warp": 1} -- the tuning arguments of the kernel's compile function
+    # (see the op's adapter in autotune/ops/) -- or None: nothing tuned for this shape, use today's heuristic
     print(describe_tuning())                         # bench: whether tuned configs were used
 
 ``SPARKINFER_AUTOTUNE=0`` disables lookups (every ``get`` returns None) for A/B runs against the defaults.

@@ -51,6 +51,17 @@ def ptr(dtype, addr: int, align: int = 16):
     return gptr(dtype, addr, align)
 
 
+def x_pointers(x, xq=None) -> tuple:
+    """(x f32, xq i8, xd f32, xs f32) launch pointers of an activation, as ``kernels/q8_1.py x_pointers`` gives them
+    to the kernels that take both paths: ``xq`` (a q8_1 ``Q8Act``) given, the dp4a pointers, else those of the f32
+    DeviceArray ``x``; the pointers a path does not read are any valid address."""
+    from cutlass import Float32, Int8
+
+    if xq is not None:
+        return ptr(Float32, xq.d.ptr), ptr(Int8, xq.qs.ptr), ptr(Float32, xq.d.ptr), ptr(Float32, xq.s.ptr)
+    return ptr(Float32, x.ptr), ptr(Int8, x.ptr), ptr(Float32, x.ptr), ptr(Float32, x.ptr)
+
+
 def sample_rows(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     """Up to ``k`` sorted distinct indices of ``range(n)``: the first and last two, the rest at random (the edges
     are where a tiling or rows-per-warp split goes wrong first)."""

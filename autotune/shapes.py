@@ -125,7 +125,7 @@ def collect_tasks(g, cfg, ops, *, ctxs=DEFAULT_CTXS, prefill_tokens: int = DEFAU
                 tasks.add(op, dict(qtype=typ(gu), n_in=n_in, n_ff=n_ff2 // 2, n_expert=E, k=k, fused=True),
                           "ffn_gate_up_exps")
             if T and "quant_gemm" in tasks.ops:
-                notes.append(f"{gu}: quant_gemm takes separate gate and up matrices (fused gate_up not tuned)")
+                notes.append(f"{gu}: quant_gemm's fused gate+up layout (fused_gate_up) is not in its tuned space")
         elif k and "ffn_gate_exps" in lt and "ffn_up_exps" in lt:
             gn, un = lt["ffn_gate_exps"], lt["ffn_up_exps"]
             n_in, n_ff, E = tinfo[gn].shape

@@ -1,22 +1,25 @@
 """Tunable ops ``gemv`` (f32 activations) and ``gemv_q8`` (q8_1 activations, dp4a): the decode GEMV of one
-activation row over raw GGUF weights (``kernels/gemv.py``, ``kernels/gemv_q8.py``).
+activation row over raw GGUF weights (``kernels/gemv.py``: :class:`Gemv`, float or dp4a by its static ``q8`` flag;
+``kernels/gemv_chunk.py``: :class:`GemvChunk`, the same).
 
 Shape: ``qtype`` (the type on the GPU: Q6_K tensors are uploaded as Q6_K_P), ``n_in``, ``n_out``.
 
 Configs (the tuning arguments of the kernels' compile functions):
 
-- ``{"mapping": "chunk", "rpw": 1|2|4}``: :class:`GemvChunk` (Q4_K / Q6_K / Q6_K_P, n_in % 1024 == 0), ``rpw`` output
-  rows per warp sharing the activation loads (``compile_gemv_chunk``);
-- ``{"mapping": "slice", "wpr": 1|2|4}`` (f32) / ``{"mapping": "slice"}`` (dp4a): the coalesced slice mapping,
-  ``wpr`` warps per output row (``compile_gemv`` / ``compile_gemv_q8``).
+- ``{"mapping": "chunk", "rows_per_warp": 1|2|4}``: :class:`GemvChunk` (Q4_K / Q6_K / Q6_K_P, n_in % 1024 == 0),
+  ``rows_per_warp`` output rows per warp sharing the activation loads (``compile_gemv_chunk``);
+- ``{"mapping": "slice", "warps_per_row": 1|2|4}``: the coalesced slice mapping of :class:`Gemv`, ``warps_per_row``
+  warps per output row (``compile_gemv``), on both paths (the merged class takes it with ``q8=True`` too).
 
-Default: what ``gemv()`` / ``gemv_q8()`` pick today (chunk with ``choose_rpw`` where it applies, else slice with
-``choose_wpr``). Reference: gguf-py's float64 dequantization on sampled rows times the activations (dp4a: the
-q8_1-dequantized activations), within ``gemv_error_bound`` (the tight check ``tests/kernels/test_gemv.py`` asserts
-on both paths).
+Default: what ``gemv()`` picks today (chunk with ``choose_rows_per_warp`` where it applies, else slice with
+``choose_warps_per_row`` on the f32 path and one warp per row on the dp4a path). Reference: gguf-py's float64
+dequantization on sampled rows times the activations (dp4a: the q8_1-dequantized activations), within
+``gemv_error_bound`` (``reference/kernel_refs.py``; the tight check ``tests/kernels/test_gemv.py`` asserts on both
+paths).
 
-Applying a tuned config today: ``gemv(..., mapping=cfg["mapping"], wpr=cfg.get("wpr"))`` covers slice; the chunk
-``rpw`` and the dp4a wrapper's choice need a ``rpw`` argument in the wrappers (they compute it with ``choose_rpw``).
+Applying a tuned config today: ``gemv(..., mapping=cfg["mapping"], warps_per_row=cfg.get("warps_per_row"))`` covers
+slice on both paths (x a ``Q8Act`` for dp4a); the chunk ``rows_per_warp`` needs an argument in ``gemv()`` (its
+``_launch`` computes it with ``choose_rows_per_warp``, and a forced ``warps_per_row`` means one row per warp).
 """
 
 from __future__ import annotations
@@ -26,11 +29,19 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..measure import KernelRunner, bound_violation, copies_for_cold_l2, nonfinite, ptr, sample_rows
+from ..measure import (
+    KernelRunner,
+    bound_violation,
+    copies_for_cold_l2,
+    nonfinite,
+    ptr,
+    sample_rows,
+    x_pointers,
+)
 from ..registry import TunableOp, int_in, register, unknown_keys_reason
 
-RPW = (1, 2, 4)
-WPR = (1, 2, 4)
+ROWS_PER_WARP = (1, 2, 4)
+WARPS_PER_ROW = (1, 2, 4)
 VERIFY_ROWS = 256
 
 
@@ -38,17 +49,19 @@ VERIFY_ROWS = 256
 def _bind() -> SimpleNamespace:
     """Every kernel-package name this adapter uses (the one place to fix after kernels/ moves)."""
     from sparkinfer_cute.kernels import gemv as g
-    from sparkinfer_cute.kernels import gemv_q8 as g8
-    from sparkinfer_cute.kernels.dequant import random_quant_bytes
-    from sparkinfer_cute.kernels.q8_1 import dequantize_q8_1, quantize_q8_1, quantize_q8_1_ref
-    from sparkinfer_cute.kernels.quant_decode import CHUNK_QTYPES, Tiling, spec
+    from sparkinfer_cute.kernels import gemv_chunk as gc
+    from sparkinfer_cute.kernels.q8_1 import quantize_q8_1
+    from sparkinfer_cute.kernels.quant_decode import INT_QTYPES, Tiling, spec
+    from sparkinfer_cute.kernels.quant_dot import CHUNK_QTYPES
+    from sparkinfer_cute.reference import kernel_refs as r
 
     return SimpleNamespace(
-        chunk_ok=g.chunk_ok, choose_rpw=g.choose_rpw, choose_wpr=g.choose_wpr, compile_gemv=g.compile_gemv,
-        compile_gemv_chunk=g.compile_gemv_chunk, compile_gemv_q8=g8.compile_gemv_q8, INT_QTYPES=g8.INT_QTYPES,
-        CHUNK_QTYPES=CHUNK_QTYPES, Tiling=Tiling, spec=spec, random_quant_bytes=random_quant_bytes,
-        quantize_q8_1=quantize_q8_1, gemv_ref=g.gemv_ref, gemv_error_bound=g.gemv_error_bound,
-        q8_round_trip=lambda x: dequantize_q8_1(*quantize_q8_1_ref(x)[:2]))
+        chunk_ok=gc.chunk_ok, choose_rows_per_warp=gc.choose_rows_per_warp,
+        choose_warps_per_row=g.choose_warps_per_row, compile_gemv=g.compile_gemv,
+        compile_gemv_chunk=gc.compile_gemv_chunk, INT_QTYPES=INT_QTYPES, CHUNK_QTYPES=CHUNK_QTYPES, Tiling=Tiling,
+        spec=spec, random_quant_bytes=r.random_quant_bytes, quantize_q8_1=quantize_q8_1, gemv_ref=r.gemv_ref,
+        gemv_error_bound=r.gemv_error_bound,
+        q8_round_trip=lambda x: r.dequantize_q8_1(*r.quantize_q8_1_ref(x)[:2]))
 
 
 def _slice_steps(q: str, n_in: int) -> int:
@@ -61,12 +74,9 @@ def _space(shape, ctx, q8: bool):
     q, n_in, n_out = shape["qtype"], shape["n_in"], shape["n_out"]
     out = []
     if b.chunk_ok(q, n_in):
-        out += [dict(mapping="chunk", rpw=r) for r in RPW if n_out % r == 0]
-    if q8:
-        out.append(dict(mapping="slice"))
-    else:
-        # every one of a row's wpr warps gets at least one step per lane (else warps idle)
-        out += [dict(mapping="slice", wpr=w) for w in WPR if _slice_steps(q, n_in) >= 32 * w]
+        out += [dict(mapping="chunk", rows_per_warp=r) for r in ROWS_PER_WARP if n_out % r == 0]
+    # every one of a row's warps_per_row warps gets at least one step per lane (else warps idle)
+    out += [dict(mapping="slice", warps_per_row=w) for w in WARPS_PER_ROW if _slice_steps(q, n_in) >= 32 * w]
     return out
 
 
@@ -74,10 +84,10 @@ def _default(shape, ctx, q8: bool):
     b = _bind()
     q, n_in, n_out = shape["qtype"], shape["n_in"], shape["n_out"]
     if b.chunk_ok(q, n_in):
-        return dict(mapping="chunk", rpw=b.choose_rpw(n_out, ctx.sm_count))
-    if q8:
-        return dict(mapping="slice")
-    return dict(mapping="slice", wpr=b.choose_wpr(n_out, _slice_steps(q, n_in), ctx.sm_count))
+        return dict(mapping="chunk", rows_per_warp=b.choose_rows_per_warp(n_out, ctx.sm_count))
+    if q8:  # gemv.py _launch: the dp4a slice GEMV runs one warp per row unless told otherwise
+        return dict(mapping="slice", warps_per_row=1)
+    return dict(mapping="slice", warps_per_row=b.choose_warps_per_row(n_out, _slice_steps(q, n_in), ctx.sm_count))
 
 
 def _why_invalid(config, shape, ctx, q8: bool):
@@ -95,16 +105,16 @@ def _why_invalid(config, shape, ctx, q8: bool):
     if mapping == "chunk":
         if not b.chunk_ok(q, n_in):
             return f"the chunk mapping needs {'/'.join(b.CHUNK_QTYPES)} and n_in % 1024 == 0 (got {q}, {n_in})"
-        why = unknown_keys_reason(config, {"mapping", "rpw"}) or int_in(config, "rpw", RPW)
+        why = (unknown_keys_reason(config, {"mapping", "rows_per_warp"})
+               or int_in(config, "rows_per_warp", ROWS_PER_WARP))
         if why:
             return why
-        if n_out % config["rpw"]:
-            return f"n_out {n_out} is not a multiple of rpw {config['rpw']} (rows per warp)"
+        if n_out % config["rows_per_warp"]:
+            return f"n_out {n_out} is not a multiple of rows_per_warp {config['rows_per_warp']}"
         return None
     if mapping == "slice":
-        if q8:
-            return unknown_keys_reason(config, {"mapping"})
-        return unknown_keys_reason(config, {"mapping", "wpr"}) or int_in(config, "wpr", WPR)
+        return (unknown_keys_reason(config, {"mapping", "warps_per_row"})
+                or int_in(config, "warps_per_row", WARPS_PER_ROW))
     return f"unknown mapping {mapping!r} (chunk or slice)"
 
 
@@ -112,10 +122,10 @@ def _compile(config, shape, q8: bool):
     b = _bind()
     q, n_in = shape["qtype"], shape["n_in"]
     if config["mapping"] == "chunk":
-        return b.compile_gemv_chunk(q, n_in, config["rpw"], False, False, False, q8)
-    if q8:
-        return b.compile_gemv_q8(q, n_in, 1, False, False, "slice", False)
-    return b.compile_gemv(q, n_in, 1, False, False, "slice", config["wpr"], False)
+        return b.compile_gemv_chunk(q, n_in, rows_per_warp=config["rows_per_warp"], experts=False, x_per_slot=False,
+                                    accumulate=False, q8=q8)
+    return b.compile_gemv(q, n_in, rows=1, experts=False, x_per_slot=False, mapping="slice",
+                          warps_per_row=config["warps_per_row"], accumulate=False, q8=q8)
 
 
 class GemvProblem:
@@ -156,24 +166,17 @@ class GemvRunner(KernelRunner):
         self.outputs = [self.y]
 
     def launcher(self, config, i):
-        from cutlass import Float32, Int8, Int32, Uint8
+        from cutlass import Float32, Int32, Uint8
 
         fn = _compile(config, self.shape, self.q8)
         n_out, cs = Int32(self.shape["n_out"]), self.stream.cu
-        pw, px, py = ptr(Uint8, self.ws[i].ptr), ptr(Float32, self.x.ptr), ptr(Float32, self.y.ptr)
+        pw, py = ptr(Uint8, self.ws[i].ptr), ptr(Float32, self.y.ptr)
         ids = ptr(Int32, self.x.ptr, 4)  # unused without experts
-        xq = self.xq
+        px, pxq, pxd, pxs = x_pointers(self.x, self.xq)
         if config["mapping"] == "chunk":
-            if self.q8:
-                args = (pw, ptr(Float32, xq.d.ptr), ptr(Int8, xq.qs.ptr), ptr(Float32, xq.d.ptr), py, ids, n_out,
-                        Int32(1), cs)
-            else:
-                args = (pw, px, ptr(Int8, self.x.ptr), px, py, ids, n_out, Int32(1), cs)
-        elif self.q8:
-            args = (pw, ptr(Int8, xq.qs.ptr), ptr(Float32, xq.d.ptr), ptr(Float32, xq.s.ptr), py, ids, n_out,
-                    Int32(1), cs)
+            args = (pw, px, pxq, pxd, py, ids, n_out, Int32(1), cs)
         else:
-            args = (pw, px, py, ids, n_out, Int32(1), cs)
+            args = (pw, px, pxq, pxd, pxs, py, ids, n_out, Int32(1), cs)
         return lambda: fn(*args)
 
     def check(self, config, out):

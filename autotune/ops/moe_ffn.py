@@ -1,22 +1,27 @@
-"""Tunable ops of the fused selected-expert MoE FFN for decode (``kernels/moe_ffn.py``):
+"""Tunable ops of the fused selected-expert MoE FFN for decode (``kernels/moe_ffn.py``: the slice kernels
+:class:`MoeGateUp` / :class:`MoeDown`, float or dp4a by their static ``q8`` flag; ``kernels/moe_ffn_chunk.py``: the
+chunk kernels, the same):
 
 - ``moe_gate_up`` / ``moe_gate_up_q8``: gate + up GEMVs of the k routed experts with SwiGLU in registers.
   Shape: ``qtype``, ``n_in`` (n_embd), ``n_ff`` (n_ff_exp), ``n_expert``, ``k`` (experts used), ``fused``
-  (``ffn_gate_up_exps`` layout). Configs: ``{"mapping": "chunk", "rpw": 1|2}`` (+ ``"xfirst"`` on the dp4a path:
-  activation loads issued before the weights) or ``{"mapping": "slice"}``.
+  (``ffn_gate_up_exps`` layout). Configs: ``{"mapping": "chunk", "rows_per_warp": 1|2}`` (+ ``"x_loads_first"`` on
+  the dp4a path: activation loads issued before the weights) or ``{"mapping": "slice"}``.
 - ``moe_down`` / ``moe_down_q8``: the down GEMVs weighted by the router and summed. Shape: ``qtype`` (Q6_K is
-  uploaded as Q6_K_P), ``n_ff``, ``n_out`` (n_embd), ``n_expert``, ``k``. Configs: ``{"mapping": "chunk", "rpw":
-  1|2}`` (+ ``"xfirst"`` on dp4a) or ``{"mapping": "slice", "wpr": 1|2|4}`` (warps per output row).
+  uploaded as Q6_K_P), ``n_ff``, ``n_out`` (n_embd), ``n_expert``, ``k``. Configs: ``{"mapping": "chunk",
+  "rows_per_warp": 1|2}`` (+ ``"x_loads_first"`` on dp4a) or ``{"mapping": "slice", "warps_per_row": 1|2|4}``.
 
-Defaults: what ``moe_gate_up*`` / ``moe_down*`` pick today (chunk with ``gate_up_rpw`` / ``down_rpw`` where it
-applies, else slice; the slice down kernel's compile default ``wpr=2``). Reference: ``moe_gate_up_ref`` /
-``moe_down_ref`` (float64) on sampled output rows of the routed experts (dp4a: of the q8_1-dequantized activations,
-which the integer dots multiply exactly), within the f32 bounds ``tests/kernels/test_moe_ffn.py`` asserts (built
-from ``gemv_error_bound``). ``n_expert`` only sizes the weight tensors (what the cold-L2 rotation streams); the
-kernels do not depend on it.
+``x_loads_first`` only changes the dp4a chunk kernels (``gemv_chunk.chunk_rows_partial`` and
+``MoeDownChunk.partial_dots`` read it only with ``q8``), so the f32 ops do not search it.
 
-Applying a tuned config today: the wrappers take ``mapping`` and ``rpw``; ``xfirst`` and the slice ``wpr`` need an
-argument in ``moe_gate_up*`` / ``moe_down*`` (the compile functions take them).
+Defaults: what ``moe_gate_up`` / ``moe_down`` pick today (chunk with ``gate_up_rows_per_warp`` /
+``down_rows_per_warp`` where it applies, else slice; the slice down kernel's compile default ``warps_per_row=2``).
+Reference: ``moe_gate_up_ref`` / ``moe_down_ref`` (``reference/kernel_refs.py``, float64) on sampled output rows of
+the routed experts (dp4a: of the q8_1-dequantized activations, which the integer dots multiply exactly), within the
+f32 bounds ``tests/kernels/test_moe_ffn.py`` asserts (built from ``gemv_error_bound``). ``n_expert`` only sizes the
+weight tensors (what the cold-L2 rotation streams); the kernels do not depend on it.
+
+Applying a tuned config today: the wrappers take ``mapping`` and ``rows_per_warp``; ``x_loads_first`` and the
+slice ``warps_per_row`` need an argument in ``moe_gate_up`` / ``moe_down`` (the compile functions take them).
 """
 
 from __future__ import annotations
@@ -26,11 +31,19 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..measure import KernelRunner, bound_violation, copies_for_cold_l2, nonfinite, ptr, sample_rows
+from ..measure import (
+    KernelRunner,
+    bound_violation,
+    copies_for_cold_l2,
+    nonfinite,
+    ptr,
+    sample_rows,
+    x_pointers,
+)
 from ..registry import TunableOp, int_in, register, unknown_keys_reason
 
-RPW = (1, 2)
-WPR = (1, 2, 4)
+ROWS_PER_WARP = (1, 2)
+WARPS_PER_ROW = (1, 2, 4)
 VERIFY_ROWS = 64
 U = 2.0**-24
 
@@ -39,20 +52,20 @@ U = 2.0**-24
 def _bind() -> SimpleNamespace:
     """Every kernel-package name this adapter uses (the one place to fix after kernels/ moves)."""
     from sparkinfer_cute.kernels import moe_ffn as m
-    from sparkinfer_cute.kernels.dequant import random_quant_bytes
-    from sparkinfer_cute.kernels.gemv import chunk_ok, gemv_error_bound, gemv_experts_ref
-    from sparkinfer_cute.kernels.gemv_q8 import INT_QTYPES
-    from sparkinfer_cute.kernels.q8_1 import dequantize_q8_1, quantize_q8_1, quantize_q8_1_ref
-    from sparkinfer_cute.kernels.quant_decode import spec
+    from sparkinfer_cute.kernels import moe_ffn_chunk as mc
+    from sparkinfer_cute.kernels.gemv_chunk import chunk_ok
+    from sparkinfer_cute.kernels.q8_1 import quantize_q8_1
+    from sparkinfer_cute.kernels.quant_decode import INT_QTYPES, spec
+    from sparkinfer_cute.reference import kernel_refs as r
 
     return SimpleNamespace(
-        chunk_ok=chunk_ok, down_chunk_ok=m.down_chunk_ok, gate_up_rpw=m.gate_up_rpw, down_rpw=m.down_rpw,
-        compile_moe_gate_up=m.compile_moe_gate_up, compile_moe_gate_up_q8=m.compile_moe_gate_up_q8,
-        compile_moe_gate_up_chunk=m.compile_moe_gate_up_chunk, compile_moe_down=m.compile_moe_down,
-        compile_moe_down_q8=m.compile_moe_down_q8, compile_moe_down_chunk=m.compile_moe_down_chunk,
-        moe_gate_up_ref=m.moe_gate_up_ref, moe_down_ref=m.moe_down_ref, gemv_experts_ref=gemv_experts_ref,
-        gemv_error_bound=gemv_error_bound, INT_QTYPES=INT_QTYPES, spec=spec, random_quant_bytes=random_quant_bytes,
-        quantize_q8_1=quantize_q8_1, q8_round_trip=lambda x: dequantize_q8_1(*quantize_q8_1_ref(x)[:2]))
+        chunk_ok=chunk_ok, down_chunk_ok=mc.down_chunk_ok, gate_up_rows_per_warp=mc.gate_up_rows_per_warp,
+        down_rows_per_warp=mc.down_rows_per_warp, compile_moe_gate_up=m.compile_moe_gate_up,
+        compile_moe_gate_up_chunk=mc.compile_moe_gate_up_chunk, compile_moe_down=m.compile_moe_down,
+        compile_moe_down_chunk=mc.compile_moe_down_chunk, moe_gate_up_ref=r.moe_gate_up_ref,
+        moe_down_ref=r.moe_down_ref, gemv_experts_ref=r.gemv_experts_ref, gemv_error_bound=r.gemv_error_bound,
+        INT_QTYPES=INT_QTYPES, spec=spec, random_quant_bytes=r.random_quant_bytes, quantize_q8_1=quantize_q8_1,
+        q8_round_trip=lambda x: r.dequantize_q8_1(*r.quantize_q8_1_ref(x)[:2]))
 
 
 def _type_reason(q: str, n_in: int, q8: bool) -> str | None:
@@ -67,20 +80,20 @@ def _type_reason(q: str, n_in: int, q8: bool) -> str | None:
 
 
 def _chunk_reason(config: dict, q8: bool, n_rows: int) -> str | None:
-    allowed = {"mapping", "rpw", "xfirst"} if q8 else {"mapping", "rpw"}
-    why = unknown_keys_reason(config, allowed) or int_in(config, "rpw", RPW)
+    allowed = {"mapping", "rows_per_warp", "x_loads_first"} if q8 else {"mapping", "rows_per_warp"}
+    why = unknown_keys_reason(config, allowed) or int_in(config, "rows_per_warp", ROWS_PER_WARP)
     if why:
         return why
-    if q8 and not isinstance(config.get("xfirst", False), bool):
-        return f"xfirst={config['xfirst']!r} is not a bool"
-    if n_rows % config["rpw"]:
-        return f"{n_rows} rows are not a multiple of rpw {config['rpw']} (rows per warp)"
+    if q8 and not isinstance(config.get("x_loads_first", False), bool):
+        return f"x_loads_first={config['x_loads_first']!r} is not a bool"
+    if n_rows % config["rows_per_warp"]:
+        return f"{n_rows} rows are not a multiple of rows_per_warp {config['rows_per_warp']}"
     return None
 
 
 def _chunk_configs(q8: bool, n_rows: int) -> list[dict]:
-    return [dict(mapping="chunk", rpw=r, **({"xfirst": xf} if q8 else {}))
-            for r in RPW if n_rows % r == 0 for xf in ((False, True) if q8 else (False,))]
+    return [dict(mapping="chunk", rows_per_warp=r, **({"x_loads_first": xf} if q8 else {}))
+            for r in ROWS_PER_WARP if n_rows % r == 0 for xf in ((False, True) if q8 else (False,))]
 
 
 # ---------------------------------------------------------------------------------------------- gate + up
@@ -92,7 +105,8 @@ def _gu_space(shape, ctx, q8):
 def _gu_default(shape, ctx, q8):
     b = _bind()
     if b.chunk_ok(shape["qtype"], shape["n_in"]):
-        return dict(mapping="chunk", rpw=b.gate_up_rpw(q8), **({"xfirst": False} if q8 else {}))
+        return dict(mapping="chunk", rows_per_warp=b.gate_up_rows_per_warp(q8),
+                    **({"x_loads_first": False} if q8 else {}))
     return dict(mapping="slice")
 
 
@@ -114,8 +128,9 @@ def _gu_compile(config, shape, q8):
     b = _bind()
     q, n_in, n_ff, fused = shape["qtype"], shape["n_in"], shape["n_ff"], shape["fused"]
     if config["mapping"] == "chunk":
-        return b.compile_moe_gate_up_chunk(q, n_in, n_ff, fused, q8, config["rpw"], config.get("xfirst", False))
-    return (b.compile_moe_gate_up_q8 if q8 else b.compile_moe_gate_up)(q, n_in, n_ff, fused)
+        return b.compile_moe_gate_up_chunk(q, n_in, n_ff, fused=fused, q8=q8, rows_per_warp=config["rows_per_warp"],
+                                           x_loads_first=config.get("x_loads_first", False))
+    return b.compile_moe_gate_up(q, n_in, n_ff, fused=fused, q8=q8)
 
 
 def _silu(g):
@@ -197,7 +212,7 @@ class GateUpRunner(_ExpertRunner):
         self.outputs = [self.act]
 
     def launcher(self, config, i):
-        from cutlass import Float32, Int8, Int32, Uint8
+        from cutlass import Float32, Int32, Uint8
 
         fn = _gu_compile(config, self.shape, self.q8)
         mats = self._mats(i)
@@ -205,14 +220,9 @@ class GateUpRunner(_ExpertRunner):
         pu = ptr(Uint8, mats[-1].ptr)  # fused: the same tensor (gate rows, then up rows, per expert)
         pids, pact = ptr(Int32, self.dev_ids[i].ptr, 4), ptr(Float32, self.act.ptr)
         k, cs = Int32(self.shape["k"]), self.stream.cu
-        h, hq = self.h, self.hq
+        x = x_pointers(self.h, self.hq)  # (x, xq, xd, xs): the chunk kernel takes no xs
         if config["mapping"] == "chunk":
-            x = (ptr(Float32, hq.d.ptr), ptr(Int8, hq.qs.ptr), ptr(Float32, hq.d.ptr)) if self.q8 else (
-                ptr(Float32, h.ptr), ptr(Int8, h.ptr), ptr(Float32, h.ptr))
-        elif self.q8:
-            x = (ptr(Int8, hq.qs.ptr), ptr(Float32, hq.d.ptr), ptr(Float32, hq.s.ptr))
-        else:
-            x = (ptr(Float32, h.ptr),)
+            x = x[:3]
         args = (pg, pu, *x, pids, pact, k, cs)
         return lambda: fn(*args)
 
@@ -224,14 +234,15 @@ class GateUpRunner(_ExpertRunner):
 def _down_space(shape, ctx, q8):
     b = _bind()
     out = _chunk_configs(q8, shape["n_out"]) if b.down_chunk_ok(shape["qtype"], shape["n_ff"], shape["k"]) else []
-    return out + [dict(mapping="slice", wpr=w) for w in WPR]
+    return out + [dict(mapping="slice", warps_per_row=w) for w in WARPS_PER_ROW]
 
 
 def _down_default(shape, ctx, q8):
     b = _bind()
     if b.down_chunk_ok(shape["qtype"], shape["n_ff"], shape["k"]):
-        return dict(mapping="chunk", rpw=b.down_rpw(shape["qtype"], q8), **({"xfirst": False} if q8 else {}))
-    return dict(mapping="slice", wpr=2)
+        return dict(mapping="chunk", rows_per_warp=b.down_rows_per_warp(shape["qtype"], q8),
+                    **({"x_loads_first": False} if q8 else {}))
+    return dict(mapping="slice", warps_per_row=2)  # compile_moe_down's default, what moe_down() launches
 
 
 def _down_why_invalid(config, shape, ctx, q8):
@@ -245,7 +256,8 @@ def _down_why_invalid(config, shape, ctx, q8):
                     f"(got {q}, n_ff {shape['n_ff']}, k {shape['k']})")
         return _chunk_reason(config, q8, shape["n_out"])
     if config.get("mapping") == "slice":
-        return unknown_keys_reason(config, {"mapping", "wpr"}) or int_in(config, "wpr", WPR)
+        return (unknown_keys_reason(config, {"mapping", "warps_per_row"})
+                or int_in(config, "warps_per_row", WARPS_PER_ROW))
     return f"unknown mapping {config.get('mapping')!r} (chunk or slice)"
 
 
@@ -253,9 +265,10 @@ def _down_compile(config, shape, q8):
     b = _bind()
     q, n_ff, n_out = shape["qtype"], shape["n_ff"], shape["n_out"]
     if config["mapping"] == "chunk":
-        return b.compile_moe_down_chunk(q, n_ff, n_out, shape["k"], False, q8, config["rpw"],
-                                        config.get("xfirst", False))
-    return (b.compile_moe_down_q8 if q8 else b.compile_moe_down)(q, n_ff, n_out, False, config["wpr"])
+        return b.compile_moe_down_chunk(q, n_ff, n_out, shape["k"], add_residual=False, q8=q8,
+                                        rows_per_warp=config["rows_per_warp"],
+                                        x_loads_first=config.get("x_loads_first", False))
+    return b.compile_moe_down(q, n_ff, n_out, add_residual=False, warps_per_row=config["warps_per_row"], q8=q8)
 
 
 class DownProblem:
@@ -300,20 +313,17 @@ class DownRunner(_ExpertRunner):
         self.outputs = [self.y]
 
     def launcher(self, config, i):
-        from cutlass import Float32, Int8, Int32, Uint8
+        from cutlass import Float32, Int32, Uint8
 
         fn = _down_compile(config, self.shape, self.q8)
         pw = ptr(Uint8, self._mats(i)[0].ptr)
         pids, pwts, py = ptr(Int32, self.dev_ids[i].ptr, 4), ptr(Float32, self.wts.ptr, 4), ptr(Float32, self.y.ptr)
-        cs, a, aq = self.stream.cu, self.act, self.actq
-        if config["mapping"] == "chunk":
-            x = (ptr(Float32, aq.d.ptr), ptr(Int8, aq.qs.ptr), ptr(Float32, aq.d.ptr)) if self.q8 else (
-                ptr(Float32, a.ptr), ptr(Int8, a.ptr), ptr(Float32, a.ptr))
-            args = (pw, *x, pids, pwts, py, py, cs)  # no residual: the resid pointer is never read
+        cs = self.stream.cu
+        a = x_pointers(self.act, self.actq)  # (act, aq, ad, as)
+        if config["mapping"] == "chunk":  # k is static in the chunk kernel; it takes no as
+            args = (pw, *a[:3], pids, pwts, py, py, cs)  # no residual: the resid pointer is never read
         else:
-            x = (ptr(Int8, aq.qs.ptr), ptr(Float32, aq.d.ptr), ptr(Float32, aq.s.ptr)) if self.q8 else (
-                ptr(Float32, a.ptr),)
-            args = (pw, *x, pids, pwts, py, py, Int32(self.shape["k"]), cs)
+            args = (pw, *a, pids, pwts, py, py, Int32(self.shape["k"]), cs)
         return lambda: fn(*args)
 
     def check(self, config, out):

@@ -9,16 +9,20 @@ token rows (``row_index``); the grouped down GEMM reads the sorted rows.
 
 Configs (``compile_quant_gemm``'s tuning arguments): ``tile_rows`` 32/64/128 (weight rows per CTA), ``tile_tokens``
 16/32/64/128 (activation rows per CTA), ``stages`` 2..4 (depth of the cp.async ring). Validity: the kernel's own
-constructor (``QuantGemm``: shared memory = ``QuantGemm.smem_bytes()`` within the family budget, n_out a multiple
-of the CTA's output rows, gated tiles of >= 64 rows).
+constructor (``QuantGemm``: shared memory = ``QuantGemm.smem_bytes()`` within the family budget, gated tiles of
+>= 64 rows), and n_out a multiple of the CTA's output rows (``QuantGemm.out_rows``: n_out is a launch argument, so
+the constructor cannot check it; ``quant_gemm()`` does, at launch).
 
-Default: ``quant_gemm()``'s (tile_rows 64, tile_tokens 64, the most stages that fit). Reference: float64 GEMM of the
-gguf-py-dequantized weights (sampled output columns) and the dequantized q8_1 activations, within
+Default: what the models launch (``models/ops.py``: tile_rows 64 (``quant_gemm()``'s), tile_tokens
+``PREFILL_TILE_TOKENS`` = 64 dense / ``MOE_TILE_TOKENS`` = 32 grouped, the most stages that fit). Reference: float64
+GEMM of the gguf-py-dequantized weights (sampled output columns) and the dequantized q8_1 activations, within
 ``(2G + 8) 2^-24 sum_i A_i |x_i|`` (G scale groups per row; the bound ``tests/kernels/test_quant_gemm.py`` asserts,
 with its gated-epilogue extension).
 
 Applying a tuned config today: ``quant_gemm(tile_rows=..., tile_tokens=...)``; ``stages`` needs an argument in
-``quant_gemm()`` (it passes 0 = automatic to the compile function).
+``quant_gemm()`` (it passes 0 = automatic to the compile function). A grouped ``tile_tokens`` is also the tile of the
+routing tables (``moe_route.moe_align``, ``PrefillBuffers.max_tiles``), one per layer for both grouped GEMMs: the
+gate+up and the down entries can only be applied together where they agree.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ TILE_TOKENS = (16, 32, 64, 128)
 STAGES = (2, 3, 4)
 ACTS = ("none", "silu", "gelu_tanh")
 MIN_TOKEN_BUCKET = 16
+DEFAULT_TILE_TOKENS = 64  # models/ops.py PREFILL_TILE_TOKENS: the dense prefill GEMMs
+DEFAULT_MOE_TILE_TOKENS = 32  # models/ops.py MOE_TILE_TOKENS: the grouped expert GEMMs and their routing tables
 U = 2.0**-24
 
 
@@ -43,16 +49,15 @@ U = 2.0**-24
 def _bind() -> SimpleNamespace:
     """Every kernel-package name this adapter uses (the one place to fix after kernels/ moves)."""
     from sparkinfer_cute.kernels import quant_gemm as g
-    from sparkinfer_cute.kernels.dequant import random_quant_bytes
-    from sparkinfer_cute.kernels.gemv import dequant_rows_f64, weight_magnitude_f64
-    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1_ref
+    from sparkinfer_cute.kernels.q8_1 import Q8Act
     from sparkinfer_cute.kernels.quant_decode import spec
+    from sparkinfer_cute.reference import kernel_refs as r
 
     return SimpleNamespace(
         QuantGemm=g.QuantGemm, compile_quant_gemm=g.compile_quant_gemm, SUPPORTED_QTYPES=g.SUPPORTED_QTYPES,
         grouped_tiles_host=g.grouped_tiles_host, max_grouped_tiles=g.max_grouped_tiles, spec=spec,
-        random_quant_bytes=random_quant_bytes, dequant_rows_f64=dequant_rows_f64,
-        weight_magnitude_f64=weight_magnitude_f64, Q8Act=Q8Act, quantize_q8_1_ref=quantize_q8_1_ref)
+        random_quant_bytes=r.random_quant_bytes, dequant_rows_f64=r.dequant_rows_f64,
+        weight_magnitude_f64=r.weight_magnitude_f64, Q8Act=Q8Act, quantize_q8_1_ref=r.quantize_q8_1_ref)
 
 
 def token_bucket(tokens: int) -> int:
@@ -73,13 +78,17 @@ def _space(shape, ctx):
 
 
 def _default(shape, ctx):
-    return dict(tile_rows=64, tile_tokens=64, stages=0)
+    # models/ops.py (a peer layer: not imported): PREFILL_TILE_TOKENS dense, MOE_TILE_TOKENS grouped
+    tokens = DEFAULT_MOE_TILE_TOKENS if shape["n_expert"] > 0 else DEFAULT_TILE_TOKENS
+    return dict(tile_rows=64, tile_tokens=tokens, stages=0)
 
 
 def _kernel(config, shape):
+    """The kernel object for ``config`` (its constructor checks the tile sizes and the smem budget); n_out is not
+    part of it (a launch argument): :func:`_why_invalid` checks it against ``out_rows``."""
     s = shape
     return _bind().QuantGemm(
-        s["qtype"], s["n_in"], s["n_out"], tile_rows=config["tile_rows"], tile_tokens=config["tile_tokens"],
+        s["qtype"], s["n_in"], tile_rows=config["tile_rows"], tile_tokens=config["tile_tokens"],
         stages=config["stages"], gated=_gated(s), act="silu" if s["act"] == "none" else s["act"],
         experts=s["n_expert"] > 0, gather=s["n_expert"] > 0 and _gated(s))
 
@@ -108,17 +117,21 @@ def _why_invalid(config, shape, ctx):
     if _gated(shape) and config["tile_rows"] < 64:
         return "gated tiles need tile_rows >= 64 (gate and up halves of whole m16 tiles per warp)"
     try:
-        _kernel(config, shape)
-    except ValueError as e:  # smem over the budget, n_out not a multiple of the CTA's rows, n_in not whole blocks
+        k = _kernel(config, shape)
+    except ValueError as e:  # smem over the budget, n_in not whole blocks
         return str(e)
+    if shape["n_out"] % k.out_rows:
+        return (f"n_out {shape['n_out']} is not a multiple of {k.out_rows} (the output rows of a "
+                f"{'gated ' if k.gated else ''}{config['tile_rows']}-row tile)")
     return None
 
 
 def _compile(config, shape):
     s = shape
     return _bind().compile_quant_gemm(
-        s["qtype"], s["n_in"], s["n_out"], config["tile_rows"], config["tile_tokens"], config["stages"], _gated(s),
-        "silu" if s["act"] == "none" else s["act"], s["n_expert"] > 0, s["n_expert"] > 0 and _gated(s), False)
+        s["qtype"], s["n_in"], tile_rows=config["tile_rows"], tile_tokens=config["tile_tokens"],
+        stages=config["stages"], gated=_gated(s), act="silu" if s["act"] == "none" else s["act"],
+        experts=s["n_expert"] > 0, gather=s["n_expert"] > 0 and _gated(s), accumulate=False, fused_gate_up=False)
 
 
 def _act(g, act):
@@ -245,7 +258,7 @@ class QuantGemmRunner(KernelRunner):
         args = (ptr(Uint8, mats[0].ptr), ptr(Uint8, mats[-1].ptr), ptr(Int8, self.xq.qs.ptr),
                 ptr(Float32, self.xq.d.ptr), ptr(Float32, self.xq.s.ptr), ptr(Float32, self.y.ptr),
                 p32(self.row_index), p32(tiles), p32(n_tiles),
-                Int32(self.n_rows), Int32(grid_y), self.stream.cu)
+                Int32(self.n_rows), Int32(self.shape["n_out"]), Int32(grid_y), self.stream.cu)
         return lambda: fn(*args)
 
     def check(self, config, out):
@@ -263,5 +276,5 @@ QUANT_GEMM = register(TunableOp(
     build=QuantGemmRunner,
     bucket=_bucket,
     canonical=_canonical,
-    compile_shape_keys=("qtype", "n_in", "n_out", "n_expert", "act"),  # token count and routing are runtime
+    compile_shape_keys=("qtype", "n_in", "n_expert", "act"),  # n_out, token count and routing are runtime
 ), __name__)

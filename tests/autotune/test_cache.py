@@ -18,7 +18,7 @@ GEMV_KEY = "qtype=Q4_K,n_in=2048,n_out=4096"
 
 
 def _entry(cfg, us=3.0):
-    return dict(config=cfg, default=dict(mapping="chunk", rpw=2), us=us, default_us=3.5, timing="cold-l2")
+    return dict(config=cfg, default=dict(mapping="chunk", rows_per_warp=2), us=us, default_us=3.5, timing="cold-l2")
 
 
 @pytest.fixture
@@ -32,12 +32,12 @@ def cache(tmp_path, monkeypatch):
 
 def test_round_trip_and_lookup(cache):
     meta = current_metadata(IDENT)
-    cache.put(IDENT, meta, {"gemv_q8": {GEMV_KEY: _entry(dict(mapping="chunk", rpw=1))}})
+    cache.put(IDENT, meta, {"gemv_q8": {GEMV_KEY: _entry(dict(mapping="chunk", rows_per_warp=1))}})
     cache.put(IDENT, meta, {"attention_decode": {"n_head=32,n_kv_head=4,head_dim=128,ctx=4096":
                                                  _entry(dict(num_splits=16, heads_per_cta=4, keys_per_iter=2))}})
     tuned = load_tuned(IDENT)
     assert tuned.enabled and len(tuned) == 2
-    assert tuned.get("gemv_q8", GEMV_SHAPE) == dict(mapping="chunk", rpw=1)
+    assert tuned.get("gemv_q8", GEMV_SHAPE) == dict(mapping="chunk", rows_per_warp=1)
     assert tuned.get("gemv", GEMV_SHAPE) is None  # the f32 path was not tuned: fall back
     assert tuned.get("gemv_q8", dict(GEMV_SHAPE, n_out=512)) is None
     # attention contexts are bucketed up to a power of two, as the search stored them; extra fields are ignored
@@ -45,8 +45,8 @@ def test_round_trip_and_lookup(cache):
     assert tuned.get("attention_decode", shape) == dict(num_splits=16, heads_per_cta=4, keys_per_iter=2)
     assert tuned.get("attention_decode", dict(shape, ctx=4097)) is None
     # the returned dict is a copy
-    tuned.get("gemv_q8", GEMV_SHAPE)["rpw"] = 99
-    assert tuned.get("gemv_q8", GEMV_SHAPE)["rpw"] == 1
+    tuned.get("gemv_q8", GEMV_SHAPE)["rows_per_warp"] = 99
+    assert tuned.get("gemv_q8", GEMV_SHAPE)["rows_per_warp"] == 1
     line = describe_tuning()
     assert line.startswith("autotune: 2 tuned configs for NVIDIA Fake 5090, 4 of 7 lookups tuned")
     with pytest.raises(ValueError, match="lacks n_out"):
@@ -56,10 +56,10 @@ def test_round_trip_and_lookup(cache):
 
 
 def test_blocks_of_two_gpus_coexist(cache):
-    cache.put(IDENT, current_metadata(IDENT), {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", wpr=2))}})
-    cache.put(OTHER, current_metadata(OTHER), {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", wpr=4))}})
-    assert load_tuned(IDENT).get("gemv", GEMV_SHAPE) == dict(mapping="slice", wpr=2)
-    assert load_tuned(OTHER).get("gemv", GEMV_SHAPE) == dict(mapping="slice", wpr=4)
+    cache.put(IDENT, current_metadata(IDENT), {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", warps_per_row=2))}})
+    cache.put(OTHER, current_metadata(OTHER), {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", warps_per_row=4))}})
+    assert load_tuned(IDENT).get("gemv", GEMV_SHAPE) == dict(mapping="slice", warps_per_row=2)
+    assert load_tuned(OTHER).get("gemv", GEMV_SHAPE) == dict(mapping="slice", warps_per_row=4)
     t = load_tuned(DeviceIdentity("NVIDIA Fake H100", 132, (9, 0), 12080))
     assert not t.enabled and t.get("gemv", GEMV_SHAPE) is None and "no tuned configs" in t.status
 
@@ -70,7 +70,7 @@ def test_blocks_of_two_gpus_coexist(cache):
 def test_mismatched_metadata_block_is_ignored_then_replaced(cache, field, value):
     meta = current_metadata(IDENT)
     stale = dict(meta, **{field: value})
-    cache.put(IDENT, stale, {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", wpr=2))}})
+    cache.put(IDENT, stale, {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", warps_per_row=2))}})
     t = load_tuned(IDENT)
     assert not t.enabled and t.get("gemv", GEMV_SHAPE) is None
     assert t.status == f"tuned configs ignored: made for another {field}"
@@ -91,18 +91,18 @@ def test_corrupt_file_is_ignored_with_a_one_line_warning(cache, capsys, content)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sparkinfer_cute.autotune: ignoring") and str(cache.path) in err[0]
     # a write replaces it with a valid file
-    cache.put(IDENT, current_metadata(IDENT), {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", wpr=1))}})
-    assert load_tuned(IDENT).get("gemv", GEMV_SHAPE) == dict(mapping="slice", wpr=1)
+    cache.put(IDENT, current_metadata(IDENT), {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", warps_per_row=1))}})
+    assert load_tuned(IDENT).get("gemv", GEMV_SHAPE) == dict(mapping="slice", warps_per_row=1)
 
 
 def test_switch_off_disables_lookups(cache, monkeypatch):
-    cache.put(IDENT, current_metadata(IDENT), {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", wpr=2))}})
+    cache.put(IDENT, current_metadata(IDENT), {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", warps_per_row=2))}})
     monkeypatch.setenv("SPARKINFER_AUTOTUNE", "0")
     t = load_tuned(IDENT)
     assert not t.enabled and t.get("gemv", GEMV_SHAPE) is None and len(t) == 0
     assert describe_tuning() == f"autotune: defaults (off (SPARKINFER_AUTOTUNE=0); cache {cache.path})"
     monkeypatch.setenv("SPARKINFER_AUTOTUNE", "1")
-    assert load_tuned(IDENT).get("gemv", GEMV_SHAPE) == dict(mapping="slice", wpr=2)
+    assert load_tuned(IDENT).get("gemv", GEMV_SHAPE) == dict(mapping="slice", warps_per_row=2)
 
 
 def test_no_gpu_means_nothing_tuned(cache, monkeypatch):
@@ -118,7 +118,7 @@ def test_no_gpu_means_nothing_tuned(cache, monkeypatch):
 def test_lookup_cost(cache):
     """Start-up: load_tuned plus a decode step's lookups within 0.1 s, with 200 entries cached."""
     meta = current_metadata(IDENT)
-    cache.put(IDENT, meta, {"gemv": {f"qtype=Q4_K,n_in=2048,n_out={n}": _entry(dict(mapping="slice", wpr=2))
+    cache.put(IDENT, meta, {"gemv": {f"qtype=Q4_K,n_in=2048,n_out={n}": _entry(dict(mapping="slice", warps_per_row=2))
                                      for n in range(64, 64 * 201, 64)}})
     load_tuned(IDENT).get("gemv", GEMV_SHAPE)  # first-use imports (numpy is the engine's anyway)
     t0 = time.perf_counter()
@@ -160,6 +160,6 @@ def test_concurrent_writers_keep_every_entry(cache):
 
 def test_clear(cache):
     assert cache.clear() is False
-    cache.put(IDENT, current_metadata(IDENT), {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", wpr=2))}})
+    cache.put(IDENT, current_metadata(IDENT), {"gemv": {GEMV_KEY: _entry(dict(mapping="slice", warps_per_row=2))}})
     assert cache.clear() is True and not cache.path.exists()
     assert load_tuned(IDENT).status == "no autotune cache"

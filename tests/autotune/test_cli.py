@@ -76,14 +76,15 @@ def test_show_and_clear_without_a_gpu(capsys, tmp_path):
     assert rc == 0 and out.strip() == f"no autotune cache at {tmp_path / 'cache' / 'autotune.json'}"
     ident = DeviceIdentity("NVIDIA Fake 5090", 170, (12, 0), 12080)
     TuneCache().put(ident, current_metadata(ident), {"gemv_q8": {"qtype=Q4_K,n_in=2048,n_out=4096": dict(
-        config=dict(mapping="chunk", rpw=1), default=dict(mapping="chunk", rpw=2), us=3.0, default_us=3.6,
+        config=dict(mapping="chunk", rows_per_warp=1), default=dict(mapping="chunk", rows_per_warp=2), us=3.0,
+        default_us=3.6,
         timing="cold-l2", date="2026-12-07T00:00:00")}})
     rc, out, _ = _run(capsys, "--show")
     assert rc == 0
     assert "NVIDIA Fake 5090|170|sm_120: not checked (no GPU here)" in out
     row = [ln for ln in out.splitlines() if ln.startswith("gemv_q8")]
-    assert row and row[0].split()[:8] == ["gemv_q8", "qtype=Q4_K,n_in=2048,n_out=4096", "mapping=chunk", "rpw=1",
-                                          "3.00", "mapping=chunk", "rpw=2", "3.60"]
+    assert row and row[0].split()[:8] == ["gemv_q8", "qtype=Q4_K,n_in=2048,n_out=4096", "mapping=chunk",
+                                          "rows_per_warp=1", "3.00", "mapping=chunk", "rows_per_warp=2", "3.60"]
     assert "+20.0%" in row[0]
     rc, out, _ = _run(capsys, "--clear")
     assert rc == 0 and out.startswith("removed ") and not TuneCache().path.exists()
@@ -101,6 +102,39 @@ def test_plan_lists_shapes_and_candidates_without_a_gpu(capsys, gguf):
     assert ("gemv_q8", "qtype=Q4_K,n_in=512,n_out=256") in rows
     assert any(op == "quant_gemm" for op, _ in rows)
     assert "note: context 4096 > the model's 512: not tuned" in out
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gemma3", "gemma4"])
+def test_plan_of_every_op_has_no_error_rows(capsys, tmp_path, arch):
+    """Every op's adapter lists its candidates for every shape of the synthetic models (an adapter that lost a
+    kernel name shows an ``error:`` row, and --plan exits 1)."""
+    from sparkinfer_cute.gguf.synth import write_synthetic
+
+    path = write_synthetic(tmp_path / f"{arch}.gguf", arch, "tiny")
+    rc, out, err = _run(capsys, path, "--plan")
+    assert rc == 0, err
+    assert f"({arch}): " in out
+    rows = [ln for ln in out.splitlines() if ln[:1].isalpha() and "=" in ln and not ln.startswith("note:")]
+    assert rows and not [r for r in rows if "error:" in r], out
+    ops = {r.split()[0] for r in rows}
+    assert {"gemv", "gemv_q8", "quant_gemm", "attention_decode"} <= ops
+    if arch != "gemma3":
+        assert {"moe_down", "moe_down_q8", "moe_gate_up", "moe_gate_up_q8"} <= ops
+
+
+def test_plan_exits_1_on_an_adapter_error(capsys, monkeypatch, gguf):
+    from dataclasses import replace
+
+    from sparkinfer_cute.autotune.registry import REGISTRY, get_op
+
+    def broken(shape, ctx):
+        raise ImportError("cannot import name 'gemv_q8' from 'sparkinfer_cute.kernels'")
+
+    monkeypatch.setitem(REGISTRY, "gemv_q8", replace(get_op("gemv_q8"), space=broken))
+    rc, out, err = _run(capsys, gguf, "--plan", "--ops", "gemv,gemv_q8")
+    assert rc == 1
+    assert "error: ImportError: cannot import name 'gemv_q8'" in out
+    assert err.strip().endswith("shapes could not be planned (the rows marked error)")
 
 
 def test_search_end_to_end_with_a_fake_gpu_and_op(capsys, monkeypatch, tmp_path, gguf):

@@ -4,10 +4,14 @@ A launch passes its arguments positionally to the compiled function, so a swappe
 alignment would only show on the GPU (as a wrong result, a fault, or a rejected call). Here device memory is faked
 (host arrays with fake addresses), ``cute.compile`` is replaced by a recorder of the arguments each kernel's own
 ``compile_*`` function compiles with, and every candidate's launch of every op is checked position by position
-against them: same count, pointer dtype and assumed alignment, scalar types, and the stream last."""
+against them: same count, pointer dtype and assumed alignment, scalar types, and the stream last. The launch's
+arguments are also named by the kernel's ``__call__`` parameters, so the runner's buffers and sizes can be checked
+where they land (the output, the weights, the activations, n_out / n_slots / n_rows): two pointers of one dtype or
+two Int32 scalars swapped pass the signature check but not this one."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import numpy as np
@@ -63,9 +67,13 @@ class Recorder:
     """What ``cute.compile`` returns here: checks each launch against the compile-time arguments."""
 
     launches: list = []
+    named: list = []  # per launch: {parameter of the kernel's __call__: launch argument}
 
     def __init__(self, kernel, compile_args):
         self.kernel, self.compile_args = kernel, compile_args
+        self.params = [p for p in inspect.signature(type(kernel).__call__).parameters if p != "self"]
+        assert len(self.params) == len(compile_args), f"{type(kernel).__name__}: compiled with " \
+                                                       f"{len(compile_args)} args for {len(self.params)} parameters"
 
     def __call__(self, *args):
         from cutlass import cute
@@ -85,6 +93,7 @@ class Recorder:
             else:
                 assert type(got) is type(want), f"{where}: {type(got).__name__} != compiled {type(want).__name__}"
         Recorder.launches.append(name)
+        Recorder.named.append(dict(zip(self.params, args)))
 
 
 @pytest.fixture
@@ -115,6 +124,7 @@ def fake_gpu(monkeypatch):
         if hasattr(b, "quantize_q8_1"):
             monkeypatch.setattr(b, "quantize_q8_1", FakeQ8)
     Recorder.launches = []
+    Recorder.named = []
     return Recorder
 
 
@@ -152,3 +162,68 @@ def test_every_candidate_launches_with_its_compile_signature(fake_gpu, name, sha
         assert np.isnan(out).all()  # the fake launch wrote nothing: every element is still poisoned
         assert runner.check(c, out) is not None
     assert len(fake_gpu.launches) == len(cands) * (len({0, runner.n_sets - 1}) + 1)
+
+
+def _value(a):
+    """A launch argument as a plain int/float: a pointer's address, an Int32/Float32's value."""
+    from cutlass import cute
+
+    if isinstance(a, cute.runtime._Pointer):
+        return a._pointer
+    return a.value
+
+
+def _expected(name, shape, r) -> dict:
+    """{kernel parameter: the values the runner ``r`` may pass there} (addresses of its fake device buffers)."""
+
+    def ptrs(arrays):
+        return {a.ptr for a in arrays}
+
+    if name.startswith("gemv"):
+        e = dict(pW=ptrs(r.ws), pY={r.y.ptr}, n_out={shape["n_out"]}, n_slots={1})
+        if r.q8:
+            e.update(pXq={r.xq.qs.ptr}, pXd={r.xq.d.ptr}, pXs={r.xq.s.ptr})
+        else:
+            e.update(pX={r.x.ptr})
+        return e
+    if name.startswith("moe_gate_up"):
+        e = dict(pWg=ptrs(m[0] for m in r.dev_mats), pWu=ptrs(m[-1] for m in r.dev_mats), pIds=ptrs(r.dev_ids),
+                 pAct={r.act.ptr}, n_slots={shape["k"]})
+        e.update(dict(pXq={r.hq.qs.ptr}, pXd={r.hq.d.ptr}, pXs={r.hq.s.ptr}) if r.q8 else dict(pX={r.h.ptr}))
+        return e
+    if name.startswith("moe_down"):
+        e = dict(pW=ptrs(m[0] for m in r.dev_mats), pIds=ptrs(r.dev_ids), pWeights={r.wts.ptr}, pY={r.y.ptr},
+                 n_slots={shape["k"]})
+        e.update(dict(pAq={r.actq.qs.ptr}, pAd={r.actq.d.ptr}, pAs={r.actq.s.ptr}) if r.q8 else
+                 dict(pAct={r.act.ptr}))
+        return e
+    if name == "attention_decode":
+        return dict(pQ={r.q.ptr}, pK={r.k.ptr}, pV={r.v.ptr}, pPageTable=ptrs(r.tables), pPos={r.pos.ptr},
+                    pOut={r.out.ptr}, pCounters={r.counters.ptr}, batch={1}, pages_per_seq={r.problem.pages},
+                    n_pages={r.problem.pages * r.n_sets})
+    assert name == "quant_gemm"
+    e = dict(pW=ptrs(m[0] for m in r.dev_mats), pW2=ptrs(m[-1] for m in r.dev_mats), pXq={r.xq.qs.ptr},
+             pXd={r.xq.d.ptr}, pXs={r.xq.s.ptr}, pY={r.y.ptr}, n_rows={r.n_rows}, n_out={shape["n_out"]})
+    if r.row_index is not None:
+        e.update(pRowIndex={r.row_index.ptr})
+    return e
+
+
+@pytest.mark.parametrize("name,shape", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_launch_arguments_land_on_the_right_parameters(fake_gpu, name, shape):
+    op = get_op(name)
+    _, cands, _ = op.candidates(shape, CTX)
+    runner = op.build(shape, CTX)
+    want = _expected(name, shape, runner)
+    for c in cands:
+        fake_gpu.named = []
+        runner.launcher(c, runner.n_sets - 1)()
+        (got,) = fake_gpu.named
+        for param, allowed in want.items():
+            if param in got:  # a parameter of one mapping only (pXs: slice kernels; n_slots: not the chunk down)
+                assert _value(got[param]) in allowed, f"{name} {c}: {param} = {_value(got[param])}, " \
+                                                      f"expected one of {sorted(allowed)}"
+        # the parameters every kernel of the op takes
+        core = {"gemv": {"pW", "pY", "n_out"}, "moe_gate_up": {"pWg", "pAct", "n_slots"}, "moe_down": {"pW", "pY"},
+                "attention_decode": {"pQ", "pOut"}, "quant_gemm": {"pW", "pY", "n_rows", "n_out"}}
+        assert core[name.removesuffix("_q8")] <= set(got), sorted(got)

@@ -76,10 +76,11 @@ def test_candidates_construct_with_the_kernels_own_checks():
         _, cands, pruned = qg.candidates(shape, CTX)
         gated = shape["act"] != "none"
         for c in cands:
-            k = QuantGemm(shape["qtype"], shape["n_in"], shape["n_out"], tile_rows=c["tile_rows"],
-                          tile_tokens=c["tile_tokens"], stages=c["stages"], gated=gated,
-                          act="silu" if not gated else shape["act"], experts=shape["n_expert"] > 0)
+            k = QuantGemm(shape["qtype"], shape["n_in"], tile_rows=c["tile_rows"], tile_tokens=c["tile_tokens"],
+                          stages=c["stages"], gated=gated, act="silu" if not gated else shape["act"],
+                          experts=shape["n_expert"] > 0, gather=shape["n_expert"] > 0 and gated)
             assert k.smem_bytes() <= SM120_SMEM
+            assert shape["n_out"] % k.out_rows == 0  # n_out is a launch argument: whole CTAs of output rows
         assert any("smem" in why for _, why in pruned)  # 128x128 tiles x 4 stages do not fit in 99 KB
         assert all(("smem" in why) or ("gated tiles" in why) for _, why in pruned), pruned
     at = get_op("attention_decode")
@@ -110,22 +111,34 @@ def test_candidates_construct_with_the_kernels_own_checks():
      dict(n_head=32, n_kv_head=4, head_dim=128, ctx=4096), "num_splits=12 is not one of"),
     ("attention_decode", dict(num_splits=8, heads_per_cta=4, keys_per_iter=2),
      dict(n_head=32, n_kv_head=4, head_dim=96, ctx=4096), "head_dim 96 not supported"),
-    ("gemv", dict(mapping="chunk", rpw=2), dict(qtype="Q5_0", n_in=640, n_out=1024), "chunk mapping needs"),
-    ("gemv", dict(mapping="chunk", rpw=2), dict(qtype="Q4_K", n_in=2048, n_out=1023), "not a multiple of rpw 2"),
-    ("gemv", dict(mapping="chunk", rpw=3), dict(qtype="Q4_K", n_in=2048, n_out=1023), "rpw=3 is not one of"),
-    ("gemv", dict(mapping="slice", wpr=2, rows=4), dict(qtype="Q4_K", n_in=2048, n_out=512), "unknown tuning"),
+    ("gemv", dict(mapping="chunk", rows_per_warp=2), dict(qtype="Q5_0", n_in=640, n_out=1024), "chunk mapping needs"),
+    ("gemv", dict(mapping="chunk", rows_per_warp=2), dict(qtype="Q4_K", n_in=2048, n_out=1023),
+     "not a multiple of rows_per_warp 2"),
+    ("gemv", dict(mapping="chunk", rows_per_warp=3), dict(qtype="Q4_K", n_in=2048, n_out=1023),
+     "rows_per_warp=3 is not one of"),
+    ("gemv", dict(mapping="slice", warps_per_row=2, rows=4), dict(qtype="Q4_K", n_in=2048, n_out=512),
+     "unknown tuning"),
     ("gemv", dict(mapping="unit"), dict(qtype="Q4_K", n_in=2048, n_out=512), "unknown mapping"),
-    ("gemv", dict(mapping="slice", wpr=1), dict(qtype="Q4_K", n_in=2000, n_out=512), "not a multiple of the Q4_K"),
-    ("gemv_q8", dict(mapping="slice"), dict(qtype="F16", n_in=2048, n_out=512), "does not take F16"),
-    ("gemv_q8", dict(mapping="slice", wpr=2), dict(qtype="Q4_K", n_in=2048, n_out=512), "unknown tuning"),
-    ("moe_down", dict(mapping="chunk", rpw=1), dict(qtype="Q4_K", n_ff=256, n_out=256, n_expert=16, k=3),
+    ("gemv", dict(mapping="slice", warps_per_row=1), dict(qtype="Q4_K", n_in=2000, n_out=512),
+     "not a multiple of the Q4_K"),
+    # the names before the kernels' rename (a config written under them is not taken for the new knob)
+    ("gemv", dict(mapping="chunk", rpw=2), dict(qtype="Q4_K", n_in=2048, n_out=4096), "unknown tuning argument(s) rpw"),
+    ("gemv", dict(mapping="slice", wpr=2), dict(qtype="Q4_K", n_in=2048, n_out=512), "unknown tuning argument(s) wpr"),
+    ("gemv_q8", dict(mapping="slice", warps_per_row=1), dict(qtype="F16", n_in=2048, n_out=512), "does not take F16"),
+    ("gemv_q8", dict(mapping="slice", warps_per_row=8), dict(qtype="Q4_K", n_in=2048, n_out=512),
+     "warps_per_row=8 is not one of"),
+    ("gemv_q8", dict(mapping="slice"), dict(qtype="Q4_K", n_in=2048, n_out=512), "warps_per_row=None is not one of"),
+    ("moe_down", dict(mapping="chunk", rows_per_warp=1), dict(qtype="Q4_K", n_ff=256, n_out=256, n_expert=16, k=3),
      "whole warps of chunks"),
-    ("moe_down", dict(mapping="slice", wpr=8), dict(qtype="Q4_K", n_ff=768, n_out=2048, n_expert=128, k=8),
-     "wpr=8 is not one of"),
-    ("moe_gate_up", dict(mapping="chunk", rpw=1, xfirst=True),
-     dict(qtype="Q4_K", n_in=2048, n_ff=768, n_expert=128, k=8, fused=False), "unknown tuning argument(s) xfirst"),
-    ("moe_gate_up_q8", dict(mapping="chunk", rpw=2, xfirst=1),
-     dict(qtype="Q4_K", n_in=2048, n_ff=768, n_expert=128, k=8, fused=False), "xfirst=1 is not a bool"),
+    ("moe_down", dict(mapping="slice", warps_per_row=8), dict(qtype="Q4_K", n_ff=768, n_out=2048, n_expert=128, k=8),
+     "warps_per_row=8 is not one of"),
+    ("moe_gate_up", dict(mapping="chunk", rows_per_warp=1, x_loads_first=True),
+     dict(qtype="Q4_K", n_in=2048, n_ff=768, n_expert=128, k=8, fused=False),
+     "unknown tuning argument(s) x_loads_first"),
+    ("moe_gate_up_q8", dict(mapping="chunk", rows_per_warp=2, x_loads_first=1),
+     dict(qtype="Q4_K", n_in=2048, n_ff=768, n_expert=128, k=8, fused=False), "x_loads_first=1 is not a bool"),
+    ("moe_down_q8", dict(mapping="chunk", rpw=1, xfirst=False),
+     dict(qtype="Q4_K", n_ff=768, n_out=2048, n_expert=128, k=8), "unknown tuning argument(s) rpw, xfirst"),
 ])
 def test_invalid_configs_are_rejected_with_a_reason(name, config, shape, reason):
     op = get_op(name)
@@ -136,10 +149,26 @@ def test_invalid_configs_are_rejected_with_a_reason(name, config, shape, reason)
 def test_defaults_follow_todays_heuristics():
     ctx = TuneContext(sm_count=132, smem_budget=SM120_SMEM)
     gemv = get_op("gemv")
-    # choose_rpw: 2 while >= 8 warps per SM remain (4096 / 2 >= 8 * 132), else 1
-    assert gemv.candidates(dict(qtype="Q4_K", n_in=2048, n_out=4096), ctx)[0] == dict(mapping="chunk", rpw=2)
-    assert gemv.candidates(dict(qtype="Q4_K", n_in=2048, n_out=512), ctx)[0] == dict(mapping="chunk", rpw=1)
+    # choose_rows_per_warp: 2 while >= 8 warps per SM remain (4096 / 2 >= 8 * 132), else 1
+    assert gemv.candidates(dict(qtype="Q4_K", n_in=2048, n_out=4096), ctx)[0] == dict(mapping="chunk",
+                                                                                      rows_per_warp=2)
+    assert gemv.candidates(dict(qtype="Q4_K", n_in=2048, n_out=512), ctx)[0] == dict(mapping="chunk",
+                                                                                     rows_per_warp=1)
     assert gemv.candidates(dict(qtype="Q5_0", n_in=640, n_out=256), ctx)[0]["mapping"] == "slice"
+    # gemv.py _launch: the dp4a slice GEMV runs one warp per row (the f32 one picks with choose_warps_per_row)
+    assert get_op("gemv_q8").candidates(dict(qtype="Q5_0", n_in=640, n_out=256), ctx)[0] == dict(mapping="slice",
+                                                                                                warps_per_row=1)
+    # moe_ffn_chunk.py: gate_up_rows_per_warp / down_rows_per_warp; the slice down kernel's 2 warps per row
+    gu = dict(qtype="Q4_K", n_in=2048, n_ff=768, n_expert=128, k=8, fused=False)
+    assert get_op("moe_gate_up").candidates(gu, ctx)[0] == dict(mapping="chunk", rows_per_warp=2)
+    assert get_op("moe_gate_up_q8").candidates(gu, ctx)[0] == dict(mapping="chunk", rows_per_warp=1,
+                                                                   x_loads_first=False)
+    dn = dict(qtype="Q6_K_P", n_ff=768, n_out=2048, n_expert=128, k=8)
+    assert get_op("moe_down").candidates(dn, ctx)[0] == dict(mapping="chunk", rows_per_warp=2)
+    assert get_op("moe_down_q8").candidates(dn, ctx)[0] == dict(mapping="chunk", rows_per_warp=1,
+                                                                x_loads_first=False)
+    assert get_op("moe_down").candidates(dict(qtype="Q8_0", n_ff=384, n_out=384, n_expert=16, k=4), ctx)[0] == \
+        dict(mapping="slice", warps_per_row=2)
     attn = get_op("attention_decode")
     # the compile-gated MODEL_CONFIGS entry (qwen3moe-30b-a3b: 32 splits), capped at ctx / 64
     d = attn.candidates(dict(n_head=32, n_kv_head=4, head_dim=128, ctx=4096), ctx)[0]
@@ -148,6 +177,9 @@ def test_defaults_follow_todays_heuristics():
     qg = get_op("quant_gemm")
     d = qg.candidates(dict(qtype="Q4_K", n_in=2048, n_out=4096, tokens=512, n_expert=0, k=0, act="none"), ctx)[0]
     assert d["tile_rows"] == 64 and d["tile_tokens"] == 64 and d["stages"] in (2, 3, 4)
+    # the grouped expert GEMMs run models/ops.py MOE_TILE_TOKENS = 32 token tiles
+    d = qg.candidates(dict(qtype="Q4_K", n_in=2048, n_out=768, tokens=512, n_expert=128, k=8, act="silu"), ctx)[0]
+    assert d["tile_rows"] == 64 and d["tile_tokens"] == 32 and d["stages"] in (2, 3, 4)
 
 
 def test_bucketing_and_compile_keys():
@@ -167,14 +199,15 @@ def test_bucketing_and_compile_keys():
 # one candidate per op (a non-default one where there is one), small shapes: the adapter's compile call must match
 # the kernel's compile function
 COMPILE_CASES = [
-    ("gemv", dict(mapping="chunk", rpw=4), dict(qtype="Q6_K_P", n_in=1024, n_out=512)),
-    ("gemv", dict(mapping="slice", wpr=4), dict(qtype="Q4_K", n_in=1024, n_out=512)),
-    ("gemv_q8", dict(mapping="slice"), dict(qtype="Q5_0", n_in=640, n_out=256)),
-    ("moe_gate_up_q8", dict(mapping="chunk", rpw=2, xfirst=True),
+    ("gemv", dict(mapping="chunk", rows_per_warp=4), dict(qtype="Q6_K_P", n_in=1024, n_out=512)),
+    ("gemv", dict(mapping="slice", warps_per_row=4), dict(qtype="Q4_K", n_in=1024, n_out=512)),
+    ("gemv_q8", dict(mapping="slice", warps_per_row=2), dict(qtype="Q5_0", n_in=640, n_out=256)),
+    ("gemv_q8", dict(mapping="chunk", rows_per_warp=2), dict(qtype="Q4_K", n_in=1024, n_out=256)),
+    ("moe_gate_up_q8", dict(mapping="chunk", rows_per_warp=2, x_loads_first=True),
      dict(qtype="Q4_K", n_in=1024, n_ff=256, n_expert=16, k=4, fused=False)),
     ("moe_gate_up", dict(mapping="slice"), dict(qtype="Q5_0", n_in=384, n_ff=384, n_expert=16, k=4, fused=True)),
-    ("moe_down", dict(mapping="slice", wpr=4), dict(qtype="Q8_0", n_ff=384, n_out=384, n_expert=16, k=4)),
-    ("moe_down_q8", dict(mapping="chunk", rpw=2, xfirst=False),
+    ("moe_down", dict(mapping="slice", warps_per_row=4), dict(qtype="Q8_0", n_ff=384, n_out=384, n_expert=16, k=4)),
+    ("moe_down_q8", dict(mapping="chunk", rows_per_warp=2, x_loads_first=False),
      dict(qtype="Q6_K_P", n_ff=256, n_out=256, n_expert=16, k=4)),
     ("attention_decode", dict(num_splits=16, heads_per_cta=2, keys_per_iter=1),
      dict(n_head=8, n_kv_head=2, head_dim=64, ctx=512)),
