@@ -122,10 +122,15 @@ def compile_options(extra: str = "") -> str:
     return joined
 
 
+# Environment knobs read at import by kernel modules that change the generated code without being compile
+# arguments: part of the key, so an A/B run with the knob flipped never loads the other build from the disk cache.
+_CODEGEN_ENV = (os.environ.get("SPARKINFER_EARLY_WEIGHTS", "1"),)
+
+
 def _key(args: tuple, kwargs: dict) -> tuple:
     # A tuple, not a string: this runs on every kernel call (the memo lookup), so it must stay ~1 us.
     return (args, tuple(sorted(kwargs.items())) if kwargs else (), _arch.compile_target(), _arch.kernel_family(),
-            _arch.pdl_enabled(), tuple(_extra_options))
+            _arch.pdl_enabled(), tuple(_extra_options), _CODEGEN_ENV)
 
 
 def _key_repr(qualname: str, args: tuple, kwargs: dict) -> str:
