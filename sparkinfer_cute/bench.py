@@ -161,6 +161,9 @@ def main(argv=None) -> int:
         dk = f"tg{args.gen}@d{args.depth}"
         if args.depth and dk in lb:
             res["ratio_tg_at_depth_vs_llama"] = res["decode_tps_at_depth_median"] / lb[dk]["avg_ts"]
+    from .autotune import describe_tuning
+
+    res["tuning"] = describe_tuning()  # whether tuned kernel configs were used (the engine does not apply them yet)
     res["note"] = args.note
     rows = [("GPU", f"{dev.name} ({dev.target}), kernel family {res['kernel_family']}"),
             ("model", f"{res['model']} ({res['arch']})"),
@@ -170,7 +173,8 @@ def main(argv=None) -> int:
             ("bytes read per token", f"{bpt / 1e6:.1f} MB"),
             ("copy bandwidth (measured)", f"{bw / 1e9:.0f} GB/s"),
             ("% of bandwidth roofline", f"{res['pct_of_roofline']:.1f}%"),
-            ("resident GPU memory", f"{m.resident_bytes / 2**30:.2f} GiB")]
+            ("resident GPU memory", f"{m.resident_bytes / 2**30:.2f} GiB"),
+            ("kernel configs", res["tuning"])]
     if args.depth:
         rows.append((f"decode tok/s at depth {args.depth}", f"{res['decode_tps_at_depth_median']:.1f}"))
     if "llama_bench" in res:
