@@ -46,9 +46,13 @@ class _G:
 
 
 def test_registry_maps_architectures():
-    assert GPU_FORWARDS == {"gemma3": Gemma3GPU, "qwen3moe": Qwen3MoeGPU}
-    with pytest.raises(GGUFError, match="'gemma4' has no GPU forward yet"):
-        load_gpu_model(_G(), _Cfg())
+    from sparkinfer_cute.models import Gemma4GPU
+
+    assert GPU_FORWARDS == {"gemma3": Gemma3GPU, "gemma4": Gemma4GPU, "qwen3moe": Qwen3MoeGPU}
+    cfg = _Cfg()
+    cfg.arch = "qwen35moe"
+    with pytest.raises(GGUFError, match="'qwen35moe' has no GPU forward yet"):
+        load_gpu_model(_G(), cfg)
 
 
 def test_per_layer_geometry_and_kv_sizing():
