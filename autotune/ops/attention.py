@@ -42,13 +42,13 @@ REL_TOL = 1e-3
 def _bind() -> SimpleNamespace:
     """Every kernel-package name this adapter uses (the one place to fix after kernels/ moves)."""
     from sparkinfer_cute.kernels import attention_decode as a
-    from sparkinfer_cute.kernels.common import rel_err
+    from sparkinfer_cute.reference.kernel_refs import attention_decode_ref, rel_err
 
     return SimpleNamespace(
         AttentionDecodeSplitKV=a.AttentionDecodeSplitKV, compile_attention_decode=a.compile_attention_decode,
         fused_counter_count=a.fused_counter_count, default_num_splits=a.default_num_splits,
         MODEL_CONFIGS=a.MODEL_CONFIGS, SUPPORTED_HEAD_DIMS=a.SUPPORTED_HEAD_DIMS,
-        attention_decode_ref=a.attention_decode_ref, rel_err=rel_err)
+        attention_decode_ref=attention_decode_ref, rel_err=rel_err)
 
 
 def ctx_bucket(ctx: int) -> int:

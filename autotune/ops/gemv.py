@@ -1,5 +1,6 @@
 """Tunable ops ``gemv`` (f32 activations) and ``gemv_q8`` (q8_1 activations, dp4a): the decode GEMV of one
-activation row over raw GGUF weights (``kernels/gemv.py``, ``kernels/gemv_q8.py``).
+activation row over raw GGUF weights (``kernels/gemv.py`` slice, ``kernels/gemv_chunk.py`` chunk; one kernel class
+each, ``q8`` flag).
 
 Shape: ``qtype`` (the type on the GPU: Q6_K tensors are uploaded as Q6_K_P), ``n_in``, ``n_out``.
 
@@ -8,14 +9,14 @@ Configs (the tuning arguments of the kernels' compile functions):
 - ``{"mapping": "chunk", "rpw": 1|2|4}``: :class:`GemvChunk` (Q4_K / Q6_K / Q6_K_P, n_in % 1024 == 0), ``rpw`` output
   rows per warp sharing the activation loads (``compile_gemv_chunk``);
 - ``{"mapping": "slice", "wpr": 1|2|4}`` (f32) / ``{"mapping": "slice"}`` (dp4a): the coalesced slice mapping,
-  ``wpr`` warps per output row (``compile_gemv`` / ``compile_gemv_q8``).
+  ``wpr`` warps per output row (``compile_gemv``; the dp4a path runs 1).
 
 Default: what ``gemv()`` / ``gemv_q8()`` pick today (chunk with ``choose_rpw`` where it applies, else slice with
 ``choose_wpr``). Reference: gguf-py's float64 dequantization on sampled rows times the activations (dp4a: the
 q8_1-dequantized activations), within ``gemv_error_bound`` (the tight check ``tests/kernels/test_gemv.py`` asserts
 on both paths).
 
-Applying a tuned config today: ``gemv(..., mapping=cfg["mapping"], wpr=cfg.get("wpr"))`` covers slice; the chunk
+Applying a tuned config today: ``gemv(..., mapping=cfg["mapping"], warps_per_row=cfg.get("wpr"))`` covers slice; the
 ``rpw`` and the dp4a wrapper's choice need a ``rpw`` argument in the wrappers (they compute it with ``choose_rpw``).
 """
 
@@ -38,16 +39,18 @@ VERIFY_ROWS = 256
 def _bind() -> SimpleNamespace:
     """Every kernel-package name this adapter uses (the one place to fix after kernels/ moves)."""
     from sparkinfer_cute.kernels import gemv as g
-    from sparkinfer_cute.kernels import gemv_q8 as g8
-    from sparkinfer_cute.kernels.dequant import random_quant_bytes
-    from sparkinfer_cute.kernels.q8_1 import dequantize_q8_1, quantize_q8_1, quantize_q8_1_ref
-    from sparkinfer_cute.kernels.quant_decode import CHUNK_QTYPES, Tiling, spec
+    from sparkinfer_cute.kernels import gemv_chunk as gc
+    from sparkinfer_cute.kernels.q8_1 import quantize_q8_1
+    from sparkinfer_cute.kernels.quant_decode import INT_QTYPES, Tiling, spec
+    from sparkinfer_cute.kernels.quant_dot import CHUNK_QTYPES
+    from sparkinfer_cute.reference.kernel_refs import (dequantize_q8_1, gemv_error_bound, gemv_ref,
+                                                       quantize_q8_1_ref, random_quant_bytes)
 
     return SimpleNamespace(
-        chunk_ok=g.chunk_ok, choose_rpw=g.choose_rpw, choose_wpr=g.choose_wpr, compile_gemv=g.compile_gemv,
-        compile_gemv_chunk=g.compile_gemv_chunk, compile_gemv_q8=g8.compile_gemv_q8, INT_QTYPES=g8.INT_QTYPES,
+        chunk_ok=gc.chunk_ok, choose_rpw=gc.choose_rows_per_warp, choose_wpr=g.choose_warps_per_row,
+        compile_gemv=g.compile_gemv, compile_gemv_chunk=gc.compile_gemv_chunk, INT_QTYPES=INT_QTYPES,
         CHUNK_QTYPES=CHUNK_QTYPES, Tiling=Tiling, spec=spec, random_quant_bytes=random_quant_bytes,
-        quantize_q8_1=quantize_q8_1, gemv_ref=g.gemv_ref, gemv_error_bound=g.gemv_error_bound,
+        quantize_q8_1=quantize_q8_1, gemv_ref=gemv_ref, gemv_error_bound=gemv_error_bound,
         q8_round_trip=lambda x: dequantize_q8_1(*quantize_q8_1_ref(x)[:2]))
 
 
@@ -114,7 +117,7 @@ def _compile(config, shape, q8: bool):
     if config["mapping"] == "chunk":
         return b.compile_gemv_chunk(q, n_in, config["rpw"], False, False, False, q8)
     if q8:
-        return b.compile_gemv_q8(q, n_in, 1, False, False, "slice", False)
+        return b.compile_gemv(q, n_in, 1, False, False, "slice", 1, False, True)
     return b.compile_gemv(q, n_in, 1, False, False, "slice", config["wpr"], False)
 
 
@@ -169,11 +172,10 @@ class GemvRunner(KernelRunner):
                         Int32(1), cs)
             else:
                 args = (pw, px, ptr(Int8, self.x.ptr), px, py, ids, n_out, Int32(1), cs)
-        elif self.q8:
-            args = (pw, ptr(Int8, xq.qs.ptr), ptr(Float32, xq.d.ptr), ptr(Float32, xq.s.ptr), py, ids, n_out,
-                    Int32(1), cs)
-        else:
-            args = (pw, px, py, ids, n_out, Int32(1), cs)
+        else:  # the slice kernel takes (x f32, xq i8, xd f32, xs f32) and reads x or the q8_1 three (gemv.py Gemv)
+            x = (ptr(Float32, xq.d.ptr), ptr(Int8, xq.qs.ptr), ptr(Float32, xq.d.ptr), ptr(Float32, xq.s.ptr)) \
+                if self.q8 else (px, ptr(Int8, self.x.ptr), px, px)
+            args = (pw, *x, py, ids, n_out, Int32(1), cs)
         return lambda: fn(*args)
 
     def check(self, config, out):

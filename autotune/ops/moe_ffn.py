@@ -15,7 +15,7 @@ which the integer dots multiply exactly), within the f32 bounds ``tests/kernels/
 from ``gemv_error_bound``). ``n_expert`` only sizes the weight tensors (what the cold-L2 rotation streams); the
 kernels do not depend on it.
 
-Applying a tuned config today: the wrappers take ``mapping`` and ``rpw``; ``xfirst`` and the slice ``wpr`` need an
+Applying a tuned config today: the wrappers take ``mapping`` and ``rows_per_warp``; ``xfirst`` and the slice ``wpr`` need an
 argument in ``moe_gate_up*`` / ``moe_down*`` (the compile functions take them).
 """
 
@@ -39,20 +39,20 @@ U = 2.0**-24
 def _bind() -> SimpleNamespace:
     """Every kernel-package name this adapter uses (the one place to fix after kernels/ moves)."""
     from sparkinfer_cute.kernels import moe_ffn as m
-    from sparkinfer_cute.kernels.dequant import random_quant_bytes
-    from sparkinfer_cute.kernels.gemv import chunk_ok, gemv_error_bound, gemv_experts_ref
-    from sparkinfer_cute.kernels.gemv_q8 import INT_QTYPES
-    from sparkinfer_cute.kernels.q8_1 import dequantize_q8_1, quantize_q8_1, quantize_q8_1_ref
-    from sparkinfer_cute.kernels.quant_decode import spec
+    from sparkinfer_cute.kernels import moe_ffn_chunk as mc
+    from sparkinfer_cute.kernels.gemv_chunk import chunk_ok
+    from sparkinfer_cute.kernels.q8_1 import quantize_q8_1
+    from sparkinfer_cute.kernels.quant_decode import INT_QTYPES, spec
+    from sparkinfer_cute.reference import kernel_refs as r
 
     return SimpleNamespace(
-        chunk_ok=chunk_ok, down_chunk_ok=m.down_chunk_ok, gate_up_rpw=m.gate_up_rpw, down_rpw=m.down_rpw,
-        compile_moe_gate_up=m.compile_moe_gate_up, compile_moe_gate_up_q8=m.compile_moe_gate_up_q8,
-        compile_moe_gate_up_chunk=m.compile_moe_gate_up_chunk, compile_moe_down=m.compile_moe_down,
-        compile_moe_down_q8=m.compile_moe_down_q8, compile_moe_down_chunk=m.compile_moe_down_chunk,
-        moe_gate_up_ref=m.moe_gate_up_ref, moe_down_ref=m.moe_down_ref, gemv_experts_ref=gemv_experts_ref,
-        gemv_error_bound=gemv_error_bound, INT_QTYPES=INT_QTYPES, spec=spec, random_quant_bytes=random_quant_bytes,
-        quantize_q8_1=quantize_q8_1, q8_round_trip=lambda x: dequantize_q8_1(*quantize_q8_1_ref(x)[:2]))
+        chunk_ok=chunk_ok, down_chunk_ok=mc.down_chunk_ok, gate_up_rpw=mc.gate_up_rows_per_warp,
+        down_rpw=mc.down_rows_per_warp, compile_moe_gate_up=m.compile_moe_gate_up,
+        compile_moe_gate_up_chunk=mc.compile_moe_gate_up_chunk, compile_moe_down=m.compile_moe_down,
+        compile_moe_down_chunk=mc.compile_moe_down_chunk, moe_gate_up_ref=r.moe_gate_up_ref,
+        moe_down_ref=r.moe_down_ref, gemv_experts_ref=r.gemv_experts_ref, gemv_error_bound=r.gemv_error_bound,
+        INT_QTYPES=INT_QTYPES, spec=spec, random_quant_bytes=r.random_quant_bytes, quantize_q8_1=quantize_q8_1,
+        q8_round_trip=lambda x: r.dequantize_q8_1(*r.quantize_q8_1_ref(x)[:2]))
 
 
 def _type_reason(q: str, n_in: int, q8: bool) -> str | None:
@@ -115,7 +115,7 @@ def _gu_compile(config, shape, q8):
     q, n_in, n_ff, fused = shape["qtype"], shape["n_in"], shape["n_ff"], shape["fused"]
     if config["mapping"] == "chunk":
         return b.compile_moe_gate_up_chunk(q, n_in, n_ff, fused, q8, config["rpw"], config.get("xfirst", False))
-    return (b.compile_moe_gate_up_q8 if q8 else b.compile_moe_gate_up)(q, n_in, n_ff, fused)
+    return b.compile_moe_gate_up(q, n_in, n_ff, fused, q8)
 
 
 def _silu(g):
@@ -209,10 +209,9 @@ class GateUpRunner(_ExpertRunner):
         if config["mapping"] == "chunk":
             x = (ptr(Float32, hq.d.ptr), ptr(Int8, hq.qs.ptr), ptr(Float32, hq.d.ptr)) if self.q8 else (
                 ptr(Float32, h.ptr), ptr(Int8, h.ptr), ptr(Float32, h.ptr))
-        elif self.q8:
-            x = (ptr(Int8, hq.qs.ptr), ptr(Float32, hq.d.ptr), ptr(Float32, hq.s.ptr))
-        else:
-            x = (ptr(Float32, h.ptr),)
+        else:  # MoeGateUp takes (x f32, xq i8, xd f32, xs f32) and reads x or the q8_1 three
+            x = (ptr(Float32, hq.d.ptr), ptr(Int8, hq.qs.ptr), ptr(Float32, hq.d.ptr), ptr(Float32, hq.s.ptr)) \
+                if self.q8 else (ptr(Float32, h.ptr), ptr(Int8, h.ptr), ptr(Float32, h.ptr), ptr(Float32, h.ptr))
         args = (pg, pu, *x, pids, pact, k, cs)
         return lambda: fn(*args)
 
@@ -255,7 +254,7 @@ def _down_compile(config, shape, q8):
     if config["mapping"] == "chunk":
         return b.compile_moe_down_chunk(q, n_ff, n_out, shape["k"], False, q8, config["rpw"],
                                         config.get("xfirst", False))
-    return (b.compile_moe_down_q8 if q8 else b.compile_moe_down)(q, n_ff, n_out, False, config["wpr"])
+    return b.compile_moe_down(q, n_ff, n_out, False, config["wpr"], q8)
 
 
 class DownProblem:
@@ -310,9 +309,9 @@ class DownRunner(_ExpertRunner):
             x = (ptr(Float32, aq.d.ptr), ptr(Int8, aq.qs.ptr), ptr(Float32, aq.d.ptr)) if self.q8 else (
                 ptr(Float32, a.ptr), ptr(Int8, a.ptr), ptr(Float32, a.ptr))
             args = (pw, *x, pids, pwts, py, py, cs)  # no residual: the resid pointer is never read
-        else:
-            x = (ptr(Int8, aq.qs.ptr), ptr(Float32, aq.d.ptr), ptr(Float32, aq.s.ptr)) if self.q8 else (
-                ptr(Float32, a.ptr),)
+        else:  # MoeDown takes (act f32, aq i8, ad f32, as f32) and reads act or the q8_1 three
+            x = (ptr(Float32, aq.d.ptr), ptr(Int8, aq.qs.ptr), ptr(Float32, aq.d.ptr), ptr(Float32, aq.s.ptr)) \
+                if self.q8 else (ptr(Float32, a.ptr), ptr(Int8, a.ptr), ptr(Float32, a.ptr), ptr(Float32, a.ptr))
             args = (pw, *x, pids, pwts, py, py, Int32(self.shape["k"]), cs)
         return lambda: fn(*args)
 

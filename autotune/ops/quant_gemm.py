@@ -43,10 +43,10 @@ U = 2.0**-24
 def _bind() -> SimpleNamespace:
     """Every kernel-package name this adapter uses (the one place to fix after kernels/ moves)."""
     from sparkinfer_cute.kernels import quant_gemm as g
-    from sparkinfer_cute.kernels.dequant import random_quant_bytes
-    from sparkinfer_cute.kernels.gemv import dequant_rows_f64, weight_magnitude_f64
-    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1_ref
+    from sparkinfer_cute.kernels.q8_1 import Q8Act
     from sparkinfer_cute.kernels.quant_decode import spec
+    from sparkinfer_cute.reference.kernel_refs import (dequant_rows_f64, quantize_q8_1_ref, random_quant_bytes,
+                                                       weight_magnitude_f64)
 
     return SimpleNamespace(
         QuantGemm=g.QuantGemm, compile_quant_gemm=g.compile_quant_gemm, SUPPORTED_QTYPES=g.SUPPORTED_QTYPES,
