@@ -79,7 +79,7 @@ def _default(shape, ctx):
 def _kernel(config, shape):
     s = shape
     return _bind().QuantGemm(
-        s["qtype"], s["n_in"], s["n_out"], tile_rows=config["tile_rows"], tile_tokens=config["tile_tokens"],
+        s["qtype"], s["n_in"], tile_rows=config["tile_rows"], tile_tokens=config["tile_tokens"],
         stages=config["stages"], gated=_gated(s), act="silu" if s["act"] == "none" else s["act"],
         experts=s["n_expert"] > 0, gather=s["n_expert"] > 0 and _gated(s))
 
@@ -108,16 +108,18 @@ def _why_invalid(config, shape, ctx):
     if _gated(shape) and config["tile_rows"] < 64:
         return "gated tiles need tile_rows >= 64 (gate and up halves of whole m16 tiles per warp)"
     try:
-        _kernel(config, shape)
-    except ValueError as e:  # smem over the budget, n_out not a multiple of the CTA's rows, n_in not whole blocks
+        kernel = _kernel(config, shape)
+    except ValueError as e:  # smem over the budget, n_in not whole blocks
         return str(e)
+    if shape["n_out"] % kernel.out_rows:  # n_out is a launch argument: whole CTAs of out_rows outputs
+        return f"n_out {shape['n_out']} is not a multiple of {kernel.out_rows} (outputs per CTA)"
     return None
 
 
 def _compile(config, shape):
     s = shape
     return _bind().compile_quant_gemm(
-        s["qtype"], s["n_in"], s["n_out"], config["tile_rows"], config["tile_tokens"], config["stages"], _gated(s),
+        s["qtype"], s["n_in"], config["tile_rows"], config["tile_tokens"], config["stages"], _gated(s),
         "silu" if s["act"] == "none" else s["act"], s["n_expert"] > 0, s["n_expert"] > 0 and _gated(s), False)
 
 
@@ -245,7 +247,7 @@ class QuantGemmRunner(KernelRunner):
         args = (ptr(Uint8, mats[0].ptr), ptr(Uint8, mats[-1].ptr), ptr(Int8, self.xq.qs.ptr),
                 ptr(Float32, self.xq.d.ptr), ptr(Float32, self.xq.s.ptr), ptr(Float32, self.y.ptr),
                 p32(self.row_index), p32(tiles), p32(n_tiles),
-                Int32(self.n_rows), Int32(grid_y), self.stream.cu)
+                Int32(self.n_rows), Int32(self.shape["n_out"]), Int32(grid_y), self.stream.cu)
         return lambda: fn(*args)
 
     def check(self, config, out):
@@ -263,5 +265,5 @@ QUANT_GEMM = register(TunableOp(
     build=QuantGemmRunner,
     bucket=_bucket,
     canonical=_canonical,
-    compile_shape_keys=("qtype", "n_in", "n_out", "n_expert", "act"),  # token count and routing are runtime
+    compile_shape_keys=("qtype", "n_in", "n_expert", "act"),  # n_out, token count and routing are runtime
 ), __name__)
