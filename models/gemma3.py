@@ -13,7 +13,6 @@ import math
 
 import numpy as np
 
-from sparkinfer_cute.errors import GGUFError
 from sparkinfer_cute.models import ops
 from sparkinfer_cute.models.base import GPUDecoder
 from sparkinfer_cute.runtime import DeviceArray
@@ -23,12 +22,6 @@ class Gemma3GPU(GPUDecoder):
     LAYER_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q_norm.weight",
                      "attn_k_norm.weight", "attn_output.weight", "post_attention_norm.weight", "ffn_norm.weight",
                      "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight")
-
-    def __init__(self, g, cfg, **kwargs):
-        if cfg.final_logit_softcap:  # checked before the upload: there is no GPU softcap op
-            raise GGUFError(g.path, f"final_logit_softcapping = {cfg.final_logit_softcap} is not supported by the GPU "
-                                    "forward yet; use --backend cpu")
-        super().__init__(g, cfg, **kwargs)
 
     def alloc_buffers(self) -> None:
         c = self.cfg
@@ -78,6 +71,8 @@ class Gemma3GPU(GPUDecoder):
             ops.quantize(self.h, self.hq_out, stream=stream)
             xq = self.hq_out
         ops.gemv(self.out_w, self.h, self.logits, stream=stream, xq=xq)
+        if c.final_logit_softcap:
+            ops.softcap(self.logits, c.final_logit_softcap, stream=stream)
         ops.argmax(self.logits, self.tok, stream=stream)
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
@@ -117,9 +112,13 @@ class Gemma3GPU(GPUDecoder):
         if all_logits is not None:
             ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, eps, residual=pf.delta, xq=pf.hq, stream=s)
             ops.gemm(self.out_w, pf.hq, all_logits, T, stream=s)
+            if c.final_logit_softcap:
+                ops.softcap(ops.rows(all_logits, T), c.final_logit_softcap, stream=s)
             ops.argmax(ops.row(all_logits, T - 1), self.tok, stream=s)
             return
         ops.rmsnorm(ops.row(pf.x, T - 1), w["output_norm.weight"], self.h, eps, residual=ops.row(pf.delta, T - 1),
                     stream=s)
         ops.gemv(self.out_w, self.h, self.logits, stream=s)
+        if c.final_logit_softcap:
+            ops.softcap(self.logits, c.final_logit_softcap, stream=s)
         ops.argmax(self.logits, self.tok, stream=s)

@@ -43,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    from sparkinfer_cute.kernels.dequant import random_quant_bytes
+    from sparkinfer_cute.reference.kernel_refs import random_quant_bytes
     from sparkinfer_cute.kernels.q8_1 import Q8Act
     from sparkinfer_cute.kernels.quant_decode import spec
     from sparkinfer_cute.kernels.quant_gemm import grouped_tiles_host, max_grouped_tiles, quant_gemm

@@ -22,7 +22,7 @@ U = 2.0**-24
 def test_embedding_rows(seed, q, n_tokens, slot):
     import gguf
 
-    from sparkinfer_cute.kernels.dequant import random_quant_bytes
+    from sparkinfer_cute.reference.kernel_refs import random_quant_bytes
     from sparkinfer_cute.kernels.embedding import embedding
     from sparkinfer_cute.kernels.quant_decode import spec
     from sparkinfer_cute.runtime import DeviceArray

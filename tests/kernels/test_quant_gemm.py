@@ -47,7 +47,7 @@ def _spec(q):
 
 
 def rand_weight(q, n_rows, n_in, rng):
-    from sparkinfer_cute.kernels.dequant import random_quant_bytes
+    from sparkinfer_cute.reference.kernel_refs import random_quant_bytes
 
     sp = _spec(q)
     return random_quant_bytes(q, n_rows * n_in // sp.block_elems, rng).reshape(n_rows, sp.row_bytes(n_in))

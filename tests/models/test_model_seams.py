@@ -1,5 +1,5 @@
 """CPU checks of the model seams (no GPU): architecture registry, per-layer attention geometry and the KV sizing
-built on it, the prefill entry point, and the load-time errors of configs the GPU forwards do not support."""
+built on it, and the prefill entry point."""
 
 from __future__ import annotations
 
@@ -49,10 +49,9 @@ def test_registry_maps_architectures():
     from sparkinfer_cute.models import Gemma4GPU
 
     assert GPU_FORWARDS == {"gemma3": Gemma3GPU, "gemma4": Gemma4GPU, "qwen3moe": Qwen3MoeGPU}
-    cfg = _Cfg()
-    cfg.arch = "qwen35moe"
-    with pytest.raises(GGUFError, match="'qwen35moe' has no GPU forward yet"):
-        load_gpu_model(_G(), cfg)
+    assert all(issubclass(cls, GPUDecoder) for cls in GPU_FORWARDS.values())
+    with pytest.raises(GGUFError, match="'llama' has no GPU forward yet"):
+        load_gpu_model(_G(), _Cfg(arch="llama"))
 
 
 def test_per_layer_geometry_and_kv_sizing():
@@ -76,11 +75,6 @@ def test_geometry_rejects_unequal_k_and_v_heads():
     cfg.head_dim_v_for = lambda l: 128
     with pytest.raises(ValueError, match="one head size"):
         ops.attention_geometry(cfg)
-
-
-def test_gemma3_softcap_is_a_load_error():
-    with pytest.raises(GGUFError, match="final_logit_softcapping"):
-        Gemma3GPU(_G(), dataclasses.replace(_Cfg(arch="gemma3"), final_logit_softcap=30.0))
 
 
 class _FakeDecoder(GPUDecoder):
