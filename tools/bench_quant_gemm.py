@@ -46,7 +46,8 @@ def main(argv=None):
     from sparkinfer_cute.reference.kernel_refs import random_quant_bytes
     from sparkinfer_cute.kernels.q8_1 import Q8Act
     from sparkinfer_cute.kernels.quant_decode import spec
-    from sparkinfer_cute.kernels.quant_gemm import grouped_tiles_host, max_grouped_tiles, quant_gemm
+    from sparkinfer_cute.kernels.quant_gemm import max_grouped_tiles, quant_gemm
+    from sparkinfer_cute.reference.kernel_refs import grouped_tiles_host
     from sparkinfer_cute.runtime import DeviceArray, Stream
 
     rng = np.random.default_rng(0)

@@ -55,7 +55,7 @@ def _bind() -> SimpleNamespace:
 
     return SimpleNamespace(
         QuantGemm=g.QuantGemm, compile_quant_gemm=g.compile_quant_gemm, SUPPORTED_QTYPES=g.SUPPORTED_QTYPES,
-        grouped_tiles_host=g.grouped_tiles_host, max_grouped_tiles=g.max_grouped_tiles, spec=spec,
+        grouped_tiles_host=r.grouped_tiles_host, max_grouped_tiles=g.max_grouped_tiles, spec=spec,
         random_quant_bytes=r.random_quant_bytes, dequant_rows_f64=r.dequant_rows_f64,
         weight_magnitude_f64=r.weight_magnitude_f64, Q8Act=Q8Act, quantize_q8_1_ref=r.quantize_q8_1_ref)
 

@@ -13,7 +13,7 @@ Per MoE layer of a prompt chunk (T tokens, top-k of E experts)::
 **MoeAlign.** Counts per expert come from shared-memory atomics, so the order of the rows *inside* one expert's
 group depends on thread timing; the result does not: every grouped-GEMM row is computed on its own (same K order
 whatever tile or column it lands in) and the combine sums each token's k rows in slot order. The tile table is the
-``quant_gemm.grouped_tiles_host`` layout: (expert, first sorted row, valid rows, 0), experts ascending, tiles of
+``reference.kernel_refs.grouped_tiles_host`` layout: (expert, first sorted row, valid rows, 0), experts ascending, tiles of
 ``tile_tokens`` rows; experts with no rows have no tile.
 
 **RouterLogits.** A warp owns one token and ``experts_per_warp`` experts: its lanes hold the token's row in registers
@@ -246,17 +246,6 @@ def moe_combine(y, sorted_pos, weights, ids, out, n_tokens: int, *, accumulate: 
     fn(gptr(Float32, y.ptr), gptr(Int32, sorted_pos.ptr, 4), gptr(Float32, weights.ptr, 4), gptr(Int32, ids.ptr, 4),
        gptr(Float32, sc.ptr, 4), gptr(Float32, out.ptr), Int32(n_tokens), cuda.CUstream(_st(stream).handle))
     return out
-
-
-def moe_combine_ref(y, sorted_pos, weights, ids, base=None, expert_scale=None):
-    """float64 reference of :class:`MoeCombine`."""
-    T, k = np.shape(weights)
-    w = np.asarray(weights, np.float64)
-    if expert_scale is not None:
-        w = w * np.asarray(expert_scale, np.float64)[np.asarray(ids)]
-    yy = np.asarray(y, np.float64)[np.asarray(sorted_pos).reshape(T, k)]
-    out = np.einsum("tk,tkn->tn", w, yy)
-    return out if base is None else out + np.asarray(base, np.float64)
 
 
 register("router_logits", compile_router_logits, [dict(n_expert=128, n_in=2048), dict(n_expert=128, n_in=2816)])

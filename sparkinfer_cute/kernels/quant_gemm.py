@@ -4,7 +4,8 @@
     Y[row, o]    = act(Wg[e] x)[o] * (Wu[e] x)[o]                        (gated epilogue: SwiGLU / GeGLU)
 
 One kernel family serves the dense projections of a prompt chunk (one group: QKV, O, dense FFN) and the MoE expert
-FFN (a group per expert, token rows sorted by expert on the device: see ``tiles`` below).
+FFN (a group per expert, token rows sorted by expert on the device: see ``tiles`` below). (Over 600 lines: one kernel
+whose producer, consumers, six per-type A-fragment decoders and epilogues share the tile geometry.)
 
 **Roles (warp-specialized, SM120 feature set: no WGMMA/TMEM/multicast, <= 99 KB smem).** A CTA is 4 consumer warps
 and 1 producer warp. The producer streams K-tiles (256 elements: one K-quant superblock, or 8 blocks of a 32-block
@@ -53,7 +54,7 @@ from cutlass._mlir.dialects import nvvm as _nvvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from .arch import pdl_enabled, smem_budget
-from .common import pdl_prologue
+from .common import fake_ptr, gptr, pdl_prologue
 from .compile import compile_options, kernel_cache
 from .quant_decode import half_hi_to_f32, half_lo_to_f32, spec
 
@@ -243,7 +244,7 @@ class QuantGemm:
                  n_out: Int32, sW: cute.Tensor, sX: cute.Tensor, sXd: cute.Tensor, sXs: cute.Tensor,
                  full: cute.Pointer, empty: cute.Pointer):
         S, BM, BN = self.stages, self.tile_rows, self.tile_tokens
-        K, RB, TB = self.n_in, self.row_bytes, self.tile_bytes
+        K = self.n_in
         half = BM // 2
         o0 = bx * self.out_rows
         gbase = expert * (self.stride_factor * n_out) + o0  # first weight row of this CTA in its group
@@ -551,36 +552,12 @@ def compile_quant_gemm(qtype: str, n_in: int, tile_rows: int = 64, tile_tokens: 
                        accumulate: bool = False, fused_gate_up: bool = False):
     k = QuantGemm(qtype, n_in, tile_rows=tile_rows, tile_tokens=tile_tokens, stages=stages, gated=gated,
                   act=act, experts=experts, gather=gather, accumulate=accumulate, fused_gate_up=fused_gate_up)
-    p = lambda dt, a=16: cute.runtime.make_ptr(dt, 0, cute.AddressSpace.gmem, assumed_align=a)  # noqa: E731
-    return cute.compile(k, p(Uint8), p(Uint8), p(Int8), p(Float32), p(Float32), p(Float32), p(Int32, 4),
-                        p(Int32, 4), p(Int32, 4), Int32(1), Int32(64), Int32(1), cute.runtime.make_fake_stream(),
+    return cute.compile(k, fake_ptr(Uint8), fake_ptr(Uint8), fake_ptr(Int8), fake_ptr(Float32), fake_ptr(Float32),
+                        fake_ptr(Float32), fake_ptr(Int32, 4), fake_ptr(Int32, 4), fake_ptr(Int32, 4), Int32(1), Int32(64), Int32(1), cute.runtime.make_fake_stream(),
                         options=compile_options())
 
 
 # ---------------------------------------------------------------------------------------------- host side
-def grouped_tiles_host(ids: np.ndarray, n_expert: int, tile_tokens: int):
-    """The routing tables of a grouped GEMM, on the host (the reference of the device-side sort in moe_route.py).
-
-    ``ids`` int [T, k] expert of each (token, slot). Sorted rows group the assignments by expert (ascending), tokens
-    ascending inside an expert. Returns ``(tiles [n_tiles, 4] int32, sorted_token [T*k] int32, sorted_pos [T*k]
-    int32)``: tile = (expert, first sorted row, valid rows, 0); ``sorted_token[r]`` = token of sorted row r;
-    ``sorted_pos[t*k + j]`` = sorted row of assignment (t, j)."""
-    ids = np.asarray(ids, np.int64)
-    T, k = ids.shape
-    flat = ids.reshape(-1)
-    order = np.argsort(flat, kind="stable")  # by expert, then assignment index (token-major)
-    sorted_token = (order // k).astype(np.int32)
-    sorted_pos = np.empty(T * k, np.int32)
-    sorted_pos[order] = np.arange(T * k, dtype=np.int32)
-    counts = np.bincount(flat, minlength=n_expert)
-    tiles, start = [], 0
-    for e in range(n_expert):
-        for r in range(0, int(counts[e]), tile_tokens):
-            tiles.append((e, start + r, min(tile_tokens, int(counts[e]) - r), 0))
-        start += int(counts[e])
-    return np.array(tiles, np.int32).reshape(-1, 4), sorted_token, sorted_pos
-
-
 def max_grouped_tiles(n_assignments: int, n_expert: int, tile_tokens: int) -> int:
     """Upper bound of the tile count of a grouped GEMM (the launch's grid.y; surplus CTAs exit)."""
     return -(-n_assignments // tile_tokens) + min(n_expert, n_assignments)
@@ -593,7 +570,7 @@ def quant_gemm(w, qtype: str, xq, n_out: int, *, out=None, w_up=None, act: str =
     ``xq``: a q8_1 ``Q8Act`` ([rows, n_in]). ``w_up`` given: gated (``out = act(W x) * (W_up x)``).
 
     Dense (``tiles`` None): ``out[r, :] (+)= W xq[r]`` for the ``n_rows`` (default all) rows of ``xq``.
-    Grouped: ``tiles``/``n_tiles`` device int32 tables (:func:`grouped_tiles_host` layout, written by the router on
+    Grouped: ``tiles``/``n_tiles`` device int32 tables (``reference.kernel_refs.grouped_tiles_host`` layout, written by the router on
     the device), ``max_tiles`` the launch bound; ``row_index`` (sorted row -> activation row) gathers the activation
     rows, else sorted row r reads row r. ``out`` rows are sorted rows. Returns ``out``."""
     from ..runtime import DeviceArray, default_stream

@@ -449,3 +449,38 @@ __all__ = [
     "rmsnorm_ref", "rmsnorm_residual_ref", "rope_neox_ref", "rope_theta_f32", "route_ref", "row_bytes",
     "theta_scale_f32", "weight_magnitude_f64",
 ]
+
+
+# ---------------------------------------------------------------------------------------------- grouped GEMM (prefill)
+def grouped_tiles_host(ids: np.ndarray, n_expert: int, tile_tokens: int):
+    """The routing tables of a grouped GEMM, on the host (the reference of the device-side sort in moe_route.py).
+
+    ``ids`` int [T, k] expert of each (token, slot). Sorted rows group the assignments by expert (ascending), tokens
+    ascending inside an expert. Returns ``(tiles [n_tiles, 4] int32, sorted_token [T*k] int32, sorted_pos [T*k]
+    int32)``: tile = (expert, first sorted row, valid rows, 0); ``sorted_token[r]`` = token of sorted row r;
+    ``sorted_pos[t*k + j]`` = sorted row of assignment (t, j)."""
+    ids = np.asarray(ids, np.int64)
+    T, k = ids.shape
+    flat = ids.reshape(-1)
+    order = np.argsort(flat, kind="stable")  # by expert, then assignment index (token-major)
+    sorted_token = (order // k).astype(np.int32)
+    sorted_pos = np.empty(T * k, np.int32)
+    sorted_pos[order] = np.arange(T * k, dtype=np.int32)
+    counts = np.bincount(flat, minlength=n_expert)
+    tiles, start = [], 0
+    for e in range(n_expert):
+        for r in range(0, int(counts[e]), tile_tokens):
+            tiles.append((e, start + r, min(tile_tokens, int(counts[e]) - r), 0))
+        start += int(counts[e])
+    return np.array(tiles, np.int32).reshape(-1, 4), sorted_token, sorted_pos
+
+
+def moe_combine_ref(y, sorted_pos, weights, ids, base=None, expert_scale=None):
+    """float64 reference of :class:`MoeCombine`."""
+    T, k = np.shape(weights)
+    w = np.asarray(weights, np.float64)
+    if expert_scale is not None:
+        w = w * np.asarray(expert_scale, np.float64)[np.asarray(ids)]
+    yy = np.asarray(y, np.float64)[np.asarray(sorted_pos).reshape(T, k)]
+    out = np.einsum("tk,tkn->tn", w, yy)
+    return out if base is None else out + np.asarray(base, np.float64)

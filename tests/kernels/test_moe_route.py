@@ -44,7 +44,8 @@ def test_router_logits(seed, n_tok, n_expert, n_in):
        k=st.integers(1, 8), tile_tokens=st.sampled_from([16, 32, 64]), skew=st.booleans())
 def test_moe_align(seed, n_tok, n_expert, k, tile_tokens, skew):
     from sparkinfer_cute.kernels.moe_route import moe_align
-    from sparkinfer_cute.kernels.quant_gemm import grouped_tiles_host, max_grouped_tiles
+    from sparkinfer_cute.kernels.quant_gemm import max_grouped_tiles
+    from sparkinfer_cute.reference.kernel_refs import grouped_tiles_host
     from sparkinfer_cute.runtime import DeviceArray
     from sparkinfer_cute.runtime.testing import poisoned
 
@@ -75,7 +76,8 @@ def test_moe_align(seed, n_tok, n_expert, k, tile_tokens, skew):
 @given(seed=st.integers(0, 2**32 - 1), n_tok=st.integers(1, 40), k=st.integers(1, 8),
        n_embd=st.sampled_from([64, 2048, 2816]), accumulate=st.booleans(), scaled=st.booleans())
 def test_moe_combine(seed, n_tok, k, n_embd, accumulate, scaled):
-    from sparkinfer_cute.kernels.moe_route import moe_combine, moe_combine_ref
+    from sparkinfer_cute.kernels.moe_route import moe_combine
+    from sparkinfer_cute.reference.kernel_refs import moe_combine_ref
     from sparkinfer_cute.runtime import DeviceArray
     from sparkinfer_cute.runtime.testing import poisoned
 

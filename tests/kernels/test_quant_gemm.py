@@ -125,7 +125,7 @@ def test_compile_one_grouped_config(target):
 
 
 def test_grouped_tiles_host():
-    from sparkinfer_cute.kernels.quant_gemm import grouped_tiles_host
+    from sparkinfer_cute.reference.kernel_refs import grouped_tiles_host
 
     ids = np.array([[2, 0], [0, 3], [2, 1]], np.int32)
     tiles, tok, pos = grouped_tiles_host(ids, 5, 1)
@@ -188,7 +188,8 @@ def _act(g, act):
 def test_grouped_gated_and_down(seed, q, which, n_tok, n_expert, k, act):
     """MoE gate+up (gathered token rows, gated epilogue) then down (sorted rows) over device-style tile tables with
     0-token experts, ragged and tile-multiple groups."""
-    from sparkinfer_cute.kernels.quant_gemm import grouped_tiles_host, max_grouped_tiles, quant_gemm
+    from sparkinfer_cute.kernels.quant_gemm import max_grouped_tiles, quant_gemm
+    from sparkinfer_cute.reference.kernel_refs import grouped_tiles_host
     from sparkinfer_cute.runtime import DeviceArray
     from sparkinfer_cute.runtime.testing import poisoned
 
