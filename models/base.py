@@ -108,6 +108,32 @@ class GPUDecoder:
         leaving the residual stream in ``self.x`` (+ ``self.delta``), without the final norm / LM head / argmax."""
         raise NotImplementedError
 
+    #: int8 activations for the LM head under SPARKINFER_DP4A=auto (ops.prefer_dp4a): the model's choice
+    LM_HEAD_DP4A_AUTO = True
+
+    def enqueue_logits(self, stream) -> None:
+        """The LM head on the final-norm output ``self.h`` (int8 activations where :func:`ops.prefer_dp4a` says so),
+        the final logit softcap where the model has one, and the greedy next id into ``self.tok``."""
+        xq = None
+        if ops.prefer_dp4a(self.out_w, auto=self.LM_HEAD_DP4A_AUTO):
+            ops.quantize(self.h, self.hq_out, stream=stream)
+            xq = self.hq_out
+        ops.gemv(self.out_w, self.h, self.logits, stream=stream, xq=xq)
+        cap = getattr(self.cfg, "final_logit_softcap", None)
+        if cap:
+            ops.softcap(self.logits, cap, stream=stream)
+        ops.argmax(self.logits, self.tok, stream=stream)
+
+    def enqueue_all_logits(self, stream, T: int, all_logits) -> None:
+        """Every row's logits of a prefill chunk (the final norm of each row already in ``self._pf.h`` / ``hq``) into
+        ``all_logits`` [T, vocab], softcapped where the model has one; the last row's greedy id into ``self.tok``."""
+        pf = self._pf
+        ops.lm_head_rows(self.out_w, pf.h, pf.hq, all_logits, T, stream=stream)
+        cap = getattr(self.cfg, "final_logit_softcap", None)
+        if cap:
+            ops.softcap(ops.rows(all_logits, T), cap, stream=stream)
+        ops.argmax(ops.row(all_logits, T - 1), self.tok, stream=stream)
+
     # ------------------------------------------------------------------ shared
     @staticmethod
     def _family() -> str:

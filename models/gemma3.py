@@ -19,6 +19,9 @@ from sparkinfer_cute.runtime import DeviceArray
 
 
 class Gemma3GPU(GPUDecoder):
+    # f32 activations for the LM head by default: the 270M's greedy text has near-ties (0.013 nats at token 16 of the
+    # README prompt, tests/reference) that int8 activations could flip; SPARKINFER_DP4A=all opts in.
+    LM_HEAD_DP4A_AUTO = False
     LAYER_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q_norm.weight",
                      "attn_k_norm.weight", "attn_output.weight", "post_attention_norm.weight", "ffn_norm.weight",
                      "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight")
@@ -64,16 +67,7 @@ class Gemma3GPU(GPUDecoder):
         if n_layers is not None:
             return  # hidden state = x + delta (hidden_after_layers)
         ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=stream)
-        xq = None
-        # f32 activations by default: the 270M's greedy text has near-ties (0.013 nats at token 16 of the README
-        # prompt, tests/reference) that int8 activations could flip; SPARKINFER_DP4A=all opts in.
-        if ops.prefer_dp4a(self.out_w, auto=False):
-            ops.quantize(self.h, self.hq_out, stream=stream)
-            xq = self.hq_out
-        ops.gemv(self.out_w, self.h, self.logits, stream=stream, xq=xq)
-        if c.final_logit_softcap:
-            ops.softcap(self.logits, c.final_logit_softcap, stream=stream)
-        ops.argmax(self.logits, self.tok, stream=stream)
+        self.enqueue_logits(stream)
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):
@@ -111,14 +105,8 @@ class Gemma3GPU(GPUDecoder):
             ops.rmsnorm_rows(pf.f, w[p + "post_ffw_norm.weight"], pf.delta, T, eps, stream=s)
         if all_logits is not None:
             ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, eps, residual=pf.delta, xq=pf.hq, stream=s)
-            ops.gemm(self.out_w, pf.hq, all_logits, T, stream=s)
-            if c.final_logit_softcap:
-                ops.softcap(ops.rows(all_logits, T), c.final_logit_softcap, stream=s)
-            ops.argmax(ops.row(all_logits, T - 1), self.tok, stream=s)
+            self.enqueue_all_logits(s, T, all_logits)
             return
         ops.rmsnorm(ops.row(pf.x, T - 1), w["output_norm.weight"], self.h, eps, residual=ops.row(pf.delta, T - 1),
                     stream=s)
-        ops.gemv(self.out_w, self.h, self.logits, stream=s)
-        if c.final_logit_softcap:
-            ops.softcap(self.logits, c.final_logit_softcap, stream=s)
-        ops.argmax(self.logits, self.tok, stream=s)
+        self.enqueue_logits(s)

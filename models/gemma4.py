@@ -152,14 +152,7 @@ class Gemma4GPU(GPUDecoder):
             self.delta.fill_bytes(0, stream)  # hidden_after_layers reads x + delta: x is the whole residual here
             return
         ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, stream=stream)
-        xq = None
-        if ops.prefer_dp4a(self.out_w):
-            ops.quantize(self.h, self.hq_out, stream=stream)
-            xq = self.hq_out
-        ops.gemv(self.out_w, self.h, self.logits, stream=stream, xq=xq)
-        if c.final_logit_softcap:
-            ops.softcap(self.logits, c.final_logit_softcap, stream=stream)
-        ops.argmax(self.logits, self.tok, stream=stream)
+        self.enqueue_logits(stream)
 
     def _moe_step(self, l: int, stream) -> None:
         """Routed experts of layer l: m = rmsnorm(f, post_ffw_norm_1); y2 = rmsnorm(experts, post_ffw_norm_2)."""
@@ -239,17 +232,7 @@ class Gemma4GPU(GPUDecoder):
             ops.residual_scale(ops.rows(pf.x, T), ops.rows(pf.fn, T), self.out_scale[l], stream=s)
         if all_logits is not None:
             ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, eps, xq=pf.hq, stream=s)
-            ops.lm_head_rows(self.out_w, pf.h, pf.hq, all_logits, T, stream=s)
-            if c.final_logit_softcap:
-                ops.softcap(all_logits, c.final_logit_softcap, stream=s)
-            ops.argmax(ops.row(all_logits, T - 1), self.tok, stream=s)
+            self.enqueue_all_logits(s, T, all_logits)
             return
         ops.rmsnorm(ops.row(pf.x, T - 1), w["output_norm.weight"], self.h, eps, stream=s)
-        xq = None
-        if ops.prefer_dp4a(self.out_w):
-            ops.quantize(self.h, self.hq_out, stream=s)
-            xq = self.hq_out
-        ops.gemv(self.out_w, self.h, self.logits, stream=s, xq=xq)
-        if c.final_logit_softcap:
-            ops.softcap(self.logits, c.final_logit_softcap, stream=s)
-        ops.argmax(self.logits, self.tok, stream=s)
+        self.enqueue_logits(s)

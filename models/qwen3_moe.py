@@ -80,12 +80,7 @@ class Qwen3MoeGPU(GPUDecoder):
         if n_layers is not None:
             return  # hidden state = x + delta (hidden_after_layers)
         ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=stream)
-        xq = None
-        if ops.prefer_dp4a(self.out_w):
-            ops.quantize(self.h, self.hq_out, stream=stream)
-            xq = self.hq_out
-        ops.gemv(self.out_w, self.h, self.logits, stream=stream, xq=xq)
-        ops.argmax(self.logits, self.tok, stream=stream)
+        self.enqueue_logits(stream)
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):
@@ -120,13 +115,7 @@ class Qwen3MoeGPU(GPUDecoder):
         c, w, pf = self.cfg, self.w, self._pf
         if all_logits is not None:
             ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, c.rms_eps, xq=pf.hq, stream=s)
-            ops.gemm(self.out_w, pf.hq, all_logits, T, stream=s)
-            ops.argmax(ops.row(all_logits, T - 1), self.tok, stream=s)
+            self.enqueue_all_logits(s, T, all_logits)
             return
         ops.rmsnorm(ops.row(pf.x, T - 1), w["output_norm.weight"], self.h, c.rms_eps, stream=s)
-        xq = None
-        if ops.prefer_dp4a(self.out_w):
-            ops.quantize(self.h, self.hq_out, stream=s)
-            xq = self.hq_out
-        ops.gemv(self.out_w, self.h, self.logits, stream=s, xq=xq)
-        ops.argmax(self.logits, self.tok, stream=s)
+        self.enqueue_logits(s)

@@ -11,30 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import numpy as np
-
-
-def time_graph(fn, stream, reps):
-    from sparkinfer_cute.runtime import CudaGraph, Event, elapsed_ms
-
-    fn()
-    stream.synchronize()
-    with CudaGraph.capture(stream) as g:
-        fn()
-    for _ in range(3):
-        g.replay(stream)
-    stream.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = Event(), Event()
-        a.record(stream)
-        g.replay(stream)
-        b.record(stream)
-        ts.append(elapsed_ms(a, b) * 1e3)
-    return statistics.median(ts)
 
 
 def main(argv=None):
@@ -68,8 +47,10 @@ def main(argv=None):
 
     results = []
 
+    from sparkinfer_cute.kernels.microbench import _time_graph
+
     def case(name, flops, fn):
-        us = time_graph(fn, st, args.reps)
+        us, _ = _time_graph([fn], st, args.reps)
         results.append(dict(case=name, us=us, tflops=flops / us / 1e6))
         print(f"{name:58s} {us:9.1f} us  {flops / us / 1e6:7.2f} TFLOP/s", flush=True)
 
