@@ -120,22 +120,28 @@ def teacher_forced_compare(
 
 # ------------------------------------------------------------------------------------------------ end-to-end gates
 #: The end-to-end gates of the GPU builds (tests/models/test_gpu_decode.py, tests/models/test_gpu_prefill.py), judged
-#: on :func:`teacher_forced_compare` of the build (a) against the CPU reference (b). Calibrated on the CPU
-#: (tests/mutation/test_e2e_gates.py prints the figures) with the float64 twin of the reference standing in for a
-#: correct build (it differs from the f32 reference only by rounding, as a GPU build does):
+#: on :func:`teacher_forced_compare` of the build (a) against the CPU reference (b). Calibrated on the CPU with the
+#: float64 twin of the reference standing in for a correct build (it differs from the f32 reference only by
+#: rounding, as a GPU build does; tests/mutation/test_mutation_table.py prints the figures each run), and on the
+#: H100 accuracy runs in results/:
 #:
 #: * ``f32`` (exact f32 activations vs the exact f32 reference): the float64 twin sits at a median KL of ~5e-10
-#:   (synthetic tiny models; H100, real Gemma 3 270M: mean 7e-8), a 1% attention-scale error at 1e-5..2e-5 and a
-#:   1% RMSNorm scale error at 1e-4..3e-4. Median <= 1e-6; mean <= 3e-4 leaves room for the rare routing flip of a
-#:   near-tied expert (one position at ~6e-3 moves a 64-position mean by 1e-4).
+#:   (synthetic tiny models), the H100 build further off (results/acc_*_h100.json, 128 positions: real Gemma 3 270M
+#:   mean 7e-8; qwen3moe small mean 8.8e-6 with one position at 6.1e-4, so the other 127 average 2.2e-6 and, half
+#:   of them being within twice that, the median is <= 4.4e-6). A 1% RMSNorm scale error sits at 1e-4..3e-4, a 1%
+#:   attention-scale error at 1e-5..2e-5 (the attention kernel test rejects that one 10-20x over). Median <= 1e-5;
+#:   mean <= 3e-4 leaves room for the rare routing flip of a near-tied expert (one position at ~6e-3 moves a
+#:   64-position mean by 1e-4).
 #: * ``int8`` (q8_1 activations vs the reference run with the same q8_1 rounding, ``act_q8_1``): a last-bit
 #:   difference that flips one q8_1 rounding (a 1/127-of-amax step) propagates through the layers and the KV cache
 #:   and flips others, so a correct build sits at a median KL of 2e-5..1.3e-4 (float64 twin, qwen3moe tiny/small,
-#:   gemma3 tiny prefill), not far below the full activation-quantization effect (the exact f32 reference: 5e-5..
-#:   2e-4). The floor is measured per run: median <= max(3 x the float64 twin's median, 1e-4); a 5% attention-
-#:   scale error is 10-30x the twin's median, one expert fewer 70-900x. Mean <= 2e-3 (the twin: <= 5.5e-4).
+#:   gemma3 tiny prefill), not far below the whole activation-quantization effect (vs the exact f32 reference:
+#:   median 5e-5..2e-4, mean 3.0e-4..6.8e-4 on qwen3moe small, where the H100 default build measured a mean of
+#:   3.2e-4 and 3.8e-4). The floor is measured per run: median <= max(3 x the float64 twin's median, 1e-4); a 5%
+#:   attention-scale error is 10-30x the twin's median, one expert fewer 70-900x. Mean <= 2e-3 (the twin: <=
+#:   5.5e-4).
 E2E_GATES: dict[str, dict[str, float]] = {
-    "f32": {"median_kl": 1e-6, "mean_kl": 3e-4, "top1_tol": 0.99},
+    "f32": {"median_kl": 1e-5, "mean_kl": 3e-4, "top1_tol": 0.99},
     "int8": {"median_kl_noise_factor": 3.0, "median_kl_floor": 1e-4, "mean_kl": 2e-3, "top1_tol": 0.95},
 }
 

@@ -5,7 +5,7 @@ shows on the CPU what they reject), on teacher-forced logits where every positio
 (``SPARKINFER_PREFILL=loop``: the batched prefill runs int8 GEMMs, which would put a first position of other
 numerics into an f32 build):
 
-* f32 builds (``SPARKINFER_DP4A=none``; Gemma's default): against the exact f32 reference, median KL <= 1e-6,
+* f32 builds (``SPARKINFER_DP4A=none``; Gemma's default): against the exact f32 reference, median KL <= 1e-5,
   mean KL <= 3e-4, top-1 (near-ties < 0.05 nats forgiven) >= 0.99.
 * the default int8-activation Qwen build: against the reference run with the *same* q8_1 activation rounding on
   exactly the matmuls the build runs on int8 (``models/int8_plan.py``, checked against the calls the build really
