@@ -65,4 +65,4 @@ def test_argmax_edge_rows_and_workspace(rng):
 @pytest.mark.gpu
 def test_argmax_numpy_path(rng):
     lg = rng.standard_normal(262144).astype(np.float32)
-    assert argmax(lg).tolist() == [int(np.argmax(lg))]
+    assert argmax(lg, out=poisoned((1,), np.int32)).tolist() == [int(np.argmax(lg))]
