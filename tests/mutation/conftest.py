@@ -1,22 +1,28 @@
-"""The mutation check's table is printed in the test summary (``REPORTS``: filled by test_mutation_table.py), so
-CI logs show the kill rate and the margins of every injected bug."""
+"""The mutation check's table is printed in the test summary (the ``mutation_report`` fixture collects it), so CI
+logs show the kill rate and the margins of every injected bug."""
 
 from __future__ import annotations
 
 import os
 
-REPORTS: list[str] = []
+import pytest
+
+_KEY = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def mutation_report(request):
+    """A list; text appended to it is printed in the terminal summary."""
+    return request.config.stash.setdefault(_KEY, [])
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if REPORTS:
+    reports = config.stash.get(_KEY, [])
+    if reports:
         terminalreporter.section("mutation check (tests/mutation)", sep="-")
-        for text in REPORTS:
+        for text in reports:
             for line in text.splitlines():
                 terminalreporter.write_line(line)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

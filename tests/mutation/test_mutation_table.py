@@ -15,7 +15,6 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import mutations  # noqa: E402
-from conftest import REPORTS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +22,11 @@ def models(tmp_path_factory, module_rng):
     return mutations.synthetic_models(str(tmp_path_factory.mktemp("mutation")), module_rng)
 
 
-def test_every_injected_bug_is_killed(models, rng):
+def test_every_injected_bug_is_killed(models, rng, mutation_report):
     rows = mutations.run_table(models, rng)
     ctrl = mutations.controls(models)
     table = mutations.format_table(rows, ctrl)
-    REPORTS.append(table)
+    mutation_report.append(table)
     print(table)
     bad_controls = [r["bug"] for r in rows if r["kernel_check"] is not None and not r["kernel_control"] <= 1]
     assert not bad_controls, f"a check rejects the unbroken emulation: {bad_controls}\n{table}"
@@ -41,7 +40,7 @@ def test_every_injected_bug_is_killed(models, rng):
             assert r["kernel_parts"]["tight"] > 1, (r["bug"], r["kernel_parts"])
 
 
-def test_int8_gate_rejects_issue_bugs_and_passes_the_twin(models):
+def test_int8_gate_rejects_issue_bugs_and_passes_the_twin(models, mutation_report):
     """The int8 end-to-end gate (reference with the GPU's q8_1 rounding; noise floor from the float64 twin) on the
     default Qwen build's stand-ins: the twin passes; a 5% attention-scale error and one expert fewer fail. The old
     gate (top-1 >= 0.85 and mean KL <= 0.01 against the exact f32 reference) is printed for comparison."""
@@ -62,5 +61,5 @@ def test_int8_gate_rejects_issue_bugs_and_passes_the_twin(models):
                      f"{'pass' if old_pass else 'FAIL'} (mean KL {old['mean_kl']:.3g}, top-1 "
                      f"{old['top1_agreement_tol']:.3f})")
         assert not v["passed"], (name, v)
-    REPORTS.append("\n".join(lines))
+    mutation_report.append("\n".join(lines))
     print("\n".join(lines))
