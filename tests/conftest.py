@@ -8,7 +8,9 @@ pytest's own short summary; :func:`pytest_terminal_summary` lists every other sk
 from __future__ import annotations
 
 import os
+import secrets
 
+import numpy as np
 import pytest
 
 
@@ -52,6 +54,40 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             path = os.path.relpath(str(r.longrepr[0]), str(config.rootpath))
             where, reason = f"{path}:{r.longrepr[1]}", r.longrepr[2]
         terminalreporter.write_line(f"SKIPPED {where}: {reason}")
+
+
+def _fresh_seed() -> int:
+    return int(os.environ.get("SPARKINFER_TEST_SEED") or secrets.randbits(32))
+
+
+@pytest.fixture
+def rng(request):
+    """A numpy Generator with a fresh random seed (``SPARKINFER_TEST_SEED=N`` fixes it): for tests without
+    hypothesis (those draw their seeds with hypothesis, which prints them on failure). A failing test's report
+    names the seed (:func:`pytest_runtest_makereport`), so every failure can be replayed."""
+    seed = _fresh_seed()
+    request.node.user_properties.append(("rng_seed", seed))
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="module")
+def module_rng(request):
+    """:func:`rng` for module-scoped fixtures (a synthetic model shared by a file's tests); the seed is reported
+    with every failing test of the module."""
+    seed = _fresh_seed()
+    request.module.__dict__.setdefault("_module_rng_seeds", []).append(seed)
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        seeds = [v for k, v in item.user_properties if k == "rng_seed"]
+        seeds += list(getattr(getattr(item, "module", None), "_module_rng_seeds", []))
+        for value in seeds:
+            rep.sections.append(("rng seed", f"random seed {value}: rerun with SPARKINFER_TEST_SEED={value}"))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,17 @@
 #   run carry=[.gpuhost/mK] (K=0..)      : bash tools/gpu_session.sh take .gpuhost/mK      (only for the real Gemma)
 #   run                                  : bash tools/gpu_session.sh [tests] [newgpu] [e2e] [bench30b_pp] [sanitizer] ...
 # (tools/gpu_quick.sh is the one-call subset: precompile, new-kernel/prefill/decode tests, 30B bench vs llama.cpp.)
+#   run                                  : PRECOMPILE=0 bash tools/gpu_session.sh gates
 # Results land in $OUT (log, JSON) and the last lines printed are the summary table.
+#
+# gates (issue 11) = gates_tests + gates_mutation + gates_sanitizer, each also a phase of its own (a call is limited
+# to 10 minutes: if `gates` does not fit, run `gates_tests` and then `gates_mutation gates_sanitizer`):
+#   gates_tests     every GPU test (pytest -m gpu, xdist -n ${XDIST:-12}: kernels compile in parallel; no -x, so the
+#                   table counts every failure), the end-to-end f32/int8 gates included
+#   gates_mutation  the mutation table (tests/mutation: CPU numpy emulations judged by the checks the GPU tests
+#                   apply; no GPU part: an injected GPU bug would need a kernel edit), kill rate in the summary
+#   gates_sanitizer compute-sanitizer memcheck and racecheck, each on a tiny qwen3moe and a tiny gemma3 decode whose
+#                   prompt goes through one batched prefill chunk (synthetic models, kernels from the disk cache)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -33,6 +43,9 @@ if [ -f /tmp/gpumodel/llama.cpp-0c1e570-cuda13-sm90.tar.xz ] && [ ! -x /tmp/llam
 fi
 [ -f "$GEMMA" ] && export SPARKINFER_GEMMA3_GGUF=$GEMMA
 phases=("$@"); [ ${#phases[@]} -eq 0 ] && phases=(tests micro)
+expanded=(); for ph in "${phases[@]}"; do
+  if [ "$ph" = gates ]; then expanded+=(gates_tests gates_mutation gates_sanitizer); else expanded+=("$ph"); fi
+done; phases=("${expanded[@]}")
 # fill the kernel disk cache with parallel compiles first (every phase below then loads objects in ~1 ms each)
 [ "${PRECOMPILE:-1}" = 1 ] && timeout 300 python3 tools/precompile.py 2>&1 | tail -5
 summary=()
@@ -132,6 +145,30 @@ for ph in "${phases[@]}"; do
     LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
     python3 -m sparkinfer_cute.bench "$GEMMA" --prompt-len 512 --gen 128 --runs 5 "${LBARG[@]}" --json "$OUT/bench_gemma.json" --log "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench_gemma.log" | tail -16
     add "gemma bench" "see bench_gemma.log" ;;
+  gates_tests)
+    timeout "${T_GATES_TESTS:-420}" python3 -m pytest -q -m gpu -n "${XDIST:-12}" -p no:cacheprovider tests \
+      --junitxml="$OUT/gates_tests.xml" > "$OUT/gates_tests.log" 2>&1; rc=$?
+    grep -E "^(FAILED|ERROR)|gate: " "$OUT/gates_tests.log" | head -40; tail -3 "$OUT/gates_tests.log"
+    add "GPU tests, all (pytest -m gpu)" "rc=$rc $(tail -1 "$OUT/gates_tests.log")" ;;
+  gates_mutation)
+    timeout "${T_GATES_MUTATION:-240}" python3 -m pytest -q tests/mutation -p no:cacheprovider > "$OUT/mutation.log" 2>&1; rc=$?
+    sed -n '/mutation check (tests\/mutation)/,$p' "$OUT/mutation.log" | head -40
+    add "mutation table (CPU, tests/mutation)" "rc=$rc $(grep -E '^kill rate' "$OUT/mutation.log" | cut -c1-40)" ;;
+  gates_sanitizer)
+    python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset tiny -o /tmp/qwen_tiny.gguf --seed 2 >/dev/null 2>&1
+    python3 -m sparkinfer_cute.gguf.synth --arch gemma3 --preset tiny -o /tmp/gemma_tiny.gguf --seed 2 >/dev/null 2>&1
+    PROMPT="The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door."
+    for m in qwen_tiny gemma_tiny; do  # warm the kernel disk cache outside the sanitizer (compiles are slow there)
+      timeout 240 python3 -m sparkinfer_cute.run /tmp/$m.gguf -p "$PROMPT" -n 4 --backend gpu --no-progress > /dev/null 2>&1
+    done
+    for tool in memcheck racecheck; do
+      for m in qwen_tiny gemma_tiny; do
+        timeout "${T_SANITIZER:-150}" compute-sanitizer --tool $tool --print-limit 20 \
+          python3 -m sparkinfer_cute.run /tmp/$m.gguf -p "$PROMPT" -n 4 --backend gpu --no-progress > "$OUT/$tool.$m.log" 2>&1
+        rc=$?; tail -4 "$OUT/$tool.$m.log"
+        add "compute-sanitizer $tool ($m)" "rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.$m.log" | tail -1)"
+      done
+    done ;;
   *) echo "unknown phase $ph" ;;
   esac
 done

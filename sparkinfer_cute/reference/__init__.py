@@ -26,9 +26,11 @@ _BY_ARCH: dict[str, type[ReferenceModel]] = {
 
 
 def load_reference(
-    path_or_gguf: GGUFFile | str | os.PathLike, dtype=np.float32, max_context: int | None = None, **kwargs
+    path_or_gguf: GGUFFile | str | os.PathLike, dtype=np.float32, max_context: int | None = None, act_q8_1=(),
+    **kwargs
 ) -> ReferenceModel:
-    """Open (if given a path) a GGUF file and build the reference model of its architecture."""
+    """Open (if given a path) a GGUF file and build the reference model of its architecture. ``act_q8_1``: tensor
+    names whose matmuls round their activations to q8_1 like the GPU's int8 kernels (:class:`ReferenceModel`)."""
     g = path_or_gguf if isinstance(path_or_gguf, GGUFFile) else GGUFFile(path_or_gguf)
     cls = _BY_ARCH.get(g.architecture)
     if cls is None:
@@ -37,7 +39,15 @@ def load_reference(
             f"no reference forward for architecture {g.architecture!r} "
             f"(supported: {', '.join(sorted(_BY_ARCH))})",
         )
-    return cls(g, dtype=dtype, max_context=max_context, **kwargs)
+    m = cls(g, dtype=dtype, max_context=max_context, **kwargs)
+    names = frozenset(act_q8_1)
+    if names and m.emulate_cpu:
+        raise ValueError("act_q8_1 (the GPU's int8 activation rounding) and emulate_cpu (llama.cpp's) exclude each other")
+    unknown = sorted(n for n in names if n not in g.tensors)
+    if unknown:
+        raise ValueError(f"act_q8_1 names tensors the file does not have: {', '.join(unknown[:4])}")
+    m.act_q8_1 = names
+    return m
 
 
 __all__ = ["Gemma3Reference", "Gemma4Reference", "Qwen3MoeReference", "ReferenceModel", "load_reference", "metrics", "ops"]

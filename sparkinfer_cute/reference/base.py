@@ -138,6 +138,13 @@ class ReferenceModel:
     tiled kernel when >= 8 rows go to the expert, vec_dot below) and ``ggml_swiglu``: bit-identical residual stream
     on the synthetic Q4_K_M qwen3moe file (prefill 9/129 tokens and decode; tests/reference/test_models.py). Off by
     default: the default is exact float math on the dequantized weights (what the GPU path is gated against).
+
+    ``act_q8_1`` (attribute, default empty; ``load_reference(..., act_q8_1=names)``): the names of the tensors whose
+    matmuls see their activations rounded as the GPU's int8-activation kernels round them (q8_1: blocks of 32,
+    ``d = amax/127``, ``q = rint(x/d)``; :func:`ops.quantize_activation_q8_1`), the rest of the math staying exact.
+    With the set of matmuls a GPU build runs on int8 activations this is the reference that build is gated against
+    with a tight KL (tests/models/test_gpu_decode.py). A MoE layer's gate and up share one quantized input, named by
+    the gate (or fused gate_up) tensor. Not combinable with ``emulate_cpu`` (llama.cpp's own activation rounding).
     """
 
     arch: str = ""
@@ -170,6 +177,7 @@ class ReferenceModel:
         ctx_train = _cfg(c, "context_length", None) or _cfg(c, "n_ctx_train", None)
         self.max_context = int(max_context if max_context is not None else (ctx_train or 4096))
         self.emulate_cpu = bool(emulate_cpu)
+        self.act_q8_1: frozenset[str] = frozenset()
         self._weights: dict[str, np.ndarray] = {}
         self.reset()
 
@@ -299,7 +307,10 @@ class ReferenceModel:
 
     def act_for(self, x: np.ndarray, name: str) -> np.ndarray:
         """x as the matmul with tensor ``name`` sees it: unchanged, or with ``emulate_cpu`` rounded to the weight
-        type's ``vec_dot_type`` (Q8_K for K-quants, Q8_0 for the 32-blocks, fp16 for F16, unchanged for F32)."""
+        type's ``vec_dot_type`` (Q8_K for K-quants, Q8_0 for the 32-blocks, fp16 for F16, unchanged for F32); or, for
+        a tensor named in ``act_q8_1``, rounded to q8_1 as the GPU's int8-activation kernels round it."""
+        if name in self.act_q8_1:
+            return ops.quantize_activation_q8_1(x).astype(self.dtype, copy=False)
         if not self.emulate_cpu:
             return x
         t = self.g.tensor(name).ggml_type.name

@@ -197,14 +197,9 @@ def gemv_q8_error_bound(w_raw, qtype, x, ids=None, n_out=None, x_per_slot=False)
 def quantize_q8_1_ref(x: np.ndarray):
     """The q8_1 quantizer in f32 arithmetic like the kernel: returns (qs int8, d f32, s f32) per block of 32:
     ``d = amax / 127``, ``q = rint(x / d)``, ``s = d * sum(q)``."""
-    x = np.asarray(x, dtype=np.float32)
-    xb = x.reshape(*x.shape[:-1], -1, QK8_1)
-    amax = np.abs(xb).max(-1)
-    d = (amax / np.float32(127.0)).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.where(amax[..., None] > 0, np.rint(xb / d[..., None]), 0).astype(np.int8)
-    s = (d * q.astype(np.float32).sum(-1)).astype(np.float32)
-    return q.reshape(x.shape), d, s
+    q, d = ops.quantize_q8_1_blocks(x)
+    s = (d * q.reshape(*q.shape[:-1], -1, QK8_1).astype(np.float32).sum(-1)).astype(np.float32)
+    return q, d, s
 
 
 def dequantize_q8_1(qs, d) -> np.ndarray:
@@ -441,8 +436,294 @@ def attention_decode_ref(q, k_cache_dense, v_cache_dense, pos, scale: float, win
     return out
 
 
+
+# ---------------------------------------------------------------------------------------------- checks
+# The assertions the GPU kernel tests apply (tests/kernels/), as functions: the same check also judges numpy
+# emulations of deliberately broken kernels in tests/mutation/, so a bug it lets through there would pass the GPU
+# test too. Each raises AssertionError with the worst element and returns the worst ratio error / bound (<= 1).
+RMSNORM_TOL = 1e-5  # relative to max|ref| (derivation in tests/kernels/test_rmsnorm.py)
+ROUTE_TOL = 2e-5  # router weights, relative to max|ref| (derivation in tests/kernels/test_router.py)
+ATTENTION_REL_TOL = 1e-3  # attention output, relative to max|ref| (tests/kernels/test_attention_decode.py)
+
+
+class CheckFailed(AssertionError):
+    """A kernel check failed; ``ratio`` is by how much (error over bound; ``inf`` for NaN / poison left);
+    ``ratios``: every part of a two-part check (``tight`` / ``loose``), passed or not."""
+
+    def __init__(self, msg: str, ratio: float, ratios: dict | None = None):
+        super().__init__(msg)
+        self.ratio = float(ratio)
+        self.ratios = dict(ratios or {})
+
+
+def _two_part(parts: dict) -> dict:
+    """Run the named checks (zero-argument callables returning a ratio or raising :class:`CheckFailed`), all of
+    them; raise the first failure with every part's ratio attached, else return ``{name: ratio}``."""
+    ratios, first = {}, None
+    for name, fn in parts.items():
+        try:
+            ratios[name] = fn()
+        except CheckFailed as e:
+            ratios[name] = e.ratio
+            first = first or e
+    if first is not None:
+        raise CheckFailed(str(first), first.ratio, ratios)
+    return ratios
+
+
+def _no_nan(y, what):
+    nan = np.isnan(y)
+    if nan.any():
+        raise CheckFailed(f"{what}: {int(nan.sum())} of {y.size} elements NaN (unwritten: poison left, or computed)",
+                          np.inf)
+
+
+def check_within(y, ref, bound, what: str = "output") -> float:
+    """Assert that ``y`` holds no NaN (an element left at the 0xFF poison, or a NaN computed) and that
+    ``|y - ref| <= bound`` elementwise; return ``max |y - ref| / bound`` (raise :class:`CheckFailed` if > 1)."""
+    y = np.asarray(y, dtype=np.float64)
+    ref = np.broadcast_to(np.asarray(ref, dtype=np.float64), y.shape)
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), y.shape)
+    _no_nan(y, what)
+    if y.size == 0:
+        return 0.0
+    err = np.abs(y - ref)
+    ratio = err / np.maximum(bound, 1e-300)
+    worst = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+    if ratio[worst] > 1.0:
+        raise CheckFailed(f"{what}: error {err[worst]:.4g} > bound {bound[worst]:.4g} at {worst} "
+                          f"({ratio[worst]:.3g}x the bound)", ratio[worst])
+    return float(ratio[worst])
+
+
+def q8_1_dequantized(x) -> np.ndarray:
+    """``d*q`` of the q8_1 quantization of ``x`` (float64, exact): the activation a dp4a / int8-mma kernel
+    multiplies exactly (its integer dots are exact)."""
+    return ops.quantize_activation_q8_1(np.asarray(x, dtype=np.float32).astype(np.float64))
+
+
+def _gemv_any_ref(w_raw, qtype, x, ids, n_out, x_per_slot):
+    if ids is None:
+        return gemv_ref(w_raw, qtype, x)
+    return gemv_experts_ref(w_raw, qtype, x, ids, n_out, x_per_slot)
+
+
+def check_gemv(y, w_raw, qtype, x, ids=None, n_out=None, x_per_slot=False, resid=None) -> float:
+    """f32-activation GEMV (dense, or expert-indexed with ``ids``; ``resid``: ``out += W x`` in place) against the
+    float64 reference within :func:`gemv_error_bound` (plus one rounding of the residual add), and the spec's 1e-3
+    relative error."""
+    x2 = np.asarray(x, dtype=np.float32)
+    ref = _gemv_any_ref(w_raw, qtype, x2, ids, n_out, x_per_slot)
+    bound = gemv_error_bound(w_raw, qtype, x2, ids=ids, n_out=n_out, x_per_slot=x_per_slot)
+    if resid is not None:
+        ref = ref + np.asarray(resid, np.float64)
+        bound = bound + U * np.abs(ref)
+    ref, bound = ref.reshape(np.shape(y)), bound.reshape(np.shape(y))
+    r = check_within(y, ref, bound, "GEMV vs float64 W x")
+    # the spec's 1e-3 relative error (implied by the bound unless every output is ~0 by cancellation, in which case
+    # the bound is the meaningful check)
+    err = float(np.max(np.abs(np.asarray(y, np.float64) - ref))) if np.size(y) else 0.0
+    lim = max(1e-3 * float(np.abs(ref).max(initial=0.0)), float(bound.max(initial=0.0)))
+    if err > lim:
+        raise CheckFailed(f"GEMV: error {err:.4g} > 1e-3 max|ref| ({lim:.4g})", err / lim)
+    return r
+
+
+def check_gemv_q8(y, w_raw, qtype, x, ids=None, n_out=None, x_per_slot=False, resid=None) -> dict:
+    """int8-activation (dp4a) GEMV, two checks:
+
+    * **tight**: against the float64 GEMV of the *same* q8_1-quantized activations ``xhat = d*q`` within the f32
+      GEMV bound evaluated at ``xhat``. Derivation: the kernel's integer dots ``sum q_w q_x`` are exact, so its result
+      is ``W xhat`` up to the f32 roundings of the per-group scaling (``scale_w * d_x * dot - min_w * s_x``: <= 4
+      roundings per group) and of the sum over the ``n_in/g`` groups (g = 4..32 elements), i.e. <= (n_in/g + 5) u
+      sum_i A_i |xhat_i| <= (n_in + 8) u sum_i A_i |xhat_i| = :func:`gemv_error_bound` at ``xhat`` (A: the
+      per-weight magnitude of :func:`weight_magnitude_f64`). ~2.5e-4 * sum|A xhat| for n_in = 2048: a zeroed
+      32-element block or one dropped input in 64 moves most rows by ~sqrt(32) |w x|, far outside.
+    * **loose**: against the float64 GEMV of the f32 ``x`` within :func:`gemv_q8_error_bound` (the activation
+      quantization error, d/2 per element, plus the f32 bound): only says the quantization itself is right-sized.
+
+    Returns ``{"tight": ratio, "loose": ratio}``."""
+    x2 = np.asarray(x, dtype=np.float32).reshape(-1, np.shape(x)[-1])
+    xhat = q8_1_dequantized(x2)
+    shape = np.shape(y)
+    add = 0.0 if resid is None else np.asarray(resid, np.float64)
+    ref_t = (_gemv_any_ref(w_raw, qtype, xhat, ids, n_out, x_per_slot) + add).reshape(shape)
+    b_t = gemv_error_bound(w_raw, qtype, xhat, ids=ids, n_out=n_out, x_per_slot=x_per_slot).reshape(shape)
+    ref_l = (_gemv_any_ref(w_raw, qtype, x2, ids, n_out, x_per_slot) + add).reshape(shape)
+    b_l = gemv_q8_error_bound(w_raw, qtype, x2, ids=ids, n_out=n_out, x_per_slot=x_per_slot).reshape(shape)
+    if resid is not None:
+        b_t, b_l = b_t + U * np.abs(ref_t), b_l + U * np.abs(ref_l)
+    return _two_part({"tight": lambda: check_within(y, ref_t, b_t, "dp4a GEMV vs float64 W q8_1(x) (tight)"),
+                      "loose": lambda: check_within(y, ref_l, b_l, "dp4a GEMV vs float64 W x (q8_1 bound)")})
+
+
+def moe_gate_up_bound(w_gate, w_up, qtype, h, ids, n_ff: int):
+    """(reference, bound) of the f32 gate/up + SwiGLU kernel on activation ``h``: g and u are GEMV rows, each
+    within the GEMV bound B, so |silu(g)u - silu(g*)u*| <= |silu'| B_g |u*| + |silu(g*)| B_u + second-order and
+    the exp approximation (~2^-22 relative), |silu'| <= 1.1; the bound is twice the first-order terms (slack for the
+    rest) + 1e-6 relative."""
+    h2 = np.asarray(h, np.float64).reshape(1, -1)
+    ref = moe_gate_up_ref(w_gate, w_up, qtype, h2[0], ids, n_ff)
+    gr = gemv_experts_ref(w_gate, qtype, h2, ids, n_ff)
+    ur = gemv_experts_ref(w_up, qtype, h2, ids, n_ff)
+    bg = gemv_error_bound(w_gate, qtype, h2, ids=ids, n_out=n_ff)
+    bu = gemv_error_bound(w_up, qtype, h2, ids=ids, n_out=n_ff)
+    bound = 2 * (1.1 * bg * (np.abs(ur) + bu) + np.abs(ops.silu(gr)) * bu) + 1e-6 * np.abs(ref) + 1e-30
+    return ref, bound
+
+
+def moe_down_bound(w_down, qtype, act, ids, weights, n_out: int, resid=None):
+    """(reference, bound) of the f32 down + weighted-sum kernel: a weighted sum of k GEMV rows, bound
+    ``sum_j |w_j| B_j + (k + 2) u (sum_j |w_j| |d_j| + |resid|)``."""
+    act = np.asarray(act, np.float64)
+    w = np.asarray(weights, np.float64).reshape(-1)
+    k = w.shape[0]
+    ref = moe_down_ref(w_down, qtype, act, ids, w, n_out, resid)
+    per = gemv_experts_ref(w_down, qtype, act, ids, n_out, x_per_slot=True)
+    bj = gemv_error_bound(w_down, qtype, act, ids=ids, n_out=n_out, x_per_slot=True)
+    bound = (np.abs(w)[:, None] * bj).sum(0) + (k + 2) * U * (
+        (np.abs(w)[:, None] * (np.abs(per) + bj)).sum(0) + (0.0 if resid is None else np.abs(resid)))
+    return ref, bound
+
+
+def check_moe_gate_up(act, w_gate, w_up, qtype, h, ids, n_ff: int, q8: bool = False):
+    """The MoE gate/up + SwiGLU kernel (``act`` [k, n_ff]; pass the separate gate and up tensors even when the
+    kernel ran the fused layout). f32 path: :func:`moe_gate_up_bound` at ``h``, returns the ratio. ``q8``: tight =
+    the same bound around the reference on ``q8_1(h)`` (the integer dots are exact: see :func:`check_gemv_q8`),
+    loose = around the reference on ``h`` with the q8_1 GEMV bounds; returns ``{"tight", "loose"}``."""
+    h = np.asarray(h, np.float32).reshape(-1)
+    if not q8:
+        ref, bound = moe_gate_up_bound(w_gate, w_up, qtype, h, ids, n_ff)
+        return check_within(act, ref, bound, "MoE gate/up vs float64")
+    ref_t, bound_t = moe_gate_up_bound(w_gate, w_up, qtype, q8_1_dequantized(h[None])[0], ids, n_ff)
+    h2 = h[None]
+    ref = moe_gate_up_ref(w_gate, w_up, qtype, h, ids, n_ff)
+    gr = gemv_experts_ref(w_gate, qtype, h2, ids, n_ff)
+    ur = gemv_experts_ref(w_up, qtype, h2, ids, n_ff)
+    bg = gemv_q8_error_bound(w_gate, qtype, h2, ids=ids, n_out=n_ff)
+    bu = gemv_q8_error_bound(w_up, qtype, h2, ids=ids, n_out=n_ff)
+    bound = 2 * (1.1 * bg * (np.abs(ur) + bu) + (np.abs(ops.silu(gr)) + 1.1 * bg) * bu) + 1e-6 * np.abs(ref) + 1e-30
+    return _two_part({
+        "tight": lambda: check_within(act, ref_t, bound_t, "dp4a MoE gate/up vs float64 on q8_1(h) (tight)"),
+        "loose": lambda: check_within(act, ref, bound, "dp4a MoE gate/up vs float64 on h (q8_1 bound)")})
+
+
+def check_moe_down(y, w_down, qtype, act, ids, weights, n_out: int, resid=None, q8: bool = False):
+    """The MoE down + weighted-sum kernel (``y`` [n_out]). f32 path: :func:`moe_down_bound`, returns the ratio.
+    ``q8`` (each slot's activation row quantized to q8_1): tight = the same bound around the reference on the
+    q8_1-dequantized rows, loose = around the reference on ``act`` with the q8_1 GEMV bounds; returns
+    ``{"tight", "loose"}``."""
+    act = np.asarray(act, np.float32)
+    if not q8:
+        ref, bound = moe_down_bound(w_down, qtype, act, ids, weights, n_out, resid)
+        return check_within(y, ref, bound, "MoE down vs float64")
+    ref_t, bound_t = moe_down_bound(w_down, qtype, q8_1_dequantized(act), ids, weights, n_out, resid)
+    w = np.asarray(weights, np.float64).reshape(-1)
+    k = w.shape[0]
+    ref = moe_down_ref(w_down, qtype, act, ids, w, n_out, resid)
+    per = gemv_experts_ref(w_down, qtype, act, ids, n_out, x_per_slot=True)
+    bj = gemv_q8_error_bound(w_down, qtype, act, ids=ids, n_out=n_out, x_per_slot=True)
+    bound = (np.abs(w)[:, None] * bj).sum(0) + (k + 2) * U * (
+        (np.abs(w)[:, None] * (np.abs(per) + bj)).sum(0) + (0.0 if resid is None else np.abs(resid)))
+    return _two_part({
+        "tight": lambda: check_within(y, ref_t, bound_t, "dp4a MoE down vs float64 on q8_1(act) (tight)"),
+        "loose": lambda: check_within(y, ref, bound, "dp4a MoE down vs float64 on act (q8_1 bound)")})
+
+
+def check_rel(y, ref, tol: float, what: str = "output") -> float:
+    """``max|y - ref| / max|ref| <= tol`` with no NaN in ``y``; returns the relative error over ``tol``."""
+    y = np.asarray(y, np.float64)
+    _no_nan(y, what)
+    e = rel_err(y, ref)
+    if e > tol:
+        raise CheckFailed(f"{what}: relative error {e:.4g} > {tol:g} ({e / tol:.3g}x)", e / tol)
+    return e / tol
+
+
+def check_rmsnorm(y, x, w=None, eps: float = 1e-6, residual=None, s=None) -> float:
+    """RMSNorm kernel output ``y`` within :data:`RMSNORM_TOL` of :func:`rmsnorm_ref`; with ``residual`` the norm
+    is of ``x + residual`` and the kernel's stored sum ``s`` must equal the f32 sum bit for bit."""
+    if residual is None:
+        return check_rel(y, rmsnorm_ref(x, w, eps), RMSNORM_TOL, "RMSNorm")
+    ref, sref = rmsnorm_residual_ref(x, residual, w, eps)
+    if s is not None:
+        s = np.asarray(s)
+        _no_nan(s.astype(np.float64), "residual sum x + r")
+        bad = s.view(np.uint32) != sref.astype(np.float32).view(np.uint32)
+        if bad.any():
+            raise CheckFailed(f"residual sum x + r: {int(bad.sum())} of {s.size} elements differ from the f32 sum",
+                              np.inf)
+    return check_rel(y, ref, RMSNORM_TOL, "RMSNorm of x + residual")
+
+
+def rope_error_bound(x, pos, n_rot: int, base: float, freq_factors=None) -> np.ndarray:
+    """Per-element bound of the RoPE kernels against :func:`rope_neox_ref` with ``f32_theta=True``: CUDA's powf is
+    documented <= 4 ulp and numpy's (libm) <= 1 ulp, plus the product and the freq-factor quotient roundings, so
+    theta may differ by <= 8 ulp(theta) -> |dy| <= (|x0| + |x1|) dtheta; precise sinf/cosf <= 2 ulp (<= 2.4e-7
+    absolute) and the two-term rotation in f32 adds ~3 ulp of max|x|. Shape ``[..., n_rot]``."""
+    x = np.asarray(x, np.float64)
+    half = n_rot // 2
+    ts = theta_scale_f32(base, n_rot)
+    theta32 = np.asarray(pos).astype(np.float32)[:, None] * np.power(ts, np.arange(half, dtype=np.float32),
+                                                                     dtype=np.float32)
+    if freq_factors is not None:
+        theta32 = theta32 / np.asarray(freq_factors, np.float32)[None, :]
+    dtheta = 8 * np.spacing(np.abs(theta32).astype(np.float32)).astype(np.float64)
+    amp = np.abs(x[..., :half]) + np.abs(x[..., half:n_rot])
+    b = amp * (dtheta[:, None, :] + 5e-7) + 4e-7 * np.abs(x).max()
+    return np.concatenate([b, b], axis=-1)
+
+
+def check_rope(y, x, pos, n_rot: int, base: float, freq_factors=None) -> float:
+    """NEOX RoPE kernel output (``[n_tokens, n_heads, head_dim]``): pass-through dims bit-identical, rotated dims
+    within :func:`rope_error_bound` of the f32-theta float64 reference."""
+    y, x = np.asarray(y), np.asarray(x)
+    if not np.array_equal(y[..., n_rot:], x[..., n_rot:]):
+        raise CheckFailed("RoPE pass-through dims changed", np.inf)
+    ref = rope_neox_ref(x, pos, n_rot=n_rot, base=base, freq_factors=freq_factors, f32_theta=True)
+    return check_within(y[..., :n_rot], ref[..., :n_rot], rope_error_bound(x, pos, n_rot, base, freq_factors),
+                        "RoPE vs float64 (f32 theta)")
+
+
+def check_route(ids, weights, logits, k: int, norm_topk: bool = True) -> float:
+    """Router kernel (softmax -> top-k -> renormalize): ids equal to :func:`route_ref`'s (stable order on the exact
+    f32 logits), weights within :data:`ROUTE_TOL` relative."""
+    ids = np.asarray(ids)
+    if (ids == -1).any():
+        raise CheckFailed("router ids: poison left (-1)", np.inf)
+    ref_ids, ref_w = route_ref(logits, k, norm_topk)
+    if not np.array_equal(ids.reshape(ref_ids.shape), ref_ids):
+        raise CheckFailed(f"router ids {ids.reshape(ref_ids.shape).tolist()} != {ref_ids.tolist()}", np.inf)
+    return check_rel(np.asarray(weights).reshape(ref_w.shape), ref_w, ROUTE_TOL, "router weights")
+
+
+def check_attention_counts(lse_part, out, v_dense, pos: int, window: int, ranges, n_head: int) -> None:
+    """The q = 0 attention check: every visible key gets weight 1, so split ``s`` (key range ``ranges[s]``) has
+    LSE ``log(#keys)`` (``-inf`` when empty) and the output is the mean of the visible V rows (GQA-repeated to
+    ``n_head`` heads). A skipped, doubled or misplaced key changes a count by 1, i.e. the LSE by >= 1/#keys and the
+    mean by ~|v|/#keys (>= 1e-3 up to thousands of keys: far above the 1e-5 / 1e-4 tolerances, which cover f32
+    sums of ~1000 terms of |v| ~ 1)."""
+    lse_part = np.asarray(lse_part, np.float64)  # [n_head, S]
+    for s, (b, e) in enumerate(ranges):
+        n = max(0, e - b)
+        if n == 0:
+            if not np.all(lse_part[:, s] == -np.inf):
+                raise CheckFailed(f"split {s}: empty, LSE {lse_part[:, s]}", np.inf)
+        else:
+            err = float(np.max(np.abs(lse_part[:, s] - np.log(n))))
+            if not err <= 1e-5:
+                raise CheckFailed(f"split {s}: LSE off log({n} keys) by {err:.3g}", err / 1e-5)
+    lo = 0 if window == 0 else max(0, pos - window + 1)
+    v = np.asarray(v_dense, np.float64)[lo:pos + 1]
+    mean_v = np.repeat(v.mean(axis=0), n_head // v.shape[1], axis=0)
+    check_rel(out, mean_v, 1e-4, "attention with q = 0 (mean of the visible V rows)")
+
 __all__ = [
-    "QK8_1", "U", "argmax_ref", "attention_decode_ref", "block_shape", "dequant_rows_f64", "dequantize_q8_1",
+    "ATTENTION_REL_TOL", "CheckFailed", "QK8_1", "RMSNORM_TOL", "ROUTE_TOL", "U", "argmax_ref",
+    "check_attention_counts",
+    "check_gemv", "check_gemv_q8", "check_moe_down", "check_moe_gate_up", "check_rel", "check_rmsnorm",
+    "check_rope", "check_route", "check_within", "moe_down_bound", "moe_gate_up_bound", "q8_1_dequantized",
+    "rope_error_bound", "attention_decode_ref", "block_shape", "dequant_rows_f64", "dequantize_q8_1",
     "dequantize_ref", "embedding_ref", "expert_bytes", "f16_ulp_distance", "gemv_error_bound", "gemv_experts_ref",
     "gemv_q8_error_bound", "gemv_ref", "glu_ref", "kv_cache_append_ref", "moe_down_ref", "moe_ffn_ref",
     "moe_gate_up_ref", "qk_norm_rope_kv_ref", "qtype_name", "quantize_q8_1_ref", "random_quant_bytes", "rel_err",

@@ -297,6 +297,30 @@ def quantize_q8_0_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, d.astype(np.float16).astype(np.float32)
 
 
+def quantize_q8_1_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The GPU's q8_1 activation quantizer (``sparkinfer_cute/kernels/q8_1.py``; not a llama.cpp CPU rounding):
+    blocks of 32 along the last axis, in f32 arithmetic like the kernel, ``d = amax / 127``, ``q = rint(x / d)``
+    (round half to even), ``q = 0`` for an all-zero block. Returns ``q`` (same shape as x, int8) and ``d``
+    (…, n/32) float32."""
+    x32 = np.asarray(x, dtype=np.float32)
+    b = x32.reshape(*x32.shape[:-1], -1, 32)
+    amax = np.abs(b).max(-1)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(amax[..., None] > 0, np.rint(b / d[..., None]), 0).astype(np.int8)
+    return q.reshape(x32.shape), d
+
+
+def quantize_activation_q8_1(x: np.ndarray) -> np.ndarray:
+    """Activations as the GPU's int8 (dp4a / int8 mma) kernels see them: :func:`quantize_q8_1_blocks`, returned
+    dequantized (``d·q``, exact in float64) in the input dtype. The reference forwards use it for the matmuls named
+    in ``ReferenceModel.act_q8_1`` (the GPU build's int8-activation matmuls)."""
+    dt = _float_dtype(x)
+    q, d = quantize_q8_1_blocks(x)
+    qb = q.astype(np.float64).reshape(*q.shape[:-1], -1, 32)
+    return (qb * d.astype(np.float64)[..., None]).reshape(q.shape).astype(dt)
+
+
 def rmsnorm_llama_cpu(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
     """:func:`rmsnorm` as ``ggml_compute_forward_rms_norm_f32`` rounds it: each square ``x·x`` is a float product
     (rounded to f32) before it is added to the double sum; then ``mean`` (f32), ``1/sqrtf(mean + eps)``, ``x·scale``

@@ -31,16 +31,15 @@ def _run(tmp_path, name, argv) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, module_rng):
     p = tmp_path_factory.mktemp("acc") / "tiny_gemma3.gguf"
-    write_synthetic(str(p), arch="gemma3", preset="tiny", seed=int(np.random.default_rng().integers(1 << 16)))
+    write_synthetic(str(p), arch="gemma3", preset="tiny", seed=int(module_rng.integers(1 << 16)))
     return str(p)
 
 
-def test_fixture_first_position_synthetic(tiny, tmp_path):
+def test_fixture_first_position_synthetic(tiny, tmp_path, rng):
     """A fixture recorded from the exact CPU reference on fresh random tokens, scoring from a random ``first``:
     aligned, the CPU backend (exact numerics) agrees at every position; with ``first`` off by one it fails."""
-    rng = np.random.default_rng()
     n_tok, first = 48, int(rng.integers(8, 24))
     ref = load_reference(tiny, max_context=n_tok + 1)
     tokens = rng.integers(0, ref.vocab_size, size=n_tok).tolist()

@@ -16,9 +16,9 @@ from sparkinfer_cute.reference import load_reference
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, module_rng):
     p = tmp_path_factory.mktemp("run") / "tiny_gemma3.gguf"
-    write_synthetic(str(p), arch="gemma3", preset="tiny", seed=int(np.random.default_rng().integers(1 << 16)))
+    write_synthetic(str(p), arch="gemma3", preset="tiny", seed=int(module_rng.integers(1 << 16)))
     return str(p)
 
 
@@ -35,12 +35,11 @@ def test_default_is_exact_and_preloaded(tiny):
     assert "dequantized to float32 at load" in eng.backend_note
 
 
-def test_chunked_prefill_matches_one_forward(tiny):
+def test_chunked_prefill_matches_one_forward(tiny, rng):
     """A prompt longer than the chunk runs in pieces; the logits are those of one forward over the whole prompt, and
     the next decode step continues from the same cache. Not bit for bit: a different BLAS blocking changes float32
     last bits, which the fp16 KV cache can round to a whole fp16 step (measured: ~1e-4 of the logit range); a
     chunking bug (positions, mask, cache offsets) moves logits by O(1)."""
-    rng = np.random.default_rng()
     eng = Engine(tiny, backend_name="cpu", max_context=128, progress=True)
     b = eng.backend
     b.chunk = int(rng.integers(3, 9))

@@ -90,9 +90,8 @@ def test_random_blocks_finite_scales_bit_exact(case):
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_shapes_1d_and_leading_dims(qtype):
+def test_shapes_1d_and_leading_dims(qtype, rng):
     be, bb = QUANT_BLOCK[qtype]
-    rng = np.random.default_rng()
     raw = rng.integers(0, 256, size=(2, 3, 4 * bb), dtype=np.uint8)
     ref = gguf_ref(raw, qtype)
     out = dequantize(raw, qtype)
@@ -107,8 +106,8 @@ def test_shapes_1d_and_leading_dims(qtype):
     assert_bit_exact(dequantize_rows(flat, idx, qtype), ref.reshape(6, -1)[idx], "rows")
 
 
-def test_float_inputs_are_reinterpreted_as_bytes():
-    x = np.random.default_rng().standard_normal((3, 8)).astype(np.float32)
+def test_float_inputs_are_reinterpreted_as_bytes(rng):
+    x = rng.standard_normal((3, 8)).astype(np.float32)
     assert np.array_equal(dequantize(x, Q.F32), x)
     h = x.astype(np.float16)
     assert np.array_equal(dequantize(h, Q.F16), h.astype(np.float32))

@@ -66,9 +66,9 @@ def write_small_gguf(
 
 
 @pytest.fixture
-def small(tmp_path):
+def small(tmp_path, rng):
     p = tmp_path / "small.gguf"
-    arrays = write_small_gguf(p, np.random.default_rng())
+    arrays = write_small_gguf(p, rng)
     return p, arrays
 
 
@@ -120,9 +120,9 @@ def test_agrees_with_gguf_py_reader(small):
     touch_everything(g)
 
 
-def test_custom_alignment(tmp_path):
+def test_custom_alignment(tmp_path, rng):
     p = tmp_path / "a.gguf"
-    arrays = write_small_gguf(p, np.random.default_rng(), alignment=64)
+    arrays = write_small_gguf(p, rng, alignment=64)
     g = GGUFFile(p)
     assert g.alignment == 64 and g.data_offset % 64 == 0
     assert all((t.offset - g.data_offset) % 64 == 0 for t in g.tensors.values())

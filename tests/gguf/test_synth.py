@@ -265,10 +265,9 @@ def test_tiny_file_weight_scales(tiny_files, arch, preset):
         np.testing.assert_array_equal(g.dequant(name), ref)
 
 
-def test_router_logits_are_not_degenerate(tiny_files):
+def test_router_logits_are_not_degenerate(tiny_files, rng):
     g = GGUFFile(tiny_files[("qwen3moe", "tiny")])
     wr = g.dequant("blk.0.ffn_gate_inp.weight").astype(np.float64)  # (n_expert, n_embd)
-    rng = np.random.default_rng()
     h = rng.standard_normal((256, wr.shape[1]))  # RMS-1 inputs, as after ffn_norm
     r = h @ wr.T
     p = np.exp(r - r.max(1, keepdims=True))

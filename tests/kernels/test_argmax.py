@@ -33,9 +33,9 @@ def _run(lg, workspace=None):
 @settings(max_examples=25, deadline=None)
 @given(vocab=st.one_of(st.sampled_from([151936, 262144, 1536, 2048, 4096]),
                        st.integers(1, 20000).map(lambda n: 4 * n)),
-       rows=st.integers(1, 8), ties=st.booleans())
-def test_argmax(vocab, rows, ties):
-    rng = np.random.default_rng()
+       rows=st.integers(1, 8), ties=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_argmax(vocab, rows, ties, seed):
+    rng = np.random.default_rng(seed)
     lg = (rng.standard_normal((rows, vocab)) * 5).astype(np.float32)
     if ties:  # plant the same maximum at 2-3 places per row; the lowest index must win
         for r in range(rows):
@@ -45,11 +45,11 @@ def test_argmax(vocab, rows, ties):
 
 
 @pytest.mark.gpu
-def test_argmax_edge_rows_and_workspace():
+def test_argmax_edge_rows_and_workspace(rng):
     from sparkinfer_cute.runtime import Workspace
 
     v = 151936
-    lg = np.random.default_rng().standard_normal((4, v)).astype(np.float32)
+    lg = rng.standard_normal((4, v)).astype(np.float32)
     lg[0, :] = 1.0                 # all equal -> 0
     lg[1, -1] = 1e30               # last element
     lg[2, :] = -np.inf
@@ -63,6 +63,6 @@ def test_argmax_edge_rows_and_workspace():
 
 
 @pytest.mark.gpu
-def test_argmax_numpy_path():
-    lg = np.random.default_rng().standard_normal(262144).astype(np.float32)
-    assert argmax(lg).tolist() == [int(np.argmax(lg))]
+def test_argmax_numpy_path(rng):
+    lg = rng.standard_normal(262144).astype(np.float32)
+    assert argmax(lg, out=poisoned((1,), np.int32)).tolist() == [int(np.argmax(lg))]

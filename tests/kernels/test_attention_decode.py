@@ -30,15 +30,14 @@ from sparkinfer_cute.kernels.attention_decode import (
     MODEL_CONFIGS,
     AttentionDecodeSplitKV,
     attention_decode,
-    compile_attention_combine,
-    compile_attention_decode,
     fused_counter_count,
     split_kv_ranges,
 )
-from sparkinfer_cute.reference.kernel_refs import attention_decode_ref
+from sparkinfer_cute.reference.kernel_refs import ATTENTION_REL_TOL, attention_decode_ref, check_attention_counts
 from sparkinfer_cute.kernels.paged_kv import gather_dense, scatter_dense
 
-REL_TOL = 1e-3
+REL_TOL = ATTENTION_REL_TOL
+assert REL_TOL == 1e-3
 
 
 def rel_err(x, ref) -> float:
@@ -201,22 +200,6 @@ def test_model_configs_fit_smem_budget(name):
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
-def test_compile_model_configs_sm120a(name):
-    c = MODEL_CONFIGS[name]
-    with arch.target("sm_120a"):
-        assert compile_attention_decode.uncached(**c, softcap=False) is not None
-        assert compile_attention_combine.uncached(c["n_head"], c["head_dim"], c["num_splits"]) is not None
-
-
-@pytest.mark.parametrize("target", ["sm_121a", "sm_90a"])
-def test_compile_other_targets(target):
-    with arch.target(target):
-        assert compile_attention_decode.uncached(16, 2, 512, 64, 64, softcap=True) is not None
-        assert compile_attention_decode.uncached(32, 4, 128, 64, 32, softcap=False) is not None
-        assert compile_attention_combine.uncached(32, 128, 32) is not None
-
-
-@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
 def test_fused_combine_config(name):
     c = MODEL_CONFIGS[name]
     k = AttentionDecodeSplitKV(c["n_head"], c["n_kv_head"], c["head_dim"], c["page_size"], c["num_splits"], False,
@@ -227,15 +210,6 @@ def test_fused_combine_config(name):
     assert fused_counter_count(c["n_head"], c["n_kv_head"], c["head_dim"], batch=3) == 3 * k.n_counters_per_seq
     assert k.n_head_tiles * k.heads_per_cta * c["n_kv_head"] == c["n_head"]
     assert fused_counter_count(c["n_head"], c["n_kv_head"], c["head_dim"]) <= c["n_head"]  # documented bound
-
-
-@pytest.mark.parametrize("target", ["sm_120a", "sm_121a", "sm_90a"])
-def test_compile_fused_combine(target):
-    with arch.target(target):
-        for name in ("qwen3moe-30b-a3b", "tiny", "gemma4-26b-a4b-full"):
-            c = MODEL_CONFIGS[name]
-            assert compile_attention_decode.uncached(**c, softcap=False, fused_combine=True) is not None
-        assert compile_attention_decode.uncached(**MODEL_CONFIGS["tiny"], softcap=True, fused_combine=True)
 
 
 # ---------------------------------------------------------------------------------------------- GPU tests
@@ -289,7 +263,8 @@ def test_attention_decode_gpu_matches_reference(data):
 @pytest.mark.parametrize("D", [64, 128, 256, 512])
 def test_attention_decode_gpu_counts_every_key_once(D):
     """q = 0: every visible key gets weight 1, so each split's LSE is log(#keys in its range) and its O is the mean
-    of its V rows: a skipped, doubled or misplaced key changes the count."""
+    of its V rows: a skipped, doubled or misplaced key changes the count (kernel_refs.check_attention_counts; the
+    random-q test's 1e-3 relative tolerance cannot see one key of small weight among thousands)."""
     from sparkinfer_cute.runtime import DeviceArray
 
     rng = np.random.default_rng(D)
@@ -299,21 +274,14 @@ def test_attention_decode_gpu_counts_every_key_once(D):
         q = np.zeros((1, H, D), np.float32)
         o_part = DeviceArray.empty((1, H, S, D), np.float32).fill_bytes(0xFF)
         lse_part = DeviceArray.empty((1, H, S), np.float32).fill_bytes(0xFF)
-        out = attention_decode(q, DeviceArray.from_numpy(k_pool), DeviceArray.from_numpy(v_pool), table,
-                               np.array([pos], np.int32), scale=1.0, window=window, num_splits=S,
-                               o_partial=o_part, lse_partial=lse_part)
-        lse = lse_part.to_numpy()[0]
-        for s, (b, e) in enumerate(split_kv_ranges(pos, window, S)):
-            n = max(0, e - b)
-            if n == 0:
-                assert np.all(lse[:, s] == -np.inf)
-            else:
-                np.testing.assert_allclose(lse[:, s], math.log(n), atol=1e-5)
-        lo = 0 if window == 0 else max(0, pos - window + 1)
-        mean_v = np.repeat(vs[0][lo:].astype(np.float64).mean(axis=0), H // KV, axis=0)
+        out = DeviceArray.empty((1, H, D), np.float32).fill_bytes(0xFF)
+        attention_decode(q, DeviceArray.from_numpy(k_pool), DeviceArray.from_numpy(v_pool), table,
+                         np.array([pos], np.int32), scale=1.0, window=window, num_splits=S,
+                         o_partial=o_part, lse_partial=lse_part, out=out)
         # f32 sums of ~chunk values of |v| ~ 1 against a mean of size ~1/sqrt(n): ~1e-5 relative at worst; a missed
         # key moves the mean by ~|v|/n, i.e. >= 1e-2 relative here.
-        assert rel_err(out[0], mean_v) <= 1e-4
+        check_attention_counts(lse_part.to_numpy()[0], out.to_numpy()[0], vs[0], pos, window,
+                               split_kv_ranges(pos, window, S), H)
 
 
 @pytest.mark.gpu
@@ -454,7 +422,7 @@ def test_fused_combine_bit_identical_to_two_kernels(data):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["qwen3moe-30b-a3b", "tiny", "gemma3-270m"])
-def test_fused_combine_graph_replay(name):
+def test_fused_combine_graph_replay(name, rng):
     """Two attention 'layers' sharing one zeroed counter buffer, fused, captured once and replayed 20x with new q
     and a moving pos: each replay must equal (bitwise) the eager two-kernel path on the same inputs, so every launch
     left its counters at 0 for the next."""
@@ -462,7 +430,6 @@ def test_fused_combine_graph_replay(name):
 
     c = MODEL_CONFIGS[name]
     H, KV, D, P, S = c["n_head"], c["n_kv_head"], c["head_dim"], c["page_size"], c["num_splits"]
-    rng = np.random.default_rng()
     n_ctx = 700
     stream = Stream()
     layers, layer_tables = [], []  # each layer: its own pools and its own shuffled page table
@@ -508,11 +475,10 @@ def test_fused_combine_graph_replay(name):
 
 
 @pytest.mark.gpu
-def test_fused_combine_workspace_counters():
+def test_fused_combine_workspace_counters(rng):
     """counters taken from a Workspace are zeroed when created there and stay zero across calls."""
     from sparkinfer_cute.runtime import DeviceArray, Workspace
 
-    rng = np.random.default_rng()
     H, KV, D, P, S = 8, 2, 128, 16, 5
     ws = Workspace()
     for pos in (10, 300, 301):

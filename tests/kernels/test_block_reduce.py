@@ -61,10 +61,9 @@ def test_block_reduce_probe_compiles(threads, target):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("threads", [32, 64, 96, 128, 256, 512, 1024])
-def test_every_thread_holds_the_block_total(threads):
+def test_every_thread_holds_the_block_total(threads, rng):
     from sparkinfer_cute.runtime import DeviceArray, default_stream
 
-    rng = np.random.default_rng()
     blocks = 5
     # small integers: every summation order gives the exact same f32 total, so all threads must agree bit for bit
     x = rng.integers(-1000, 1000, size=(blocks, threads)).astype(np.float32)

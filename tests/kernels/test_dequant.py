@@ -8,8 +8,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparkinfer_cute.kernels import arch
-from sparkinfer_cute.kernels.dequant import compile_dequant, dequantize
+from sparkinfer_cute.kernels.dequant import dequantize
 from sparkinfer_cute.reference.kernel_refs import dequantize_ref, random_quant_bytes
 from sparkinfer_cute.kernels.quant_decode import QTYPES, spec
 
@@ -51,18 +50,11 @@ def test_q6k_units_cover_block_exactly_once():
 
 
 @pytest.mark.parametrize("q", QTYPES)
-def test_random_blocks_are_finite(q):
-    raw = random_quant_bytes(q, 7, np.random.default_rng())
+def test_random_blocks_are_finite(q, rng):
+    raw = random_quant_bytes(q, 7, rng)
     assert raw.shape == (7, spec(q).block_bytes)
     y = dequantize_ref(raw, q)
     assert y.shape == (7 * spec(q).block_elems,) and np.isfinite(y).all()
-
-
-@pytest.mark.parametrize("target", arch.SUPPORTED_TARGETS)
-@pytest.mark.parametrize("q", ("Q4_0", "Q8_0", "Q4_K", "Q6_K"))
-def test_compiles_for_every_target(target, q):
-    with arch.target(target):
-        assert compile_dequant.uncached(q) is not None
 
 
 @pytest.mark.gpu
@@ -85,10 +77,12 @@ def test_dequant_bit_exact(q, n_blocks, seed):
 
 
 @pytest.mark.gpu
-def test_dequant_numpy_roundtrip_real_sizes():
-    rng = np.random.default_rng()
+def test_dequant_numpy_roundtrip_real_sizes(rng):
+    from sparkinfer_cute.runtime.testing import poisoned
+
     raw = random_quant_bytes("Q4_K", 2048 * 8, rng)  # a 2048 x 2048 Q4_K matrix
-    np.testing.assert_array_equal(dequantize(raw, "Q4_K").view(np.uint32), dequantize_ref(raw, "Q4_K").view(np.uint32))
+    y = dequantize(raw, "Q4_K", out=poisoned((2048 * 2048,)))
+    np.testing.assert_array_equal(y.view(np.uint32), dequantize_ref(raw, "Q4_K").view(np.uint32))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,8 +200,8 @@ def _decode_all(q, raw, mode, exact):
 
 @pytest.mark.parametrize("mode", ["unit", "slice"])
 @pytest.mark.parametrize("q", ALL)
-def test_float_decoders_match_gguf(emulated, q, mode):
-    raw = random_quant_bytes(q, 3, np.random.default_rng())
+def test_float_decoders_match_gguf(emulated, q, mode, rng):
+    raw = random_quant_bytes(q, 3, rng)
     ref = dequantize_ref(raw, q)
     y = _decode_all(q, raw, mode, exact=True)
     assert not np.isnan(y).any(), "element never decoded"
@@ -218,10 +212,10 @@ def test_float_decoders_match_gguf(emulated, q, mode):
 
 @pytest.mark.parametrize("mode", ["unit", "slice"])
 @pytest.mark.parametrize("q", qd.INT_QTYPES)
-def test_int_decoders_match_gguf(emulated, q, mode):
+def test_int_decoders_match_gguf(emulated, q, mode, rng):
     """Rebuild each weight from the dp4a groups: scale * (byte - off) - minc (the group's integer quants)."""
     sp = qd.spec(q)
-    raw = random_quant_bytes(q, 3, np.random.default_rng())
+    raw = random_quant_bytes(q, 3, rng)
     ref = dequantize_ref(raw, q).astype(np.float64)
     t = qd.Tiling(q, mode)
     y = np.full(ref.shape, np.nan)

@@ -90,8 +90,7 @@ def _scalar_ref(q, k, v, qn, kn, pos, n_rot, base, eps, q_scale, ff, v_norm):
 
 @pytest.mark.parametrize("use_norm,use_ff,v_norm,n_rot", [(True, False, False, 16), (True, True, True, 8),
                                                            (False, False, False, 12), (True, False, True, 16)])
-def test_reference_matches_scalar_loop(use_norm, use_ff, v_norm, n_rot):
-    rng = np.random.default_rng()
+def test_reference_matches_scalar_loop(use_norm, use_ff, v_norm, n_rot, rng):
     H, KV, D = 3, 2, 16
     q, k, v = (rng.standard_normal((n, D)) for n in (H, KV, KV))
     qn, kn = (rng.uniform(0.5, 1.5, D) if use_norm else None for _ in range(2))
@@ -303,14 +302,13 @@ def test_fused_matches_reference(group, KV, D, rot_frac, B, max_pos, has_qk_norm
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
-def test_model_configs_numpy_in_q_out_and_v_aliasing_k(name):
+def test_model_configs_numpy_in_q_out_and_v_aliasing_k(name, rng):
     """Registered configs, single token (2-D inputs), numpy inputs; q_out leaves q untouched; Gemma 4 full layers
     pass the raw K as V (v is k)."""
     from sparkinfer_cute.reference.kernel_refs import rel_err
     from sparkinfer_cute.runtime import DeviceArray
 
     c = MODEL_CONFIGS[name]
-    rng = np.random.default_rng()
     H, KV, D, n_rot, P = c["n_head"], c["n_kv_head"], c["head_dim"], c["n_rot"], c.get("page_size", 64)
     has_norm, v_norm = c.get("has_qk_norm", True), c.get("has_v_norm", False)
     ff = np.where(np.arange(n_rot // 2) < 64, 1.0, 1e30).astype(np.float32) if c.get("has_freq_factors") else None
@@ -342,7 +340,7 @@ def test_model_configs_numpy_in_q_out_and_v_aliasing_k(name):
 
 
 @pytest.mark.gpu
-def test_matches_unfused_kernels():
+def test_matches_unfused_kernels(rng):
     """Same result as rmsnorm_per_head + rope_neox + kv_cache_append (Qwen3-30B-A3B shape, q_scale 1). The unfused
     rope takes theta_scale**i from powf (CUDA <= 4 ulp) where this kernel uses binary exponentiation; both are
     within (3 i + 12) u + 4 u of the exact theta_i = pos ts^i (ts = 0.806), so at pos <= 100 they differ by
@@ -354,7 +352,6 @@ def test_matches_unfused_kernels():
     from sparkinfer_cute.kernels.rope import rope_neox
     from sparkinfer_cute.runtime import DeviceArray
 
-    rng = np.random.default_rng()
     H, KV, D, P = 32, 4, 128, 64
     q, k, v, pos, table, pages, k_pool, v_pool = _setup(rng, 1, H, KV, D, P, 100)
     qn, kn = (rng.uniform(0.5, 1.5, D).astype(np.float32) for _ in range(2))
@@ -374,11 +371,10 @@ def test_matches_unfused_kernels():
 
 
 @pytest.mark.gpu
-def test_position_is_read_from_device_in_graph_replay():
+def test_position_is_read_from_device_in_graph_replay(rng):
     from sparkinfer_cute.reference.kernel_refs import rel_err
     from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Stream
 
-    rng = np.random.default_rng()
     s = Stream()
     H, KV, D, P = 4, 1, 256, 16
     q0 = rng.standard_normal((1, H, D)).astype(np.float32)

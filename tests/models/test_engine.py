@@ -62,8 +62,7 @@ def test_context_overflow_is_a_clear_error(qwen_tiny):
         list(eng.generate([eng.cfg.vocab_size + 5], 1))
 
 
-def test_sampler_greedy_and_seeded():
-    rng = np.random.default_rng()
+def test_sampler_greedy_and_seeded(rng):
     logits = rng.standard_normal(1000)
     assert Sampler(SamplerConfig())(logits) == int(np.argmax(logits))
     a = [Sampler(SamplerConfig(0.8, 40, 0.9, seed=3))(logits) for _ in range(3)]

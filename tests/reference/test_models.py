@@ -71,10 +71,10 @@ def test_synthetic_matches_llamacpp_every_position(synth_files, arch):
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "gemma3"])
-def test_decode_equals_prefill(synth_files, arch):
+def test_decode_equals_prefill(synth_files, arch, rng):
     """Token-by-token decoding through the KV cache gives the prefill's logits (gemma3 tiny: window 32, so the
     sliding window is crossed)."""
-    tokens = np.random.default_rng().integers(0, 1000, 40)
+    tokens = rng.integers(0, 1000, 40)
     m = load_reference(synth_files[arch], dtype=np.float64)
     full = m.forward(tokens)
     assert m.pos == 40
@@ -102,12 +102,12 @@ def test_float32_close_to_float64(synth_files, seed):
     assert centered_logprob_rel_rms(a, b).max() < 1e-3
 
 
-def test_sliding_window_changes_only_far_positions(synth_files):
+def test_sliding_window_changes_only_far_positions(synth_files, rng):
     """gemma3 tiny has window 32: up to position 31 the window hides nothing, so the logits equal those of the same
     model with the window removed; from position 32 on the SWA layers drop keys and the logits must differ."""
     m = load_reference(synth_files["gemma3"], dtype=np.float64)
     assert isinstance(m, Gemma3Reference) and m.window == 32
-    tokens = np.random.default_rng().integers(0, 1000, 48)
+    tokens = rng.integers(0, 1000, 48)
     base = m.forward(tokens)
     m.reset()
     m.window = 10**9
@@ -126,9 +126,9 @@ def test_moe_experts_dequantized_lazily(synth_files):
     assert m.n_expert_used < m.n_expert
 
 
-def test_router_weights(synth_files):
+def test_router_weights(synth_files, rng):
     m = load_reference(synth_files["qwen3moe"], dtype=np.float64)
-    h = np.random.default_rng().standard_normal((6, m.n_embd))
+    h = rng.standard_normal((6, m.n_embd))
     sel, w = m.route(h, 0)
     logits = h @ m.g.dequant("blk.0.ffn_gate_inp.weight").T.astype(np.float64)
     p = np.exp(logits - logits.max(-1, keepdims=True))
@@ -183,14 +183,14 @@ def test_load_reference_rejects_unknown_arch(tmp_path):
         load_reference(p)
 
 
-def test_teacher_forced_compare_properties():
+def test_teacher_forced_compare_properties(rng):
     """Identical logits: KL 0, full agreement, equal perplexities; a perturbed copy: positive KL, lower agreement;
     a top-K record of b gives the same numbers as b's full logits."""
     import json
 
     from sparkinfer_cute.reference.metrics import topk_record
 
-    r = np.random.default_rng()
+    r = rng
     b = r.standard_normal((50, 300)) * 3
     tok = r.integers(0, 300, 50)
     same = teacher_forced_compare(b, b, tok)

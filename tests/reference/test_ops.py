@@ -193,9 +193,9 @@ def test_activation_quantizers_error_bounds(seed, scale):
     assert not np.array_equal(q0, x)  # it does round
 
 
-def test_rope_linear_freq_scale():
+def test_rope_linear_freq_scale(rng):
     """Linear scaling by factor 8 (freq_scale 1/8) rotates position p as the unscaled rope rotates p/8."""
-    x = np.random.default_rng().standard_normal((1, 2, 64))
+    x = rng.standard_normal((1, 2, 64))
     a = ops.rope_neox(x, np.array([800]), 64, 1e6, freq_scale=0.125)
     b = ops.rope_neox(x, np.array([100]), 64, 1e6)
     np.testing.assert_allclose(a, b, atol=1e-4)

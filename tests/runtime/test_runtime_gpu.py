@@ -23,8 +23,7 @@ def test_device_properties():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32, np.uint8])
-def test_roundtrip_sync_and_async(dtype):
-    rng = np.random.default_rng()
+def test_roundtrip_sync_and_async(dtype, rng):
     x = (rng.standard_normal((37, 11)) * 50).astype(dtype)
     a = rt.DeviceArray.from_numpy(x)
     assert a.shape == x.shape and a.dtype == x.dtype and a.nbytes == x.nbytes and a.ptr % 256 == 0
@@ -119,8 +118,8 @@ def test_workspace_reuses_by_size_and_tag():
     assert len(ws) == 3 and ws.nbytes == 512 + 512 + 4096
 
 
-def test_as_device():
-    x = np.random.default_rng().standard_normal(10)
+def test_as_device(rng):
+    x = rng.standard_normal(10)
     a, was = rt.as_device(x, dtype=np.float32)
     assert was and a.dtype == np.float32
     np.testing.assert_array_equal(a.to_numpy(), x.astype(np.float32))
@@ -136,9 +135,9 @@ def test_cuda_array_interface():
     assert cai["shape"] == (3, 4) and cai["typestr"] == "<f2" and cai["data"] == (a.ptr, False)
 
 
-def test_dlpack_with_torch():
+def test_dlpack_with_torch(rng):
     torch = pytest.importorskip("torch")
-    x = np.random.default_rng().standard_normal((6, 5)).astype(np.float32)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
     a = rt.DeviceArray.from_numpy(x)
     t = torch.from_dlpack(a)
     assert t.is_cuda and tuple(t.shape) == (6, 5) and t.data_ptr() == a.ptr

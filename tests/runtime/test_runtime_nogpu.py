@@ -63,8 +63,7 @@ class _HostExporter:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int32, np.uint8, np.int64, np.float64])
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), ()])
-def test_dlpack_capsule_roundtrip_through_numpy(dtype, shape):
-    rng = np.random.default_rng()
+def test_dlpack_capsule_roundtrip_through_numpy(dtype, shape, rng):
     src = np.asarray(rng.standard_normal(shape) * 100).astype(dtype)
     before = dl.live_count()
     got = np.from_dlpack(_HostExporter(src))

@@ -1,0 +1,77 @@
+"""models/int8_plan.py: the dry run of a GPU forward (no GPU) names exactly the matmuls that run on q8_1
+activations under each SPARKINFER_DP4A setting and path (the GPU test test_gpu_decode.py also checks it against the
+calls the live build makes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sparkinfer_cute.gguf.synth import write_synthetic
+from sparkinfer_cute.models import ops
+from sparkinfer_cute.models.int8_plan import UnknownWeightOp, int8_activation_tensors
+
+QWEN_LAYER = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"}
+GEMMA_LAYER = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("plan")
+    out = {}
+    for arch in ("qwen3moe", "gemma3"):
+        out[arch] = str(d / f"{arch}.gguf")
+        write_synthetic(out[arch], arch=arch, preset="tiny", seed=1)
+    return out
+
+
+def _layers(names, n_layer, kinds):
+    return {f"blk.{l}.{k}.weight" for l in range(n_layer) for k in kinds}
+
+
+def test_qwen_default_build(files, monkeypatch):
+    monkeypatch.setattr(ops, "DP4A", "auto")
+    dec = int8_activation_tensors(files["qwen3moe"], path="decode")
+    assert dec == _layers(dec, 4, QWEN_LAYER)  # the router (F32) and the LM head (vocab 1536 < 65536) stay f32
+    assert int8_activation_tensors(files["qwen3moe"], path="prefill") == dec
+    assert int8_activation_tensors(files["qwen3moe"], path="prefill_all_logits") == dec | {"output.weight"}
+
+
+def test_dp4a_settings(files, monkeypatch):
+    monkeypatch.setattr(ops, "DP4A", "none")
+    assert int8_activation_tensors(files["qwen3moe"], path="decode") == frozenset()
+    # the batched prefill's grouped GEMM always takes int8 activations
+    assert int8_activation_tensors(files["qwen3moe"], path="prefill") == _layers(None, 4, QWEN_LAYER)
+    monkeypatch.setattr(ops, "DP4A", "all")
+    assert int8_activation_tensors(files["qwen3moe"], path="decode") == _layers(None, 4, QWEN_LAYER) | {
+        "output.weight"}
+    # Gemma's decode keeps f32 activations except the LM head, which SPARKINFER_DP4A=all opts in
+    assert int8_activation_tensors(files["gemma3"], path="decode") == {"token_embd.weight"}
+
+
+def test_gemma_default_build(files, monkeypatch):
+    monkeypatch.setattr(ops, "DP4A", "auto")
+    assert int8_activation_tensors(files["gemma3"], path="decode") == frozenset()
+    pre = int8_activation_tensors(files["gemma3"], path="prefill")
+    assert pre == _layers(None, 6, GEMMA_LAYER)
+    assert int8_activation_tensors(files["gemma3"], path="prefill_all_logits") == pre | {"token_embd.weight"}
+
+
+def test_unclassified_op_on_a_matrix_is_refused(files, monkeypatch):
+    from sparkinfer_cute.models.qwen3_moe import Qwen3MoeGPU
+
+    def new_matmul(w, x, y, *, stream):
+        pass
+
+    new_matmul.__module__ = ops.__name__
+    monkeypatch.setattr(ops, "new_matmul", new_matmul, raising=False)
+    orig = Qwen3MoeGPU.enqueue_step
+
+    def step(self, stream, n_layers=None):
+        ops.new_matmul(self.w["blk.0.attn_q.weight"], self.h, self.q, stream=stream)
+        orig(self, stream, n_layers)
+
+    monkeypatch.setattr(Qwen3MoeGPU, "enqueue_step", step)
+    with pytest.raises(UnknownWeightOp, match="new_matmul"):
+        int8_activation_tensors(files["qwen3moe"], path="decode")
+    with pytest.raises(ValueError):
+        int8_activation_tensors(files["qwen3moe"], path="train")

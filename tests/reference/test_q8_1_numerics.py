@@ -1,0 +1,69 @@
+"""The reference's GPU-int8 numerics mode (``load_reference(..., act_q8_1=names)``): the matmuls named see their
+activations rounded as the GPU's q8_1 kernels round them, everything else stays as in the default (exact) mode."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparkinfer_cute.gguf.synth import write_synthetic
+from sparkinfer_cute.reference import load_reference, ops
+from sparkinfer_cute.reference.kernel_refs import dequantize_q8_1, quantize_q8_1_ref
+from sparkinfer_cute.reference.metrics import teacher_forced_compare
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 5), blocks=st.integers(1, 12), zero=st.booleans())
+def test_q8_1_rounding_is_the_kernels(seed, rows, blocks, zero):
+    """ops.quantize_activation_q8_1 is d*q of the kernel spec's quantizer (kernel_refs.quantize_q8_1_ref, which
+    tests/kernels/test_gemv.py asserts bit-equal to the GPU's), within |x - d q| <= d/2 (+ f32 rounding)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, 32 * blocks)) * rng.uniform(1e-3, 1e3)).astype(np.float32)
+    if zero:
+        x[0, :32] = 0
+    q, d, _ = quantize_q8_1_ref(x)
+    y = ops.quantize_activation_q8_1(x.astype(np.float64))
+    np.testing.assert_array_equal(y, dequantize_q8_1(q, d))
+    half = np.repeat(d.astype(np.float64), 32, axis=-1) * (0.5 + 128 * 2.0**-24)
+    assert (np.abs(y - x) <= half).all()
+    assert ops.quantize_activation_q8_1(x).dtype == np.float32
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, module_rng):
+    p = str(tmp_path_factory.mktemp("q8") / "qwen_tiny.gguf")
+    write_synthetic(p, arch="qwen3moe", preset="tiny", seed=int(module_rng.integers(1 << 16)))
+    return p
+
+
+def test_act_for_rounds_only_the_named_tensors(tiny, rng):
+    r = load_reference(tiny, max_context=16, act_q8_1={"blk.0.attn_q.weight", "blk.1.ffn_down_exps.weight"})
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    np.testing.assert_array_equal(r.act_for(x, "blk.0.attn_q.weight"), ops.quantize_activation_q8_1(x))
+    assert not np.array_equal(r.act_for(x, "blk.0.attn_q.weight"), x)
+    assert r.act_for(x, "blk.0.attn_k.weight") is x  # not named: unchanged, as in the default mode
+    assert load_reference(tiny, max_context=16).act_q8_1 == frozenset()
+
+
+def test_default_mode_unchanged_and_int8_mode_close(tiny, rng):
+    """Without names the forward is the default one, bit for bit; with every q/k/v/o and expert matmul rounded the
+    logits move by the activation quantization only (mean KL well under the old int8 gate's 0.01)."""
+    from sparkinfer_cute.models.int8_plan import int8_activation_tensors
+
+    names = int8_activation_tensors(tiny, path="decode")
+    toks = [2] + rng.integers(4, 1536, 24).tolist()
+    a = load_reference(tiny, max_context=32).forward(toks)
+    b = load_reference(tiny, max_context=32, act_q8_1=()).forward(toks)
+    np.testing.assert_array_equal(a, b)
+    c = load_reference(tiny, max_context=32, act_q8_1=names).forward(toks)
+    m = teacher_forced_compare(c, a, np.asarray(toks[1:] + [0]))
+    assert 0 < m["mean_kl"] < 0.01, m
+
+
+def test_bad_names_and_emulate_cpu_refused(tiny):
+    with pytest.raises(ValueError, match="does not have"):
+        load_reference(tiny, act_q8_1={"blk.0.nope.weight"})
+    with pytest.raises(ValueError, match="exclude each other"):
+        load_reference(tiny, act_q8_1={"blk.0.attn_q.weight"}, emulate_cpu=True)
