@@ -128,7 +128,10 @@ class GPUDecoder:
         """Every row's logits of a prefill chunk (the final norm of each row already in ``self._pf.h`` / ``hq``) into
         ``all_logits`` [T, vocab], softcapped where the model has one; the last row's greedy id into ``self.tok``."""
         pf = self._pf
-        ops.lm_head_rows(self.out_w, pf.h, pf.hq, all_logits, T, stream=stream)
+        if ops.gemm_supports(self.out_w):
+            ops.gemm(self.out_w, pf.hq, all_logits, T, stream=stream)
+        else:
+            ops.gemv_rows(self.out_w, pf.h, all_logits, T, stream=stream)
         cap = getattr(self.cfg, "final_logit_softcap", None)
         if cap:
             ops.softcap(ops.rows(all_logits, T), cap, stream=stream)

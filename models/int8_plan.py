@@ -30,10 +30,13 @@ F32_WEIGHT_OPS = frozenset({
     "rmsnorm", "rmsnorm_rows", "rmsnorm_heads",       # vector weights
     "qk_prologue", "qk_norm_rope_kv", "qk_norm_rope_kv_rows",
     "router_gemv", "router",                          # the F32 router: f32 activations
+    "gemv_rows",                                      # the f32 decode GEMV over prefill rows (LM head fallback)
+    "expert_scale",                                   # a per-expert scale vector
 })
 INT8_OPS = {  # op -> (is the call int8?, which weights take the int8 input)
     "gemv": (lambda kw: kw.get("xq") is not None, slice(None)),
     "gemv_qkv": (lambda kw: kw.get("xq") is not None, slice(None)),
+    "gemv_qk": (lambda kw: kw.get("xq") is not None, slice(None)),
     "moe_gate_up": (lambda kw: kw.get("hq") is not None, slice(None)),
     "moe_down": (lambda kw: kw.get("actq") is not None, slice(None)),
     "gemm": (lambda kw: True, slice(None)),
@@ -41,7 +44,8 @@ INT8_OPS = {  # op -> (is the call int8?, which weights take the int8 input)
 }
 PATHS = ("decode", "prefill", "prefill_all_logits")
 # models/ops.py names that keep their real meaning in a dry run (pure functions of the config / environment)
-_REAL = frozenset({"enabled", "dp4a_for", "prefer_dp4a", "attention_geometry", "AttentionGeometry"})
+_REAL = frozenset({"enabled", "dp4a_for", "prefer_dp4a", "attention_geometry", "AttentionGeometry", "gemm_supports",
+                   "rows", "row"})
 
 
 class UnknownWeightOp(RuntimeError):
@@ -140,7 +144,8 @@ def _int8_names(op: str, args, kwargs) -> list[str]:
     ws = _weights(args, kwargs)
     if op in INT8_OPS:
         is_int8, which = INT8_OPS[op]
-        return [w.name for w in ws[which]] if is_int8(kwargs) else []
+        # matrices only: a vector handed along (a per-expert scale) is no matmul input
+        return [w.name for w in ws[which] if len(w.shape) > 1] if is_int8(kwargs) else []
     if op not in F32_WEIGHT_OPS and any(len(w.shape) > 1 for w in ws):
         raise UnknownWeightOp(f"models/ops.py {op}() takes a weight matrix ({ws[0].name}): classify it in "
                               "models/int8_plan.py (INT8_OPS or F32_WEIGHT_OPS)")

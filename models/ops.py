@@ -466,18 +466,20 @@ def gemm(w, xq, out, T: int, *, stream, accumulate: bool = False, w_up=None, act
     launch_counter.add()
 
 
-def lm_head_rows(w, h, hq, out, T: int, *, stream):
-    """Logits of T rows (the accuracy harness's all-position prefill): the grouped GEMM on the q8_1 rows where it
-    takes the type, else the decode GEMV over groups of <= 8 f32 rows (Q6_K in its GGUF layout: a tied embedding)."""
-    if w.qtype in _qgemm.SUPPORTED_QTYPES:
-        gemm(w, hq, out, T, stream=stream)
-        return
+def gemv_rows(w, h, out, T: int, *, stream):
+    """``out[:T] = h[:T] W^T`` with f32 activations through the decode GEMV, in groups of <= 8 rows (for a weight
+    type the grouped GEMM does not take, e.g. a tied Q6_K embedding as the all-position LM head)."""
     n = w.n_in
     for r0 in range(0, T, 8):
         r = min(8, T - r0)
         _gemv.gemv(w.data, w.qtype, h.view(np.float32, (r, n), offset_bytes=r0 * n * 4), n_out=w.n_out,
                    out=out.view(np.float32, (r, w.n_out), offset_bytes=r0 * w.n_out * 4), stream=stream)
         launch_counter.add()
+
+
+def gemm_supports(w) -> bool:
+    """Whether the grouped GEMM (int8 activations) takes this weight type."""
+    return w.qtype in _qgemm.SUPPORTED_QTYPES
 
 
 def qk_norm_rope_kv_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, q_norm, k_norm, *, n_head: int,

@@ -18,7 +18,7 @@ GEMMA_LAYER = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("plan")
     out = {}
-    for arch in ("qwen3moe", "gemma3"):
+    for arch in ("qwen3moe", "gemma3", "gemma4"):
         out[arch] = str(d / f"{arch}.gguf")
         write_synthetic(out[arch], arch=arch, preset="tiny", seed=1)
     return out
@@ -75,3 +75,23 @@ def test_unclassified_op_on_a_matrix_is_refused(files, monkeypatch):
         int8_activation_tensors(files["qwen3moe"], path="decode")
     with pytest.raises(ValueError):
         int8_activation_tensors(files["qwen3moe"], path="train")
+
+
+def test_gemma4_default_build(files, monkeypatch):
+    """Gemma 4 under SPARKINFER_DP4A=auto: decode quantizes the attention projections (q, k, v where the layer has
+    one, o) and the experts (gate+up fused, down), not the dense MLP nor the tied Q6_K LM head; the batched prefill
+    quantizes every projection and expert matrix, and its all-position LM head stays f32 (Q6_K: the decode GEMV)."""
+    from sparkinfer_cute.gguf import GGUFFile
+    from sparkinfer_cute.gguf.config import load_config
+
+    monkeypatch.setattr(ops, "DP4A", "auto")
+    cfg = load_config(GGUFFile(files["gemma4"]))
+    attn = {f"blk.{l}.{k}.weight" for l in range(cfg.n_layer)
+            for k in ("attn_q", "attn_k", "attn_output") + (("attn_v",) if cfg.has_v(l) else ())}
+    experts = {f"blk.{l}.{k}.weight" for l in range(cfg.n_layer) if cfg.is_moe(l)
+               for k in ("ffn_gate_up_exps", "ffn_down_exps")}
+    dense = {f"blk.{l}.{k}.weight" for l in range(cfg.n_layer) for k in ("ffn_gate", "ffn_up", "ffn_down")}
+    assert int8_activation_tensors(files["gemma4"], path="decode") == attn | experts
+    pre = int8_activation_tensors(files["gemma4"], path="prefill")
+    assert pre == attn | experts | dense
+    assert int8_activation_tensors(files["gemma4"], path="prefill_all_logits") == pre
