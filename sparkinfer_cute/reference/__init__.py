@@ -42,7 +42,8 @@ def load_reference(
     m = cls(g, dtype=dtype, max_context=max_context, **kwargs)
     names = frozenset(act_q8_1)
     if names and m.emulate_cpu:
-        raise ValueError("act_q8_1 (the GPU's int8 activation rounding) and emulate_cpu (llama.cpp's) exclude each other")
+        raise ValueError("act_q8_1 (the GPU's int8 activation rounding) and emulate_cpu (llama.cpp's) exclude "
+                         "each other")
     unknown = sorted(n for n in names if n not in g.tensors)
     if unknown:
         raise ValueError(f"act_q8_1 names tensors the file does not have: {', '.join(unknown[:4])}")

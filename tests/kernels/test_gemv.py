@@ -9,7 +9,8 @@ functions on broken-kernel emulations):
 * int8 activations (dp4a), ``check_gemv_q8``: **tight**, the same f32-level bound around the float64 GEMV of the
   *same* q8_1-quantized activations (the integer dots are exact); **loose**, the q8_1 quantization bound around
   the GEMV of the f32 activations. The loose bound alone (18-55% of the median |y|) let a zeroed 32-element block
-  and 1-in-64 dropped inputs through; the tight one rejects them (tests/mutation/test_int8_tight.py).
+  and 1-in-64 dropped inputs through; the tight one rejects them (tests/mutation/, on an emulation of the
+  kernel's arithmetic).
 
 Every output is poisoned (0xFF = NaN) before launch, numpy-path calls included, and the checks reject a NaN.
 Randomness: hypothesis-drawn seeds, or the ``rng`` fixture (its seed is printed on failure).

@@ -8,7 +8,7 @@ also judges the broken-kernel emulations of tests/mutation/:
 * int8 (dp4a) path, two checks each: **tight**, the same f32-level bounds around the float64 reference computed on
   the *same* q8_1-quantized activations (the integer dots are exact); **loose**, around the reference on the f32
   activations within the q8_1 quantization bound. Only the tight one catches a zeroed 32-element activation block
-  or a dropped input (tests/mutation/test_int8_tight.py shows both on an emulation of the kernel's arithmetic).
+  or a dropped input (the mutation table of tests/mutation/ shows both on an emulation of the kernel's arithmetic).
 
 Outputs are poisoned (0xFF = NaN) before every launch, the numpy-path calls included; the checks reject a NaN.
 The kernels are fuzzed with hypothesis over quant types, shapes, expert counts, routed slots (tokens' expert
@@ -72,7 +72,8 @@ def test_reference_fused_equals_separate(seed):
 @settings(max_examples=1, deadline=None)
 @given(seed=SEEDS)
 @pytest.mark.parametrize("path", ["float", "dp4a"])
-@pytest.mark.parametrize("q,n_in,n_ff,E,k,fused", [("Q4_K", 2048, 768, 128, 8, False), ("Q4_K", 2048, 768, 128, 8, True),
+@pytest.mark.parametrize("q,n_in,n_ff,E,k,fused", [("Q4_K", 2048, 768, 128, 8, False),
+                                                   ("Q4_K", 2048, 768, 128, 8, True),
                                                    ("Q4_K", 256, 256, 16, 4, False), ("Q5_0", 384, 384, 16, 4, False)])
 def test_gate_up(path, q, n_in, n_ff, E, k, fused, seed):
     from sparkinfer_cute.runtime import DeviceArray
@@ -92,9 +93,10 @@ def test_gate_up(path, q, n_in, n_ff, E, k, fused, seed):
 @settings(max_examples=1, deadline=None)
 @given(seed=SEEDS)
 @pytest.mark.parametrize("path", ["float", "dp4a"])
-@pytest.mark.parametrize("q,n_ff,n_out,E,k,resid", [("Q6_K", 768, 2048, 128, 8, True), ("Q6_K_P", 768, 2048, 128, 8, False),
-                                                    ("Q4_K", 768, 2048, 128, 8, False), ("Q6_K", 256, 256, 16, 4, False),
-                                                    ("Q8_0", 384, 384, 16, 4, True)])
+@pytest.mark.parametrize("q,n_ff,n_out,E,k,resid", [("Q6_K", 768, 2048, 128, 8, True),
+                                                    ("Q6_K_P", 768, 2048, 128, 8, False),
+                                                    ("Q4_K", 768, 2048, 128, 8, False),
+                                                    ("Q6_K", 256, 256, 16, 4, False), ("Q8_0", 384, 384, 16, 4, True)])
 def test_down(path, q, n_ff, n_out, E, k, resid, seed):
     rng = np.random.default_rng(seed)
     d = experts(q, E, n_out, n_ff, rng)

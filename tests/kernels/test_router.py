@@ -175,7 +175,8 @@ def _assert_matches_f64(w, h, k, norm, ids, p, wtol):
 @pytest.mark.gpu
 @settings(max_examples=40, deadline=None)
 @given(cfg=st.sampled_from(FUSED_CONFIGS + [(8, 4, 1), (40, 100, 5), (300, 1000, 8), (64, 2816, 8)]),
-       T=st.integers(1, 3), warps_per_row=st.sampled_from([0, 1, 2, 4]), sigma=st.floats(0.1, 4.0), norm=st.booleans(), seed=st.integers(0, 2**32 - 1))
+       T=st.integers(1, 3), warps_per_row=st.sampled_from([0, 1, 2, 4]), sigma=st.floats(0.1, 4.0), norm=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
 def test_route_gemv_random(cfg, T, warps_per_row, sigma, norm, seed):
     n_expert, n_embd, k = cfg
     rng = np.random.default_rng(seed)
