@@ -114,12 +114,11 @@ def test_gemma3_tiny_synthetic_gpu_vs_reference(tmp_path, rng):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_gemma4_synthetic_gpu_vs_reference(tmp_path, preset, f32_activations):
+def test_gemma4_synthetic_gpu_vs_reference(tmp_path, preset, f32_activations, rng):
     """Gemma 4 (sliding hd/KV heads vs full layers with K = V and rope_freqs, GeGLU experts + dense MLP, output and
     per-expert scales, softcap) with f32 activations: the strict gate; tokens cross the tiny preset's window."""
     p = str(tmp_path / f"g4_{preset}.gguf")
     write_synthetic(p, arch="gemma4", preset=preset, seed=7)
-    rng = np.random.default_rng()
     from sparkinfer_cute.gguf import GGUFFile
     from sparkinfer_cute.gguf.config import load_config
 
@@ -128,11 +127,10 @@ def test_gemma4_synthetic_gpu_vs_reference(tmp_path, preset, f32_activations):
     _compare(p, tokens, 0.99, 0.01)
 
 
-def test_gemma4_tiny_default_build_kl(tmp_path):
+def test_gemma4_tiny_default_build_kl(tmp_path, rng):
     """The default build (int8 activations for the attention projections and the experts): the KL gate."""
     p = str(tmp_path / "g4_tiny.gguf")
     write_synthetic(p, arch="gemma4", preset="tiny", seed=8)
-    rng = np.random.default_rng()
     from sparkinfer_cute.gguf import GGUFFile
     from sparkinfer_cute.gguf.config import load_config
 
