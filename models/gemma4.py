@@ -127,12 +127,9 @@ class Gemma4GPU(GPUDecoder):
                             w[p + "attn_k_norm.weight"], self.pos_buf, n_head=a.n_head, n_rot=a.n_rot,
                             base=a.rope_base, eps=eps, q_scale=1.0, stream=stream, v_norm=True,
                             freq_factors=self.rope_freqs if c.uses_rope_freqs(l) else None)
+            aq = self.attnq if self.q8_attn else None  # the int8 O projection's input, quantized by attention
             ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
-                          scale=c.attn_scale, window=a.window, stream=stream)
-            aq = None
-            if self.q8_attn:
-                ops.quantize(self.attn, self.attnq, stream=stream)
-                aq = self.attnq
+                          scale=c.attn_scale, window=a.window, stream=stream, xq=aq)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream, xq=aq)
             ops.rmsnorm(self.o, w[p + "post_attention_norm.weight"], self.delta, eps, stream=stream)
             # x1 = x + delta (in place), h = rmsnorm(x1, ffn_norm): the dense MLP's input

@@ -256,15 +256,22 @@ def kv_append(kv: PagedKV, layer: int, k, v, pos, *, stream):
 
 
 def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n_head: int, scale: float,
-              window: int, stream, softcap: float = 0.0):
+              window: int, stream, softcap: float = 0.0, xq=None):
+    """``xq`` (a Q8Act of ``out``'s size): also its q8_1 copy for the int8 O projection, written by the attention
+    kernel itself (the combining CTA quantizes what it writes: no quantize launch) unless ``fused_attn_q8`` is
+    disabled."""
     D = kv.head_dim[layer]
     fused = enabled("fused_combine")  # split-KV + LSE combine in one launch (last CTA of a head group combines)
+    fused_q8 = xq is not None and enabled("fused_attn_q8")
     num_splits, o_partial, lse_partial = ws.partials(layer)
     _attn.attention_decode(q.view(np.float32, (n_head, D)), kv.k[layer], kv.v[layer], kv.page_table, pos,
                            scale=scale, window=window, softcap=softcap, num_splits=num_splits,
                            out=out.view(np.float32, (1, n_head, D)), o_partial=o_partial,
-                           lse_partial=lse_partial, fused_combine=fused, counters=ws.counters, stream=stream)
+                           lse_partial=lse_partial, fused_combine=fused, counters=ws.counters, stream=stream,
+                           out_q8=xq if fused_q8 else None)
     launch_counter.add(1 if fused else 2)
+    if xq is not None and not fused_q8:
+        quantize(out, xq, stream=stream)
 
 
 def qk_norm_rope_kv(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_head: int, n_rot: int, base: float,
