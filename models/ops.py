@@ -240,6 +240,26 @@ def glu(gate, up, out, *, act: str, stream):
     launch_counter.add()
 
 
+def dense_expert_ids():
+    """The expert-id buffer of :func:`dense_glu` (one int32 0; allocate with the model's buffers, not in a capture)."""
+    return DeviceArray.zeros((1,), np.int32)
+
+
+def dense_glu(w_gate, w_up, x, gate, up, out, *, act: str, ids0, stream):
+    """``out = act(W_gate x) * (W_up x)`` (a dense GLU MLP's first half). One launch where it applies: the MoE gate/up
+    kernel (kernels/moe_ffn.py) with the dense weights as the only expert (``ids0``: :func:`dense_expert_ids`),
+    the activation applied in registers, ``gate``/``up`` never written; else (``fused_dense_glu`` disabled, float
+    weights, mixed types) two GEMVs into ``gate``/``up`` and the GLU kernel."""
+    if (enabled("fused_dense_glu") and w_gate.qtype == w_up.qtype and w_gate.n_in == w_up.n_in
+            and w_gate.n_out == w_up.n_out and _moe.dense_glu_supported(w_gate.qtype, w_gate.n_in)):
+        _moe.moe_gate_up(w_gate.data, w_up.data, w_gate.qtype, x, ids0, w_gate.n_out, out=out, stream=stream, act=act)
+        launch_counter.add()
+        return
+    gemv(w_gate, x, gate, stream=stream)
+    gemv(w_up, x, up, stream=stream)
+    glu(gate, up, out, act=act, stream=stream)
+
+
 def rope(x, n_heads: int, head_dim: int, n_rot: int, base: float, pos, *, stream, freq_factors=None):
     _rope.rope_neox(x.view(np.float32, (n_heads, head_dim)), pos, n_rot=n_rot, base=base,
                     freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32, (n_rot // 2,)),
