@@ -95,7 +95,7 @@ class Gemma4GPU(GPUDecoder):
             self.expert_w = DeviceArray.zeros((K,), f32)
             self.moe_act = DeviceArray.empty((K, c.n_ff_exp), f32)
             self.e_inq = ops.new_q8(E)
-            self.moe_actq = ops.new_q8(c.n_ff_exp, rows=K)
+            self.moe_actq = ops.MoeActQ8(K, c.n_ff_exp)
             # router input weight: rmsnorm(x1) * (1/sqrt(n_embd)) * ffn_gate_inp.scale, the two factors pre-multiplied
             # in f32 (llama.cpp multiplies them one after the other: <= 1 ulp apart)
             self.router_norm = {
@@ -163,9 +163,11 @@ class Gemma4GPU(GPUDecoder):
         eq = self.e_inq if self.q8_moe else None
         ops.rmsnorm(self.x, w[p + "pre_ffw_norm_2.weight"], self.e_in, eps, stream=stream, xq=eq)
         wg, wu = self._experts(l)
-        ops.moe_gate_up(wg, wu, self.e_in, self.expert_ids, self.moe_act, stream=stream, hq=eq, glu="gelu_tanh")
+        actq = self.moe_actq if self.q8_moe else None
+        ops.moe_gate_up(wg, wu, self.e_in, self.expert_ids, self.moe_act, stream=stream, hq=eq, glu="gelu_tanh",
+                        actq=actq)
         ops.moe_down(w[p + "ffn_down_exps.weight"], self.moe_act, self.expert_ids, self.expert_w, self.y,
-                     stream=stream, actq=self.moe_actq if self.q8_moe else None)
+                     stream=stream, actq=actq)
         ops.rmsnorm(self.y, w[p + "post_ffw_norm_2.weight"], self.y2, eps, stream=stream)
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)

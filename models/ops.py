@@ -354,21 +354,39 @@ def router(logits, ids, weights, k: int, *, stream):
     launch_counter.add()
 
 
-def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu"):
+class MoeActQ8:
+    """The q8_1 copy of the routed experts' activations [k, n_ff] (the dp4a down projection's input) and the
+    arrival counters the gate/up kernel needs to write it itself. ``from_gate_up`` records, at enqueue time, whether
+    the last :func:`moe_gate_up` given it wrote it (else :func:`moe_down` quantizes: one more launch)."""
+
+    def __init__(self, k: int, n_ff: int):
+        self.q8 = _q8.Q8Act(k, n_ff)
+        self.counters = DeviceArray.zeros((k * n_ff // _q8.QK8_1,), np.int32)
+        self.from_gate_up = False
+
+
+def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu", actq: MoeActQ8 | None = None):
     """``hq`` (the q8_1 copy of h, already quantized this step): the dp4a kernel instead of the f32 one. ``w_up``
-    None: ``w_gate`` is a fused [E, 2F, n_in] gate+up tensor (Gemma 4). ``glu``: the gate activation."""
+    None: ``w_gate`` is a fused [E, 2F, n_in] gate+up tensor (Gemma 4). ``glu``: the gate activation. ``actq``: the
+    same launch also writes the q8_1 copy of ``act`` for :func:`moe_down` (each 32-row block quantized by the
+    last CTA to write it) unless ``fused_moe_act_q8`` is disabled or n_ff is not whole q8_1 blocks."""
     n_ff = w_gate.n_out if w_up is not None else w_gate.n_out // 2
+    fuse_q8 = actq is not None and enabled("fused_moe_act_q8") and n_ff % _q8.QK8_1 == 0
     _moe.moe_gate_up(w_gate.data, None if w_up is None else w_up.data, w_gate.qtype, hq if hq is not None else h, ids,
-                     n_ff, out=act, stream=stream, act=glu)
+                     n_ff, out=act, stream=stream, act=glu, out_q8=actq.q8 if fuse_q8 else None,
+                     counters=actq.counters if fuse_q8 else None)
+    if actq is not None:
+        actq.from_gate_up = fuse_q8
     launch_counter.add()
 
 
-def moe_down(w_down, act, ids, weights, out, *, stream, actq=None):
-    """``actq``: a preallocated Q8Act of k rows: act is quantized into it (one more launch) for the dp4a kernel."""
-    if actq is not None:
-        quantize(act, actq, stream=stream)
-    _moe.moe_down(w_down.data, w_down.qtype, actq if actq is not None else act, ids, weights, w_down.n_out, out=out,
-                  stream=stream)
+def moe_down(w_down, act, ids, weights, out, *, stream, actq: MoeActQ8 | None = None):
+    """``actq``: the dp4a kernel on the q8_1 copy of ``act`` (written by :func:`moe_gate_up`, or here: one more
+    launch)."""
+    if actq is not None and not actq.from_gate_up:
+        quantize(act, actq.q8, stream=stream)
+    _moe.moe_down(w_down.data, w_down.qtype, actq.q8 if actq is not None else act, ids, weights, w_down.n_out,
+                  out=out, stream=stream)
     launch_counter.add()
 
 

@@ -38,7 +38,7 @@ class Qwen3MoeGPU(GPUDecoder):
         self.q8_moe = ops.dp4a_for("moe")
         self.hq = ops.new_q8(c.n_embd)                 # q8_1 copy of the normed input (dp4a GEMVs)
         self.attnq = ops.new_q8(self.attn.size)        # q8_1 copy of the attention output (dp4a o-proj)
-        self.actq = ops.new_q8(c.n_ff_exp, rows=K)     # q8_1 copy of the SwiGLU activations (dp4a down)
+        self.actq = ops.MoeActQ8(K, c.n_ff_exp)       # q8_1 copy of the SwiGLU activations (dp4a down)
 
     def enqueue_step(self, stream, n_layers: int | None = None) -> None:
         c, w = self.cfg, self.w
@@ -70,10 +70,11 @@ class Qwen3MoeGPU(GPUDecoder):
             else:
                 ops.gemv(wr, self.h, self.router_logits, stream=stream)
                 ops.router(self.router_logits, self.expert_ids, self.expert_w, c.n_expert_used, stream=stream)
+            actq = self.actq if self.q8_moe else None
             ops.moe_gate_up(w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"], self.h, self.expert_ids,
-                            self.act, stream=stream, hq=hq)
+                            self.act, stream=stream, hq=hq, actq=actq)
             ops.moe_down(w[p + "ffn_down_exps.weight"], self.act, self.expert_ids, self.expert_w, self.delta,
-                         stream=stream, actq=self.actq if self.q8_moe else None)
+                         stream=stream, actq=actq)
         if n_layers is not None:
             return  # hidden state = x + delta (hidden_after_layers)
         ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=stream)

@@ -35,15 +35,17 @@ from .common import WarpRowKernel, aligned, as_device_bytes, gptr, pdl_prologue,
 from .compile import compile_options, kernel_cache
 from .gemv_chunk import chunk_ok
 from .moe_ffn_chunk import (
+    check_quantize_out,
     compile_moe_down_chunk,
     compile_moe_gate_up_chunk,
     down_chunk_ok,
     down_rows_per_warp,
     gate_up_rows_per_warp,
     glu_act,
+    q8_out_fake_ptrs,
 )
-from .q8_1 import Q8Act, as_q8, x_pointers
-from .quant_decode import INT_QTYPES, Tiling, qtype_name, spec
+from .q8_1 import Q8Act, as_q8, quantize_block_when_complete, x_pointers
+from .quant_decode import INT_QTYPES, QK8_1, Tiling, qtype_name, spec
 from .quant_dot import decode_int_slice, dot_values, group_dot, load_x_runs
 from .registry import register
 
@@ -53,11 +55,16 @@ WARPS = WarpRowKernel.WARPS
 class MoeGateUp(WarpRowKernel):
     """``act[slot, o] = glu_act(Wgate[e] . x) * (Wup[e] . x)``, e = ids[slot], slice mapping (``act``: "silu" or
     "gelu_tanh"); ``fused``: one [E, 2*n_ff, n_in] tensor, gate rows first. ``q8``: int8 activations (pXq, pXd, pXs)
-    and dp4a, else f32 (pX)."""
+    and dp4a, else f32 (pX). ``quantize_out``: also the q8_1 copy of ``act`` (as moe_ffn_chunk.py
+    :class:`MoeGateUpChunk`)."""
 
-    def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False, act: str = "silu"):
+    def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False, act: str = "silu",
+                 quantize_out: bool = False):
         super().__init__()
         self.act = act
+        self.quantize_out = quantize_out
+        if quantize_out:
+            check_quantize_out(n_ff, WARPS)
         assert not q8 or qtype in INT_QTYPES, f"the dp4a path supports {INT_QTYPES}"
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, "slice")
@@ -69,13 +76,15 @@ class MoeGateUp(WarpRowKernel):
 
     @cute.jit
     def __call__(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer,
-                 pXd: cute.Pointer, pXs: cute.Pointer, pIds: cute.Pointer, pAct: cute.Pointer, n_slots: Int32,
-                 stream: cuda.CUstream):
-        self.launch_rows(self.kernel(pWg, pWu, pX, pXq, pXd, pXs, pIds, pAct), self.n_ff, WARPS, n_slots, stream)
+                 pXd: cute.Pointer, pXs: cute.Pointer, pIds: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer,
+                 pAd: cute.Pointer, pAs: cute.Pointer, pCnt: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
+        self.launch_rows(self.kernel(pWg, pWu, pX, pXq, pXd, pXs, pIds, pAct, pAq, pAd, pAs, pCnt), self.n_ff, WARPS,
+                         n_slots, stream)
 
     @cute.kernel
     def kernel(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer,
-               pXs: cute.Pointer, pIds: cute.Pointer, pAct: cute.Pointer):
+               pXs: cute.Pointer, pIds: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer,
+               pAs: cute.Pointer, pCnt: cute.Pointer):
         pdl_prologue(self.pdl)
         sp = self.sp
         _, bx, slot, warp, lane = self.thread_coords()
@@ -111,6 +120,9 @@ class MoeGateUp(WarpRowKernel):
             if lane == 0:
                 act = cute.make_tensor(pAct, cute.make_layout((slot + 1) * self.n_ff))
                 act[slot * self.n_ff + o] = glu_act(g, self.act) * up
+        if cutlass.const_expr(self.quantize_out):
+            quantize_block_when_complete(pAct, pAq, pAd, pAs, pCnt, slot * (self.n_ff // QK8_1) + bx * WARPS // QK8_1,
+                                         QK8_1 // WARPS, warp, lane)
 
 
 class MoeDown(WarpRowKernel):
@@ -190,13 +202,15 @@ class MoeDown(WarpRowKernel):
 
 
 @kernel_cache
-def compile_moe_gate_up(qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False, act: str = "silu"):
-    """Runtime args: (Wg, Wu u8, x f32, xq i8, xd f32, xs f32, ids i32 (align 4), act f32 pointers, n_slots,
-    stream); q8_1.x_pointers gives the four x pointers."""
-    return cute.compile(MoeGateUp(qtype, n_in, n_ff, fused, q8, act), gptr(Uint8, 0), gptr(Uint8, 0),
+def compile_moe_gate_up(qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False, act: str = "silu",
+                        quantize_out: bool = False):
+    """Runtime args: (Wg, Wu u8, x f32, xq i8, xd f32, xs f32, ids i32 (align 4), act f32, aq i8, ad f32, as f32,
+    counters i32 (these four align 4; used only with ``quantize_out``) pointers, n_slots, stream); q8_1.x_pointers
+    gives the four x pointers."""
+    return cute.compile(MoeGateUp(qtype, n_in, n_ff, fused, q8, act, quantize_out), gptr(Uint8, 0), gptr(Uint8, 0),
                         gptr(Float32, 0),
                         gptr(Int8, 0), gptr(Float32, 0), gptr(Float32, 0), gptr(Int32, 0, 4), gptr(Float32, 0),
-                        Int32(1), cute.runtime.make_fake_stream(), options=compile_options())
+                        *q8_out_fake_ptrs(), Int32(1), cute.runtime.make_fake_stream(), options=compile_options())
 
 
 @kernel_cache
@@ -233,14 +247,18 @@ def dense_glu_supported(qtype, n_in: int) -> bool:
 
 
 def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto",
-                rows_per_warp: int | None = None, act: str = "silu"):
+                rows_per_warp: int | None = None, act: str = "silu", out_q8: Q8Act | None = None, counters=None):
     """act[j] = act(Wgate[ids[j]] · h) * (Wup[ids[j]] · h) -> [k, n_ff] f32 (``act``: "silu", or "gelu_tanh" for
     Gemma's GeGLU experts).
 
     ``w_gate``/``w_up``: [E, n_ff, row_bytes] raw bytes; pass ``w_up=None`` and the fused ``ffn_gate_up_exps``
     tensor ([E, 2*n_ff, row_bytes]) as ``w_gate``. ``h``: f32 [n_in] (numpy or DeviceArray) or a :class:`Q8Act`
     of one row (then the dp4a path). numpy in -> numpy out. ``rows_per_warp``: of the chunk kernel (default: the
-    faster one measured for the path)."""
+    faster one measured for the path).
+
+    ``out_q8`` (a :class:`Q8Act` of >= k rows of ``n_ff``) with ``counters`` (int32 DeviceArray of >= k*n_ff/32,
+    zero before the first launch; every launch leaves it zero): the same launch also writes the q8_1 copy of
+    ``act``, bit-identical to ``quantize_q8_1(act)`` (the dp4a down projection's input: no quantize launch)."""
     from ..runtime import DeviceArray, as_device, default_stream
 
     q = qtype_name(qtype)
@@ -255,18 +273,30 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
     for a in (dg, du):
         if a.nbytes % ((2 if fused else 1) * n_ff * rb):
             raise ValueError(f"expert weight of {a.nbytes} bytes is not whole experts of {n_ff} x {n_in} {q}")
-    act = out if out is not None else DeviceArray.empty((k, n_ff), np.float32)
+    act_out = out if out is not None else DeviceArray.empty((k, n_ff), np.float32)
     px, pxq, pxd, pxs = x_pointers(dh)
     pwg, pwu = gptr(Uint8, aligned(dg, "w_gate").ptr), gptr(Uint8, aligned(du, "w_up").ptr)
-    pids, pact = gptr(Int32, di.ptr, 4), gptr(Float32, aligned(act, "act").ptr)
+    pids, pact = gptr(Int32, di.ptr, 4), gptr(Float32, aligned(act_out, "act").ptr)
+    flags = {}
+    if out_q8 is not None:
+        if out_q8.n != n_ff or out_q8.rows < k:
+            raise ValueError(f"out_q8 holds {out_q8.rows} rows of {out_q8.n}; the kernel writes {k} rows of {n_ff}")
+        if counters is None or counters.nbytes < 4 * (k * n_ff // QK8_1):
+            raise ValueError(f"out_q8 needs counters: >= {k * n_ff // QK8_1} zeroed int32")
+        flags["quantize_out"] = True
+        q8_out = (gptr(Int8, out_q8.qs.ptr, 4), gptr(Float32, out_q8.d.ptr, 4), gptr(Float32, out_q8.s.ptr, 4),
+                  gptr(Int32, counters.ptr, 4))
+    else:  # never touched without quantize_out: any valid pointers do
+        q8_out = (gptr(Int8, act_out.ptr, 4), gptr(Float32, act_out.ptr, 4), gptr(Float32, act_out.ptr, 4),
+                  gptr(Int32, act_out.ptr, 4))
     if mapping == "auto" and chunk_ok(q, n_in):
         fn = compile_moe_gate_up_chunk(q, n_in, n_ff, fused, q8, rows_per_warp or gate_up_rows_per_warp(q8),
-                                       False, act)
-        fn(pwg, pwu, px, pxq, pxd, pids, pact, Int32(k), cuda.CUstream(st.handle))
+                                       False, act, **flags)
+        fn(pwg, pwu, px, pxq, pxd, pids, pact, *q8_out, Int32(k), cuda.CUstream(st.handle))
     else:
-        fn = compile_moe_gate_up(q, n_in, n_ff, fused, q8, act)
-        fn(pwg, pwu, px, pxq, pxd, pxs, pids, pact, Int32(k), cuda.CUstream(st.handle))
-    return act.to_numpy(stream=st) if h_np else act
+        fn = compile_moe_gate_up(q, n_in, n_ff, fused, q8, act, **flags)
+        fn(pwg, pwu, px, pxq, pxd, pxs, pids, pact, *q8_out, Int32(k), cuda.CUstream(st.handle))
+    return act_out.to_numpy(stream=st) if h_np else act_out
 
 
 def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None,
@@ -346,6 +376,9 @@ GATE_UP_CONFIGS = [dict(qtype="Q4_K", n_in=2048, n_ff=768), dict(qtype="Q4_K", n
                    # Gemma 4 26B-A4B (Q4_K 2816 / 2112), f32 activations
                    dict(qtype="Q8_0", n_in=640, n_ff=2048, act="gelu_tanh"),
                    dict(qtype="Q4_K", n_in=2816, n_ff=2112, act="gelu_tanh")]
+# the int8 decode's gate/up writing the q8_1 copy of its output (Gemma 4 26B-A4B experts: the slice kernel)
+GATE_UP_Q8_OUT_CONFIGS = [dict(qtype="Q4_K", n_in=2816, n_ff=704, fused=True, act="gelu_tanh", quantize_out=True),
+                          dict(qtype="Q4_K", n_in=256, n_ff=256, quantize_out=True)]
 DOWN_CONFIGS = [dict(qtype=q, n_ff=768, n_out=2048, add_residual=r) for q in ("Q4_K", "Q6_K", "Q6_K_P")
                 for r in (False, True)]
 DOWN_CONFIGS += [dict(qtype=q, n_ff=256, n_out=n, add_residual=r) for q in ("Q4_K", "Q6_K") for n in (256, 512)
@@ -355,5 +388,6 @@ DOWN_CONFIGS += [dict(qtype=q, n_ff=384, n_out=384, add_residual=r) for q in ("Q
 DOWN_CONFIGS += [dict(qtype=q, n_ff=n_ff, n_out=n_out) for q in ("Q5_0", "Q8_0")
                  for n_ff, n_out in ((704, 2816), (160, 256))]
 
-register("moe_gate_up", compile_moe_gate_up, [dict(c, q8=q8) for q8 in (False, True) for c in GATE_UP_CONFIGS])
+register("moe_gate_up", compile_moe_gate_up, [dict(c, q8=q8) for q8 in (False, True) for c in GATE_UP_CONFIGS]
+         + [dict(c, q8=True) for c in GATE_UP_Q8_OUT_CONFIGS])
 register("moe_down", compile_moe_down, [dict(c, q8=q8) for q8 in (False, True) for c in DOWN_CONFIGS])

@@ -21,6 +21,8 @@ from cutlass import Float32, Int8, Int32, Uint8, cute
 from .common import WarpRowKernel, gptr, pdl_prologue, warp_reduce_sum
 from .compile import compile_options, kernel_cache
 from .gemv_chunk import chunk_ok, chunk_rows_partial
+from .q8_1 import quantize_block_when_complete
+from .quant_decode import QK8_1
 from .quant_dot import CHUNKS_PER_BLOCK, chunk_dot_f32, chunk_dot_q8, chunk_load, chunk_supported, chunk_x_f32, \
     chunk_x_q8, x_sums_f32
 from .registry import register
@@ -54,11 +56,16 @@ def glu_act(g: Float32, act: str) -> Float32:
 
 class MoeGateUpChunk(WarpRowKernel):
     """``act[slot, o] = glu_act(Wgate[e] . x) * (Wup[e] . x)``, e = ids[slot] (``act``: "silu" or "gelu_tanh");
-    ``fused``: one [E, 2*n_ff, n_in] tensor, gate rows first (``pWu`` unused)."""
+    ``fused``: one [E, 2*n_ff, n_in] tensor, gate rows first (``pWu`` unused). ``quantize_out``: also the q8_1
+    copy of ``act`` (the dp4a down projection's input) into (pAq, pAd, pAs), each block quantized by the last CTA
+    that writes into it (q8_1.py ``quantize_block_when_complete``; ``pCnt``: k * n_ff / 32 zeroed int32)."""
 
     def __init__(self, qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False,
-                 rows_per_warp: int = 1, x_loads_first: bool = False, act: str = "silu"):
+                 rows_per_warp: int = 1, x_loads_first: bool = False, act: str = "silu", quantize_out: bool = False):
         super().__init__()
+        self.quantize_out = quantize_out
+        if quantize_out:
+            check_quantize_out(n_ff, WARPS * rows_per_warp)
         assert act in GLU_ACTS, act
         self.act = act
         self.x_loads_first = x_loads_first
@@ -71,13 +78,15 @@ class MoeGateUpChunk(WarpRowKernel):
 
     @cute.jit
     def __call__(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer,
-                 pXd: cute.Pointer, pIds: cute.Pointer, pAct: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
-        self.launch_rows(self.kernel(pWg, pWu, pX, pXq, pXd, pIds, pAct), self.n_ff, WARPS * self.rows_per_warp,
-                         n_slots, stream)
+                 pXd: cute.Pointer, pIds: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer,
+                 pAs: cute.Pointer, pCnt: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
+        self.launch_rows(self.kernel(pWg, pWu, pX, pXq, pXd, pIds, pAct, pAq, pAd, pAs, pCnt), self.n_ff,
+                         WARPS * self.rows_per_warp, n_slots, stream)
 
     @cute.kernel
     def kernel(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer,
-               pIds: cute.Pointer, pAct: cute.Pointer):
+               pIds: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pAs: cute.Pointer,
+               pCnt: cute.Pointer):
         pdl_prologue(self.pdl)
         _, bx, slot, warp, lane = self.thread_coords()
         rpw = self.rows_per_warp
@@ -97,6 +106,18 @@ class MoeGateUpChunk(WarpRowKernel):
                 up = warp_reduce_sum(acc[rpw + r])
                 if lane == r:
                     act[slot * self.n_ff + o0 + r] = glu_act(g, self.act) * up
+        if cutlass.const_expr(self.quantize_out):
+            rows_per_cta = WARPS * rpw
+            quantize_block_when_complete(pAct, pAq, pAd, pAs, pCnt,
+                                         slot * (self.n_ff // QK8_1) + bx * rows_per_cta // QK8_1,
+                                         QK8_1 // rows_per_cta, warp, lane)
+
+
+def check_quantize_out(n_ff: int, rows_per_cta: int) -> None:
+    """A gate/up kernel can quantize its own output when each q8_1 block of 32 rows is written by whole CTAs."""
+    if n_ff % QK8_1 or QK8_1 % rows_per_cta:
+        raise ValueError(f"quantize_out needs n_ff ({n_ff}) a multiple of {QK8_1} and CTAs of rows dividing it "
+                         f"({rows_per_cta} rows per CTA)")
 
 
 def down_chunk_ok(qtype: str, n_ff: int, k: int) -> bool:
@@ -175,12 +196,20 @@ class MoeDownChunk(WarpRowKernel):
 
 @kernel_cache
 def compile_moe_gate_up_chunk(qtype: str, n_in: int, n_ff: int, fused: bool = False, q8: bool = False,
-                              rows_per_warp: int = 1, x_loads_first: bool = False, act: str = "silu"):
-    """Runtime args: (Wg, Wu u8, x f32, xq i8, xd f32, ids i32 (align 4), act f32 pointers, n_slots, stream)."""
-    return cute.compile(MoeGateUpChunk(qtype, n_in, n_ff, fused, q8, rows_per_warp, x_loads_first, act),
+                              rows_per_warp: int = 1, x_loads_first: bool = False, act: str = "silu",
+                              quantize_out: bool = False):
+    """Runtime args: (Wg, Wu u8, x f32, xq i8, xd f32, ids i32 (align 4), act f32, aq i8 (align 4), ad f32 (align
+    4), as f32 (align 4), counters i32 (align 4) pointers, n_slots, stream); the last four are used only with
+    ``quantize_out``."""
+    return cute.compile(MoeGateUpChunk(qtype, n_in, n_ff, fused, q8, rows_per_warp, x_loads_first, act, quantize_out),
                         gptr(Uint8, 0), gptr(Uint8, 0), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0),
-                        gptr(Int32, 0, 4), gptr(Float32, 0), Int32(1), cute.runtime.make_fake_stream(),
-                        options=compile_options())
+                        gptr(Int32, 0, 4), gptr(Float32, 0), *q8_out_fake_ptrs(), Int32(1),
+                        cute.runtime.make_fake_stream(), options=compile_options())
+
+
+def q8_out_fake_ptrs() -> tuple:
+    """Compile-time stand-ins of the (aq, ad, as, counters) pointers of a gate/up kernel's q8_1 output."""
+    return gptr(Int8, 0, 4), gptr(Float32, 0, 4), gptr(Float32, 0, 4), gptr(Int32, 0, 4)
 
 
 @kernel_cache
@@ -197,6 +226,9 @@ def compile_moe_down_chunk(qtype: str, n_ff: int, n_out: int, k: int, add_residu
 # Qwen3-30B-A3B (8 of 128 experts, 2048 / 768), the default rows per warp of each path
 GATE_UP_CHUNK_CONFIGS = [dict(qtype="Q4_K", n_in=2048, n_ff=768, fused=f, q8=q8, rows_per_warp=gate_up_rows_per_warp(q8))
                          for f in (False, True) for q8 in (False, True)]
+# ... writing the q8_1 copy of its output for the dp4a down projection (what the int8 MoE decode runs)
+GATE_UP_CHUNK_CONFIGS += [dict(qtype="Q4_K", n_in=2048, n_ff=768, fused=f, q8=True, rows_per_warp=rpw,
+                               quantize_out=True) for f in (False, True) for rpw in (1, 2)]
 DOWN_CHUNK_CONFIGS = [dict(qtype=q, n_ff=768, n_out=2048, k=8, add_residual=r, q8=q8,
                            rows_per_warp=down_rows_per_warp(q, q8))
                       for q in ("Q4_K", "Q6_K", "Q6_K_P") for r in (False, True) for q8 in (False, True)]

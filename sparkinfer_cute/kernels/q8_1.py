@@ -82,6 +82,38 @@ def quantize_block_warp(x: Float32, block: Int32, lane: Int32, mQ: cute.Tensor, 
         mS[block] = d * qs
 
 
+@cute.jit
+def quantize_block_when_complete(pX: cute.Pointer, pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer,
+                                 pCnt: cute.Pointer, block: Int32, arrivals: cutlass.Constexpr[int], warp: Int32,
+                                 lane: Int32):
+    """For a kernel whose CTAs each write part of an f32 vector and that should also leave its q8_1 copy (the
+    input of the next int8 matmul) without a quantize launch: call it once per CTA, by every thread, after the
+    CTA's stores into q8_1 block ``block`` of ``pX``. The ``arrivals``-th CTA to finish that block (an int32
+    counter per block in ``pCnt``, zero before the launch) quantizes it with :func:`quantize_block_warp` (warp 0)
+    and puts the counter back to zero for the next launch / graph replay.
+
+    Release/acquire as in attention_decode.py's fused combine (the cooperative-groups grid-sync pattern): the
+    barrier orders the CTA's stores before lane 0's GPU-scope fence + acq_rel atomic; the last CTA fences before it
+    reads the block through L2 (``ld.global.cg``: other CTAs wrote it). No CTA waits for another: deadlock-free
+    under any residency. Uses no shared memory (the arrival count is broadcast with a warp shuffle)."""
+    cute.arch.sync_threads()
+    if warp == 0:
+        seen = Int32(0)
+        if lane == 0:
+            cute.arch.fence_acq_rel_gpu()
+            seen = cute.arch.atomic_add((pCnt + block).llvm_ptr, Int32(1), sem="acq_rel", scope="gpu")
+        seen = cute.arch.shuffle_sync(seen, 0)
+        if seen == arrivals - 1:
+            cute.arch.fence_acq_rel_gpu()
+            x = cute.arch.load((pX + block * QK8_1 + lane).llvm_ptr, Float32, cop="cg")
+            quantize_block_warp(x, block, lane, cute.make_tensor(pQ, cute.make_layout((block + 1) * QK8_1)),
+                                cute.make_tensor(pD, cute.make_layout(block + 1)),
+                                cute.make_tensor(pS, cute.make_layout(block + 1)))
+            if lane == 0:
+                cnt = cute.make_tensor(pCnt, cute.make_layout(block + 1))
+                cnt[block] = Int32(0)
+
+
 class RmsNormQ8_1:
     """Fused ``[s = x + r;] h = rmsnorm(s) * w`` -> h (f32) AND its q8_1 quantization (qs, d, s), one row per CTA.
 

@@ -91,6 +91,49 @@ def test_reference_gelu_gate(seed):
 @pytest.mark.gpu
 @settings(max_examples=2, deadline=None)
 @given(seed=SEEDS)
+@pytest.mark.parametrize("q,n_in,n_ff,fused,glu,rows_per_warp", [
+    ("Q4_K", 2048, 768, False, "silu", 1), ("Q4_K", 2048, 768, True, "silu", 2),  # chunk kernel (Qwen3 30B)
+    ("Q4_K", 2816, 704, True, "gelu_tanh", None),  # slice kernel (Gemma 4 26B-A4B experts)
+    ("Q5_0", 384, 384, False, "silu", None)])
+def test_gate_up_writes_q8_1_copy(q, n_in, n_ff, fused, glu, rows_per_warp, seed):
+    """``out_q8``: the gate/up kernel's own q8_1 copy of its output (each 32-row block quantized by the last CTA
+    that wrote into it) holds exactly the bits of the standalone quantize kernel on the same ``act``, the f32
+    ``act`` is unchanged by the option, and the arrival counters are back at zero: launched twice on one counter
+    buffer (the second launch with other experts), both must hold. q8_1 buffers poisoned (qs 0x7F, d/sum NaN)."""
+    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1
+    from sparkinfer_cute.runtime import DeviceArray
+
+    rng = np.random.default_rng(seed)
+    E, k = 16, 8
+    g, u = experts(q, E, n_ff, n_in, rng), experts(q, E, n_ff, n_in, rng)
+    wg, wu = (np.concatenate([g, u], axis=1), None) if fused else (g, u)
+    h = DeviceArray.from_numpy(rng.standard_normal(n_in).astype(np.float32))
+    hq = quantize_q8_1(h)
+    counters = DeviceArray.zeros((k * n_ff // 32,), np.int32)
+    for _ in range(2):
+        ids, _ = route(E, k, rng)
+        plain = _poisoned((k, n_ff))
+        moe_gate_up(wg, wu, q, hq, ids, n_ff, out=plain, act=glu, rows_per_warp=rows_per_warp)
+        act = _poisoned((k, n_ff))
+        xq = Q8Act(k, n_ff)
+        xq.qs.fill_bytes(0x7F)
+        xq.d.fill_bytes(0xFF)
+        xq.s.fill_bytes(0xFF)
+        moe_gate_up(wg, wu, q, hq, ids, n_ff, out=act, act=glu, rows_per_warp=rows_per_warp, out_q8=xq,
+                    counters=counters)
+        a = act.to_numpy()
+        np.testing.assert_array_equal(a.view(np.uint32), plain.to_numpy().view(np.uint32))
+        ref_qs, ref_d, ref_s = quantize_q8_1(a)
+        qs, d, sm = xq.to_numpy()
+        np.testing.assert_array_equal(qs, ref_qs.reshape(qs.shape))
+        np.testing.assert_array_equal(d.view(np.uint32), ref_d.reshape(d.shape).view(np.uint32))
+        np.testing.assert_array_equal(sm.view(np.uint32), ref_s.reshape(sm.shape).view(np.uint32))
+        assert (counters.to_numpy() == 0).all(), "arrival counters not reset"
+
+
+@pytest.mark.gpu
+@settings(max_examples=2, deadline=None)
+@given(seed=SEEDS)
 @pytest.mark.parametrize("glu", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("q,n_in,n_ff", [("Q8_0", 640, 2048), ("Q4_K", 2816, 2112), ("Q4_K", 2048, 768),
                                          ("Q5_0", 384, 384)])
