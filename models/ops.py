@@ -7,6 +7,7 @@ graph. ``launch_counter`` counts kernel launches (kernels per token in the bench
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,8 +46,13 @@ def enabled(name: str) -> bool:
 
 
 class _Counter:
+    """Kernel launches enqueued since the last reset. Only :func:`launches` adds to it, with the count the op
+    declares, and only for the outermost op of a nested call (an op built from other ops declares their launches
+    in its own count)."""
+
     def __init__(self):
         self.n = 0
+        self.depth = 0
 
     def reset(self):
         self.n = 0
@@ -59,6 +65,31 @@ class _Counter:
 
 
 launch_counter = _Counter()
+
+
+def launches(count):
+    """Declare how many kernels one call of the decorated op enqueues: an int, or a function of the op's own
+    arguments. This declaration is the one source of truth for kernel counts: the real ``launch_counter`` (the
+    benchmark's kernels per token) and the dry-run launch plan (models/launch_plan.py) both read it, so they cannot
+    disagree; the GPU test test_gpu_decode.py holds both against the kernel nodes of the captured CUDA graph."""
+    count_of = count if callable(count) else (lambda *args, **kwargs: count)
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            launch_counter.depth += 1
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                launch_counter.depth -= 1
+            if launch_counter.depth == 0:
+                launch_counter.add(count_of(*args, **kwargs))
+            return result
+
+        op.launches = count_of
+        return op
+
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------------- attention geometry
@@ -139,11 +170,12 @@ class AttentionWorkspace:
 
 
 # ---------------------------------------------------------------------------------------------- ops
+@launches(1)
 def embedding(w, tok, out, *, scale: float, stream):
     _emb.embedding(w.data, tok, out, qtype=w.qtype, n_embd=w.n_in, scale=scale, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def rmsnorm(x, w, out, eps: float, *, residual=None, stream, xq=None):
     """out = rmsnorm(x) * w; with ``residual``: x += residual first (x updated in place). With ``xq`` (a Q8Act) the
     same launch also writes q8_1(out) for the int8-activation GEMVs."""
@@ -158,13 +190,12 @@ def rmsnorm(x, w, out, eps: float, *, residual=None, stream, xq=None):
     else:
         _rms.rmsnorm_residual(residual, x, w.data.view(np.float32, (w.n_in,)), eps, out=out, residual_out=x,
                               stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def rmsnorm_heads(x, w, n_heads: int, head_dim: int, eps: float, *, stream):
     xv = x.view(np.float32, (n_heads, head_dim))
     _rms.rmsnorm(xv, w.data.view(np.float32, (head_dim,)), eps, out=xv, stream=stream)
-    launch_counter.add()
 
 
 # Which GEMVs run on int8 activations (q8_1 blocks of 32, dp4a) instead of f32: SPARKINFER_DP4A=auto|all|none.
@@ -196,65 +227,73 @@ def prefer_dp4a(w, auto: bool = True) -> bool:
     return auto and w.n_out >= 65536
 
 
+def _multi_launches(ws) -> int:
+    """Launches of :func:`gemv_qkv` / :func:`gemv_qk`: one (kernels/gemv_chunk.py GemvMulti) where the chunk
+    mapping applies to every matrix and ``fused_qkv`` is enabled, else one GEMV per matrix."""
+    fused = enabled("fused_qkv") and all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in ws)
+    return 1 if fused else len(ws)
+
+
 def new_q8(n: int, rows: int = 1):
     """Preallocated q8_1 activation buffers (graph capture must not allocate)."""
     return _q8.Q8Act(rows, n)
 
 
+@launches(1)
 def quantize(x, xq, *, stream):
     _q8.quantize_q8_1(x, out=xq, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def gemv(w, x, y, *, stream, xq=None):
     """y = W x over the raw quantized rows of W. With ``xq`` (the q8_1 copy of x, already quantized this step: the
     caller decided with :func:`prefer_dp4a`) the int8 path runs instead."""
     _gemv.gemv(w.data, w.qtype, xq if xq is not None else x, n_out=w.n_out, out=y, stream=stream)
-    launch_counter.add()
 
 
+@launches(lambda wq, wk, wv, *a, **k: _multi_launches((wq, wk, wv)))
 def gemv_qkv(wq, wk, wv, x, q, k, v, *, stream, xq=None):
     """q, k, v projections of one normed input: one launch (kernels/gemv_chunk.py GemvMulti) unless disabled."""
     if enabled("fused_qkv"):
         _gemv.gemv_multi([(wq.data, wq.qtype, q), (wk.data, wk.qtype, k), (wv.data, wv.qtype, v)],
                          xq if xq is not None else x, stream=stream)
-        # gemv_multi falls back to one launch per matrix where the chunk mapping does not apply
-        launch_counter.add(1 if all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in (wq, wk, wv)) else 3)
     else:
         for w, y in ((wq, q), (wk, k), (wv, v)):
             gemv(w, x, y, stream=stream, xq=xq)
 
 
+@launches(lambda wq, wk, *a, **k: _multi_launches((wq, wk)))
 def gemv_qk(wq, wk, x, q, k, *, stream, xq=None):
     """q and k projections of one normed input (K = V layers have no V projection): one launch where it applies."""
     if enabled("fused_qkv"):
         _gemv.gemv_multi([(wq.data, wq.qtype, q), (wk.data, wk.qtype, k)], xq if xq is not None else x, stream=stream)
-        launch_counter.add(1 if all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in (wq, wk)) else 2)
     else:
         for w, y in ((wq, q), (wk, k)):
             gemv(w, x, y, stream=stream, xq=xq)
 
 
+@launches(1)
 def glu(gate, up, out, *, act: str, stream):
     _glu.glu(gate, up, out, act=act, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def rope(x, n_heads: int, head_dim: int, n_rot: int, base: float, pos, *, stream, freq_factors=None):
     _rope.rope_neox(x.view(np.float32, (n_heads, head_dim)), pos, n_rot=n_rot, base=base,
                     freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32, (n_rot // 2,)),
                     stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def kv_append(kv: PagedKV, layer: int, k, v, pos, *, stream):
     D = kv.head_dim[layer]
     KV = kv.n_kv_head[layer]
     _kva.kv_cache_append(k.view(np.float32, (KV, D)), v.view(np.float32, (KV, D)), kv.k[layer], kv.v[layer],
                          kv.page_table, pos, stream=stream)
-    launch_counter.add()
 
 
+# split-KV + LSE combine in one launch, or two with fused_combine disabled
+@launches(lambda *a, **k: 1 if enabled("fused_combine") else 2)
 def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n_head: int, scale: float,
               window: int, stream, softcap: float = 0.0):
     D = kv.head_dim[layer]
@@ -264,9 +303,9 @@ def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n
                            scale=scale, window=window, softcap=softcap, num_splits=num_splits,
                            out=out.view(np.float32, (1, n_head, D)), o_partial=o_partial,
                            lse_partial=lse_partial, fused_combine=fused, counters=ws.counters, stream=stream)
-    launch_counter.add(1 if fused else 2)
 
 
+@launches(1)
 def qk_norm_rope_kv(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_head: int, n_rot: int, base: float,
                     eps: float, q_scale: float = 1.0, freq_factors=None, v_norm: bool = False, stream):
     """Fused per-head Q/K RMSNorm + NEOX RoPE (+ q scale) + fp16 KV append: one launch instead of five.
@@ -280,9 +319,10 @@ def qk_norm_rope_kv(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_
                            freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32,
                                                                                                  (n_rot // 2,)),
                            v_norm=v_norm, stream=stream)
-    launch_counter.add()
 
 
+# one fused launch, or two per-head norms + two ropes + the KV append
+@launches(lambda *a, **k: 1 if enabled("fused_qk") else 5)
 def qk_prologue(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_head: int, n_rot: int, base: float,
                 eps: float, q_scale: float, stream, freq_factors=None, v_norm: bool = False) -> float:
     """Between the q/k/v projections and attention: per-head Q/K RMSNorm, NEOX RoPE, fp16 KV append. One fused launch
@@ -315,63 +355,64 @@ class RouterState:
         self.counter = DeviceArray.zeros((1,), np.int32)
 
 
+@launches(1)
 def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream):
     """F32 router GEMV + softmax + top-k + renormalize in one launch (kernels/router.py RouterGemvTopK)."""
     _router.route_gemv(w.data, h, k, norm_topk=True, ids_out=ids, weights_out=weights, scratch=st.logits,
                        counter=st.counter, n_expert=w.n_out, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def router(logits, ids, weights, k: int, *, stream):
     _router.route(logits, k, norm_topk=True, ids_out=ids, weights_out=weights, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu"):
     """``hq`` (the q8_1 copy of h, already quantized this step): the dp4a kernel instead of the f32 one. ``w_up``
     None: ``w_gate`` is a fused [E, 2F, n_in] gate+up tensor (Gemma 4). ``glu``: the gate activation."""
     n_ff = w_gate.n_out if w_up is not None else w_gate.n_out // 2
     _moe.moe_gate_up(w_gate.data, None if w_up is None else w_up.data, w_gate.qtype, hq if hq is not None else h, ids,
                      n_ff, out=act, stream=stream, act=glu)
-    launch_counter.add()
 
 
+# with actq: the q8_1 quantization of act, then the down GEMV
+@launches(lambda *a, actq=None, **k: 1 if actq is None else 2)
 def moe_down(w_down, act, ids, weights, out, *, stream, actq=None):
     """``actq``: a preallocated Q8Act of k rows: act is quantized into it (one more launch) for the dp4a kernel."""
     if actq is not None:
         quantize(act, actq, stream=stream)
     _moe.moe_down(w_down.data, w_down.qtype, actq if actq is not None else act, ids, weights, w_down.n_out, out=out,
                   stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def residual_scale(x, f, s, *, stream):
     """``x = (x + f) * s`` (``s``: one f32 on the device: Gemma 4's layer_output_scale, or 1)."""
     _elem.residual_scale(x, f, s, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def softcap(x, cap: float, *, stream):
     """``x = cap * tanh(x / cap)`` in place (final logit softcapping)."""
     _elem.softcap(x, cap, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def expert_scale(weights, ids, scale, *, stream):
     """``weights[j] *= scale[ids[j]]``: a per-expert down scale folded into the routing weights."""
     _elem.gather_scale(weights, ids, scale.data.view(np.float32, (scale.n_in,)), stream=stream)
-    launch_counter.add()
 
 
 _argmax_ws = None
 
 
+@launches(2)  # chunk partials + final reduce
 def argmax(logits, out_id, *, stream):
     global _argmax_ws
     if _argmax_ws is None:
         _argmax_ws = Workspace()  # partials allocated at warm-up, reused (graph-stable) afterwards
     _am.argmax(logits, out=out_id, workspace=_argmax_ws, stream=stream)
-    launch_counter.add(2)  # chunk partials + final reduce
 
 
 # ---------------------------------------------------------------------------------------------- batched prefill
@@ -443,29 +484,31 @@ class PrefillBuffers:
             self.moe_y = DeviceArray.empty((chunk * k, E), f32)
 
 
+@launches(1)
 def embedding_rows(w, tok, out, T: int, *, scale: float, stream):
     _emb.embedding(w.data, tok, out, qtype=w.qtype, n_embd=w.n_in, scale=scale, n_tokens=T, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def rmsnorm_rows(x, w, out, T: int, eps: float, *, residual=None, xq=None, stream):
     """:func:`rmsnorm` over the first T rows (``xq``: also the q8_1 copy for the GEMMs)."""
     rmsnorm(rows(x, T), w, rows(out, T), eps, residual=None if residual is None else rows(residual, T), stream=stream,
             xq=xq)
 
 
+@launches(1)
 def quantize_rows(x, xq, T: int, *, stream):
     _q8.quantize_q8_1(rows(x, T), out=xq, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def gemm(w, xq, out, T: int, *, stream, accumulate: bool = False, w_up=None, act: str = "silu"):
     """``out[:T] (+)= W xq[:T]`` (or ``act(W xq) * (W_up xq)`` with ``w_up``) through the grouped GEMM."""
     _qgemm.quant_gemm(w.data, w.qtype, xq, w.n_out, out=out, w_up=None if w_up is None else w_up.data, act=act,
                accumulate=accumulate, n_rows=T, tile_tokens=PREFILL_TILE_TOKENS, stream=stream)
-    launch_counter.add()
 
 
+@launches(lambda w, h, out, T, **k: -(-T // 8))  # groups of <= 8 rows
 def gemv_rows(w, h, out, T: int, *, stream):
     """``out[:T] = h[:T] W^T`` with f32 activations through the decode GEMV, in groups of <= 8 rows (for a weight
     type the grouped GEMM does not take, e.g. a tied Q6_K embedding as the all-position LM head)."""
@@ -474,7 +517,6 @@ def gemv_rows(w, h, out, T: int, *, stream):
         r = min(8, T - r0)
         _gemv.gemv(w.data, w.qtype, h.view(np.float32, (r, n), offset_bytes=r0 * n * 4), n_out=w.n_out,
                    out=out.view(np.float32, (r, w.n_out), offset_bytes=r0 * w.n_out * 4), stream=stream)
-        launch_counter.add()
 
 
 def gemm_supports(w) -> bool:
@@ -482,6 +524,7 @@ def gemm_supports(w) -> bool:
     return w.qtype in _qgemm.SUPPORTED_QTYPES
 
 
+@launches(1)
 def qk_norm_rope_kv_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, q_norm, k_norm, *, n_head: int,
                          n_rot: int, base: float, eps: float, q_scale: float, stream, freq_factors=None,
                          v_norm: bool = False, k_eq_v: bool = False):
@@ -497,9 +540,9 @@ def qk_norm_rope_kv_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, q_
                            freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32,
                                                                                                  (n_rot // 2,)),
                            v_norm=v_norm, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def attention_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, *, n_head: int, scale: float, window: int,
                    stream, softcap: float = 0.0):
     D = kv.head_dim[layer]
@@ -511,9 +554,11 @@ def attention_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, *, n_hea
                            o_partial=ws.o_partial.view(np.float32, (T, n_head, 1, D)),
                            lse_partial=ws.lse_partial.view(np.float32, (T, n_head, 1)), fused_combine=True,
                            counters=ws.counters, stream=stream)
-    launch_counter.add()
 
 
+# router logits, top-k, align, gate+up GEMM, q8_1, down GEMM, combine: the 7 kernel calls below, one launch each (the
+# count added here before the declarations existed was 8: one too many per MoE layer of a prefill chunk)
+@launches(7)
 def moe_rows(w_router, w_gate, w_up, w_down, pf: PrefillBuffers, T: int, *, act: str = "silu", stream,
              accumulate_into=None, expert_scale=None, router_in=None, expert_in=None):
     """The routed-expert FFN of T tokens: router logits of ``router_in`` (default ``pf.h``) -> softmax/top-k -> sort
@@ -541,4 +586,3 @@ def moe_rows(w_router, w_gate, w_up, w_down, pf: PrefillBuffers, T: int, *, act:
     _moe_route.moe_combine(pf.moe_y, pf.sorted_pos, pf.wts.view(np.float32, (T, k)), pf.ids.view(np.int32, (T, k)),
                            rows(target, T), T, accumulate=accumulate_into is not None,
                            expert_scale=None if expert_scale is None else expert_scale.data, stream=stream)
-    launch_counter.add(8)
