@@ -46,6 +46,7 @@ class Launch:
     layer: int | None
     bytes: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     weights: tuple = ()   # names of the weights it reads
+    int8: bool = False    # its matmul input is a q8_1 activation (xq / hq / actq given)
 
     @property
     def total(self) -> int:
@@ -317,8 +318,9 @@ def launch_plan(g, cfg=None, *, depth: int = 0, sm_count: int = 132, name: str |
             current, seg = layers.pop(), "layer"
         elif ws and c.op != "embedding":
             current, seg = None, "output"  # output_norm / the LM head: the step's tail
+        int8 = any(c.kwargs.get(q) is not None for q in ("xq", "hq", "actq"))
         launches.append(Launch(c.op, c.kernels, seg, current if seg == "layer" else None,
-                               _traffic(c, m, depth, splits), tuple(w.name for w in ws)))
+                               _traffic(c, m, depth, splits), tuple(w.name for w in ws), int8))
     minimum, per_layer = minimum_bytes(g, cfg, [n for n in m.weight_names()], m.attn_layers, depth)
     kinds = {l: layer_kind(cfg, l) for l in range(cfg.n_layer)}
     return LaunchPlan(name or getattr(g, "path", "?"), cfg.arch, depth, launches, minimum, kinds, per_layer)
