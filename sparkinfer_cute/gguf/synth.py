@@ -1094,7 +1094,10 @@ class _MetadataRecorder:
     def _put(self, key, value, *_):
         self.metadata[key] = list(value) if isinstance(value, (list, tuple)) else value
 
-    add_string = add_uint32 = add_float32 = add_bool = add_array = _put
+    def add_float32(self, key, value):
+        self._put(key, float(np.float32(value)))  # as the file stores it
+
+    add_string = add_uint32 = add_bool = add_array = _put
 
 
 class SyntheticHeader:
