@@ -289,10 +289,12 @@ def minimum_bytes(g, cfg, weight_names, attn_layers, depth: int) -> tuple[dict, 
     return total, per_layer
 
 
-def launch_plan(g, cfg=None, *, depth: int = 0, sm_count: int = 132, name: str | None = None) -> LaunchPlan:
+def launch_plan(g, cfg=None, *, depth: int = 0, sm_count: int = 132, max_context: int | None = None,
+                name: str | None = None) -> LaunchPlan:
     """The decode launch plan of ``g`` (a GGUFFile, a path or a SyntheticHeader) at KV depth ``depth`` (the token
-    is decoded at position ``depth``). ``sm_count`` sets the split-KV count where a layer has no compile-gated config
-    (models/ops.py attention_splits; only activation bytes depend on it: H100 132 SMs by default)."""
+    is decoded at position ``depth``). ``sm_count`` and ``max_context`` (default ``max(64, depth + 1)``) set the
+    split-KV counts as the GPU build chooses them (models/ops.py attention_splits; only activation bytes depend on
+    them: H100 132 SMs by default)."""
     from sparkinfer_cute.gguf.config import load_config
     from sparkinfer_cute.models.ops import attention_splits
 
@@ -303,7 +305,9 @@ def launch_plan(g, cfg=None, *, depth: int = 0, sm_count: int = 132, name: str |
 
         g = GGUFFile(g)
     cfg = cfg if cfg is not None else load_config(g)
-    max_context = max(64, depth + 1)
+    max_context = max(64, depth + 1) if max_context is None else max_context
+    if max_context <= depth:
+        raise ValueError(f"max_context {max_context} leaves no room for position {depth}")
     m, calls = record(g, cfg, path="decode", max_context=max_context)
     splits = [attention_splits(geo, max_context, sm_count) for geo in m.attn_layers]
     launches, current, seg = [], None, "embed"

@@ -52,7 +52,8 @@ def decode_plan(model, depth: int):
     accounting of kernels and bytes per token, shared with ``python -m sparkinfer_cute.perf_model``."""
     from sparkinfer_cute.models.launch_plan import launch_plan
 
-    return launch_plan(model.g, model.cfg, depth=depth, sm_count=model.device.sm_count)
+    return launch_plan(model.g, model.cfg, depth=depth, sm_count=model.device.sm_count,
+                       max_context=model.max_context)
 
 
 def run_llama_bench(path: str, exe: str, p: int, n: int, d: int, reps: int) -> dict:
