@@ -149,3 +149,50 @@ def test_header_plan_equals_file_plan(auto_build, tmp_path):
         b = launch_plan(synthetic_header(arch, "tiny"), depth=40).to_dict()
         a.pop("model"), b.pop("model")
         assert a == b
+
+
+def test_live_counter_counts_the_outermost_declaration(monkeypatch):
+    """An op built from other ops (moe_down with int8 activations calls quantize) adds its own declared count once,
+    not its parts' too: the live counter and the dry run read the same number."""
+    monkeypatch.setattr(ops, "launch_counter", ops._Counter())
+
+    @ops.launches(1)
+    def inner():
+        pass
+
+    @ops.launches(lambda n: n + 1)
+    def outer(n):
+        for _ in range(n):
+            inner()
+
+    outer(3)
+    inner()
+    assert ops.launch_counter.count() == 4 + 1 and outer.launches(3) == 4
+    assert ops.launch_counter.depth == 0
+
+
+def test_every_kernel_calling_op_declares_its_launches():
+    """Static check of models/ops.py: a public module-level function that calls into a kernel module (the ``_name``
+    aliases of sparkinfer_cute.kernels imports) carries ``@launches``, so no launch escapes the count (the dry run
+    also refuses an undeclared op when a forward calls it: test_undeclared_op_is_refused)."""
+    import ast
+    from pathlib import Path
+
+    src = Path(ops.__file__).read_text()
+    tree = ast.parse(src)
+    kernel_aliases = {a.asname for n in tree.body if isinstance(n, ast.ImportFrom)
+                      and (n.module or "").startswith("sparkinfer_cute.kernels") for a in n.names if a.asname}
+    assert {"_gemv", "_attn", "_moe", "_q8"} <= kernel_aliases
+    missing = []
+    for fn in tree.body:
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        calls_kernel = any(isinstance(x, ast.Attribute) and isinstance(x.value, ast.Name)
+                           and x.value.id in kernel_aliases for x in ast.walk(fn))
+        declared = any(isinstance(d, ast.Call) and getattr(d.func, "id", None) == "launches"
+                       for d in fn.decorator_list)
+        helper = fn.name.startswith("_") or fn.name in ("new_q8", "attention_splits", "gemm_supports")
+        if calls_kernel and not declared and not helper:  # helpers query kernels, or are called by a declared op
+            missing.append(fn.name)
+    assert not missing, f"models/ops.py functions launching kernels without @launches: {missing}"
+    assert src.count("launch_counter.add(") == 1  # only the decorator adds
