@@ -31,7 +31,7 @@ PATHS = ("decode", "prefill", "prefill_all_logits")
 REAL = frozenset({"enabled", "dp4a_for", "prefer_dp4a", "attention_geometry", "AttentionGeometry", "gemm_supports",
                   "rows", "row", "launches", "attention_splits"})
 # ops that allocate and launch nothing (their recorder returns a sized stand-in buffer)
-NO_LAUNCH = frozenset({"new_q8"})
+NO_LAUNCH = frozenset({"new_q8", "dense_expert_ids"})
 Q8_1_BYTES_PER_VALUE = 1.25  # int8 value + f32 scale and f32 sum per block of 32 (kernels/q8_1.py Q8Act)
 
 
@@ -127,9 +127,11 @@ def _recorder(name: str, op, calls: list):
         return refuse
 
     def rec(*args, **kwargs):
-        if name == "new_q8":  # an allocation: recorded as the buffer it returns, not as a call
+        if name == "new_q8":  # allocations: recorded as the buffer they return, not as calls
             n, rows = args[0], (args[1] if len(args) > 1 else kwargs.get("rows", 1))
             return DryArray((rows, n), "q8_1")
+        if name == "dense_expert_ids":
+            return DryArray((1,), np.int32)
         calls.append(OpCall(name, args, kwargs, int(count(*args, **kwargs))))
         return 1.0 if name == "qk_prologue" else Inert()  # qk_prologue returns the scale attention applies
     return rec

@@ -35,6 +35,7 @@ class Gemma3GPU(GPUDecoder):
         self.gate = DeviceArray.empty((c.n_ff,), f32)
         self.up = DeviceArray.empty((c.n_ff,), f32)
         self.act = DeviceArray.empty((c.n_ff,), f32)
+        self.dense_ids = ops.dense_expert_ids()       # the dense GLU as expert 0 of the MoE gate/up kernel
         self.f = DeviceArray.empty((E,), f32)
         # 27B rule (gemma3.cpp): 1/sqrt(n_embd/n_head) for 62 layers, else 1/sqrt(head_dim)
         self.q_scale = 1.0 / math.sqrt(E // H) if c.n_layer == 62 else 1.0 / math.sqrt(D)
@@ -59,9 +60,8 @@ class Gemma3GPU(GPUDecoder):
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream)
             ops.rmsnorm(self.o, w[p + "post_attention_norm.weight"], self.delta, eps, stream=stream)
             ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=stream)
-            ops.gemv(w[p + "ffn_gate.weight"], self.h, self.gate, stream=stream)
-            ops.gemv(w[p + "ffn_up.weight"], self.h, self.up, stream=stream)
-            ops.glu(self.gate, self.up, self.act, act="gelu_tanh", stream=stream)
+            ops.dense_glu(w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], self.h, self.gate, self.up, self.act,
+                          act="gelu_tanh", ids0=self.dense_ids, stream=stream)
             ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=stream)
             ops.rmsnorm(self.f, w[p + "post_ffw_norm.weight"], self.delta, eps, stream=stream)
         if n_layers is not None:

@@ -70,6 +70,7 @@ class Gemma4GPU(GPUDecoder):
         self.gate = DeviceArray.empty((n_ff,), f32)
         self.up = DeviceArray.empty((n_ff,), f32)
         self.act = DeviceArray.empty((n_ff,), f32)
+        self.dense_ids = ops.dense_expert_ids()      # the dense GLU as expert 0 of the MoE gate/up kernel
         self.f = DeviceArray.empty((E,), f32)        # dense MLP output
         self.m = DeviceArray.empty((E,), f32)        # the FFN sum before post_ffw_norm
         self.fn = DeviceArray.empty((E,), f32)       # rmsnorm(m, post_ffw_norm): added to x
@@ -127,19 +128,15 @@ class Gemma4GPU(GPUDecoder):
                             w[p + "attn_k_norm.weight"], self.pos_buf, n_head=a.n_head, n_rot=a.n_rot,
                             base=a.rope_base, eps=eps, q_scale=1.0, stream=stream, v_norm=True,
                             freq_factors=self.rope_freqs if c.uses_rope_freqs(l) else None)
+            aq = self.attnq if self.q8_attn else None  # the int8 O projection's input, quantized by attention
             ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
-                          scale=c.attn_scale, window=a.window, stream=stream)
-            aq = None
-            if self.q8_attn:
-                ops.quantize(self.attn, self.attnq, stream=stream)
-                aq = self.attnq
+                          scale=c.attn_scale, window=a.window, stream=stream, xq=aq)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream, xq=aq)
             ops.rmsnorm(self.o, w[p + "post_attention_norm.weight"], self.delta, eps, stream=stream)
             # x1 = x + delta (in place), h = rmsnorm(x1, ffn_norm): the dense MLP's input
             ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=stream)
-            ops.gemv(w[p + "ffn_gate.weight"], self.h, self.gate, stream=stream)
-            ops.gemv(w[p + "ffn_up.weight"], self.h, self.up, stream=stream)
-            ops.glu(self.gate, self.up, self.act, act="gelu_tanh", stream=stream)
+            ops.dense_glu(w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], self.h, self.gate, self.up, self.act,
+                          act="gelu_tanh", ids0=self.dense_ids, stream=stream)
             ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=stream)
             if c.is_moe(l):
                 self._moe_step(l, stream)

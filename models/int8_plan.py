@@ -31,6 +31,7 @@ F32_WEIGHT_OPS = frozenset({
     "qk_prologue", "qk_norm_rope_kv", "qk_norm_rope_kv_rows",
     "router_gemv", "router",                          # the F32 router: f32 activations
     "gemv_rows",                                      # the f32 decode GEMV over prefill rows (LM head fallback)
+    "dense_glu",                                      # a dense GLU's gate+up (f32 activations: no xq argument)
     "expert_scale",                                   # a per-expert scale vector
 })
 INT8_OPS = {  # op -> (is the call int8?, which weights take the int8 input)

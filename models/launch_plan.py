@@ -26,6 +26,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from sparkinfer_cute.models import ops
 from sparkinfer_cute.models.dry_run import DryArray, OpCall, record
 from sparkinfer_cute.runtime.weights import QWeight
 
@@ -47,6 +48,7 @@ class Launch:
     bytes: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     weights: tuple = ()   # names of the weights it reads
     int8: bool = False    # its matmul input is a q8_1 activation (xq / hq / actq given)
+    parts: tuple = ()     # ((kernel, count), ...): what the launches are, for ops built from several kernels
 
     @property
     def total(self) -> int:
@@ -177,6 +179,15 @@ def _traffic(c: OpCall, m, depth: int, splits) -> dict:
         b["dense"] += sum(w.nbytes for w in ws)
         b["act_read"] += _vec(xq, ws[0].n_in) if xq is not None else ws[0].n_in * F32
         b["act_write"] += sum(w.n_out for w in ws) * F32
+    elif op == "dense_glu":
+        wg, wu = a[0], a[1]
+        n_ff = wg.n_out
+        b["dense"] += wg.nbytes + wu.nbytes
+        b["act_read"] += wg.n_in * F32
+        b["act_write"] += n_ff * F32
+        if c.kernels > 1:  # unfused: gate and up written, read back by the GLU kernel
+            b["act_write"] += 2 * n_ff * F32
+            b["act_read"] += 2 * n_ff * F32
     elif op == "glu":
         b["act_read"] += _nbytes(a[0]) + _nbytes(a[1])
         b["act_write"] += _nbytes(a[2])
@@ -205,6 +216,10 @@ def _traffic(c: OpCall, m, depth: int, splits) -> dict:
         b["kv_read"] += _kv_entry(g) * attended_positions(g, depth)
         b["act_read"] += nq * F32
         b["act_write"] += nq * F32
+        if kw.get("xq") is not None:  # the q8_1 copy for the int8 O projection
+            b["act_write"] += nq * Q8
+            if not ops.enabled("fused_attn_q8"):  # written by a quantize kernel that reads the output back
+                b["act_read"] += nq * F32
         if S > 1:  # split partials (o, lse) written by every split and read back by the combine
             part = (nq * S + kw["n_head"] * S) * F32
             b["act_write"] += part
@@ -253,6 +268,31 @@ def _traffic(c: OpCall, m, depth: int, splits) -> dict:
     return {k: round(v) for k, v in b.items()}
 
 
+def kernel_parts(c: OpCall) -> tuple:
+    """The kernels behind one op call, as ((name, count), ...) named after the models/ops.py op each one is (the
+    performance model prices a kernel by its class). Checked against the op's declared count."""
+    kw = c.kwargs
+    if c.op == "moe_down" and kw.get("actq") is not None:
+        parts = (("quantize", 1), ("moe_down", 1))
+    elif c.op == "attention" and kw.get("xq") is not None and not ops.enabled("fused_attn_q8"):
+        parts = (("attention", c.kernels - 1), ("quantize", 1))
+    elif c.op == "qk_prologue" and not ops.enabled("fused_qk"):
+        parts = (("rmsnorm_heads", 2), ("rope", 2), ("kv_append", 1))
+    elif c.op == "qk_prologue":
+        parts = (("qk_norm_rope_kv", 1),)
+    elif c.op in ("gemv_qkv", "gemv_qk") and c.kernels > 1:
+        parts = (("gemv", c.kernels),)
+    elif c.op == "dense_glu" and c.kernels > 1:
+        parts = (("gemv", 2), ("glu", 1))
+    elif c.op == "dense_glu":
+        parts = (("moe_gate_up", 1),)  # the MoE gate/up kernel with the dense weights as its one expert
+    else:
+        parts = ((c.op, c.kernels),)
+    if sum(n for _, n in parts) != c.kernels:
+        raise ValueError(f"{c.op}(): parts {parts} do not add up to its declared {c.kernels} launches")
+    return parts
+
+
 def _weights_of(c: OpCall) -> list[QWeight]:
     return [x for x in list(c.args) + list(c.kwargs.values()) if isinstance(x, QWeight)]
 
@@ -290,11 +330,21 @@ def minimum_bytes(g, cfg, weight_names, attn_layers, depth: int) -> tuple[dict, 
 
 
 def launch_plan(g, cfg=None, *, depth: int = 0, sm_count: int = 132, max_context: int | None = None,
-                name: str | None = None) -> LaunchPlan:
+                disabled=frozenset(), name: str | None = None) -> LaunchPlan:
     """The decode launch plan of ``g`` (a GGUFFile, a path or a SyntheticHeader) at KV depth ``depth`` (the token
     is decoded at position ``depth``). ``sm_count`` and ``max_context`` (default ``max(64, depth + 1)``) set the
     split-KV counts as the GPU build chooses them (models/ops.py attention_splits; only activation bytes depend on
-    them: H100 132 SMs by default)."""
+    them: H100 132 SMs by default). ``disabled``: speed passes switched off on top of ``SPARKINFER_DISABLE`` (the
+    plan of an older build, e.g. the one a benchmark measured)."""
+    saved = ops.DISABLED
+    ops.DISABLED = saved | frozenset(disabled)
+    try:
+        return _launch_plan(g, cfg, depth, sm_count, max_context, name)
+    finally:
+        ops.DISABLED = saved
+
+
+def _launch_plan(g, cfg, depth: int, sm_count: int, max_context: int | None, name: str | None) -> LaunchPlan:
     from sparkinfer_cute.gguf.config import load_config
     from sparkinfer_cute.models.ops import attention_splits
 
@@ -324,7 +374,7 @@ def launch_plan(g, cfg=None, *, depth: int = 0, sm_count: int = 132, max_context
             current, seg = None, "output"  # output_norm / the LM head: the step's tail
         int8 = any(c.kwargs.get(q) is not None for q in ("xq", "hq", "actq"))
         launches.append(Launch(c.op, c.kernels, seg, current if seg == "layer" else None,
-                               _traffic(c, m, depth, splits), tuple(w.name for w in ws), int8))
+                               _traffic(c, m, depth, splits), tuple(w.name for w in ws), int8, kernel_parts(c)))
     minimum, per_layer = minimum_bytes(g, cfg, [n for n in m.weight_names()], m.attn_layers, depth)
     kinds = {l: layer_kind(cfg, l) for l in range(cfg.n_layer)}
     return LaunchPlan(name or getattr(g, "path", "?"), cfg.arch, depth, launches, minimum, kinds, per_layer)

@@ -277,6 +277,32 @@ def glu(gate, up, out, *, act: str, stream):
     _glu.glu(gate, up, out, act=act, stream=stream)
 
 
+def dense_expert_ids():
+    """The expert-id buffer of :func:`dense_glu` (one int32 0; allocate with the model's buffers, not in a capture)."""
+    return DeviceArray.zeros((1,), np.int32)
+
+
+def _dense_glu_fused(w_gate, w_up) -> bool:
+    """Whether :func:`dense_glu` runs as one launch of the MoE gate/up kernel."""
+    return (enabled("fused_dense_glu") and w_gate.qtype == w_up.qtype and w_gate.n_in == w_up.n_in
+            and w_gate.n_out == w_up.n_out and _moe.dense_glu_supported(w_gate.qtype, w_gate.n_in))
+
+
+# one fused launch, else the gate GEMV, the up GEMV and the GLU kernel
+@launches(lambda w_gate, w_up, *a, **k: 1 if _dense_glu_fused(w_gate, w_up) else 3)
+def dense_glu(w_gate, w_up, x, gate, up, out, *, act: str, ids0, stream):
+    """``out = act(W_gate x) * (W_up x)`` (a dense GLU MLP's first half). One launch where it applies: the MoE gate/up
+    kernel (kernels/moe_ffn.py) with the dense weights as the only expert (``ids0``: :func:`dense_expert_ids`),
+    the activation applied in registers, ``gate``/``up`` never written; else (``fused_dense_glu`` disabled, float
+    weights, mixed types) two GEMVs into ``gate``/``up`` and the GLU kernel."""
+    if _dense_glu_fused(w_gate, w_up):
+        _moe.moe_gate_up(w_gate.data, w_up.data, w_gate.qtype, x, ids0, w_gate.n_out, out=out, stream=stream, act=act)
+        return
+    gemv(w_gate, x, gate, stream=stream)
+    gemv(w_up, x, up, stream=stream)
+    glu(gate, up, out, act=act, stream=stream)
+
+
 @launches(1)
 def rope(x, n_heads: int, head_dim: int, n_rot: int, base: float, pos, *, stream, freq_factors=None):
     _rope.rope_neox(x.view(np.float32, (n_heads, head_dim)), pos, n_rot=n_rot, base=base,
@@ -292,17 +318,29 @@ def kv_append(kv: PagedKV, layer: int, k, v, pos, *, stream):
                          kv.page_table, pos, stream=stream)
 
 
-# split-KV + LSE combine in one launch, or two with fused_combine disabled
-@launches(lambda *a, **k: 1 if enabled("fused_combine") else 2)
+def _attention_launches(*args, xq=None, **kwargs) -> int:
+    """Split-KV + LSE combine in one launch (two with ``fused_combine`` disabled), plus the q8_1 quantization of the
+    output when ``xq`` is asked for and the kernel does not write it itself (``fused_attn_q8`` disabled)."""
+    return (1 if enabled("fused_combine") else 2) + (1 if xq is not None and not enabled("fused_attn_q8") else 0)
+
+
+@launches(_attention_launches)
 def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n_head: int, scale: float,
-              window: int, stream, softcap: float = 0.0):
+              window: int, stream, softcap: float = 0.0, xq=None):
+    """``xq`` (a Q8Act of ``out``'s size): also its q8_1 copy for the int8 O projection, written by the attention
+    kernel itself (the combining CTA quantizes what it writes: no quantize launch) unless ``fused_attn_q8`` is
+    disabled."""
     D = kv.head_dim[layer]
     fused = enabled("fused_combine")  # split-KV + LSE combine in one launch (last CTA of a head group combines)
+    fused_q8 = xq is not None and enabled("fused_attn_q8")
     num_splits, o_partial, lse_partial = ws.partials(layer)
     _attn.attention_decode(q.view(np.float32, (n_head, D)), kv.k[layer], kv.v[layer], kv.page_table, pos,
                            scale=scale, window=window, softcap=softcap, num_splits=num_splits,
                            out=out.view(np.float32, (1, n_head, D)), o_partial=o_partial,
-                           lse_partial=lse_partial, fused_combine=fused, counters=ws.counters, stream=stream)
+                           lse_partial=lse_partial, fused_combine=fused, counters=ws.counters, stream=stream,
+                           out_q8=xq if fused_q8 else None)
+    if xq is not None and not fused_q8:
+        quantize(out, xq, stream=stream)
 
 
 @launches(1)

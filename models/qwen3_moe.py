@@ -57,12 +57,9 @@ class Qwen3MoeGPU(GPUDecoder):
                                                       w[p + "attn_k_norm.weight"], self.pos_buf,
                                                       n_head=a.n_head, n_rot=a.n_rot, base=a.rope_base, eps=eps,
                                                       q_scale=1.0, stream=stream)
+            aq = self.attnq if self.q8_attn else None  # the int8 O projection's input, quantized by attention
             ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
-                          scale=attn_scale, window=a.window, stream=stream)
-            aq = None
-            if self.q8_attn:
-                ops.quantize(self.attn, self.attnq, stream=stream)
-                aq = self.attnq
+                          scale=attn_scale, window=a.window, stream=stream, xq=aq)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.delta, stream=stream, xq=aq)
             hq = self.hq if self.q8_moe else None
             ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=stream, xq=hq)

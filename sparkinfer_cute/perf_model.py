@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +73,7 @@ PUBLISHED = {
                 "https://github.com/ggml-org/llama.cpp/blob/master/benches/dgx-spark.md")),
 }
 
-# op -> kernel class (moe_down with int8 activations is a quantize kernel + a moe kernel)
+# kernel (models/launch_plan.py kernel_parts names) -> fitted class; any other kernel is "other"
 KERNEL_CLASS = {"gemv": "gemv", "gemv_qkv": "gemv", "gemv_qk": "gemv", "moe_gate_up": "moe", "moe_down": "moe",
                 "quantize": "quantize", "rmsnorm": "rmsnorm"}
 FITTED = ("gemv", "moe", "quantize", "rmsnorm")
@@ -124,16 +125,15 @@ def fit_classes(micro: dict, source: str = "microbench") -> dict:
 
 
 def _class_of(launch) -> list[tuple[str, int]]:
-    """(class key, kernels) of one planned launch: the fitted class and path where there is one, else ``other``."""
-    cls = KERNEL_CLASS.get(launch.op)
-    if cls in ("gemv", "moe"):
-        int8 = launch.int8
-        if launch.op == "moe_down" and int8:
-            return [("quantize", 1), (f"moe/{'dp4a' if int8 else 'float'}", launch.kernels - 1)]
-        return [(f"{cls}/{'dp4a' if int8 else 'float'}", launch.kernels)]
-    if cls is not None:
-        return [(cls, launch.kernels)]
-    return [("other", launch.kernels)]
+    """(class key, kernels) of one planned launch, kernel by kernel (its ``parts``): the fitted class and path
+    (dp4a when the call's matmul input is q8_1) where there is one, else ``other``."""
+    out = []
+    for kernel, n in launch.parts or ((launch.op, launch.kernels),):
+        cls = KERNEL_CLASS.get(kernel, "other")
+        if cls in ("gemv", "moe"):
+            cls = f"{cls}/{'dp4a' if launch.int8 else 'float'}"
+        out.append((cls, n))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -207,7 +207,7 @@ def hardware(micro: dict) -> tuple[Hardware, list[Hardware]]:
     H100's measured copy/datasheet ratio)."""
     h_copy = micro["copy_GBps"] * 1e9
     frac = h_copy / H100_DATASHEET_BW
-    h100 = Hardware("H100 (measured)", h_copy, int(micro.get("l2_bytes", 50 << 20)), L2_BW_OVER_DRAM * h_copy)
+    h100 = Hardware("H100", h_copy, int(micro.get("l2_bytes", 50 << 20)), L2_BW_OVER_DRAM * h_copy)
     bw = [Hardware(d.name, d.dram_bw * frac, d.l2_bytes, L2_BW_OVER_DRAM * d.dram_bw * frac) for d in DEVICES]
     return h100, bw
 
@@ -230,7 +230,21 @@ def synth_spec(s: str) -> tuple[str, str]:
     return arch, preset
 
 
-def build_plan(model: str | None, synth: tuple[str, str] | None, depth: int):
+def passes(s: str) -> frozenset:
+    """argparse type for ``--calibrate-disable``: SPARKINFER_DISABLE pass names that models/ops.py knows."""
+    import argparse
+    import inspect
+
+    from sparkinfer_cute.models import ops
+
+    known = set(re.findall(r'enabled\("(\w+)"\)', inspect.getsource(ops)))
+    names = frozenset(x.strip() for x in s.split(",") if x.strip())
+    if not names or names - known:
+        raise argparse.ArgumentTypeError(f"{s!r}: unknown pass (models/ops.py knows {', '.join(sorted(known))})")
+    return names
+
+
+def build_plan(model: str | None, synth: tuple[str, str] | None, depth: int, disabled=frozenset()):
     """The launch plan of a GGUF file or a synthetic preset's header (refusals as one-line errors)."""
     from sparkinfer_cute.errors import SparkinferError
     from sparkinfer_cute.models.launch_plan import launch_plan
@@ -239,10 +253,11 @@ def build_plan(model: str | None, synth: tuple[str, str] | None, depth: int):
         if synth is not None:
             from sparkinfer_cute.gguf.synth import synthetic_header
 
-            return launch_plan(synthetic_header(*synth), depth=depth, name=f"{synth[0]}:{synth[1]} (synthetic shape)")
+            return launch_plan(synthetic_header(*synth), depth=depth, disabled=disabled,
+                               name=f"{synth[0]}:{synth[1]} (synthetic shape)")
         from sparkinfer_cute.gguf import GGUFFile
 
-        return launch_plan(GGUFFile(model), depth=depth, name=os.path.basename(model))
+        return launch_plan(GGUFFile(model), depth=depth, disabled=disabled, name=os.path.basename(model))
     except SparkinferError as e:
         fail(str(e))
     except KeyError as e:
@@ -303,8 +318,14 @@ def predict_main(argv) -> int:
     ap.add_argument("--arch", default="qwen3moe", help="which benchmark rows calibrate (latest of this arch)")
     ap.add_argument("--calibrate-synth", type=synth_spec,
                     help="ARCH:PRESET whose plan the bench row ran (default: the real-shape preset of --arch)")
+    ap.add_argument("--calibrate-disable", type=passes, default=frozenset(),
+                    help="speed passes the benchmarked build did not have (comma-separated SPARKINFER_DISABLE names), "
+                         "so that its plan is the build that was measured")
     ap.add_argument("--synth", type=synth_spec, action="append",
                     help=f"models to predict (repeatable; default {', '.join(BASKET)})")
+    ap.add_argument("--disable", type=passes, default=frozenset(),
+                    help="predict the build without these speed passes (comma-separated SPARKINFER_DISABLE names): "
+                         "a pass's predicted gain is the difference")
     ap.add_argument("--depth", type=int_at_least(0), default=64,
                     help="KV depth of the predicted tokens (default 64: the mean of a tg128 run from position 0)")
     ap.add_argument("--l2", choices=("lru", "persist"), default="lru",
@@ -326,7 +347,11 @@ def predict_main(argv) -> int:
         costs = fit_classes(micro, os.path.basename(args.microbench))
         h100, blackwell = hardware(micro)
         cal_depth = int(bench.get("gen", 128)) // 2
-        cal_plan = build_plan(None, cal_synth, cal_depth)
+        cal_plan = build_plan(None, cal_synth, cal_depth, args.calibrate_disable)
+        if bench.get("kernels_per_token") not in (None, cal_plan.kernels_per_token):
+            fail(f"the bench row measured {bench['kernels_per_token']} kernels/token, the plan of "
+                 f"{cal_synth[0]}:{cal_synth[1]} has {cal_plan.kernels_per_token}: not the same build (name the "
+                 "passes it lacked with --calibrate-disable)")
         tps = float(bench["decode_tps_median"])
         a_other = calibrate_other(cal_plan, costs, h100, tps)
     except (KeyError, TypeError, ValueError, np.linalg.LinAlgError) as e:
@@ -334,8 +359,9 @@ def predict_main(argv) -> int:
     costs["other"] = ClassCost(a_other, costs["gemv/dp4a"].eta,
                                f"fallback, solved from {bench.get('model', '?')} {tps:.1f} tok/s ({args.bench})")
     print(f"calibration: H100 {bench.get('gpu', '?')} decode {tps:.1f} tok/s on {bench.get('model', '?')} "
-          f"({bench.get('date', '?')}), bench kernels/token {bench.get('kernels_per_token')} vs plan "
-          f"{cal_plan.kernels_per_token} ({cal_synth[0]}:{cal_synth[1]}, depth {cal_depth})")
+          f"({bench.get('date', '?')}), bench kernels/token {bench.get('kernels_per_token')} = plan "
+          f"{cal_plan.kernels_per_token} ({cal_synth[0]}:{cal_synth[1]}, depth {cal_depth}"
+          + (f", without {','.join(sorted(args.calibrate_disable))})" if args.calibrate_disable else ")"))
     print(f"copy bandwidth {h100.copy_bw / 1e9:.0f} GB/s, L2 {h100.l2_bytes >> 20} MiB (measured, "
           f"{os.path.basename(args.microbench)}); Blackwell BW = datasheet x {h100.copy_bw / H100_DATASHEET_BW:.3f}")
     print(f"{'class':<12} {'a (us)':>7} {'eta':>6}  source")
@@ -352,7 +378,7 @@ def predict_main(argv) -> int:
     print(f"\n{'model':<22} {'device':<18} {'kern':>5} {'GB/tok':>7} {'fixed ms':>8} {'stream ms':>9} {'L2 ms':>6} "
           f"{'tok/s':>7} {'<=4/layer':>9} {'+min B':>7} {'roofline':>8}  llama.cpp published")
     for spec in args.synth or [synth_spec(s) for s in BASKET]:
-        plan = build_plan(None, spec, args.depth)
+        plan = build_plan(None, spec, args.depth, args.disable)
         rec = out["models"][f"{spec[0]}:{spec[1]}"] = {"plan": plan.to_dict(), "devices": {}}
         for hw in (h100, *blackwell):
             t, parts = token_time(plan, costs, hw, l2_policy=args.l2, breakdown=True)

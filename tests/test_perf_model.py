@@ -18,9 +18,9 @@ from sparkinfer_cute.models.launch_plan import KINDS, Launch, LaunchPlan
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _launch(op, kernels, *, segment="layer", layer=0, int8=False, **b):
+def _launch(op, kernels, *, segment="layer", layer=0, int8=False, parts=(), **b):
     return Launch(op, kernels, segment, layer if segment == "layer" else None, {**dict.fromkeys(KINDS, 0), **b},
-                  (), int8)
+                  (), int8, parts)
 
 
 def _plan(launches, n_layer=1):
@@ -39,7 +39,8 @@ HW = pm.Hardware("test", 1e12, 1 << 20, 4e12)
 def test_token_time_known_inputs():
     plan = _plan([
         _launch("gemv", 1, int8=True, dense=8_000_000, act_read=2_000, act_write=2_000),
-        _launch("moe_down", 2, int8=True, routed=9_000_000, act_write=4_000),
+        _launch("moe_down", 2, int8=True, routed=9_000_000, act_write=4_000,
+                parts=(("quantize", 1), ("moe_down", 1))),
         _launch("attention", 1, kv_read=4_000_000),
     ])
     t, parts = pm.token_time(plan, COSTS, HW, breakdown=True)
@@ -113,18 +114,18 @@ def test_committed_h100_files_reproduce_the_calibration(tmp_path):
     out = tmp_path / "pred.json"
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.perf_model", "--bench", str(ROOT / "results" /
                         "bench.jsonl"), "--microbench", str(micro), "--synth", "qwen3moe:30b-a3b", "--synth",
-                        "gemma4:26b-a4b", "--json", str(out)], capture_output=True, text=True, timeout=300,
-                       check=False)
+                        "gemma4:26b-a4b", "--calibrate-disable", "fused_attn_q8", "--disable", "fused_attn_q8",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     d = json.loads(out.read_text())
     q = d["models"]["qwen3moe:30b-a3b"]["devices"]
-    assert q["H100 (measured)"]["tps"] == pytest.approx(d["calibration"]["h100_tps"], rel=1e-9)
+    assert q["H100"]["tps"] == pytest.approx(d["calibration"]["h100_tps"], rel=1e-9)
     assert d["calibration"]["bench_kernels"] == d["calibration"]["plan_kernels"]
     for m in d["models"].values():
         dev = m["devices"]
         assert np.isfinite([v["tps"] for v in dev.values()]).all()
         # bandwidth orders the devices; fewer launches never slow a token down
-        assert dev["DGX Spark (GB10)"]["tps"] < dev["RTX 5090"]["tps"] < dev["H100 (measured)"]["tps"]
+        assert dev["DGX Spark (GB10)"]["tps"] < dev["RTX 5090"]["tps"] < dev["H100"]["tps"]
         assert all(v["tps_4_per_layer"] > v["tps"] for v in dev.values())
 
 
@@ -132,4 +133,14 @@ def test_plan_cli_prints_the_plan():
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.perf_model", "plan", "--synth", "qwen3moe:tiny"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
-    assert "kernels/token 57," in r.stdout and "full moe" in r.stdout
+    assert "kernels/token 53," in r.stdout and "full moe" in r.stdout
+
+
+def test_calibration_refuses_another_build():
+    """The bench row's measured kernels/token must be the calibration plan's: the committed H100 row (534) is the
+    build before fused_attn_q8, so calibrating today's plan (486) against it is refused in one line."""
+    r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.perf_model", "--bench", str(ROOT / "results" /
+                        "bench.jsonl"), "--microbench", str(ROOT / "results" / "microbench_2026-11-25_h100_after.json")],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert "534" in r.stderr and "--calibrate-disable" in r.stderr

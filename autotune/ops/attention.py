@@ -189,13 +189,15 @@ class AttentionRunner(KernelRunner):
         self.counters.fill_bytes(0, self.stream)
 
     def launcher(self, config, i):
-        from cutlass import Float16, Float32, Int32
+        from cutlass import Float16, Float32, Int8, Int32
 
         fn, p = _compile(config, self.shape), self.problem
         o_part, lse_part = self._workspace(config["num_splits"])
         args = (ptr(Float32, self.q.ptr), ptr(Float16, self.k.ptr), ptr(Float16, self.v.ptr),
                 ptr(Int32, self.tables[i].ptr, 4), ptr(Int32, self.pos.ptr, 4), ptr(Float32, o_part.ptr),
                 ptr(Float32, lse_part.ptr, 4), ptr(Float32, self.out.ptr, 4), ptr(Int32, self.counters.ptr, 4),
+                # the q8_1 output (quantize_out) is not tuned here: never written, any valid pointers do
+                ptr(Int8, self.counters.ptr, 4), ptr(Float32, self.counters.ptr, 4), ptr(Float32, self.counters.ptr, 4),
                 Int32(1), Int32(p.pages * self.n_sets), Int32(p.pages), Float32(p.scale), Int32(0), Float32(1.0),
                 self.stream.cu)
         return lambda: fn(*args)

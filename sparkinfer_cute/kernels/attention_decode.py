@@ -63,11 +63,12 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import numpy as np
-from cutlass import Float16, Float32, Int32, const_expr
+from cutlass import Float16, Float32, Int8, Int32, const_expr
 
 from .arch import smem_budget, pdl_enabled
 from .common import cu_stream, gptr, pdl_prologue
 from .compile import compile_options, kernel_cache
+from .q8_1 import QK8_1, Q8Act, quantize_block_warp
 from .registry import register
 
 LOG2_E = math.log2(math.e)
@@ -86,9 +87,12 @@ class AttentionDecodeSplitKV:
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
                  has_softcap: bool, num_warps: int | None = None, keys_per_iter: int = 0,
-                 heads_per_cta: int = 0, fused_combine: bool = False):
+                 heads_per_cta: int = 0, fused_combine: bool = False, quantize_out: bool = False):
         self.pdl = pdl_enabled()
         self.fused_combine = fused_combine
+        if quantize_out and not fused_combine:
+            raise ValueError("quantize_out needs fused_combine (the combine kernel quantizes on the two-kernel path)")
+        self.quantize_out = quantize_out
         if n_head % n_kv_head:
             raise ValueError(f"n_head {n_head} must be a multiple of n_kv_head {n_kv_head}")
         if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -146,8 +150,9 @@ class AttentionDecodeSplitKV:
     @cute.jit
     def __call__(self, pQ: cute.Pointer, pK: cute.Pointer, pV: cute.Pointer, pPageTable: cute.Pointer,
                  pPos: cute.Pointer, pOPart: cute.Pointer, pLsePart: cute.Pointer, pOut: cute.Pointer,
-                 pCounters: cute.Pointer, batch: Int32, n_pages: Int32, pages_per_seq: Int32,
-                 scale: Float32, window: Int32, softcap: Float32, stream: cuda.CUstream):
+                 pCounters: cute.Pointer, pOutQs: cute.Pointer, pOutQd: cute.Pointer, pOutQsum: cute.Pointer,
+                 batch: Int32, n_pages: Int32, pages_per_seq: Int32, scale: Float32, window: Int32, softcap: Float32,
+                 stream: cuda.CUstream):
         H, KV, D, P, S = self.n_head, self.n_kv_head, self.head_dim, self.page_size, self.num_splits
         mQ = cute.make_tensor(pQ, cute.make_layout((batch, H, D), stride=(H * D, D, 1)))
         kv_layout = cute.make_layout((n_pages, P, KV, D), stride=(P * KV * D, KV * D, D, 1))
@@ -160,14 +165,16 @@ class AttentionDecodeSplitKV:
         # out / counters are only touched with fused_combine (the two-kernel path passes any valid pointers)
         mOut = cute.make_tensor(pOut, cute.make_layout((batch, H, D), stride=(H * D, D, 1)))
         mCnt = cute.make_tensor(pCounters, cute.make_layout(batch * KV * self.n_head_tiles))
-        self.kernel(mQ, mK, mV, mPT, mPos, mOPart, mLsePart, mOut, mCnt, scale, window, softcap).launch(
+        # the q8_1 copy of out (quantize_out only): qs int8 [batch * H * D], d / sum f32 [batch * H * D / 32]
+        mOutQ = q8_tensors(pOutQs, pOutQd, pOutQsum, batch * H * D)
+        self.kernel(mQ, mK, mV, mPT, mPos, mOPart, mLsePart, mOut, mCnt, *mOutQ, scale, window, softcap).launch(
             use_pdl=self.pdl, grid=[KV * self.n_head_tiles, S, batch], block=[self.num_threads, 1, 1],
             smem=self.smem_bytes(self.num_warps), stream=stream)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mPT: cute.Tensor, mPos: cute.Tensor,
-               mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor, mCnt: cute.Tensor, scale: Float32,
-               window: Int32, softcap: Float32):
+               mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor, mCnt: cute.Tensor, mOutQs: cute.Tensor,
+               mOutQd: cute.Tensor, mOutQsum: cute.Tensor, scale: Float32, window: Int32, softcap: Float32):
         pdl_prologue(self.pdl)
         G, GH, D, P, S = self.group, self.heads_per_cta, self.head_dim, self.page_size, self.num_splits
         LPT, VEC, TPW, U = self.lanes_per_tok, self.vec, self.tok_per_warp, self.keys_per_iter
@@ -313,7 +320,8 @@ class AttentionDecodeSplitKV:
             cute.arch.sync_threads()
             if sFlag[0] == S - 1:
                 cute.arch.fence_acq_rel_gpu()
-                combine_splits(mOPart, mLsePart, mOut, b, h0, sLse, sWt, sStat, tidx, self.n_head, D, S, NT, GH)
+                combine_splits(mOPart, mLsePart, mOut, b, h0, sLse, sWt, sStat, tidx, self.n_head, D, S, NT, GH,
+                               mOutQs, mOutQd, mOutQsum, self.quantize_out)
                 if tidx == 0:
                     mCnt[cnt_idx] = Int32(0)  # all S arrivals are in: reset for the next launch / graph replay
 
@@ -330,7 +338,8 @@ COMBINE_LOADS_IN_FLIGHT = 32  # partial-O loads a thread issues per unrolled ste
 def combine_splits(mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor, b: Int32, h0: Int32,
                    sLse: cute.Tensor, sW: cute.Tensor, sStat: cute.Tensor, tidx: Int32, H: cutlass.Constexpr[int],
                    D: cutlass.Constexpr[int], S: cutlass.Constexpr[int], NT: cutlass.Constexpr[int],
-                   NH: cutlass.Constexpr[int]):
+                   NH: cutlass.Constexpr[int], mOutQs: cute.Tensor, mOutQd: cute.Tensor, mOutQsum: cute.Tensor,
+                   quantize: cutlass.Constexpr[bool]):
     """``out[b, h] = sum_s w_s O_s / sum_s w_s``, ``w_s = exp(LSE_s - max_s LSE_s)``, for the ``NH`` heads
     ``h0 .. h0+NH-1`` of sequence ``b``, by the ``NT`` threads of a CTA (all must call it: it has barriers).
     ``sLse``/``sW``: smem of ``NH*S`` f32 each, ``sStat``: ``2*NH`` f32.
@@ -340,7 +349,13 @@ def combine_splits(mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor
     with ``den = w_0 + w_1 + ...`` in split order, whichever thread computes it. The heads are combined together
     (the loads of all of a thread's elements are in flight at once; combining GH heads one after the other cost
     GH dependent rounds of L2 latency). Partials are read with ``ld.global.cg`` (L2): in the fused kernel they were
-    written by other CTAs of the same grid (after the acquire fence), and nothing reuses them from L1 anyway."""
+    written by other CTAs of the same grid (after the acquire fence), and nothing reuses them from L1 anyway.
+
+    ``quantize``: also write the q8_1 copy of ``out`` into ``mOutQs``/``mOutQd``/``mOutQsum`` (flat over ``[B, H*D]``),
+    the input of the int8 (dp4a) O projection, instead of a separate quantize launch after attention. Output element
+    ``j = tidx + i*NT`` lands in q8_1 block ``((b*H + h0)*D + j) / 32`` at lane ``tidx % 32``: with ``NT`` and ``D``
+    multiples of 32 each warp holds exactly one whole block per step ``i``, so :func:`q8_1.quantize_block_warp` (the
+    rounding of the standalone quantize kernel) applies as is and gives the same bits."""
     NS = NH * S
     # The NH*S split LSEs (contiguous in lse_part) are loaded once, in parallel, into smem.
     lse_base = (b * H + h0) * S
@@ -384,31 +399,44 @@ def combine_splits(mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor
                 num[i] += sW[g * S + s] * o
     for i in cutlass.range_constexpr(E):
         j = tidx + i * NT
-        if const_expr(NE % NT == 0) or j < NE:
+        if const_expr(NE % NT == 0) or j < NE:  # warp-uniform (NE, NT multiples of 32): the quantizer's shuffles
             g = j // D
-            mOut[b, h0 + g, j % D] = num[i] * sStat[NH + g]
+            val = num[i] * sStat[NH + g]
+            mOut[b, h0 + g, j % D] = val
+            if const_expr(quantize):
+                quantize_block_warp(val, ((b * H + h0) * D + j) // QK8_1, tidx % 32, mOutQs, mOutQd, mOutQsum)
+
+
+def q8_tensors(pQs: cute.Pointer, pQd: cute.Pointer, pQsum: cute.Pointer, n: Int32) -> tuple:
+    """Flat tensors over a q8_1 buffer of ``n`` elements (q8_1.py ``Q8Act``: qs int8 [n], d and sum f32 [n/32])."""
+    return (cute.make_tensor(pQs, cute.make_layout(n)), cute.make_tensor(pQd, cute.make_layout(n // QK8_1)),
+            cute.make_tensor(pQsum, cute.make_layout(n // QK8_1)))
 
 
 class AttentionDecodeCombine:
     """``out[b, h] = sum_s w_s O_s / sum_s w_s`` with ``w_s = exp(LSE_s - max LSE)``; one CTA per (q head, seq)."""
 
-    def __init__(self, n_head: int, head_dim: int, num_splits: int):
+    def __init__(self, n_head: int, head_dim: int, num_splits: int, quantize_out: bool = False):
         self.pdl = pdl_enabled()
         self.n_head, self.head_dim, self.num_splits = n_head, head_dim, num_splits
+        self.quantize_out = quantize_out
         self.num_threads = min(128, head_dim)
 
     @cute.jit
-    def __call__(self, pOPart: cute.Pointer, pLsePart: cute.Pointer, pOut: cute.Pointer, batch: Int32,
-                 stream: cuda.CUstream):
+    def __call__(self, pOPart: cute.Pointer, pLsePart: cute.Pointer, pOut: cute.Pointer, pOutQs: cute.Pointer,
+                 pOutQd: cute.Pointer, pOutQsum: cute.Pointer, batch: Int32, stream: cuda.CUstream):
         H, D, S = self.n_head, self.head_dim, self.num_splits
         mOPart = cute.make_tensor(pOPart, cute.make_layout((batch, H, S, D), stride=(H * S * D, S * D, D, 1)))
         mLsePart = cute.make_tensor(pLsePart, cute.make_layout((batch, H, S), stride=(H * S, S, 1)))
         mOut = cute.make_tensor(pOut, cute.make_layout((batch, H, D), stride=(H * D, D, 1)))
-        self.kernel(mOPart, mLsePart, mOut).launch(use_pdl=self.pdl, grid=[H, batch, 1], block=[self.num_threads, 1, 1],
-                                                    smem=2 * 4 * S + 16 + 64, stream=stream)
+        mOutQ = q8_tensors(pOutQs, pOutQd, pOutQsum, batch * H * D)
+        self.kernel(mOPart, mLsePart, mOut, *mOutQ).launch(use_pdl=self.pdl, grid=[H, batch, 1],
+                                                            block=[self.num_threads, 1, 1],
+                                                            smem=2 * 4 * S + 16 + 64, stream=stream)
 
     @cute.kernel
-    def kernel(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor):
+    def kernel(self, mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor, mOutQs: cute.Tensor,
+               mOutQd: cute.Tensor, mOutQsum: cute.Tensor):
         pdl_prologue(self.pdl)
         tidx, _, _ = cute.arch.thread_idx()
         h, b, _ = cute.arch.block_idx()
@@ -417,7 +445,7 @@ class AttentionDecodeCombine:
         sW = smem.allocate_tensor(Float32, cute.make_layout(self.num_splits), byte_alignment=16)
         sStat = smem.allocate_tensor(Float32, cute.make_layout(2), byte_alignment=16)
         combine_splits(mOPart, mLsePart, mOut, b, h, sLse, sW, sStat, tidx, self.n_head, self.head_dim,
-                       self.num_splits, self.num_threads, 1)
+                       self.num_splits, self.num_threads, 1, mOutQs, mOutQd, mOutQsum, self.quantize_out)
 
 
 # ////////////////////////////////////////////////////////////////////////////////////////////////////////////////
@@ -428,17 +456,20 @@ class AttentionDecodeCombine:
 @kernel_cache
 def compile_attention_decode(n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
                              softcap: bool = False, heads_per_cta: int = 0, keys_per_iter: int = 0,
-                             fused_combine: bool = False):
+                             fused_combine: bool = False, quantize_out: bool = False):
     """Compile the split-KV kernel (``heads_per_cta``/``keys_per_iter`` 0 = automatic; tuning knobs). Runtime args:
-    (q, k_pool, v_pool, page_table, pos, o_part, lse_part, out (align 4), counters (int32, align 4) pointers, batch,
-    n_pages, pages_per_seq, scale, window, softcap, stream). ``out``/``counters`` are only used with
-    ``fused_combine`` (then the kernel also writes ``out``; no combine launch)."""
+    (q, k_pool, v_pool, page_table, pos, o_part, lse_part, out (align 4), counters (int32, align 4), out_qs (int8,
+    align 4), out_d, out_sum (f32, align 4) pointers, batch, n_pages, pages_per_seq, scale, window, softcap,
+    stream). ``out``/``counters`` are only used with ``fused_combine`` (then the kernel also writes ``out``; no
+    combine launch), the ``out_*`` q8_1 buffers only with ``quantize_out`` (then it also writes the q8_1 copy of
+    ``out``: no quantize launch before an int8 O projection)."""
     k = AttentionDecodeSplitKV(n_head, n_kv_head, head_dim, page_size, num_splits, softcap,
-                               keys_per_iter=keys_per_iter, heads_per_cta=heads_per_cta, fused_combine=fused_combine)
+                               keys_per_iter=keys_per_iter, heads_per_cta=heads_per_cta, fused_combine=fused_combine,
+                               quantize_out=quantize_out)
     f32, f16 = gptr(Float32, 0), gptr(Float16, 0)
-    i32_4 = gptr(Int32, 0, align=4)
-    return cute.compile(k, f32, f16, f16, i32_4, i32_4, f32, gptr(Float32, 0, align=4), gptr(Float32, 0, align=4),
-                        i32_4, Int32(1), Int32(1), Int32(1), Float32(1.0), Int32(0), Float32(0.0),
+    i32_4, f32_4 = gptr(Int32, 0, align=4), gptr(Float32, 0, align=4)
+    return cute.compile(k, f32, f16, f16, i32_4, i32_4, f32, f32_4, f32_4, i32_4, gptr(Int8, 0, align=4), f32_4, f32_4,
+                        Int32(1), Int32(1), Int32(1), Float32(1.0), Int32(0), Float32(0.0),
                         cute.runtime.make_fake_stream(), options=compile_options())
 
 
@@ -453,10 +484,12 @@ def fused_counter_count(n_head: int, n_kv_head: int, head_dim: int, batch: int =
 
 
 @kernel_cache
-def compile_attention_combine(n_head: int, head_dim: int, num_splits: int):
-    """Compile the combine kernel. Runtime args: (o_part, lse_part, out pointers, batch, stream)."""
-    k = AttentionDecodeCombine(n_head, head_dim, num_splits)
-    return cute.compile(k, gptr(Float32, 0), gptr(Float32, 0, align=4), gptr(Float32, 0), Int32(1),
+def compile_attention_combine(n_head: int, head_dim: int, num_splits: int, quantize_out: bool = False):
+    """Compile the combine kernel. Runtime args: (o_part, lse_part, out, out_qs (int8, align 4), out_d, out_sum (f32,
+    align 4) pointers, batch, stream); the ``out_*`` q8_1 buffers are written only with ``quantize_out``."""
+    k = AttentionDecodeCombine(n_head, head_dim, num_splits, quantize_out=quantize_out)
+    f32_4 = gptr(Float32, 0, align=4)
+    return cute.compile(k, gptr(Float32, 0), f32_4, gptr(Float32, 0), gptr(Int8, 0, align=4), f32_4, f32_4, Int32(1),
                         cute.runtime.make_fake_stream(), options=compile_options())
 
 
@@ -470,7 +503,7 @@ def default_num_splits(n_kv_head: int, max_context: int, sm_count: int = 132, ba
 
 def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window: int = 0, softcap: float = 0.0,
                      num_splits: int = 16, out=None, o_partial=None, lse_partial=None, workspace=None,
-                     stream=None, fused_combine: bool = False, counters=None):
+                     stream=None, fused_combine: bool = False, counters=None, out_q8=None):
     """Decode attention for one query token per sequence over a paged fp16 KV cache.
 
     ``q`` f32 [B, n_head, D] (or [n_head, D] for B = 1); ``k_pool``/``v_pool`` f16 [n_pages, page_size, n_kv_head, D];
@@ -490,6 +523,9 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
     least :func:`fused_counter_count` elements, zero before the first launch (the kernel leaves them zero, so one
     buffer serves every layer and replay on one stream). Not given: taken from ``workspace`` (zeroed when first
     created there) or allocated zeroed here (not allowed inside a graph capture).
+
+    ``out_q8`` (a q8_1.py ``Q8Act`` of ``B`` rows of ``n_head * D``): the kernel that writes ``out`` also writes its
+    q8_1 copy (the input of an int8 O projection), with the bits ``quantize_q8_1(out)`` would give: one launch fewer.
     """
     from ..runtime import DeviceArray, as_device, resolve_stream
 
@@ -529,23 +565,35 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
                 counters = DeviceArray.zeros((n_cnt,), np.int32, stream=stream)
         if counters.nbytes < 4 * n_cnt:
             raise ValueError(f"counters has {counters.nbytes} bytes; fused_combine needs {n_cnt} int32")
+    quantize_out = out_q8 is not None
+    # the kernel writes q8_1 blocks flat over [B, H*D]: one row may be longer (a buffer sized for the widest layer)
+    if quantize_out and (out_q8.rows * out_q8.n < B * H * D or (B > 1 and out_q8.n != H * D)):
+        raise ValueError(f"out_q8 holds {out_q8.rows} rows of {out_q8.n}; attention writes {B} rows of {H * D}")
+    # without quantize_out no kernel touches the q8_1 pointers: any valid device pointers do
+    q8_ptrs = (out_q8.qs.ptr, out_q8.d.ptr, out_q8.s.ptr) if quantize_out else (dpos.ptr,) * 3
+    q8_args = (gptr(Int8, q8_ptrs[0], align=4), gptr(Float32, q8_ptrs[1], align=4), gptr(Float32, q8_ptrs[2], align=4))
     has_softcap = softcap != 0.0
-    # keyword arguments, as the compile-gate registry calls them (one memo/disk-cache key per config)
+    # keyword arguments, as the compile-gate registry calls them (one memo/disk-cache key per config; flags only
+    # when set, so the default configs keep their keys)
+    flags = {"fused_combine": True} if fused_combine else {}
+    if quantize_out and fused_combine:
+        flags["quantize_out"] = True
     f_attn = compile_attention_decode(n_head=H, n_kv_head=KV, head_dim=D, page_size=P, num_splits=S,
-                                      softcap=has_softcap, **({"fused_combine": True} if fused_combine else {}))
+                                      softcap=has_softcap, **flags)
     cus = cu_stream(stream)
     # without fused_combine the kernel never touches out/counters: any valid pointers do
     cnt_ptr = counters.ptr if fused_combine else dpos.ptr
     f_attn(gptr(Float32, dq.ptr), gptr(Float16, dk.ptr), gptr(Float16, dv.ptr),
            gptr(Int32, dpt.ptr, align=4), gptr(Int32, dpos.ptr, align=4),
            gptr(Float32, o_partial.ptr), gptr(Float32, lse_partial.ptr, align=4),
-           gptr(Float32, out_dev.ptr, align=4), gptr(Int32, cnt_ptr, align=4),
+           gptr(Float32, out_dev.ptr, align=4), gptr(Int32, cnt_ptr, align=4), *q8_args,
            Int32(B), Int32(n_pages), Int32(pages_per_seq), Float32(scale), Int32(window),
            Float32(softcap if has_softcap else 1.0), cus)
     if not fused_combine:
-        f_comb = compile_attention_combine(n_head=H, head_dim=D, num_splits=S)
+        f_comb = compile_attention_combine(n_head=H, head_dim=D, num_splits=S,
+                                           **({"quantize_out": True} if quantize_out else {}))
         f_comb(gptr(Float32, o_partial.ptr), gptr(Float32, lse_partial.ptr, align=4), gptr(Float32, out_dev.ptr),
-               Int32(B), cus)
+               *q8_args, Int32(B), cus)
     if q_was_np and out is None:
         return out_dev.to_numpy(stream).reshape(q_shape)
     return out_dev
@@ -579,7 +627,7 @@ MODEL_CONFIGS: dict[str, dict] = {
 
 
 def _launch_example(n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
-                    softcap: bool = False, fused_combine: bool = False):
+                    softcap: bool = False, fused_combine: bool = False, quantize_out: bool = False):
     """One split-KV launch on small zeroed buffers, marshalled like :func:`attention_decode` (host-overhead probe)."""
     from ..runtime import DeviceArray, default_stream
 
@@ -591,14 +639,19 @@ def _launch_example(n_head: int, n_kv_head: int, head_dim: int, page_size: int, 
     o_part, lse_part = DeviceArray.empty((1, H, S, D), np.float32), DeviceArray.empty((1, H, S), np.float32)
     out = DeviceArray.empty((1, H, D), np.float32)
     counters = DeviceArray.zeros((fused_counter_count(H, KV, D),), np.int32)
+    out_q8 = Q8Act(1, H * D)
+    flags = {"fused_combine": True} if fused_combine else {}
+    if quantize_out:
+        flags["quantize_out"] = True
     fn = compile_attention_decode(n_head=H, n_kv_head=KV, head_dim=D, page_size=P, num_splits=S, softcap=softcap,
-                                  **({"fused_combine": True} if fused_combine else {}))
+                                  **flags)
     s = default_stream()
 
     def launch():
         fn(gptr(Float32, q.ptr), gptr(Float16, k.ptr), gptr(Float16, k.ptr), gptr(Int32, table.ptr, align=4),
            gptr(Int32, pos.ptr, align=4), gptr(Float32, o_part.ptr), gptr(Float32, lse_part.ptr, align=4),
-           gptr(Float32, out.ptr, align=4), gptr(Int32, counters.ptr, align=4),
+           gptr(Float32, out.ptr, align=4), gptr(Int32, counters.ptr, align=4), gptr(Int8, out_q8.qs.ptr, align=4),
+           gptr(Float32, out_q8.d.ptr, align=4), gptr(Float32, out_q8.s.ptr, align=4),
            Int32(1), Int32(4), Int32(4), Float32(0.1), Int32(0), Float32(1.0), cu_stream(s))
 
     return launch
@@ -609,7 +662,10 @@ _CONFIGS = [dict(c, softcap=False) for c in MODEL_CONFIGS.values()] + [dict(MODE
 # the models run the fused-combine variant (one launch per layer); the two-kernel path stays gated for A/B
 _CONFIGS += [dict(c, softcap=False, fused_combine=True) for c in MODEL_CONFIGS.values()]
 _CONFIGS += [dict(MODEL_CONFIGS["tiny"], softcap=True, fused_combine=True)]
+# ... with the q8_1 copy of the output for the int8 O projection (what the models with int8 attention run)
+_CONFIGS += [dict(c, softcap=False, fused_combine=True, quantize_out=True) for c in MODEL_CONFIGS.values()]
 register("attention_decode", compile_attention_decode, _CONFIGS, launch_example=_launch_example)
+_COMBINE = sorted({(c["n_head"], c["head_dim"], c["num_splits"]) for c in MODEL_CONFIGS.values()})
 register("attention_combine", compile_attention_combine,
-         [dict(n_head=h, head_dim=d, num_splits=s)
-          for h, d, s in sorted({(c["n_head"], c["head_dim"], c["num_splits"]) for c in MODEL_CONFIGS.values()})])
+         [dict(n_head=h, head_dim=d, num_splits=s) for h, d, s in _COMBINE]
+         + [dict(n_head=h, head_dim=d, num_splits=s, quantize_out=True) for h, d, s in _COMBINE[:1]])

@@ -424,7 +424,7 @@ def bench_attention(config: str, n_ctx: int, num_splits: int | None = None, iter
               **tuning) -> dict:
     """GPU time of split-KV + combine (or the fused-combine single kernel) for one model config at context ``n_ctx``
     (graph of ``iters`` launches, replayed; reports µs per call and the K/V bytes read per second)."""
-    from cutlass import Float16, Float32, Int32
+    from cutlass import Float16, Float32, Int8, Int32
 
     from ..runtime import DeviceArray, Stream, get_device
     from .attention_decode import MODEL_CONFIGS, compile_attention_combine, compile_attention_decode, \
@@ -448,15 +448,18 @@ def bench_attention(config: str, n_ctx: int, num_splits: int | None = None, iter
     counters = DeviceArray.zeros((fused_counter_count(H, KV, D, heads_per_cta=tuning.get("heads_per_cta", 0)),),
                                  np.int32)
     f_attn = compile_attention_decode(H, KV, D, P, S, False, fused_combine=fused_combine, **tuning)
+    # no quantize_out here: the q8_1 output pointers are never written, any valid ones do
+    unused_q8 = (gptr(Int8, counters.ptr, align=4), gptr(Float32, counters.ptr, align=4),
+                 gptr(Float32, counters.ptr, align=4))
     f_comb = compile_attention_combine(n_head=H, head_dim=D, num_splits=S)
     stream = Stream()
     cus = cu_stream(stream)
     args = (gptr(Float32, q.ptr), gptr(Float16, k_pool.ptr), gptr(Float16, v_pool.ptr),
             gptr(Int32, table.ptr, align=4), gptr(Int32, pos.ptr, align=4), gptr(Float32, o_part.ptr),
             gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr, align=4), gptr(Int32, counters.ptr, align=4),
-            Int32(1), Int32(pages), Int32(pages), Float32(0.1), Int32(0), Float32(1.0), cus)
-    comb_args = (gptr(Float32, o_part.ptr), gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr), Int32(1),
-                 cus)
+            *unused_q8, Int32(1), Int32(pages), Int32(pages), Float32(0.1), Int32(0), Float32(1.0), cus)
+    comb_args = (gptr(Float32, o_part.ptr), gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr), *unused_q8,
+                 Int32(1), cus)
 
     def one():
         f_attn(*args)

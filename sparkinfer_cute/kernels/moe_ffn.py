@@ -224,6 +224,14 @@ def _activation(x, st):
     return dx, x_np, int(dx.shape[-1]), False
 
 
+def dense_glu_supported(qtype, n_in: int) -> bool:
+    """Whether :func:`moe_gate_up` runs a dense GLU (gate and up weights of one type, [n_ff, n_in] each) as one
+    expert: the quantized types its kernels decode, whole blocks per row. (The float types stay on the GEMV + GLU
+    path: the MoE kernels are neither gated nor tested on float weights.)"""
+    q = qtype_name(qtype)
+    return q in INT_QTYPES and n_in % spec(q).block_elems == 0
+
+
 def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto",
                 rows_per_warp: int | None = None, act: str = "silu"):
     """act[j] = act(Wgate[ids[j]] · h) * (Wup[ids[j]] · h) -> [k, n_ff] f32 (``act``: "silu", or "gelu_tanh" for
@@ -333,7 +341,11 @@ GATE_UP_CONFIGS = [dict(qtype="Q4_K", n_in=2048, n_ff=768), dict(qtype="Q4_K", n
                    dict(qtype="Q5_0", n_in=384, n_ff=384),
                    # Gemma 4: fused ffn_gate_up_exps, GeGLU experts (26B-A4B 2816 / 704, synthetic tiny 256 / 160)
                    dict(qtype="Q4_K", n_in=2816, n_ff=704, fused=True, act="gelu_tanh"),
-                   dict(qtype="Q4_K", n_in=256, n_ff=160, fused=True, act="gelu_tanh")]
+                   dict(qtype="Q4_K", n_in=256, n_ff=160, fused=True, act="gelu_tanh"),
+                   # dense GeGLU MLPs run as one expert (models/ops.py dense_glu): Gemma 3 270M (Q8_0 640 / 2048),
+                   # Gemma 4 26B-A4B (Q4_K 2816 / 2112), f32 activations
+                   dict(qtype="Q8_0", n_in=640, n_ff=2048, act="gelu_tanh"),
+                   dict(qtype="Q4_K", n_in=2816, n_ff=2112, act="gelu_tanh")]
 DOWN_CONFIGS = [dict(qtype=q, n_ff=768, n_out=2048, add_residual=r) for q in ("Q4_K", "Q6_K", "Q6_K_P")
                 for r in (False, True)]
 DOWN_CONFIGS += [dict(qtype=q, n_ff=256, n_out=n, add_residual=r) for q in ("Q4_K", "Q6_K") for n in (256, 512)

@@ -61,17 +61,25 @@ class QuantizeQ8_1(WarpRowKernel):
             mQ = cute.make_tensor(pQ, cute.make_layout(n_blocks * QK8_1))
             mD = cute.make_tensor(pD, cute.make_layout(n_blocks))
             mS = cute.make_tensor(pS, cute.make_layout(n_blocks))
-            x = mX[b * QK8_1 + lane]
-            amax = warp_reduce_max(cute.math.absf(x), small_offsets_first=True)
-            d = amax / Float32(127.0)
-            q = Int32(0)
-            if amax > Float32(0.0):
-                q = rint_s32(x / d)
-            mQ[b * QK8_1 + lane] = Int8(q)
-            qs = warp_reduce_sum(Float32(q), small_offsets_first=True)
-            if lane == 0:
-                mD[b] = d
-                mS[b] = d * qs
+            quantize_block_warp(mX[b * QK8_1 + lane], b, lane, mQ, mD, mS)
+
+
+@cute.jit
+def quantize_block_warp(x: Float32, block: Int32, lane: Int32, mQ: cute.Tensor, mD: cute.Tensor, mS: cute.Tensor):
+    """q8_1 block ``block`` from the 32 lanes of a warp, lane i holding element i (``x``): writes
+    ``mQ[block*32 + lane]`` and, from lane 0, ``mD[block]``, ``mS[block]`` (flat tensors). The one definition of the
+    rounding: kernels that quantize their own output (attention_decode.py ``quantize_out``) call it too, so their q8_1
+    copy has the bits :class:`QuantizeQ8_1` would give. All 32 lanes must call it (warp shuffles)."""
+    amax = warp_reduce_max(cute.math.absf(x), small_offsets_first=True)
+    d = amax / Float32(127.0)
+    q = Int32(0)
+    if amax > Float32(0.0):
+        q = rint_s32(x / d)
+    mQ[block * QK8_1 + lane] = Int8(q)
+    qs = warp_reduce_sum(Float32(q), small_offsets_first=True)
+    if lane == 0:
+        mD[block] = d
+        mS[block] = d * qs
 
 
 class RmsNormQ8_1:

@@ -208,9 +208,9 @@ def dequantize_q8_1(qs, d) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- MoE FFN
-def moe_gate_up_ref(w_gate, w_up, qtype, h, ids, n_ff: int):
-    """act[j] = silu(Wgate[e_j] h) * (Wup[e_j] h); dequantizes only the selected experts. ``w_up=None``: the fused
-    [E, 2*n_ff, n_in] tensor in ``w_gate`` (gate rows, then up rows)."""
+def moe_gate_up_ref(w_gate, w_up, qtype, h, ids, n_ff: int, act: str = "silu"):
+    """act[j] = a(Wgate[e_j] h) * (Wup[e_j] h), ``a`` SiLU or (``act="gelu_tanh"``) the tanh GELU; dequantizes only
+    the selected experts. ``w_up=None``: the fused [E, 2*n_ff, n_in] tensor in ``w_gate`` (gate rows, then up rows)."""
     h = np.asarray(h, dtype=np.float64).reshape(-1)
     n_in = h.shape[0]
     rb = row_bytes(qtype, n_in)
@@ -224,7 +224,7 @@ def moe_gate_up_ref(w_gate, w_up, qtype, h, ids, n_ff: int):
             Up = dequant_rows_f64(np.asarray(w_up, np.uint8).reshape(-1, n_ff * rb)[e], qtype, n_in)
         g, u = G @ h, Up @ h
         with np.errstate(over="ignore"):
-            out.append(g / (1.0 + np.exp(-g)) * u)
+            out.append((g / (1.0 + np.exp(-g)) if act == "silu" else ops.gelu_tanh(g)) * u)
     return np.stack(out)
 
 
@@ -557,18 +557,19 @@ def check_gemv_q8(y, w_raw, qtype, x, ids=None, n_out=None, x_per_slot=False, re
                       "loose": lambda: check_within(y, ref_l, b_l, "dp4a GEMV vs float64 W x (q8_1 bound)")})
 
 
-def moe_gate_up_bound(w_gate, w_up, qtype, h, ids, n_ff: int):
+def moe_gate_up_bound(w_gate, w_up, qtype, h, ids, n_ff: int, act: str = "silu"):
     """(reference, bound) of the f32 gate/up + SwiGLU kernel on activation ``h``: g and u are GEMV rows, each
     within the GEMV bound B, so |silu(g)u - silu(g*)u*| <= |silu'| B_g |u*| + |silu(g*)| B_u + second-order and
-    the exp approximation (~2^-22 relative), |silu'| <= 1.1; the bound is twice the first-order terms (slack for the
-    rest) + 1e-6 relative."""
+    the exp approximation (~2^-22 relative), |silu'| <= 1.1 (the tanh GELU: |gelu'| <= 1.13, its tanh ~2^-21
+    relative); the bound is twice the first-order terms (slack for the rest) + 1e-6 relative."""
     h2 = np.asarray(h, np.float64).reshape(1, -1)
-    ref = moe_gate_up_ref(w_gate, w_up, qtype, h2[0], ids, n_ff)
+    ref = moe_gate_up_ref(w_gate, w_up, qtype, h2[0], ids, n_ff, act)
     gr = gemv_experts_ref(w_gate, qtype, h2, ids, n_ff)
     ur = gemv_experts_ref(w_up, qtype, h2, ids, n_ff)
     bg = gemv_error_bound(w_gate, qtype, h2, ids=ids, n_out=n_ff)
     bu = gemv_error_bound(w_up, qtype, h2, ids=ids, n_out=n_ff)
-    bound = 2 * (1.1 * bg * (np.abs(ur) + bu) + np.abs(ops.silu(gr)) * bu) + 1e-6 * np.abs(ref) + 1e-30
+    slope, a = (1.1, ops.silu) if act == "silu" else (1.13, ops.gelu_tanh)
+    bound = 2 * (slope * bg * (np.abs(ur) + bu) + np.abs(a(gr)) * bu) + 1e-6 * np.abs(ref) + 1e-30
     return ref, bound
 
 
@@ -586,15 +587,17 @@ def moe_down_bound(w_down, qtype, act, ids, weights, n_out: int, resid=None):
     return ref, bound
 
 
-def check_moe_gate_up(act, w_gate, w_up, qtype, h, ids, n_ff: int, q8: bool = False):
+def check_moe_gate_up(act, w_gate, w_up, qtype, h, ids, n_ff: int, q8: bool = False, glu: str = "silu"):
     """The MoE gate/up + SwiGLU kernel (``act`` [k, n_ff]; pass the separate gate and up tensors even when the
     kernel ran the fused layout). f32 path: :func:`moe_gate_up_bound` at ``h``, returns the ratio. ``q8``: tight =
     the same bound around the reference on ``q8_1(h)`` (the integer dots are exact: see :func:`check_gemv_q8`),
-    loose = around the reference on ``h`` with the q8_1 GEMV bounds; returns ``{"tight", "loose"}``."""
+    loose = around the reference on ``h`` with the q8_1 GEMV bounds; returns ``{"tight", "loose"}``. ``glu``: the
+    gate activation, "silu" or "gelu_tanh" (f32 path only)."""
     h = np.asarray(h, np.float32).reshape(-1)
     if not q8:
-        ref, bound = moe_gate_up_bound(w_gate, w_up, qtype, h, ids, n_ff)
+        ref, bound = moe_gate_up_bound(w_gate, w_up, qtype, h, ids, n_ff, glu)
         return check_within(act, ref, bound, "MoE gate/up vs float64")
+    assert glu == "silu", "the dp4a bound is written for SiLU"
     ref_t, bound_t = moe_gate_up_bound(w_gate, w_up, qtype, q8_1_dequantized(h[None])[0], ids, n_ff)
     h2 = h[None]
     ref = moe_gate_up_ref(w_gate, w_up, qtype, h, ids, n_ff)

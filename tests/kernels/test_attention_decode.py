@@ -421,6 +421,47 @@ def test_fused_combine_bit_identical_to_two_kernels(data):
 
 
 @pytest.mark.gpu
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_quantized_output_equals_quantize_kernel(data):
+    """``out_q8``: the kernel that writes ``out`` (the fused combine CTA, or the combine kernel) also writes its q8_1
+    copy. It must hold exactly the bits the standalone quantize kernel gives for that ``out`` (same rounding code,
+    q8_1.py ``quantize_block_warp``), for every block of every row, with ``out`` itself unchanged by the option.
+    The q8_1 buffers start poisoned (qs 0x7F, d/sum NaN) so an unwritten block shows."""
+    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1
+    from sparkinfer_cute.runtime import DeviceArray
+
+    H, KV = data.draw(st.sampled_from(HEADS), label="heads")
+    D = data.draw(st.sampled_from([64, 128, 256, 512]), label="head_dim")
+    S = data.draw(st.sampled_from([1, 3, 32]), label="num_splits")
+    positions = data.draw(st.lists(st.integers(0, 1500), min_size=1, max_size=3), label="positions")
+    fused = data.draw(st.booleans(), label="fused_combine")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31), label="seed"))
+    B = len(positions)
+    k_pool, v_pool, table, _, _ = make_paged_case(rng, KV, D, 64, positions, 0)
+    q = rng.standard_normal((B, H, D)).astype(np.float32)
+    args = [DeviceArray.from_numpy(a) for a in (q, k_pool, v_pool, table, np.array(positions, np.int32))]
+    outs = {}
+    for quantize in (False, True):
+        out = DeviceArray.empty((B, H, D), np.float32).fill_bytes(0xFF)
+        xq = Q8Act(B, H * D)
+        xq.qs.fill_bytes(0x7F)
+        xq.d.fill_bytes(0xFF)
+        xq.s.fill_bytes(0xFF)
+        counters = DeviceArray.zeros((fused_counter_count(H, KV, D, B),), np.int32)
+        attention_decode(*args, scale=1.0 / math.sqrt(D), num_splits=S, out=out, fused_combine=fused,
+                         counters=counters if fused else None, out_q8=xq if quantize else None)
+        outs[quantize] = (out.to_numpy(), xq.to_numpy())
+    out_plain, out_q = outs[False][0], outs[True][0]
+    np.testing.assert_array_equal(out_q.view(np.uint32), out_plain.view(np.uint32))
+    qs, d, sm = outs[True][1]
+    ref_qs, ref_d, ref_s = quantize_q8_1(out_plain.reshape(B, H * D))
+    np.testing.assert_array_equal(qs, ref_qs.reshape(qs.shape))
+    np.testing.assert_array_equal(d.view(np.uint32), ref_d.reshape(d.shape).view(np.uint32))
+    np.testing.assert_array_equal(sm.view(np.uint32), ref_s.reshape(sm.shape).view(np.uint32))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ["qwen3moe-30b-a3b", "tiny", "gemma3-270m"])
 def test_fused_combine_graph_replay(name, rng):
     """Two attention 'layers' sharing one zeroed counter buffer, fused, captured once and replayed 20x with new q

@@ -67,7 +67,48 @@ def test_reference_fused_equals_separate(seed):
                                   moe_gate_up_ref(g, u, "Q4_K", h, ids, n_ff))
 
 
+@settings(max_examples=3, deadline=None)
+@given(seed=SEEDS)
+def test_reference_gelu_gate(seed):
+    """The GeGLU reference is the tanh GELU of the gate row times the up row, each dequantized by gguf.quants
+    (independent of the kernel references' dequantizer)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    rng = np.random.default_rng(seed)
+    q, n_ff, n_in = "Q8_0", 8, 64
+    g, u = experts(q, 2, n_ff, n_in, rng), experts(q, 2, n_ff, n_in, rng)
+    h = rng.standard_normal(n_in)
+    G = dequantize(g[1], GGMLQuantizationType[q]).astype(np.float64)
+    U = dequantize(u[1], GGMLQuantizationType[q]).astype(np.float64)
+    x = G @ h
+    want = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3))) * (U @ h)
+    np.testing.assert_allclose(moe_gate_up_ref(g, u, q, h, np.array([1]), n_ff, act="gelu_tanh")[0], want,
+                               rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------- model shapes, both paths
+@pytest.mark.gpu
+@settings(max_examples=2, deadline=None)
+@given(seed=SEEDS)
+@pytest.mark.parametrize("glu", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("q,n_in,n_ff", [("Q8_0", 640, 2048), ("Q4_K", 2816, 2112), ("Q4_K", 2048, 768),
+                                         ("Q5_0", 384, 384)])
+def test_dense_glu_as_one_expert(q, n_in, n_ff, glu, seed):
+    """A dense GLU MLP's gate+up run as expert 0 of the gate/up kernel (models/ops.py ``dense_glu``: Gemma 3 270M
+    Q8_0 640 -> 2048, Gemma 4 26B-A4B Q4_K 2816 -> 2112), both gate activations, f32 activations: the float64
+    reference within the GEMV-derived bound, output poisoned first."""
+    from sparkinfer_cute.runtime import DeviceArray
+
+    rng = np.random.default_rng(seed)
+    g, u = experts(q, 1, n_ff, n_in, rng), experts(q, 1, n_ff, n_in, rng)
+    h = rng.standard_normal(n_in).astype(np.float32)
+    ids = np.zeros(1, np.int32)
+    act = _poisoned((1, n_ff))
+    moe_gate_up(g, u, q, DeviceArray.from_numpy(h), ids, n_ff, out=act, act=glu)
+    check_moe_gate_up(act.to_numpy(), g, u, q, h, ids, n_ff, glu=glu)
+
+
 @pytest.mark.gpu
 @settings(max_examples=1, deadline=None)
 @given(seed=SEEDS)
