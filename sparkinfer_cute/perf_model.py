@@ -166,7 +166,8 @@ def token_time(plan, costs: dict, hw: Hardware, *, l2_policy: str = "lru", break
             pin_src = x.bytes["dense"] + x.bytes["kv_read"]
             in_l2 += pin_src * pinned / (by_kind["dense"] + by_kind["kv_read"])
         parts = _class_of(x)
-        eta = costs[parts[-1][0]].eta
+        # weights stream through the op's GEMV / MoE kernel where it has one (not its quantize or GLU kernel)
+        eta = next((costs[c].eta for c, _ in parts if c.startswith(("gemv", "moe"))), costs[parts[-1][0]].eta)
         fixed += sum(costs[c].a * n for c, n in parts)
         stream += (heavy - in_l2) / (eta * hw.copy_bw)
         l2 += (act + in_l2) / hw.l2_bw
