@@ -3,22 +3,27 @@
     python -m sparkinfer_cute.perf_model plan --synth qwen3moe:30b-a3b [--depth D] [--json F]
     python -m sparkinfer_cute.perf_model --bench results/bench.jsonl --microbench results/microbench_*.json
 
-``plan``: kernels per decode token, bytes per token and bytes / minimum, per layer type, from the GPU forward's own
-code run without a GPU (models/launch_plan.py) on a GGUF file (``--model``) or a synthetic preset's header
-(``--synth ARCH:PRESET``: no file is written).
+``plan``: kernels per decode token, bytes per token and bytes / minimum, per layer type (``--launches``: every
+launch), from the GPU forward's own code run without a GPU (models/launch_plan.py) on a GGUF file (``--model``) or a
+synthetic preset's header (``--synth ARCH:PRESET``: no file is written); ``--disable PASSES`` plans the build without
+those speed passes.
 
 Prediction (the default command). A decode token is the plan's launches replayed from one CUDA graph. Launch i,
 of kernel class c(i), costs
 
     t_i = kernels_i * a_c + dram_bytes_i / (eta_c * BW_copy) + l2_bytes_i / BW_L2
 
+* Kernel by kernel: an op built from several kernels (the q8_1 quantization inside ``moe_down``, the unfused dense
+  GLU, ...) is priced per kernel (models/launch_plan.py ``kernel_parts``).
 * ``a_c``, ``eta_c``: per kernel class, fitted on the H100 micro-benchmark JSON (measured, file named in the
   output): ``gemv`` (GEMV / fused Q-K-V GEMV, the chunk kernels the models run, dp4a or f32 path as the call is)
   and ``moe`` (expert gate+up / down): least squares of t against bytes / BW_copy (a = intercept, eta = 1/slope);
   ``quantize`` and ``rmsnorm`` (the fused RMSNorm -> q8_1): their measured time (bytes negligible). Every other
   class (attention, the Q/K prologue, router, embedding, argmax, glu, elementwise) has no micro-benchmark row: they
   share one fallback ``a_other``, solved so that the model reproduces the measured end-to-end H100 decode of the
-  bench row (``--bench``), and stream at the GEMV fit's eta. That fallback is printed.
+  bench row (``--bench``), and stream at the GEMV fit's eta. That fallback is printed. The calibration plan must be
+  the build that was measured: its kernel count must equal the bench row's (``--calibrate-disable PASSES`` plans an
+  older build); ``--disable PASSES`` predicts a build without those passes (a pass's predicted gain).
 * ``dram_bytes``: weights and KV, unless they stay in L2 across graph replays; ``l2_bytes``: activations (written and
   read within the step, kilobytes: they never leave L2) plus weights/KV found in L2. L2 residency across replays:
   ``lru`` (default) holds the step's weights + KV only if all of them fit in ``L2_USABLE`` of the L2 (a cyclic scan
@@ -283,6 +288,14 @@ def _print_plan(p) -> None:
               f"{mn_s:>12} {ratio:>7}  {ops}")
 
 
+def _print_launches(p) -> None:
+    print(f"  {'#':>4} {'op':<16} {'layer':>5} {'kernels':<34} " + " ".join(f"{k:>10}" for k in p.launches[0].bytes))
+    for i, x in enumerate(p.launches):
+        parts = "+".join(f"{k}x{n}" if n > 1 else k for k, n in x.parts)
+        print(f"  {i:>4} {x.op:<16} {'' if x.layer is None else x.layer:>5} {parts:<34} "
+              + " ".join(f"{v:>10}" for v in x.bytes.values()))
+
+
 def plan_main(argv) -> int:
     ap = ArgumentParser(prog="python -m sparkinfer_cute.perf_model plan",
                         description="Kernels and bytes per decode token from the GPU forward run without a GPU.")
@@ -291,12 +304,19 @@ def plan_main(argv) -> int:
     src.add_argument("--synth", type=synth_spec, action="append",
                      help="ARCH:PRESET of gguf/synth.py (repeatable), e.g. qwen3moe:30b-a3b, gemma4:26b-a4b")
     ap.add_argument("--depth", type=int_at_least(0), default=0, help="KV positions already cached (default 0)")
+    ap.add_argument("--disable", type=passes, default=None,
+                    help="plan the build without these speed passes (comma-separated SPARKINFER_DISABLE names)")
+    ap.add_argument("--launches", action="store_true",
+                    help="also list every launch of the step: op, layer, kernels (by kernel), bytes by kind")
     ap.add_argument("--json", type=writable_path, help="write the plans' figures as JSON here")
     args = ap.parse_args(argv)
-    plans = [build_plan(args.model, None, args.depth)] if args.model else [
-        build_plan(None, s, args.depth) for s in args.synth]
+    args.disable = args.disable or frozenset()
+    plans = [build_plan(args.model, None, args.depth, args.disable)] if args.model else [
+        build_plan(None, s, args.depth, args.disable) for s in args.synth]
     for p in plans:
         _print_plan(p)
+        if args.launches:
+            _print_launches(p)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([p.to_dict() for p in plans], f, indent=1)
@@ -319,12 +339,12 @@ def predict_main(argv) -> int:
     ap.add_argument("--arch", default="qwen3moe", help="which benchmark rows calibrate (latest of this arch)")
     ap.add_argument("--calibrate-synth", type=synth_spec,
                     help="ARCH:PRESET whose plan the bench row ran (default: the real-shape preset of --arch)")
-    ap.add_argument("--calibrate-disable", type=passes, default=frozenset(),
+    ap.add_argument("--calibrate-disable", type=passes, default=None,
                     help="speed passes the benchmarked build did not have (comma-separated SPARKINFER_DISABLE names), "
                          "so that its plan is the build that was measured")
     ap.add_argument("--synth", type=synth_spec, action="append",
                     help=f"models to predict (repeatable; default {', '.join(BASKET)})")
-    ap.add_argument("--disable", type=passes, default=frozenset(),
+    ap.add_argument("--disable", type=passes, default=None,
                     help="predict the build without these speed passes (comma-separated SPARKINFER_DISABLE names): "
                          "a pass's predicted gain is the difference")
     ap.add_argument("--depth", type=int_at_least(0), default=64,
@@ -333,6 +353,8 @@ def predict_main(argv) -> int:
                     help="L2 residency across graph replays: lru (default) or the persisting-window what-if")
     ap.add_argument("--json", type=writable_path, help="write the predictions as JSON here")
     args = ap.parse_args(argv)
+    args.disable = args.disable or frozenset()
+    args.calibrate_disable = args.calibrate_disable or frozenset()
     try:
         with open(args.microbench) as f:
             micro = json.load(f)

@@ -133,6 +133,8 @@ CASES = [
     (PERF_MODEL, ["plan", "--model", "{NOTGGUF}"], ["not a GGUF"], {}),
     (PERF_MODEL, ["plan", "--synth", "gemma3:tiny", "--depth", "-1"], ["--depth", ">= 0"], {}),
     (PERF_MODEL, ["plan", "--model", "{GGUF}", "--synth", "gemma3:tiny"], ["not allowed with"], {}),
+    (PERF_MODEL, ["plan", "--synth", "gemma3:tiny", "--disable", "fused_everything"], ["--disable", "unknown pass"],
+     {}),
 ]
 
 # On a machine without a GPU the GPU-only commands must say so without the environment switch too.
