@@ -144,3 +144,24 @@ def test_calibration_refuses_another_build():
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert "534" in r.stderr and "--calibrate-disable" in r.stderr
+
+
+def test_bench_accounting_is_the_launch_plan():
+    """bench.py reports kernels and bytes per token from the same launch plan (no second accounting): its
+    decode_plan on a stand-in of a loaded model is the plan of that model."""
+    from types import SimpleNamespace
+
+    from sparkinfer_cute.bench import decode_plan
+    from sparkinfer_cute.gguf.config import load_config
+    from sparkinfer_cute.gguf.synth import synthetic_header
+    from sparkinfer_cute.models.launch_plan import launch_plan
+
+    h = synthetic_header("qwen3moe", "30b-a3b")
+    m = SimpleNamespace(g=h, cfg=load_config(h), device=SimpleNamespace(sm_count=132), max_context=648)
+    p = decode_plan(m, 64)
+    q = launch_plan(h, depth=64, max_context=648)
+    assert (p.kernels_per_token, p.bytes_per_token, p.minimum_bytes) == (q.kernels_per_token, q.bytes_per_token,
+                                                                         q.minimum_bytes)
+    # the old accounting counted the whole untied token_embd table (175 MB); the embedding gather reads one row
+    emb = [x for x in p.launches if x.op == "embedding"]
+    assert len(emb) == 1 and emb[0].bytes["dense"] == h.tensor("token_embd.weight").row_bytes

@@ -99,7 +99,10 @@ def test_qwen3moe_synthetic_gpu_vs_reference(tmp_path, preset, f32_activations, 
     vocab = load_config(GGUFFile(p)).vocab_size
     tokens = rng.integers(0, vocab, size=65).tolist()
     eng, m = _compare(p, tokens)
-    assert eng.backend.kernels_per_token > 0
+    from sparkinfer_cute.models.launch_plan import launch_plan
+
+    b = eng.backend  # the live count = the launch plan's dry run = the driver's kernel nodes of the decode graph
+    assert b.kernels_per_token == launch_plan(b.g, b.cfg).kernels_per_token == b._graph.kernel_nodes() > 0
 
 
 def test_gemma3_tiny_synthetic_gpu_vs_reference(tmp_path, rng):
