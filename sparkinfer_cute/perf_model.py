@@ -224,12 +224,15 @@ BASKET = ("qwen3moe:30b-a3b", "gemma4:26b-a4b", "gemma3:270m")
 
 
 def synth_spec(s: str) -> tuple[str, str]:
-    """argparse type for ``--synth ARCH:PRESET``."""
+    """argparse type for ``--synth ARCH:PRESET``; a unique prefix of the preset name will do (``qwen3moe:30b``)."""
     import argparse
 
     from sparkinfer_cute.gguf.synth import PRESETS
 
     arch, sep, preset = s.partition(":")
+    if sep and (arch, preset) not in PRESETS and preset:
+        matches = [p for a, p in PRESETS if a == arch and p.startswith(preset)]
+        preset = matches[0] if len(matches) == 1 else preset
     if not sep or (arch, preset) not in PRESETS:
         known = ", ".join(f"{a}:{p}" for a, p in PRESETS)
         raise argparse.ArgumentTypeError(f"{s!r} is not ARCH:PRESET (known: {known})")

@@ -129,6 +129,14 @@ def test_committed_h100_files_reproduce_the_calibration(tmp_path):
         assert all(v["tps_4_per_layer"] > v["tps"] for v in dev.values())
 
 
+def test_synth_spec_prefixes():
+    assert pm.synth_spec("qwen3moe:30b") == ("qwen3moe", "30b-a3b")
+    assert pm.synth_spec("qwen3moe:tiny") == ("qwen3moe", "tiny")  # exact beats the prefix of tiny-fallback
+    for bad in ("qwen3moe:t", "qwen3moe", "llama:7b", "gemma4:"):
+        with pytest.raises(Exception, match="ARCH:PRESET"):
+            pm.synth_spec(bad)
+
+
 def test_plan_cli_prints_the_plan():
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.perf_model", "plan", "--synth", "qwen3moe:tiny"],
                        capture_output=True, text=True, timeout=300, check=False)
