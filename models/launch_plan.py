@@ -94,8 +94,7 @@ class LaunchPlan:
         """Per layer kind (plus ``embed``/``output`` for the ops outside the layers): layers, kernels per layer,
         bytes per layer, minimum per layer and their ratio, and the kernels per op of one such layer."""
         out: OrderedDict[str, dict] = OrderedDict()
-        for seg in ("embed",):
-            out[seg] = self._summary([x for x in self.launches if x.segment == seg], 1, None)
+        out["embed"] = self._summary([x for x in self.launches if x.segment == "embed"], 1, None)
         for kind in dict.fromkeys(self.layer_kind.values()):
             layers = [l for l, k in self.layer_kind.items() if k == kind]
             calls = [x for x in self.launches if x.segment == "layer" and x.layer in layers]
@@ -104,14 +103,14 @@ class LaunchPlan:
         return out
 
     def _summary(self, calls, n: int, minimum) -> dict:
-        ops: OrderedDict[str, int] = OrderedDict()
+        by_op: OrderedDict[str, int] = OrderedDict()
         for x in calls:
-            if x.layer is None or x.layer == calls[0].layer:
-                ops[x.op] = ops.get(x.op, 0) + x.kernels
+            if x.layer is None or x.layer == calls[0].layer:  # one layer of the kind
+                by_op[x.op] = by_op.get(x.op, 0) + x.kernels
         b = sum(x.total for x in calls)
         return {"layers": n, "kernels_per_layer": sum(x.kernels for x in calls) / n, "bytes_per_layer": b / n,
                 "minimum_per_layer": None if minimum is None else minimum / n,
-                "ratio": None if not minimum else b / minimum, "ops": dict(ops)}
+                "ratio": None if not minimum else b / minimum, "ops": dict(by_op)}
 
     def to_dict(self) -> dict:
         return {"model": self.model, "arch": self.arch, "depth": self.depth,
@@ -133,7 +132,7 @@ def _vec(buf, n: int) -> float:
 
 def _routed(w: QWeight, k: int) -> int:
     """Bytes of k experts' slices of an expert tensor (``[n_in, n_out, n_expert]``: n_out rows per expert)."""
-    return w.row_bytes * w.n_out * k if w.n_expert > 1 else w.nbytes * k // max(1, w.n_expert)
+    return w.row_bytes * w.n_out * k
 
 
 def _kv_entry(g) -> int:
@@ -177,7 +176,8 @@ def _traffic(c: OpCall, m, depth: int, splits) -> dict:
         ws = a[:n_w]
         xq = kw.get("xq")
         b["dense"] += sum(w.nbytes for w in ws)
-        b["act_read"] += _vec(xq, ws[0].n_in) if xq is not None else ws[0].n_in * F32
+        x_bytes = _vec(xq, ws[0].n_in) if xq is not None else ws[0].n_in * F32
+        b["act_read"] += x_bytes * c.kernels  # one GEMV per matrix (unfused) reads the input once each
         b["act_write"] += sum(w.n_out for w in ws) * F32
     elif op == "dense_glu":
         wg, wu = a[0], a[1]
@@ -208,6 +208,9 @@ def _traffic(c: OpCall, m, depth: int, splits) -> dict:
         b["act_read"] += (nq + nkv * (1 if a[4] is a[3] else 2)) * F32  # K = V layers read k once
         b["act_write"] += nq * F32
         b["kv_write"] += _kv_entry(g)
+        if c.kernels > 1:  # unfused: head norms and ropes each read and write q and k, the append reads k and v
+            b["act_read"] += (2 * nq + 2 * nkv) * F32
+            b["act_write"] += (nq + 2 * nkv) * F32
     elif op == "attention":
         layer = a[1]
         g = m.attn_layers[layer]
