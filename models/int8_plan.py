@@ -5,9 +5,9 @@ with the CPU reference run with the same activation rounding (``load_reference(.
 the exact set of tensors whose matmul input the build quantizes. That set follows from ``SPARKINFER_DP4A``
 (:func:`ops.dp4a_for`, :func:`ops.prefer_dp4a`), the tensor types and each model's choices (Gemma keeps f32
 activations in decode, every batched prefill GEMM is int8, ...). Rather than restate those rules, this module *runs*
-the model's ``alloc_buffers`` and ``enqueue_step`` / ``enqueue_prefill`` with every op of ``models/ops.py`` replaced
-by a recorder and the device buffers by inert stand-ins (a dry run: nothing is allocated or launched), and reads
-the int8 activations off the recorded calls:
+the model's ``alloc_buffers`` and ``enqueue_step`` / ``enqueue_prefill`` without a GPU (models/dry_run.py: every op
+of ``models/ops.py`` replaced by a recorder, the device buffers by stand-ins; nothing is allocated or launched), and
+reads the int8 activations off the recorded calls:
 
 * ``gemv`` / ``gemv_qkv`` with ``xq``, ``moe_gate_up`` with ``hq``, ``moe_down`` with ``actq``: int8;
 * ``gemm`` (the prefill grouped GEMM): always int8 (its input is a q8_1 buffer), ``w_up`` included;
@@ -21,8 +21,8 @@ On a GPU the tests also record the same calls during the real warm-up step and a
 from __future__ import annotations
 
 import contextlib
-import os
 
+from sparkinfer_cute.models.dry_run import PATHS, record
 from sparkinfer_cute.runtime.weights import QWeight
 
 F32_WEIGHT_OPS = frozenset({
@@ -43,102 +43,14 @@ INT8_OPS = {  # op -> (is the call int8?, which weights take the int8 input)
     "gemm": (lambda kw: True, slice(None)),
     "moe_rows": (lambda kw: True, slice(1, None)),  # (router, gate, up, down): the router stays f32
 }
-PATHS = ("decode", "prefill", "prefill_all_logits")
-# models/ops.py names that keep their real meaning in a dry run (pure functions of the config / environment)
-_REAL = frozenset({"enabled", "dp4a_for", "prefer_dp4a", "attention_geometry", "AttentionGeometry", "gemm_supports",
-                   "rows", "row"})
 
 
 class UnknownWeightOp(RuntimeError):
     """A forward handed a weight matrix to an op this module has not classified as int8 or f32."""
 
 
-class _Inert:
-    """Stands in for device buffers, workspaces and op results: every attribute, call, index and arithmetic gives
-    another stand-in (``shape`` and ``size`` are small numbers so that sizes can still be computed)."""
-
-    shape = (1,)
-    size = 1
-    ptr = 0
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Inert()
-
-    def __call__(self, *a, **k):
-        return _Inert()
-
-    def __getitem__(self, i):
-        return _Inert()
-
-    def __mul__(self, o):
-        return self
-
-    __rmul__ = __truediv__ = __rtruediv__ = __add__ = __radd__ = __mul__
-
-
 def _weights(args, kwargs) -> list[QWeight]:
     return [a for a in list(args) + list(kwargs.values()) if isinstance(a, QWeight)]
-
-
-@contextlib.contextmanager
-def _dry_run(calls: list):
-    """Replace every op and buffer class of models/ops.py, and DeviceArray in the model modules, by recorders and
-    stand-ins; restore them on exit."""
-    import sparkinfer_cute.models as models_pkg
-    from sparkinfer_cute.models import base as base_mod
-    from sparkinfer_cute.models import ops
-
-    saved = []
-
-    def patch(mod, name, value):
-        saved.append((mod, name, getattr(mod, name)))
-        setattr(mod, name, value)
-
-    def recorder(name):
-        def rec(*args, **kwargs):
-            calls.append((name, args, kwargs))
-            return 1.0 if name == "qk_prologue" else _Inert()  # qk_prologue returns the scale attention applies
-        return rec
-
-    try:
-        for name, obj in list(vars(ops).items()):
-            if name.startswith("_") or name in _REAL or not callable(obj):
-                continue
-            if getattr(obj, "__module__", None) != ops.__name__:
-                continue
-            patch(ops, name, recorder(name) if not isinstance(obj, type) else _Inert())
-        patch(ops, "launch_counter", _Inert())
-        for mod in {base_mod, *(__import__(c.__module__, fromlist=["_"]) for c in models_pkg.GPU_FORWARDS.values())}:
-            if hasattr(mod, "DeviceArray"):
-                patch(mod, "DeviceArray", _Inert())
-        yield
-    finally:
-        for mod, name, value in reversed(saved):
-            setattr(mod, name, value)
-
-
-def _dry_model(cls, g, cfg, repack: bool):
-    """An instance of the GPU forward ``cls`` with weight handles (real names, types and shapes; no data) and
-    stand-in buffers, built without ``__init__`` (which would upload weights)."""
-    from sparkinfer_cute.models import ops
-
-    m = cls.__new__(cls)
-    m.g, m.cfg = g, cfg
-    m.max_context = 64
-    m.attn_layers = ops.attention_geometry(cfg)
-    repack_names = m.repack_names() if repack else set()
-    m.w = {}
-    for n in m.weight_names():
-        t = g.tensor(n)
-        qtype = t.ggml_type.name
-        if qtype == "Q6_K" and n in repack_names:
-            qtype = "Q6_K_P"  # as WeightStore uploads it
-        m.w[n] = QWeight(n, qtype, tuple(int(v) for v in t.shape), _Inert(), 0)
-    m.tok = m.pos_buf = m.logits = m.kv = _Inert()
-    m.stream = _Inert()
-    return m
 
 
 def _int8_names(op: str, args, kwargs) -> list[str]:
@@ -185,28 +97,10 @@ def int8_activation_tensors(g, cfg=None, *, path: str = "decode") -> frozenset[s
     prompt chunk, the last position's logits) or ``"prefill_all_logits"`` (a batched chunk with every position's
     logits: the accuracy harness' path). A MoE layer's gate and up share one quantized input; both names are listed.
     ``g``: a GGUFFile or path; ``cfg``: its config (default: loaded from ``g``)."""
-    from sparkinfer_cute.gguf import GGUFFile
-    from sparkinfer_cute.gguf.config import load_config
-    from sparkinfer_cute.models import GPU_FORWARDS
-
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    g = g if isinstance(g, GGUFFile) else GGUFFile(g)
-    cfg = cfg if cfg is not None else load_config(g)
-    cls = GPU_FORWARDS[cfg.arch]
-    repack = os.environ.get("SPARKINFER_REPACK_Q6K", "1") not in ("0", "no", "false")
-    calls: list = []
-    with _dry_run(calls):
-        m = _dry_model(cls, g, cfg, repack)
-        m.alloc_buffers()
-        if path == "decode":
-            m.enqueue_step(_Inert())
-        else:
-            m._pf = m.alloc_prefill(4)
-            m.enqueue_prefill(_Inert(), 2, all_logits=_Inert() if path == "prefill_all_logits" else None)
+    _, calls = record(g, cfg, path=path)
     names: set[str] = set()
-    for op, args, kwargs in calls:
-        names.update(_int8_names(op, args, kwargs))
+    for c in calls:
+        names.update(_int8_names(c.op, c.args, c.kwargs))
     return frozenset(names)
 
 

@@ -7,6 +7,7 @@ graph. ``launch_counter`` counts kernel launches (kernels per token in the bench
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,8 +46,13 @@ def enabled(name: str) -> bool:
 
 
 class _Counter:
+    """Kernel launches enqueued since the last reset. Only :func:`launches` adds to it, with the count the op
+    declares, and only for the outermost op of a nested call (an op built from other ops declares their launches
+    in its own count)."""
+
     def __init__(self):
         self.n = 0
+        self.depth = 0
 
     def reset(self):
         self.n = 0
@@ -59,6 +65,31 @@ class _Counter:
 
 
 launch_counter = _Counter()
+
+
+def launches(count):
+    """Declare how many kernels one call of the decorated op enqueues: an int, or a function of the op's own
+    arguments. This declaration is the one source of truth for kernel counts: the real ``launch_counter`` (the
+    benchmark's kernels per token) and the dry-run launch plan (models/launch_plan.py) both read it, so they cannot
+    disagree; the GPU test test_gpu_decode.py holds both against the kernel nodes of the captured CUDA graph."""
+    count_of = count if callable(count) else (lambda *args, **kwargs: count)
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def op(*args, **kwargs):
+            launch_counter.depth += 1
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                launch_counter.depth -= 1
+            if launch_counter.depth == 0:
+                launch_counter.add(count_of(*args, **kwargs))
+            return result
+
+        op.launches = count_of
+        return op
+
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------------- attention geometry
@@ -139,11 +170,12 @@ class AttentionWorkspace:
 
 
 # ---------------------------------------------------------------------------------------------- ops
+@launches(1)
 def embedding(w, tok, out, *, scale: float, stream):
     _emb.embedding(w.data, tok, out, qtype=w.qtype, n_embd=w.n_in, scale=scale, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def rmsnorm(x, w, out, eps: float, *, residual=None, stream, xq=None):
     """out = rmsnorm(x) * w; with ``residual``: x += residual first (x updated in place). With ``xq`` (a Q8Act) the
     same launch also writes q8_1(out) for the int8-activation GEMVs."""
@@ -158,13 +190,12 @@ def rmsnorm(x, w, out, eps: float, *, residual=None, stream, xq=None):
     else:
         _rms.rmsnorm_residual(residual, x, w.data.view(np.float32, (w.n_in,)), eps, out=out, residual_out=x,
                               stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def rmsnorm_heads(x, w, n_heads: int, head_dim: int, eps: float, *, stream):
     xv = x.view(np.float32, (n_heads, head_dim))
     _rms.rmsnorm(xv, w.data.view(np.float32, (head_dim,)), eps, out=xv, stream=stream)
-    launch_counter.add()
 
 
 # Which GEMVs run on int8 activations (q8_1 blocks of 32, dp4a) instead of f32: SPARKINFER_DP4A=auto|all|none.
@@ -196,48 +227,54 @@ def prefer_dp4a(w, auto: bool = True) -> bool:
     return auto and w.n_out >= 65536
 
 
+def _multi_launches(ws) -> int:
+    """Launches of :func:`gemv_qkv` / :func:`gemv_qk`: one (kernels/gemv_chunk.py GemvMulti) where the chunk
+    mapping applies to every matrix and ``fused_qkv`` is enabled, else one GEMV per matrix."""
+    fused = enabled("fused_qkv") and all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in ws)
+    return 1 if fused else len(ws)
+
+
 def new_q8(n: int, rows: int = 1):
     """Preallocated q8_1 activation buffers (graph capture must not allocate)."""
     return _q8.Q8Act(rows, n)
 
 
+@launches(1)
 def quantize(x, xq, *, stream):
     _q8.quantize_q8_1(x, out=xq, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def gemv(w, x, y, *, stream, xq=None):
     """y = W x over the raw quantized rows of W. With ``xq`` (the q8_1 copy of x, already quantized this step: the
     caller decided with :func:`prefer_dp4a`) the int8 path runs instead."""
     _gemv.gemv(w.data, w.qtype, xq if xq is not None else x, n_out=w.n_out, out=y, stream=stream)
-    launch_counter.add()
 
 
+@launches(lambda wq, wk, wv, *a, **k: _multi_launches((wq, wk, wv)))
 def gemv_qkv(wq, wk, wv, x, q, k, v, *, stream, xq=None):
     """q, k, v projections of one normed input: one launch (kernels/gemv_chunk.py GemvMulti) unless disabled."""
     if enabled("fused_qkv"):
         _gemv.gemv_multi([(wq.data, wq.qtype, q), (wk.data, wk.qtype, k), (wv.data, wv.qtype, v)],
                          xq if xq is not None else x, stream=stream)
-        # gemv_multi falls back to one launch per matrix where the chunk mapping does not apply
-        launch_counter.add(1 if all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in (wq, wk, wv)) else 3)
     else:
         for w, y in ((wq, q), (wk, k), (wv, v)):
             gemv(w, x, y, stream=stream, xq=xq)
 
 
+@launches(lambda wq, wk, *a, **k: _multi_launches((wq, wk)))
 def gemv_qk(wq, wk, x, q, k, *, stream, xq=None):
     """q and k projections of one normed input (K = V layers have no V projection): one launch where it applies."""
     if enabled("fused_qkv"):
         _gemv.gemv_multi([(wq.data, wq.qtype, q), (wk.data, wk.qtype, k)], xq if xq is not None else x, stream=stream)
-        launch_counter.add(1 if all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in (wq, wk)) else 2)
     else:
         for w, y in ((wq, q), (wk, k)):
             gemv(w, x, y, stream=stream, xq=xq)
 
 
+@launches(1)
 def glu(gate, up, out, *, act: str, stream):
     _glu.glu(gate, up, out, act=act, stream=stream)
-    launch_counter.add()
 
 
 def dense_expert_ids():
@@ -245,36 +282,49 @@ def dense_expert_ids():
     return DeviceArray.zeros((1,), np.int32)
 
 
+def _dense_glu_fused(w_gate, w_up) -> bool:
+    """Whether :func:`dense_glu` runs as one launch of the MoE gate/up kernel."""
+    return (enabled("fused_dense_glu") and w_gate.qtype == w_up.qtype and w_gate.n_in == w_up.n_in
+            and w_gate.n_out == w_up.n_out and _moe.dense_glu_supported(w_gate.qtype, w_gate.n_in))
+
+
+# one fused launch, else the gate GEMV, the up GEMV and the GLU kernel
+@launches(lambda w_gate, w_up, *a, **k: 1 if _dense_glu_fused(w_gate, w_up) else 3)
 def dense_glu(w_gate, w_up, x, gate, up, out, *, act: str, ids0, stream):
     """``out = act(W_gate x) * (W_up x)`` (a dense GLU MLP's first half). One launch where it applies: the MoE gate/up
     kernel (kernels/moe_ffn.py) with the dense weights as the only expert (``ids0``: :func:`dense_expert_ids`),
     the activation applied in registers, ``gate``/``up`` never written; else (``fused_dense_glu`` disabled, float
     weights, mixed types) two GEMVs into ``gate``/``up`` and the GLU kernel."""
-    if (enabled("fused_dense_glu") and w_gate.qtype == w_up.qtype and w_gate.n_in == w_up.n_in
-            and w_gate.n_out == w_up.n_out and _moe.dense_glu_supported(w_gate.qtype, w_gate.n_in)):
+    if _dense_glu_fused(w_gate, w_up):
         _moe.moe_gate_up(w_gate.data, w_up.data, w_gate.qtype, x, ids0, w_gate.n_out, out=out, stream=stream, act=act)
-        launch_counter.add()
         return
     gemv(w_gate, x, gate, stream=stream)
     gemv(w_up, x, up, stream=stream)
     glu(gate, up, out, act=act, stream=stream)
 
 
+@launches(1)
 def rope(x, n_heads: int, head_dim: int, n_rot: int, base: float, pos, *, stream, freq_factors=None):
     _rope.rope_neox(x.view(np.float32, (n_heads, head_dim)), pos, n_rot=n_rot, base=base,
                     freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32, (n_rot // 2,)),
                     stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def kv_append(kv: PagedKV, layer: int, k, v, pos, *, stream):
     D = kv.head_dim[layer]
     KV = kv.n_kv_head[layer]
     _kva.kv_cache_append(k.view(np.float32, (KV, D)), v.view(np.float32, (KV, D)), kv.k[layer], kv.v[layer],
                          kv.page_table, pos, stream=stream)
-    launch_counter.add()
 
 
+def _attention_launches(*args, xq=None, **kwargs) -> int:
+    """Split-KV + LSE combine in one launch (two with ``fused_combine`` disabled), plus the q8_1 quantization of the
+    output when ``xq`` is asked for and the kernel does not write it itself (``fused_attn_q8`` disabled)."""
+    return (1 if enabled("fused_combine") else 2) + (1 if xq is not None and not enabled("fused_attn_q8") else 0)
+
+
+@launches(_attention_launches)
 def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n_head: int, scale: float,
               window: int, stream, softcap: float = 0.0, xq=None):
     """``xq`` (a Q8Act of ``out``'s size): also its q8_1 copy for the int8 O projection, written by the attention
@@ -289,11 +339,11 @@ def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n
                            out=out.view(np.float32, (1, n_head, D)), o_partial=o_partial,
                            lse_partial=lse_partial, fused_combine=fused, counters=ws.counters, stream=stream,
                            out_q8=xq if fused_q8 else None)
-    launch_counter.add(1 if fused else 2)
     if xq is not None and not fused_q8:
         quantize(out, xq, stream=stream)
 
 
+@launches(1)
 def qk_norm_rope_kv(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_head: int, n_rot: int, base: float,
                     eps: float, q_scale: float = 1.0, freq_factors=None, v_norm: bool = False, stream):
     """Fused per-head Q/K RMSNorm + NEOX RoPE (+ q scale) + fp16 KV append: one launch instead of five.
@@ -307,9 +357,10 @@ def qk_norm_rope_kv(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_
                            freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32,
                                                                                                  (n_rot // 2,)),
                            v_norm=v_norm, stream=stream)
-    launch_counter.add()
 
 
+# one fused launch, or two per-head norms + two ropes + the KV append
+@launches(lambda *a, **k: 1 if enabled("fused_qk") else 5)
 def qk_prologue(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_head: int, n_rot: int, base: float,
                 eps: float, q_scale: float, stream, freq_factors=None, v_norm: bool = False) -> float:
     """Between the q/k/v projections and attention: per-head Q/K RMSNorm, NEOX RoPE, fp16 KV append. One fused launch
@@ -342,81 +393,85 @@ class RouterState:
         self.counter = DeviceArray.zeros((1,), np.int32)
 
 
+@launches(1)
 def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream):
     """F32 router GEMV + softmax + top-k + renormalize in one launch (kernels/router.py RouterGemvTopK)."""
     _router.route_gemv(w.data, h, k, norm_topk=True, ids_out=ids, weights_out=weights, scratch=st.logits,
                        counter=st.counter, n_expert=w.n_out, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def router(logits, ids, weights, k: int, *, stream):
     _router.route(logits, k, norm_topk=True, ids_out=ids, weights_out=weights, stream=stream)
-    launch_counter.add()
 
 
 class MoeActQ8:
     """The q8_1 copy of the routed experts' activations [k, n_ff] (the dp4a down projection's input) and the
-    arrival counters the gate/up kernel needs to write it itself. ``from_gate_up`` records, at enqueue time, whether
-    the last :func:`moe_gate_up` given it wrote it (else :func:`moe_down` quantizes: one more launch)."""
+    arrival counters the gate/up kernel needs to write it itself."""
 
     def __init__(self, k: int, n_ff: int):
         self.q8 = _q8.Q8Act(k, n_ff)
         self.counters = DeviceArray.zeros((k * n_ff // _q8.QK8_1,), np.int32)
-        self.from_gate_up = False
 
 
+def gate_up_writes_act_q8(n_ff: int) -> bool:
+    """Whether :func:`moe_gate_up` given an ``actq`` writes it itself (else :func:`moe_down` quantizes: one more
+    launch). A pure function of the shape and ``SPARKINFER_DISABLE``, so both ops (and the dry-run launch plan)
+    decide alike."""
+    return enabled("fused_moe_act_q8") and n_ff % _q8.QK8_1 == 0
+
+
+@launches(1)
 def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu", actq: MoeActQ8 | None = None):
     """``hq`` (the q8_1 copy of h, already quantized this step): the dp4a kernel instead of the f32 one. ``w_up``
     None: ``w_gate`` is a fused [E, 2F, n_in] gate+up tensor (Gemma 4). ``glu``: the gate activation. ``actq``: the
     same launch also writes the q8_1 copy of ``act`` for :func:`moe_down` (each 32-row block quantized by the
-    last CTA to write it) unless ``fused_moe_act_q8`` is disabled or n_ff is not whole q8_1 blocks."""
+    last CTA to write it) where :func:`gate_up_writes_act_q8`."""
     n_ff = w_gate.n_out if w_up is not None else w_gate.n_out // 2
-    fuse_q8 = actq is not None and enabled("fused_moe_act_q8") and n_ff % _q8.QK8_1 == 0
+    fuse_q8 = actq is not None and gate_up_writes_act_q8(n_ff)
     _moe.moe_gate_up(w_gate.data, None if w_up is None else w_up.data, w_gate.qtype, hq if hq is not None else h, ids,
                      n_ff, out=act, stream=stream, act=glu, out_q8=actq.q8 if fuse_q8 else None,
                      counters=actq.counters if fuse_q8 else None)
-    if actq is not None:
-        actq.from_gate_up = fuse_q8
-    launch_counter.add()
 
 
+# with an actq the gate/up kernel did not write: the q8_1 quantization of act, then the down GEMV
+@launches(lambda w_down, *a, actq=None, **k: 2 if actq is not None and not gate_up_writes_act_q8(w_down.n_in) else 1)
 def moe_down(w_down, act, ids, weights, out, *, stream, actq: MoeActQ8 | None = None):
-    """``actq``: the dp4a kernel on the q8_1 copy of ``act`` (written by :func:`moe_gate_up`, or here: one more
-    launch)."""
-    if actq is not None and not actq.from_gate_up:
+    """``actq`` (the one given to :func:`moe_gate_up` for this ``act``): the dp4a kernel on the q8_1 copy of
+    ``act``, quantized here unless the gate/up kernel wrote it."""
+    if actq is not None and not gate_up_writes_act_q8(w_down.n_in):
         quantize(act, actq.q8, stream=stream)
     _moe.moe_down(w_down.data, w_down.qtype, actq.q8 if actq is not None else act, ids, weights, w_down.n_out,
                   out=out, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def residual_scale(x, f, s, *, stream):
     """``x = (x + f) * s`` (``s``: one f32 on the device: Gemma 4's layer_output_scale, or 1)."""
     _elem.residual_scale(x, f, s, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def softcap(x, cap: float, *, stream):
     """``x = cap * tanh(x / cap)`` in place (final logit softcapping)."""
     _elem.softcap(x, cap, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def expert_scale(weights, ids, scale, *, stream):
     """``weights[j] *= scale[ids[j]]``: a per-expert down scale folded into the routing weights."""
     _elem.gather_scale(weights, ids, scale.data.view(np.float32, (scale.n_in,)), stream=stream)
-    launch_counter.add()
 
 
 _argmax_ws = None
 
 
+@launches(2)  # chunk partials + final reduce
 def argmax(logits, out_id, *, stream):
     global _argmax_ws
     if _argmax_ws is None:
         _argmax_ws = Workspace()  # partials allocated at warm-up, reused (graph-stable) afterwards
     _am.argmax(logits, out=out_id, workspace=_argmax_ws, stream=stream)
-    launch_counter.add(2)  # chunk partials + final reduce
 
 
 # ---------------------------------------------------------------------------------------------- batched prefill
@@ -488,29 +543,31 @@ class PrefillBuffers:
             self.moe_y = DeviceArray.empty((chunk * k, E), f32)
 
 
+@launches(1)
 def embedding_rows(w, tok, out, T: int, *, scale: float, stream):
     _emb.embedding(w.data, tok, out, qtype=w.qtype, n_embd=w.n_in, scale=scale, n_tokens=T, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def rmsnorm_rows(x, w, out, T: int, eps: float, *, residual=None, xq=None, stream):
     """:func:`rmsnorm` over the first T rows (``xq``: also the q8_1 copy for the GEMMs)."""
     rmsnorm(rows(x, T), w, rows(out, T), eps, residual=None if residual is None else rows(residual, T), stream=stream,
             xq=xq)
 
 
+@launches(1)
 def quantize_rows(x, xq, T: int, *, stream):
     _q8.quantize_q8_1(rows(x, T), out=xq, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def gemm(w, xq, out, T: int, *, stream, accumulate: bool = False, w_up=None, act: str = "silu"):
     """``out[:T] (+)= W xq[:T]`` (or ``act(W xq) * (W_up xq)`` with ``w_up``) through the grouped GEMM."""
     _qgemm.quant_gemm(w.data, w.qtype, xq, w.n_out, out=out, w_up=None if w_up is None else w_up.data, act=act,
                accumulate=accumulate, n_rows=T, tile_tokens=PREFILL_TILE_TOKENS, stream=stream)
-    launch_counter.add()
 
 
+@launches(lambda w, h, out, T, **k: -(-T // 8))  # groups of <= 8 rows
 def gemv_rows(w, h, out, T: int, *, stream):
     """``out[:T] = h[:T] W^T`` with f32 activations through the decode GEMV, in groups of <= 8 rows (for a weight
     type the grouped GEMM does not take, e.g. a tied Q6_K embedding as the all-position LM head)."""
@@ -519,7 +576,6 @@ def gemv_rows(w, h, out, T: int, *, stream):
         r = min(8, T - r0)
         _gemv.gemv(w.data, w.qtype, h.view(np.float32, (r, n), offset_bytes=r0 * n * 4), n_out=w.n_out,
                    out=out.view(np.float32, (r, w.n_out), offset_bytes=r0 * w.n_out * 4), stream=stream)
-        launch_counter.add()
 
 
 def gemm_supports(w) -> bool:
@@ -527,6 +583,7 @@ def gemm_supports(w) -> bool:
     return w.qtype in _qgemm.SUPPORTED_QTYPES
 
 
+@launches(1)
 def qk_norm_rope_kv_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, q_norm, k_norm, *, n_head: int,
                          n_rot: int, base: float, eps: float, q_scale: float, stream, freq_factors=None,
                          v_norm: bool = False, k_eq_v: bool = False):
@@ -542,9 +599,9 @@ def qk_norm_rope_kv_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, q_
                            freq_factors=None if freq_factors is None else freq_factors.data.view(np.float32,
                                                                                                  (n_rot // 2,)),
                            v_norm=v_norm, stream=stream)
-    launch_counter.add()
 
 
+@launches(1)
 def attention_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, *, n_head: int, scale: float, window: int,
                    stream, softcap: float = 0.0):
     D = kv.head_dim[layer]
@@ -556,9 +613,11 @@ def attention_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, *, n_hea
                            o_partial=ws.o_partial.view(np.float32, (T, n_head, 1, D)),
                            lse_partial=ws.lse_partial.view(np.float32, (T, n_head, 1)), fused_combine=True,
                            counters=ws.counters, stream=stream)
-    launch_counter.add()
 
 
+# router logits, top-k, align, gate+up GEMM, q8_1, down GEMM, combine: the 7 kernel calls below, one launch each (the
+# count added here before the declarations existed was 8: one too many per MoE layer of a prefill chunk)
+@launches(7)
 def moe_rows(w_router, w_gate, w_up, w_down, pf: PrefillBuffers, T: int, *, act: str = "silu", stream,
              accumulate_into=None, expert_scale=None, router_in=None, expert_in=None):
     """The routed-expert FFN of T tokens: router logits of ``router_in`` (default ``pf.h``) -> softmax/top-k -> sort
@@ -586,4 +645,3 @@ def moe_rows(w_router, w_gate, w_up, w_down, pf: PrefillBuffers, T: int, *, act:
     _moe_route.moe_combine(pf.moe_y, pf.sorted_pos, pf.wts.view(np.float32, (T, k)), pf.ids.view(np.int32, (T, k)),
                            rows(target, T), T, accumulate=accumulate_into is not None,
                            expert_scale=None if expert_scale is None else expert_scale.data, stream=stream)
-    launch_counter.add(8)

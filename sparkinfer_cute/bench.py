@@ -1,10 +1,11 @@
 """`python -m sparkinfer_cute.bench MODEL.gguf [--prompt-len P] [--gen N] [--depth D] [--runs R] [--llama-bench PATH]`
 
 Decode tok/s (median of R >= 5 timed runs after a warm-up run; greedy, whole step replayed from one CUDA graph),
-prefill tok/s, kernels per token, bytes of weights + KV read per token and the % of the measured device-to-device copy
-bandwidth that represents, resident GPU memory. With --llama-bench it runs llama.cpp's llama-bench on the same file in
-the same process run and prints the ratio. Prints a table, writes JSON (--json) and appends a line to the results log
-(--log, default RESULTS.md's sibling results/bench.jsonl).
+prefill tok/s, kernels per token, bytes moved per token, the minimum (routed experts' + dense weights + KV, each
+once) and their ratio (all from the launch plan, models/launch_plan.py), the % of the measured device-to-device copy
+bandwidth the minimum at the measured speed represents, resident GPU memory. With --llama-bench it runs llama.cpp's
+llama-bench on the same file in the same process run and prints the ratio. Prints a table, writes JSON (--json) and
+appends a line to the results log (--log, default RESULTS.md's sibling results/bench.jsonl).
 
 Needs a CUDA GPU. Exit status: 0 done; 2 could not run as asked (a bad argument, no GPU), with a one-line
 `error: ...` on stderr.
@@ -12,7 +13,6 @@ Needs a CUDA GPU. Exit status: 0 done; 2 could not run as asked (a bad argument,
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import os
@@ -47,17 +47,13 @@ def measure_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
     return 2 * nbytes / (statistics.median(times) * 1e-3)
 
 
-def bytes_per_token(model, depth: int) -> int:
-    """Weight bytes a decode step must read (routed experts only: k of n_expert) + the KV cache read at ``depth``."""
-    cfg = model.cfg
-    total = 0
-    for name, w in model.w.weights.items():
-        if "_exps." in name:
-            total += w.nbytes * cfg.n_expert_used // cfg.n_expert
-        else:
-            total += w.nbytes
-    kv = 2 * cfg.n_layer * cfg.n_head_kv * cfg.head_dim * 2 * depth  # K and V, fp16
-    return total + kv
+def decode_plan(model, depth: int):
+    """The launch plan of the loaded model's decode step at KV depth ``depth`` (models/launch_plan.py): the one
+    accounting of kernels and bytes per token, shared with ``python -m sparkinfer_cute.perf_model``."""
+    from sparkinfer_cute.models.launch_plan import launch_plan
+
+    return launch_plan(model.g, model.cfg, depth=depth, sm_count=model.device.sm_count,
+                       max_context=model.max_context)
 
 
 def run_llama_bench(path: str, exe: str, p: int, n: int, d: int, reps: int) -> dict:
@@ -67,7 +63,7 @@ def run_llama_bench(path: str, exe: str, p: int, n: int, d: int, reps: int) -> d
     cmd = [exe, "-m", path, "-ngl", "99", "-fa", "1", "-p", str(p), "-n", str(n), "-r", str(reps), "-o", "json"]
     if d:
         cmd += ["-d", f"0,{d}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=1800)
     if res.returncode != 0:
         return {"error": res.stderr[-2000:], "cmd": " ".join(cmd)}
     for row in json.loads(res.stdout):
@@ -140,9 +136,12 @@ def main(argv=None) -> int:
         "kernels_per_token": m.kernels_per_token, "resident_bytes": m.resident_bytes,
     }
     bw = measure_copy_bandwidth()
-    bpt = bytes_per_token(m, args.gen // 2)  # tg runs start at position 0: mean KV depth gen/2
-    res.update(copy_bandwidth_GBps=bw / 1e9, bytes_per_token=bpt,
-               roofline_tps=bw / bpt, pct_of_roofline=100 * res["decode_tps_median"] * bpt / bw)
+    plan = decode_plan(m, args.gen // 2)  # tg runs start at position 0: mean KV depth gen/2
+    bpt, mpt = plan.bytes_per_token, plan.minimum_bytes
+    res.update(copy_bandwidth_GBps=bw / 1e9, bytes_per_token=bpt, minimum_bytes_per_token=mpt,
+               bytes_over_minimum=plan.ratio, plan_kernels_per_token=plan.kernels_per_token,
+               bytes_accounting="models/launch_plan.py (weights as uploaded, KV, activations)",
+               roofline_tps=bw / mpt, pct_of_roofline=100 * res["decode_tps_median"] * mpt / bw)
     if args.depth:
         m.reset()
         dprompt = rng.integers(0, vocab, size=args.depth).tolist()
@@ -169,8 +168,11 @@ def main(argv=None) -> int:
             ("model", f"{res['model']} ({res['arch']})"),
             (f"decode tg{args.gen} tok/s (median of {args.runs})", f"{res['decode_tps_median']:.1f}"),
             (f"prefill pp{args.prompt_len} tok/s ({res['prefill_path']}, median of 3)", f"{pp:.1f}"),
-            ("kernels per token", str(m.kernels_per_token)),
-            ("bytes read per token", f"{bpt / 1e6:.1f} MB"),
+            ("kernels per token", f"{m.kernels_per_token}" + (
+                "" if plan.kernels_per_token == m.kernels_per_token
+                else f" (launch plan: {plan.kernels_per_token}: they disagree)")),
+            ("bytes moved per token (launch plan)", f"{bpt / 1e6:.1f} MB"),
+            ("minimum bytes per token", f"{mpt / 1e6:.1f} MB (bytes/minimum {plan.ratio:.3f})"),
             ("copy bandwidth (measured)", f"{bw / 1e9:.0f} GB/s"),
             ("% of bandwidth roofline", f"{res['pct_of_roofline']:.1f}%"),
             ("resident GPU memory", f"{m.resident_bytes / 2**30:.2f} GiB"),

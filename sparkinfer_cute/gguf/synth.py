@@ -64,6 +64,8 @@ from typing import NamedTuple
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
+from sparkinfer_cute.errors import GGUFError
+
 Q = GGMLQuantizationType
 
 # llama_ftype ids written to general.file_type (llama.h)
@@ -1079,6 +1081,69 @@ def write_synthetic(
             bar.close()
         w.close()
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# header only
+class _MetadataRecorder:
+    """Takes the ``add_*`` calls of :func:`_add_metadata` the way GGUFWriter does, keeping the values in a dict."""
+
+    def __init__(self, arch: str):
+        self.metadata: dict = {"general.architecture": arch}
+
+    def _put(self, key, value, *_):
+        self.metadata[key] = list(value) if isinstance(value, (list, tuple)) else value
+
+    def add_float32(self, key, value):
+        self._put(key, float(np.float32(value)))  # as the file stores it
+
+    add_string = add_uint32 = add_bool = add_array = _put
+
+
+class SyntheticHeader:
+    """What :class:`sparkinfer_cute.gguf.reader.GGUFFile` would show of ``write_synthetic(arch, preset)``'s file,
+    without writing it or generating a byte of tensor data: the metadata (``metadata``), the tensor list with
+    names, types, shapes and byte sizes (``tensors``; offsets are 0), ``architecture``, ``get``, ``require`` and
+    ``tensor``. ``load_config`` and ``required_tensors`` take it like a file; reading tensor data
+    (``raw``/``dequant``) is refused. A real-shape preset (30b-a3b: 17 GiB) is described in well under a second."""
+
+    def __init__(self, arch: str, preset: str, *, overrides: dict | None = None, ftype: str = "Q4_K_M"):
+        from sparkinfer_cute.gguf.reader import TensorInfo
+
+        cfg = synthetic_config(arch, preset, overrides)
+        plan = plan_synthetic(arch, preset, overrides=overrides, ftype=ftype)
+        rec = _MetadataRecorder(arch)
+        _add_metadata(rec, arch, preset, cfg, ftype, seed=0)
+        self.path = f"synthetic:{arch}/{preset}"
+        self.metadata = rec.metadata
+        self.tensors = {t.name: TensorInfo(t.name, t.ggml_type, t.shape, 0, tensor_nbytes(t)) for t in plan}
+
+    @property
+    def architecture(self) -> str:
+        return self.metadata["general.architecture"]
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+    def require(self, key: str):
+        if key not in self.metadata:
+            raise GGUFError(self.path, f"missing required metadata key {key!r}")
+        return self.metadata[key]
+
+    def tensor(self, name: str):
+        if name not in self.tensors:
+            raise GGUFError(self.path, "missing required tensor", name)
+        return self.tensors[name]
+
+    def raw(self, name: str):
+        raise GGUFError(self.path, "a synthetic header has no tensor data", name)
+
+    dequant = raw
+
+
+def synthetic_header(arch: str, preset: str, overrides: dict | None = None) -> SyntheticHeader:
+    """The header (metadata + tensor list, no data) of the synthetic ``arch``/``preset`` model."""
+    return SyntheticHeader(arch, preset, overrides=overrides)
 
 
 # -------------------------------------------------------------------------------------------------------- CLI

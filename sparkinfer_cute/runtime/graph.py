@@ -64,6 +64,19 @@ class CudaGraph:
         s = self.stream if stream is None else resolve_stream(stream)
         check(driver().cuGraphLaunch(self.exec, s.cu), "cuGraphLaunch")
 
+    def kernel_nodes(self) -> int:
+        """Kernel nodes of the captured graph: the launches one replay runs, counted by the driver (memset and memcpy
+        nodes excluded). The GPU test holds the models' declared launch counts against it."""
+        if self.graph is None:
+            raise DeviceError("CudaGraph.kernel_nodes before a completed capture")
+        cu = driver()
+        res = check(cu.cuGraphGetNodes(self.graph, 0), "cuGraphGetNodes")
+        n = int(res[-1] if isinstance(res, tuple) else res)
+        nodes = check(cu.cuGraphGetNodes(self.graph, n), "cuGraphGetNodes")
+        nodes = nodes[0] if isinstance(nodes, tuple) else nodes
+        kernel = cu.CUgraphNodeType.CU_GRAPH_NODE_TYPE_KERNEL
+        return sum(1 for node in nodes[:n] if check(cu.cuGraphNodeGetType(node), "cuGraphNodeGetType") == kernel)
+
     def __del__(self):
         cu = None
         try:

@@ -124,6 +124,17 @@ CASES = [
     (PERF_MODEL, ["--bench", "{NOTJSON}", "--microbench", "{BENCH}"], ["JSON"], {}),
     (PERF_MODEL, ["--bench", "{BENCH}", "--microbench", "{BENCH}", "--arch", "qwen3moe"], ["no qwen3moe rows"], {}),
     (PERF_MODEL, ["--bench", "{BENCH}", "--microbench", "{BENCH}", "--arch", "gemma3"], ["not the files"], {}),
+    (PERF_MODEL, ["--bench", "{BENCH}", "--microbench", "{BENCH}", "--synth", "qwen3moe"], ["--synth", "ARCH:PRESET"],
+     {}),
+    (PERF_MODEL, ["plan"], ["one of the arguments --model --synth is required"], {}),
+    (PERF_MODEL, ["plan", "--synth", "qwen3moe:huge"], ["--synth", "ARCH:PRESET", "qwen3moe:30b-a3b"], {}),
+    (PERF_MODEL, ["plan", "--model", "{MISSING}"], ["--model", "no such file"], {}),
+    (PERF_MODEL, ["plan", "--model", "{DIR}"], ["--model"], {}),
+    (PERF_MODEL, ["plan", "--model", "{NOTGGUF}"], ["not a GGUF"], {}),
+    (PERF_MODEL, ["plan", "--synth", "gemma3:tiny", "--depth", "-1"], ["--depth", ">= 0"], {}),
+    (PERF_MODEL, ["plan", "--model", "{GGUF}", "--synth", "gemma3:tiny"], ["not allowed with"], {}),
+    (PERF_MODEL, ["plan", "--synth", "gemma3:tiny", "--disable", "fused_everything"], ["--disable", "unknown pass"],
+     {}),
 ]
 
 # On a machine without a GPU the GPU-only commands must say so without the environment switch too.

@@ -745,3 +745,20 @@ def test_gemma4_real_shapes_validate_and_stay_well_scaled(tmp_path, preset, max_
         rms = float(np.sqrt(np.mean(cap[f"resid.{l}"].astype(np.float64) ** 2)))
         assert 0.3 < rms < 10, (l, rms)
     assert np.isfinite(logits).all() and 0.2 < logits.std(axis=-1).mean() < 5
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gemma3", "gemma4"])
+def test_synthetic_header_is_the_file_header(tmp_path, arch):
+    """SyntheticHeader (no file written) shows what GGUFFile shows of write_synthetic's file: metadata, tensor names,
+    types, shapes and byte sizes (offsets aside); tensor data is refused."""
+    from sparkinfer_cute.errors import GGUFError
+    from sparkinfer_cute.gguf import GGUFFile
+    from sparkinfer_cute.gguf.synth import synthetic_header
+
+    g = GGUFFile(write_synthetic(str(tmp_path / "m.gguf"), arch=arch, preset="tiny", seed=0))
+    h = synthetic_header(arch, "tiny")
+    assert h.metadata == g.metadata
+    assert [(t.name, t.ggml_type, t.shape, t.nbytes) for t in h.tensors.values()] == \
+           [(t.name, t.ggml_type, t.shape, t.nbytes) for t in g.tensors.values()]
+    with pytest.raises(GGUFError, match="no tensor data"):
+        h.dequant("token_embd.weight")

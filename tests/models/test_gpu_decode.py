@@ -99,7 +99,10 @@ def test_qwen3moe_synthetic_gpu_vs_reference(tmp_path, preset, f32_activations, 
     vocab = load_config(GGUFFile(p)).vocab_size
     tokens = rng.integers(0, vocab, size=65).tolist()
     eng, m = _compare(p, tokens)
-    assert eng.backend.kernels_per_token > 0
+    from sparkinfer_cute.models.launch_plan import launch_plan
+
+    b = eng.backend  # the live count = the launch plan's dry run = the driver's kernel nodes of the decode graph
+    assert b.kernels_per_token == launch_plan(b.g, b.cfg).kernels_per_token == b._graph.kernel_nodes() > 0
 
 
 def test_gemma3_tiny_synthetic_gpu_vs_reference(tmp_path, rng):
@@ -237,3 +240,29 @@ def test_hidden_after_layers_matches_reference(tmp_path, f32_activations, rng):
         want = cap[f"resid.{L - 1}"]
         rel = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
         assert rel.max() < 1e-3, (L, rel)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gemma3", "gemma4"])
+def test_declared_launches_are_the_graph_kernels(tmp_path, arch):
+    """The kernels per token the decode graph really holds (driver-counted kernel nodes) = the live launch counter =
+    the launch plan's dry run (models/launch_plan.py): all from one declaration per op (``@ops.launches``), checked
+    here against the driver, which no declaration can fake."""
+    from sparkinfer_cute.models.launch_plan import launch_plan
+
+    p = str(tmp_path / f"{arch}.gguf")
+    write_synthetic(p, arch=arch, preset="tiny", seed=3)
+    m = _gpu(p).backend
+    m.warm_up()
+    plan = launch_plan(m.g, m.cfg, depth=0, sm_count=m.device.sm_count)
+    assert m.kernels_per_token == plan.kernels_per_token == m._graph.kernel_nodes()
+
+
+def test_declared_prefill_launches_are_the_graph_kernels(tmp_path):
+    """Same for a batched prefill chunk of the qwen3moe tiny model (moe_rows declares 7 launches)."""
+    p = str(tmp_path / "q.gguf")
+    write_synthetic(p, arch="qwen3moe", preset="tiny", seed=3)
+    m = _gpu(p).backend
+    if not m.batched_prefill():
+        pytest.skip("SPARKINFER_PREFILL=loop: no batched prefill graph")
+    m.prefill(list(range(5)))
+    assert m.kernels_per_prefill_chunk == m._pf_graphs[5].kernel_nodes()
