@@ -45,7 +45,7 @@ INT8_OPS = {  # op -> (is the call int8?, which weights take the int8 input)
 PATHS = ("decode", "prefill", "prefill_all_logits")
 # models/ops.py names that keep their real meaning in a dry run (pure functions of the config / environment)
 _REAL = frozenset({"enabled", "dp4a_for", "prefer_dp4a", "attention_geometry", "AttentionGeometry", "gemm_supports",
-                   "rows", "row"})
+                   "rows", "row", "tuned_configs", "tuned"})
 
 
 class UnknownWeightOp(RuntimeError):
