@@ -181,8 +181,9 @@ class AttentionWorkspace:
             (max(g.n_head * s for g, s in zip(self.layers, self.num_splits)),), np.float32)
 
     def knobs(self, layer: int) -> dict:
-        """The layer's launch knobs other than the split count (``heads_per_cta``, ``keys_per_iter``)."""
-        return {k: v for k, v in self.configs[layer].items() if k != "num_splits"}
+        """The layer's launch knobs other than the split count (``heads_per_cta``, ``keys_per_iter``) that are not
+        left to the kernel (0)."""
+        return {k: v for k, v in self.configs[layer].items() if k != "num_splits" and v}
 
     def partials(self, layer: int) -> tuple[int, DeviceArray, DeviceArray]:
         """(num_splits, o_partial [1, H, S, D], lse_partial [1, H, S]) of one layer."""
