@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from tuned_cache import model_task_keys, write_tuned_cache
+from tuned_cache import applicable_everywhere, model_task_keys, write_tuned_cache
 
 from sparkinfer_cute.autotune import describe_tuning, load_tuned
 from sparkinfer_cute.autotune.cache import DeviceIdentity, TuneCache, current_metadata
@@ -205,11 +205,6 @@ def model(request, tmp_path_factory):
     return _write(str(tmp_path_factory.mktemp("tuned") / f"{request.param}.gguf"), request.param)
 
 
-def _applicable(op, cfg):
-    """Candidates every call site can take (the fused q/k/v launch: chunk mapping; a grouped GEMM: the routing
-    tables' 32-token tile), so that the knobs test sees tuned calls at every site kind whatever the seed."""
-    return cfg.get("mapping", "chunk") == "chunk" and cfg.get("tile_tokens", 32) == 32
-
 
 def _ctx():
     from sparkinfer_cute.kernels.arch import smem_budget
@@ -256,7 +251,7 @@ def test_tuned_knobs_reach_the_kernel_wrappers(model, dry, cache_dir, rng):
     assert base_calls and not [(f, w, kw) for f, w, kw in base_calls if knobs & set(kw) - {"rows_per_warp"}
                                or kw.get("rows_per_warp") is not None]
     stored = write_tuned_cache(model, IDENT, _ctx(), cache_dir / "autotune.json", rng, max_context=MAX_CONTEXT,
-                               prefill_tokens=PROMPT, prefer=_applicable)
+                               prefill_tokens=PROMPT, prefer=applicable_everywhere)
     tuned = load_tuned(IDENT)
     assert tuned.enabled and len(tuned) == sum(len(v) for v in stored.values()) > 0
     m, calls = dry(model, tuned)
@@ -313,7 +308,7 @@ def test_an_invalid_tuned_config_is_refused_with_a_warning(dry, cache_dir, rng, 
     path = _write(str(tmp_path / "q.gguf"), "qwen3moe-1024")
     _, base_calls = dry(path, None)
     stored = write_tuned_cache(path, IDENT, _ctx(), cache_dir / "autotune.json", rng, max_context=MAX_CONTEXT,
-                               prefill_tokens=PROMPT, prefer=_applicable)
+                               prefill_tokens=PROMPT, prefer=applicable_everywhere)
     # corrupt one attention entry and one MoE down entry: values their validity checks reject
     bad = {"attention_decode": {"num_splits": 3, "heads_per_cta": 1, "keys_per_iter": 1},
            "moe_down_q8": {"mapping": "chunk", "rows_per_warp": 5}}
@@ -339,7 +334,7 @@ def test_a_config_its_call_site_cannot_run_is_not_applied(dry, cache_dir, rng, t
     path = _write(str(tmp_path / "q.gguf"), "qwen3moe-1024")
     _, base_calls = dry(path, None)
     write_tuned_cache(path, IDENT, _ctx(), cache_dir / "autotune.json", rng, max_context=MAX_CONTEXT,
-                      prefill_tokens=PROMPT, prefer=lambda op, cfg: not _applicable(op, cfg))
+                      prefill_tokens=PROMPT, prefer=lambda op, cfg: not applicable_everywhere(op, cfg))
     tuned = load_tuned(IDENT)
     _, calls = dry(path, tuned)
     _check_calls(tuned, calls, base_calls)

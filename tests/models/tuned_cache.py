@@ -5,6 +5,12 @@ so the keys are exactly what a tuning run stores."""
 from __future__ import annotations
 
 
+def applicable_everywhere(op: str, cfg: dict) -> bool:
+    """Candidates every call site can take (the fused q/k/v launch: the chunk mapping; a grouped GEMM: the routing
+    tables' 32-token tile, ``models/ops.py MOE_TILE_TOKENS``), so that tuned calls show at every site kind."""
+    return cfg.get("mapping", "chunk") == "chunk" and cfg.get("tile_tokens", 32) == 32
+
+
 def model_task_keys(gguf_path: str, *, max_context: int, prefill_tokens: int) -> set:
     """(op, shape key) of every task the search would tune for the model."""
     from sparkinfer_cute.autotune.registry import load_ops
