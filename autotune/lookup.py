@@ -42,7 +42,8 @@ def autotune_enabled() -> bool:
 @dataclass(frozen=True)
 class Site:
     """The decision at one call site: ``source`` (tuned / default / refused / not applicable), the tuned config
-    handed out (None unless tuned) and, for a refusal, why."""
+    handed out (None unless tuned), whether the search kept the default there (the cached config is the default's
+    own: applied as cached, no gain expected) and, for a refusal, why."""
 
     op: str
     key: str
@@ -50,6 +51,7 @@ class Site:
     source: str
     config: dict | None = None
     reason: str = ""
+    kept_default: bool = False
 
 
 class TunedConfigs:
@@ -111,7 +113,8 @@ class TunedConfigs:
             if why is not None:
                 self.sites[site] = Site(op, key, where or op, NOT_APPLICABLE, reason=why)
                 return None
-        self.sites[site] = Site(op, key, where or op, TUNED, config=dict(cfg))
+        self.sites[site] = Site(op, key, where or op, TUNED, config=dict(cfg),
+                                kept_default=entry.get("default") == entry["config"])
         return cfg
 
     def _why_invalid(self, top, cfg: dict, shape: Shape) -> str | None:
@@ -182,7 +185,9 @@ def describe_tuning(tuned: TunedConfigs | None = None) -> str:
         used = "no call site looked up yet"
     else:
         used = f"tuned config at {t.count(TUNED)} of {n} call sites, default at {t.count(DEFAULT)}"
-        extra = [f"{t.count(s)} {s}" for s in (REFUSED, NOT_APPLICABLE) if t.count(s)]
+        kept = sum(1 for s in t.sites.values() if s.source == TUNED and s.kept_default)
+        extra = [f"{kept} of the tuned where the search kept the default"] if kept else []
+        extra += [f"{t.count(s)} {s}" for s in (REFUSED, NOT_APPLICABLE) if t.count(s)]
         if extra:
             used += f" ({', '.join(extra)})"
     return f"autotune: {len(t)} tuned configs for {t.device}; {used} (cache {t.source})"
@@ -193,6 +198,6 @@ def describe_sites(tuned: TunedConfigs | None = None) -> list[str]:
     t = tuned if tuned is not None else _last
     if t is None:
         return []
-    return [f"{s.where}: {s.op} [{s.key}] {s.source}"
+    return [f"{s.where}: {s.op} [{s.key}] {s.source}" + (" (the default kept)" if s.kept_default else "")
             + (f": {format_config(s.config)}" if s.config else "") + (f" ({s.reason})" if s.reason else "")
             for s in t.sites.values() if s.source != DEFAULT]

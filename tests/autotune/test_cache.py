@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sparkinfer_cute.autotune import describe_tuning, load_tuned
+from sparkinfer_cute.autotune import describe_sites, describe_tuning, load_tuned
 from sparkinfer_cute.autotune.cache import DeviceIdentity, TuneCache, current_metadata
 
 IDENT = DeviceIdentity("NVIDIA Fake 5090", 170, (12, 0), 12080)
@@ -51,6 +51,13 @@ def test_round_trip_and_lookup(cache):
     # per call site (op + bucketed shape), not per lookup: two tuned, three defaults
     assert line.startswith("autotune: 2 tuned configs for NVIDIA Fake 5090; tuned config at 2 of 5 call sites, "
                            "default at 3 (cache ")
+    # an entry where the search kept the default is applied as cached, and said so
+    cache.put(IDENT, meta, {"gemv": {GEMV_KEY: dict(_entry(dict(mapping="chunk", rows_per_warp=2)))}})
+    kept = load_tuned(IDENT)
+    assert kept.get("gemv", GEMV_SHAPE, where="blk.0.attn_q.weight") == dict(mapping="chunk", rows_per_warp=2)
+    assert "1 of the tuned where the search kept the default" in describe_tuning(kept)
+    assert describe_sites(kept) == ["blk.0.attn_q.weight: gemv [qtype=Q4_K,n_in=2048,n_out=4096] tuned (the default "
+                                    "kept): mapping=chunk rows_per_warp=2"]
     with pytest.raises(ValueError, match="lacks n_out"):
         tuned.get("gemv_q8", dict(qtype="Q4_K", n_in=2048))
     with pytest.raises(ValueError, match="unknown autotune op"):
