@@ -614,7 +614,8 @@ def _routing_tile(cfg: dict) -> str | None:
     """A grouped GEMM's token tile is the tile of the layer's routing tables (one per layer for both grouped GEMMs,
     built with MOE_TILE_TOKENS): a tuned config with another tile cannot be applied alone."""
     if cfg.get("tile_tokens") != MOE_TILE_TOKENS:
-        return f"the routing tables are built for {MOE_TILE_TOKENS}-token tiles, the config has {cfg.get('tile_tokens')}"
+        return (f"the routing tables are built for {MOE_TILE_TOKENS}-token tiles, "
+                f"the config has {cfg.get('tile_tokens')}")
     return None
 
 

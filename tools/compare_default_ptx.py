@@ -23,8 +23,9 @@ CONFIGS = {
     "gemv_multi Qwen3 q/k/v dp4a": (
         "gemv_chunk.compile_gemv_multi.uncached((('Q4_K', 4096), ('Q4_K', 512), ('Q6_K_P', 512)), 2048, True, 132{})",
         "rows_per_warp=(1, 2, 2)"),
-    "moe_down_chunk Q4_K dp4a": ("moe_ffn_chunk.compile_moe_down_chunk.uncached('Q4_K', 768, 2048, 8, False, True, 1{})",
-                                 "x_loads_first=True"),
+    "moe_down_chunk Q4_K dp4a": (
+        "moe_ffn_chunk.compile_moe_down_chunk.uncached('Q4_K', 768, 2048, 8, False, True, 1{})",
+        "x_loads_first=True"),
     "quant_gemm Q4_K K=2048 64x32": ("quant_gemm.compile_quant_gemm.uncached('Q4_K', 2048, 64, 32{})", "stages=2"),
     "attention 32/4/128 32 splits": (
         "attention_decode.compile_attention_decode.uncached(32, 4, 128, 64, 32, False, fused_combine=True{})",
@@ -58,7 +59,8 @@ def main() -> int:
     changed = 0
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp)
-        archive = subprocess.run(["git", "archive", rev, "sparkinfer_cute"], cwd=ROOT, capture_output=True, check=True)
+        archive = subprocess.run(["git", "archive", rev, "sparkinfer_cute"], cwd=ROOT, capture_output=True,
+                                 check=True)
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
         for name, (call, knobs) in CONFIGS.items():
             before, after = ptx_hash(old, call.format("")), ptx_hash(ROOT, call.format(""))
