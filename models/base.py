@@ -241,9 +241,9 @@ class GPUDecoder:
         first use, after an eager run that loads the kernels). ``all_logits``: a [T, vocab] device buffer that
         receives every position's logits (eager, not captured: the accuracy harness)."""
         with self.tuning():
-            self._prefill_batched_tuned(ids, all_logits)
+            self._run_prefill_chunk(ids, all_logits)
 
-    def _prefill_batched_tuned(self, ids, all_logits) -> None:
+    def _run_prefill_chunk(self, ids, all_logits) -> None:
         pf = self._prefill_buffers()
         T = len(ids)
         tok = np.zeros(pf.chunk, np.int32)
