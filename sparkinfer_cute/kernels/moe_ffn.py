@@ -311,26 +311,27 @@ def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None,
 
 
 def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto",
-                   rows_per_warp: int | None = None):
+                   rows_per_warp: int | None = None, x_loads_first: bool = False):
     """:func:`moe_gate_up` through int8 activations: ``h`` f32 (quantized here) or a :class:`Q8Act` of one row."""
     from ..runtime import default_stream
 
     st = stream if stream is not None else default_stream()
     hq, h_np = as_q8(h, st)
     act = moe_gate_up(w_gate, w_up, qtype, hq, ids, n_ff, out=out, stream=st, mapping=mapping,
-                      rows_per_warp=rows_per_warp)
+                      rows_per_warp=rows_per_warp, x_loads_first=x_loads_first)
     return act.to_numpy(stream=st) if h_np else act
 
 
 def moe_down_q8(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None,
-                mapping: str = "auto", rows_per_warp: int | None = None):
+                mapping: str = "auto", rows_per_warp: int | None = None, warps_per_row: int | None = None,
+                x_loads_first: bool = False):
     """:func:`moe_down` through int8 activations: ``act`` f32 [k, n_ff] (quantized here) or a :class:`Q8Act`."""
     from ..runtime import default_stream
 
     st = stream if stream is not None else default_stream()
     aq, a_np = as_q8(act, st)
     y = moe_down(w_down, qtype, aq, ids, weights, n_out, resid=resid, out=out, stream=st, mapping=mapping,
-                 rows_per_warp=rows_per_warp)
+                 rows_per_warp=rows_per_warp, warps_per_row=warps_per_row, x_loads_first=x_loads_first)
     return y.to_numpy(stream=st) if a_np else y
 
 
