@@ -52,12 +52,14 @@ def test_round_trip_and_lookup(cache):
     assert line.startswith("autotune: 2 tuned configs for NVIDIA Fake 5090; tuned config at 2 of 5 call sites, "
                            "default at 3 (cache ")
     # an entry where the search kept the default is applied as cached, and said so
-    cache.put(IDENT, meta, {"gemv": {GEMV_KEY: dict(_entry(dict(mapping="chunk", rows_per_warp=2)))}})
+    kept_cfg = {"mapping": "chunk", "rows_per_warp": 2}  # _entry's default
+    cache.put(IDENT, meta, {"gemv": {GEMV_KEY: _entry(kept_cfg)}})
     kept = load_tuned(IDENT)
-    assert kept.get("gemv", GEMV_SHAPE, where="blk.0.attn_q.weight") == dict(mapping="chunk", rows_per_warp=2)
+    assert kept.get("gemv", GEMV_SHAPE, where="blk.0.attn_q.weight") == kept_cfg
     assert "1 of the tuned where the search kept the default" in describe_tuning(kept)
-    assert describe_sites(kept) == ["blk.0.attn_q.weight: gemv [qtype=Q4_K,n_in=2048,n_out=4096] tuned (the default "
-                                    "kept): mapping=chunk rows_per_warp=2"]
+    line = ("blk.0.attn_q.weight: gemv [qtype=Q4_K,n_in=2048,n_out=4096] tuned (the default kept): "
+            "mapping=chunk rows_per_warp=2")
+    assert describe_sites(kept) == [line]
     with pytest.raises(ValueError, match="lacks n_out"):
         tuned.get("gemv_q8", dict(qtype="Q4_K", n_in=2048))
     with pytest.raises(ValueError, match="unknown autotune op"):
