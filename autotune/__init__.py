@@ -6,7 +6,7 @@ Importing this package is cheap: no kernel module, no cutlass.
 """
 
 from .cache import DeviceIdentity, TuneCache, cache_path
-from .lookup import TunedConfigs, autotune_enabled, describe_tuning, load_tuned
+from .lookup import TunedConfigs, autotune_enabled, describe_sites, describe_tuning, load_tuned
 from .registry import TunableOp, TuneContext
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "TunedConfigs",
     "autotune_enabled",
     "cache_path",
+    "describe_sites",
     "describe_tuning",
     "load_tuned",
 ]

@@ -21,12 +21,14 @@ GPU_FORWARDS: dict[str, type[GPUDecoder]] = {
 }
 
 
-def load_gpu_model(g, cfg, *, max_context: int | None = None, progress: bool = True) -> GPUDecoder:
+def load_gpu_model(g, cfg, *, max_context: int | None = None, progress: bool = True, tuned=None) -> GPUDecoder:
+    """The GPU forward of ``cfg.arch`` (weights uploaded). ``tuned``: the per-GPU launch configs to apply (the
+    engine's ``autotune.load_tuned(device)``; None: today's heuristics everywhere)."""
     cls = GPU_FORWARDS.get(cfg.arch)
     if cls is None:
         raise GGUFError(g.path, f"architecture {cfg.arch!r} has no GPU forward yet (GPU: {', '.join(GPU_FORWARDS)}); "
                                 "use --backend cpu where a reference exists")
-    return cls(g, cfg, max_context=max_context, progress=progress)
+    return cls(g, cfg, max_context=max_context, progress=progress, tuned=tuned)
 
 
 __all__ = ["GPU_FORWARDS", "GPUDecoder", "Gemma3GPU", "Gemma4GPU", "Qwen3MoeGPU", "load_gpu_model"]

@@ -12,6 +12,12 @@ Seams for what comes next:
 - prompt prefill goes through :meth:`GPUDecoder.prefill_chunk` (T tokens in, logits of the last one left in
   ``self.logits``). The default replays the decode graph once per token; a batched prefill overrides it (and may
   set ``PREFILL_CHUNK`` to the most tokens its buffers take per call).
+
+Tuned launch configs: ``tuned`` (the engine's ``autotune.load_tuned(device)``; None: every kernel takes today's
+heuristic) is made current (``ops.tuned_configs``) around buffer allocation (the attention split counts size the
+split workspace) and around every enqueue, so each call site of ``models/ops.py`` looks up its op and shape there.
+Graphs capture the configs in force at capture time: the decode graph one per call site (attention: the bucket of
+the max context), each prefill graph those of its chunk length.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ DEFAULT_MAX_CONTEXT = 4096
 class GPUDecoder:
     name = "gpu"
 
-    def __init__(self, g, cfg, *, max_context: int | None = None, progress: bool = True):
+    def __init__(self, g, cfg, *, max_context: int | None = None, progress: bool = True, tuned=None):
         self.g, self.cfg = g, cfg
+        self.tuned = tuned
         self.device = get_device()
         self.max_context = int(min(max_context or DEFAULT_MAX_CONTEXT, cfg.context_length))
         if self.max_context <= 0:
@@ -50,7 +57,8 @@ class GPUDecoder:
         self.tok = DeviceArray.zeros((1,), np.int32, self.stream)
         self.pos_buf = DeviceArray.zeros((1,), np.int32, self.stream)
         self.logits = DeviceArray.empty((cfg.vocab_size,), np.float32)
-        self.alloc_buffers()
+        with self.tuning():
+            self.alloc_buffers()
         self.alloc_kv_cache()
         self.pos = 0
         self._graph: CudaGraph | None = None
@@ -142,6 +150,10 @@ class GPUDecoder:
     def _family() -> str:
         return kernel_family()
 
+    def tuning(self):
+        """Context in which the call sites of ``models/ops.py`` look up their launch configs in ``self.tuned``."""
+        return ops.tuned_configs(getattr(self, "tuned", None))
+
     @property
     def resident_bytes(self) -> int:
         return self.w.resident_bytes + self.kv_bytes
@@ -156,11 +168,12 @@ class GPUDecoder:
         # Warm-up outside capture: loads every kernel module (module loading is not allowed while capturing) and
         # counts launches. It decodes token 0 at position 0, which the first real step overwrites.
         ops.launch_counter.reset()
-        self.enqueue_step(self.stream)
-        self.stream.synchronize()
-        self.kernels_per_token = ops.launch_counter.count()
-        with CudaGraph.capture(self.stream) as graph:
+        with self.tuning():
             self.enqueue_step(self.stream)
+            self.stream.synchronize()
+            self.kernels_per_token = ops.launch_counter.count()
+            with CudaGraph.capture(self.stream) as graph:
+                self.enqueue_step(self.stream)
         self._graph = graph
 
     def warm_up(self) -> None:
@@ -184,7 +197,8 @@ class GPUDecoder:
         """One step without the graph (debugging, and the graph-vs-eager test)."""
         self._write_i32(self.tok, tok)
         self._write_i32(self.pos_buf, self.pos)
-        self.enqueue_step(self.stream)
+        with self.tuning():
+            self.enqueue_step(self.stream)
         self.pos += 1
 
     #: Most tokens one :meth:`prefill_chunk` call takes: the batched prefill's buffers are sized for it (llama.cpp's
@@ -226,6 +240,10 @@ class GPUDecoder:
         """One chunk of T tokens: write the ids and positions, then replay the chunk length's CUDA graph (captured on
         first use, after an eager run that loads the kernels). ``all_logits``: a [T, vocab] device buffer that
         receives every position's logits (eager, not captured: the accuracy harness)."""
+        with self.tuning():
+            self._run_prefill_chunk(ids, all_logits)
+
+    def _run_prefill_chunk(self, ids, all_logits) -> None:
         pf = self._prefill_buffers()
         T = len(ids)
         tok = np.zeros(pf.chunk, np.int32)
@@ -278,7 +296,8 @@ class GPUDecoder:
         for t in tokens:
             self._write_i32(self.tok, int(t))
             self._write_i32(self.pos_buf, self.pos)
-            self.enqueue_step(self.stream, n_layers=n_layers)
+            with self.tuning():
+                self.enqueue_step(self.stream, n_layers=n_layers)
             x = self.x.to_numpy(self.stream).astype(np.float64)
             if n_layers > 0:
                 x += self.delta.to_numpy(self.stream)

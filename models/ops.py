@@ -7,6 +7,7 @@ graph. ``launch_counter`` counts kernel launches (kernels per token in the bench
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Sequence
@@ -92,6 +93,39 @@ def launches(count):
     return decorate
 
 
+# ---------------------------------------------------------------------------------------------- tuned launch configs
+# The per-GPU launch configs the autotuner found (autotune/, a peer layer: never imported here). The engine loads them
+# once (``autotune.load_tuned``) and hands them to the GPU forward, which makes them current around every enqueue
+# (:func:`tuned_configs`); each call site below asks :func:`tuned` with its op and shape (the fields of the op's
+# ``shape_keys``; the lookup buckets them as the search did) and passes the config's knobs to the kernel wrapper. The
+# keys of a config are the wrapper's keyword arguments. None / nothing cached / a refused config: today's heuristic,
+# per call site. A decode step is captured once, so the knobs are fixed at capture time.
+class _NoTuning:
+    def get(self, op, shape, **kw):
+        return None
+
+
+_tuning = _NoTuning()
+
+
+@contextlib.contextmanager
+def tuned_configs(tuning):
+    """Inside the block, :func:`tuned` answers from ``tuning`` (an ``autotune.TunedConfigs``, or anything with its
+    ``get(op, shape, *, where, applicable)``; None: nothing tuned, every call site takes its default)."""
+    global _tuning
+    prev, _tuning = _tuning, (tuning if tuning is not None else _NoTuning())
+    try:
+        yield
+    finally:
+        _tuning = prev
+
+
+def tuned(op: str, shape: dict, *, where: str, applicable=None) -> dict:
+    """The tuned launch knobs of ``op`` at ``shape`` for call site ``where`` (a weight or layer name), as keyword
+    arguments of the kernel wrapper; {} = the wrapper's defaults (today's heuristic)."""
+    return _tuning.get(op, shape, where=where, applicable=applicable) or {}
+
+
 # ---------------------------------------------------------------------------------------------- attention geometry
 @dataclass(frozen=True)
 class AttentionGeometry:
@@ -146,13 +180,28 @@ def attention_splits(g: AttentionGeometry, max_context: int, sm_count: int | Non
     return _attn.default_num_splits(g.n_head_kv, max_context, sm_count)
 
 
+def attention_config(g: AttentionGeometry, max_context: int, *, where: str = "attention",
+                     sm_count: int | None = None) -> dict:
+    """Launch knobs of one layer's decode attention (``num_splits``, ``heads_per_cta``, ``keys_per_iter``; 0 = the
+    kernel's automatic choice). The decode graph is captured once for every position up to ``max_context``, so one
+    config serves them all: the tuned config of the context bucket of the layer's most live keys (``max_context``,
+    or the window of a sliding-window layer) when one is cached, else :func:`attention_splits` and automatic."""
+    live = min(max_context, g.window) if g.window else max_context
+    shape = {"n_head": g.n_head, "n_kv_head": g.n_head_kv, "head_dim": g.head_dim, "ctx": live}
+    return tuned("attention_decode", shape, where=where) or {
+        "num_splits": attention_splits(g, max_context, sm_count), "heads_per_cta": 0, "keys_per_iter": 0}
+
+
 class AttentionWorkspace:
     """Split-KV partials, shared by all layers (static shapes: the graph is captured once). Each layer has its own
-    split count (``num_splits[l]``); the buffers are sized for the largest layer and each layer reads a view."""
+    split count (``num_splits[l]``; with its other launch knobs in ``configs[l]``: :func:`attention_config`); the
+    buffers are sized for the largest layer and each layer reads a view."""
 
     def __init__(self, layers: Sequence[AttentionGeometry], max_context: int):
         self.layers = list(layers)
-        self.num_splits = [attention_splits(g, max_context) for g in self.layers]
+        self.configs = [attention_config(g, max_context, where=f"blk.{l}.attention")
+                        for l, g in enumerate(self.layers)]
+        self.num_splits = [c["num_splits"] for c in self.configs]
         n_head = max(g.n_head for g in self.layers)
         # arrival counters of the fused combine (the last split CTA of a head group combines; left at zero):
         # at most n_head per sequence for every layer type (attention_decode.fused_counter_count)
@@ -161,6 +210,11 @@ class AttentionWorkspace:
             (max(g.n_head * s * g.head_dim for g, s in zip(self.layers, self.num_splits)),), np.float32)
         self.lse_partial = DeviceArray.empty(
             (max(g.n_head * s for g, s in zip(self.layers, self.num_splits)),), np.float32)
+
+    def knobs(self, layer: int) -> dict:
+        """The layer's launch knobs other than the split count (``heads_per_cta``, ``keys_per_iter``) that are not
+        left to the kernel (0)."""
+        return {k: v for k, v in self.configs[layer].items() if k != "num_splits" and v}
 
     def partials(self, layer: int) -> tuple[int, DeviceArray, DeviceArray]:
         """(num_splits, o_partial [1, H, S, D], lse_partial [1, H, S]) of one layer."""
@@ -244,19 +298,47 @@ def quantize(x, xq, *, stream):
     _q8.quantize_q8_1(x, out=xq, stream=stream)
 
 
+def _gemv_op(xq) -> str:
+    return "gemv_q8" if xq is not None else "gemv"
+
+
+def _gemv_shape(w) -> dict:
+    return {"qtype": w.qtype, "n_in": w.n_in, "n_out": w.n_out}
+
+
 @launches(1)
 def gemv(w, x, y, *, stream, xq=None):
     """y = W x over the raw quantized rows of W. With ``xq`` (the q8_1 copy of x, already quantized this step: the
     caller decided with :func:`prefer_dp4a`) the int8 path runs instead."""
-    _gemv.gemv(w.data, w.qtype, xq if xq is not None else x, n_out=w.n_out, out=y, stream=stream)
+    cfg = tuned(_gemv_op(xq), _gemv_shape(w), where=w.name)
+    _gemv.gemv(w.data, w.qtype, xq if xq is not None else x, n_out=w.n_out, out=y, stream=stream, **cfg)
+
+
+def _chunk_only(cfg: dict) -> str | None:
+    if cfg.get("mapping") != "chunk":
+        return "the fused q/k/v launch runs the chunk mapping only"
+    return None
+
+
+def _gemv_fused(ws, ys, x, *, stream, xq=None):
+    """The projections ``ws`` of one normed input in one launch (kernels/gemv_chunk.py GemvMulti) where the chunk
+    mapping applies to every matrix, with each matrix's tuned rows per warp (a tuned slice mapping cannot run in
+    the fused launch: not applied); else one :func:`gemv` each. (Counted by the calling op's declaration.)"""
+    if not all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in ws):
+        for w, y in zip(ws, ys):
+            gemv(w, x, y, stream=stream, xq=xq)
+        return
+    rpw = tuple(tuned(_gemv_op(xq), _gemv_shape(w), where=w.name, applicable=_chunk_only).get("rows_per_warp")
+                for w in ws)
+    _gemv.gemv_multi([(w.data, w.qtype, y) for w, y in zip(ws, ys)], xq if xq is not None else x, stream=stream,
+                     rows_per_warp=rpw if any(r is not None for r in rpw) else None)
 
 
 @launches(lambda wq, wk, wv, *a, **k: _multi_launches((wq, wk, wv)))
 def gemv_qkv(wq, wk, wv, x, q, k, v, *, stream, xq=None):
     """q, k, v projections of one normed input: one launch (kernels/gemv_chunk.py GemvMulti) unless disabled."""
     if enabled("fused_qkv"):
-        _gemv.gemv_multi([(wq.data, wq.qtype, q), (wk.data, wk.qtype, k), (wv.data, wv.qtype, v)],
-                         xq if xq is not None else x, stream=stream)
+        _gemv_fused((wq, wk, wv), (q, k, v), x, stream=stream, xq=xq)
     else:
         for w, y in ((wq, q), (wk, k), (wv, v)):
             gemv(w, x, y, stream=stream, xq=xq)
@@ -266,7 +348,7 @@ def gemv_qkv(wq, wk, wv, x, q, k, v, *, stream, xq=None):
 def gemv_qk(wq, wk, x, q, k, *, stream, xq=None):
     """q and k projections of one normed input (K = V layers have no V projection): one launch where it applies."""
     if enabled("fused_qkv"):
-        _gemv.gemv_multi([(wq.data, wq.qtype, q), (wk.data, wk.qtype, k)], xq if xq is not None else x, stream=stream)
+        _gemv_fused((wq, wk), (q, k), x, stream=stream, xq=xq)
     else:
         for w, y in ((wq, q), (wk, k)):
             gemv(w, x, y, stream=stream, xq=xq)
@@ -338,7 +420,7 @@ def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n
                            scale=scale, window=window, softcap=softcap, num_splits=num_splits,
                            out=out.view(np.float32, (1, n_head, D)), o_partial=o_partial,
                            lse_partial=lse_partial, fused_combine=fused, counters=ws.counters, stream=stream,
-                           out_q8=xq if fused_q8 else None)
+                           out_q8=xq if fused_q8 else None, **ws.knobs(layer))
     if xq is not None and not fused_q8:
         quantize(out, xq, stream=stream)
 
@@ -410,7 +492,7 @@ class MoeActQ8:
     arrival counters the gate/up kernel needs to write it itself."""
 
     def __init__(self, k: int, n_ff: int):
-        self.q8 = _q8.Q8Act(k, n_ff)
+        self.q8 = new_q8(n_ff, rows=k)
         self.counters = DeviceArray.zeros((k * n_ff // _q8.QK8_1,), np.int32)
 
 
@@ -429,9 +511,17 @@ def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu"
     last CTA to write it) where :func:`gate_up_writes_act_q8`."""
     n_ff = w_gate.n_out if w_up is not None else w_gate.n_out // 2
     fuse_q8 = actq is not None and gate_up_writes_act_q8(n_ff)
+    shape = {"qtype": w_gate.qtype, "n_in": w_gate.n_in, "n_ff": n_ff, "n_expert": w_gate.n_expert, "k": _slots(ids),
+             "fused": w_up is None}
+    cfg = tuned("moe_gate_up_q8" if hq is not None else "moe_gate_up", shape, where=w_gate.name)
     _moe.moe_gate_up(w_gate.data, None if w_up is None else w_up.data, w_gate.qtype, hq if hq is not None else h, ids,
                      n_ff, out=act, stream=stream, act=glu, out_q8=actq.q8 if fuse_q8 else None,
-                     counters=actq.counters if fuse_q8 else None)
+                     counters=actq.counters if fuse_q8 else None, **cfg)
+
+
+def _slots(ids) -> int:
+    """Routed experts per token: the size of the expert-id buffer (what the kernel wrappers read k from)."""
+    return int(np.prod(ids.shape))
 
 
 # with an actq the gate/up kernel did not write: the q8_1 quantization of act, then the down GEMV
@@ -441,8 +531,11 @@ def moe_down(w_down, act, ids, weights, out, *, stream, actq: MoeActQ8 | None = 
     ``act``, quantized here unless the gate/up kernel wrote it."""
     if actq is not None and not gate_up_writes_act_q8(w_down.n_in):
         quantize(act, actq.q8, stream=stream)
+    shape = {"qtype": w_down.qtype, "n_ff": w_down.n_in, "n_out": w_down.n_out, "n_expert": w_down.n_expert,
+             "k": _slots(ids)}
+    cfg = tuned("moe_down_q8" if actq is not None else "moe_down", shape, where=w_down.name)
     _moe.moe_down(w_down.data, w_down.qtype, actq.q8 if actq is not None else act, ids, weights, w_down.n_out,
-                  out=out, stream=stream)
+                  out=out, stream=stream, **cfg)
 
 
 @launches(1)
@@ -562,9 +655,13 @@ def quantize_rows(x, xq, T: int, *, stream):
 
 @launches(1)
 def gemm(w, xq, out, T: int, *, stream, accumulate: bool = False, w_up=None, act: str = "silu"):
-    """``out[:T] (+)= W xq[:T]`` (or ``act(W xq) * (W_up xq)`` with ``w_up``) through the grouped GEMM."""
+    """``out[:T] (+)= W xq[:T]`` (or ``act(W xq) * (W_up xq)`` with ``w_up``) through the grouped GEMM. A prefill
+    graph is captured per chunk length T, so the tuned config of T's token bucket applies to it."""
+    shape = {"qtype": w.qtype, "n_in": w.n_in, "n_out": w.n_out, "tokens": T, "n_expert": 0, "k": 0,
+             "act": "none" if w_up is None else act}
+    cfg = {"tile_tokens": PREFILL_TILE_TOKENS, **tuned("quant_gemm", shape, where=w.name)}
     _qgemm.quant_gemm(w.data, w.qtype, xq, w.n_out, out=out, w_up=None if w_up is None else w_up.data, act=act,
-               accumulate=accumulate, n_rows=T, tile_tokens=PREFILL_TILE_TOKENS, stream=stream)
+                      accumulate=accumulate, n_rows=T, stream=stream, **cfg)
 
 
 @launches(lambda w, h, out, T, **k: -(-T // 8))  # groups of <= 8 rows
@@ -615,6 +712,15 @@ def attention_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, *, n_hea
                            counters=ws.counters, stream=stream)
 
 
+def _routing_tile(cfg: dict) -> str | None:
+    """A grouped GEMM's token tile is the tile of the layer's routing tables (one per layer for both grouped GEMMs,
+    built with MOE_TILE_TOKENS): a tuned config with another tile cannot be applied alone."""
+    if cfg.get("tile_tokens") != MOE_TILE_TOKENS:
+        return (f"the routing tables are built for {MOE_TILE_TOKENS}-token tiles, "
+                f"the config has {cfg.get('tile_tokens')}")
+    return None
+
+
 # router logits, top-k, align, gate+up GEMM, q8_1, down GEMM, combine: the 7 kernel calls below, one launch each (the
 # count added here before the declarations existed was 8: one too many per MoE layer of a prefill chunk)
 @launches(7)
@@ -635,12 +741,20 @@ def moe_rows(w_router, w_gate, w_up, w_down, pf: PrefillBuffers, T: int, *, act:
                          pf.sorted_token, pf.sorted_pos, stream=stream)
     fused = w_up is None
     n_ff = w_gate.n_out // 2 if fused else w_gate.n_out
+    E = w_down.n_expert
+    # the fused gate+up layout is not in the searched space (autotune/shapes.py): always the default
+    gu = {} if fused else tuned("quant_gemm", {"qtype": w_gate.qtype, "n_in": w_gate.n_in, "n_out": n_ff,
+                                               "tokens": T, "n_expert": E, "k": k, "act": act},
+                                where=w_gate.name, applicable=_routing_tile)
+    dn = tuned("quant_gemm", {"qtype": w_down.qtype, "n_in": w_down.n_in, "n_out": w_down.n_out, "tokens": T,
+                              "n_expert": E, "k": k, "act": "none"}, where=w_down.name, applicable=_routing_tile)
     _qgemm.quant_gemm(w_gate.data, w_gate.qtype, e_in, n_ff, out=pf.moe_act, w_up=None if fused else w_up.data,
                       act=act, tiles=pf.tiles, n_tiles=pf.n_tiles, max_tiles=pf.max_tiles, row_index=pf.sorted_token,
-                      tile_tokens=MOE_TILE_TOKENS, fused_gate_up=fused, stream=stream)
+                      fused_gate_up=fused, stream=stream, **{"tile_tokens": MOE_TILE_TOKENS, **gu})
     _q8.quantize_q8_1(rows(pf.moe_act, T * k), out=pf.moe_actq, stream=stream)
     _qgemm.quant_gemm(w_down.data, w_down.qtype, pf.moe_actq, w_down.n_out, out=pf.moe_y, tiles=pf.tiles,
-                      n_tiles=pf.n_tiles, max_tiles=pf.max_tiles, tile_tokens=MOE_TILE_TOKENS, stream=stream)
+                      n_tiles=pf.n_tiles, max_tiles=pf.max_tiles, stream=stream,
+                      **{"tile_tokens": MOE_TILE_TOKENS, **dn})
     target = accumulate_into if accumulate_into is not None else pf.f
     _moe_route.moe_combine(pf.moe_y, pf.sorted_pos, pf.wts.view(np.float32, (T, k)), pf.ids.view(np.int32, (T, k)),
                            rows(target, T), T, accumulate=accumulate_into is not None,

@@ -234,6 +234,10 @@ def main(argv=None) -> int:
     m = teacher_forced_compare(logits, ref, targets)
     m.update(model=path, backend=eng.backend.name, reference=ref_name, positions=len(targets), first=first,
              seconds_test=round(t_test, 2), seconds_reference=round(t_ref, 2))
+    if getattr(eng.backend, "tuned", None) is not None:  # the GPU build: which kernel configs were measured
+        from .autotune import describe_tuning
+
+        m["tuning"] = describe_tuning(eng.backend.tuned)
     if args.save_topk:
         np.savez_compressed(args.save_topk, tokens=np.asarray(tokens), first=np.int32(first),
                             **topk_record(logits, targets))
@@ -243,6 +247,8 @@ def main(argv=None) -> int:
     print(f"  top-1 agreement {m['top1_agreement'] * 100:.2f}%   mean KL {m['mean_kl']:.5f} nats "
           f"(max {m['max_kl']:.4f})   ppl {m['ppl_a']:.4f} vs {m['ppl_b']:.4f} "
           f"(rel diff {m['ppl_rel_diff'] * 100:.3f}%)")
+    if "tuning" in m:
+        print(f"  {m['tuning']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: (v if not isinstance(v, np.generic) else v.item()) for k, v in m.items()}, f, indent=1)

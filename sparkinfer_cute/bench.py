@@ -160,9 +160,11 @@ def main(argv=None) -> int:
         dk = f"tg{args.gen}@d{args.depth}"
         if args.depth and dk in lb:
             res["ratio_tg_at_depth_vs_llama"] = res["decode_tps_at_depth_median"] / lb[dk]["avg_ts"]
-    from .autotune import describe_tuning
+    from .autotune import describe_sites, describe_tuning
 
-    res["tuning"] = describe_tuning()  # whether tuned kernel configs were used (the engine does not apply them yet)
+    # the engine's load_tuned at start-up: cache status, and how many call sites ran a tuned config vs the default
+    res["tuning"] = describe_tuning()
+    res["tuning_sites"] = describe_sites()  # every call site that took (or refused) a tuned config, with its knobs
     res["note"] = args.note
     rows = [("GPU", f"{dev.name} ({dev.target}), kernel family {res['kernel_family']}"),
             ("model", f"{res['model']} ({res['arch']})"),

@@ -215,9 +215,12 @@ class Engine:
         if want in ("auto", "gpu"):
             ok, why = gpu_usable()
             if ok:
+                from .autotune import load_tuned
                 from .models import load_gpu_model
 
-                m = load_gpu_model(self.gguf, self.cfg, max_context=self.max_context, progress=self.progress)
+                # this GPU's tuned launch configs (<= 0.1 s, no kernel import; nothing usable: the defaults)
+                m = load_gpu_model(self.gguf, self.cfg, max_context=self.max_context, progress=self.progress,
+                                   tuned=load_tuned())
                 m.warm_up()  # graph build + kernel loading count as load time, not as prompt speed
                 return m, why
             if want == "gpu":

@@ -20,6 +20,9 @@
 #                   apply; no GPU part: an injected GPU bug would need a kernel edit), kill rate in the summary
 #   gates_sanitizer compute-sanitizer memcheck and racecheck, each on a tiny qwen3moe and a tiny gemma3 decode whose
 #                   prompt goes through one batched prefill chunk (synthetic models, kernels from the disk cache)
+#
+# autotune (issue 16): tune_gemma (tune the real Gemma, bench with SPARKINFER_AUTOTUNE=0 then 1, accuracy tuned);
+#   tune30b then ab30b (two calls: tune the 30B shape's decode ops, then bench off / on)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -145,6 +148,33 @@ for ph in "${phases[@]}"; do
     LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
     python3 -m sparkinfer_cute.bench "$GEMMA" --prompt-len 512 --gen 128 --runs 5 "${LBARG[@]}" --json "$OUT/bench_gemma.json" --log "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench_gemma.log" | tail -16
     add "gemma bench" "see bench_gemma.log" ;;
+  tune_gemma)  # issue 16: tune the real Gemma for the bench's context (512 + 128 + 8 -> bucket 1024), then bench
+    # with the tuned configs off and on (same host, back to back) and the accuracy gate with them on
+    timeout "${T_TUNE:-300}" python3 -m sparkinfer_cute.autotune "$GEMMA" --ops gemv,attention_decode,quant_gemm \
+      --ctx 648 --budget 240 --json "$OUT/tune_gemma.json" --no-progress 2>&1 | tee "$OUT/tune_gemma.log" | tail -30
+    for at in 0 1; do
+      SPARKINFER_AUTOTUNE=$at python3 -m sparkinfer_cute.bench "$GEMMA" --prompt-len 512 --gen 128 --runs 5 \
+        --json "$OUT/bench_gemma_autotune$at.json" 2>&1 | tee "$OUT/bench_gemma_autotune$at.log" | tail -12
+      add "gemma bench, SPARKINFER_AUTOTUNE=$at" "$(grep -E '^decode tg' "$OUT/bench_gemma_autotune$at.log" | tr -s ' ')"
+    done
+    add "gemma kernel configs" "$(grep -E '^kernel configs' "$OUT/bench_gemma_autotune1.log" | cut -c1-110)"
+    python3 -m sparkinfer_cute.accuracy "$GEMMA" --backend gpu --reference cpu -n 128 --min-top1 0.99 2>&1 \
+      | tee "$OUT/accuracy_gemma_tuned.log" | tail -4
+    add "gemma accuracy, tuned" "$(tail -1 "$OUT/accuracy_gemma_tuned.log")" ;;
+  tune30b)  # issue 16: tune the 30B shape's decode ops (the q8_1 path the Qwen build runs) for the bench's context;
+    # a 10-minute call: bench it with `ab30b` in the next call (the tuned kernels stay in the warm host's disk cache)
+    [ -f /tmp/qwen30b.gguf ] || python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o /tmp/qwen30b.gguf --seed 0 >/dev/null 2>&1
+    timeout "${T_TUNE:-540}" python3 -m sparkinfer_cute.autotune /tmp/qwen30b.gguf \
+      --ops gemv_q8,moe_gate_up_q8,moe_down_q8,attention_decode --ctx 648 --budget 420 \
+      --json "$OUT/tune30b.json" --no-progress 2>&1 | tee "$OUT/tune30b.log" | tail -40
+    add "30B autotune" "$(tail -1 "$OUT/tune30b.log" | cut -c1-110)" ;;
+  ab30b)  # the 30B bench with the tuned configs off and on, back to back
+    for at in 0 1; do
+      SPARKINFER_AUTOTUNE=$at timeout 280 python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 512 \
+        --gen 128 --runs 5 --json "$OUT/bench30b_autotune$at.json" 2>&1 | tee "$OUT/bench30b_autotune$at.log" | tail -12
+      add "30B bench, SPARKINFER_AUTOTUNE=$at" "$(grep -E '^decode tg' "$OUT/bench30b_autotune$at.log" | tr -s ' ')"
+    done
+    add "30B kernel configs" "$(grep -E '^kernel configs' "$OUT/bench30b_autotune1.log" | cut -c1-110)" ;;
   gates_tests)
     timeout "${T_GATES_TESTS:-420}" python3 -m pytest -q -m gpu -n "${XDIST:-12}" -p no:cacheprovider tests \
       --junitxml="$OUT/gates_tests.xml" > "$OUT/gates_tests.log" 2>&1; rc=$?

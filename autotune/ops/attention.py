@@ -14,9 +14,12 @@ compile-gated ``MODEL_CONFIGS`` entry when the model matches one, else ``default
 automatic ``heads_per_cta`` / ``keys_per_iter``. Reference: ``attention_decode_ref`` (float64) on the same fp16 K/V,
 ``max|out - ref| / max|ref| <= 1e-3`` (the kernel's documented test tolerance).
 
-Applying a tuned config today: ``attention_decode(num_splits=...)`` takes the split count (static per captured
-graph: the engine picks the bucket of its max context); ``heads_per_cta`` / ``keys_per_iter`` need an argument in
-``attention_decode`` (``compile_attention_decode`` and the kernel's ``benchmark`` take them).
+Applied by the engine (``models/ops.py attention_config``): the decode graph is captured once for every position up
+to the decoder's max context, so each layer type takes the config of the bucket of its most live keys (the max
+context, or the window of a sliding-window layer) for all positions; ``attention_decode(num_splits=...,
+heads_per_cta=..., keys_per_iter=...)``, the split workspace sized for it. Tune with ``--ctx`` at the context the
+engine runs (the default ``--ctx`` buckets 512 / 4096 / 32768 cover a max context of 257..512, 2049..4096, ...).
+The batched prefill's attention (one split per query row) is not tuned.
 """
 
 from __future__ import annotations

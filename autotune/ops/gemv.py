@@ -17,9 +17,10 @@ dequantization on sampled rows times the activations (dp4a: the q8_1-dequantized
 ``gemv_error_bound`` (``reference/kernel_refs.py``; the tight check ``tests/kernels/test_gemv.py`` asserts on both
 paths).
 
-Applying a tuned config today: ``gemv(..., mapping=cfg["mapping"], warps_per_row=cfg.get("warps_per_row"))`` covers
-slice on both paths (x a ``Q8Act`` for dp4a); the chunk ``rows_per_warp`` needs an argument in ``gemv()`` (its
-``_launch`` computes it with ``choose_rows_per_warp``, and a forced ``warps_per_row`` means one row per warp).
+Applied by the engine (``models/ops.py gemv``): ``gemv(..., **config)`` (the config's keys are ``gemv()``'s keyword
+arguments). The fused q/k/v launch (``gemv_qkv`` / ``gemv_qk``: :class:`GemvMulti`, chunk mapping only) takes each
+matrix's tuned ``rows_per_warp``; a tuned slice mapping for one of its matrices is not applied there (reported as
+"not applicable"). The prefill LM-head fallback over up to 8 rows (``gemv_rows``) keeps its default.
 """
 
 from __future__ import annotations

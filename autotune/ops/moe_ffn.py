@@ -20,8 +20,10 @@ the routed experts (dp4a: of the q8_1-dequantized activations, which the integer
 f32 bounds ``tests/kernels/test_moe_ffn.py`` asserts (built from ``gemv_error_bound``). ``n_expert`` only sizes the
 weight tensors (what the cold-L2 rotation streams); the kernels do not depend on it.
 
-Applying a tuned config today: the wrappers take ``mapping`` and ``rows_per_warp``; ``x_loads_first`` and the
-slice ``warps_per_row`` need an argument in ``moe_gate_up`` / ``moe_down`` (the compile functions take them).
+Applied by the engine (``models/ops.py moe_gate_up`` / ``moe_down``): ``moe_gate_up(..., **config)`` /
+``moe_down(..., **config)`` (``mapping``, ``rows_per_warp``, ``x_loads_first``, ``warps_per_row``: the wrappers'
+keyword arguments). The shape has no GLU activation: Gemma 4's GeGLU experts take the entry of their shape, which
+was timed with SiLU (the same loads; the activation is a few instructions per row).
 """
 
 from __future__ import annotations

@@ -19,10 +19,12 @@ GEMM of the gguf-py-dequantized weights (sampled output columns) and the dequant
 ``(2G + 8) 2^-24 sum_i A_i |x_i|`` (G scale groups per row; the bound ``tests/kernels/test_quant_gemm.py`` asserts,
 with its gated-epilogue extension).
 
-Applying a tuned config today: ``quant_gemm(tile_rows=..., tile_tokens=...)``; ``stages`` needs an argument in
-``quant_gemm()`` (it passes 0 = automatic to the compile function). A grouped ``tile_tokens`` is also the tile of the
-routing tables (``moe_route.moe_align``, ``PrefillBuffers.max_tiles``), one per layer for both grouped GEMMs: the
-gate+up and the down entries can only be applied together where they agree.
+Applied by the engine (``models/ops.py gemm`` / ``moe_rows``): ``quant_gemm(..., tile_rows=..., tile_tokens=...,
+stages=...)``; a prefill graph is captured per chunk length, so each takes the entry of its token bucket. A grouped
+``tile_tokens`` is also the tile of the routing tables (``moe_route.moe_align``, ``PrefillBuffers.max_tiles``),
+built with ``MOE_TILE_TOKENS`` (32) for both grouped GEMMs of a layer: a grouped entry with another tile is not
+applied (reported as "not applicable"), and the fused gate+up layout (Gemma 4) is not in the searched space. The
+all-position LM-head GEMM of the accuracy path is not among the searched shapes (its lookups find nothing).
 """
 
 from __future__ import annotations

@@ -503,7 +503,8 @@ def default_num_splits(n_kv_head: int, max_context: int, sm_count: int = 132, ba
 
 def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window: int = 0, softcap: float = 0.0,
                      num_splits: int = 16, out=None, o_partial=None, lse_partial=None, workspace=None,
-                     stream=None, fused_combine: bool = False, counters=None, out_q8=None):
+                     stream=None, fused_combine: bool = False, counters=None, heads_per_cta: int = 0,
+                     keys_per_iter: int = 0, out_q8=None):
     """Decode attention for one query token per sequence over a paged fp16 KV cache.
 
     ``q`` f32 [B, n_head, D] (or [n_head, D] for B = 1); ``k_pool``/``v_pool`` f16 [n_pages, page_size, n_kv_head, D];
@@ -517,6 +518,8 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
     The compiled functions are memoized, so calling this inside ``CudaGraph.capture`` (with ``out`` and the
     workspace given) records two kernel launches whose ``pos`` is re-read from device memory at every replay.
     ``num_splits`` is static: use the model's entry of ``MODEL_CONFIGS`` (what the compile gate checks).
+    ``heads_per_cta`` / ``keys_per_iter`` (0: the kernel's automatic choice) are the other launch knobs the
+    autotuner's ``attention_decode`` configs set.
 
     ``fused_combine=True``: ONE launch; the last split CTA of each (sequence, kv head, head tile) does the LSE
     combine (same code and order as the combine kernel: bit-identical output). It needs ``counters``: int32, at
@@ -554,7 +557,7 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
                        else DeviceArray.empty((B, H, S), np.float32))
     out_dev = out if out is not None else DeviceArray.empty((B, H, D), np.float32)
     if fused_combine:
-        n_cnt = fused_counter_count(H, KV, D, B)
+        n_cnt = fused_counter_count(H, KV, D, B, heads_per_cta)
         if counters is None:
             if workspace is not None:
                 n_before = len(workspace)
@@ -573,13 +576,14 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
     q8_ptrs = (out_q8.qs.ptr, out_q8.d.ptr, out_q8.s.ptr) if quantize_out else (dpos.ptr,) * 3
     q8_args = (gptr(Int8, q8_ptrs[0], align=4), gptr(Float32, q8_ptrs[1], align=4), gptr(Float32, q8_ptrs[2], align=4))
     has_softcap = softcap != 0.0
-    # keyword arguments, as the compile-gate registry calls them (one memo/disk-cache key per config; flags only
-    # when set, so the default configs keep their keys)
+    # keyword arguments, as the compile-gate registry calls them (one memo/disk-cache key per config; flags and
+    # tuning knobs only when set, so the default configs keep their keys)
     flags = {"fused_combine": True} if fused_combine else {}
     if quantize_out and fused_combine:
         flags["quantize_out"] = True
+    tuning = {k: v for k, v in (("heads_per_cta", heads_per_cta), ("keys_per_iter", keys_per_iter)) if v}
     f_attn = compile_attention_decode(n_head=H, n_kv_head=KV, head_dim=D, page_size=P, num_splits=S,
-                                      softcap=has_softcap, **flags)
+                                      softcap=has_softcap, **flags, **tuning)
     cus = cu_stream(stream)
     # without fused_combine the kernel never touches out/counters: any valid pointers do
     cnt_ptr = counters.ptr if fused_combine else dpos.ptr

@@ -177,17 +177,22 @@ def resolve_mapping(mapping: str, qtype: str, n_in: int, rows: int) -> str:
 
 
 def _launch(dw, q: str, x, di, n_in: int, rows: int, n_out: int, n_slots: int, experts: bool, x_per_slot: bool,
-            y, st, mapping: str, warps_per_row: int | None, accumulate: bool):
+            y, st, mapping: str, warps_per_row: int | None, accumulate: bool, rows_per_warp: int | None = None):
     """One GEMV launch on device buffers: ``x`` a float DeviceArray or a Q8Act (then the dp4a path), ``di`` the
-    expert ids (any valid int32 buffer when dense)."""
+    expert ids (any valid int32 buffer when dense). ``rows_per_warp`` (chunk mapping) / ``warps_per_row`` (slice):
+    None = the heuristic's choice."""
     q8 = isinstance(x, Q8Act)
     px, pxq, pxd, pxs = x_pointers(x)
     aligned(dw, "weights")
     mapping = resolve_mapping(mapping, q, n_in, rows)
     if mapping == "chunk":
-        # a forced warps_per_row (tests, microbench) means one row per warp here
-        rows_per_warp = 1 if warps_per_row is not None or n_out % 2 else choose_rows_per_warp(n_out * n_slots,
-                                                                                                sm_count())
+        if rows_per_warp is not None:  # a tuned config (autotune) or a test
+            if n_out % rows_per_warp:
+                raise ValueError(f"chunk GEMV: n_out {n_out} is not a multiple of rows_per_warp {rows_per_warp}")
+        elif warps_per_row is not None or n_out % 2:  # a forced warps_per_row (tests) means one row per warp here
+            rows_per_warp = 1
+        else:
+            rows_per_warp = choose_rows_per_warp(n_out * n_slots, sm_count())
         fn = compile_gemv_chunk(q, n_in, rows_per_warp, experts, x_per_slot, accumulate, q8)
         fn(gptr(Uint8, dw.ptr), px, pxq, pxd, gptr(Float32, y.ptr), gptr(Int32, di.ptr, 4), Int32(n_out),
            Int32(n_slots), cuda.CUstream(st.handle))
@@ -200,11 +205,12 @@ def _launch(dw, q: str, x, di, n_in: int, rows: int, n_out: int, n_slots: int, e
 
 
 def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "auto",
-         warps_per_row: int | None = None, accumulate: bool = False):
+         warps_per_row: int | None = None, accumulate: bool = False, rows_per_warp: int | None = None):
     """y = x @ W.T for raw GGUF weights ``w`` ([n_out, row_bytes] uint8, numpy or DeviceArray) and ``x``: f32
     ([rows, n_in] or [n_in], rows <= 8) or a :class:`Q8Act` (then the dp4a path). numpy in -> numpy out ([rows,
     n_out] or [n_out]). ``accumulate=True``: ``out += x @ W.T`` in place (``out`` required; the residual add of an
-    output projection)."""
+    output projection). Launch knobs (the autotuner's ``gemv`` / ``gemv_q8`` configs): ``mapping``, the slice
+    mapping's ``warps_per_row`` and the chunk mapping's ``rows_per_warp``; None = the heuristic's choice."""
     if accumulate and out is None:
         raise ValueError("accumulate=True adds into `out`: pass the residual buffer as out")
     from ..runtime import DeviceArray, as_device, default_stream
@@ -224,7 +230,7 @@ def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: 
     check_weight_bytes(dw, q, n_out, n_in)
     y = out if out is not None else DeviceArray.empty(shape, np.float32)
     _launch(dw, q, dx, dx.d if isinstance(dx, Q8Act) else dx, n_in, rows, n_out, 1, False, False, y, st, mapping,
-            warps_per_row, accumulate)
+            warps_per_row, accumulate, rows_per_warp)
     return y.to_numpy(stream=st) if x_np else y
 
 
@@ -278,12 +284,13 @@ def gemv_q8_experts(w, qtype, x, ids, n_out: int, x_per_slot: bool = False, out=
     return y.to_numpy(stream=st) if x_np else y
 
 
-def gemv_multi(items, x, stream=None):
+def gemv_multi(items, x, stream=None, rows_per_warp: tuple | None = None):
     """``y_m = W_m @ x`` for up to 3 (w, qtype, y) items sharing one activation row, in one launch.
 
     ``x``: f32 DeviceArray ([n_in] or [1, n_in]; float path) or a q8_1 ``Q8Act`` with one row (dp4a path).
     ``y``: f32 DeviceArrays of n_out elements (written). Every (qtype, n_in) must suit the chunk mapping
-    (:func:`chunk_ok`); otherwise the items are launched one by one through :func:`gemv`."""
+    (:func:`chunk_ok`); otherwise the items are launched one by one through :func:`gemv`. ``rows_per_warp``: one
+    per item, None entries (or None) = :func:`choose_rows_per_warp` (a tuned config of the standalone GEMV)."""
     from ..runtime import default_stream
 
     st = stream if stream is not None else default_stream()
@@ -291,8 +298,9 @@ def gemv_multi(items, x, stream=None):
     n_in = x.n if q8 else int(x.shape[-1])
     mats = tuple((qtype_name(q), int(np.prod(y.shape))) for _, q, y in items)
     if not (1 <= len(items) <= 3) or not all(chunk_ok(q, n_in) for q, _ in mats):
-        for w, q, y in items:
-            gemv(w, q, x, n_out=int(np.prod(y.shape)), out=y, stream=st)
+        for i, (w, q, y) in enumerate(items):
+            gemv(w, q, x, n_out=int(np.prod(y.shape)), out=y, stream=st,
+                 rows_per_warp=None if rows_per_warp is None else rows_per_warp[i])
         return [y for _, _, y in items]
     dws = [as_device_bytes(w, st) for w, _, _ in items]
     for dw, (q, n) in zip(dws, mats):
@@ -301,7 +309,11 @@ def gemv_multi(items, x, stream=None):
     pw = [dw.ptr for dw in dws] + [dws[0].ptr] * (3 - len(dws))
     py = [y.ptr for _, _, y in items] + [items[0][2].ptr] * (3 - len(items))
     px, pxq, pxd, _ = x_pointers(x)
-    fn = compile_gemv_multi(mats, n_in, q8, sm_count())
+    rpw = None
+    if rows_per_warp is not None and any(r is not None for r in rows_per_warp):
+        rpw = tuple(r if r is not None else choose_rows_per_warp(n, sm_count())
+                    for r, (_, n) in zip(rows_per_warp, mats))
+    fn = compile_gemv_multi(mats, n_in, q8, sm_count(), rpw)  # rpw None: the kernel picks per matrix
     fn(gptr(Uint8, pw[0]), gptr(Uint8, pw[1]), gptr(Uint8, pw[2]), px, pxq, pxd, gptr(Float32, py[0]),
        gptr(Float32, py[1]), gptr(Float32, py[2]), cuda.CUstream(st.handle))
     return [y for _, _, y in items]

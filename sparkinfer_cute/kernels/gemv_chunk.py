@@ -141,16 +141,23 @@ def compile_gemv_chunk(qtype: str, n_in: int, rows_per_warp: int = 1, experts: b
 class GemvMulti(WarpRowKernel):
     """Up to 3 chunk-mapping GEMVs on the same activation row in ONE launch (e.g. the q, k and v projections):
     ``mats`` = ((qtype, n_out), ...) static; matrix m owns a contiguous range of CTAs (blockIdx.x), each with its
-    own rows per warp. Float (``q8=False``) or dp4a on a q8_1 activation (``q8=True``)."""
+    own rows per warp. Float (``q8=False``) or dp4a on a q8_1 activation (``q8=True``).
 
-    def __init__(self, mats: tuple, n_in: int, q8: bool = False, sm_count: int = 132):
+    ``rows_per_warp``: one per matrix (a tuned config), or None: :func:`choose_rows_per_warp` for each."""
+
+    def __init__(self, mats: tuple, n_in: int, q8: bool = False, sm_count: int = 132,
+                 rows_per_warp: tuple | None = None):
         super().__init__()
         assert 1 <= len(mats) <= 3
         self.mats, self.n_in, self.q8 = tuple(mats), n_in, q8
         for q, _ in mats:
             assert chunk_ok(q, n_in), (q, n_in)
         self.chunks_per_lane = n_in // 256 * CHUNKS_PER_BLOCK // 32
-        self.rows_per_warp = tuple(choose_rows_per_warp(n, sm_count) for _, n in mats)
+        if rows_per_warp is None:
+            rows_per_warp = tuple(choose_rows_per_warp(n, sm_count) for _, n in mats)
+        assert len(rows_per_warp) == len(mats) and all(r in (1, 2, 4) and n % r == 0
+                                                       for r, (_, n) in zip(rows_per_warp, mats)), rows_per_warp
+        self.rows_per_warp = tuple(rows_per_warp)
         self.ctas = tuple(-(-n // (WARPS * r)) for (_, n), r in zip(mats, self.rows_per_warp))
         self.starts = tuple(sum(self.ctas[:m]) for m in range(len(mats)))
         self.early = self.pdl and EARLY_WEIGHTS
@@ -189,11 +196,12 @@ class GemvMulti(WarpRowKernel):
 
 
 @kernel_cache
-def compile_gemv_multi(mats: tuple, n_in: int, q8: bool = False, sm_count: int = 132):
+def compile_gemv_multi(mats: tuple, n_in: int, q8: bool = False, sm_count: int = 132,
+                       rows_per_warp: tuple | None = None):
     """Runtime args: (W0, W1, W2 u8, x f32, xq i8, xd f32, y0, y1, y2 f32 pointers, stream)."""
     p8, pf = gptr(Uint8, 0), gptr(Float32, 0)
-    return cute.compile(GemvMulti(mats, n_in, q8, sm_count), p8, p8, p8, pf, gptr(Int8, 0), pf, pf, pf, pf,
-                        cute.runtime.make_fake_stream(), options=compile_options())
+    return cute.compile(GemvMulti(mats, n_in, q8, sm_count, rows_per_warp), p8, p8, p8, pf, gptr(Int8, 0), pf, pf,
+                        pf, pf, cute.runtime.make_fake_stream(), options=compile_options())
 
 
 # ---------------------------------------------------------------------------------------------------------------

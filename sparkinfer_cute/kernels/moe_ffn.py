@@ -238,6 +238,17 @@ def _activation(x, st):
     return dx, x_np, int(dx.shape[-1]), False
 
 
+def _mapping(mapping: str, chunk_applies: bool, what: str) -> str:
+    """"auto": the chunk kernel where it applies, else slice; an explicit "chunk" where it does not is an error."""
+    if mapping == "auto":
+        return "chunk" if chunk_applies else "slice"
+    if mapping not in ("chunk", "slice"):
+        raise ValueError(f"{what}: mapping must be auto, chunk or slice (got {mapping!r})")
+    if mapping == "chunk" and not chunk_applies:
+        raise ValueError(f"{what}: the chunk mapping does not apply here (Q4_K/Q6_K/Q6_K_P, whole warps of chunks)")
+    return mapping
+
+
 def dense_glu_supported(qtype, n_in: int) -> bool:
     """Whether :func:`moe_gate_up` runs a dense GLU (gate and up weights of one type, [n_ff, n_in] each) as one
     expert: the quantized types its kernels decode, whole blocks per row. (The float types stay on the GEMV + GLU
@@ -247,14 +258,16 @@ def dense_glu_supported(qtype, n_in: int) -> bool:
 
 
 def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto",
-                rows_per_warp: int | None = None, act: str = "silu", out_q8: Q8Act | None = None, counters=None):
+                rows_per_warp: int | None = None, act: str = "silu", x_loads_first: bool = False,
+                out_q8: Q8Act | None = None, counters=None):
     """act[j] = act(Wgate[ids[j]] · h) * (Wup[ids[j]] · h) -> [k, n_ff] f32 (``act``: "silu", or "gelu_tanh" for
     Gemma's GeGLU experts).
 
     ``w_gate``/``w_up``: [E, n_ff, row_bytes] raw bytes; pass ``w_up=None`` and the fused ``ffn_gate_up_exps``
     tensor ([E, 2*n_ff, row_bytes]) as ``w_gate``. ``h``: f32 [n_in] (numpy or DeviceArray) or a :class:`Q8Act`
-    of one row (then the dp4a path). numpy in -> numpy out. ``rows_per_warp``: of the chunk kernel (default: the
-    faster one measured for the path).
+    of one row (then the dp4a path). numpy in -> numpy out. Launch knobs (the autotuner's ``moe_gate_up`` /
+    ``moe_gate_up_q8`` configs): ``mapping`` (auto | chunk | slice), the chunk kernel's ``rows_per_warp`` (None:
+    the faster one measured for the path) and ``x_loads_first`` (dp4a: activation loads before the weights).
 
     ``out_q8`` (a :class:`Q8Act` of >= k rows of ``n_ff``) with ``counters`` (int32 DeviceArray of >= k*n_ff/32,
     zero before the first launch; every launch leaves it zero): the same launch also writes the q8_1 copy of
@@ -289,9 +302,9 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
     else:  # never touched without quantize_out: any valid pointers do
         q8_out = (gptr(Int8, act_out.ptr, 4), gptr(Float32, act_out.ptr, 4), gptr(Float32, act_out.ptr, 4),
                   gptr(Int32, act_out.ptr, 4))
-    if mapping == "auto" and chunk_ok(q, n_in):
+    if _mapping(mapping, chunk_ok(q, n_in), "moe_gate_up") == "chunk":
         fn = compile_moe_gate_up_chunk(q, n_in, n_ff, fused, q8, rows_per_warp or gate_up_rows_per_warp(q8),
-                                       False, act, **flags)
+                                       bool(x_loads_first), act, **flags)
         fn(pwg, pwu, px, pxq, pxd, pids, pact, *q8_out, Int32(k), cuda.CUstream(st.handle))
     else:
         fn = compile_moe_gate_up(q, n_in, n_ff, fused, q8, act, **flags)
@@ -300,11 +313,14 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
 
 
 def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None,
-             mapping: str = "auto", rows_per_warp: int | None = None):
+             mapping: str = "auto", rows_per_warp: int | None = None, warps_per_row: int | None = None,
+             x_loads_first: bool = False):
     """y = [resid +] sum_j weights[j] * Wdown[ids[j]] · act[j] -> [n_out] f32 (fixed summation order).
 
     ``w_down``: [E, n_out, row_bytes(n_ff)] raw bytes; ``act``: f32 [k, n_ff] or a :class:`Q8Act` of k rows (then
-    the dp4a path). ``out`` may alias ``resid`` (in-place residual add). numpy in -> numpy out."""
+    the dp4a path). ``out`` may alias ``resid`` (in-place residual add). numpy in -> numpy out. Launch knobs (the
+    autotuner's ``moe_down`` / ``moe_down_q8`` configs): ``mapping`` (auto | chunk | slice), the chunk kernel's
+    ``rows_per_warp`` and ``x_loads_first`` (dp4a), the slice kernel's ``warps_per_row``; None = the default."""
     from ..runtime import DeviceArray, as_device, default_stream
 
     q = qtype_name(qtype)
@@ -321,36 +337,40 @@ def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None,
     pa, paq, pad, pas = x_pointers(da)
     pw, pids, pwts = gptr(Uint8, aligned(dw, "w_down").ptr), gptr(Int32, di.ptr, 4), gptr(Float32, dwt.ptr, 4)
     presid, py = gptr(Float32, (dr if dr is not None else y).ptr), gptr(Float32, y.ptr)
-    if mapping == "auto" and down_chunk_ok(q, n_ff, k):
-        fn = compile_moe_down_chunk(q, n_ff, n_out, k, dr is not None, q8, rows_per_warp or down_rows_per_warp(q, q8))
+    if _mapping(mapping, down_chunk_ok(q, n_ff, k), "moe_down") == "chunk":
+        fn = compile_moe_down_chunk(q, n_ff, n_out, k, dr is not None, q8, rows_per_warp or down_rows_per_warp(q, q8),
+                                    bool(x_loads_first))
         fn(pw, pa, paq, pad, pids, pwts, presid, py, cuda.CUstream(st.handle))
     else:
-        fn = compile_moe_down(q, n_ff, n_out, dr is not None, q8=q8)
+        # warps_per_row None: the compile function's default (2), as the compile gate registers it
+        fn = compile_moe_down(q, n_ff, n_out, dr is not None, q8=q8,
+                              **({"warps_per_row": warps_per_row} if warps_per_row is not None else {}))
         fn(pw, pa, paq, pad, pas, pids, pwts, presid, py, Int32(k), cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if a_np else y
 
 
 def moe_gate_up_q8(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto",
-                   rows_per_warp: int | None = None):
+                   rows_per_warp: int | None = None, x_loads_first: bool = False):
     """:func:`moe_gate_up` through int8 activations: ``h`` f32 (quantized here) or a :class:`Q8Act` of one row."""
     from ..runtime import default_stream
 
     st = stream if stream is not None else default_stream()
     hq, h_np = as_q8(h, st)
     act = moe_gate_up(w_gate, w_up, qtype, hq, ids, n_ff, out=out, stream=st, mapping=mapping,
-                      rows_per_warp=rows_per_warp)
+                      rows_per_warp=rows_per_warp, x_loads_first=x_loads_first)
     return act.to_numpy(stream=st) if h_np else act
 
 
 def moe_down_q8(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None,
-                mapping: str = "auto", rows_per_warp: int | None = None):
+                mapping: str = "auto", rows_per_warp: int | None = None, warps_per_row: int | None = None,
+                x_loads_first: bool = False):
     """:func:`moe_down` through int8 activations: ``act`` f32 [k, n_ff] (quantized here) or a :class:`Q8Act`."""
     from ..runtime import default_stream
 
     st = stream if stream is not None else default_stream()
     aq, a_np = as_q8(act, st)
     y = moe_down(w_down, qtype, aq, ids, weights, n_out, resid=resid, out=out, stream=st, mapping=mapping,
-                 rows_per_warp=rows_per_warp)
+                 rows_per_warp=rows_per_warp, warps_per_row=warps_per_row, x_loads_first=x_loads_first)
     return y.to_numpy(stream=st) if a_np else y
 
 

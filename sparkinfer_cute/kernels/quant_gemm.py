@@ -565,14 +565,19 @@ def max_grouped_tiles(n_assignments: int, n_expert: int, tile_tokens: int) -> in
 
 def quant_gemm(w, qtype: str, xq, n_out: int, *, out=None, w_up=None, act: str = "silu", accumulate: bool = False,
                tiles=None, n_tiles=None, max_tiles: int | None = None, row_index=None, n_rows: int | None = None,
-               tile_rows: int = 64, tile_tokens: int = 64, fused_gate_up: bool = False, stream=None):
+               tile_rows: int = 64, tile_tokens: int = 64, stages: int = 0, fused_gate_up: bool = False,
+               stream=None):
     """Launch :class:`QuantGemm`. ``w``: raw GGUF weight bytes on the device ([groups * n_out, row_bytes]);
     ``xq``: a q8_1 ``Q8Act`` ([rows, n_in]). ``w_up`` given: gated (``out = act(W x) * (W_up x)``).
 
     Dense (``tiles`` None): ``out[r, :] (+)= W xq[r]`` for the ``n_rows`` (default all) rows of ``xq``.
     Grouped: ``tiles``/``n_tiles`` device int32 tables (``reference.kernel_refs.grouped_tiles_host`` layout, written by the router on
     the device), ``max_tiles`` the launch bound; ``row_index`` (sorted row -> activation row) gathers the activation
-    rows, else sorted row r reads row r. ``out`` rows are sorted rows. Returns ``out``."""
+    rows, else sorted row r reads row r. ``out`` rows are sorted rows. Returns ``out``.
+
+    Launch knobs (the autotuner's ``quant_gemm`` configs): ``tile_rows``, ``tile_tokens`` and ``stages`` (0: the
+    most that fit the shared-memory budget). A grouped launch's ``tile_tokens`` must be the tile its routing tables
+    were built for (``moe_route.moe_align``)."""
     from ..runtime import DeviceArray, default_stream
 
     st = stream if stream is not None else default_stream()
@@ -592,8 +597,8 @@ def quant_gemm(w, qtype: str, xq, n_out: int, *, out=None, w_up=None, act: str =
     out_rows = tile_rows // 2 if w_up is not None else tile_rows
     if n_out % out_rows:
         raise ValueError(f"quant_gemm: n_out {n_out} is not a multiple of {out_rows} rows per CTA")
-    fn = compile_quant_gemm(q, n_in, tile_rows, tile_tokens, 0, w_up is not None, act, grouped, row_index is not None,
-                            accumulate, fused_gate_up)
+    fn = compile_quant_gemm(q, n_in, tile_rows, tile_tokens, stages, w_up is not None, act, grouped,
+                            row_index is not None, accumulate, fused_gate_up)
     grid_y = int(max_tiles) if grouped else -(-rows // tile_tokens)
     if grid_y == 0:
         return out

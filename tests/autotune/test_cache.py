@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sparkinfer_cute.autotune import describe_tuning, load_tuned
+from sparkinfer_cute.autotune import describe_sites, describe_tuning, load_tuned
 from sparkinfer_cute.autotune.cache import DeviceIdentity, TuneCache, current_metadata
 
 IDENT = DeviceIdentity("NVIDIA Fake 5090", 170, (12, 0), 12080)
@@ -48,7 +48,18 @@ def test_round_trip_and_lookup(cache):
     tuned.get("gemv_q8", GEMV_SHAPE)["rows_per_warp"] = 99
     assert tuned.get("gemv_q8", GEMV_SHAPE)["rows_per_warp"] == 1
     line = describe_tuning()
-    assert line.startswith("autotune: 2 tuned configs for NVIDIA Fake 5090, 4 of 7 lookups tuned")
+    # per call site (op + bucketed shape), not per lookup: two tuned, three defaults
+    assert line.startswith("autotune: 2 tuned configs for NVIDIA Fake 5090; tuned config at 2 of 5 call sites, "
+                           "default at 3 (cache ")
+    # an entry where the search kept the default is applied as cached, and said so
+    kept_cfg = {"mapping": "chunk", "rows_per_warp": 2}  # _entry's default
+    cache.put(IDENT, meta, {"gemv": {GEMV_KEY: _entry(kept_cfg)}})
+    kept = load_tuned(IDENT)
+    assert kept.get("gemv", GEMV_SHAPE, where="blk.0.attn_q.weight") == kept_cfg
+    assert "1 of the tuned where the search kept the default" in describe_tuning(kept)
+    line = ("blk.0.attn_q.weight: gemv [qtype=Q4_K,n_in=2048,n_out=4096] tuned (the default kept): "
+            "mapping=chunk rows_per_warp=2")
+    assert describe_sites(kept) == [line]
     with pytest.raises(ValueError, match="lacks n_out"):
         tuned.get("gemv_q8", dict(qtype="Q4_K", n_in=2048))
     with pytest.raises(ValueError, match="unknown autotune op"):

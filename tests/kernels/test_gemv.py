@@ -290,6 +290,43 @@ def test_gemv_multi(path, mats, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["float", "dp4a"])
+@pytest.mark.parametrize("knobs", [{"mapping": "chunk", "rows_per_warp": 4}, {"mapping": "chunk", "rows_per_warp": 1},
+                                   {"mapping": "slice", "warps_per_row": 4}, {"mapping": "slice", "warps_per_row": 2}])
+def test_gemv_tuned_launch_knobs(path, knobs, rng):
+    """The wrapper arguments the autotuner's gemv / gemv_q8 configs set (models/ops.py passes a config as keyword
+    arguments): chunk rows per warp (also explicitly 1 where the heuristic picks 2), slice warps per row."""
+    from sparkinfer_cute.runtime import DeviceArray
+
+    q, n_in, n_out = "Q4_K", 2048, 4096
+    w = rand_weight(q, n_out, n_in, rng)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    dx = DeviceArray.from_numpy(x[None] if path == "dp4a" else x)
+    out = _poisoned((n_out,))
+    gemv(DeviceArray.from_numpy(w), q, quantize_q8_1(dx) if path == "dp4a" else dx, n_out=n_out, out=out, **knobs)
+    (check_gemv_q8 if path == "dp4a" else check_gemv)(out.to_numpy(), w, q, x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["float", "dp4a"])
+@pytest.mark.parametrize("rows_per_warp", [(1, 1, 1), (4, 2, 2), (None, 4, None)])
+def test_gemv_multi_tuned_rows_per_warp(path, rows_per_warp, rng):
+    """The fused q/k/v launch with each matrix's tuned rows per warp (None: the heuristic's), Qwen3 shapes."""
+    from sparkinfer_cute.kernels.gemv import gemv_multi
+    from sparkinfer_cute.runtime import DeviceArray
+
+    mats, n_in = (("Q4_K", 4096), ("Q4_K", 512), ("Q6_K_P", 512)), 2048
+    ws = [rand_weight(q, n, n_in, rng) for q, n in mats]
+    x = rng.standard_normal(n_in).astype(np.float32)
+    ys = [_poisoned((n,)) for _, n in mats]
+    dx = DeviceArray.from_numpy(x[None])
+    gemv_multi([(DeviceArray.from_numpy(w), q, y) for w, (q, _), y in zip(ws, mats, ys)],
+               dx if path == "float" else quantize_q8_1(dx), rows_per_warp=rows_per_warp)
+    for w, (q, _), y in zip(ws, mats, ys):
+        (check_gemv if path == "float" else check_gemv_q8)(y.to_numpy(), w, q, x)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("N", [2048, 640, 256])
 @pytest.mark.parametrize("residual", [False, True])
 def test_rmsnorm_q8_1_fused(N, residual, rng):

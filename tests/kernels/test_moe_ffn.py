@@ -238,6 +238,32 @@ def test_moe_chunk_rows_per_warp(path, q_down, rows_per_warp, seed):
     check_moe_down(y.to_numpy(), d, q_down, a, ids, w, n_embd, resid, q8=q8)
 
 
+@pytest.mark.gpu
+@settings(max_examples=1, deadline=None)
+@given(seed=SEEDS)
+@pytest.mark.parametrize("knobs", [{"mapping": "chunk", "rows_per_warp": 2, "x_loads_first": True},
+                                   {"mapping": "chunk", "rows_per_warp": 1, "x_loads_first": True},
+                                   {"mapping": "slice", "warps_per_row": 1}, {"mapping": "slice", "warps_per_row": 4}])
+def test_moe_tuned_launch_knobs(knobs, seed):
+    """The wrapper arguments the autotuner's MoE configs set (models/ops.py passes a config as keyword arguments):
+    dp4a activation loads first, the slice down kernel's warps per row (Qwen3 shape, dp4a; gate+up takes the
+    chunk configs' knobs, the slice configs as ``mapping="slice"``) against the float64 reference."""
+    rng = np.random.default_rng(seed)
+    E, k, n_embd, n_ff = 32, 8, 2048, 768
+    g, u = experts("Q4_K", E, n_ff, n_embd, rng), experts("Q4_K", E, n_ff, n_embd, rng)
+    d = experts("Q6_K_P", E, n_embd, n_ff, rng)
+    h = rng.standard_normal(n_embd).astype(np.float32)
+    ids, w = route(E, k, rng)
+    gu = {key: v for key, v in knobs.items() if key != "warps_per_row"}
+    act = _poisoned((k, n_ff))
+    moe_gate_up_q8(g, u, "Q4_K", h, ids, n_ff, out=act, **gu)
+    a = act.to_numpy()
+    check_moe_gate_up(a, g, u, "Q4_K", h, ids, n_ff, q8=True)
+    y = _poisoned((n_embd,))
+    moe_down_q8(d, "Q6_K_P", a, ids, w, n_embd, out=y, **knobs)
+    check_moe_down(y.to_numpy(), d, "Q6_K_P", a, ids, w, n_embd, None, q8=True)
+
+
 # ------------------------------------------------------------------------------------------- fuzz
 # (gate/up type, down type, n_embd choices): the model type mixes (K-quants on 256-multiples, the 32-element
 # fallbacks of odd sizes). Sizes are drawn from short menus so that examples share compiled kernels.

@@ -266,3 +266,54 @@ def test_declared_prefill_launches_are_the_graph_kernels(tmp_path):
         pytest.skip("SPARKINFER_PREFILL=loop: no batched prefill graph")
     m.prefill(list(range(5)))
     assert m.kernels_per_prefill_chunk == m._pf_graphs[5].kernel_nodes()
+
+
+# (arch, tiny-preset overrides, activations): n_embd 1024 puts q/k/v and the experts' gate/up on the chunk kernels,
+# so the fused q/k/v launch (GemvMulti) runs with tuned rows per warp
+TUNED_BUILDS = {"qwen3moe-1024-f32": ("qwen3moe", {"n_embd": 1024}, "f32"),
+                "qwen3moe-1024-int8": ("qwen3moe", {"n_embd": 1024}, "int8"),
+                "gemma3-tiny-f32": ("gemma3", None, "f32")}
+
+
+@pytest.mark.parametrize("build", list(TUNED_BUILDS))
+def test_decode_with_tuned_configs_vs_reference(tmp_path, monkeypatch, rng, build):
+    """The engine with an autotune cache holding, for every op and shape the model decodes with, a valid config
+    other than the default (drawn with the rng; see tests/models/tuned_cache.py): the configs are applied at start-up
+    (tuned call sites > 0) and the decode passes the same gate as the default build (f32: the exact reference;
+    int8: the reference with the same q8_1 rounding)."""
+    from tuned_cache import applicable_everywhere, write_tuned_cache
+
+    from sparkinfer_cute.autotune import cache as tune_cache
+    from sparkinfer_cute.autotune import describe_sites, describe_tuning
+    from sparkinfer_cute.autotune.lookup import REFUSED, TUNED
+    from sparkinfer_cute.autotune.registry import TuneContext
+    from sparkinfer_cute.models import ops
+    from sparkinfer_cute.models.int8_plan import int8_activation_tensors
+    from sparkinfer_cute.runtime import get_device
+
+    arch, overrides, kind = TUNED_BUILDS[build]
+    p = str(tmp_path / f"{build}.gguf")
+    write_synthetic(p, arch=arch, preset="tiny", seed=5, overrides=overrides)
+    if kind == "f32":
+        monkeypatch.setattr(ops, "DP4A", "none")
+    # the tuned file in tmp; the kernel disk cache stays where it is (the default configs' kernels load from it)
+    monkeypatch.setattr(tune_cache, "cache_path", lambda: tmp_path / "autotune.json")
+    monkeypatch.delenv("SPARKINFER_AUTOTUNE", raising=False)
+    # (Gemma: BOS first, as the Gemma tests above; 65 positions cross the tiny preset's 32-token window)
+    tokens = ([2] if arch == "gemma3" else []) + rng.integers(4, 1024, size=65).tolist()
+    ctx = len(tokens) + 8
+    dev = get_device()
+    stored = write_tuned_cache(p, tune_cache.DeviceIdentity.of(dev), TuneContext.for_device(dev),
+                               tmp_path / "autotune.json", rng, max_context=ctx, prefill_tokens=0,
+                               prefer=applicable_everywhere)
+    eng = _gpu(p, ctx=ctx)
+    tuned = eng.backend.tuned
+    print(describe_tuning(tuned))
+    print("\n".join(describe_sites(tuned)))
+    assert tuned.enabled and len(tuned) == sum(len(v) for v in stored.values())
+    assert tuned.count(TUNED) > 0 and tuned.count(REFUSED) == 0, describe_tuning(tuned)
+    got = _teacher_forced(eng.backend, tokens)
+    assert np.isfinite(got).all()
+    planned = int8_activation_tensors(p, path="decode") if kind == "int8" else ()
+    v, m = _judge(got, p, tokens, kind, act_q8_1=planned)
+    assert v["passed"], (v, m)
