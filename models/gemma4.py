@@ -84,6 +84,7 @@ class Gemma4GPU(GPUDecoder):
         one = DeviceArray.from_numpy(np.ones(1, f32))
         self.out_scale = [self.w[f"blk.{l}.layer_output_scale.weight"].data if c.has_out_scale(l) else one
                           for l in range(c.n_layer)]
+        self.y = self.y2 = None  # (MoE layers only)
         if any(c.is_moe(l) for l in range(c.n_layer)):
             K = c.n_expert_used
             self.r_in = DeviceArray.empty((E,), f32)      # the router's input
@@ -132,19 +133,24 @@ class Gemma4GPU(GPUDecoder):
             ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
                           scale=c.attn_scale, window=a.window, stream=stream, xq=aq)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream, xq=aq)
-            ops.rmsnorm(self.o, w[p + "post_attention_norm.weight"], self.delta, eps, stream=stream)
-            # x1 = x + delta (in place), h = rmsnorm(x1, ffn_norm): the dense MLP's input
-            ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=stream)
+            # x1 = x + rmsnorm(o, post_attention_norm) (in place); from x1: h = rmsnorm(x1, ffn_norm), the dense MLP's
+            # input, and on MoE layers the router's and the experts' inputs
+            moe = c.is_moe(l)
+            outs = [(w[p + "ffn_norm.weight"], self.h)]
+            if moe:
+                outs += [(self.router_norm[l], self.r_in), (w[p + "pre_ffw_norm_2.weight"], self.e_in)]
+            ops.post_attention_norms(self.o, self.x, w[p + "post_attention_norm.weight"], outs, eps, delta=self.delta,
+                                     xq=self.e_inq if moe and self.q8_moe else None, stream=stream)
             ops.dense_glu(w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], self.h, self.gate, self.up, self.act,
                           act="gelu_tanh", ids0=self.dense_ids, stream=stream)
             ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=stream)
-            if c.is_moe(l):
+            if moe:
                 self._moe_step(l, stream)
-                # m (post_ffw_norm_1 of the dense MLP) += y2; fn = rmsnorm(m, post_ffw_norm)
-                ops.rmsnorm(self.m, w[p + "post_ffw_norm.weight"], self.fn, eps, residual=self.y2, stream=stream)
-            else:
-                ops.rmsnorm(self.f, w[p + "post_ffw_norm.weight"], self.fn, eps, stream=stream)
-            ops.residual_scale(self.x, self.fn, self.out_scale[l], stream=stream)  # x = (x1 + fn) * scale
+            # x = (x1 + rmsnorm(s, post_ffw_norm)) * layer_output_scale, s = rmsnorm(f, post_ffw_norm_1) +
+            # rmsnorm(y, post_ffw_norm_2) on MoE layers, else f
+            ops.post_ffn_norms(self.f, self.y if moe else None, w.get(p + "post_ffw_norm_1.weight"),
+                               w.get(p + "post_ffw_norm_2.weight"), w[p + "post_ffw_norm.weight"], self.x,
+                               self.out_scale[l], eps, m=self.m, y2=self.y2, fn=self.fn, stream=stream)
         if n_layers is not None:
             self.delta.fill_bytes(0, stream)  # hidden_after_layers reads x + delta: x is the whole residual here
             return
@@ -152,23 +158,19 @@ class Gemma4GPU(GPUDecoder):
         self.enqueue_logits(stream)
 
     def _moe_step(self, l: int, stream) -> None:
-        """Routed experts of layer l: m = rmsnorm(f, post_ffw_norm_1); y2 = rmsnorm(experts, post_ffw_norm_2)."""
-        c, w, p, eps = self.cfg, self.w, f"blk.{l}.", self.cfg.rms_eps
-        ops.rmsnorm(self.f, w[p + "post_ffw_norm_1.weight"], self.m, eps, stream=stream)
-        ops.rmsnorm(self.x, self.router_norm[l], self.r_in, eps, stream=stream)
+        """Routed experts of layer l (inputs r_in, e_in [+ e_inq] from post_attention_norms): their weighted sum y."""
+        c, w, p = self.cfg, self.w, f"blk.{l}."
         ops.router_gemv(w[p + "ffn_gate_inp.weight"], self.r_in, self.expert_ids, self.expert_w, c.n_expert_used,
                         self.router_state, stream=stream)
         if c.has_down_exps_scale(l):
             ops.expert_scale(self.expert_w, self.expert_ids, w[p + "ffn_down_exps.scale"], stream=stream)
         eq = self.e_inq if self.q8_moe else None
-        ops.rmsnorm(self.x, w[p + "pre_ffw_norm_2.weight"], self.e_in, eps, stream=stream, xq=eq)
         wg, wu = self._experts(l)
         actq = self.moe_actq if self.q8_moe else None
         ops.moe_gate_up(wg, wu, self.e_in, self.expert_ids, self.moe_act, stream=stream, hq=eq, glu="gelu_tanh",
                         actq=actq)
         ops.moe_down(w[p + "ffn_down_exps.weight"], self.moe_act, self.expert_ids, self.expert_w, self.y,
                      stream=stream, actq=actq)
-        ops.rmsnorm(self.y, w[p + "post_ffw_norm_2.weight"], self.y2, eps, stream=stream)
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):

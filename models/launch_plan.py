@@ -163,6 +163,22 @@ def _traffic(c: OpCall, m, depth: int, splits) -> dict:
         b["act_write"] += n * F32 * (2 if kw.get("residual") is not None else 1)
         if kw.get("xq") is not None:
             b["act_write"] += n * Q8
+    elif op == "post_attention_norms":  # fused: o and x read, x written, each output written once
+        w_post, outs = a[2], a[3]
+        n = w_post.n_in
+        b["dense"] += w_post.nbytes + sum(w.nbytes for w, _ in outs)
+        fused = ops.enabled("fused_norms")  # else: delta written and read back, x read again per norm
+        b["act_read"] += n * F32 * (2 if fused else 2 + len(outs))
+        b["act_write"] += n * F32 * ((1 + len(outs)) if fused else (2 + len(outs)))
+        if kw.get("xq") is not None:
+            b["act_write"] += n * Q8
+    elif op == "post_ffn_norms":  # fused: f [, y], x read, x written
+        y, w = a[1], a[4]
+        n = w.n_in
+        b["dense"] += w.nbytes + (a[2].nbytes + a[3].nbytes if y is not None else 0)
+        fused = ops.enabled("fused_norms")  # else: m, y2, fn written and read back
+        b["act_read"] += n * F32 * ((3 if y is not None else 2) if fused else (6 if y is not None else 3))
+        b["act_write"] += n * F32 * (1 if fused else (4 if y is not None else 2))
     elif op == "rmsnorm_heads":
         w, n = a[1], a[2] * a[3]
         b["dense"] += w.nbytes
@@ -292,6 +308,12 @@ def kernel_parts(c: OpCall) -> tuple:
         parts = (("gemv", 2), ("glu", 1))
     elif c.op == "dense_glu":
         parts = (("moe_gate_up", 1),)  # the MoE gate/up kernel with the dense weights as its one expert
+    elif c.op == "post_attention_norms" and c.kernels > 1:
+        parts = (("rmsnorm", c.kernels),)
+    elif c.op == "post_ffn_norms" and c.kernels > 1:
+        parts = (("rmsnorm", c.kernels - 1), ("residual_scale", 1))
+    elif c.op in ("post_attention_norms", "post_ffn_norms"):
+        parts = (("rmsnorm", 1),)  # priced as one RMSNorm launch (kernels/norm_chain.py: one CTA, one row)
     else:
         parts = ((c.op, c.kernels),)
     if sum(n for _, n in parts) != c.kernels:

@@ -25,6 +25,7 @@ from sparkinfer_cute.kernels import glu as _glu
 from sparkinfer_cute.kernels import kv_cache_append as _kva
 from sparkinfer_cute.kernels import moe_ffn as _moe
 from sparkinfer_cute.kernels import moe_route as _moe_route
+from sparkinfer_cute.kernels import norm_chain as _norms
 from sparkinfer_cute.kernels import q8_1 as _q8
 from sparkinfer_cute.kernels import qk_norm_rope_kv as _qknrk
 from sparkinfer_cute.kernels import quant_gemm as _qgemm
@@ -244,6 +245,45 @@ def rmsnorm(x, w, out, eps: float, *, residual=None, stream, xq=None):
     else:
         _rms.rmsnorm_residual(residual, x, w.data.view(np.float32, (w.n_in,)), eps, out=out, residual_out=x,
                               stream=stream)
+
+
+def _row(w):
+    return w.data.view(np.float32, (w.n_in,))
+
+
+@launches(lambda o, x, w_post, outs, *a, **k: 1 if enabled("fused_norms") else 1 + len(outs))
+def post_attention_norms(o, x, w_post, outs, eps: float, *, delta, stream, xq=None):
+    """``x += rmsnorm(o) * w_post`` (in place), then ``out = rmsnorm(x) * w`` for each ``(w, out)`` of ``outs``
+    (1..3; Gemma 4: ffn_norm -> the dense MLP input, then the router input and pre_ffw_norm_2 -> the experts'
+    input); ``xq``: also the q8_1 copy of the last output. One launch (kernels/norm_chain.py) unless ``fused_norms``
+    is disabled: then one RMSNorm launch per norm, ``rmsnorm(o) * w_post`` through ``delta``."""
+    if enabled("fused_norms"):
+        _norms.post_attention_norms(o, x, _row(w_post), [(_row(w), out) for w, out in outs], eps, xq=xq,
+                                    stream=stream)
+        return
+    rmsnorm(o, w_post, delta, eps, stream=stream)
+    for i, (w, out) in enumerate(outs):
+        rmsnorm(x, w, out, eps, residual=delta if i == 0 else None, stream=stream,
+                xq=xq if i == len(outs) - 1 else None)
+
+
+@launches(lambda f, y, *a, **k: 1 if enabled("fused_norms") else (4 if y is not None else 2))
+def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, m, y2, fn, stream):
+    """``x = (x + rmsnorm(s) * w) * scale`` with ``s = rmsnorm(f) * w1 + rmsnorm(y) * w2`` (``y`` None: ``s = f``;
+    ``scale`` one f32 on the device): Gemma 4's post_ffw_norm_1 / _2, post_ffw_norm, residual add and
+    layer_output_scale. One launch (kernels/norm_chain.py) unless ``fused_norms`` is disabled: then the RMSNorms and
+    the residual-scale launches through the scratch rows ``m``, ``y2``, ``fn``."""
+    if enabled("fused_norms"):
+        _norms.post_ffn_norms(f, y, None if y is None else _row(w1), None if y is None else _row(w2), _row(w), x,
+                              scale, eps, stream=stream)
+        return
+    if y is not None:
+        rmsnorm(f, w1, m, eps, stream=stream)
+        rmsnorm(y, w2, y2, eps, stream=stream)
+        rmsnorm(m, w, fn, eps, residual=y2, stream=stream)  # m += y2; fn = rmsnorm(m) * w
+    else:
+        rmsnorm(f, w, fn, eps, stream=stream)
+    residual_scale(x, fn, scale, stream=stream)
 
 
 @launches(1)

@@ -172,7 +172,6 @@ class RmsNormQ8_1:
         for i in cutlass.range_constexpr(self.warps):
             tot = tot + red[i]
         rstd = cute.math.rsqrt(tot / Float32(N) + eps)
-        amax = Float32(0.0)
         if tid < self.active:
             if cutlass.const_expr(self.has_weight):
                 cute.autovec_copy(cute.make_tensor(pW + cute.assume(tid * E, divby=E), cute.make_layout(E)), tmp)
@@ -181,29 +180,42 @@ class RmsNormQ8_1:
                 if cutlass.const_expr(self.has_weight):
                     h = h * tmp[i]
                 v[i] = h
-                amax = cute.arch.fmax(amax, cute.math.absf(h))
             cute.autovec_copy(v, cute.make_tensor(pH + cute.assume(e0, divby=E), cute.make_layout(E)))
-        # q8_1 block = lanes 4g..4g+3 (all active or all inactive: N % 32 == 0)
-        amax = warp_reduce_max(amax, width=4, small_offsets_first=True)
-        d = amax / Float32(127.0)
-        qsum = Int32(0)
-        if tid < self.active:
-            qv = cute.make_rmem_tensor((E,), Int8)
-            for i in cutlass.range_constexpr(E):
-                qi = Int32(0)
-                if amax > Float32(0.0):
-                    qi = rint_s32(v[i] / d)
-                qv[i] = Int8(qi)
-                qsum = qsum + qi
-            cute.autovec_copy(qv, cute.make_tensor(pQ + cute.assume(e0, divby=E), cute.make_layout(E)))
-        qsum = warp_reduce_sum(qsum, width=4, small_offsets_first=True)
-        if tid < self.active:
-            if tid % 4 == 0:
-                b = e0 // QK8_1
-                mD = cute.make_tensor(pD, cute.make_layout(b + 1))
-                mS = cute.make_tensor(pS, cute.make_layout(b + 1))
-                mD[b] = d
-                mS[b] = d * Float32(qsum)
+        store_q8_1_of_eight(v, tid < self.active, tid, e0, pQ, pD, pS)
+
+
+@cute.jit
+def store_q8_1_of_eight(v: cute.Tensor, active, tid: Int32, e0: Int32, pQ: cute.Pointer, pD: cute.Pointer,
+                        pS: cute.Pointer):
+    """The q8_1 copy of a row held 8 consecutive f32 per thread (``v``: elements ``e0 .. e0+7`` of the flat buffer,
+    ``e0 = 8 * tid`` within a row of a multiple of 32): a q8_1 block of 32 is 4 neighbouring lanes, so amax and
+    sum(q) are 2-step shuffle butterflies. All lanes of the warp call it (shuffles); ``active``: this thread holds
+    elements (all 4 lanes of a block alike). Used by :class:`RmsNormQ8_1` and norm_chain.py."""
+    E = 8
+    amax = Float32(0.0)
+    if active:
+        for i in cutlass.range_constexpr(E):
+            amax = cute.arch.fmax(amax, cute.math.absf(v[i]))
+    amax = warp_reduce_max(amax, width=4, small_offsets_first=True)
+    d = amax / Float32(127.0)
+    qsum = Int32(0)
+    if active:
+        qv = cute.make_rmem_tensor((E,), Int8)
+        for i in cutlass.range_constexpr(E):
+            qi = Int32(0)
+            if amax > Float32(0.0):
+                qi = rint_s32(v[i] / d)
+            qv[i] = Int8(qi)
+            qsum = qsum + qi
+        cute.autovec_copy(qv, cute.make_tensor(pQ + cute.assume(e0, divby=E), cute.make_layout(E)))
+    qsum = warp_reduce_sum(qsum, width=4, small_offsets_first=True)
+    if active:
+        if tid % 4 == 0:
+            b = e0 // QK8_1
+            mD = cute.make_tensor(pD, cute.make_layout(b + 1))
+            mS = cute.make_tensor(pS, cute.make_layout(b + 1))
+            mD[b] = d
+            mS[b] = d * Float32(qsum)
 
 
 @kernel_cache

@@ -257,6 +257,20 @@ def rmsnorm_residual_ref(x, residual, w=None, eps: float = 1e-6) -> tuple[np.nda
     return rmsnorm_ref(s, w, eps), s
 
 
+def post_attention_norms_ref(o, x, w_post, ws, eps: float = 1e-6):
+    """kernels/norm_chain.py PostAttentionNorms in float64: ``x1 = x + rmsnorm(o) * w_post``, then
+    ``rmsnorm(x1) * w`` for each ``w`` of ``ws``. Returns (x1, [outs])."""
+    x1 = np.asarray(x, np.float64) + rmsnorm_ref(o, w_post, eps)
+    return x1, [rmsnorm_ref(x1, w, eps) for w in ws]
+
+
+def post_ffn_norms_ref(f, y, w1, w2, w, x, scale: float, eps: float = 1e-6) -> np.ndarray:
+    """kernels/norm_chain.py PostFfnNorms in float64: ``(x + rmsnorm(s) * w) * scale`` with
+    ``s = rmsnorm(f) * w1 + rmsnorm(y) * w2`` (``y`` None: ``s = f``)."""
+    s = np.asarray(f, np.float64) if y is None else rmsnorm_ref(f, w1, eps) + rmsnorm_ref(y, w2, eps)
+    return (np.asarray(x, np.float64) + rmsnorm_ref(s, w, eps)) * scale
+
+
 def glu_ref(gate, up, act: str = "silu") -> np.ndarray:
     g = np.asarray(gate, np.float64)
     a = ops.silu(g) if act == "silu" else ops.gelu_tanh(g)

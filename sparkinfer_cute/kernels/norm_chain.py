@@ -1,0 +1,242 @@
+"""Chains of RMSNorms on one row, one launch: the norm-heavy seams of a Gemma 4 decode layer (models.md §Gemma 4).
+
+A Gemma 4 layer runs eight RMSNorms of the same n_embd row between its matmuls, each a launch of a few microseconds
+for ~11 KB of data (the launch plan, models/launch_plan.py: 8 of the 21 launches of a sliding layer). The two seams
+where they bunch up are one kernel each:
+
+- :class:`PostAttentionNorms` (after the O projection ``o``)::
+
+      x   = x + rmsnorm(o) * w_post          (post_attention_norm, residual add; x written back)
+      out_i = rmsnorm(x) * w_i               for i < n_out (ffn_norm -> the dense MLP input, and on MoE layers the
+                                              router input and pre_ffw_norm_2 -> the experts' input)
+      [q8_1 copy of the last out]             (the int8 experts' input)
+
+- :class:`PostFfnNorms` (after the dense MLP's down projection ``f`` and, on MoE layers, the experts' sum ``y``)::
+
+      s  = rmsnorm(f) * w1 + rmsnorm(y) * w2  (post_ffw_norm_1 / _2; without y: s = f)
+      x  = (x + rmsnorm(s) * w) * scale       (post_ffw_norm, residual add, layer_output_scale: one f32 on the device)
+
+Every norm is ``(v * rsqrt(mean(v^2) + eps)) * w`` (ggml order) in f32, the sum of squares reduced as in
+q8_1.py :class:`RmsNormQ8_1` (8 consecutive elements per thread, warp butterfly, fixed-order sum of the warp
+partials): same math as the separate launches, the sums in another order than rmsnorm.py's (f32 rounding, ~1e-7
+relative). One CTA per row; the row stays in registers between the steps, so nothing but the outputs is written.
+"""
+
+from __future__ import annotations
+
+import cuda.bindings.driver as cuda
+import cutlass
+from cutlass import cute
+from cutlass import Float32, Int8, Int32
+
+from .arch import pdl_enabled
+from .common import fake_ptr, gptr, pdl_prologue, warp_reduce_sum
+from .compile import compile_options, kernel_cache
+from .q8_1 import QK8_1, store_q8_1_of_eight
+from .registry import register
+
+EPT = 8  # f32 elements per thread (two 16-byte vectors)
+
+
+class RowNormChain:
+    """Shared set-up of the chain kernels: a row of ``N`` (multiple of 32) over ``N / 8`` threads, 8 consecutive
+    elements each; device helpers to load, normalize and store the thread's slice."""
+
+    def __init__(self, N: int):
+        self.pdl = pdl_enabled()
+        if N % QK8_1:
+            raise ValueError(f"norm chain rows must be a multiple of {QK8_1}, got {N}")
+        self.N = N
+        self.active = N // EPT
+        self.threads = -(-self.active // 32) * 32
+        if self.threads > 1024:
+            raise ValueError(f"row of {N} needs {self.threads} threads > 1024")
+        self.warps = self.threads // 32
+
+    @cute.jit
+    def load(self, p: cute.Pointer, e0: Int32, v: cute.Tensor, tid: Int32):
+        if tid < self.active:
+            cute.autovec_copy(cute.make_tensor(p + cute.assume(e0, divby=EPT), cute.make_layout(EPT)), v)
+
+    @cute.jit
+    def store(self, v: cute.Tensor, p: cute.Pointer, e0: Int32, tid: Int32):
+        if tid < self.active:
+            cute.autovec_copy(v, cute.make_tensor(p + cute.assume(e0, divby=EPT), cute.make_layout(EPT)))
+
+    @cute.jit
+    def rstd(self, v: cute.Tensor, red: cute.Tensor, tid: Int32, eps: Float32) -> Float32:
+        """``rsqrt(mean(v^2) + eps)`` of the row (every thread gets the same bits). Called several times per
+        kernel: the first barrier keeps a warp from overwriting ``red`` while another still reads the last sum."""
+        ss = Float32(0.0)
+        if tid < self.active:
+            for i in cutlass.range_constexpr(EPT):
+                ss = ss + v[i] * v[i]
+        ss = warp_reduce_sum(ss, small_offsets_first=True)
+        cute.arch.barrier()
+        if tid % 32 == 0:
+            red[tid // 32] = ss
+        cute.arch.barrier()
+        tot = Float32(0.0)
+        for i in cutlass.range_constexpr(self.warps):
+            tot = tot + red[i]
+        return cute.math.rsqrt(tot / Float32(self.N) + eps)
+
+    @cute.jit
+    def normed(self, v: cute.Tensor, rstd: Float32, pW: cute.Pointer, out: cute.Tensor, tid: Int32):
+        """``out = (v * rstd) * w`` for this thread's elements (ggml order)."""
+        if tid < self.active:
+            w = cute.make_rmem_tensor((EPT,), Float32)
+            cute.autovec_copy(cute.make_tensor(pW + cute.assume(tid * EPT, divby=EPT), cute.make_layout(EPT)), w)
+            for i in cutlass.range_constexpr(EPT):
+                out[i] = (v[i] * rstd) * w[i]
+
+    def smem_red(self):
+        smem = cutlass.memory.SmemAllocator()
+        return smem.allocate_tensor(Float32, cute.make_layout(self.warps), byte_alignment=16)
+
+
+class PostAttentionNorms(RowNormChain):
+    """``x += rmsnorm(o) * w_post``; ``out_i = rmsnorm(x) * w_i`` for ``i < n_out`` (1..3); ``q8_last``: also the
+    q8_1 copy of the last output. Unused output / weight pointers of a smaller ``n_out`` may be any valid ones."""
+
+    def __init__(self, N: int, n_out: int, q8_last: bool = False):
+        super().__init__(N)
+        if not 1 <= n_out <= 3:
+            raise ValueError(f"n_out must be 1..3, got {n_out}")
+        self.n_out, self.q8_last = n_out, q8_last
+
+    @cute.jit
+    def __call__(self, pO: cute.Pointer, pX: cute.Pointer, pWpost: cute.Pointer, pW0: cute.Pointer,
+                 pW1: cute.Pointer, pW2: cute.Pointer, pOut0: cute.Pointer, pOut1: cute.Pointer, pOut2: cute.Pointer,
+                 pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer, eps: Float32, stream: cuda.CUstream):
+        self.kernel(pO, pX, pWpost, pW0, pW1, pW2, pOut0, pOut1, pOut2, pQ, pD, pS, eps).launch(
+            grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
+
+    @cute.kernel
+    def kernel(self, pO: cute.Pointer, pX: cute.Pointer, pWpost: cute.Pointer, pW0: cute.Pointer, pW1: cute.Pointer,
+               pW2: cute.Pointer, pOut0: cute.Pointer, pOut1: cute.Pointer, pOut2: cute.Pointer, pQ: cute.Pointer,
+               pD: cute.Pointer, pS: cute.Pointer, eps: Float32):
+        pdl_prologue(self.pdl)
+        tid = cute.arch.thread_idx()[0]
+        red = self.smem_red()
+        e0 = tid * EPT
+        v = cute.make_rmem_tensor((EPT,), Float32)
+        x = cute.make_rmem_tensor((EPT,), Float32)
+        h = cute.make_rmem_tensor((EPT,), Float32)
+        self.load(pO, e0, v, tid)
+        self.normed(v, self.rstd(v, red, tid, eps), pWpost, h, tid)
+        self.load(pX, e0, x, tid)
+        if tid < self.active:
+            for i in cutlass.range_constexpr(EPT):
+                x[i] = x[i] + h[i]
+        self.store(x, pX, e0, tid)
+        r = self.rstd(x, red, tid, eps)
+        weights, outs = (pW0, pW1, pW2), (pOut0, pOut1, pOut2)
+        for j in cutlass.range_constexpr(self.n_out):
+            self.normed(x, r, weights[j], h, tid)
+            self.store(h, outs[j], e0, tid)
+        if cutlass.const_expr(self.q8_last):
+            store_q8_1_of_eight(h, tid < self.active, tid, e0, pQ, pD, pS)
+
+
+class PostFfnNorms(RowNormChain):
+    """``s = rmsnorm(f) * w1 + rmsnorm(y) * w2`` (``has_experts``; else ``s = f``), then
+    ``x = (x + rmsnorm(s) * w) * scale[0]``. Without experts ``y``, ``w1``, ``w2`` may be any valid pointers."""
+
+    def __init__(self, N: int, has_experts: bool):
+        super().__init__(N)
+        self.has_experts = has_experts
+
+    @cute.jit
+    def __call__(self, pF: cute.Pointer, pY: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pW: cute.Pointer,
+                 pX: cute.Pointer, pScale: cute.Pointer, eps: Float32, stream: cuda.CUstream):
+        self.kernel(pF, pY, pW1, pW2, pW, pX, pScale, eps).launch(
+            grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
+
+    @cute.kernel
+    def kernel(self, pF: cute.Pointer, pY: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pW: cute.Pointer,
+               pX: cute.Pointer, pScale: cute.Pointer, eps: Float32):
+        pdl_prologue(self.pdl)
+        tid = cute.arch.thread_idx()[0]
+        red = self.smem_red()
+        e0 = tid * EPT
+        s = cute.make_rmem_tensor((EPT,), Float32)
+        v = cute.make_rmem_tensor((EPT,), Float32)
+        h = cute.make_rmem_tensor((EPT,), Float32)
+        self.load(pF, e0, v, tid)
+        if cutlass.const_expr(self.has_experts):
+            self.normed(v, self.rstd(v, red, tid, eps), pW1, s, tid)
+            self.load(pY, e0, v, tid)
+            self.normed(v, self.rstd(v, red, tid, eps), pW2, h, tid)
+            if tid < self.active:
+                for i in cutlass.range_constexpr(EPT):
+                    s[i] = h[i] + s[i]  # the separate launches' order: rmsnorm(y2 as x, m as residual) adds y2 + m
+        else:
+            if tid < self.active:
+                for i in cutlass.range_constexpr(EPT):
+                    s[i] = v[i]
+        self.normed(s, self.rstd(s, red, tid, eps), pW, h, tid)
+        self.load(pX, e0, v, tid)
+        scale = cute.make_tensor(pScale, cute.make_layout(1))[0]
+        if tid < self.active:
+            for i in cutlass.range_constexpr(EPT):
+                v[i] = (v[i] + h[i]) * scale
+        self.store(v, pX, e0, tid)
+
+
+@kernel_cache
+def compile_post_attention_norms(N: int, n_out: int, q8_last: bool = False):
+    """Runtime args: (o, x, w_post, w0, w1, w2, out0, out1, out2 f32; q (int8), d, s (f32) pointers, eps, stream)."""
+    p = fake_ptr(Float32)
+    return cute.compile(PostAttentionNorms(N, n_out, q8_last), p, p, p, p, p, p, p, p, p, fake_ptr(Int8), p, p,
+                        Float32(1e-6), cute.runtime.make_fake_stream(), options=compile_options())
+
+
+@kernel_cache
+def compile_post_ffn_norms(N: int, has_experts: bool):
+    """Runtime args: (f, y, w1, w2, w, x, scale f32 pointers (scale: align 4), eps, stream)."""
+    p = fake_ptr(Float32)
+    return cute.compile(PostFfnNorms(N, has_experts), p, p, p, p, p, p, fake_ptr(Float32, 4), Float32(1e-6),
+                        cute.runtime.make_fake_stream(), options=compile_options())
+
+
+# ------------------------------------------------------------------------------------------------ wrappers
+def post_attention_norms(o, x, w_post, outs, eps: float, *, xq=None, stream=None):
+    """``x += rmsnorm(o) * w_post`` (in place), then ``out = rmsnorm(x) * w`` for each ``(w, out)`` of ``outs``
+    (1..3 pairs; f32 DeviceArrays of one row of N); ``xq`` (a q8_1.py ``Q8Act`` of N): also the q8_1 copy of the
+    last output. One launch."""
+    from ..runtime import resolve_stream
+
+    N = int(o.size)
+    for a in (x, w_post, *(t for pair in outs for t in pair)):
+        if int(a.size) < N:
+            raise ValueError(f"post_attention_norms: a buffer of {a.size} elements for a row of {N}")
+    fn = compile_post_attention_norms(N, len(outs), xq is not None)
+    ws = [w for w, _ in outs] + [outs[0][0]] * (3 - len(outs))
+    os_ = [out for _, out in outs] + [outs[0][1]] * (3 - len(outs))
+    q = (xq.qs.ptr, xq.d.ptr, xq.s.ptr) if xq is not None else (o.ptr,) * 3
+    fn(gptr(Float32, o.ptr), gptr(Float32, x.ptr), gptr(Float32, w_post.ptr), *(gptr(Float32, w.ptr) for w in ws),
+       *(gptr(Float32, t.ptr) for t in os_), gptr(Int8, q[0]), gptr(Float32, q[1]), gptr(Float32, q[2]),
+       Float32(eps), resolve_stream(stream).cu)
+
+
+def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, stream=None):
+    """``x = (x + rmsnorm(rmsnorm(f) * w1 + rmsnorm(y) * w2) * w) * scale`` in place (``y`` None: the inner sum is
+    ``f``; ``w1``/``w2`` unused); ``scale``: one f32 on the device. One launch."""
+    from ..runtime import resolve_stream
+
+    N = int(f.size)
+    fn = compile_post_ffn_norms(N, y is not None)
+    yp = y if y is not None else f
+    fn(gptr(Float32, f.ptr), gptr(Float32, yp.ptr), gptr(Float32, (w1 if y is not None else w).ptr),
+       gptr(Float32, (w2 if y is not None else w).ptr), gptr(Float32, w.ptr), gptr(Float32, x.ptr),
+       gptr(Float32, scale.ptr, 4), Float32(eps), resolve_stream(stream).cu)
+
+
+# Gemma 4 26B-A4B (n_embd 2816) and the synthetic tiny preset (256): the MoE layers' three outputs with the experts'
+# q8_1 input, a dense-only layer's one; both post-FFN forms
+_SIZES = (2816, 256)
+register("post_attention_norms", compile_post_attention_norms,
+         [dict(N=n, n_out=3, q8_last=True) for n in _SIZES] + [dict(N=n, n_out=3) for n in _SIZES]
+         + [dict(N=n, n_out=1) for n in _SIZES])
+register("post_ffn_norms", compile_post_ffn_norms, [dict(N=n, has_experts=e) for n in _SIZES for e in (True, False)])

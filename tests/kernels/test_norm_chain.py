@@ -1,0 +1,113 @@
+"""The one-launch RMSNorm chains of a Gemma 4 decode layer (kernels/norm_chain.py) vs float64 references.
+
+Tolerance (relative to max|ref| of each output): every norm in the chain is the RMSNorm kernel's arithmetic (f32
+sum of squares: <= (8 + 5 + 32) * 2^-24 ~ 2.7e-6 relative for rows up to 8192; rsqrt.approx 2^-22.9; two f32
+multiplies), so one norm is within reference/kernel_refs.py's RMSNORM_TOL = 1e-5 with margin. A chain stacks at most
+three norms and two f32 adds; an error of the inner norm enters the outer one scaled by at most 1 (RMSNorm is
+1-Lipschitz in relative terms up to the weight), so 3 * 1e-5 bounds the chain. A 1% scale error anywhere is >= 300x
+over it. The q8_1 copy must be bit-identical to the standalone quantize kernel applied to the f32 output the
+kernel wrote (same rounding code). Outputs are NaN-poisoned before the launch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparkinfer_cute.kernels.norm_chain import PostAttentionNorms, PostFfnNorms
+from sparkinfer_cute.reference.kernel_refs import RMSNORM_TOL, check_rel, post_attention_norms_ref, \
+    post_ffn_norms_ref
+
+CHAIN_TOL = 3 * RMSNORM_TOL
+ROWS = st.sampled_from([256, 640, 2048, 2816, 4096])
+
+
+def test_layout_covers_the_row_and_refuses_ragged_rows():
+    for N in (32, 256, 640, 2816, 8192):
+        k = PostAttentionNorms(N, 3, True)
+        assert k.active * 8 == N and k.threads % 32 == 0 and k.threads - k.active < 32
+    for bad in (100, 2820):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            PostFfnNorms(bad, True)
+    with pytest.raises(ValueError, match="n_out"):
+        PostAttentionNorms(256, 4)
+
+
+def test_references_compose_the_single_norm_reference():
+    """The chain references are compositions of rmsnorm_ref (checked against an explicit formula here)."""
+    rng = np.random.default_rng(0)
+    N = 64
+    o, x, f, y, wp, w1, w2, w = (rng.standard_normal(N) for _ in range(8))
+    x1, (h,) = post_attention_norms_ref(o, x, wp, [w1], 1e-6)
+
+    def rms(v):
+        return v / np.sqrt(np.mean(v * v) + 1e-6)
+
+    np.testing.assert_allclose(x1, x + rms(o) * wp, rtol=1e-14)
+    np.testing.assert_allclose(h, rms(x1) * w1, rtol=1e-14)
+    got = post_ffn_norms_ref(f, y, w1, w2, w, x, 0.5, 1e-6)
+    np.testing.assert_allclose(got, (x + rms(rms(f) * w1 + rms(y) * w2) * w) * 0.5, rtol=1e-14)
+    np.testing.assert_allclose(post_ffn_norms_ref(f, None, None, None, w, x, 2.0, 1e-6), (x + rms(f) * w) * 2.0,
+                               rtol=1e-14)
+
+
+def _dev(a):
+    from sparkinfer_cute.runtime import DeviceArray
+
+    return DeviceArray.from_numpy(np.ascontiguousarray(a, np.float32))
+
+
+@pytest.mark.gpu
+@settings(max_examples=25, deadline=None)
+@given(N=ROWS, n_out=st.integers(1, 3), q8=st.booleans(), eps=st.sampled_from([1e-6, 1e-5]),
+       seed=st.integers(0, 2**32 - 1))
+def test_post_attention_norms(N, n_out, q8, eps, seed):
+    from sparkinfer_cute.kernels.norm_chain import post_attention_norms
+    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1
+    from sparkinfer_cute.runtime.testing import poisoned
+
+    rng = np.random.default_rng(seed)
+    o = rng.standard_normal(N).astype(np.float32) * 3
+    x = rng.standard_normal(N).astype(np.float32)
+    w_post = (1 + 0.5 * rng.standard_normal(N)).astype(np.float32)
+    ws = [(1 + 0.5 * rng.standard_normal(N)).astype(np.float32) for _ in range(n_out)]
+    dx = _dev(x)
+    outs = [poisoned((N,), np.float32) for _ in range(n_out)]
+    xq = None
+    if q8:
+        xq = Q8Act(1, N)
+        xq.qs.fill_bytes(0x7F)
+        xq.d.fill_bytes(0xFF)
+        xq.s.fill_bytes(0xFF)
+    post_attention_norms(_dev(o), dx, _dev(w_post), [(_dev(w), out) for w, out in zip(ws, outs)], eps, xq=xq)
+    x1_ref, refs = post_attention_norms_ref(o, x, w_post, ws, eps)
+    x1 = dx.to_numpy()
+    check_rel(x1, x1_ref, RMSNORM_TOL, "x + rmsnorm(o) * w_post")
+    got = [out.to_numpy() for out in outs]
+    for g, r in zip(got, refs):
+        check_rel(g, r, CHAIN_TOL, "rmsnorm(x1) * w")
+    if q8:
+        qs, d, s = xq.to_numpy()
+        ref_qs, ref_d, ref_s = quantize_q8_1(got[-1][None])
+        np.testing.assert_array_equal(qs.reshape(-1), ref_qs.reshape(-1))
+        np.testing.assert_array_equal(d.reshape(-1).view(np.uint32), ref_d.reshape(-1).view(np.uint32))
+        np.testing.assert_array_equal(s.reshape(-1).view(np.uint32), ref_s.reshape(-1).view(np.uint32))
+
+
+@pytest.mark.gpu
+@settings(max_examples=25, deadline=None)
+@given(N=ROWS, experts=st.booleans(), eps=st.sampled_from([1e-6, 1e-5]), scale=st.sampled_from([1.0, 0.37, 2.5]),
+       seed=st.integers(0, 2**32 - 1))
+def test_post_ffn_norms(N, experts, eps, scale, seed):
+    from sparkinfer_cute.kernels.norm_chain import post_ffn_norms
+
+    rng = np.random.default_rng(seed)
+    f, y, x = (rng.standard_normal(N).astype(np.float32) * s for s in (2.0, 5.0, 1.0))
+    w1, w2, w = ((1 + 0.5 * rng.standard_normal(N)).astype(np.float32) for _ in range(3))
+    dx = _dev(x)
+    post_ffn_norms(_dev(f), _dev(y) if experts else None, _dev(w1) if experts else None,
+                   _dev(w2) if experts else None, _dev(w), dx, _dev(np.array([scale])), eps)
+    ref = post_ffn_norms_ref(f, y if experts else None, w1, w2, w, x, scale, eps)
+    check_rel(dx.to_numpy(), ref, CHAIN_TOL, "post-FFN norms")
