@@ -36,11 +36,15 @@ exchange partials through shared memory (f32, XOR-swizzled) and every one of the
 order, so all hold bit-identical S, m, l and P; then each multiplies P (registers, f16: the S accumulator layout of
 two n8 tiles is the A-fragment layout of one k16 step) by its slice of V.
 
-    D    DS  DC  RG  warps  BM  BN   smem (K + V + S exchange)        regs (ptxas, see the compile gate)
-    64   64  1   4   4      64  64    8 K +  8 K             = 16 KB
-    128  128 1   4   4      64  64   16 K + 16 K             = 32 KB
-    256  128 2   4   8      64  64   32 K + 32 K + 32 K      = 96 KB
-    512  128 4   2   8      32  32   32 K + 32 K + 16 K      = 80 KB
+    D    DS  DC  RG  warps  BM  BN   smem: K + V (+ S exchange)   registers (ptxas, sm_120a; no spills)
+    64   64  1   4   4      64  64    8 K +  8 K        = 16 KB     176
+    128  128 1   4   4      64  64   16 K + 16 K        = 32 KB     255 (softcap 254)
+    256  128 2   4   8      64  32   16 K + 16 K + 16 K = 48 KB     248 (softcap 234)
+    512  128 4   2   8      32  32   32 K + 32 K + 16 K = 80 KB     248 (softcap 249)
+
+(hd 256 with BN = 64 fit 96 KB but ptxas spilled 24 bytes; BN = 32 does not spill.) ptxas takes up to the 255-register
+cap without spilling: the fully unrolled K/V ``ldmatrix`` loads are hoisted ahead of their MMAs. One CTA of 8 warps
+(or up to two of 4) per SM.
 
 **Pipeline** (FlashAttention-2 order, cp.async groups, one K and one V buffer): V(j) is loaded while S(j) = Q K(j)^T
 and the softmax run, K(j+1) while O += P V(j). Every 16-byte chunk is a ``cp.async`` whose source is looked up
@@ -87,7 +91,7 @@ def tile_config(head_dim: int) -> dict:
     ds = min(head_dim, 128)
     dc = head_dim // ds
     rg = 4 if head_dim <= 256 else 2
-    bn = 64 if head_dim <= 256 else 32
+    bn = 64 if head_dim <= 128 else 32
     return {"d_slice": ds, "d_split": dc, "row_groups": rg, "warps": rg * dc, "block_m": 16 * rg, "block_n": bn}
 
 
