@@ -216,15 +216,16 @@ def test_model_configs_fit_smem_and_thread_budget(name):
 
 # ---------------------------------------------------------------------------------------------- GPU tests
 HEADS = [(8, 2), (32, 4), (4, 1), (16, 8), (16, 2), (2, 2)]
-REF_BUDGET = 3e9  # T * keys * n_head * D of one example: keeps the float64 reference to seconds
+REF_BUDGET = 6e9  # T * keys * n_head * D of one example: keeps the float64 reference and bound to seconds
 
 
 def _draw_case(data):
-    T = data.draw(st.integers(1, 4096), label="T")
+    """(T, p0, D, H, KV, page_size, window, rng): T in 1..4096 (half the draws <= 300), heads and head size among
+    those whose float64 reference fits :data:`REF_BUDGET` (the cheapest pair when none does)."""
+    T = data.draw(st.one_of(st.integers(1, 300), st.integers(1, 4096)), label="T")
     p0 = data.draw(st.sampled_from([0, 0, 1, 63, 64, 200, 1000, 1500]), label="p0")
-    D = data.draw(st.sampled_from([64, 128, 256, 512]), label="head_dim")
-    fits = [hk for hk in HEADS if T * (p0 + T) * hk[0] * D <= REF_BUDGET] or [(2, 2)]
-    H, KV = data.draw(st.sampled_from(fits), label="heads")
+    combos = [(hk, d) for hk in HEADS for d in (64, 128, 256, 512) if T * (p0 + T) * hk[0] * d <= REF_BUDGET]
+    (H, KV), D = data.draw(st.sampled_from(combos or [((2, 2), 64)]), label="heads, head_dim")
     P = data.draw(st.sampled_from([16, 64, 128]), label="page_size")
     window = data.draw(st.sampled_from([0, 0, 1, 100, 512, 1024]), label="window")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**31), label="seed"))
@@ -245,7 +246,7 @@ def _run_gpu(q, k_pool, v_pool, table, p0, scale, window, softcap):
 
 
 @pytest.mark.gpu
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(data=st.data())
 def test_attention_prefill_gpu_matches_reference(data):
     T, p0, D, H, KV, P, window, rng = _draw_case(data)
