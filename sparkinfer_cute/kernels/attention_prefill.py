@@ -84,6 +84,52 @@ LOG2_E = math.log2(math.e)
 SUPPORTED_HEAD_DIMS = (64, 128, 256, 512)
 
 
+# ---------------------------------------------------------------------------------------------- index math
+# Plain functions of ints: the kernel traces them with DSL Int32 values, the CPU tests call them with Python ints
+# (tests/kernels/test_attention_prefill.py emulates ldmatrix / mma.sync lane by lane on exactly these offsets).
+def swizzled_offset(row, chunk, head_dim: int):
+    """Element offset of 16-byte chunk ``chunk`` of K/V row ``row`` in a shared-memory tile: chunk ``c`` of row ``r``
+    is stored at chunk ``c ^ (r % 8)``, so the 8 rows an ``ldmatrix`` reads at one logical chunk hit 8 different
+    4-bank groups."""
+    return row * head_dim + ((chunk ^ (row % 8)) * 8)
+
+
+def loader_chunk(tidx, it: int, num_threads: int, chunks_per_row: int):
+    """(tile row, chunk) of the ``it``-th 16-byte copy of thread ``tidx`` when loading a K/V tile."""
+    c = tidx + it * num_threads
+    return c // chunks_per_row, c % chunks_per_row
+
+
+def q_fragment_col(d0, ks: int, half: int, t):
+    """Head-dim column of the first of the two q values in A-fragment register ``2*half + r`` (row g + 8r) of
+    k16 step ``ks`` for the lane with ``t = lane % 4``."""
+    return d0 + ks * 16 + half * 8 + 2 * t
+
+
+def k_fragment_row_chunk(lane, npair: int, ks: int, d0):
+    """(key row, chunk) whose address ``lane`` gives ``ldmatrix.x4`` for the B fragments of S n8 tiles ``2*npair``
+    and ``2*npair + 1`` at k16 step ``ks``: matrices (keys +0..7, k lo), (keys +0..7, k hi), (keys +8..15, k lo),
+    (keys +8..15, k hi) -> registers b0, b1 of tile 2*npair, then b0, b1 of tile 2*npair + 1."""
+    mi = lane // 8
+    return npair * 16 + (mi // 2) * 8 + lane % 8, (d0 + ks * 16) // 8 + mi % 2
+
+
+def v_fragment_row_chunk(lane, kk: int, dpair: int, d0):
+    """(key row, chunk) whose address ``lane`` gives ``ldmatrix.x4.trans`` for the B fragments of O n8 tiles
+    ``2*dpair`` and ``2*dpair + 1`` at key step ``kk``: matrices (keys +0..7, d +0..7), (keys +8..15, d +0..7),
+    (keys +0..7, d +8..15), (keys +8..15, d +8..15)."""
+    mi = lane // 8
+    return kk * 16 + (mi % 2) * 8 + lane % 8, (d0 + dpair * 16) // 8 + mi // 2
+
+
+def exchange_offset(warp, row, nt: int, t, block_n: int):
+    """f32 offset of the column pair (2(4 nt + t), +1) of partial-S row ``row`` of ``warp`` in the exchange buffer:
+    the pair index is XORed with ``(row % 4) * 4``, so the 8-byte accesses of a half warp (rows g = 0..3) land on
+    four different 8-bank groups."""
+    pair = (nt * 4 + t) ^ ((row % 4) * 4)
+    return warp * 16 * block_n + row * block_n + pair * 2
+
+
 def tile_config(head_dim: int) -> dict:
     """Static tile geometry of a head size (see the module docstring's table)."""
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -221,7 +267,7 @@ class AttentionPrefill:
             qlo[r] = lo
             for ks in cutlass.range_constexpr(KS):
                 for half in cutlass.range_constexpr(2):  # k columns 2t.. (a0/a1) and 2t+8.. (a2/a3)
-                    d = d0 + ks * 16 + half * 8 + 2 * t
+                    d = q_fragment_col(d0, ks, half, t)
                     qf[ks * 4 + half * 2 + r] = pack_f16x2(mQ[tok, head, d], mQ[tok, head, d + 1])
 
         # ---- online softmax state (base 2) and the O accumulator of (rows g, g+8) x slice ----
@@ -251,11 +297,8 @@ class AttentionPrefill:
             acc_s.fill(0.0)
             for ks in cutlass.range_constexpr(KS):
                 for npair in cutlass.range_constexpr(NS // 2):
-                    # matrices: (keys +0..7, k lo), (keys +0..7, k hi), (keys +8..15, k lo), (keys +8..15, k hi)
-                    mi = lane // 8
-                    krow = npair * 16 + (mi // 2) * 8 + lane % 8
-                    kch = (d0 + ks * 16) // 8 + mi % 2
-                    b = ldmatrix_x4(sK.iterator + (krow * D + ((kch ^ (krow % 8)) * 8)))
+                    krow, kch = k_fragment_row_chunk(lane, npair, ks, d0)
+                    b = ldmatrix_x4(sK.iterator + swizzled_offset(krow, kch, D))
                     for sub in cutlass.range_constexpr(2):
                         nt = npair * 2 + sub
                         c = mma_f16_m16n8k16(qf[ks * 4], qf[ks * 4 + 1], qf[ks * 4 + 2], qf[ks * 4 + 3],
@@ -321,11 +364,8 @@ class AttentionPrefill:
                 a2 = pack_f16x2(acc_s[(2 * kk + 1) * 4], acc_s[(2 * kk + 1) * 4 + 1])
                 a3 = pack_f16x2(acc_s[(2 * kk + 1) * 4 + 2], acc_s[(2 * kk + 1) * 4 + 3])
                 for dpair in cutlass.range_constexpr(NO // 2):
-                    # .trans matrices: (keys +0..7, d +0..7), (keys +8..15, d +0..7), (keys +0..7, d +8..15), ...
-                    mi = lane // 8
-                    vrow = kk * 16 + (mi % 2) * 8 + lane % 8
-                    vch = (d0 + dpair * 16) // 8 + mi // 2
-                    b = ldmatrix_x4(sV.iterator + (vrow * D + ((vch ^ (vrow % 8)) * 8)), transpose=True)
+                    vrow, vch = v_fragment_row_chunk(lane, kk, dpair, d0)
+                    b = ldmatrix_x4(sV.iterator + swizzled_offset(vrow, vch, D), transpose=True)
                     for sub in cutlass.range_constexpr(2):
                         nt = dpair * 2 + sub
                         c = mma_f16_m16n8k16(a0, a1, a2, a3, b[2 * sub], b[2 * sub + 1], acc_o[nt * 4],
@@ -359,31 +399,25 @@ class AttentionPrefill:
         NT, CPR = self.num_threads, self.chunks_per_row
         kb = j * BN
         for it in cutlass.range_constexpr(BN * CPR // NT):
-            c = tidx + it * NT
-            row = c // CPR
-            ch = c % CPR
+            row, ch = loader_chunk(tidx, it, NT, CPR)
             key = kb + row
             valid = (key >= k_lo) & (key <= k_hi)
             key_c = cutlass.select_(valid, key, k_lo)
             page = mPT[key_c // P]
             src = ((page * P + key_c % P) * KV + kvh) * D + ch * 8
-            dst = row * D + ((ch ^ (row % 8)) * 8)
-            cp_async(sDst.iterator + dst, pSrc + src, 16, cutlass.select_(valid, Int32(16), Int32(0)))
+            nbytes = cutlass.select_(valid, Int32(16), Int32(0))
+            cp_async(sDst.iterator + swizzled_offset(row, ch, D), pSrc + src, 16, nbytes)
 
     @cute.jit
     def exchange_partials(self, sX: cute.Tensor, acc_s: cute.Tensor, warp: Int32, rg: Int32, g: Int32, t: Int32):
         """Replace this warp's partial S (its head-dim slice) by the sum over the DC slices of its row group.
 
-        Layout: warp w's 16 x BN f32 block at ``w * 16 * BN``; the pair of columns (2p, 2p+1) of row r at pair
-        index ``p ^ ((r % 4) * 4)``: for 8-byte accesses of a half warp (rows g = 0..3, pairs 4 nt + t) the four rows
-        land on four different 8-bank groups (conflict-free). Two barriers: the partials are complete before anyone
+        Layout: warp w's 16 x BN f32 block at ``w * 16 * BN``, pairs XOR-swizzled (:func:`exchange_offset`). Barriers: the partials are complete before anyone
         reads, and (the caller's next barrier) read before the next tile overwrites them."""
         DC, BN, NS = self.d_split, self.block_n, self.block_n // 8
         for nt in cutlass.range_constexpr(NS):
             for r in cutlass.range_constexpr(2):
-                row = g + 8 * r
-                pair = (nt * 4 + t) ^ ((row % 4) * 4)
-                base = warp * 16 * BN + row * BN + pair * 2
+                base = exchange_offset(warp, g + 8 * r, nt, t, BN)
                 sX[base] = acc_s[nt * 4 + 2 * r]
                 sX[base + 1] = acc_s[nt * 4 + 2 * r + 1]
         cute.arch.sync_threads()
@@ -393,9 +427,7 @@ class AttentionPrefill:
             w = rg * DC + c
             for nt in cutlass.range_constexpr(NS):
                 for r in cutlass.range_constexpr(2):
-                    row = g + 8 * r
-                    pair = (nt * 4 + t) ^ ((row % 4) * 4)
-                    base = w * 16 * BN + row * BN + pair * 2
+                    base = exchange_offset(w, g + 8 * r, nt, t, BN)
                     acc_s[nt * 4 + 2 * r] = acc_s[nt * 4 + 2 * r] + sX[base]
                     acc_s[nt * 4 + 2 * r + 1] = acc_s[nt * 4 + 2 * r + 1] + sX[base + 1]
 

@@ -288,3 +288,144 @@ def test_attention_prefill_gpu_matches_decode_kernel_path(rng):
                            scale=scale, window=window, num_splits=1)
     # the decode kernel keeps q in f32: the decode test's relative tolerance against the unrounded reference
     check_rel(dec, attention_prefill_ref(q, k, v, p0, scale, window), ATTENTION_REL_TOL, "decode kernel as a batch")
+
+
+# ---------------------------------------------------------------------------------------------- lane-level model
+# ldmatrix / mma.sync as the PTX ISA defines their fragments (independent of the kernel), driven by the kernel's own
+# index functions: a wrong row, chunk, swizzle or register order in the kernel shows up as a wrong product here.
+def _ldmatrix_x4(smem, addrs, transpose):
+    """Registers [32 lanes, 4, 2 halves] of ``ldmatrix.sync.aligned.m8n8.x4[.trans].b16``: lane 8i + r gives the
+    element offset of row r of matrix i; register i of lane l holds row l // 4, elements 2(l%4), 2(l%4)+1 of matrix i
+    (.trans: rows 2(l%4), 2(l%4)+1 of column l // 4)."""
+    out = np.zeros((32, 4, 2))
+    for i in range(4):
+        m = np.array([smem[addrs[8 * i + r]: addrs[8 * i + r] + 8] for r in range(8)])
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            out[lane, i] = m[2 * t:2 * t + 2, g] if transpose else m[g, 2 * t:2 * t + 2]
+    return out
+
+
+def _mma_m16n8k16(a, b, c):
+    """``mma.sync.aligned.m16n8k16.row.col`` on per-lane fragments: a [32, 4, 2], b [32, 2, 2], c [32, 4] -> d."""
+    A, B, C = np.zeros((16, 16)), np.zeros((16, 8)), np.zeros((16, 8))
+    for lane in range(32):
+        g, t = lane // 4, 2 * (lane % 4)
+        A[g, t:t + 2], A[g + 8, t:t + 2], A[g, t + 8:t + 10], A[g + 8, t + 8:t + 10] = a[lane]
+        B[t:t + 2, g], B[t + 8:t + 10, g] = b[lane]
+        C[g, t:t + 2], C[g + 8, t:t + 2] = c[lane, :2], c[lane, 2:]
+    D = A @ B + C
+    return np.array([np.concatenate([D[lane // 4, 2 * (lane % 4):2 * (lane % 4) + 2],
+                                     D[lane // 4 + 8, 2 * (lane % 4):2 * (lane % 4) + 2]]) for lane in range(32)])
+
+
+def _from_c_layout(acc, n_tiles):
+    """[32, n_tiles*4] per-lane accumulators -> the 16 x (8 n_tiles) matrix (c0, c1: row g; c2, c3: row g + 8)."""
+    out = np.zeros((16, 8 * n_tiles))
+    for lane in range(32):
+        g, t = lane // 4, 2 * (lane % 4)
+        for nt in range(n_tiles):
+            out[g, nt * 8 + t:nt * 8 + t + 2] = acc[lane, nt * 4:nt * 4 + 2]
+            out[g + 8, nt * 8 + t:nt * 8 + t + 2] = acc[lane, nt * 4 + 2:nt * 4 + 4]
+    return out
+
+
+@pytest.mark.parametrize("D", [64, 128, 256, 512])
+def test_fragment_index_math_lane_model(D):
+    """One row group of the kernel, lane by lane: the tile loader fills every swizzled smem slot once; S = Q K^T
+    from the Q fragments and ldmatrix'd K equals the matrix product per head-dim slice; the exchange buffer sums the
+    slices; O = P V from the S-register P fragments and ldmatrix.trans'd V equals P @ V; every ldmatrix and
+    exchange access is bank-conflict-free."""
+    from sparkinfer_cute.kernels.attention_prefill import (
+        exchange_offset,
+        k_fragment_row_chunk,
+        loader_chunk,
+        q_fragment_col,
+        swizzled_offset,
+        v_fragment_row_chunk,
+    )
+
+    rng = np.random.default_rng(D)
+    cfg = tile_config(D)
+    DS, DC, BN, NT = cfg["d_slice"], cfg["d_split"], cfg["block_n"], 32 * cfg["warps"]
+    CPR, KS, NS, NO = D // 8, DS // 16, BN // 8, DS // 8
+    K = rng.integers(-4, 5, (BN, D)).astype(np.float64)  # small integers: every product and sum is exact
+    V = rng.integers(-4, 5, (BN, D)).astype(np.float64)
+    Q = rng.integers(-4, 5, (16, D)).astype(np.float64)
+    sK, sV = np.full(BN * D, np.nan), np.full(BN * D, np.nan)
+    for tidx in range(NT):
+        for it in range(BN * CPR // NT):
+            row, ch = loader_chunk(tidx, it, NT, CPR)
+            off = swizzled_offset(row, ch, D)
+            assert np.isnan(sK[off:off + 8]).all()  # each slot written once
+            sK[off:off + 8], sV[off:off + 8] = K[row, ch * 8:ch * 8 + 8], V[row, ch * 8:ch * 8 + 8]
+    assert not np.isnan(sK).any() and not np.isnan(sV).any()
+
+    def conflict_free(addrs):
+        for i in range(4):  # the 8 row addresses of each matrix: 8 different 16-byte bank groups
+            assert len({(a * 2 // 16) % 8 for a in addrs[8 * i:8 * i + 8]}) == 8
+
+    sX = np.full(cfg["warps"] * 16 * BN, np.nan)
+    partial = []
+    for dc in range(DC):  # warp dc of row group 0
+        d0 = dc * DS
+        qf = np.zeros((32, KS, 4, 2))
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            for ks in range(KS):
+                for half in range(2):
+                    for r in range(2):
+                        col = q_fragment_col(d0, ks, half, t)
+                        qf[lane, ks, half * 2 + r] = Q[g + 8 * r, col:col + 2]
+        acc_s = np.zeros((32, NS * 4))
+        for ks in range(KS):
+            for npair in range(NS // 2):
+                addrs = [swizzled_offset(*k_fragment_row_chunk(lane, npair, ks, d0), D) for lane in range(32)]
+                conflict_free(addrs)
+                b = _ldmatrix_x4(sK, addrs, transpose=False)
+                for sub in range(2):
+                    nt = npair * 2 + sub
+                    acc_s[:, nt * 4:nt * 4 + 4] = _mma_m16n8k16(qf[:, ks], b[:, 2 * sub:2 * sub + 2],
+                                                                acc_s[:, nt * 4:nt * 4 + 4])
+        np.testing.assert_array_equal(_from_c_layout(acc_s, NS), Q[:, d0:d0 + DS] @ K[:, d0:d0 + DS].T)
+        partial.append(acc_s)
+        for lane in range(32):  # exchange writes, 8 bytes per (row, pair)
+            g, t = lane // 4, lane % 4
+            for nt in range(NS):
+                for r in range(2):
+                    base = exchange_offset(dc, g + 8 * r, nt, t, BN)
+                    assert np.isnan(sX[base:base + 2]).all()
+                    sX[base:base + 2] = acc_s[lane, nt * 4 + 2 * r:nt * 4 + 2 * r + 2]
+        for nt in range(NS):  # a half warp's 8-byte accesses (rows g = 0..3) cover 32 different banks
+            for r in range(2):
+                for lanes in (range(16), range(16, 32)):
+                    banks = {(exchange_offset(dc, lane // 4 + 8 * r, nt, lane % 4, BN) + w) % 32
+                             for lane in lanes for w in range(2)}
+                    assert len(banks) == 32
+    summed = np.zeros((32, NS * 4))
+    for dc in range(DC):
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            for nt in range(NS):
+                for r in range(2):
+                    base = exchange_offset(dc, g + 8 * r, nt, t, BN)
+                    summed[lane, nt * 4 + 2 * r:nt * 4 + 2 * r + 2] += sX[base:base + 2]
+    np.testing.assert_array_equal(_from_c_layout(summed, NS), Q @ K.T)
+
+    P = rng.integers(0, 3, (32, NS * 4)).astype(np.float64)  # P in the S accumulator layout
+    for dc in range(DC):
+        d0 = dc * DS
+        acc_o = np.zeros((32, NO * 4))
+        for kk in range(BN // 16):
+            a = np.stack([P[:, (2 * kk) * 4:(2 * kk) * 4 + 2], P[:, (2 * kk) * 4 + 2:(2 * kk) * 4 + 4],
+                          P[:, (2 * kk + 1) * 4:(2 * kk + 1) * 4 + 2],
+                          P[:, (2 * kk + 1) * 4 + 2:(2 * kk + 1) * 4 + 4]], axis=1)
+            for dpair in range(NO // 2):
+                addrs = [swizzled_offset(*v_fragment_row_chunk(lane, kk, dpair, d0), D) for lane in range(32)]
+                conflict_free(addrs)
+                b = _ldmatrix_x4(sV, addrs, transpose=True)
+                for sub in range(2):
+                    nt = dpair * 2 + sub
+                    acc_o[:, nt * 4:nt * 4 + 4] = _mma_m16n8k16(a, b[:, 2 * sub:2 * sub + 2],
+                                                                acc_o[:, nt * 4:nt * 4 + 4])
+        np.testing.assert_array_equal(_from_c_layout(acc_o, NO), _from_c_layout(P, NS) @ V[:, d0:d0 + DS])
