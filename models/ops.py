@@ -506,9 +506,9 @@ def attention_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, *, n_hea
     """Causal attention of the chunk's T queries (positions ``pf.pos``, their K/V already appended) over the cache:
     the tensor-core flash-attention prefill kernel (one launch; ``kernels/attention_prefill.py``), or with
     ``SPARKINFER_DISABLE=flash_prefill`` the decode kernel run as a batch of T queries (one launch, fused combine;
-    every query re-reads its whole prefix)."""
+    every query re-reads its whole prefix; also the path of a head size the flash kernel does not take)."""
     D = kv.head_dim[layer]
-    if enabled("flash_prefill"):
+    if enabled("flash_prefill") and D in _fattn.SUPPORTED_HEAD_DIMS:
         _fattn.attention_prefill(pf.q.view(np.float32, (T, n_head, D)), kv.k[layer], kv.v[layer],
                                  pf.page_table.view(np.int32, (pf.page_table.shape[1],)),
                                  pf.pos.view(np.int32, (T,)), scale=scale, window=window, softcap=softcap,

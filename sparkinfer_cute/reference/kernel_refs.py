@@ -494,7 +494,8 @@ def attention_prefill_bound(q, k_cache_dense, v_cache_dense, p0: int, scale: flo
     * logit errors ``|ds_k| <= E``: the softmax weights move by a factor within ``[e^-2E, e^2E]`` and sum to 1, so
       ``|do_d| = |sum_k (w'_k - w_k)(v_kd - o_d)| <= (e^2E - 1)(A_d + |o_d|)``. ``E`` (base e) covers the mma f32
       accumulation over D (<= (D/16 + 4) * 2^-22 * scale * sum_d |q_d k_d|, generous for k16 steps accumulated into
-      an f32 C) and the f32 scaling / softcap / base-2 conversion (8 * 2^-24 * |s|).
+      an f32 C), the f32 scaling / base-2 conversion (8 * 2^-24 * |s|) and the kernel's softcap tanh, computed as
+      ``1 - 2 / (2^(2y log2 e) + 1)`` with ex2.approx / rcp.approx (<= 2^-21 absolute on tanh: ``softcap * 2^-20``).
     * the online softmax in f32 (ex2.approx 2^-22 per weight, rescales and sums over the tiles and keys):
       ``(n_tiles + 64) * 2^-22 * A_d``.
 
@@ -515,7 +516,8 @@ def attention_prefill_bound(q, k_cache_dense, v_cache_dense, p0: int, scale: flo
         a = w @ np.abs(vv[:, kvh])
         qk_abs = scale * (np.abs(q[i0:i1, h]) @ ka[:, kvh].T)
         vis_all = np.isfinite(s)
-        e = np.where(vis_all, gamma * qk_abs + 8 * U * np.abs(np.where(vis_all, s, 0.0)), 0.0).max(axis=1)
+        e_cap = softcap * 2.0**-20 if softcap else 0.0
+        e = np.where(vis_all, gamma * qk_abs + 8 * U * np.abs(np.where(vis_all, s, 0.0)) + e_cap, 0.0).max(axis=1)
         n_vis = vis_all.sum(axis=1)
         vmax = np.abs(vv[:, kvh]).max() if n_keys else 0.0
         b = np.expm1(2 * e)[:, None] * (a + np.abs(o)) + (U16 + (n_tiles + 64) * 2.0**-22) * a

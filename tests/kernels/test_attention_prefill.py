@@ -208,7 +208,7 @@ def test_q_zero_count_check_rejects_a_skipped_key():
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
 def test_model_configs_fit_smem_and_thread_budget(name):
     c = MODEL_CONFIGS[name]
-    k = AttentionPrefill(c["n_head"], c["n_kv_head"], c["head_dim"], c["page_size"], False)
+    k = AttentionPrefill(c["head_dim"], False)
     assert k.smem_bytes() <= 101376
     assert k.num_threads <= 256 and k.d_slice * k.d_split == c["head_dim"]
     assert k.block_m == 16 * k.row_groups and k.num_warps == k.row_groups * k.d_split
