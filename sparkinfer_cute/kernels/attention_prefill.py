@@ -40,7 +40,7 @@ two n8 tiles is the A-fragment layout of one k16 step) by its slice of V.
 
     D    DS  DC  RG  warps  BM  BN   smem: K + V (+ S exchange)   registers sm_120a / sm_121a / sm_90a (softcap)
     64   64  1   4   4      64  64    8 K +  8 K        = 16 KB     219 / 219 / 215  (168 / 168 / 212)
-    128  128 1   4   4      64  64   16 K + 16 K        = 32 KB     246 / 246 / 254  (255 / 255 / 255)
+    128  128 1   4   4      64  64   16 K + 16 K        = 32 KB     246 / 246 / 254  (250 / 250 / 255)
     256  128 2   4   8      64  32   16 K + 16 K + 16 K = 48 KB     254 / 254 / 254  (248 / 248 / 252)
     512  128 4   2   8      32  32   32 K + 32 K + 16 K = 80 KB     250 / 250 / 250  (254 / 254 / 252)
 
@@ -134,6 +134,21 @@ def exchange_offset(warp, row, nt: int, t, block_n: int):
     four different 8-bank groups."""
     pair = (nt * 4 + t) ^ ((row % 4) * 4)
     return warp * 16 * block_n + row * block_n + pair * 2
+
+
+def logit_multipliers(scale, softcap, has_softcap: bool):
+    """``(s_mul, cap2)`` of the base-2 logit of a raw score ``s = q.k``: ``s * s_mul`` (= scale log2(e) s), or with
+    softcap :func:`softcapped_logit_base2` (= softcap log2(e) tanh(scale s / softcap)). Works on floats and on the
+    kernel's Float32 values."""
+    if has_softcap:
+        return scale / softcap * (2.0 * LOG2_E), softcap * LOG2_E
+    return scale * LOG2_E, softcap * LOG2_E
+
+
+def softcapped_logit_base2(s, s_mul, cap2, exp2, rcp):
+    """``cap2 * tanh(y)`` as ``cap2 - 2 cap2 / (2^(2 y log2 e) + 1)`` (``s * s_mul = 2 y log2 e``): one exp2 and one
+    reciprocal (``exp2``/``rcp``: ex2.approx / rcp.approx in the kernel, numpy in the tests); +-cap2 at +-inf."""
+    return cap2 - (cap2 + cap2) * rcp(exp2(s * s_mul) + 1.0)
 
 
 def tile_config(head_dim: int) -> dict:
@@ -283,11 +298,7 @@ class AttentionPrefill:
         acc_o.fill(0.0)
         acc_s = cute.make_rmem_tensor((NS * 4,), Float32)
 
-        # logit multipliers: no softcap s2 = s * scale*log2e; softcap s2 = softcap*log2e * tanh(s * scale/softcap)
-        s_mul = scale * Float32(LOG2_E)
-        cap2 = softcap * Float32(LOG2_E)
-        if const_expr(self.has_softcap):
-            s_mul = scale / softcap * Float32(2.0 * LOG2_E)  # the exponent 2 y log2(e) of tanh(y), y = s / softcap
+        s_mul, cap2 = logit_multipliers(scale, softcap, self.has_softcap)  # base-2 logits
 
         for j in cutlass.range(j_lo, j_hi + 1, 1, unroll=1):
             # K(j) landed (this thread's copies), and every thread's copies are visible; V buffer is free
@@ -317,10 +328,9 @@ class AttentionPrefill:
             # ---- logits in base 2, mask at visibility edges, online softmax ----
             for i in cutlass.range_constexpr(NS * 4):
                 if const_expr(self.has_softcap):
-                    # tanh(y) = 1 - 2 / (2^(2 y log2 e) + 1): one ex2.approx and one rcp.approx (|error| <= 2^-21
-                    # absolute; the exact tanh's two-branch expansion pushed hd 128 over the register file)
-                    e2 = cute.math.exp2(acc_s[i] * s_mul, fastmath=True)
-                    acc_s[i] = cap2 - (cap2 + cap2) * cute.arch.rcp_approx(e2 + Float32(1.0))
+                    # ex2.approx + rcp.approx (|error| <= 2^-21 absolute on tanh): the exact tanh's two-branch
+                    # expansion pushed hd 64/128 over the register file
+                    acc_s[i] = softcapped_logit_base2(acc_s[i], s_mul, cap2, _ex2_approx, cute.arch.rcp_approx)
                 else:
                     acc_s[i] = acc_s[i] * s_mul
             kb = j * BN
@@ -438,6 +448,10 @@ class AttentionPrefill:
                     base = exchange_offset(w, g + 8 * r, nt, t, BN)
                     acc_s[nt * 4 + 2 * r] = acc_s[nt * 4 + 2 * r] + sX[base]
                     acc_s[nt * 4 + 2 * r + 1] = acc_s[nt * 4 + 2 * r + 1] + sX[base + 1]
+
+
+def _ex2_approx(x):
+    return cute.math.exp2(x, fastmath=True)
 
 
 # ////////////////////////////////////////////////////////////////////////////////////////////////////////////////

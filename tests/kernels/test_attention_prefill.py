@@ -28,7 +28,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparkinfer_cute.kernels.attention_prefill import MODEL_CONFIGS, AttentionPrefill, tile_config, tile_plan
+from sparkinfer_cute.kernels.attention_prefill import (
+    MODEL_CONFIGS,
+    AttentionPrefill,
+    logit_multipliers,
+    softcapped_logit_base2,
+    tile_config,
+    tile_plan,
+)
 from sparkinfer_cute.kernels.paged_kv import scatter_dense
 from sparkinfer_cute.reference.kernel_refs import (
     ATTENTION_REL_TOL,
@@ -77,7 +84,8 @@ def flash_prefill_emulation(q, k, v, p0, scale, window, softcap, round_f16: bool
                 kt = np.where(inside[:, None], k[np.clip(keys, 0, len(k) - 1), kvh], 0.0)
                 vt = np.where(inside[:, None], v[np.clip(keys, 0, len(v) - 1), kvh], 0.0)
                 s = qm @ kt.T
-                s = softcap * LOG2_E * np.tanh(s * scale / softcap) if softcap else s * scale * LOG2_E
+                s_mul, cap2 = logit_multipliers(scale, softcap, bool(softcap))
+                s = softcapped_logit_base2(s, s_mul, cap2, np.exp2, np.reciprocal) if softcap else s * s_mul
                 if needs_mask:
                     vis = (keys[None, :] >= qlo[:, None]) & (keys[None, :] <= qpos[:, None])
                     s = np.where(vis, s, -np.inf)
