@@ -15,7 +15,7 @@ range poisons the output; the output is poisoned with 0xFF (NaN) before the laun
 Tolerances: (1) random q/K/V: per element, :func:`attention_prefill_bound` (derived there: f16 P before PV, f32
 mma accumulation and online softmax) against the float64 reference computed on the kernel's own inputs (q rounded
 to f16, the stored fp16 K/V). (2) q = 0 with small-integer V: every visible key has weight exactly 1 and every sum is
-exact in f32, so the output is the mean of the visible V rows to 2^-22 relative; a skipped, doubled or misplaced
+exact in f32, so the output is the mean of the visible V rows to 2^-20 relative; a skipped, doubled or misplaced
 key is a ~|v|/count change, orders of magnitude above that.
 """
 
