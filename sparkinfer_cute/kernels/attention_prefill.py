@@ -39,17 +39,17 @@ order, so all hold bit-identical S, m, l and P; then each multiplies P (register
 two n8 tiles is the A-fragment layout of one k16 step) by its slice of V.
 
     D    DS  DC  RG  warps  BM  BN   smem: K + V (+ S exchange)   registers sm_120a / sm_121a / sm_90a (softcap)
-    64   64  1   4   4      64  64    8 K +  8 K        = 16 KB     219 / 219 / 215  (168 / 168 / 212)
-    128  128 1   4   4      64  64   16 K + 16 K        = 32 KB     246 / 246 / 254  (250 / 250 / 255)
-    256  128 2   4   8      64  32   16 K + 16 K + 16 K = 48 KB     254 / 254 / 254  (248 / 248 / 252)
-    512  128 4   2   8      32  32   32 K + 32 K + 16 K = 80 KB     250 / 250 / 250  (254 / 254 / 252)
+    64   64  1   4   4      64  64    8 K +  8 K        = 16 KB     218 / 218 / 217  (165 / 165 / 221)
+    128  128 1   4   4      64  64   16 K + 16 K        = 32 KB     255 / 255 / 254  (250 / 250 / 255)
+    256  128 2   4   8      64  32   16 K + 16 K + 16 K = 48 KB     253 / 253 / 254  (250 / 250 / 252)
+    512  128 4   2   8      32  32   32 K + 32 K + 16 K = 80 KB     255 / 255 / 255  (255 / 255 / 255)
 
 No configuration spills: the DSL's own ptxas (``CUTE_DSL_COMPILER_OPT="remarks{ptx}"``) reports 0 bytes stack
-frame, spill stores and spill loads for every config on all three targets. ptxas takes up to
-the 255-register cap: the fully unrolled K/V ``ldmatrix`` loads are hoisted ahead of their MMAs. Two things were
-changed to stay under it: hd 256 uses BN = 32 (BN = 64 fit 96 KB of smem but spilled 24 bytes), and the softcap's
-tanh is one ex2 + one rcp (the exact two-branch tanh spilled 20-36 bytes at hd 64/128). One CTA of 8 warps (or two
-of 4) per SM.
+frame, spill stores and spill loads for every config on all three targets. ptxas takes up to the 255-register cap
+(the fully unrolled K/V ``ldmatrix`` loads are hoisted ahead of their MMAs), so re-check the spill line after any
+change to the loop body. Two things were changed to stay under it: hd 256 uses BN = 32 (BN = 64 fit 96 KB of smem
+but spilled 24 bytes), and the softcap's tanh is one ex2 + one rcp (the exact two-branch tanh spilled 20-36 bytes at
+hd 64/128). One CTA of 8 warps (or two of 4) per SM.
 
 **Pipeline** (FlashAttention-2 order, cp.async groups, one K and one V buffer): V(j) is loaded while S(j) = Q K(j)^T
 and the softmax run, K(j+1) while O += P V(j). Every 16-byte chunk is a ``cp.async`` whose source is looked up
@@ -162,21 +162,62 @@ def tile_config(head_dim: int) -> dict:
     return {"d_slice": ds, "d_split": dc, "row_groups": rg, "warps": rg * dc, "block_m": 16 * rg, "block_n": bn}
 
 
+class HostInts:
+    """Integer ops for evaluating the range math below on Python ints (tests, :func:`tile_plan`)."""
+
+    min = staticmethod(min)
+    max = staticmethod(max)
+
+    @staticmethod
+    def select(cond, a, b):
+        return a if cond else b
+
+
+class DeviceInts:
+    """The same ops on the kernel's Int32 values."""
+
+    min = staticmethod(cutlass.min)
+    max = staticmethod(cutlass.max)
+    select = staticmethod(cutlass.select_)
+
+
+def cta_key_range(m0, n_tokens, group, block_m: int, p0, window, ops):
+    """``(k_lo, k_hi, lo_max, hi_min)`` of the CTA whose GQA-packed rows start at ``m0``: the keys any of its rows
+    sees are ``[k_lo, k_hi]``; every row sees every key in ``[lo_max, hi_min]`` (a tile inside it needs no mask).
+    Rows past the chunk count as its last token."""
+    i_lo = m0 // group
+    i_hi = ops.min(n_tokens - 1, (m0 + block_m - 1) // group)
+    k_lo = ops.select(window > 0, ops.max(p0 + i_lo - window + 1, 0), 0)
+    lo_max = ops.select(window > 0, ops.max(p0 + i_hi - window + 1, 0), 0)
+    return k_lo, p0 + i_hi, lo_max, p0 + i_lo
+
+
+def tile_needs_mask(kb, block_n: int, lo_max, hi_min):
+    """Whether the key tile starting at ``kb`` holds a key some row of the CTA must not see."""
+    return (kb < lo_max) | (kb + block_n - 1 > hi_min)
+
+
+def row_query(m, n_tokens, group, p0, window, ops):
+    """``(token, q head within the kv group, query position, first visible key)`` of GQA-packed row ``m`` (a row
+    past the chunk is a copy of the last token: computed, never stored)."""
+    tok = ops.min(m // group, n_tokens - 1)
+    qpos = p0 + tok
+    return tok, m % group, qpos, ops.select(window > 0, ops.max(qpos - window + 1, 0), 0)
+
+
+def key_visible(key, first_key, qpos):
+    """models.md's rule with the row's first visible key precomputed: ``first_key <= key <= qpos``."""
+    return (key >= first_key) & (key <= qpos)
+
+
 def tile_plan(T: int, p0: int, group: int, block_m: int, block_n: int, window: int):
-    """The key tiles each M tile of a chunk visits, exactly as the kernel computes them (for tests and docs):
-    a list over M tiles of ``(first_key, last_key, [(tile, needs_mask), ...])``."""
+    """The key tiles each M tile of a chunk visits and which of them are masked, from the kernel's own range
+    functions (for tests and docs): a list over M tiles of ``(first_key, last_key, [(tile, needs_mask), ...])``."""
     plan = []
     for mt in range(-(-T * group // block_m)):
-        i_lo = mt * block_m // group
-        i_hi = min(T - 1, (mt * block_m + block_m - 1) // group)
-        k_hi = p0 + i_hi
-        k_lo = max(0, p0 + i_lo - window + 1) if window > 0 else 0
-        lo_max = max(0, p0 + i_hi - window + 1) if window > 0 else 0
-        hi_min = p0 + i_lo
-        tiles = []
-        for j in range(k_lo // block_n, k_hi // block_n + 1):
-            kb = j * block_n
-            tiles.append((j, not (kb >= lo_max and kb + block_n - 1 <= hi_min)))
+        k_lo, k_hi, lo_max, hi_min = cta_key_range(mt * block_m, T, group, block_m, p0, window, HostInts)
+        tiles = [(j, bool(tile_needs_mask(j * block_n, block_n, lo_max, hi_min)))
+                 for j in range(k_lo // block_n, k_hi // block_n + 1)]
         plan.append((k_lo, k_hi, tiles))
     return plan
 
@@ -255,15 +296,7 @@ class AttentionPrefill:
             sX = smem.allocate_tensor(Float32, cute.make_layout(self.num_warps * 16 * BN), byte_alignment=128)
 
         # ---- key range of the CTA (every key in it is visible to at least one of its rows) ----
-        i_lo = m0 // group
-        i_hi = cutlass.min(n_tokens - 1, (m0 + BM - 1) // group)
-        k_hi = p0 + i_hi
-        k_lo = Int32(0)
-        lo_max = Int32(0)  # the largest first visible key over the rows: tiles from here on need no window mask
-        if window > 0:
-            k_lo = cutlass.max(Int32(0), p0 + i_lo - window + 1)
-            lo_max = cutlass.max(Int32(0), p0 + i_hi - window + 1)
-        hi_min = p0 + i_lo  # the smallest last visible key over the rows: tiles up to here need no causal mask
+        k_lo, k_hi, lo_max, hi_min = cta_key_range(m0, n_tokens, group, BM, p0, window, DeviceInts)
         j_lo = k_lo // BN
         j_hi = k_hi // BN
 
@@ -275,14 +308,10 @@ class AttentionPrefill:
         qlo = cute.make_rmem_tensor((2,), Int32)
         qf = cute.make_rmem_tensor((KS * 4,), Uint32)
         for r in cutlass.range_constexpr(2):
-            m = m0 + rg * 16 + g + 8 * r
-            tok = cutlass.min(m // group, n_tokens - 1)  # rows past the chunk: a copy of the last token, never stored
-            head = kvh * group + m % group
-            qpos[r] = p0 + tok
-            lo = Int32(0)
-            if window > 0:
-                lo = cutlass.max(Int32(0), p0 + tok - window + 1)
-            qlo[r] = lo
+            tok, hq, qp, first_key = row_query(m0 + rg * 16 + g + 8 * r, n_tokens, group, p0, window, DeviceInts)
+            head = kvh * group + hq
+            qpos[r] = qp
+            qlo[r] = first_key
             for ks in cutlass.range_constexpr(KS):
                 for half in cutlass.range_constexpr(2):  # k columns 2t.. (a0/a1) and 2t+8.. (a2/a3)
                     d = q_fragment_col(d0, ks, half, t)
@@ -334,13 +363,12 @@ class AttentionPrefill:
                 else:
                     acc_s[i] = acc_s[i] * s_mul
             kb = j * BN
-            needs_mask = (kb < lo_max) | (kb + BN - 1 > hi_min)
-            if needs_mask:
+            if tile_needs_mask(kb, BN, lo_max, hi_min):
                 for nt in cutlass.range_constexpr(NS):
                     for e in cutlass.range_constexpr(4):
                         r = e // 2
                         key = kb + nt * 8 + 2 * t + e % 2
-                        visible = (key >= qlo[r]) & (key <= qpos[r])
+                        visible = key_visible(key, qlo[r], qpos[r])
                         acc_s[nt * 4 + e] = cutlass.select_(visible, acc_s[nt * 4 + e], -Float32.inf)
             for r in cutlass.range_constexpr(2):
                 mx = -Float32.inf

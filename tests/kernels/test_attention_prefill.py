@@ -31,7 +31,10 @@ from hypothesis import strategies as st
 from sparkinfer_cute.kernels.attention_prefill import (
     MODEL_CONFIGS,
     AttentionPrefill,
+    HostInts,
+    key_visible,
     logit_multipliers,
+    row_query,
     softcapped_logit_base2,
     tile_config,
     tile_plan,
@@ -70,10 +73,9 @@ def flash_prefill_emulation(q, k, v, p0, scale, window, softcap, round_f16: bool
     for kvh in range(KV):
         for mt, (k_lo, k_hi, tiles) in enumerate(tile_plan(T, p0, G, BM, BN, window)):
             rows = np.arange(mt * BM, mt * BM + BM)
-            tok = np.minimum(rows // G, T - 1)
-            heads = kvh * G + rows % G
-            qpos = p0 + tok
-            qlo = np.maximum(0, qpos - window + 1) if window > 0 else np.zeros_like(qpos)
+            tok, hq, qpos, qlo = (np.array(x) for x in zip(*(row_query(int(m), T, G, p0, window, HostInts)
+                                                                for m in rows)))
+            heads = kvh * G + hq
             qm = q16[tok, heads]  # [BM, D]
             m = np.full(BM, -np.inf)
             l = np.zeros(BM)
@@ -87,7 +89,7 @@ def flash_prefill_emulation(q, k, v, p0, scale, window, softcap, round_f16: bool
                 s_mul, cap2 = logit_multipliers(scale, softcap, bool(softcap))
                 s = softcapped_logit_base2(s, s_mul, cap2, np.exp2, np.reciprocal) if softcap else s * s_mul
                 if needs_mask:
-                    vis = (keys[None, :] >= qlo[:, None]) & (keys[None, :] <= qpos[:, None])
+                    vis = key_visible(keys[None, :], qlo[:, None], qpos[:, None])
                     s = np.where(vis, s, -np.inf)
                 m_new = np.maximum(m, s.max(axis=1))
                 m_use = np.where(m_new == -np.inf, 0.0, m_new)
