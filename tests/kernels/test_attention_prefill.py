@@ -439,3 +439,19 @@ def test_fragment_index_math_lane_model(D):
                     acc_o[:, nt * 4:nt * 4 + 4] = _mma_m16n8k16(a, b[:, 2 * sub:2 * sub + 2],
                                                                 acc_o[:, nt * 4:nt * 4 + 4])
         np.testing.assert_array_equal(_from_c_layout(acc_o, NO), _from_c_layout(P, NS) @ V[:, d0:d0 + DS])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 2, 15, 16, 17, 31, 33, 63, 64, 65, 129])
+@pytest.mark.parametrize("heads,D,p0,window", [((8, 2), 128, 0, 0), ((8, 2), 128, 63, 7), ((4, 1), 256, 64, 0),
+                                               ((16, 2), 512, 5, 40), ((2, 2), 64, 127, 1)])
+def test_attention_prefill_gpu_ragged_tile_edges(T, heads, D, p0, window, rng):
+    """Chunk lengths around the M-tile edge (T * G = BM +- 1 for G = 4, BM = 64, ...) and T = 1, every head size,
+    prefixes around a key-tile edge; random inputs against the float64 bound, with a 16-slot page size so key tiles
+    span pages."""
+    H, KV = heads
+    k_pool, v_pool, table, k, v = make_paged_prefill_case(rng, T, p0, KV, D, 16, window)
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    scale = 2.0 / math.sqrt(D)
+    out = _run_gpu(q, k_pool, v_pool, table, p0, scale, window, 0.0)
+    check_attention_prefill(out, q, k, v, p0, scale, window)
