@@ -226,7 +226,7 @@ def test_model_configs_fit_smem_and_thread_budget(name):
 
 # ---------------------------------------------------------------------------------------------- GPU tests
 HEADS = [(8, 2), (32, 4), (4, 1), (16, 8), (16, 2), (2, 2)]
-REF_BUDGET = 6e9  # T * keys * n_head * D of one example: keeps the float64 reference and bound to seconds
+REF_BUDGET = 4e9  # T * keys * n_head * D of one example: keeps the float64 reference and bound to seconds
 
 
 def _draw_case(data):
@@ -256,7 +256,7 @@ def _run_gpu(q, k_pool, v_pool, table, p0, scale, window, softcap):
 
 
 @pytest.mark.gpu
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_attention_prefill_gpu_matches_reference(data):
     T, p0, D, H, KV, P, window, rng = _draw_case(data)
