@@ -42,9 +42,9 @@ order, so all hold bit-identical S, m, l and P; then each multiplies P (register
 two n8 tiles is the A-fragment layout of one k16 step) by its slice of V.
 
     D    DS  DC  RG  warps  BM  BN   smem: K + V (+ S exchange)   registers sm_120a / sm_121a / sm_90a (softcap)
-    64   64  1   4   4      64  64    8 K +  8 K        = 16 KB     218 / 218 / 217  (165 / 165 / 221)
-    128  128 1   4   4      64  64   16 K + 16 K        = 32 KB     255 / 255 / 254  (250 / 250 / 255)
-    256  128 2   4   8      64  32   16 K + 16 K + 16 K = 48 KB     253 / 253 / 254  (250 / 250 / 252)
+    64   64  1   4   4      64  64    8 K +  8 K        = 16 KB     211 / 211 / 221  (168 / 168 / 223)
+    128  128 1   4   4      64  64   16 K + 16 K        = 32 KB     248 / 248 / 255  (252 / 252 / 255)
+    256  128 2   4   8      64  32   16 K + 16 K + 16 K = 48 KB     251 / 251 / 255  (252 / 252 / 254)
     512  128 4   2   8      32  32   32 K + 32 K + 16 K = 80 KB     255 / 255 / 255  (255 / 255 / 255)
 
 No configuration spills: the DSL's own ptxas (``CUTE_DSL_COMPILER_OPT="remarks{ptx}"``) reports 0 bytes stack
@@ -101,6 +101,13 @@ def swizzled_offset(row, chunk, head_dim: int):
     is stored at chunk ``c ^ (r % 8)``, so the 8 rows an ``ldmatrix`` reads at one logical chunk hit 8 different
     4-bank groups."""
     return row * head_dim + ((chunk ^ (row % 8)) * 8)
+
+
+def pool_offset(page, key, chunk, kvh, n_kv_head, head_dim: int, page_shift):
+    """Element offset in a K/V pool ``[n_pages, 2^page_shift, n_kv_head, head_dim]`` of 16-byte chunk ``chunk`` of
+    key ``key``'s row of kv head ``kvh``, the key's logical page ``key >> page_shift`` living in pool page ``page``."""
+    slot = key - ((key >> page_shift) << page_shift)
+    return (((page << page_shift) + slot) * n_kv_head + kvh) * head_dim + chunk * 8
 
 
 def loader_chunk(tidx, it: int, num_threads: int, chunks_per_row: int):
@@ -451,9 +458,7 @@ class AttentionPrefill:
             key = kb + row
             valid = (key >= k_lo) & (key <= k_hi)
             key_c = cutlass.select_(valid, key, k_lo)
-            page = mPT[key_c >> page_shift]  # page_size = 2^page_shift
-            slot = key_c & ((Int32(1) << page_shift) - 1)
-            src = (((page << page_shift) + slot) * n_kv_head + kvh) * D + ch * 8
+            src = pool_offset(mPT[key_c >> page_shift], key_c, ch, kvh, n_kv_head, D, page_shift)
             nbytes = cutlass.select_(valid, Int32(16), Int32(0))
             cp_async(sDst.iterator + swizzled_offset(row, ch, D), pSrc + src, 16, nbytes)
 

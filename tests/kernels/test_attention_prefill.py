@@ -455,3 +455,41 @@ def test_attention_prefill_gpu_ragged_tile_edges(T, heads, D, p0, window, rng):
     scale = 2.0 / math.sqrt(D)
     out = _run_gpu(q, k_pool, v_pool, table, p0, scale, window, 0.0)
     check_attention_prefill(out, q, k, v, p0, scale, window)
+
+
+@pytest.mark.parametrize("page_size", [16, 64, 128])
+def test_loader_gathers_the_paged_rows(page_size):
+    """The kernel's K/V tile loader (chunk assignment, page lookup, pool offset, swizzle) on a shuffled page table
+    fills the smem tile with exactly the dense rows of keys [k_lo, k_hi] and zeros elsewhere (what its zero-filled
+    cp.async leaves)."""
+    from sparkinfer_cute.kernels.attention_prefill import loader_chunk, pool_offset, swizzled_offset
+
+    rng = np.random.default_rng(page_size)
+    D, KV, kvh, n_keys = 128, 3, 2, 300
+    cfg = tile_config(D)
+    BN, NT, CPR = cfg["block_n"], 32 * cfg["warps"], D // 8
+    shift = page_size.bit_length() - 1
+    pages = -(-n_keys // page_size)
+    table = rng.permutation(pages + 2)[:pages].astype(np.int32)
+    pool = np.full((pages + 2, page_size, KV, D), np.nan)
+    dense = rng.standard_normal((n_keys, KV, D))
+    scatter_dense(dense, pool, table)
+    flat = pool.reshape(-1)
+    k_lo, k_hi = 37, 250
+    for j in range(k_lo // BN, k_hi // BN + 1):
+        tile = np.full(BN * D, np.nan)
+        for tidx in range(NT):
+            for it in range(BN * CPR // NT):
+                row, ch = loader_chunk(tidx, it, NT, CPR)
+                key = j * BN + row
+                valid = k_lo <= key <= k_hi
+                key_c = key if valid else k_lo
+                off = pool_offset(int(table[key_c >> shift]), key_c, ch, kvh, KV, D, shift)
+                dst = swizzled_offset(row, ch, D)
+                tile[dst:dst + 8] = flat[off:off + 8] if valid else 0.0
+        for row in range(BN):
+            key = j * BN + row
+            want = dense[key, kvh] if k_lo <= key <= k_hi else np.zeros(D)
+            got = np.concatenate([tile[swizzled_offset(row, ch, D):swizzled_offset(row, ch, D) + 8]
+                                  for ch in range(CPR)])
+            np.testing.assert_array_equal(got, want)
