@@ -177,7 +177,8 @@ def test_tile_plan_covers_exactly_the_visible_keys(T, p0, G, D, window):
 
 
 @settings(max_examples=40, deadline=None)
-@given(T=st.integers(1, 150), p0=st.integers(0, 200), heads=st.sampled_from([(4, 1), (8, 2), (2, 2), (16, 2)]),
+@given(T=st.integers(1, 150), p0=st.one_of(st.integers(0, 200), st.sampled_from([14, 30, 31, 62, 63, 64, 126])),
+       heads=st.sampled_from([(4, 1), (8, 2), (2, 2), (16, 2)]),
        D=st.sampled_from([64, 128, 256, 512]), window=st.sampled_from([0, 1, 5, 40, 100]),
        softcap=st.sampled_from([0.0, 0.0, 5.0]), seed=st.integers(0, 2**31))
 def test_kernel_emulation_within_the_gpu_bound(T, p0, heads, D, window, softcap, seed):
