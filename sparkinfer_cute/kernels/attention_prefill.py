@@ -565,4 +565,28 @@ MODEL_CONFIGS: dict[str, dict] = {
     "tiny": {"n_head": 8, "n_kv_head": 2, "head_dim": 64, "page_size": 64},
 }
 _CONFIGS = [{"head_dim": d, "softcap": cap} for d in SUPPORTED_HEAD_DIMS for cap in (False, True)]
-register("attention_prefill", compile_attention_prefill, _CONFIGS)
+
+
+def _launch_example(head_dim: int, softcap: bool = False):
+    """One launch on small zeroed buffers (16 queries, 8 heads / 2 kv heads, keys 0..15 in pool page 0),
+    marshalled like :func:`attention_prefill` (host-overhead probe)."""
+    from sparkinfer_cute.runtime import DeviceArray, default_stream
+
+    T, H, KV, P = 16, 8, 2, 64
+    q = DeviceArray.zeros((T, H, head_dim), np.float32)
+    kv = DeviceArray.zeros((2, P, KV, head_dim), np.float16)
+    table = DeviceArray.zeros((2,), np.int32)
+    pos = DeviceArray.zeros((1,), np.int32)
+    out = DeviceArray.empty((T, H, head_dim), np.float32)
+    fn = compile_attention_prefill(head_dim=head_dim, softcap=softcap)
+    s = default_stream()
+
+    def launch():
+        fn(gptr(Float32, q.ptr), gptr(Float16, kv.ptr), gptr(Float16, kv.ptr), gptr(Int32, table.ptr, align=4),
+           gptr(Int32, pos.ptr, align=4), gptr(Float32, out.ptr), Int32(T), Int32(H), Int32(KV),
+           Int32(P.bit_length() - 1), Int32(2), Float32(0.1), Int32(0), Float32(1.0), cu_stream(s))
+
+    return launch
+
+
+register("attention_prefill", compile_attention_prefill, _CONFIGS, launch_example=_launch_example)
