@@ -17,6 +17,7 @@ import numpy as np
 
 from sparkinfer_cute.kernels import argmax as _am
 from sparkinfer_cute.kernels import attention_decode as _attn
+from sparkinfer_cute.kernels import attention_prefill as _fattn
 from sparkinfer_cute.kernels import elementwise as _elem
 from sparkinfer_cute.kernels import embedding as _emb
 from sparkinfer_cute.kernels import gemv as _gemv
@@ -741,7 +742,17 @@ def qk_norm_rope_kv_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, q_
 @launches(1)
 def attention_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, *, n_head: int, scale: float, window: int,
                    stream, softcap: float = 0.0):
+    """Causal attention of the chunk's T queries (positions ``pf.pos``, their K/V already appended) over the cache:
+    the tensor-core flash-attention prefill kernel (one launch; ``kernels/attention_prefill.py``), or with
+    ``SPARKINFER_DISABLE=flash_prefill`` the decode kernel run as a batch of T queries (one launch, fused combine;
+    every query re-reads its whole prefix; also the path of a head size the flash kernel does not take)."""
     D = kv.head_dim[layer]
+    if enabled("flash_prefill") and D in _fattn.SUPPORTED_HEAD_DIMS:
+        _fattn.attention_prefill(pf.q.view(np.float32, (T, n_head, D)), kv.k[layer], kv.v[layer],
+                                 pf.page_table.view(np.int32, (pf.page_table.shape[1],)),
+                                 pf.pos.view(np.int32, (T,)), scale=scale, window=window, softcap=softcap,
+                                 out=pf.attn.view(np.float32, (T, n_head, D)), stream=stream)
+        return
     ws = pf.attn_ws
     _attn.attention_decode(pf.q.view(np.float32, (T, n_head, D)), kv.k[layer], kv.v[layer],
                            pf.page_table.view(np.int32, (T, pf.page_table.shape[1])), pf.pos.view(np.int32, (T,)),

@@ -16,6 +16,7 @@ if [ "${PRECOMPILE:-1}" = 1 ]; then
 fi
 timeout "${T_TEST:-200}" python3 -m pytest -q -m gpu -n 14 -p no:cacheprovider tests/kernels/test_quant_gemm.py \
   tests/kernels/test_moe_route.py tests/kernels/test_elementwise.py tests/kernels/test_embedding_batch.py \
+  tests/kernels/test_attention_prefill.py \
   tests/models/test_gpu_prefill.py tests/models/test_gpu_decode.py > "$OUT/tests.log" 2>&1
 tail -40 "$OUT/tests.log"
 wait

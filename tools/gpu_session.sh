@@ -83,6 +83,7 @@ for ph in "${phases[@]}"; do
   newgpu)  # the new kernels and the batched prefill, plus the decode e2e tests (xdist: compiles in parallel)
     timeout 330 python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider tests/kernels/test_quant_gemm.py \
       tests/kernels/test_moe_route.py tests/kernels/test_elementwise.py tests/kernels/test_embedding_batch.py \
+      tests/kernels/test_attention_prefill.py \
       tests/models/test_gpu_prefill.py tests/models/test_gpu_decode.py 2>&1 | tee "$OUT/newgpu_tests.log" | tail -45
     add "new-kernel + prefill + decode GPU tests" "$(tail -1 "$OUT/newgpu_tests.log")" ;;
   bench30b_pp)  # 30B shape: batched prefill pp512 and decode tg128, llama.cpp in the same run
@@ -91,7 +92,8 @@ for ph in "${phases[@]}"; do
     timeout 280 python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 512 --gen 128 --runs 5 "${LBARG[@]}" --json "$OUT/bench30b_pp.json" 2>&1 | tee "$OUT/bench30b_pp.log" | tail -22
     add "30B bench (batched prefill)" "see bench30b_pp.log" ;;
   prefill)  # batched prefill end to end on synthetic models (GPU tests)
-    python3 -m pytest -q -m gpu tests/models/test_gpu_prefill.py tests/kernels/test_embedding_batch.py -p no:cacheprovider 2>&1 | tee "$OUT/prefill_tests.log" | tail -25
+    python3 -m pytest -q -m gpu tests/models/test_gpu_prefill.py tests/kernels/test_embedding_batch.py \
+      tests/kernels/test_attention_prefill.py -p no:cacheprovider 2>&1 | tee "$OUT/prefill_tests.log" | tail -25
     add "prefill GPU tests" "$(tail -1 "$OUT/prefill_tests.log")" ;;
   micro)
     python3 -m sparkinfer_cute.kernels.microbench --json "$OUT/microbench.json" 2>&1 | tee "$OUT/microbench.log" | tail -30

@@ -15,7 +15,11 @@ import operator
 import cutlass
 import cutlass.cute as cute
 import numpy as np
-from cutlass import Float32, Int32, const_expr
+from cutlass import Float32, Int32, Uint32, const_expr
+from cutlass._mlir import ir
+from cutlass._mlir.dialects import llvm
+from cutlass._mlir.dialects import nvvm as _nvvm
+from cutlass.cutlass_dsl import T, dsl_user_op
 
 from .arch import pdl_enabled
 
@@ -209,7 +213,57 @@ def _pow2_at_least(n: int) -> int:
     return min(p, WARP)
 
 
+# ---------------------------------------------------------------------------------------------- PTX helpers
+@dsl_user_op
+def cp_async(dst: cute.Pointer, src: cute.Pointer, size: int, src_bytes, *, loc=None, ip=None):
+    """cp.async of ``size`` (4/8/16) bytes global -> shared, reading only ``src_bytes`` (runtime, 0..size) bytes of
+    the source and zero-filling the rest."""
+    _nvvm.cp_async_shared_global(dst.to_llvm_ptr(loc=loc, ip=ip), src.to_llvm_ptr(loc=loc, ip=ip), size,
+                                 _nvvm.LoadCacheModifierKind.CG if size == 16 else _nvvm.LoadCacheModifierKind.CA,
+                                 cp_size=Int32(src_bytes).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
+
+
+@dsl_user_op
+def mma_f16_m16n8k16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, *, loc=None, ip=None):
+    """D = A(16x16 f16, row) * B(16x8 f16, col) + C, f32 accumulate (``mma.sync.aligned.m16n8k16``).
+
+    Fragments (g = lane // 4, t = lane % 4; each A/B register packs two f16, the lower column/k in the low half):
+    A: a0 (row g, k 2t..2t+1), a1 (row g+8, k 2t..), a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..);
+    B: b0 (k 2t..2t+1, col g), b1 (k 2t+8.., col g); C/D: c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, ...).
+    Returns the 4 Float32 of D."""
+    args = [Uint32(v).ir_value(loc=loc, ip=ip) for v in (a0, a1, a2, a3, b0, b1)]
+    args += [Float32(v).ir_value(loc=loc, ip=ip) for v in (c0, c1, c2, c3)]
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([T.f32(), T.f32(), T.f32(), T.f32()]), args,
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+        "{$10, $11, $12, $13};",
+        "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", loc=loc, ip=ip)
+    return [Float32(llvm.extractvalue(T.f32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+
+@dsl_user_op
+def ldmatrix_x4(smem_ptr: cute.Pointer, transpose: bool = False, *, loc=None, ip=None):
+    """``ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16``: four 8x8 16-bit matrices; lanes 8i..8i+7 give the
+    shared-memory addresses of the 8 rows (16 bytes each) of matrix i. Register i of lane l holds, of matrix i,
+    row l // 4, elements 2(l % 4), 2(l % 4)+1 (``transpose``: column l // 4, rows 2(l % 4), 2(l % 4)+1).
+    Returns 4 Uint32."""
+    i32 = ir.IntegerType.get_signless(32)
+    res = _nvvm.ldmatrix(smem_ptr.to_llvm_ptr(loc=loc, ip=ip), 4,
+                         _nvvm.MMALayout.col if transpose else _nvvm.MMALayout.row,
+                         results=[llvm.StructType.get_literal([i32] * 4)], loc=loc, ip=ip)
+    return [Uint32(llvm.extractvalue(i32, res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+
+@dsl_user_op
+def pack_f16x2(lo, hi, *, loc=None, ip=None):
+    """Two f32 rounded to nearest f16 and packed into one 32-bit register, ``lo`` in the low half (the element with
+    the lower column index of an mma fragment). PTX ``cvt.rn.f16x2.f32 d, a, b`` puts ``a`` in the upper half."""
+    args = [Float32(v).ir_value(loc=loc, ip=ip) for v in (hi, lo)]
+    return Uint32(llvm.inline_asm(T.i32(), args, "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", loc=loc, ip=ip))
+
+
 __all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "aligned", "cu_stream", "as_device_bytes", "sm_count",
            "WarpRowKernel", "pdl_prologue", "warp_reduce",
-           "warp_reduce_sum", "warp_reduce_max", "warp_argmax", "block_reduce", "block_reduce_sum", "block_reduce_max"]
+           "warp_reduce_sum", "warp_reduce_max", "warp_argmax", "block_reduce", "block_reduce_sum", "block_reduce_max",
+           "cp_async", "mma_f16_m16n8k16", "ldmatrix_x4", "pack_f16x2"]
 

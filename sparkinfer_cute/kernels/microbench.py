@@ -1,10 +1,11 @@
 """GPU microbenchmark of the decode GEMV / MoE kernels at the real Qwen3-30B-A3B shapes (and, with --attention /
---router, of the split-KV decode attention and the fused router). Every kernel's benchmark lives here, none in the
-kernel files.
+--router / --prefill-attention, of the split-KV decode attention, the fused router and the flash prefill
+attention). Every kernel's benchmark lives here, none in the kernel files.
 
     python -m sparkinfer_cute.kernels.microbench [--json out.json] [--reps 50] [--only gemv]
     python -m sparkinfer_cute.kernels.microbench --attention [--ctx 512 4096 32768] [--splits N] [--fused]
     python -m sparkinfer_cute.kernels.microbench --router
+    python -m sparkinfer_cute.kernels.microbench --prefill-attention [--chunk 512] [--prefix 0 3584] [--config NAME]
 
 For each case: median µs per kernel, achieved GB/s (bytes of weights read + activations read + outputs written) and
 the percentage of the device-to-device copy bandwidth measured in the same run (``cuMemcpyDtoDAsync`` of 1 GiB,
@@ -474,6 +475,52 @@ def bench_attention(config: str, n_ctx: int, num_splits: int | None = None, iter
                 gbps=round(kv_bytes / us / 1e3, 1), device=get_device().name, **tuning)
 
 
+def bench_prefill_attention(config: str, n_tokens: int, prefix: int, window: int = 0, iters: int = 10) -> dict:
+    """µs per prefill-attention call of a chunk of ``n_tokens`` queries after ``prefix`` cached keys, for one
+    :data:`attention_prefill.MODEL_CONFIGS` entry: the tensor-core flash kernel vs the decode kernel run as a batch of
+    T queries (the ``SPARKINFER_DISABLE=flash_prefill`` path), both through their public wrappers in a CUDA graph;
+    TFLOP/s counts 4 * D flops per visible (query head, key) pair."""
+    from ..runtime import DeviceArray, Stream, get_device
+    from .attention_decode import attention_decode
+    from .attention_prefill import MODEL_CONFIGS, attention_prefill
+
+    c = MODEL_CONFIGS[config]
+    H, KV, D, P = c["n_head"], c["n_kv_head"], c["head_dim"], c["page_size"]
+    T, n_keys = n_tokens, prefix + n_tokens
+    pages = -(-n_keys // P)
+    rng = np.random.default_rng(0)
+    k_pool = DeviceArray.from_numpy(rng.standard_normal((pages, P, KV, D)).astype(np.float16))
+    v_pool = DeviceArray.from_numpy(rng.standard_normal((pages, P, KV, D)).astype(np.float16))
+    row = rng.permutation(pages).astype(np.int32)
+    table = DeviceArray.from_numpy(row)
+    table_rows = DeviceArray.from_numpy(np.repeat(row[None], T, axis=0))
+    pos = DeviceArray.from_numpy(np.arange(prefix, n_keys, dtype=np.int32))
+    q = DeviceArray.from_numpy(rng.standard_normal((T, H, D)).astype(np.float32))
+    out = DeviceArray.empty((T, H, D), np.float32)
+    o_part, lse_part = DeviceArray.empty((T, H, 1, D), np.float32), DeviceArray.empty((T, H, 1), np.float32)
+    counters = DeviceArray.zeros((T * H,), np.int32)
+    stream = Stream()
+    scale = 1.0 / math.sqrt(D)
+
+    def flash():
+        attention_prefill(q, k_pool, v_pool, table, pos, scale=scale, window=window, out=out, stream=stream)
+
+    def decode_batch():
+        attention_decode(q, k_pool, v_pool, table_rows, pos, scale=scale, window=window, num_splits=1, out=out,
+                         o_partial=o_part, lse_partial=lse_part, fused_combine=True, counters=counters,
+                         stream=stream)
+
+    qpos = prefix + np.arange(T)
+    visible = int(np.sum(np.minimum(qpos + 1, window) if window else qpos + 1))
+    flops = 4.0 * D * H * visible
+    res = {"config": config, "n_tokens": T, "prefix": prefix, "window": window, "device": get_device().name}
+    for name, fn in (("flash", flash), ("decode_batch", decode_batch)):
+        us = _graph_call_us(fn, stream, iters)
+        res[f"{name}_us"] = round(us, 1)
+        res[f"{name}_tflops"] = round(flops / us / 1e6, 2)
+    return res
+
+
 def bench_router(n_expert: int = 128, n_embd: int = 2048, k: int = 8, iters: int = 200) -> dict:
     """µs per router call, CUDA graph of ``iters`` calls: the two-launch path (F32 ``gemv`` + ``route``) vs the
     fused :func:`route_gemv`; also checks the fused ids equal the two-launch ids on the benchmark data."""
@@ -532,6 +579,12 @@ def main(argv=None) -> int:
     ap.add_argument("--heads-per-cta", type=int_at_least(0), default=0, help="--attention tuning knob (0: automatic)")
     ap.add_argument("--keys-per-iter", type=int_at_least(0), default=0, help="--attention tuning knob (0: automatic)")
     ap.add_argument("--router", action="store_true", help="fused router GEMV + top-k vs gemv + route instead")
+    ap.add_argument("--prefill-attention", action="store_true",
+                    help="flash prefill attention vs the decode kernel over the chunk: µs and TFLOP/s per model "
+                         "config, chunk length (--chunk) and cached prefix (--prefix)")
+    ap.add_argument("--chunk", type=int_at_least(1), nargs="+", default=[512], help="--prefill-attention chunk lengths")
+    ap.add_argument("--prefix", type=int_at_least(0), nargs="+", default=[0, 3584],
+                    help="--prefill-attention cached prefix lengths")
     a = ap.parse_args(argv)
     require_gpu(ap.prog, "the micro-benchmark")
     if a.attention:
@@ -542,6 +595,14 @@ def main(argv=None) -> int:
                 for fused in ([False, True] if a.fused else [False]):
                     print(bench_attention(cfg, n, a.splits or None, fused_combine=fused,
                                           heads_per_cta=a.heads_per_cta, keys_per_iter=a.keys_per_iter))
+        return 0
+    if a.prefill_attention:
+        from .attention_prefill import MODEL_CONFIGS
+
+        for cfg in a.config or sorted(MODEL_CONFIGS):
+            for T in a.chunk:
+                for p0 in a.prefix:
+                    print(bench_prefill_attention(cfg, T, p0))
         return 0
     if a.router:
         for n_expert, n_embd, k in ((128, 2048, 8), (256, 2048, 8)):

@@ -50,11 +50,10 @@ import numpy as np
 from cutlass import Float32, Int8, Int32, Int64, Uint8, Uint16, Uint32, const_expr, cute
 from cutlass._mlir import ir
 from cutlass._mlir.dialects import llvm
-from cutlass._mlir.dialects import nvvm as _nvvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from .arch import pdl_enabled, smem_budget
-from .common import fake_ptr, gptr, pdl_prologue
+from .common import cp_async, fake_ptr, gptr, pdl_prologue
 from .compile import compile_options, kernel_cache
 from .quant_decode import half_hi_to_f32, half_lo_to_f32, spec
 
@@ -91,15 +90,6 @@ def mma_s8_m16n8k16(a0, a1, b0, *, loc=None, ip=None):
         "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {$0, $1, $2, $3}, {$4, $5}, {$6}, {$7, $8, $9, $10};",
         "=r,=r,=r,=r,r,r,r,r,r,r,r", loc=loc, ip=ip)
     return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
-
-
-@dsl_user_op
-def cp_async(dst: cute.Pointer, src: cute.Pointer, size: int, src_bytes, *, loc=None, ip=None):
-    """cp.async of ``size`` (4/8/16) bytes global -> shared, reading only ``src_bytes`` (runtime, 0..size) bytes of
-    the source and zero-filling the rest."""
-    _nvvm.cp_async_shared_global(dst.to_llvm_ptr(loc=loc, ip=ip), src.to_llvm_ptr(loc=loc, ip=ip), size,
-                                 _nvvm.LoadCacheModifierKind.CG if size == 16 else _nvvm.LoadCacheModifierKind.CA,
-                                 cp_size=Int32(src_bytes).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
 
 
 def _spread4(b):

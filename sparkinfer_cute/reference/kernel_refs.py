@@ -450,6 +450,101 @@ def attention_decode_ref(q, k_cache_dense, v_cache_dense, pos, scale: float, win
     return out
 
 
+U16 = 2.0**-11  # f16 unit roundoff (round to nearest)
+
+
+def _prefill_visible(T: int, p0: int, n_keys: int, window: int) -> np.ndarray:
+    """bool [T, n_keys]: key p visible to the query at position p0 + i (models.md: p <= q, window 0 or q - p < w)."""
+    qp = p0 + np.arange(T)[:, None]
+    p = np.arange(n_keys)[None, :]
+    return (p <= qp) & ((window == 0) | (qp - p < window))
+
+
+def _prefill_blocks(q, k, v, p0, scale, window, softcap, block: int = 256):
+    """Yield (i0, i1, kv head, q head, weights [i1-i0, n_keys], |q|.|k| [i1-i0, n_keys] or None) per query block and
+    head, float64. Keys past p0 + T - 1 are never visible; NaN in invisible rows is ignored."""
+    T, H, _ = q.shape
+    n_keys = p0 + T
+    G = H // k.shape[1]
+    kk = np.nan_to_num(k[:n_keys])
+    for i0 in range(0, T, block):
+        i1 = min(T, i0 + block)
+        vis = _prefill_visible(i1 - i0, p0 + i0, n_keys, window)
+        for h in range(H):
+            s = scale * (q[i0:i1, h] @ kk[:, h // G].T)
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
+            s = np.where(vis, s, -np.inf)
+            w = np.exp(s - s.max(axis=1, keepdims=True))
+            w /= w.sum(axis=1, keepdims=True)
+            yield i0, i1, h // G, h, w, s
+
+
+def attention_prefill_ref(q, k_cache_dense, v_cache_dense, p0: int, scale: float, window: int = 0,
+                          softcap: float = 0.0):
+    """Causal attention of a prefill chunk: ``q`` [T, n_head, D] at positions ``p0 .. p0+T-1``;
+    ``k_cache_dense``/``v_cache_dense`` [n_ctx >= p0+T, n_kv_head, D] (the fp16 values stored, token t at row t; rows
+    past p0+T-1 and invisible rows are ignored, NaN included). Query i is :func:`attention_decode_ref` at
+    ``pos = p0 + i``. float64 [T, n_head, D]."""
+    q = np.asarray(q, np.float64)
+    k = np.asarray(k_cache_dense, np.float64)
+    v = np.asarray(v_cache_dense, np.float64)
+    out = np.empty(q.shape, np.float64)
+    vv = np.nan_to_num(v[:p0 + q.shape[0]])
+    for i0, i1, kvh, h, w, _ in _prefill_blocks(q, k, v, p0, scale, window, softcap):
+        out[i0:i1, h] = w @ vv[:, kvh]
+    return out
+
+
+def attention_prefill_bound(q, k_cache_dense, v_cache_dense, p0: int, scale: float, window: int = 0,
+                            softcap: float = 0.0, block_n: int = 64):
+    """(reference, per-element bound) for the flash prefill kernel, whose inputs are ``q`` rounded to f16 (pass that
+    q: :func:`f16_rounded`) and the stored fp16 K/V.
+
+    With ``w`` the exact softmax weights, ``A_d = sum_k w_k |v_kd|`` and ``o`` the output:
+
+    * P rounded to f16 before the PV product (the row sum l stays f32): ``|do_d| <= U16 * A_d`` (subnormal P below
+      2^-14: absolute 2^-25 per key, l >= 1, so ``n * 2^-25 * max|v|``).
+    * logit errors ``|ds_k| <= E``: the softmax weights move by a factor within ``[e^-2E, e^2E]`` and sum to 1, so
+      ``|do_d| = |sum_k (w'_k - w_k)(v_kd - o_d)| <= (e^2E - 1)(A_d + |o_d|)``. ``E`` (base e) covers the mma f32
+      accumulation over D (<= (D/16 + 4) * 2^-22 * scale * sum_d |q_d k_d|, generous for k16 steps accumulated into
+      an f32 C), the f32 scaling / base-2 conversion (8 * 2^-24 * |s|) and the kernel's softcap tanh, computed as
+      ``1 - 2 / (2^(2y log2 e) + 1)`` with ex2.approx / rcp.approx (<= 2^-21 absolute on tanh: ``softcap * 2^-20``).
+    * the online softmax in f32 (ex2.approx 2^-22 per weight, rescales and sums over the tiles and keys):
+      ``(n_tiles + 64) * 2^-22 * A_d``.
+
+    The sum of these, times 2. Returns float64 arrays [T, n_head, D]."""
+    q = np.asarray(q, np.float64)
+    k = np.asarray(k_cache_dense, np.float64)
+    v = np.asarray(v_cache_dense, np.float64)
+    T, _, D = q.shape
+    n_keys = p0 + T
+    ref = np.empty(q.shape, np.float64)
+    bound = np.empty(q.shape, np.float64)
+    vv = np.nan_to_num(v[:n_keys])
+    ka = np.abs(np.nan_to_num(k[:n_keys]))
+    gamma = (D / 16 + 4) * 2.0**-22
+    n_tiles = n_keys // block_n + 2
+    for i0, i1, kvh, h, w, s in _prefill_blocks(q, k, v, p0, scale, window, softcap):
+        o = w @ vv[:, kvh]
+        a = w @ np.abs(vv[:, kvh])
+        qk_abs = scale * (np.abs(q[i0:i1, h]) @ ka[:, kvh].T)
+        vis_all = np.isfinite(s)
+        e_cap = softcap * 2.0**-20 if softcap else 0.0
+        e = np.where(vis_all, gamma * qk_abs + 8 * U * np.abs(np.where(vis_all, s, 0.0)) + e_cap, 0.0).max(axis=1)
+        n_vis = vis_all.sum(axis=1)
+        vmax = np.abs(vv[:, kvh]).max() if n_keys else 0.0
+        b = np.expm1(2 * e)[:, None] * (a + np.abs(o)) + (U16 + (n_tiles + 64) * 2.0**-22) * a
+        b += (n_vis * 2.0**-25 * vmax)[:, None]
+        ref[i0:i1, h] = o
+        bound[i0:i1, h] = 2 * b + 1e-30
+    return ref, bound
+
+
+def f16_rounded(x) -> np.ndarray:
+    """``x`` rounded to the nearest f16, as float64 (what the prefill kernel's ``cvt.rn.f16x2.f32`` makes of q)."""
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float64)
+
 
 # ---------------------------------------------------------------------------------------------- checks
 # The assertions the GPU kernel tests apply (tests/kernels/), as functions: the same check also judges numpy
@@ -735,9 +830,34 @@ def check_attention_counts(lse_part, out, v_dense, pos: int, window: int, ranges
     mean_v = np.repeat(v.mean(axis=0), n_head // v.shape[1], axis=0)
     check_rel(out, mean_v, 1e-4, "attention with q = 0 (mean of the visible V rows)")
 
+
+def check_attention_prefill(out, q, k_dense, v_dense, p0: int, scale: float, window: int = 0,
+                            softcap: float = 0.0) -> float:
+    """Prefill attention kernel output within :func:`attention_prefill_bound` of the float64 reference computed on
+    the kernel's own inputs (q rounded to f16, the stored fp16 K/V); no NaN (poison left or computed)."""
+    ref, bound = attention_prefill_bound(f16_rounded(q), k_dense, v_dense, p0, scale, window, softcap)
+    return check_within(out, ref, bound, "flash prefill attention vs float64 (f16 q)")
+
+
+def check_attention_prefill_counts(out, v_dense, p0: int, window: int, n_head: int) -> float:
+    """The q = 0 prefill check: every visible key gets the same weight p = exp2(0) (S = 0; ex2.approx of 0 is 1
+    to within 2^-22, and f16(p) = 1), so query i's output is the mean of the V rows it sees (GQA-repeated). With
+    small-integer V (exact in f16; f32 sums below 2^24 are exact) the only roundings are p in the row sum l (<= 2^-22
+    relative) and ``sum * (1/l)`` (2 * 2^-24): bound 2^-20 relative, 2x margin. A skipped, doubled or misplaced key
+    changes the mean by ~|v - mean|/count (~1e-4 relative at thousands of keys), far above it."""
+    v = np.nan_to_num(np.asarray(v_dense, np.float64))
+    T = np.asarray(out).shape[0]
+    vis = _prefill_visible(T, p0, p0 + T, window).astype(np.float64)
+    mean = (vis @ v[:p0 + T].reshape(p0 + T, -1)) / vis.sum(axis=1, keepdims=True)
+    mean = mean.reshape(T, v.shape[1], v.shape[2])
+    ref = np.repeat(mean, n_head // v.shape[1], axis=1)
+    return check_within(out, ref, 2.0**-20 * np.abs(ref) + 1e-30 + 2.0**-30 * np.abs(v).max(),
+                        "flash prefill attention with q = 0 (mean of the visible V rows)")
+
 __all__ = [
-    "ATTENTION_REL_TOL", "CheckFailed", "QK8_1", "RMSNORM_TOL", "ROUTE_TOL", "U", "argmax_ref",
-    "check_attention_counts",
+    "ATTENTION_REL_TOL", "CheckFailed", "QK8_1", "RMSNORM_TOL", "ROUTE_TOL", "U", "U16", "argmax_ref",
+    "attention_prefill_bound", "attention_prefill_ref", "check_attention_counts", "check_attention_prefill",
+    "check_attention_prefill_counts", "f16_rounded",
     "check_gemv", "check_gemv_q8", "check_moe_down", "check_moe_gate_up", "check_rel", "check_rmsnorm",
     "check_rope", "check_route", "check_within", "moe_down_bound", "moe_gate_up_bound", "q8_1_dequantized",
     "rope_error_bound", "attention_decode_ref", "block_shape", "dequant_rows_f64", "dequantize_q8_1",

@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -215,6 +216,40 @@ def _attention_counts(bug: str):
     return run
 
 
+def _prefill_counts(bug: str):
+    """The q = 0 check of test_attention_prefill_gpu_q_zero_counts_every_visible_key (integer V: the kernel's sums
+    and counts are exact), on the f32 mean each query's visible keys give, with the bug."""
+    def run(rng):
+        T, p0, KV, H, D = 300, 700, 2, 8, 32
+        worst_ctrl, worst = 0.0, 0.0
+        for window in (0, 100):
+            v = rng.integers(-8, 9, (p0 + T, KV, D)).astype(np.float16)
+            qp = p0 + np.arange(T)[:, None]
+            keys = np.arange(p0 + T)[None, :]
+
+            def mean(vis, v=v):
+                m = (vis.astype(np.float64) @ v.reshape(p0 + T, -1).astype(np.float64)) / vis.sum(1, keepdims=True)
+                return np.repeat(m.reshape(T, KV, D), H // KV, axis=1).astype(f32)
+
+            vis = (keys <= qp) & ((window == 0) | (qp - keys < window))
+            out = mean(vis)
+            check = partial(kr.check_attention_prefill_counts, v_dense=v, p0=p0, window=window, n_head=H)
+            worst_ctrl = max(worst_ctrl, judge(partial(check, out)))
+            if bug == "skip":  # the first key of one 64-key tile is never loaded
+                bad = vis & (keys != 64 * ((p0 + T // 2) // 64))
+            elif bug == "window":  # the window test is off by one: one key too many
+                bad = (keys <= qp) & ((window == 0) | (qp - keys < window + 1)) if window else vis
+            else:  # "causal": the diagonal tile is not masked, so a query also sees the next key
+                bad = vis | ((keys == qp + 1) & (keys < p0 + T))
+            if bug == "window" and not window:
+                continue
+            out = mean(bad)
+            worst = max(worst, judge(partial(check, out)))
+        return worst_ctrl, worst, {}
+    run.check = "check_attention_prefill_counts (q = 0, integer V, p0 700, T 300)"
+    return run
+
+
 def _route(bug: str):
     def run(rng):
         T, E, k = 3, 128, 8
@@ -343,6 +378,9 @@ class Bug:
 BUGS = [
     Bug("skipped KV key", _attention_counts("skip"), m_skip_key),
     Bug("sliding window off by one", _attention_counts("window"), m_window, arch="gemma3"),
+    Bug("flash prefill: a tile's first key skipped", _prefill_counts("skip"), None),
+    Bug("flash prefill: sliding window off by one", _prefill_counts("window"), None),
+    Bug("flash prefill: diagonal tile unmasked (sees the next key)", _prefill_counts("causal"), None),
     Bug("one expert fewer", _moe_down("one expert fewer"), m_one_expert_fewer),
     Bug("top-k weights not renormalized", _route("unnormalized"), m_unnormalized),
     Bug("router: one expert fewer, slot unwritten", _route("fewer"), None),
