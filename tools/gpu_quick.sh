@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-call GPU check after the two staging parts (.gpuhost/p1, p2: python3.12 site + llama.cpp): parallel precompile,
-# the new-kernel / prefill / decode GPU tests, then the 30B-shape bench with llama.cpp in the same run. Every step
-# has its own time limit so the call returns inside the device tool's 10 minutes; logs land in $OUT.
+# the GPU tests of the kernels and fusions not yet run on a GPU (grouped GEMM, routing, flash prefill, norm chains,
+# the q8_1-writing attention and gate/up kernels, the dense GLU) and the prefill / decode model tests, then the
+# 30B-shape bench with llama.cpp in the same run. Every step has its own time limit so the call returns inside the
+# device tool's 10 minutes; logs land in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -16,7 +18,9 @@ if [ "${PRECOMPILE:-1}" = 1 ]; then
 fi
 timeout "${T_TEST:-200}" python3 -m pytest -q -m gpu -n 14 -p no:cacheprovider tests/kernels/test_quant_gemm.py \
   tests/kernels/test_moe_route.py tests/kernels/test_elementwise.py tests/kernels/test_embedding_batch.py \
-  tests/kernels/test_attention_prefill.py \
+  tests/kernels/test_attention_prefill.py tests/kernels/test_norm_chain.py \
+  "tests/kernels/test_moe_ffn.py::test_gate_up_writes_q8_1_copy" "tests/kernels/test_moe_ffn.py::test_dense_glu_as_one_expert" \
+  "tests/kernels/test_attention_decode.py::test_quantized_output_equals_quantize_kernel" \
   tests/models/test_gpu_prefill.py tests/models/test_gpu_decode.py > "$OUT/tests.log" 2>&1
 tail -40 "$OUT/tests.log"
 wait
