@@ -119,13 +119,21 @@ class GPUDecoder:
     #: int8 activations for the LM head under SPARKINFER_DP4A=auto (ops.prefer_dp4a): the model's choice
     LM_HEAD_DP4A_AUTO = True
 
-    def enqueue_logits(self, stream) -> None:
-        """The LM head on the final-norm output ``self.h`` (int8 activations where :func:`ops.prefer_dp4a` says so),
-        the final logit softcap where the model has one, and the greedy next id into ``self.tok``."""
-        xq = None
-        if ops.prefer_dp4a(self.out_w, auto=self.LM_HEAD_DP4A_AUTO):
-            ops.quantize(self.h, self.hq_out, stream=stream)
-            xq = self.hq_out
+    def lm_head_q8(self):
+        """The q8_1 buffer the final norm should also fill when the LM head runs on int8 activations
+        (:func:`ops.prefer_dp4a`), else None: pass it as the final norm's ``xq`` and to :meth:`enqueue_logits`.
+        ``SPARKINFER_DISABLE=fused_head_q8``: None (the LM head quantizes with a launch of its own)."""
+        if not ops.enabled("fused_head_q8"):
+            return None
+        return self.hq_out if ops.prefer_dp4a(self.out_w, auto=self.LM_HEAD_DP4A_AUTO) else None
+
+    def enqueue_logits(self, stream, hq=None) -> None:
+        """The LM head on the final-norm output ``self.h`` (int8 activations where :func:`ops.prefer_dp4a` says so:
+        ``hq``, the q8_1 copy the final norm wrote (:meth:`lm_head_q8`), or quantized here), the final logit softcap
+        where the model has one, and the greedy next id into ``self.tok``."""
+        xq = self.hq_out if ops.prefer_dp4a(self.out_w, auto=self.LM_HEAD_DP4A_AUTO) else None
+        if xq is not None and hq is None:
+            ops.quantize(self.h, xq, stream=stream)
         ops.gemv(self.out_w, self.h, self.logits, stream=stream, xq=xq)
         cap = getattr(self.cfg, "final_logit_softcap", None)
         if cap:

@@ -66,8 +66,9 @@ class Gemma3GPU(GPUDecoder):
             ops.rmsnorm(self.f, w[p + "post_ffw_norm.weight"], self.delta, eps, stream=stream)
         if n_layers is not None:
             return  # hidden state = x + delta (hidden_after_layers)
-        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=stream)
-        self.enqueue_logits(stream)
+        hq = self.lm_head_q8()  # the final norm also writes the int8 LM head's input (SPARKINFER_DP4A=all)
+        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=stream, xq=hq)
+        self.enqueue_logits(stream, hq)
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):
@@ -107,6 +108,7 @@ class Gemma3GPU(GPUDecoder):
             ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, eps, residual=pf.delta, xq=pf.hq, stream=s)
             self.enqueue_all_logits(s, T, all_logits)
             return
+        hq = self.lm_head_q8()
         ops.rmsnorm(ops.row(pf.x, T - 1), w["output_norm.weight"], self.h, eps, residual=ops.row(pf.delta, T - 1),
-                    stream=s)
-        self.enqueue_logits(s)
+                    stream=s, xq=hq)
+        self.enqueue_logits(s, hq)

@@ -114,11 +114,13 @@ class Gemma4GPU(GPUDecoder):
         c, w = self.cfg, self.w
         eps = c.rms_eps
         ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=c.embd_scale, stream=stream)
-        for l in range(c.n_layer if n_layers is None else n_layers):
+        hq = self.hq if self.q8_attn else None
+        last = (c.n_layer if n_layers is None else n_layers) - 1
+        # h = rmsnorm(x, attn_norm) [+ q8_1]: here for layer 0, then by the previous layer's post-FFN norm chain
+        ops.rmsnorm(self.x, w["blk.0.attn_norm.weight"], self.h, eps, stream=stream, xq=hq)
+        for l in range(last + 1):
             p = f"blk.{l}."
             a = self.attn_layers[l]
-            hq = self.hq if self.q8_attn else None
-            ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, stream=stream, xq=hq)
             if c.has_v(l):
                 ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
                              self.k, self.v, stream=stream, xq=hq)
@@ -147,15 +149,20 @@ class Gemma4GPU(GPUDecoder):
             if moe:
                 self._moe_step(l, stream)
             # x = (x1 + rmsnorm(s, post_ffw_norm)) * layer_output_scale, s = rmsnorm(f, post_ffw_norm_1) +
-            # rmsnorm(y, post_ffw_norm_2) on MoE layers, else f
+            # rmsnorm(y, post_ffw_norm_2) on MoE layers, else f; then h = the next layer's attn_norm of x, or after
+            # the last layer the final output_norm (+ the int8 LM head's q8_1 input)
+            if l < last:
+                nxt = (w[f"blk.{l + 1}.attn_norm.weight"], self.h, hq)
+            else:
+                nxt = (w["output_norm.weight"], self.h, self.lm_head_q8()) if n_layers is None else None
             ops.post_ffn_norms(self.f, self.y if moe else None, w.get(p + "post_ffw_norm_1.weight"),
                                w.get(p + "post_ffw_norm_2.weight"), w[p + "post_ffw_norm.weight"], self.x,
-                               self.out_scale[l], eps, m=self.m, y2=self.y2, fn=self.fn, stream=stream)
+                               self.out_scale[l], eps, m=self.m, y2=self.y2, fn=self.fn, next_norm=nxt,
+                               stream=stream)
         if n_layers is not None:
             self.delta.fill_bytes(0, stream)  # hidden_after_layers reads x + delta: x is the whole residual here
             return
-        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, stream=stream)
-        self.enqueue_logits(stream)
+        self.enqueue_logits(stream, self.lm_head_q8())  # h (and its q8_1 copy): the last post-FFN norm chain
 
     def _moe_step(self, l: int, stream) -> None:
         """Routed experts of layer l (inputs r_in, e_in [+ e_inq] from post_attention_norms): their weighted sum y."""
@@ -235,5 +242,6 @@ class Gemma4GPU(GPUDecoder):
             ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, eps, xq=pf.hq, stream=s)
             self.enqueue_all_logits(s, T, all_logits)
             return
-        ops.rmsnorm(ops.row(pf.x, T - 1), w["output_norm.weight"], self.h, eps, stream=s)
-        self.enqueue_logits(s)
+        hq = self.lm_head_q8()
+        ops.rmsnorm(ops.row(pf.x, T - 1), w["output_norm.weight"], self.h, eps, stream=s, xq=hq)
+        self.enqueue_logits(s, hq)

@@ -179,6 +179,11 @@ def _traffic(c: OpCall, m, depth: int, splits) -> dict:
         fused = ops.enabled("fused_norms")  # else: m, y2, fn written and read back
         b["act_read"] += n * F32 * ((3 if y is not None else 2) if fused else (6 if y is not None else 3))
         b["act_write"] += n * F32 * (1 if fused else (4 if y is not None else 2))
+        nxt = kw.get("next_norm")
+        if nxt is not None:  # + h = rmsnorm(x) * w_next [+ q8_1] (unfused: x read once more)
+            b["dense"] += nxt[0].nbytes
+            b["act_read"] += 0 if fused else n * F32
+            b["act_write"] += n * F32 + (n * Q8 if nxt[2] is not None else 0)
     elif op == "rmsnorm_heads":
         w, n = a[1], a[2] * a[3]
         b["dense"] += w.nbytes

@@ -44,7 +44,25 @@ PAGE_SIZE = 64
 DISABLED = frozenset(x.strip() for x in os.environ.get("SPARKINFER_DISABLE", "").split(",") if x.strip())
 
 
+# Every pass SPARKINFER_DISABLE can switch off (README "Environment knobs"): the one list perf_model, the A/B scripts
+# and enabled() check names against.
+PASSES = frozenset({
+    "fused_qk",          # per-head Q/K RMSNorm + RoPE + KV append in one launch
+    "fused_qkv",         # the q/k/v GEMVs of one input in one launch (chunk mapping)
+    "fused_router",      # router GEMV + softmax/top-k in one launch
+    "fused_combine",     # split-KV attention and its LSE combine in one launch
+    "fused_attn_q8",     # attention writes the q8_1 input of the int8 O projection
+    "fused_moe_act_q8",  # the expert gate/up kernel writes the q8_1 input of the int8 down projection
+    "fused_head_q8",     # the final norm writes the q8_1 input of the int8 LM head
+    "fused_dense_glu",   # a dense GLU's gate+up+activation as one launch of the expert gate/up kernel
+    "fused_norms",       # Gemma 4's RMSNorm chains after the O projection and after the FFNs (kernels/norm_chain.py)
+    "flash_prefill",     # the batched prefill's tensor-core flash attention
+})
+
+
 def enabled(name: str) -> bool:
+    if name not in PASSES:
+        raise KeyError(f"{name!r} is not a pass of models/ops.py PASSES")
     return name not in DISABLED
 
 
@@ -268,15 +286,19 @@ def post_attention_norms(o, x, w_post, outs, eps: float, *, delta, stream, xq=No
                 xq=xq if i == len(outs) - 1 else None)
 
 
-@launches(lambda f, y, *a, **k: 1 if enabled("fused_norms") else (4 if y is not None else 2))
-def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, m, y2, fn, stream):
+@launches(lambda f, y, *a, next_norm=None, **k: 1 if enabled("fused_norms")
+          else (4 if y is not None else 2) + (next_norm is not None))
+def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, m, y2, fn, stream, next_norm=None):
     """``x = (x + rmsnorm(s) * w) * scale`` with ``s = rmsnorm(f) * w1 + rmsnorm(y) * w2`` (``y`` None: ``s = f``;
     ``scale`` one f32 on the device): Gemma 4's post_ffw_norm_1 / _2, post_ffw_norm, residual add and
-    layer_output_scale. One launch (kernels/norm_chain.py) unless ``fused_norms`` is disabled: then the RMSNorms and
-    the residual-scale launches through the scratch rows ``m``, ``y2``, ``fn``."""
+    layer_output_scale; ``next_norm`` = ``(w_next, h, xq)``: then ``h = rmsnorm(x) * w_next`` (+ its q8_1 copy
+    when ``xq``), the next layer's attn_norm or the final norm. One launch (kernels/norm_chain.py) unless
+    ``fused_norms`` is disabled: then the RMSNorm and residual-scale launches through the scratch rows ``m``,
+    ``y2``, ``fn``."""
     if enabled("fused_norms"):
+        nxt = None if next_norm is None else (_row(next_norm[0]), next_norm[1], next_norm[2])
         _norms.post_ffn_norms(f, y, None if y is None else _row(w1), None if y is None else _row(w2), _row(w), x,
-                              scale, eps, stream=stream)
+                              scale, eps, next_norm=nxt, stream=stream)
         return
     if y is not None:
         rmsnorm(f, w1, m, eps, stream=stream)
@@ -285,6 +307,8 @@ def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, m, y2, fn, stream):
     else:
         rmsnorm(f, w, fn, eps, stream=stream)
     residual_scale(x, fn, scale, stream=stream)
+    if next_norm is not None:
+        rmsnorm(x, next_norm[0], next_norm[1], eps, stream=stream, xq=next_norm[2])
 
 
 @launches(1)

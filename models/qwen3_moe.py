@@ -77,8 +77,9 @@ class Qwen3MoeGPU(GPUDecoder):
                          stream=stream, actq=actq)
         if n_layers is not None:
             return  # hidden state = x + delta (hidden_after_layers)
-        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=stream)
-        self.enqueue_logits(stream)
+        hq = self.lm_head_q8()  # the final norm also writes the int8 LM head's input
+        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=stream, xq=hq)
+        self.enqueue_logits(stream, hq)
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):
@@ -115,5 +116,6 @@ class Qwen3MoeGPU(GPUDecoder):
             ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, c.rms_eps, xq=pf.hq, stream=s)
             self.enqueue_all_logits(s, T, all_logits)
             return
-        ops.rmsnorm(ops.row(pf.x, T - 1), w["output_norm.weight"], self.h, c.rms_eps, stream=s)
-        self.enqueue_logits(s)
+        hq = self.lm_head_q8()
+        ops.rmsnorm(ops.row(pf.x, T - 1), w["output_norm.weight"], self.h, c.rms_eps, stream=s, xq=hq)
+        self.enqueue_logits(s, hq)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -242,11 +241,10 @@ def synth_spec(s: str) -> tuple[str, str]:
 def passes(s: str) -> frozenset:
     """argparse type for ``--calibrate-disable``: SPARKINFER_DISABLE pass names that models/ops.py knows."""
     import argparse
-    import inspect
 
     from sparkinfer_cute.models import ops
 
-    known = set(re.findall(r'enabled\("(\w+)"\)', inspect.getsource(ops)))
+    known = ops.PASSES
     names = frozenset(x.strip() for x in s.split(",") if x.strip())
     if not names or names - known:
         raise argparse.ArgumentTypeError(f"{s!r}: unknown pass (models/ops.py knows {', '.join(sorted(known))})")

@@ -15,6 +15,7 @@ where they bunch up are one kernel each:
 
       s  = rmsnorm(f) * w1 + rmsnorm(y) * w2  (post_ffw_norm_1 / _2; without y: s = f)
       x  = (x + rmsnorm(s) * w) * scale       (post_ffw_norm, residual add, layer_output_scale: one f32 on the device)
+      [h = rmsnorm(x) * w_next [+ q8_1 copy]] (the next layer's attn_norm, or the final output_norm)
 
 Every norm is ``(v * rsqrt(mean(v^2) + eps)) * w`` (ggml order) in f32, the sum of squares reduced as in
 q8_1.py :class:`RmsNormQ8_1` (8 consecutive elements per thread, warp butterfly, fixed-order sum of the warp
@@ -141,21 +142,26 @@ class PostAttentionNorms(RowNormChain):
 
 class PostFfnNorms(RowNormChain):
     """``s = rmsnorm(f) * w1 + rmsnorm(y) * w2`` (``has_experts``; else ``s = f``), then
-    ``x = (x + rmsnorm(s) * w) * scale[0]``. Without experts ``y``, ``w1``, ``w2`` may be any valid pointers."""
+    ``x = (x + rmsnorm(s) * w) * scale[0]``; ``next_norm``: also ``h = rmsnorm(x) * w_next`` (the next norm of the
+    residual stream), ``next_q8`` with its q8_1 copy. Pointers a flag leaves unused may be any valid ones."""
 
-    def __init__(self, N: int, has_experts: bool):
+    def __init__(self, N: int, has_experts: bool, next_norm: bool = False, next_q8: bool = False):
         super().__init__(N)
-        self.has_experts = has_experts
+        if next_q8 and not next_norm:
+            raise ValueError("next_q8 needs next_norm")
+        self.has_experts, self.next_norm, self.next_q8 = has_experts, next_norm, next_q8
 
     @cute.jit
     def __call__(self, pF: cute.Pointer, pY: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pW: cute.Pointer,
-                 pX: cute.Pointer, pScale: cute.Pointer, eps: Float32, stream: cuda.CUstream):
-        self.kernel(pF, pY, pW1, pW2, pW, pX, pScale, eps).launch(
+                 pX: cute.Pointer, pScale: cute.Pointer, pWn: cute.Pointer, pH: cute.Pointer, pQ: cute.Pointer,
+                 pD: cute.Pointer, pS: cute.Pointer, eps: Float32, stream: cuda.CUstream):
+        self.kernel(pF, pY, pW1, pW2, pW, pX, pScale, pWn, pH, pQ, pD, pS, eps).launch(
             grid=[1, 1, 1], block=[self.threads, 1, 1], stream=stream, use_pdl=self.pdl)
 
     @cute.kernel
     def kernel(self, pF: cute.Pointer, pY: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pW: cute.Pointer,
-               pX: cute.Pointer, pScale: cute.Pointer, eps: Float32):
+               pX: cute.Pointer, pScale: cute.Pointer, pWn: cute.Pointer, pH: cute.Pointer, pQ: cute.Pointer,
+               pD: cute.Pointer, pS: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
         tid = cute.arch.thread_idx()[0]
         red = self.smem_red()
@@ -182,6 +188,11 @@ class PostFfnNorms(RowNormChain):
             for i in cutlass.range_constexpr(EPT):
                 v[i] = (v[i] + h[i]) * scale
         self.store(v, pX, e0, tid)
+        if cutlass.const_expr(self.next_norm):
+            self.normed(v, self.rstd(v, red, tid, eps), pWn, h, tid)
+            self.store(h, pH, e0, tid)
+            if cutlass.const_expr(self.next_q8):
+                store_q8_1_of_eight(h, tid < self.active, tid, e0, pQ, pD, pS)
 
 
 @kernel_cache
@@ -193,11 +204,12 @@ def compile_post_attention_norms(N: int, n_out: int, q8_last: bool = False):
 
 
 @kernel_cache
-def compile_post_ffn_norms(N: int, has_experts: bool):
-    """Runtime args: (f, y, w1, w2, w, x, scale f32 pointers (scale: align 4), eps, stream)."""
+def compile_post_ffn_norms(N: int, has_experts: bool, next_norm: bool = False, next_q8: bool = False):
+    """Runtime args: (f, y, w1, w2, w, x, scale (align 4), w_next, h f32; q (int8), d, s (f32) pointers, eps,
+    stream)."""
     p = fake_ptr(Float32)
-    return cute.compile(PostFfnNorms(N, has_experts), p, p, p, p, p, p, fake_ptr(Float32, 4), Float32(1e-6),
-                        cute.runtime.make_fake_stream(), options=compile_options())
+    return cute.compile(PostFfnNorms(N, has_experts, next_norm, next_q8), p, p, p, p, p, p, fake_ptr(Float32, 4), p, p,
+                        fake_ptr(Int8), p, p, Float32(1e-6), cute.runtime.make_fake_stream(), options=compile_options())
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
@@ -220,17 +232,22 @@ def post_attention_norms(o, x, w_post, outs, eps: float, *, xq=None, stream=None
        Float32(eps), resolve_stream(stream).cu)
 
 
-def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, stream=None):
+def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, next_norm=None, stream=None):
     """``x = (x + rmsnorm(rmsnorm(f) * w1 + rmsnorm(y) * w2) * w) * scale`` in place (``y`` None: the inner sum is
-    ``f``; ``w1``/``w2`` unused); ``scale``: one f32 on the device. One launch."""
+    ``f``; ``w1``/``w2`` unused); ``scale``: one f32 on the device. ``next_norm`` = ``(w_next, h, xq)``: also
+    ``h = rmsnorm(x) * w_next`` and (``xq`` not None) its q8_1 copy. One launch."""
     from ..runtime import resolve_stream
 
     N = int(f.size)
-    fn = compile_post_ffn_norms(N, y is not None)
+    w_next, h, xq = next_norm if next_norm is not None else (w, x, None)
+    fn = compile_post_ffn_norms(N, y is not None, **({"next_norm": True} if next_norm is not None else {}),
+                                **({"next_q8": True} if xq is not None else {}))
     yp = y if y is not None else f
+    q = (xq.qs.ptr, xq.d.ptr, xq.s.ptr) if xq is not None else (f.ptr,) * 3
     fn(gptr(Float32, f.ptr), gptr(Float32, yp.ptr), gptr(Float32, (w1 if y is not None else w).ptr),
        gptr(Float32, (w2 if y is not None else w).ptr), gptr(Float32, w.ptr), gptr(Float32, x.ptr),
-       gptr(Float32, scale.ptr, 4), Float32(eps), resolve_stream(stream).cu)
+       gptr(Float32, scale.ptr, 4), gptr(Float32, w_next.ptr), gptr(Float32, h.ptr), gptr(Int8, q[0]),
+       gptr(Float32, q[1]), gptr(Float32, q[2]), Float32(eps), resolve_stream(stream).cu)
 
 
 # Gemma 4 26B-A4B (n_embd 2816) and the synthetic tiny preset (256): the MoE layers' three outputs with the experts'
@@ -239,4 +256,5 @@ _SIZES = (2816, 256)
 register("post_attention_norms", compile_post_attention_norms,
          [dict(N=n, n_out=3, q8_last=True) for n in _SIZES] + [dict(N=n, n_out=3) for n in _SIZES]
          + [dict(N=n, n_out=1) for n in _SIZES])
-register("post_ffn_norms", compile_post_ffn_norms, [dict(N=n, has_experts=e) for n in _SIZES for e in (True, False)])
+register("post_ffn_norms", compile_post_ffn_norms, [dict(N=n, has_experts=e) for n in _SIZES for e in (True, False)]
+         + [dict(N=n, has_experts=True, next_norm=True, next_q8=q) for n in _SIZES for q in (True, False)])

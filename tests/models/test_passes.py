@@ -1,0 +1,33 @@
+"""The SPARKINFER_DISABLE passes: one list (models/ops.py PASSES) that the code, the README and the A/B script agree
+with, so a pass cannot be switched in code but missing from the knobs users and benchmarks can reach."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from sparkinfer_cute.models import ops
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_pass_checked_in_code_is_listed_and_documented():
+    used = set()
+    for d in ("models", "sparkinfer_cute", "autotune"):
+        for p in (ROOT / d).rglob("*.py"):
+            used |= set(re.findall(r'enabled\("(\w+)"\)', p.read_text()))
+    assert used == set(ops.PASSES), f"checked but not listed: {used - ops.PASSES}; listed, never checked: " \
+                                     f"{set(ops.PASSES) - used}"
+    readme = (ROOT / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `SPARKINFER_DISABLE="))
+    assert set(re.search(r"SPARKINFER_DISABLE=([\w,]+)", row).group(1).split(",")) == set(ops.PASSES)
+    # the A/B script's unoptimized build switches every pass off
+    ab = re.search(r'SPARKINFER_DISABLE=([\w,]+)"', (ROOT / "tools" / "gpu_session.sh").read_text()).group(1)
+    assert set(ab.split(",")) == set(ops.PASSES)
+
+
+def test_an_unknown_pass_name_is_an_error():
+    with pytest.raises(KeyError, match="not a pass"):
+        ops.enabled("fused_typo")
