@@ -1,9 +1,9 @@
 """Gemma 3 GPU forward (spec: models.md §4; reference: sparkinfer_cute/reference/gemma3.py).
 
-Per layer: RMSNorm (fused with the residual add of the previous block) → Q/K/V GEMVs → per-head Q/K RMSNorm → NEOX
-RoPE (base 1e4 on sliding-window layers, rope.freq_base on global ones) → KV append (fp16) → flash-decoding attention
-(window on SWA layers; the reference's q·(1/sqrt(head_dim)) with scale 1 is folded into the attention scale) → Wo →
-post-attention RMSNorm; RMSNorm (+residual) → gate/up GEMVs → GeGLU (tanh GELU) → down GEMV → post-FFW RMSNorm.
+Per layer: Q/K/V GEMVs of h → per-head Q/K RMSNorm → NEOX RoPE (base 1e4 on sliding-window layers, rope.freq_base on
+global ones) → KV append (fp16) → flash-decoding attention (window on SWA layers; the reference's q·(1/sqrt(head_dim))
+with scale 1 is folded into the attention scale) → Wo → post-attention RMSNorm + residual + ffn_norm (one launch) →
+gate/up GEMVs with GeGLU (tanh GELU) → down GEMV → post-FFW RMSNorm + residual + the next attn_norm (one launch).
 Input embedding × sqrt(n_embd); tied output (token_embd) when there is no output.weight.
 """
 
@@ -36,6 +36,7 @@ class Gemma3GPU(GPUDecoder):
         self.up = DeviceArray.empty((c.n_ff,), f32)
         self.act = DeviceArray.empty((c.n_ff,), f32)
         self.dense_ids = ops.dense_expert_ids()       # the dense GLU as expert 0 of the MoE gate/up kernel
+        self.one = DeviceArray.from_numpy(np.ones(1, f32))  # the post-FFN chain's residual scale (Gemma 3 has none)
         self.f = DeviceArray.empty((E,), f32)
         # 27B rule (gemma3.cpp): 1/sqrt(n_embd/n_head) for 62 layers, else 1/sqrt(head_dim)
         self.q_scale = 1.0 / math.sqrt(E // H) if c.n_layer == 62 else 1.0 / math.sqrt(D)
@@ -45,11 +46,12 @@ class Gemma3GPU(GPUDecoder):
         c, w = self.cfg, self.w
         E, eps = c.n_embd, c.rms_eps
         ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=math.sqrt(E), stream=stream)
-        for l in range(c.n_layer if n_layers is None else n_layers):
+        last = (c.n_layer if n_layers is None else n_layers) - 1
+        # h = rmsnorm(x, attn_norm): here for layer 0 (x: the embedding), then by the previous layer's post-FFN chain
+        ops.rmsnorm(self.x, w["blk.0.attn_norm.weight"], self.h, eps, stream=stream)
+        for l in range(last + 1):
             p = f"blk.{l}."
             a = self.attn_layers[l]
-            # h = rmsnorm(x, attn_norm), x += delta of the previous layer first (layer 0: x is the embedding)
-            ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=stream)
             ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
                          self.k, self.v, stream=stream)
             attn_scale = ops.qk_prologue(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
@@ -58,17 +60,24 @@ class Gemma3GPU(GPUDecoder):
             ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
                           scale=attn_scale, window=a.window, stream=stream)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream)
-            ops.rmsnorm(self.o, w[p + "post_attention_norm.weight"], self.delta, eps, stream=stream)
-            ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=stream)
+            # x += rmsnorm(o, post_attention_norm); h = rmsnorm(x, ffn_norm)
+            ops.post_attention_norms(self.o, self.x, w[p + "post_attention_norm.weight"],
+                                     [(w[p + "ffn_norm.weight"], self.h)], eps, delta=self.delta, stream=stream)
             ops.dense_glu(w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], self.h, self.gate, self.up, self.act,
                           act="gelu_tanh", ids0=self.dense_ids, stream=stream)
             ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=stream)
-            ops.rmsnorm(self.f, w[p + "post_ffw_norm.weight"], self.delta, eps, stream=stream)
+            # x += rmsnorm(f, post_ffw_norm); h = the next layer's attn_norm of x, or after the last layer the final
+            # output_norm (+ the int8 LM head's q8_1 input under SPARKINFER_DP4A=all)
+            if l < last:
+                nxt = (w[f"blk.{l + 1}.attn_norm.weight"], self.h, None)
+            else:
+                nxt = (w["output_norm.weight"], self.h, self.lm_head_q8()) if n_layers is None else None
+            ops.post_ffn_norms(self.f, None, None, None, w[p + "post_ffw_norm.weight"], self.x, self.one, eps,
+                               m=None, y2=None, fn=self.delta, next_norm=nxt, stream=stream)
         if n_layers is not None:
-            return  # hidden state = x + delta (hidden_after_layers)
-        hq = self.lm_head_q8()  # the final norm also writes the int8 LM head's input (SPARKINFER_DP4A=all)
-        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=stream, xq=hq)
-        self.enqueue_logits(stream, hq)
+            self.delta.fill_bytes(0, stream)  # hidden_after_layers reads x + delta: x is the whole residual here
+            return
+        self.enqueue_logits(stream, self.lm_head_q8())  # h (and its q8_1 copy): the last post-FFN norm chain
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):

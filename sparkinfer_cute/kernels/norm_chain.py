@@ -1,8 +1,9 @@
-"""Chains of RMSNorms on one row, one launch: the norm-heavy seams of a Gemma 4 decode layer (models.md §Gemma 4).
+"""Chains of RMSNorms on one row, one launch: the norm-heavy seams of a Gemma decode layer (models.md §Gemma 3/4).
 
-A Gemma 4 layer runs eight RMSNorms of the same n_embd row between its matmuls, each a launch of a few microseconds
-for ~11 KB of data (the launch plan, models/launch_plan.py: 8 of the 21 launches of a sliding layer). The two seams
-where they bunch up are one kernel each:
+A Gemma 4 layer runs eight RMSNorms of the same n_embd row between its matmuls (Gemma 3: four), each a launch of a
+few microseconds for ~11 KB of data (the launch plan, models/launch_plan.py: 8 of the 21 launches of a Gemma 4
+sliding layer). The two seams where they bunch up are one kernel each (Gemma 3 uses the one-output / no-experts
+forms, with scale 1):
 
 - :class:`PostAttentionNorms` (after the O projection ``o``)::
 
@@ -250,11 +251,12 @@ def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, next_norm=None, str
        gptr(Float32, q[1]), gptr(Float32, q[2]), Float32(eps), resolve_stream(stream).cu)
 
 
-# Gemma 4 26B-A4B (n_embd 2816) and the synthetic tiny preset (256): the MoE layers' three outputs with the experts'
-# q8_1 input, a dense-only layer's one; both post-FFN forms
-_SIZES = (2816, 256)
+# Gemma 4 26B-A4B (n_embd 2816) and the synthetic tiny presets (256), Gemma 3 270M (640): the MoE layers' three
+# outputs with the experts' q8_1 input, a dense layer's one; the post-FFN forms with and without the next norm
+_SIZES = (2816, 256, 640)  # + Gemma 3 270M
 register("post_attention_norms", compile_post_attention_norms,
          [dict(N=n, n_out=3, q8_last=True) for n in _SIZES] + [dict(N=n, n_out=3) for n in _SIZES]
          + [dict(N=n, n_out=1) for n in _SIZES])
 register("post_ffn_norms", compile_post_ffn_norms, [dict(N=n, has_experts=e) for n in _SIZES for e in (True, False)]
-         + [dict(N=n, has_experts=True, next_norm=True, next_q8=q) for n in _SIZES for q in (True, False)])
+         + [dict(N=n, has_experts=e, next_norm=True, next_q8=q) for n in _SIZES for e in (True, False)
+            for q in (True, False)])
