@@ -31,7 +31,7 @@ from sparkinfer_cute.errors import ContextOverflowError
 from sparkinfer_cute.kernels.arch import kernel_family
 from sparkinfer_cute.models import ops
 from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Stream, get_device
-from sparkinfer_cute.runtime.weights import WeightStore
+from sparkinfer_cute.runtime.weights import QWeight, WeightStore
 
 DEFAULT_MAX_CONTEXT = 4096
 
@@ -94,6 +94,40 @@ class GPUDecoder:
         :meth:`alloc_block_buffers` for the ones every transformer block has, then add their own."""
         raise NotImplementedError
 
+    def fuse_rows(self, names: list[str], fused_name: str) -> QWeight | None:
+        """One device buffer with the rows of the weights ``names`` one after the other (same type and n_in: the
+        projections of one input), returned as one weight of all their rows; the parts become views into it (the
+        prefill's GEMMs keep reading them by name), their own buffers are freed. One GEMV then computes all the
+        projections where the chunk kernel's multi-matrix launch does not apply (:func:`ops.gemv_qkv`). None: the
+        parts differ in type or n_in. The rows are copied on the device once, at start-up."""
+        ws = [self.w[n] for n in names]
+        if len({(w.qtype, w.n_in, w.row_bytes) for w in ws}) != 1:
+            return None
+        if any(sum(w.nbytes for w in ws[:i]) % 16 for i in range(1, len(ws))):
+            return None  # a part would not start 16-byte aligned (the GEMM's and GEMV's wide loads)
+        w0 = ws[0]
+        buf = DeviceArray.empty((sum(w.nbytes for w in ws),), np.uint8)
+        off = 0
+        for n, w in zip(names, ws):
+            part = buf.view(np.uint8, (w.nbytes,), offset_bytes=off)
+            part.copy_from(w.data, self.stream)
+            self.w[n] = QWeight(n, w.qtype, w.shape, part, w.row_bytes)
+            off += w.nbytes
+        return QWeight(fused_name, w0.qtype, (w0.n_in, sum(w.n_out for w in ws)), buf, w0.row_bytes)
+
+    def packed_qkv(self, layer: int):
+        """(q, k, v, qkv) views of this layer's projections, packed one after the other in ``self.qkv_buf`` (the
+        layout of a :meth:`fuse_rows` GEMV's output): layers of another head size get their own packing of the one
+        buffer. ``v`` is None on K = V layers (no V projection)."""
+        a, c = self.attn_layers[layer], self.cfg
+        nq, nkv = a.n_head * a.head_dim, a.n_head_kv * a.head_dim
+        nv = nkv if getattr(c, "has_v", lambda l: True)(layer) else 0
+        f32 = np.float32
+        q = self.qkv_buf.view(f32, (nq,), offset_bytes=0)
+        k = self.qkv_buf.view(f32, (nkv,), offset_bytes=4 * nq)
+        v = self.qkv_buf.view(f32, (nv,), offset_bytes=4 * (nq + nkv)) if nv else None
+        return q, k, v, self.qkv_buf.view(f32, (nq + nkv + nv,), offset_bytes=0)
+
     def alloc_block_buffers(self) -> None:
         """The buffers every decoder block uses, sized for the largest attention layer: residual stream ``x``, normed
         block input ``h``, ``q``/``k``/``v``, attention output ``attn``, block output ``delta`` (added to ``x`` by the
@@ -103,9 +137,11 @@ class GPUDecoder:
         kv_len = max(a.n_head_kv * a.head_dim for a in self.attn_layers)
         self.x = DeviceArray.zeros((E,), f32)
         self.h = DeviceArray.empty((E,), f32)
-        self.q = DeviceArray.empty((q_len,), f32)
-        self.k = DeviceArray.empty((kv_len,), f32)
-        self.v = DeviceArray.empty((kv_len,), f32)
+        # q, k, v packed in one buffer (sized for the widest layer): a fused-rows GEMV writes all three at once
+        self.qkv_buf = DeviceArray.empty((q_len + 2 * kv_len,), f32)
+        self.q = self.qkv_buf.view(f32, (q_len,), offset_bytes=0)
+        self.k = self.qkv_buf.view(f32, (kv_len,), offset_bytes=4 * q_len)
+        self.v = self.qkv_buf.view(f32, (kv_len,), offset_bytes=4 * (q_len + kv_len))
         self.attn = DeviceArray.empty((q_len,), f32)
         self.delta = DeviceArray.empty((E,), f32)
         self.attn_ws = ops.AttentionWorkspace(self.attn_layers, self.max_context)

@@ -29,7 +29,8 @@ from sparkinfer_cute.runtime.weights import QWeight
 PATHS = ("decode", "prefill", "prefill_all_logits")
 # models/ops.py names that keep their real meaning in a dry run (pure functions of the config / environment)
 REAL = frozenset({"enabled", "dp4a_for", "prefer_dp4a", "attention_geometry", "AttentionGeometry", "gemm_supports",
-                  "rows", "row", "launches", "attention_splits", "gate_up_writes_act_q8", "tuned_configs", "tuned"})
+                  "rows", "row", "launches", "attention_splits", "gate_up_writes_act_q8", "tuned_configs", "tuned",
+                  "packs_rows"})
 # ops that allocate and launch nothing (their recorder returns a sized stand-in buffer)
 NO_LAUNCH = frozenset({"new_q8", "dense_expert_ids"})
 Q8_1_BYTES_PER_VALUE = 1.25  # int8 value + f32 scale and f32 sum per block of 32 (kernels/q8_1.py Q8Act)

@@ -37,6 +37,13 @@ class Gemma3GPU(GPUDecoder):
         self.act = DeviceArray.empty((c.n_ff,), f32)
         self.dense_ids = ops.dense_expert_ids()       # the dense GLU as expert 0 of the MoE gate/up kernel
         self.one = DeviceArray.from_numpy(np.ones(1, f32))  # the post-FFN chain's residual scale (Gemma 3 has none)
+        # q/k/v rows packed into one weight per layer: one GEMV where the chunk kernel's multi-matrix launch does not
+        # apply (the 270M: n_embd 640, Q8_0)
+        self.qkv_w = {}
+        for l in range(c.n_layer):
+            names = [f"blk.{l}.attn_{t}.weight" for t in "qkv"]
+            if ops.packs_rows([self.w[n] for n in names]):
+                self.qkv_w[l] = self.fuse_rows(names, f"blk.{l}.attn_qkv(packed)")
         self.f = DeviceArray.empty((E,), f32)
         # 27B rule (gemma3.cpp): 1/sqrt(n_embd/n_head) for 62 layers, else 1/sqrt(head_dim)
         self.q_scale = 1.0 / math.sqrt(E // H) if c.n_layer == 62 else 1.0 / math.sqrt(D)
@@ -52,12 +59,14 @@ class Gemma3GPU(GPUDecoder):
         for l in range(last + 1):
             p = f"blk.{l}."
             a = self.attn_layers[l]
-            ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
-                         self.k, self.v, stream=stream)
-            attn_scale = ops.qk_prologue(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
+            q, k, v, qkv = self.packed_qkv(l)
+            packed = None if self.qkv_w.get(l) is None else (self.qkv_w[l], qkv)
+            ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, q, k, v,
+                         stream=stream, packed=packed)
+            attn_scale = ops.qk_prologue(self.kv, l, q, k, v, w[p + "attn_q_norm.weight"],
                                          w[p + "attn_k_norm.weight"], self.pos_buf, n_head=a.n_head, n_rot=a.n_rot,
                                          base=a.rope_base, eps=eps, q_scale=self.q_scale, stream=stream)
-            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
+            ops.attention(self.kv, l, q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
                           scale=attn_scale, window=a.window, stream=stream)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream)
             # x += rmsnorm(o, post_attention_norm); h = rmsnorm(x, ffn_norm)

@@ -71,6 +71,13 @@ class Gemma4GPU(GPUDecoder):
         self.up = DeviceArray.empty((n_ff,), f32)
         self.act = DeviceArray.empty((n_ff,), f32)
         self.dense_ids = ops.dense_expert_ids()      # the dense GLU as expert 0 of the MoE gate/up kernel
+        # q/k(/v) rows packed into one weight per layer: one GEMV where the chunk kernel's multi-matrix launch does
+        # not apply (26B-A4B: n_embd 2816)
+        self.qkv_w = {}
+        for l in range(c.n_layer):
+            names = [f"blk.{l}.attn_{t}.weight" for t in ("qkv" if c.has_v(l) else "qk")]
+            if ops.packs_rows([self.w[n] for n in names]):
+                self.qkv_w[l] = self.fuse_rows(names, f"blk.{l}.attn_qkv(packed)")
         self.f = DeviceArray.empty((E,), f32)        # dense MLP output
         self.m = DeviceArray.empty((E,), f32)        # the FFN sum before post_ffw_norm
         self.fn = DeviceArray.empty((E,), f32)       # rmsnorm(m, post_ffw_norm): added to x
@@ -121,18 +128,20 @@ class Gemma4GPU(GPUDecoder):
         for l in range(last + 1):
             p = f"blk.{l}."
             a = self.attn_layers[l]
+            q, k, v, qkv = self.packed_qkv(l)  # this layer's q|k|v packed (the packed GEMV's output layout)
+            packed = None if self.qkv_w.get(l) is None else (self.qkv_w[l], qkv)
             if c.has_v(l):
-                ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
-                             self.k, self.v, stream=stream, xq=hq)
+                ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, q, k, v,
+                             stream=stream, xq=hq, packed=packed)
             else:
-                ops.gemv_qk(w[p + "attn_q.weight"], w[p + "attn_k.weight"], self.h, self.q, self.k, stream=stream,
-                            xq=hq)
-            ops.qk_prologue(self.kv, l, self.q, self.k, self.v if c.has_v(l) else self.k, w[p + "attn_q_norm.weight"],
+                ops.gemv_qk(w[p + "attn_q.weight"], w[p + "attn_k.weight"], self.h, q, k, stream=stream, xq=hq,
+                            packed=packed)
+            ops.qk_prologue(self.kv, l, q, k, v if c.has_v(l) else k, w[p + "attn_q_norm.weight"],
                             w[p + "attn_k_norm.weight"], self.pos_buf, n_head=a.n_head, n_rot=a.n_rot,
                             base=a.rope_base, eps=eps, q_scale=1.0, stream=stream, v_norm=True,
                             freq_factors=self.rope_freqs if c.uses_rope_freqs(l) else None)
             aq = self.attnq if self.q8_attn else None  # the int8 O projection's input, quantized by attention
-            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
+            ops.attention(self.kv, l, q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
                           scale=c.attn_scale, window=a.window, stream=stream, xq=aq)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream, xq=aq)
             # x1 = x + rmsnorm(o, post_attention_norm) (in place); from x1: h = rmsnorm(x1, ffn_norm), the dense MLP's

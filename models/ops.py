@@ -346,11 +346,11 @@ def prefer_dp4a(w, auto: bool = True) -> bool:
     return auto and w.n_out >= 65536
 
 
-def _multi_launches(ws) -> int:
-    """Launches of :func:`gemv_qkv` / :func:`gemv_qk`: one (kernels/gemv_chunk.py GemvMulti) where the chunk
-    mapping applies to every matrix and ``fused_qkv`` is enabled, else one GEMV per matrix."""
-    fused = enabled("fused_qkv") and all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in ws)
-    return 1 if fused else len(ws)
+def _multi_launches(ws, packed=None) -> int:
+    """Launches of :func:`gemv_qkv` / :func:`gemv_qk`: one where ``fused_qkv`` is enabled and the chunk mapping
+    applies to every matrix (kernels/gemv_chunk.py GemvMulti) or their rows are packed, else one GEMV each."""
+    chunk = all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in ws)
+    return 1 if enabled("fused_qkv") and (chunk or packed is not None) else len(ws)
 
 
 def new_q8(n: int, rows: int = 1):
@@ -399,24 +399,36 @@ def _gemv_fused(ws, ys, x, *, stream, xq=None):
                      rows_per_warp=rpw if any(r is not None for r in rpw) else None)
 
 
-@launches(lambda wq, wk, wv, *a, **k: _multi_launches((wq, wk, wv)))
-def gemv_qkv(wq, wk, wv, x, q, k, v, *, stream, xq=None):
-    """q, k, v projections of one normed input: one launch (kernels/gemv_chunk.py GemvMulti) unless disabled."""
-    if enabled("fused_qkv"):
-        _gemv_fused((wq, wk, wv), (q, k, v), x, stream=stream, xq=xq)
-    else:
-        for w, y in ((wq, q), (wk, k), (wv, v)):
-            gemv(w, x, y, stream=stream, xq=xq)
+def packs_rows(ws) -> bool:
+    """Whether the projections ``ws`` of one input should be packed into one weight (models/base.py ``fuse_rows``)
+    for :func:`gemv_qkv` / :func:`gemv_qk`: ``fused_qkv`` is on and the chunk kernel's multi-matrix launch does not
+    take them (Gemma: n_embd 640 / 2816, or Q8_0 / Q5_0 weights)."""
+    return enabled("fused_qkv") and not all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in ws)
 
 
-@launches(lambda wq, wk, *a, **k: _multi_launches((wq, wk)))
-def gemv_qk(wq, wk, x, q, k, *, stream, xq=None):
-    """q and k projections of one normed input (K = V layers have no V projection): one launch where it applies."""
-    if enabled("fused_qkv"):
-        _gemv_fused((wq, wk), (q, k), x, stream=stream, xq=xq)
-    else:
-        for w, y in ((wq, q), (wk, k)):
+def _projections(ws, ys, x, *, stream, xq, packed):
+    if not enabled("fused_qkv"):
+        for w, y in zip(ws, ys):
             gemv(w, x, y, stream=stream, xq=xq)
+    elif packed is not None and packs_rows(ws):
+        gemv(packed[0], x, packed[1], stream=stream, xq=xq)  # one GEMV over the packed rows into the packed q|k|v
+    else:
+        _gemv_fused(ws, ys, x, stream=stream, xq=xq)
+
+
+@launches(lambda wq, wk, wv, *a, packed=None, **k: _multi_launches((wq, wk, wv), packed))
+def gemv_qkv(wq, wk, wv, x, q, k, v, *, stream, xq=None, packed=None):
+    """q, k, v projections of one normed input: one launch unless ``fused_qkv`` is disabled: the chunk kernel's
+    multi-matrix launch (kernels/gemv_chunk.py GemvMulti) where it applies, else, with ``packed`` = (W, out), one
+    GEMV of the rows of all three (W: models/base.py ``fuse_rows``) into q|k|v packed in ``out``
+    (``packed_qkv``)."""
+    _projections((wq, wk, wv), (q, k, v), x, stream=stream, xq=xq, packed=packed)
+
+
+@launches(lambda wq, wk, *a, packed=None, **k: _multi_launches((wq, wk), packed))
+def gemv_qk(wq, wk, x, q, k, *, stream, xq=None, packed=None):
+    """q and k projections of one normed input (K = V layers have no V projection): as :func:`gemv_qkv`."""
+    _projections((wq, wk), (q, k), x, stream=stream, xq=xq, packed=packed)
 
 
 @launches(1)

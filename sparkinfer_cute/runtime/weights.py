@@ -96,5 +96,9 @@ class WeightStore:
     def __getitem__(self, name: str) -> QWeight:
         return self.weights[name]
 
+    def __setitem__(self, name: str, w: QWeight) -> None:
+        """Replace a handle (models/base.py ``fuse_rows`` points the parts of a fused weight into its buffer)."""
+        self.weights[name] = w
+
     def get(self, name: str):
         return self.weights.get(name)
