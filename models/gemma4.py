@@ -177,9 +177,8 @@ class Gemma4GPU(GPUDecoder):
         """Routed experts of layer l (inputs r_in, e_in [+ e_inq] from post_attention_norms): their weighted sum y."""
         c, w, p = self.cfg, self.w, f"blk.{l}."
         ops.router_gemv(w[p + "ffn_gate_inp.weight"], self.r_in, self.expert_ids, self.expert_w, c.n_expert_used,
-                        self.router_state, stream=stream)
-        if c.has_down_exps_scale(l):
-            ops.expert_scale(self.expert_w, self.expert_ids, w[p + "ffn_down_exps.scale"], stream=stream)
+                        self.router_state, stream=stream,
+                        down_scale=w[p + "ffn_down_exps.scale"] if c.has_down_exps_scale(l) else None)
         eq = self.e_inq if self.q8_moe else None
         wg, wu = self._experts(l)
         actq = self.moe_actq if self.q8_moe else None

@@ -253,6 +253,11 @@ def _traffic(c: OpCall, m, depth: int, splits) -> dict:
         b["dense"] += w.nbytes
         b["act_read"] += w.n_in * F32 + w.n_out * F32      # input, logits scratch re-read by the last CTA
         b["act_write"] += w.n_out * F32 + 2 * k * F32     # logits scratch, ids + weights
+        if kw.get("down_scale") is not None:                # k entries of the per-expert down scale
+            b["routed"] += k * F32
+            if c.kernels > 1:                               # in expert_scale's own launch: weights re-read
+                b["act_read"] += 2 * k * F32
+                b["act_write"] += k * F32
     elif op == "router":
         k = a[3]
         b["act_read"] += _nbytes(a[0])
@@ -299,7 +304,9 @@ def kernel_parts(c: OpCall) -> tuple:
     """The kernels behind one op call, as ((name, count), ...) named after the models/ops.py op each one is (the
     performance model prices a kernel by its class). Checked against the op's declared count."""
     kw = c.kwargs
-    if c.op == "moe_down" and c.kernels == 2:  # an actq the gate/up kernel did not write
+    if c.op == "router_gemv" and c.kernels == 2:  # the per-expert down scale in a launch of its own
+        parts = (("router_gemv", 1), ("expert_scale", 1))
+    elif c.op == "moe_down" and c.kernels == 2:  # an actq the gate/up kernel did not write
         parts = (("quantize", 1), ("moe_down", 1))
     elif c.op == "attention" and kw.get("xq") is not None and not ops.enabled("fused_attn_q8"):
         parts = (("attention", c.kernels - 1), ("quantize", 1))

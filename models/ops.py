@@ -55,6 +55,7 @@ PASSES = frozenset({
     "fused_moe_act_q8",  # the expert gate/up kernel writes the q8_1 input of the int8 down projection
     "fused_head_q8",     # the final norm writes the q8_1 input of the int8 LM head
     "fused_dense_glu",   # a dense GLU's gate+up+activation as one launch of the expert gate/up kernel
+    "fused_expert_scale",  # the fused router also multiplies the routed weights by the per-expert down scale
     "fused_norms",       # Gemma 4's RMSNorm chains after the O projection and after the FFNs (kernels/norm_chain.py)
     "flash_prefill",     # the batched prefill's tensor-core flash attention
 })
@@ -552,11 +553,17 @@ class RouterState:
         self.counter = DeviceArray.zeros((1,), np.int32)
 
 
-@launches(1)
-def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream):
-    """F32 router GEMV + softmax + top-k + renormalize in one launch (kernels/router.py RouterGemvTopK)."""
+@launches(lambda *a, down_scale=None, **k: 1 if down_scale is None or enabled("fused_expert_scale") else 2)
+def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream, down_scale=None):
+    """F32 router GEMV + softmax + top-k + renormalize in one launch (kernels/router.py RouterGemvTopK);
+    ``down_scale`` (a per-expert vector weight: Gemma 4's ``ffn_down_exps.scale``): the routed weights times
+    ``down_scale[id]`` too, in the same launch (``fused_expert_scale`` disabled: :func:`expert_scale`'s launch)."""
+    fold = down_scale is not None and enabled("fused_expert_scale")
     _router.route_gemv(w.data, h, k, norm_topk=True, ids_out=ids, weights_out=weights, scratch=st.logits,
-                       counter=st.counter, n_expert=w.n_out, stream=stream)
+                       counter=st.counter, n_expert=w.n_out, stream=stream,
+                       expert_scale=_row(down_scale) if fold else None)
+    if down_scale is not None and not fold:
+        expert_scale(weights, ids, down_scale, stream=stream)
 
 
 @launches(1)

@@ -238,10 +238,15 @@ class RouterGemvTopK:
     (acquire), reads the logits back with ``ld.global.cg`` and runs the router's own softmax/top-k/renormalize
     (:func:`softmax_topk_block`, the code :class:`Router` runs), then stores 0 into the counter so the next launch
     (a CUDA-graph replay, the next layer) starts from zero. No CTA ever waits for another: no deadlock whatever
-    the residency."""
+    the residency.
 
-    def __init__(self, n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0):
+    ``expert_scale``: the last CTA then also multiplies each routed weight by ``scale[id]`` (Gemma 4's per-expert
+    ``ffn_down_exps.scale``, the product elementwise.py :class:`GatherScale` forms in a launch of its own)."""
+
+    def __init__(self, n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0,
+                 expert_scale: bool = False):
         self.pdl = pdl_enabled()
+        self.expert_scale = expert_scale
         if not 0 < k <= min(n_expert, 32):
             raise ValueError(f"bad top-k {k} for {n_expert} experts")
         if n_embd % _CHUNK:
@@ -258,7 +263,8 @@ class RouterGemvTopK:
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pH: cute.Pointer, pScratch: cute.Pointer, pCounter: cute.Pointer,
-                 pIds: cute.Pointer, pWeights: cute.Pointer, n_tokens: Int32, stream: cuda.CUstream):
+                 pIds: cute.Pointer, pWeights: cute.Pointer, pScale: cute.Pointer, n_tokens: Int32,
+                 stream: cuda.CUstream):
         E, N, K = self.n_expert, self.n_embd, self.k
         mW = cute.make_tensor(pW, cute.make_layout((E, N), stride=(N, 1)))
         mH = cute.make_tensor(pH, cute.make_layout((n_tokens, N), stride=(N, 1)))
@@ -266,12 +272,13 @@ class RouterGemvTopK:
         mCnt = cute.make_tensor(pCounter, cute.make_layout(n_tokens))
         mI = cute.make_tensor(pIds, cute.make_layout((n_tokens, K), stride=(K, 1)))
         mP = cute.make_tensor(pWeights, cute.make_layout((n_tokens, K), stride=(K, 1)))
-        self.kernel(mW, mH, mS, mCnt, mI, mP).launch(use_pdl=self.pdl, grid=[self.n_ctas, n_tokens, 1],
-                                                     block=[self.threads, 1, 1], stream=stream)
+        mScale = cute.make_tensor(pScale, cute.make_layout(E))  # read only with expert_scale
+        self.kernel(mW, mH, mS, mCnt, mI, mP, mScale).launch(use_pdl=self.pdl, grid=[self.n_ctas, n_tokens, 1],
+                                                             block=[self.threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mH: cute.Tensor, mS: cute.Tensor, mCnt: cute.Tensor, mI: cute.Tensor,
-               mP: cute.Tensor):
+               mP: cute.Tensor, mScale: cute.Tensor):
         pdl_prologue(self.pdl)
         warps_per_row, CPL, U = self.warps_per_row, self.chunks_per_lane, _LOADS_IN_FLIGHT
         tid, _, _ = cute.arch.thread_idx()
@@ -332,21 +339,28 @@ class RouterGemvTopK:
             cute.arch.fence_acq_rel_gpu()  # acquire: every CTA's logits are visible below
             softmax_topk_block(mS[tok, None], mI[tok, None], mP[tok, None], red_v, red_i, self.n_expert, self.k,
                                self.norm_topk, self.threads, True)
+            if const_expr(self.expert_scale):
+                cute.arch.barrier()  # the routed ids / weights stored above are visible to the whole CTA
+                if tid < self.k:
+                    mP[tok, tid] = mP[tok, tid] * mScale[mI[tok, tid]]
             if tid == 0:
                 mCnt[tok] = Int32(0)  # all n_ctas arrivals are in: reset for the next launch / graph replay
 
 
 @kernel_cache
-def compile_router_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0):
+def compile_router_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0,
+                        expert_scale: bool = False):
     """Compile :class:`RouterGemvTopK` (``warps_per_row`` 0 = :func:`choose_router_warps_per_row`). Runtime args:
-    (w f32, h f32, scratch f32, counter int32, ids int32, weights f32 pointers, n_tokens, stream)."""
-    return cute.compile(RouterGemvTopK(n_expert, n_embd, k, norm_topk, warps_per_row), fake_ptr(Float32, 16),
-                        fake_ptr(Float32, 16), fake_ptr(Float32, 4), fake_ptr(Int32, 4), fake_ptr(Int32, 4),
-                        fake_ptr(Float32, 4), Int32(1), cute.runtime.make_fake_stream(), options=compile_options())
+    (w f32, h f32, scratch f32, counter int32, ids int32, weights f32, scale f32 (read with ``expert_scale``)
+    pointers, n_tokens, stream)."""
+    return cute.compile(RouterGemvTopK(n_expert, n_embd, k, norm_topk, warps_per_row, expert_scale),
+                        fake_ptr(Float32, 16), fake_ptr(Float32, 16), fake_ptr(Float32, 4), fake_ptr(Int32, 4),
+                        fake_ptr(Int32, 4), fake_ptr(Float32, 4), fake_ptr(Float32, 4), Int32(1),
+                        cute.runtime.make_fake_stream(), options=compile_options())
 
 
 def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, weights_out=None, scratch=None,
-               counter=None, stream=None, n_expert: int | None = None, warps_per_row: int = 0):
+               counter=None, stream=None, n_expert: int | None = None, warps_per_row: int = 0, expert_scale=None):
     """Fused MoE router: ``route(w_router @ h, k)`` in one launch.
 
     ``w_router``: f32 ``[n_expert, n_embd]`` (numpy, or a DeviceArray of any dtype holding those bytes, e.g. the raw
@@ -357,7 +371,10 @@ def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, wei
     CUDA-graph capture: pass ``ids_out``, ``weights_out``, ``scratch`` (f32, >= T * n_expert elements: the logits,
     readable afterwards) and ``counter`` (int32, >= T elements, **zero** before the first launch; the kernel leaves
     it zero, so one zeroed counter serves every layer and every replay on one stream). Anything not given is
-    allocated here (the counter zeroed), which a capture must not do."""
+    allocated here (the counter zeroed), which a capture must not do.
+
+    ``expert_scale`` (f32 DeviceArray of ``n_expert``): each routed weight is also multiplied by
+    ``expert_scale[id]`` (Gemma 4's ``ffn_down_exps.scale``), in the same launch."""
     from ..runtime import DeviceArray, as_device, resolve_stream
 
     st = resolve_stream(stream)
@@ -386,10 +403,16 @@ def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, wei
         counter = DeviceArray.zeros((T,), np.int32, stream=st)
     if scratch.nbytes < 4 * T * n_expert or counter.nbytes < 4 * T:
         raise ValueError(f"scratch needs {T * n_expert} f32 and counter {T} int32 elements")
+    if expert_scale is not None and int(np.prod(expert_scale.shape)) < n_expert:
+        raise ValueError(f"expert_scale has {int(np.prod(expert_scale.shape))} entries for {n_expert} experts")
     if T:
-        compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, warps_per_row=warps_per_row)(
+        flags = {"expert_scale": True} if expert_scale is not None else {}
+        scale_ptr = expert_scale.ptr if expert_scale is not None else w.ptr  # (not read without the flag)
+        compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, warps_per_row=warps_per_row,
+                            **flags)(
             gptr(Float32, dw.ptr, 16), gptr(Float32, dh.ptr, 16), gptr(Float32, scratch.ptr, 4),
-            gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, w.ptr, 4), Int32(T), st.cu)
+            gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, w.ptr, 4),
+            gptr(Float32, scale_ptr, 4), Int32(T), st.cu)
     if was_np:
         return ids.to_numpy(st), w.to_numpy(st)
     return ids, w
@@ -433,7 +456,8 @@ def _launch_example_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = T
 
     def launch():
         fn(gptr(Float32, w.ptr, 16), gptr(Float32, h.ptr, 16), gptr(Float32, scratch.ptr, 4),
-           gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, p.ptr, 4), Int32(1), s.cu)
+           gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, p.ptr, 4), gptr(Float32, p.ptr, 4),
+           Int32(1), s.cu)
 
     return launch
 
@@ -446,4 +470,7 @@ register("router_gemv", compile_router_gemv, [
     dict(n_expert=32, n_embd=512, k=8),     # synthetic qwen3moe small
     dict(n_expert=128, n_embd=2816, k=8),   # Gemma 4 26B-A4B
     dict(n_expert=16, n_embd=256, k=4),     # synthetic gemma4 tiny
+    # Gemma 4: the per-expert down scale folded into the routed weights by the same launch
+    dict(n_expert=128, n_embd=2816, k=8, expert_scale=True),
+    dict(n_expert=16, n_embd=256, k=4, expert_scale=True),
 ], launch_example=_launch_example_gemv)

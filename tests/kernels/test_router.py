@@ -275,3 +275,32 @@ def test_route_gemv_graph_replay(cfg, rng):
             assert_all_written(got_p, "weights")
             _assert_matches_f64(ws[i], hs[i], k, True, got_ids, got_p, 1e-4)
         assert counter.to_numpy(stream)[0] == 0
+
+
+@pytest.mark.gpu
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), shape=st.sampled_from([(128, 2816, 8), (16, 256, 4)]),
+       T=st.integers(1, 3))
+def test_fused_router_expert_scale_is_the_gather_scale(seed, shape, T):
+    """``expert_scale``: the routed weights come out times ``scale[id]``, the bits the separate GatherScale launch
+    (elementwise.py, what Gemma 4 ran before) gives on the unscaled weights; the ids are unchanged."""
+    from sparkinfer_cute.kernels.elementwise import gather_scale
+    from sparkinfer_cute.runtime import DeviceArray
+
+    n_expert, n_embd, k = shape
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n_expert, n_embd)) / np.sqrt(n_embd)).astype(np.float32)
+    h = rng.standard_normal((T, n_embd)).astype(np.float32)
+    scale = (0.5 + rng.random(n_expert)).astype(np.float32)
+    outs = []
+    for with_scale in (False, True):
+        ids, p = poisoned((T, k), np.int32), poisoned((T, k), np.float32)
+        route_gemv(DeviceArray.from_numpy(w), DeviceArray.from_numpy(h), k, ids_out=ids, weights_out=p,
+                   expert_scale=DeviceArray.from_numpy(scale) if with_scale else None)
+        outs.append((ids, p))
+    (ids0, p0), (ids1, p1) = outs
+    np.testing.assert_array_equal(ids1.to_numpy(), ids0.to_numpy())
+    for t in range(T):  # the reference: GatherScale on each token's unscaled weights
+        gather_scale(p0.view(np.float32, (k,), offset_bytes=4 * k * t),
+                     ids0.view(np.int32, (k,), offset_bytes=4 * k * t), DeviceArray.from_numpy(scale))
+    np.testing.assert_array_equal(p1.to_numpy().view(np.uint32), p0.to_numpy().view(np.uint32))
