@@ -113,6 +113,7 @@ class GPUDecoder:
             part.copy_from(w.data, self.stream)
             self.w[n] = QWeight(n, w.qtype, w.shape, part, w.row_bytes)
             off += w.nbytes
+        self.stream.synchronize()  # the copies are done before the parts' own buffers are freed (dropped above)
         return QWeight(fused_name, w0.qtype, (w0.n_in, sum(w.n_out for w in ws)), buf, w0.row_bytes)
 
     def packed_qkv(self, layer: int):
