@@ -43,7 +43,9 @@ class Gemma3GPU(GPUDecoder):
         for l in range(c.n_layer):
             names = [f"blk.{l}.attn_{t}.weight" for t in "qkv"]
             if ops.packs_rows([self.w[n] for n in names]):
-                self.qkv_w[l] = self.fuse_rows(names, f"blk.{l}.attn_qkv(packed)")
+                # all three, else q and k when v's type differs (Q4_K_M's Q6_K attn_v layers)
+                self.qkv_w[l] = (self.fuse_rows(names, f"blk.{l}.attn_qkv(packed)")
+                                 or self.fuse_rows(names[:2], f"blk.{l}.attn_qk(packed)"))
         self.f = DeviceArray.empty((E,), f32)
         # 27B rule (gemma3.cpp): 1/sqrt(n_embd/n_head) for 62 layers, else 1/sqrt(head_dim)
         self.q_scale = 1.0 / math.sqrt(E // H) if c.n_layer == 62 else 1.0 / math.sqrt(D)

@@ -77,7 +77,9 @@ class Gemma4GPU(GPUDecoder):
         for l in range(c.n_layer):
             names = [f"blk.{l}.attn_{t}.weight" for t in ("qkv" if c.has_v(l) else "qk")]
             if ops.packs_rows([self.w[n] for n in names]):
-                self.qkv_w[l] = self.fuse_rows(names, f"blk.{l}.attn_qkv(packed)")
+                # all three, else q and k when v's type differs (Q4_K_M's Q6_K attn_v layers)
+                self.qkv_w[l] = (self.fuse_rows(names, f"blk.{l}.attn_qkv(packed)")
+                                 or self.fuse_rows(names[:2], f"blk.{l}.attn_qk(packed)"))
         self.f = DeviceArray.empty((E,), f32)        # dense MLP output
         self.m = DeviceArray.empty((E,), f32)        # the FFN sum before post_ffw_norm
         self.fn = DeviceArray.empty((E,), f32)       # rmsnorm(m, post_ffw_norm): added to x

@@ -350,8 +350,11 @@ def prefer_dp4a(w, auto: bool = True) -> bool:
 def _multi_launches(ws, packed=None) -> int:
     """Launches of :func:`gemv_qkv` / :func:`gemv_qk`: one where ``fused_qkv`` is enabled and the chunk mapping
     applies to every matrix (kernels/gemv_chunk.py GemvMulti) or their rows are packed, else one GEMV each."""
-    chunk = all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in ws)
-    return 1 if enabled("fused_qkv") and (chunk or packed is not None) else len(ws)
+    if not enabled("fused_qkv"):
+        return len(ws)
+    if all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in ws):
+        return 1
+    return len(ws) if packed is None else 1 + len(ws) - _packed_count(ws, packed)
 
 
 def new_q8(n: int, rows: int = 1):
@@ -407,12 +410,24 @@ def packs_rows(ws) -> bool:
     return enabled("fused_qkv") and not all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in ws)
 
 
+def _packed_count(ws, packed) -> int:
+    """How many leading matrices of ``ws`` the packed weight holds (all, or q and k when v's type differs)."""
+    rows, n = 0, 0
+    for w in ws:
+        if rows >= packed[0].n_out:
+            break
+        rows, n = rows + w.n_out, n + 1
+    return n
+
+
 def _projections(ws, ys, x, *, stream, xq, packed):
     if not enabled("fused_qkv"):
         for w, y in zip(ws, ys):
             gemv(w, x, y, stream=stream, xq=xq)
     elif packed is not None and packs_rows(ws):
         gemv(packed[0], x, packed[1], stream=stream, xq=xq)  # one GEMV over the packed rows into the packed q|k|v
+        for w, y in list(zip(ws, ys))[_packed_count(ws, packed):]:  # a matrix of another type: its own GEMV
+            gemv(w, x, y, stream=stream, xq=xq)
     else:
         _gemv_fused(ws, ys, x, stream=stream, xq=xq)
 
@@ -422,7 +437,7 @@ def gemv_qkv(wq, wk, wv, x, q, k, v, *, stream, xq=None, packed=None):
     """q, k, v projections of one normed input: one launch unless ``fused_qkv`` is disabled: the chunk kernel's
     multi-matrix launch (kernels/gemv_chunk.py GemvMulti) where it applies, else, with ``packed`` = (W, out), one
     GEMV of the rows of all three (W: models/base.py ``fuse_rows``) into q|k|v packed in ``out``
-    (``packed_qkv``)."""
+    (``packed_qkv``); W may hold q and k only (v of another type: a second GEMV)."""
     _projections((wq, wk, wv), (q, k, v), x, stream=stream, xq=xq, packed=packed)
 
 
