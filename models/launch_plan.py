@@ -255,9 +255,15 @@ def _traffic(c: OpCall, m, depth: int, splits) -> dict:
         b["act_write"] += w.n_out * F32 + 2 * k * F32     # logits scratch, ids + weights
         if kw.get("down_scale") is not None:                # k entries of the per-expert down scale
             b["routed"] += k * F32
-            if c.kernels > 1:                               # in expert_scale's own launch: weights re-read
+            if not ops.enabled("fused_expert_scale"):       # in expert_scale's own launch: weights re-read
                 b["act_read"] += 2 * k * F32
                 b["act_write"] += k * F32
+        pre = kw.get("prenorm")
+        if pre is not None:                                 # + the pre-FFN norm: x, delta and its weight read,
+            n = w.n_in                                      # x and h (+ q8_1) written (unfused: h re-read too)
+            b["dense"] += pre[2].nbytes
+            b["act_read"] += 2 * n * F32 + (0 if ops.enabled("fused_router_norm") else n * F32)
+            b["act_write"] += 2 * n * F32 + (n * Q8 if pre[4] is not None else 0)
     elif op == "router":
         k = a[3]
         b["act_read"] += _nbytes(a[0])
@@ -304,8 +310,12 @@ def kernel_parts(c: OpCall) -> tuple:
     """The kernels behind one op call, as ((name, count), ...) named after the models/ops.py op each one is (the
     performance model prices a kernel by its class). Checked against the op's declared count."""
     kw = c.kwargs
-    if c.op == "router_gemv" and c.kernels == 2:  # the per-expert down scale in a launch of its own
-        parts = (("router_gemv", 1), ("expert_scale", 1))
+    if c.op == "router_gemv" and c.kernels > 1:  # the norm / the down scale in launches of their own
+        parts = (("router_gemv", 1),)
+        if kw.get("prenorm") is not None and not ops.enabled("fused_router_norm"):
+            parts += (("rmsnorm", 1),)
+        if kw.get("down_scale") is not None and not ops.enabled("fused_expert_scale"):
+            parts += (("expert_scale", 1),)
     elif c.op == "moe_down" and c.kernels == 2:  # an actq the gate/up kernel did not write
         parts = (("quantize", 1), ("moe_down", 1))
     elif c.op == "attention" and kw.get("xq") is not None and not ops.enabled("fused_attn_q8"):

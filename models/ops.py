@@ -56,6 +56,7 @@ PASSES = frozenset({
     "fused_head_q8",     # the final norm writes the q8_1 input of the int8 LM head
     "fused_dense_glu",   # a dense GLU's gate+up+activation as one launch of the expert gate/up kernel
     "fused_expert_scale",  # the fused router also multiplies the routed weights by the per-expert down scale
+    "fused_router_norm",   # the fused router forms its input: the pre-FFN norm + residual add (+ the experts' q8_1)
     "fused_norms",       # Gemma 4's RMSNorm chains after the O projection and after the FFNs (kernels/norm_chain.py)
     "flash_prefill",     # the batched prefill's tensor-core flash attention
 })
@@ -568,15 +569,31 @@ class RouterState:
         self.counter = DeviceArray.zeros((1,), np.int32)
 
 
-@launches(lambda *a, down_scale=None, **k: 1 if down_scale is None or enabled("fused_expert_scale") else 2)
-def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream, down_scale=None):
+def _router_launches(*a, down_scale=None, prenorm=None, **k) -> int:
+    """The fused router, plus the norm and the scale launches it does not fold (their passes disabled)."""
+    return (1 + (down_scale is not None and not enabled("fused_expert_scale"))
+            + (prenorm is not None and not enabled("fused_router_norm")))
+
+
+@launches(_router_launches)
+def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream, down_scale=None, prenorm=None):
     """F32 router GEMV + softmax + top-k + renormalize in one launch (kernels/router.py RouterGemvTopK);
     ``down_scale`` (a per-expert vector weight: Gemma 4's ``ffn_down_exps.scale``): the routed weights times
-    ``down_scale[id]`` too, in the same launch (``fused_expert_scale`` disabled: :func:`expert_scale`'s launch)."""
+    ``down_scale[id]`` too, in the same launch (``fused_expert_scale`` disabled: :func:`expert_scale`'s launch).
+    ``prenorm`` = ``(x, delta, w_norm, eps, hq)``: the router's input ``h`` is formed by the same launch, the
+    pre-FFN norm with its residual add: ``x += delta``, ``h = rmsnorm(x) * w_norm`` and, with ``hq``, its q8_1 copy
+    for the experts (``fused_router_norm`` disabled: :func:`rmsnorm`'s launch first)."""
     fold = down_scale is not None and enabled("fused_expert_scale")
+    pre = None
+    if prenorm is not None:
+        x, delta, w_norm, eps, hq = prenorm
+        if enabled("fused_router_norm"):
+            pre = (x, delta, _row(w_norm), eps, hq)
+        else:
+            rmsnorm(x, w_norm, h, eps, residual=delta, stream=stream, xq=hq)
     _router.route_gemv(w.data, h, k, norm_topk=True, ids_out=ids, weights_out=weights, scratch=st.logits,
                        counter=st.counter, n_expert=w.n_out, stream=stream,
-                       expert_scale=_row(down_scale) if fold else None)
+                       expert_scale=_row(down_scale) if fold else None, prenorm=pre)
     if down_scale is not None and not fold:
         expert_scale(weights, ids, down_scale, stream=stream)
 

@@ -62,12 +62,13 @@ class Qwen3MoeGPU(GPUDecoder):
                           scale=attn_scale, window=a.window, stream=stream, xq=aq)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.delta, stream=stream, xq=aq)
             hq = self.hq if self.q8_moe else None
-            ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=stream, xq=hq)
             wr = w[p + "ffn_gate_inp.weight"]
             if ops.enabled("fused_router") and wr.qtype == "F32":
+                # x += delta; h = rmsnorm(x, ffn_norm) [+ q8_1]: formed by the router launch itself
                 ops.router_gemv(wr, self.h, self.expert_ids, self.expert_w, c.n_expert_used, self.router_state,
-                                stream=stream)
+                                stream=stream, prenorm=(self.x, self.delta, w[p + "ffn_norm.weight"], eps, hq))
             else:
+                ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=stream, xq=hq)
                 ops.gemv(wr, self.h, self.router_logits, stream=stream)
                 ops.router(self.router_logits, self.expert_ids, self.expert_w, c.n_expert_used, stream=stream)
             actq = self.actq if self.q8_moe else None

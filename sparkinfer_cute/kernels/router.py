@@ -35,9 +35,10 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import numpy as np
-from cutlass import Float32, Int32, const_expr
+from cutlass import Float32, Int8, Int32, const_expr
 
 from .common import F32_MAX, fake_ptr, gptr, pdl_prologue, warp_argmax, warp_reduce
+from .q8_1 import quantize_block_warp
 from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
@@ -241,12 +242,24 @@ class RouterGemvTopK:
     the residency.
 
     ``expert_scale``: the last CTA then also multiplies each routed weight by ``scale[id]`` (Gemma 4's per-expert
-    ``ffn_down_exps.scale``, the product elementwise.py :class:`GatherScale` forms in a launch of its own)."""
+    ``ffn_down_exps.scale``, the product elementwise.py :class:`GatherScale` forms in a launch of its own).
+
+    ``prenorm``: the router's input is not read but formed, the block's pre-FFN RMSNorm with its residual add
+    (Qwen3-MoE's ffn_norm, one launch fewer per layer): every CTA sums the squares of ``s = x + delta`` over the row
+    (the same code and order in every CTA, so every CTA holds the same ``rstd`` bits) and feeds the GEMV with
+    ``h = (s * rstd) * w_norm`` computed from its 16-byte loads of x, delta and w_norm; the last CTA, after every CTA
+    has read the old x, writes ``x = s``, ``h`` and (``prenorm_q8``) the q8_1 copy of h (q8_1.py
+    ``quantize_block_warp``) for the experts, which read them in the next launch."""
 
     def __init__(self, n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0,
-                 expert_scale: bool = False):
+                 expert_scale: bool = False, prenorm: bool = False, prenorm_q8: bool = False):
         self.pdl = pdl_enabled()
         self.expert_scale = expert_scale
+        if prenorm_q8 and not prenorm:
+            raise ValueError("prenorm_q8 needs prenorm")
+        if prenorm and n_embd % 32:
+            raise ValueError(f"prenorm needs n_embd ({n_embd}) a multiple of 32 (q8_1 blocks, warp rows)")
+        self.prenorm, self.prenorm_q8 = prenorm, prenorm_q8
         if not 0 < k <= min(n_expert, 32):
             raise ValueError(f"bad top-k {k} for {n_expert} experts")
         if n_embd % _CHUNK:
@@ -263,8 +276,9 @@ class RouterGemvTopK:
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pH: cute.Pointer, pScratch: cute.Pointer, pCounter: cute.Pointer,
-                 pIds: cute.Pointer, pWeights: cute.Pointer, pScale: cute.Pointer, n_tokens: Int32,
-                 stream: cuda.CUstream):
+                 pIds: cute.Pointer, pWeights: cute.Pointer, pScale: cute.Pointer, pX: cute.Pointer,
+                 pDelta: cute.Pointer, pNormW: cute.Pointer, pQ: cute.Pointer, pQd: cute.Pointer, pQs: cute.Pointer,
+                 eps: Float32, n_tokens: Int32, stream: cuda.CUstream):
         E, N, K = self.n_expert, self.n_embd, self.k
         mW = cute.make_tensor(pW, cute.make_layout((E, N), stride=(N, 1)))
         mH = cute.make_tensor(pH, cute.make_layout((n_tokens, N), stride=(N, 1)))
@@ -273,12 +287,20 @@ class RouterGemvTopK:
         mI = cute.make_tensor(pIds, cute.make_layout((n_tokens, K), stride=(K, 1)))
         mP = cute.make_tensor(pWeights, cute.make_layout((n_tokens, K), stride=(K, 1)))
         mScale = cute.make_tensor(pScale, cute.make_layout(E))  # read only with expert_scale
-        self.kernel(mW, mH, mS, mCnt, mI, mP, mScale).launch(use_pdl=self.pdl, grid=[self.n_ctas, n_tokens, 1],
-                                                             block=[self.threads, 1, 1], stream=stream)
+        # prenorm only: the residual stream, its addend, the norm weight; the q8_1 copy of h (flat over T rows)
+        mX = cute.make_tensor(pX, cute.make_layout((n_tokens, N), stride=(N, 1)))
+        mD = cute.make_tensor(pDelta, cute.make_layout((n_tokens, N), stride=(N, 1)))
+        mNw = cute.make_tensor(pNormW, cute.make_layout(N))
+        mQ = cute.make_tensor(pQ, cute.make_layout(n_tokens * N))
+        mQd = cute.make_tensor(pQd, cute.make_layout(n_tokens * (N // 32)))
+        mQs = cute.make_tensor(pQs, cute.make_layout(n_tokens * (N // 32)))
+        self.kernel(mW, mH, mS, mCnt, mI, mP, mScale, mX, mD, mNw, mQ, mQd, mQs, eps).launch(
+            use_pdl=self.pdl, grid=[self.n_ctas, n_tokens, 1], block=[self.threads, 1, 1], stream=stream)
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mH: cute.Tensor, mS: cute.Tensor, mCnt: cute.Tensor, mI: cute.Tensor,
-               mP: cute.Tensor, mScale: cute.Tensor):
+               mP: cute.Tensor, mScale: cute.Tensor, mX: cute.Tensor, mD: cute.Tensor, mNw: cute.Tensor,
+               mQ: cute.Tensor, mQd: cute.Tensor, mQs: cute.Tensor, eps: Float32):
         pdl_prologue(self.pdl)
         warps_per_row, CPL, U = self.warps_per_row, self.chunks_per_lane, _LOADS_IN_FLIGHT
         tid, _, _ = cute.arch.thread_idx()
@@ -293,18 +315,44 @@ class RouterGemvTopK:
         red_i = smem.allocate_tensor(Int32, cute.make_layout(GEMV_WARPS), byte_alignment=16)
         sFlag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
 
+        # ---- prenorm: rstd of s = x + delta over the row (the same sum in every CTA) ----
+        rstd = Float32(1.0)
+        if const_expr(self.prenorm):
+            ss = Float32(0.0)
+            for e in cutlass.range(tid, self.n_embd, self.threads, unroll=4):
+                sv = mX[tok, e] + mD[tok, e]
+                ss = ss + sv * sv
+            ss = warp_reduce(ss, operator.add)
+            if lane == 0:
+                red_v[warp] = ss
+            cute.arch.barrier()
+            tot = Float32(0.0)
+            for i in cutlass.range_constexpr(GEMV_WARPS):
+                tot = tot + red_v[i]
+            rstd = cute.math.rsqrt(tot / Float32(self.n_embd) + eps)
+            cute.arch.barrier()  # red_v is reused below
+
         # ---- GEMV: this warp's part of row `row` ----
         acc = Float32(0.0)
         if row < self.n_expert:
             rW = cute.make_rmem_tensor(cute.make_layout((U, _CHUNK), stride=(_CHUNK, 1)), Float32)
             rX = cute.make_rmem_tensor(cute.make_layout((U, _CHUNK), stride=(_CHUNK, 1)), Float32)
+            rD = cute.make_rmem_tensor(cute.make_layout((U, _CHUNK), stride=(_CHUNK, 1)), Float32)
+            rN = cute.make_rmem_tensor(cute.make_layout((U, _CHUNK), stride=(_CHUNK, 1)), Float32)
             for i0 in cutlass.range_constexpr(0, CPL, U):
                 nb = min(U, CPL - i0)
                 for u in cutlass.range_constexpr(nb):
                     c = (i0 + u) * 32 * warps_per_row + kpart * 32 + lane  # chunk index: lane-contiguous per warp step
                     if const_expr(self.n_chunks % (32 * warps_per_row) == 0) or c < self.n_chunks:
                         cute.autovec_copy(cute.local_tile(mW[row, None], (_CHUNK,), (c,)), rW[u, None])
-                        cute.autovec_copy(cute.local_tile(mH[tok, None], (_CHUNK,), (c,)), rX[u, None])
+                        if const_expr(self.prenorm):  # h = ((x + delta) * rstd) * w_norm, as the last CTA stores it
+                            cute.autovec_copy(cute.local_tile(mX[tok, None], (_CHUNK,), (c,)), rX[u, None])
+                            cute.autovec_copy(cute.local_tile(mD[tok, None], (_CHUNK,), (c,)), rD[u, None])
+                            cute.autovec_copy(cute.local_tile(mNw, (_CHUNK,), (c,)), rN[u, None])
+                            for j in cutlass.range_constexpr(_CHUNK):
+                                rX[u, j] = ((rX[u, j] + rD[u, j]) * rstd) * rN[u, j]
+                        else:
+                            cute.autovec_copy(cute.local_tile(mH[tok, None], (_CHUNK,), (c,)), rX[u, None])
                     else:
                         for j in cutlass.range_constexpr(_CHUNK):
                             rW[u, j] = Float32(0.0)
@@ -343,24 +391,40 @@ class RouterGemvTopK:
                 cute.arch.barrier()  # the routed ids / weights stored above are visible to the whole CTA
                 if tid < self.k:
                     mP[tok, tid] = mP[tok, tid] * mScale[mI[tok, tid]]
+            if const_expr(self.prenorm):
+                # every CTA has read the old x (each arrived after its GEMV): x = s, h and its q8_1 copy, one warp
+                # per q8_1 block of 32
+                for b in cutlass.range(warp, self.n_embd // 32, GEMV_WARPS):
+                    e = b * 32 + lane
+                    sv = mX[tok, e] + mD[tok, e]
+                    hv = (sv * rstd) * mNw[e]
+                    mX[tok, e] = sv
+                    mH[tok, e] = hv
+                    if const_expr(self.prenorm_q8):
+                        quantize_block_warp(hv, tok * (self.n_embd // 32) + b, lane, mQ, mQd, mQs)
             if tid == 0:
                 mCnt[tok] = Int32(0)  # all n_ctas arrivals are in: reset for the next launch / graph replay
 
 
 @kernel_cache
 def compile_router_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0,
-                        expert_scale: bool = False):
+                        expert_scale: bool = False, prenorm: bool = False, prenorm_q8: bool = False):
     """Compile :class:`RouterGemvTopK` (``warps_per_row`` 0 = :func:`choose_router_warps_per_row`). Runtime args:
-    (w f32, h f32, scratch f32, counter int32, ids int32, weights f32, scale f32 (read with ``expert_scale``)
-    pointers, n_tokens, stream)."""
-    return cute.compile(RouterGemvTopK(n_expert, n_embd, k, norm_topk, warps_per_row, expert_scale),
+    (w f32, h f32, scratch f32, counter int32, ids int32, weights f32, scale f32 (read with ``expert_scale``); x,
+    delta, norm weight f32 (16-byte aligned), q int8, d, s f32 (read / written with ``prenorm``) pointers, eps,
+    n_tokens, stream)."""
+    return cute.compile(RouterGemvTopK(n_expert, n_embd, k, norm_topk, warps_per_row, expert_scale, prenorm,
+                                       prenorm_q8),
                         fake_ptr(Float32, 16), fake_ptr(Float32, 16), fake_ptr(Float32, 4), fake_ptr(Int32, 4),
-                        fake_ptr(Int32, 4), fake_ptr(Float32, 4), fake_ptr(Float32, 4), Int32(1),
-                        cute.runtime.make_fake_stream(), options=compile_options())
+                        fake_ptr(Int32, 4), fake_ptr(Float32, 4), fake_ptr(Float32, 4), fake_ptr(Float32, 16),
+                        fake_ptr(Float32, 16), fake_ptr(Float32, 16), fake_ptr(Int8, 4), fake_ptr(Float32, 4),
+                        fake_ptr(Float32, 4), Float32(1e-6), Int32(1), cute.runtime.make_fake_stream(),
+                        options=compile_options())
 
 
 def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, weights_out=None, scratch=None,
-               counter=None, stream=None, n_expert: int | None = None, warps_per_row: int = 0, expert_scale=None):
+               counter=None, stream=None, n_expert: int | None = None, warps_per_row: int = 0, expert_scale=None,
+               prenorm=None):
     """Fused MoE router: ``route(w_router @ h, k)`` in one launch.
 
     ``w_router``: f32 ``[n_expert, n_embd]`` (numpy, or a DeviceArray of any dtype holding those bytes, e.g. the raw
@@ -374,7 +438,11 @@ def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, wei
     allocated here (the counter zeroed), which a capture must not do.
 
     ``expert_scale`` (f32 DeviceArray of ``n_expert``): each routed weight is also multiplied by
-    ``expert_scale[id]`` (Gemma 4's ``ffn_down_exps.scale``), in the same launch."""
+    ``expert_scale[id]`` (Gemma 4's ``ffn_down_exps.scale``), in the same launch.
+
+    ``prenorm`` = ``(x, delta, w_norm, eps, hq)``: ``h`` (a DeviceArray) is an output: the launch adds ``delta`` to
+    the residual stream ``x`` (in place), writes ``h = rmsnorm(x) * w_norm`` and, with ``hq`` (a q8_1 ``Q8Act``),
+    its q8_1 copy, and routes that h (:class:`RouterGemvTopK` ``prenorm``)."""
     from ..runtime import DeviceArray, as_device, resolve_stream
 
     st = resolve_stream(stream)
@@ -408,11 +476,24 @@ def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, wei
     if T:
         flags = {"expert_scale": True} if expert_scale is not None else {}
         scale_ptr = expert_scale.ptr if expert_scale is not None else w.ptr  # (not read without the flag)
+        eps, pre = 0.0, (dh.ptr,) * 3 + (dh.ptr,) * 3  # (never touched without prenorm)
+        if prenorm is not None:
+            x, delta, w_norm, eps, hq = prenorm
+            for a in (x, delta, w_norm):
+                if a.ptr % 16 or int(np.prod(a.shape)) < (n_embd if a is w_norm else T * n_embd):
+                    raise ValueError("prenorm: x, delta and w_norm must be 16-byte aligned rows of n_embd f32")
+            flags["prenorm"] = True
+            if hq is not None:
+                flags["prenorm_q8"] = True
+            pre = (x.ptr, delta.ptr, w_norm.ptr) + ((hq.qs.ptr, hq.d.ptr, hq.s.ptr) if hq is not None
+                                                    else (dh.ptr,) * 3)
         compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, warps_per_row=warps_per_row,
                             **flags)(
             gptr(Float32, dw.ptr, 16), gptr(Float32, dh.ptr, 16), gptr(Float32, scratch.ptr, 4),
             gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, w.ptr, 4),
-            gptr(Float32, scale_ptr, 4), Int32(T), st.cu)
+            gptr(Float32, scale_ptr, 4), gptr(Float32, pre[0], 16), gptr(Float32, pre[1], 16),
+            gptr(Float32, pre[2], 16), gptr(Int8, pre[3], 4), gptr(Float32, pre[4], 4), gptr(Float32, pre[5], 4),
+            Float32(eps), Int32(T), st.cu)
     if was_np:
         return ids.to_numpy(st), w.to_numpy(st)
     return ids, w
@@ -457,7 +538,8 @@ def _launch_example_gemv(n_expert: int, n_embd: int, k: int, norm_topk: bool = T
     def launch():
         fn(gptr(Float32, w.ptr, 16), gptr(Float32, h.ptr, 16), gptr(Float32, scratch.ptr, 4),
            gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, p.ptr, 4), gptr(Float32, p.ptr, 4),
-           Int32(1), s.cu)
+           gptr(Float32, h.ptr, 16), gptr(Float32, h.ptr, 16), gptr(Float32, h.ptr, 16), gptr(Int8, h.ptr, 4),
+           gptr(Float32, h.ptr, 4), gptr(Float32, h.ptr, 4), Float32(1e-6), Int32(1), s.cu)
 
     return launch
 
@@ -473,4 +555,9 @@ register("router_gemv", compile_router_gemv, [
     # Gemma 4: the per-expert down scale folded into the routed weights by the same launch
     dict(n_expert=128, n_embd=2816, k=8, expert_scale=True),
     dict(n_expert=16, n_embd=256, k=4, expert_scale=True),
+    # Qwen3-MoE: the pre-FFN norm (+ residual, + the experts' q8_1 input) formed by the router launch
+    dict(n_expert=128, n_embd=2048, k=8, prenorm=True, prenorm_q8=True),
+    dict(n_expert=128, n_embd=2048, k=8, prenorm=True),
+    dict(n_expert=16, n_embd=256, k=4, prenorm=True, prenorm_q8=True),
+    dict(n_expert=32, n_embd=512, k=8, prenorm=True, prenorm_q8=True),
 ], launch_example=_launch_example_gemv)

@@ -304,3 +304,47 @@ def test_fused_router_expert_scale_is_the_gather_scale(seed, shape, T):
         gather_scale(p0.view(np.float32, (k,), offset_bytes=4 * k * t),
                      ids0.view(np.int32, (k,), offset_bytes=4 * k * t), DeviceArray.from_numpy(scale))
     np.testing.assert_array_equal(p1.to_numpy().view(np.uint32), p0.to_numpy().view(np.uint32))
+
+
+@pytest.mark.gpu
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), shape=st.sampled_from([(128, 2048, 8), (16, 256, 4), (32, 512, 8)]),
+       T=st.integers(1, 3), q8=st.booleans())
+def test_fused_router_prenorm(seed, shape, T, q8):
+    """``prenorm``: the launch adds delta to x (the f32 sum, bit for bit), writes h = rmsnorm(x) * w within the
+    RMSNorm tolerance of float64, its q8_1 copy as the quantize kernel would, and routes exactly as the plain fused
+    router does on that stored h (same GEMV on the same bits: ids, weights and logits bit-identical)."""
+    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1
+    from sparkinfer_cute.reference.kernel_refs import RMSNORM_TOL, check_rel, rmsnorm_ref
+    from sparkinfer_cute.runtime import DeviceArray
+
+    n_expert, n_embd, k = shape
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n_expert, n_embd)) / np.sqrt(n_embd)).astype(np.float32)
+    x = rng.standard_normal((T, n_embd)).astype(np.float32)
+    delta = (0.5 * rng.standard_normal((T, n_embd))).astype(np.float32)
+    wn = (1 + 0.3 * rng.standard_normal(n_embd)).astype(np.float32)
+    dx, dd, dwn, dw = (DeviceArray.from_numpy(a) for a in (x, delta, wn, w))
+    h = poisoned((T, n_embd), np.float32)
+    hq = None
+    if q8:
+        hq = Q8Act(T, n_embd)
+        hq.qs.fill_bytes(0x7F)
+        hq.d.fill_bytes(0xFF)
+        hq.s.fill_bytes(0xFF)
+    ids, p, logits = poisoned((T, k), np.int32), poisoned((T, k), np.float32), poisoned((T, n_expert), np.float32)
+    route_gemv(dw, h, k, ids_out=ids, weights_out=p, scratch=logits, prenorm=(dx, dd, dwn, 1e-6, hq))
+    s = x + delta
+    np.testing.assert_array_equal(dx.to_numpy().view(np.uint32), s.view(np.uint32))
+    hv = h.to_numpy()
+    check_rel(hv, rmsnorm_ref(s, wn, 1e-6), RMSNORM_TOL, "prenorm h")
+    if q8:
+        ref_qs, ref_d, ref_s = quantize_q8_1(hv)
+        qs, d, sm = hq.to_numpy()
+        np.testing.assert_array_equal(qs.reshape(-1), ref_qs.reshape(-1))
+        np.testing.assert_array_equal(d.reshape(-1).view(np.uint32), ref_d.reshape(-1).view(np.uint32))
+        np.testing.assert_array_equal(sm.reshape(-1).view(np.uint32), ref_s.reshape(-1).view(np.uint32))
+    ids2, p2, logits2 = _run_fused(w, hv, k, True)
+    np.testing.assert_array_equal(logits.to_numpy().view(np.uint32), logits2.view(np.uint32))
+    np.testing.assert_array_equal(ids.to_numpy(), ids2)
+    np.testing.assert_array_equal(p.to_numpy().view(np.uint32), p2.view(np.uint32))

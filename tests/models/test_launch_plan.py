@@ -25,33 +25,35 @@ def auto_build(monkeypatch):
 
 
 def _hand_count_qwen(n_layer: int, n_embd: int, vocab: int, *, dp4a: bool = True, attn_q8: bool = True,
-                     act_q8: bool = True, head_q8: bool = True) -> int:
+                     act_q8: bool = True, head_q8: bool = True, router_norm: bool = True) -> int:
     """Kernels per decode token of the Qwen3-MoE forward, counted from models/qwen3_moe.py by hand:
     embedding 1; per layer: RMSNorm (+q8_1 in the same launch) 1, Q/K/V GEMVs 1 when the chunk kernel takes
     n_embd (a multiple of 1024) else 3, fused Q/K-norm + RoPE + KV append 1, attention with the fused combine 1,
     [q8_1 of the attention output 1, unless attention writes it itself (``attn_q8``: pass fused_attn_q8)], O GEMV 1,
-    RMSNorm 1, fused F32 router 1, expert gate+up 1, [q8_1 of the activations 1, unless gate+up writes it itself
+    [RMSNorm 1, unless the fused router forms it (``router_norm``: pass fused_router_norm)], fused F32 router 1,
+    expert gate+up 1, [q8_1 of the activations 1, unless gate+up writes it itself
     (``act_q8``: pass fused_moe_act_q8) +] expert down 1; tail: final RMSNorm 1, [q8_1 of h 1 when the LM head has
     >= 65536 rows, unless the final norm writes it (``head_q8``: pass fused_head_q8)], LM head GEMV 1, argmax 2
     (partials + reduce)."""
     qkv = 1 if n_embd % 1024 == 0 else 3
-    per_layer = 1 + qkv + 1 + 1 + (1 if dp4a and not attn_q8 else 0) + 1 + 1 + 1 + 1 + (1 if dp4a and not act_q8 else 0) + 1
+    per_layer = (1 + qkv + 1 + 1 + (1 if dp4a and not attn_q8 else 0) + 1 + (0 if router_norm else 1) + 1 + 1
+                 + (1 if dp4a and not act_q8 else 0) + 1)
     tail = 1 + (1 if dp4a and vocab >= 65536 and not head_q8 else 0) + 1 + 2
     return 1 + n_layer * per_layer + tail
 
 
 def test_hand_count_tiny_and_30b(auto_build, monkeypatch):
     tiny = launch_plan(synthetic_header("qwen3moe", "tiny"))
-    assert tiny.kernels_per_token == _hand_count_qwen(4, 256, 1536) == 49
+    assert tiny.kernels_per_token == _hand_count_qwen(4, 256, 1536) == 45
     big = launch_plan(synthetic_header("qwen3moe", "30b-a3b"))
-    assert big.kernels_per_token == _hand_count_qwen(48, 2048, 151936) == 437
-    assert big.by_layer_kind()["full moe"]["kernels_per_layer"] == 9
+    assert big.kernels_per_token == _hand_count_qwen(48, 2048, 151936) == 389
+    assert big.by_layer_kind()["full moe"]["kernels_per_layer"] == 8
     # issue 15's 534 kernels per token: the build the H100 measured (results/bench.jsonl), before attention and the
     # expert gate/up kernel wrote the q8_1 inputs of the O and down projections themselves
     old = launch_plan(synthetic_header("qwen3moe", "30b-a3b"),
-                      disabled={"fused_attn_q8", "fused_moe_act_q8", "fused_head_q8"})
+                      disabled={"fused_attn_q8", "fused_moe_act_q8", "fused_head_q8", "fused_router_norm"})
     assert old.kernels_per_token == _hand_count_qwen(48, 2048, 151936, attn_q8=False, act_q8=False,
-                                                     head_q8=False) == 534
+                                                     head_q8=False, router_norm=False) == 534
     monkeypatch.setattr(ops, "DP4A", "none")
     assert launch_plan(synthetic_header("qwen3moe", "tiny")).kernels_per_token == _hand_count_qwen(
         4, 256, 1536, dp4a=False)
