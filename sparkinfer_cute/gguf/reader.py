@@ -187,7 +187,37 @@ def _read_value(c: _Cursor, vtype: int, depth: int = 0):
     raise GGUFError(c.path, f"corrupt {c.what}: unknown metadata value type {vtype}")
 
 
-class GGUFFile:
+class GGUFHeader:
+    """What a GGUF header answers, for any holder of ``path``, ``metadata`` and ``tensors`` (name -> TensorInfo):
+    :class:`GGUFFile`, and gguf/synth.py's ``SyntheticHeader`` (a synthetic model's header, no file)."""
+
+    path: str
+    metadata: dict
+    tensors: dict
+
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise GGUFError(self.path, "missing metadata key general.architecture")
+        return arch
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+    def require(self, key: str):
+        if key not in self.metadata:
+            raise GGUFError(self.path, f"missing required metadata key {key!r}")
+        return self.metadata[key]
+
+    def tensor(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise GGUFError(self.path, "missing required tensor", name) from None
+
+
+class GGUFFile(GGUFHeader):
     """A validated, memory-mapped GGUF file.
 
     ``metadata`` maps every key to a plain Python value (str, int, float, bool, list). ``tensors`` maps names
@@ -317,28 +347,7 @@ class GGUFFile:
         return out
 
     # ------------------------------------------------------------------ metadata
-    @property
-    def architecture(self) -> str:
-        arch = self.metadata.get("general.architecture")
-        if not isinstance(arch, str):
-            raise GGUFError(self.path, "missing metadata key general.architecture")
-        return arch
-
-    def get(self, key: str, default=None):
-        return self.metadata.get(key, default)
-
-    def require(self, key: str):
-        if key not in self.metadata:
-            raise GGUFError(self.path, f"missing required metadata key {key!r}")
-        return self.metadata[key]
-
     # ------------------------------------------------------------------ tensors
-    def tensor(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise GGUFError(self.path, "missing required tensor", name) from None
-
     def check_supported(self, name: str) -> TensorInfo:
         ti = self.tensor(name)
         if ti.ggml_type not in SUPPORTED_TYPES:

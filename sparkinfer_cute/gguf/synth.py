@@ -65,6 +65,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from sparkinfer_cute.errors import GGUFError
+from sparkinfer_cute.gguf.reader import GGUFHeader, TensorInfo
 
 Q = GGMLQuantizationType
 
@@ -1100,7 +1101,7 @@ class _MetadataRecorder:
     add_string = add_uint32 = add_bool = add_array = _put
 
 
-class SyntheticHeader:
+class SyntheticHeader(GGUFHeader):
     """What :class:`sparkinfer_cute.gguf.reader.GGUFFile` would show of ``write_synthetic(arch, preset)``'s file,
     without writing it or generating a byte of tensor data: the metadata (``metadata``), the tensor list with
     names, types, shapes and byte sizes (``tensors``; offsets are 0), ``architecture``, ``get``, ``require`` and
@@ -1108,8 +1109,6 @@ class SyntheticHeader:
     (``raw``/``dequant``) is refused. A real-shape preset (30b-a3b: 17 GiB) is described in well under a second."""
 
     def __init__(self, arch: str, preset: str, *, overrides: dict | None = None, ftype: str = "Q4_K_M"):
-        from sparkinfer_cute.gguf.reader import TensorInfo
-
         cfg = synthetic_config(arch, preset, overrides)
         plan = plan_synthetic(arch, preset, overrides=overrides, ftype=ftype)
         rec = _MetadataRecorder(arch)
@@ -1117,23 +1116,6 @@ class SyntheticHeader:
         self.path = f"synthetic:{arch}/{preset}"
         self.metadata = rec.metadata
         self.tensors = {t.name: TensorInfo(t.name, t.ggml_type, t.shape, 0, tensor_nbytes(t)) for t in plan}
-
-    @property
-    def architecture(self) -> str:
-        return self.metadata["general.architecture"]
-
-    def get(self, key: str, default=None):
-        return self.metadata.get(key, default)
-
-    def require(self, key: str):
-        if key not in self.metadata:
-            raise GGUFError(self.path, f"missing required metadata key {key!r}")
-        return self.metadata[key]
-
-    def tensor(self, name: str):
-        if name not in self.tensors:
-            raise GGUFError(self.path, "missing required tensor", name)
-        return self.tensors[name]
 
     def raw(self, name: str):
         raise GGUFError(self.path, "a synthetic header has no tensor data", name)
