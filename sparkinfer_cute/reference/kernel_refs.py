@@ -682,15 +682,16 @@ def moe_gate_up_bound(w_gate, w_up, qtype, h, ids, n_ff: int, act: str = "silu")
     return ref, bound
 
 
-def moe_down_bound(w_down, qtype, act, ids, weights, n_out: int, resid=None):
+def moe_down_bound(w_down, qtype, act, ids, weights, n_out: int, resid=None, row_bound=None):
     """(reference, bound) of the f32 down + weighted-sum kernel: a weighted sum of k GEMV rows, bound
-    ``sum_j |w_j| B_j + (k + 2) u (sum_j |w_j| |d_j| + |resid|)``."""
+    ``sum_j |w_j| B_j + (k + 2) u (sum_j |w_j| |d_j| + |resid|)``. ``row_bound``: the per-row GEMV bound B_j
+    (default :func:`gemv_error_bound`; :func:`gemv_q8_error_bound` for the dp4a kernel on q8_1(act))."""
     act = np.asarray(act, np.float64)
     w = np.asarray(weights, np.float64).reshape(-1)
     k = w.shape[0]
     ref = moe_down_ref(w_down, qtype, act, ids, w, n_out, resid)
     per = gemv_experts_ref(w_down, qtype, act, ids, n_out, x_per_slot=True)
-    bj = gemv_error_bound(w_down, qtype, act, ids=ids, n_out=n_out, x_per_slot=True)
+    bj = (row_bound or gemv_error_bound)(w_down, qtype, act, ids=ids, n_out=n_out, x_per_slot=True)
     bound = (np.abs(w)[:, None] * bj).sum(0) + (k + 2) * U * (
         (np.abs(w)[:, None] * (np.abs(per) + bj)).sum(0) + (0.0 if resid is None else np.abs(resid)))
     return ref, bound
@@ -730,13 +731,7 @@ def check_moe_down(y, w_down, qtype, act, ids, weights, n_out: int, resid=None, 
         ref, bound = moe_down_bound(w_down, qtype, act, ids, weights, n_out, resid)
         return check_within(y, ref, bound, "MoE down vs float64")
     ref_t, bound_t = moe_down_bound(w_down, qtype, q8_1_dequantized(act), ids, weights, n_out, resid)
-    w = np.asarray(weights, np.float64).reshape(-1)
-    k = w.shape[0]
-    ref = moe_down_ref(w_down, qtype, act, ids, w, n_out, resid)
-    per = gemv_experts_ref(w_down, qtype, act, ids, n_out, x_per_slot=True)
-    bj = gemv_q8_error_bound(w_down, qtype, act, ids=ids, n_out=n_out, x_per_slot=True)
-    bound = (np.abs(w)[:, None] * bj).sum(0) + (k + 2) * U * (
-        (np.abs(w)[:, None] * (np.abs(per) + bj)).sum(0) + (0.0 if resid is None else np.abs(resid)))
+    ref, bound = moe_down_bound(w_down, qtype, act, ids, weights, n_out, resid, row_bound=gemv_q8_error_bound)
     return _two_part({
         "tight": lambda: check_within(y, ref_t, bound_t, "dp4a MoE down vs float64 on q8_1(act) (tight)"),
         "loose": lambda: check_within(y, ref, bound, "dp4a MoE down vs float64 on act (q8_1 bound)")})
