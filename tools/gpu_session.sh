@@ -146,6 +146,11 @@ for ph in "${phases[@]}"; do
       env $envs python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 64 --gen 128 --runs 5 --note "ab:$name" --json "$OUT/ab_$name.json" --log "$OUT/bench.jsonl" > "$OUT/ab_$name.log" 2>&1
       add "30B tg128 [$name]" "$(grep -E '^decode tg128' "$OUT/ab_$name.log" | awk '{print $NF}') tok/s, $(grep -E '^kernels per token' "$OUT/ab_$name.log" | awk '{print $NF}') kernels/token"
     done ;;
+  bench26b)  # issue 14: Gemma 4 26B-A4B shape (synthetic Q4_K_M, ~15.6 GiB), decode + batched prefill vs llama.cpp
+    [ -f /tmp/gemma4_26b.gguf ] || python3 -m sparkinfer_cute.gguf.synth --arch gemma4 --preset 26b-a4b -o /tmp/gemma4_26b.gguf --seed 0 >/dev/null 2>&1
+    LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench --llama-reps 2)
+    timeout "${T_BENCH26B:-280}" python3 -m sparkinfer_cute.bench /tmp/gemma4_26b.gguf --prompt-len 512 --gen 128 --runs 5 "${LBARG[@]}" --json "$OUT/bench26b.json" 2>&1 | tee "$OUT/bench26b.log" | tail -22
+    add "Gemma 4 26B bench" "see bench26b.log" ;;
   benchgemma)
     LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
     python3 -m sparkinfer_cute.bench "$GEMMA" --prompt-len 512 --gen 128 --runs 5 "${LBARG[@]}" --json "$OUT/bench_gemma.json" --log "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench_gemma.log" | tail -16
