@@ -146,6 +146,12 @@ for ph in "${phases[@]}"; do
       env $envs python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 64 --gen 128 --runs 5 --note "ab:$name" --json "$OUT/ab_$name.json" --log "$OUT/bench.jsonl" > "$OUT/ab_$name.log" 2>&1
       add "30B tg128 [$name]" "$(grep -E '^decode tg128' "$OUT/ab_$name.log" | awk '{print $NF}') tok/s, $(grep -E '^kernels per token' "$OUT/ab_$name.log" | awk '{print $NF}') kernels/token"
     done ;;
+  e2e4)  # issue 14: GPU vs CPU reference on the synthetic gemma4 small file, f32 activations (top-1 gate) and default
+    python3 -m sparkinfer_cute.gguf.synth --arch gemma4 --preset small -o /tmp/gemma4_small.gguf --seed 1 >/dev/null 2>&1
+    SPARKINFER_DP4A=none timeout 240 python3 -m sparkinfer_cute.accuracy /tmp/gemma4_small.gguf --reference cpu -n 128 --random-tokens 0 --min-top1 0.995 --max-kl 0.01 --json "$OUT/acc_gemma4_small_f32.json" 2>&1 | tee "$OUT/acc_gemma4_small_f32.log" | tail -4
+    add "gemma4 small GPU(f32 act) vs CPU ref" "$(grep -E 'top-1' "$OUT/acc_gemma4_small_f32.log" | head -1)"
+    timeout 240 python3 -m sparkinfer_cute.accuracy /tmp/gemma4_small.gguf --reference cpu -n 128 --random-tokens 0 --max-kl 0.002 --json "$OUT/acc_gemma4_small.json" 2>&1 | tee "$OUT/acc_gemma4_small.log" | tail -4
+    add "gemma4 small GPU(default) vs CPU ref" "$(grep -E 'top-1' "$OUT/acc_gemma4_small.log" | head -1)" ;;
   bench26b)  # issue 14: Gemma 4 26B-A4B shape (synthetic Q4_K_M, ~15.6 GiB), decode + batched prefill vs llama.cpp
     [ -f /tmp/gemma4_26b.gguf ] || python3 -m sparkinfer_cute.gguf.synth --arch gemma4 --preset 26b-a4b -o /tmp/gemma4_26b.gguf --seed 0 >/dev/null 2>&1
     LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench --llama-reps 2)
