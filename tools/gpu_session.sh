@@ -50,7 +50,7 @@ expanded=(); for ph in "${phases[@]}"; do
   if [ "$ph" = gates ]; then expanded+=(gates_tests gates_mutation gates_sanitizer); else expanded+=("$ph"); fi
 done; phases=("${expanded[@]}")
 # fill the kernel disk cache with parallel compiles first (every phase below then loads objects in ~1 ms each)
-[ "${PRECOMPILE:-1}" = 1 ] && timeout 300 python3 tools/precompile.py 2>&1 | tail -5
+[ "${PRECOMPILE:-1}" = 1 ] && timeout "${T_PRE:-300}" python3 tools/precompile.py 2>&1 | tail -5
 summary=()
 add() { summary+=("$(printf '%-34s %s' "$1" "$2")"); }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
