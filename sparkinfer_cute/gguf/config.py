@@ -11,6 +11,9 @@ A few facts come from *tensor presence* rather than metadata (llama.cpp does the
 ``output.weight``), fused ``ffn_gate_up_exps``, fused ``attn_qkv`` (qwen3moe), Gemma 4 full layers without
 ``attn_v`` (K = V) and the optional ``layer_output_scale``. ``load_config`` therefore takes the whole
 :class:`GGUFFile`, not just its metadata.
+
+(Over 600 lines: one typed config and one tensor inventory per architecture, four architectures, sharing the
+validation code; an architecture's config and inventory are read together.)
 """
 
 from __future__ import annotations

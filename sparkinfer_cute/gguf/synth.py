@@ -38,12 +38,13 @@ attn_v and ffn_down(_exps) -> Q6_K; output (and gemma3's tied token_embd) -> Q6_
 n_expert == 8 rules (attn_v/attn_k -> Q8_0, attn_output -> Q5_K); 1-D tensors and ffn_gate_inp kept F32;
 attn_v's use_more_bits counts attn_v tensors (gemma4's K = V layers have none), ffn_down's counts layers.
 
-llama.cpp load checks (CPU build at /work/llama/llama.cpp/build/bin, 2026-11-25), all passed: llama-bench (-p
-16 -n 4 -r 1) and llama-perplexity (-c 64, finite PPL ~ V·e^(1/2)) on qwen3moe tiny and tiny-fallback and
-gemma3 tiny, llama-bench on a 1-block real-shape slice of 30b-a3b, llama-completion --temp 0 giving varied
-sequences; 2026-12-07 (llama.cpp 0c1e570, AVX2 build): gemma4 tiny, small and the whole 26b-a4b file
-(llama.cpp names it "gemma4 26B.A4B Q4_K - Medium", 15.63 GiB, 25.23 B); details in tests/gguf/test_synth.py's
-docstring.
+llama.cpp (0c1e570, CPU build) loads and runs every preset: llama-bench and llama-perplexity on the tiny
+files, llama-bench on a 1-block real-shape slice of 30b-a3b, llama-completion --temp 0 giving varied sequences,
+and the whole gemma4 26b-a4b file; the runs are listed in RESULTS.md and tests/gguf/test_synth.py's docstring.
+
+(Over 600 lines: the presets, the per-architecture tensor tables and llama.cpp's Q4_K_M type rules live beside the
+block generator and the streaming writer because one plan drives all of them, and the tests check a written file's
+tensor list, types and bytes against that plan.)
 
 CLI: ``python -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o FILE`` (``--arch gemma4
 --preset 26b-a4b``, ``--set KEY=VALUE`` to override a preset value). Usage errors (unknown preset or key,

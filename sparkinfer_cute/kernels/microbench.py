@@ -11,6 +11,8 @@ For each case: median µs per kernel, achieved GB/s (bytes of weights read + act
 the percentage of the device-to-device copy bandwidth measured in the same run (``cuMemcpyDtoDAsync`` of 1 GiB,
 counting bytes read + written).
 
+(Over 600 lines: every kernel's benchmark lives here, none in the kernel files, sharing one timing harness.)
+
 Method. Host-side argument marshalling of a CuTe DSL launch (~5-8 µs, cute-dsl.md §2.1) is longer than most of these
 kernels, so timing individual launches with events would measure the host. Instead ``G`` launches are captured into
 one CUDA graph (as the model's decode step is) and each replay is timed with a pair of CUDA events; the reported time

@@ -8,7 +8,10 @@ Shapes follow the model code: activations are (n_tokens, …) with the feature d
 ``(n_tokens, n_heads, head_dim)``.
 
 Where llama.cpp does something numerically specific, the function does the same and the docstring says where it is
-from (file names are in llama.cpp, read at /work/llama/llama.cpp).
+from (file names are relative to llama.cpp's source tree, 0c1e570).
+
+(Over 600 lines: one numpy op per GPU op, decode and prefill, each beside the llama.cpp detail it copies; splitting
+them would separate ops the model references compose together.)
 """
 
 from __future__ import annotations
