@@ -129,6 +129,14 @@ class GPUDecoder:
         v = self.qkv_buf.view(f32, (nv,), offset_bytes=4 * (nq + nkv)) if nv else None
         return q, k, v, self.qkv_buf.view(f32, (nq + nkv + nv,), offset_bytes=0)
 
+    def attention_output(self, layer: int, attnq=None):
+        """This layer's attention output: a view of ``self.attn`` of its own width (n_head * head_dim), and of
+        ``attnq`` (its q8_1 copy for the int8 O projection) when given. The buffers are sized for the widest layer;
+        a narrower layer's O projection takes exactly its width."""
+        a = self.attn_layers[layer]
+        n = a.n_head * a.head_dim
+        return self.attn.view(np.float32, (n,)), (None if attnq is None else attnq.narrow(n))
+
     def alloc_block_buffers(self) -> None:
         """The buffers every decoder block uses, sized for the largest attention layer: residual stream ``x``, normed
         block input ``h``, ``q``/``k``/``v``, attention output ``attn``, block output ``delta`` (added to ``x`` by the

@@ -31,6 +31,9 @@ PATHS = ("decode", "prefill", "prefill_all_logits")
 REAL = frozenset({"enabled", "dp4a_for", "prefer_dp4a", "attention_geometry", "AttentionGeometry", "gemm_supports",
                   "rows", "row", "launches", "attention_splits", "gate_up_writes_act_q8", "tuned_configs", "tuned",
                   "packs_rows"})
+# models/ops.py classes built for real in a dry run, over stand-in buffers: the prefill chunk's buffers, so that the
+# widths a prefill passes its matrix ops are checked (WIDTH_CHECKS) as the decode step's are
+DRY_BUILT = frozenset({"PrefillBuffers"})
 # ops that allocate and launch nothing (their recorder returns a sized stand-in buffer)
 NO_LAUNCH = frozenset({"new_q8", "dense_expert_ids"})
 Q8_1_BYTES_PER_VALUE = 1.25  # int8 value + f32 scale and f32 sum per block of 32 (kernels/q8_1.py Q8Act)
@@ -89,6 +92,20 @@ class DryArray(Inert):
     def view(self, dtype, shape, offset_bytes: int = 0):
         return DryArray(shape, dtype)
 
+    def to_numpy(self):
+        return np.zeros(self.shape, np.float32 if self.dtype == "q8_1" else self.dtype)
+
+    def narrow(self, n: int):
+        """``Q8Act.narrow``: the q8_1 buffer at width ``n`` (rows kept)."""
+        assert self.dtype == "q8_1" and n <= self.shape[-1], (self.shape, n)
+        return DryArray((*self.shape[:-1], n), "q8_1")
+
+
+class _DryKV(Inert):
+    """The paged KV cache of a dry model: its page table has a shape (the prefill buffers copy one row of it)."""
+
+    page_table = DryArray((1, 1), np.int32)
+
 
 class _DryDeviceArray:
     """Takes the place of the ``DeviceArray`` class in the model modules."""
@@ -119,6 +136,32 @@ class _ShapesOnly:
         return np.zeros(self._g.tensor(name).np_shape, np.float32)
 
 
+# matrix ops whose input width must be the weights' n_in: op -> (weight argument positions, input position, the
+# keyword of its q8_1 copy). The kernels check this at launch (gemv) or trust it (the grouped GEMM walks the weight at
+# the input's row size), so the dry run checks it for every layer of every preset without a GPU.
+WIDTH_CHECKS = {"gemv": ((0,), 1, "xq"), "gemm": ((0,), 1, None), "gemv_rows": ((0,), 1, None),
+                "gemv_qkv": ((0, 1, 2), 3, "xq"), "gemv_qk": ((0, 1), 2, "xq"), "dense_glu": ((0, 1), 2, None),
+                "moe_gate_up": ((0, 1), 2, "hq")}
+
+
+class WidthMismatch(ValueError):
+    """A forward fed a matrix op an input whose width is not the weight's n_in."""
+
+
+def check_widths(name: str, args, kwargs) -> None:
+    if name not in WIDTH_CHECKS:
+        return
+    w_at, x_at, q8_kw = WIDTH_CHECKS[name]
+    inputs = [("input", args[x_at] if len(args) > x_at else None), (q8_kw, kwargs.get(q8_kw) if q8_kw else None)]
+    for i in w_at:
+        w = args[i] if len(args) > i else None
+        if w is None or not hasattr(w, "n_in"):
+            continue
+        for what, x in inputs:
+            if isinstance(x, DryArray) and x.shape[-1] != w.n_in:
+                raise WidthMismatch(f"{name}({w.name}): {what} width {x.shape[-1]} != the weight's n_in {w.n_in}")
+
+
 def _recorder(name: str, op, calls: list):
     count = getattr(op, "launches", None)
     if count is None and name not in NO_LAUNCH:
@@ -133,6 +176,7 @@ def _recorder(name: str, op, calls: list):
             return DryArray((rows, n), "q8_1")
         if name == "dense_expert_ids":
             return DryArray((1,), np.int32)
+        check_widths(name, args, kwargs)
         calls.append(OpCall(name, args, kwargs, int(count(*args, **kwargs))))
         return 1.0 if name == "qk_prologue" else Inert()  # qk_prologue returns the scale attention applies
     return rec
@@ -154,12 +198,13 @@ def dry_run(calls: list):
 
     try:
         for name, obj in list(vars(ops).items()):
-            if name.startswith("_") or name in REAL or not callable(obj):
+            if name.startswith("_") or name in REAL or name in DRY_BUILT or not callable(obj):
                 continue
             if getattr(obj, "__module__", None) != ops.__name__:
                 continue
             patch(ops, name, Inert() if isinstance(obj, type) else _recorder(name, obj, calls))
         patch(ops, "launch_counter", Inert())
+        patch(ops, "DeviceArray", _DryDeviceArray)  # DRY_BUILT classes allocate through it
         for mod in {base_mod, *(__import__(c.__module__, fromlist=["_"]) for c in models_pkg.GPU_FORWARDS.values())}:
             if hasattr(mod, "DeviceArray"):
                 patch(mod, "DeviceArray", _DryDeviceArray)
@@ -197,7 +242,7 @@ def dry_model(cls, g, cfg, *, repack: bool | None = None, max_context: int = 64)
     m.tok = DryArray((1,), np.int32)
     m.pos_buf = DryArray((1,), np.int32)
     m.logits = DryArray((cfg.vocab_size,), np.float32)
-    m.kv = Inert()
+    m.kv = _DryKV()
     m.stream = Inert()
     return m
 

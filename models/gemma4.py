@@ -142,10 +142,12 @@ class Gemma4GPU(GPUDecoder):
                             w[p + "attn_k_norm.weight"], self.pos_buf, n_head=a.n_head, n_rot=a.n_rot,
                             base=a.rope_base, eps=eps, q_scale=1.0, stream=stream, v_norm=True,
                             freq_factors=self.rope_freqs if c.uses_rope_freqs(l) else None)
-            aq = self.attnq if self.q8_attn else None  # the int8 O projection's input, quantized by attention
-            ops.attention(self.kv, l, q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
+            # the O projection's input at this layer's width (16 x 256 sliding, 16 x 512 global), with its q8_1
+            # copy for the int8 O projection, quantized by attention
+            attn, aq = self.attention_output(l, self.attnq if self.q8_attn else None)
+            ops.attention(self.kv, l, q, attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
                           scale=c.attn_scale, window=a.window, stream=stream, xq=aq)
-            ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream, xq=aq)
+            ops.gemv(w[p + "attn_output.weight"], attn, self.o, stream=stream, xq=aq)
             # x1 = x + rmsnorm(o, post_attention_norm) (in place); from x1: h = rmsnorm(x1, ffn_norm), the dense MLP's
             # input, and on MoE layers the router's and the experts' inputs
             moe = c.is_moe(l)
@@ -226,8 +228,9 @@ class Gemma4GPU(GPUDecoder):
                                      stream=s, v_norm=True, k_eq_v=not c.has_v(l),
                                      freq_factors=self.rope_freqs if c.uses_rope_freqs(l) else None)
             ops.attention_rows(self.kv, l, pf, T, n_head=a.n_head, scale=c.attn_scale, window=a.window, stream=s)
-            ops.quantize_rows(pf.attn, pf.attnq, T, stream=s)
-            ops.gemm(w[p + "attn_output.weight"], pf.attnq, pf.o, T, stream=s)
+            attnq = pf.attnq.narrow(a.n_head * a.head_dim)  # this layer's width: rows packed as attention wrote them
+            ops.quantize_rows(pf.attn, attnq, T, stream=s)
+            ops.gemm(w[p + "attn_output.weight"], attnq, pf.o, T, stream=s)
             ops.rmsnorm_rows(pf.o, w[p + "post_attention_norm.weight"], pf.delta, T, eps, stream=s)
             ops.rmsnorm_rows(pf.x, w[p + "ffn_norm.weight"], pf.h, T, eps, residual=pf.delta, xq=pf.hq, stream=s)
             ops.gemm(w[p + "ffn_gate.weight"], pf.hq, pf.act, T, w_up=w[p + "ffn_up.weight"], act="gelu_tanh",

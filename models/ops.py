@@ -770,7 +770,8 @@ def rmsnorm_rows(x, w, out, T: int, eps: float, *, residual=None, xq=None, strea
 
 @launches(1)
 def quantize_rows(x, xq, T: int, *, stream):
-    _q8.quantize_q8_1(rows(x, T), out=xq, stream=stream)
+    """The first T rows of ``x`` at ``xq``'s width (``xq.n``, a layer's own width: see ``Q8Act.narrow``)."""
+    _q8.quantize_q8_1(rows(x, T, xq.n), out=xq, stream=stream)
 
 
 @launches(1)

@@ -103,6 +103,9 @@ def quantize_block_when_complete(pX: cute.Pointer, pQ: cute.Pointer, pD: cute.Po
             cute.arch.fence_acq_rel_gpu()
             seen = cute.arch.atomic_add((pCnt + block).llvm_ptr, Int32(1), sem="acq_rel", scope="gpu")
         seen = cute.arch.shuffle_sync(seen, 0)
+        # bar.warp.sync orders memory among the warp (a shuffle alone does not, in the PTX memory model), so lanes
+        # 1-31 are ordered after lane 0's acquire before their fence and the block reads
+        cute.arch.sync_warp()
         if seen == arrivals - 1:
             cute.arch.fence_acq_rel_gpu()
             x = cute.arch.load((pX + block * QK8_1 + lane).llvm_ptr, Float32, cop="cg")
@@ -273,6 +276,21 @@ class Q8Act:
         self.qs = DeviceArray.empty((rows, n), np.int8)
         self.d = DeviceArray.empty((rows, n // QK8_1), np.float32)
         self.s = DeviceArray.empty((rows, n // QK8_1), np.float32)
+
+    def narrow(self, n: int) -> "Q8Act":
+        """A Q8Act of ``n`` values per row over the start of this one's buffers (rows packed at the new width): the
+        q8_1 input of a layer narrower than the widest (Gemma 4's sliding layers feed a 16 x 256 attention output
+        to their O projection, its global layers 16 x 512). No allocation, so a graph capture may call it."""
+        if n == self.n:
+            return self
+        if n % QK8_1 or n > self.n:
+            raise ValueError(f"q8_1 view of width {n}: must be a multiple of {QK8_1} and at most {self.n}")
+        view = Q8Act.__new__(Q8Act)
+        view.rows, view.n = self.rows, n
+        view.qs = self.qs.view(np.int8, (self.rows, n))
+        view.d = self.d.view(np.float32, (self.rows, n // QK8_1))
+        view.s = self.s.view(np.float32, (self.rows, n // QK8_1))
+        return view
 
     def to_numpy(self):
         return self.qs.to_numpy(), self.d.to_numpy(), self.s.to_numpy()

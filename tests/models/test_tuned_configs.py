@@ -154,7 +154,7 @@ def dry(monkeypatch):
         if callable(obj) and not isinstance(obj, type) and not name.startswith("_") and name not in KEEP \
                 and getattr(obj, "__module__", None) == ops.__name__:
             monkeypatch.setattr(ops, name, (lambda *a, **k: 1.0) if name == "qk_prologue" else (lambda *a, **k: None))
-    monkeypatch.setattr(ops, "new_q8", lambda n, rows=1: SimpleNamespace(n=n, rows=rows))
+    monkeypatch.setattr(ops, "new_q8", lambda n, rows=1: FakeQ8(n=n, rows=rows))
     monkeypatch.setattr(ops, "PagedKV", FakeKV)
     device = SimpleNamespace(name=IDENT.name, sm_count=IDENT.sm_count)
     monkeypatch.setattr(ops, "get_device", lambda: device)
@@ -241,6 +241,13 @@ def _check_calls(tuned, calls, base_calls):
         else:
             assert kw == base_kw, (fn, where, site, kw, base_kw)
     return applied
+
+
+class FakeQ8(SimpleNamespace):
+    """A q8_1 activation buffer: its width and rows (``Q8Act.narrow`` keeps the rows)."""
+
+    def narrow(self, n):
+        return FakeQ8(n=n, rows=self.rows)
 
 
 def test_tuned_knobs_reach_the_kernel_wrappers(model, dry, cache_dir, rng):
