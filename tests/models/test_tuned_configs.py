@@ -392,3 +392,13 @@ def _env(cache_dir):
     root = os.path.dirname(os.path.dirname(sparkinfer_cute.__file__))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def test_a_gate_up_config_that_cannot_write_its_q8_copy_is_refused():
+    """fused_moe_act_q8: the gate/up CTAs must tile the q8_1 blocks of 32 they quantize; a tuned rows_per_warp
+    that makes CTAs of 64 rows is refused at the call site (the default applies) instead of failing the capture."""
+    from sparkinfer_cute.models import ops
+
+    assert ops._act_q8_blocks({"rows_per_warp": 1}) is None
+    assert ops._act_q8_blocks({"rows_per_warp": 8}) is None
+    assert "do not tile" in ops._act_q8_blocks({"rows_per_warp": 16})
