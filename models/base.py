@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from sparkinfer_cute.errors import ContextOverflowError
+from sparkinfer_cute.errors import ContextOverflowError, GGUFError
 from sparkinfer_cute.kernels.arch import kernel_family
 from sparkinfer_cute.models import ops
 from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Stream, get_device
@@ -42,6 +42,11 @@ class GPUDecoder:
     def __init__(self, g, cfg, *, max_context: int | None = None, progress: bool = True, tuned=None):
         self.g, self.cfg = g, cfg
         self.tuned = tuned
+        scaled = [l for l in range(cfg.n_layer) if getattr(cfg, "rope_freq_scale_for", lambda l: 1.0)(l) != 1.0]
+        if scaled:  # the RoPE kernels have no linear-scaling term: refuse rather than compute another model
+            raise GGUFError(g.path, f"linear RoPE scaling (factor {1 / cfg.rope_freq_scale_for(scaled[0]):g} on "
+                                    f"{len(scaled)} layers, e.g. Gemma 3 4B and larger) has no GPU forward yet; "
+                                    "use --backend cpu")
         self.device = get_device()
         self.max_context = int(min(max_context or DEFAULT_MAX_CONTEXT, cfg.context_length))
         if self.max_context <= 0:
@@ -219,7 +224,9 @@ class GPUDecoder:
         if self._graph is not None:
             return
         # Warm-up outside capture: loads every kernel module (module loading is not allowed while capturing) and
-        # counts launches. It decodes token 0 at position 0, which the first real step overwrites.
+        # counts launches. It decodes token 0 at the device position (0 before anything ran), writing KV there: so it
+        # must run before the first prompt, which then overwrites that slot (prefill_chunk / prefill_all_logits
+        # build the graph first; a batched prefill leaves the device position at 0, not at the prompt's end).
         ops.launch_counter.reset()
         with self.tuning():
             self.enqueue_step(self.stream)
@@ -269,8 +276,20 @@ class GPUDecoder:
         return self.logits.to_numpy(self.stream)
 
     def batched_prefill(self) -> bool:
-        """Prefill in batched chunks: the model has ``enqueue_prefill`` and ``SPARKINFER_PREFILL`` is not ``loop``."""
-        return hasattr(self, "enqueue_prefill") and os.environ.get("SPARKINFER_PREFILL", "batched") != "loop"
+        """Prefill in batched chunks: the model has ``enqueue_prefill``, ``SPARKINFER_PREFILL`` is not ``loop``, and
+        the grouped GEMM takes every weight the prefill multiplies (else the decode-graph loop: e.g. plain Q6_K with
+        ``SPARKINFER_REPACK_Q6K=0``, or F16 weights, which only the decode GEMV reads)."""
+        return (hasattr(self, "enqueue_prefill") and os.environ.get("SPARKINFER_PREFILL", "batched") != "loop"
+                and not self.prefill_unsupported_weights())
+
+    def prefill_unsupported_weights(self) -> list[str]:
+        """Layer weights the batched prefill cannot take: a matrix the grouped GEMM does not read, or a router that is
+        not F32 (the batched router reads F32 logits weights)."""
+        if getattr(self, "_prefill_refused", None) is None:
+            self._prefill_refused = [
+                n for n, w in self.w.items() if n.startswith("blk.") and len(w.shape) >= 2
+                and not (w.qtype == "F32" if n.endswith("ffn_gate_inp.weight") else ops.gemm_supports(w))]
+        return self._prefill_refused
 
     def prefill_chunk(self, ids: np.ndarray) -> None:
         """Append T tokens at positions ``pos .. pos+T-1`` to the KV cache, leave the logits after the last one in
@@ -278,6 +297,7 @@ class GPUDecoder:
         weight over the T tokens, a CUDA graph per chunk length) where the model has ``enqueue_prefill``; else, and
         with ``SPARKINFER_PREFILL=loop`` (the reference path), one decode-graph replay per token."""
         if self.batched_prefill():
+            self._ensure_graph()  # before the prompt's KV: its warm-up step writes the slot at device position 0
             self._prefill_batched(ids)
             return
         for t in ids:
@@ -322,8 +342,12 @@ class GPUDecoder:
     def prefill_all_logits(self, ids) -> np.ndarray:
         """Teacher-forced logits of every position of ``ids`` (from the current position) through the batched
         prefill: [len(ids), vocab] (the accuracy harness)."""
+        ids = np.asarray(ids, dtype=np.int32).reshape(-1)
+        if self.pos + len(ids) > self.max_context:
+            raise ContextOverflowError(f"{len(ids)} tokens do not fit the context of {self.max_context}")
+        self._ensure_graph()  # as in prefill_chunk
         out = []
-        n = self.PREFILL_CHUNK or max(len(ids), 1)
+        n = self._prefill_buffers().chunk
         for i in range(0, len(ids), n):
             chunk = ids[i:i + n]
             buf = DeviceArray.empty((len(chunk), self.cfg.vocab_size), np.float32)

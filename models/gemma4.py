@@ -41,6 +41,8 @@ class Gemma4GPU(GPUDecoder):
         if cfg.fused_qkv or cfg.n_embd_per_layer or cfg.shared_kv_layers:
             raise GGUFError(g.path, "Gemma 4 with a fused attn_qkv, per-layer embeddings or KV sharing (E2B/E4B) has "
                                     "no GPU forward yet; use --backend cpu")
+        if len({cfg.n_ff_for(l) for l in range(cfg.n_layer)}) > 1:  # the dense MLP buffers have one width
+            raise GGUFError(g.path, "Gemma 4 with per-layer dense MLP widths has no GPU forward yet; use --backend cpu")
         super().__init__(g, cfg, **kwargs)
 
     def weight_names(self) -> list[str]:

@@ -50,3 +50,48 @@ def test_the_check_refuses_a_wider_input():
         check_widths("gemm", (w, DryArray((4, 512), "q8_1"), None, 4), {})
     with pytest.raises(WidthMismatch):  # a narrowed copy of the wrong width
         check_widths("gemm", (w, DryArray((4, 512), "q8_1").narrow(128), None, 4), {})
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gemma3", "gemma4"])
+def test_batched_prefill_only_where_the_gemm_takes_every_weight(tiny_files, arch):
+    """Plain Q6_K (SPARKINFER_REPACK_Q6K=0) is a type the grouped GEMM does not read: such a model prefills through
+    the decode-graph loop instead of failing on its first prompt chunk; the padded Q6_K_P upload takes the batched
+    path."""
+    from sparkinfer_cute.gguf import GGUFFile
+    from sparkinfer_cute.gguf.config import load_config
+    from sparkinfer_cute.models import GPU_FORWARDS
+    from sparkinfer_cute.models.dry_run import dry_model, dry_run
+
+    g = GGUFFile(tiny_files[arch])
+    cfg = load_config(g)
+    with dry_run([]):
+        padded = dry_model(GPU_FORWARDS[arch], g, cfg, repack=True)
+        plain = dry_model(GPU_FORWARDS[arch], g, cfg, repack=False)
+        assert padded.prefill_unsupported_weights() == []
+        assert padded.batched_prefill()
+        refused = plain.prefill_unsupported_weights()
+        assert refused and all(plain.w[n].qtype == "Q6_K" for n in refused)
+        assert not plain.batched_prefill()
+
+
+def test_gpu_forwards_refuse_what_their_kernels_do_not_compute(tiny_files):
+    """A file the GPU kernels would compute wrongly is refused with a one-line GGUFError before anything touches
+    the GPU: linear RoPE scaling (Gemma 3 4B and larger scale their global layers' RoPE; no kernel has that term)
+    and Gemma 4 dense MLPs of per-layer widths (the MLP buffers have one width)."""
+    import dataclasses
+
+    from sparkinfer_cute.errors import GGUFError
+    from sparkinfer_cute.gguf import GGUFFile
+    from sparkinfer_cute.gguf.config import load_config
+    from sparkinfer_cute.models import GPU_FORWARDS
+
+    for arch in ("gemma3", "gemma4"):
+        g = GGUFFile(tiny_files[arch])
+        cfg = dataclasses.replace(load_config(g), rope_freq_scale=0.125)
+        with pytest.raises(GGUFError, match="linear RoPE scaling .factor 8"):
+            GPU_FORWARDS[arch](g, cfg)
+    g = GGUFFile(tiny_files["gemma4"])
+    cfg = load_config(g)
+    widths = (cfg.n_ff[0] // 2,) + tuple(cfg.n_ff[1:])
+    with pytest.raises(GGUFError, match="per-layer dense MLP widths"):
+        GPU_FORWARDS["gemma4"](g, dataclasses.replace(cfg, n_ff=widths))
