@@ -53,7 +53,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from .arch import pdl_enabled, smem_budget
-from .common import cp_async, fake_ptr, gptr, pdl_prologue
+from .common import aligned, cp_async, fake_ptr, gptr, pdl_prologue
 from .compile import compile_options, kernel_cache
 from .quant_decode import half_hi_to_f32, half_lo_to_f32, spec
 
@@ -599,7 +599,16 @@ def quant_gemm(w, qtype: str, xq, n_out: int, *, out=None, w_up=None, act: str =
     grid_y = int(max_tiles) if grouped else -(-rows // tile_tokens)
     if grid_y == 0:
         return out
+    if grid_y > 65535:
+        raise ValueError(f"quant_gemm: {grid_y} token tiles exceed the grid's 65535 rows (fewer rows per launch)")
+    if int(np.prod(out.shape)) >= 2**31:  # output offsets are 32-bit in the kernel
+        raise ValueError(f"quant_gemm: an output of {int(np.prod(out.shape))} values needs 64-bit offsets "
+                         "(a smaller chunk: e.g. the all-positions LM head over a large vocabulary)")
     dummy = xq.d
+    # compiled with 16-byte pointer alignment (128-bit loads): a misaligned view would fault, so refuse it here
+    for a, what in ((w, "w"), (w_up, "w_up"), (xq.qs, "xq.qs"), (xq.d, "xq.d"), (xq.s, "xq.s"), (out, "out")):
+        if a is not None:
+            aligned(a, f"quant_gemm {what}")
     p = lambda dt, a, align=16: cute.runtime.make_ptr(dt, a.ptr, cute.AddressSpace.gmem, assumed_align=align)  # noqa
     fn(p(Uint8, w), p(Uint8, w_up if w_up is not None else w), p(Int8, xq.qs), p(Float32, xq.d), p(Float32, xq.s),
        p(Float32, out), p(Int32, row_index if row_index is not None else dummy, 4),
