@@ -3,7 +3,7 @@
 The int8 end-to-end gate (tests/models/test_gpu_decode.py, tests/models/test_gpu_prefill.py) compares a GPU build
 with the CPU reference run with the same activation rounding (``load_reference(..., act_q8_1=names)``), so it needs
 the exact set of tensors whose matmul input the build quantizes. That set follows from ``SPARKINFER_DP4A``
-(:func:`ops.dp4a_for`, :func:`ops.prefer_dp4a`), the tensor types and each model's choices (Gemma keeps f32
+(:func:`ops.dp4a_for`, :func:`ops.prefer_dp4a`), the tensor types and each model's choices (Gemma 3 keeps f32
 activations in decode, every batched prefill GEMM is int8, ...). Rather than restate those rules, this module *runs*
 the model's ``alloc_buffers`` and ``enqueue_step`` / ``enqueue_prefill`` without a GPU (models/dry_run.py: every op
 of ``models/ops.py`` replaced by a recorder, the device buffers by stand-ins; nothing is allocated or launched), and

@@ -325,7 +325,7 @@ def rmsnorm_heads(x, w, n_heads: int, head_dim: int, eps: float, *, stream):
 
 # Which GEMVs run on int8 activations (q8_1 blocks of 32, dp4a) instead of f32: SPARKINFER_DP4A=auto|all|none.
 # auto = where the H100 micro-benchmark measured dp4a faster (RESULTS.md, "int8 activations by default"), for models
-# that opt in (Qwen3-MoE; Gemma keeps exact f32 activations): the LM head and DP4A_AUTO_PARTS.
+# that opt in (Qwen3-MoE and Gemma 4; Gemma 3 keeps exact f32 activations): the LM head and DP4A_AUTO_PARTS.
 DP4A = os.environ.get("SPARKINFER_DP4A", "auto")
 
 
