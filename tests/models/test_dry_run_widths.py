@@ -9,19 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparkinfer_cute.gguf.synth import write_synthetic
 from sparkinfer_cute.models.dry_run import PATHS, DryArray, WidthMismatch, check_widths, record
 from sparkinfer_cute.runtime.weights import QWeight
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("widths")
-    files = {}
-    for arch in ("qwen3moe", "gemma3", "gemma4"):
-        files[arch] = str(d / f"{arch}.gguf")
-        write_synthetic(files[arch], arch=arch, preset="tiny", seed=5)
-    return files
 
 
 @pytest.mark.parametrize("path", PATHS)

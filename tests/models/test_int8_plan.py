@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from sparkinfer_cute.gguf.synth import write_synthetic
 from sparkinfer_cute.models import ops
 from sparkinfer_cute.models.int8_plan import UnknownWeightOp, int8_activation_tensors
 
@@ -14,49 +13,39 @@ QWEN_LAYER = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps", "ffn
 GEMMA_LAYER = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("plan")
-    out = {}
-    for arch in ("qwen3moe", "gemma3", "gemma4"):
-        out[arch] = str(d / f"{arch}.gguf")
-        write_synthetic(out[arch], arch=arch, preset="tiny", seed=1)
-    return out
-
-
 def _layers(names, n_layer, kinds):
     return {f"blk.{l}.{k}.weight" for l in range(n_layer) for k in kinds}
 
 
-def test_qwen_default_build(files, monkeypatch):
+def test_qwen_default_build(tiny_files, monkeypatch):
     monkeypatch.setattr(ops, "DP4A", "auto")
-    dec = int8_activation_tensors(files["qwen3moe"], path="decode")
+    dec = int8_activation_tensors(tiny_files["qwen3moe"], path="decode")
     assert dec == _layers(dec, 4, QWEN_LAYER)  # the router (F32) and the LM head (vocab 1536 < 65536) stay f32
-    assert int8_activation_tensors(files["qwen3moe"], path="prefill") == dec
-    assert int8_activation_tensors(files["qwen3moe"], path="prefill_all_logits") == dec | {"output.weight"}
+    assert int8_activation_tensors(tiny_files["qwen3moe"], path="prefill") == dec
+    assert int8_activation_tensors(tiny_files["qwen3moe"], path="prefill_all_logits") == dec | {"output.weight"}
 
 
-def test_dp4a_settings(files, monkeypatch):
+def test_dp4a_settings(tiny_files, monkeypatch):
     monkeypatch.setattr(ops, "DP4A", "none")
-    assert int8_activation_tensors(files["qwen3moe"], path="decode") == frozenset()
+    assert int8_activation_tensors(tiny_files["qwen3moe"], path="decode") == frozenset()
     # the batched prefill's grouped GEMM always takes int8 activations
-    assert int8_activation_tensors(files["qwen3moe"], path="prefill") == _layers(None, 4, QWEN_LAYER)
+    assert int8_activation_tensors(tiny_files["qwen3moe"], path="prefill") == _layers(None, 4, QWEN_LAYER)
     monkeypatch.setattr(ops, "DP4A", "all")
-    assert int8_activation_tensors(files["qwen3moe"], path="decode") == _layers(None, 4, QWEN_LAYER) | {
+    assert int8_activation_tensors(tiny_files["qwen3moe"], path="decode") == _layers(None, 4, QWEN_LAYER) | {
         "output.weight"}
     # Gemma's decode keeps f32 activations except the LM head, which SPARKINFER_DP4A=all opts in
-    assert int8_activation_tensors(files["gemma3"], path="decode") == {"token_embd.weight"}
+    assert int8_activation_tensors(tiny_files["gemma3"], path="decode") == {"token_embd.weight"}
 
 
-def test_gemma_default_build(files, monkeypatch):
+def test_gemma_default_build(tiny_files, monkeypatch):
     monkeypatch.setattr(ops, "DP4A", "auto")
-    assert int8_activation_tensors(files["gemma3"], path="decode") == frozenset()
-    pre = int8_activation_tensors(files["gemma3"], path="prefill")
+    assert int8_activation_tensors(tiny_files["gemma3"], path="decode") == frozenset()
+    pre = int8_activation_tensors(tiny_files["gemma3"], path="prefill")
     assert pre == _layers(None, 6, GEMMA_LAYER)
-    assert int8_activation_tensors(files["gemma3"], path="prefill_all_logits") == pre | {"token_embd.weight"}
+    assert int8_activation_tensors(tiny_files["gemma3"], path="prefill_all_logits") == pre | {"token_embd.weight"}
 
 
-def test_unclassified_op_on_a_matrix_is_refused(files, monkeypatch):
+def test_unclassified_op_on_a_matrix_is_refused(tiny_files, monkeypatch):
     from sparkinfer_cute.models.qwen3_moe import Qwen3MoeGPU
 
     @ops.launches(1)
@@ -73,12 +62,12 @@ def test_unclassified_op_on_a_matrix_is_refused(files, monkeypatch):
 
     monkeypatch.setattr(Qwen3MoeGPU, "enqueue_step", step)
     with pytest.raises(UnknownWeightOp, match="new_matmul"):
-        int8_activation_tensors(files["qwen3moe"], path="decode")
+        int8_activation_tensors(tiny_files["qwen3moe"], path="decode")
     with pytest.raises(ValueError):
-        int8_activation_tensors(files["qwen3moe"], path="train")
+        int8_activation_tensors(tiny_files["qwen3moe"], path="train")
 
 
-def test_gemma4_default_build(files, monkeypatch):
+def test_gemma4_default_build(tiny_files, monkeypatch):
     """Gemma 4 under SPARKINFER_DP4A=auto: decode quantizes the attention projections (q, k, v where the layer has
     one, o) and the experts (gate+up fused, down), not the dense MLP nor the tied Q6_K LM head; the batched prefill
     quantizes every projection and expert matrix, and its all-position LM head stays f32 (Q6_K: the decode GEMV)."""
@@ -86,13 +75,13 @@ def test_gemma4_default_build(files, monkeypatch):
     from sparkinfer_cute.gguf.config import load_config
 
     monkeypatch.setattr(ops, "DP4A", "auto")
-    cfg = load_config(GGUFFile(files["gemma4"]))
+    cfg = load_config(GGUFFile(tiny_files["gemma4"]))
     attn = {f"blk.{l}.{k}.weight" for l in range(cfg.n_layer)
             for k in ("attn_q", "attn_k", "attn_output") + (("attn_v",) if cfg.has_v(l) else ())}
     experts = {f"blk.{l}.{k}.weight" for l in range(cfg.n_layer) if cfg.is_moe(l)
                for k in ("ffn_gate_up_exps", "ffn_down_exps")}
     dense = {f"blk.{l}.{k}.weight" for l in range(cfg.n_layer) for k in ("ffn_gate", "ffn_up", "ffn_down")}
-    assert int8_activation_tensors(files["gemma4"], path="decode") == attn | experts
-    pre = int8_activation_tensors(files["gemma4"], path="prefill")
+    assert int8_activation_tensors(tiny_files["gemma4"], path="decode") == attn | experts
+    pre = int8_activation_tensors(tiny_files["gemma4"], path="prefill")
     assert pre == attn | experts | dense
-    assert int8_activation_tensors(files["gemma4"], path="prefill_all_logits") == pre
+    assert int8_activation_tensors(tiny_files["gemma4"], path="prefill_all_logits") == pre
