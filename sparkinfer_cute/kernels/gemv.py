@@ -30,7 +30,7 @@ from .common import WarpRowKernel, aligned, as_device_bytes, gptr, pdl_prologue,
 from .compile import compile_options, kernel_cache
 from .gemv_chunk import choose_rows_per_warp, chunk_ok, compile_gemv_chunk, compile_gemv_multi
 from .q8_1 import Q8Act, as_q8, x_pointers
-from .quant_decode import INT_QTYPES, Tiling, qtype_name, spec
+from .quant_decode import INT_QTYPES, Tiling, check_weight_bytes, qtype_name, spec
 from .quant_dot import decode_int_slice, decode_int_unit, group_dot, step_dot
 from .registry import register
 
@@ -159,12 +159,6 @@ def choose_warps_per_row(n_out_total: int, steps_per_row: int, sm_count: int = 1
 def _warps_per_row(q, n_in, n_rows_total, mapping="slice"):
     steps = n_in // spec(q).block_elems * Tiling(q, mapping).per_block
     return choose_warps_per_row(n_rows_total, steps, sm_count())
-
-
-def check_weight_bytes(w, q, n_rows_total, n_in):
-    need = n_rows_total * spec(q).row_bytes(n_in)
-    if w.nbytes != need:
-        raise ValueError(f"{q} weight has {w.nbytes} bytes, expected {need} ({n_rows_total} rows x {n_in})")
 
 
 def resolve_mapping(mapping: str, qtype: str, n_in: int, rows: int) -> str:

@@ -102,6 +102,17 @@ def spec(qtype: str) -> QuantSpec:
         raise ValueError(f"unsupported quant type {qtype!r}; supported: {QTYPES}") from None
 
 
+def check_weight_bytes(w, q, n_rows, n_in, *, groups_any: bool = False) -> None:
+    """``w`` (anything with ``nbytes``) holds exactly ``n_rows`` rows of ``n_in`` values of type ``q`` (ValueError
+    else): the kernels walk a weight at ``row_bytes(n_in)`` per row and trust its size. ``groups_any``: any positive
+    whole number of such matrices (the grouped GEMM's experts, whose count the launch does not take)."""
+    need = n_rows * spec(q).row_bytes(n_in)
+    if w.nbytes == need or (groups_any and w.nbytes > 0 and w.nbytes % need == 0):
+        return
+    what = f"a whole number of {need}-byte matrices" if groups_any else str(need)
+    raise ValueError(f"{q} weight has {w.nbytes} bytes, expected {what} ({n_rows} rows x {n_in})")
+
+
 def qtype_name(qtype) -> str:
     """Accept 'Q4_K', a gguf.GGMLQuantizationType or its int value."""
     if isinstance(qtype, str):

@@ -55,7 +55,7 @@ from cutlass.cutlass_dsl import T, dsl_user_op
 from .arch import pdl_enabled, smem_budget
 from .common import aligned, cp_async, fake_ptr, gptr, pdl_prologue
 from .compile import compile_options, kernel_cache
-from .quant_decode import half_hi_to_f32, half_lo_to_f32, spec
+from .quant_decode import check_weight_bytes, half_hi_to_f32, half_lo_to_f32, spec
 
 K_TILE = 256  # elements of K per pipeline stage
 CONSUMER_WARPS = 4
@@ -585,13 +585,11 @@ def quant_gemm(w, qtype: str, xq, n_out: int, *, out=None, w_up=None, act: str =
             raise ValueError(f"fused gate+up {q}: the up rows must start 16-byte aligned (n_out {n_out}, n_in {n_in})")
         w_up = w.view(np.uint8, offset_bytes=n_out * spec(q).row_bytes(n_in))
     out_rows = tile_rows // 2 if w_up is not None else tile_rows
-    # the kernel walks the weight at row_bytes(n_in) per row and trusts it: a q8_1 input wider than the weight's rows
-    # (a per-layer width mixed up) would read past the allocation instead of failing
-    matrix = n_out * spec(q).row_bytes(n_in) * (2 if fused_gate_up else 1)
-    for name, m in (("w", w), ("w_up", None if fused_gate_up else w_up)):
-        if m is not None and (m.nbytes < matrix or m.nbytes % matrix or (not grouped and m.nbytes != matrix)):
-            raise ValueError(f"quant_gemm {q}: {name} has {m.nbytes} bytes, not {'a whole number of ' if grouped else ''}"
-                             f"{n_out} x {n_in} matrices of {matrix} bytes (n_in is the q8_1 input's width)")
+    # n_in is the q8_1 input's width: an input wider than the weight's rows (a per-layer width mixed up) would walk
+    # past the allocation instead of failing
+    check_weight_bytes(w, q, n_out * (2 if fused_gate_up else 1), n_in, groups_any=grouped)
+    if w_up is not None and not fused_gate_up:
+        check_weight_bytes(w_up, q, n_out, n_in, groups_any=grouped)
     if n_out % out_rows:
         raise ValueError(f"quant_gemm: n_out {n_out} is not a multiple of {out_rows} rows per CTA")
     fn = compile_quant_gemm(q, n_in, tile_rows, tile_tokens, stages, w_up is not None, act, grouped,

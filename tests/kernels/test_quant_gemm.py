@@ -238,3 +238,20 @@ def test_grouped_gated_and_down(seed, q, which, n_tok, n_expert, k, act):
     bound2 = np.stack([Gd * U * (Ad[e * n_out:(e + 1) * n_out] @ np.abs(adeq[r])) for r, e in enumerate(e_of_row)]) \
         if n_rows else y2
     _check(y2, ref2, bound2, f"down {q} {n_ff}->{n_out}")
+
+
+def test_weight_size_check_is_exact_dense_and_whole_matrices_grouped():
+    """kernels/quant_decode.py ``check_weight_bytes``, which the GEMV and the grouped GEMM call before launching:
+    a weight of the wrong size (e.g. an input wider than its rows) is refused, never walked past its end."""
+    from types import SimpleNamespace as W
+
+    from sparkinfer_cute.kernels.quant_decode import check_weight_bytes, spec
+
+    rb = spec("Q4_K").row_bytes(512)
+    check_weight_bytes(W(nbytes=64 * rb), "Q4_K", 64, 512)
+    check_weight_bytes(W(nbytes=3 * 64 * rb), "Q4_K", 64, 512, groups_any=True)
+    for nbytes, grouped in ((3 * 64 * rb, False), (64 * rb - 1, False), (0, True), (64 * rb + rb, True),
+                            (64 * rb, False)):
+        n_in = 1024 if nbytes == 64 * rb else 512  # the last: a 512-wide weight read as 1024-wide
+        with pytest.raises(ValueError, match="weight has"):
+            check_weight_bytes(W(nbytes=nbytes), "Q4_K", 64, n_in, groups_any=grouped)
