@@ -285,11 +285,8 @@ class GPUDecoder:
     def prefill_unsupported_weights(self) -> list[str]:
         """Layer weights the batched prefill cannot take: a matrix the grouped GEMM does not read, or a router that is
         not F32 (the batched router reads F32 logits weights)."""
-        if getattr(self, "_prefill_refused", None) is None:
-            self._prefill_refused = [
-                n for n, w in self.w.items() if n.startswith("blk.") and len(w.shape) >= 2
+        return [n for n, w in self.w.items() if n.startswith("blk.") and len(w.shape) >= 2
                 and not (w.qtype == "F32" if n.endswith("ffn_gate_inp.weight") else ops.gemm_supports(w))]
-        return self._prefill_refused
 
     def prefill_chunk(self, ids: np.ndarray) -> None:
         """Append T tokens at positions ``pos .. pos+T-1`` to the KV cache, leave the logits after the last one in

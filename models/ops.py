@@ -634,18 +634,19 @@ def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu"
     shape = {"qtype": w_gate.qtype, "n_in": w_gate.n_in, "n_ff": n_ff, "n_expert": w_gate.n_expert, "k": _slots(ids),
              "fused": w_up is None}
     cfg = tuned("moe_gate_up_q8" if hq is not None else "moe_gate_up", shape, where=w_gate.name,
-                applicable=_act_q8_blocks if fuse_q8 else None)
+                applicable=(lambda c: _act_q8_blocks(n_ff, c)) if fuse_q8 else None)
     _moe.moe_gate_up(w_gate.data, None if w_up is None else w_up.data, w_gate.qtype, hq if hq is not None else h, ids,
                      n_ff, out=act, stream=stream, act=glu, out_q8=actq.q8 if fuse_q8 else None,
                      counters=actq.counters if fuse_q8 else None, **cfg)
 
 
-def _act_q8_blocks(cfg: dict) -> str | None:
-    """A tuned gate/up config can write the q8_1 copy itself only with CTAs whose rows tile the blocks of 32 it
-    quantizes (kernels/moe_ffn_chunk.py ``check_quantize_out``); else the call site keeps its default."""
-    rows_per_cta = _moe.WARPS * int(cfg.get("rows_per_warp", 1))
-    if _q8.QK8_1 % rows_per_cta:
-        return f"rows_per_warp {cfg['rows_per_warp']}: CTAs of {rows_per_cta} rows do not tile the q8_1 blocks of 32"
+def _act_q8_blocks(n_ff: int, cfg: dict) -> str | None:
+    """Why a tuned gate/up config cannot write the q8_1 copy itself (None: it can): the kernel's own check that its
+    CTAs' rows tile the blocks of 32 it quantizes; the call site then keeps its default."""
+    try:
+        _moe.check_quantize_out(n_ff, _moe.WARPS * int(cfg.get("rows_per_warp", 1)))
+    except ValueError as e:
+        return str(e)
     return None
 
 

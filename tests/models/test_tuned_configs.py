@@ -399,6 +399,6 @@ def test_a_gate_up_config_that_cannot_write_its_q8_copy_is_refused():
     that makes CTAs of 64 rows is refused at the call site (the default applies) instead of failing the capture."""
     from sparkinfer_cute.models import ops
 
-    assert ops._act_q8_blocks({"rows_per_warp": 1}) is None
-    assert ops._act_q8_blocks({"rows_per_warp": 8}) is None
-    assert "do not tile" in ops._act_q8_blocks({"rows_per_warp": 16})
+    assert ops._act_q8_blocks(768, {"rows_per_warp": 1}) is None
+    assert ops._act_q8_blocks(768, {"rows_per_warp": 8}) is None
+    assert "(64 rows per CTA)" in ops._act_q8_blocks(768, {"rows_per_warp": 16})
