@@ -73,84 +73,64 @@ def _exp_bits(half: int) -> int:
     return max(1, (half - 1).bit_length())
 
 
-class QKNormRopeKV:
-    """Static config: ``n_head``, ``n_kv_head``, ``head_dim`` (even), ``n_rot`` (even, <= head_dim),
-    ``has_qk_norm``, ``has_freq_factors``, ``has_v_norm``, ``page_size`` (power of two), ``q_stride`` (elements
-    between consecutive q heads, >= head_dim; default head_dim. Qwen3.5 gated attention: the Q projection is
-    ``[n_head, 2*head_dim]`` = (q, gate) per head, so q_stride = 2*head_dim and the gate half is left alone)."""
+class HeadNormRope:
+    """The per-head device code of the prologue, shared by :class:`QKNormRopeKV` and the attention kernel that folds
+    the prologue in (attention_decode.py ``prologue``). Static config: ``head_dim``, ``n_rot``, ``has_qk_norm``,
+    ``has_freq_factors``, ``has_v_norm``, ``cta_threads`` (the CTA's thread count; all of them must call the methods:
+    they contain barriers).
 
-    def __init__(self, n_head: int, n_kv_head: int, head_dim: int, n_rot: int, has_qk_norm: bool = True,
-                 has_freq_factors: bool = False, has_v_norm: bool = False, page_size: int = 64,
-                 q_stride: int | None = None):
-        self.pdl = pdl_enabled()
-        if n_head <= 0 or n_kv_head <= 0:
-            raise ValueError(f"need n_head, n_kv_head > 0, got {n_head}, {n_kv_head}")
+    The element-to-thread mapping (thread ``t`` owns pairs ``t + j*T``) and so the order of every sum use
+    ``T = threads(head_dim)`` threads whatever the CTA has: threads ``>= T`` load nothing, add 0.0 to the block sums
+    and store nothing, and adding 0.0 changes no bit (the block reduction's partials of the extra warps are exact
+    zeros). So a CTA of more threads produces exactly the bits :class:`QKNormRopeKV` produces."""
+
+    @staticmethod
+    def threads(head_dim: int) -> int:
+        return min(128, max(32, _pow2_ceil(head_dim // 2)))
+
+    def __init__(self, head_dim: int, n_rot: int, has_qk_norm: bool = True, has_freq_factors: bool = False,
+                 has_v_norm: bool = False, cta_threads: int = 0):
         if head_dim <= 0 or head_dim % 2:
             raise ValueError(f"head_dim must be even and > 0, got {head_dim}")
         if n_rot % 2 or not 0 < n_rot <= head_dim:
             raise ValueError(f"bad n_rot {n_rot} for head_dim {head_dim}")
-        if page_size <= 0 or page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two, got {page_size}")
-        self.n_head, self.n_kv_head, self.head_dim, self.n_rot = n_head, n_kv_head, head_dim, n_rot
+        self.head_dim, self.n_rot = head_dim, n_rot
         self.has_qk_norm, self.has_ff, self.has_v_norm = has_qk_norm, has_freq_factors, has_v_norm
-        self.page_size = page_size
-        self.q_stride = head_dim if q_stride is None else q_stride
-        if self.q_stride < head_dim:
-            raise ValueError(f"q_stride {q_stride} < head_dim {head_dim}")
         self.half = n_rot // 2
         self.n_tail = head_dim - n_rot
-        self.threads = min(128, max(32, _pow2_ceil(head_dim // 2)))
-        self.num_warps = self.threads // 32
-        T = self.threads
+        T = self.threads(head_dim)
+        cta_threads = cta_threads or T
+        if cta_threads < T or cta_threads % 32:
+            raise ValueError(f"the head prologue of head_dim {head_dim} needs a CTA of >= {T} threads (whole warps), "
+                             f"got {cta_threads}")
+        self.T = T
+        self.cta_threads = cta_threads
+        self.num_warps = cta_threads // 32         # the block reductions run over the whole CTA
+        self.idle = cta_threads > T                # threads >= T take no elements
         self.n_pair = -(-self.half // T)           # RoPE pairs per thread
         self.n_tail_pt = -(-self.n_tail // T)      # pass-through elements per thread
         self.n_v = -(-head_dim // T)               # v elements per thread
-        self.full_pair = self.half % T == 0        # no bounds checks needed
-        self.full_tail = self.n_tail % T == 0
-        self.full_v = head_dim % T == 0
+        # no bounds checks needed (idle threads: always checked, their index is moved past the head)
+        self.full_pair = self.half % T == 0 and not self.idle
+        self.full_tail = self.n_tail % T == 0 and not self.idle
+        self.full_v = head_dim % T == 0 and not self.idle
         self.exp_bits = _exp_bits(self.half)
 
     @cute.jit
-    def __call__(self, pQ: cute.Pointer, pK: cute.Pointer, pV: cute.Pointer, pQNorm: cute.Pointer,
-                 pKNorm: cute.Pointer, pFF: cute.Pointer, pKPool: cute.Pointer, pVPool: cute.Pointer,
-                 pPageTable: cute.Pointer, pPos: cute.Pointer, pQOut: cute.Pointer, batch: Int32, n_pages: Int32,
-                 pages_per_seq: Int32, theta_scale: Float32, eps: Float32, q_scale: Float32,
-                 stream: cuda.CUstream):
-        H, KV, D, P = self.n_head, self.n_kv_head, self.head_dim, self.page_size
-        QS = self.q_stride
-        q_layout = cute.make_layout((batch, H, D), stride=(H * QS, QS, 1))
-        kv_layout = cute.make_layout((batch, KV, D), stride=(KV * D, D, 1))
-        pool_layout = cute.make_layout((n_pages, P, KV, D), stride=(P * KV * D, KV * D, D, 1))
-        mQ = cute.make_tensor(pQ, q_layout)
-        mQO = cute.make_tensor(pQOut, q_layout)
-        mK = cute.make_tensor(pK, kv_layout)
-        mV = cute.make_tensor(pV, kv_layout)
-        mQN = cute.make_tensor(pQNorm, cute.make_layout(D))
-        mKN = cute.make_tensor(pKNorm, cute.make_layout(D))
-        mFF = cute.make_tensor(pFF, cute.make_layout(self.half))
-        mKPool = cute.make_tensor(pKPool, pool_layout)
-        mVPool = cute.make_tensor(pVPool, pool_layout)
-        mPT = cute.make_tensor(pPageTable, cute.make_layout((batch, pages_per_seq), stride=(pages_per_seq, 1)))
-        mPos = cute.make_tensor(pPos, cute.make_layout(batch))
-        self.kernel(mQ, mQO, mK, mV, mQN, mKN, mFF, mKPool, mVPool, mPT, mPos, theta_scale, eps, q_scale).launch(use_pdl=self.pdl, 
-            grid=[H + KV, batch, 1], block=[self.threads, 1, 1], stream=stream)
-
-    @cute.kernel
-    def kernel(self, mQ: cute.Tensor, mQO: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQN: cute.Tensor,
-               mKN: cute.Tensor, mFF: cute.Tensor, mKPool: cute.Tensor, mVPool: cute.Tensor, mPT: cute.Tensor,
-               mPos: cute.Tensor, theta_scale: Float32, eps: Float32, q_scale: Float32):
-        pdl_prologue(self.pdl)
-        T, P = self.threads, self.page_size
+    def owner_index(self) -> Int32:
+        """This thread's index in the element mapping; threads ``>= T`` get one past the head, so every bounds
+        check (always on for them) skips them."""
         tid, _, _ = cute.arch.thread_idx()
-        hid, b, _ = cute.arch.block_idx()
-        smem = cutlass.memory.SmemAllocator()
-        red = smem.allocate_tensor(Float32, cute.make_layout(self.num_warps), byte_alignment=16)
+        if const_expr(self.idle):
+            tid = cutlass.select_(tid < self.T, tid, tid + self.head_dim)
+        return tid
 
-        pos = mPos[b]
-        posf = pos.to(Float32)
-        # cos/sin of this thread's pairs (shared by the q or k head of this block)
-        cs = cute.make_rmem_tensor(cute.make_layout(self.n_pair), Float32)
-        sn = cute.make_rmem_tensor(cute.make_layout(self.n_pair), Float32)
+    @cute.jit
+    def rope_tables(self, cs: cute.Tensor, sn: cute.Tensor, posf: Float32, theta_scale: Float32, mFF: cute.Tensor):
+        """Fill ``cs``/``sn`` (registers, ``n_pair`` f32 each) with the cos/sin of this thread's pairs at position
+        ``posf`` (shared by every head of the CTA)."""
+        T = self.T
+        tid = self.owner_index()
         for j in cutlass.range_constexpr(self.n_pair):
             i = tid + j * T
             cs[j] = Float32(1.0)
@@ -171,23 +151,13 @@ class QKNormRopeKV:
                 cs[j] = cos_t
                 sn[j] = sin_t
 
-        if hid < self.n_head:
-            self.norm_rope_head(mQ[b, hid, None], mQN, mQO[b, hid, None], cs, sn, red, eps, q_scale, True, Float32)
-        else:
-            h = hid - self.n_head
-            page = mPT[b, pos // P]
-            slot = pos % P
-            self.norm_rope_head(mK[b, h, None], mKN, mKPool[page, slot, h, None], cs, sn, red, eps, q_scale,
-                                False, Float16)
-            self.store_v(mV[b, h, None], mVPool[page, slot, h, None], red, eps)
-
     @cute.jit
     def norm_rope_head(self, src: cute.Tensor, w: cute.Tensor, dst: cute.Tensor, cs: cute.Tensor, sn: cute.Tensor,
                        red: cute.Tensor, eps: Float32, scale: Float32, apply_scale: cutlass.Constexpr,
                        out_dtype: cutlass.Constexpr):
         """One head: load (registers), optional RMSNorm*w, rotate pairs, optional scale, store as ``out_dtype``."""
-        T, half, n_rot = self.threads, self.half, self.n_rot
-        tid, _, _ = cute.arch.thread_idx()
+        T, half, n_rot = self.T, self.half, self.n_rot
+        tid = self.owner_index()
         x0 = cute.make_rmem_tensor(cute.make_layout(self.n_pair), Float32)
         x1 = cute.make_rmem_tensor(cute.make_layout(self.n_pair), Float32)
         xt = cute.make_rmem_tensor(cute.make_layout(max(1, self.n_tail_pt)), Float32)
@@ -238,8 +208,8 @@ class QKNormRopeKV:
     @cute.jit
     def store_v(self, src: cute.Tensor, dst: cute.Tensor, red: cute.Tensor, eps: Float32):
         """v as f16, optionally RMS-normalized without a weight (Gemma 4 V-norm)."""
-        T = self.threads
-        tid, _, _ = cute.arch.thread_idx()
+        T = self.T
+        tid = self.owner_index()
         xv = cute.make_rmem_tensor(cute.make_layout(self.n_v), Float32)
         ss = Float32(0.0)
         for j in cutlass.range_constexpr(self.n_v):
@@ -259,6 +229,81 @@ class QKNormRopeKV:
                 if const_expr(self.has_v_norm):
                     t = t * rstd
                 dst[e] = t.to(Float16)
+
+
+class QKNormRopeKV:
+    """Static config: ``n_head``, ``n_kv_head``, ``head_dim`` (even), ``n_rot`` (even, <= head_dim),
+    ``has_qk_norm``, ``has_freq_factors``, ``has_v_norm``, ``page_size`` (power of two), ``q_stride`` (elements
+    between consecutive q heads, >= head_dim; default head_dim. Qwen3.5 gated attention: the Q projection is
+    ``[n_head, 2*head_dim]`` = (q, gate) per head, so q_stride = 2*head_dim and the gate half is left alone)."""
+
+    def __init__(self, n_head: int, n_kv_head: int, head_dim: int, n_rot: int, has_qk_norm: bool = True,
+                 has_freq_factors: bool = False, has_v_norm: bool = False, page_size: int = 64,
+                 q_stride: int | None = None):
+        self.pdl = pdl_enabled()
+        if n_head <= 0 or n_kv_head <= 0:
+            raise ValueError(f"need n_head, n_kv_head > 0, got {n_head}, {n_kv_head}")
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        self.heads = HeadNormRope(head_dim, n_rot, has_qk_norm, has_freq_factors, has_v_norm)
+        self.n_head, self.n_kv_head, self.head_dim, self.n_rot = n_head, n_kv_head, head_dim, n_rot
+        self.page_size = page_size
+        self.q_stride = head_dim if q_stride is None else q_stride
+        if self.q_stride < head_dim:
+            raise ValueError(f"q_stride {q_stride} < head_dim {head_dim}")
+        self.threads = self.heads.T
+        self.num_warps = self.threads // 32
+
+    @cute.jit
+    def __call__(self, pQ: cute.Pointer, pK: cute.Pointer, pV: cute.Pointer, pQNorm: cute.Pointer,
+                 pKNorm: cute.Pointer, pFF: cute.Pointer, pKPool: cute.Pointer, pVPool: cute.Pointer,
+                 pPageTable: cute.Pointer, pPos: cute.Pointer, pQOut: cute.Pointer, batch: Int32, n_pages: Int32,
+                 pages_per_seq: Int32, theta_scale: Float32, eps: Float32, q_scale: Float32,
+                 stream: cuda.CUstream):
+        H, KV, D, P = self.n_head, self.n_kv_head, self.head_dim, self.page_size
+        QS = self.q_stride
+        q_layout = cute.make_layout((batch, H, D), stride=(H * QS, QS, 1))
+        kv_layout = cute.make_layout((batch, KV, D), stride=(KV * D, D, 1))
+        pool_layout = cute.make_layout((n_pages, P, KV, D), stride=(P * KV * D, KV * D, D, 1))
+        mQ = cute.make_tensor(pQ, q_layout)
+        mQO = cute.make_tensor(pQOut, q_layout)
+        mK = cute.make_tensor(pK, kv_layout)
+        mV = cute.make_tensor(pV, kv_layout)
+        mQN = cute.make_tensor(pQNorm, cute.make_layout(D))
+        mKN = cute.make_tensor(pKNorm, cute.make_layout(D))
+        mFF = cute.make_tensor(pFF, cute.make_layout(self.heads.half))
+        mKPool = cute.make_tensor(pKPool, pool_layout)
+        mVPool = cute.make_tensor(pVPool, pool_layout)
+        mPT = cute.make_tensor(pPageTable, cute.make_layout((batch, pages_per_seq), stride=(pages_per_seq, 1)))
+        mPos = cute.make_tensor(pPos, cute.make_layout(batch))
+        self.kernel(mQ, mQO, mK, mV, mQN, mKN, mFF, mKPool, mVPool, mPT, mPos, theta_scale, eps, q_scale).launch(
+            use_pdl=self.pdl, grid=[H + KV, batch, 1], block=[self.threads, 1, 1], stream=stream)
+
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mQO: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mQN: cute.Tensor,
+               mKN: cute.Tensor, mFF: cute.Tensor, mKPool: cute.Tensor, mVPool: cute.Tensor, mPT: cute.Tensor,
+               mPos: cute.Tensor, theta_scale: Float32, eps: Float32, q_scale: Float32):
+        pdl_prologue(self.pdl)
+        P = self.page_size
+        hid, b, _ = cute.arch.block_idx()
+        smem = cutlass.memory.SmemAllocator()
+        red = smem.allocate_tensor(Float32, cute.make_layout(self.num_warps), byte_alignment=16)
+
+        pos = mPos[b]
+        # cos/sin of this thread's pairs (shared by the q or k head of this block)
+        cs = cute.make_rmem_tensor(cute.make_layout(self.heads.n_pair), Float32)
+        sn = cute.make_rmem_tensor(cute.make_layout(self.heads.n_pair), Float32)
+        self.heads.rope_tables(cs, sn, pos.to(Float32), theta_scale, mFF)
+        if hid < self.n_head:
+            self.heads.norm_rope_head(mQ[b, hid, None], mQN, mQO[b, hid, None], cs, sn, red, eps, q_scale, True,
+                                      Float32)
+        else:
+            h = hid - self.n_head
+            page = mPT[b, pos // P]
+            slot = pos % P
+            self.heads.norm_rope_head(mK[b, h, None], mKN, mKPool[page, slot, h, None], cs, sn, red, eps, q_scale,
+                                      False, Float16)
+            self.heads.store_v(mV[b, h, None], mVPool[page, slot, h, None], red, eps)
 
 
 @kernel_cache
