@@ -65,11 +65,9 @@ class Gemma3GPU(GPUDecoder):
             packed = None if self.qkv_w.get(l) is None else (self.qkv_w[l], qkv)
             ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, q, k, v,
                          stream=stream, packed=packed)
-            attn_scale = ops.qk_prologue(self.kv, l, q, k, v, w[p + "attn_q_norm.weight"],
-                                         w[p + "attn_k_norm.weight"], self.pos_buf, n_head=a.n_head, n_rot=a.n_rot,
-                                         base=a.rope_base, eps=eps, q_scale=self.q_scale, stream=stream)
-            ops.attention(self.kv, l, q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
-                          scale=attn_scale, window=a.window, stream=stream)
+            ops.self_attention(self.kv, l, a, q, k, v, w[p + "attn_q_norm.weight"], w[p + "attn_k_norm.weight"],
+                               self.pos_buf, self.attn, self.attn_ws, eps=eps, q_scale=self.q_scale, scale=1.0,
+                               stream=stream)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream)
             # x += rmsnorm(o, post_attention_norm); h = rmsnorm(x, ffn_norm)
             ops.post_attention_norms(self.o, self.x, w[p + "post_attention_norm.weight"],

@@ -140,15 +140,13 @@ class Gemma4GPU(GPUDecoder):
             else:
                 ops.gemv_qk(w[p + "attn_q.weight"], w[p + "attn_k.weight"], self.h, q, k, stream=stream, xq=hq,
                             packed=packed)
-            ops.qk_prologue(self.kv, l, q, k, v if c.has_v(l) else k, w[p + "attn_q_norm.weight"],
-                            w[p + "attn_k_norm.weight"], self.pos_buf, n_head=a.n_head, n_rot=a.n_rot,
-                            base=a.rope_base, eps=eps, q_scale=1.0, stream=stream, v_norm=True,
-                            freq_factors=self.rope_freqs if c.uses_rope_freqs(l) else None)
             # the O projection's input at this layer's width (16 x 256 sliding, 16 x 512 global), with its q8_1
             # copy for the int8 O projection, quantized by attention
             attn, aq = self.attention_output(l, self.attnq if self.q8_attn else None)
-            ops.attention(self.kv, l, q, attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
-                          scale=c.attn_scale, window=a.window, stream=stream, xq=aq)
+            ops.self_attention(self.kv, l, a, q, k, v if c.has_v(l) else k, w[p + "attn_q_norm.weight"],
+                               w[p + "attn_k_norm.weight"], self.pos_buf, attn, self.attn_ws, eps=eps, q_scale=1.0,
+                               scale=c.attn_scale, stream=stream, v_norm=True,
+                               freq_factors=self.rope_freqs if c.uses_rope_freqs(l) else None, xq=aq)
             ops.gemv(w[p + "attn_output.weight"], attn, self.o, stream=stream, xq=aq)
             # x1 = x + rmsnorm(o, post_attention_norm) (in place); from x1: h = rmsnorm(x1, ffn_norm), the dense MLP's
             # input, and on MoE layers the router's and the experts' inputs

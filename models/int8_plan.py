@@ -29,7 +29,7 @@ F32_WEIGHT_OPS = frozenset({
     "embedding", "embedding_rows",                    # a row gather, no matmul
     "rmsnorm", "rmsnorm_rows", "rmsnorm_heads",       # vector weights
     "post_attention_norms", "post_ffn_norms",
-    "qk_prologue", "qk_norm_rope_kv", "qk_norm_rope_kv_rows",
+    "qk_prologue", "qk_norm_rope_kv", "qk_norm_rope_kv_rows", "self_attention",
     "router_gemv", "router",                          # the F32 router: f32 activations
     "gemv_rows",                                      # the f32 decode GEMV over prefill rows (LM head fallback)
     "dense_glu",                                      # a dense GLU's gate+up (f32 activations: no xq argument)

@@ -145,8 +145,30 @@ def attended_positions(g, depth: int) -> int:
     return min(depth + 1, g.window) if g.window else depth + 1
 
 
+def _self_attention_parts(c: OpCall) -> tuple[OpCall, OpCall]:
+    """The unfused form of a ``self_attention`` call: its :func:`ops.qk_prologue` and :func:`ops.attention` calls."""
+    kv, layer, g, q, k, v, q_norm, k_norm, pos, out, ws = c.args
+    kw = c.kwargs
+    qk = OpCall("qk_prologue", (kv, layer, q, k, v, q_norm, k_norm, pos),
+                dict(n_head=g.n_head, n_rot=g.n_rot, base=g.rope_base, eps=kw["eps"], q_scale=kw["q_scale"],
+                     freq_factors=kw.get("freq_factors"), v_norm=kw.get("v_norm", False)),
+                1 if ops.enabled("fused_qk") else 5)
+    at = OpCall("attention", (kv, layer, q, out, pos, ws),
+                dict(n_head=g.n_head, scale=kw["scale"], window=g.window, xq=kw.get("xq")),
+                ops._attention_launches(xq=kw.get("xq")))
+    return qk, at
+
+
 def _traffic(c: OpCall, m, depth: int, splits) -> dict:
     """Bytes by kind of one decode op call (the rules in the module docstring)."""
+    if c.op == "self_attention":  # its two parts; fused: q is not written by a prologue and read back by attention
+        qk, at = _self_attention_parts(c)
+        b = {k: _traffic(qk, m, depth, splits)[k] + _traffic(at, m, depth, splits)[k] for k in KINDS}
+        if ops.fused_qk_attention(c.args[2]):
+            nq = c.args[2].n_head * c.args[2].head_dim
+            b["act_write"] -= nq * F32
+            b["act_read"] -= nq * F32
+        return b
     cfg, a, kw = m.cfg, c.args, c.kwargs
     k_used = getattr(cfg, "n_expert_used", 0)
     b = dict.fromkeys(KINDS, 0.0)
@@ -320,6 +342,12 @@ def kernel_parts(c: OpCall) -> tuple:
         parts = (("quantize", 1), ("moe_down", 1))
     elif c.op == "attention" and kw.get("xq") is not None and not ops.enabled("fused_attn_q8"):
         parts = (("attention", c.kernels - 1), ("quantize", 1))
+    elif c.op == "self_attention" and not ops.fused_qk_attention(c.args[2]):
+        parts = sum((kernel_parts(p) for p in _self_attention_parts(c)), ())
+    elif c.op == "self_attention" and c.kernels > 1:  # the kernel does not quantize its output (fused_attn_q8 off)
+        parts = (("attention", 1), ("quantize", 1))
+    elif c.op == "self_attention":
+        parts = (("attention", 1),)  # the attention kernel with the Q/K prologue inside
     elif c.op == "qk_prologue" and not ops.enabled("fused_qk"):
         parts = (("rmsnorm_heads", 2), ("rope", 2), ("kv_append", 1))
     elif c.op == "qk_prologue":
@@ -414,7 +442,7 @@ def _launch_plan(g, cfg, depth: int, sm_count: int, max_context: int | None, nam
     for c in calls:
         ws = _weights_of(c)
         layers = {int(mt.group(1)) for w in ws for mt in [_BLK.match(w.name)] if mt}
-        if c.op in ("attention", "kv_append", "qk_prologue", "qk_norm_rope_kv"):
+        if c.op in ("attention", "kv_append", "qk_prologue", "qk_norm_rope_kv", "self_attention"):
             layers.add(c.args[1])
         if len(layers) > 1:
             raise ValueError(f"{c.op}() reads weights of layers {sorted(layers)}: one call, one layer")

@@ -63,6 +63,7 @@ PASSES = frozenset({
     "fused_router_norm",   # the fused router forms its input: the pre-FFN norm + residual add (+ the experts' q8_1)
     "fused_norms",       # Gemma 4's RMSNorm chains after the O projection and after the FFNs (kernels/norm_chain.py)
     "flash_prefill",     # the batched prefill's tensor-core flash attention
+    "fused_qk_attention",  # decode attention runs the Q/K norm + RoPE + KV append itself (no prologue launch)
 })
 
 
@@ -562,6 +563,58 @@ def qk_prologue(kv: PagedKV, layer: int, q, k, v, q_norm, k_norm, pos, *, n_head
     rope(k, KV, D, n_rot, base, pos, stream=stream, freq_factors=freq_factors)
     kv_append(kv, layer, k, v, pos, stream=stream)
     return q_scale
+
+
+def fused_qk_attention(g: AttentionGeometry) -> bool:
+    """Whether :func:`self_attention` is one launch for layers of geometry ``g``: the passes are on and the
+    fused-combine attention kernel can hold the Q/K prologue (kernels/attention_decode.py ``prologue_supported``,
+    checked at the largest split count, so it holds at every context length)."""
+    return (enabled("fused_qk_attention") and enabled("fused_qk") and enabled("fused_combine")
+            and _attn.prologue_supported(g.n_head, g.n_head_kv, g.head_dim, 256))
+
+
+def _self_attention_launches(kv, layer, g, *args, xq=None, **kwargs) -> int:
+    if fused_qk_attention(g):
+        return 1 + (1 if xq is not None and not enabled("fused_attn_q8") else 0)
+    return (1 if enabled("fused_qk") else 5) + _attention_launches(xq=xq)
+
+
+@launches(_self_attention_launches)
+def self_attention(kv: PagedKV, layer: int, g: AttentionGeometry, q, k, v, q_norm, k_norm, pos, out,
+                   ws: AttentionWorkspace, *, eps: float, q_scale: float, scale: float, stream, freq_factors=None,
+                   v_norm: bool = False, softcap: float = 0.0, xq=None):
+    """Everything between the Q/K/V projections and the O projection of one decode step: per-head Q/K RMSNorm,
+    NEOX RoPE over ``g.n_rot`` dims (base ``g.rope_base``, ``freq_factors`` dividing theta), q times ``q_scale``,
+    fp16 KV append (``v`` may be ``k``: K = V; ``v_norm``: V RMS-normed without a weight), then attention over the
+    cache (``scale`` on q·k, ``g.window``, ``softcap``) into ``out`` (``xq``: with its q8_1 copy).
+
+    One launch (``fused_qk_attention``: the attention kernel runs the prologue, :func:`fused_qk_attention`), else
+    :func:`qk_prologue` then :func:`attention`. Both give the same bits."""
+    if not fused_qk_attention(g):
+        f = qk_prologue(kv, layer, q, k, v, q_norm, k_norm, pos, n_head=g.n_head, n_rot=g.n_rot, base=g.rope_base,
+                        eps=eps, q_scale=q_scale, stream=stream, freq_factors=freq_factors, v_norm=v_norm)
+        attention(kv, layer, q, out, pos, ws, n_head=g.n_head, scale=scale * f, window=g.window, stream=stream,
+                  softcap=softcap, xq=xq)
+        return
+    D = kv.head_dim[layer]
+    KV = kv.n_kv_head[layer]
+    num_splits, o_partial, lse_partial = ws.partials(layer)
+    knobs = ws.knobs(layer)
+    if not _attn.prologue_supported(g.n_head, KV, D, num_splits, knobs.get("heads_per_cta", 0), PAGE_SIZE):
+        knobs.pop("heads_per_cta", None)  # a tuned head tile too big for the prologue's smem: the automatic one
+    fused_q8 = xq is not None and enabled("fused_attn_q8")
+    kd = k.view(np.float32, (KV, D))
+    vd = kd if v is k else v.view(np.float32, (KV, D))  # K = V: one buffer
+    ff = None if freq_factors is None else freq_factors.data.view(np.float32, (g.n_rot // 2,))
+    pro = _qknrk.QKPrologue(kd, vd, q_norm.data.view(np.float32, (D,)), k_norm.data.view(np.float32, (D,)),
+                            n_rot=g.n_rot, base=g.rope_base, eps=eps, q_scale=q_scale, freq_factors=ff, v_norm=v_norm)
+    _attn.attention_decode(q.view(np.float32, (g.n_head, D)), kv.k[layer], kv.v[layer], kv.page_table, pos,
+                           scale=scale, window=g.window, softcap=softcap, num_splits=num_splits,
+                           out=out.view(np.float32, (1, g.n_head, D)), o_partial=o_partial, lse_partial=lse_partial,
+                           fused_combine=True, counters=ws.counters, stream=stream,
+                           out_q8=xq if fused_q8 else None, prologue=pro, **knobs)
+    if xq is not None and not fused_q8:
+        quantize(out, xq, stream=stream)
 
 
 class RouterState:

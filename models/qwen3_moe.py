@@ -52,14 +52,12 @@ class Qwen3MoeGPU(GPUDecoder):
                         xq=hq)
             ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
                          self.k, self.v, stream=stream, xq=hq)
-            # q_scale 1: the scale stays in attention (q·k·scale) on both paths, as before the fused kernel existed
-            attn_scale = self.scale * ops.qk_prologue(self.kv, l, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
-                                                      w[p + "attn_k_norm.weight"], self.pos_buf,
-                                                      n_head=a.n_head, n_rot=a.n_rot, base=a.rope_base, eps=eps,
-                                                      q_scale=1.0, stream=stream)
-            aq = self.attnq if self.q8_attn else None  # the int8 O projection's input, quantized by attention
-            ops.attention(self.kv, l, self.q, self.attn, self.pos_buf, self.attn_ws, n_head=a.n_head,
-                          scale=attn_scale, window=a.window, stream=stream, xq=aq)
+            # Q/K norm + RoPE + KV append + attention; q_scale 1: the scale stays on q·k (as before the fused Q/K
+            # kernel existed); aq: the int8 O projection's input, quantized by attention
+            aq = self.attnq if self.q8_attn else None
+            ops.self_attention(self.kv, l, a, self.q, self.k, self.v, w[p + "attn_q_norm.weight"],
+                               w[p + "attn_k_norm.weight"], self.pos_buf, self.attn, self.attn_ws, eps=eps, q_scale=1.0,
+                               scale=self.scale, stream=stream, xq=aq)
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.delta, stream=stream, xq=aq)
             hq = self.hq if self.q8_moe else None
             wr = w[p + "ffn_gate_inp.weight"]

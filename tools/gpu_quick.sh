@@ -21,6 +21,7 @@ timeout "${T_TEST:-200}" python3 -m pytest -q -m gpu -n 14 -p no:cacheprovider t
   tests/kernels/test_attention_prefill.py tests/kernels/test_norm_chain.py \
   "tests/kernels/test_moe_ffn.py::test_gate_up_writes_q8_1_copy" "tests/kernels/test_moe_ffn.py::test_dense_glu_as_one_expert" \
   "tests/kernels/test_attention_decode.py::test_quantized_output_equals_quantize_kernel" \
+  "tests/kernels/test_attention_decode.py::test_prologue_bit_identical_to_qk_kernel_then_attention" \
   "tests/kernels/test_router.py::test_fused_router_expert_scale_is_the_gather_scale" \
   "tests/kernels/test_router.py::test_fused_router_prenorm" \
   tests/models/test_gpu_prefill.py tests/models/test_gpu_decode.py > "$OUT/tests.log" 2>&1

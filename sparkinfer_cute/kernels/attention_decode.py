@@ -45,6 +45,15 @@ thread 0: ``fence.acq_rel.gpu`` + ``atom.add.acq_rel.gpu``); the CTA that arrive
 next launch (next layer, next graph replay) finds it zero. Same code and order: the output bits equal the
 two-kernel path's (GPU-tested). No CTA waits for another, so any residency is deadlock-free.
 
+Prologue (``qk_rot > 0``, the models' default: ``fused_qk_attention`` in models/ops.py): the kernel also does what
+qk_norm_rope_kv.py does between the projections and attention, so a layer needs one launch fewer. ``q`` is then the
+Q projection's raw output. Every CTA normalizes and rotates its ``GH`` q heads into shared memory (the heads of a
+split are re-done by each split: a few hundred flops and one sincos per pair, against a launch); the CTA whose key
+range holds ``pos`` normalizes and rotates this token's K (and V-norms V), stores them as f16 at ``pos`` in the cache
+and then, after a barrier, reads that row back like every other key. Head tiles of one kv head store the same bits
+to the same row. The code is qk_norm_rope_kv.py's ``HeadNormRope`` over the same thread mapping, so q and the cache
+row carry exactly the standalone kernel's bits (the extra warps of a bigger CTA add exact zeros to the sums).
+
 Decode attention is memory-bound (one 2-byte K and V element per 2*G flops), so the inner product is plain FMA on
 CUDA cores; mma.sync would not help until the loads are pipelined deeper.
 
@@ -69,6 +78,7 @@ from .arch import smem_budget, pdl_enabled
 from .common import cu_stream, gptr, pdl_prologue
 from .compile import compile_options, kernel_cache
 from .q8_1 import QK8_1, Q8Act, quantize_block_warp
+from .qk_norm_rope_kv import HeadNormRope, QKPrologue
 from .registry import register
 
 LOG2_E = math.log2(math.e)
@@ -87,7 +97,8 @@ class AttentionDecodeSplitKV:
 
     def __init__(self, n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
                  has_softcap: bool, num_warps: int | None = None, keys_per_iter: int = 0,
-                 heads_per_cta: int = 0, fused_combine: bool = False, quantize_out: bool = False):
+                 heads_per_cta: int = 0, fused_combine: bool = False, quantize_out: bool = False,
+                 qk_rot: int = 0, qk_norm: bool = True, qk_freq_factors: bool = False, v_norm: bool = False):
         self.pdl = pdl_enabled()
         self.fused_combine = fused_combine
         if quantize_out and not fused_combine:
@@ -103,6 +114,7 @@ class AttentionDecodeSplitKV:
             raise ValueError("num_splits must be >= 1")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.page_size, self.num_splits, self.has_softcap = page_size, num_splits, has_softcap
+        self.qk_rot = qk_rot
         self.group = n_head // n_kv_head
         # A token group: lanes that share one key row, 16 bytes (8 halves) per lane, at most a whole warp.
         self.lanes_per_tok = min(32, head_dim // 8)
@@ -131,6 +143,9 @@ class AttentionDecodeSplitKV:
         self.num_warps = num_warps
         self.num_threads = 32 * num_warps
         self.n_tok_groups = num_warps * self.tok_per_warp
+        # qk_rot > 0: the Q/K prologue (qk_norm_rope_kv.py) runs inside this kernel (module docstring, "Prologue")
+        self.heads = (HeadNormRope(head_dim, qk_rot, qk_norm, qk_freq_factors, v_norm, cta_threads=self.num_threads)
+                      if qk_rot else None)
         if self.smem_bytes(num_warps) > smem_budget():
             raise ValueError(f"attention decode config needs {self.smem_bytes(num_warps)} B smem > "
                              f"budget {smem_budget()} B")
@@ -140,6 +155,8 @@ class AttentionDecodeSplitKV:
         merge = n_groups * self.heads_per_cta * (self.head_dim + 2) * 4 + 64  # acc + m + l per token group
         if self.fused_combine:  # + the combine's LSE and weight per split, the arrival flag, alignment padding
             merge += 2 * 4 * self.heads_per_cta * self.num_splits + 8 * self.heads_per_cta + 16 + 48
+        if self.qk_rot:  # + the prologue's q heads and its block-reduction slots (+ alignment)
+            merge += self.heads_per_cta * self.head_dim * 4 + 4 * num_warps + 32
         return merge
 
     @property
@@ -151,8 +168,9 @@ class AttentionDecodeSplitKV:
     def __call__(self, pQ: cute.Pointer, pK: cute.Pointer, pV: cute.Pointer, pPageTable: cute.Pointer,
                  pPos: cute.Pointer, pOPart: cute.Pointer, pLsePart: cute.Pointer, pOut: cute.Pointer,
                  pCounters: cute.Pointer, pOutQs: cute.Pointer, pOutQd: cute.Pointer, pOutQsum: cute.Pointer,
-                 batch: Int32, n_pages: Int32, pages_per_seq: Int32, scale: Float32, window: Int32, softcap: Float32,
-                 stream: cuda.CUstream):
+                 pKNew: cute.Pointer, pVNew: cute.Pointer, pQNorm: cute.Pointer, pKNorm: cute.Pointer,
+                 pFF: cute.Pointer, batch: Int32, n_pages: Int32, pages_per_seq: Int32, scale: Float32, window: Int32,
+                 softcap: Float32, theta_scale: Float32, eps: Float32, q_scale: Float32, stream: cuda.CUstream):
         H, KV, D, P, S = self.n_head, self.n_kv_head, self.head_dim, self.page_size, self.num_splits
         mQ = cute.make_tensor(pQ, cute.make_layout((batch, H, D), stride=(H * D, D, 1)))
         kv_layout = cute.make_layout((n_pages, P, KV, D), stride=(P * KV * D, KV * D, D, 1))
@@ -167,14 +185,23 @@ class AttentionDecodeSplitKV:
         mCnt = cute.make_tensor(pCounters, cute.make_layout(batch * KV * self.n_head_tiles))
         # the q8_1 copy of out (quantize_out only): qs int8 [batch * H * D], d / sum f32 [batch * H * D / 32]
         mOutQ = q8_tensors(pOutQs, pOutQd, pOutQsum, batch * H * D)
-        self.kernel(mQ, mK, mV, mPT, mPos, mOPart, mLsePart, mOut, mCnt, *mOutQ, scale, window, softcap).launch(
+        # the prologue's inputs (qk_rot > 0 only): this token's k and v (f32, before the norm / RoPE), the Q/K norm
+        # weights, RoPE's frequency divisors
+        new_layout = cute.make_layout((batch, KV, D), stride=(KV * D, D, 1))
+        mPro = (cute.make_tensor(pKNew, new_layout), cute.make_tensor(pVNew, new_layout),
+                cute.make_tensor(pQNorm, cute.make_layout(D)), cute.make_tensor(pKNorm, cute.make_layout(D)),
+                cute.make_tensor(pFF, cute.make_layout(max(1, self.qk_rot // 2))))
+        self.kernel(mQ, mK, mV, mPT, mPos, mOPart, mLsePart, mOut, mCnt, *mOutQ, *mPro, scale, window, softcap,
+                    theta_scale, eps, q_scale).launch(
             use_pdl=self.pdl, grid=[KV * self.n_head_tiles, S, batch], block=[self.num_threads, 1, 1],
             smem=self.smem_bytes(self.num_warps), stream=stream)
 
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mPT: cute.Tensor, mPos: cute.Tensor,
                mOPart: cute.Tensor, mLsePart: cute.Tensor, mOut: cute.Tensor, mCnt: cute.Tensor, mOutQs: cute.Tensor,
-               mOutQd: cute.Tensor, mOutQsum: cute.Tensor, scale: Float32, window: Int32, softcap: Float32):
+               mOutQd: cute.Tensor, mOutQsum: cute.Tensor, mKNew: cute.Tensor, mVNew: cute.Tensor, mQNorm: cute.Tensor,
+               mKNorm: cute.Tensor, mFF: cute.Tensor, scale: Float32, window: Int32, softcap: Float32,
+               theta_scale: Float32, eps: Float32, q_scale: Float32):
         pdl_prologue(self.pdl)
         G, GH, D, P, S = self.group, self.heads_per_cta, self.head_dim, self.page_size, self.num_splits
         LPT, VEC, TPW, U = self.lanes_per_tok, self.vec, self.tok_per_warp, self.keys_per_iter
@@ -196,19 +223,6 @@ class AttentionDecodeSplitKV:
         sM = smem.allocate_tensor(Float32, cute.make_layout((NG, GH), stride=(GH, 1)), byte_alignment=16)
         sL = smem.allocate_tensor(Float32, cute.make_layout((NG, GH), stride=(GH, 1)), byte_alignment=16)
 
-        # ---- the query slice, pre-multiplied so the logit comes out in base 2 ----
-        # no softcap: s2 = (scale*log2e * q) . k ; softcap: s2 = softcap*log2e * tanh((scale/softcap * q) . k)
-        q_mul = scale * Float32(LOG2_E)
-        if const_expr(self.has_softcap):
-            q_mul = scale / softcap
-        cap2 = softcap * Float32(LOG2_E)
-        rQ = cute.make_rmem_tensor(cute.make_layout((GH, VEC), stride=(VEC, 1)), Float32)
-        for g in cutlass.range_constexpr(GH):
-            cute.autovec_copy(cute.local_tile(mQ[b, h0 + g, None], (VEC,), (lig,)), rQ[g, None])
-        for g in cutlass.range_constexpr(GH):
-            for i in cutlass.range_constexpr(VEC):
-                rQ[g, i] = rQ[g, i] * q_mul
-
         # ---- this split's key range, from the device-side position ----
         pos = mPos[b]
         kv_end = pos + 1
@@ -218,6 +232,45 @@ class AttentionDecodeSplitKV:
         chunk = (kv_end - kv_begin + S - 1) // S
         t_begin = kv_begin + split * chunk
         t_end = cutlass.min(t_begin + chunk, kv_end)
+
+        # ---- prologue (qk_rot > 0): this CTA's q heads normed + rotated into smem; the CTA whose split holds the
+        # new key appends this token's K/V (normed, rotated, f16) to the cache and, after the barrier, reads it back
+        # like every other key (a CTA's global stores are visible to its own threads after bar.sync). Head tiles of
+        # one kv head store the same bits to the same row. ----
+        sQ = sAcc  # (unused without the prologue)
+        if const_expr(self.heads is not None):
+            sQ = smem.allocate_tensor(Float32, cute.make_layout((GH, D), stride=(D, 1)), byte_alignment=16)
+            sRed = smem.allocate_tensor(Float32, cute.make_layout(NW), byte_alignment=16)
+            cs = cute.make_rmem_tensor(cute.make_layout(self.heads.n_pair), Float32)
+            sn = cute.make_rmem_tensor(cute.make_layout(self.heads.n_pair), Float32)
+            self.heads.rope_tables(cs, sn, pos.to(Float32), theta_scale, mFF)
+            for g in cutlass.range_constexpr(GH):
+                self.heads.norm_rope_head(mQ[b, h0 + g, None], mQNorm, sQ[g, None], cs, sn, sRed, eps, q_scale, True,
+                                          Float32)
+            if pos >= t_begin:
+                if pos < t_end:
+                    page_new = mPT[b, pos // P]
+                    slot_new = pos % P
+                    self.heads.norm_rope_head(mKNew[b, kvh, None], mKNorm, mK[page_new, slot_new, kvh, None], cs, sn,
+                                              sRed, eps, q_scale, False, Float16)
+                    self.heads.store_v(mVNew[b, kvh, None], mV[page_new, slot_new, kvh, None], sRed, eps)
+            cute.arch.sync_threads()
+
+        # ---- the query slice, pre-multiplied so the logit comes out in base 2 ----
+        # no softcap: s2 = (scale*log2e * q) . k ; softcap: s2 = softcap*log2e * tanh((scale/softcap * q) . k)
+        q_mul = scale * Float32(LOG2_E)
+        if const_expr(self.has_softcap):
+            q_mul = scale / softcap
+        cap2 = softcap * Float32(LOG2_E)
+        rQ = cute.make_rmem_tensor(cute.make_layout((GH, VEC), stride=(VEC, 1)), Float32)
+        for g in cutlass.range_constexpr(GH):
+            if const_expr(self.heads is not None):
+                cute.autovec_copy(cute.local_tile(sQ[g, None], (VEC,), (lig,)), rQ[g, None])
+            else:
+                cute.autovec_copy(cute.local_tile(mQ[b, h0 + g, None], (VEC,), (lig,)), rQ[g, None])
+        for g in cutlass.range_constexpr(GH):
+            for i in cutlass.range_constexpr(VEC):
+                rQ[g, i] = rQ[g, i] * q_mul
 
         # ---- online softmax per token group (base 2) ----
         rM = cute.make_rmem_tensor((GH,), Float32)
@@ -456,21 +509,39 @@ class AttentionDecodeCombine:
 @kernel_cache
 def compile_attention_decode(n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
                              softcap: bool = False, heads_per_cta: int = 0, keys_per_iter: int = 0,
-                             fused_combine: bool = False, quantize_out: bool = False):
+                             fused_combine: bool = False, quantize_out: bool = False, qk_rot: int = 0,
+                             qk_norm: bool = True, qk_freq_factors: bool = False, v_norm: bool = False):
     """Compile the split-KV kernel (``heads_per_cta``/``keys_per_iter`` 0 = automatic; tuning knobs). Runtime args:
     (q, k_pool, v_pool, page_table, pos, o_part, lse_part, out (align 4), counters (int32, align 4), out_qs (int8,
-    align 4), out_d, out_sum (f32, align 4) pointers, batch, n_pages, pages_per_seq, scale, window, softcap,
-    stream). ``out``/``counters`` are only used with ``fused_combine`` (then the kernel also writes ``out``; no
-    combine launch), the ``out_*`` q8_1 buffers only with ``quantize_out`` (then it also writes the q8_1 copy of
-    ``out``: no quantize launch before an int8 O projection)."""
+    align 4), out_d, out_sum, k_new, v_new, q_norm, k_norm, freq_factors (f32, align 4) pointers, batch, n_pages,
+    pages_per_seq, scale, window, softcap, theta_scale, eps, q_scale, stream). ``out``/``counters`` are only used
+    with ``fused_combine`` (then the kernel also writes ``out``; no combine launch), the ``out_*`` q8_1 buffers only
+    with ``quantize_out`` (then it also writes the q8_1 copy of ``out``: no quantize launch before an int8 O
+    projection), ``k_new`` .. ``freq_factors``, ``theta_scale``, ``eps``, ``q_scale`` only with ``qk_rot`` > 0 (the
+    Q/K prologue in the kernel: ``q`` is then the projection's raw output)."""
     k = AttentionDecodeSplitKV(n_head, n_kv_head, head_dim, page_size, num_splits, softcap,
                                keys_per_iter=keys_per_iter, heads_per_cta=heads_per_cta, fused_combine=fused_combine,
-                               quantize_out=quantize_out)
+                               quantize_out=quantize_out, qk_rot=qk_rot, qk_norm=qk_norm,
+                               qk_freq_factors=qk_freq_factors, v_norm=v_norm)
     f32, f16 = gptr(Float32, 0), gptr(Float16, 0)
     i32_4, f32_4 = gptr(Int32, 0, align=4), gptr(Float32, 0, align=4)
     return cute.compile(k, f32, f16, f16, i32_4, i32_4, f32, f32_4, f32_4, i32_4, gptr(Int8, 0, align=4), f32_4, f32_4,
-                        Int32(1), Int32(1), Int32(1), Float32(1.0), Int32(0), Float32(0.0),
-                        cute.runtime.make_fake_stream(), options=compile_options())
+                        f32_4, f32_4, f32_4, f32_4, f32_4, Int32(1), Int32(1), Int32(1), Float32(1.0), Int32(0),
+                        Float32(0.0), Float32(1.0), Float32(1e-6), Float32(1.0), cute.runtime.make_fake_stream(),
+                        options=compile_options())
+
+
+@functools.cache
+def prologue_supported(n_head: int, n_kv_head: int, head_dim: int, num_splits: int, heads_per_cta: int = 0,
+                       page_size: int = 64) -> bool:
+    """Whether the fused-combine split-KV kernel of this geometry can run the Q/K prologue: its CTA has at least
+    the prologue's threads (so the result has the standalone kernel's bits) and the prologue's smem fits."""
+    try:
+        AttentionDecodeSplitKV(n_head, n_kv_head, head_dim, page_size, num_splits, False, heads_per_cta=heads_per_cta,
+                               fused_combine=True, qk_rot=2)
+    except ValueError:
+        return False
+    return True
 
 
 @functools.cache
@@ -493,6 +564,45 @@ def compile_attention_combine(n_head: int, head_dim: int, num_splits: int, quant
                         cute.runtime.make_fake_stream(), options=compile_options())
 
 
+def _prologue_args(pro: QKPrologue, B: int, KV: int, D: int, stream) -> tuple:
+    """(pointers k, v, q_norm, k_norm, freq_factors; theta_scale, eps, q_scale; compile flags) of a prologue, its
+    inputs checked as :func:`qk_norm_rope_kv` checks them."""
+    from ..reference.kernel_refs import theta_scale_f32
+    from ..runtime import as_device
+
+    if (pro.q_norm is None) != (pro.k_norm is None):
+        raise ValueError("pass both q_norm and k_norm, or neither")
+    if pro.n_rot % 2 or not 0 < pro.n_rot <= D:
+        raise ValueError(f"bad n_rot {pro.n_rot} for head_dim {D}")
+    kd, _ = as_device(pro.k, stream, np.float32)
+    vd = kd if pro.v is pro.k else as_device(pro.v, stream, np.float32)[0]
+    if kd.size != B * KV * D or vd.size != B * KV * D:
+        raise ValueError(f"prologue k ({kd.size}) / v ({vd.size}) must hold {B} x {KV} x {D} f32")
+    norms = []
+    for w in (pro.q_norm, pro.k_norm):
+        if w is not None:
+            wd, _ = as_device(w, stream, np.float32)
+            if wd.size != D:
+                raise ValueError(f"norm weight has {wd.size} elements, head_dim is {D}")
+            norms.append(wd)
+    fd = None
+    if pro.freq_factors is not None:
+        fd, _ = as_device(pro.freq_factors, stream, np.float32)
+        if fd.size != pro.n_rot // 2:
+            raise ValueError(f"freq_factors has {fd.size} entries, expected n_rot/2 = {pro.n_rot // 2}")
+    any_ptr = kd.ptr  # unused pointers get any valid address
+    ptrs = (kd.ptr, vd.ptr, norms[0].ptr if norms else any_ptr, norms[1].ptr if norms else any_ptr,
+            fd.ptr if fd is not None else any_ptr)
+    flags = {"qk_rot": pro.n_rot}
+    if not norms:
+        flags["qk_norm"] = False
+    if fd is not None:
+        flags["qk_freq_factors"] = True
+    if pro.v_norm:
+        flags["v_norm"] = True
+    return ptrs, (theta_scale_f32(pro.base, pro.n_rot), pro.eps, pro.q_scale), flags
+
+
 def default_num_splits(n_kv_head: int, max_context: int, sm_count: int = 132, batch: int = 1) -> int:
     """Splits so that ``n_kv_head * splits * batch`` CTAs cover the GPU about twice, but keep >= 64 keys per split
     at the full context (static: the graph is captured once)."""
@@ -504,7 +614,7 @@ def default_num_splits(n_kv_head: int, max_context: int, sm_count: int = 132, ba
 def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window: int = 0, softcap: float = 0.0,
                      num_splits: int = 16, out=None, o_partial=None, lse_partial=None, workspace=None,
                      stream=None, fused_combine: bool = False, counters=None, heads_per_cta: int = 0,
-                     keys_per_iter: int = 0, out_q8=None):
+                     keys_per_iter: int = 0, out_q8=None, prologue: QKPrologue | None = None):
     """Decode attention for one query token per sequence over a paged fp16 KV cache.
 
     ``q`` f32 [B, n_head, D] (or [n_head, D] for B = 1); ``k_pool``/``v_pool`` f16 [n_pages, page_size, n_kv_head, D];
@@ -529,6 +639,10 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
 
     ``out_q8`` (a q8_1.py ``Q8Act`` of ``B`` rows of ``n_head * D``): the kernel that writes ``out`` also writes its
     q8_1 copy (the input of an int8 O projection), with the bits ``quantize_q8_1(out)`` would give: one launch fewer.
+
+    ``prologue`` (a qk_norm_rope_kv.py ``QKPrologue``; needs ``fused_combine``): ``q`` is the Q projection's raw
+    output, and the kernel itself does what :func:`qk_norm_rope_kv` would do before it (Q/K RMSNorm, RoPE, q scale,
+    fp16 append of this token's K/V at ``pos``), with the same bits; ``q`` is not written. One launch fewer.
     """
     from ..runtime import DeviceArray, as_device, resolve_stream
 
@@ -581,6 +695,12 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
     flags = {"fused_combine": True} if fused_combine else {}
     if quantize_out and fused_combine:
         flags["quantize_out"] = True
+    pro_ptrs, pro_scalars = (dpos.ptr,) * 5, (1.0, 1e-6, 1.0)  # (never touched without the prologue)
+    if prologue is not None:
+        if not fused_combine:
+            raise ValueError("the Q/K prologue runs in the fused-combine kernel only")
+        pro_ptrs, pro_scalars, pro_flags = _prologue_args(prologue, B, KV, D, stream)
+        flags.update(pro_flags)
     tuning = {k: v for k, v in (("heads_per_cta", heads_per_cta), ("keys_per_iter", keys_per_iter)) if v}
     f_attn = compile_attention_decode(n_head=H, n_kv_head=KV, head_dim=D, page_size=P, num_splits=S,
                                       softcap=has_softcap, **flags, **tuning)
@@ -591,8 +711,9 @@ def attention_decode(q, k_pool, v_pool, page_table, pos, *, scale: float, window
            gptr(Int32, dpt.ptr, align=4), gptr(Int32, dpos.ptr, align=4),
            gptr(Float32, o_partial.ptr), gptr(Float32, lse_partial.ptr, align=4),
            gptr(Float32, out_dev.ptr, align=4), gptr(Int32, cnt_ptr, align=4), *q8_args,
-           Int32(B), Int32(n_pages), Int32(pages_per_seq), Float32(scale), Int32(window),
-           Float32(softcap if has_softcap else 1.0), cus)
+           *(gptr(Float32, p, align=4) for p in pro_ptrs), Int32(B), Int32(n_pages), Int32(pages_per_seq),
+           Float32(scale), Int32(window), Float32(softcap if has_softcap else 1.0),
+           *(Float32(float(x)) for x in pro_scalars), cus)
     if not fused_combine:
         f_comb = compile_attention_combine(n_head=H, head_dim=D, num_splits=S,
                                            **({"quantize_out": True} if quantize_out else {}))
@@ -631,7 +752,7 @@ MODEL_CONFIGS: dict[str, dict] = {
 
 
 def _launch_example(n_head: int, n_kv_head: int, head_dim: int, page_size: int, num_splits: int,
-                    softcap: bool = False, fused_combine: bool = False, quantize_out: bool = False):
+                    softcap: bool = False, fused_combine: bool = False, quantize_out: bool = False, **prologue):
     """One split-KV launch on small zeroed buffers, marshalled like :func:`attention_decode` (host-overhead probe)."""
     from ..runtime import DeviceArray, default_stream
 
@@ -648,15 +769,17 @@ def _launch_example(n_head: int, n_kv_head: int, head_dim: int, page_size: int, 
     if quantize_out:
         flags["quantize_out"] = True
     fn = compile_attention_decode(n_head=H, n_kv_head=KV, head_dim=D, page_size=P, num_splits=S, softcap=softcap,
-                                  **flags)
+                                  **flags, **prologue)
     s = default_stream()
+    f32_4 = gptr(Float32, q.ptr, align=4)  # the prologue's inputs (read only with qk_rot)
 
     def launch():
         fn(gptr(Float32, q.ptr), gptr(Float16, k.ptr), gptr(Float16, k.ptr), gptr(Int32, table.ptr, align=4),
            gptr(Int32, pos.ptr, align=4), gptr(Float32, o_part.ptr), gptr(Float32, lse_part.ptr, align=4),
            gptr(Float32, out.ptr, align=4), gptr(Int32, counters.ptr, align=4), gptr(Int8, out_q8.qs.ptr, align=4),
-           gptr(Float32, out_q8.d.ptr, align=4), gptr(Float32, out_q8.s.ptr, align=4),
-           Int32(1), Int32(4), Int32(4), Float32(0.1), Int32(0), Float32(1.0), cu_stream(s))
+           gptr(Float32, out_q8.d.ptr, align=4), gptr(Float32, out_q8.s.ptr, align=4), f32_4, f32_4, f32_4, f32_4,
+           f32_4, Int32(1), Int32(4), Int32(4), Float32(0.1), Int32(0), Float32(1.0), Float32(0.5), Float32(1e-6),
+           Float32(1.0), cu_stream(s))
 
     return launch
 
@@ -668,6 +791,17 @@ _CONFIGS += [dict(c, softcap=False, fused_combine=True) for c in MODEL_CONFIGS.v
 _CONFIGS += [dict(MODEL_CONFIGS["tiny"], softcap=True, fused_combine=True)]
 # ... with the q8_1 copy of the output for the int8 O projection (what the models with int8 attention run)
 _CONFIGS += [dict(c, softcap=False, fused_combine=True, quantize_out=True) for c in MODEL_CONFIGS.values()]
+# ... with the Q/K prologue (what the models run by default: models/ops.py ``fused_qk_attention``), each layer type's
+# prologue flags as in qk_norm_rope_kv.py MODEL_CONFIGS; f32 output (Gemma 3) and q8_1 output (int8 O projection)
+PROLOGUE_CONFIGS = {
+    "qwen3moe-30b-a3b": dict(qk_rot=128),
+    "gemma3-270m": dict(qk_rot=256),
+    "gemma4-26b-a4b-swa": dict(qk_rot=256, v_norm=True),
+    "gemma4-26b-a4b-full": dict(qk_rot=512, qk_freq_factors=True, v_norm=True),
+    "tiny": dict(qk_rot=64),
+}
+_CONFIGS += [dict(MODEL_CONFIGS[m], softcap=False, fused_combine=True, quantize_out=q8, **pro)
+             for m, pro in PROLOGUE_CONFIGS.items() for q8 in (False, True)]
 register("attention_decode", compile_attention_decode, _CONFIGS, launch_example=_launch_example)
 _COMBINE = sorted({(c["n_head"], c["head_dim"], c["num_splits"]) for c in MODEL_CONFIGS.values()})
 register("attention_combine", compile_attention_combine,

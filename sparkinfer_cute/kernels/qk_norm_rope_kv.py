@@ -44,6 +44,8 @@ Shared memory: one f32 per warp (<= 16 B).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
@@ -71,6 +73,23 @@ def _pow2_ceil(n: int) -> int:
 def _exp_bits(half: int) -> int:
     """Bits of the binary exponentiation of theta_scale (reference.kernel_refs.rope_theta_f32 mirrors it)."""
     return max(1, (half - 1).bit_length())
+
+
+class QKPrologue(NamedTuple):
+    """What the Q/K prologue needs besides q and the cache, for a kernel that runs it inside its own launch
+    (attention_decode.py ``prologue=``): this token's f32 ``k``, ``v`` (``v`` may be ``k``: K = V), the norm
+    weights (both None: no Q/K norm), RoPE's ``n_rot``, ``base`` and ``freq_factors``, ``eps``, ``q_scale`` and
+    ``v_norm``, as :func:`qk_norm_rope_kv` takes them."""
+    k: object
+    v: object
+    q_norm: object
+    k_norm: object
+    n_rot: int
+    base: float
+    eps: float
+    q_scale: float = 1.0
+    freq_factors: object = None
+    v_norm: bool = False
 
 
 class HeadNormRope:

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from sparkinfer_cute.kernels import arch
 from sparkinfer_cute.kernels.attention_decode import (
     MODEL_CONFIGS,
+    PROLOGUE_CONFIGS,
     AttentionDecodeSplitKV,
     attention_decode,
     fused_counter_count,
@@ -530,3 +531,97 @@ def test_fused_combine_workspace_counters(rng):
         assert rel_err(out[0], attention_decode_ref(q[0], ks[0], vs[0], pos, 0.2)) <= REL_TOL
         cnt = ws.get((fused_counter_count(H, KV, D),), np.int32, tag="attention_decode.counters").to_numpy()
         assert (cnt == 0).all()
+
+
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_prologue_bit_identical_to_qk_kernel_then_attention(data):
+    """``prologue=`` (the Q/K norm + RoPE + KV append inside the split kernel) against the standalone
+    qk_norm_rope_kv.py kernel followed by the fused-combine attention on its output: the same output bits (and the
+    same q8_1 copy), the same bits in every pool slot (the new row written, nothing else touched), the raw q left
+    as it was, the counters back at zero. The new rows start as NaN in both pools, so a split that attends before
+    the row is written, or a row never written, shows. Head tiles (32/4: two CTAs per kv head write the row), K = V,
+    V-norm, partial rotary with frequency divisors, windows, softcap and batches are drawn."""
+    from sparkinfer_cute.kernels.q8_1 import Q8Act
+    from sparkinfer_cute.kernels.qk_norm_rope_kv import QKPrologue, qk_norm_rope_kv
+    from sparkinfer_cute.runtime import DeviceArray
+
+    H, KV = data.draw(st.sampled_from(HEADS), label="heads")
+    D = data.draw(st.sampled_from([64, 128, 256, 512]), label="head_dim")
+    P = data.draw(st.sampled_from([16, 64]), label="page_size")
+    S = data.draw(st.sampled_from([1, 3, 16, 64]), label="num_splits")
+    positions = data.draw(st.lists(st.integers(0, 1200), min_size=1, max_size=3), label="positions")
+    window = data.draw(st.sampled_from([0, 0, 1, 100]), label="window")
+    softcap = data.draw(st.sampled_from([0.0, 0.0, 20.0]), label="softcap")
+    n_rot = data.draw(st.sampled_from([D, D, D // 4]), label="n_rot")
+    qk_norm = data.draw(st.booleans(), label="qk_norm")
+    use_ff = data.draw(st.booleans(), label="freq_factors")
+    v_norm = data.draw(st.booleans(), label="v_norm")
+    k_eq_v = data.draw(st.booleans(), label="k_eq_v")
+    quantize = data.draw(st.booleans(), label="quantize_out")
+    q_scale = data.draw(st.sampled_from([1.0, 1.0 / math.sqrt(D)]), label="q_scale")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31), label="seed"))
+    B = len(positions)
+    k_pool, v_pool, table, _, _ = make_paged_case(rng, KV, D, P, positions, window)
+    for b, pos in enumerate(positions):  # the new rows: written by the prologue
+        k_pool[table[b, pos // P], pos % P] = np.nan
+        v_pool[table[b, pos // P], pos % P] = np.nan
+    q = rng.standard_normal((B, H, D)).astype(np.float32)
+    k = rng.standard_normal((B, KV, D)).astype(np.float32)
+    v = k if k_eq_v else rng.standard_normal((B, KV, D)).astype(np.float32)
+    qn = (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32) if qk_norm else None
+    kn = (1.0 + 0.1 * rng.standard_normal(D)).astype(np.float32) if qk_norm else None
+    ff = (1.0 + rng.random(n_rot // 2)).astype(np.float32) if use_ff else None
+    scale, base, eps = 1.0 / math.sqrt(D), 1e6, 1e-6
+    pos_d = DeviceArray.from_numpy(np.array(positions, np.int32))
+    table_d = DeviceArray.from_numpy(table)
+    res = {}
+    for fused in (False, True):
+        kp, vp = DeviceArray.from_numpy(k_pool), DeviceArray.from_numpy(v_pool)
+        qd, kd = DeviceArray.from_numpy(q), DeviceArray.from_numpy(k)
+        vd = kd if k_eq_v else DeviceArray.from_numpy(v)
+        out = DeviceArray.empty((B, H, D), np.float32).fill_bytes(0xFF)
+        xq = Q8Act(B, H * D)
+        xq.qs.fill_bytes(0x7F)
+        xq.d.fill_bytes(0xFF)
+        xq.s.fill_bytes(0xFF)
+        counters = DeviceArray.zeros((fused_counter_count(H, KV, D, B),), np.int32)
+        common = dict(scale=scale, window=window, softcap=softcap, num_splits=S, out=out, fused_combine=True,
+                      counters=counters, out_q8=xq if quantize else None)
+        if fused:
+            pro = QKPrologue(kd, vd, qn, kn, n_rot=n_rot, base=base, eps=eps, q_scale=q_scale, freq_factors=ff,
+                             v_norm=v_norm)
+            attention_decode(qd, kp, vp, table_d, pos_d, prologue=pro, **common)
+        else:
+            qk_norm_rope_kv(qd, kd, vd, qn, kn, kp, vp, table_d, pos_d, n_rot=n_rot, base=base, eps=eps,
+                            q_scale=q_scale, freq_factors=ff, v_norm=v_norm)
+            attention_decode(qd, kp, vp, table_d, pos_d, **common)
+        res[fused] = (out.to_numpy(), xq.to_numpy() if quantize else None, kp.to_numpy(), vp.to_numpy(),
+                      qd.to_numpy(), counters.to_numpy())
+    out0, q80, kp0, vp0, _, _ = res[False]
+    out1, q81, kp1, vp1, q_after, cnt = res[True]
+    assert not np.isnan(out1).any(), "unwritten output, or a split read the new row before it was written"
+    np.testing.assert_array_equal(out1.view(np.uint32), out0.view(np.uint32))
+    np.testing.assert_array_equal(kp1.view(np.uint16), kp0.view(np.uint16))
+    np.testing.assert_array_equal(vp1.view(np.uint16), vp0.view(np.uint16))
+    np.testing.assert_array_equal(q_after.view(np.uint32), q.view(np.uint32))  # the raw q is not written
+    assert (cnt == 0).all(), "arrival counters not reset"
+    if quantize:
+        for a, b_ in zip(q81, q80):
+            np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b_).view(np.uint8))
+
+
+@pytest.mark.parametrize("name", sorted(PROLOGUE_CONFIGS))
+def test_prologue_configs_fit_and_are_supported(name):
+    """Every layer type the models run with the prologue inside attention fits the SM120 smem budget with a CTA of
+    at least the prologue's threads (so its bits are the standalone kernel's)."""
+    from sparkinfer_cute.kernels.attention_decode import prologue_supported
+    from sparkinfer_cute.kernels.qk_norm_rope_kv import HeadNormRope
+
+    c = MODEL_CONFIGS[name]
+    k = AttentionDecodeSplitKV(c["n_head"], c["n_kv_head"], c["head_dim"], c["page_size"], c["num_splits"], False,
+                               fused_combine=True, quantize_out=True, **PROLOGUE_CONFIGS[name])
+    assert k.smem_bytes(k.num_warps) <= arch.SMEM_CAPACITY["sm120"]
+    assert k.num_threads >= HeadNormRope.threads(c["head_dim"])
+    assert prologue_supported(c["n_head"], c["n_kv_head"], c["head_dim"], 256)

@@ -22,6 +22,7 @@ from sparkinfer_cute.kernels import arch
 from sparkinfer_cute.reference.kernel_refs import f16_ulp_distance
 from sparkinfer_cute.kernels.qk_norm_rope_kv import (
     MODEL_CONFIGS,
+    HeadNormRope,
     QKNormRopeKV,
     compile_qk_norm_rope_kv,
     qk_norm_rope_kv,
@@ -112,11 +113,14 @@ def test_reference_matches_scalar_loop(use_norm, use_ff, v_norm, n_rot, rng):
 
 
 # ------------------------------------------------------------------------------------------------ mapping
-def _owned(cfg: QKNormRopeKV):
-    """Emulate the kernel's index arithmetic: which elements each thread touches (pairs, tail, v)."""
-    T, D = cfg.threads, cfg.head_dim
+def _owned(cfg: HeadNormRope):
+    """Emulate the kernel's index arithmetic: which elements each thread of the CTA touches (pairs, tail, v).
+    Threads past ``T`` (a bigger CTA: attention's prologue) take ``owner_index`` one past the head."""
+    T, D = cfg.T, cfg.head_dim
     head, v = [], []
-    for t in range(T):
+    for tid in range(cfg.cta_threads):
+        t = tid if tid < T else tid + D  # HeadNormRope.owner_index
+        assert not (tid >= T and not cfg.idle)
         for j in range(cfg.n_pair):
             i = t + j * T
             if cfg.full_pair or i < cfg.half:
@@ -141,15 +145,28 @@ def test_every_element_owned_once(D2, rot):
     D = 2 * D2
     n_rot = max(2, 2 * round(rot * D2))
     cfg = QKNormRopeKV(4, 2, D, n_rot)
-    head, v = _owned(cfg)
+    head, v = _owned(cfg.heads)
     assert sorted(head) == list(range(D)) and sorted(v) == list(range(D))
     assert 32 <= cfg.threads <= 128 and cfg.threads % 32 == 0
+    # in a CTA of more threads (attention with the prologue inside): the same elements, each once, and the
+    # threads past T own none (so the sums see the standalone kernel's terms in its order, plus exact zeros)
+    for cta in range(cfg.threads, 129, 32):
+        wide = HeadNormRope(D, n_rot, cta_threads=cta)
+        assert wide.T == cfg.threads and wide.idle == (cta > cfg.threads)
+        assert _owned(wide) == (head, v)
+
+
+def test_head_prologue_refuses_a_cta_smaller_than_its_mapping():
+    with pytest.raises(ValueError, match="needs a CTA of >= 128 threads"):
+        HeadNormRope(512, 512, cta_threads=64)
+    with pytest.raises(ValueError):
+        HeadNormRope(128, 128, cta_threads=80)  # not whole warps
 
 
 def test_registered_configs_mapping_and_budget():
     for cfg in MODEL_CONFIGS.values():
         k = QKNormRopeKV(**cfg)
-        head, v = _owned(k)
+        head, v = _owned(k.heads)
         assert sorted(head) == list(range(k.head_dim)) == sorted(v)
         assert k.num_warps * 4 <= 101376
 

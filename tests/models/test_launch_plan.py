@@ -25,10 +25,11 @@ def auto_build(monkeypatch):
 
 
 def _hand_count_qwen(n_layer: int, n_embd: int, vocab: int, *, dp4a: bool = True, attn_q8: bool = True,
-                     act_q8: bool = True, head_q8: bool = True, router_norm: bool = True) -> int:
+                     act_q8: bool = True, head_q8: bool = True, router_norm: bool = True, qk_attn: bool = True) -> int:
     """Kernels per decode token of the Qwen3-MoE forward, counted from models/qwen3_moe.py by hand:
     embedding 1; per layer: RMSNorm (+q8_1 in the same launch) 1, Q/K/V GEMVs 1 when the chunk kernel takes
-    n_embd (a multiple of 1024) else 3, fused Q/K-norm + RoPE + KV append 1, attention with the fused combine 1,
+    n_embd (a multiple of 1024) else 3, [fused Q/K-norm + RoPE + KV append 1, unless attention runs it
+    (``qk_attn``: pass fused_qk_attention)], attention with the fused combine 1,
     [q8_1 of the attention output 1, unless attention writes it itself (``attn_q8``: pass fused_attn_q8)], O GEMV 1,
     [RMSNorm 1, unless the fused router forms it (``router_norm``: pass fused_router_norm)], fused F32 router 1,
     expert gate+up 1, [q8_1 of the activations 1, unless gate+up writes it itself
@@ -36,7 +37,7 @@ def _hand_count_qwen(n_layer: int, n_embd: int, vocab: int, *, dp4a: bool = True
     >= 65536 rows, unless the final norm writes it (``head_q8``: pass fused_head_q8)], LM head GEMV 1, argmax 2
     (partials + reduce)."""
     qkv = 1 if n_embd % 1024 == 0 else 3
-    per_layer = (1 + qkv + 1 + 1 + (1 if dp4a and not attn_q8 else 0) + 1 + (0 if router_norm else 1) + 1 + 1
+    per_layer = (1 + qkv + (0 if qk_attn else 1) + 1 + (1 if dp4a and not attn_q8 else 0) + 1 + (0 if router_norm else 1) + 1 + 1
                  + (1 if dp4a and not act_q8 else 0) + 1)
     tail = 1 + (1 if dp4a and vocab >= 65536 and not head_q8 else 0) + 1 + 2
     return 1 + n_layer * per_layer + tail
@@ -44,16 +45,19 @@ def _hand_count_qwen(n_layer: int, n_embd: int, vocab: int, *, dp4a: bool = True
 
 def test_hand_count_tiny_and_30b(auto_build, monkeypatch):
     tiny = launch_plan(synthetic_header("qwen3moe", "tiny"))
-    assert tiny.kernels_per_token == _hand_count_qwen(4, 256, 1536) == 45
+    assert tiny.kernels_per_token == _hand_count_qwen(4, 256, 1536) == 41
     big = launch_plan(synthetic_header("qwen3moe", "30b-a3b"))
-    assert big.kernels_per_token == _hand_count_qwen(48, 2048, 151936) == 389
-    assert big.by_layer_kind()["full moe"]["kernels_per_layer"] == 8
+    assert big.kernels_per_token == _hand_count_qwen(48, 2048, 151936) == 341
+    assert big.by_layer_kind()["full moe"]["kernels_per_layer"] == 7
+    before = launch_plan(synthetic_header("qwen3moe", "30b-a3b"), disabled={"fused_qk_attention"})
+    assert before.kernels_per_token == _hand_count_qwen(48, 2048, 151936, qk_attn=False) == 389
     # issue 15's 534 kernels per token: the build the H100 measured (results/bench.jsonl), before attention and the
     # expert gate/up kernel wrote the q8_1 inputs of the O and down projections themselves
     old = launch_plan(synthetic_header("qwen3moe", "30b-a3b"),
-                      disabled={"fused_attn_q8", "fused_moe_act_q8", "fused_head_q8", "fused_router_norm"})
+                      disabled={"fused_attn_q8", "fused_moe_act_q8", "fused_head_q8", "fused_router_norm",
+                                "fused_qk_attention"})
     assert old.kernels_per_token == _hand_count_qwen(48, 2048, 151936, attn_q8=False, act_q8=False,
-                                                     head_q8=False, router_norm=False) == 534
+                                                     head_q8=False, router_norm=False, qk_attn=False) == 534
     monkeypatch.setattr(ops, "DP4A", "none")
     assert launch_plan(synthetic_header("qwen3moe", "tiny")).kernels_per_token == _hand_count_qwen(
         4, 256, 1536, dp4a=False)
@@ -61,10 +65,14 @@ def test_hand_count_tiny_and_30b(auto_build, monkeypatch):
 
 def test_disabled_passes_change_the_count(auto_build, monkeypatch):
     base = launch_plan(synthetic_header("qwen3moe", "30b-a3b")).kernels_per_token
-    monkeypatch.setattr(ops, "DISABLED", frozenset({"fused_qk"}))  # 2 head norms + 2 ropes + KV append: +4/layer
+    # 2 head norms + 2 ropes + KV append outside attention: +5/layer
+    monkeypatch.setattr(ops, "DISABLED", frozenset({"fused_qk"}))
+    assert launch_plan(synthetic_header("qwen3moe", "30b-a3b")).kernels_per_token == base + 5 * 48
+    # the prologue outside attention (+1), the combine (+1), the q/k/v GEMVs (+2) per layer
+    monkeypatch.setattr(ops, "DISABLED", frozenset({"fused_combine", "fused_qkv"}))
     assert launch_plan(synthetic_header("qwen3moe", "30b-a3b")).kernels_per_token == base + 4 * 48
-    monkeypatch.setattr(ops, "DISABLED", frozenset({"fused_combine", "fused_qkv"}))  # +1 and +2 per layer
-    assert launch_plan(synthetic_header("qwen3moe", "30b-a3b")).kernels_per_token == base + 3 * 48
+    monkeypatch.setattr(ops, "DISABLED", frozenset({"fused_qk_attention"}))  # the prologue's own launch: +1/layer
+    assert launch_plan(synthetic_header("qwen3moe", "30b-a3b")).kernels_per_token == base + 48
     monkeypatch.setattr(ops, "DISABLED", frozenset())
     # Gemma 3: the dense GLU as one launch (fused_dense_glu) instead of gate GEMV + up GEMV + GLU
     g = launch_plan(synthetic_header("gemma3", "270m"))
@@ -208,7 +216,8 @@ def test_every_kernel_calling_op_declares_its_launches():
         declared = any(isinstance(d, ast.Call) and getattr(d.func, "id", None) == "launches"
                        for d in fn.decorator_list)
         helper = fn.name.startswith("_") or fn.name in ("new_q8", "attention_splits", "gemm_supports",
-                                                        "gate_up_writes_act_q8", "packs_rows")
+                                                        "gate_up_writes_act_q8", "packs_rows",
+                                                        "fused_qk_attention")
         if calls_kernel and not declared and not helper:  # helpers query kernels, or are called by a declared op
             missing.append(fn.name)
     assert not missing, f"models/ops.py functions launching kernels without @launches: {missing}"

@@ -38,7 +38,7 @@ WRAPPER_OPS = {"gemv": {"gemv", "gemv_q8"}, "gemv_multi": {"gemv", "gemv_q8"},
                "moe_gate_up": {"moe_gate_up", "moe_gate_up_q8"}, "moe_down": {"moe_down", "moe_down_q8"},
                "attention_decode": {"attention_decode"}, "quant_gemm": {"quant_gemm"}}
 # ops of models/ops.py that run as written (the tunable call sites and what they are built from)
-KEEP = {"gemv", "gemv_qkv", "gemv_qk", "attention", "moe_gate_up", "moe_down", "gemm", "moe_rows", "tuned",
+KEEP = {"gemv", "gemv_qkv", "gemv_qk", "attention", "self_attention", "fused_qk_attention", "moe_gate_up", "moe_down", "gemm", "moe_rows", "tuned",
         "tuned_configs", "attention_config", "attention_splits", "enabled", "dp4a_for", "prefer_dp4a",
         "attention_geometry", "gemm_supports", "rows", "row", "new_q8"}
 
@@ -116,6 +116,8 @@ def _plain(v):
         return ("buffer", v.shape, v.name)
     if isinstance(v, (FakeStream, SimpleNamespace)):
         return type(v).__name__
+    if isinstance(v, tuple) and hasattr(v, "_fields"):  # e.g. attention's QKPrologue: its buffers and numbers
+        return tuple(_plain(x) for x in v)
     return v
 
 
