@@ -201,8 +201,10 @@ class AttentionRunner(KernelRunner):
                 ptr(Float32, lse_part.ptr, 4), ptr(Float32, self.out.ptr, 4), ptr(Int32, self.counters.ptr, 4),
                 # the q8_1 output (quantize_out) is not tuned here: never written, any valid pointers do
                 ptr(Int8, self.counters.ptr, 4), ptr(Float32, self.counters.ptr, 4), ptr(Float32, self.counters.ptr, 4),
+                # the Q/K prologue's inputs: not compiled in here (qk_rot 0), never read
+                *(ptr(Float32, self.counters.ptr, 4) for _ in range(5)),
                 Int32(1), Int32(p.pages * self.n_sets), Int32(p.pages), Float32(p.scale), Int32(0), Float32(1.0),
-                self.stream.cu)
+                Float32(1.0), Float32(1e-6), Float32(1.0), self.stream.cu)
         return lambda: fn(*args)
 
     def check(self, config, out):
