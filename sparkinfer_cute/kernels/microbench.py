@@ -3,7 +3,7 @@
 attention). Every kernel's benchmark lives here, none in the kernel files.
 
     python -m sparkinfer_cute.kernels.microbench [--json out.json] [--reps 50] [--only gemv]
-    python -m sparkinfer_cute.kernels.microbench --attention [--ctx 512 4096 32768] [--splits N] [--fused]
+    python -m sparkinfer_cute.kernels.microbench --attention [--ctx 512 4096 32768] [--splits N] [--fused] [--prologue]
     python -m sparkinfer_cute.kernels.microbench --router
     python -m sparkinfer_cute.kernels.microbench --prefill-attention [--chunk 512] [--prefix 0 3584] [--config NAME]
 
@@ -426,15 +426,20 @@ def run(reps: int = 50, only: str | None = None) -> dict:
 
 
 def bench_attention(config: str, n_ctx: int, num_splits: int | None = None, iters: int = 50, fused_combine: bool = False,
-              **tuning) -> dict:
+              prologue: bool = False, **tuning) -> dict:
     """GPU time of split-KV + combine (or the fused-combine single kernel) for one model config at context ``n_ctx``
-    (graph of ``iters`` launches, replayed; reports µs per call and the K/V bytes read per second)."""
+    (graph of ``iters`` launches, replayed; reports µs per call and the K/V bytes read per second). ``prologue``
+    (fused-combine only): the kernel with the Q/K norm + RoPE + KV append inside (attention_decode.py
+    ``PROLOGUE_CONFIGS``), against which the fused-combine kernel alone plus the standalone qk_norm_rope_kv.py
+    launch is the comparison."""
     from cutlass import Float16, Float32, Int8, Int32
 
     from ..runtime import DeviceArray, Stream, get_device
-    from .attention_decode import MODEL_CONFIGS, compile_attention_combine, compile_attention_decode, \
-        fused_counter_count
+    from .attention_decode import MODEL_CONFIGS, PROLOGUE_CONFIGS, compile_attention_combine, \
+        compile_attention_decode, fused_counter_count
     from .common import cu_stream
+    from ..reference.kernel_refs import theta_scale_f32
+    from .qk_norm_rope_kv import qk_norm_rope_kv
 
     c = dict(MODEL_CONFIGS[config])
     if num_splits:
@@ -452,7 +457,15 @@ def bench_attention(config: str, n_ctx: int, num_splits: int | None = None, iter
     lse_part = DeviceArray.empty((1, H, S), np.float32)
     counters = DeviceArray.zeros((fused_counter_count(H, KV, D, heads_per_cta=tuning.get("heads_per_cta", 0)),),
                                  np.int32)
-    f_attn = compile_attention_decode(H, KV, D, P, S, False, fused_combine=fused_combine, **tuning)
+    if prologue and not fused_combine:
+        raise ValueError("the prologue runs in the fused-combine kernel only")
+    pro = dict(PROLOGUE_CONFIGS[config]) if prologue else {}
+    f_attn = compile_attention_decode(H, KV, D, P, S, False, fused_combine=fused_combine, **pro, **tuning)
+    # the prologue's inputs: this token's k/v and unit norm weights (read only with the prologue)
+    kv_new = DeviceArray.from_numpy(rng.standard_normal((1, KV, D)).astype(np.float32))
+    ones = DeviceArray.from_numpy(np.ones(max(D, 1), np.float32))
+    pro_ptrs = (gptr(Float32, kv_new.ptr, align=4),) * 2 + (gptr(Float32, ones.ptr, align=4),) * 3
+    ts = float(theta_scale_f32(1e6, pro.get("qk_rot", D)))
     # no quantize_out here: the q8_1 output pointers are never written, any valid ones do
     unused_q8 = (gptr(Int8, counters.ptr, align=4), gptr(Float32, counters.ptr, align=4),
                  gptr(Float32, counters.ptr, align=4))
@@ -462,7 +475,8 @@ def bench_attention(config: str, n_ctx: int, num_splits: int | None = None, iter
     args = (gptr(Float32, q.ptr), gptr(Float16, k_pool.ptr), gptr(Float16, v_pool.ptr),
             gptr(Int32, table.ptr, align=4), gptr(Int32, pos.ptr, align=4), gptr(Float32, o_part.ptr),
             gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr, align=4), gptr(Int32, counters.ptr, align=4),
-            *unused_q8, Int32(1), Int32(pages), Int32(pages), Float32(0.1), Int32(0), Float32(1.0), cus)
+            *unused_q8, *pro_ptrs, Int32(1), Int32(pages), Int32(pages), Float32(0.1), Int32(0), Float32(1.0),
+            Float32(ts), Float32(1e-6), Float32(1.0), cus)
     comb_args = (gptr(Float32, o_part.ptr), gptr(Float32, lse_part.ptr, align=4), gptr(Float32, out.ptr), *unused_q8,
                  Int32(1), cus)
 
@@ -472,8 +486,22 @@ def bench_attention(config: str, n_ctx: int, num_splits: int | None = None, iter
             f_comb(*comb_args)
 
     us = _graph_call_us(one, stream, iters)
+    extra = {}
+    if prologue:  # the same work as two launches: the standalone prologue kernel, then attention without it
+        f_plain = compile_attention_decode(H, KV, D, P, S, False, fused_combine=True, **tuning)
+        n_rot = pro["qk_rot"]
+        ff = ones.view(np.float32, (n_rot // 2,)) if pro.get("qk_freq_factors") else None
+        w = ones.view(np.float32, (D,))
+
+        def two():
+            qk_norm_rope_kv(q, kv_new, kv_new, w, w, k_pool, v_pool, table, pos, n_rot=n_rot, base=1e6, eps=1e-6,
+                            freq_factors=ff, v_norm=pro.get("v_norm", False), stream=stream)
+            f_plain(*args)
+
+        extra["us_two_launches"] = round(_graph_call_us(two, stream, iters), 2)
     kv_bytes = 2 * n_ctx * KV * D * 2
-    return dict(config=config, n_ctx=n_ctx, num_splits=S, fused_combine=fused_combine, us=round(us, 2),
+    return dict(config=config, n_ctx=n_ctx, num_splits=S, fused_combine=fused_combine, prologue=prologue, **extra,
+                us=round(us, 2),
                 gbps=round(kv_bytes / us / 1e3, 1), device=get_device().name, **tuning)
 
 
@@ -577,6 +605,8 @@ def main(argv=None) -> int:
                     help="contexts for --attention")
     ap.add_argument("--splits", type=int_at_least(0), default=0, help="--attention: split count (0: the model config's)")
     ap.add_argument("--fused", action="store_true", help="--attention: also time the fused-combine kernel")
+    ap.add_argument("--prologue", action="store_true",
+                    help="--attention: also time the fused-combine kernel with the Q/K prologue inside")
     ap.add_argument("--config", action="append", default=None, help="--attention: only these model configs")
     ap.add_argument("--heads-per-cta", type=int_at_least(0), default=0, help="--attention tuning knob (0: automatic)")
     ap.add_argument("--keys-per-iter", type=int_at_least(0), default=0, help="--attention tuning knob (0: automatic)")
@@ -590,12 +620,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     require_gpu(ap.prog, "the micro-benchmark")
     if a.attention:
-        from .attention_decode import MODEL_CONFIGS
+        from .attention_decode import MODEL_CONFIGS, PROLOGUE_CONFIGS
 
         for cfg in a.config or sorted(MODEL_CONFIGS):
             for n in a.ctx:
-                for fused in ([False, True] if a.fused else [False]):
-                    print(bench_attention(cfg, n, a.splits or None, fused_combine=fused,
+                modes = [(False, False)] + ([(True, False)] if a.fused or a.prologue else [])
+                modes += [(True, True)] if a.prologue and cfg in PROLOGUE_CONFIGS else []
+                for fused, pro in modes:
+                    print(bench_attention(cfg, n, a.splits or None, fused_combine=fused, prologue=pro,
                                           heads_per_cta=a.heads_per_cta, keys_per_iter=a.keys_per_iter))
         return 0
     if a.prefill_attention:
