@@ -23,6 +23,7 @@
 #
 # autotune (issue 16): tune_gemma (tune the real Gemma, bench with SPARKINFER_AUTOTUNE=0 then 1, accuracy tuned);
 #   tune30b then ab30b (two calls: tune the 30B shape's decode ops, then bench off / on)
+# micro_attn: decode attention alone, with the fused combine, and with the Q/K prologue inside vs its two launches
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -98,6 +99,11 @@ for ph in "${phases[@]}"; do
   micro)
     python3 -m sparkinfer_cute.kernels.microbench --json "$OUT/microbench.json" 2>&1 | tee "$OUT/microbench.log" | tail -30
     add "microbench" "see microbench.log" ;;
+  micro_attn)  # decode attention: alone, fused combine, and with the Q/K prologue inside vs its two launches
+    python3 -m sparkinfer_cute.kernels.microbench --attention --prologue --ctx 512 4096 \
+      --config qwen3moe-30b-a3b --config gemma3-270m --config gemma4-26b-a4b-swa --config gemma4-26b-a4b-full \
+      2>&1 | tee "$OUT/micro_attn.log" | tail -30
+    add "attention microbench (prologue)" "see micro_attn.log" ;;
   e2e)
     if [ -f "$GEMMA" ]; then
       python3 -m sparkinfer_cute.accuracy "$GEMMA" --reference cpu -n 128 --min-top1 0.995 --max-kl 0.005 --max-ppl-rel 0.005 --json "$OUT/acc_gemma3.json" 2>&1 | tee "$OUT/acc_gemma3.log" | tail -5
