@@ -78,7 +78,7 @@ from .arch import smem_budget, pdl_enabled
 from .common import cu_stream, gptr, pdl_prologue
 from .compile import compile_options, kernel_cache
 from .q8_1 import QK8_1, Q8Act, quantize_block_warp
-from .qk_norm_rope_kv import HeadNormRope, QKPrologue
+from .qk_norm_rope_kv import HeadNormRope, QKPrologue, device_weights
 from .registry import register
 
 LOG2_E = math.log2(math.e)
@@ -570,26 +570,13 @@ def _prologue_args(pro: QKPrologue, B: int, KV: int, D: int, stream) -> tuple:
     from ..reference.kernel_refs import theta_scale_f32
     from ..runtime import as_device
 
-    if (pro.q_norm is None) != (pro.k_norm is None):
-        raise ValueError("pass both q_norm and k_norm, or neither")
     if pro.n_rot % 2 or not 0 < pro.n_rot <= D:
         raise ValueError(f"bad n_rot {pro.n_rot} for head_dim {D}")
     kd, _ = as_device(pro.k, stream, np.float32)
     vd = kd if pro.v is pro.k else as_device(pro.v, stream, np.float32)[0]
     if kd.size != B * KV * D or vd.size != B * KV * D:
         raise ValueError(f"prologue k ({kd.size}) / v ({vd.size}) must hold {B} x {KV} x {D} f32")
-    norms = []
-    for w in (pro.q_norm, pro.k_norm):
-        if w is not None:
-            wd, _ = as_device(w, stream, np.float32)
-            if wd.size != D:
-                raise ValueError(f"norm weight has {wd.size} elements, head_dim is {D}")
-            norms.append(wd)
-    fd = None
-    if pro.freq_factors is not None:
-        fd, _ = as_device(pro.freq_factors, stream, np.float32)
-        if fd.size != pro.n_rot // 2:
-            raise ValueError(f"freq_factors has {fd.size} entries, expected n_rot/2 = {pro.n_rot // 2}")
+    norms, fd = device_weights(pro.q_norm, pro.k_norm, pro.freq_factors, D, pro.n_rot, stream)
     any_ptr = kd.ptr  # unused pointers get any valid address
     ptrs = (kd.ptr, vd.ptr, norms[0].ptr if norms else any_ptr, norms[1].ptr if norms else any_ptr,
             fd.ptr if fd is not None else any_ptr)

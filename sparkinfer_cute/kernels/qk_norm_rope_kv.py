@@ -340,6 +340,28 @@ def compile_qk_norm_rope_kv(n_head: int, n_kv_head: int, head_dim: int, n_rot: i
 
 
 # ------------------------------------------------------------------------------------------------ wrapper
+def device_weights(q_norm, k_norm, freq_factors, D: int, n_rot: int, stream) -> tuple[list, object]:
+    """The prologue's weights on the device, checked: ([q_norm, k_norm] or [] without Q/K norm, freq_factors or
+    None). Shared by :func:`qk_norm_rope_kv` and the attention kernel that runs the prologue itself."""
+    from ..runtime import as_device
+
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("pass both q_norm and k_norm, or neither")
+    norms = []
+    for w in (q_norm, k_norm):
+        if w is not None:
+            wd, _ = as_device(w, stream, np.float32)
+            if wd.size != D:
+                raise ValueError(f"norm weight has {wd.size} elements, head_dim is {D}")
+            norms.append(wd)
+    fd = None
+    if freq_factors is not None:
+        fd, _ = as_device(freq_factors, stream, np.float32)
+        if fd.size != n_rot // 2:
+            raise ValueError(f"freq_factors has {fd.size} entries, expected n_rot/2 = {n_rot // 2}")
+    return norms, fd
+
+
 def qk_norm_rope_kv(q, k, v, q_norm, k_norm, k_pool, v_pool, page_table, pos, *, n_rot: int, base: float,
                     eps: float, q_scale: float = 1.0, freq_factors=None, v_norm: bool = False, q_out=None,
                     stream=None):
@@ -363,8 +385,6 @@ def qk_norm_rope_kv(q, k, v, q_norm, k_norm, k_pool, v_pool, page_table, pos, *,
         raise TypeError("k_pool and v_pool must be DeviceArrays (the cache is updated in place)")
     if k_pool.dtype != np.float16 or v_pool.dtype != np.float16 or tuple(k_pool.shape) != tuple(v_pool.shape):
         raise TypeError("k_pool and v_pool must be f16 DeviceArrays of the same shape")
-    if (q_norm is None) != (k_norm is None):
-        raise ValueError("pass both q_norm and k_norm, or neither")
     s = resolve_stream(stream)
     n_pages, P, KV, D = (int(d) for d in k_pool.shape)
     q_shape = tuple(q.shape)
@@ -383,18 +403,7 @@ def qk_norm_rope_kv(q, k, v, q_norm, k_norm, k_pool, v_pool, page_table, pos, *,
     qd, q_np = as_device(q, s, np.float32)
     kd, _ = as_device(k, s, np.float32)
     vd = kd if v is k else as_device(v, s, np.float32)[0]
-    norms = []
-    for w in (q_norm, k_norm):
-        if w is not None:
-            wd, _ = as_device(w, s, np.float32)
-            if wd.size != D:
-                raise ValueError(f"norm weight has {wd.size} elements, head_dim is {D}")
-            norms.append(wd)
-    fd = None
-    if freq_factors is not None:
-        fd, _ = as_device(freq_factors, s, np.float32)
-        if fd.size != n_rot // 2:
-            raise ValueError(f"freq_factors has {fd.size} entries, expected n_rot/2 = {n_rot // 2}")
+    norms, fd = device_weights(q_norm, k_norm, freq_factors, D, n_rot, s)
     dpt, _ = as_device(page_table, s, np.int32)
     if not isinstance(pos, DeviceArray):
         pos = np.atleast_1d(np.asarray(pos, np.int32))

@@ -214,6 +214,17 @@ def test_fused_combine_config(name):
 
 
 # ---------------------------------------------------------------------------------------------- GPU tests
+def _poisoned_q8(rows: int, n: int):
+    """A q8_1 buffer (q8_1.py Q8Act) whose every byte is poison (qs 0x7F, d/sum NaN): an unwritten block shows."""
+    from sparkinfer_cute.kernels.q8_1 import Q8Act
+
+    xq = Q8Act(rows, n)
+    xq.qs.fill_bytes(0x7F)
+    xq.d.fill_bytes(0xFF)
+    xq.s.fill_bytes(0xFF)
+    return xq
+
+
 HEADS = [(8, 2), (32, 4), (4, 1), (16, 8), (16, 2), (2, 2)]
 
 
@@ -429,7 +440,7 @@ def test_quantized_output_equals_quantize_kernel(data):
     copy. It must hold exactly the bits the standalone quantize kernel gives for that ``out`` (same rounding code,
     q8_1.py ``quantize_block_warp``), for every block of every row, with ``out`` itself unchanged by the option.
     The q8_1 buffers start poisoned (qs 0x7F, d/sum NaN) so an unwritten block shows."""
-    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1
+    from sparkinfer_cute.kernels.q8_1 import quantize_q8_1
     from sparkinfer_cute.runtime import DeviceArray
 
     H, KV = data.draw(st.sampled_from(HEADS), label="heads")
@@ -445,10 +456,7 @@ def test_quantized_output_equals_quantize_kernel(data):
     outs = {}
     for quantize in (False, True):
         out = DeviceArray.empty((B, H, D), np.float32).fill_bytes(0xFF)
-        xq = Q8Act(B, H * D)
-        xq.qs.fill_bytes(0x7F)
-        xq.d.fill_bytes(0xFF)
-        xq.s.fill_bytes(0xFF)
+        xq = _poisoned_q8(B, H * D)
         counters = DeviceArray.zeros((fused_counter_count(H, KV, D, B),), np.int32)
         attention_decode(*args, scale=1.0 / math.sqrt(D), num_splits=S, out=out, fused_combine=fused,
                          counters=counters if fused else None, out_q8=xq if quantize else None)
@@ -543,7 +551,6 @@ def test_prologue_bit_identical_to_qk_kernel_then_attention(data):
     as it was, the counters back at zero. The new rows start as NaN in both pools, so a split that attends before
     the row is written, or a row never written, shows. Head tiles (32/4: two CTAs per kv head write the row), K = V,
     V-norm, partial rotary with frequency divisors, windows, softcap and batches are drawn."""
-    from sparkinfer_cute.kernels.q8_1 import Q8Act
     from sparkinfer_cute.kernels.qk_norm_rope_kv import QKPrologue, qk_norm_rope_kv
     from sparkinfer_cute.runtime import DeviceArray
 
@@ -582,10 +589,7 @@ def test_prologue_bit_identical_to_qk_kernel_then_attention(data):
         qd, kd = DeviceArray.from_numpy(q), DeviceArray.from_numpy(k)
         vd = kd if k_eq_v else DeviceArray.from_numpy(v)
         out = DeviceArray.empty((B, H, D), np.float32).fill_bytes(0xFF)
-        xq = Q8Act(B, H * D)
-        xq.qs.fill_bytes(0x7F)
-        xq.d.fill_bytes(0xFF)
-        xq.s.fill_bytes(0xFF)
+        xq = _poisoned_q8(B, H * D)
         counters = DeviceArray.zeros((fused_counter_count(H, KV, D, B),), np.int32)
         common = dict(scale=scale, window=window, softcap=softcap, num_splits=S, out=out, fused_combine=True,
                       counters=counters, out_q8=xq if quantize else None)
