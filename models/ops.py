@@ -507,19 +507,24 @@ def _attention_launches(*args, xq=None, **kwargs) -> int:
 
 @launches(_attention_launches)
 def attention(kv: PagedKV, layer: int, q, out, pos, ws: AttentionWorkspace, *, n_head: int, scale: float,
-              window: int, stream, softcap: float = 0.0, xq=None):
+              window: int, stream, softcap: float = 0.0, xq=None, prologue=None):
     """``xq`` (a Q8Act of ``out``'s size): also its q8_1 copy for the int8 O projection, written by the attention
     kernel itself (the combining CTA quantizes what it writes: no quantize launch) unless ``fused_attn_q8`` is
-    disabled."""
+    disabled. ``prologue`` (a kernels/qk_norm_rope_kv.py ``QKPrologue``; with ``fused_combine`` only): ``q`` is raw
+    and the kernel runs the Q/K prologue itself (:func:`self_attention`)."""
     D = kv.head_dim[layer]
     fused = enabled("fused_combine")  # split-KV + LSE combine in one launch (last CTA of a head group combines)
     fused_q8 = xq is not None and enabled("fused_attn_q8")
     num_splits, o_partial, lse_partial = ws.partials(layer)
+    knobs = ws.knobs(layer)
+    if prologue is not None and not _attn.prologue_supported(n_head, kv.n_kv_head[layer], D, num_splits,
+                                                             knobs.get("heads_per_cta", 0), PAGE_SIZE):
+        knobs.pop("heads_per_cta", None)  # a tuned head tile too big for the prologue's smem: the automatic one
     _attn.attention_decode(q.view(np.float32, (n_head, D)), kv.k[layer], kv.v[layer], kv.page_table, pos,
                            scale=scale, window=window, softcap=softcap, num_splits=num_splits,
                            out=out.view(np.float32, (1, n_head, D)), o_partial=o_partial,
                            lse_partial=lse_partial, fused_combine=fused, counters=ws.counters, stream=stream,
-                           out_q8=xq if fused_q8 else None, **ws.knobs(layer))
+                           out_q8=xq if fused_q8 else None, prologue=prologue, **knobs)
     if xq is not None and not fused_q8:
         quantize(out, xq, stream=stream)
 
@@ -598,23 +603,13 @@ def self_attention(kv: PagedKV, layer: int, g: AttentionGeometry, q, k, v, q_nor
         return
     D = kv.head_dim[layer]
     KV = kv.n_kv_head[layer]
-    num_splits, o_partial, lse_partial = ws.partials(layer)
-    knobs = ws.knobs(layer)
-    if not _attn.prologue_supported(g.n_head, KV, D, num_splits, knobs.get("heads_per_cta", 0), PAGE_SIZE):
-        knobs.pop("heads_per_cta", None)  # a tuned head tile too big for the prologue's smem: the automatic one
-    fused_q8 = xq is not None and enabled("fused_attn_q8")
     kd = k.view(np.float32, (KV, D))
     vd = kd if v is k else v.view(np.float32, (KV, D))  # K = V: one buffer
     ff = None if freq_factors is None else freq_factors.data.view(np.float32, (g.n_rot // 2,))
     pro = _qknrk.QKPrologue(kd, vd, q_norm.data.view(np.float32, (D,)), k_norm.data.view(np.float32, (D,)),
                             n_rot=g.n_rot, base=g.rope_base, eps=eps, q_scale=q_scale, freq_factors=ff, v_norm=v_norm)
-    _attn.attention_decode(q.view(np.float32, (g.n_head, D)), kv.k[layer], kv.v[layer], kv.page_table, pos,
-                           scale=scale, window=g.window, softcap=softcap, num_splits=num_splits,
-                           out=out.view(np.float32, (1, g.n_head, D)), o_partial=o_partial, lse_partial=lse_partial,
-                           fused_combine=True, counters=ws.counters, stream=stream,
-                           out_q8=xq if fused_q8 else None, prologue=pro, **knobs)
-    if xq is not None and not fused_q8:
-        quantize(out, xq, stream=stream)
+    attention(kv, layer, q, out, pos, ws, n_head=g.n_head, scale=scale, window=g.window, stream=stream,
+              softcap=softcap, xq=xq, prologue=pro)
 
 
 class RouterState:
