@@ -102,3 +102,7 @@ class WeightStore:
 
     def get(self, name: str):
         return self.weights.get(name)
+
+    def items(self):
+        """(name, handle) of every loaded weight (models/base.py ``prefill_unsupported_weights`` walks them)."""
+        return self.weights.items()

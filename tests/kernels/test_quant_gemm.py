@@ -188,7 +188,7 @@ def test_grouped_gated_and_down(seed, q, which, n_tok, n_expert, k, act):
     k = min(k, n_expert)
     n_in, n_ff = N_IN[q][which], N_FF
     wg, wu = rand_weight(q, n_expert * n_ff, n_in, rng), rand_weight(q, n_expert * n_ff, n_in, rng)
-    ids = np.stack([rng.choice(n_expert, k, replace=False) for _ in range(n_tok)]).reshape(n_tok, k)
+    ids = np.array([rng.choice(n_expert, k, replace=False) for _ in range(n_tok)], np.int64).reshape(n_tok, k)
     if n_tok and rng.random() < 0.5:  # crowd one expert past a tile boundary
         ids[: min(n_tok, 70), 0] = 0
     tiles, sorted_token, sorted_pos = grouped_tiles_host(ids, n_expert, tile_tokens)
