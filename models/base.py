@@ -352,6 +352,33 @@ class GPUDecoder:
             out.append(buf.to_numpy(self.stream))
         return np.concatenate(out)
 
+    def prefill_hidden_after_layers(self, ids, n_layers: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The batched prefill's residual stream after ``n_layers`` layers for each of ``ids`` (one eager chunk from
+        an empty cache): ([len(ids), n_embd] float64, the chunk's f32 / int32 buffers after the last layer run, flat
+        numpy by name: q, attn, o, delta, h, act, f, ids (the routed experts) and the model's own, e.g. Gemma 4's m / y2 / fn; row i of a layer of
+        width n at [i * n, (i + 1) * n)). The per-layer
+        bisection of a prefill accuracy gap (tools/prefill_bisect.py)."""
+        ids = np.asarray(ids, dtype=np.int32).reshape(-1)
+        self.reset()
+        pf = self._prefill_buffers()
+        T = len(ids)
+        if T > pf.chunk:
+            raise ContextOverflowError(f"{T} tokens do not fit one prefill chunk of {pf.chunk}")
+        self._ensure_graph()
+        tok = np.zeros(pf.chunk, np.int32)
+        tok[:T] = ids
+        pf.tok.copy_from_numpy(tok, self.stream)
+        pf.pos.copy_from_numpy(np.arange(pf.chunk, dtype=np.int32), self.stream)
+        with self.tuning():
+            self.enqueue_prefill(self.stream, T, n_layers=n_layers)
+        bufs = {}
+        for name, buf in vars(pf).items():
+            if isinstance(buf, DeviceArray) and buf.dtype in (np.float32, np.int32) and buf.shape[:1] == (pf.chunk,):
+                bufs[name] = buf.to_numpy(self.stream).reshape(-1)  # flat: a layer's rows pack at its own width
+        x = bufs["x"].reshape(pf.chunk, -1)[:T].astype(np.float64)
+        self.reset()
+        return x, bufs
+
     def decode(self, tok: int) -> np.ndarray:
         self._step(int(tok))
         return self.logits.to_numpy(self.stream)

@@ -94,13 +94,14 @@ class Gemma3GPU(GPUDecoder):
         return ops.PrefillBuffers(c, chunk, self.kv, n_q=c.n_head * c.head_dim, n_kv=c.n_head_kv * c.head_dim,
                                   n_ff=c.n_ff)
 
-    def enqueue_prefill(self, s, T: int, all_logits=None) -> None:
+    def enqueue_prefill(self, s, T: int, all_logits=None, n_layers: int | None = None) -> None:
         """Prompt chunk of T tokens through every layer with int8-activation GEMMs (GeGLU in the gate/up GEMM's
-        epilogue); the residual convention of :meth:`enqueue_step` (x plus the pending block output ``delta``)."""
+        epilogue); the residual convention of :meth:`enqueue_step` (x plus the pending block output ``delta``).
+        ``n_layers``: stop after that many layers with the pending add done (``pf.x`` the residual stream)."""
         c, w, pf = self.cfg, self.w, self._pf
         E, H, eps = c.n_embd, c.n_head, c.rms_eps
         ops.embedding_rows(w["token_embd.weight"], pf.tok, pf.x, T, scale=math.sqrt(E), stream=s)
-        for l in range(c.n_layer):
+        for l in range(c.n_layer if n_layers is None else n_layers):
             p = f"blk.{l}."
             swa = c.sliding_window > 0 and c.is_swa(l)
             ops.rmsnorm_rows(pf.x, w[p + "attn_norm.weight"], pf.h, T, eps, residual=pf.delta if l else None,
@@ -122,6 +123,10 @@ class Gemma3GPU(GPUDecoder):
             ops.quantize_rows(pf.act, pf.actq, T, stream=s)
             ops.gemm(w[p + "ffn_down.weight"], pf.actq, pf.f, T, stream=s)
             ops.rmsnorm_rows(pf.f, w[p + "post_ffw_norm.weight"], pf.delta, T, eps, stream=s)
+        if n_layers is not None:  # the pending add (x += delta) through the output norm; h is not used
+            ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, eps, residual=pf.delta if n_layers else None,
+                             stream=s)
+            return
         if all_logits is not None:
             ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, eps, residual=pf.delta, xq=pf.hq, stream=s)
             self.enqueue_all_logits(s, T, all_logits)

@@ -208,14 +208,15 @@ class Gemma4GPU(GPUDecoder):
             pf.y2 = DeviceArray.empty((chunk, E), f32)
         return pf
 
-    def enqueue_prefill(self, stream, T: int, all_logits=None) -> None:
+    def enqueue_prefill(self, stream, T: int, all_logits=None, n_layers: int | None = None) -> None:
         """Prompt chunk of T tokens through every layer with int8-activation GEMMs (GeGLU in the gate/up GEMMs'
-        epilogue, the fused expert gate+up tensor read in place), then the last row's (or every row's) logits."""
+        epilogue, the fused expert gate+up tensor read in place), then the last row's (or every row's) logits.
+        ``n_layers``: stop after that many layers (``pf.x`` the residual stream)."""
         c, w, pf = self.cfg, self.w, self._pf
         eps = c.rms_eps
         s = stream
         ops.embedding_rows(w["token_embd.weight"], pf.tok, pf.x, T, scale=c.embd_scale, stream=s)
-        for l in range(c.n_layer):
+        for l in range(c.n_layer if n_layers is None else n_layers):
             p = f"blk.{l}."
             a = self.attn_layers[l]
             ops.rmsnorm_rows(pf.x, w[p + "attn_norm.weight"], pf.h, T, eps, xq=pf.hq, stream=s)
@@ -251,6 +252,8 @@ class Gemma4GPU(GPUDecoder):
             else:
                 ops.rmsnorm_rows(pf.f, w[p + "post_ffw_norm.weight"], pf.fn, T, eps, stream=s)
             ops.residual_scale(ops.rows(pf.x, T), ops.rows(pf.fn, T), self.out_scale[l], stream=s)
+        if n_layers is not None:
+            return
         if all_logits is not None:
             ops.rmsnorm_rows(pf.x, w["output_norm.weight"], pf.h, T, eps, xq=pf.hq, stream=s)
             self.enqueue_all_logits(s, T, all_logits)

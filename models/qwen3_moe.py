@@ -86,14 +86,15 @@ class Qwen3MoeGPU(GPUDecoder):
         return ops.PrefillBuffers(c, chunk, self.kv, n_q=c.n_head * c.head_dim, n_kv=c.n_head_kv * c.head_dim,
                                   moe=(c.n_expert, c.n_expert_used, c.n_ff_exp))
 
-    def enqueue_prefill(self, s, T: int, all_logits=None) -> None:
+    def enqueue_prefill(self, s, T: int, all_logits=None, n_layers: int | None = None) -> None:
         """Prompt chunk of T tokens (ids in ``pf.tok``, positions in ``pf.pos``): every layer over the T rows with
         int8-activation GEMMs, K/V of all T appended to the cache; then the last row (or, with ``all_logits``, every
-        row) through the final norm and the LM head, argmax into ``self.tok``."""
+        row) through the final norm and the LM head, argmax into ``self.tok``. ``n_layers``: stop after that many
+        layers, ``pf.x`` the residual stream (:meth:`prefill_hidden_after_layers`)."""
         c, w, pf = self.cfg, self.w, self._pf
         H, eps = c.n_head, c.rms_eps
         ops.embedding_rows(w["token_embd.weight"], pf.tok, pf.x, T, scale=1.0, stream=s)
-        for l in range(c.n_layer):
+        for l in range(c.n_layer if n_layers is None else n_layers):
             p = f"blk.{l}."
             ops.rmsnorm_rows(pf.x, w[p + "attn_norm.weight"], pf.h, T, eps, xq=pf.hq, stream=s)
             ops.gemm(w[p + "attn_q.weight"], pf.hq, pf.q, T, stream=s)
@@ -107,7 +108,8 @@ class Qwen3MoeGPU(GPUDecoder):
             ops.rmsnorm_rows(pf.x, w[p + "ffn_norm.weight"], pf.h, T, eps, xq=pf.hq, stream=s)
             ops.moe_rows(w[p + "ffn_gate_inp.weight"], w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"],
                          w[p + "ffn_down_exps.weight"], pf, T, act="silu", accumulate_into=pf.x, stream=s)
-        self._prefill_output(s, T, all_logits)
+        if n_layers is None:
+            self._prefill_output(s, T, all_logits)
 
     def _prefill_output(self, s, T: int, all_logits=None) -> None:
         c, w, pf = self.cfg, self.w, self._pf
