@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from sparkinfer_cute.gguf.quants import Q6_K_P_BLOCK_BYTES
-from sparkinfer_cute.runtime.weights import QWeight
+from sparkinfer_cute.runtime.weights import QWeight, WeightStore
 
 PATHS = ("decode", "prefill", "prefill_all_logits")
 # models/ops.py names that keep their real meaning in a dry run (pure functions of the config / environment)
@@ -231,14 +231,15 @@ def dry_model(cls, g, cfg, *, repack: bool | None = None, max_context: int = 64)
     m.max_context = max_context
     m.attn_layers = ops.attention_geometry(cfg)
     repack_names = m.repack_names() if repack else set()
-    m.w = {}
+    handles = {}
     for n in m.weight_names():
         t = g.tensor(n)
         qtype, row_bytes = t.ggml_type.name, t.row_bytes
         if qtype == "Q6_K" and n in repack_names:  # as WeightStore uploads it (runtime/weights.py)
             qtype, row_bytes = "Q6_K_P", t.shape[0] // 256 * Q6_K_P_BLOCK_BYTES
         shape = tuple(int(v) for v in t.shape)
-        m.w[n] = QWeight(n, qtype, shape, DryArray((row_bytes * math.prod(shape[1:]),), np.uint8), row_bytes)
+        handles[n] = QWeight(n, qtype, shape, DryArray((row_bytes * math.prod(shape[1:]),), np.uint8), row_bytes)
+    m.w = WeightStore.of(handles)  # the real store's interface (a dict hid a missing items() until a GPU ran)
     m.tok = DryArray((1,), np.int32)
     m.pos_buf = DryArray((1,), np.int32)
     m.logits = DryArray((cfg.vocab_size,), np.float32)

@@ -93,6 +93,15 @@ class WeightStore:
             bar.close()
         self.resident_bytes = total
 
+    @classmethod
+    def of(cls, handles: dict[str, QWeight]) -> "WeightStore":
+        """A store over ready handles, nothing uploaded (models/dry_run.py: the dry models get the real interface, so
+        a forward that uses a method the store lacks fails on the CPU, not first on a GPU)."""
+        store = cls.__new__(cls)
+        store.weights = dict(handles)
+        store.resident_bytes = sum(int(w.data.nbytes) for w in store.weights.values())
+        return store
+
     def __getitem__(self, name: str) -> QWeight:
         return self.weights[name]
 
