@@ -23,6 +23,7 @@
 #
 # autotune (issue 16): tune_gemma (tune the real Gemma, bench with SPARKINFER_AUTOTUNE=0 then 1, accuracy tuned);
 #   tune30b then ab30b (two calls: tune the 30B shape's decode ops, then bench off / on)
+# models: tests/models' GPU tests (decode + prefill, -n 14)
 # bisect: the Gemma 4 prefill accuracy gap, layer by layer (tools/prefill_bisect.py)
 # micro_attn: decode attention alone, with the fused combine, and with the Q/K prologue inside vs its two launches
 set -uo pipefail
@@ -97,6 +98,10 @@ for ph in "${phases[@]}"; do
     python3 -m pytest -q -m gpu tests/models/test_gpu_prefill.py tests/kernels/test_embedding_batch.py \
       tests/kernels/test_attention_prefill.py -p no:cacheprovider 2>&1 | tee "$OUT/prefill_tests.log" | tail -25
     add "prefill GPU tests" "$(tail -1 "$OUT/prefill_tests.log")" ;;
+  models)  # the model-level GPU tests (decode and prefill, every architecture), kernels compiled in parallel
+    timeout "${T_MODELS:-300}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" -p no:cacheprovider tests/models/test_gpu_decode.py \
+      tests/models/test_gpu_prefill.py 2>&1 | tee "$OUT/models_tests.log" | tail -30
+    add "model GPU tests" "$(tail -1 "$OUT/models_tests.log")" ;;
   bisect)  # where the batched prefill leaves the same-rounding reference, layer by layer and stage by stage (gemma4
     # tiny, the int8 gate's failing case; then without the flash prefill kernel), and the decode loop's KL likewise
     timeout 200 python3 tools/prefill_bisect.py --arch gemma4 --json "$OUT/bisect_g4.json" 2>&1 | tee "$OUT/bisect_g4.log" | tail -14
