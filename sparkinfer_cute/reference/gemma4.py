@@ -148,13 +148,16 @@ class Gemma4Reference(ReferenceModel):
         n, k = sel.shape
         scale_name = f"blk.{l}.ffn_down_exps.scale"
         down_scale = self.weight(scale_name) if self.cfg.has_down_exps_scale(l) else None
+        p = f"blk.{l}."
+        gate_name = p + ("ffn_gate_up_exps.weight" if self.cfg.fused_gate_up_exps else "ffn_gate_exps.weight")
         out_k = np.zeros((n, k, self.n_embd), dtype=self.dtype)
         for e in np.unique(sel):
             e = int(e)
             tok, slot = np.nonzero(sel == e)
-            he = e_in[tok]
+            # act_for: the activation rounding of an int8 GPU build (act_q8_1; gate and up share one input)
+            he = self.act_for(e_in[tok], gate_name)
             a = ops.gelu_tanh(he @ self.expert(l, "gate", e).T) * (he @ self.expert(l, "up", e).T)
-            y = a @ self.expert(l, "down", e).T
+            y = self.act_for(a, p + "ffn_down_exps.weight") @ self.expert(l, "down", e).T
             if down_scale is not None:  # build_lora_mm_id's w_s: the down product times scale[e], then the weight
                 y = y * down_scale[e]
             out_k[tok, slot] = y * w[tok, slot][:, None]

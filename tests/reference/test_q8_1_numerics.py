@@ -67,3 +67,26 @@ def test_bad_names_and_emulate_cpu_refused(tiny):
         load_reference(tiny, act_q8_1={"blk.0.nope.weight"})
     with pytest.raises(ValueError, match="exclude each other"):
         load_reference(tiny, act_q8_1={"blk.0.attn_q.weight"}, emulate_cpu=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gemma3", "gemma4"])
+def test_every_planned_int8_tensor_moves_the_reference(tmp_path, arch, rng):
+    """Each kind of tensor the GPU build runs on int8 activations (models/int8_plan.py, decode and prefill) must
+    change the reference's logits when named alone in ``act_q8_1``: a reference that ignores a name is not the
+    same-rounding reference the int8 gates compare with. (Gemma 4's experts ignored it until 2026-12-07: the GPU
+    prefill's all-position int8 gate then failed on rounding the reference never did.)"""
+    from sparkinfer_cute.models.int8_plan import int8_activation_tensors
+
+    p = str(tmp_path / f"{arch}.gguf")
+    write_synthetic(p, arch=arch, preset="tiny", seed=int(rng.integers(1 << 16)))
+    names = int8_activation_tensors(p, path="decode") | int8_activation_tensors(p, path="prefill_all_logits")
+    kinds: dict[str, set] = {}
+    for n in names:
+        kind = n.split(".", 2)[-1] if n.startswith("blk.") else n
+        # a MoE layer's gate and up share one quantized input (int8_activation_tensors lists both): one kind
+        kinds.setdefault(kind.replace("ffn_up_exps", "ffn_gate_exps"), set()).add(n)
+    toks = [2] + rng.integers(4, 200, 12).tolist()
+    exact = load_reference(p, max_context=16).forward(toks)
+    ignored = [kind for kind, group in sorted(kinds.items())
+               if np.array_equal(load_reference(p, max_context=16, act_q8_1=group).forward(toks), exact)]
+    assert len(kinds) >= 4 and not ignored, f"the reference ignores act_q8_1 for {ignored}"
