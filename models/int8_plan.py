@@ -105,4 +105,32 @@ def int8_activation_tensors(g, cfg=None, *, path: str = "decode") -> frozenset[s
     return frozenset(names)
 
 
-__all__ = ["F32_WEIGHT_OPS", "INT8_OPS", "PATHS", "UnknownWeightOp", "int8_activation_tensors", "recording"]
+def flash_attention_tiles(g, cfg=None, *, path: str = "prefill_all_logits") -> dict[int, int]:
+    """{head_dim: key tile} of the layers whose attention the GPU ``path`` runs on the flash prefill kernel (f16 q
+    and P; ``ops.prefill_flash_block_n``), read off the forward's ``attention_rows`` calls: the
+    ``load_reference(..., attn_f16_tiles=)`` of the same-rounding reference. Empty for ``"decode"`` (the decode
+    kernel keeps q in f32)."""
+    from sparkinfer_cute.models import ops
+
+    m, calls = record(g, cfg, path=path)
+    tiles = {}
+    for c in calls:
+        if c.op == "attention_rows":
+            layer = c.args[1] if len(c.args) > 1 else c.kwargs["layer"]
+            d = m.attn_layers[layer].head_dim
+            block_n = ops.prefill_flash_block_n(d)
+            if block_n is not None:
+                tiles[d] = block_n
+    return tiles
+
+
+def rounding_plan(g, cfg=None, *, path: str = "decode") -> dict:
+    """The GPU ``path``'s deliberate roundings as ``load_reference`` keyword arguments: ``act_q8_1`` (the int8
+    matmuls) and ``attn_f16_tiles`` (the flash prefill attentions). ``load_reference(p, **rounding_plan(p, path=...))``
+    is the same-rounding reference the int8 gates compare that path with."""
+    return {"act_q8_1": int8_activation_tensors(g, cfg, path=path),
+            "attn_f16_tiles": flash_attention_tiles(g, cfg, path=path)}
+
+
+__all__ = ["F32_WEIGHT_OPS", "INT8_OPS", "PATHS", "UnknownWeightOp", "flash_attention_tiles",
+           "int8_activation_tensors", "recording", "rounding_plan"]

@@ -878,6 +878,15 @@ def qk_norm_rope_kv_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, q_
                            v_norm=v_norm, stream=stream)
 
 
+def prefill_flash_block_n(head_dim: int) -> int | None:
+    """The key tile of the tensor-core flash prefill kernel where :func:`attention_rows` runs it for this head size
+    (its f16 q and P are part of the build's rounding: models/int8_plan.py ``rounding_plan``), None where it runs
+    the decode kernel (f32 q, exact softmax weights)."""
+    if enabled("flash_prefill") and head_dim in _fattn.SUPPORTED_HEAD_DIMS:
+        return _fattn.tile_config(head_dim)["block_n"]
+    return None
+
+
 @launches(1)
 def attention_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, *, n_head: int, scale: float, window: int,
                    stream, softcap: float = 0.0):
@@ -886,7 +895,7 @@ def attention_rows(kv: PagedKV, layer: int, pf: PrefillBuffers, T: int, *, n_hea
     ``SPARKINFER_DISABLE=flash_prefill`` the decode kernel run as a batch of T queries (one launch, fused combine;
     every query re-reads its whole prefix; also the path of a head size the flash kernel does not take)."""
     D = kv.head_dim[layer]
-    if enabled("flash_prefill") and D in _fattn.SUPPORTED_HEAD_DIMS:
+    if prefill_flash_block_n(D) is not None:
         _fattn.attention_prefill(pf.q.view(np.float32, (T, n_head, D)), kv.k[layer], kv.v[layer],
                                  pf.page_table.view(np.int32, (pf.page_table.shape[1],)),
                                  pf.pos.view(np.int32, (T,)), scale=scale, window=window, softcap=softcap,

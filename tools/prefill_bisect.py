@@ -2,7 +2,8 @@
 (``enqueue_prefill``) leaves the CPU reference run with the same q8_1 activation rounding.
 
 For each layer L it runs the prefill of the prompt through L layers (``prefill_hidden_after_layers``) and prints
-the per-position relative error of the residual stream against the reference's ``resid.{L-1}``, and of that
+the per-position relative error of the residual stream against the same-rounding reference's
+``resid.{L-1}`` (models/int8_plan.py ``rounding_plan``), and of that
 layer's stage buffers against the reference's captures (q after RoPE, attention output, the normed attention and
 FFN branches); then the per-position KL of the all-position logits by position band (window crossings), and the
 decode-loop logits against a reference with the decode path's rounding (the same question asked of decode).
@@ -23,7 +24,7 @@ import numpy as np
 
 # reference capture key -> prefill chunk buffer, per architecture (buffers that still hold the stage after the layer)
 STAGES = {
-    "gemma4": {"q": "q", "attn_o": "attn", "attn_out": "delta", "ffn_mlp": "m", "ffn_moe": "y2", "ffn_out": "fn"},
+    "gemma4": {"q": "q", "attn_o": "attn", "attn_out": "delta", "ffn_moe": "y2", "ffn_out": "fn"},  # (m holds m + y2)
     "gemma3": {"q": "q", "attn_o": "attn", "ffn_out": "delta"},
     "qwen3moe": {"q": "q", "attn_o": "attn"},
 }
@@ -58,11 +59,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=96, help="prompt tokens (one chunk)")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--json")
+    ap.add_argument("--no-attn-rounding", action="store_true",
+                    help="the reference without the flash prefill kernel's f16 q and P (only the q8_1 activations)")
     args = ap.parse_args(argv)
 
     from sparkinfer_cute.engine import Engine
     from sparkinfer_cute.gguf.synth import write_synthetic
-    from sparkinfer_cute.models.int8_plan import int8_activation_tensors
+    from sparkinfer_cute.models.int8_plan import int8_activation_tensors, rounding_plan
     from sparkinfer_cute.reference import load_reference
 
     path = args.gguf
@@ -77,9 +80,11 @@ def main(argv=None) -> int:
     print(f"{cfg.arch} {os.path.basename(path)}: {cfg.n_layer} layers, {args.n} tokens, window {window}, "
           f"SPARKINFER_DISABLE={os.environ.get('SPARKINFER_DISABLE', '')}")
 
-    names = int8_activation_tensors(path, path="prefill_all_logits")
+    plan = rounding_plan(path, path="prefill_all_logits")  # int8 GEMMs, the flash attention's f16 q and P
+    if args.no_attn_rounding:
+        plan["attn_f16_tiles"] = {}
     cap: dict = {}
-    ref_logits = load_reference(path, max_context=args.n + 1, act_q8_1=names).forward(tokens, capture=cap)
+    ref_logits = load_reference(path, max_context=args.n + 1, **plan).forward(tokens, capture=cap)
     exact_logits = load_reference(path, max_context=args.n + 1).forward(tokens)
     out: dict = {"arch": cfg.arch, "n": args.n, "layers": []}
     stages = STAGES.get(cfg.arch, {})

@@ -178,6 +178,7 @@ class ReferenceModel:
         self.max_context = int(max_context if max_context is not None else (ctx_train or 4096))
         self.emulate_cpu = bool(emulate_cpu)
         self.act_q8_1: frozenset[str] = frozenset()
+        self.attn_f16_tiles: dict[int, int] = {}  # head_dim -> key tile (load_reference(..., attn_f16_tiles=))
         self._weights: dict[str, np.ndarray] = {}
         self.reset()
 
@@ -326,6 +327,9 @@ class ReferenceModel:
         """Attention over the cache: :func:`ops.attention` (exact math), or with ``emulate_cpu`` llama.cpp's CPU
         flash-attention numerics (:func:`ops.attention_llama_cpu`: f32 for batches of >= 64 rows, fp16 Q and fp16
         V accumulator below)."""
+        block_n = self.attn_f16_tiles.get(int(q.shape[-1]))
+        if block_n:  # the GPU flash prefill's f16 q and P (load_reference(..., attn_f16_tiles=))
+            return ops.attention_f16_tiles(q, k, v, q_pos, block_n, k_pos=k_pos, scale=scale, window=window)
         fn = ops.attention_llama_cpu if self.emulate_cpu else ops.attention
         return fn(q, k, v, q_pos=q_pos, k_pos=k_pos, scale=scale, window=window)
 

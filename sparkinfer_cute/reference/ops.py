@@ -190,6 +190,60 @@ def attention(
     return o.transpose(2, 0, 1, 3).reshape(n_q, n_head, -1).astype(dt, copy=False)
 
 
+def attention_f16_tiles(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    q_pos: np.ndarray,
+    block_n: int,
+    k_pos: np.ndarray | None = None,
+    scale: float = 1.0,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> np.ndarray:
+    """:func:`attention` with the roundings of a tensor-core flash-attention kernel (the GPU prefill's,
+    sparkinfer_cute/kernels/attention_prefill.py): q rounded to f16; keys walked in tiles of ``block_n`` (tile j
+    holds keys j*block_n .. j*block_n + block_n - 1) with an online softmax in base 2, each tile's probabilities
+    ``p = 2^(s - m)`` relative to the running row max ``m`` rounded to f16 before ``p·V``, the normalizer summed
+    from the unrounded ``p``. Computed in float64 (the kernel accumulates in f32; its ``ex2.approx`` is 2^-22), so
+    it rounds the same values to f16 as the kernel up to those last f32 bits. Same arguments and result as
+    :func:`attention`."""
+    dt = _float_dtype(q)
+    n_q, n_head, d = q.shape
+    n_k, n_head_kv, _ = k.shape
+    group = n_head // n_head_kv
+    if k_pos is None:
+        k_pos = np.arange(n_k)
+    vis = causal_window_mask(q_pos, k_pos, window)
+    f64 = np.float64
+    qg = np.asarray(q, np.float32).astype(np.float16).astype(f64)
+    qg = qg.reshape(n_q, n_head_kv, group, d).transpose(1, 2, 0, 3)  # (kv, g, n_q, d)
+    kk = np.asarray(k, f64).transpose(1, 2, 0)  # (kv, d, n_k)
+    vv = np.asarray(v, f64).transpose(1, 0, 2)  # (kv, n_k, d_v)
+    s = np.matmul(qg, kk[:, None]) * float(scale)  # (kv, g, n_q, n_k)
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    s = np.where(vis, s * np.log2(np.e), -np.inf)
+    m = np.full(s.shape[:-1], -np.inf)
+    l = np.zeros(s.shape[:-1])
+    o = np.zeros(s.shape[:-1] + (vv.shape[-1],))
+    tile = np.asarray(k_pos) // block_n
+    for j in np.unique(tile):
+        cols = np.nonzero(tile == j)[0]
+        st = s[..., cols]
+        m_new = np.maximum(m, st.max(axis=-1))
+        m_use = np.where(m_new == -np.inf, 0.0, m_new)
+        alpha = np.exp2(m - m_use)
+        pt = np.exp2(st - m_use[..., None])
+        l = l * alpha + pt.sum(axis=-1)
+        # p is an f32 in the kernel, rounded to f16: via f32 here too (a direct float64 -> f16 rounding differs
+        # where the f32 value lands on an f16 tie)
+        o = o * alpha[..., None] + np.matmul(pt.astype(np.float32).astype(np.float16).astype(f64), vv[:, None, cols])
+        m = m_new
+    o = o / l[..., None]
+    return o.transpose(2, 0, 1, 3).reshape(n_q, n_head, -1).astype(dt, copy=False)
+
+
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU, tanh form: ``0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`` (``ggml_gelu``; Gemma's hidden_act).
 

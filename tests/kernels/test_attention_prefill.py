@@ -203,6 +203,36 @@ def test_kernel_emulation_within_the_gpu_bound(T, p0, heads, D, window, softcap,
                                atol=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(T=st.integers(1, 130), p0=st.one_of(st.integers(0, 150), st.sampled_from([31, 63, 64, 127])),
+       heads=st.sampled_from([(4, 1), (8, 2), (2, 2)]), D=st.sampled_from([64, 128, 256, 512]),
+       window=st.sampled_from([0, 1, 5, 40, 100]), seed=st.integers(0, 2**31))
+def test_reference_f16_tiles_is_the_kernel_emulation(T, p0, heads, D, window, seed):
+    """The same-rounding reference's attention (reference ``ops.attention_f16_tiles`` with the kernel's key tile,
+    what ``load_reference(..., attn_f16_tiles=)`` runs for the int8 prefill gate) rounds what this file's model of
+    the kernel rounds: equal to float64 precision but for rare f16 ties, and the f16 roundings themselves are
+    visible (it differs from the unrounded attention by far more)."""
+    from sparkinfer_cute.reference.ops import attention, attention_f16_tiles
+
+    rng = np.random.default_rng(seed)
+    H, KV = heads
+    n_keys = p0 + T
+    q = (rng.standard_normal((T, H, D)) * 2).astype(np.float32)
+    k = rng.standard_normal((n_keys, KV, D)).astype(np.float16)
+    v = rng.standard_normal((n_keys, KV, D)).astype(np.float16)
+    scale = 2.0 / math.sqrt(D)
+    emu = flash_prefill_emulation(q, k, v, p0, scale, window, 0.0)
+    qpos = p0 + np.arange(T)
+    got = attention_f16_tiles(q.astype(np.float64), k, v, qpos, tile_config(D)["block_n"], scale=scale,
+                              window=window)
+    exact = attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), qpos, scale=scale,
+                      window=window)
+    err = np.abs(got - emu).max()
+    assert err <= 1e-9 * np.abs(v.astype(np.float64)).max() or np.mean(np.abs(got - emu) > 1e-9) < 1e-3, err
+    if min(n_keys, window or n_keys) >= 8:  # (the last query sees >= 8 keys; with one, every rounding cancels)
+        assert np.abs(exact - emu).max() > 100 * max(err, 1e-15)
+
+
 def test_q_zero_count_check_rejects_a_skipped_key():
     """The q = 0 check catches one missing key in a 3000-key mean (integer V) and passes the exact mean."""
     rng = np.random.default_rng(7)

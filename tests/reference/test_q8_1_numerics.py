@@ -67,6 +67,8 @@ def test_bad_names_and_emulate_cpu_refused(tiny):
         load_reference(tiny, act_q8_1={"blk.0.nope.weight"})
     with pytest.raises(ValueError, match="exclude each other"):
         load_reference(tiny, act_q8_1={"blk.0.attn_q.weight"}, emulate_cpu=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        load_reference(tiny, attn_f16_tiles={64: 64}, emulate_cpu=True)
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "gemma3", "gemma4"])
@@ -75,7 +77,7 @@ def test_every_planned_int8_tensor_moves_the_reference(tmp_path, arch, rng):
     change the reference's logits when named alone in ``act_q8_1``: a reference that ignores a name is not the
     same-rounding reference the int8 gates compare with. (Gemma 4's experts ignored it until 2026-12-07: the GPU
     prefill's all-position int8 gate then failed on rounding the reference never did.)"""
-    from sparkinfer_cute.models.int8_plan import int8_activation_tensors
+    from sparkinfer_cute.models.int8_plan import flash_attention_tiles, int8_activation_tensors, rounding_plan
 
     p = str(tmp_path / f"{arch}.gguf")
     write_synthetic(p, arch=arch, preset="tiny", seed=int(rng.integers(1 << 16)))
@@ -90,3 +92,12 @@ def test_every_planned_int8_tensor_moves_the_reference(tmp_path, arch, rng):
     ignored = [kind for kind, group in sorted(kinds.items())
                if np.array_equal(load_reference(p, max_context=16, act_q8_1=group).forward(toks), exact)]
     assert len(kinds) >= 4 and not ignored, f"the reference ignores act_q8_1 for {ignored}"
+    # the flash prefill attention's f16 q and P (rounding_plan's other half): planned for every layer type of the
+    # batched prefill, never for decode, and each head size's tile moves the logits
+    tiles = flash_attention_tiles(p, path="prefill_all_logits")
+    assert tiles and not flash_attention_tiles(p, path="decode")
+    for d, block_n in tiles.items():
+        got = load_reference(p, max_context=16, attn_f16_tiles={d: block_n}).forward(toks)
+        assert not np.array_equal(got, exact), f"attn_f16_tiles {{{d}: {block_n}}} changes nothing"
+    plan = rounding_plan(p, path="prefill_all_logits")
+    assert plan["act_q8_1"] == int8_activation_tensors(p, path="prefill_all_logits") and plan["attn_f16_tiles"] == tiles
