@@ -105,8 +105,8 @@ for ph in "${phases[@]}"; do
   bisect)  # where the batched prefill leaves the same-rounding reference, layer by layer and stage by stage (gemma4
     # tiny, the int8 gate's failing case; then without the flash prefill kernel), and the decode loop's KL likewise
     timeout 200 python3 tools/prefill_bisect.py --arch gemma4 --json "$OUT/bisect_g4.json" 2>&1 | tee "$OUT/bisect_g4.log" | tail -14
-    SPARKINFER_DISABLE=flash_prefill timeout 150 python3 tools/prefill_bisect.py --arch gemma4 2>&1 \
-      | tee "$OUT/bisect_g4_noflash.log" | tail -14
+    [ "${BISECT_NOFLASH:-0}" = 1 ] && SPARKINFER_DISABLE=flash_prefill timeout 150 python3 tools/prefill_bisect.py \
+      --arch gemma4 2>&1 | tee "$OUT/bisect_g4_noflash.log" | tail -14
     add "gemma4 prefill bisect" "$(grep -E 'prefill logits KL vs same' "$OUT/bisect_g4.log" | cut -c1-90)" ;;
   micro)
     python3 -m sparkinfer_cute.kernels.microbench --json "$OUT/microbench.json" 2>&1 | tee "$OUT/microbench.log" | tail -30
