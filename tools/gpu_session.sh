@@ -18,8 +18,9 @@
 #                   table counts every failure), the end-to-end f32/int8 gates included
 #   gates_mutation  the mutation table (tests/mutation: CPU numpy emulations judged by the checks the GPU tests
 #                   apply; no GPU part: an injected GPU bug would need a kernel edit), kill rate in the summary
-#   gates_sanitizer compute-sanitizer memcheck and racecheck, each on a tiny qwen3moe and a tiny gemma3 decode whose
-#                   prompt goes through one batched prefill chunk (synthetic models, kernels from the disk cache)
+#   gates_sanitizer compute-sanitizer memcheck and racecheck (SAN_TOOLS), each on a tiny qwen3moe, gemma3 and gemma4
+#                   decode (SAN_MODELS) whose prompt goes through one batched prefill chunk (synthetic models, kernels
+#                   from the disk cache)
 #
 # autotune (issue 16): tune_gemma (tune the real Gemma, bench with SPARKINFER_AUTOTUNE=0 then 1, accuracy tuned);
 #   tune30b then ab30b (two calls: tune the 30B shape's decode ops, then bench off / on)
@@ -99,8 +100,9 @@ for ph in "${phases[@]}"; do
       tests/kernels/test_attention_prefill.py -p no:cacheprovider 2>&1 | tee "$OUT/prefill_tests.log" | tail -25
     add "prefill GPU tests" "$(tail -1 "$OUT/prefill_tests.log")" ;;
   models)  # the model-level GPU tests (decode and prefill, every architecture), kernels compiled in parallel
-    timeout "${T_MODELS:-300}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" -p no:cacheprovider tests/models/test_gpu_decode.py \
-      tests/models/test_gpu_prefill.py 2>&1 | tee "$OUT/models_tests.log" | tail -30
+    # shellcheck disable=SC2086
+    timeout "${T_MODELS:-300}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" -p no:cacheprovider \
+      ${MODEL_TESTS:-tests/models/test_gpu_decode.py tests/models/test_gpu_prefill.py} 2>&1 | tee "$OUT/models_tests.log" | tail -30
     add "model GPU tests" "$(tail -1 "$OUT/models_tests.log")" ;;
   bisect)  # where the batched prefill leaves the same-rounding reference, layer by layer and stage by stage (gemma4
     # tiny, the int8 gate's failing case; then without the flash prefill kernel), and the decode loop's KL likewise
@@ -218,12 +220,14 @@ for ph in "${phases[@]}"; do
   gates_sanitizer)
     python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset tiny -o /tmp/qwen_tiny.gguf --seed 2 >/dev/null 2>&1
     python3 -m sparkinfer_cute.gguf.synth --arch gemma3 --preset tiny -o /tmp/gemma_tiny.gguf --seed 2 >/dev/null 2>&1
+    python3 -m sparkinfer_cute.gguf.synth --arch gemma4 --preset tiny -o /tmp/gemma4_tiny.gguf --seed 2 >/dev/null 2>&1
     PROMPT="The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat by the door."
-    for m in qwen_tiny gemma_tiny; do  # warm the kernel disk cache outside the sanitizer (compiles are slow there)
+    SAN_MODELS=${SAN_MODELS:-qwen_tiny gemma_tiny gemma4_tiny}
+    for m in $SAN_MODELS; do  # warm the kernel disk cache outside the sanitizer (compiles are slow there)
       timeout 240 python3 -m sparkinfer_cute.run /tmp/$m.gguf -p "$PROMPT" -n 4 --backend gpu --no-progress > /dev/null 2>&1
     done
-    for tool in memcheck racecheck; do
-      for m in qwen_tiny gemma_tiny; do
+    for tool in ${SAN_TOOLS:-memcheck racecheck}; do
+      for m in $SAN_MODELS; do
         timeout "${T_SANITIZER:-150}" compute-sanitizer --tool $tool --print-limit 20 \
           python3 -m sparkinfer_cute.run /tmp/$m.gguf -p "$PROMPT" -n 4 --backend gpu --no-progress > "$OUT/$tool.$m.log" 2>&1
         rc=$?; tail -4 "$OUT/$tool.$m.log"
