@@ -126,7 +126,7 @@ class GPUDecoder:
         layout of a :meth:`fuse_rows` GEMV's output): layers of another head size get their own packing of the one
         buffer. ``v`` is None on K = V layers (no V projection)."""
         a, c = self.attn_layers[layer], self.cfg
-        nq, nkv = a.n_head * a.head_dim, a.n_head_kv * a.head_dim
+        nq, nkv = a.q_width, a.kv_width
         nv = nkv if getattr(c, "has_v", lambda l: True)(layer) else 0
         f32 = np.float32
         q = self.qkv_buf.view(f32, (nq,), offset_bytes=0)
@@ -139,7 +139,7 @@ class GPUDecoder:
         ``attnq`` (its q8_1 copy for the int8 O projection) when given. The buffers are sized for the widest layer;
         a narrower layer's O projection takes exactly its width."""
         a = self.attn_layers[layer]
-        n = a.n_head * a.head_dim
+        n = a.q_width
         return self.attn.view(np.float32, (n,)), (None if attnq is None else attnq.narrow(n))
 
     def alloc_block_buffers(self) -> None:
@@ -147,8 +147,8 @@ class GPUDecoder:
         block input ``h``, ``q``/``k``/``v``, attention output ``attn``, block output ``delta`` (added to ``x`` by the
         next norm), the split-KV workspace ``attn_ws`` and the q8_1 copy ``hq_out`` of the final norm output."""
         E, f32 = self.cfg.n_embd, np.float32
-        q_len = max(a.n_head * a.head_dim for a in self.attn_layers)
-        kv_len = max(a.n_head_kv * a.head_dim for a in self.attn_layers)
+        q_len = max(a.q_width for a in self.attn_layers)
+        kv_len = max(a.kv_width for a in self.attn_layers)
         self.x = DeviceArray.zeros((E,), f32)
         self.h = DeviceArray.empty((E,), f32)
         # q, k, v packed in one buffer (sized for the widest layer): a fused-rows GEMV writes all three at once

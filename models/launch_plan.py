@@ -165,7 +165,7 @@ def _traffic(c: OpCall, m, depth: int, splits) -> dict:
         qk, at = _self_attention_parts(c)
         b = {k: _traffic(qk, m, depth, splits)[k] + _traffic(at, m, depth, splits)[k] for k in KINDS}
         if ops.fused_qk_attention(c.args[2]):
-            nq = c.args[2].n_head * c.args[2].head_dim
+            nq = c.args[2].q_width
             b["act_write"] -= nq * F32
             b["act_read"] -= nq * F32
         return b

@@ -166,6 +166,16 @@ class AttentionGeometry:
     rope_base: float
     window: int  # 0: full causal attention, else keys with pos - p < window
 
+    @property
+    def q_width(self) -> int:
+        """Values of one token's q (and attention output) row: ``n_head * head_dim``."""
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        """Values of one token's k (or v) row: ``n_head_kv * head_dim``."""
+        return self.n_head_kv * self.head_dim
+
 
 def attention_geometry(cfg) -> list[AttentionGeometry]:
     """One :class:`AttentionGeometry` per layer, from the config's per-layer views (``head_dim_for(l)``, ...)."""
@@ -234,7 +244,7 @@ class AttentionWorkspace:
         # at most n_head per sequence for every layer type (attention_decode.fused_counter_count)
         self.counters = DeviceArray.zeros((n_head,), np.int32)
         self.o_partial = DeviceArray.empty(
-            (max(g.n_head * s * g.head_dim for g, s in zip(self.layers, self.num_splits)),), np.float32)
+            (max(g.q_width * s for g, s in zip(self.layers, self.num_splits)),), np.float32)
         self.lse_partial = DeviceArray.empty(
             (max(g.n_head * s for g, s in zip(self.layers, self.num_splits)),), np.float32)
 

@@ -83,7 +83,7 @@ class Qwen3MoeGPU(GPUDecoder):
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):
         c = self.cfg
-        return ops.PrefillBuffers(c, chunk, self.kv, n_q=c.n_head * c.head_dim, n_kv=c.n_head_kv * c.head_dim,
+        return ops.PrefillBuffers(c, chunk, self.kv, n_q=self.q.size, n_kv=self.k.size,
                                   moe=(c.n_expert, c.n_expert_used, c.n_ff_exp))
 
     def enqueue_prefill(self, s, T: int, all_logits=None, n_layers: int | None = None) -> None:
