@@ -30,7 +30,7 @@ import numpy as np
 from sparkinfer_cute.errors import ContextOverflowError, GGUFError
 from sparkinfer_cute.kernels.arch import kernel_family
 from sparkinfer_cute.models import ops
-from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Stream, get_device
+from sparkinfer_cute.runtime import CudaGraph, DeviceArray, GraphCache, Stream, get_device
 from sparkinfer_cute.runtime.weights import QWeight, WeightStore
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -264,6 +264,7 @@ class GPUDecoder:
     #: Most tokens one :meth:`prefill_chunk` call takes: the batched prefill's buffers are sized for it (llama.cpp's
     #: default ubatch).
     PREFILL_CHUNK: int | None = 512
+    PREFILL_GRAPHS = 8  # captured chunk-length graphs kept (least recently used evicted: runtime/graph.py GraphCache)
 
     def prefill(self, ids) -> np.ndarray:
         """Feed prompt tokens at positions ``pos ..``; returns the logits after the last one (f32 [vocab])."""
@@ -303,7 +304,7 @@ class GPUDecoder:
     def _prefill_buffers(self):
         if getattr(self, "_pf", None) is None:
             self._pf = self.alloc_prefill(min(self.PREFILL_CHUNK or self.max_context, self.max_context))
-            self._pf_graphs = {}
+            self._pf_graphs = GraphCache(self.PREFILL_GRAPHS)
         return self._pf
 
     def _prefill_batched(self, ids, all_logits=None) -> None:
@@ -332,7 +333,7 @@ class GPUDecoder:
                 self.kernels_per_prefill_chunk = ops.launch_counter.count()
                 with CudaGraph.capture(self.stream) as graph:
                     self.enqueue_prefill(self.stream, T)
-                self._pf_graphs[T] = graph
+                self._pf_graphs.put(T, graph)
             graph.replay(self.stream)
         self.pos += T
 
