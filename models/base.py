@@ -277,11 +277,12 @@ class GPUDecoder:
         return self.logits.to_numpy(self.stream)
 
     def batched_prefill(self) -> bool:
-        """Prefill in batched chunks: the model has ``enqueue_prefill``, ``SPARKINFER_PREFILL`` is not ``loop``, and
-        the grouped GEMM takes every weight the prefill multiplies (else the decode-graph loop: e.g. plain Q6_K with
-        ``SPARKINFER_REPACK_Q6K=0``, or F16 weights, which only the decode GEMV reads)."""
+        """Prefill in batched chunks: the model has ``enqueue_prefill``, ``SPARKINFER_PREFILL`` is not ``loop``,
+        ``SPARKINFER_DP4A`` is not ``none`` (exact f32 activations asked for: the grouped GEMM reads q8_1 activations
+        only), and the grouped GEMM takes every weight the prefill multiplies (else the decode-graph loop: e.g. plain
+        Q6_K with ``SPARKINFER_REPACK_Q6K=0``, or F16 weights, which only the decode GEMV reads)."""
         return (hasattr(self, "enqueue_prefill") and os.environ.get("SPARKINFER_PREFILL", "batched") != "loop"
-                and not self.prefill_unsupported_weights())
+                and ops.DP4A != "none" and not self.prefill_unsupported_weights())
 
     def prefill_unsupported_weights(self) -> list[str]:
         """Layer weights the batched prefill cannot take: a matrix the grouped GEMM does not read, or a router that is

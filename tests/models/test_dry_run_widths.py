@@ -42,10 +42,10 @@ def test_the_check_refuses_a_wider_input():
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "gemma3", "gemma4"])
-def test_batched_prefill_only_where_the_gemm_takes_every_weight(tiny_files, arch):
+def test_batched_prefill_only_where_the_gemm_takes_every_weight(tiny_files, arch, monkeypatch):
     """Plain Q6_K (SPARKINFER_REPACK_Q6K=0) is a type the grouped GEMM does not read: such a model prefills through
     the decode-graph loop instead of failing on its first prompt chunk; the padded Q6_K_P upload takes the batched
-    path."""
+    path. Exact f32 activations (SPARKINFER_DP4A=none) also take the loop: the grouped GEMM is int8 only."""
     from sparkinfer_cute.gguf import GGUFFile
     from sparkinfer_cute.gguf.config import load_config
     from sparkinfer_cute.models import GPU_FORWARDS
@@ -61,6 +61,10 @@ def test_batched_prefill_only_where_the_gemm_takes_every_weight(tiny_files, arch
         refused = plain.prefill_unsupported_weights()
         assert refused and all(plain.w[n].qtype == "Q6_K" for n in refused)
         assert not plain.batched_prefill()
+        from sparkinfer_cute.models import ops
+
+        monkeypatch.setattr(ops, "DP4A", "none")
+        assert not padded.batched_prefill()
 
 
 def test_gpu_forwards_refuse_what_their_kernels_do_not_compute(tiny_files):
