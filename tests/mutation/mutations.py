@@ -366,6 +366,46 @@ def m_dropped_residual(r):
     return patched(r, "_layer", layer)
 
 
+def m_weight(transform):
+    """A model-level injection that changes what the reference reads for some tensors: ``transform(name, read)``
+    returns the array the forward gets for ``name`` (``read`` is the unbroken :meth:`weight`)."""
+    def inject(r):
+        read = r.weight
+        return patched(r, "weight", lambda name: transform(name, read))
+    return inject
+
+
+def _ones_for(suffix: str):
+    return m_weight(lambda name, read: np.ones_like(read(name)) if name.endswith(suffix) else read(name))
+
+
+def _swap_norms(a: str, b: str):
+    def transform(name, read):
+        if name.endswith(a):
+            return read(name[: -len(a)] + b)
+        if name.endswith(b):
+            return read(name[: -len(b)] + a)
+        return read(name)
+    return m_weight(transform)
+
+
+def m_router_unscaled(r):
+    """Gemma 4's router input without its 1/sqrt(n_embd) factor (folded into the per-channel scale here)."""
+    k = np.float32(1.0 / r.cfg.router_input_scale)
+    return m_weight(lambda name, read: read(name) * k if name.endswith("ffn_gate_inp.scale") else read(name))(r)
+
+
+def m_v_not_normed(r):
+    """Gemma 4's V rows (the raw K projection on K = V layers) cached without their weightless RMSNorm."""
+    from sparkinfer_cute.reference import gemma4 as g4
+
+    rmsnorm = g4.ops.rmsnorm
+
+    def norm(x, w, eps):  # the per-head norms of q/k carry a weight, the router's input is 2-D: only V is 3-D
+        return x if w is None and x.ndim == 3 else rmsnorm(x, w, eps)
+    return patched(g4.ops, "rmsnorm", norm)
+
+
 # ---------------------------------------------------------------------------------------------- the table
 @dataclass
 class Bug:
@@ -397,6 +437,14 @@ BUGS = [
     Bug("wrong Q6_K sub-block scale (f32 GEMV)", _gemv_f32_q6k_scale, None),
     Bug("dropped residual", _rmsnorm("residual"), m_dropped_residual),
     Bug("attention scale x1.05 (issue 11's e2e case)", None, m_scale_attr("kq_scale", 1.05)),
+    # Gemma 4 (the basket's second model): its own terms, each dropped or misplaced
+    Bug("Gemma 4: per-expert down scale dropped", None, _ones_for("ffn_down_exps.scale"), arch="gemma4"),
+    Bug("Gemma 4: layer output scale dropped", None, _ones_for("layer_output_scale.weight"), arch="gemma4"),
+    Bug("Gemma 4: rope_freqs ignored (global layers)", None, _ones_for("rope_freqs.weight"), arch="gemma4"),
+    Bug("Gemma 4: post-FFN norms 1 and 2 swapped", None,
+        _swap_norms("post_ffw_norm_1.weight", "post_ffw_norm_2.weight"), arch="gemma4"),
+    Bug("Gemma 4: router input not scaled by 1/sqrt(n_embd)", None, m_router_unscaled, arch="gemma4"),
+    Bug("Gemma 4: V not RMS-normed", None, m_v_not_normed, arch="gemma4"),
 ]
 
 
@@ -443,11 +491,11 @@ class E2E:
 
 
 def synthetic_models(tmp_dir: str, rng) -> dict[str, E2E]:
-    """The two synthetic models of the model-level injections (fresh weights from ``rng``) with their clean runs."""
+    """The three synthetic models of the model-level injections (fresh weights from ``rng``) with their clean runs."""
     from sparkinfer_cute.gguf.synth import write_synthetic
 
     out = {}
-    for arch, n, int8 in (("qwen3moe", 48, True), ("gemma3", 96, False)):
+    for arch, n, int8 in (("qwen3moe", 48, True), ("gemma3", 96, False), ("gemma4", 64, True)):
         p = os.path.join(tmp_dir, f"mut_{arch}.gguf")
         write_synthetic(p, arch=arch, preset="tiny", seed=int(rng.integers(1 << 16)))
         out[arch] = E2E(p, n, rng, int8)
