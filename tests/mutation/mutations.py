@@ -495,7 +495,7 @@ def synthetic_models(tmp_dir: str, rng) -> dict[str, E2E]:
     from sparkinfer_cute.gguf.synth import write_synthetic
 
     out = {}
-    for arch, n, int8 in (("qwen3moe", 48, True), ("gemma3", 96, False), ("gemma4", 64, True)):
+    for arch, n, int8 in (("qwen3moe", 48, True), ("gemma3", 96, False), ("gemma4", 128, True)):
         p = os.path.join(tmp_dir, f"mut_{arch}.gguf")
         write_synthetic(p, arch=arch, preset="tiny", seed=int(rng.integers(1 << 16)))
         out[arch] = E2E(p, n, rng, int8)
