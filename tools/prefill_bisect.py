@@ -51,6 +51,34 @@ def bands(v: np.ndarray, width: int) -> str:
                     for i in range(0, len(v), width))
 
 
+def prompt(vocab: int, args) -> list[int]:
+    rng = np.random.default_rng(args.seed)
+    return [2] + rng.integers(4, vocab, size=args.n - 1).tolist()
+
+
+def explain(path: str, args) -> int:
+    """CPU: the reference with the q8_1 activations only against the one that also rounds like the flash prefill
+    kernel, beside the GPU's measured KL against the former (``--json`` of a ``--no-attn-rounding`` run)."""
+    from sparkinfer_cute.gguf import GGUFFile
+    from sparkinfer_cute.gguf.config import load_config
+    from sparkinfer_cute.models.int8_plan import rounding_plan
+    from sparkinfer_cute.reference import load_reference
+
+    tokens = prompt(load_config(GGUFFile(path)).vocab_size, args)
+    plan = rounding_plan(path, path="prefill_all_logits")
+    q8 = load_reference(path, max_context=args.n + 1, act_q8_1=plan["act_q8_1"]).forward(tokens)
+    both = load_reference(path, max_context=args.n + 1, **plan).forward(tokens)
+    kl = kl_rows(q8, both)
+    with open(args.explain) as f:
+        gpu = np.asarray(json.load(f)["prefill_kl"])
+    corr = np.corrcoef(np.log(kl + 1e-12), np.log(gpu + 1e-12))[0, 1]
+    print(f"reference, q8_1 only -> q8_1 + flash f16 q/P (tiles {plan['attn_f16_tiles']}): KL mean {kl.mean():.2e} "
+          f"median {np.median(kl):.2e}, top-1 {np.mean(q8.argmax(-1) == both.argmax(-1)):.3f}")
+    print(f"GPU prefill against the q8_1-only reference ({args.explain}): KL mean {gpu.mean():.2e} "
+          f"median {np.median(gpu):.2e}; per-position correlation of log KL {corr:.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="gemma4")
@@ -59,11 +87,13 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=96, help="prompt tokens (one chunk)")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--json")
+    ap.add_argument("--explain", metavar="JSON",
+                    help="CPU only: how far the flash kernel's f16 rounding alone moves the q8-only reference, next "
+                         "to a --no-attn-rounding GPU run's per-position KL saved in JSON (same --arch/--seed/--n)")
     ap.add_argument("--no-attn-rounding", action="store_true",
                     help="the reference without the flash prefill kernel's f16 q and P (only the q8_1 activations)")
     args = ap.parse_args(argv)
 
-    from sparkinfer_cute.engine import Engine
     from sparkinfer_cute.gguf.synth import write_synthetic
     from sparkinfer_cute.models.int8_plan import int8_activation_tensors, rounding_plan
     from sparkinfer_cute.reference import load_reference
@@ -72,10 +102,13 @@ def main(argv=None) -> int:
     if path is None:
         path = os.path.join(tempfile.mkdtemp(), f"{args.arch}_{args.preset}.gguf")
         write_synthetic(path, arch=args.arch, preset=args.preset, seed=args.seed)
+    if args.explain:
+        return explain(path, args)
+    from sparkinfer_cute.engine import Engine
+
     eng = Engine(path, backend_name="gpu", max_context=max(320, args.n + 8), progress=False)
     b, cfg = eng.backend, eng.cfg
-    rng = np.random.default_rng(args.seed)
-    tokens = [2] + rng.integers(4, cfg.vocab_size, size=args.n - 1).tolist()
+    tokens = prompt(cfg.vocab_size, args)
     window = int(getattr(cfg, "sliding_window", 0) or 0)
     print(f"{cfg.arch} {os.path.basename(path)}: {cfg.n_layer} layers, {args.n} tokens, window {window}, "
           f"SPARKINFER_DISABLE={os.environ.get('SPARKINFER_DISABLE', '')}")
