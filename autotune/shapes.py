@@ -63,7 +63,7 @@ def _act_of(arch: str) -> str:
 def collect_tasks(g, cfg, ops, *, ctxs=DEFAULT_CTXS, prefill_tokens: int = DEFAULT_PREFILL_TOKENS
                   ) -> tuple[list[Task], list[str]]:
     """(tasks of the ``ops`` named, notes on what was skipped) for GGUF file ``g`` with config ``cfg``."""
-    from .ops.attention import ctx_bucket
+    from .ops.attention import ctx_bucket, prologue_rot
     from .ops.quant_gemm import token_bucket
 
     tasks, notes = _Tasks(ops), []
@@ -150,14 +150,17 @@ def collect_tasks(g, cfg, ops, *, ctxs=DEFAULT_CTXS, prefill_tokens: int = DEFAU
             notes.append(f"layer {layer}: head_dim {D} != value head_dim {Dv}; the attention kernel takes one")
             continue
         window = getattr(cfg, "sliding_window", 0) if cfg.is_swa(layer) else 0
-        kind = (cfg.n_head, cfg.n_head_kv_for(layer), D, window)
+        n_rot = cfg.n_rot_for(layer)
+        # the rotary dims of the Q/K prologue the default build runs inside this layer's attention (0: none)
+        kind = (cfg.n_head, cfg.n_head_kv_for(layer), D, prologue_rot(cfg.n_head, cfg.n_head_kv_for(layer), D, n_rot),
+                window)
         kinds[kind] = kinds.get(kind, 0) + 1
     for ctx in ctxs:
         if ctx > cfg.context_length:
             notes.append(f"context {ctx} > the model's {cfg.context_length}: not tuned")
-    for (H, KV, D, window), n in kinds.items():
+    for (H, KV, D, rot, window), n in kinds.items():
         for live in sorted({ctx_bucket(min(c, window) if window else c) for c in ctxs if c <= cfg.context_length}):
-            tasks.add("attention_decode", dict(n_head=H, n_kv_head=KV, head_dim=D, ctx=live),
+            tasks.add("attention_decode", dict(n_head=H, n_kv_head=KV, head_dim=D, qk_rot=rot, ctx=live),
                       f"swa{window}" if window else "full", n)
     return list(tasks.by_key.values()), sorted(set(notes))
 

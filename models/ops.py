@@ -222,9 +222,11 @@ def attention_config(g: AttentionGeometry, max_context: int, *, where: str = "at
     """Launch knobs of one layer's decode attention (``num_splits``, ``heads_per_cta``, ``keys_per_iter``; 0 = the
     kernel's automatic choice). The decode graph is captured once for every position up to ``max_context``, so one
     config serves them all: the tuned config of the context bucket of the layer's most live keys (``max_context``,
-    or the window of a sliding-window layer) when one is cached, else :func:`attention_splits` and automatic."""
+    or the window of a sliding-window layer) when one is cached, else :func:`attention_splits` and automatic. The
+    shape's ``qk_rot`` says whether the kernel runs the Q/K prologue (:func:`fused_qk_attention`): tuned with it."""
     live = min(max_context, g.window) if g.window else max_context
-    shape = {"n_head": g.n_head, "n_kv_head": g.n_head_kv, "head_dim": g.head_dim, "ctx": live}
+    shape = {"n_head": g.n_head, "n_kv_head": g.n_head_kv, "head_dim": g.head_dim,
+             "qk_rot": g.n_rot if fused_qk_attention(g) else 0, "ctx": live}
     return tuned("attention_decode", shape, where=where) or {
         "num_splits": attention_splits(g, max_context, sm_count), "heads_per_cta": 0, "keys_per_iter": 0}
 

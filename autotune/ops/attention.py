@@ -1,8 +1,12 @@
 """Tunable op ``attention_decode``: split-KV flash-decoding over the paged fp16 KV cache with the fused LSE combine
 (``kernels/attention_decode.py``, the variant the models run), per context bucket.
 
-Shape: ``n_head``, ``n_kv_head``, ``head_dim``, ``ctx`` = live keys the query attends to (the context length, or the
-sliding window when that is shorter), bucketed up to a power of two (>= 64). The page size is the models' (64).
+Shape: ``n_head``, ``n_kv_head``, ``head_dim``, ``qk_rot``, ``ctx``. ``qk_rot``: the rotary dims of the Q/K
+prologue the kernel runs inside (per-head Q/K RMSNorm + RoPE + this token's K/V append: ``fused_qk_attention``,
+what the models run by default: :func:`prologue_rot`), 0 for attention alone (with the pass off). ``ctx`` = live
+keys the query attends to (the context length, or the sliding window when that is shorter), bucketed up to a power
+of two (>= 64). The page size is the models' (64). The tuned kernel's prologue has Q/K norm weights, no V norm and no
+RoPE frequency divisors (Gemma 4's extra terms: a few flops in one split, not a different launch shape).
 
 Configs (the tuning arguments of ``compile_attention_decode``): ``num_splits`` (key-range chunks per kv head: CTAs
 that share one query), ``heads_per_cta`` (q heads of a GQA group per CTA: a divisor of the group) and
@@ -11,7 +15,8 @@ that share one query), ``heads_per_cta`` (q heads of a GQA group per CTA: a divi
 
 Default: ``num_splits`` as ``models/ops.py attention_splits`` picks it with the context = the bucket (the
 compile-gated ``MODEL_CONFIGS`` entry when the model matches one, else ``default_num_splits``), and the kernel's
-automatic ``heads_per_cta`` / ``keys_per_iter``. Reference: ``attention_decode_ref`` (float64) on the same fp16 K/V,
+automatic ``heads_per_cta`` / ``keys_per_iter``. Reference: ``attention_decode_ref`` (float64) on the same fp16 K/V
+(with ``qk_rot``: after ``qk_norm_rope_kv_ref`` of the raw q and the new K/V row, that row in the cache),
 ``max|out - ref| / max|ref| <= 1e-3`` (the kernel's documented test tolerance).
 
 Applied by the engine (``models/ops.py attention_config``): the decode graph is captured once for every position up
@@ -39,19 +44,31 @@ KEYS_PER_ITER = (1, 2, 4)
 MIN_KEYS_PER_SPLIT = 16  # searched splits keep at least this many keys each (fewer: CTAs with no work)
 MIN_CTX_BUCKET = 64
 REL_TOL = 1e-3
+ROPE_BASE = 1e4  # the prologue's RoPE base in the timed problem (any base costs the same)
+EPS = 1e-6
 
 
 @functools.cache
 def _bind() -> SimpleNamespace:
     """Every kernel-package name this adapter uses (the one place to fix after kernels/ moves)."""
     from sparkinfer_cute.kernels import attention_decode as a
-    from sparkinfer_cute.reference.kernel_refs import attention_decode_ref, rel_err
+    from sparkinfer_cute.reference.kernel_refs import attention_decode_ref, qk_norm_rope_kv_ref, rel_err, theta_scale_f32
 
     return SimpleNamespace(
         AttentionDecodeSplitKV=a.AttentionDecodeSplitKV, compile_attention_decode=a.compile_attention_decode,
         fused_counter_count=a.fused_counter_count, default_num_splits=a.default_num_splits,
         MODEL_CONFIGS=a.MODEL_CONFIGS, SUPPORTED_HEAD_DIMS=a.SUPPORTED_HEAD_DIMS,
-        attention_decode_ref=attention_decode_ref, rel_err=rel_err)
+        prologue_supported=a.prologue_supported, attention_decode_ref=attention_decode_ref,
+        qk_norm_rope_kv_ref=qk_norm_rope_kv_ref, theta_scale_f32=theta_scale_f32, rel_err=rel_err)
+
+
+def prologue_rot(n_head: int, n_kv_head: int, head_dim: int, n_rot: int) -> int:
+    """The ``qk_rot`` shape field of a layer kind as the models run it by default: its rotary dims where the
+    fused-combine kernel can hold the Q/K prologue (models/ops.py ``fused_qk_attention`` with the passes on), else 0."""
+    b = _bind()
+    if head_dim not in b.SUPPORTED_HEAD_DIMS or n_head % n_kv_head:
+        return 0
+    return n_rot if b.prologue_supported(n_head, n_kv_head, head_dim, 256) else 0
 
 
 def ctx_bucket(ctx: int) -> int:
@@ -93,7 +110,8 @@ def _kernel(config, shape):
     """The kernel object (its constructor is the validity check: ValueError with the reason)."""
     return _bind().AttentionDecodeSplitKV(
         shape["n_head"], shape["n_kv_head"], shape["head_dim"], PAGE_SIZE, config["num_splits"], False,
-        keys_per_iter=config["keys_per_iter"], heads_per_cta=config["heads_per_cta"], fused_combine=True)
+        keys_per_iter=config["keys_per_iter"], heads_per_cta=config["heads_per_cta"], fused_combine=True,
+        qk_rot=shape["qk_rot"])
 
 
 def _canonical(config, shape, ctx):
@@ -113,6 +131,9 @@ def _why_invalid(config, shape, ctx):
         return f"n_head {shape['n_head']} is not a multiple of n_kv_head {shape['n_kv_head']}"
     if shape["head_dim"] not in b.SUPPORTED_HEAD_DIMS:
         return f"head_dim {shape['head_dim']} not supported (one of {b.SUPPORTED_HEAD_DIMS})"
+    rot = shape["qk_rot"]
+    if isinstance(rot, bool) or not isinstance(rot, int) or rot < 0 or rot % 2 or rot > shape["head_dim"]:
+        return f"qk_rot={rot!r} is not an even rotary width in 0..head_dim"
     why = (unknown_keys_reason(config, {"num_splits", "heads_per_cta", "keys_per_iter"})
            or int_in(config, "num_splits", SPLITS) or int_in(config, "keys_per_iter", KEYS_PER_ITER))
     if why:
@@ -131,12 +152,14 @@ def _compile(config, shape):
     return _bind().compile_attention_decode(
         n_head=shape["n_head"], n_kv_head=shape["n_kv_head"], head_dim=shape["head_dim"], page_size=PAGE_SIZE,
         num_splits=config["num_splits"], softcap=False, heads_per_cta=config["heads_per_cta"],
-        keys_per_iter=config["keys_per_iter"], fused_combine=True)
+        keys_per_iter=config["keys_per_iter"], fused_combine=True, qk_rot=shape["qk_rot"])
 
 
 class AttentionProblem:
     """Host side: one query token at position ctx-1 over ctx random fp16 keys per input set; each set is its own
-    range of pool pages (a page table per set, pages permuted), so rotating sets reads other K/V rows. The float64
+    range of pool pages (a page table per set, pages permuted), so rotating sets reads other K/V rows. With
+    ``qk_rot``, ``q`` is the raw projection and the kernel's prologue norms and rotates it and writes this token's
+    K/V row (``k_new``, ``v_new``) at ctx-1 of the set it reads (every launch writes the same bits). The float64
     reference covers set 0."""
 
     def __init__(self, shape, n_sets: int, rng):
@@ -151,8 +174,21 @@ class AttentionProblem:
         self.scale = 1.0 / math.sqrt(D)
         t = np.arange(n)  # token t of set 0 lives in page tables[0][t // P] at slot t % P
         page, slot = self.tables[0][0, t // PAGE_SIZE], t % PAGE_SIZE
-        self.ref = _bind().attention_decode_ref(self.q[0], self.k_pool[page, slot], self.v_pool[page, slot], n - 1,
-                                                self.scale)
+        k_dense, v_dense, q = self.k_pool[page, slot], self.v_pool[page, slot], self.q[0]
+        self.rot = shape["qk_rot"]
+        if self.rot:
+            b = _bind()
+            self.k_new = rng.standard_normal((1, KV, D), dtype=np.float32)
+            self.v_new = rng.standard_normal((1, KV, D), dtype=np.float32)
+            self.q_norm = rng.uniform(0.5, 1.5, D).astype(np.float32)
+            self.k_norm = rng.uniform(0.5, 1.5, D).astype(np.float32)
+            self.theta_scale = float(b.theta_scale_f32(ROPE_BASE, self.rot))
+            q, kc, vc = b.qk_norm_rope_kv_ref(self.q, self.k_new, self.v_new, self.q_norm, self.k_norm, [n - 1],
+                                              n_rot=self.rot, base=ROPE_BASE, eps=EPS)
+            q = q[0]
+            k_dense, v_dense = k_dense.copy(), v_dense.copy()
+            k_dense[n - 1], v_dense[n - 1] = kc[0].astype(np.float16), vc[0].astype(np.float16)
+        self.ref = _bind().attention_decode_ref(q, k_dense, v_dense, n - 1, self.scale)
 
     def check(self, out) -> str | None:
         why = nonfinite(out, "out")
@@ -177,6 +213,9 @@ class AttentionRunner(KernelRunner):
         self.out = DeviceArray.empty((1, H, D), np.float32)
         self.outputs = [self.out]
         self.counters = DeviceArray.zeros((H,), np.int32, stream=self.stream)  # >= fused_counter_count: n_head
+        # the Q/K prologue's inputs (with qk_rot; else never read: any valid pointer)
+        self.prologue = ([DeviceArray.from_numpy(a, self.stream) for a in (p.k_new, p.v_new, p.q_norm, p.k_norm)]
+                         if p.rot else [self.counters] * 4)
         self.work: dict[int, tuple] = {}
 
     def _workspace(self, S: int):
@@ -201,10 +240,10 @@ class AttentionRunner(KernelRunner):
                 ptr(Float32, lse_part.ptr, 4), ptr(Float32, self.out.ptr, 4), ptr(Int32, self.counters.ptr, 4),
                 # the q8_1 output (quantize_out) is not tuned here: never written, any valid pointers do
                 ptr(Int8, self.counters.ptr, 4), ptr(Float32, self.counters.ptr, 4), ptr(Float32, self.counters.ptr, 4),
-                # the Q/K prologue's inputs: not compiled in here (qk_rot 0), never read
-                *(ptr(Float32, self.counters.ptr, 4) for _ in range(5)),
+                # the Q/K prologue's k_new, v_new, q_norm, k_norm (and freq_factors: not compiled in, never read)
+                *(ptr(Float32, a.ptr, 4) for a in self.prologue), ptr(Float32, self.counters.ptr, 4),
                 Int32(1), Int32(p.pages * self.n_sets), Int32(p.pages), Float32(p.scale), Int32(0), Float32(1.0),
-                Float32(1.0), Float32(1e-6), Float32(1.0), self.stream.cu)
+                Float32(p.theta_scale if p.rot else 1.0), Float32(EPS), Float32(1.0), self.stream.cu)
         return lambda: fn(*args)
 
     def check(self, config, out):
@@ -214,7 +253,7 @@ class AttentionRunner(KernelRunner):
 ATTENTION_DECODE = register(TunableOp(
     name="attention_decode",
     summary="split-KV decode attention with the fused combine: splits, heads per CTA, keys in flight",
-    shape_keys=("n_head", "n_kv_head", "head_dim", "ctx"),
+    shape_keys=("n_head", "n_kv_head", "head_dim", "qk_rot", "ctx"),
     space=_space,
     default=_default,
     why_invalid=_why_invalid,
@@ -222,5 +261,5 @@ ATTENTION_DECODE = register(TunableOp(
     build=AttentionRunner,
     bucket=_bucket,
     canonical=_canonical,
-    compile_shape_keys=("n_head", "n_kv_head", "head_dim"),  # the context is read from device memory
+    compile_shape_keys=("n_head", "n_kv_head", "head_dim", "qk_rot"),  # the context is read from device memory
 ), __name__)

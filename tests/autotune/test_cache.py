@@ -33,7 +33,7 @@ def cache(tmp_path, monkeypatch):
 def test_round_trip_and_lookup(cache):
     meta = current_metadata(IDENT)
     cache.put(IDENT, meta, {"gemv_q8": {GEMV_KEY: _entry(dict(mapping="chunk", rows_per_warp=1))}})
-    cache.put(IDENT, meta, {"attention_decode": {"n_head=32,n_kv_head=4,head_dim=128,ctx=4096":
+    cache.put(IDENT, meta, {"attention_decode": {"n_head=32,n_kv_head=4,head_dim=128,qk_rot=0,ctx=4096":
                                                  _entry(dict(num_splits=16, heads_per_cta=4, keys_per_iter=2))}})
     tuned = load_tuned(IDENT)
     assert tuned.enabled and len(tuned) == 2
@@ -41,7 +41,7 @@ def test_round_trip_and_lookup(cache):
     assert tuned.get("gemv", GEMV_SHAPE) is None  # the f32 path was not tuned: fall back
     assert tuned.get("gemv_q8", dict(GEMV_SHAPE, n_out=512)) is None
     # attention contexts are bucketed up to a power of two, as the search stored them; extra fields are ignored
-    shape = dict(n_head=32, n_kv_head=4, head_dim=128, ctx=3000, window=0)
+    shape = dict(n_head=32, n_kv_head=4, head_dim=128, qk_rot=0, ctx=3000, window=0)
     assert tuned.get("attention_decode", shape) == dict(num_splits=16, heads_per_cta=4, keys_per_iter=2)
     assert tuned.get("attention_decode", dict(shape, ctx=4097)) is None
     # the returned dict is a copy

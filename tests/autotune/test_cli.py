@@ -97,7 +97,7 @@ def test_plan_lists_shapes_and_candidates_without_a_gpu(capsys, gguf):
     assert rc == 0, err
     assert "(qwen3moe): " in out and "assumed 48 SMs" in out
     rows = {(ln.split()[0], ln.split()[1]): ln for ln in out.splitlines() if ln[:1].isalpha() and "=" in ln}
-    att = rows[("attention_decode", "n_head=8,n_kv_head=2,head_dim=64,ctx=512")]
+    att = rows[("attention_decode", "n_head=8,n_kv_head=2,head_dim=64,qk_rot=64,ctx=512")]
     assert "full x4" in att
     assert ("gemv_q8", "qtype=Q4_K,n_in=512,n_out=256") in rows
     assert any(op == "quant_gemm" for op, _ in rows)

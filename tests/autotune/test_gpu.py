@@ -25,8 +25,9 @@ SMALL = [
     ("moe_gate_up_q8", dict(qtype="Q4_K", n_in=1024, n_ff=256, n_expert=16, k=4, fused=True)),
     ("moe_down", dict(qtype="Q6_K_P", n_ff=256, n_out=256, n_expert=16, k=4)),
     ("moe_down_q8", dict(qtype="Q8_0", n_ff=384, n_out=384, n_expert=16, k=4)),
-    ("attention_decode", dict(n_head=8, n_kv_head=2, head_dim=64, ctx=512)),
-    ("attention_decode", dict(n_head=4, n_kv_head=1, head_dim=256, ctx=1024)),
+    ("attention_decode", dict(n_head=8, n_kv_head=2, head_dim=64, qk_rot=0, ctx=512)),
+    ("attention_decode", dict(n_head=4, n_kv_head=1, head_dim=256, qk_rot=0, ctx=1024)),
+    ("attention_decode", dict(n_head=8, n_kv_head=2, head_dim=64, qk_rot=64, ctx=512)),  # the Q/K prologue inside
     ("quant_gemm", dict(qtype="Q4_K", n_in=512, n_out=256, tokens=64, n_expert=0, k=0, act="none")),
     ("quant_gemm", dict(qtype="Q5_0", n_in=640, n_out=256, tokens=64, n_expert=0, k=0, act="gelu_tanh")),
     ("quant_gemm", dict(qtype="Q4_K", n_in=512, n_out=128, tokens=64, n_expert=8, k=2, act="silu")),
@@ -72,7 +73,7 @@ def test_search_then_cached(tmp_path, ctx):
     ident = DeviceIdentity.of(get_device())
     cache = TuneCache(tmp_path / "autotune.json")
     tasks = [Task("gemv", dict(qtype="Q4_K", n_in=1024, n_out=512), 1),
-             Task("attention_decode", dict(n_head=8, n_kv_head=2, head_dim=64, ctx=512), 1)]
+             Task("attention_decode", dict(n_head=8, n_kv_head=2, head_dim=64, qk_rot=0, ctx=512), 1)]
     s = Searcher(ctx, SearchOptions(reps=5, workers=2, progress=False), cache=cache, ident=ident,
                  meta=current_metadata(ident))
     first = s.run(tasks)

@@ -139,7 +139,9 @@ CASES = [
     ("moe_down", dict(qtype="Q6_K_P", n_ff=256, n_out=256, n_expert=8, k=4)),
     ("moe_down_q8", dict(qtype="Q4_K", n_ff=256, n_out=256, n_expert=8, k=4)),
     ("moe_down_q8", dict(qtype="Q8_0", n_ff=384, n_out=128, n_expert=8, k=4)),
-    ("attention_decode", dict(n_head=8, n_kv_head=2, head_dim=64, ctx=256)),
+    ("attention_decode", dict(n_head=8, n_kv_head=2, head_dim=64, qk_rot=0, ctx=256)),
+    ("attention_decode", dict(n_head=8, n_kv_head=2, head_dim=128, qk_rot=128, ctx=256)),  # the Q/K prologue inside
+    ("attention_decode", dict(n_head=16, n_kv_head=2, head_dim=512, qk_rot=128, ctx=128)),  # partial rotary, hd 512
     ("quant_gemm", dict(qtype="Q4_K", n_in=512, n_out=256, tokens=32, n_expert=0, k=0, act="none")),
     ("quant_gemm", dict(qtype="Q5_0", n_in=640, n_out=128, tokens=32, n_expert=0, k=0, act="gelu_tanh")),
     ("quant_gemm", dict(qtype="Q4_K", n_in=256, n_out=128, tokens=32, n_expert=8, k=2, act="silu")),
@@ -198,9 +200,12 @@ def _expected(name, shape, r) -> dict:
                  dict(pAct={r.act.ptr}))
         return e
     if name == "attention_decode":
-        return dict(pQ={r.q.ptr}, pK={r.k.ptr}, pV={r.v.ptr}, pPageTable=ptrs(r.tables), pPos={r.pos.ptr},
-                    pOut={r.out.ptr}, pCounters={r.counters.ptr}, batch={1}, pages_per_seq={r.problem.pages},
-                    n_pages={r.problem.pages * r.n_sets})
+        e = dict(pQ={r.q.ptr}, pK={r.k.ptr}, pV={r.v.ptr}, pPageTable=ptrs(r.tables), pPos={r.pos.ptr},
+                 pOut={r.out.ptr}, pCounters={r.counters.ptr}, batch={1}, pages_per_seq={r.problem.pages},
+                 n_pages={r.problem.pages * r.n_sets})
+        if shape["qk_rot"]:  # the prologue reads this token's k/v and the norm weights from the runner's buffers
+            e.update({n: {a.ptr} for n, a in zip(("pKNew", "pVNew", "pQNorm", "pKNorm"), r.prologue)})
+        return e
     assert name == "quant_gemm"
     e = dict(pW=ptrs(m[0] for m in r.dev_mats), pW2=ptrs(m[-1] for m in r.dev_mats), pXq={r.xq.qs.ptr},
              pXd={r.xq.d.ptr}, pXs={r.xq.s.ptr}, pY={r.y.ptr}, n_rows={r.n_rows}, n_out={shape["n_out"]})

@@ -99,7 +99,7 @@ def test_moe_down(q, q8):
 
 @pytest.mark.parametrize("H,KV,D,ctx", [(8, 2, 64, 200), (4, 1, 256, 64), (4, 2, 128, 130)])
 def test_attention(H, KV, D, ctx):
-    s = dict(n_head=H, n_kv_head=KV, head_dim=D, ctx=ctx)
+    s = dict(n_head=H, n_kv_head=KV, head_dim=D, qk_rot=0, ctx=ctx)
     p = AttentionProblem(s, 3, np.random.default_rng(4))
     assert len(p.tables) == 3 and p.k_pool.shape[0] == 3 * p.pages
     # set 0 owns pool pages 0 .. pages-1, in its table's (permuted) order
@@ -150,3 +150,40 @@ def test_quant_gemm(q, act, E, k):
             g, u = W[0][e] @ xr, W[1][e] @ xr
             ideal[r] = (silu(g) if act == "silu" else gelu_tanh(g)) * u
     assert_check_discriminates(p, ideal, (len(rows) // 2, p.cols[2]))
+
+
+@pytest.mark.parametrize("H,KV,D,rot,ctx", [(8, 2, 64, 64, 200), (8, 1, 128, 32, 70)])
+def test_attention_with_the_qk_prologue(H, KV, D, rot, ctx):
+    """With ``qk_rot`` the problem's reference is attention after the Q/K prologue: by hand here (per-head RMSNorm
+    with weights, NEOX RoPE of the first ``rot`` dims at float64 theta, this token's K/V row in the cache as f16); the
+    check rejects an output that skipped the prologue."""
+    from sparkinfer_cute.autotune.ops.attention import EPS, ROPE_BASE
+
+    s = dict(n_head=H, n_kv_head=KV, head_dim=D, qk_rot=rot, ctx=ctx)
+    p = AttentionProblem(s, 2, np.random.default_rng(5))
+    pos = ctx - 1
+
+    def norm_rope(x, w):
+        x = x.astype(np.float64)
+        x = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + EPS) * w.astype(np.float64)
+        th = pos * ROPE_BASE ** (-2.0 * np.arange(rot // 2) / rot)
+        a, b = x[..., : rot // 2].copy(), x[..., rot // 2: rot].copy()
+        x[..., : rot // 2], x[..., rot // 2: rot] = a * np.cos(th) - b * np.sin(th), a * np.sin(th) + b * np.cos(th)
+        return x
+
+    q = norm_rope(p.q[0], p.q_norm)
+    k_row = norm_rope(p.k_new[0], p.k_norm).astype(np.float16)
+    ideal, skipped = np.empty((1, H, D)), np.empty((1, H, D))
+    for h in range(H):
+        kv = h // (H // KV)
+        ks = np.stack([p.k_pool[p.tables[0][0, t // PAGE_SIZE], t % PAGE_SIZE, kv] for t in range(ctx)])
+        vs = np.stack([p.v_pool[p.tables[0][0, t // PAGE_SIZE], t % PAGE_SIZE, kv] for t in range(ctx)])
+        for out, qh, k_last, v_last in ((ideal, q[h], k_row[kv], p.v_new[0, kv].astype(np.float16)),
+                                        (skipped, p.q[0, h].astype(np.float64), ks[-1], vs[-1])):
+            kk, vv = ks.astype(np.float64), vs.astype(np.float64)
+            kk[-1], vv[-1] = k_last, v_last
+            s_ = (kk @ qh) * p.scale
+            w = np.exp(s_ - s_.max())
+            out[0, h] = (w / w.sum()) @ vv
+    assert p.check(ideal.astype(np.float32)) is None
+    assert p.check(skipped.astype(np.float32)) is not None

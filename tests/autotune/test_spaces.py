@@ -25,7 +25,7 @@ SHAPES = {
     "moe_down": [dict(qtype=q, n_ff=768, n_out=2048, n_expert=128, k=8) for q in ("Q4_K", "Q6_K_P")]
     + [dict(qtype="Q8_0", n_ff=384, n_out=384, n_expert=16, k=4), dict(qtype="Q4_K", n_ff=256, n_out=256,
                                                                          n_expert=16, k=3)],
-    "attention_decode": [dict(n_head=h, n_kv_head=kv, head_dim=d, ctx=c) for h, kv, d in
+    "attention_decode": [dict(n_head=h, n_kv_head=kv, head_dim=d, qk_rot=0, ctx=c) for h, kv, d in
                          ((32, 4, 128), (4, 1, 256), (16, 2, 512), (16, 8, 256), (8, 2, 64))
                          for c in (64, 512, 4096, 32768)],
     "quant_gemm": [dict(qtype=q, n_in=i, n_out=o, tokens=512, n_expert=0, k=0, act="none")
@@ -104,13 +104,13 @@ def test_candidates_construct_with_the_kernels_own_checks():
     ("quant_gemm", dict(tile_rows=64, tile_tokens=64, stages=2),
      dict(qtype="Q6_K", n_in=2048, n_out=512, tokens=512, n_expert=0, k=0, act="none"), "does not take Q6_K"),
     ("attention_decode", dict(num_splits=256, heads_per_cta=32, keys_per_iter=2),
-     dict(n_head=32, n_kv_head=1, head_dim=512, ctx=32768), "smem > budget"),
+     dict(n_head=32, n_kv_head=1, head_dim=512, qk_rot=0, ctx=32768), "smem > budget"),
     ("attention_decode", dict(num_splits=8, heads_per_cta=3, keys_per_iter=2),
-     dict(n_head=32, n_kv_head=4, head_dim=128, ctx=4096), "must divide the GQA group"),
+     dict(n_head=32, n_kv_head=4, head_dim=128, qk_rot=0, ctx=4096), "must divide the GQA group"),
     ("attention_decode", dict(num_splits=12, heads_per_cta=4, keys_per_iter=2),
-     dict(n_head=32, n_kv_head=4, head_dim=128, ctx=4096), "num_splits=12 is not one of"),
+     dict(n_head=32, n_kv_head=4, head_dim=128, qk_rot=0, ctx=4096), "num_splits=12 is not one of"),
     ("attention_decode", dict(num_splits=8, heads_per_cta=4, keys_per_iter=2),
-     dict(n_head=32, n_kv_head=4, head_dim=96, ctx=4096), "head_dim 96 not supported"),
+     dict(n_head=32, n_kv_head=4, head_dim=96, qk_rot=0, ctx=4096), "head_dim 96 not supported"),
     ("gemv", dict(mapping="chunk", rows_per_warp=2), dict(qtype="Q5_0", n_in=640, n_out=1024), "chunk mapping needs"),
     ("gemv", dict(mapping="chunk", rows_per_warp=2), dict(qtype="Q4_K", n_in=2048, n_out=1023),
      "not a multiple of rows_per_warp 2"),
@@ -171,9 +171,9 @@ def test_defaults_follow_todays_heuristics():
         dict(mapping="slice", warps_per_row=2)
     attn = get_op("attention_decode")
     # the compile-gated MODEL_CONFIGS entry (qwen3moe-30b-a3b: 32 splits), capped at ctx / 64
-    d = attn.candidates(dict(n_head=32, n_kv_head=4, head_dim=128, ctx=4096), ctx)[0]
+    d = attn.candidates(dict(n_head=32, n_kv_head=4, head_dim=128, qk_rot=0, ctx=4096), ctx)[0]
     assert d["num_splits"] == 32 and d["heads_per_cta"] == 4  # automatic heads_per_cta resolved: 4 * 8 <= 32
-    assert attn.candidates(dict(n_head=32, n_kv_head=4, head_dim=128, ctx=512), ctx)[0]["num_splits"] == 8
+    assert attn.candidates(dict(n_head=32, n_kv_head=4, head_dim=128, qk_rot=0, ctx=512), ctx)[0]["num_splits"] == 8
     qg = get_op("quant_gemm")
     d = qg.candidates(dict(qtype="Q4_K", n_in=2048, n_out=4096, tokens=512, n_expert=0, k=0, act="none"), ctx)[0]
     assert d["tile_rows"] == 64 and d["tile_tokens"] == 64 and d["stages"] in (2, 3, 4)
@@ -184,11 +184,12 @@ def test_defaults_follow_todays_heuristics():
 
 def test_bucketing_and_compile_keys():
     attn = get_op("attention_decode")
-    s = dict(n_head=32, n_kv_head=4, head_dim=128, ctx=3000)
-    assert attn.shape_key(s) == "n_head=32,n_kv_head=4,head_dim=128,ctx=4096"
-    assert attn.shape_key(dict(s, ctx=10)) == "n_head=32,n_kv_head=4,head_dim=128,ctx=64"
+    s = dict(n_head=32, n_kv_head=4, head_dim=128, qk_rot=0, ctx=3000)
+    assert attn.shape_key(s) == "n_head=32,n_kv_head=4,head_dim=128,qk_rot=0,ctx=4096"
+    assert attn.shape_key(dict(s, ctx=10)) == "n_head=32,n_kv_head=4,head_dim=128,qk_rot=0,ctx=64"
     cfg = dict(num_splits=8, heads_per_cta=4, keys_per_iter=2)
     assert attn.compile_key(cfg, s) == attn.compile_key(cfg, dict(s, ctx=32768))  # the context is runtime
+    assert attn.compile_key(cfg, s) != attn.compile_key(cfg, dict(s, qk_rot=128))  # the prologue is compiled in
     qg = get_op("quant_gemm")
     q = dict(qtype="Q4_K", n_in=2048, n_out=4096, tokens=300, n_expert=0, k=0, act="none")
     assert qg.shape_key(q).endswith("tokens=512,n_expert=0,k=0,act=none")
@@ -210,7 +211,7 @@ COMPILE_CASES = [
     ("moe_down_q8", dict(mapping="chunk", rows_per_warp=2, x_loads_first=False),
      dict(qtype="Q6_K_P", n_ff=256, n_out=256, n_expert=16, k=4)),
     ("attention_decode", dict(num_splits=16, heads_per_cta=2, keys_per_iter=1),
-     dict(n_head=8, n_kv_head=2, head_dim=64, ctx=512)),
+     dict(n_head=8, n_kv_head=2, head_dim=64, qk_rot=0, ctx=512)),
     ("quant_gemm", dict(tile_rows=32, tile_tokens=16, stages=3),
      dict(qtype="Q5_0", n_in=384, n_out=64, tokens=64, n_expert=0, k=0, act="none")),
 ]

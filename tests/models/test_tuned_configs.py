@@ -404,3 +404,25 @@ def test_a_gate_up_config_that_cannot_write_its_q8_copy_is_refused():
     assert ops._act_q8_blocks(768, {"rows_per_warp": 1}) is None
     assert ops._act_q8_blocks(768, {"rows_per_warp": 8}) is None
     assert "(64 rows per CTA)" in ops._act_q8_blocks(768, {"rows_per_warp": 16})
+
+
+@pytest.mark.parametrize("arch,preset", [("qwen3moe", "tiny"), ("qwen3moe", "30b-a3b"), ("gemma3", "270m"),
+                                         ("gemma4", "tiny"), ("gemma4", "26b-a4b")])
+def test_tuner_and_engine_agree_on_the_attention_prologue(arch, preset, monkeypatch):
+    """The autotuner tunes decode attention with the Q/K prologue inside exactly where the engine runs it
+    (``qk_rot`` of autotune/shapes.py = of models/ops.py ``attention_config``'s lookup), for every layer kind; with
+    the pass off, the engine looks up ``qk_rot`` 0 (attention alone)."""
+    from sparkinfer_cute.autotune.ops.attention import prologue_rot
+    from sparkinfer_cute.gguf.config import load_config
+    from sparkinfer_cute.gguf.synth import synthetic_header
+    from sparkinfer_cute.models import ops
+
+    cfg = load_config(synthetic_header(arch, preset))
+    looked_up = []
+    monkeypatch.setattr(ops, "tuned", lambda op, shape, **kw: looked_up.append(shape) or None)
+    for g in ops.attention_geometry(cfg):
+        ops.attention_config(g, 4096, sm_count=132)
+        assert looked_up[-1]["qk_rot"] == prologue_rot(g.n_head, g.n_head_kv, g.head_dim, g.n_rot) == g.n_rot > 0
+    monkeypatch.setattr(ops, "DISABLED", ops.DISABLED | {"fused_qk_attention"})
+    ops.attention_config(ops.attention_geometry(cfg)[0], 4096, sm_count=132)
+    assert looked_up[-1]["qk_rot"] == 0
