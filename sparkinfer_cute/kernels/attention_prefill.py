@@ -1,13 +1,13 @@
 """Causal flash-attention prefill over the paged fp16 KV cache, on tensor cores (``mma.sync`` m16n8k16), CuTe DSL.
 
 **Status: compile-gated (sm_120a, sm_121a, sm_90a; no spills); its GPU tests pass on the H100 (RESULTS.md,
-2026-12-07); its speed is not yet measured.** The CPU tests (tests/kernels/test_attention_prefill.py) check the kernel's own range/mask/index functions
-(shared plain functions below): the tile plan against the visibility rule, a float64 emulation of the algorithm
-(with its f16 roundings) against the float64 reference within the GPU test's error bound, and a lane-by-lane model of
-its ``ldmatrix`` / ``mma.sync`` fragments (PTX layouts) for S, the slice exchange and PV. The GPU tests in the same
-file (float64 bound, q = 0 key counting, NaN-poisoned invisible slots and output) are the GPU ones. The reference
-that rounds like this kernel (for the model-level gates) is ``sparkinfer_cute/reference/ops.py
-attention_f16_tiles``.
+2026-12-07); its speed is not yet measured.** The CPU tests (tests/kernels/test_attention_prefill.py) check the
+kernel's own range/mask/index functions (shared plain functions below): the tile plan against the visibility rule, a
+float64 emulation of the algorithm (with its f16 roundings) against the float64 reference within the GPU test's error
+bound, and a lane-by-lane model of its ``ldmatrix`` / ``mma.sync`` fragments (PTX layouts) for S, the slice exchange
+and PV. The GPU tests in the same file check the float64 bound, q = 0 key counting, and NaN-poisoned invisible slots
+and output. The reference that rounds like this kernel (for the model-level gates) is
+``sparkinfer_cute/reference/ops.py attention_f16_tiles``.
 
 One prompt chunk of T queries of one sequence, at positions ``p0 .. p0+T-1`` after a cached prefix of ``p0`` keys
 (``p0 = pos[0]``, read from device memory so a graph captured for a chunk length replays at every offset). The
