@@ -356,10 +356,10 @@ class GPUDecoder:
 
     def prefill_hidden_after_layers(self, ids, n_layers: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The batched prefill's residual stream after ``n_layers`` layers for each of ``ids`` (one eager chunk from
-        an empty cache): ([len(ids), n_embd] float64, the chunk's f32 / int32 buffers after the last layer run, flat
-        numpy by name: q, attn, o, delta, h, act, f, ids (the routed experts) and the model's own, e.g. Gemma 4's m / y2 / fn; row i of a layer of
-        width n at [i * n, (i + 1) * n)). The per-layer
-        bisection of a prefill accuracy gap (tools/prefill_bisect.py)."""
+        an empty cache), and the chunk's f32 / int32 buffers after the last layer run: ([len(ids), n_embd] float64,
+        {name: flat numpy}: q, attn, o, delta, h, act, f, ids (the routed experts) and the model's own, e.g. Gemma 4's
+        m / y2 / fn; row i of a layer of width n at [i * n, (i + 1) * n)). The per-layer bisection of a prefill
+        accuracy gap (tools/prefill_bisect.py)."""
         ids = np.asarray(ids, dtype=np.int32).reshape(-1)
         self.reset()
         pf = self._prefill_buffers()

@@ -145,6 +145,10 @@ class ReferenceModel:
     With the set of matmuls a GPU build runs on int8 activations this is the reference that build is gated against
     with a tight KL (tests/models/test_gpu_decode.py). A MoE layer's gate and up share one quantized input, named by
     the gate (or fused gate_up) tensor. Not combinable with ``emulate_cpu`` (llama.cpp's own activation rounding).
+    ``attn_f16_tiles`` ({head_dim: key tile}, ``load_reference(..., attn_f16_tiles=)``): attentions of those head
+    sizes round q and the softmax weights to f16 per key tile as the GPU's flash prefill kernel does
+    (:func:`ops.attention_f16_tiles`); with ``act_q8_1``, the batched prefill's same-rounding reference
+    (models/int8_plan.py ``rounding_plan``).
     """
 
     arch: str = ""
