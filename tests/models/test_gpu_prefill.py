@@ -1,17 +1,15 @@
 """Batched prefill (models' ``enqueue_prefill``: grouped GEMM with int8 activations, batched attention/KV append)
 against the numpy reference and against the decode-loop prefill.
 
-Gates: all-position teacher-forced logits by the int8 end-to-end gate (``reference.metrics.e2e_gate``): against
-the CPU reference run with the same roundings (``models/int8_plan.py`` ``rounding_plan``, path
-``prefill_all_logits``: q8_1 activations on every GEMM, the LM head included, and the flash attention kernel's f16 q
-and P), median KL <= max(3 x the
-float64 twin's median, 1e-4), mean KL <= 2e-3, top-1 (near-ties < 0.05 nats forgiven) >= 0.95; loosely also
-against the exact f32 reference (mean KL <= 0.005, top-1 within 3 positions of the same-rounding reference's own:
-the roundings are right-sized); the
-last-position logits of a batched prefill vs the decode-loop prefill of the same prompt (KL <= 0.005, and the same
-greedy token unless the loop's top two are within 0.05 nats); chunking (a
-prompt of several chunks, the later ones attending to the cached prefix) equals one chunk within the same KL;
-replaying a captured chunk graph gives the eager result.
+Gates: all-position teacher-forced logits (128 positions) by the int8 end-to-end gate
+(``reference.metrics.e2e_gate``): against the CPU reference run with the same roundings (``models/int8_plan.py``
+``rounding_plan``, path ``prefill_all_logits``: q8_1 activations on every GEMM, the LM head included, and the flash
+attention kernel's f16 q and P), median KL <= max(3 x the float64 twin's median, 1e-4), mean KL <= 2e-3, top-1
+(near-ties < 0.05 nats forgiven) >= 0.95; loosely also against the exact f32 reference (mean KL <= 0.005, top-1
+within 4 of 128 positions of the same-rounding reference's own: the roundings are right-sized); the last-position
+logits of a batched prefill vs the decode-loop prefill of the same prompt (KL <= 0.005, and the same greedy token
+unless the loop's top two are within 0.05 nats); chunking (a prompt of several chunks, the later ones attending to
+the cached prefix) equals one chunk within the same KL; replaying a captured chunk graph gives the eager result.
 """
 
 from __future__ import annotations
@@ -62,25 +60,27 @@ def test_prefill_all_positions_vs_reference(tmp_path, arch, preset, rng):
     from sparkinfer_cute.reference.metrics import e2e_gate, teacher_forced_compare
 
     p, eng = _model(tmp_path, arch, preset, 11)
-    tokens = _tokens(eng, 97, rng)  # crosses the tiny gemma3 sliding window
+    # crosses the tiny sliding windows; 128 positions: at 64 an ignored Gemma 4 rope_freqs passed the int8 gate
+    # (tests/mutation)
+    tokens = _tokens(eng, 129, rng)
     b = eng.backend
     b.reset()
     got = b.prefill_all_logits(tokens[:-1])
-    assert got.shape == (96, eng.cfg.vocab_size) and np.isfinite(got).all()
+    assert got.shape == (128, eng.cfg.vocab_size) and np.isfinite(got).all()
     tg = np.asarray(tokens[1:])
     plan = rounding_plan(p, path="prefill_all_logits")  # the int8 GEMMs and the flash attention's f16 q and P
-    ref = load_reference(p, max_context=128, **plan).forward(tokens[:-1], all_logits=True)
-    twin = load_reference(p, max_context=128, dtype=np.float64, **plan).forward(tokens[:-1])
+    ref = load_reference(p, max_context=160, **plan).forward(tokens[:-1], all_logits=True)
+    twin = load_reference(p, max_context=160, dtype=np.float64, **plan).forward(tokens[:-1])
     m = teacher_forced_compare(got, ref, tg)
     v = e2e_gate(m, "int8", teacher_forced_compare(twin, ref, tg))
     assert v["passed"], (v, m)
     # loosely against the exact reference: the build's roundings cost what they cost the reference (its own top-1
-    # flips of near-ties, plus at most 3 of the 96 positions for the tight gate's residue)
-    exact_logits = load_reference(p, max_context=128).forward(tokens[:-1])
+    # flips of near-ties, plus at most 4 of the 128 positions for the tight gate's residue)
+    exact_logits = load_reference(p, max_context=160).forward(tokens[:-1])
     exact = teacher_forced_compare(got, exact_logits, tg)
     rounding = teacher_forced_compare(ref, exact_logits, tg)
     assert exact["mean_kl"] <= 0.005, exact
-    assert exact["top1_agreement_tol"] >= rounding["top1_agreement_tol"] - 3 / 96, (exact, rounding)
+    assert exact["top1_agreement_tol"] >= rounding["top1_agreement_tol"] - 4 / 128, (exact, rounding)
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "gemma3", "gemma4"])
