@@ -99,20 +99,19 @@ def int8_activation_tensors(g, cfg=None, *, path: str = "decode") -> frozenset[s
     logits: the accuracy harness' path). A MoE layer's gate and up share one quantized input; both names are listed.
     ``g``: a GGUFFile or path; ``cfg``: its config (default: loaded from ``g``)."""
     _, calls = record(g, cfg, path=path)
+    return _int8_from(calls)
+
+
+def _int8_from(calls) -> frozenset[str]:
     names: set[str] = set()
     for c in calls:
         names.update(_int8_names(c.op, c.args, c.kwargs))
     return frozenset(names)
 
 
-def flash_attention_tiles(g, cfg=None, *, path: str = "prefill_all_logits") -> dict[int, int]:
-    """{head_dim: key tile} of the layers whose attention the GPU ``path`` runs on the flash prefill kernel (f16 q
-    and P; ``ops.prefill_flash_block_n``), read off the forward's ``attention_rows`` calls: the
-    ``load_reference(..., attn_f16_tiles=)`` of the same-rounding reference. Empty for ``"decode"`` (the decode
-    kernel keeps q in f32)."""
+def _tiles_from(m, calls) -> dict[int, int]:
     from sparkinfer_cute.models import ops
 
-    m, calls = record(g, cfg, path=path)
     tiles = {}
     for c in calls:
         if c.op == "attention_rows":
@@ -124,12 +123,21 @@ def flash_attention_tiles(g, cfg=None, *, path: str = "prefill_all_logits") -> d
     return tiles
 
 
+def flash_attention_tiles(g, cfg=None, *, path: str = "prefill_all_logits") -> dict[int, int]:
+    """{head_dim: key tile} of the layers whose attention the GPU ``path`` runs on the flash prefill kernel (f16 q
+    and P; ``ops.prefill_flash_block_n``), read off the forward's ``attention_rows`` calls: the
+    ``load_reference(..., attn_f16_tiles=)`` of the same-rounding reference. Empty for ``"decode"`` (the decode
+    kernel keeps q in f32)."""
+    return _tiles_from(*record(g, cfg, path=path))
+
+
 def rounding_plan(g, cfg=None, *, path: str = "decode") -> dict:
     """The GPU ``path``'s deliberate roundings as ``load_reference`` keyword arguments: ``act_q8_1`` (the int8
-    matmuls) and ``attn_f16_tiles`` (the flash prefill attentions). ``load_reference(p, **rounding_plan(p, path=...))``
-    is the same-rounding reference the int8 gates compare that path with."""
-    return {"act_q8_1": int8_activation_tensors(g, cfg, path=path),
-            "attn_f16_tiles": flash_attention_tiles(g, cfg, path=path)}
+    matmuls) and ``attn_f16_tiles`` (the flash prefill attentions), both read off one dry run.
+    ``load_reference(p, **rounding_plan(p, path=...))`` is the same-rounding reference the int8 gates compare that
+    path with."""
+    m, calls = record(g, cfg, path=path)
+    return {"act_q8_1": _int8_from(calls), "attn_f16_tiles": _tiles_from(m, calls)}
 
 
 __all__ = ["F32_WEIGHT_OPS", "INT8_OPS", "PATHS", "UnknownWeightOp", "flash_attention_tiles",
