@@ -316,13 +316,8 @@ class GPUDecoder:
             self._run_prefill_chunk(ids, all_logits)
 
     def _run_prefill_chunk(self, ids, all_logits) -> None:
-        pf = self._prefill_buffers()
+        pf = self._write_chunk_inputs(ids)
         T = len(ids)
-        tok = np.zeros(pf.chunk, np.int32)
-        tok[:T] = np.asarray(ids, np.int32)
-        pf.tok.copy_from_numpy(tok, self.stream)
-        positions = np.arange(self.pos, self.pos + pf.chunk, dtype=np.int32)
-        pf.pos.copy_from_numpy(positions, self.stream)
         if all_logits is not None:
             self.enqueue_prefill(self.stream, T, all_logits=all_logits)
         else:
@@ -337,6 +332,15 @@ class GPUDecoder:
                 self._pf_graphs.put(T, graph)
             graph.replay(self.stream)
         self.pos += T
+
+    def _write_chunk_inputs(self, ids):
+        """The chunk's token ids (zero-padded) and positions ``pos ..`` into the prefill buffers; returns them."""
+        pf = self._prefill_buffers()
+        tok = np.zeros(pf.chunk, np.int32)
+        tok[:len(ids)] = np.asarray(ids, np.int32)
+        pf.tok.copy_from_numpy(tok, self.stream)
+        pf.pos.copy_from_numpy(np.arange(self.pos, self.pos + pf.chunk, dtype=np.int32), self.stream)
+        return pf
 
     def prefill_all_logits(self, ids) -> np.ndarray:
         """Teacher-forced logits of every position of ``ids`` (from the current position) through the batched
@@ -362,15 +366,11 @@ class GPUDecoder:
         accuracy gap (tools/prefill_bisect.py)."""
         ids = np.asarray(ids, dtype=np.int32).reshape(-1)
         self.reset()
-        pf = self._prefill_buffers()
         T = len(ids)
-        if T > pf.chunk:
-            raise ContextOverflowError(f"{T} tokens do not fit one prefill chunk of {pf.chunk}")
+        if T > self._prefill_buffers().chunk:
+            raise ContextOverflowError(f"{T} tokens do not fit one prefill chunk of {self._pf.chunk}")
         self._ensure_graph()
-        tok = np.zeros(pf.chunk, np.int32)
-        tok[:T] = ids
-        pf.tok.copy_from_numpy(tok, self.stream)
-        pf.pos.copy_from_numpy(np.arange(pf.chunk, dtype=np.int32), self.stream)
+        pf = self._write_chunk_inputs(ids)
         with self.tuning():
             self.enqueue_prefill(self.stream, T, n_layers=n_layers)
         bufs = {}
