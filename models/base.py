@@ -316,7 +316,7 @@ class GPUDecoder:
             self._run_prefill_chunk(ids, all_logits)
 
     def _run_prefill_chunk(self, ids, all_logits) -> None:
-        pf = self._write_chunk_inputs(ids)
+        self._write_chunk_inputs(ids)
         T = len(ids)
         if all_logits is not None:
             self.enqueue_prefill(self.stream, T, all_logits=all_logits)

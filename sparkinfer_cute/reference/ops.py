@@ -150,6 +150,17 @@ def causal_window_mask(q_pos: np.ndarray, k_pos: np.ndarray, window: int | None 
     return vis
 
 
+def _gqa_operands(q, k, v, dtype):
+    """q (n_q, n_head, d), k (n_k, n_head_kv, d), v (n_k, n_head_kv, d_v) as ``dtype`` arrays laid out for batched
+    GQA matmuls: q (kv, g, n_q, d), k (kv, d, n_k), v (kv, n_k, d_v); query head h reads KV head h // g."""
+    n_q, n_head, d = q.shape
+    n_head_kv = k.shape[1]
+    if n_head % n_head_kv:
+        raise ValueError(f"n_head {n_head} is not a multiple of n_head_kv {n_head_kv}")
+    qg = np.asarray(q, dtype=dtype).reshape(n_q, n_head_kv, n_head // n_head_kv, d).transpose(1, 2, 0, 3)
+    return qg, np.asarray(k, dtype=dtype).transpose(1, 2, 0), np.asarray(v, dtype=dtype).transpose(1, 0, 2)
+
+
 def attention(
     q: np.ndarray,
     k: np.ndarray,
@@ -170,17 +181,11 @@ def attention(
     Returns (n_q, n_head, d_v).
     """
     dt = _float_dtype(q)
-    n_q, n_head, d = q.shape
-    n_k, n_head_kv, _ = k.shape
-    if n_head % n_head_kv:
-        raise ValueError(f"n_head {n_head} is not a multiple of n_head_kv {n_head_kv}")
-    group = n_head // n_head_kv
+    n_q, n_head, _ = q.shape
+    qg, kk, vv = _gqa_operands(q, k, v, dt)
     if k_pos is None:
-        k_pos = np.arange(n_k)
+        k_pos = np.arange(k.shape[0])
     vis = causal_window_mask(q_pos, k_pos, window)  # (n_q, n_k)
-    qg = np.asarray(q, dtype=dt).reshape(n_q, n_head_kv, group, d).transpose(1, 2, 0, 3)  # (kv, g, n_q, d)
-    kk = np.asarray(k, dtype=dt).transpose(1, 2, 0)  # (kv, d, n_k)
-    vv = np.asarray(v, dtype=dt).transpose(1, 0, 2)  # (kv, n_k, d_v)
     s = np.matmul(qg, kk[:, None]) * dt.type(scale)  # (kv, g, n_q, n_k)
     if softcap:
         s = dt.type(softcap) * np.tanh(s / dt.type(softcap))
@@ -209,17 +214,12 @@ def attention_f16_tiles(
     it rounds the same values to f16 as the kernel up to those last f32 bits. Same arguments and result as
     :func:`attention`."""
     dt = _float_dtype(q)
-    n_q, n_head, d = q.shape
-    n_k, n_head_kv, _ = k.shape
-    group = n_head // n_head_kv
-    if k_pos is None:
-        k_pos = np.arange(n_k)
-    vis = causal_window_mask(q_pos, k_pos, window)
+    n_q, n_head, _ = q.shape
     f64 = np.float64
-    qg = np.asarray(q, np.float32).astype(np.float16).astype(f64)
-    qg = qg.reshape(n_q, n_head_kv, group, d).transpose(1, 2, 0, 3)  # (kv, g, n_q, d)
-    kk = np.asarray(k, f64).transpose(1, 2, 0)  # (kv, d, n_k)
-    vv = np.asarray(v, f64).transpose(1, 0, 2)  # (kv, n_k, d_v)
+    qg, kk, vv = _gqa_operands(np.asarray(q, np.float32).astype(np.float16), k, v, f64)  # q rounded to f16
+    if k_pos is None:
+        k_pos = np.arange(k.shape[0])
+    vis = causal_window_mask(q_pos, k_pos, window)
     s = np.matmul(qg, kk[:, None]) * float(scale)  # (kv, g, n_q, n_k)
     if softcap:
         s = softcap * np.tanh(s / softcap)
