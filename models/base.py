@@ -30,7 +30,8 @@ import numpy as np
 from sparkinfer_cute.errors import ContextOverflowError, GGUFError
 from sparkinfer_cute.kernels.arch import kernel_family
 from sparkinfer_cute.models import ops
-from sparkinfer_cute.runtime import CudaGraph, DeviceArray, GraphCache, Stream, get_device
+from sparkinfer_cute.lru import LRUCache
+from sparkinfer_cute.runtime import CudaGraph, DeviceArray, Stream, get_device
 from sparkinfer_cute.runtime.weights import QWeight, WeightStore
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -264,7 +265,7 @@ class GPUDecoder:
     #: Most tokens one :meth:`prefill_chunk` call takes: the batched prefill's buffers are sized for it (llama.cpp's
     #: default ubatch).
     PREFILL_CHUNK: int | None = 512
-    PREFILL_GRAPHS = 8  # captured chunk-length graphs kept (least recently used evicted: runtime/graph.py GraphCache)
+    PREFILL_GRAPHS = 8  # captured chunk-length graphs kept (least recently used evicted: sparkinfer_cute/lru.py)
 
     def prefill(self, ids) -> np.ndarray:
         """Feed prompt tokens at positions ``pos ..``; returns the logits after the last one (f32 [vocab])."""
@@ -305,7 +306,7 @@ class GPUDecoder:
     def _prefill_buffers(self):
         if getattr(self, "_pf", None) is None:
             self._pf = self.alloc_prefill(min(self.PREFILL_CHUNK or self.max_context, self.max_context))
-            self._pf_graphs = GraphCache(self.PREFILL_GRAPHS)
+            self._pf_graphs = LRUCache(self.PREFILL_GRAPHS)
         return self._pf
 
     def _prefill_batched(self, ids, all_logits=None) -> None:
@@ -321,17 +322,19 @@ class GPUDecoder:
         if all_logits is not None:
             self.enqueue_prefill(self.stream, T, all_logits=all_logits)
         else:
-            graph = self._pf_graphs.get(T)
-            if graph is None:
-                ops.launch_counter.reset()
-                self.enqueue_prefill(self.stream, T)  # eager: loads every kernel module (not allowed in a capture)
-                self.stream.synchronize()
-                self.kernels_per_prefill_chunk = ops.launch_counter.count()
-                with CudaGraph.capture(self.stream) as graph:
-                    self.enqueue_prefill(self.stream, T)
-                self._pf_graphs.put(T, graph)
-            graph.replay(self.stream)
+            self._pf_graphs.get(T, lambda: self._capture_chunk(T)).replay(self.stream)
         self.pos += T
+
+    def _capture_chunk(self, T: int) -> CudaGraph:
+        """The CUDA graph of a T-token chunk, after an eager run that loads every kernel module (not allowed in a
+        capture) and counts the launches."""
+        ops.launch_counter.reset()
+        self.enqueue_prefill(self.stream, T)
+        self.stream.synchronize()
+        self.kernels_per_prefill_chunk = ops.launch_counter.count()
+        with CudaGraph.capture(self.stream) as graph:
+            self.enqueue_prefill(self.stream, T)
+        return graph
 
     def _write_chunk_inputs(self, ids):
         """The chunk's token ids (zero-padded) and positions ``pos ..`` into the prefill buffers; returns them."""

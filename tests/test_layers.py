@@ -32,6 +32,7 @@ RANK = {"errors": 0, "util": 0, "gguf": 1, "runtime": 2, "reference": 2, "tokeni
 GROUP_OF = {
     "sparkinfer_cute.errors": "errors",
     "sparkinfer_cute.blas_threads": "util",
+    "sparkinfer_cute.lru": "util",
     "sparkinfer_cute.cli_args": "cli",
     "sparkinfer_cute.autotune": "autotune",
     "sparkinfer_cute.gguf": "gguf",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from types import SimpleNamespace
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from ..errors import ContextOverflowError, GGUFError
 from ..gguf.reader import GGUFFile
+from ..lru import LRUCache
 from . import ops
 
 # bytes per 32-weight block of the types llama.cpp's x86 CPU backend multiplies with Q8_0 activations through
@@ -400,32 +400,6 @@ class ReferenceModel:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.g.path!r}, dtype={self.dtype.name}, pos={self.pos})"
-
-
-class LRUCache:
-    """A small least-recently-used dict (dequantized MoE experts)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = max(1, int(capacity))
-        self._d: OrderedDict = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key, make):
-        v = self._d.get(key)
-        if v is not None:
-            self._d.move_to_end(key)
-            self.hits += 1
-            return v
-        self.misses += 1
-        v = make()
-        self._d[key] = v
-        if len(self._d) > self.capacity:
-            self._d.popitem(last=False)
-        return v
-
-    def __len__(self) -> int:
-        return len(self._d)
 
 
 def inv_sqrt(x: float) -> float:

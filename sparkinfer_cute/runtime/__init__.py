@@ -7,7 +7,7 @@ Importable without a GPU or ``libcuda``: nothing touches the driver until a func
 from ..errors import DeviceError, DeviceOutOfMemoryError
 from ._driver import check
 from .device import Device, current_device_capability, device_available, device_count, get_device, synchronize
-from .graph import CudaGraph, GraphCache
+from .graph import CudaGraph
 from .memory import DeviceArray, Workspace, as_device
 from .stream import Event, Stream, default_stream, elapsed_ms, resolve_stream
 
@@ -18,7 +18,6 @@ __all__ = [
     "DeviceError",
     "DeviceOutOfMemoryError",
     "Event",
-    "GraphCache",
     "Stream",
     "Workspace",
     "as_device",

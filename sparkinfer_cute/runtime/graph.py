@@ -8,7 +8,6 @@ which is why per-step values (e.g. the decode position) are read by kernels from
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from contextlib import contextmanager
 
 from ..errors import DeviceError
@@ -89,35 +88,3 @@ class CudaGraph:
         except Exception:
             pass
 
-
-class GraphCache:
-    """Captured graphs by key (the prefill's chunk lengths), the ``maxsize`` most recently used kept: a serving
-    loop that sees every prompt length would otherwise hold one instantiated graph per length for good. An evicted
-    graph is destroyed when its last reference goes (:meth:`CudaGraph.__del__`)."""
-
-    def __init__(self, maxsize: int):
-        if maxsize < 1:
-            raise ValueError("GraphCache needs maxsize >= 1")
-        self.maxsize = int(maxsize)
-        self._graphs: OrderedDict = OrderedDict()
-
-    def get(self, key):
-        g = self._graphs.get(key)
-        if g is not None:
-            self._graphs.move_to_end(key)
-        return g
-
-    def put(self, key, graph) -> None:
-        self._graphs[key] = graph
-        self._graphs.move_to_end(key)
-        while len(self._graphs) > self.maxsize:
-            self._graphs.popitem(last=False)
-
-    def __getitem__(self, key):
-        return self._graphs[key]
-
-    def __contains__(self, key) -> bool:
-        return key in self._graphs
-
-    def __len__(self) -> int:
-        return len(self._graphs)

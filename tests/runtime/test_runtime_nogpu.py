@@ -91,27 +91,3 @@ def test_dlpack_rejects_unknown_dtype():
     with pytest.raises(BufferError):
         dl.dl_dtype(np.dtype("U3"))
 
-
-def test_graph_cache_keeps_the_most_recently_used():
-    import gc
-    import weakref
-
-    from sparkinfer_cute.runtime import GraphCache
-
-    class Graph:  # stands in for a CudaGraph (destroyed by its __del__ when the last reference goes)
-        pass
-
-    cache = GraphCache(3)
-    graphs = {t: Graph() for t in (5, 17, 64, 100)}
-    refs = {t: weakref.ref(g) for t, g in graphs.items()}
-    for t in (5, 17, 64):
-        cache.put(t, graphs[t])
-    assert cache.get(5) is graphs[5]  # 5 is now the most recent: 17 is the oldest
-    cache.put(100, graphs[100])
-    assert 17 not in cache and len(cache) == 3 and all(t in cache for t in (5, 64, 100))
-    assert cache.get(17) is None
-    del graphs
-    gc.collect()
-    assert refs[17]() is None and refs[5]() is not None  # the evicted graph was released, the kept ones not
-    with pytest.raises(ValueError):
-        GraphCache(0)
