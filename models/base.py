@@ -146,7 +146,8 @@ class GPUDecoder:
     def alloc_block_buffers(self) -> None:
         """The buffers every decoder block uses, sized for the largest attention layer: residual stream ``x``, normed
         block input ``h``, ``q``/``k``/``v``, attention output ``attn``, block output ``delta`` (added to ``x`` by the
-        next norm), the split-KV workspace ``attn_ws`` and the q8_1 copy ``hq_out`` of the final norm output."""
+        next norm), the split-KV workspace ``attn_ws``, the q8_1 copy ``hq_out`` of the final norm output and the
+        arrival counter ``tail_counter`` of the kernels that run the norms after them (models/ops.py AfterFfn)."""
         E, f32 = self.cfg.n_embd, np.float32
         q_len = max(a.q_width for a in self.attn_layers)
         kv_len = max(a.kv_width for a in self.attn_layers)
@@ -161,6 +162,7 @@ class GPUDecoder:
         self.delta = DeviceArray.empty((E,), f32)
         self.attn_ws = ops.AttentionWorkspace(self.attn_layers, self.max_context)
         self.hq_out = ops.new_q8(E)
+        self.tail_counter = DeviceArray.zeros((1,), np.int32)  # arrivals of a tail kernel's CTAs (ops.AfterFfn)
 
     def enqueue_step(self, stream, n_layers: int | None = None) -> None:
         """Enqueue one decode step on ``stream``. ``n_layers`` (eager debugging only): stop after that many layers,

@@ -159,26 +159,30 @@ class Gemma4GPU(GPUDecoder):
             ops.dense_glu(w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], self.h, self.gate, self.up, self.act,
                           act="gelu_tanh", ids0=self.dense_ids, stream=stream)
             ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=stream)
-            if moe:
-                self._moe_step(l, stream)
             # x = (x1 + rmsnorm(s, post_ffw_norm)) * layer_output_scale, s = rmsnorm(f, post_ffw_norm_1) +
             # rmsnorm(y, post_ffw_norm_2) on MoE layers, else f; then h = the next layer's attn_norm of x, or after
-            # the last layer the final output_norm (+ the int8 LM head's q8_1 input)
+            # the last layer the final output_norm (+ the int8 LM head's q8_1 input). On MoE layers the experts'
+            # down projection runs the chain as its tail where it can (ops.AfterFfn).
             if l < last:
                 nxt = (w[f"blk.{l + 1}.attn_norm.weight"], self.h, hq)
             else:
                 nxt = (w["output_norm.weight"], self.h, self.lm_head_q8()) if n_layers is None else None
-            ops.post_ffn_norms(self.f, self.y if moe else None, w.get(p + "post_ffw_norm_1.weight"),
-                               w.get(p + "post_ffw_norm_2.weight"), w[p + "post_ffw_norm.weight"], self.x,
-                               self.out_scale[l], eps, m=self.m, y2=self.y2, fn=self.fn, next_norm=nxt,
-                               stream=stream)
+            post = (self.f, w.get(p + "post_ffw_norm_1.weight"), w.get(p + "post_ffw_norm_2.weight"),
+                    w[p + "post_ffw_norm.weight"], self.out_scale[l], self.m, self.y2, self.fn)
+            if moe:
+                self._moe_step(l, stream, after=ops.AfterFfn(self.x, eps, self.tail_counter, nxt, post=post))
+            else:
+                f, w1, w2, wp, scale, m, y2, fn = post
+                ops.post_ffn_norms(f, None, w1, w2, wp, self.x, scale, eps, m=m, y2=y2, fn=fn, next_norm=nxt,
+                                   stream=stream)
         if n_layers is not None:
             self.delta.fill_bytes(0, stream)  # hidden_after_layers reads x + delta: x is the whole residual here
             return
         self.enqueue_logits(stream, self.lm_head_q8())  # h (and its q8_1 copy): the last post-FFN norm chain
 
-    def _moe_step(self, l: int, stream) -> None:
-        """Routed experts of layer l (inputs r_in, e_in [+ e_inq] from post_attention_norms): their weighted sum y."""
+    def _moe_step(self, l: int, stream, after) -> None:
+        """Routed experts of layer l (inputs r_in, e_in [+ e_inq] from post_attention_norms): their weighted sum y,
+        then ``after`` (the post-FFN norm chain on f and y)."""
         c, w, p = self.cfg, self.w, f"blk.{l}."
         ops.router_gemv(w[p + "ffn_gate_inp.weight"], self.r_in, self.expert_ids, self.expert_w, c.n_expert_used,
                         self.router_state, stream=stream,
@@ -189,7 +193,7 @@ class Gemma4GPU(GPUDecoder):
         ops.moe_gate_up(wg, wu, self.e_in, self.expert_ids, self.moe_act, stream=stream, hq=eq, glu="gelu_tanh",
                         actq=actq)
         ops.moe_down(w[p + "ffn_down_exps.weight"], self.moe_act, self.expert_ids, self.expert_w, self.y,
-                     stream=stream, actq=actq)
+                     stream=stream, actq=actq, after=after)
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):

@@ -159,8 +159,30 @@ def _self_attention_parts(c: OpCall) -> tuple[OpCall, OpCall]:
     return qk, at
 
 
+def _moe_down_parts(c: OpCall) -> tuple[OpCall, OpCall | None]:
+    """A moe_down call with an ``after`` (models/ops.py AfterFfn) as its two parts: the down projection alone and
+    the norm op that follows it, run as its tail (``after.fused()``: no launch of its own) or as its own launch."""
+    after = c.kwargs.get("after")
+    kw = {k: v for k, v in c.kwargs.items() if k != "after"}
+    base = OpCall("moe_down", c.args, kw, ops._moe_down_launches(*c.args, **kw))
+    if after is None:
+        return base, None
+    out = c.args[4]
+    if after.post is None:
+        w_next, h, xq = after.next_norm
+        nxt = OpCall("rmsnorm", (after.x, w_next, h, after.eps), dict(residual=out, xq=xq), 1)
+    else:
+        f, w1, w2, w, scale, m, y2, fn = after.post
+        nxt = OpCall("post_ffn_norms", (f, out, w1, w2, w, after.x, scale, after.eps),
+                     dict(m=m, y2=y2, fn=fn, next_norm=after.next_norm), after.separate_launches(out))
+    return base, nxt
+
+
 def _traffic(c: OpCall, m, depth: int, splits) -> dict:
     """Bytes by kind of one decode op call (the rules in the module docstring)."""
+    if c.op == "moe_down" and c.kwargs.get("after") is not None:  # + the norms after it (a tail: the same bytes,
+        parts = [p for p in _moe_down_parts(c) if p is not None]  # the chain's input read back from L2)
+        return {k: sum(_traffic(p, m, depth, splits)[k] for p in parts) for k in KINDS}
     if c.op == "self_attention":  # its two parts; fused: q is not written by a prologue and read back by attention
         qk, at = _self_attention_parts(c)
         b = {k: _traffic(qk, m, depth, splits)[k] + _traffic(at, m, depth, splits)[k] for k in KINDS}
@@ -338,6 +360,9 @@ def kernel_parts(c: OpCall) -> tuple:
             parts += (("rmsnorm", 1),)
         if kw.get("down_scale") is not None and not ops.enabled("fused_expert_scale"):
             parts += (("expert_scale", 1),)
+    elif c.op == "moe_down" and kw.get("after") is not None:
+        base, nxt = _moe_down_parts(c)
+        parts = kernel_parts(base) + (kernel_parts(nxt) if not kw["after"].fused() else ())
     elif c.op == "moe_down" and c.kernels == 2:  # an actq the gate/up kernel did not write
         parts = (("quantize", 1), ("moe_down", 1))
     elif c.op == "attention" and kw.get("xq") is not None and not ops.enabled("fused_attn_q8"):

@@ -64,6 +64,7 @@ PASSES = frozenset({
     "fused_norms",       # Gemma 4's RMSNorm chains after the O projection and after the FFNs (kernels/norm_chain.py)
     "flash_prefill",     # the batched prefill's tensor-core flash attention
     "fused_qk_attention",  # decode attention runs the Q/K norm + RoPE + KV append itself (no prologue launch)
+    "fused_ffn_tail",    # the MoE down projection's last CTA runs the norms after it (next attn_norm / post-FFN chain)
 })
 
 
@@ -305,8 +306,11 @@ def post_attention_norms(o, x, w_post, outs, eps: float, *, delta, stream, xq=No
                 xq=xq if i == len(outs) - 1 else None)
 
 
-@launches(lambda f, y, *a, next_norm=None, **k: 1 if enabled("fused_norms")
-          else (4 if y is not None else 2) + (next_norm is not None))
+def _post_ffn_norms_launches(f, y, *a, next_norm=None, **k) -> int:
+    return 1 if enabled("fused_norms") else (4 if y is not None else 2) + (next_norm is not None)
+
+
+@launches(_post_ffn_norms_launches)
 def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, m, y2, fn, stream, next_norm=None):
     """``x = (x + rmsnorm(s) * w) * scale`` with ``s = rmsnorm(f) * w1 + rmsnorm(y) * w2`` (``y`` None: ``s = f``;
     ``scale`` one f32 on the device): Gemma 4's post_ffw_norm_1 / _2, post_ffw_norm, residual add and
@@ -715,18 +719,73 @@ def _slots(ids) -> int:
     return int(np.prod(ids.shape))
 
 
-# with an actq the gate/up kernel did not write: the q8_1 quantization of act, then the down GEMV
-@launches(lambda w_down, *a, actq=None, **k: 2 if actq is not None and not gate_up_writes_act_q8(w_down.n_in) else 1)
-def moe_down(w_down, act, ids, weights, out, *, stream, actq: MoeActQ8 | None = None):
+@dataclass
+class AfterFfn:
+    """What follows an FFN's last matmul on the residual stream, for that matmul's launch to run itself as its last
+    CTA's tail (pass ``fused_ffn_tail``; kernels/norm_chain.py ``PostFfnNorms.tail``) instead of a launch of its
+    own:
+
+    - ``post`` given (Gemma 4): :func:`post_ffn_norms` with the matmul's output as ``y``; ``post`` =
+      ``(f, w1, w2, w, scale, m, y2, fn)`` as that op takes them;
+    - ``post`` None (Qwen3-MoE): ``x += out; h = rmsnorm(x) * w_next`` (+ q8_1), the next layer's attn_norm or the
+      final norm (:func:`rmsnorm` with its residual).
+
+    ``next_norm`` = ``(w_next, h, xq)``; ``counter``: one int32, zero (models/base.py ``tail_counter``)."""
+
+    x: DeviceArray
+    eps: float
+    counter: DeviceArray
+    next_norm: tuple | None
+    post: tuple | None = None
+
+    def fused(self) -> bool:
+        return enabled("fused_ffn_tail") and (self.post is None or enabled("fused_norms"))
+
+    def separate_launches(self, out) -> int:
+        if self.post is None:
+            return 1
+        return _post_ffn_norms_launches(self.post[0], out, next_norm=self.next_norm)
+
+    def run_separately(self, out, stream) -> None:
+        if self.post is None:
+            w_next, h, xq = self.next_norm
+            rmsnorm(self.x, w_next, h, self.eps, residual=out, stream=stream, xq=xq)
+            return
+        f, w1, w2, w, scale, m, y2, fn = self.post
+        post_ffn_norms(f, out, w1, w2, w, self.x, scale, self.eps, m=m, y2=y2, fn=fn, next_norm=self.next_norm,
+                       stream=stream)
+
+    def tail_args(self, out) -> _norms.FfnTailArgs:
+        nxt = None if self.next_norm is None else (_row(self.next_norm[0]), *self.next_norm[1:])
+        if self.post is None:
+            return _norms.FfnTailArgs(out, None, None, None, None, self.x, None, self.eps, self.counter, nxt,
+                                      post_norm=False)
+        f, w1, w2, w, scale, *_ = self.post
+        return _norms.FfnTailArgs(f, out, _row(w1), _row(w2), _row(w), self.x, scale, self.eps, self.counter, nxt)
+
+
+def _moe_down_launches(w_down, *a, actq=None, after=None, **k) -> int:
+    # with an actq the gate/up kernel did not write: the q8_1 quantization of act, then the down GEMV
+    n = 2 if actq is not None and not gate_up_writes_act_q8(w_down.n_in) else 1
+    out = a[3] if len(a) > 3 else k.get("out")
+    return n + (after.separate_launches(out) if after is not None and not after.fused() else 0)
+
+
+@launches(_moe_down_launches)
+def moe_down(w_down, act, ids, weights, out, *, stream, actq: MoeActQ8 | None = None, after: AfterFfn | None = None):
     """``actq`` (the one given to :func:`moe_gate_up` for this ``act``): the dp4a kernel on the q8_1 copy of
-    ``act``, quantized here unless the gate/up kernel wrote it."""
+    ``act``, quantized here unless the gate/up kernel wrote it. ``after``: what follows on the residual stream
+    (:class:`AfterFfn`), in this launch where it can be."""
     if actq is not None and not gate_up_writes_act_q8(w_down.n_in):
         quantize(act, actq.q8, stream=stream)
     shape = {"qtype": w_down.qtype, "n_ff": w_down.n_in, "n_out": w_down.n_out, "n_expert": w_down.n_expert,
              "k": _slots(ids)}
     cfg = tuned("moe_down_q8" if actq is not None else "moe_down", shape, where=w_down.name)
+    tail = after.tail_args(out) if after is not None and after.fused() else None
     _moe.moe_down(w_down.data, w_down.qtype, actq.q8 if actq is not None else act, ids, weights, w_down.n_out,
-                  out=out, stream=stream, **cfg)
+                  out=out, stream=stream, tail=tail, **cfg)
+    if after is not None and tail is None:
+        after.run_separately(out, stream)
 
 
 @launches(1)

@@ -44,14 +44,15 @@ class Qwen3MoeGPU(GPUDecoder):
         c, w = self.cfg, self.w
         eps = c.rms_eps
         ops.embedding(w["token_embd.weight"], self.tok, self.x, scale=1.0, stream=stream)
-        for l in range(c.n_layer if n_layers is None else n_layers):
+        hq_attn = self.hq if self.q8_attn else None
+        last = (c.n_layer if n_layers is None else n_layers) - 1
+        # h = rmsnorm(x, attn_norm) [+ q8_1]: here for layer 0, then after each layer's experts (x += delta first)
+        ops.rmsnorm(self.x, w["blk.0.attn_norm.weight"], self.h, eps, stream=stream, xq=hq_attn)
+        for l in range(last + 1):
             p = f"blk.{l}."
             a = self.attn_layers[l]
-            hq = self.hq if self.q8_attn else None
-            ops.rmsnorm(self.x, w[p + "attn_norm.weight"], self.h, eps, residual=self.delta if l else None, stream=stream,
-                        xq=hq)
             ops.gemv_qkv(w[p + "attn_q.weight"], w[p + "attn_k.weight"], w[p + "attn_v.weight"], self.h, self.q,
-                         self.k, self.v, stream=stream, xq=hq)
+                         self.k, self.v, stream=stream, xq=hq_attn)
             # Q/K norm + RoPE + KV append + attention; q_scale 1: the scale stays on q·k (as before the fused Q/K
             # kernel existed); aq: the int8 O projection's input, quantized by attention
             aq = self.attnq if self.q8_attn else None
@@ -72,13 +73,18 @@ class Qwen3MoeGPU(GPUDecoder):
             actq = self.actq if self.q8_moe else None
             ops.moe_gate_up(w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"], self.h, self.expert_ids,
                             self.act, stream=stream, hq=hq, actq=actq)
+            # then x += delta and the next norm of x: the next layer's attn_norm, or the final norm (+ the int8 LM
+            # head's q8_1 input); with n_layers, the last layer leaves x + delta unadded (hidden_after_layers)
+            if l < last:
+                nxt = (w[f"blk.{l + 1}.attn_norm.weight"], self.h, hq_attn)
+            else:
+                nxt = (w["output_norm.weight"], self.h, self.lm_head_q8()) if n_layers is None else None
             ops.moe_down(w[p + "ffn_down_exps.weight"], self.act, self.expert_ids, self.expert_w, self.delta,
-                         stream=stream, actq=actq)
+                         stream=stream, actq=actq,
+                         after=ops.AfterFfn(self.x, eps, self.tail_counter, nxt) if nxt is not None else None)
         if n_layers is not None:
             return  # hidden state = x + delta (hidden_after_layers)
-        hq = self.lm_head_q8()  # the final norm also writes the int8 LM head's input
-        ops.rmsnorm(self.x, w["output_norm.weight"], self.h, eps, residual=self.delta, stream=stream, xq=hq)
-        self.enqueue_logits(stream, hq)
+        self.enqueue_logits(stream, self.lm_head_q8())  # h (and its q8_1 copy): the last layer's tail
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):

@@ -56,6 +56,7 @@ def _bind() -> SimpleNamespace:
     from sparkinfer_cute.kernels import moe_ffn as m
     from sparkinfer_cute.kernels import moe_ffn_chunk as mc
     from sparkinfer_cute.kernels.gemv_chunk import chunk_ok
+    from sparkinfer_cute.kernels.norm_chain import no_tail_args
     from sparkinfer_cute.kernels.q8_1 import quantize_q8_1
     from sparkinfer_cute.kernels.quant_decode import INT_QTYPES, spec
     from sparkinfer_cute.reference import kernel_refs as r
@@ -64,7 +65,7 @@ def _bind() -> SimpleNamespace:
         chunk_ok=chunk_ok, down_chunk_ok=mc.down_chunk_ok, gate_up_rows_per_warp=mc.gate_up_rows_per_warp,
         down_rows_per_warp=mc.down_rows_per_warp, compile_moe_gate_up=m.compile_moe_gate_up,
         compile_moe_gate_up_chunk=mc.compile_moe_gate_up_chunk, compile_moe_down=m.compile_moe_down,
-        compile_moe_down_chunk=mc.compile_moe_down_chunk, moe_gate_up_ref=r.moe_gate_up_ref,
+        compile_moe_down_chunk=mc.compile_moe_down_chunk, moe_gate_up_ref=r.moe_gate_up_ref, no_tail_args=no_tail_args,
         moe_down_ref=r.moe_down_ref, gemv_experts_ref=r.gemv_experts_ref, gemv_error_bound=r.gemv_error_bound,
         INT_QTYPES=INT_QTYPES, spec=spec, random_quant_bytes=r.random_quant_bytes, quantize_q8_1=quantize_q8_1,
         q8_round_trip=lambda x: r.dequantize_q8_1(*r.quantize_q8_1_ref(x)[:2]))
@@ -325,10 +326,11 @@ class DownRunner(_ExpertRunner):
         pids, pwts, py = ptr(Int32, self.dev_ids[i].ptr, 4), ptr(Float32, self.wts.ptr, 4), ptr(Float32, self.y.ptr)
         cs = self.stream.cu
         a = x_pointers(self.act, self.actq)  # (act, aq, ad, as)
+        tail = _bind().no_tail_args(self.y)  # the engine's post-FFN tail is not part of the tuned shape
         if config["mapping"] == "chunk":  # k is static in the chunk kernel; it takes no as
-            args = (pw, *a[:3], pids, pwts, py, py, cs)  # no residual: the resid pointer is never read
+            args = (pw, *a[:3], pids, pwts, py, py, *tail, cs)  # no residual: the resid pointer is never read
         else:
-            args = (pw, *a, pids, pwts, py, py, Int32(self.shape["k"]), cs)
+            args = (pw, *a, pids, pwts, py, py, Int32(self.shape["k"]), *tail, cs)
         return lambda: fn(*args)
 
     def check(self, config, out):

@@ -195,6 +195,7 @@ def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu=
     from ..runtime import DeviceArray
     from .moe_ffn import compile_moe_down, compile_moe_gate_up
     from .moe_ffn_chunk import compile_moe_down_chunk, compile_moe_gate_up_chunk
+    from .norm_chain import no_tail_args
     from .q8_1 import Q8Act, compile_quantize_q8_1, quantize_q8_1, x_pointers
     from .quant_decode import spec
 
@@ -225,7 +226,8 @@ def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu=
         fb = compile_moe_down_chunk(q_down, n_ff, n_embd, k, True, q8, rpw_down, x_loads_first)
         a_args = [(gptr(Uint8, wg.ptr), gptr(Uint8, wu.ptr), ph, phq, phd, gptr(Int32, i.ptr, 4), pact, *no_q8_out,
                    Int32(k), cs) for i in ids]
-        b_args = [(gptr(Uint8, wd.ptr), pa, paq, pad, gptr(Int32, i.ptr, 4), pwts, py, py, cs) for i in ids]
+        b_args = [(gptr(Uint8, wd.ptr), pa, paq, pad, gptr(Int32, i.ptr, 4), pwts, py, py, *no_tail_args(y), cs)
+                  for i in ids]
         xf = " x-loads-first" if x_loads_first else ""
         cases = [(f"moe gate+up+swiglu [chunk rpw{rpw_gu}{xf}]", fa, a_args, gu_bytes + xb),
                  (f"moe down+wsum+resid [chunk rpw{rpw_down}{xf}]", fb, b_args, d_bytes + ab)]
@@ -234,8 +236,8 @@ def bench_moe(stream, reps, rng, n_expert=128, k=8, n_embd=2048, n_ff=768, q_gu=
         fb = compile_moe_down(q_down, n_ff, n_embd, True, q8=q8)
         a_args = [(gptr(Uint8, wg.ptr), gptr(Uint8, wu.ptr), ph, phq, phd, phs, gptr(Int32, i.ptr, 4), pact,
                    *no_q8_out, Int32(k), cs) for i in ids]
-        b_args = [(gptr(Uint8, wd.ptr), pa, paq, pad, pas, gptr(Int32, i.ptr, 4), pwts, py, py, Int32(k), cs)
-                  for i in ids]
+        b_args = [(gptr(Uint8, wd.ptr), pa, paq, pad, pas, gptr(Int32, i.ptr, 4), pwts, py, py, Int32(k),
+                   *no_tail_args(y), cs) for i in ids]
         cases = [("moe gate+up+swiglu", fa, a_args, gu_bytes + xb)]
         if q8:  # the dp4a down reads the q8_1 copy of the activations: one more launch
             q_args = [(gptr(Float32, act.ptr, 4), paq, pad, pas, Int32(k), cs)]

@@ -34,6 +34,7 @@ from cutlass import Float32, Int8, Int32, Uint8, cute
 from .common import WarpRowKernel, aligned, as_device_bytes, gptr, pdl_prologue, warp_reduce_sum
 from .compile import compile_options, kernel_cache
 from .gemv_chunk import chunk_ok
+from .norm_chain import FfnTail, FfnTailArgs, no_tail_args, tail_fake_args
 from .moe_ffn_chunk import (
     check_quantize_out,
     compile_moe_down_chunk,
@@ -129,13 +130,15 @@ class MoeDown(WarpRowKernel):
     """``y[o] = [resid[o] +] sum_j w_j * Wdown[ids[j], o] . act[j]``, slice mapping; ``q8`` as :class:`MoeGateUp`.
 
     ``warps_per_row`` (1/2/4): the row's (slot, slice) steps are split over that many warps and their partial sums
-    added in a fixed order through shared memory (2048 rows alone give only ~16 warps per SM)."""
+    added in a fixed order through shared memory (2048 rows alone give only ~16 warps per SM). ``tail``: as
+    moe_ffn_chunk.py :class:`MoeDownChunk`."""
 
     def __init__(self, qtype: str, n_ff: int, n_out: int, add_residual: bool = False, warps_per_row: int = 2,
-                 q8: bool = False):
+                 q8: bool = False, tail: FfnTail | None = None):
         super().__init__()
         assert not q8 or qtype in INT_QTYPES, f"the dp4a path supports {INT_QTYPES}"
         assert warps_per_row in (1, 2, 4)
+        self.tail = tail.chain(n_out, WARPS * 32) if tail is not None else None
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, "slice")
         assert n_ff % self.sp.block_elems == 0
@@ -146,13 +149,20 @@ class MoeDown(WarpRowKernel):
     @cute.jit
     def __call__(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer,
                  pAs: cute.Pointer, pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer,
-                 pY: cute.Pointer, n_slots: Int32, stream: cuda.CUstream):
-        self.launch_rows(self.kernel(pW, pAct, pAq, pAd, pAs, pIds, pWeights, pResid, pY, n_slots), self.n_out,
-                         self.rows_per_cta, 1, stream)
+                 pY: cute.Pointer, n_slots: Int32, tCnt: cute.Pointer, tF: cute.Pointer, tY: cute.Pointer,
+                 tW1: cute.Pointer, tW2: cute.Pointer, tW: cute.Pointer, tX: cute.Pointer, tScale: cute.Pointer,
+                 tWn: cute.Pointer, tH: cute.Pointer, tQ: cute.Pointer, tD: cute.Pointer, tS: cute.Pointer,
+                 eps: Float32, stream: cuda.CUstream):
+        self.launch_rows(self.kernel(pW, pAct, pAq, pAd, pAs, pIds, pWeights, pResid, pY, n_slots, tCnt, tF, tY, tW1,
+                                     tW2, tW, tX, tScale, tWn, tH, tQ, tD, tS, eps),
+                         self.n_out, self.rows_per_cta, 1, stream)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pAs: cute.Pointer,
-               pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32):
+               pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32,
+               tCnt: cute.Pointer, tF: cute.Pointer, tY: cute.Pointer, tW1: cute.Pointer, tW2: cute.Pointer,
+               tW: cute.Pointer, tX: cute.Pointer, tScale: cute.Pointer, tWn: cute.Pointer, tH: cute.Pointer,
+               tQ: cute.Pointer, tD: cute.Pointer, tS: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
         sp = self.sp
         wpr = self.warps_per_row
@@ -199,6 +209,8 @@ class MoeDown(WarpRowKernel):
                     mR = cute.make_tensor(pResid, cute.make_layout(self.n_out))
                     total = total + mR[o]
                 mY[o] = total
+        if cutlass.const_expr(self.tail is not None):
+            self.tail.tail(tCnt, tF, tY, tW1, tW2, tW, tX, tScale, tWn, tH, tQ, tD, tS, eps)
 
 
 @kernel_cache
@@ -215,12 +227,13 @@ def compile_moe_gate_up(qtype: str, n_in: int, n_ff: int, fused: bool = False, q
 
 @kernel_cache
 def compile_moe_down(qtype: str, n_ff: int, n_out: int, add_residual: bool = False, warps_per_row: int = 2,
-                     q8: bool = False):
+                     q8: bool = False, tail: FfnTail | None = None):
     """Runtime args: (W u8, act f32, aq i8, ad f32, as f32, ids i32 (align 4), weights f32 (align 4), resid f32,
-    y f32 pointers, n_slots, stream)."""
-    return cute.compile(MoeDown(qtype, n_ff, n_out, add_residual, warps_per_row, q8), gptr(Uint8, 0),
+    y f32 pointers, n_slots, the tail's arguments (norm_chain.py ``FfnTailArgs.launch_args``, or ``no_tail_args``),
+    stream)."""
+    return cute.compile(MoeDown(qtype, n_ff, n_out, add_residual, warps_per_row, q8, tail), gptr(Uint8, 0),
                         gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0), gptr(Float32, 0), gptr(Int32, 0, 4),
-                        gptr(Float32, 0, 4), gptr(Float32, 0), gptr(Float32, 0), Int32(1),
+                        gptr(Float32, 0, 4), gptr(Float32, 0), gptr(Float32, 0), Int32(1), *tail_fake_args(),
                         cute.runtime.make_fake_stream(), options=compile_options())
 
 
@@ -314,13 +327,15 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
 
 def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None,
              mapping: str = "auto", rows_per_warp: int | None = None, warps_per_row: int | None = None,
-             x_loads_first: bool = False):
+             x_loads_first: bool = False, tail: FfnTailArgs | None = None):
     """y = [resid +] sum_j weights[j] * Wdown[ids[j]] · act[j] -> [n_out] f32 (fixed summation order).
 
     ``w_down``: [E, n_out, row_bytes(n_ff)] raw bytes; ``act``: f32 [k, n_ff] or a :class:`Q8Act` of k rows (then
     the dp4a path). ``out`` may alias ``resid`` (in-place residual add). numpy in -> numpy out. Launch knobs (the
     autotuner's ``moe_down`` / ``moe_down_q8`` configs): ``mapping`` (auto | chunk | slice), the chunk kernel's
-    ``rows_per_warp`` and ``x_loads_first`` (dp4a), the slice kernel's ``warps_per_row``; None = the default."""
+    ``rows_per_warp`` and ``x_loads_first`` (dp4a), the slice kernel's ``warps_per_row``; None = the default.
+    ``tail`` (norm_chain.py :class:`FfnTailArgs`, its ``f`` or ``y`` being ``out``): the same launch then runs that
+    post-FFN norm chain (the last CTA to finish)."""
     from ..runtime import DeviceArray, as_device, default_stream
 
     q = qtype_name(qtype)
@@ -337,15 +352,19 @@ def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None,
     pa, paq, pad, pas = x_pointers(da)
     pw, pids, pwts = gptr(Uint8, aligned(dw, "w_down").ptr), gptr(Int32, di.ptr, 4), gptr(Float32, dwt.ptr, 4)
     presid, py = gptr(Float32, (dr if dr is not None else y).ptr), gptr(Float32, y.ptr)
+    if tail is not None:
+        tail.check(n_out, y)
+    targs = tail.launch_args() if tail is not None else no_tail_args(y)
+    tkw = {"tail": tail.spec} if tail is not None else {}  # without a tail: the registered (tail-less) config key
     if _mapping(mapping, down_chunk_ok(q, n_ff, k), "moe_down") == "chunk":
         fn = compile_moe_down_chunk(q, n_ff, n_out, k, dr is not None, q8, rows_per_warp or down_rows_per_warp(q, q8),
-                                    bool(x_loads_first))
-        fn(pw, pa, paq, pad, pids, pwts, presid, py, cuda.CUstream(st.handle))
+                                    bool(x_loads_first), **tkw)
+        fn(pw, pa, paq, pad, pids, pwts, presid, py, *targs, cuda.CUstream(st.handle))
     else:
         # warps_per_row None: the compile function's default (2), as the compile gate registers it
         fn = compile_moe_down(q, n_ff, n_out, dr is not None, q8=q8,
-                              **({"warps_per_row": warps_per_row} if warps_per_row is not None else {}))
-        fn(pw, pa, paq, pad, pas, pids, pwts, presid, py, Int32(k), cuda.CUstream(st.handle))
+                              **({"warps_per_row": warps_per_row} if warps_per_row is not None else {}), **tkw)
+        fn(pw, pa, paq, pad, pas, pids, pwts, presid, py, Int32(k), *targs, cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if a_np else y
 
 
@@ -410,4 +429,9 @@ DOWN_CONFIGS += [dict(qtype=q, n_ff=n_ff, n_out=n_out) for q in ("Q5_0", "Q8_0")
 
 register("moe_gate_up", compile_moe_gate_up, [dict(c, q8=q8) for q8 in (False, True) for c in GATE_UP_CONFIGS]
          + [dict(c, q8=True) for c in GATE_UP_Q8_OUT_CONFIGS])
-register("moe_down", compile_moe_down, [dict(c, q8=q8) for q8 in (False, True) for c in DOWN_CONFIGS])
+# Gemma 4 26B-A4B's (and the synthetic tiny file's) experts down with the post-FFN norm chain as its tail (models/ops.py AfterFfn; + the next
+# attn_norm's q8_1 copy in the int8 build)
+DOWN_TAIL_CONFIGS = [dict(qtype=q, n_ff=n_ff, n_out=n_out, q8=q8, tail=FfnTail(has_experts=True, next_q8=q8))
+                     for q in ("Q5_0", "Q8_0") for q8 in (False, True) for n_ff, n_out in ((704, 2816), (160, 256))]
+register("moe_down", compile_moe_down, [dict(c, q8=q8) for q8 in (False, True) for c in DOWN_CONFIGS]
+         + DOWN_TAIL_CONFIGS)

@@ -21,6 +21,7 @@ from cutlass import Float32, Int8, Int32, Uint8, cute
 from .common import WarpRowKernel, gptr, pdl_prologue, warp_reduce_sum
 from .compile import compile_options, kernel_cache
 from .gemv_chunk import chunk_ok, chunk_rows_partial
+from .norm_chain import FfnTail, tail_fake_args
 from .q8_1 import quantize_block_when_complete
 from .quant_decode import QK8_1
 from .quant_dot import CHUNKS_PER_BLOCK, chunk_dot_f32, chunk_dot_q8, chunk_load, chunk_supported, chunk_x_f32, \
@@ -125,10 +126,12 @@ def down_chunk_ok(qtype: str, n_ff: int, k: int) -> bool:
 
 
 class MoeDownChunk(WarpRowKernel):
-    """``y[o] = [resid[o] +] sum_j w_j * Wdown[ids[j], o] . act[j]`` for the ``rows_per_warp`` rows o of a warp."""
+    """``y[o] = [resid[o] +] sum_j w_j * Wdown[ids[j], o] . act[j]`` for the ``rows_per_warp`` rows o of a warp.
+    ``tail`` (norm_chain.py :class:`FfnTail`): the last CTA to finish then runs the post-FFN norm chain on ``y``
+    (the next norm of the residual stream without a launch of its own)."""
 
     def __init__(self, qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False,
-                 rows_per_warp: int = 1, x_loads_first: bool = False):
+                 rows_per_warp: int = 1, x_loads_first: bool = False, tail: FfnTail | None = None):
         assert down_chunk_ok(qtype, n_ff, k) and n_out % rows_per_warp == 0
         self.x_loads_first = x_loads_first
         super().__init__()
@@ -136,17 +139,24 @@ class MoeDownChunk(WarpRowKernel):
         self.rows_per_warp = rows_per_warp
         self.chunks_per_row = n_ff // 256 * CHUNKS_PER_BLOCK
         self.chunks_per_lane = k * self.chunks_per_row // 32
+        self.tail = tail.chain(n_out, WARPS * 32) if tail is not None else None
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer,
                  pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer,
-                 stream: cuda.CUstream):
-        self.launch_rows(self.kernel(pW, pAct, pAq, pAd, pIds, pWeights, pResid, pY), self.n_out,
-                         WARPS * self.rows_per_warp, 1, stream)
+                 tCnt: cute.Pointer, tF: cute.Pointer, tY: cute.Pointer, tW1: cute.Pointer, tW2: cute.Pointer,
+                 tW: cute.Pointer, tX: cute.Pointer, tScale: cute.Pointer, tWn: cute.Pointer, tH: cute.Pointer,
+                 tQ: cute.Pointer, tD: cute.Pointer, tS: cute.Pointer, eps: Float32, stream: cuda.CUstream):
+        self.launch_rows(self.kernel(pW, pAct, pAq, pAd, pIds, pWeights, pResid, pY, tCnt, tF, tY, tW1, tW2, tW, tX,
+                                     tScale, tWn, tH, tQ, tD, tS, eps),
+                         self.n_out, WARPS * self.rows_per_warp, 1, stream)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pIds: cute.Pointer,
-               pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer):
+               pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer, tCnt: cute.Pointer, tF: cute.Pointer,
+               tY: cute.Pointer, tW1: cute.Pointer, tW2: cute.Pointer, tW: cute.Pointer, tX: cute.Pointer,
+               tScale: cute.Pointer, tWn: cute.Pointer, tH: cute.Pointer, tQ: cute.Pointer, tD: cute.Pointer,
+               tS: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
         _, bx, _, warp, lane = self.thread_coords()
         o0 = (bx * WARPS + warp) * self.rows_per_warp
@@ -160,6 +170,8 @@ class MoeDownChunk(WarpRowKernel):
                     if cutlass.const_expr(self.add_residual):
                         total = total + mR[o0 + r]
                     mY[o0 + r] = total
+        if cutlass.const_expr(self.tail is not None):
+            self.tail.tail(tCnt, tF, tY, tW1, tW2, tW, tX, tScale, tWn, tH, tQ, tD, tS, eps)
 
     def partial_dots(self, pW, pAct, pAq, pAd, pIds, pWeights, o0, lane):
         """Per-lane w_j-weighted partial dots of the warp's rows (traced inline into :meth:`kernel`)."""
@@ -214,13 +226,13 @@ def q8_out_fake_ptrs() -> tuple:
 
 @kernel_cache
 def compile_moe_down_chunk(qtype: str, n_ff: int, n_out: int, k: int, add_residual: bool = False, q8: bool = False,
-                           rows_per_warp: int = 1, x_loads_first: bool = False):
+                           rows_per_warp: int = 1, x_loads_first: bool = False, tail: FfnTail | None = None):
     """Runtime args: (W u8, act f32, aq i8, ad f32, ids i32 (align 4), weights f32 (align 4), resid f32, y f32
-    pointers, stream)."""
-    return cute.compile(MoeDownChunk(qtype, n_ff, n_out, k, add_residual, q8, rows_per_warp, x_loads_first),
+    pointers, the tail's arguments (norm_chain.py ``FfnTailArgs.launch_args``, or ``no_tail_args``), stream)."""
+    return cute.compile(MoeDownChunk(qtype, n_ff, n_out, k, add_residual, q8, rows_per_warp, x_loads_first, tail),
                         gptr(Uint8, 0), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0), gptr(Int32, 0, 4),
-                        gptr(Float32, 0, 4), gptr(Float32, 0), gptr(Float32, 0), cute.runtime.make_fake_stream(),
-                        options=compile_options())
+                        gptr(Float32, 0, 4), gptr(Float32, 0), gptr(Float32, 0), *tail_fake_args(),
+                        cute.runtime.make_fake_stream(), options=compile_options())
 
 
 # Qwen3-30B-A3B (8 of 128 experts, 2048 / 768), the default rows per warp of each path
@@ -232,6 +244,12 @@ GATE_UP_CHUNK_CONFIGS += [dict(qtype="Q4_K", n_in=2048, n_ff=768, fused=f, q8=Tr
 DOWN_CHUNK_CONFIGS = [dict(qtype=q, n_ff=768, n_out=2048, k=8, add_residual=r, q8=q8,
                            rows_per_warp=down_rows_per_warp(q, q8))
                       for q in ("Q4_K", "Q6_K", "Q6_K_P") for r in (False, True) for q8 in (False, True)]
+
+# ... and with the norms after it as its tail (models/ops.py AfterFfn): Qwen3's residual add + next attn_norm with its
+# q8_1 copy (the int8 build; f32 with SPARKINFER_DP4A=none), on the 30B shape and the synthetic tiny file
+DOWN_CHUNK_CONFIGS += [dict(qtype=q, n_ff=n_ff, n_out=n_out, k=k, q8=q8, rows_per_warp=down_rows_per_warp(q, q8),
+                            tail=FfnTail(next_q8=q8, post_norm=False)) for q in ("Q4_K", "Q6_K") for q8 in (False, True)
+                       for n_ff, n_out, k in ((768, 2048, 8), (256, 256, 4))]
 
 register("moe_gate_up_chunk", compile_moe_gate_up_chunk, GATE_UP_CHUNK_CONFIGS)
 register("moe_down_chunk", compile_moe_down_chunk, DOWN_CHUNK_CONFIGS)

@@ -26,6 +26,9 @@ relative). One CTA per row; the row stays in registers between the steps, so not
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import cuda.bindings.driver as cuda
 import cutlass
 from cutlass import cute
@@ -41,38 +44,58 @@ EPT = 8  # f32 elements per thread (two 16-byte vectors)
 
 
 class RowNormChain:
-    """Shared set-up of the chain kernels: a row of ``N`` (multiple of 32) over ``N / 8`` threads, 8 consecutive
-    elements each; device helpers to load, normalize and store the thread's slice."""
+    """Shared set-up of the chain kernels: a row of ``N`` (multiple of 32) in groups of 8 consecutive elements, group
+    ``g`` held by thread ``g % threads`` in its register slot ``g // threads`` (a "pass"); device helpers to load,
+    normalize and store the thread's groups. ``threads`` 0: one group per thread (``N / 8`` threads rounded up to a
+    warp), the standalone one-CTA kernels; a fixed count (a multiple of 32): the chain run by a CTA of another kernel
+    (:meth:`PostFfnNorms.tail`), several passes per thread."""
 
-    def __init__(self, N: int):
+    def __init__(self, N: int, threads: int = 0):
         self.pdl = pdl_enabled()
         if N % QK8_1:
             raise ValueError(f"norm chain rows must be a multiple of {QK8_1}, got {N}")
         self.N = N
         self.active = N // EPT
-        self.threads = -(-self.active // 32) * 32
-        if self.threads > 1024:
-            raise ValueError(f"row of {N} needs {self.threads} threads > 1024")
+        self.threads = threads or -(-self.active // 32) * 32
+        if self.threads % 32 or self.threads > 1024:
+            raise ValueError(f"a norm chain runs on a multiple of 32 threads <= 1024, got {self.threads} (N {N})")
+        self.passes = -(-self.active // self.threads)
         self.warps = self.threads // 32
 
-    @cute.jit
-    def load(self, p: cute.Pointer, e0: Int32, v: cute.Tensor, tid: Int32):
-        if tid < self.active:
-            cute.autovec_copy(cute.make_tensor(p + cute.assume(e0, divby=EPT), cute.make_layout(EPT)), v)
+    def regs(self):
+        """This thread's groups: a (passes, 8) f32 register tensor (device side)."""
+        return cute.make_rmem_tensor(cute.make_layout((self.passes, EPT), stride=(EPT, 1)), Float32)
 
     @cute.jit
-    def store(self, v: cute.Tensor, p: cute.Pointer, e0: Int32, tid: Int32):
-        if tid < self.active:
-            cute.autovec_copy(v, cute.make_tensor(p + cute.assume(e0, divby=EPT), cute.make_layout(EPT)))
+    def load(self, p: cute.Pointer, v: cute.Tensor, tid: Int32, coherent: cutlass.Constexpr[bool] = False):
+        """``coherent``: through L2 (``ld.global.cg``), for a row other CTAs of the same grid wrote."""
+        for j in cutlass.range_constexpr(self.passes):
+            g = tid + j * self.threads
+            if g < self.active:
+                if cutlass.const_expr(coherent):
+                    for i in cutlass.range_constexpr(EPT):
+                        v[j, i] = cute.arch.load((p + (g * EPT + i)).llvm_ptr, Float32, cop="cg")
+                else:
+                    cute.autovec_copy(cute.make_tensor(p + cute.assume(g * EPT, divby=EPT), cute.make_layout(EPT)),
+                                      v[j, None])
+
+    @cute.jit
+    def store(self, v: cute.Tensor, p: cute.Pointer, tid: Int32):
+        for j in cutlass.range_constexpr(self.passes):
+            g = tid + j * self.threads
+            if g < self.active:
+                cute.autovec_copy(v[j, None], cute.make_tensor(p + cute.assume(g * EPT, divby=EPT),
+                                                               cute.make_layout(EPT)))
 
     @cute.jit
     def rstd(self, v: cute.Tensor, red: cute.Tensor, tid: Int32, eps: Float32) -> Float32:
         """``rsqrt(mean(v^2) + eps)`` of the row (every thread gets the same bits). Called several times per
         kernel: the first barrier keeps a warp from overwriting ``red`` while another still reads the last sum."""
         ss = Float32(0.0)
-        if tid < self.active:
-            for i in cutlass.range_constexpr(EPT):
-                ss = ss + v[i] * v[i]
+        for j in cutlass.range_constexpr(self.passes):
+            if tid + j * self.threads < self.active:
+                for i in cutlass.range_constexpr(EPT):
+                    ss = ss + v[j, i] * v[j, i]
         ss = warp_reduce_sum(ss, small_offsets_first=True)
         cute.arch.barrier()
         if tid % 32 == 0:
@@ -86,11 +109,21 @@ class RowNormChain:
     @cute.jit
     def normed(self, v: cute.Tensor, rstd: Float32, pW: cute.Pointer, out: cute.Tensor, tid: Int32):
         """``out = (v * rstd) * w`` for this thread's elements (ggml order)."""
-        if tid < self.active:
-            w = cute.make_rmem_tensor((EPT,), Float32)
-            cute.autovec_copy(cute.make_tensor(pW + cute.assume(tid * EPT, divby=EPT), cute.make_layout(EPT)), w)
-            for i in cutlass.range_constexpr(EPT):
-                out[i] = (v[i] * rstd) * w[i]
+        w = cute.make_rmem_tensor((EPT,), Float32)
+        for j in cutlass.range_constexpr(self.passes):
+            g = tid + j * self.threads
+            if g < self.active:
+                cute.autovec_copy(cute.make_tensor(pW + cute.assume(g * EPT, divby=EPT), cute.make_layout(EPT)), w)
+                for i in cutlass.range_constexpr(EPT):
+                    out[j, i] = (v[j, i] * rstd) * w[i]
+
+    @cute.jit
+    def store_q8(self, h: cute.Tensor, tid: Int32, pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer):
+        """The q8_1 copy of the row ``h`` (q8_1.py ``store_q8_1_of_eight``: a block of 32 is 4 neighbouring lanes,
+        which holds in every pass as ``threads`` is a multiple of 32)."""
+        for j in cutlass.range_constexpr(self.passes):
+            g = tid + j * self.threads
+            store_q8_1_of_eight(h[j, None], g < self.active, g, g * EPT, pQ, pD, pS)
 
     def smem_red(self):
         smem = cutlass.memory.SmemAllocator()
@@ -121,36 +154,43 @@ class PostAttentionNorms(RowNormChain):
         pdl_prologue(self.pdl)
         tid = cute.arch.thread_idx()[0]
         red = self.smem_red()
-        e0 = tid * EPT
-        v = cute.make_rmem_tensor((EPT,), Float32)
-        x = cute.make_rmem_tensor((EPT,), Float32)
-        h = cute.make_rmem_tensor((EPT,), Float32)
-        self.load(pO, e0, v, tid)
+        v, x, h = self.regs(), self.regs(), self.regs()
+        self.load(pO, v, tid)
         self.normed(v, self.rstd(v, red, tid, eps), pWpost, h, tid)
-        self.load(pX, e0, x, tid)
-        if tid < self.active:
+        self.load(pX, x, tid)
+        for j in cutlass.range_constexpr(self.passes):
             for i in cutlass.range_constexpr(EPT):
-                x[i] = x[i] + h[i]
-        self.store(x, pX, e0, tid)
+                x[j, i] = x[j, i] + h[j, i]
+        self.store(x, pX, tid)
         r = self.rstd(x, red, tid, eps)
         weights, outs = (pW0, pW1, pW2), (pOut0, pOut1, pOut2)
-        for j in cutlass.range_constexpr(self.n_out):
-            self.normed(x, r, weights[j], h, tid)
-            self.store(h, outs[j], e0, tid)
+        for k in cutlass.range_constexpr(self.n_out):
+            self.normed(x, r, weights[k], h, tid)
+            self.store(h, outs[k], tid)
         if cutlass.const_expr(self.q8_last):
-            store_q8_1_of_eight(h, tid < self.active, tid, e0, pQ, pD, pS)
+            self.store_q8(h, tid, pQ, pD, pS)
 
 
 class PostFfnNorms(RowNormChain):
     """``s = rmsnorm(f) * w1 + rmsnorm(y) * w2`` (``has_experts``; else ``s = f``), then
     ``x = (x + rmsnorm(s) * w) * scale[0]``; ``next_norm``: also ``h = rmsnorm(x) * w_next`` (the next norm of the
-    residual stream), ``next_q8`` with its q8_1 copy. Pointers a flag leaves unused may be any valid ones."""
+    residual stream), ``next_q8`` with its q8_1 copy. ``post_norm`` False: ``x = x + f`` instead (no post_ffw_norm,
+    no scale; Qwen3-MoE's residual add before the next attn_norm). Pointers a flag leaves unused may be any valid
+    ones.
 
-    def __init__(self, N: int, has_experts: bool, next_norm: bool = False, next_q8: bool = False):
-        super().__init__(N)
+    ``tail_threads`` (a multiple of 32): the chain is not a kernel of its own but the end of another one
+    (:meth:`tail`, run by the last CTA of that grid to finish, e.g. the MoE down projection that writes ``y`` or
+    ``f``): the row is spread over that CTA's threads, and ``f``/``y`` are read through L2."""
+
+    def __init__(self, N: int, has_experts: bool, next_norm: bool = False, next_q8: bool = False,
+                 post_norm: bool = True, tail_threads: int = 0):
+        super().__init__(N, tail_threads)
         if next_q8 and not next_norm:
             raise ValueError("next_q8 needs next_norm")
-        self.has_experts, self.next_norm, self.next_q8 = has_experts, next_norm, next_q8
+        if has_experts and not post_norm:
+            raise ValueError("the experts' post_ffw_norm_2 needs post_norm")
+        self.has_experts, self.next_norm, self.next_q8, self.post_norm = has_experts, next_norm, next_q8, post_norm
+        self.in_tail = tail_threads > 0
 
     @cute.jit
     def __call__(self, pF: cute.Pointer, pY: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pW: cute.Pointer,
@@ -164,36 +204,69 @@ class PostFfnNorms(RowNormChain):
                pX: cute.Pointer, pScale: cute.Pointer, pWn: cute.Pointer, pH: cute.Pointer, pQ: cute.Pointer,
                pD: cute.Pointer, pS: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
-        tid = cute.arch.thread_idx()[0]
+        self.body(pF, pY, pW1, pW2, pW, pX, pScale, pWn, pH, pQ, pD, pS, eps, self.smem_red())
+
+    @cute.jit
+    def tail(self, pCnt: cute.Pointer, pF: cute.Pointer, pY: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer,
+             pW: cute.Pointer, pX: cute.Pointer, pScale: cute.Pointer, pWn: cute.Pointer, pH: cute.Pointer,
+             pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer, eps: Float32):
+        """The chain as the end of another kernel: every thread of every CTA calls it after its CTA's last store
+        of the chain's input; the last CTA of the grid to arrive (int32 counter ``pCnt[0]``, zero before the
+        launch, reset by that CTA for the next launch / graph replay) runs :meth:`body`. Release / acquire as in
+        q8_1.py ``quantize_block_when_complete``: the barrier orders the CTA's stores before thread 0's GPU-scope
+        fence + acq_rel atomic; the last CTA fences again before it reads the row. No CTA waits for another."""
+        smem = cutlass.memory.SmemAllocator()
+        flag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
         red = self.smem_red()
-        e0 = tid * EPT
-        s = cute.make_rmem_tensor((EPT,), Float32)
-        v = cute.make_rmem_tensor((EPT,), Float32)
-        h = cute.make_rmem_tensor((EPT,), Float32)
-        self.load(pF, e0, v, tid)
+        tid = cute.arch.thread_idx()[0]
+        gx, gy, gz = cute.arch.grid_dim()
+        cute.arch.sync_threads()
+        if tid == 0:
+            cute.arch.fence_acq_rel_gpu()
+            flag[0] = cute.arch.atomic_add(pCnt.llvm_ptr, Int32(1), sem="acq_rel", scope="gpu")
+        cute.arch.sync_threads()
+        if flag[0] == gx * gy * gz - 1:
+            cute.arch.fence_acq_rel_gpu()
+            self.body(pF, pY, pW1, pW2, pW, pX, pScale, pWn, pH, pQ, pD, pS, eps, red)
+            if tid == 0:
+                cute.make_tensor(pCnt, cute.make_layout(1))[0] = Int32(0)
+
+    @cute.jit
+    def body(self, pF: cute.Pointer, pY: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pW: cute.Pointer,
+             pX: cute.Pointer, pScale: cute.Pointer, pWn: cute.Pointer, pH: cute.Pointer, pQ: cute.Pointer,
+             pD: cute.Pointer, pS: cute.Pointer, eps: Float32, red: cute.Tensor):
+        tid = cute.arch.thread_idx()[0]
+        s, v, h = self.regs(), self.regs(), self.regs()
+        self.load(pF, v, tid, self.in_tail)
         if cutlass.const_expr(self.has_experts):
             self.normed(v, self.rstd(v, red, tid, eps), pW1, s, tid)
-            self.load(pY, e0, v, tid)
+            self.load(pY, v, tid, self.in_tail)
             self.normed(v, self.rstd(v, red, tid, eps), pW2, h, tid)
-            if tid < self.active:
+            for j in cutlass.range_constexpr(self.passes):
                 for i in cutlass.range_constexpr(EPT):
-                    s[i] = h[i] + s[i]  # the separate launches' order: rmsnorm(y2 as x, m as residual) adds y2 + m
+                    s[j, i] = h[j, i] + s[j, i]  # the separate launches' order: rmsnorm(y2 as x, m as residual)
         else:
-            if tid < self.active:
+            for j in cutlass.range_constexpr(self.passes):
                 for i in cutlass.range_constexpr(EPT):
-                    s[i] = v[i]
-        self.normed(s, self.rstd(s, red, tid, eps), pW, h, tid)
-        self.load(pX, e0, v, tid)
-        scale = cute.make_tensor(pScale, cute.make_layout(1))[0]
-        if tid < self.active:
-            for i in cutlass.range_constexpr(EPT):
-                v[i] = (v[i] + h[i]) * scale
-        self.store(v, pX, e0, tid)
+                    s[j, i] = v[j, i]
+        if cutlass.const_expr(self.post_norm):
+            self.normed(s, self.rstd(s, red, tid, eps), pW, h, tid)
+            self.load(pX, v, tid)
+            scale = cute.make_tensor(pScale, cute.make_layout(1))[0]
+            for j in cutlass.range_constexpr(self.passes):
+                for i in cutlass.range_constexpr(EPT):
+                    v[j, i] = (v[j, i] + h[j, i]) * scale
+        else:
+            self.load(pX, v, tid)
+            for j in cutlass.range_constexpr(self.passes):
+                for i in cutlass.range_constexpr(EPT):
+                    v[j, i] = v[j, i] + s[j, i]  # rmsnorm.py's residual order: x + r
+        self.store(v, pX, tid)
         if cutlass.const_expr(self.next_norm):
             self.normed(v, self.rstd(v, red, tid, eps), pWn, h, tid)
-            self.store(h, pH, e0, tid)
+            self.store(h, pH, tid)
             if cutlass.const_expr(self.next_q8):
-                store_q8_1_of_eight(h, tid < self.active, tid, e0, pQ, pD, pS)
+                self.store_q8(h, tid, pQ, pD, pS)
 
 
 @kernel_cache
@@ -249,6 +322,84 @@ def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, next_norm=None, str
        gptr(Float32, (w2 if y is not None else w).ptr), gptr(Float32, w.ptr), gptr(Float32, x.ptr),
        gptr(Float32, scale.ptr, 4), gptr(Float32, w_next.ptr), gptr(Float32, h.ptr), gptr(Int8, q[0]),
        gptr(Float32, q[1]), gptr(Float32, q[2]), Float32(eps), resolve_stream(stream).cu)
+
+
+class FfnTail(NamedTuple):
+    """The static shape of a post-FFN chain run as the tail of the kernel that writes its input
+    (:class:`PostFfnNorms` flags; the row length is that kernel's output length)."""
+
+    has_experts: bool = False
+    next_norm: bool = True
+    next_q8: bool = False
+    post_norm: bool = True
+
+    def chain(self, N: int, threads: int) -> PostFfnNorms:
+        return PostFfnNorms(N, self.has_experts, self.next_norm, self.next_q8, self.post_norm, tail_threads=threads)
+
+
+@dataclass
+class FfnTailArgs:
+    """What a post-FFN chain tail reads and writes (f32 DeviceArrays of one row of N unless said): the chain of
+    :func:`post_ffn_norms` with ``f``, ``y`` (None: no experts), ``w1``, ``w2``, ``w`` (unused without
+    ``post_norm``), the residual stream ``x``, ``scale`` (one f32 on the device; unused without ``post_norm``),
+    ``next_norm`` = ``(w_next, h, xq)`` or None, and ``counter``: one int32, zero before the first launch (the
+    tail leaves it zero; one counter serves every layer of a stream). The kernel that runs the tail writes ``f``
+    or ``y``."""
+
+    f: object
+    y: object
+    w1: object
+    w2: object
+    w: object
+    x: object
+    scale: object
+    eps: float
+    counter: object
+    next_norm: tuple | None = None
+    post_norm: bool = True
+
+    @property
+    def spec(self) -> FfnTail:
+        return FfnTail(self.y is not None, self.next_norm is not None,
+                       self.next_norm is not None and self.next_norm[2] is not None, self.post_norm)
+
+    def check(self, N: int, writer) -> None:
+        if writer.ptr not in (self.f.ptr, None if self.y is None else self.y.ptr):
+            raise ValueError("a post-FFN tail must read the output of the kernel that runs it (f or y)")
+        if self.counter.nbytes < 4:
+            raise ValueError("a post-FFN tail needs an int32 counter")
+        for a in (self.f, self.x, *((self.y,) if self.y is not None else ()),
+                  *((self.next_norm[1],) if self.next_norm is not None else ())):
+            if int(a.size) < N:
+                raise ValueError(f"post-FFN tail: a buffer of {a.size} elements for a row of {N}")
+
+    def launch_args(self) -> tuple:
+        """The runtime arguments of :meth:`PostFfnNorms.tail` (after the counter: f, y, w1, w2, w, x, scale,
+        w_next, h, q, d, s pointers, then eps), unused ones filled with valid pointers."""
+        f, w = self.f, self.w if self.w is not None else self.f
+        y = self.y if self.y is not None else f
+        w1 = self.w1 if self.y is not None else w
+        w2 = self.w2 if self.y is not None else w
+        scale = self.scale if self.scale is not None else f
+        w_next, h, xq = self.next_norm if self.next_norm is not None else (w, self.x, None)
+        q = (xq.qs.ptr, xq.d.ptr, xq.s.ptr) if xq is not None else (f.ptr,) * 3
+        return (gptr(Int32, self.counter.ptr, 4), gptr(Float32, f.ptr), gptr(Float32, y.ptr), gptr(Float32, w1.ptr),
+                gptr(Float32, w2.ptr), gptr(Float32, w.ptr), gptr(Float32, self.x.ptr),
+                gptr(Float32, scale.ptr, 4), gptr(Float32, w_next.ptr), gptr(Float32, h.ptr), gptr(Int8, q[0]),
+                gptr(Float32, q[1]), gptr(Float32, q[2]), Float32(self.eps))
+
+
+def tail_fake_args() -> tuple:
+    """Compile-time stand-ins of :meth:`FfnTailArgs.launch_args`."""
+    p = fake_ptr(Float32)
+    return (fake_ptr(Int32, 4), p, p, p, p, p, p, fake_ptr(Float32, 4), p, p, fake_ptr(Int8), p, p, Float32(1e-6))
+
+
+def no_tail_args(any_f32) -> tuple:
+    """The tail arguments of a launch without a tail (every pointer ``any_f32``'s: never dereferenced)."""
+    p = any_f32.ptr
+    return (gptr(Int32, p, 4), *(gptr(Float32, p) for _ in range(6)), gptr(Float32, p, 4), gptr(Float32, p),
+            gptr(Float32, p), gptr(Int8, p), gptr(Float32, p), gptr(Float32, p), Float32(0.0))
 
 
 # Gemma 4 26B-A4B (n_embd 2816) and the synthetic tiny presets (256), Gemma 3 270M (640): the MoE layers' three

@@ -111,3 +111,84 @@ def test_post_ffn_norms(N, experts, eps, scale, seed):
                    _dev(w2) if experts else None, _dev(w), dx, _dev(np.array([scale])), eps)
     ref = post_ffn_norms_ref(f, y if experts else None, w1, w2, w, x, scale, eps)
     check_rel(dx.to_numpy(), ref, CHAIN_TOL, "post-FFN norms")
+
+
+def test_tail_layout_spreads_the_row_over_the_host_kernels_threads():
+    """As a tail (PostFfnNorms.tail) the chain runs on the CTA of the kernel it ends (128 threads for the MoE down
+    kernels): groups of 8 in passes, every group held once; a thread count that is not whole warps is refused."""
+    for N in (256, 2048, 2816, 4096):
+        k = PostFfnNorms(N, True, True, True, tail_threads=128)
+        assert k.threads == 128 and k.passes == -(-(N // 8) // 128) and k.in_tail
+        assert (k.passes - 1) * 128 < k.active <= k.passes * 128
+    with pytest.raises(ValueError, match="multiple of 32"):
+        PostFfnNorms(256, False, tail_threads=100)
+    with pytest.raises(ValueError, match="post_norm"):
+        PostFfnNorms(256, True, post_norm=False)
+
+
+@pytest.mark.gpu
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), path=st.sampled_from(["float", "dp4a"]))
+@pytest.mark.parametrize("form,q,n_ff,n_out,E,k", [
+    ("residual", "Q4_K", 768, 2048, 16, 8),     # Qwen3-30B-A3B's down (chunk kernel): x += y; h = next attn_norm
+    ("residual", "Q8_0", 160, 256, 16, 4),      # the slice kernel
+    ("post_ffn", "Q8_0", 704, 2816, 16, 8),     # Gemma 4 26B-A4B's down (slice kernel): the post-FFN norm chain
+    ("post_ffn", "Q4_K", 768, 2048, 16, 8),     # the chunk kernel
+])
+def test_moe_down_runs_the_chain_as_its_tail(form, q, n_ff, n_out, E, k, path, seed):
+    """moe_down with a tail (kernels/norm_chain.py FfnTailArgs): its own output bit-identical to the launch without
+    one, then the chain on it as the separate launch's references say (float64, CHAIN_TOL), the q8_1 copy of h
+    bit-identical to quantize_q8_1 of the h it wrote, the arrival counter back to zero; a second launch (graph
+    replay, next layer) works from that zero. Outputs NaN-poisoned."""
+    from sparkinfer_cute.kernels.moe_ffn import moe_down
+    from sparkinfer_cute.kernels.norm_chain import FfnTailArgs
+    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1
+    from sparkinfer_cute.kernels.quant_decode import spec
+    from sparkinfer_cute.reference.kernel_refs import random_quant_bytes, rmsnorm_ref
+    from sparkinfer_cute.runtime import DeviceArray
+    from sparkinfer_cute.runtime.testing import poisoned
+
+    rng = np.random.default_rng(seed)
+    sp = spec(q)
+    wd = random_quant_bytes(q, E * n_out * n_ff // sp.block_elems, rng).reshape(E, n_out, sp.row_bytes(n_ff))
+    dwd = DeviceArray.from_numpy(wd)
+    act = rng.standard_normal((k, n_ff)).astype(np.float32)
+    a = quantize_q8_1(_dev(act)) if path == "dp4a" else _dev(act)
+    ids = DeviceArray.from_numpy(rng.choice(E, size=k, replace=False).astype(np.int32))
+    wts = rng.random(k).astype(np.float32)
+    wts = _dev(wts / wts.sum())
+    y_plain = moe_down(dwd, q, a, ids, wts, n_out).to_numpy()
+    eps = 1e-6
+    f = rng.standard_normal(n_out).astype(np.float32) * 2
+    w1, w2, w, w_next = ((1 + 0.5 * rng.standard_normal(n_out)).astype(np.float32) for _ in range(4))
+    scale = np.float32(0.37)
+    counter = DeviceArray.zeros((1,), np.int32)
+    for launch in range(2):
+        x = rng.standard_normal(n_out).astype(np.float32) * 3
+        dx, dy, dh = _dev(x), poisoned((n_out,), np.float32), poisoned((n_out,), np.float32)
+        xq = Q8Act(1, n_out)
+        xq.qs.fill_bytes(0x7F)
+        xq.d.fill_bytes(0xFF)
+        xq.s.fill_bytes(0xFF)
+        if form == "residual":
+            tail = FfnTailArgs(dy, None, None, None, None, dx, None, eps, counter, (_dev(w_next), dh, xq),
+                               post_norm=False)
+        else:
+            tail = FfnTailArgs(_dev(f), dy, _dev(w1), _dev(w2), _dev(w), dx, _dev(np.array([scale])), eps, counter,
+                               (_dev(w_next), dh, xq))
+        moe_down(dwd, q, a, ids, wts, n_out, out=dy, tail=tail)
+        np.testing.assert_array_equal(dy.to_numpy().view(np.uint32), y_plain.view(np.uint32))
+        if form == "residual":
+            x1_ref = (x + y_plain).astype(np.float64)  # one f32 add: exact below
+            np.testing.assert_array_equal(dx.to_numpy(), (x + y_plain).astype(np.float32))
+        else:
+            x1_ref = post_ffn_norms_ref(f, y_plain, w1, w2, w, x, float(scale), eps)
+            check_rel(dx.to_numpy(), x1_ref, CHAIN_TOL, "post-FFN chain (tail)")
+        h = dh.to_numpy()
+        check_rel(h, rmsnorm_ref(x1_ref, w_next, eps), CHAIN_TOL + RMSNORM_TOL, "next norm (tail)")
+        qs, d, s = xq.to_numpy()
+        ref_qs, ref_d, ref_s = quantize_q8_1(h[None])
+        np.testing.assert_array_equal(qs.reshape(-1), ref_qs.reshape(-1))
+        np.testing.assert_array_equal(d.reshape(-1).view(np.uint32), ref_d.reshape(-1).view(np.uint32))
+        np.testing.assert_array_equal(s.reshape(-1).view(np.uint32), ref_s.reshape(-1).view(np.uint32))
+        assert counter.to_numpy()[0] == 0, f"launch {launch}: the tail left the arrival counter at {counter}"
