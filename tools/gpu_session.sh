@@ -27,6 +27,7 @@
 # models: tests/models' GPU tests (decode + prefill, -n 14)
 # bisect: the Gemma 4 prefill accuracy gap, layer by layer (tools/prefill_bisect.py)
 # micro_attn: decode attention alone, with the fused combine, and with the Q/K prologue inside vs its two launches
+# ab_pass: tg128 with each pass of AB_PASSES switched off vs the default build (issue 15's measured gain per pass)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -165,6 +166,19 @@ for ph in "${phases[@]}"; do
       name=${cfg%%|*}; envs=${cfg#*|}
       env $envs python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 64 --gen 128 --runs 5 --note "ab:$name" --json "$OUT/ab_$name.json" --log "$OUT/bench.jsonl" > "$OUT/ab_$name.log" 2>&1
       add "30B tg128 [$name]" "$(grep -E '^decode tg128' "$OUT/ab_$name.log" | awk '{print $NF}') tok/s, $(grep -E '^kernels per token' "$OUT/ab_$name.log" | awk '{print $NF}') kernels/token"
+    done ;;
+  ab_pass)  # issue 15: each pass of AB_PASSES (default fused_ffn_tail) switched off vs the default build, 30B shape
+    # tg128 back to back on the same file (AB_MODEL=gemma4 for the 26B-A4B shape)
+    if [ "${AB_MODEL:-qwen}" = gemma4 ]; then F=/tmp/gemma4_26b.gguf
+      [ -f $F ] || python3 -m sparkinfer_cute.gguf.synth --arch gemma4 --preset 26b-a4b -o $F --seed 0 >/dev/null 2>&1
+    else F=/tmp/qwen30b.gguf
+      [ -f $F ] || python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o $F --seed 0 >/dev/null 2>&1
+    fi
+    for pass in default ${AB_PASSES:-fused_ffn_tail} default; do
+      dis=""; [ "$pass" != default ] && dis=$pass
+      SPARKINFER_DISABLE=$dis timeout 150 python3 -m sparkinfer_cute.bench $F --prompt-len 64 --gen 128 --runs 5 \
+        --note "ab_pass:$pass" --json "$OUT/ab_pass_$pass.json" > "$OUT/ab_pass_$pass.log" 2>&1
+      add "$(basename $F) tg128 [${pass/default/default build}]" "$(grep -E '^decode tg128' "$OUT/ab_pass_$pass.log" | awk '{print $NF}') tok/s, $(grep -E '^kernels per token' "$OUT/ab_pass_$pass.log" | awk '{print $NF}') kernels/token"
     done ;;
   e2e4)  # issue 14: GPU vs CPU reference on the synthetic gemma4 small file, f32 activations (top-1 gate) and default
     python3 -m sparkinfer_cute.gguf.synth --arch gemma4 --preset small -o /tmp/gemma4_small.gguf --seed 1 >/dev/null 2>&1
