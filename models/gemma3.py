@@ -68,10 +68,11 @@ class Gemma3GPU(GPUDecoder):
             ops.self_attention(self.kv, l, a, q, k, v, w[p + "attn_q_norm.weight"], w[p + "attn_k_norm.weight"],
                                self.pos_buf, self.attn, self.attn_ws, eps=eps, q_scale=self.q_scale, scale=1.0,
                                stream=stream)
-            ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream)
-            # x += rmsnorm(o, post_attention_norm); h = rmsnorm(x, ffn_norm)
-            ops.post_attention_norms(self.o, self.x, w[p + "post_attention_norm.weight"],
-                                     [(w[p + "ffn_norm.weight"], self.h)], eps, delta=self.delta, stream=stream)
+            # then x += rmsnorm(o, post_attention_norm); h = rmsnorm(x, ffn_norm): the O projection's tail
+            ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream,
+                     after=ops.AfterAttention(self.x, w[p + "post_attention_norm.weight"],
+                                              [(w[p + "ffn_norm.weight"], self.h)], eps, self.tail_counter,
+                                              self.delta))
             ops.dense_glu(w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], self.h, self.gate, self.up, self.act,
                           act="gelu_tanh", ids0=self.dense_ids, stream=stream)
             ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=stream)

@@ -147,15 +147,16 @@ class Gemma4GPU(GPUDecoder):
                                w[p + "attn_k_norm.weight"], self.pos_buf, attn, self.attn_ws, eps=eps, q_scale=1.0,
                                scale=c.attn_scale, stream=stream, v_norm=True,
                                freq_factors=self.rope_freqs if c.uses_rope_freqs(l) else None, xq=aq)
-            ops.gemv(w[p + "attn_output.weight"], attn, self.o, stream=stream, xq=aq)
-            # x1 = x + rmsnorm(o, post_attention_norm) (in place); from x1: h = rmsnorm(x1, ffn_norm), the dense MLP's
-            # input, and on MoE layers the router's and the experts' inputs
+            # then x1 = x + rmsnorm(o, post_attention_norm) (in place); from x1: h = rmsnorm(x1, ffn_norm), the dense
+            # MLP's input, and on MoE layers the router's and the experts' inputs: the O projection's tail
             moe = c.is_moe(l)
             outs = [(w[p + "ffn_norm.weight"], self.h)]
             if moe:
                 outs += [(self.router_norm[l], self.r_in), (w[p + "pre_ffw_norm_2.weight"], self.e_in)]
-            ops.post_attention_norms(self.o, self.x, w[p + "post_attention_norm.weight"], outs, eps, delta=self.delta,
-                                     xq=self.e_inq if moe and self.q8_moe else None, stream=stream)
+            ops.gemv(w[p + "attn_output.weight"], attn, self.o, stream=stream, xq=aq,
+                     after=ops.AfterAttention(self.x, w[p + "post_attention_norm.weight"], outs, eps,
+                                              self.tail_counter, self.delta,
+                                              xq=self.e_inq if moe and self.q8_moe else None))
             ops.dense_glu(w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], self.h, self.gate, self.up, self.act,
                           act="gelu_tanh", ids0=self.dense_ids, stream=stream)
             ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=stream)

@@ -159,16 +159,21 @@ def _self_attention_parts(c: OpCall) -> tuple[OpCall, OpCall]:
     return qk, at
 
 
-def _moe_down_parts(c: OpCall) -> tuple[OpCall, OpCall | None]:
-    """A moe_down call with an ``after`` (models/ops.py AfterFfn) as its two parts: the down projection alone and
-    the norm op that follows it, run as its tail (``after.fused()``: no launch of its own) or as its own launch."""
+def _tail_parts(c: OpCall) -> tuple[OpCall, OpCall | None]:
+    """A moe_down or gemv call with an ``after`` (models/ops.py AfterFfn / AfterAttention) as its two parts: the
+    matmul alone and the norm op that follows it, run as its tail (``after.fused()``: no launch of its own) or as
+    its own launch(es)."""
     after = c.kwargs.get("after")
     kw = {k: v for k, v in c.kwargs.items() if k != "after"}
-    base = OpCall("moe_down", c.args, kw, ops._moe_down_launches(*c.args, **kw))
+    count = ops._moe_down_launches if c.op == "moe_down" else ops._gemv_launches
+    base = OpCall(c.op, c.args, kw, count(*c.args, **kw))
     if after is None:
         return base, None
-    out = c.args[4]
-    if after.post is None:
+    out = c.args[4] if c.op == "moe_down" else c.args[2]
+    if isinstance(after, ops.AfterAttention):
+        nxt = OpCall("post_attention_norms", (out, after.x, after.w_post, after.outs, after.eps),
+                     dict(delta=after.delta, xq=after.xq), after.separate_launches(out))
+    elif after.post is None:
         w_next, h, xq = after.next_norm
         nxt = OpCall("rmsnorm", (after.x, w_next, h, after.eps), dict(residual=out, xq=xq), 1)
     else:
@@ -180,8 +185,8 @@ def _moe_down_parts(c: OpCall) -> tuple[OpCall, OpCall | None]:
 
 def _traffic(c: OpCall, m, depth: int, splits) -> dict:
     """Bytes by kind of one decode op call (the rules in the module docstring)."""
-    if c.op == "moe_down" and c.kwargs.get("after") is not None:  # + the norms after it (a tail: the same bytes,
-        parts = [p for p in _moe_down_parts(c) if p is not None]  # the chain's input read back from L2)
+    if c.op in ("moe_down", "gemv") and c.kwargs.get("after") is not None:  # + the norms after it (a tail: the same
+        parts = [p for p in _tail_parts(c) if p is not None]               # bytes, its input read back from L2)
         return {k: sum(_traffic(p, m, depth, splits)[k] for p in parts) for k in KINDS}
     if c.op == "self_attention":  # its two parts; fused: q is not written by a prologue and read back by attention
         qk, at = _self_attention_parts(c)
@@ -360,8 +365,8 @@ def kernel_parts(c: OpCall) -> tuple:
             parts += (("rmsnorm", 1),)
         if kw.get("down_scale") is not None and not ops.enabled("fused_expert_scale"):
             parts += (("expert_scale", 1),)
-    elif c.op == "moe_down" and kw.get("after") is not None:
-        base, nxt = _moe_down_parts(c)
+    elif c.op in ("moe_down", "gemv") and kw.get("after") is not None:
+        base, nxt = _tail_parts(c)
         parts = kernel_parts(base) + (kernel_parts(nxt) if not kw["after"].fused() else ())
     elif c.op == "moe_down" and c.kernels == 2:  # an actq the gate/up kernel did not write
         parts = (("quantize", 1), ("moe_down", 1))

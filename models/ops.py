@@ -65,6 +65,7 @@ PASSES = frozenset({
     "flash_prefill",     # the batched prefill's tensor-core flash attention
     "fused_qk_attention",  # decode attention runs the Q/K norm + RoPE + KV append itself (no prologue launch)
     "fused_ffn_tail",    # the MoE down projection's last CTA runs the norms after it (next attn_norm / post-FFN chain)
+    "fused_o_tail",      # the O projection's last CTA runs Gemma's post-attention norm chain
 })
 
 
@@ -290,7 +291,11 @@ def _row(w):
     return w.data.view(np.float32, (w.n_in,))
 
 
-@launches(lambda o, x, w_post, outs, *a, **k: 1 if enabled("fused_norms") else 1 + len(outs))
+def _post_attention_norms_launches(o, x, w_post, outs, *a, **k) -> int:
+    return 1 if enabled("fused_norms") else 1 + len(outs)
+
+
+@launches(_post_attention_norms_launches)
 def post_attention_norms(o, x, w_post, outs, eps: float, *, delta, stream, xq=None):
     """``x += rmsnorm(o) * w_post`` (in place), then ``out = rmsnorm(x) * w`` for each ``(w, out)`` of ``outs``
     (1..3; Gemma 4: ffn_norm -> the dense MLP input, then the router input and pre_ffw_norm_2 -> the experts'
@@ -397,12 +402,49 @@ def _gemv_shape(w) -> dict:
     return {"qtype": w.qtype, "n_in": w.n_in, "n_out": w.n_out}
 
 
-@launches(1)
-def gemv(w, x, y, *, stream, xq=None):
+@dataclass
+class AfterAttention:
+    """The norm chain after the O projection (:func:`post_attention_norms` with the projection's output as ``o``,
+    Gemma 3/4), for the projection's launch to run as its last CTA's tail (pass ``fused_o_tail``,
+    kernels/norm_chain.py ``RowNormChain.tail``) instead of a launch of its own; ``counter`` as :class:`AfterFfn`."""
+
+    x: DeviceArray
+    w_post: object
+    outs: list
+    eps: float
+    counter: DeviceArray
+    delta: DeviceArray
+    xq: object = None
+
+    def fused(self) -> bool:
+        return enabled("fused_o_tail") and enabled("fused_norms")
+
+    def separate_launches(self, out) -> int:
+        return _post_attention_norms_launches(out, self.x, self.w_post, self.outs)
+
+    def run_separately(self, out, stream) -> None:
+        post_attention_norms(out, self.x, self.w_post, self.outs, self.eps, delta=self.delta, xq=self.xq,
+                             stream=stream)
+
+    def tail_args(self, out) -> _norms.AttnTailArgs:
+        return _norms.AttnTailArgs(out, self.x, _row(self.w_post), [(_row(w), o) for w, o in self.outs], self.eps,
+                                   self.counter, self.xq)
+
+
+def _gemv_launches(w, x, y, *a, after=None, **k) -> int:
+    return 1 + (after.separate_launches(y) if after is not None and not after.fused() else 0)
+
+
+@launches(_gemv_launches)
+def gemv(w, x, y, *, stream, xq=None, after: AfterAttention | None = None):
     """y = W x over the raw quantized rows of W. With ``xq`` (the q8_1 copy of x, already quantized this step: the
-    caller decided with :func:`prefer_dp4a`) the int8 path runs instead."""
+    caller decided with :func:`prefer_dp4a`) the int8 path runs instead. ``after``: the norm chain that follows
+    (:class:`AfterAttention`), in this launch where it can be."""
     cfg = tuned(_gemv_op(xq), _gemv_shape(w), where=w.name)
-    _gemv.gemv(w.data, w.qtype, xq if xq is not None else x, n_out=w.n_out, out=y, stream=stream, **cfg)
+    tail = after.tail_args(y) if after is not None and after.fused() else None
+    _gemv.gemv(w.data, w.qtype, xq if xq is not None else x, n_out=w.n_out, out=y, stream=stream, tail=tail, **cfg)
+    if after is not None and tail is None:
+        after.run_separately(y, stream)
 
 
 def _chunk_only(cfg: dict) -> str | None:

@@ -51,6 +51,7 @@ def _bind() -> SimpleNamespace:
     """Every kernel-package name this adapter uses (the one place to fix after kernels/ moves)."""
     from sparkinfer_cute.kernels import gemv as g
     from sparkinfer_cute.kernels import gemv_chunk as gc
+    from sparkinfer_cute.kernels.norm_chain import no_tail_args
     from sparkinfer_cute.kernels.q8_1 import quantize_q8_1
     from sparkinfer_cute.kernels.quant_decode import INT_QTYPES, Tiling, spec
     from sparkinfer_cute.kernels.quant_dot import CHUNK_QTYPES
@@ -61,7 +62,7 @@ def _bind() -> SimpleNamespace:
         choose_warps_per_row=g.choose_warps_per_row, compile_gemv=g.compile_gemv,
         compile_gemv_chunk=gc.compile_gemv_chunk, INT_QTYPES=INT_QTYPES, CHUNK_QTYPES=CHUNK_QTYPES, Tiling=Tiling,
         spec=spec, random_quant_bytes=r.random_quant_bytes, quantize_q8_1=quantize_q8_1, gemv_ref=r.gemv_ref,
-        gemv_error_bound=r.gemv_error_bound,
+        gemv_error_bound=r.gemv_error_bound, no_tail_args=no_tail_args,
         q8_round_trip=lambda x: r.dequantize_q8_1(*r.quantize_q8_1_ref(x)[:2]))
 
 
@@ -173,11 +174,12 @@ class GemvRunner(KernelRunner):
         n_out, cs = Int32(self.shape["n_out"]), self.stream.cu
         pw, py = ptr(Uint8, self.ws[i].ptr), ptr(Float32, self.y.ptr)
         ids = ptr(Int32, self.x.ptr, 4)  # unused without experts
+        tail = _bind().no_tail_args(self.y)  # the engine's post-attention tail is not part of the tuned shape
         px, pxq, pxd, pxs = x_pointers(self.x, self.xq)
         if config["mapping"] == "chunk":
-            args = (pw, px, pxq, pxd, py, ids, n_out, Int32(1), cs)
+            args = (pw, px, pxq, pxd, py, ids, n_out, Int32(1), *tail, cs)
         else:
-            args = (pw, px, pxq, pxd, pxs, py, ids, n_out, Int32(1), cs)
+            args = (pw, px, pxq, pxd, pxs, py, ids, n_out, Int32(1), *tail, cs)
         return lambda: fn(*args)
 
     def check(self, config, out):

@@ -29,6 +29,7 @@ from cutlass import Float32, Int8, Int32, Uint8, cute
 from .common import WarpRowKernel, aligned, as_device_bytes, gptr, pdl_prologue, sm_count, warp_reduce_sum
 from .compile import compile_options, kernel_cache
 from .gemv_chunk import choose_rows_per_warp, chunk_ok, compile_gemv_chunk, compile_gemv_multi
+from .norm_chain import AttnTail, AttnTailArgs, no_tail_args, tail_fake_args
 from .q8_1 import Q8Act, as_q8, x_pointers
 from .quant_decode import INT_QTYPES, Tiling, check_weight_bytes, qtype_name, spec
 from .quant_dot import decode_int_slice, decode_int_unit, group_dot, step_dot
@@ -48,11 +49,17 @@ class Gemv(WarpRowKernel):
     ``warps_per_row`` (1/2/4): a row's steps are split over that many warps of the CTA (warp w takes steps
     lane + 32*(w % warps_per_row) + 32*warps_per_row*t) and the partial sums are added in a fixed order through
     shared memory. Used when n_out is small (2048 -> 512: 512 rows would be 512 warps, ~4 per SM, too few loads in
-    flight)."""
+    flight).
+
+    ``tail`` (norm_chain.py :class:`AttnTail`; dense, one activation row): the last CTA to finish then runs the norm
+    chain after the projection on ``y``."""
 
     def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
-                 mapping: str = "slice", warps_per_row: int = 1, accumulate: bool = False, q8: bool = False):
+                 mapping: str = "slice", warps_per_row: int = 1, accumulate: bool = False, q8: bool = False,
+                 tail: AttnTail | None = None):
         super().__init__()
+        assert tail is None or (not experts and rows == 1), "a tail follows a dense one-row GEMV"
+        self.tail = tail.chain(tail.row_len, WARPS * 32) if tail is not None else None
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, mapping)
         assert n_in % self.sp.block_elems == 0, f"{qtype}: n_in {n_in} % {self.sp.block_elems}"
@@ -66,13 +73,20 @@ class Gemv(WarpRowKernel):
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer,
-                 pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32, n_slots: Int32, stream: cuda.CUstream):
-        self.launch_rows(self.kernel(pW, pX, pXq, pXd, pXs, pY, pIds, n_out), n_out, self.rows_per_cta, n_slots,
-                         stream)
+                 pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32, n_slots: Int32, tCnt: cute.Pointer,
+                 t0: cute.Pointer, t1: cute.Pointer, t2: cute.Pointer, t3: cute.Pointer, t4: cute.Pointer,
+                 t5: cute.Pointer, t6: cute.Pointer, t7: cute.Pointer, t8: cute.Pointer, t9: cute.Pointer,
+                 t10: cute.Pointer, t11: cute.Pointer, eps: Float32, stream: cuda.CUstream):
+        self.launch_rows(self.kernel(pW, pX, pXq, pXd, pXs, pY, pIds, n_out, tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                                     t9, t10, t11, eps),
+                         n_out, self.rows_per_cta, n_slots, stream)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer,
-               pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32):
+               pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32, tCnt: cute.Pointer, t0: cute.Pointer,
+               t1: cute.Pointer, t2: cute.Pointer, t3: cute.Pointer, t4: cute.Pointer, t5: cute.Pointer,
+               t6: cute.Pointer, t7: cute.Pointer, t8: cute.Pointer, t9: cute.Pointer, t10: cute.Pointer,
+               t11: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
         sp, wpr = self.sp, self.warps_per_row
         tid, bx, slot, warp, lane = self.thread_coords()
@@ -131,17 +145,21 @@ class Gemv(WarpRowKernel):
                         if cutlass.const_expr(self.accumulate):
                             t = t + mY[yi]
                         mY[yi] = t
+        if cutlass.const_expr(self.tail is not None):
+            self.tail.tail(tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, eps)
 
 
 @kernel_cache
 def compile_gemv(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
-                 mapping: str = "slice", warps_per_row: int = 1, accumulate: bool = False, q8: bool = False):
-    """Runtime args: (W u8, x f32, xq i8, xd f32, xs f32, y f32, ids i32 (align 4) pointers, n_out, n_slots,
-    stream); :func:`x_pointers` gives the four x pointers of a float or q8_1 activation."""
-    return cute.compile(Gemv(qtype, n_in, rows, experts, x_per_slot, mapping, warps_per_row, accumulate, q8),
+                 mapping: str = "slice", warps_per_row: int = 1, accumulate: bool = False, q8: bool = False,
+                 tail: AttnTail | None = None):
+    """Runtime args: (W u8, x f32, xq i8, xd f32, xs f32, y f32, ids i32 (align 4) pointers, n_out, n_slots, the
+    tail's arguments (norm_chain.py ``AttnTailArgs.launch_args``, or ``no_tail_args``), stream); :func:`x_pointers`
+    gives the four x pointers of a float or q8_1 activation."""
+    return cute.compile(Gemv(qtype, n_in, rows, experts, x_per_slot, mapping, warps_per_row, accumulate, q8, tail),
                         gptr(Uint8, 0), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0), gptr(Float32, 0),
-                        gptr(Float32, 0), gptr(Int32, 0, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
-                        options=compile_options())
+                        gptr(Float32, 0), gptr(Int32, 0, 4), Int32(1), Int32(1), *tail_fake_args(),
+                        cute.runtime.make_fake_stream(), options=compile_options())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,11 +189,19 @@ def resolve_mapping(mapping: str, qtype: str, n_in: int, rows: int) -> str:
 
 
 def _launch(dw, q: str, x, di, n_in: int, rows: int, n_out: int, n_slots: int, experts: bool, x_per_slot: bool,
-            y, st, mapping: str, warps_per_row: int | None, accumulate: bool, rows_per_warp: int | None = None):
+            y, st, mapping: str, warps_per_row: int | None, accumulate: bool, rows_per_warp: int | None = None,
+            tail: AttnTailArgs | None = None):
     """One GEMV launch on device buffers: ``x`` a float DeviceArray or a Q8Act (then the dp4a path), ``di`` the
     expert ids (any valid int32 buffer when dense). ``rows_per_warp`` (chunk mapping) / ``warps_per_row`` (slice):
-    None = the heuristic's choice."""
+    None = the heuristic's choice. ``tail``: the norm chain after the projection (norm_chain.py
+    :class:`AttnTailArgs`, its ``o`` being ``y``), run by the same launch."""
     q8 = isinstance(x, Q8Act)
+    if tail is not None:
+        if experts or rows != 1 or accumulate:
+            raise ValueError("a GEMV tail follows a dense one-row GEMV without accumulate")
+        tail.check(n_out, y)
+    targs = tail.launch_args() if tail is not None else no_tail_args(y)
+    tkw = {"tail": tail.spec} if tail is not None else {}  # without a tail: the registered (tail-less) config key
     px, pxq, pxd, pxs = x_pointers(x)
     aligned(dw, "weights")
     mapping = resolve_mapping(mapping, q, n_in, rows)
@@ -187,24 +213,27 @@ def _launch(dw, q: str, x, di, n_in: int, rows: int, n_out: int, n_slots: int, e
             rows_per_warp = 1
         else:
             rows_per_warp = choose_rows_per_warp(n_out * n_slots, sm_count())
-        fn = compile_gemv_chunk(q, n_in, rows_per_warp, experts, x_per_slot, accumulate, q8)
+        fn = compile_gemv_chunk(q, n_in, rows_per_warp, experts, x_per_slot, accumulate, q8, **tkw)
         fn(gptr(Uint8, dw.ptr), px, pxq, pxd, gptr(Float32, y.ptr), gptr(Int32, di.ptr, 4), Int32(n_out),
-           Int32(n_slots), cuda.CUstream(st.handle))
+           Int32(n_slots), *targs, cuda.CUstream(st.handle))
         return
     if warps_per_row is None:
         warps_per_row = 1 if q8 else _warps_per_row(q, n_in, n_out * n_slots, mapping)
-    fn = compile_gemv(q, n_in, rows, experts, x_per_slot, mapping, warps_per_row, accumulate, q8)
+    fn = compile_gemv(q, n_in, rows, experts, x_per_slot, mapping, warps_per_row, accumulate, q8, **tkw)
     fn(gptr(Uint8, dw.ptr), px, pxq, pxd, pxs, gptr(Float32, y.ptr), gptr(Int32, di.ptr, 4), Int32(n_out),
-       Int32(n_slots), cuda.CUstream(st.handle))
+       Int32(n_slots), *targs, cuda.CUstream(st.handle))
 
 
 def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "auto",
-         warps_per_row: int | None = None, accumulate: bool = False, rows_per_warp: int | None = None):
+         warps_per_row: int | None = None, accumulate: bool = False, rows_per_warp: int | None = None,
+         tail: AttnTailArgs | None = None):
     """y = x @ W.T for raw GGUF weights ``w`` ([n_out, row_bytes] uint8, numpy or DeviceArray) and ``x``: f32
     ([rows, n_in] or [n_in], rows <= 8) or a :class:`Q8Act` (then the dp4a path). numpy in -> numpy out ([rows,
     n_out] or [n_out]). ``accumulate=True``: ``out += x @ W.T`` in place (``out`` required; the residual add of an
     output projection). Launch knobs (the autotuner's ``gemv`` / ``gemv_q8`` configs): ``mapping``, the slice
-    mapping's ``warps_per_row`` and the chunk mapping's ``rows_per_warp``; None = the heuristic's choice."""
+    mapping's ``warps_per_row`` and the chunk mapping's ``rows_per_warp``; None = the heuristic's choice.
+    ``tail`` (norm_chain.py :class:`AttnTailArgs`, its ``o`` being ``out``): the same launch then runs the norm
+    chain after the projection (the last CTA to finish)."""
     if accumulate and out is None:
         raise ValueError("accumulate=True adds into `out`: pass the residual buffer as out")
     from ..runtime import DeviceArray, as_device, default_stream
@@ -224,7 +253,7 @@ def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: 
     check_weight_bytes(dw, q, n_out, n_in)
     y = out if out is not None else DeviceArray.empty(shape, np.float32)
     _launch(dw, q, dx, dx.d if isinstance(dx, Q8Act) else dx, n_in, rows, n_out, 1, False, False, y, st, mapping,
-            warps_per_row, accumulate, rows_per_warp)
+            warps_per_row, accumulate, rows_per_warp, tail)
     return y.to_numpy(stream=st) if x_np else y
 
 
@@ -356,4 +385,7 @@ def registered_configs(q8: bool | None = None):
     return cfgs
 
 
-register("gemv", compile_gemv, registered_configs())
+# the O projection with the post-attention norm chain as its tail (models/ops.py AfterAttention): the synthetic tiny
+# Gemma 4 file's (slice: 256 / 512 -> 256, three outputs and the experts' q8_1 copy)
+TAIL_CONFIGS = [dict(qtype="Q4_K", n_in=n, rows=1, q8=True, tail=AttnTail(256, 3, True)) for n in (256, 512)]
+register("gemv", compile_gemv, registered_configs() + TAIL_CONFIGS)

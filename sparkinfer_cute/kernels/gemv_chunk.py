@@ -20,6 +20,7 @@ from cutlass import Float32, Int8, Int32, Uint8, cute
 
 from .common import WarpRowKernel, gptr, pdl_prologue, warp_reduce_sum
 from .compile import compile_options, kernel_cache
+from .norm_chain import AttnTail, tail_fake_args
 from .quant_dot import (
     CHUNKS_PER_BLOCK,
     chunk_dot_f32,
@@ -86,12 +87,16 @@ def chunk_rows_partial(qtype: str, q8: bool, rows, xargs, xrow_base, lane, chunk
 class GemvChunk(WarpRowKernel):
     """``y[slot, o] (+)= W[e(slot), o] . x[xrow(slot)]``; dense: n_slots = 1, e = 0, xrow = 0; expert-indexed
     (``experts``): e = ids[slot], xrow = slot if ``x_per_slot`` else 0. A warp owns ``rows_per_warp`` consecutive
-    output rows (n_out % rows_per_warp == 0). ``q8``: int8 activations (q8_1.py) and dp4a, else f32."""
+    output rows (n_out % rows_per_warp == 0). ``q8``: int8 activations (q8_1.py) and dp4a, else f32.
+    ``tail`` (norm_chain.py :class:`AttnTail`, dense only): the last CTA to finish then runs the norm chain after the
+    projection on ``y`` (a row of ``tail.row_len`` = n_out)."""
 
     def __init__(self, qtype: str, n_in: int, rows_per_warp: int = 1, experts: bool = False,
-                 x_per_slot: bool = False, accumulate: bool = False, q8: bool = False):
+                 x_per_slot: bool = False, accumulate: bool = False, q8: bool = False, tail: AttnTail | None = None):
         super().__init__()
         assert chunk_ok(qtype, n_in), (qtype, n_in)
+        assert tail is None or not experts, "a tail follows a dense GEMV"
+        self.tail = tail.chain(tail.row_len, WARPS * 32) if tail is not None else None
         self.qtype, self.n_in, self.rows_per_warp = qtype, n_in, rows_per_warp
         self.experts, self.x_per_slot, self.accumulate, self.q8 = experts, x_per_slot, accumulate, q8
         self.chunks_per_lane = n_in // 256 * CHUNKS_PER_BLOCK // 32
@@ -100,13 +105,20 @@ class GemvChunk(WarpRowKernel):
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pY: cute.Pointer,
-                 pIds: cute.Pointer, n_out: Int32, n_slots: Int32, stream: cuda.CUstream):
-        self.launch_rows(self.kernel(pW, pX, pXq, pXd, pY, pIds, n_out), n_out, WARPS * self.rows_per_warp,
-                         n_slots, stream)
+                 pIds: cute.Pointer, n_out: Int32, n_slots: Int32, tCnt: cute.Pointer, t0: cute.Pointer,
+                 t1: cute.Pointer, t2: cute.Pointer, t3: cute.Pointer, t4: cute.Pointer, t5: cute.Pointer,
+                 t6: cute.Pointer, t7: cute.Pointer, t8: cute.Pointer, t9: cute.Pointer, t10: cute.Pointer,
+                 t11: cute.Pointer, eps: Float32, stream: cuda.CUstream):
+        self.launch_rows(self.kernel(pW, pX, pXq, pXd, pY, pIds, n_out, tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9,
+                                     t10, t11, eps),
+                         n_out, WARPS * self.rows_per_warp, n_slots, stream)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pY: cute.Pointer,
-               pIds: cute.Pointer, n_out: Int32):
+               pIds: cute.Pointer, n_out: Int32, tCnt: cute.Pointer, t0: cute.Pointer, t1: cute.Pointer,
+               t2: cute.Pointer, t3: cute.Pointer, t4: cute.Pointer, t5: cute.Pointer, t6: cute.Pointer,
+               t7: cute.Pointer, t8: cute.Pointer, t9: cute.Pointer, t10: cute.Pointer, t11: cute.Pointer,
+               eps: Float32):
         if cutlass.const_expr(not self.early):
             pdl_prologue(self.pdl)
         _, bx, slot, warp, lane = self.thread_coords()
@@ -126,15 +138,23 @@ class GemvChunk(WarpRowKernel):
                     if cutlass.const_expr(self.accumulate):
                         t = t + mY[yi]
                     mY[yi] = t
+        if cutlass.const_expr(self.tail is not None):
+            if cutlass.const_expr(self.early):
+                # warps without a row never waited (chunk_rows_partial waits after the weight loads): the tail reads
+                # what the previous kernel wrote (x, the norm's inputs), so every thread waits here (a no-op twice)
+                cute.arch.griddepcontrol_wait()
+            self.tail.tail(tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, eps)
 
 
 @kernel_cache
 def compile_gemv_chunk(qtype: str, n_in: int, rows_per_warp: int = 1, experts: bool = False,
-                       x_per_slot: bool = False, accumulate: bool = False, q8: bool = False):
-    """Runtime args: (W u8, x f32, xq i8, xd f32, y f32, ids i32 (align 4) pointers, n_out, n_slots, stream)."""
-    return cute.compile(GemvChunk(qtype, n_in, rows_per_warp, experts, x_per_slot, accumulate, q8),
+                       x_per_slot: bool = False, accumulate: bool = False, q8: bool = False,
+                       tail: AttnTail | None = None):
+    """Runtime args: (W u8, x f32, xq i8, xd f32, y f32, ids i32 (align 4) pointers, n_out, n_slots, the tail's
+    arguments (norm_chain.py ``AttnTailArgs.launch_args``, or ``no_tail_args``), stream)."""
+    return cute.compile(GemvChunk(qtype, n_in, rows_per_warp, experts, x_per_slot, accumulate, q8, tail),
                         gptr(Uint8, 0), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0), gptr(Float32, 0),
-                        gptr(Int32, 0, 4), Int32(1), Int32(1), cute.runtime.make_fake_stream(),
+                        gptr(Int32, 0, 4), Int32(1), Int32(1), *tail_fake_args(), cute.runtime.make_fake_stream(),
                         options=compile_options())
 
 
@@ -228,5 +248,10 @@ def chunk_configs():
 MULTI_CONFIGS = [dict(mats=(("Q4_K", 4096), ("Q4_K", 512), (v, 512)), n_in=2048, q8=q8)
                  for v in ("Q4_K", "Q6_K", "Q6_K_P") for q8 in (False, True)]
 
-register("gemv_chunk", compile_gemv_chunk, chunk_configs())
+# the O projection with the post-attention norm chain as its tail (models/ops.py AfterAttention): Gemma 4 26B-A4B
+# (4096 / 8192 -> 2816, dp4a, three outputs and the experts' q8_1 copy), Gemma 3 270M (1024 -> 640, f32, one output)
+TAIL_CONFIGS = [dict(qtype="Q4_K", n_in=n, rows_per_warp=choose_rows_per_warp(2816), q8=True,
+                     tail=AttnTail(2816, 3, True)) for n in (4096, 8192)]
+TAIL_CONFIGS += [dict(qtype="Q4_K", n_in=1024, rows_per_warp=choose_rows_per_warp(640), tail=AttnTail(640, 1, False))]
+register("gemv_chunk", compile_gemv_chunk, chunk_configs() + TAIL_CONFIGS)
 register("gemv_multi", compile_gemv_multi, MULTI_CONFIGS)

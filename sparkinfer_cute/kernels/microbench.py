@@ -115,6 +115,7 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice", rp
     from ..runtime import DeviceArray
     from .gemv import _warps_per_row, compile_gemv
     from .gemv_chunk import choose_rows_per_warp, compile_gemv_chunk
+    from .norm_chain import no_tail_args
     from .q8_1 import quantize_q8_1, x_pointers
     from .quant_decode import spec
 
@@ -133,12 +134,12 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice", rp
         wpr = rpw if rpw is not None else choose_rows_per_warp(n_out, 132)  # rows per warp here
         fn = compile_gemv_chunk(q, n_in, wpr, False, False, False, q8)
         args = [(gptr(Uint8, w.ptr), px, pxq, pxd, gptr(Float32, y.ptr), gptr(Int32, x.ptr, 4), Int32(n_out),
-                 Int32(1), cs) for w in ws]
+                 Int32(1), *no_tail_args(y), cs) for w in ws]
     else:
         wpr = 1 if q8 else _warps_per_row(q, n_in, n_out, mapping)
         fn = compile_gemv(q, n_in, 1, False, False, mapping, wpr, q8=q8)
         args = [(gptr(Uint8, w.ptr), px, pxq, pxd, pxs, gptr(Float32, y.ptr), gptr(Int32, x.ptr, 4),
-                 Int32(n_out), Int32(1), cs) for w in ws]
+                 Int32(n_out), Int32(1), *no_tail_args(y), cs) for w in ws]
     G = max(20, ncopy)
     launches = [(lambda a=args[i % ncopy]: fn(*a)) for i in range(G)]
     med, mn = _time_graph(launches, stream, reps)
@@ -156,6 +157,7 @@ def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_
     from ..runtime import DeviceArray
     from .gemv import compile_gemv
     from .gemv_chunk import choose_rows_per_warp, compile_gemv_chunk
+    from .norm_chain import no_tail_args
     from .q8_1 import quantize_q8_1, x_pointers
     from .quant_decode import spec
 
@@ -174,11 +176,11 @@ def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_
     if mapping == "chunk":
         fn = compile_gemv_chunk(q, n_in, choose_rows_per_warp(k * n_out, 132), True, x_per_slot, False, q8)
         args = [(gptr(Uint8, w.ptr), px, pxq, pxd, gptr(Float32, y.ptr), gptr(Int32, i.ptr, 4), Int32(n_out),
-                 Int32(k), cs) for i in ids]
+                 Int32(k), *no_tail_args(y), cs) for i in ids]
     else:
         fn = compile_gemv(q, n_in, 1, True, x_per_slot, q8=q8)
         args = [(gptr(Uint8, w.ptr), px, pxq, pxd, pxs, gptr(Float32, y.ptr), gptr(Int32, i.ptr, 4), Int32(n_out),
-                 Int32(k), cs) for i in ids]
+                 Int32(k), *no_tail_args(y), cs) for i in ids]
     launches = [(lambda a=args[i % nsets]: fn(*a)) for i in range(32)]
     med, mn = _time_graph(launches, stream, reps)
     nbytes = k * n_out * spec(q).row_bytes(n_in) + xbytes + k * n_out * 4
@@ -284,6 +286,7 @@ def bench_multi(stream, l2, reps, rng, path, mats=(("Q4_K", 4096), ("Q4_K", 512)
     from ..runtime import DeviceArray
     from .common import sm_count
     from .gemv_chunk import choose_rows_per_warp, compile_gemv_chunk, compile_gemv_multi
+    from .norm_chain import no_tail_args
     from .q8_1 import quantize_q8_1, x_pointers
     from .quant_decode import spec
 
@@ -307,7 +310,7 @@ def bench_multi(stream, l2, reps, rng, path, mats=(("Q4_K", 4096), ("Q4_K", 512)
         w = ws[i % ncopy]
         for m, (f, y) in enumerate(zip(fs, ys)):
             a = (gptr(Uint8, w[m].ptr), px, pxq, pxd, gptr(Float32, y.ptr), gptr(Int32, x.ptr, 4), Int32(mats[m][1]),
-                 Int32(1), cs)
+                 Int32(1), *no_tail_args(y), cs)
             seq.append(lambda f=f, a=a: f(*a))
     med_s, mn_s = _time_graph(seq, stream, reps)
     xb = n_in * 4 if not q8 else n_in + n_in // 32 * 8

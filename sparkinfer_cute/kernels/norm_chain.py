@@ -48,10 +48,14 @@ class RowNormChain:
     ``g`` held by thread ``g % threads`` in its register slot ``g // threads`` (a "pass"); device helpers to load,
     normalize and store the thread's groups. ``threads`` 0: one group per thread (``N / 8`` threads rounded up to a
     warp), the standalone one-CTA kernels; a fixed count (a multiple of 32): the chain run by a CTA of another kernel
-    (:meth:`PostFfnNorms.tail`), several passes per thread."""
+    (:meth:`tail`), several passes per thread; the chain's inputs written by that kernel are then read through L2.
+
+    A chain's :meth:`body` takes 12 pointers and eps (each chain's own meaning), so :meth:`tail` and the host
+    kernels' argument lists are the same for every chain."""
 
     def __init__(self, N: int, threads: int = 0):
         self.pdl = pdl_enabled()
+        self.in_tail = threads > 0
         if N % QK8_1:
             raise ValueError(f"norm chain rows must be a multiple of {QK8_1}, got {N}")
         self.N = N
@@ -129,13 +133,39 @@ class RowNormChain:
         smem = cutlass.memory.SmemAllocator()
         return smem.allocate_tensor(Float32, cute.make_layout(self.warps), byte_alignment=16)
 
+    @cute.jit
+    def tail(self, pCnt: cute.Pointer, p0: cute.Pointer, p1: cute.Pointer, p2: cute.Pointer, p3: cute.Pointer,
+             p4: cute.Pointer, p5: cute.Pointer, p6: cute.Pointer, p7: cute.Pointer, p8: cute.Pointer,
+             p9: cute.Pointer, p10: cute.Pointer, p11: cute.Pointer, eps: Float32):
+        """The chain as the end of another kernel: every thread of every CTA calls it after its CTA's last store
+        of the chain's input; the last CTA of the grid to arrive (int32 counter ``pCnt[0]``, zero before the
+        launch, reset by that CTA for the next launch / graph replay) runs :meth:`body`. Release / acquire as in
+        q8_1.py ``quantize_block_when_complete``: the barrier orders the CTA's stores before thread 0's GPU-scope
+        fence + acq_rel atomic; the last CTA fences again before it reads the row. No CTA waits for another."""
+        smem = cutlass.memory.SmemAllocator()
+        flag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
+        red = self.smem_red()
+        tid = cute.arch.thread_idx()[0]
+        gx, gy, gz = cute.arch.grid_dim()
+        cute.arch.sync_threads()
+        if tid == 0:
+            cute.arch.fence_acq_rel_gpu()
+            flag[0] = cute.arch.atomic_add(pCnt.llvm_ptr, Int32(1), sem="acq_rel", scope="gpu")
+        cute.arch.sync_threads()
+        if flag[0] == gx * gy * gz - 1:
+            cute.arch.fence_acq_rel_gpu()
+            self.body(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, eps, red)
+            if tid == 0:
+                cute.make_tensor(pCnt, cute.make_layout(1))[0] = Int32(0)
+
 
 class PostAttentionNorms(RowNormChain):
     """``x += rmsnorm(o) * w_post``; ``out_i = rmsnorm(x) * w_i`` for ``i < n_out`` (1..3); ``q8_last``: also the
-    q8_1 copy of the last output. Unused output / weight pointers of a smaller ``n_out`` may be any valid ones."""
+    q8_1 copy of the last output. Unused output / weight pointers of a smaller ``n_out`` may be any valid ones.
+    ``tail_threads``: run as the tail of the O projection that writes ``o`` (:meth:`RowNormChain.tail`)."""
 
-    def __init__(self, N: int, n_out: int, q8_last: bool = False):
-        super().__init__(N)
+    def __init__(self, N: int, n_out: int, q8_last: bool = False, tail_threads: int = 0):
+        super().__init__(N, tail_threads)
         if not 1 <= n_out <= 3:
             raise ValueError(f"n_out must be 1..3, got {n_out}")
         self.n_out, self.q8_last = n_out, q8_last
@@ -152,10 +182,15 @@ class PostAttentionNorms(RowNormChain):
                pW2: cute.Pointer, pOut0: cute.Pointer, pOut1: cute.Pointer, pOut2: cute.Pointer, pQ: cute.Pointer,
                pD: cute.Pointer, pS: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
+        self.body(pO, pX, pWpost, pW0, pW1, pW2, pOut0, pOut1, pOut2, pQ, pD, pS, eps, self.smem_red())
+
+    @cute.jit
+    def body(self, pO: cute.Pointer, pX: cute.Pointer, pWpost: cute.Pointer, pW0: cute.Pointer, pW1: cute.Pointer,
+             pW2: cute.Pointer, pOut0: cute.Pointer, pOut1: cute.Pointer, pOut2: cute.Pointer, pQ: cute.Pointer,
+             pD: cute.Pointer, pS: cute.Pointer, eps: Float32, red: cute.Tensor):
         tid = cute.arch.thread_idx()[0]
-        red = self.smem_red()
         v, x, h = self.regs(), self.regs(), self.regs()
-        self.load(pO, v, tid)
+        self.load(pO, v, tid, self.in_tail)
         self.normed(v, self.rstd(v, red, tid, eps), pWpost, h, tid)
         self.load(pX, x, tid)
         for j in cutlass.range_constexpr(self.passes):
@@ -179,8 +214,8 @@ class PostFfnNorms(RowNormChain):
     ones.
 
     ``tail_threads`` (a multiple of 32): the chain is not a kernel of its own but the end of another one
-    (:meth:`tail`, run by the last CTA of that grid to finish, e.g. the MoE down projection that writes ``y`` or
-    ``f``): the row is spread over that CTA's threads, and ``f``/``y`` are read through L2."""
+    (:meth:`RowNormChain.tail`, run by the last CTA of that grid to finish, e.g. the MoE down projection that writes
+    ``y`` or ``f``): the row is spread over that CTA's threads, and ``f``/``y`` are read through L2."""
 
     def __init__(self, N: int, has_experts: bool, next_norm: bool = False, next_q8: bool = False,
                  post_norm: bool = True, tail_threads: int = 0):
@@ -190,7 +225,6 @@ class PostFfnNorms(RowNormChain):
         if has_experts and not post_norm:
             raise ValueError("the experts' post_ffw_norm_2 needs post_norm")
         self.has_experts, self.next_norm, self.next_q8, self.post_norm = has_experts, next_norm, next_q8, post_norm
-        self.in_tail = tail_threads > 0
 
     @cute.jit
     def __call__(self, pF: cute.Pointer, pY: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pW: cute.Pointer,
@@ -205,31 +239,6 @@ class PostFfnNorms(RowNormChain):
                pD: cute.Pointer, pS: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
         self.body(pF, pY, pW1, pW2, pW, pX, pScale, pWn, pH, pQ, pD, pS, eps, self.smem_red())
-
-    @cute.jit
-    def tail(self, pCnt: cute.Pointer, pF: cute.Pointer, pY: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer,
-             pW: cute.Pointer, pX: cute.Pointer, pScale: cute.Pointer, pWn: cute.Pointer, pH: cute.Pointer,
-             pQ: cute.Pointer, pD: cute.Pointer, pS: cute.Pointer, eps: Float32):
-        """The chain as the end of another kernel: every thread of every CTA calls it after its CTA's last store
-        of the chain's input; the last CTA of the grid to arrive (int32 counter ``pCnt[0]``, zero before the
-        launch, reset by that CTA for the next launch / graph replay) runs :meth:`body`. Release / acquire as in
-        q8_1.py ``quantize_block_when_complete``: the barrier orders the CTA's stores before thread 0's GPU-scope
-        fence + acq_rel atomic; the last CTA fences again before it reads the row. No CTA waits for another."""
-        smem = cutlass.memory.SmemAllocator()
-        flag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
-        red = self.smem_red()
-        tid = cute.arch.thread_idx()[0]
-        gx, gy, gz = cute.arch.grid_dim()
-        cute.arch.sync_threads()
-        if tid == 0:
-            cute.arch.fence_acq_rel_gpu()
-            flag[0] = cute.arch.atomic_add(pCnt.llvm_ptr, Int32(1), sem="acq_rel", scope="gpu")
-        cute.arch.sync_threads()
-        if flag[0] == gx * gy * gz - 1:
-            cute.arch.fence_acq_rel_gpu()
-            self.body(pF, pY, pW1, pW2, pW, pX, pScale, pWn, pH, pQ, pD, pS, eps, red)
-            if tid == 0:
-                cute.make_tensor(pCnt, cute.make_layout(1))[0] = Int32(0)
 
     @cute.jit
     def body(self, pF: cute.Pointer, pY: cute.Pointer, pW1: cute.Pointer, pW2: cute.Pointer, pW: cute.Pointer,
@@ -389,8 +398,63 @@ class FfnTailArgs:
                 gptr(Float32, q[1]), gptr(Float32, q[2]), Float32(self.eps))
 
 
+class AttnTail(NamedTuple):
+    """The static shape of a post-attention chain run as the tail of the O projection (:class:`PostAttentionNorms`
+    flags and the row length, the projection's n_out: a GEMV's output length is a runtime argument)."""
+
+    row_len: int
+    n_out: int = 1
+    q8_last: bool = False
+
+    def chain(self, N: int, threads: int) -> PostAttentionNorms:
+        return PostAttentionNorms(N, self.n_out, self.q8_last, tail_threads=threads)
+
+
+@dataclass
+class AttnTailArgs:
+    """What a post-attention chain tail reads and writes: :func:`post_attention_norms` on ``o`` (the output of the
+    kernel that runs the tail), ``x``, ``w_post``, ``outs`` (1..3 ``(w, out)``), ``xq``; ``counter`` as
+    :class:`FfnTailArgs`."""
+
+    o: object
+    x: object
+    w_post: object
+    outs: list
+    eps: float
+    counter: object
+    xq: object = None
+
+    @property
+    def spec(self) -> AttnTail:
+        return AttnTail(int(self.o.size), len(self.outs), self.xq is not None)
+
+    def check(self, N: int, writer) -> None:
+        if writer.ptr != self.o.ptr:
+            raise ValueError("a post-attention tail must read the output of the kernel that runs it (o)")
+        if not 1 <= len(self.outs) <= 3:
+            raise ValueError(f"a post-attention tail takes 1..3 outputs, got {len(self.outs)}")
+        if self.counter.nbytes < 4:
+            raise ValueError("a post-attention tail needs an int32 counter")
+        for a in (self.o, self.x, *(out for _, out in self.outs)):
+            if int(a.size) < N:
+                raise ValueError(f"post-attention tail: a buffer of {a.size} elements for a row of {N}")
+
+    def launch_args(self) -> tuple:
+        """The runtime arguments of :meth:`RowNormChain.tail` for :meth:`PostAttentionNorms.body` (o, x, w_post,
+        w0..w2, out0..out2, q, d, s), unused ones filled with valid pointers."""
+        ws = [w for w, _ in self.outs] + [self.outs[0][0]] * (3 - len(self.outs))
+        os_ = [out for _, out in self.outs] + [self.outs[0][1]] * (3 - len(self.outs))
+        xq = self.xq
+        q = (xq.qs.ptr, xq.d.ptr, xq.s.ptr) if xq is not None else (self.o.ptr,) * 3
+        return (gptr(Int32, self.counter.ptr, 4), gptr(Float32, self.o.ptr), gptr(Float32, self.x.ptr),
+                gptr(Float32, self.w_post.ptr), *(gptr(Float32, w.ptr) for w in ws), gptr(Float32, os_[0].ptr, 4),
+                gptr(Float32, os_[1].ptr), gptr(Float32, os_[2].ptr), gptr(Int8, q[0]), gptr(Float32, q[1]),
+                gptr(Float32, q[2]), Float32(self.eps))
+
+
 def tail_fake_args() -> tuple:
-    """Compile-time stand-ins of :meth:`FfnTailArgs.launch_args`."""
+    """Compile-time stand-ins of the tail arguments (:meth:`FfnTailArgs.launch_args`, :meth:`AttnTailArgs.launch_args`:
+    the counter, 12 pointers of which the 7th is 4-byte aligned and the 10th int8, eps)."""
     p = fake_ptr(Float32)
     return (fake_ptr(Int32, 4), p, p, p, p, p, p, fake_ptr(Float32, 4), p, p, fake_ptr(Int8), p, p, Float32(1e-6))
 

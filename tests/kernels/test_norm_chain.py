@@ -192,3 +192,61 @@ def test_moe_down_runs_the_chain_as_its_tail(form, q, n_ff, n_out, E, k, path, s
         np.testing.assert_array_equal(d.reshape(-1).view(np.uint32), ref_d.reshape(-1).view(np.uint32))
         np.testing.assert_array_equal(s.reshape(-1).view(np.uint32), ref_s.reshape(-1).view(np.uint32))
         assert counter.to_numpy()[0] == 0, f"launch {launch}: the tail left the arrival counter at {counter}"
+
+
+@pytest.mark.gpu
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+@pytest.mark.parametrize("q,n_in,n_out,n_outs,q8", [
+    ("Q4_K", 4096, 2816, 3, True),   # Gemma 4 26B-A4B sliding O projection (chunk kernel, dp4a), experts' q8_1 copy
+    ("Q4_K", 1024, 640, 1, False),   # Gemma 3 270M (chunk kernel, f32)
+    ("Q4_K", 256, 256, 3, True),     # the synthetic tiny Gemma 4 (slice kernel)
+])
+def test_o_projection_runs_the_chain_as_its_tail(q, n_in, n_out, n_outs, q8, seed):
+    """gemv with a tail (kernels/norm_chain.py AttnTailArgs): its own output bit-identical to the launch without
+    one, then post_attention_norms on it as the float64 reference says, the q8_1 copy of the last output
+    bit-identical to quantize_q8_1 of what it wrote, the arrival counter back to zero, a second launch from that
+    zero. Outputs NaN-poisoned."""
+    from sparkinfer_cute.kernels.gemv import gemv
+    from sparkinfer_cute.kernels.norm_chain import AttnTailArgs
+    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1
+    from sparkinfer_cute.kernels.quant_decode import spec
+    from sparkinfer_cute.reference.kernel_refs import random_quant_bytes
+    from sparkinfer_cute.runtime import DeviceArray
+    from sparkinfer_cute.runtime.testing import poisoned
+
+    rng = np.random.default_rng(seed)
+    sp = spec(q)
+    dw = DeviceArray.from_numpy(random_quant_bytes(q, n_out * n_in // sp.block_elems, rng).reshape(n_out, -1))
+    a = rng.standard_normal(n_in).astype(np.float32)
+    xa = quantize_q8_1(_dev(a)) if q8 else _dev(a)
+    o_plain = gemv(dw, q, xa, n_out=n_out).to_numpy()
+    eps = 1e-6
+    w_post = (1 + 0.5 * rng.standard_normal(n_out)).astype(np.float32)
+    ws = [(1 + 0.5 * rng.standard_normal(n_out)).astype(np.float32) for _ in range(n_outs)]
+    counter = DeviceArray.zeros((1,), np.int32)
+    for launch in range(2):
+        x = rng.standard_normal(n_out).astype(np.float32) * 3
+        dx, do = _dev(x), poisoned((n_out,), np.float32)
+        outs = [poisoned((n_out,), np.float32) for _ in range(n_outs)]
+        xq = None
+        if q8:
+            xq = Q8Act(1, n_out)
+            xq.qs.fill_bytes(0x7F)
+            xq.d.fill_bytes(0xFF)
+            xq.s.fill_bytes(0xFF)
+        tail = AttnTailArgs(do, dx, _dev(w_post), [(_dev(w), out) for w, out in zip(ws, outs)], eps, counter, xq)
+        gemv(dw, q, xa, n_out=n_out, out=do, tail=tail)
+        np.testing.assert_array_equal(do.to_numpy().view(np.uint32), o_plain.view(np.uint32))
+        x1_ref, refs = post_attention_norms_ref(o_plain, x, w_post, ws, eps)
+        check_rel(dx.to_numpy(), x1_ref, RMSNORM_TOL, "x + rmsnorm(o) * w_post (tail)")
+        got = [out.to_numpy() for out in outs]
+        for g, r in zip(got, refs):
+            check_rel(g, r, CHAIN_TOL, "rmsnorm(x1) * w (tail)")
+        if q8:
+            qs, d, s = xq.to_numpy()
+            ref_qs, ref_d, ref_s = quantize_q8_1(got[-1][None])
+            np.testing.assert_array_equal(qs.reshape(-1), ref_qs.reshape(-1))
+            np.testing.assert_array_equal(d.reshape(-1).view(np.uint32), ref_d.reshape(-1).view(np.uint32))
+            np.testing.assert_array_equal(s.reshape(-1).view(np.uint32), ref_s.reshape(-1).view(np.uint32))
+        assert counter.to_numpy()[0] == 0, f"launch {launch}: the tail left the arrival counter at {counter}"

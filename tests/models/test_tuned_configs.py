@@ -120,7 +120,7 @@ def _plain(v):
         return type(v).__name__
     if isinstance(v, tuple) and hasattr(v, "_fields"):  # e.g. attention's QKPrologue: its buffers and numbers
         return tuple(_plain(x) for x in v)
-    if isinstance(v, tuple):
+    if isinstance(v, (tuple, list)):
         return tuple(_plain(x) for x in v)
     if dataclasses.is_dataclass(v) and not isinstance(v, type):  # e.g. moe_down's post-FFN tail (FfnTailArgs)
         return (type(v).__name__, tuple(_plain(getattr(v, f.name)) for f in dataclasses.fields(v)))
