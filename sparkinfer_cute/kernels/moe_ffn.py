@@ -149,20 +149,20 @@ class MoeDown(WarpRowKernel):
     @cute.jit
     def __call__(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer,
                  pAs: cute.Pointer, pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer,
-                 pY: cute.Pointer, n_slots: Int32, tCnt: cute.Pointer, tF: cute.Pointer, tY: cute.Pointer,
-                 tW1: cute.Pointer, tW2: cute.Pointer, tW: cute.Pointer, tX: cute.Pointer, tScale: cute.Pointer,
-                 tWn: cute.Pointer, tH: cute.Pointer, tQ: cute.Pointer, tD: cute.Pointer, tS: cute.Pointer,
+                 pY: cute.Pointer, n_slots: Int32, tCnt: cute.Pointer, t0: cute.Pointer, t1: cute.Pointer,
+                 t2: cute.Pointer, t3: cute.Pointer, t4: cute.Pointer, t5: cute.Pointer, t6: cute.Pointer,
+                 t7: cute.Pointer, t8: cute.Pointer, t9: cute.Pointer, t10: cute.Pointer, t11: cute.Pointer,
                  eps: Float32, stream: cuda.CUstream):
-        self.launch_rows(self.kernel(pW, pAct, pAq, pAd, pAs, pIds, pWeights, pResid, pY, n_slots, tCnt, tF, tY, tW1,
-                                     tW2, tW, tX, tScale, tWn, tH, tQ, tD, tS, eps),
+        self.launch_rows(self.kernel(pW, pAct, pAq, pAd, pAs, pIds, pWeights, pResid, pY, n_slots, tCnt, t0, t1, t2,
+                                     t3, t4, t5, t6, t7, t8, t9, t10, t11, eps),
                          self.n_out, self.rows_per_cta, 1, stream)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pAs: cute.Pointer,
                pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer, n_slots: Int32,
-               tCnt: cute.Pointer, tF: cute.Pointer, tY: cute.Pointer, tW1: cute.Pointer, tW2: cute.Pointer,
-               tW: cute.Pointer, tX: cute.Pointer, tScale: cute.Pointer, tWn: cute.Pointer, tH: cute.Pointer,
-               tQ: cute.Pointer, tD: cute.Pointer, tS: cute.Pointer, eps: Float32):
+               tCnt: cute.Pointer, t0: cute.Pointer, t1: cute.Pointer, t2: cute.Pointer, t3: cute.Pointer,
+               t4: cute.Pointer, t5: cute.Pointer, t6: cute.Pointer, t7: cute.Pointer, t8: cute.Pointer,
+               t9: cute.Pointer, t10: cute.Pointer, t11: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
         sp = self.sp
         wpr = self.warps_per_row
@@ -210,7 +210,7 @@ class MoeDown(WarpRowKernel):
                     total = total + mR[o]
                 mY[o] = total
         if cutlass.const_expr(self.tail is not None):
-            self.tail.tail(tCnt, tF, tY, tW1, tW2, tW, tX, tScale, tWn, tH, tQ, tD, tS, eps)
+            self.tail.tail(tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, eps)
 
 
 @kernel_cache

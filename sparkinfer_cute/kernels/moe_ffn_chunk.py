@@ -144,19 +144,19 @@ class MoeDownChunk(WarpRowKernel):
     @cute.jit
     def __call__(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer,
                  pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer,
-                 tCnt: cute.Pointer, tF: cute.Pointer, tY: cute.Pointer, tW1: cute.Pointer, tW2: cute.Pointer,
-                 tW: cute.Pointer, tX: cute.Pointer, tScale: cute.Pointer, tWn: cute.Pointer, tH: cute.Pointer,
-                 tQ: cute.Pointer, tD: cute.Pointer, tS: cute.Pointer, eps: Float32, stream: cuda.CUstream):
-        self.launch_rows(self.kernel(pW, pAct, pAq, pAd, pIds, pWeights, pResid, pY, tCnt, tF, tY, tW1, tW2, tW, tX,
-                                     tScale, tWn, tH, tQ, tD, tS, eps),
+                 tCnt: cute.Pointer, t0: cute.Pointer, t1: cute.Pointer, t2: cute.Pointer, t3: cute.Pointer,
+                 t4: cute.Pointer, t5: cute.Pointer, t6: cute.Pointer, t7: cute.Pointer, t8: cute.Pointer,
+                 t9: cute.Pointer, t10: cute.Pointer, t11: cute.Pointer, eps: Float32, stream: cuda.CUstream):
+        self.launch_rows(self.kernel(pW, pAct, pAq, pAd, pIds, pWeights, pResid, pY, tCnt, t0, t1, t2, t3, t4, t5,
+                                     t6, t7, t8, t9, t10, t11, eps),
                          self.n_out, WARPS * self.rows_per_warp, 1, stream)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pIds: cute.Pointer,
-               pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer, tCnt: cute.Pointer, tF: cute.Pointer,
-               tY: cute.Pointer, tW1: cute.Pointer, tW2: cute.Pointer, tW: cute.Pointer, tX: cute.Pointer,
-               tScale: cute.Pointer, tWn: cute.Pointer, tH: cute.Pointer, tQ: cute.Pointer, tD: cute.Pointer,
-               tS: cute.Pointer, eps: Float32):
+               pWeights: cute.Pointer, pResid: cute.Pointer, pY: cute.Pointer, tCnt: cute.Pointer, t0: cute.Pointer,
+               t1: cute.Pointer, t2: cute.Pointer, t3: cute.Pointer, t4: cute.Pointer, t5: cute.Pointer,
+               t6: cute.Pointer, t7: cute.Pointer, t8: cute.Pointer, t9: cute.Pointer, t10: cute.Pointer,
+               t11: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
         _, bx, _, warp, lane = self.thread_coords()
         o0 = (bx * WARPS + warp) * self.rows_per_warp
@@ -171,7 +171,7 @@ class MoeDownChunk(WarpRowKernel):
                         total = total + mR[o0 + r]
                     mY[o0 + r] = total
         if cutlass.const_expr(self.tail is not None):
-            self.tail.tail(tCnt, tF, tY, tW1, tW2, tW, tX, tScale, tWn, tH, tQ, tD, tS, eps)
+            self.tail.tail(tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, eps)
 
     def partial_dots(self, pW, pAct, pAq, pAd, pIds, pWeights, o0, lane):
         """Per-lane w_j-weighted partial dots of the warp's rows (traced inline into :meth:`kernel`)."""
