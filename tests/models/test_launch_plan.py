@@ -40,7 +40,8 @@ def _hand_count_qwen(n_layer: int, n_embd: int, vocab: int, *, dp4a: bool = True
     it (the next layer's, or the final one), so only layer 0's RMSNorm is a launch of its own."""
     qkv = 1 if n_embd % 1024 == 0 else 3
     norms = 1 if ffn_tail else n_layer + 1  # layer 0's, or every layer's and the final one
-    per_layer = (qkv + (0 if qk_attn else 1) + 1 + (1 if dp4a and not attn_q8 else 0) + 1 + (0 if router_norm else 1) + 1 + 1
+    per_layer = (qkv + (0 if qk_attn else 1) + 1 + (1 if dp4a and not attn_q8 else 0) + 1
+                 + (0 if router_norm else 1) + 1 + 1
                  + (1 if dp4a and not act_q8 else 0) + 1)
     tail = (1 if dp4a and vocab >= 65536 and not head_q8 else 0) + 1 + 2
     return 1 + norms + n_layer * per_layer + tail
