@@ -66,6 +66,7 @@ PASSES = frozenset({
     "fused_qk_attention",  # decode attention runs the Q/K norm + RoPE + KV append itself (no prologue launch)
     "fused_ffn_tail",    # the MoE down projection's last CTA runs the norms after it (next attn_norm / post-FFN chain)
     "fused_o_tail",      # the O projection's last CTA runs Gemma's post-attention norm chain
+    "fused_qkv_mixed",   # packed q|k rows and a v of another type in one GEMV launch (slice mapping)
 })
 
 
@@ -381,7 +382,10 @@ def _multi_launches(ws, packed=None) -> int:
         return len(ws)
     if all(_gemv_chunk.chunk_ok(w.qtype, w.n_in) for w in ws):
         return 1
-    return len(ws) if packed is None else 1 + len(ws) - _packed_count(ws, packed)
+    if packed is None:
+        return len(ws)
+    rest = len(ws) - _packed_count(ws, packed)
+    return 1 if rest == 1 and enabled("fused_qkv_mixed") else 1 + rest
 
 
 def new_q8(n: int, rows: int = 1):
@@ -436,13 +440,16 @@ def _gemv_launches(w, x, y, *a, after=None, **k) -> int:
 
 
 @launches(_gemv_launches)
-def gemv(w, x, y, *, stream, xq=None, after: AfterAttention | None = None):
+def gemv(w, x, y, *, stream, xq=None, after: AfterAttention | None = None, second=None):
     """y = W x over the raw quantized rows of W. With ``xq`` (the q8_1 copy of x, already quantized this step: the
     caller decided with :func:`prefer_dp4a`) the int8 path runs instead. ``after``: the norm chain that follows
-    (:class:`AfterAttention`), in this launch where it can be."""
+    (:class:`AfterAttention`), in this launch where it can be. ``second``: a weight of another type (same n_in)
+    whose rows continue ``y`` after W's (the slice kernel's two-matrix launch; :func:`gemv_qkv`)."""
     cfg = tuned(_gemv_op(xq), _gemv_shape(w), where=w.name)
     tail = after.tail_args(y) if after is not None and after.fused() else None
-    _gemv.gemv(w.data, w.qtype, xq if xq is not None else x, n_out=w.n_out, out=y, stream=stream, tail=tail, **cfg)
+    sec = None if second is None else (second.data, second.qtype, second.n_out)
+    _gemv.gemv(w.data, w.qtype, xq if xq is not None else x, n_out=w.n_out, out=y, stream=stream, tail=tail,
+               second=sec, **cfg)
     if after is not None and tail is None:
         after.run_separately(y, stream)
 
@@ -489,8 +496,13 @@ def _projections(ws, ys, x, *, stream, xq, packed):
         for w, y in zip(ws, ys):
             gemv(w, x, y, stream=stream, xq=xq)
     elif packed is not None and packs_rows(ws):
+        rest = list(zip(ws, ys))[_packed_count(ws, packed):]  # matrices of another type (v)
+        if len(rest) == 1 and enabled("fused_qkv_mixed"):
+            # the packed rows and v's rows in one launch: v's output follows the packed ones in the packed q|k|v
+            gemv(packed[0], x, packed[1], stream=stream, xq=xq, second=rest[0][0])
+            return
         gemv(packed[0], x, packed[1], stream=stream, xq=xq)  # one GEMV over the packed rows into the packed q|k|v
-        for w, y in list(zip(ws, ys))[_packed_count(ws, packed):]:  # a matrix of another type: its own GEMV
+        for w, y in rest:  # a matrix of another type: its own GEMV
             gemv(w, x, y, stream=stream, xq=xq)
     else:
         _gemv_fused(ws, ys, x, stream=stream, xq=xq)

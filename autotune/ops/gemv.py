@@ -179,7 +179,7 @@ class GemvRunner(KernelRunner):
         if config["mapping"] == "chunk":
             args = (pw, px, pxq, pxd, py, ids, n_out, Int32(1), *tail, cs)
         else:
-            args = (pw, px, pxq, pxd, pxs, py, ids, n_out, Int32(1), *tail, cs)
+            args = (pw, px, pxq, pxd, pxs, py, ids, n_out, Int32(1), pw, *tail, cs)  # pW2: no second matrix
         return lambda: fn(*args)
 
     def check(self, config, out):

@@ -51,70 +51,68 @@ class Gemv(WarpRowKernel):
     shared memory. Used when n_out is small (2048 -> 512: 512 rows would be 512 warps, ~4 per SM, too few loads in
     flight).
 
+    ``second`` = ``(qtype2, split)`` (dense, one row): output rows ``o >= split`` come from a second matrix of
+    another type (``pW2``, its row ``o - split``), continuing the output: the q|k rows packed in one weight and a v
+    of another type (models/base.py ``fuse_rows``) as one launch.
+
     ``tail`` (norm_chain.py :class:`AttnTail`; dense, one activation row): the last CTA to finish then runs the norm
     chain after the projection on ``y``."""
 
     def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
                  mapping: str = "slice", warps_per_row: int = 1, accumulate: bool = False, q8: bool = False,
-                 tail: AttnTail | None = None):
+                 tail: AttnTail | None = None, second: tuple | None = None):
         super().__init__()
         assert tail is None or (not experts and rows == 1), "a tail follows a dense one-row GEMV"
+        assert second is None or (not experts and rows == 1 and mapping == "slice"), "a second matrix: dense, slice"
         self.tail = tail.chain(tail.row_len, WARPS * 32) if tail is not None else None
+        self.second, self.split = (second[0], int(second[1])) if second is not None else (None, 0)
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, mapping)
-        assert n_in % self.sp.block_elems == 0, f"{qtype}: n_in {n_in} % {self.sp.block_elems}"
+        self.parts = [(qtype, self.sp, self.tiling)]
+        if second is not None:
+            self.parts.append((self.second, spec(self.second), Tiling(self.second, mapping)))
+        for q, sp, _ in self.parts:
+            assert n_in % sp.block_elems == 0, f"{q}: n_in {n_in} % {sp.block_elems}"
+            assert not q8 or q in INT_QTYPES, f"the dp4a GEMV supports {INT_QTYPES}"
         assert 1 <= rows <= MAX_ROWS
         assert not (experts and rows != 1), "the expert-indexed GEMV takes one activation row per slot"
         assert warps_per_row in (1, 2, 4)
-        assert not q8 or qtype in INT_QTYPES, f"the dp4a GEMV supports {INT_QTYPES}"
         self.n_in, self.rows, self.experts, self.x_per_slot = n_in, rows, experts, x_per_slot
         self.mapping, self.warps_per_row, self.accumulate, self.q8 = mapping, warps_per_row, accumulate, q8
         self.rows_per_cta = WARPS // warps_per_row
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer,
-                 pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32, n_slots: Int32, tCnt: cute.Pointer,
-                 t0: cute.Pointer, t1: cute.Pointer, t2: cute.Pointer, t3: cute.Pointer, t4: cute.Pointer,
-                 t5: cute.Pointer, t6: cute.Pointer, t7: cute.Pointer, t8: cute.Pointer, t9: cute.Pointer,
-                 t10: cute.Pointer, t11: cute.Pointer, eps: Float32, stream: cuda.CUstream):
-        self.launch_rows(self.kernel(pW, pX, pXq, pXd, pXs, pY, pIds, n_out, tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-                                     t9, t10, t11, eps),
+                 pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32, n_slots: Int32, pW2: cute.Pointer,
+                 tCnt: cute.Pointer, t0: cute.Pointer, t1: cute.Pointer, t2: cute.Pointer, t3: cute.Pointer,
+                 t4: cute.Pointer, t5: cute.Pointer, t6: cute.Pointer, t7: cute.Pointer, t8: cute.Pointer,
+                 t9: cute.Pointer, t10: cute.Pointer, t11: cute.Pointer, eps: Float32, stream: cuda.CUstream):
+        self.launch_rows(self.kernel(pW, pX, pXq, pXd, pXs, pY, pIds, n_out, pW2, tCnt, t0, t1, t2, t3, t4, t5, t6, t7,
+                                     t8, t9, t10, t11, eps),
                          n_out, self.rows_per_cta, n_slots, stream)
 
     @cute.kernel
     def kernel(self, pW: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer,
-               pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32, tCnt: cute.Pointer, t0: cute.Pointer,
-               t1: cute.Pointer, t2: cute.Pointer, t3: cute.Pointer, t4: cute.Pointer, t5: cute.Pointer,
-               t6: cute.Pointer, t7: cute.Pointer, t8: cute.Pointer, t9: cute.Pointer, t10: cute.Pointer,
-               t11: cute.Pointer, eps: Float32):
+               pY: cute.Pointer, pIds: cute.Pointer, n_out: Int32, pW2: cute.Pointer, tCnt: cute.Pointer,
+               t0: cute.Pointer, t1: cute.Pointer, t2: cute.Pointer, t3: cute.Pointer, t4: cute.Pointer,
+               t5: cute.Pointer, t6: cute.Pointer, t7: cute.Pointer, t8: cute.Pointer, t9: cute.Pointer,
+               t10: cute.Pointer, t11: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
-        sp, wpr = self.sp, self.warps_per_row
+        wpr = self.warps_per_row
         tid, bx, slot, warp, lane = self.thread_coords()
         kpart = warp % wpr
         o = bx * self.rows_per_cta + warp // wpr
-        nbpr = self.n_in // sp.block_elems
-        upb = self.tiling.per_block
         acc = cute.make_rmem_tensor((self.rows,), Float32)
         acc.fill(0.0)
         if o < n_out:
-            row, xrow0 = self.slot_row(pIds, slot, n_out, o)
-            blk0 = row * nbpr
-            w = self.tiling.buffer()
-            for U in cutlass.range(lane + 32 * kpart, nbpr * upb, 32 * wpr, unroll=2):
-                kb = U // upb
-                u = U - kb * upb
-                if cutlass.const_expr(self.q8):
-                    decode = decode_int_slice if self.mapping == "slice" else decode_int_unit
-                    groups = decode(self.qtype, pW, blk0 + kb, u)
-                    xb = kb * sp.block_elems + self.tiling.base(u)
-                    for r in cutlass.range_constexpr(self.rows):
-                        for g in groups:
-                            acc[r] = acc[r] + group_dot(g, pXq, pXd, pXs, (xrow0 + r) * self.n_in, xb, 0)
+            if cutlass.const_expr(self.second is None):
+                row, xrow0 = self.slot_row(pIds, slot, n_out, o)
+                self.row_steps(acc, 0, pW, row, xrow0, lane, kpart, pX, pXq, pXd, pXs)
+            else:
+                if o < self.split:
+                    self.row_steps(acc, 0, pW, o, 0, lane, kpart, pX, pXq, pXd, pXs)
                 else:
-                    self.tiling.decode(pW, blk0 + kb, u, w, exact=False)
-                    xb = kb * sp.block_elems + self.tiling.base(u)
-                    for r in cutlass.range_constexpr(self.rows):
-                        acc[r] = acc[r] + step_dot(self.tiling, w, pX, (xrow0 + r) * self.n_in + xb)
+                    self.row_steps(acc, 1, pW2, o - self.split, 0, lane, kpart, pX, pXq, pXd, pXs)
         for r in cutlass.range_constexpr(self.rows):
             acc[r] = warp_reduce_sum(acc[r])
         # y is [n_slots * rows, n_out] row-major: y[slot*rows + r, o]
@@ -148,17 +146,47 @@ class Gemv(WarpRowKernel):
         if cutlass.const_expr(self.tail is not None):
             self.tail.tail(tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, eps)
 
+    @cute.jit
+    def row_steps(self, acc: cute.Tensor, part: cutlass.Constexpr[int], pW: cute.Pointer, row: Int32, xrow0: Int32,
+                  lane: Int32, kpart: Int32, pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer,
+                  pXs: cute.Pointer):
+        """This warp's share of weight row ``row`` of matrix ``part`` (its type's decode) dotted with the activation
+        rows from ``xrow0``, added into ``acc[r]``."""
+        # the part's type, spec and tiling are read through self.parts inside the loop: a Python object bound to a
+        # local before a runtime `for` would be taken for a loop-carried value (the DSL refuses it)
+        wpr = self.warps_per_row
+        nbpr = self.n_in // self.parts[part][1].block_elems
+        upb = self.parts[part][2].per_block
+        blk0 = row * nbpr
+        w = self.parts[part][2].buffer()
+        for U in cutlass.range(lane + 32 * kpart, nbpr * upb, 32 * wpr, unroll=2):
+            kb = U // upb
+            u = U - kb * upb
+            if cutlass.const_expr(self.q8):
+                decode = decode_int_slice if self.mapping == "slice" else decode_int_unit
+                groups = decode(self.parts[part][0], pW, blk0 + kb, u)
+                xb = kb * self.parts[part][1].block_elems + self.parts[part][2].base(u)
+                for r in cutlass.range_constexpr(self.rows):
+                    for g in groups:
+                        acc[r] = acc[r] + group_dot(g, pXq, pXd, pXs, (xrow0 + r) * self.n_in, xb, 0)
+            else:
+                self.parts[part][2].decode(pW, blk0 + kb, u, w, exact=False)
+                xb = kb * self.parts[part][1].block_elems + self.parts[part][2].base(u)
+                for r in cutlass.range_constexpr(self.rows):
+                    acc[r] = acc[r] + step_dot(self.parts[part][2], w, pX, (xrow0 + r) * self.n_in + xb)
+
 
 @kernel_cache
 def compile_gemv(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
                  mapping: str = "slice", warps_per_row: int = 1, accumulate: bool = False, q8: bool = False,
-                 tail: AttnTail | None = None):
-    """Runtime args: (W u8, x f32, xq i8, xd f32, xs f32, y f32, ids i32 (align 4) pointers, n_out, n_slots, the
-    tail's arguments (norm_chain.py ``AttnTailArgs.launch_args``, or ``no_tail_args``), stream); :func:`x_pointers`
-    gives the four x pointers of a float or q8_1 activation."""
-    return cute.compile(Gemv(qtype, n_in, rows, experts, x_per_slot, mapping, warps_per_row, accumulate, q8, tail),
+                 tail: AttnTail | None = None, second: tuple | None = None):
+    """Runtime args: (W u8, x f32, xq i8, xd f32, xs f32, y f32, ids i32 (align 4) pointers, n_out, n_slots, W2 u8
+    (read with ``second``), the tail's arguments (norm_chain.py ``AttnTailArgs.launch_args``, or ``no_tail_args``),
+    stream); :func:`x_pointers` gives the four x pointers of a float or q8_1 activation."""
+    return cute.compile(Gemv(qtype, n_in, rows, experts, x_per_slot, mapping, warps_per_row, accumulate, q8, tail,
+                             second),
                         gptr(Uint8, 0), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0), gptr(Float32, 0),
-                        gptr(Float32, 0), gptr(Int32, 0, 4), Int32(1), Int32(1), *tail_fake_args(),
+                        gptr(Float32, 0), gptr(Int32, 0, 4), Int32(1), Int32(1), gptr(Uint8, 0), *tail_fake_args(),
                         cute.runtime.make_fake_stream(), options=compile_options())
 
 
@@ -190,11 +218,12 @@ def resolve_mapping(mapping: str, qtype: str, n_in: int, rows: int) -> str:
 
 def _launch(dw, q: str, x, di, n_in: int, rows: int, n_out: int, n_slots: int, experts: bool, x_per_slot: bool,
             y, st, mapping: str, warps_per_row: int | None, accumulate: bool, rows_per_warp: int | None = None,
-            tail: AttnTailArgs | None = None):
+            tail: AttnTailArgs | None = None, second: tuple | None = None):
     """One GEMV launch on device buffers: ``x`` a float DeviceArray or a Q8Act (then the dp4a path), ``di`` the
     expert ids (any valid int32 buffer when dense). ``rows_per_warp`` (chunk mapping) / ``warps_per_row`` (slice):
     None = the heuristic's choice. ``tail``: the norm chain after the projection (norm_chain.py
-    :class:`AttnTailArgs`, its ``o`` being ``y``), run by the same launch."""
+    :class:`AttnTailArgs`, its ``o`` being ``y``), run by the same launch. ``second`` = ``(dw2, q2, split)``: rows
+    ``>= split`` of the ``n_out`` come from ``dw2`` (slice mapping, :class:`Gemv` ``second``)."""
     q8 = isinstance(x, Q8Act)
     if tail is not None:
         if experts or rows != 1 or accumulate:
@@ -205,6 +234,15 @@ def _launch(dw, q: str, x, di, n_in: int, rows: int, n_out: int, n_slots: int, e
     px, pxq, pxd, pxs = x_pointers(x)
     aligned(dw, "weights")
     mapping = resolve_mapping(mapping, q, n_in, rows)
+    pw2 = gptr(Uint8, dw.ptr)  # read only with a second matrix
+    if second is not None:
+        dw2, q2, split = second
+        if experts or rows != 1 or not 0 < split < n_out:
+            raise ValueError(f"a second matrix follows the first's {split} rows of a dense one-row GEMV of {n_out}")
+        check_weight_bytes(dw2, q2, n_out - split, n_in)
+        pw2 = gptr(Uint8, aligned(dw2, "second weights").ptr)
+        tkw["second"] = (q2, int(split))
+        mapping = "slice"
     if mapping == "chunk":
         if rows_per_warp is not None:  # a tuned config (autotune) or a test
             if n_out % rows_per_warp:
@@ -221,19 +259,21 @@ def _launch(dw, q: str, x, di, n_in: int, rows: int, n_out: int, n_slots: int, e
         warps_per_row = 1 if q8 else _warps_per_row(q, n_in, n_out * n_slots, mapping)
     fn = compile_gemv(q, n_in, rows, experts, x_per_slot, mapping, warps_per_row, accumulate, q8, **tkw)
     fn(gptr(Uint8, dw.ptr), px, pxq, pxd, pxs, gptr(Float32, y.ptr), gptr(Int32, di.ptr, 4), Int32(n_out),
-       Int32(n_slots), *targs, cuda.CUstream(st.handle))
+       Int32(n_slots), pw2, *targs, cuda.CUstream(st.handle))
 
 
 def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "auto",
          warps_per_row: int | None = None, accumulate: bool = False, rows_per_warp: int | None = None,
-         tail: AttnTailArgs | None = None):
+         tail: AttnTailArgs | None = None, second: tuple | None = None):
     """y = x @ W.T for raw GGUF weights ``w`` ([n_out, row_bytes] uint8, numpy or DeviceArray) and ``x``: f32
     ([rows, n_in] or [n_in], rows <= 8) or a :class:`Q8Act` (then the dp4a path). numpy in -> numpy out ([rows,
     n_out] or [n_out]). ``accumulate=True``: ``out += x @ W.T`` in place (``out`` required; the residual add of an
     output projection). Launch knobs (the autotuner's ``gemv`` / ``gemv_q8`` configs): ``mapping``, the slice
     mapping's ``warps_per_row`` and the chunk mapping's ``rows_per_warp``; None = the heuristic's choice.
     ``tail`` (norm_chain.py :class:`AttnTailArgs`, its ``o`` being ``out``): the same launch then runs the norm
-    chain after the projection (the last CTA to finish)."""
+    chain after the projection (the last CTA to finish). ``second`` = ``(w2, qtype2, n_out2)``: ``n_out2`` more
+    output rows (after ``n_out``) from the raw weights ``w2`` of another type, same n_in, in the same launch (slice
+    mapping): a q|k packed weight and a v of another type."""
     if accumulate and out is None:
         raise ValueError("accumulate=True adds into `out`: pass the residual buffer as out")
     from ..runtime import DeviceArray, as_device, default_stream
@@ -251,9 +291,15 @@ def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: 
         n_in, rows = xs[-1], (1 if len(xs) == 1 else xs[0])
         shape = (rows, n_out) if len(xs) > 1 else (n_out,)
     check_weight_bytes(dw, q, n_out, n_in)
+    sec = None
+    if second is not None:
+        w2, q2, n_out2 = second
+        sec = (as_device_bytes(w2, st), qtype_name(q2), n_out)
+        n_out += int(n_out2)
+        shape = (rows, n_out) if len(shape) > 1 else (n_out,)
     y = out if out is not None else DeviceArray.empty(shape, np.float32)
     _launch(dw, q, dx, dx.d if isinstance(dx, Q8Act) else dx, n_in, rows, n_out, 1, False, False, y, st, mapping,
-            warps_per_row, accumulate, rows_per_warp, tail)
+            warps_per_row, accumulate, rows_per_warp, tail, sec)
     return y.to_numpy(stream=st) if x_np else y
 
 
@@ -388,4 +434,10 @@ def registered_configs(q8: bool | None = None):
 # the O projection with the post-attention norm chain as its tail (models/ops.py AfterAttention): the synthetic tiny
 # Gemma 4 file's (slice: 256 / 512 -> 256, three outputs and the experts' q8_1 copy)
 TAIL_CONFIGS = [dict(qtype="Q4_K", n_in=n, rows=1, q8=True, tail=AttnTail(256, 3, True)) for n in (256, 512)]
-register("gemv", compile_gemv, registered_configs() + TAIL_CONFIGS)
+# packed q|k rows and a v of another type in one launch (models/ops.py gemv_qkv, pass fused_qkv_mixed): Gemma 4
+# 26B-A4B and the synthetic tiny file (dp4a), Gemma 3 270M (f32: warps per row as _launch picks them on 132 SMs)
+SECOND_CONFIGS = [dict(qtype="Q4_K", n_in=n, rows=1, q8=True, second=("Q6_K_P", split))
+                  for n, split in ((2816, 6144), (256, 384))]
+SECOND_CONFIGS += [dict(qtype="Q5_0", n_in=640, rows=1, second=("Q8_0", 1280),
+                        warps_per_row=choose_warps_per_row(1536, 640 // 32 * Tiling("Q5_0").per_block))]
+register("gemv", compile_gemv, registered_configs() + TAIL_CONFIGS + SECOND_CONFIGS)

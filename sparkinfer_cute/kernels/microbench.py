@@ -139,7 +139,7 @@ def bench_dense(q, n_in, n_out, path, stream, l2, reps, rng, mapping="slice", rp
         wpr = 1 if q8 else _warps_per_row(q, n_in, n_out, mapping)
         fn = compile_gemv(q, n_in, 1, False, False, mapping, wpr, q8=q8)
         args = [(gptr(Uint8, w.ptr), px, pxq, pxd, pxs, gptr(Float32, y.ptr), gptr(Int32, x.ptr, 4),
-                 Int32(n_out), Int32(1), *no_tail_args(y), cs) for w in ws]
+                 Int32(n_out), Int32(1), gptr(Uint8, w.ptr), *no_tail_args(y), cs) for w in ws]
     G = max(20, ncopy)
     launches = [(lambda a=args[i % ncopy]: fn(*a)) for i in range(G)]
     med, mn = _time_graph(launches, stream, reps)
@@ -180,7 +180,7 @@ def bench_experts(q, n_in, n_out, path, stream, reps, rng, n_expert=128, k=8, x_
     else:
         fn = compile_gemv(q, n_in, 1, True, x_per_slot, q8=q8)
         args = [(gptr(Uint8, w.ptr), px, pxq, pxd, pxs, gptr(Float32, y.ptr), gptr(Int32, i.ptr, 4), Int32(n_out),
-                 Int32(k), *no_tail_args(y), cs) for i in ids]
+                 Int32(k), gptr(Uint8, w.ptr), *no_tail_args(y), cs) for i in ids]
     launches = [(lambda a=args[i % nsets]: fn(*a)) for i in range(32)]
     med, mn = _time_graph(launches, stream, reps)
     nbytes = k * n_out * spec(q).row_bytes(n_in) + xbytes + k * n_out * 4

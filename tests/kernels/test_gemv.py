@@ -290,6 +290,39 @@ def test_gemv_multi(path, mats, rng):
 
 
 @pytest.mark.gpu
+@settings(max_examples=3, deadline=None)
+@given(seed=SEEDS, warps_per_row=st.sampled_from([1, 2]))
+@pytest.mark.parametrize("path", ["float", "dp4a"])
+@pytest.mark.parametrize("q1,n1,q2,n2,n_in", [("Q4_K", 6144, "Q6_K_P", 2048, 2816),  # Gemma 4 26B-A4B q|k + v
+                                             ("Q5_0", 1280, "Q8_0", 256, 640),      # Gemma 3 270M
+                                             ("Q4_K", 384, "Q6_K_P", 128, 256)])    # the synthetic tiny Gemma 4
+def test_gemv_second_matrix(path, q1, n1, q2, n2, n_in, warps_per_row, seed):
+    """Two matrices of different types in one slice launch (Gemv ``second``, models/ops.py gemv_qkv's
+    fused_qkv_mixed): the first n1 outputs bit-identical to the slice GEMV of the first matrix alone, the next n2 to
+    the slice GEMV of the second (same kernel code per row, same warps per row), and each within its reference's
+    bound (checks as for gemv / gemv_q8). Output poisoned."""
+    from sparkinfer_cute.runtime import DeviceArray
+
+    rng = np.random.default_rng(seed)
+    w1, w2 = rand_weight(q1, n1, n_in, rng), rand_weight(q2, n2, n_in, rng)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    dx = DeviceArray.from_numpy(x[None])
+    xin = dx.view(np.float32, (n_in,)) if path == "float" else quantize_q8_1(dx)
+    d1, d2 = DeviceArray.from_numpy(w1), DeviceArray.from_numpy(w2)
+    wpr = warps_per_row if path == "float" else 1
+    y = _poisoned((n1 + n2,))
+    gemv(d1, q1, xin, n_out=n1, out=y, mapping="slice", warps_per_row=wpr, second=(d2, q2, n2))
+    alone1 = gemv(d1, q1, xin, n_out=n1, mapping="slice", warps_per_row=wpr).to_numpy()
+    alone2 = gemv(d2, q2, xin, n_out=n2, mapping="slice", warps_per_row=wpr).to_numpy()
+    yn = y.to_numpy()
+    np.testing.assert_array_equal(yn[:n1].view(np.uint32), alone1.reshape(-1).view(np.uint32))
+    np.testing.assert_array_equal(yn[n1:].view(np.uint32), alone2.reshape(-1).view(np.uint32))
+    check = check_gemv if path == "float" else check_gemv_q8
+    check(yn[:n1], w1, q1, x)
+    check(yn[n1:], w2, q2, x)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("path", ["float", "dp4a"])
 @pytest.mark.parametrize("knobs", [{"mapping": "chunk", "rows_per_warp": 4}, {"mapping": "chunk", "rows_per_warp": 1},
                                    {"mapping": "slice", "warps_per_row": 4}, {"mapping": "slice", "warps_per_row": 2}])

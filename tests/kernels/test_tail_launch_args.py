@@ -6,7 +6,7 @@ place would only show on the GPU. Here device memory is faked (DeviceArrays over
 ``cute.compile`` records the kernel and its compile-time arguments, and the kernel wrappers' launches with a tail are
 checked: the same count, pointer dtypes and assumed alignments as compiled, the stream last, and every tail argument
 landing on the chain-body parameter that reads it (the matmul's own output on ``o`` / ``f`` / ``y``); the compiled
-chain's static flags are the ones the arguments ask for."""
+chain's static flags are the ones the arguments ask for. The slice GEMV's second matrix (``pW2``) likewise."""
 
 from __future__ import annotations
 
@@ -187,3 +187,25 @@ def test_a_tail_must_read_the_kernels_own_output(fake_compile):
     with pytest.raises(ValueError, match="output of the kernel that runs it"):
         gemv(fdev((640 * spec("Q4_K").row_bytes(1024),), np.uint8), "Q4_K", fdev(1024), n_out=640, out=o,
              stream=FakeStream(), rows_per_warp=1, tail=tail)
+
+
+@pytest.mark.parametrize("q1,n1,q2,n2,n_in,q8", [("Q4_K", 6144, "Q6_K_P", 2048, 2816, True),
+                                                 ("Q5_0", 1280, "Q8_0", 256, 640, False)])
+def test_gemv_second_matrix_arguments(fake_compile, q1, n1, q2, n2, n_in, q8):
+    """The two-matrix slice launch (Gemv ``second``, models/ops.py fused_qkv_mixed): the second weight on ``pW2``,
+    the output rows of both on ``n_out``, the split and the second type static; a second matrix of the wrong size
+    is refused."""
+    from sparkinfer_cute.kernels.gemv import gemv
+
+    d1 = fdev((n1 * spec(q1).row_bytes(n_in),), np.uint8)
+    d2 = fdev((n2 * spec(q2).row_bytes(n_in),), np.uint8)
+    y = fdev(n1 + n2)
+    gemv(d1, q1, fq8(n_in) if q8 else fdev(n_in), n_out=n1, out=y, stream=FakeStream(), warps_per_row=1,
+         second=(d2, q2, n2))
+    (kernel, named), = fake_compile.calls
+    assert (kernel.second, kernel.split, kernel.mapping, kernel.q8) == (q2, n1, "slice", q8)
+    assert (_addr(named["pW"]), _addr(named["pW2"]), _addr(named["pY"])) == (d1.ptr, d2.ptr, y.ptr)
+    assert _addr(named["n_out"]) == n1 + n2
+    with pytest.raises(ValueError, match="bytes"):
+        gemv(d1, q1, fq8(n_in) if q8 else fdev(n_in), n_out=n1, out=y, stream=FakeStream(), warps_per_row=1,
+             second=(d2, q2, n2 + 32))
