@@ -75,15 +75,15 @@ class Gemma3GPU(GPUDecoder):
                                               self.delta))
             ops.dense_glu(w[p + "ffn_gate.weight"], w[p + "ffn_up.weight"], self.h, self.gate, self.up, self.act,
                           act="gelu_tanh", ids0=self.dense_ids, stream=stream)
-            ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=stream)
-            # x += rmsnorm(f, post_ffw_norm); h = the next layer's attn_norm of x, or after the last layer the final
-            # output_norm (+ the int8 LM head's q8_1 input under SPARKINFER_DP4A=all)
+            # then x += rmsnorm(f, post_ffw_norm); h = the next layer's attn_norm of x, or after the last layer the
+            # final output_norm (+ the int8 LM head's q8_1 input under SPARKINFER_DP4A=all): the down projection's tail
             if l < last:
                 nxt = (w[f"blk.{l + 1}.attn_norm.weight"], self.h, None)
             else:
                 nxt = (w["output_norm.weight"], self.h, self.lm_head_q8()) if n_layers is None else None
-            ops.post_ffn_norms(self.f, None, None, None, w[p + "post_ffw_norm.weight"], self.x, self.one, eps,
-                               m=None, y2=None, fn=self.delta, next_norm=nxt, stream=stream)
+            post = (None, None, None, w[p + "post_ffw_norm.weight"], self.one, None, None, self.delta)
+            ops.gemv(w[p + "ffn_down.weight"], self.act, self.f, stream=stream,
+                     after=ops.AfterFfn(self.x, eps, self.tail_counter, nxt, post=post))
         if n_layers is not None:
             self.delta.fill_bytes(0, stream)  # hidden_after_layers reads x + delta: x is the whole residual here
             return

@@ -177,8 +177,9 @@ def _tail_parts(c: OpCall) -> tuple[OpCall, OpCall | None]:
         w_next, h, xq = after.next_norm
         nxt = OpCall("rmsnorm", (after.x, w_next, h, after.eps), dict(residual=out, xq=xq), 1)
     else:
-        f, w1, w2, w, scale, m, y2, fn = after.post
-        nxt = OpCall("post_ffn_norms", (f, out, w1, w2, w, after.x, scale, after.eps),
+        _, w1, w2, w, scale, m, y2, fn = after.post
+        f, y = after._f_y(out)
+        nxt = OpCall("post_ffn_norms", (f, y, w1, w2, w, after.x, scale, after.eps),
                      dict(m=m, y2=y2, fn=fn, next_norm=after.next_norm), after.separate_launches(out))
     return base, nxt
 

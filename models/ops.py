@@ -440,10 +440,11 @@ def _gemv_launches(w, x, y, *a, after=None, **k) -> int:
 
 
 @launches(_gemv_launches)
-def gemv(w, x, y, *, stream, xq=None, after: AfterAttention | None = None, second=None):
+def gemv(w, x, y, *, stream, xq=None, after: AfterAttention | AfterFfn | None = None, second=None):
     """y = W x over the raw quantized rows of W. With ``xq`` (the q8_1 copy of x, already quantized this step: the
     caller decided with :func:`prefer_dp4a`) the int8 path runs instead. ``after``: the norm chain that follows
-    (:class:`AfterAttention`), in this launch where it can be. ``second``: a weight of another type (same n_in)
+    (:class:`AfterAttention` after an O projection, :class:`AfterFfn` after a dense down projection), in this
+    launch where it can be. ``second``: a weight of another type (same n_in)
     whose rows continue ``y`` after W's (the slice kernel's two-matrix launch; :func:`gemv_qkv`)."""
     cfg = tuned(_gemv_op(xq), _gemv_shape(w), where=w.name)
     tail = after.tail_args(y) if after is not None and after.fused() else None
@@ -776,11 +777,12 @@ def _slots(ids) -> int:
 @dataclass
 class AfterFfn:
     """What follows an FFN's last matmul on the residual stream, for that matmul's launch to run itself as its last
-    CTA's tail (pass ``fused_ffn_tail``; kernels/norm_chain.py ``PostFfnNorms.tail``) instead of a launch of its
+    CTA's tail (pass ``fused_ffn_tail``; kernels/norm_chain.py ``RowNormChain.tail``) instead of a launch of its
     own:
 
-    - ``post`` given (Gemma 4): :func:`post_ffn_norms` with the matmul's output as ``y``; ``post`` =
-      ``(f, w1, w2, w, scale, m, y2, fn)`` as that op takes them;
+    - ``post`` given (Gemma): :func:`post_ffn_norms`, ``post`` = ``(f, w1, w2, w, scale, m, y2, fn)`` as that op
+      takes them; with ``f`` given the matmul's output is the experts' ``y`` (Gemma 4 MoE layers), with ``f`` None
+      it is ``f`` itself and there are no experts (Gemma 3's dense down projection);
     - ``post`` None (Qwen3-MoE): ``x += out; h = rmsnorm(x) * w_next`` (+ q8_1), the next layer's attn_norm or the
       final norm (:func:`rmsnorm` with its residual).
 
@@ -795,18 +797,23 @@ class AfterFfn:
     def fused(self) -> bool:
         return enabled("fused_ffn_tail") and (self.post is None or enabled("fused_norms"))
 
+    def _f_y(self, out):
+        """(f, y) of the post-FFN chain, given the matmul's output."""
+        return (out, None) if self.post[0] is None else (self.post[0], out)
+
     def separate_launches(self, out) -> int:
         if self.post is None:
             return 1
-        return _post_ffn_norms_launches(self.post[0], out, next_norm=self.next_norm)
+        return _post_ffn_norms_launches(*self._f_y(out), next_norm=self.next_norm)
 
     def run_separately(self, out, stream) -> None:
         if self.post is None:
             w_next, h, xq = self.next_norm
             rmsnorm(self.x, w_next, h, self.eps, residual=out, stream=stream, xq=xq)
             return
-        f, w1, w2, w, scale, m, y2, fn = self.post
-        post_ffn_norms(f, out, w1, w2, w, self.x, scale, self.eps, m=m, y2=y2, fn=fn, next_norm=self.next_norm,
+        _, w1, w2, w, scale, m, y2, fn = self.post
+        f, y = self._f_y(out)
+        post_ffn_norms(f, y, w1, w2, w, self.x, scale, self.eps, m=m, y2=y2, fn=fn, next_norm=self.next_norm,
                        stream=stream)
 
     def tail_args(self, out) -> _norms.FfnTailArgs:
@@ -814,8 +821,10 @@ class AfterFfn:
         if self.post is None:
             return _norms.FfnTailArgs(out, None, None, None, None, self.x, None, self.eps, self.counter, nxt,
                                       post_norm=False)
-        f, w1, w2, w, scale, *_ = self.post
-        return _norms.FfnTailArgs(f, out, _row(w1), _row(w2), _row(w), self.x, scale, self.eps, self.counter, nxt)
+        _, w1, w2, w, scale, *_ = self.post
+        f, y = self._f_y(out)
+        return _norms.FfnTailArgs(f, y, None if y is None else _row(w1), None if y is None else _row(w2), _row(w),
+                                  self.x, scale, self.eps, self.counter, nxt)
 
 
 def _moe_down_launches(w_down, *a, actq=None, after=None, **k) -> int:

@@ -29,7 +29,7 @@ from cutlass import Float32, Int8, Int32, Uint8, cute
 from .common import WarpRowKernel, aligned, as_device_bytes, gptr, pdl_prologue, sm_count, warp_reduce_sum
 from .compile import compile_options, kernel_cache
 from .gemv_chunk import choose_rows_per_warp, chunk_ok, compile_gemv_chunk, compile_gemv_multi
-from .norm_chain import AttnTail, AttnTailArgs, no_tail_args, tail_fake_args
+from .norm_chain import AttnTail, AttnTailArgs, FfnTail, FfnTailArgs, no_tail_args, tail_fake_args
 from .q8_1 import Q8Act, as_q8, x_pointers
 from .quant_decode import INT_QTYPES, Tiling, check_weight_bytes, qtype_name, spec
 from .quant_dot import decode_int_slice, decode_int_unit, group_dot, step_dot
@@ -55,16 +55,16 @@ class Gemv(WarpRowKernel):
     another type (``pW2``, its row ``o - split``), continuing the output: the q|k rows packed in one weight and a v
     of another type (models/base.py ``fuse_rows``) as one launch.
 
-    ``tail`` (norm_chain.py :class:`AttnTail`; dense, one activation row): the last CTA to finish then runs the norm
-    chain after the projection on ``y``."""
+    ``tail`` (norm_chain.py :class:`AttnTail` or :class:`FfnTail`; dense, one activation row): the last CTA to
+    finish then runs the norm chain after the projection on ``y``."""
 
     def __init__(self, qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
                  mapping: str = "slice", warps_per_row: int = 1, accumulate: bool = False, q8: bool = False,
-                 tail: AttnTail | None = None, second: tuple | None = None):
+                 tail: AttnTail | FfnTail | None = None, second: tuple | None = None):
         super().__init__()
         assert tail is None or (not experts and rows == 1), "a tail follows a dense one-row GEMV"
         assert second is None or (not experts and rows == 1 and mapping == "slice"), "a second matrix: dense, slice"
-        self.tail = tail.chain(tail.row_len, WARPS * 32) if tail is not None else None
+        self.tail = tail.chain(WARPS * 32) if tail is not None else None
         self.second, self.split = (second[0], int(second[1])) if second is not None else (None, 0)
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, mapping)
@@ -179,7 +179,7 @@ class Gemv(WarpRowKernel):
 @kernel_cache
 def compile_gemv(qtype: str, n_in: int, rows: int = 1, experts: bool = False, x_per_slot: bool = False,
                  mapping: str = "slice", warps_per_row: int = 1, accumulate: bool = False, q8: bool = False,
-                 tail: AttnTail | None = None, second: tuple | None = None):
+                 tail: AttnTail | FfnTail | None = None, second: tuple | None = None):
     """Runtime args: (W u8, x f32, xq i8, xd f32, xs f32, y f32, ids i32 (align 4) pointers, n_out, n_slots, W2 u8
     (read with ``second``), the tail's arguments (norm_chain.py ``AttnTailArgs.launch_args``, or ``no_tail_args``),
     stream); :func:`x_pointers` gives the four x pointers of a float or q8_1 activation."""
@@ -218,11 +218,11 @@ def resolve_mapping(mapping: str, qtype: str, n_in: int, rows: int) -> str:
 
 def _launch(dw, q: str, x, di, n_in: int, rows: int, n_out: int, n_slots: int, experts: bool, x_per_slot: bool,
             y, st, mapping: str, warps_per_row: int | None, accumulate: bool, rows_per_warp: int | None = None,
-            tail: AttnTailArgs | None = None, second: tuple | None = None):
+            tail: AttnTailArgs | FfnTailArgs | None = None, second: tuple | None = None):
     """One GEMV launch on device buffers: ``x`` a float DeviceArray or a Q8Act (then the dp4a path), ``di`` the
     expert ids (any valid int32 buffer when dense). ``rows_per_warp`` (chunk mapping) / ``warps_per_row`` (slice):
     None = the heuristic's choice. ``tail``: the norm chain after the projection (norm_chain.py
-    :class:`AttnTailArgs`, its ``o`` being ``y``), run by the same launch. ``second`` = ``(dw2, q2, split)``: rows
+    :class:`AttnTailArgs` / :class:`FfnTailArgs`, reading ``y``), run by the same launch. ``second`` = ``(dw2, q2, split)``: rows
     ``>= split`` of the ``n_out`` come from ``dw2`` (slice mapping, :class:`Gemv` ``second``)."""
     q8 = isinstance(x, Q8Act)
     if tail is not None:
@@ -264,14 +264,14 @@ def _launch(dw, q: str, x, di, n_in: int, rows: int, n_out: int, n_slots: int, e
 
 def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: str = "auto",
          warps_per_row: int | None = None, accumulate: bool = False, rows_per_warp: int | None = None,
-         tail: AttnTailArgs | None = None, second: tuple | None = None):
+         tail: AttnTailArgs | FfnTailArgs | None = None, second: tuple | None = None):
     """y = x @ W.T for raw GGUF weights ``w`` ([n_out, row_bytes] uint8, numpy or DeviceArray) and ``x``: f32
     ([rows, n_in] or [n_in], rows <= 8) or a :class:`Q8Act` (then the dp4a path). numpy in -> numpy out ([rows,
     n_out] or [n_out]). ``accumulate=True``: ``out += x @ W.T`` in place (``out`` required; the residual add of an
     output projection). Launch knobs (the autotuner's ``gemv`` / ``gemv_q8`` configs): ``mapping``, the slice
     mapping's ``warps_per_row`` and the chunk mapping's ``rows_per_warp``; None = the heuristic's choice.
-    ``tail`` (norm_chain.py :class:`AttnTailArgs`, its ``o`` being ``out``): the same launch then runs the norm
-    chain after the projection (the last CTA to finish). ``second`` = ``(w2, qtype2, n_out2)``: ``n_out2`` more
+    ``tail`` (norm_chain.py :class:`AttnTailArgs` / :class:`FfnTailArgs`, reading ``out``): the same launch then runs
+    the norm chain after the projection (the last CTA to finish). ``second`` = ``(w2, qtype2, n_out2)``: ``n_out2`` more
     output rows (after ``n_out``) from the raw weights ``w2`` of another type, same n_in, in the same launch (slice
     mapping): a q|k packed weight and a v of another type."""
     if accumulate and out is None:
@@ -432,8 +432,11 @@ def registered_configs(q8: bool | None = None):
 
 
 # the O projection with the post-attention norm chain as its tail (models/ops.py AfterAttention): the synthetic tiny
-# Gemma 4 file's (slice: 256 / 512 -> 256, three outputs and the experts' q8_1 copy)
+# Gemma 4 file's (slice: 256 / 512 -> 256, three outputs and the experts' q8_1 copy); the synthetic tiny Gemma 3's
+# dense down projection (768 -> 384, f32) with the post-FFN chain and the next attn_norm
 TAIL_CONFIGS = [dict(qtype="Q4_K", n_in=n, rows=1, q8=True, tail=AttnTail(256, 3, True)) for n in (256, 512)]
+TAIL_CONFIGS += [dict(qtype=q, n_in=768, rows=1, warps_per_row=choose_warps_per_row(384, 768 // 32 * Tiling(q).per_block),
+                      tail=FfnTail(384)) for q in ("Q4_K", "Q6_K_P")]
 # packed q|k rows and a v of another type in one launch (models/ops.py gemv_qkv, pass fused_qkv_mixed): Gemma 4
 # 26B-A4B and the synthetic tiny file (dp4a), Gemma 3 270M (f32: warps per row as _launch picks them on 132 SMs)
 SECOND_CONFIGS = [dict(qtype="Q4_K", n_in=n, rows=1, q8=True, second=("Q6_K_P", split))

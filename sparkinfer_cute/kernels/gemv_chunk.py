@@ -20,7 +20,7 @@ from cutlass import Float32, Int8, Int32, Uint8, cute
 
 from .common import WarpRowKernel, gptr, pdl_prologue, warp_reduce_sum
 from .compile import compile_options, kernel_cache
-from .norm_chain import AttnTail, tail_fake_args
+from .norm_chain import AttnTail, FfnTail, tail_fake_args
 from .quant_dot import (
     CHUNKS_PER_BLOCK,
     chunk_dot_f32,
@@ -88,15 +88,16 @@ class GemvChunk(WarpRowKernel):
     """``y[slot, o] (+)= W[e(slot), o] . x[xrow(slot)]``; dense: n_slots = 1, e = 0, xrow = 0; expert-indexed
     (``experts``): e = ids[slot], xrow = slot if ``x_per_slot`` else 0. A warp owns ``rows_per_warp`` consecutive
     output rows (n_out % rows_per_warp == 0). ``q8``: int8 activations (q8_1.py) and dp4a, else f32.
-    ``tail`` (norm_chain.py :class:`AttnTail`, dense only): the last CTA to finish then runs the norm chain after the
-    projection on ``y`` (a row of ``tail.row_len`` = n_out)."""
+    ``tail`` (norm_chain.py :class:`AttnTail` or :class:`FfnTail`, dense only): the last CTA to finish then runs the
+    norm chain after the projection on ``y`` (a row of ``tail.row_len`` = n_out)."""
 
     def __init__(self, qtype: str, n_in: int, rows_per_warp: int = 1, experts: bool = False,
-                 x_per_slot: bool = False, accumulate: bool = False, q8: bool = False, tail: AttnTail | None = None):
+                 x_per_slot: bool = False, accumulate: bool = False, q8: bool = False,
+                 tail: AttnTail | FfnTail | None = None):
         super().__init__()
         assert chunk_ok(qtype, n_in), (qtype, n_in)
         assert tail is None or not experts, "a tail follows a dense GEMV"
-        self.tail = tail.chain(tail.row_len, WARPS * 32) if tail is not None else None
+        self.tail = tail.chain(WARPS * 32) if tail is not None else None
         self.qtype, self.n_in, self.rows_per_warp = qtype, n_in, rows_per_warp
         self.experts, self.x_per_slot, self.accumulate, self.q8 = experts, x_per_slot, accumulate, q8
         self.chunks_per_lane = n_in // 256 * CHUNKS_PER_BLOCK // 32
@@ -149,9 +150,9 @@ class GemvChunk(WarpRowKernel):
 @kernel_cache
 def compile_gemv_chunk(qtype: str, n_in: int, rows_per_warp: int = 1, experts: bool = False,
                        x_per_slot: bool = False, accumulate: bool = False, q8: bool = False,
-                       tail: AttnTail | None = None):
+                       tail: AttnTail | FfnTail | None = None):
     """Runtime args: (W u8, x f32, xq i8, xd f32, y f32, ids i32 (align 4) pointers, n_out, n_slots, the tail's
-    arguments (norm_chain.py ``AttnTailArgs.launch_args``, or ``no_tail_args``), stream)."""
+    arguments (norm_chain.py ``AttnTailArgs`` / ``FfnTailArgs.launch_args``, or ``no_tail_args``), stream)."""
     return cute.compile(GemvChunk(qtype, n_in, rows_per_warp, experts, x_per_slot, accumulate, q8, tail),
                         gptr(Uint8, 0), gptr(Float32, 0), gptr(Int8, 0), gptr(Float32, 0), gptr(Float32, 0),
                         gptr(Int32, 0, 4), Int32(1), Int32(1), *tail_fake_args(), cute.runtime.make_fake_stream(),
@@ -253,5 +254,8 @@ MULTI_CONFIGS = [dict(mats=(("Q4_K", 4096), ("Q4_K", 512), (v, 512)), n_in=2048,
 TAIL_CONFIGS = [dict(qtype="Q4_K", n_in=n, rows_per_warp=choose_rows_per_warp(2816), q8=True,
                      tail=AttnTail(2816, 3, True)) for n in (4096, 8192)]
 TAIL_CONFIGS += [dict(qtype="Q4_K", n_in=1024, rows_per_warp=choose_rows_per_warp(640), tail=AttnTail(640, 1, False))]
+# Gemma 3 270M's dense down projection (2048 -> 640, f32) with the post-FFN chain and the next attn_norm as its tail
+TAIL_CONFIGS += [dict(qtype=q, n_in=2048, rows_per_warp=choose_rows_per_warp(640), tail=FfnTail(640))
+                 for q in ("Q4_K", "Q6_K_P")]
 register("gemv_chunk", compile_gemv_chunk, chunk_configs() + TAIL_CONFIGS)
 register("gemv_multi", compile_gemv_multi, MULTI_CONFIGS)

@@ -138,7 +138,8 @@ class MoeDown(WarpRowKernel):
         super().__init__()
         assert not q8 or qtype in INT_QTYPES, f"the dp4a path supports {INT_QTYPES}"
         assert warps_per_row in (1, 2, 4)
-        self.tail = tail.chain(n_out, WARPS * 32) if tail is not None else None
+        assert tail is None or tail.row_len == n_out, (tail, n_out)
+        self.tail = tail.chain(WARPS * 32) if tail is not None else None
         self.qtype, self.sp = qtype, spec(qtype)
         self.tiling = Tiling(qtype, "slice")
         assert n_ff % self.sp.block_elems == 0
@@ -431,7 +432,8 @@ register("moe_gate_up", compile_moe_gate_up, [dict(c, q8=q8) for q8 in (False, T
          + [dict(c, q8=True) for c in GATE_UP_Q8_OUT_CONFIGS])
 # Gemma 4 26B-A4B's (and the synthetic tiny file's) experts down with the post-FFN norm chain as its tail
 # (models/ops.py AfterFfn; + the next attn_norm's q8_1 copy in the int8 build)
-DOWN_TAIL_CONFIGS = [dict(qtype=q, n_ff=n_ff, n_out=n_out, q8=q8, tail=FfnTail(has_experts=True, next_q8=q8))
+DOWN_TAIL_CONFIGS = [dict(qtype=q, n_ff=n_ff, n_out=n_out, q8=q8,
+                          tail=FfnTail(n_out, has_experts=True, next_q8=q8))
                      for q in ("Q5_0", "Q8_0") for q8 in (False, True) for n_ff, n_out in ((704, 2816), (160, 256))]
 register("moe_down", compile_moe_down, [dict(c, q8=q8) for q8 in (False, True) for c in DOWN_CONFIGS]
          + DOWN_TAIL_CONFIGS)

@@ -139,7 +139,8 @@ class MoeDownChunk(WarpRowKernel):
         self.rows_per_warp = rows_per_warp
         self.chunks_per_row = n_ff // 256 * CHUNKS_PER_BLOCK
         self.chunks_per_lane = k * self.chunks_per_row // 32
-        self.tail = tail.chain(n_out, WARPS * 32) if tail is not None else None
+        assert tail is None or tail.row_len == n_out, (tail, n_out)
+        self.tail = tail.chain(WARPS * 32) if tail is not None else None
 
     @cute.jit
     def __call__(self, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer,
@@ -248,7 +249,8 @@ DOWN_CHUNK_CONFIGS = [dict(qtype=q, n_ff=768, n_out=2048, k=8, add_residual=r, q
 # ... and with the norms after it as its tail (models/ops.py AfterFfn): Qwen3's residual add + next attn_norm with its
 # q8_1 copy (the int8 build; f32 with SPARKINFER_DP4A=none), on the 30B shape and the synthetic tiny file
 DOWN_CHUNK_CONFIGS += [dict(qtype=q, n_ff=n_ff, n_out=n_out, k=k, q8=q8, rows_per_warp=down_rows_per_warp(q, q8),
-                            tail=FfnTail(next_q8=q8, post_norm=False)) for q in ("Q4_K", "Q6_K") for q8 in (False, True)
+                            tail=FfnTail(n_out, next_q8=q8, post_norm=False)) for q in ("Q4_K", "Q6_K")
+                       for q8 in (False, True)
                        for n_ff, n_out, k in ((768, 2048, 8), (256, 256, 4))]
 
 register("moe_gate_up_chunk", compile_moe_gate_up_chunk, GATE_UP_CHUNK_CONFIGS)

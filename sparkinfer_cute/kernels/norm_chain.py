@@ -334,16 +334,18 @@ def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, next_norm=None, str
 
 
 class FfnTail(NamedTuple):
-    """The static shape of a post-FFN chain run as the tail of the kernel that writes its input
-    (:class:`PostFfnNorms` flags; the row length is that kernel's output length)."""
+    """The static shape of a post-FFN chain run as the tail of the kernel that writes its input: the row length
+    and the :class:`PostFfnNorms` flags."""
 
+    row_len: int
     has_experts: bool = False
     next_norm: bool = True
     next_q8: bool = False
     post_norm: bool = True
 
-    def chain(self, N: int, threads: int) -> PostFfnNorms:
-        return PostFfnNorms(N, self.has_experts, self.next_norm, self.next_q8, self.post_norm, tail_threads=threads)
+    def chain(self, threads: int) -> PostFfnNorms:
+        return PostFfnNorms(self.row_len, self.has_experts, self.next_norm, self.next_q8, self.post_norm,
+                            tail_threads=threads)
 
 
 @dataclass
@@ -369,7 +371,7 @@ class FfnTailArgs:
 
     @property
     def spec(self) -> FfnTail:
-        return FfnTail(self.y is not None, self.next_norm is not None,
+        return FfnTail(int(self.x.size), self.y is not None, self.next_norm is not None,
                        self.next_norm is not None and self.next_norm[2] is not None, self.post_norm)
 
     def check(self, N: int, writer) -> None:
@@ -406,8 +408,8 @@ class AttnTail(NamedTuple):
     n_out: int = 1
     q8_last: bool = False
 
-    def chain(self, N: int, threads: int) -> PostAttentionNorms:
-        return PostAttentionNorms(N, self.n_out, self.q8_last, tail_threads=threads)
+    def chain(self, threads: int) -> PostAttentionNorms:
+        return PostAttentionNorms(self.row_len, self.n_out, self.q8_last, tail_threads=threads)
 
 
 @dataclass

@@ -250,3 +250,40 @@ def test_o_projection_runs_the_chain_as_its_tail(q, n_in, n_out, n_outs, q8, see
             np.testing.assert_array_equal(d.reshape(-1).view(np.uint32), ref_d.reshape(-1).view(np.uint32))
             np.testing.assert_array_equal(s.reshape(-1).view(np.uint32), ref_s.reshape(-1).view(np.uint32))
         assert counter.to_numpy()[0] == 0, f"launch {launch}: the tail left the arrival counter at {counter}"
+
+
+@pytest.mark.gpu
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+@pytest.mark.parametrize("q,n_in,n_out,mapping", [("Q4_K", 2048, 640, "chunk"),   # Gemma 3 270M's down projection
+                                                  ("Q4_K", 768, 384, "slice")])   # the synthetic tiny Gemma 3
+def test_dense_down_runs_the_chain_as_its_tail(q, n_in, n_out, mapping, seed):
+    """gemv with a post-FFN tail whose f is the GEMV's own output (Gemma 3: x = x + rmsnorm(f) * w, then the next
+    attn_norm): the output bit-identical to the launch without a tail, x and h as the float64 references say, the
+    counter back to zero, twice. Outputs NaN-poisoned."""
+    from sparkinfer_cute.kernels.gemv import gemv
+    from sparkinfer_cute.kernels.norm_chain import FfnTailArgs
+    from sparkinfer_cute.kernels.quant_decode import spec
+    from sparkinfer_cute.reference.kernel_refs import random_quant_bytes, rmsnorm_ref
+    from sparkinfer_cute.runtime import DeviceArray
+    from sparkinfer_cute.runtime.testing import poisoned
+
+    rng = np.random.default_rng(seed)
+    dw = DeviceArray.from_numpy(random_quant_bytes(q, n_out * n_in // spec(q).block_elems, rng).reshape(n_out, -1))
+    xa = _dev(rng.standard_normal(n_in).astype(np.float32))
+    kw = dict(mapping=mapping, rows_per_warp=1) if mapping == "chunk" else dict(mapping=mapping, warps_per_row=2)
+    f_plain = gemv(dw, q, xa, n_out=n_out, **kw).to_numpy()
+    eps = 1e-6
+    w, w_next = ((1 + 0.5 * rng.standard_normal(n_out)).astype(np.float32) for _ in range(2))
+    counter = DeviceArray.zeros((1,), np.int32)
+    for launch in range(2):
+        x = rng.standard_normal(n_out).astype(np.float32) * 3
+        dx, df, dh = _dev(x), poisoned((n_out,), np.float32), poisoned((n_out,), np.float32)
+        tail = FfnTailArgs(df, None, None, None, _dev(w), dx, _dev(np.array([1.0])), eps, counter,
+                           (_dev(w_next), dh, None))
+        gemv(dw, q, xa, n_out=n_out, out=df, tail=tail, **kw)
+        np.testing.assert_array_equal(df.to_numpy().view(np.uint32), f_plain.view(np.uint32))
+        x1_ref = post_ffn_norms_ref(f_plain, None, None, None, w, x, 1.0, eps)
+        check_rel(dx.to_numpy(), x1_ref, CHAIN_TOL, "x + rmsnorm(f) * w (tail)")
+        check_rel(dh.to_numpy(), rmsnorm_ref(x1_ref, w_next, eps), CHAIN_TOL + RMSNORM_TOL, "next norm (tail)")
+        assert counter.to_numpy()[0] == 0, f"launch {launch}: the tail left the arrival counter at {counter}"

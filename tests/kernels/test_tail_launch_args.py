@@ -209,3 +209,24 @@ def test_gemv_second_matrix_arguments(fake_compile, q1, n1, q2, n2, n_in, q8):
     with pytest.raises(ValueError, match="bytes"):
         gemv(d1, q1, fq8(n_in) if q8 else fdev(n_in), n_out=n1, out=y, stream=FakeStream(), warps_per_row=1,
              second=(d2, q2, n2 + 32))
+
+
+@pytest.mark.parametrize("q,n_in,n_out,mapping", [("Q4_K", 2048, 640, "chunk"), ("Q4_K", 768, 384, "slice")])
+def test_gemv_post_ffn_tail_arguments(fake_compile, q, n_in, n_out, mapping):
+    """Gemma 3's dense down projection: the post-FFN chain with the GEMV's own output as f, no experts."""
+    from sparkinfer_cute.kernels.gemv import gemv
+    from sparkinfer_cute.kernels.norm_chain import FfnTailArgs
+
+    f, w, x, h, w_next, scale, counter = fdev(n_out), fdev(n_out), fdev(n_out), fdev(n_out), fdev(n_out), fdev(1), \
+        fdev(1, np.int32)
+    tail = FfnTailArgs(f, None, None, None, w, x, scale, 1e-6, counter, (w_next, h, None))
+    gemv(fdev((n_out * spec(q).row_bytes(n_in),), np.uint8), q, fdev(n_in), n_out=n_out, out=f, stream=FakeStream(),
+         mapping=mapping, rows_per_warp=1 if mapping == "chunk" else None, warps_per_row=1, tail=tail)
+    (kernel, named), = fake_compile.calls
+    chain = kernel.tail
+    assert (chain.N, chain.has_experts, chain.next_norm, chain.next_q8, chain.post_norm) == (n_out, False, True,
+                                                                                              False, True)
+    got = _chain_args(kernel, named)
+    assert got["pF"] == f.ptr == _addr(named["pY"])
+    want = dict(pW=w, pX=x, pScale=scale, pWn=w_next, pH=h)
+    assert {k: got[k] for k in want} == {k: a.ptr for k, a in want.items()}
