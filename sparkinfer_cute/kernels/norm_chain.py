@@ -22,6 +22,14 @@ Every norm is ``(v * rsqrt(mean(v^2) + eps)) * w`` (ggml order) in f32, the sum 
 q8_1.py :class:`RmsNormQ8_1` (8 consecutive elements per thread, warp butterfly, fixed-order sum of the warp
 partials): same math as the separate launches, the sums in another order than rmsnorm.py's (f32 rounding, ~1e-7
 relative). One CTA per row; the row stays in registers between the steps, so nothing but the outputs is written.
+
+**Tails.** A chain can also end the matmul that writes its input, without a launch of its own
+(:meth:`RowNormChain.tail`, models/ops.py ``AfterFfn`` / ``AfterAttention``): the last CTA of that grid to finish
+(an int32 arrival counter) runs the chain on the row the grid wrote, spread over its 128 threads in passes. The
+host kernels (kernels/moe_ffn.py, moe_ffn_chunk.py, gemv.py, gemv_chunk.py) take the tail's static shape
+(:class:`FfnTail` / :class:`AttnTail`) and 13 generic runtime arguments (:class:`FfnTailArgs` /
+:class:`AttnTailArgs` ``launch_args``, or :func:`no_tail_args`). Qwen3-MoE's residual add + next attn_norm is the
+post-FFN chain without its norms (``post_norm`` False).
 """
 
 from __future__ import annotations
