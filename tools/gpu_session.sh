@@ -28,6 +28,7 @@
 # bisect: the Gemma 4 prefill accuracy gap, layer by layer (tools/prefill_bisect.py)
 # micro_attn: decode attention alone, with the fused combine, and with the Q/K prologue inside vs its two launches
 # ab_pass: tg128 with each pass of AB_PASSES switched off vs the default build (issue 15's measured gain per pass)
+# verify_passes: the GPU tests of the norm-chain tails and the two-matrix GEMV, and the model decode/prefill tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -167,6 +168,12 @@ for ph in "${phases[@]}"; do
       env $envs python3 -m sparkinfer_cute.bench /tmp/qwen30b.gguf --prompt-len 64 --gen 128 --runs 5 --note "ab:$name" --json "$OUT/ab_$name.json" --log "$OUT/bench.jsonl" > "$OUT/ab_$name.log" 2>&1
       add "30B tg128 [$name]" "$(grep -E '^decode tg128' "$OUT/ab_$name.log" | awk '{print $NF}') tok/s, $(grep -E '^kernels per token' "$OUT/ab_$name.log" | awk '{print $NF}') kernels/token"
     done ;;
+  verify_passes)  # the sixth session's passes (fused_ffn_tail, fused_o_tail, fused_qkv_mixed): their kernel tests and
+    # every model's decode/prefill GPU tests with them on, in one call (xdist: kernels compile in parallel)
+    timeout "${T_VERIFY:-360}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" -p no:cacheprovider \
+      tests/kernels/test_norm_chain.py tests/kernels/test_gemv.py::test_gemv_second_matrix \
+      tests/models/test_gpu_decode.py tests/models/test_gpu_prefill.py 2>&1 | tee "$OUT/verify_passes.log" | tail -30
+    add "tail / two-matrix passes + model GPU tests" "$(tail -1 "$OUT/verify_passes.log")" ;;
   ab_pass)  # issue 15: each pass of AB_PASSES (default fused_ffn_tail) switched off vs the default build, 30B shape
     # tg128 back to back on the same file (AB_MODEL=gemma4 for the 26B-A4B shape)
     if [ "${AB_MODEL:-qwen}" = gemma4 ]; then F=/tmp/gemma4_26b.gguf
