@@ -27,6 +27,9 @@ CONFIGS = {
         "moe_ffn_chunk.compile_moe_down_chunk.uncached('Q4_K', 768, 2048, 8, False, True, 1{})",
         "x_loads_first=True"),
     "quant_gemm Q4_K K=2048 64x32": ("quant_gemm.compile_quant_gemm.uncached('Q4_K', 2048, 64, 32{})", "stages=2"),
+    "gemv slice Q8_0 2816 dp4a": ("gemv.compile_gemv.uncached('Q8_0', 2816, q8=True{})", "warps_per_row=2"),
+    "moe_down slice Q8_0 704 dp4a": ("moe_ffn.compile_moe_down.uncached('Q8_0', 704, 2816, q8=True{})",
+                                     "warps_per_row=1"),
     "attention 32/4/128 32 splits": (
         "attention_decode.compile_attention_decode.uncached(32, 4, 128, 64, 32, False, fused_combine=True{})",
         "heads_per_cta=4, keys_per_iter=2"),
@@ -34,7 +37,7 @@ CONFIGS = {
 
 CHILD = """
 import hashlib, re, sys
-from sparkinfer_cute.kernels import attention_decode, gemv_chunk, moe_ffn_chunk, quant_gemm
+from sparkinfer_cute.kernels import attention_decode, gemv, gemv_chunk, moe_ffn, moe_ffn_chunk, quant_gemm
 from sparkinfer_cute.kernels.compile import extra_options
 with extra_options('--keep-ptx'):
     c = eval(sys.argv[1])
