@@ -297,6 +297,8 @@ def gemv(w, qtype, x, n_out: int | None = None, out=None, stream=None, mapping: 
         sec = (as_device_bytes(w2, st), qtype_name(q2), n_out)
         n_out += int(n_out2)
         shape = (rows, n_out) if len(shape) > 1 else (n_out,)
+        if out is not None and out.size < n_out:
+            raise ValueError(f"gemv with a second matrix writes {n_out} rows into a buffer of {out.size}")
     y = out if out is not None else DeviceArray.empty(shape, np.float32)
     _launch(dw, q, dx, dx.d if isinstance(dx, Q8Act) else dx, n_in, rows, n_out, 1, False, False, y, st, mapping,
             warps_per_row, accumulate, rows_per_warp, tail, sec)

@@ -230,3 +230,13 @@ def test_gemv_post_ffn_tail_arguments(fake_compile, q, n_in, n_out, mapping):
     assert got["pF"] == f.ptr == _addr(named["pY"])
     want = dict(pW=w, pX=x, pScale=scale, pWn=w_next, pH=h)
     assert {k: got[k] for k in want} == {k: a.ptr for k, a in want.items()}
+
+
+def test_gemv_second_matrix_needs_room_for_both(fake_compile):
+    from sparkinfer_cute.kernels.gemv import gemv
+
+    d1 = fdev((1280 * spec("Q5_0").row_bytes(640),), np.uint8)
+    d2 = fdev((256 * spec("Q8_0").row_bytes(640),), np.uint8)
+    with pytest.raises(ValueError, match="1536 rows into a buffer of 1280"):
+        gemv(d1, "Q5_0", fdev(640), n_out=1280, out=fdev(1280), stream=FakeStream(), warps_per_row=1,
+             second=(d2, "Q8_0", 256))
