@@ -206,9 +206,10 @@ def test_gemv_second_matrix_arguments(fake_compile, q1, n1, q2, n2, n_in, q8):
     assert (kernel.second, kernel.split, kernel.mapping, kernel.q8) == (q2, n1, "slice", q8)
     assert (_addr(named["pW"]), _addr(named["pW2"]), _addr(named["pY"])) == (d1.ptr, d2.ptr, y.ptr)
     assert _addr(named["n_out"]) == n1 + n2
+    short = fdev(((n2 - 32) * spec(q2).row_bytes(n_in),), np.uint8)  # a second weight of the wrong size
     with pytest.raises(ValueError, match="bytes"):
         gemv(d1, q1, fq8(n_in) if q8 else fdev(n_in), n_out=n1, out=y, stream=FakeStream(), warps_per_row=1,
-             second=(d2, q2, n2 + 32))
+             second=(short, q2, n2))
 
 
 @pytest.mark.parametrize("q,n_in,n_out,mapping", [("Q4_K", 2048, 640, "chunk"), ("Q4_K", 768, 384, "slice")])
