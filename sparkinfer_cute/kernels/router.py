@@ -38,7 +38,7 @@ import numpy as np
 from cutlass import Float32, Int8, Int32, const_expr
 
 from .common import F32_MAX, fake_ptr, gptr, pdl_prologue, warp_argmax, warp_reduce
-from .q8_1 import quantize_block_warp
+from .norm_chain import RowNormChain
 from .arch import pdl_enabled
 from .compile import compile_options, kernel_cache
 from .registry import register
@@ -248,8 +248,9 @@ class RouterGemvTopK:
     (Qwen3-MoE's ffn_norm, one launch fewer per layer): every CTA sums the squares of ``s = x + delta`` over the row
     (the same code and order in every CTA, so every CTA holds the same ``rstd`` bits) and feeds the GEMV with
     ``h = (s * rstd) * w_norm`` computed from its 16-byte loads of x, delta and w_norm; the last CTA, after every CTA
-    has read the old x, writes ``x = s``, ``h`` and (``prenorm_q8``) the q8_1 copy of h (q8_1.py
-    ``quantize_block_warp``) for the experts, which read them in the next launch."""
+    has read the old x, writes ``x = s``, ``h`` and (``prenorm_q8``) the q8_1 copy of h (q8_1.py's rounding, through
+    norm_chain.py ``RowNormChain``: the row over the CTA's threads in passes of 8) for the experts, which read them
+    in the next launch."""
 
     def __init__(self, n_expert: int, n_embd: int, k: int, norm_topk: bool = True, warps_per_row: int = 0,
                  expert_scale: bool = False, prenorm: bool = False, prenorm_q8: bool = False):
@@ -260,6 +261,7 @@ class RouterGemvTopK:
         if prenorm and n_embd % 32:
             raise ValueError(f"prenorm needs n_embd ({n_embd}) a multiple of 32 (q8_1 blocks, warp rows)")
         self.prenorm, self.prenorm_q8 = prenorm, prenorm_q8
+        self.row = RowNormChain(n_embd, GEMV_WARPS * 32) if prenorm else None  # the last CTA's writes of x, h, hq
         if not 0 < k <= min(n_expert, 32):
             raise ValueError(f"bad top-k {k} for {n_expert} experts")
         if n_embd % _CHUNK:
@@ -392,16 +394,23 @@ class RouterGemvTopK:
                 if tid < self.k:
                     mP[tok, tid] = mP[tok, tid] * mScale[mI[tok, tid]]
             if const_expr(self.prenorm):
-                # every CTA has read the old x (each arrived after its GEMV): x = s, h and its q8_1 copy, one warp
-                # per q8_1 block of 32
-                for b in cutlass.range(warp, self.n_embd // 32, GEMV_WARPS):
-                    e = b * 32 + lane
-                    sv = mX[tok, e] + mD[tok, e]
-                    hv = (sv * rstd) * mNw[e]
-                    mX[tok, e] = sv
-                    mH[tok, e] = hv
-                    if const_expr(self.prenorm_q8):
-                        quantize_block_warp(hv, tok * (self.n_embd // 32) + b, lane, mQ, mQd, mQs)
+                # every CTA has read the old x (each arrived after its GEMV): x = s, h and its q8_1 copy, the row
+                # over this CTA's threads in passes of 8 (norm_chain.py RowNormChain: every load of a thread is
+                # issued before the dependent math, instead of one q8_1 block per warp per loop trip)
+                rc = self.row
+                sv, dv, hv = rc.regs(), rc.regs(), rc.regs()
+                rc.load(mX[tok, None].iterator, sv, tid)
+                rc.load(mD[tok, None].iterator, dv, tid)
+                for j in cutlass.range_constexpr(rc.passes):
+                    for i in cutlass.range_constexpr(8):
+                        sv[j, i] = sv[j, i] + dv[j, i]
+                rc.store(sv, mX[tok, None].iterator, tid)
+                rc.normed(sv, rstd, mNw.iterator, hv, tid)
+                rc.store(hv, mH[tok, None].iterator, tid)
+                if const_expr(self.prenorm_q8):
+                    nb = self.n_embd // 32
+                    rc.store_q8(hv, tid, mQ.iterator + tok * self.n_embd, mQd.iterator + tok * nb,
+                                mQs.iterator + tok * nb)
             if tid == 0:
                 mCnt[tok] = Int32(0)  # all n_ctas arrivals are in: reset for the next launch / graph replay
 
