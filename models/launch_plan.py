@@ -49,6 +49,7 @@ class Launch:
     weights: tuple = ()   # names of the weights it reads
     int8: bool = False    # its matmul input is a q8_1 activation (xq / hq / actq given)
     parts: tuple = ()     # ((kernel, count), ...): what the launches are, for ops built from several kernels
+    tails: int = 0        # norm chains its last CTA runs after the rest of the grid (models/ops.py AfterFfn, ...)
 
     @property
     def total(self) -> int:
@@ -157,6 +158,16 @@ def _self_attention_parts(c: OpCall) -> tuple[OpCall, OpCall]:
                 dict(n_head=g.n_head, scale=kw["scale"], window=g.window, xq=kw.get("xq")),
                 ops._attention_launches(xq=kw.get("xq")))
     return qk, at
+
+
+def _tails(c: OpCall) -> int:
+    """Norm chains the call's last CTA runs after the rest of its grid: an ``after`` run as a tail
+    (models/ops.py AfterFfn / AfterAttention), or the fused router forming its own input (``prenorm``: its last CTA
+    writes x, h and the q8_1 copy)."""
+    after = c.kwargs.get("after")
+    if after is not None and after.fused():
+        return 1
+    return int(c.op == "router_gemv" and c.kwargs.get("prenorm") is not None and ops.enabled("fused_router_norm"))
 
 
 def _tail_parts(c: OpCall) -> tuple[OpCall, OpCall | None]:
@@ -483,7 +494,8 @@ def _launch_plan(g, cfg, depth: int, sm_count: int, max_context: int | None, nam
             current, seg = None, "output"  # output_norm / the LM head: the step's tail
         int8 = any(c.kwargs.get(q) is not None for q in ("xq", "hq", "actq"))
         launches.append(Launch(c.op, c.kernels, seg, current if seg == "layer" else None,
-                               _traffic(c, m, depth, splits), tuple(w.name for w in ws), int8, kernel_parts(c)))
+                               _traffic(c, m, depth, splits), tuple(w.name for w in ws), int8, kernel_parts(c),
+                               _tails(c)))
     minimum, per_layer = minimum_bytes(g, cfg, [n for n in m.weight_names()], m.attn_layers, depth)
     kinds = {l: layer_kind(cfg, l) for l in range(cfg.n_layer)}
     return LaunchPlan(name or getattr(g, "path", "?"), cfg.arch, depth, launches, minimum, kinds, per_layer)

@@ -29,6 +29,8 @@ of kernel class c(i), costs
   ``lru`` (default) holds the step's weights + KV only if all of them fit in ``L2_USABLE`` of the L2 (a cyclic scan
   larger than an LRU cache hits nothing), ``persist`` (what-if) pins up to ``PERSIST_FRACTION`` of the L2 for the
   dense weights and KV (a CUDA access-policy window; not implemented in the runtime).
+* A launch whose last CTA runs a norm chain after the rest of its grid (a "tail", models/ops.py ``AfterFfn`` /
+  ``AfterAttention``) adds ``TAIL_SECONDS`` of fixed time: an assumption, not a measurement.
 * Blackwell: the same plan, a_c and eta_c; the device's copy bandwidth = datasheet x the H100's measured
   copy/datasheet ratio; its L2 size. The fixed costs are assumed equal to the H100's (set by the graph launch path
   and DRAM latency, not by bandwidth): an assumption, as is every Blackwell input (nothing here ran on Blackwell).
@@ -51,6 +53,9 @@ H100_DATASHEET_BW = 3.35e12  # H100 SXM5 HBM3, bytes/s (datasheet)
 L2_USABLE = 0.9              # assumption: share of the L2 an LRU scan of the step can keep
 PERSIST_FRACTION = 0.75      # assumption: most of the L2 a persisting access-policy window may claim
 L2_BW_OVER_DRAM = 3.0        # assumption: L2 bandwidth / DRAM copy bandwidth (only activations ride on it)
+# assumption: the serial time a norm-chain tail adds to the kernel whose last CTA runs it (kernels/norm_chain.py
+# RowNormChain.tail: 2-3 dependent row reductions through L2 after the rest of the grid has finished); not measured
+TAIL_SECONDS = 1.5e-6
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,7 @@ def token_time(plan, costs: dict, hw: Hardware, *, l2_policy: str = "lru", break
         parts = _class_of(x)
         # weights stream through the op's GEMV / MoE kernel where it has one (not its quantize or GLU kernel)
         eta = next((costs[c].eta for c, _ in parts if c.startswith(("gemv", "moe"))), costs[parts[-1][0]].eta)
-        fixed += sum(costs[c].a * n for c, n in parts)
+        fixed += sum(costs[c].a * n for c, n in parts) + getattr(x, "tails", 0) * TAIL_SECONDS
         stream += (heavy - in_l2) / (eta * hw.copy_bw)
         l2 += (act + in_l2) / hw.l2_bw
     total = fixed + stream + l2
@@ -397,6 +402,7 @@ def predict_main(argv) -> int:
            "classes": {k: {"a_us": c.a * 1e6, "eta": c.eta, "source": c.source} for k, c in costs.items()},
            "assumptions": {"L2_USABLE": L2_USABLE, "PERSIST_FRACTION": PERSIST_FRACTION,
                            "L2_BW_OVER_DRAM": L2_BW_OVER_DRAM, "fixed costs on Blackwell": "equal to the H100's",
+                           "TAIL_SECONDS": TAIL_SECONDS,
                            "devices": {d.name: d.source for d in DEVICES}},
            "models": {}}
     print(f"\n{'model':<22} {'device':<18} {'kern':>5} {'GB/tok':>7} {'fixed ms':>8} {'stream ms':>9} {'L2 ms':>6} "
