@@ -28,6 +28,7 @@
 # bisect: the Gemma 4 prefill accuracy gap, layer by layer (tools/prefill_bisect.py)
 # micro_attn: decode attention alone, with the fused combine, and with the Q/K prologue inside vs its two launches
 # ab_pass: tg128 with each pass of AB_PASSES switched off vs the default build (issue 15's measured gain per pass)
+# micro_tails: the matmul alone / + its norm launch / with the chain as its tail, at the basket shapes
 # verify_passes: the GPU tests of the norm-chain tails and the two-matrix GEMV, and the model decode/prefill tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -115,6 +116,9 @@ for ph in "${phases[@]}"; do
   micro)
     python3 -m sparkinfer_cute.kernels.microbench --json "$OUT/microbench.json" 2>&1 | tee "$OUT/microbench.log" | tail -30
     add "microbench" "see microbench.log" ;;
+  micro_tails)  # what a norm-chain tail costs and saves at the basket shapes (the perf model's TAIL_SECONDS)
+    python3 -m sparkinfer_cute.kernels.microbench --tails --json "$OUT/micro_tails.json" 2>&1 | tee "$OUT/micro_tails.log" | tail -6
+    add "norm-chain tails (microbench)" "see micro_tails.log" ;;
   micro_attn)  # decode attention: alone, fused combine, and with the Q/K prologue inside vs its two launches
     python3 -m sparkinfer_cute.kernels.microbench --attention --prologue --ctx 512 4096 \
       --config qwen3moe-30b-a3b --config gemma3-270m --config gemma4-26b-a4b-swa --config gemma4-26b-a4b-full \

@@ -1,10 +1,11 @@
 """GPU microbenchmark of the decode GEMV / MoE kernels at the real Qwen3-30B-A3B shapes (and, with --attention /
---router / --prefill-attention, of the split-KV decode attention, the fused router and the flash prefill
-attention). Every kernel's benchmark lives here, none in the kernel files.
+--router / --prefill-attention / --tails, of the split-KV decode attention, the fused router, the flash prefill
+attention and the norm-chain tails). Every kernel's benchmark lives here, none in the kernel files.
 
     python -m sparkinfer_cute.kernels.microbench [--json out.json] [--reps 50] [--only gemv]
     python -m sparkinfer_cute.kernels.microbench --attention [--ctx 512 4096 32768] [--splits N] [--fused] [--prologue]
     python -m sparkinfer_cute.kernels.microbench --router
+    python -m sparkinfer_cute.kernels.microbench --tails [--json out.json]
     python -m sparkinfer_cute.kernels.microbench --prefill-attention [--chunk 512] [--prefix 0 3584] [--config NAME]
 
 For each case: median µs per kernel, achieved GB/s (bytes of weights read + activations read + outputs written) and
@@ -588,6 +589,77 @@ def bench_router(n_expert: int = 128, n_embd: int = 2048, k: int = 8, iters: int
     return out
 
 
+def bench_tails(iters: int = 200) -> list[dict]:
+    """What a norm-chain tail (kernels/norm_chain.py ``RowNormChain.tail``) costs and saves, at the basket models'
+    decode shapes: µs per call (CUDA graph of ``iters`` calls) of the matmul alone, the matmul then the norm launch
+    it replaces, and the matmul with the chain as its tail. ``tail_cost_us`` = tail - alone (the serial time the
+    last CTA adds: models the perf model's ``TAIL_SECONDS``), ``saved_us`` = separate - tail (the pass's gain)."""
+    from ..runtime import DeviceArray, Stream, get_device
+    from .gemv import gemv
+    from .moe_ffn import moe_down
+    from .norm_chain import AttnTailArgs, FfnTailArgs, post_attention_norms, post_ffn_norms
+    from .q8_1 import Q8Act, quantize_q8_1, rmsnorm_q8_1
+
+    rng = np.random.default_rng(0)
+    stream = Stream()
+    f32 = np.float32
+
+    def vec(n, scale=1.0):
+        return DeviceArray.from_numpy((scale * rng.standard_normal(n)).astype(f32), stream)
+
+    def norm_w(n):
+        return DeviceArray.from_numpy((1 + 0.1 * rng.standard_normal(n)).astype(f32), stream)
+
+    counter = DeviceArray.zeros((1,), np.int32)
+    out = []
+
+    def case(name, alone, separate, tailed):
+        r = dict(case=name, device=get_device().name)
+        for key, fn in (("alone_us", alone), ("separate_us", separate), ("tail_us", tailed)):
+            r[key] = round(_graph_call_us(fn, stream, iters), 2)
+        r["tail_cost_us"] = round(r["tail_us"] - r["alone_us"], 2)
+        r["saved_us"] = round(r["separate_us"] - r["tail_us"], 2)
+        out.append(r)
+
+    def experts_down(q, E, k, n_ff, N):
+        wd = DeviceArray.from_numpy(_rand_weights(q, E * N, n_ff, rng), stream)
+        act = quantize_q8_1(DeviceArray.from_numpy(rng.standard_normal((k, n_ff)).astype(f32), stream), stream=stream)
+        ids = DeviceArray.from_numpy(rng.choice(E, k, replace=False).astype(np.int32), stream)
+        wts = DeviceArray.from_numpy(np.full(k, 1.0 / k, f32), stream)
+        y = DeviceArray.empty((N,), f32)
+        return (lambda tail=None: moe_down(wd, q, act, ids, wts, N, out=y, stream=stream, tail=tail)), y
+
+    # Qwen3-30B-A3B: experts down (Q4_K 768 -> 2048, 8 of 128, dp4a), then x += y; h = attn_norm (+ q8_1)
+    down, y = experts_down("Q4_K", 128, 8, 768, 2048)
+    x, h, wn, hq = vec(2048), DeviceArray.empty((2048,), f32), norm_w(2048), Q8Act(1, 2048)
+    case("qwen3 30B experts down + residual/attn_norm", down,
+         lambda: (down(), rmsnorm_q8_1(y, wn, 1e-6, residual=x, residual_out=x, out=h, xq=hq, stream=stream)),
+         lambda: down(FfnTailArgs(y, None, None, None, None, x, None, 1e-6, counter, (wn, h, hq),
+                                  post_norm=False)))
+    # Gemma 4 26B-A4B: experts down (Q8_0 704 -> 2816, 8 of 128, dp4a), then the post-FFN chain + next attn_norm
+    down, y = experts_down("Q8_0", 128, 8, 704, 2816)
+    N = 2816
+    f, x, h, hq, scale = vec(N), vec(N), DeviceArray.empty((N,), f32), Q8Act(1, N), vec(1)
+    w1, w2, w, wn = (norm_w(N) for _ in range(4))
+    case("gemma4 26B experts down + post-FFN chain", down,
+         lambda: (down(), post_ffn_norms(f, y, w1, w2, w, x, scale, 1e-6, next_norm=(wn, h, hq), stream=stream)),
+         lambda: down(FfnTailArgs(f, y, w1, w2, w, x, scale, 1e-6, counter, (wn, h, hq))))
+    # Gemma 4 26B-A4B sliding O projection (Q4_K 4096 -> 2816, dp4a), then the post-attention chain (3 outputs)
+    wo = DeviceArray.from_numpy(_rand_weights("Q4_K", N, 4096, rng), stream)
+    aq = quantize_q8_1(vec(4096), stream=stream)
+    o, x, wp = DeviceArray.empty((N,), f32), vec(N), norm_w(N)
+    outs = [(norm_w(N), DeviceArray.empty((N,), f32)) for _ in range(3)]
+    eq = Q8Act(1, N)
+
+    def o_proj(tail=None):
+        gemv(wo, "Q4_K", aq, n_out=N, out=o, stream=stream, tail=tail)
+
+    case("gemma4 26B O projection + post-attention chain", o_proj,
+         lambda: (o_proj(), post_attention_norms(o, x, wp, outs, 1e-6, xq=eq, stream=stream)),
+         lambda: o_proj(AttnTailArgs(o, x, wp, outs, 1e-6, counter, eq)))
+    return out
+
+
 def format_table(report: dict) -> str:
     lines = [f"{report['device']} ({report['target']}, {report['sm_count']} SMs); D2D copy "
              f"{report['copy_GBps']:.0f} GB/s (read+write); median of {report['reps']} graph replays",
@@ -616,6 +688,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heads-per-cta", type=int_at_least(0), default=0, help="--attention tuning knob (0: automatic)")
     ap.add_argument("--keys-per-iter", type=int_at_least(0), default=0, help="--attention tuning knob (0: automatic)")
     ap.add_argument("--router", action="store_true", help="fused router GEMV + top-k vs gemv + route instead")
+    ap.add_argument("--tails", action="store_true",
+                    help="norm-chain tails: each matmul alone, then its norm launch, and with the chain as its tail")
     ap.add_argument("--prefill-attention", action="store_true",
                     help="flash prefill attention vs the decode kernel over the chunk: µs and TFLOP/s per model "
                          "config, chunk length (--chunk) and cached prefix (--prefix)")
@@ -646,6 +720,14 @@ def main(argv=None) -> int:
     if a.router:
         for n_expert, n_embd, k in ((128, 2048, 8), (256, 2048, 8)):
             print(bench_router(n_expert, n_embd, k))
+        return 0
+    if a.tails:
+        rows = bench_tails()
+        for r in rows:
+            print(r)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"tails": rows}, f, indent=1)
         return 0
     report = run(a.reps, a.only)
     print(format_table(report))
