@@ -89,6 +89,30 @@ def test_disabled_passes_change_the_count(auto_build, monkeypatch):
     assert ops.DISABLED == frozenset()  # launch_plan restores the switches it set
 
 
+@pytest.mark.parametrize("arch,preset", [("gemma4", "26b-a4b"), ("gemma4", "tiny"), ("gemma3", "270m"),
+                                         ("gemma3", "tiny"), ("qwen3moe", "30b-a3b")])
+def test_each_tail_pass_saves_one_launch_where_it_applies(auto_build, arch, preset):
+    """The sixth session's passes, counted from the file's config and tensor types, not from the forward:
+    fused_ffn_tail saves the norm launch after every MoE down projection (Qwen: every layer's RMSNorm but layer 0's,
+    and the final norm; Gemma 4: the post-FFN chain of every MoE layer) and after Gemma 3's dense down GEMV;
+    fused_o_tail saves Gemma's post-attention chain on every layer; fused_qkv_mixed saves v's own GEMV on the
+    layers whose v type differs from q/k's."""
+    c = synthetic_config(arch, preset)
+    n_layer = c["n_layer"]
+    types = {t.name: t.ggml_type for t in plan_synthetic(arch, preset)}
+    base = launch_plan(synthetic_header(arch, preset)).kernels_per_token
+
+    def delta(p):
+        return launch_plan(synthetic_header(arch, preset), disabled={p}).kernels_per_token - base
+
+    # every layer of these presets is an MoE layer (qwen3moe, gemma4) or dense (gemma3): one chain per layer
+    assert delta("fused_ffn_tail") == n_layer
+    assert delta("fused_o_tail") == (n_layer if arch != "qwen3moe" else 0)
+    mixed = sum(1 for l in range(n_layer) if f"blk.{l}.attn_v.weight" in types
+                and types[f"blk.{l}.attn_v.weight"] != types[f"blk.{l}.attn_k.weight"])
+    assert delta("fused_qkv_mixed") == (mixed if arch != "qwen3moe" else 0)
+
+
 def test_changing_the_forward_changes_the_plan(auto_build, monkeypatch):
     from sparkinfer_cute.models.qwen3_moe import Qwen3MoeGPU
 
