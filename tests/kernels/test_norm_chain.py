@@ -59,13 +59,34 @@ def _dev(a):
     return DeviceArray.from_numpy(np.ascontiguousarray(a, np.float32))
 
 
+def _poisoned_q8(n):
+    """A q8_1 buffer of one row filled with garbage (0x7F values, NaN scales and sums) before a kernel writes it."""
+    from sparkinfer_cute.kernels.q8_1 import Q8Act
+
+    xq = Q8Act(1, n)
+    xq.qs.fill_bytes(0x7F)
+    xq.d.fill_bytes(0xFF)
+    xq.s.fill_bytes(0xFF)
+    return xq
+
+
+def _assert_q8_of(xq, h):
+    """``xq`` holds exactly what the standalone quantize kernel makes of the f32 row ``h`` (same rounding code)."""
+    from sparkinfer_cute.kernels.q8_1 import quantize_q8_1
+
+    qs, d, s = xq.to_numpy()
+    ref_qs, ref_d, ref_s = quantize_q8_1(np.asarray(h)[None])
+    np.testing.assert_array_equal(qs.reshape(-1), ref_qs.reshape(-1))
+    np.testing.assert_array_equal(d.reshape(-1).view(np.uint32), ref_d.reshape(-1).view(np.uint32))
+    np.testing.assert_array_equal(s.reshape(-1).view(np.uint32), ref_s.reshape(-1).view(np.uint32))
+
+
 @pytest.mark.gpu
 @settings(max_examples=25, deadline=None)
 @given(N=ROWS, n_out=st.integers(1, 3), q8=st.booleans(), eps=st.sampled_from([1e-6, 1e-5]),
        seed=st.integers(0, 2**32 - 1))
 def test_post_attention_norms(N, n_out, q8, eps, seed):
     from sparkinfer_cute.kernels.norm_chain import post_attention_norms
-    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1
     from sparkinfer_cute.runtime.testing import poisoned
 
     rng = np.random.default_rng(seed)
@@ -77,10 +98,7 @@ def test_post_attention_norms(N, n_out, q8, eps, seed):
     outs = [poisoned((N,), np.float32) for _ in range(n_out)]
     xq = None
     if q8:
-        xq = Q8Act(1, N)
-        xq.qs.fill_bytes(0x7F)
-        xq.d.fill_bytes(0xFF)
-        xq.s.fill_bytes(0xFF)
+        xq = _poisoned_q8(N)
     post_attention_norms(_dev(o), dx, _dev(w_post), [(_dev(w), out) for w, out in zip(ws, outs)], eps, xq=xq)
     x1_ref, refs = post_attention_norms_ref(o, x, w_post, ws, eps)
     x1 = dx.to_numpy()
@@ -89,11 +107,7 @@ def test_post_attention_norms(N, n_out, q8, eps, seed):
     for g, r in zip(got, refs):
         check_rel(g, r, CHAIN_TOL, "rmsnorm(x1) * w")
     if q8:
-        qs, d, s = xq.to_numpy()
-        ref_qs, ref_d, ref_s = quantize_q8_1(got[-1][None])
-        np.testing.assert_array_equal(qs.reshape(-1), ref_qs.reshape(-1))
-        np.testing.assert_array_equal(d.reshape(-1).view(np.uint32), ref_d.reshape(-1).view(np.uint32))
-        np.testing.assert_array_equal(s.reshape(-1).view(np.uint32), ref_s.reshape(-1).view(np.uint32))
+        _assert_q8_of(xq, got[-1])
 
 
 @pytest.mark.gpu
@@ -142,7 +156,7 @@ def test_moe_down_runs_the_chain_as_its_tail(form, q, n_ff, n_out, E, k, path, s
     replay, next layer) works from that zero. Outputs NaN-poisoned."""
     from sparkinfer_cute.kernels.moe_ffn import moe_down
     from sparkinfer_cute.kernels.norm_chain import FfnTailArgs
-    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1
+    from sparkinfer_cute.kernels.q8_1 import quantize_q8_1
     from sparkinfer_cute.kernels.quant_decode import spec
     from sparkinfer_cute.reference.kernel_refs import random_quant_bytes, rmsnorm_ref
     from sparkinfer_cute.runtime import DeviceArray
@@ -166,10 +180,7 @@ def test_moe_down_runs_the_chain_as_its_tail(form, q, n_ff, n_out, E, k, path, s
     for launch in range(2):
         x = rng.standard_normal(n_out).astype(np.float32) * 3
         dx, dy, dh = _dev(x), poisoned((n_out,), np.float32), poisoned((n_out,), np.float32)
-        xq = Q8Act(1, n_out)
-        xq.qs.fill_bytes(0x7F)
-        xq.d.fill_bytes(0xFF)
-        xq.s.fill_bytes(0xFF)
+        xq = _poisoned_q8(n_out)
         if form == "residual":
             tail = FfnTailArgs(dy, None, None, None, None, dx, None, eps, counter, (_dev(w_next), dh, xq),
                                post_norm=False)
@@ -186,11 +197,7 @@ def test_moe_down_runs_the_chain_as_its_tail(form, q, n_ff, n_out, E, k, path, s
             check_rel(dx.to_numpy(), x1_ref, CHAIN_TOL, "post-FFN chain (tail)")
         h = dh.to_numpy()
         check_rel(h, rmsnorm_ref(x1_ref, w_next, eps), CHAIN_TOL + RMSNORM_TOL, "next norm (tail)")
-        qs, d, s = xq.to_numpy()
-        ref_qs, ref_d, ref_s = quantize_q8_1(h[None])
-        np.testing.assert_array_equal(qs.reshape(-1), ref_qs.reshape(-1))
-        np.testing.assert_array_equal(d.reshape(-1).view(np.uint32), ref_d.reshape(-1).view(np.uint32))
-        np.testing.assert_array_equal(s.reshape(-1).view(np.uint32), ref_s.reshape(-1).view(np.uint32))
+        _assert_q8_of(xq, h)
         assert counter.to_numpy()[0] == 0, f"launch {launch}: the tail left the arrival counter at {counter}"
 
 
@@ -209,7 +216,7 @@ def test_o_projection_runs_the_chain_as_its_tail(q, n_in, n_out, n_outs, q8, see
     zero. Outputs NaN-poisoned."""
     from sparkinfer_cute.kernels.gemv import gemv
     from sparkinfer_cute.kernels.norm_chain import AttnTailArgs
-    from sparkinfer_cute.kernels.q8_1 import Q8Act, quantize_q8_1
+    from sparkinfer_cute.kernels.q8_1 import quantize_q8_1
     from sparkinfer_cute.kernels.quant_decode import spec
     from sparkinfer_cute.reference.kernel_refs import random_quant_bytes
     from sparkinfer_cute.runtime import DeviceArray
@@ -231,10 +238,7 @@ def test_o_projection_runs_the_chain_as_its_tail(q, n_in, n_out, n_outs, q8, see
         outs = [poisoned((n_out,), np.float32) for _ in range(n_outs)]
         xq = None
         if q8:
-            xq = Q8Act(1, n_out)
-            xq.qs.fill_bytes(0x7F)
-            xq.d.fill_bytes(0xFF)
-            xq.s.fill_bytes(0xFF)
+            xq = _poisoned_q8(n_out)
         tail = AttnTailArgs(do, dx, _dev(w_post), [(_dev(w), out) for w, out in zip(ws, outs)], eps, counter, xq)
         gemv(dw, q, xa, n_out=n_out, out=do, tail=tail)
         np.testing.assert_array_equal(do.to_numpy().view(np.uint32), o_plain.view(np.uint32))
@@ -244,11 +248,7 @@ def test_o_projection_runs_the_chain_as_its_tail(q, n_in, n_out, n_outs, q8, see
         for g, r in zip(got, refs):
             check_rel(g, r, CHAIN_TOL, "rmsnorm(x1) * w (tail)")
         if q8:
-            qs, d, s = xq.to_numpy()
-            ref_qs, ref_d, ref_s = quantize_q8_1(got[-1][None])
-            np.testing.assert_array_equal(qs.reshape(-1), ref_qs.reshape(-1))
-            np.testing.assert_array_equal(d.reshape(-1).view(np.uint32), ref_d.reshape(-1).view(np.uint32))
-            np.testing.assert_array_equal(s.reshape(-1).view(np.uint32), ref_s.reshape(-1).view(np.uint32))
+            _assert_q8_of(xq, got[-1])
         assert counter.to_numpy()[0] == 0, f"launch {launch}: the tail left the arrival counter at {counter}"
 
 
