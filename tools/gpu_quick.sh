@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check after the two staging parts (.gpuhost/p1, p2: python3.12 site + llama.cpp): parallel precompile,
-# the GPU tests of the kernels and fusions not yet run on a GPU (grouped GEMM, routing, flash prefill, norm chains,
-# the q8_1-writing attention and gate/up kernels, the dense GLU) and the prefill / decode model tests, then the
+# the GPU tests of the kernels and fusions not yet run on a GPU (grouped GEMM, routing, flash prefill, norm chains
+# and their tails, the q8_1-writing attention and gate/up kernels, the dense GLU, the two-matrix GEMV) and the prefill / decode model tests, then the
 # 30B-shape bench with llama.cpp in the same run. Every step has its own time limit so the call returns inside the
 # device tool's 10 minutes; logs land in $OUT.
 set -uo pipefail
@@ -24,6 +24,7 @@ timeout "${T_TEST:-200}" python3 -m pytest -q -m gpu -n 14 -p no:cacheprovider t
   "tests/kernels/test_attention_decode.py::test_prologue_bit_identical_to_qk_kernel_then_attention" \
   "tests/kernels/test_router.py::test_fused_router_expert_scale_is_the_gather_scale" \
   "tests/kernels/test_router.py::test_fused_router_prenorm" \
+  "tests/kernels/test_gemv.py::test_gemv_second_matrix" \
   tests/models/test_gpu_prefill.py tests/models/test_gpu_decode.py > "$OUT/tests.log" 2>&1
 tail -40 "$OUT/tests.log"
 wait
