@@ -279,8 +279,10 @@ def build_plan(model: str | None, synth: tuple[str, str] | None, depth: int, dis
 def _print_plan(p) -> None:
     mb = 1e6
     print(f"{p.model}: {p.arch}, decode at depth {p.depth}")
-    print(f"  kernels/token {p.kernels_per_token}, bytes/token {p.bytes_per_token / mb:.1f} MB, minimum "
-          f"{p.minimum_bytes / mb:.1f} MB, bytes/minimum {p.ratio:.4f}")
+    tails = sum(x.tails for x in p.launches)
+    print(f"  kernels/token {p.kernels_per_token} ({tails} of them end with a norm chain run by their last CTA), "
+          f"bytes/token {p.bytes_per_token / mb:.1f} MB, minimum {p.minimum_bytes / mb:.1f} MB, "
+          f"bytes/minimum {p.ratio:.4f}")
     bk, mn = p.bytes_by_kind(), p.minimum
     print("  bytes by kind (MB): " + ", ".join(f"{k} {v / mb:.2f}" for k, v in bk.items())
           + f"; minimum: routed {mn['routed'] / mb:.2f}, dense {mn['dense'] / mb:.2f}, kv {mn['kv'] / mb:.2f}")
