@@ -389,6 +389,17 @@ def _swap_norms(a: str, b: str):
     return m_weight(transform)
 
 
+def m_next_norm_off_by_one(r):
+    """A tail's next norm with the wrong layer's weight: layer l > 0 normalizes its input with layer l-1's
+    attn_norm (the ``w_next`` of models/ops.py AfterFfn taken from the layer that runs the tail)."""
+    def transform(name, read):
+        if name.startswith("blk.") and name.endswith(".attn_norm.weight"):
+            l = int(name.split(".")[1])
+            return read(f"blk.{l - 1}.attn_norm.weight") if l > 0 else read(name)
+        return read(name)
+    return m_weight(transform)(r)
+
+
 def m_router_unscaled(r):
     """Gemma 4's router input without its 1/sqrt(n_embd) factor (folded into the per-channel scale here)."""
     k = np.float32(1.0 / r.cfg.router_input_scale)
@@ -445,6 +456,12 @@ BUGS = [
         _swap_norms("post_ffw_norm_1.weight", "post_ffw_norm_2.weight"), arch="gemma4"),
     Bug("Gemma 4: router input not scaled by 1/sqrt(n_embd)", None, m_router_unscaled, arch="gemma4"),
     Bug("Gemma 4: V not RMS-normed", None, m_v_not_normed, arch="gemma4"),
+    # the norm chains run as tails (models/ops.py AfterFfn / AfterAttention): a wrong layer's next norm, and the
+    # post-attention chain's outputs in the wrong order (dense MLP input <-> experts' input)
+    Bug("tail: next attn_norm from the layer before (Qwen)", None, m_next_norm_off_by_one),
+    Bug("tail: next attn_norm from the layer before (Gemma 4)", None, m_next_norm_off_by_one, arch="gemma4"),
+    Bug("Gemma 4 tail: dense-MLP and experts' input norms swapped", None,
+        _swap_norms(".ffn_norm.weight", ".pre_ffw_norm_2.weight"), arch="gemma4"),
 ]
 
 
