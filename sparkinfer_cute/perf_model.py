@@ -30,7 +30,8 @@ of kernel class c(i), costs
   larger than an LRU cache hits nothing), ``persist`` (what-if) pins up to ``PERSIST_FRACTION`` of the L2 for the
   dense weights and KV (a CUDA access-policy window; not implemented in the runtime).
 * A launch whose last CTA runs a norm chain after the rest of its grid (a "tail", models/ops.py ``AfterFfn`` /
-  ``AfterAttention``) adds ``TAIL_SECONDS`` of fixed time: an assumption, not a measurement.
+  ``AfterAttention``) adds a fixed time: the median ``tail_cost_us`` of ``--tails FILE`` (the JSON of
+  ``python -m sparkinfer_cute.kernels.microbench --tails``), else ``TAIL_SECONDS``, an assumption.
 * Blackwell: the same plan, a_c and eta_c; the device's copy bandwidth = datasheet x the H100's measured
   copy/datasheet ratio; its L2 size. The fixed costs are assumed equal to the H100's (set by the graph launch path
   and DRAM latency, not by bandwidth): an assumption, as is every Blackwell input (nothing here ran on Blackwell).
@@ -177,7 +178,8 @@ def token_time(plan, costs: dict, hw: Hardware, *, l2_policy: str = "lru", break
         parts = _class_of(x)
         # weights stream through the op's GEMV / MoE kernel where it has one (not its quantize or GLU kernel)
         eta = next((costs[c].eta for c, _ in parts if c.startswith(("gemv", "moe"))), costs[parts[-1][0]].eta)
-        fixed += sum(costs[c].a * n for c, n in parts) + getattr(x, "tails", 0) * TAIL_SECONDS
+        tail_a = costs["tail"].a if "tail" in costs else TAIL_SECONDS
+        fixed += sum(costs[c].a * n for c, n in parts) + getattr(x, "tails", 0) * tail_a
         stream += (heavy - in_l2) / (eta * hw.copy_bw)
         l2 += (act + in_l2) / hw.l2_bw
     total = fixed + stream + l2
@@ -337,6 +339,20 @@ def _read_json_rows(path: str) -> list:
     return [json.loads(l) for l in text.splitlines() if l.strip()] if "\n{" in text else [json.loads(text)]
 
 
+def tail_cost(path: str | None) -> ClassCost:
+    """The fixed cost of a tail: the median measured ``tail_cost_us`` (negatives clamped to 0) of a
+    ``microbench --tails`` JSON, or the ``TAIL_SECONDS`` assumption without one."""
+    if path is None:
+        return ClassCost(TAIL_SECONDS, 1.0, "assumption (TAIL_SECONDS; measure: microbench --tails)")
+    with open(path) as f:
+        rows = json.load(f).get("tails") or []
+    costs = [max(0.0, float(r["tail_cost_us"])) for r in rows if isinstance(r, dict) and "tail_cost_us" in r]
+    if not costs:
+        raise ValueError(f"{path}: no tail_cost_us rows (the JSON of microbench --tails)")
+    return ClassCost(float(np.median(costs)) * 1e-6, 1.0, f"median of {len(costs)} measured tails, "
+                                                          f"{os.path.basename(path)}")
+
+
 def predict_main(argv) -> int:
     ap = ArgumentParser(prog="python -m sparkinfer_cute.perf_model", description=__doc__.split("\n\n")[0],
                         epilog="`python -m sparkinfer_cute.perf_model plan --help`: the launch plan alone.")
@@ -359,6 +375,9 @@ def predict_main(argv) -> int:
                     help="KV depth of the predicted tokens (default 64: the mean of a tg128 run from position 0)")
     ap.add_argument("--l2", choices=("lru", "persist"), default="lru",
                     help="L2 residency across graph replays: lru (default) or the persisting-window what-if")
+    ap.add_argument("--tails", type=existing_file,
+                    help="JSON of python -m sparkinfer_cute.kernels.microbench --tails: the measured cost of a "
+                         "norm-chain tail (default: the TAIL_SECONDS assumption)")
     ap.add_argument("--json", type=writable_path, help="write the predictions as JSON here")
     args = ap.parse_args(argv)
     args.disable = args.disable or frozenset()
@@ -372,10 +391,15 @@ def predict_main(argv) -> int:
     rows = [r for r in rows if isinstance(r, dict) and r.get("arch") == args.arch]
     if not rows:
         fail(f"no {args.arch} rows in {args.bench}")
+    try:
+        tail = tail_cost(args.tails)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        fail(f"{args.tails}: not a microbench --tails JSON ({type(e).__name__}: {e})")
     bench = rows[-1]
     cal_synth = args.calibrate_synth or synth_spec(SYNTH_DEFAULT.get(args.arch, "qwen3moe:30b-a3b"))
     try:
         costs = fit_classes(micro, os.path.basename(args.microbench))
+        costs["tail"] = tail
         h100, blackwell = hardware(micro)
         cal_depth = int(bench.get("gen", 128)) // 2
         cal_plan = build_plan(None, cal_synth, cal_depth, args.calibrate_disable)
@@ -404,7 +428,7 @@ def predict_main(argv) -> int:
            "classes": {k: {"a_us": c.a * 1e6, "eta": c.eta, "source": c.source} for k, c in costs.items()},
            "assumptions": {"L2_USABLE": L2_USABLE, "PERSIST_FRACTION": PERSIST_FRACTION,
                            "L2_BW_OVER_DRAM": L2_BW_OVER_DRAM, "fixed costs on Blackwell": "equal to the H100's",
-                           "TAIL_SECONDS": TAIL_SECONDS,
+                           "tail_us": tail.a * 1e6, "tail_source": tail.source,
                            "devices": {d.name: d.source for d in DEVICES}},
            "models": {}}
     print(f"\n{'model':<22} {'device':<18} {'kern':>5} {'GB/tok':>7} {'fixed ms':>8} {'stream ms':>9} {'L2 ms':>6} "

@@ -179,3 +179,24 @@ def test_bench_accounting_is_the_launch_plan():
     # the old accounting counted the whole untied token_embd table (175 MB); the embedding gather reads one row
     emb = [x for x in p.launches if x.op == "embedding"]
     assert len(emb) == 1 and emb[0].bytes["dense"] == h.tensor("token_embd.weight").row_bytes
+
+
+def test_tail_cost_is_the_measured_median_or_the_assumption(tmp_path):
+    """A norm-chain tail's fixed cost: the median tail_cost_us of a microbench --tails JSON (a negative measurement
+    clamped to 0), else the TAIL_SECONDS assumption; each planned tail adds it to the token time."""
+    f = tmp_path / "tails.json"
+    f.write_text(json.dumps({"tails": [{"tail_cost_us": 0.8}, {"tail_cost_us": 1.2}, {"tail_cost_us": -0.1}]}))
+    assert pm.tail_cost(str(f)).a == pytest.approx(0.8e-6)
+    assert pm.tail_cost(None).a == pm.TAIL_SECONDS and "assumption" in pm.tail_cost(None).source
+    (tmp_path / "bad.json").write_text(json.dumps({"results": []}))
+    with pytest.raises(ValueError, match="tail_cost_us"):
+        pm.tail_cost(str(tmp_path / "bad.json"))
+    plan = pm.build_plan(None, ("qwen3moe", "tiny"), 0)
+    tails = sum(x.tails for x in plan.launches)
+    assert tails == 8  # 4 layers: each expert down's next norm + each fused router's own input norm
+    hw = pm.Hardware("h", 3e12, 50 << 20, 9e12)
+    costs = {k: pm.ClassCost(1e-6, 0.9, "") for k in ("gemv/dp4a", "gemv/float", "moe/dp4a", "moe/float",
+                                                      "quantize", "rmsnorm", "other")}
+    t0 = pm.token_time(plan, {**costs, "tail": pm.ClassCost(0.0, 1.0, "")}, hw)
+    t1 = pm.token_time(plan, {**costs, "tail": pm.ClassCost(2e-6, 1.0, "")}, hw)
+    assert t1 - t0 == pytest.approx(tails * 2e-6)
