@@ -29,7 +29,7 @@ from cutlass import Float32, Int8, Int32, Uint8, cute
 from .common import WarpRowKernel, aligned, as_device_bytes, gptr, pdl_prologue, sm_count, warp_reduce_sum
 from .compile import compile_options, kernel_cache
 from .gemv_chunk import choose_rows_per_warp, chunk_ok, compile_gemv_chunk, compile_gemv_multi
-from .norm_chain import AttnTail, AttnTailArgs, FfnTail, FfnTailArgs, no_tail_args, tail_fake_args
+from .norm_chain import AttnTail, AttnTailArgs, FfnTail, FfnTailArgs, tail_fake_args, tail_launch
 from .q8_1 import Q8Act, as_q8, x_pointers
 from .quant_decode import INT_QTYPES, Tiling, check_weight_bytes, qtype_name, spec
 from .quant_dot import decode_int_slice, decode_int_unit, group_dot, step_dot
@@ -225,12 +225,9 @@ def _launch(dw, q: str, x, di, n_in: int, rows: int, n_out: int, n_slots: int, e
     :class:`AttnTailArgs` / :class:`FfnTailArgs`, reading ``y``), run by the same launch. ``second`` = ``(dw2, q2, split)``: rows
     ``>= split`` of the ``n_out`` come from ``dw2`` (slice mapping, :class:`Gemv` ``second``)."""
     q8 = isinstance(x, Q8Act)
-    if tail is not None:
-        if experts or rows != 1 or accumulate:
-            raise ValueError("a GEMV tail follows a dense one-row GEMV without accumulate")
-        tail.check(n_out, y)
-    targs = tail.launch_args() if tail is not None else no_tail_args(y)
-    tkw = {"tail": tail.spec} if tail is not None else {}  # without a tail: the registered (tail-less) config key
+    if tail is not None and (experts or rows != 1 or accumulate):
+        raise ValueError("a GEMV tail follows a dense one-row GEMV without accumulate")
+    tkw, targs = tail_launch(tail, n_out, y)
     px, pxq, pxd, pxs = x_pointers(x)
     aligned(dw, "weights")
     mapping = resolve_mapping(mapping, q, n_in, rows)

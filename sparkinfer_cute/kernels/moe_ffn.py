@@ -34,7 +34,7 @@ from cutlass import Float32, Int8, Int32, Uint8, cute
 from .common import WarpRowKernel, aligned, as_device_bytes, gptr, pdl_prologue, warp_reduce_sum
 from .compile import compile_options, kernel_cache
 from .gemv_chunk import chunk_ok
-from .norm_chain import FfnTail, FfnTailArgs, no_tail_args, tail_fake_args
+from .norm_chain import FfnTail, FfnTailArgs, tail_fake_args, tail_launch
 from .moe_ffn_chunk import (
     check_quantize_out,
     compile_moe_down_chunk,
@@ -353,10 +353,7 @@ def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None,
     pa, paq, pad, pas = x_pointers(da)
     pw, pids, pwts = gptr(Uint8, aligned(dw, "w_down").ptr), gptr(Int32, di.ptr, 4), gptr(Float32, dwt.ptr, 4)
     presid, py = gptr(Float32, (dr if dr is not None else y).ptr), gptr(Float32, y.ptr)
-    if tail is not None:
-        tail.check(n_out, y)
-    targs = tail.launch_args() if tail is not None else no_tail_args(y)
-    tkw = {"tail": tail.spec} if tail is not None else {}  # without a tail: the registered (tail-less) config key
+    tkw, targs = tail_launch(tail, n_out, y)
     if _mapping(mapping, down_chunk_ok(q, n_ff, k), "moe_down") == "chunk":
         fn = compile_moe_down_chunk(q, n_ff, n_out, k, dr is not None, q8, rows_per_warp or down_rows_per_warp(q, q8),
                                     bool(x_loads_first), **tkw)

@@ -289,8 +289,7 @@ class PostFfnNorms(RowNormChain):
 @kernel_cache
 def compile_post_attention_norms(N: int, n_out: int, q8_last: bool = False):
     """Runtime args: (o, x, w_post, w0, w1, w2, out0, out1, out2 f32; q (int8), d, s (f32) pointers, eps, stream)."""
-    p = fake_ptr(Float32)
-    return cute.compile(PostAttentionNorms(N, n_out, q8_last), p, p, p, p, p, p, p, p, p, fake_ptr(Int8), p, p,
+    return cute.compile(PostAttentionNorms(N, n_out, q8_last), *_typed((0,) * 12, _STANDALONE_ATTN_SLOTS),
                         Float32(1e-6), cute.runtime.make_fake_stream(), options=compile_options())
 
 
@@ -298,9 +297,8 @@ def compile_post_attention_norms(N: int, n_out: int, q8_last: bool = False):
 def compile_post_ffn_norms(N: int, has_experts: bool, next_norm: bool = False, next_q8: bool = False):
     """Runtime args: (f, y, w1, w2, w, x, scale (align 4), w_next, h f32; q (int8), d, s (f32) pointers, eps,
     stream)."""
-    p = fake_ptr(Float32)
-    return cute.compile(PostFfnNorms(N, has_experts, next_norm, next_q8), p, p, p, p, p, p, fake_ptr(Float32, 4), p, p,
-                        fake_ptr(Int8), p, p, Float32(1e-6), cute.runtime.make_fake_stream(), options=compile_options())
+    return cute.compile(PostFfnNorms(N, has_experts, next_norm, next_q8), *_typed((0,) * 12), Float32(1e-6),
+                        cute.runtime.make_fake_stream(), options=compile_options())
 
 
 # ------------------------------------------------------------------------------------------------ wrappers
@@ -311,16 +309,10 @@ def post_attention_norms(o, x, w_post, outs, eps: float, *, xq=None, stream=None
     from ..runtime import resolve_stream
 
     N = int(o.size)
-    for a in (x, w_post, *(t for pair in outs for t in pair)):
-        if int(a.size) < N:
-            raise ValueError(f"post_attention_norms: a buffer of {a.size} elements for a row of {N}")
+    args = AttnTailArgs(o, x, w_post, outs, eps, None, xq)
+    args.check(N)
     fn = compile_post_attention_norms(N, len(outs), xq is not None)
-    ws = [w for w, _ in outs] + [outs[0][0]] * (3 - len(outs))
-    os_ = [out for _, out in outs] + [outs[0][1]] * (3 - len(outs))
-    q = (xq.qs.ptr, xq.d.ptr, xq.s.ptr) if xq is not None else (o.ptr,) * 3
-    fn(gptr(Float32, o.ptr), gptr(Float32, x.ptr), gptr(Float32, w_post.ptr), *(gptr(Float32, w.ptr) for w in ws),
-       *(gptr(Float32, t.ptr) for t in os_), gptr(Int8, q[0]), gptr(Float32, q[1]), gptr(Float32, q[2]),
-       Float32(eps), resolve_stream(stream).cu)
+    fn(*_typed(args.addrs(), _STANDALONE_ATTN_SLOTS), Float32(eps), resolve_stream(stream).cu)
 
 
 def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, next_norm=None, stream=None):
@@ -330,15 +322,23 @@ def post_ffn_norms(f, y, w1, w2, w, x, scale, eps: float, *, next_norm=None, str
     from ..runtime import resolve_stream
 
     N = int(f.size)
-    w_next, h, xq = next_norm if next_norm is not None else (w, x, None)
+    args = FfnTailArgs(f, y, w1, w2, w, x, scale, eps, None, next_norm)
     fn = compile_post_ffn_norms(N, y is not None, **({"next_norm": True} if next_norm is not None else {}),
-                                **({"next_q8": True} if xq is not None else {}))
-    yp = y if y is not None else f
-    q = (xq.qs.ptr, xq.d.ptr, xq.s.ptr) if xq is not None else (f.ptr,) * 3
-    fn(gptr(Float32, f.ptr), gptr(Float32, yp.ptr), gptr(Float32, (w1 if y is not None else w).ptr),
-       gptr(Float32, (w2 if y is not None else w).ptr), gptr(Float32, w.ptr), gptr(Float32, x.ptr),
-       gptr(Float32, scale.ptr, 4), gptr(Float32, w_next.ptr), gptr(Float32, h.ptr), gptr(Int8, q[0]),
-       gptr(Float32, q[1]), gptr(Float32, q[2]), Float32(eps), resolve_stream(stream).cu)
+                                **({"next_q8": True} if args.spec.next_q8 else {}))
+    fn(*_typed(args.addrs()), Float32(eps), resolve_stream(stream).cu)
+
+
+# The 12 pointer slots every chain body takes (PostFfnNorms.body / PostAttentionNorms.body): (dtype, assumed
+# alignment). The 7th is 4-byte aligned (PostFfnNorms' scale, one f32 that may sit anywhere in a weight buffer), the
+# 10th is the q8_1 copy's int8 values. One table for the tails' compile stand-ins and launches.
+TAIL_SLOTS = ((Float32, 16),) * 6 + ((Float32, 4),) + ((Float32, 16),) * 2 + ((Int8, 16),) + ((Float32, 16),) * 2
+# the standalone post-attention kernel keeps its first output (slot 7) 16-byte aligned: 128-bit stores
+_STANDALONE_ATTN_SLOTS = ((Float32, 16),) * 9 + ((Int8, 16),) + ((Float32, 16),) * 2
+
+
+def _typed(addrs, slots=TAIL_SLOTS) -> tuple:
+    """The pointers of 12 chain-body addresses, typed by ``slots``."""
+    return tuple(gptr(t, a, align) for (t, align), a in zip(slots, addrs, strict=True))
 
 
 class FfnTail(NamedTuple):
@@ -356,14 +356,39 @@ class FfnTail(NamedTuple):
                             tail_threads=threads)
 
 
+class _ChainArgs:
+    """What a chain reads and writes, for its standalone launch or as a tail (subclasses: the buffers as fields,
+    ``counter`` and ``eps`` among them). ``inputs()``: the buffers the host kernel of a tail may write (the chain's
+    input), ``rows()``: the buffers that hold a row, ``addrs()``: the 12 chain-body addresses (unused ones any valid
+    address), ``what``: the chain's name in errors."""
+
+    what = "chain"
+
+    def check(self, N: int, writer=None) -> None:
+        """The buffers hold a row of ``N``; as a tail (``writer``: the host kernel's output), the chain reads
+        ``writer`` and has an int32 counter."""
+        if writer is not None:
+            if writer.ptr not in tuple(a.ptr for a in self.inputs()):
+                raise ValueError(f"a {self.what} tail must read the output of the kernel that runs it")
+            if self.counter is None or self.counter.nbytes < 4:
+                raise ValueError(f"a {self.what} tail needs an int32 counter")
+        for a in self.rows():
+            if int(a.size) < N:
+                raise ValueError(f"{self.what}: a buffer of {a.size} elements for a row of {N}")
+
+    def launch_args(self) -> tuple:
+        """The runtime arguments of :meth:`RowNormChain.tail` (the counter, the 12 body pointers, eps)."""
+        return (gptr(Int32, self.counter.ptr, 4), *_typed(self.addrs()), Float32(self.eps))
+
+
 @dataclass
-class FfnTailArgs:
-    """What a post-FFN chain tail reads and writes (f32 DeviceArrays of one row of N unless said): the chain of
+class FfnTailArgs(_ChainArgs):
+    """What a post-FFN chain reads and writes (f32 DeviceArrays of one row of N unless said): the chain of
     :func:`post_ffn_norms` with ``f``, ``y`` (None: no experts), ``w1``, ``w2``, ``w`` (unused without
     ``post_norm``), the residual stream ``x``, ``scale`` (one f32 on the device; unused without ``post_norm``),
-    ``next_norm`` = ``(w_next, h, xq)`` or None, and ``counter``: one int32, zero before the first launch (the
-    tail leaves it zero; one counter serves every layer of a stream). The kernel that runs the tail writes ``f``
-    or ``y``."""
+    ``next_norm`` = ``(w_next, h, xq)`` or None, and as a tail ``counter``: one int32, zero before the first launch
+    (the tail leaves it zero; one counter serves every layer of a stream). The kernel that runs the tail writes
+    ``f`` or ``y``."""
 
     f: object
     y: object
@@ -376,25 +401,21 @@ class FfnTailArgs:
     counter: object
     next_norm: tuple | None = None
     post_norm: bool = True
+    what = "post-FFN"
 
     @property
     def spec(self) -> FfnTail:
         return FfnTail(int(self.x.size), self.y is not None, self.next_norm is not None,
                        self.next_norm is not None and self.next_norm[2] is not None, self.post_norm)
 
-    def check(self, N: int, writer) -> None:
-        if writer.ptr not in (self.f.ptr, None if self.y is None else self.y.ptr):
-            raise ValueError("a post-FFN tail must read the output of the kernel that runs it (f or y)")
-        if self.counter.nbytes < 4:
-            raise ValueError("a post-FFN tail needs an int32 counter")
-        for a in (self.f, self.x, *((self.y,) if self.y is not None else ()),
-                  *((self.next_norm[1],) if self.next_norm is not None else ())):
-            if int(a.size) < N:
-                raise ValueError(f"post-FFN tail: a buffer of {a.size} elements for a row of {N}")
+    def inputs(self) -> tuple:
+        return (self.f,) + ((self.y,) if self.y is not None else ())
 
-    def launch_args(self) -> tuple:
-        """The runtime arguments of :meth:`PostFfnNorms.tail` (after the counter: f, y, w1, w2, w, x, scale,
-        w_next, h, q, d, s pointers, then eps), unused ones filled with valid pointers."""
+    def rows(self) -> tuple:
+        return self.inputs() + (self.x,) + ((self.next_norm[1],) if self.next_norm is not None else ())
+
+    def addrs(self) -> tuple:
+        """f, y, w1, w2, w, x, scale, w_next, h, q, d, s (:meth:`PostFfnNorms.body`)."""
         f, w = self.f, self.w if self.w is not None else self.f
         y = self.y if self.y is not None else f
         w1 = self.w1 if self.y is not None else w
@@ -402,10 +423,7 @@ class FfnTailArgs:
         scale = self.scale if self.scale is not None else f
         w_next, h, xq = self.next_norm if self.next_norm is not None else (w, self.x, None)
         q = (xq.qs.ptr, xq.d.ptr, xq.s.ptr) if xq is not None else (f.ptr,) * 3
-        return (gptr(Int32, self.counter.ptr, 4), gptr(Float32, f.ptr), gptr(Float32, y.ptr), gptr(Float32, w1.ptr),
-                gptr(Float32, w2.ptr), gptr(Float32, w.ptr), gptr(Float32, self.x.ptr),
-                gptr(Float32, scale.ptr, 4), gptr(Float32, w_next.ptr), gptr(Float32, h.ptr), gptr(Int8, q[0]),
-                gptr(Float32, q[1]), gptr(Float32, q[2]), Float32(self.eps))
+        return (f.ptr, y.ptr, w1.ptr, w2.ptr, w.ptr, self.x.ptr, scale.ptr, w_next.ptr, h.ptr, *q)
 
 
 class AttnTail(NamedTuple):
@@ -421,8 +439,8 @@ class AttnTail(NamedTuple):
 
 
 @dataclass
-class AttnTailArgs:
-    """What a post-attention chain tail reads and writes: :func:`post_attention_norms` on ``o`` (the output of the
+class AttnTailArgs(_ChainArgs):
+    """What a post-attention chain reads and writes: :func:`post_attention_norms` on ``o`` (the output of the
     kernel that runs the tail), ``x``, ``w_post``, ``outs`` (1..3 ``(w, out)``), ``xq``; ``counter`` as
     :class:`FfnTailArgs`."""
 
@@ -433,47 +451,50 @@ class AttnTailArgs:
     eps: float
     counter: object
     xq: object = None
+    what = "post-attention"
 
     @property
     def spec(self) -> AttnTail:
         return AttnTail(int(self.o.size), len(self.outs), self.xq is not None)
 
-    def check(self, N: int, writer) -> None:
-        if writer.ptr != self.o.ptr:
-            raise ValueError("a post-attention tail must read the output of the kernel that runs it (o)")
+    def check(self, N: int, writer=None) -> None:
         if not 1 <= len(self.outs) <= 3:
-            raise ValueError(f"a post-attention tail takes 1..3 outputs, got {len(self.outs)}")
-        if self.counter.nbytes < 4:
-            raise ValueError("a post-attention tail needs an int32 counter")
-        for a in (self.o, self.x, *(out for _, out in self.outs)):
-            if int(a.size) < N:
-                raise ValueError(f"post-attention tail: a buffer of {a.size} elements for a row of {N}")
+            raise ValueError(f"a post-attention chain takes 1..3 outputs, got {len(self.outs)}")
+        super().check(N, writer)
 
-    def launch_args(self) -> tuple:
-        """The runtime arguments of :meth:`RowNormChain.tail` for :meth:`PostAttentionNorms.body` (o, x, w_post,
-        w0..w2, out0..out2, q, d, s), unused ones filled with valid pointers."""
+    def inputs(self) -> tuple:
+        return (self.o,)
+
+    def rows(self) -> tuple:
+        return (self.o, self.x, self.w_post, *(t for pair in self.outs for t in pair))
+
+    def addrs(self) -> tuple:
+        """o, x, w_post, w0..w2, out0..out2, q, d, s (:meth:`PostAttentionNorms.body`)."""
         ws = [w for w, _ in self.outs] + [self.outs[0][0]] * (3 - len(self.outs))
         os_ = [out for _, out in self.outs] + [self.outs[0][1]] * (3 - len(self.outs))
         xq = self.xq
         q = (xq.qs.ptr, xq.d.ptr, xq.s.ptr) if xq is not None else (self.o.ptr,) * 3
-        return (gptr(Int32, self.counter.ptr, 4), gptr(Float32, self.o.ptr), gptr(Float32, self.x.ptr),
-                gptr(Float32, self.w_post.ptr), *(gptr(Float32, w.ptr) for w in ws), gptr(Float32, os_[0].ptr, 4),
-                gptr(Float32, os_[1].ptr), gptr(Float32, os_[2].ptr), gptr(Int8, q[0]), gptr(Float32, q[1]),
-                gptr(Float32, q[2]), Float32(self.eps))
+        return (self.o.ptr, self.x.ptr, self.w_post.ptr, *(w.ptr for w in ws), *(o.ptr for o in os_), *q)
 
 
 def tail_fake_args() -> tuple:
-    """Compile-time stand-ins of the tail arguments (:meth:`FfnTailArgs.launch_args`, :meth:`AttnTailArgs.launch_args`:
-    the counter, 12 pointers of which the 7th is 4-byte aligned and the 10th int8, eps)."""
-    p = fake_ptr(Float32)
-    return (fake_ptr(Int32, 4), p, p, p, p, p, p, fake_ptr(Float32, 4), p, p, fake_ptr(Int8), p, p, Float32(1e-6))
+    """Compile-time stand-ins of the tail arguments (:meth:`_ChainArgs.launch_args`)."""
+    return (fake_ptr(Int32, 4), *_typed((0,) * 12), Float32(1e-6))
 
 
 def no_tail_args(any_f32) -> tuple:
     """The tail arguments of a launch without a tail (every pointer ``any_f32``'s: never dereferenced)."""
-    p = any_f32.ptr
-    return (gptr(Int32, p, 4), *(gptr(Float32, p) for _ in range(6)), gptr(Float32, p, 4), gptr(Float32, p),
-            gptr(Float32, p), gptr(Int8, p), gptr(Float32, p), gptr(Float32, p), Float32(0.0))
+    return (gptr(Int32, any_f32.ptr, 4), *_typed((any_f32.ptr,) * 12), Float32(0.0))
+
+
+def tail_launch(tail, n_out: int, writer) -> tuple[dict, tuple]:
+    """(compile keywords, runtime arguments) of a host kernel's tail: ``tail`` (:class:`FfnTailArgs` /
+    :class:`AttnTailArgs`) checked against the host's output ``writer`` of ``n_out`` values; None, no tail: no
+    keyword (the registered tail-less config key) and :func:`no_tail_args`."""
+    if tail is None:
+        return {}, no_tail_args(writer)
+    tail.check(n_out, writer)
+    return {"tail": tail.spec}, tail.launch_args()
 
 
 # Gemma 4 26B-A4B (n_embd 2816) and the synthetic tiny presets (256), Gemma 3 270M (640): the MoE layers' three
