@@ -406,8 +406,21 @@ def _gemv_shape(w) -> dict:
     return {"qtype": w.qtype, "n_in": w.n_in, "n_out": w.n_out}
 
 
+class _AfterMatmul:
+    """What follows a matmul on the residual stream (:class:`AfterAttention`, :class:`AfterFfn`): run as the
+    matmul's tail where ``fused()``, else as launches of its own after it."""
+
+    def tail_for(self, out):
+        """The tail's arguments for the matmul writing ``out``, or None where the chain runs separately."""
+        return self.tail_args(out) if self.fused() else None
+
+    def own_launches(self, out) -> int:
+        """Launches the chain adds to the matmul's (0 as its tail)."""
+        return 0 if self.fused() else self.separate_launches(out)
+
+
 @dataclass
-class AfterAttention:
+class AfterAttention(_AfterMatmul):
     """The norm chain after the O projection (:func:`post_attention_norms` with the projection's output as ``o``,
     Gemma 3/4), for the projection's launch to run as its last CTA's tail (pass ``fused_o_tail``,
     kernels/norm_chain.py ``RowNormChain.tail``) instead of a launch of its own; ``counter`` as :class:`AfterFfn`."""
@@ -436,7 +449,7 @@ class AfterAttention:
 
 
 def _gemv_launches(w, x, y, *a, after=None, **k) -> int:
-    return 1 + (after.separate_launches(y) if after is not None and not after.fused() else 0)
+    return 1 + (after.own_launches(y) if after is not None else 0)
 
 
 @launches(_gemv_launches)
@@ -447,7 +460,7 @@ def gemv(w, x, y, *, stream, xq=None, after: AfterAttention | AfterFfn | None = 
     launch where it can be. ``second``: a weight of another type (same n_in)
     whose rows continue ``y`` after W's (the slice kernel's two-matrix launch; :func:`gemv_qkv`)."""
     cfg = tuned(_gemv_op(xq), _gemv_shape(w), where=w.name)
-    tail = after.tail_args(y) if after is not None and after.fused() else None
+    tail = after.tail_for(y) if after is not None else None
     sec = None if second is None else (second.data, second.qtype, second.n_out)
     _gemv.gemv(w.data, w.qtype, xq if xq is not None else x, n_out=w.n_out, out=y, stream=stream, tail=tail,
                second=sec, **cfg)
@@ -775,7 +788,7 @@ def _slots(ids) -> int:
 
 
 @dataclass
-class AfterFfn:
+class AfterFfn(_AfterMatmul):
     """What follows an FFN's last matmul on the residual stream, for that matmul's launch to run itself as its last
     CTA's tail (pass ``fused_ffn_tail``; kernels/norm_chain.py ``RowNormChain.tail``) instead of a launch of its
     own:
@@ -831,7 +844,7 @@ def _moe_down_launches(w_down, *a, actq=None, after=None, **k) -> int:
     # with an actq the gate/up kernel did not write: the q8_1 quantization of act, then the down GEMV
     n = 2 if actq is not None and not gate_up_writes_act_q8(w_down.n_in) else 1
     out = a[3] if len(a) > 3 else k.get("out")
-    return n + (after.separate_launches(out) if after is not None and not after.fused() else 0)
+    return n + (after.own_launches(out) if after is not None else 0)
 
 
 @launches(_moe_down_launches)
@@ -844,7 +857,7 @@ def moe_down(w_down, act, ids, weights, out, *, stream, actq: MoeActQ8 | None = 
     shape = {"qtype": w_down.qtype, "n_ff": w_down.n_in, "n_out": w_down.n_out, "n_expert": w_down.n_expert,
              "k": _slots(ids)}
     cfg = tuned("moe_down_q8" if actq is not None else "moe_down", shape, where=w_down.name)
-    tail = after.tail_args(out) if after is not None and after.fused() else None
+    tail = after.tail_for(out) if after is not None else None
     _moe.moe_down(w_down.data, w_down.qtype, actq.q8 if actq is not None else act, ids, weights, w_down.n_out,
                   out=out, stream=stream, tail=tail, **cfg)
     if after is not None and tail is None:
