@@ -89,12 +89,14 @@ def _addr(a):
     return a._pointer if isinstance(a, cute.runtime._Pointer) else a.value
 
 
-def _chain_args(kernel, named) -> dict:
-    """{chain body parameter: launch value} for the tail arguments of one recorded launch."""
+def _recorded_tail(fake_compile):
+    """(the compiled chain, {chain body parameter: launch value}, {host kernel parameter: launch argument}) of the
+    one recorded launch, its tail arguments named by the chain body's parameters (+ counter, eps)."""
+    (kernel, named), = fake_compile.calls
     body = [p for p in inspect.signature(type(kernel.tail).body).parameters if p != "self"][:12]
-    out = {name: _addr(named[f"t{i}"]) for i, name in enumerate(body)}
-    out["counter"], out["eps"] = _addr(named["tCnt"]), _addr(named["eps"])
-    return out
+    got = {name: _addr(named[f"t{i}"]) for i, name in enumerate(body)}
+    got["counter"], got["eps"] = _addr(named["tCnt"]), _addr(named["eps"])
+    return kernel.tail, got, named
 
 
 def _experts(q, E, n_out, n_ff):
@@ -116,11 +118,9 @@ def test_moe_down_residual_tail_arguments(fake_compile, q, n_ff, n_out, k, q8):
     tail = FfnTailArgs(y, None, None, None, None, x, None, 1e-6, counter, (w_next, h, xq), post_norm=False)
     moe_down(_experts(q, 16, n_out, n_ff), q, act, fdev(k, np.int32), fdev(k), n_out, out=y, stream=FakeStream(),
              tail=tail)
-    (kernel, named), = fake_compile.calls
-    chain = kernel.tail
+    chain, got, named = _recorded_tail(fake_compile)
     assert (chain.has_experts, chain.next_norm, chain.next_q8, chain.post_norm) == (False, True, q8, False)
     assert chain.N == n_out and chain.threads == 128 and chain.in_tail
-    got = _chain_args(kernel, named)
     assert got["pF"] == y.ptr == _addr(named["pY"])  # the chain's input is the kernel's own output
     assert (got["pX"], got["pWn"], got["pH"], got["counter"]) == (x.ptr, w_next.ptr, h.ptr, counter.ptr)
     if q8:
@@ -140,10 +140,8 @@ def test_moe_down_post_ffn_tail_arguments(fake_compile, q, n_ff, n_out, k):
     tail = FfnTailArgs(f, y, w1, w2, w, x, scale, 1e-5, counter, (w_next, h, xq))
     moe_down(_experts(q, 16, n_out, n_ff), q, act, fdev(k, np.int32), fdev(k), n_out, out=y, stream=FakeStream(),
              tail=tail)
-    (kernel, named), = fake_compile.calls
-    chain = kernel.tail
+    chain, got, named = _recorded_tail(fake_compile)
     assert (chain.has_experts, chain.next_norm, chain.next_q8, chain.post_norm) == (True, True, True, True)
-    got = _chain_args(kernel, named)
     assert got["pY"] == y.ptr == _addr(named["pY"])
     want = dict(pF=f, pW1=w1, pW2=w2, pW=w, pX=x, pScale=scale, pWn=w_next, pH=h, pQ=xq.qs, pD=xq.d, pS=xq.s)
     assert {k_: got[k_] for k_ in want} == {k_: a.ptr for k_, a in want.items()}
@@ -166,10 +164,8 @@ def test_gemv_post_attention_tail_arguments(fake_compile, q, n_in, n_out, n_outs
     gemv(fdev((n_out * spec(q).row_bytes(n_in),), np.uint8), q, a, n_out=n_out, out=o, stream=FakeStream(),
          mapping=mapping, rows_per_warp=1 if mapping == "chunk" else None, warps_per_row=None if q8 else 1,
          tail=tail)
-    (kernel, named), = fake_compile.calls
-    chain = kernel.tail
+    chain, got, named = _recorded_tail(fake_compile)
     assert (chain.N, chain.n_out, chain.q8_last, chain.in_tail) == (n_out, n_outs, q8, True)
-    got = _chain_args(kernel, named)
     assert got["pO"] == o.ptr == _addr(named["pY"])
     assert (got["pX"], got["pWpost"], got["counter"]) == (x.ptr, w_post.ptr, counter.ptr)
     for i in range(n_outs):
@@ -223,11 +219,9 @@ def test_gemv_post_ffn_tail_arguments(fake_compile, q, n_in, n_out, mapping):
     tail = FfnTailArgs(f, None, None, None, w, x, scale, 1e-6, counter, (w_next, h, None))
     gemv(fdev((n_out * spec(q).row_bytes(n_in),), np.uint8), q, fdev(n_in), n_out=n_out, out=f, stream=FakeStream(),
          mapping=mapping, rows_per_warp=1 if mapping == "chunk" else None, warps_per_row=1, tail=tail)
-    (kernel, named), = fake_compile.calls
-    chain = kernel.tail
+    chain, got, named = _recorded_tail(fake_compile)
     assert (chain.N, chain.has_experts, chain.next_norm, chain.next_q8, chain.post_norm) == (n_out, False, True,
                                                                                               False, True)
-    got = _chain_args(kernel, named)
     assert got["pF"] == f.ptr == _addr(named["pY"])
     want = dict(pW=w, pX=x, pScale=scale, pWn=w_next, pH=h)
     assert {k: got[k] for k in want} == {k: a.ptr for k, a in want.items()}
