@@ -30,6 +30,11 @@ CONFIGS = {
     "gemv slice Q8_0 2816 dp4a": ("gemv.compile_gemv.uncached('Q8_0', 2816, q8=True{})", "warps_per_row=2"),
     "moe_down slice Q8_0 704 dp4a": ("moe_ffn.compile_moe_down.uncached('Q8_0', 704, 2816, q8=True{})",
                                      "warps_per_row=1"),
+    "router_gemv 128/2048 prenorm q8": (
+        "router.compile_router_gemv.uncached(128, 2048, 8, prenorm=True, prenorm_q8=True{})", "warps_per_row=4"),
+    "moe_gate_up_chunk Q4_K dp4a q8 out": (
+        "moe_ffn_chunk.compile_moe_gate_up_chunk.uncached('Q4_K', 2048, 768, False, True, 2, quantize_out=True{})",
+        "x_loads_first=True"),
     "attention 32/4/128 32 splits": (
         "attention_decode.compile_attention_decode.uncached(32, 4, 128, 64, 32, False, fused_combine=True{})",
         "heads_per_cta=4, keys_per_iter=2"),
@@ -37,7 +42,7 @@ CONFIGS = {
 
 CHILD = """
 import hashlib, re, sys
-from sparkinfer_cute.kernels import attention_decode, gemv, gemv_chunk, moe_ffn, moe_ffn_chunk, quant_gemm
+from sparkinfer_cute.kernels import attention_decode, gemv, gemv_chunk, moe_ffn, moe_ffn_chunk, quant_gemm, router
 from sparkinfer_cute.kernels.compile import extra_options
 with extra_options('--keep-ptx'):
     c = eval(sys.argv[1])

@@ -29,7 +29,8 @@
 # micro_attn: decode attention alone, with the fused combine, and with the Q/K prologue inside vs its two launches
 # ab_pass: tg128 with each pass of AB_PASSES switched off vs the default build (issue 15's measured gain per pass)
 # micro_tails: the matmul alone / + its norm launch / with the chain as its tail, at the basket shapes
-# verify_passes: the GPU tests of the norm-chain tails and the two-matrix GEMV, and the model decode/prefill tests
+# verify_passes: the GPU tests of the norm-chain tails, the two-matrix GEMV, the routed gate/up (and the router and
+#   gate/up kernels it shares code with), and the model decode/prefill tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -176,7 +177,8 @@ for ph in "${phases[@]}"; do
     # every model's decode/prefill GPU tests with them on, in one call (xdist: kernels compile in parallel)
     timeout "${T_VERIFY:-360}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" -p no:cacheprovider \
       tests/kernels/test_norm_chain.py tests/kernels/test_gemv.py::test_gemv_second_matrix \
-      tests/models/test_gpu_decode.py tests/models/test_gpu_prefill.py 2>&1 | tee "$OUT/verify_passes.log" | tail -30
+      tests/kernels/test_routed_gate_up.py tests/kernels/test_router.py "tests/kernels/test_moe_ffn.py::test_gate_up" \
+      tests/kernels/test_moe_ffn.py::test_gate_up_writes_q8_1_copy tests/models/test_gpu_decode.py tests/models/test_gpu_prefill.py 2>&1 | tee "$OUT/verify_passes.log" | tail -30
     add "tail / two-matrix passes + model GPU tests" "$(tail -1 "$OUT/verify_passes.log")" ;;
   ab_pass)  # issue 15: each pass of AB_PASSES (default fused_ffn_tail) switched off vs the default build, 30B shape
     # tg128 back to back on the same file (AB_MODEL=gemma4 for the 26B-A4B shape)

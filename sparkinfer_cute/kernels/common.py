@@ -255,6 +255,12 @@ def ldmatrix_x4(smem_ptr: cute.Pointer, transpose: bool = False, *, loc=None, ip
 
 
 @dsl_user_op
+def nanosleep(ns: int, *, loc=None, ip=None):
+    """``nanosleep.u32 ns``: a polling thread yields its issue slots (and L2 bandwidth) to the warps doing work."""
+    _nvvm.nanosleep(Int32(ns).ir_value(loc=loc, ip=ip), loc=loc, ip=ip)
+
+
+@dsl_user_op
 def pack_f16x2(lo, hi, *, loc=None, ip=None):
     """Two f32 rounded to nearest f16 and packed into one 32-bit register, ``lo`` in the low half (the element with
     the lower column index of an mma fragment). PTX ``cvt.rn.f16x2.f32 d, a, b`` puts ``a`` in the upper half."""
@@ -262,7 +268,7 @@ def pack_f16x2(lo, hi, *, loc=None, ip=None):
     return Uint32(llvm.inline_asm(T.i32(), args, "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", loc=loc, ip=ip))
 
 
-__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "aligned", "cu_stream", "as_device_bytes", "sm_count",
+__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "nanosleep", "aligned", "cu_stream", "as_device_bytes", "sm_count",
            "WarpRowKernel", "pdl_prologue", "warp_reduce",
            "warp_reduce_sum", "warp_reduce_max", "warp_argmax", "block_reduce", "block_reduce_sum", "block_reduce_max",
            "cp_async", "mma_f16_m16n8k16", "ldmatrix_x4", "pack_f16x2"]

@@ -74,6 +74,7 @@ class MoeGateUp(WarpRowKernel):
         # rows per expert in the weight tensor(s), and where the up rows start inside an expert
         self.expert_rows = 2 * n_ff if fused else n_ff
         self.up_row0 = n_ff if fused else 0
+        self.rows_per_cta = WARPS
 
     @cute.jit
     def __call__(self, pWg: cute.Pointer, pWu: cute.Pointer, pX: cute.Pointer, pXq: cute.Pointer,
@@ -87,8 +88,16 @@ class MoeGateUp(WarpRowKernel):
                pXs: cute.Pointer, pIds: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer,
                pAs: cute.Pointer, pCnt: cute.Pointer):
         pdl_prologue(self.pdl)
-        sp = self.sp
         _, bx, slot, warp, lane = self.thread_coords()
+        self.rows(bx, slot, warp, lane, pWg, pWu, pX, pXq, pXd, pXs, pIds, pAct, pAq, pAd, pAs, pCnt)
+
+    @cute.jit
+    def rows(self, bx: Int32, slot: Int32, warp: Int32, lane: Int32, pWg: cute.Pointer, pWu: cute.Pointer,
+             pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer, pIds: cute.Pointer,
+             pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pAs: cute.Pointer, pCnt: cute.Pointer):
+        """What CTA (``bx``, ``slot``) of the launch grid does (the whole kernel but the PDL prologue; every thread
+        calls it): routed_gate_up.py runs it on CTAs of a grid that routes first."""
+        sp = self.sp
         o = bx * WARPS + warp
         nbpr = self.n_in // sp.block_elems
         upb = self.tiling.per_block
@@ -273,7 +282,7 @@ def dense_glu_supported(qtype, n_in: int) -> bool:
 
 def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, mapping: str = "auto",
                 rows_per_warp: int | None = None, act: str = "silu", x_loads_first: bool = False,
-                out_q8: Q8Act | None = None, counters=None):
+                out_q8: Q8Act | None = None, counters=None, plan_only: bool = False):
     """act[j] = act(Wgate[ids[j]] · h) * (Wup[ids[j]] · h) -> [k, n_ff] f32 (``act``: "silu", or "gelu_tanh" for
     Gemma's GeGLU experts).
 
@@ -285,7 +294,11 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
 
     ``out_q8`` (a :class:`Q8Act` of >= k rows of ``n_ff``) with ``counters`` (int32 DeviceArray of >= k*n_ff/32,
     zero before the first launch; every launch leaves it zero): the same launch also writes the q8_1 copy of
-    ``act``, bit-identical to ``quantize_q8_1(act)`` (the dp4a down projection's input: no quantize launch)."""
+    ``act``, bit-identical to ``quantize_q8_1(act)`` (the dp4a down projection's input: no quantize launch).
+
+    ``plan_only``: no launch; return (the mapping, its compile keywords, the runtime arguments up to the counters
+    with the activation's x, xq, xd, xs pointers all given, k, the device buffers they point into: uploads made here
+    must outlive the launch) for routed_gate_up.py, which runs the kernel after the routing in one launch."""
     from ..runtime import DeviceArray, as_device, default_stream
 
     q = qtype_name(qtype)
@@ -317,12 +330,19 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
         q8_out = (gptr(Int8, act_out.ptr, 4), gptr(Float32, act_out.ptr, 4), gptr(Float32, act_out.ptr, 4),
                   gptr(Int32, act_out.ptr, 4))
     if _mapping(mapping, chunk_ok(q, n_in), "moe_gate_up") == "chunk":
-        fn = compile_moe_gate_up_chunk(q, n_in, n_ff, fused, q8, rows_per_warp or gate_up_rows_per_warp(q8),
-                                       bool(x_loads_first), act, **flags)
-        fn(pwg, pwu, px, pxq, pxd, pids, pact, *q8_out, Int32(k), cuda.CUstream(st.handle))
+        cfg = dict(qtype=q, n_in=n_in, n_ff=n_ff, fused=fused, q8=q8,
+                   rows_per_warp=rows_per_warp or gate_up_rows_per_warp(q8), x_loads_first=bool(x_loads_first),
+                   act=act, **flags)
+        if plan_only:
+            return "chunk", cfg, (pwg, pwu, px, pxq, pxd, pxs, pids, pact, *q8_out), k, (dg, du, dh, di, act_out)
+        compile_moe_gate_up_chunk(**cfg)(pwg, pwu, px, pxq, pxd, pids, pact, *q8_out, Int32(k),
+                                         cuda.CUstream(st.handle))
     else:
-        fn = compile_moe_gate_up(q, n_in, n_ff, fused, q8, act, **flags)
-        fn(pwg, pwu, px, pxq, pxd, pxs, pids, pact, *q8_out, Int32(k), cuda.CUstream(st.handle))
+        cfg = dict(qtype=q, n_in=n_in, n_ff=n_ff, fused=fused, q8=q8, act=act, **flags)
+        if plan_only:
+            return "slice", cfg, (pwg, pwu, px, pxq, pxd, pxs, pids, pact, *q8_out), k, (dg, du, dh, di, act_out)
+        compile_moe_gate_up(**cfg)(pwg, pwu, px, pxq, pxd, pxs, pids, pact, *q8_out, Int32(k),
+                                   cuda.CUstream(st.handle))
     return act_out.to_numpy(stream=st) if h_np else act_out
 
 

@@ -73,6 +73,7 @@ class MoeGateUpChunk(WarpRowKernel):
         assert chunk_ok(qtype, n_in) and n_ff % rows_per_warp == 0
         self.qtype, self.n_in, self.n_ff, self.fused, self.q8 = qtype, n_in, n_ff, fused, q8
         self.rows_per_warp = rows_per_warp
+        self.rows_per_cta = WARPS * rows_per_warp
         self.expert_rows = 2 * n_ff if fused else n_ff
         self.up_row0 = n_ff if fused else 0
         self.chunks_per_lane = n_in // 256 * CHUNKS_PER_BLOCK // 32
@@ -90,6 +91,15 @@ class MoeGateUpChunk(WarpRowKernel):
                pCnt: cute.Pointer):
         pdl_prologue(self.pdl)
         _, bx, slot, warp, lane = self.thread_coords()
+        self.rows(bx, slot, warp, lane, pWg, pWu, pX, pXq, pXd, pXd, pIds, pAct, pAq, pAd, pAs, pCnt)
+
+    @cute.jit
+    def rows(self, bx: Int32, slot: Int32, warp: Int32, lane: Int32, pWg: cute.Pointer, pWu: cute.Pointer,
+             pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer, pIds: cute.Pointer,
+             pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pAs: cute.Pointer, pCnt: cute.Pointer):
+        """What CTA (``bx``, ``slot``) of the launch grid does (the whole kernel but the PDL prologue; every thread
+        calls it): routed_gate_up.py runs it on CTAs of a grid that routes first. ``pXs`` is not read (the same
+        arguments as moe_ffn.py :meth:`MoeGateUp.rows`)."""
         rpw = self.rows_per_warp
         o0 = (bx * WARPS + warp) * rpw
         nbpr = self.n_in // 256

@@ -30,6 +30,7 @@ runs the same :func:`softmax_topk_block` as :class:`Router` on them and resets t
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import cuda.bindings.driver as cuda
 import cutlass
@@ -281,6 +282,13 @@ class RouterGemvTopK:
                  pIds: cute.Pointer, pWeights: cute.Pointer, pScale: cute.Pointer, pX: cute.Pointer,
                  pDelta: cute.Pointer, pNormW: cute.Pointer, pQ: cute.Pointer, pQd: cute.Pointer, pQs: cute.Pointer,
                  eps: Float32, n_tokens: Int32, stream: cuda.CUstream):
+        tensors = self.tensors(pW, pH, pScratch, pCounter, pIds, pWeights, pScale, pX, pDelta, pNormW, pQ, pQd, pQs,
+                               n_tokens)
+        self.kernel(*tensors, eps).launch(use_pdl=self.pdl, grid=[self.n_ctas, n_tokens, 1],
+                                          block=[self.threads, 1, 1], stream=stream)
+
+    def tensors(self, pW, pH, pScratch, pCounter, pIds, pWeights, pScale, pX, pDelta, pNormW, pQ, pQd, pQs, n_tokens):
+        """The kernel's tensors over the launch's pointers (host side, while tracing a ``@cute.jit``)."""
         E, N, K = self.n_expert, self.n_embd, self.k
         mW = cute.make_tensor(pW, cute.make_layout((E, N), stride=(N, 1)))
         mH = cute.make_tensor(pH, cute.make_layout((n_tokens, N), stride=(N, 1)))
@@ -296,26 +304,42 @@ class RouterGemvTopK:
         mQ = cute.make_tensor(pQ, cute.make_layout(n_tokens * N))
         mQd = cute.make_tensor(pQd, cute.make_layout(n_tokens * (N // 32)))
         mQs = cute.make_tensor(pQs, cute.make_layout(n_tokens * (N // 32)))
-        self.kernel(mW, mH, mS, mCnt, mI, mP, mScale, mX, mD, mNw, mQ, mQd, mQs, eps).launch(
-            use_pdl=self.pdl, grid=[self.n_ctas, n_tokens, 1], block=[self.threads, 1, 1], stream=stream)
+        return mW, mH, mS, mCnt, mI, mP, mScale, mX, mD, mNw, mQ, mQd, mQs
 
     @cute.kernel
     def kernel(self, mW: cute.Tensor, mH: cute.Tensor, mS: cute.Tensor, mCnt: cute.Tensor, mI: cute.Tensor,
                mP: cute.Tensor, mScale: cute.Tensor, mX: cute.Tensor, mD: cute.Tensor, mNw: cute.Tensor,
                mQ: cute.Tensor, mQd: cute.Tensor, mQs: cute.Tensor, eps: Float32):
         pdl_prologue(self.pdl)
-        warps_per_row, CPL, U = self.warps_per_row, self.chunks_per_lane, _LOADS_IN_FLIGHT
-        tid, _, _ = cute.arch.thread_idx()
         cta, tok, _ = cute.arch.block_idx()
-        lane = tid % 32
-        warp = tid // 32
-        kpart = warp % warps_per_row
-        row = cta * self.rows_per_cta + warp // warps_per_row
+        red_v, red_i, sFlag = self.shared()
+        self.route(cta, tok, mW, mH, mS, mCnt, mI, mP, mScale, mX, mD, mNw, mQ, mQd, mQs, eps, red_v, red_i, sFlag,
+                   mCnt.iterator, False)
 
+    @staticmethod
+    def shared():
+        """The shared memory :meth:`route` takes (device side): per-warp f32 / int32 reduction slots and a flag."""
         smem = cutlass.memory.SmemAllocator()
         red_v = smem.allocate_tensor(Float32, cute.make_layout(GEMV_WARPS), byte_alignment=16)
         red_i = smem.allocate_tensor(Int32, cute.make_layout(GEMV_WARPS), byte_alignment=16)
         sFlag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
+        return red_v, red_i, sFlag
+
+    @cute.jit
+    def route(self, cta: Int32, tok: Int32, mW: cute.Tensor, mH: cute.Tensor, mS: cute.Tensor, mCnt: cute.Tensor,
+              mI: cute.Tensor, mP: cute.Tensor, mScale: cute.Tensor, mX: cute.Tensor, mD: cute.Tensor,
+              mNw: cute.Tensor, mQ: cute.Tensor, mQd: cute.Tensor, mQs: cute.Tensor, eps: Float32, red_v: cute.Tensor,
+              red_i: cute.Tensor, sFlag: cute.Tensor, pReady: cute.Pointer, signal: cutlass.Constexpr[bool]):
+        """What CTA ``cta`` of token ``tok`` does (the whole kernel but the PDL prologue; every thread calls it).
+        ``signal``: once the last CTA has written everything it writes (ids, weights, and with ``prenorm`` x, h and
+        hq), it stores 1 into ``pReady`` with release semantics, for CTAs of the same grid that wait for the routing
+        (routed_gate_up.py); those put it back to zero."""
+        warps_per_row, CPL, U = self.warps_per_row, self.chunks_per_lane, _LOADS_IN_FLIGHT
+        tid, _, _ = cute.arch.thread_idx()
+        lane = tid % 32
+        warp = tid // 32
+        kpart = warp % warps_per_row
+        row = cta * self.rows_per_cta + warp // warps_per_row
 
         # ---- prenorm: rstd of s = x + delta over the row (the same sum in every CTA) ----
         rstd = Float32(1.0)
@@ -413,6 +437,11 @@ class RouterGemvTopK:
                                 mQs.iterator + tok * nb)
             if tid == 0:
                 mCnt[tok] = Int32(0)  # all n_ctas arrivals are in: reset for the next launch / graph replay
+            if const_expr(signal):
+                cute.arch.barrier()  # every thread's stores above precede thread 0's release
+                if tid == 0:
+                    cute.arch.fence_acq_rel_gpu()
+                    cute.arch.store(pReady.llvm_ptr, Int32(1), sem="release", scope="gpu")
 
 
 @kernel_cache
@@ -452,16 +481,44 @@ def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, wei
     ``prenorm`` = ``(x, delta, w_norm, eps, hq)``: ``h`` (a DeviceArray) is an output: the launch adds ``delta`` to
     the residual stream ``x`` (in place), writes ``h = rmsnorm(x) * w_norm`` and, with ``hq`` (a q8_1 ``Q8Act``),
     its q8_1 copy, and routes that h (:class:`RouterGemvTopK` ``prenorm``)."""
-    from ..runtime import DeviceArray, as_device, resolve_stream
+    from ..runtime import resolve_stream
 
     st = resolve_stream(stream)
-    dh, was_np = as_device(h, st, np.float32)
+    plan = plan_route_gemv(w_router, h, k, norm_topk=norm_topk, ids_out=ids_out, weights_out=weights_out,
+                           scratch=scratch, counter=counter, stream=st, n_expert=n_expert, warps_per_row=warps_per_row,
+                           expert_scale=expert_scale, prenorm=prenorm)
+    if plan.n_tokens:
+        compile_router_gemv(**plan.cfg)(*plan.args, Int32(plan.n_tokens), st.cu)
+    if plan.was_numpy:
+        return plan.ids.to_numpy(st), plan.weights.to_numpy(st)
+    return plan.ids, plan.weights
+
+
+class RouteGemvLaunch(NamedTuple):
+    """A checked :func:`route_gemv` call: the compile keywords of :func:`compile_router_gemv`, its runtime arguments
+    up to ``eps`` (``n_tokens`` and the stream follow), and the outputs."""
+    cfg: dict
+    args: tuple
+    n_tokens: int
+    ids: object
+    weights: object
+    was_numpy: bool
+    keep: tuple  # the device buffers the arguments point into (uploads made here stay alive until the launch)
+
+
+def plan_route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, weights_out=None, scratch=None,
+                    counter=None, stream, n_expert: int | None = None, warps_per_row: int = 0, expert_scale=None,
+                    prenorm=None) -> RouteGemvLaunch:
+    """:func:`route_gemv`'s checks and arguments, without the launch (``stream``: a resolved stream, for uploads)."""
+    from ..runtime import DeviceArray, as_device
+
+    dh, was_np = as_device(h, stream, np.float32)
     n_embd = int(dh.shape[-1])
     T = dh.size // n_embd
     if isinstance(w_router, DeviceArray):
         dw = w_router
     else:
-        dw, _ = as_device(np.ascontiguousarray(w_router, np.float32), st, np.float32)
+        dw, _ = as_device(np.ascontiguousarray(w_router, np.float32), stream, np.float32)
     if n_expert is None:
         if dw.dtype == np.float32 and len(dw.shape) == 2:
             n_expert = int(dw.shape[0])
@@ -477,35 +534,39 @@ def route_gemv(w_router, h, k: int, *, norm_topk: bool = True, ids_out=None, wei
     if scratch is None:
         scratch = DeviceArray.empty((T, n_expert), np.float32)
     if counter is None:
-        counter = DeviceArray.zeros((T,), np.int32, stream=st)
+        counter = DeviceArray.zeros((T,), np.int32, stream=stream)
     if scratch.nbytes < 4 * T * n_expert or counter.nbytes < 4 * T:
         raise ValueError(f"scratch needs {T * n_expert} f32 and counter {T} int32 elements")
     if expert_scale is not None and int(np.prod(expert_scale.shape)) < n_expert:
         raise ValueError(f"expert_scale has {int(np.prod(expert_scale.shape))} entries for {n_expert} experts")
-    if T:
-        flags = {"expert_scale": True} if expert_scale is not None else {}
-        scale_ptr = expert_scale.ptr if expert_scale is not None else w.ptr  # (not read without the flag)
-        eps, pre = 0.0, (dh.ptr,) * 3 + (dh.ptr,) * 3  # (never touched without prenorm)
-        if prenorm is not None:
-            x, delta, w_norm, eps, hq = prenorm
-            for a in (x, delta, w_norm):
-                if a.ptr % 16 or int(np.prod(a.shape)) < (n_embd if a is w_norm else T * n_embd):
-                    raise ValueError("prenorm: x, delta and w_norm must be 16-byte aligned rows of n_embd f32")
-            flags["prenorm"] = True
-            if hq is not None:
-                flags["prenorm_q8"] = True
-            pre = (x.ptr, delta.ptr, w_norm.ptr) + ((hq.qs.ptr, hq.d.ptr, hq.s.ptr) if hq is not None
-                                                    else (dh.ptr,) * 3)
-        compile_router_gemv(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, warps_per_row=warps_per_row,
-                            **flags)(
-            gptr(Float32, dw.ptr, 16), gptr(Float32, dh.ptr, 16), gptr(Float32, scratch.ptr, 4),
-            gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, w.ptr, 4),
-            gptr(Float32, scale_ptr, 4), gptr(Float32, pre[0], 16), gptr(Float32, pre[1], 16),
-            gptr(Float32, pre[2], 16), gptr(Int8, pre[3], 4), gptr(Float32, pre[4], 4), gptr(Float32, pre[5], 4),
-            Float32(eps), Int32(T), st.cu)
-    if was_np:
-        return ids.to_numpy(st), w.to_numpy(st)
-    return ids, w
+    cfg, args = _gemv_launch(n_expert, n_embd, k, norm_topk, warps_per_row, dw, dh, scratch, counter, ids, w,
+                             expert_scale, prenorm, T)
+    return RouteGemvLaunch(cfg, args, T, ids, w, was_np, (dw, dh, scratch, counter))
+
+
+def _gemv_launch(n_expert, n_embd, k, norm_topk, warps_per_row, dw, dh, scratch, counter, ids, w, expert_scale,
+                 prenorm, T):
+    """(compile keywords of :func:`compile_router_gemv`, its runtime arguments up to ``eps``) of a checked
+    :func:`route_gemv` call."""
+    cfg = dict(n_expert=n_expert, n_embd=n_embd, k=k, norm_topk=norm_topk, warps_per_row=warps_per_row)
+    if expert_scale is not None:
+        cfg["expert_scale"] = True
+    scale_ptr = expert_scale.ptr if expert_scale is not None else w.ptr  # (not read without the flag)
+    eps, pre = 0.0, (dh.ptr,) * 3 + (dh.ptr,) * 3  # (never touched without prenorm)
+    if prenorm is not None:
+        x, delta, w_norm, eps, hq = prenorm
+        for a in (x, delta, w_norm):
+            if a.ptr % 16 or int(np.prod(a.shape)) < (n_embd if a is w_norm else T * n_embd):
+                raise ValueError("prenorm: x, delta and w_norm must be 16-byte aligned rows of n_embd f32")
+        cfg["prenorm"] = True
+        if hq is not None:
+            cfg["prenorm_q8"] = True
+        pre = (x.ptr, delta.ptr, w_norm.ptr) + ((hq.qs.ptr, hq.d.ptr, hq.s.ptr) if hq is not None else (dh.ptr,) * 3)
+    return cfg, (gptr(Float32, dw.ptr, 16), gptr(Float32, dh.ptr, 16), gptr(Float32, scratch.ptr, 4),
+                 gptr(Int32, counter.ptr, 4), gptr(Int32, ids.ptr, 4), gptr(Float32, w.ptr, 4),
+                 gptr(Float32, scale_ptr, 4), gptr(Float32, pre[0], 16), gptr(Float32, pre[1], 16),
+                 gptr(Float32, pre[2], 16), gptr(Int8, pre[3], 4), gptr(Float32, pre[4], 4), gptr(Float32, pre[5], 4),
+                 Float32(eps))
 
 
 def _launch_example(n_expert: int, k: int, norm_topk: bool = True):
