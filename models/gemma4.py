@@ -185,14 +185,14 @@ class Gemma4GPU(GPUDecoder):
         """Routed experts of layer l (inputs r_in, e_in [+ e_inq] from post_attention_norms): their weighted sum y,
         then ``after`` (the post-FFN norm chain on f and y)."""
         c, w, p = self.cfg, self.w, f"blk.{l}."
-        ops.router_gemv(w[p + "ffn_gate_inp.weight"], self.r_in, self.expert_ids, self.expert_w, c.n_expert_used,
-                        self.router_state, stream=stream,
-                        down_scale=w[p + "ffn_down_exps.scale"] if c.has_down_exps_scale(l) else None)
+        route = ops.RouteFirst(w[p + "ffn_gate_inp.weight"], self.r_in, self.expert_w, c.n_expert_used,
+                               self.router_state,
+                               down_scale=w[p + "ffn_down_exps.scale"] if c.has_down_exps_scale(l) else None)
         eq = self.e_inq if self.q8_moe else None
         wg, wu = self._experts(l)
         actq = self.moe_actq if self.q8_moe else None
         ops.moe_gate_up(wg, wu, self.e_in, self.expert_ids, self.moe_act, stream=stream, hq=eq, glu="gelu_tanh",
-                        actq=actq)
+                        actq=actq, route=route)
         ops.moe_down(w[p + "ffn_down_exps.weight"], self.moe_act, self.expert_ids, self.expert_w, self.y,
                      stream=stream, actq=actq, after=after)
 

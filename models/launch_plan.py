@@ -163,11 +163,24 @@ def _self_attention_parts(c: OpCall) -> tuple[OpCall, OpCall]:
 def _tails(c: OpCall) -> int:
     """Norm chains the call's last CTA runs after the rest of its grid: an ``after`` run as a tail
     (models/ops.py AfterFfn / AfterAttention), or the fused router forming its own input (``prenorm``: its last CTA
-    writes x, h and the q8_1 copy)."""
+    writes x, h and the q8_1 copy), in its own launch or in the gate/up launch it routes for."""
     after = c.kwargs.get("after")
     if after is not None and after.fused():
         return 1
+    if c.op == "moe_gate_up" and c.kwargs.get("route") is not None:
+        return _tails(_route_parts(c)[0])
     return int(c.op == "router_gemv" and c.kwargs.get("prenorm") is not None and ops.enabled("fused_router_norm"))
+
+
+def _route_parts(c: OpCall) -> tuple[OpCall, OpCall]:
+    """A moe_gate_up call with a ``route`` (models/ops.py RouteFirst) as its two parts: the router_gemv call it runs
+    first and the gate/up alone (with ``route.fused()`` one launch runs both: the router's kernel count less one)."""
+    r = c.kwargs["route"]
+    rkw = dict(down_scale=r.down_scale, prenorm=r.prenorm)
+    rargs = (r.w, r.h, c.args[3], r.weights, r.k, r.state)
+    router = OpCall("router_gemv", rargs, rkw, ops._router_launches(*rargs, **rkw))
+    kw = {k: v for k, v in c.kwargs.items() if k != "route"}
+    return router, OpCall(c.op, c.args, kw, 1)
 
 
 def _tail_parts(c: OpCall) -> tuple[OpCall, OpCall | None]:
@@ -197,6 +210,9 @@ def _tail_parts(c: OpCall) -> tuple[OpCall, OpCall | None]:
 
 def _traffic(c: OpCall, m, depth: int, splits) -> dict:
     """Bytes by kind of one decode op call (the rules in the module docstring)."""
+    if c.op == "moe_gate_up" and c.kwargs.get("route") is not None:  # the router's bytes and the gate/up's, in one
+        parts = _route_parts(c)                                        # launch or two
+        return {k: sum(_traffic(p, m, depth, splits)[k] for p in parts) for k in KINDS}
     if c.op in ("moe_down", "gemv") and c.kwargs.get("after") is not None:  # + the norms after it (a tail: the same
         parts = [p for p in _tail_parts(c) if p is not None]               # bytes, its input read back from L2)
         return {k: sum(_traffic(p, m, depth, splits)[k] for p in parts) for k in KINDS}
@@ -371,7 +387,13 @@ def kernel_parts(c: OpCall) -> tuple:
     """The kernels behind one op call, as ((name, count), ...) named after the models/ops.py op each one is (the
     performance model prices a kernel by its class). Checked against the op's declared count."""
     kw = c.kwargs
-    if c.op == "router_gemv" and c.kernels > 1:  # the norm / the down scale in launches of their own
+    if c.op == "moe_gate_up" and kw.get("route") is not None:
+        router, gate_up = _route_parts(c)
+        rparts = kernel_parts(router)
+        if kw["route"].fused():  # the router's kernel is the gate/up launch's first phase (priced as the gate/up)
+            rparts = tuple(p for p in rparts if p[0] != "router_gemv")
+        parts = rparts + kernel_parts(gate_up)
+    elif c.op == "router_gemv" and c.kernels > 1:  # the norm / the down scale in launches of their own
         parts = (("router_gemv", 1),)
         if kw.get("prenorm") is not None and not ops.enabled("fused_router_norm"):
             parts += (("rmsnorm", 1),)
@@ -414,6 +436,8 @@ def kernel_parts(c: OpCall) -> tuple:
 
 
 def _weights_of(c: OpCall) -> list[QWeight]:
+    if c.op == "moe_gate_up" and c.kwargs.get("route") is not None:
+        return sum((_weights_of(p) for p in _route_parts(c)), [])
     return [x for x in list(c.args) + list(c.kwargs.values()) if isinstance(x, QWeight)]
 
 

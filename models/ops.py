@@ -36,6 +36,7 @@ from sparkinfer_cute.kernels import qk_norm_rope_kv as _qknrk
 from sparkinfer_cute.kernels import quant_gemm as _qgemm
 from sparkinfer_cute.kernels import rmsnorm as _rms
 from sparkinfer_cute.kernels import rope as _rope
+from sparkinfer_cute.kernels import routed_gate_up as _routed
 from sparkinfer_cute.kernels import router as _router
 from sparkinfer_cute.kernels.paged_kv import PagedKVCache
 from sparkinfer_cute.kernels.quant_decode import INT_QTYPES
@@ -67,6 +68,7 @@ PASSES = frozenset({
     "fused_ffn_tail",    # the MoE down projection's last CTA runs the norms after it (next attn_norm / post-FFN chain)
     "fused_o_tail",      # the O projection's last CTA runs Gemma's post-attention norm chain
     "fused_qkv_mixed",   # packed q|k rows and a v of another type in one GEMV launch (slice mapping)
+    "fused_route_gate_up",  # the router and the experts' gate/up in one launch, CTAs in ticket order
 })
 
 
@@ -697,12 +699,14 @@ def self_attention(kv: PagedKV, layer: int, g: AttentionGeometry, q, k, v, q_nor
 
 
 class RouterState:
-    """Graph-stable buffers of the fused router: logits scratch + the last-CTA arrival counter (shared by layers:
-    each launch leaves it at zero)."""
+    """Graph-stable buffers of the fused router: logits scratch + the last-CTA arrival counter, and the ticket / ready
+    state of the launch that routes and runs the experts' gate/up (kernels/routed_gate_up.py) (shared by layers: each
+    launch leaves them at zero)."""
 
     def __init__(self, n_expert: int):
         self.logits = DeviceArray.empty((n_expert,), np.float32)
         self.counter = DeviceArray.zeros((1,), np.int32)
+        self.chain = DeviceArray.zeros((_routed.CHAIN_INTS,), np.int32)
 
 
 def _router_launches(*a, down_scale=None, prenorm=None, **k) -> int:
@@ -719,19 +723,46 @@ def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream, down_sca
     ``prenorm`` = ``(x, delta, w_norm, eps, hq)``: the router's input ``h`` is formed by the same launch, the
     pre-FFN norm with its residual add: ``x += delta``, ``h = rmsnorm(x) * w_norm`` and, with ``hq``, its q8_1 copy
     for the experts (``fused_router_norm`` disabled: :func:`rmsnorm`'s launch first)."""
-    fold = down_scale is not None and enabled("fused_expert_scale")
-    pre = None
-    if prenorm is not None:
-        x, delta, w_norm, eps, hq = prenorm
-        if enabled("fused_router_norm"):
-            pre = (x, delta, _row(w_norm), eps, hq)
-        else:
-            rmsnorm(x, w_norm, h, eps, residual=delta, stream=stream, xq=hq)
-    _router.route_gemv(w.data, h, k, norm_topk=True, ids_out=ids, weights_out=weights, scratch=st.logits,
-                       counter=st.counter, n_expert=w.n_out, stream=stream,
-                       expert_scale=_row(down_scale) if fold else None, prenorm=pre)
-    if down_scale is not None and not fold:
-        expert_scale(weights, ids, down_scale, stream=stream)
+    RouteFirst(w, h, weights, k, st, down_scale, prenorm).run(ids, stream, lambda route: _router.route_gemv(**route))
+
+
+@dataclass
+class RouteFirst:
+    """A :func:`router_gemv` call (its arguments but the expert ids, which are the gate/up's) for :func:`moe_gate_up`
+    to run first: in the same launch where ``fused_route_gate_up`` is on (kernels/routed_gate_up.py: the router's
+    CTAs, then the experts' gate/up CTAs in ticket order; one kernel boundary fewer per MoE layer), else as the
+    router's own launch(es) before the gate/up launch."""
+    w: object
+    h: object
+    weights: object
+    k: int
+    state: RouterState
+    down_scale: object = None
+    prenorm: tuple | None = None
+
+    def fused(self) -> bool:
+        return enabled("fused_route_gate_up") and self.w.qtype == "F32"
+
+    def launches(self) -> int:
+        """Launches of the routing itself beside the gate/up launch (its norm and scale launches, where their passes
+        are off; the router's own launch where it does not share the gate/up's)."""
+        return _router_launches(down_scale=self.down_scale, prenorm=self.prenorm) - self.fused()
+
+    def run(self, ids, stream, launch) -> None:
+        """The router call's launches, with the fused router's own launch ``launch(route_gemv keywords)``."""
+        fold = self.down_scale is not None and enabled("fused_expert_scale")
+        pre = None
+        if self.prenorm is not None:
+            x, delta, w_norm, eps, hq = self.prenorm
+            if enabled("fused_router_norm"):
+                pre = (x, delta, _row(w_norm), eps, hq)
+            else:
+                rmsnorm(x, w_norm, self.h, eps, residual=delta, stream=stream, xq=hq)
+        launch(dict(w_router=self.w.data, h=self.h, k=self.k, norm_topk=True, ids_out=ids, weights_out=self.weights,
+                    scratch=self.state.logits, counter=self.state.counter, n_expert=self.w.n_out, stream=stream,
+                    expert_scale=_row(self.down_scale) if fold else None, prenorm=pre))
+        if self.down_scale is not None and not fold:
+            expert_scale(self.weights, ids, self.down_scale, stream=stream)
 
 
 @launches(1)
@@ -755,21 +786,34 @@ def gate_up_writes_act_q8(n_ff: int) -> bool:
     return enabled("fused_moe_act_q8") and n_ff % _q8.QK8_1 == 0
 
 
-@launches(1)
-def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu", actq: MoeActQ8 | None = None):
+def _moe_gate_up_launches(*a, route: RouteFirst | None = None, **k) -> int:
+    return 1 + (route.launches() if route is not None else 0)
+
+
+@launches(_moe_gate_up_launches)
+def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu", actq: MoeActQ8 | None = None,
+                route: RouteFirst | None = None):
     """``hq`` (the q8_1 copy of h, already quantized this step): the dp4a kernel instead of the f32 one. ``w_up``
     None: ``w_gate`` is a fused [E, 2F, n_in] gate+up tensor (Gemma 4). ``glu``: the gate activation. ``actq``: the
     same launch also writes the q8_1 copy of ``act`` for :func:`moe_down` (each 32-row block quantized by the
-    last CTA to write it) where :func:`gate_up_writes_act_q8`."""
+    last CTA to write it) where :func:`gate_up_writes_act_q8`. ``route``: the router call that writes ``ids``, run
+    first (:class:`RouteFirst`: in the same launch where it can)."""
     n_ff = w_gate.n_out if w_up is not None else w_gate.n_out // 2
     fuse_q8 = actq is not None and gate_up_writes_act_q8(n_ff)
     shape = {"qtype": w_gate.qtype, "n_in": w_gate.n_in, "n_ff": n_ff, "n_expert": w_gate.n_expert, "k": _slots(ids),
              "fused": w_up is None}
     cfg = tuned("moe_gate_up_q8" if hq is not None else "moe_gate_up", shape, where=w_gate.name,
                 applicable=(lambda c: _act_q8_blocks(n_ff, c)) if fuse_q8 else None)
-    _moe.moe_gate_up(w_gate.data, None if w_up is None else w_up.data, w_gate.qtype, hq if hq is not None else h, ids,
-                     n_ff, out=act, stream=stream, act=glu, out_q8=actq.q8 if fuse_q8 else None,
-                     counters=actq.counters if fuse_q8 else None, **cfg)
+    args = (w_gate.data, None if w_up is None else w_up.data, w_gate.qtype, hq if hq is not None else h, ids, n_ff)
+    kw = dict(out=act, act=glu, out_q8=actq.q8 if fuse_q8 else None, counters=actq.counters if fuse_q8 else None,
+              **cfg)
+    if route is not None and route.fused():
+        gate_up = dict(zip(("w_gate", "w_up", "qtype", "h", "ids", "n_ff"), args), **kw)
+        route.run(ids, stream, lambda r: _routed.routed_gate_up(r, gate_up, route.state.chain, stream=stream))
+        return
+    if route is not None:
+        route.run(ids, stream, lambda r: _router.route_gemv(**r))
+    _moe.moe_gate_up(*args, stream=stream, **kw)
 
 
 def _act_q8_blocks(n_ff: int, cfg: dict) -> str | None:

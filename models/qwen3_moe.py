@@ -62,17 +62,19 @@ class Qwen3MoeGPU(GPUDecoder):
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.delta, stream=stream, xq=aq)
             hq = self.hq if self.q8_moe else None
             wr = w[p + "ffn_gate_inp.weight"]
+            route = None
             if ops.enabled("fused_router") and wr.qtype == "F32":
-                # x += delta; h = rmsnorm(x, ffn_norm) [+ q8_1]: formed by the router launch itself
-                ops.router_gemv(wr, self.h, self.expert_ids, self.expert_w, c.n_expert_used, self.router_state,
-                                stream=stream, prenorm=(self.x, self.delta, w[p + "ffn_norm.weight"], eps, hq))
+                # x += delta; h = rmsnorm(x, ffn_norm) [+ q8_1]: formed by the router, which runs in the experts'
+                # gate/up launch (ops.RouteFirst)
+                route = ops.RouteFirst(wr, self.h, self.expert_w, c.n_expert_used, self.router_state,
+                                       prenorm=(self.x, self.delta, w[p + "ffn_norm.weight"], eps, hq))
             else:
                 ops.rmsnorm(self.x, w[p + "ffn_norm.weight"], self.h, eps, residual=self.delta, stream=stream, xq=hq)
                 ops.gemv(wr, self.h, self.router_logits, stream=stream)
                 ops.router(self.router_logits, self.expert_ids, self.expert_w, c.n_expert_used, stream=stream)
             actq = self.actq if self.q8_moe else None
             ops.moe_gate_up(w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"], self.h, self.expert_ids,
-                            self.act, stream=stream, hq=hq, actq=actq)
+                            self.act, stream=stream, hq=hq, actq=actq, route=route)
             # then x += delta and the next norm of x: the next layer's attn_norm, or the final norm (+ the int8 LM
             # head's q8_1 input); with n_layers, the last layer leaves x + delta unadded (hidden_after_layers)
             if l < last:
