@@ -31,7 +31,7 @@ PATHS = ("decode", "prefill", "prefill_all_logits")
 REAL = frozenset({"enabled", "dp4a_for", "prefer_dp4a", "attention_geometry", "AttentionGeometry", "gemm_supports",
                   "rows", "row", "launches", "attention_splits", "gate_up_writes_act_q8", "tuned_configs", "tuned",
                   "packs_rows", "fused_qk_attention", "prefill_flash_block_n", "AfterFfn", "AfterAttention",
-                  "RouteFirst"})
+                  "RouteFirst", "ExpertsDown"})
 # models/ops.py classes built for real in a dry run, over stand-in buffers: the prefill chunk's buffers, so that the
 # widths a prefill passes its matrix ops are checked (WIDTH_CHECKS) as the decode step's are
 DRY_BUILT = frozenset({"PrefillBuffers"})

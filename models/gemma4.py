@@ -192,9 +192,7 @@ class Gemma4GPU(GPUDecoder):
         wg, wu = self._experts(l)
         actq = self.moe_actq if self.q8_moe else None
         ops.moe_gate_up(wg, wu, self.e_in, self.expert_ids, self.moe_act, stream=stream, hq=eq, glu="gelu_tanh",
-                        actq=actq, route=route)
-        ops.moe_down(w[p + "ffn_down_exps.weight"], self.moe_act, self.expert_ids, self.expert_w, self.y,
-                     stream=stream, actq=actq, after=after)
+                        actq=actq, route=route, down=ops.ExpertsDown(w[p + "ffn_down_exps.weight"], self.y, after))
 
     # ------------------------------------------------------------------ batched prefill (same math, T rows)
     def alloc_prefill(self, chunk: int):

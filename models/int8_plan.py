@@ -9,7 +9,8 @@ the model's ``alloc_buffers`` and ``enqueue_step`` / ``enqueue_prefill`` without
 of ``models/ops.py`` replaced by a recorder, the device buffers by stand-ins; nothing is allocated or launched), and
 reads the int8 activations off the recorded calls:
 
-* ``gemv`` / ``gemv_qkv`` with ``xq``, ``moe_gate_up`` with ``hq``, ``moe_down`` with ``actq``: int8;
+* ``gemv`` / ``gemv_qkv`` with ``xq``, ``moe_gate_up`` with ``hq``, ``moe_down`` with ``actq``: int8 (the down
+  projection a ``moe_gate_up`` runs as its ``down``: as ``moe_down``);
 * ``gemm`` (the prefill grouped GEMM): always int8 (its input is a q8_1 buffer), ``w_up`` included;
 * ``moe_rows``: the expert gate/up/down GEMMs int8, the router (its first weight) f32;
 * the ops in :data:`F32_WEIGHT_OPS` read weights with f32 activations (or are no matmul);
@@ -56,6 +57,10 @@ def _weights(args, kwargs) -> list[QWeight]:
 
 def _int8_names(op: str, args, kwargs) -> list[str]:
     ws = _weights(args, kwargs)
+    down = kwargs.get("down") if op == "moe_gate_up" else None
+    if down is not None:  # the experts' down projection run by the gate/up op (models/ops.py ExpertsDown)
+        return _int8_names(op, args, {k: v for k, v in kwargs.items() if k != "down"}) + _int8_names(
+            "moe_down", (down.w_down,), {"actq": kwargs.get("actq")})
     if op in INT8_OPS:
         is_int8, which = INT8_OPS[op]
         # matrices only: a vector handed along (a per-expert scale) is no matmul input

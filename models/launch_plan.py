@@ -168,19 +168,24 @@ def _tails(c: OpCall) -> int:
     if after is not None and after.fused():
         return 1
     if c.op == "moe_gate_up" and c.kwargs.get("route") is not None:
-        return _tails(_route_parts(c)[0])
+        return sum(_tails(p) for p in _route_parts(c))
     return int(c.op == "router_gemv" and c.kwargs.get("prenorm") is not None and ops.enabled("fused_router_norm"))
 
 
-def _route_parts(c: OpCall) -> tuple[OpCall, OpCall]:
-    """A moe_gate_up call with a ``route`` (models/ops.py RouteFirst) as its two parts: the router_gemv call it runs
-    first and the gate/up alone (with ``route.fused()`` one launch runs both: the router's kernel count less one)."""
-    r = c.kwargs["route"]
+def _route_parts(c: OpCall) -> tuple[OpCall, ...]:
+    """A moe_gate_up call with a ``route`` (models/ops.py RouteFirst) and maybe a ``down`` (ExpertsDown) as its
+    parts: the router_gemv call it runs first, the gate/up alone, and the moe_down call after it (with
+    ``route.fused()`` / ``down.fused()`` one launch runs them: their kernel counts less the shared launch)."""
+    r, d = c.kwargs["route"], c.kwargs.get("down")
     rkw = dict(down_scale=r.down_scale, prenorm=r.prenorm)
     rargs = (r.w, r.h, c.args[3], r.weights, r.k, r.state)
-    router = OpCall("router_gemv", rargs, rkw, ops._router_launches(*rargs, **rkw))
-    kw = {k: v for k, v in c.kwargs.items() if k != "route"}
-    return router, OpCall(c.op, c.args, kw, 1)
+    parts = [OpCall("router_gemv", rargs, rkw, ops._router_launches(*rargs, **rkw)),
+             OpCall(c.op, c.args, {k: v for k, v in c.kwargs.items() if k not in ("route", "down")}, 1)]
+    if d is not None:
+        dargs, dkw = (d.w_down, c.args[4], c.args[3], r.weights, d.out), dict(actq=c.kwargs.get("actq"),
+                                                                               after=d.after)
+        parts.append(OpCall("moe_down", dargs, dkw, ops._moe_down_launches(*dargs, **dkw)))
+    return tuple(parts)
 
 
 def _tail_parts(c: OpCall) -> tuple[OpCall, OpCall | None]:
@@ -388,11 +393,16 @@ def kernel_parts(c: OpCall) -> tuple:
     performance model prices a kernel by its class). Checked against the op's declared count."""
     kw = c.kwargs
     if c.op == "moe_gate_up" and kw.get("route") is not None:
-        router, gate_up = _route_parts(c)
+        router, gate_up, *down = _route_parts(c)
         rparts = kernel_parts(router)
         if kw["route"].fused():  # the router's kernel is the gate/up launch's first phase (priced as the gate/up)
             rparts = tuple(p for p in rparts if p[0] != "router_gemv")
         parts = rparts + kernel_parts(gate_up)
+        if down:
+            dparts = kernel_parts(down[0])
+            if kw["down"].fused(kw["route"], kw.get("actq")):  # ... and the down kernel its last phase
+                dparts = tuple(p for p in dparts if p[0] != "moe_down")
+            parts += dparts
     elif c.op == "router_gemv" and c.kernels > 1:  # the norm / the down scale in launches of their own
         parts = (("router_gemv", 1),)
         if kw.get("prenorm") is not None and not ops.enabled("fused_router_norm"):

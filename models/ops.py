@@ -36,7 +36,7 @@ from sparkinfer_cute.kernels import qk_norm_rope_kv as _qknrk
 from sparkinfer_cute.kernels import quant_gemm as _qgemm
 from sparkinfer_cute.kernels import rmsnorm as _rms
 from sparkinfer_cute.kernels import rope as _rope
-from sparkinfer_cute.kernels import routed_gate_up as _routed
+from sparkinfer_cute.kernels import routed_experts as _routed
 from sparkinfer_cute.kernels import router as _router
 from sparkinfer_cute.kernels.paged_kv import PagedKVCache
 from sparkinfer_cute.kernels.quant_decode import INT_QTYPES
@@ -69,6 +69,7 @@ PASSES = frozenset({
     "fused_o_tail",      # the O projection's last CTA runs Gemma's post-attention norm chain
     "fused_qkv_mixed",   # packed q|k rows and a v of another type in one GEMV launch (slice mapping)
     "fused_route_gate_up",  # the router and the experts' gate/up in one launch, CTAs in ticket order
+    "fused_experts_down",   # ... and the experts' down projection (+ its norm tail) as the same launch's last phase
 })
 
 
@@ -700,7 +701,7 @@ def self_attention(kv: PagedKV, layer: int, g: AttentionGeometry, q, k, v, q_nor
 
 class RouterState:
     """Graph-stable buffers of the fused router: logits scratch + the last-CTA arrival counter, and the ticket / ready
-    state of the launch that routes and runs the experts' gate/up (kernels/routed_gate_up.py) (shared by layers: each
+    state of the launch that routes and runs the experts' gate/up (kernels/routed_experts.py) (shared by layers: each
     launch leaves them at zero)."""
 
     def __init__(self, n_expert: int):
@@ -786,18 +787,45 @@ def gate_up_writes_act_q8(n_ff: int) -> bool:
     return enabled("fused_moe_act_q8") and n_ff % _q8.QK8_1 == 0
 
 
-def _moe_gate_up_launches(*a, route: RouteFirst | None = None, **k) -> int:
-    return 1 + (route.launches() if route is not None else 0)
+@dataclass
+class ExpertsDown:
+    """The experts' down projection after a routed gate/up (:func:`moe_down`'s arguments but the activations, ids
+    and weights, which come from the gate/up and the router): for :func:`moe_gate_up` to run in its own launch as
+    the last phase where ``fused()`` (pass ``fused_experts_down``; kernels/routed_experts.py), else as
+    :func:`moe_down`'s launch(es) after it."""
+    w_down: object
+    out: object
+    after: AfterFfn | None = None
+
+    def fused(self, route: RouteFirst | None, actq) -> bool:
+        """In the routed launch: the routing is (``route.fused()``) and nothing runs between the gate/up and the
+        down (no q8_1 quantize launch of the activations)."""
+        return (route is not None and route.fused() and enabled("fused_experts_down")
+                and (actq is None or gate_up_writes_act_q8(self.w_down.n_in)))
+
+    def launches(self, route, act, ids, actq) -> int:
+        """Launches of the down projection beside the gate/up launch."""
+        if self.fused(route, actq):
+            return self.after.own_launches(self.out) if self.after is not None else 0
+        return _moe_down_launches(self.w_down, act, ids, route.weights if route is not None else None, self.out,
+                                  actq=actq, after=self.after)
+
+
+def _moe_gate_up_launches(w_gate, w_up, h, ids, act, *a, route: RouteFirst | None = None,
+                          down: ExpertsDown | None = None, actq=None, **k) -> int:
+    return (1 + (route.launches() if route is not None else 0)
+            + (down.launches(route, act, ids, actq) if down is not None else 0))
 
 
 @launches(_moe_gate_up_launches)
 def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu", actq: MoeActQ8 | None = None,
-                route: RouteFirst | None = None):
+                route: RouteFirst | None = None, down: ExpertsDown | None = None):
     """``hq`` (the q8_1 copy of h, already quantized this step): the dp4a kernel instead of the f32 one. ``w_up``
     None: ``w_gate`` is a fused [E, 2F, n_in] gate+up tensor (Gemma 4). ``glu``: the gate activation. ``actq``: the
     same launch also writes the q8_1 copy of ``act`` for :func:`moe_down` (each 32-row block quantized by the
     last CTA to write it) where :func:`gate_up_writes_act_q8`. ``route``: the router call that writes ``ids``, run
-    first (:class:`RouteFirst`: in the same launch where it can)."""
+    first (:class:`RouteFirst`: in the same launch where it can). ``down``: the experts' down projection on ``act``
+    (with the router's weights), run after (:class:`ExpertsDown`: in the same launch where it can)."""
     n_ff = w_gate.n_out if w_up is not None else w_gate.n_out // 2
     fuse_q8 = actq is not None and gate_up_writes_act_q8(n_ff)
     shape = {"qtype": w_gate.qtype, "n_in": w_gate.n_in, "n_ff": n_ff, "n_expert": w_gate.n_expert, "k": _slots(ids),
@@ -807,13 +835,25 @@ def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu"
     args = (w_gate.data, None if w_up is None else w_up.data, w_gate.qtype, hq if hq is not None else h, ids, n_ff)
     kw = dict(out=act, act=glu, out_q8=actq.q8 if fuse_q8 else None, counters=actq.counters if fuse_q8 else None,
               **cfg)
+    if down is not None and route is None:
+        raise ValueError("moe_gate_up: a down phase needs the routing (route) that gives its weights")
     if route is not None and route.fused():
         gate_up = dict(zip(("w_gate", "w_up", "qtype", "h", "ids", "n_ff"), args), **kw)
-        route.run(ids, stream, lambda r: _routed.routed_gate_up(r, gate_up, route.state.chain, stream=stream))
-        return
-    if route is not None:
-        route.run(ids, stream, lambda r: _router.route_gemv(**r))
-    _moe.moe_gate_up(*args, stream=stream, **kw)
+        down_kw = None
+        if down is not None and down.fused(route, actq):
+            down_kw = _moe_down_call(down.w_down, act, ids, route.weights, down.out, actq, down.after)
+        route.run(ids, stream, lambda r: _routed.routed_experts(r, gate_up, route.state.chain, down=down_kw,
+                                                                 stream=stream))
+        if down_kw is not None:
+            if down.after is not None and down_kw["tail"] is None:
+                down.after.run_separately(down.out, stream)
+            return
+    else:
+        if route is not None:
+            route.run(ids, stream, lambda r: _router.route_gemv(**r))
+        _moe.moe_gate_up(*args, stream=stream, **kw)
+    if down is not None:
+        moe_down(down.w_down, act, ids, route.weights, down.out, stream=stream, actq=actq, after=down.after)
 
 
 def _act_q8_blocks(n_ff: int, cfg: dict) -> str | None:
@@ -898,14 +938,20 @@ def moe_down(w_down, act, ids, weights, out, *, stream, actq: MoeActQ8 | None = 
     (:class:`AfterFfn`), in this launch where it can be."""
     if actq is not None and not gate_up_writes_act_q8(w_down.n_in):
         quantize(act, actq.q8, stream=stream)
+    kw = _moe_down_call(w_down, act, ids, weights, out, actq, after)
+    _moe.moe_down(*(kw.pop(k) for k in ("w_down", "qtype", "act", "ids", "weights", "n_out")), stream=stream, **kw)
+    if after is not None and kw["tail"] is None:
+        after.run_separately(out, stream)
+
+
+def _moe_down_call(w_down, act, ids, weights, out, actq, after) -> dict:
+    """The keywords of kernels/moe_ffn.py ``moe_down`` for :func:`moe_down`'s call (tuned config, tail)."""
     shape = {"qtype": w_down.qtype, "n_ff": w_down.n_in, "n_out": w_down.n_out, "n_expert": w_down.n_expert,
              "k": _slots(ids)}
     cfg = tuned("moe_down_q8" if actq is not None else "moe_down", shape, where=w_down.name)
-    tail = after.tail_for(out) if after is not None else None
-    _moe.moe_down(w_down.data, w_down.qtype, actq.q8 if actq is not None else act, ids, weights, w_down.n_out,
-                  out=out, stream=stream, tail=tail, **cfg)
-    if after is not None and tail is None:
-        after.run_separately(out, stream)
+    return dict(w_down=w_down.data, qtype=w_down.qtype, act=actq.q8 if actq is not None else act, ids=ids,
+                weights=weights, n_out=w_down.n_out, out=out, tail=after.tail_for(out) if after is not None else None,
+                **cfg)
 
 
 @launches(1)

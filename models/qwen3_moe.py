@@ -73,17 +73,23 @@ class Qwen3MoeGPU(GPUDecoder):
                 ops.gemv(wr, self.h, self.router_logits, stream=stream)
                 ops.router(self.router_logits, self.expert_ids, self.expert_w, c.n_expert_used, stream=stream)
             actq = self.actq if self.q8_moe else None
-            ops.moe_gate_up(w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"], self.h, self.expert_ids,
-                            self.act, stream=stream, hq=hq, actq=actq, route=route)
-            # then x += delta and the next norm of x: the next layer's attn_norm, or the final norm (+ the int8 LM
-            # head's q8_1 input); with n_layers, the last layer leaves x + delta unadded (hidden_after_layers)
+            # the experts' down projection, then x += delta and the next norm of x: the next layer's attn_norm, or
+            # the final norm (+ the int8 LM head's q8_1 input); with n_layers, the last layer leaves x + delta
+            # unadded (hidden_after_layers)
             if l < last:
                 nxt = (w[f"blk.{l + 1}.attn_norm.weight"], self.h, hq_attn)
             else:
                 nxt = (w["output_norm.weight"], self.h, self.lm_head_q8()) if n_layers is None else None
-            ops.moe_down(w[p + "ffn_down_exps.weight"], self.act, self.expert_ids, self.expert_w, self.delta,
-                         stream=stream, actq=actq,
-                         after=ops.AfterFfn(self.x, eps, self.tail_counter, nxt) if nxt is not None else None)
+            down = ops.ExpertsDown(w[p + "ffn_down_exps.weight"], self.delta,
+                                   ops.AfterFfn(self.x, eps, self.tail_counter, nxt) if nxt is not None else None)
+            if route is not None:  # routing, gate/up and down: one launch where the passes allow (ops.RouteFirst)
+                ops.moe_gate_up(w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"], self.h, self.expert_ids,
+                                self.act, stream=stream, hq=hq, actq=actq, route=route, down=down)
+            else:
+                ops.moe_gate_up(w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"], self.h, self.expert_ids,
+                                self.act, stream=stream, hq=hq, actq=actq)
+                ops.moe_down(down.w_down, self.act, self.expert_ids, self.expert_w, down.out, stream=stream,
+                             actq=actq, after=down.after)
         if n_layers is not None:
             return  # hidden state = x + delta (hidden_after_layers)
         self.enqueue_logits(stream, self.lm_head_q8())  # h (and its q8_1 copy): the last layer's tail

@@ -35,6 +35,12 @@ CONFIGS = {
     "moe_gate_up_chunk Q4_K dp4a q8 out": (
         "moe_ffn_chunk.compile_moe_gate_up_chunk.uncached('Q4_K', 2048, 768, False, True, 2, quantize_out=True{})",
         "x_loads_first=True"),
+    "moe_down_chunk Q4_K dp4a + Qwen tail": (
+        "moe_ffn_chunk.compile_moe_down_chunk.uncached('Q4_K', 768, 2048, 8, False, True, 1, "
+        "tail=norm_chain.FfnTail(2048, next_q8=True, post_norm=False){})", "x_loads_first=True"),
+    "moe_down slice Q8_0 + Gemma 4 tail": (
+        "moe_ffn.compile_moe_down.uncached('Q8_0', 704, 2816, q8=True, "
+        "tail=norm_chain.FfnTail(2816, has_experts=True, next_q8=True){})", "warps_per_row=1"),
     "attention 32/4/128 32 splits": (
         "attention_decode.compile_attention_decode.uncached(32, 4, 128, 64, 32, False, fused_combine=True{})",
         "heads_per_cta=4, keys_per_iter=2"),
@@ -42,7 +48,8 @@ CONFIGS = {
 
 CHILD = """
 import hashlib, re, sys
-from sparkinfer_cute.kernels import attention_decode, gemv, gemv_chunk, moe_ffn, moe_ffn_chunk, quant_gemm, router
+from sparkinfer_cute.kernels import (attention_decode, gemv, gemv_chunk, moe_ffn, moe_ffn_chunk, norm_chain, quant_gemm,
+                                     router)
 from sparkinfer_cute.kernels.compile import extra_options
 with extra_options('--keep-ptx'):
     c = eval(sys.argv[1])

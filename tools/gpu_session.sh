@@ -159,7 +159,7 @@ for ph in "${phases[@]}"; do
   ab)
     # Speed passes A/B on the same files in the same run: the unoptimized build (every pass off) vs the default.
     [ -f /tmp/qwen30b.gguf ] || python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o /tmp/qwen30b.gguf --seed 0 >/dev/null 2>&1
-    BASE="SPARKINFER_PDL=0 SPARKINFER_DP4A=none SPARKINFER_REPACK_Q6K=0 SPARKINFER_DISABLE=fused_qk,fused_router,fused_combine,fused_qkv,fused_attn_q8,fused_dense_glu,fused_moe_act_q8,fused_head_q8,fused_norms,fused_expert_scale,fused_router_norm,flash_prefill,fused_qk_attention,fused_ffn_tail,fused_o_tail,fused_qkv_mixed,fused_route_gate_up"
+    BASE="SPARKINFER_PDL=0 SPARKINFER_DP4A=none SPARKINFER_REPACK_Q6K=0 SPARKINFER_DISABLE=fused_qk,fused_router,fused_combine,fused_qkv,fused_attn_q8,fused_dense_glu,fused_moe_act_q8,fused_head_q8,fused_norms,fused_expert_scale,fused_router_norm,flash_prefill,fused_qk_attention,fused_ffn_tail,fused_o_tail,fused_qkv_mixed,fused_route_gate_up,fused_experts_down"
     env $BASE python3 -m sparkinfer_cute.accuracy /tmp/qwen30b.gguf --random-tokens 0 -n 64 --save-topk /tmp/base30b.npz 2>&1 | tail -2
     python3 -m sparkinfer_cute.accuracy /tmp/qwen30b.gguf --random-tokens 0 -n 64 --reference /tmp/base30b.npz --max-kl 0.01 --json "$OUT/ab_acc30b.json" 2>&1 | tee "$OUT/ab_acc30b.log" | tail -3
     add "30B optimized vs unoptimized build" "$(grep -E 'top-1' "$OUT/ab_acc30b.log" | head -1)"
@@ -177,7 +177,7 @@ for ph in "${phases[@]}"; do
     # every model's decode/prefill GPU tests with them on, in one call (xdist: kernels compile in parallel)
     timeout "${T_VERIFY:-360}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" -p no:cacheprovider \
       tests/kernels/test_norm_chain.py tests/kernels/test_gemv.py::test_gemv_second_matrix \
-      tests/kernels/test_routed_gate_up.py tests/kernels/test_router.py "tests/kernels/test_moe_ffn.py::test_gate_up" \
+      tests/kernels/test_routed_experts.py tests/kernels/test_router.py "tests/kernels/test_moe_ffn.py::test_gate_up" \
       tests/kernels/test_moe_ffn.py::test_gate_up_writes_q8_1_copy tests/models/test_gpu_decode.py tests/models/test_gpu_prefill.py 2>&1 | tee "$OUT/verify_passes.log" | tail -30
     add "tail / two-matrix passes + model GPU tests" "$(tail -1 "$OUT/verify_passes.log")" ;;
   ab_pass)  # issue 15: each pass of AB_PASSES (default fused_ffn_tail) switched off vs the default build, 30B shape

@@ -261,6 +261,12 @@ def nanosleep(ns: int, *, loc=None, ip=None):
 
 
 @dsl_user_op
+def trap(*, loc=None, ip=None):
+    """PTX ``trap``: abort the kernel (the launch, and the stream's next synchronization, report an error)."""
+    llvm.inline_asm(None, [], "trap;", "", has_side_effects=True, loc=loc, ip=ip)
+
+
+@dsl_user_op
 def pack_f16x2(lo, hi, *, loc=None, ip=None):
     """Two f32 rounded to nearest f16 and packed into one 32-bit register, ``lo`` in the low half (the element with
     the lower column index of an mma fragment). PTX ``cvt.rn.f16x2.f32 d, a, b`` puts ``a`` in the upper half."""
@@ -268,7 +274,7 @@ def pack_f16x2(lo, hi, *, loc=None, ip=None):
     return Uint32(llvm.inline_asm(T.i32(), args, "cvt.rn.f16x2.f32 $0, $1, $2;", "=r,f,f", loc=loc, ip=ip))
 
 
-__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "nanosleep", "aligned", "cu_stream", "as_device_bytes", "sm_count",
+__all__ = ["WARP", "F32_MAX", "gptr", "fake_ptr", "nanosleep", "trap", "aligned", "cu_stream", "as_device_bytes", "sm_count",
            "WarpRowKernel", "pdl_prologue", "warp_reduce",
            "warp_reduce_sum", "warp_reduce_max", "warp_argmax", "block_reduce", "block_reduce_sum", "block_reduce_max",
            "cp_async", "mma_f16_m16n8k16", "ldmatrix_x4", "pack_f16x2"]

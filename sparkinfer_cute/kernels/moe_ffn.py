@@ -96,7 +96,7 @@ class MoeGateUp(WarpRowKernel):
              pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer, pIds: cute.Pointer,
              pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pAs: cute.Pointer, pCnt: cute.Pointer):
         """What CTA (``bx``, ``slot``) of the launch grid does (the whole kernel but the PDL prologue; every thread
-        calls it): routed_gate_up.py runs it on CTAs of a grid that routes first."""
+        calls it): routed_experts.py runs it on CTAs of a grid that routes first."""
         sp = self.sp
         o = bx * WARPS + warp
         nbpr = self.n_in // sp.block_elems
@@ -174,9 +174,23 @@ class MoeDown(WarpRowKernel):
                t4: cute.Pointer, t5: cute.Pointer, t6: cute.Pointer, t7: cute.Pointer, t8: cute.Pointer,
                t9: cute.Pointer, t10: cute.Pointer, t11: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
+        _, bx, _, warp, lane = self.thread_coords()
+        self.rows(bx, warp, lane, pW, pAct, pAq, pAd, pAs, pIds, pWeights, pResid, pY, n_slots, tCnt, t0, t1, t2, t3,
+                  t4, t5, t6, t7, t8, t9, t10, t11, eps)
+
+    @cute.jit
+    def rows(self, bx: Int32, warp: Int32, lane: Int32, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer,
+             pAd: cute.Pointer, pAs: cute.Pointer, pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer,
+             pY: cute.Pointer, n_slots: Int32, tCnt: cute.Pointer, t0: cute.Pointer, t1: cute.Pointer,
+             t2: cute.Pointer, t3: cute.Pointer, t4: cute.Pointer, t5: cute.Pointer, t6: cute.Pointer,
+             t7: cute.Pointer, t8: cute.Pointer, t9: cute.Pointer, t10: cute.Pointer, t11: cute.Pointer,
+             eps: Float32, arrivals: cutlass.Constexpr[int] = 0):
+        """What CTA ``bx`` of the launch grid does (the whole kernel but the PDL prologue; every thread calls it):
+        routed_experts.py runs it on CTAs of a grid that routes and runs the gate/up first (``arrivals``: the CTAs
+        of this phase, for the tail)."""
         sp = self.sp
         wpr = self.warps_per_row
-        tid, bx, _, warp, lane = self.thread_coords()
+        tid = warp * 32 + lane
         kpart = warp % wpr
         o = bx * self.rows_per_cta + warp // wpr
         nbpr = self.n_ff // sp.block_elems
@@ -220,7 +234,7 @@ class MoeDown(WarpRowKernel):
                     total = total + mR[o]
                 mY[o] = total
         if cutlass.const_expr(self.tail is not None):
-            self.tail.tail(tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, eps)
+            self.tail.tail(tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, eps, arrivals)
 
 
 @kernel_cache
@@ -298,7 +312,7 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
 
     ``plan_only``: no launch; return (the mapping, its compile keywords, the runtime arguments up to the counters
     with the activation's x, xq, xd, xs pointers all given, k, the device buffers they point into: uploads made here
-    must outlive the launch) for routed_gate_up.py, which runs the kernel after the routing in one launch."""
+    must outlive the launch) for routed_experts.py, which runs the kernel after the routing in one launch."""
     from ..runtime import DeviceArray, as_device, default_stream
 
     q = qtype_name(qtype)
@@ -348,7 +362,7 @@ def moe_gate_up(w_gate, w_up, qtype, h, ids, n_ff: int, out=None, stream=None, m
 
 def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None, stream=None,
              mapping: str = "auto", rows_per_warp: int | None = None, warps_per_row: int | None = None,
-             x_loads_first: bool = False, tail: FfnTailArgs | None = None):
+             x_loads_first: bool = False, tail: FfnTailArgs | None = None, plan_only: bool = False):
     """y = [resid +] sum_j weights[j] * Wdown[ids[j]] · act[j] -> [n_out] f32 (fixed summation order).
 
     ``w_down``: [E, n_out, row_bytes(n_ff)] raw bytes; ``act``: f32 [k, n_ff] or a :class:`Q8Act` of k rows (then
@@ -356,7 +370,8 @@ def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None,
     autotuner's ``moe_down`` / ``moe_down_q8`` configs): ``mapping`` (auto | chunk | slice), the chunk kernel's
     ``rows_per_warp`` and ``x_loads_first`` (dp4a), the slice kernel's ``warps_per_row``; None = the default.
     ``tail`` (norm_chain.py :class:`FfnTailArgs`, its ``f`` or ``y`` being ``out``): the same launch then runs that
-    post-FFN norm chain (the last CTA to finish)."""
+    post-FFN norm chain (the last CTA to finish). ``plan_only``: as :func:`moe_gate_up`'s (the runtime arguments
+    are the slice kernel's, up to ``eps``, for both mappings)."""
     from ..runtime import DeviceArray, as_device, default_stream
 
     q = qtype_name(qtype)
@@ -374,15 +389,21 @@ def moe_down(w_down, qtype, act, ids, weights, n_out: int, resid=None, out=None,
     pw, pids, pwts = gptr(Uint8, aligned(dw, "w_down").ptr), gptr(Int32, di.ptr, 4), gptr(Float32, dwt.ptr, 4)
     presid, py = gptr(Float32, (dr if dr is not None else y).ptr), gptr(Float32, y.ptr)
     tkw, targs = tail_launch(tail, n_out, y)
+    keep = (da, di, dwt, dw, dr, y)
     if _mapping(mapping, down_chunk_ok(q, n_ff, k), "moe_down") == "chunk":
-        fn = compile_moe_down_chunk(q, n_ff, n_out, k, dr is not None, q8, rows_per_warp or down_rows_per_warp(q, q8),
-                                    bool(x_loads_first), **tkw)
-        fn(pw, pa, paq, pad, pids, pwts, presid, py, *targs, cuda.CUstream(st.handle))
+        cfg = dict(qtype=q, n_ff=n_ff, n_out=n_out, k=k, add_residual=dr is not None, q8=q8,
+                   rows_per_warp=rows_per_warp or down_rows_per_warp(q, q8), x_loads_first=bool(x_loads_first), **tkw)
+        if plan_only:
+            return "chunk", cfg, (pw, pa, paq, pad, pas, pids, pwts, presid, py, Int32(k), *targs), keep
+        compile_moe_down_chunk(**cfg)(pw, pa, paq, pad, pids, pwts, presid, py, *targs, cuda.CUstream(st.handle))
     else:
         # warps_per_row None: the compile function's default (2), as the compile gate registers it
-        fn = compile_moe_down(q, n_ff, n_out, dr is not None, q8=q8,
-                              **({"warps_per_row": warps_per_row} if warps_per_row is not None else {}), **tkw)
-        fn(pw, pa, paq, pad, pas, pids, pwts, presid, py, Int32(k), *targs, cuda.CUstream(st.handle))
+        cfg = dict(qtype=q, n_ff=n_ff, n_out=n_out, add_residual=dr is not None, q8=q8,
+                   **({"warps_per_row": warps_per_row} if warps_per_row is not None else {}), **tkw)
+        if plan_only:
+            return "slice", cfg, (pw, pa, paq, pad, pas, pids, pwts, presid, py, Int32(k), *targs), keep
+        compile_moe_down(**cfg)(pw, pa, paq, pad, pas, pids, pwts, presid, py, Int32(k), *targs,
+                                cuda.CUstream(st.handle))
     return y.to_numpy(stream=st) if a_np else y
 
 

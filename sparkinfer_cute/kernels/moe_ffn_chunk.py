@@ -98,7 +98,7 @@ class MoeGateUpChunk(WarpRowKernel):
              pX: cute.Pointer, pXq: cute.Pointer, pXd: cute.Pointer, pXs: cute.Pointer, pIds: cute.Pointer,
              pAct: cute.Pointer, pAq: cute.Pointer, pAd: cute.Pointer, pAs: cute.Pointer, pCnt: cute.Pointer):
         """What CTA (``bx``, ``slot``) of the launch grid does (the whole kernel but the PDL prologue; every thread
-        calls it): routed_gate_up.py runs it on CTAs of a grid that routes first. ``pXs`` is not read (the same
+        calls it): routed_experts.py runs it on CTAs of a grid that routes first. ``pXs`` is not read (the same
         arguments as moe_ffn.py :meth:`MoeGateUp.rows`)."""
         rpw = self.rows_per_warp
         o0 = (bx * WARPS + warp) * rpw
@@ -147,6 +147,7 @@ class MoeDownChunk(WarpRowKernel):
         super().__init__()
         self.qtype, self.n_ff, self.n_out, self.k, self.add_residual, self.q8 = qtype, n_ff, n_out, k, add_residual, q8
         self.rows_per_warp = rows_per_warp
+        self.rows_per_cta = WARPS * rows_per_warp
         self.chunks_per_row = n_ff // 256 * CHUNKS_PER_BLOCK
         self.chunks_per_lane = k * self.chunks_per_row // 32
         assert tail is None or tail.row_len == n_out, (tail, n_out)
@@ -170,6 +171,20 @@ class MoeDownChunk(WarpRowKernel):
                t11: cute.Pointer, eps: Float32):
         pdl_prologue(self.pdl)
         _, bx, _, warp, lane = self.thread_coords()
+        self.rows(bx, warp, lane, pW, pAct, pAq, pAd, pAd, pIds, pWeights, pResid, pY, Int32(self.k), tCnt, t0, t1,
+                  t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, eps)
+
+    @cute.jit
+    def rows(self, bx: Int32, warp: Int32, lane: Int32, pW: cute.Pointer, pAct: cute.Pointer, pAq: cute.Pointer,
+             pAd: cute.Pointer, pAs: cute.Pointer, pIds: cute.Pointer, pWeights: cute.Pointer, pResid: cute.Pointer,
+             pY: cute.Pointer, n_slots: Int32, tCnt: cute.Pointer, t0: cute.Pointer, t1: cute.Pointer,
+             t2: cute.Pointer, t3: cute.Pointer, t4: cute.Pointer, t5: cute.Pointer, t6: cute.Pointer,
+             t7: cute.Pointer, t8: cute.Pointer, t9: cute.Pointer, t10: cute.Pointer, t11: cute.Pointer,
+             eps: Float32, arrivals: cutlass.Constexpr[int] = 0):
+        """What CTA ``bx`` of the launch grid does (the whole kernel but the PDL prologue; every thread calls it):
+        routed_experts.py runs it on CTAs of a grid that routes and runs the gate/up first (``arrivals``: the CTAs
+        of this phase, for the tail). ``pAs`` and ``n_slots`` are not read (k is static here): the same arguments
+        as moe_ffn.py :meth:`MoeDown.rows`."""
         o0 = (bx * WARPS + warp) * self.rows_per_warp
         if o0 < self.n_out:
             acc = self.partial_dots(pW, pAct, pAq, pAd, pIds, pWeights, o0, lane)
@@ -182,7 +197,7 @@ class MoeDownChunk(WarpRowKernel):
                         total = total + mR[o0 + r]
                     mY[o0 + r] = total
         if cutlass.const_expr(self.tail is not None):
-            self.tail.tail(tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, eps)
+            self.tail.tail(tCnt, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, eps, arrivals)
 
     def partial_dots(self, pW, pAct, pAq, pAd, pIds, pWeights, o0, lane):
         """Per-lane w_j-weighted partial dots of the warp's rows (traced inline into :meth:`kernel`)."""

@@ -144,23 +144,30 @@ class RowNormChain:
     @cute.jit
     def tail(self, pCnt: cute.Pointer, p0: cute.Pointer, p1: cute.Pointer, p2: cute.Pointer, p3: cute.Pointer,
              p4: cute.Pointer, p5: cute.Pointer, p6: cute.Pointer, p7: cute.Pointer, p8: cute.Pointer,
-             p9: cute.Pointer, p10: cute.Pointer, p11: cute.Pointer, eps: Float32):
+             p9: cute.Pointer, p10: cute.Pointer, p11: cute.Pointer, eps: Float32,
+             arrivals: cutlass.Constexpr[int] = 0):
         """The chain as the end of another kernel: every thread of every CTA calls it after its CTA's last store
         of the chain's input; the last CTA of the grid to arrive (int32 counter ``pCnt[0]``, zero before the
         launch, reset by that CTA for the next launch / graph replay) runs :meth:`body`. Release / acquire as in
         q8_1.py ``quantize_block_when_complete``: the barrier orders the CTA's stores before thread 0's GPU-scope
-        fence + acq_rel atomic; the last CTA fences again before it reads the row. No CTA waits for another."""
+        fence + acq_rel atomic; the last CTA fences again before it reads the row. No CTA waits for another.
+        ``arrivals``: the CTAs that write the row, where they are not the whole grid (a phase of a chained launch,
+        routed_experts.py); 0: every CTA of the grid."""
         smem = cutlass.memory.SmemAllocator()
         flag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
         red = self.smem_red()
         tid = cute.arch.thread_idx()[0]
-        gx, gy, gz = cute.arch.grid_dim()
+        if cutlass.const_expr(arrivals > 0):
+            n = Int32(arrivals)
+        else:
+            gx, gy, gz = cute.arch.grid_dim()
+            n = gx * gy * gz
         cute.arch.sync_threads()
         if tid == 0:
             cute.arch.fence_acq_rel_gpu()
             flag[0] = cute.arch.atomic_add(pCnt.llvm_ptr, Int32(1), sem="acq_rel", scope="gpu")
         cute.arch.sync_threads()
-        if flag[0] == gx * gy * gz - 1:
+        if flag[0] == n - 1:
             cute.arch.fence_acq_rel_gpu()
             self.body(p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, eps, red)
             if tid == 0:

@@ -333,7 +333,7 @@ class RouterGemvTopK:
         """What CTA ``cta`` of token ``tok`` does (the whole kernel but the PDL prologue; every thread calls it).
         ``signal``: once the last CTA has written everything it writes (ids, weights, and with ``prenorm`` x, h and
         hq), it stores 1 into ``pReady`` with release semantics, for CTAs of the same grid that wait for the routing
-        (routed_gate_up.py); those put it back to zero."""
+        (routed_experts.py); those put it back to zero."""
         warps_per_row, CPL, U = self.warps_per_row, self.chunks_per_lane, _LOADS_IN_FLIGHT
         tid, _, _ = cute.arch.thread_idx()
         lane = tid % 32

@@ -26,7 +26,7 @@ def auto_build(monkeypatch):
 
 def _hand_count_qwen(n_layer: int, n_embd: int, vocab: int, *, dp4a: bool = True, attn_q8: bool = True,
                      act_q8: bool = True, head_q8: bool = True, router_norm: bool = True, qk_attn: bool = True,
-                     ffn_tail: bool = True, route_gate_up: bool = True) -> int:
+                     ffn_tail: bool = True, route_gate_up: bool = True, experts_down: bool = True) -> int:
     """Kernels per decode token of the Qwen3-MoE forward, counted from models/qwen3_moe.py by hand:
     embedding 1; per layer: RMSNorm (+q8_1 in the same launch) 1, Q/K/V GEMVs 1 when the chunk kernel takes
     n_embd (a multiple of 1024) else 3, [fused Q/K-norm + RoPE + KV append 1, unless attention runs it
@@ -39,29 +39,31 @@ def _hand_count_qwen(n_layer: int, n_embd: int, vocab: int, *, dp4a: bool = True
     (partials + reduce). ``ffn_tail`` (pass fused_ffn_tail): the expert down launch also runs the RMSNorm after
     it (the next layer's, or the final one), so only layer 0's RMSNorm is a launch of its own. ``route_gate_up`` (pass
     fused_route_gate_up): the router runs in the expert gate+up launch (its CTAs first), not in a launch of its
-    own."""
+    own; ``experts_down`` (with it, pass fused_experts_down): so does the expert down projection (its CTAs last)."""
     qkv = 1 if n_embd % 1024 == 0 else 3
     norms = 1 if ffn_tail else n_layer + 1  # layer 0's, or every layer's and the final one
     per_layer = (qkv + (0 if qk_attn else 1) + 1 + (1 if dp4a and not attn_q8 else 0) + 1
                  + (0 if router_norm else 1) + (0 if route_gate_up else 1) + 1
-                 + (1 if dp4a and not act_q8 else 0) + 1)
+                 + (1 if dp4a and not act_q8 else 0) + (0 if route_gate_up and experts_down else 1))
     tail = (1 if dp4a and vocab >= 65536 and not head_q8 else 0) + 1 + 2
     return 1 + norms + n_layer * per_layer + tail
 
 
 def test_hand_count_tiny_and_30b(auto_build, monkeypatch):
     tiny = launch_plan(synthetic_header("qwen3moe", "tiny"))
-    assert tiny.kernels_per_token == _hand_count_qwen(4, 256, 1536) == 33
+    assert tiny.kernels_per_token == _hand_count_qwen(4, 256, 1536) == 29
     big = launch_plan(synthetic_header("qwen3moe", "30b-a3b"))
-    assert big.kernels_per_token == _hand_count_qwen(48, 2048, 151936) == 245
+    assert big.kernels_per_token == _hand_count_qwen(48, 2048, 151936) == 197
+    no_down = launch_plan(synthetic_header("qwen3moe", "30b-a3b"), disabled={"fused_experts_down"})
+    assert no_down.kernels_per_token == _hand_count_qwen(48, 2048, 151936, experts_down=False) == 245
     unrouted = launch_plan(synthetic_header("qwen3moe", "30b-a3b"), disabled={"fused_route_gate_up"})
     assert unrouted.kernels_per_token == _hand_count_qwen(48, 2048, 151936, route_gate_up=False) == 293
     before_tail = launch_plan(synthetic_header("qwen3moe", "30b-a3b"), disabled={"fused_ffn_tail",
                                                                                   "fused_route_gate_up"})
     assert before_tail.kernels_per_token == _hand_count_qwen(48, 2048, 151936, ffn_tail=False,
                                                              route_gate_up=False) == 341
-    # 5 per layer, + layer 0's RMSNorm (the later ones, and the final norm, are tails of the expert down launch)
-    assert big.by_layer_kind()["full moe"]["kernels_per_layer"] == pytest.approx((5 * 48 + 1) / 48)
+    # 4 per layer, + layer 0's RMSNorm (the later ones, and the final norm, are tails of the experts' launch)
+    assert big.by_layer_kind()["full moe"]["kernels_per_layer"] == pytest.approx((4 * 48 + 1) / 48)
     before = launch_plan(synthetic_header("qwen3moe", "30b-a3b"),
                          disabled={"fused_qk_attention", "fused_ffn_tail", "fused_route_gate_up"})
     assert before.kernels_per_token == _hand_count_qwen(48, 2048, 151936, qk_attn=False, ffn_tail=False,

@@ -142,7 +142,7 @@ def dry(monkeypatch):
     step and one prefill chunk of PROMPT tokens (every position's logits), recording the kernel wrapper calls as
     (wrapper, call sites, keyword arguments)."""
     import sparkinfer_cute.models as models_pkg
-    from sparkinfer_cute.kernels import (attention_decode, gemv, moe_ffn, moe_route, q8_1, quant_gemm, routed_gate_up,
+    from sparkinfer_cute.kernels import (attention_decode, gemv, moe_ffn, moe_route, q8_1, quant_gemm, routed_experts,
                                          router)
     from sparkinfer_cute.models import base, ops
 
@@ -156,12 +156,16 @@ def dry(monkeypatch):
     for mod, fn in ((gemv, "gemv"), (gemv, "gemv_multi"), (moe_ffn, "moe_gate_up"), (moe_ffn, "moe_down"),
                     (attention_decode, "attention_decode"), (quant_gemm, "quant_gemm")):
         monkeypatch.setattr(mod, fn, recorder(fn))
-    def routed(route, gate_up, chain, *, stream=None):  # the router's launch shared with the gate/up kernel's:
-        kw = dict(gate_up)                                 # recorded as the gate/up wrapper call it tunes
-        args = tuple(kw.pop(k) for k in ("w_gate", "w_up", "qtype", "h", "ids", "n_ff"))
+    def routed(route, gate_up, chain, *, down=None, stream=None):  # the router's launch shared with the gate/up
+        kw = dict(gate_up)                                             # (and down) kernel's: recorded as the wrapper
+        args = tuple(kw.pop(k) for k in ("w_gate", "w_up", "qtype", "h", "ids", "n_ff"))  # calls it tunes
         recorder("moe_gate_up")(*args, stream=stream, **kw)
+        if down is not None:
+            kw = dict(down)
+            args = tuple(kw.pop(k) for k in ("w_down", "qtype", "act", "ids", "weights", "n_out"))
+            recorder("moe_down")(*args, stream=stream, **kw)
 
-    monkeypatch.setattr(routed_gate_up, "routed_gate_up", routed)
+    monkeypatch.setattr(routed_experts, "routed_experts", routed)
     for mod, fn in ((moe_route, "router_logits"), (moe_route, "moe_align"), (moe_route, "moe_combine"),
                     (router, "route"), (q8_1, "quantize_q8_1")):
         monkeypatch.setattr(mod, fn, lambda *a, **k: None)
