@@ -50,6 +50,7 @@ class Launch:
     int8: bool = False    # its matmul input is a q8_1 activation (xq / hq / actq given)
     parts: tuple = ()     # ((kernel, count), ...): what the launches are, for ops built from several kernels
     tails: int = 0        # norm chains its last CTA runs after the rest of the grid (models/ops.py AfterFfn, ...)
+    phases: int = 0       # hand-offs between ticket-ordered phases inside it (kernels/routed_experts.py)
 
     @property
     def total(self) -> int:
@@ -170,6 +171,16 @@ def _tails(c: OpCall) -> int:
     if c.op == "moe_gate_up" and c.kwargs.get("route") is not None:
         return sum(_tails(p) for p in _route_parts(c))
     return int(c.op == "router_gemv" and c.kwargs.get("prenorm") is not None and ops.enabled("fused_router_norm"))
+
+
+def _phases(c: OpCall) -> int:
+    """Phase hand-offs inside the call's launch: the routed gate/up waits for the router (``route.fused()``), the
+    down projection for the gate/up (``down.fused()``)."""
+    r = c.kwargs.get("route") if c.op == "moe_gate_up" else None
+    if r is None or not r.fused():
+        return 0
+    d = c.kwargs.get("down")
+    return 1 + int(d is not None and d.fused(r, c.kwargs.get("actq")))
 
 
 def _route_parts(c: OpCall) -> tuple[OpCall, ...]:
@@ -529,7 +540,7 @@ def _launch_plan(g, cfg, depth: int, sm_count: int, max_context: int | None, nam
         int8 = any(c.kwargs.get(q) is not None for q in ("xq", "hq", "actq"))
         launches.append(Launch(c.op, c.kernels, seg, current if seg == "layer" else None,
                                _traffic(c, m, depth, splits), tuple(w.name for w in ws), int8, kernel_parts(c),
-                               _tails(c)))
+                               _tails(c), _phases(c)))
     minimum, per_layer = minimum_bytes(g, cfg, [n for n in m.weight_names()], m.attn_layers, depth)
     kinds = {l: layer_kind(cfg, l) for l in range(cfg.n_layer)}
     return LaunchPlan(name or getattr(g, "path", "?"), cfg.arch, depth, launches, minimum, kinds, per_layer)

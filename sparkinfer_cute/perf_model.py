@@ -32,6 +32,8 @@ of kernel class c(i), costs
 * A launch whose last CTA runs a norm chain after the rest of its grid (a "tail", models/ops.py ``AfterFfn`` /
   ``AfterAttention``) adds a fixed time: the median ``tail_cost_us`` of ``--tails FILE`` (the JSON of
   ``python -m sparkinfer_cute.kernels.microbench --tails``), else ``TAIL_SECONDS``, an assumption.
+* Each hand-off between ticket-ordered phases of one launch (kernels/routed_experts.py: router -> gate/up ->
+  down) adds ``PHASE_SECONDS``, an assumption; the phases' kernels are otherwise priced as the one launch's class.
 * Blackwell: the same plan, a_c and eta_c; the device's copy bandwidth = datasheet x the H100's measured
   copy/datasheet ratio; its L2 size. The fixed costs are assumed equal to the H100's (set by the graph launch path
   and DRAM latency, not by bandwidth): an assumption, as is every Blackwell input (nothing here ran on Blackwell).
@@ -57,6 +59,10 @@ L2_BW_OVER_DRAM = 3.0        # assumption: L2 bandwidth / DRAM copy bandwidth (o
 # assumption: the serial time a norm-chain tail adds to the kernel whose last CTA runs it (kernels/norm_chain.py
 # RowNormChain.tail: 2-3 dependent row reductions through L2 after the rest of the grid has finished); not measured
 TAIL_SECONDS = 1.5e-6
+# assumption: the serial time a hand-off between two ticket-ordered phases of one launch adds
+# (kernels/routed_experts.py: the waiting CTAs poll the flag every >= 64 ns through L2, then load their first
+# weights, which a kernel boundary with PDL would have overlapped with the drain); not measured
+PHASE_SECONDS = 1.0e-6
 
 
 @dataclass(frozen=True)
@@ -179,7 +185,8 @@ def token_time(plan, costs: dict, hw: Hardware, *, l2_policy: str = "lru", break
         # weights stream through the op's GEMV / MoE kernel where it has one (not its quantize or GLU kernel)
         eta = next((costs[c].eta for c, _ in parts if c.startswith(("gemv", "moe"))), costs[parts[-1][0]].eta)
         tail_a = costs["tail"].a if "tail" in costs else TAIL_SECONDS
-        fixed += sum(costs[c].a * n for c, n in parts) + getattr(x, "tails", 0) * tail_a
+        fixed += (sum(costs[c].a * n for c, n in parts) + getattr(x, "tails", 0) * tail_a
+                  + getattr(x, "phases", 0) * PHASE_SECONDS)
         stream += (heavy - in_l2) / (eta * hw.copy_bw)
         l2 += (act + in_l2) / hw.l2_bw
     total = fixed + stream + l2
@@ -281,8 +288,9 @@ def build_plan(model: str | None, synth: tuple[str, str] | None, depth: int, dis
 def _print_plan(p) -> None:
     mb = 1e6
     print(f"{p.model}: {p.arch}, decode at depth {p.depth}")
-    tails = sum(x.tails for x in p.launches)
-    print(f"  kernels/token {p.kernels_per_token} ({tails} of them end with a norm chain run by their last CTA), "
+    tails, phases = sum(x.tails for x in p.launches), sum(x.phases for x in p.launches)
+    print(f"  kernels/token {p.kernels_per_token} ({tails} of them end with a norm chain run by their last CTA; "
+          f"{phases} phase hand-offs inside launches), "
           f"bytes/token {p.bytes_per_token / mb:.1f} MB, minimum {p.minimum_bytes / mb:.1f} MB, "
           f"bytes/minimum {p.ratio:.4f}")
     bk, mn = p.bytes_by_kind(), p.minimum
@@ -429,6 +437,7 @@ def predict_main(argv) -> int:
            "assumptions": {"L2_USABLE": L2_USABLE, "PERSIST_FRACTION": PERSIST_FRACTION,
                            "L2_BW_OVER_DRAM": L2_BW_OVER_DRAM, "fixed costs on Blackwell": "equal to the H100's",
                            "tail_us": tail.a * 1e6, "tail_source": tail.source,
+                           "phase_handoff_us (assumption)": PHASE_SECONDS * 1e6,
                            "devices": {d.name: d.source for d in DEVICES}},
            "models": {}}
     print(f"\n{'model':<22} {'device':<18} {'kern':>5} {'GB/tok':>7} {'fixed ms':>8} {'stream ms':>9} {'L2 ms':>6} "

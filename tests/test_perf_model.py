@@ -146,7 +146,8 @@ def test_plan_cli_prints_the_plan():
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.perf_model", "plan", "--synth", "qwen3moe:tiny"],
                        capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
-    assert "kernels/token 29 (8 of them end with a norm chain" in r.stdout and "full moe" in r.stdout
+    assert "kernels/token 29 (8 of them end with a norm chain run by their last CTA; 8 phase hand-offs" in r.stdout \
+        and "full moe" in r.stdout
 
 
 def test_calibration_refuses_another_build():
