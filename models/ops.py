@@ -38,6 +38,7 @@ from sparkinfer_cute.kernels import rmsnorm as _rms
 from sparkinfer_cute.kernels import rope as _rope
 from sparkinfer_cute.kernels import routed_experts as _routed
 from sparkinfer_cute.kernels import router as _router
+from sparkinfer_cute.kernels import router_gemv as _router_gemv
 from sparkinfer_cute.kernels.paged_kv import PagedKVCache
 from sparkinfer_cute.kernels.quant_decode import INT_QTYPES
 from sparkinfer_cute.runtime import DeviceArray, Workspace, get_device
@@ -718,13 +719,13 @@ def _router_launches(*a, down_scale=None, prenorm=None, **k) -> int:
 
 @launches(_router_launches)
 def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream, down_scale=None, prenorm=None):
-    """F32 router GEMV + softmax + top-k + renormalize in one launch (kernels/router.py RouterGemvTopK);
+    """F32 router GEMV + softmax + top-k + renormalize in one launch (kernels/router_gemv.py RouterGemvTopK);
     ``down_scale`` (a per-expert vector weight: Gemma 4's ``ffn_down_exps.scale``): the routed weights times
     ``down_scale[id]`` too, in the same launch (``fused_expert_scale`` disabled: :func:`expert_scale`'s launch).
     ``prenorm`` = ``(x, delta, w_norm, eps, hq)``: the router's input ``h`` is formed by the same launch, the
     pre-FFN norm with its residual add: ``x += delta``, ``h = rmsnorm(x) * w_norm`` and, with ``hq``, its q8_1 copy
     for the experts (``fused_router_norm`` disabled: :func:`rmsnorm`'s launch first)."""
-    RouteFirst(w, h, weights, k, st, down_scale, prenorm).run(ids, stream, lambda route: _router.route_gemv(**route))
+    RouteFirst(w, h, weights, k, st, down_scale, prenorm).run(ids, stream, lambda route: _router_gemv.route_gemv(**route))
 
 
 @dataclass
@@ -850,7 +851,7 @@ def moe_gate_up(w_gate, w_up, h, ids, act, *, stream, hq=None, glu: str = "silu"
             return
     else:
         if route is not None:
-            route.run(ids, stream, lambda r: _router.route_gemv(**r))
+            route.run(ids, stream, lambda r: _router_gemv.route_gemv(**r))
         _moe.moe_gate_up(*args, stream=stream, **kw)
     if down is not None:
         moe_down(down.w_down, act, ids, route.weights, down.out, stream=stream, actq=actq, after=down.after)

@@ -31,7 +31,7 @@ CONFIGS = {
     "moe_down slice Q8_0 704 dp4a": ("moe_ffn.compile_moe_down.uncached('Q8_0', 704, 2816, q8=True{})",
                                      "warps_per_row=1"),
     "router_gemv 128/2048 prenorm q8": (
-        "router.compile_router_gemv.uncached(128, 2048, 8, prenorm=True, prenorm_q8=True{})", "warps_per_row=4"),
+        "router_gemv.compile_router_gemv.uncached(128, 2048, 8, prenorm=True, prenorm_q8=True{})", "warps_per_row=4"),
     "moe_gate_up_chunk Q4_K dp4a q8 out": (
         "moe_ffn_chunk.compile_moe_gate_up_chunk.uncached('Q4_K', 2048, 768, False, True, 2, quantize_out=True{})",
         "x_loads_first=True"),
@@ -49,7 +49,7 @@ CONFIGS = {
 CHILD = """
 import hashlib, re, sys
 from sparkinfer_cute.kernels import (attention_decode, gemv, gemv_chunk, moe_ffn, moe_ffn_chunk, norm_chain, quant_gemm,
-                                     router)
+                                     router_gemv)
 from sparkinfer_cute.kernels.compile import extra_options
 with extra_options('--keep-ptx'):
     c = eval(sys.argv[1])

@@ -562,7 +562,8 @@ def bench_router(n_expert: int = 128, n_embd: int = 2048, k: int = 8, iters: int
     fused :func:`route_gemv`; also checks the fused ids equal the two-launch ids on the benchmark data."""
     from ..runtime import DeviceArray, Stream, get_device
     from .gemv import gemv
-    from .router import route, route_gemv
+    from .router import route
+    from .router_gemv import route_gemv
 
     rng = np.random.default_rng(0)
     w_np = (rng.standard_normal((n_expert, n_embd)) / np.sqrt(n_embd)).astype(np.float32)

@@ -1,6 +1,6 @@
 """MoE routing, the routed experts' gate/up and (optionally) their down projection in ONE launch (decode, one token).
 
-A decode step ran them as three launches: router.py :class:`RouterGemvTopK` (router GEMV, softmax / top-k, for
+A decode step ran them as three launches: router_gemv.py :class:`RouterGemvTopK` (router GEMV, softmax / top-k, for
 Qwen3-MoE also the pre-FFN norm with its residual add), then the gate/up kernel (moe_ffn_chunk.py
 :class:`MoeGateUpChunk` or moe_ffn.py :class:`MoeGateUp`), whose CTAs need the expert ids the first launch writes,
 then the down kernel (:class:`MoeDownChunk` / :class:`MoeDown`, with its norm-chain tail), whose CTAs need every
@@ -46,7 +46,7 @@ from .moe_ffn import MoeDown, MoeGateUp
 from .moe_ffn_chunk import MoeDownChunk, MoeGateUpChunk, q8_out_fake_ptrs
 from .norm_chain import FfnTail, tail_fake_args
 from .registry import register
-from .router import RouterGemvTopK
+from .router_gemv import RouterGemvTopK
 
 TICKET, READY, PASSED, DONE, PASSED_DOWN = range(5)  # the int32 slots of the chain state
 CHAIN_INTS = 8  # its size (32 bytes; three slots spare)
@@ -172,7 +172,7 @@ _GATE_UP = {"chunk": MoeGateUpChunk, "slice": MoeGateUp}
 @kernel_cache
 def compile_routed_experts(router: tuple, gate_up: tuple, k: int, mapping: str = "chunk", down: tuple = (),
                            down_mapping: str = "chunk"):
-    """Compile :class:`RoutedExperts` (``router``, ``gate_up``, ``down``: the sorted keyword items of router.py
+    """Compile :class:`RoutedExperts` (``router``, ``gate_up``, ``down``: the sorted keyword items of router_gemv.py
     :func:`compile_router_gemv`, of the gate/up kernel's compile function of ``mapping`` (moe_ffn_chunk.py
     :func:`compile_moe_gate_up_chunk`, "chunk"; moe_ffn.py :func:`compile_moe_gate_up`, "slice") and of the down
     kernel's of ``down_mapping``; ``down`` empty: no down phase). Runtime args: the router's up to ``eps``; the
@@ -210,7 +210,7 @@ def routed_experts(route: dict, gate_up: dict, chain, *, down: dict | None = Non
     """Router, routed experts' gate/up and (``down``) their down projection in one launch (:class:`RoutedExperts`),
     for one token.
 
-    ``route``: the keywords of router.py :func:`route_gemv` (``ids_out``, ``weights_out``, ``scratch`` and
+    ``route``: the keywords of router_gemv.py :func:`route_gemv` (``ids_out``, ``weights_out``, ``scratch`` and
     ``counter`` given: nothing is allocated, CUDA-graph safe); ``gate_up``: those of moe_ffn.py ``moe_gate_up``,
     whose ``ids`` must be the router's ``ids_out``; ``down``: those of moe_ffn.py ``moe_down`` (its ``ids`` and
     ``weights`` the router's outputs, its ``act`` the gate/up's output or its q8_1 copy; a ``tail`` runs on the last
@@ -218,7 +218,7 @@ def routed_experts(route: dict, gate_up: dict, chain, *, down: dict | None = Non
     Outputs: those of the separate calls, bit-identical."""
     from ..runtime import resolve_stream
     from .moe_ffn import moe_down, moe_gate_up
-    from .router import plan_route_gemv
+    from .router_gemv import plan_route_gemv
 
     st = resolve_stream(stream)
     plan = plan_route_gemv(**route, stream=st)

@@ -2,7 +2,7 @@
 
 CPU: the wrapper refuses what the kernel cannot do (more than one token, ids / weights the router does not write, a
 short or misaligned chain state), and the kernel class refuses phases that cannot share a grid.
-GPU: every output of the one launch is bit-identical to the launches it replaces (router.py ``route_gemv``, then
+GPU: every output of the one launch is bit-identical to the launches it replaces (router_gemv.py ``route_gemv``, then
 moe_ffn.py ``moe_gate_up``, then ``moe_down`` with its norm-chain tail: each has its own reference tests), on the
 registered shapes (Qwen3-30B-A3B's chunk kernels with the pre-FFN norm and the residual + next-norm tail, the synthetic
 tiny file's slice kernels, Gemma 4 26B-A4B's fused GeGLU experts with per-expert scales and the post-FFN chain);
@@ -37,7 +37,7 @@ def test_registered_configs_cover_both_basket_models():
 
 def test_kernel_refuses_mismatched_phases():
     from sparkinfer_cute.kernels.moe_ffn_chunk import MoeDownChunk, MoeGateUpChunk
-    from sparkinfer_cute.kernels.router import RouterGemvTopK
+    from sparkinfer_cute.kernels.router_gemv import RouterGemvTopK
 
     g = MoeGateUpChunk("Q4_K", 2048, 768, q8=True)
     with pytest.raises(ValueError, match="picks 8 experts"):
@@ -82,7 +82,7 @@ def _run(name, weights, inputs, phases, chain=None, state=None):
     from sparkinfer_cute.kernels.moe_ffn import moe_down, moe_gate_up
     from sparkinfer_cute.kernels.norm_chain import FfnTailArgs
     from sparkinfer_cute.kernels.q8_1 import quantize_q8_1
-    from sparkinfer_cute.kernels.router import route_gemv
+    from sparkinfer_cute.kernels.router_gemv import route_gemv
     from sparkinfer_cute.runtime import DeviceArray
     from sparkinfer_cute.runtime.testing import poisoned
 
@@ -158,7 +158,7 @@ def test_wrapper_refuses_what_the_kernel_cannot_do(monkeypatch):
     """One token per launch, the gate/up must read the router's ids (and the down its ids and weights), the chain
     state must be CHAIN_INTS aligned int32: each a one-line ValueError before anything is compiled or launched (fake
     device buffers: no GPU needed)."""
-    import sparkinfer_cute.kernels.router as router
+    import sparkinfer_cute.kernels.router_gemv as router
     import sparkinfer_cute.runtime as runtime
 
     monkeypatch.setattr(runtime, "resolve_stream", lambda s: s)

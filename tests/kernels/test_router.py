@@ -1,5 +1,6 @@
 """MoE router kernels vs float64 numpy references with stable tie order: ``route`` (softmax -> top-k ->
-renormalize of given logits) and ``route_gemv`` (the fused router GEMV + the same softmax/top-k, one launch)."""
+renormalize of given logits) and router_gemv.py ``route_gemv`` (the fused router GEMV + the same softmax/top-k, one
+launch)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparkinfer_cute.kernels.router import (
-    NORM_TOPK_MIN,
-    RouterGemvTopK,
-    choose_router_warps_per_row,
-    route,
-    route_gemv,
-)
+from sparkinfer_cute.kernels.router import NORM_TOPK_MIN, route
+from sparkinfer_cute.kernels.router_gemv import RouterGemvTopK, choose_router_warps_per_row, route_gemv
 from sparkinfer_cute.reference.kernel_refs import ROUTE_TOL, check_route, route_ref
 from sparkinfer_cute.runtime.testing import assert_all_written, poisoned
 
