@@ -185,3 +185,69 @@ def test_wrapper_refuses_what_the_kernel_cannot_do(monkeypatch):
         rg.routed_experts({}, {"ids": ids}, Buf((4,), dtype=np.int32), stream=0)
     with pytest.raises(ValueError, match="chain state"):
         rg.routed_experts({}, {"ids": ids}, Buf((8,), ptr=0x1004, dtype=np.int32), stream=0)
+
+
+@pytest.mark.parametrize("shape", ["qwen3_30b", "qwen3_tiny", "gemma4_26b"])
+def test_launch_arguments_reach_their_phase(monkeypatch, shape):
+    """The one launch takes ~50 arguments (the router's, the gate/up's, the down's with its tail's, the chain state):
+    with device memory faked and ``cute.compile`` recording (tests/kernels/test_tail_launch_args.py), each must be
+    of the compiled count, dtype and alignment, and land on the parameter of the phase that reads it: the router's
+    outputs on the gate/up's and the down's inputs, the gate/up's q8_1 output on the down's input, the down's own
+    output on its tail's input. No GPU."""
+    import inspect
+
+    import cutlass.cute as cute
+
+    import sparkinfer_cute.runtime as runtime
+    from sparkinfer_cute.kernels.norm_chain import FfnTailArgs
+    from sparkinfer_cute.kernels.quant_decode import spec
+    from tests.kernels.test_tail_launch_args import FakeStream, Recorder, _addr, fdev, fq8
+
+    monkeypatch.setattr(cute, "compile", lambda kernel, *args, options=None: Recorder(kernel, args))
+    monkeypatch.setattr(rg, "compile_routed_experts", rg.compile_routed_experts.uncached)
+    monkeypatch.setattr(runtime, "resolve_stream", lambda s: s)
+    Recorder.calls = []
+    E, n, f, k, q, fused, glu, prenorm, qd = SHAPES[shape]
+
+    def q8_rows(n_, rows):
+        a = fq8(n_)
+        a.rows, a.qs, a.d, a.s = rows, fdev((rows, n_), np.int8), fdev((rows, n_ // 32)), fdev((rows, n_ // 32))
+        return a
+
+    w_router = fdev((E, n))
+    wg = fdev((E * (2 if fused else 1) * f * spec(q).row_bytes(n),), np.uint8)
+    wu = None if fused else fdev((E * f * spec(q).row_bytes(n),), np.uint8)
+    wd = fdev((E * n * spec(qd).row_bytes(f),), np.uint8)
+    ids, p, logits, rcnt = fdev((1, k), np.int32), fdev((1, k)), fdev((1, E)), fdev(1, np.int32)
+    act, actq, gcnt = fdev((k, f)), q8_rows(f, k), fdev(k * f // 32, np.int32)
+    x, delta, wn, h, hq = fdev(n), fdev(n), fdev(n), fdev((1, n)), fq8(n)
+    y, w_next, h2, hq2, tcnt, chain = fdev(n), fdev(n), fdev(n), fq8(n), fdev(1, np.int32), fdev(8, np.int32)
+    scale = None if prenorm else fdev(E)
+    route = dict(w_router=w_router, h=h, k=k, ids_out=ids, weights_out=p, scratch=logits, counter=rcnt, n_expert=E,
+                 expert_scale=scale, prenorm=(x, delta, wn, 1e-6, hq) if prenorm else None)
+    gate_in = hq if prenorm else fq8(n)
+    gate_up = dict(w_gate=wg, w_up=wu, qtype=q, h=gate_in, ids=ids, n_ff=f, out=act, act=glu, out_q8=actq,
+                   counters=gcnt)
+    tail = FfnTailArgs(y, None, None, None, None, x, None, 1e-6, tcnt, (w_next, h2, hq2), post_norm=False)
+    down = dict(w_down=wd, qtype=qd, act=actq, ids=ids, weights=p, n_out=n, out=y, tail=tail)
+    rg.routed_experts(route, gate_up, chain, down=down, stream=FakeStream())
+    (kernel, named), = Recorder.calls
+    got = {name: _addr(v) for name, v in named.items() if name != "stream"}
+    assert isinstance(kernel, rg.RoutedExperts) and kernel.down is not None and kernel.k == k
+    assert kernel.router.prenorm == prenorm and kernel.router.expert_scale == (not prenorm)
+    assert (got["pRw"], got["pH"], got["pScratch"], got["pRcnt"]) == (w_router.ptr, h.ptr, logits.ptr, rcnt.ptr)
+    assert got["pIds"] == got["pGids"] == got["pDids"] == ids.ptr  # the router's ids feed both expert phases
+    assert got["pWeights"] == got["pDw"] == p.ptr                  # its weights the down projection
+    if prenorm:
+        assert (got["pX"], got["pDelta"], got["pNormW"]) == (x.ptr, delta.ptr, wn.ptr)
+        assert got["pQ"] == got["pGxq"] == hq.qs.ptr and got["pQd"] == got["pGxd"] == hq.d.ptr
+    else:
+        assert got["pScale"] == scale.ptr and got["pGxq"] == gate_in.qs.ptr
+    assert (got["pWg"], got["pAct"], got["pCnt"]) == (wg.ptr, act.ptr, gcnt.ptr)
+    assert got["pWu"] == (wg if wu is None else wu).ptr
+    assert got["pAq"] == got["pDaq"] == actq.qs.ptr and got["pAd"] == got["pDad"] == actq.d.ptr  # gate/up -> down
+    assert (got["pWd"], got["pY"], got["n_slots"], got["tCnt"]) == (wd.ptr, y.ptr, k, tcnt.ptr)
+    body = [p_ for p_ in inspect.signature(type(kernel.down.tail).body).parameters if p_ != "self"][:12]
+    chain_args = {name: got[f"t{i}"] for i, name in enumerate(body)}
+    assert chain_args["pF"] == y.ptr and chain_args["pX"] == x.ptr and chain_args["pH"] == h2.ptr  # down -> tail
+    assert got["pChain"] == chain.ptr and got["eps"] == pytest.approx(1e-6 if prenorm else 0.0)
