@@ -417,6 +417,18 @@ def m_v_not_normed(r):
     return patched(g4.ops, "rmsnorm", norm)
 
 
+def m_stale_routing(r):
+    """A routed launch (kernels/routed_experts.py) whose expert phases do not wait for the router phase: layer
+    l > 0's experts run with the ids and weights still in the buffers, the ones layer l-1 routed."""
+    orig = r.route
+    seen = {}
+
+    def route(h, l):
+        seen[l] = orig(h, l)
+        return seen.get(l - 1, seen[l])
+    return patched(r, "route", route)
+
+
 # ---------------------------------------------------------------------------------------------- the table
 @dataclass
 class Bug:
@@ -462,6 +474,9 @@ BUGS = [
     Bug("tail: next attn_norm from the layer before (Gemma 4)", None, m_next_norm_off_by_one, arch="gemma4"),
     Bug("Gemma 4 tail: dense-MLP and experts' input norms swapped", None,
         _swap_norms(".ffn_norm.weight", ".pre_ffw_norm_2.weight"), arch="gemma4"),
+    # the routed launch's phases (kernels/routed_experts.py): experts that do not wait for this layer's routing
+    Bug("routed launch: experts use the layer before's routing (Qwen)", None, m_stale_routing),
+    Bug("routed launch: experts use the layer before's routing (Gemma 4)", None, m_stale_routing, arch="gemma4"),
 ]
 
 
