@@ -29,6 +29,7 @@
 # micro_attn: decode attention alone, with the fused combine, and with the Q/K prologue inside vs its two launches
 # ab_pass: tg128 with each pass of AB_PASSES switched off vs the default build (issue 15's measured gain per pass)
 # micro_tails: the matmul alone / + its norm launch / with the chain as its tail, at the basket shapes
+# routed: the routed launch's tests + the decode model tests, then 30B tg128 with the routed passes on / off / on
 # verify_passes: the GPU tests of the norm-chain tails, the two-matrix GEMV, the routed gate/up (and the router and
 #   gate/up kernels it shares code with), and the model decode/prefill tests
 set -uo pipefail
@@ -117,6 +118,21 @@ for ph in "${phases[@]}"; do
   micro)
     python3 -m sparkinfer_cute.kernels.microbench --json "$OUT/microbench.json" 2>&1 | tee "$OUT/microbench.log" | tail -30
     add "microbench" "see microbench.log" ;;
+  routed)  # issue 15, one call: the routed launch's kernel tests and the decode model tests (correctness first), then
+    # the 30B shape's tg128 with the two routed passes on (llama.cpp in the same run), off, and on again
+    timeout "${T_ROUTED_TESTS:-240}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" -p no:cacheprovider \
+      tests/kernels/test_routed_experts.py tests/models/test_gpu_decode.py 2>&1 | tee "$OUT/routed_tests.log" | tail -25
+    add "routed launch + decode model tests" "$(tail -1 "$OUT/routed_tests.log")"
+    F=/tmp/qwen30b.gguf
+    [ -f $F ] || python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o $F --seed 0 >/dev/null 2>&1
+    LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench --llama-reps 2)
+    for cfg in "routed|" "unrouted|fused_route_gate_up,fused_experts_down" "routed_again|"; do
+      name=${cfg%%|*}; dis=${cfg#*|}; extra=(); [ "$name" = routed ] && extra=("${LBARG[@]}")
+      SPARKINFER_DISABLE=$dis timeout 150 python3 -m sparkinfer_cute.bench $F --prompt-len 64 --gen 128 --runs 5 \
+        "${extra[@]}" --note "routed:$name" --json "$OUT/routed_$name.json" > "$OUT/routed_$name.log" 2>&1
+      tail -12 "$OUT/routed_$name.log"
+      add "30B tg128 [$name]" "$(grep -E '^decode tg128' "$OUT/routed_$name.log" | awk '{print $NF}') tok/s, $(grep -E '^kernels per token' "$OUT/routed_$name.log" | awk '{print $NF}') kernels/token"
+    done ;;
   micro_tails)  # what a norm-chain tail costs and saves at the basket shapes (the perf model's TAIL_SECONDS)
     python3 -m sparkinfer_cute.kernels.microbench --tails --json "$OUT/micro_tails.json" 2>&1 | tee "$OUT/micro_tails.log" | tail -6
     add "norm-chain tails (microbench)" "see micro_tails.log" ;;
