@@ -940,7 +940,8 @@ def moe_down(w_down, act, ids, weights, out, *, stream, actq: MoeActQ8 | None = 
     if actq is not None and not gate_up_writes_act_q8(w_down.n_in):
         quantize(act, actq.q8, stream=stream)
     kw = _moe_down_call(w_down, act, ids, weights, out, actq, after)
-    _moe.moe_down(*(kw.pop(k) for k in ("w_down", "qtype", "act", "ids", "weights", "n_out")), stream=stream, **kw)
+    args = tuple(kw.pop(k) for k in ("w_down", "qtype", "act", "ids", "weights", "n_out"))
+    _moe.moe_down(*args, stream=stream, **kw)
     if after is not None and kw["tail"] is None:
         after.run_separately(out, stream)
 

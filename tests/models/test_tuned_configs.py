@@ -42,7 +42,7 @@ WRAPPER_OPS = {"gemv": {"gemv", "gemv_q8"}, "gemv_multi": {"gemv", "gemv_q8"},
 # ops of models/ops.py that run as written (the tunable call sites and what they are built from)
 KEEP = {"gemv", "gemv_qkv", "gemv_qk", "attention", "self_attention", "fused_qk_attention", "moe_gate_up", "moe_down", "gemm", "moe_rows", "tuned",
         "tuned_configs", "attention_config", "attention_splits", "enabled", "dp4a_for", "prefer_dp4a",
-        "attention_geometry", "gemm_supports", "rows", "row", "new_q8"}
+        "attention_geometry", "gemm_supports", "rows", "row", "new_q8", "gate_up_writes_act_q8"}
 
 
 class FakeArray:
@@ -143,7 +143,7 @@ def dry(monkeypatch):
     (wrapper, call sites, keyword arguments)."""
     import sparkinfer_cute.models as models_pkg
     from sparkinfer_cute.kernels import (attention_decode, gemv, moe_ffn, moe_route, q8_1, quant_gemm, routed_experts,
-                                         router)
+                                         router, router_gemv)
     from sparkinfer_cute.models import base, ops
 
     calls: list = []
@@ -156,9 +156,14 @@ def dry(monkeypatch):
     for mod, fn in ((gemv, "gemv"), (gemv, "gemv_multi"), (moe_ffn, "moe_gate_up"), (moe_ffn, "moe_down"),
                     (attention_decode, "attention_decode"), (quant_gemm, "quant_gemm")):
         monkeypatch.setattr(mod, fn, recorder(fn))
-    def routed(route, gate_up, chain, *, down=None, stream=None):  # the router's launch shared with the gate/up
-        kw = dict(gate_up)                                             # (and down) kernel's: recorded as the wrapper
-        args = tuple(kw.pop(k) for k in ("w_gate", "w_up", "qtype", "h", "ids", "n_ff"))  # calls it tunes
+    def route_gemv(**kw):  # the fused router (called with keywords): recorded with its weight first
+        w = kw.pop("w_router")
+        recorder("route_gemv")(w, **kw)
+
+    def routed(route, gate_up, chain, *, down=None, stream=None):  # one launch of the router, the gate/up and the
+        route_gemv(**route)                                            # down: recorded as the wrapper calls it
+        kw = dict(gate_up)                                             # replaces
+        args = tuple(kw.pop(k) for k in ("w_gate", "w_up", "qtype", "h", "ids", "n_ff"))
         recorder("moe_gate_up")(*args, stream=stream, **kw)
         if down is not None:
             kw = dict(down)
@@ -166,6 +171,7 @@ def dry(monkeypatch):
             recorder("moe_down")(*args, stream=stream, **kw)
 
     monkeypatch.setattr(routed_experts, "routed_experts", routed)
+    monkeypatch.setattr(router_gemv, "route_gemv", route_gemv)
     for mod, fn in ((moe_route, "router_logits"), (moe_route, "moe_align"), (moe_route, "moe_combine"),
                     (router, "route"), (q8_1, "quantize_q8_1")):
         monkeypatch.setattr(mod, fn, lambda *a, **k: None)
@@ -443,3 +449,37 @@ def test_tuner_and_engine_agree_on_the_attention_prologue(arch, preset, monkeypa
     monkeypatch.setattr(ops, "DISABLED", ops.DISABLED | {"fused_qk_attention"})
     ops.attention_config(ops.attention_geometry(cfg)[0], 4096, sm_count=132)
     assert looked_up[-1]["qk_rot"] == 0
+
+
+@pytest.mark.parametrize("name", ["qwen3moe", "qwen3moe-1024", "gemma4"])
+def test_the_routed_launch_gets_what_the_separate_launches_get(dry, tmp_path, monkeypatch, name):
+    """models/ops.py RouteFirst / ExpertsDown: with fused_route_gate_up and fused_experts_down on, a decode step hands
+    the one routed launch (kernels/routed_experts.py) exactly the router, gate/up and down arguments that the
+    separate launches get with both passes off (tails and tuned-config keywords included): the same wrapper calls in
+    the same order with the same keywords. Also with only the down projection left separate."""
+    from sparkinfer_cute.kernels import routed_experts
+    from sparkinfer_cute.models import ops
+
+    path = _write(str(tmp_path / f"{name}.gguf"), name)
+    recorded, launches = routed_experts.routed_experts, []
+
+    def counted(route, gate_up, chain, *, down=None, stream=None):
+        launches.append(down is not None)
+        recorded(route, gate_up, chain, down=down, stream=stream)
+
+    monkeypatch.setattr(routed_experts, "routed_experts", counted)
+    runs, phases = {}, {}
+    for build, off in (("routed", frozenset()), ("down apart", frozenset({"fused_experts_down"})),
+                       ("separate", frozenset({"fused_route_gate_up", "fused_experts_down"}))):
+        monkeypatch.setattr(ops, "DISABLED", off)
+        launches.clear()
+        m, runs[build] = dry(path, None)
+        phases[build] = list(launches)
+    n_moe = sum(1 for l in range(m.cfg.n_layer) if not hasattr(m.cfg, "is_moe") or m.cfg.is_moe(l))
+    assert phases == {"routed": [True] * n_moe, "down apart": [False] * n_moe, "separate": []}
+    fns = [f for f, _, _ in runs["separate"]]
+    assert "route_gemv" in fns and "moe_gate_up" in fns and "moe_down" in fns
+    for build in ("routed", "down apart"):
+        for got, want in zip(runs[build], runs["separate"]):
+            assert got == want, (build, got, want)
+        assert len(runs[build]) == len(runs["separate"])
