@@ -725,13 +725,14 @@ def router_gemv(w, h, ids, weights, k: int, st: RouterState, *, stream, down_sca
     ``prenorm`` = ``(x, delta, w_norm, eps, hq)``: the router's input ``h`` is formed by the same launch, the
     pre-FFN norm with its residual add: ``x += delta``, ``h = rmsnorm(x) * w_norm`` and, with ``hq``, its q8_1 copy
     for the experts (``fused_router_norm`` disabled: :func:`rmsnorm`'s launch first)."""
-    RouteFirst(w, h, weights, k, st, down_scale, prenorm).run(ids, stream, lambda route: _router_gemv.route_gemv(**route))
+    RouteFirst(w, h, weights, k, st, down_scale, prenorm).run(ids, stream,
+                                                              lambda route: _router_gemv.route_gemv(**route))
 
 
 @dataclass
 class RouteFirst:
     """A :func:`router_gemv` call (its arguments but the expert ids, which are the gate/up's) for :func:`moe_gate_up`
-    to run first: in the same launch where ``fused_route_gate_up`` is on (kernels/routed_gate_up.py: the router's
+    to run first: in the same launch where ``fused_route_gate_up`` is on (kernels/routed_experts.py: the router's
     CTAs, then the experts' gate/up CTAs in ticket order; one kernel boundary fewer per MoE layer), else as the
     router's own launch(es) before the gate/up launch."""
     w: object
