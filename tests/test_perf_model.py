@@ -5,6 +5,7 @@ CLI prints the launch plan of a preset and predictions from the committed H100 f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,17 +144,21 @@ def test_synth_spec_prefixes():
 
 
 def test_plan_cli_prints_the_plan():
-    r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.perf_model", "plan", "--synth", "qwen3moe:tiny"],
-                       capture_output=True, text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stderr
-    assert "kernels/token 29 (8 of them end with a norm chain run by their last CTA; 8 phase hand-offs" in r.stdout \
-        and "full moe" in r.stdout
+    """The default build, and with SPARKINFER_ENABLE the routed launch (models/ops.py OFF_UNTIL_MEASURED): router,
+    gate/up and down in one launch per layer, two phase hand-offs in each."""
+    for enable, count, phases in (("", 37, 0), ("fused_route_gate_up,fused_experts_down", 29, 8)):
+        env = dict(os.environ, SPARKINFER_ENABLE=enable, SPARKINFER_DISABLE="")
+        r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.perf_model", "plan", "--synth", "qwen3moe:tiny"],
+                           capture_output=True, text=True, timeout=300, check=False, env=env)
+        assert r.returncode == 0, r.stderr
+        assert (f"kernels/token {count} (8 of them end with a norm chain run by their last CTA; {phases} phase "
+                "hand-offs") in r.stdout and "full moe" in r.stdout
 
 
 def test_calibration_refuses_another_build():
     """The bench row's measured kernels/token must be the calibration plan's: the committed H100 row (534) is the
     build before fused_attn_q8, fused_moe_act_q8, fused_head_q8, fused_router_norm, fused_qk_attention and
-    fused_ffn_tail, so calibrating today's plan (197) against it is refused in one line."""
+    fused_ffn_tail, so calibrating today's default plan (293) against it is refused in one line."""
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.perf_model", "--bench", str(ROOT / "results" /
                         "bench.jsonl"), "--microbench", str(ROOT / "results" / "microbench_2026-11-25_h100_after.json")],
                        capture_output=True, text=True, timeout=300, check=False)

@@ -120,15 +120,17 @@ for ph in "${phases[@]}"; do
     add "microbench" "see microbench.log" ;;
   routed)  # issue 15, one call: the routed launch's kernel tests and the decode model tests (correctness first), then
     # the 30B shape's tg128 with the two routed passes on (llama.cpp in the same run), off, and on again
-    timeout "${T_ROUTED_TESTS:-240}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" -p no:cacheprovider \
-      tests/kernels/test_routed_experts.py tests/models/test_gpu_decode.py 2>&1 | tee "$OUT/routed_tests.log" | tail -25
+    ROUTED=fused_route_gate_up,fused_experts_down  # off by default until measured (models/ops.py OFF_UNTIL_MEASURED)
+    SPARKINFER_ENABLE=$ROUTED timeout "${T_ROUTED_TESTS:-240}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" \
+      -p no:cacheprovider tests/kernels/test_routed_experts.py tests/models/test_gpu_decode.py 2>&1 \
+      | tee "$OUT/routed_tests.log" | tail -25
     add "routed launch + decode model tests" "$(tail -1 "$OUT/routed_tests.log")"
     F=/tmp/qwen30b.gguf
     [ -f $F ] || python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o $F --seed 0 >/dev/null 2>&1
     LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench --llama-reps 2)
-    for cfg in "routed|" "unrouted|fused_route_gate_up,fused_experts_down" "routed_again|"; do
-      name=${cfg%%|*}; dis=${cfg#*|}; extra=(); [ "$name" = routed ] && extra=("${LBARG[@]}")
-      SPARKINFER_DISABLE=$dis timeout 150 python3 -m sparkinfer_cute.bench $F --prompt-len 64 --gen 128 --runs 5 \
+    for cfg in "routed|$ROUTED" "unrouted|" "routed_again|$ROUTED"; do
+      name=${cfg%%|*}; en=${cfg#*|}; extra=(); [ "$name" = routed ] && extra=("${LBARG[@]}")
+      SPARKINFER_ENABLE=$en timeout 150 python3 -m sparkinfer_cute.bench $F --prompt-len 64 --gen 128 --runs 5 \
         "${extra[@]}" --note "routed:$name" --json "$OUT/routed_$name.json" > "$OUT/routed_$name.log" 2>&1
       tail -12 "$OUT/routed_$name.log"
       add "30B tg128 [$name]" "$(grep -E '^decode tg128' "$OUT/routed_$name.log" | awk '{print $NF}') tok/s, $(grep -E '^kernels per token' "$OUT/routed_$name.log" | awk '{print $NF}') kernels/token"
@@ -191,6 +193,7 @@ for ph in "${phases[@]}"; do
     done ;;
   verify_passes)  # the newest passes (fused_ffn_tail, fused_o_tail, fused_qkv_mixed, fused_route_gate_up): their kernel tests and
     # every model's decode/prefill GPU tests with them on, in one call (xdist: kernels compile in parallel)
+    SPARKINFER_ENABLE=fused_route_gate_up,fused_experts_down \
     timeout "${T_VERIFY:-360}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" -p no:cacheprovider \
       tests/kernels/test_norm_chain.py tests/kernels/test_gemv.py::test_gemv_second_matrix \
       tests/kernels/test_routed_experts.py tests/kernels/test_router.py "tests/kernels/test_moe_ffn.py::test_gate_up" \
