@@ -29,6 +29,7 @@
 # micro_attn: decode attention alone, with the fused combine, and with the Q/K prologue inside vs its two launches
 # ab_pass: tg128 with each pass of AB_PASSES switched off vs the default build (issue 15's measured gain per pass)
 # micro_tails: the matmul alone / + its norm launch / with the chain as its tail, at the basket shapes
+# micro_routed: router + experts as three launches, two, or one (python -m sparkinfer_cute.kernels.microbench --routed)
 # routed: the routed launch's tests + the decode model tests, then 30B tg128 with the routed passes on / off / on
 # verify_passes: the GPU tests of the norm-chain tails, the two-matrix GEMV, the routed gate/up (and the router and
 #   gate/up kernels it shares code with), and the model decode/prefill tests
@@ -135,6 +136,10 @@ for ph in "${phases[@]}"; do
       tail -12 "$OUT/routed_$name.log"
       add "30B tg128 [$name]" "$(grep -E '^decode tg128' "$OUT/routed_$name.log" | awk '{print $NF}') tok/s, $(grep -E '^kernels per token' "$OUT/routed_$name.log" | awk '{print $NF}') kernels/token"
     done ;;
+  micro_routed)  # the routed launch at the basket shapes: 3 launches / 2 phases + 1 / 3 phases in one (PHASE_SECONDS)
+    timeout 200 python3 -m sparkinfer_cute.kernels.microbench --routed --json "$OUT/micro_routed.json" 2>&1 \
+      | tee "$OUT/micro_routed.log" | tail -4
+    add "routed launch microbench" "see micro_routed.log" ;;
   micro_tails)  # what a norm-chain tail costs and saves at the basket shapes (the perf model's TAIL_SECONDS)
     python3 -m sparkinfer_cute.kernels.microbench --tails --json "$OUT/micro_tails.json" 2>&1 | tee "$OUT/micro_tails.log" | tail -6
     add "norm-chain tails (microbench)" "see micro_tails.log" ;;

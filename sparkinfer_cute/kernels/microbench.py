@@ -1,11 +1,12 @@
 """GPU microbenchmark of the decode GEMV / MoE kernels at the real Qwen3-30B-A3B shapes (and, with --attention /
---router / --prefill-attention / --tails, of the split-KV decode attention, the fused router, the flash prefill
-attention and the norm-chain tails). Every kernel's benchmark lives here, none in the kernel files.
+--router / --prefill-attention / --tails / --routed, of the split-KV decode attention, the fused router, the flash
+prefill attention, the norm-chain tails and the routed experts' one launch). Every kernel's benchmark lives here, none in the kernel files.
 
     python -m sparkinfer_cute.kernels.microbench [--json out.json] [--reps 50] [--only gemv]
     python -m sparkinfer_cute.kernels.microbench --attention [--ctx 512 4096 32768] [--splits N] [--fused] [--prologue]
     python -m sparkinfer_cute.kernels.microbench --router
     python -m sparkinfer_cute.kernels.microbench --tails [--json out.json]
+    python -m sparkinfer_cute.kernels.microbench --routed [--json out.json]
     python -m sparkinfer_cute.kernels.microbench --prefill-attention [--chunk 512] [--prefix 0 3584] [--config NAME]
 
 For each case: median µs per kernel, achieved GB/s (bytes of weights read + activations read + outputs written) and
@@ -661,6 +662,85 @@ def bench_tails(iters: int = 200) -> list[dict]:
     return out
 
 
+def bench_routed(iters: int = 200) -> list[dict]:
+    """What one launch of the router, the experts' gate/up and their down projection (kernels/routed_experts.py)
+    saves against their separate launches, at the basket models' decode shapes (int8 activations, the down
+    projection's norm-chain tail included): µs per MoE step (CUDA graph of ``iters`` steps) as three launches
+    (``separate_us``), router + gate/up in one launch then the down (``two_phase_us``), all in one
+    (``three_phase_us``); ``saved_per_boundary_us`` = (separate - three-phase) / 2, the figure the perf model's
+    ``PHASE_SECONDS`` stands in for (a kernel boundary's cost less a phase hand-off's). The router sees the same
+    input every step, so the same 8 experts stay in L2 in every variant alike. Also checks the three variants give
+    bit-identical outputs on the benchmark data."""
+    from ..runtime import DeviceArray, Stream, get_device
+    from .moe_ffn import moe_down, moe_gate_up
+    from .norm_chain import FfnTailArgs
+    from .q8_1 import Q8Act, quantize_q8_1
+    from .routed_experts import new_chain_state, routed_experts
+    from .router_gemv import route_gemv
+
+    rng = np.random.default_rng(0)
+    stream = Stream()
+    f32 = np.float32
+    out = []
+
+    def vec(n, scale=1.0):
+        return DeviceArray.from_numpy((scale * rng.standard_normal(n)).astype(f32), stream)
+
+    def case(name, E, n, f, k, q_gu, q_down, fused, glu, qwen):
+        w_router = DeviceArray.from_numpy((rng.standard_normal((E, n)) / np.sqrt(n)).astype(f32), stream)
+        wg = DeviceArray.from_numpy(_rand_weights(q_gu, E * f * (2 if fused else 1), n, rng), stream)
+        wu = None if fused else DeviceArray.from_numpy(_rand_weights(q_gu, E * f, n, rng), stream)
+        wd = DeviceArray.from_numpy(_rand_weights(q_down, E * n, f, rng), stream)
+        scale = None if qwen else DeviceArray.from_numpy(rng.uniform(0.5, 2, E).astype(f32), stream)
+        h, x, delta, wn = DeviceArray.empty((1, n), f32), vec(n), vec(n, 0.1), vec(n)
+        hq = Q8Act(1, n)
+        e_inq = quantize_q8_1(vec(n), stream=stream)
+        ids, p = DeviceArray.empty((1, k), np.int32), DeviceArray.empty((1, k), f32)
+        logits, rcnt = DeviceArray.empty((1, E), f32), DeviceArray.zeros((1,), np.int32)
+        act, actq, gcnt = DeviceArray.empty((k, f), f32), Q8Act(k, f), DeviceArray.zeros((k * f // 32,), np.int32)
+        y, h2, hq2, tcnt, chain = DeviceArray.empty((n,), f32), DeviceArray.empty((n,), f32), Q8Act(1, n), \
+            DeviceArray.zeros((1,), np.int32), new_chain_state()
+        if qwen:  # the router forms h (+ q8_1) from x + delta; x += y and the next attn_norm after the down
+            r_in, pre, gate_in = h, (x, DeviceArray.from_numpy(np.zeros(n, f32), stream), wn, 1e-6, hq), hq
+            tail = FfnTailArgs(y, None, None, None, None, x, None, 1e-6, tcnt, (wn, h2, hq2), post_norm=False)
+        else:  # the router and the experts read the O tail's outputs; the post-FFN chain after the down
+            r_in, pre, gate_in = vec(n).view(f32, (1, n)), None, e_inq
+            w1, w2, w = vec(n), vec(n), vec(n)
+            tail = FfnTailArgs(vec(n), y, w1, w2, w, x, vec(1), 1e-6, tcnt, (wn, h2, hq2))
+        route = dict(w_router=w_router, h=r_in, k=k, ids_out=ids, weights_out=p, scratch=logits, counter=rcnt,
+                     n_expert=E, expert_scale=scale, prenorm=pre, stream=stream)
+        gate_up = dict(w_gate=wg, w_up=wu, qtype=q_gu, h=gate_in, ids=ids, n_ff=f, out=act, act=glu, out_q8=actq,
+                       counters=gcnt)
+        down = dict(w_down=wd, qtype=q_down, act=actq, ids=ids, weights=p, n_out=n, out=y, tail=tail)
+
+        def separate():
+            route_gemv(**route)
+            moe_gate_up(**gate_up, stream=stream)
+            moe_down(**down, stream=stream)
+
+        def two_phase():
+            routed_experts({k_: v for k_, v in route.items() if k_ != "stream"}, gate_up, chain, stream=stream)
+            moe_down(**down, stream=stream)
+
+        def three_phase():
+            routed_experts({k_: v for k_, v in route.items() if k_ != "stream"}, gate_up, chain, down=down,
+                           stream=stream)
+
+        r = dict(case=name, device=get_device().name)
+        outputs = []
+        for key, fn in (("separate_us", separate), ("two_phase_us", two_phase), ("three_phase_us", three_phase)):
+            r[key] = round(_graph_call_us(fn, stream, iters), 2)
+            outputs.append([a.to_numpy(stream).tobytes() for a in (ids, p, act, y)])
+        r["saved_per_boundary_us"] = round((r["separate_us"] - r["three_phase_us"]) / 2, 2)
+        r["same_outputs"] = None if qwen else outputs[0] == outputs[1] == outputs[2]  # (Qwen: x moves every call)
+        out.append(r)
+
+    case("qwen3 30B router + experts (Q4_K, chunk kernels)", 128, 2048, 768, 8, "Q4_K", "Q4_K", False, "silu", True)
+    case("gemma4 26B router + experts (Q4_K / Q8_0, slice kernels)", 128, 2816, 704, 8, "Q4_K", "Q8_0", True,
+         "gelu_tanh", False)
+    return out
+
+
 def format_table(report: dict) -> str:
     lines = [f"{report['device']} ({report['target']}, {report['sm_count']} SMs); D2D copy "
              f"{report['copy_GBps']:.0f} GB/s (read+write); median of {report['reps']} graph replays",
@@ -691,6 +771,8 @@ def main(argv=None) -> int:
     ap.add_argument("--router", action="store_true", help="fused router GEMV + top-k vs gemv + route instead")
     ap.add_argument("--tails", action="store_true",
                     help="norm-chain tails: each matmul alone, then its norm launch, and with the chain as its tail")
+    ap.add_argument("--routed", action="store_true",
+                    help="router + experts' gate/up + down: three launches, two, or one (kernels/routed_experts.py)")
     ap.add_argument("--prefill-attention", action="store_true",
                     help="flash prefill attention vs the decode kernel over the chunk: µs and TFLOP/s per model "
                          "config, chunk length (--chunk) and cached prefix (--prefix)")
@@ -721,6 +803,14 @@ def main(argv=None) -> int:
     if a.router:
         for n_expert, n_embd, k in ((128, 2048, 8), (256, 2048, 8)):
             print(bench_router(n_expert, n_embd, k))
+        return 0
+    if a.routed:
+        rows = bench_routed()
+        for r in rows:
+            print(r)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"routed": rows}, f, indent=1)
         return 0
     if a.tails:
         rows = bench_tails()
