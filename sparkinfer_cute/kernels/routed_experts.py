@@ -221,7 +221,7 @@ def routed_experts(route: dict, gate_up: dict, chain, *, down: dict | None = Non
     from .router_gemv import plan_route_gemv
 
     st = resolve_stream(stream)
-    plan = plan_route_gemv(**route, stream=st)
+    plan = plan_route_gemv(**{k_: v for k_, v in route.items() if k_ != "stream"}, stream=st)
     if plan.n_tokens != 1:
         raise ValueError(f"routed_experts routes one token per launch, got {plan.n_tokens}")
     if gate_up.get("ids") is not plan.ids:
