@@ -50,13 +50,18 @@ def _env_passes(var: str) -> frozenset:
     return frozenset(x.strip() for x in os.environ.get(var, "").split(",") if x.strip())
 
 
-# Passes that wait for a GPU run before they are on by default: their failure would be worse than a wrong number
-# (kernels/routed_experts.py: CTAs wait for other CTAs of the same grid; a wait that never ends traps the launch).
-# SPARKINFER_ENABLE names the ones to switch on; a GPU session that has checked them empties this set (RESULTS.md).
-OFF_UNTIL_MEASURED = frozenset({"fused_route_gate_up", "fused_experts_down"})
+# Passes that are correct (their GPU tests pass) but measured slower than the launches they replace, on an H100
+# with PDL (RESULTS.md, 2026-12-08): off unless SPARKINFER_ENABLE names them (for A/B runs and other GPUs).
+# - fused_ffn_tail, fused_router_norm: the 30B shape decodes 374.2 tok/s with them, 414.4 / 421.2 without (tg64,
+#   same file and run); a norm chain run by one CTA after its grid costs more (3.5-7.8 us) than the launch it saves.
+# - fused_o_tail: the same tail on Gemma 4's O projection, 9.20 us vs 5.99 us as two launches (microbench --tails).
+# - fused_route_gate_up, fused_experts_down: one launch in ticket-ordered phases, 31.5 / 36.9 us vs 27.1 us as three
+#   launches (30B), 52.3 / 54.8 vs 49.9 us (26B) (microbench --routed); 321.0 tok/s end to end.
+OFF_BY_DEFAULT = frozenset({"fused_ffn_tail", "fused_router_norm", "fused_o_tail", "fused_route_gate_up",
+                            "fused_experts_down"})
 # Speed passes can be switched off one by one (SPARKINFER_DISABLE=fused_qk,...) so the accuracy harness and the
 # benchmark can compare a pass against the build without it, in the same run.
-DISABLED = _env_passes("SPARKINFER_DISABLE") | (OFF_UNTIL_MEASURED - _env_passes("SPARKINFER_ENABLE"))
+DISABLED = _env_passes("SPARKINFER_DISABLE") | (OFF_BY_DEFAULT - _env_passes("SPARKINFER_ENABLE"))
 
 
 # Every pass SPARKINFER_DISABLE can switch off (README "Environment knobs"): the one list perf_model, the A/B scripts

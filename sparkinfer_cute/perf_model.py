@@ -31,9 +31,10 @@ of kernel class c(i), costs
   dense weights and KV (a CUDA access-policy window; not implemented in the runtime).
 * A launch whose last CTA runs a norm chain after the rest of its grid (a "tail", models/ops.py ``AfterFfn`` /
   ``AfterAttention``) adds a fixed time: the median ``tail_cost_us`` of ``--tails FILE`` (the JSON of
-  ``python -m sparkinfer_cute.kernels.microbench --tails``), else ``TAIL_SECONDS``, an assumption.
+  ``python -m sparkinfer_cute.kernels.microbench --tails``), else ``TAIL_SECONDS`` (measured on an H100).
 * Each hand-off between ticket-ordered phases of one launch (kernels/routed_experts.py: router -> gate/up ->
-  down) adds ``PHASE_SECONDS``, an assumption; the phases' kernels are otherwise priced as the one launch's class.
+  down) adds ``PHASE_SECONDS`` (solved from an H100 measurement); the phases' kernels are otherwise priced as the one
+  launch's class.
 * Blackwell: the same plan, a_c and eta_c; the device's copy bandwidth = datasheet x the H100's measured
   copy/datasheet ratio; its L2 size. The fixed costs are assumed equal to the H100's (set by the graph launch path
   and DRAM latency, not by bandwidth): an assumption, as is every Blackwell input (nothing here ran on Blackwell).
@@ -56,13 +57,15 @@ H100_DATASHEET_BW = 3.35e12  # H100 SXM5 HBM3, bytes/s (datasheet)
 L2_USABLE = 0.9              # assumption: share of the L2 an LRU scan of the step can keep
 PERSIST_FRACTION = 0.75      # assumption: most of the L2 a persisting access-policy window may claim
 L2_BW_OVER_DRAM = 3.0        # assumption: L2 bandwidth / DRAM copy bandwidth (only activations ride on it)
-# assumption: the serial time a norm-chain tail adds to the kernel whose last CTA runs it (kernels/norm_chain.py
-# RowNormChain.tail: 2-3 dependent row reductions through L2 after the rest of the grid has finished); not measured
-TAIL_SECONDS = 1.5e-6
-# assumption: the serial time a hand-off between two ticket-ordered phases of one launch adds
-# (kernels/routed_experts.py: the waiting CTAs poll the flag every >= 64 ns through L2, then load their first
-# weights, which a kernel boundary with PDL would have overlapped with the drain); not measured
-PHASE_SECONDS = 1.0e-6
+# the serial time a norm-chain tail adds to the kernel whose last CTA runs it (kernels/norm_chain.py
+# RowNormChain.tail): the median tail_cost_us of results/micro_tails_2026-12-08_h100.json (3.50, 7.79, 6.23 us; H100,
+# microbench --tails); --tails FILE takes another measurement
+TAIL_SECONDS = 6.23e-6
+# the serial time a hand-off between two ticket-ordered phases of one launch adds (kernels/routed_experts.py), with
+# the launch it replaces not charged: solved from results/micro_routed_2026-12-08_h100.json, where three phases took
+# 9.7 us (30B) / 4.9 us (26B) longer than three launches: (that + the router's and the down kernel's fixed costs,
+# ~7 us) / 2 hand-offs, ~7 us each (rounded; the kernel classes' costs are this model's own fits)
+PHASE_SECONDS = 7.0e-6
 
 
 @dataclass(frozen=True)
@@ -349,9 +352,9 @@ def _read_json_rows(path: str) -> list:
 
 def tail_cost(path: str | None) -> ClassCost:
     """The fixed cost of a tail: the median measured ``tail_cost_us`` (negatives clamped to 0) of a
-    ``microbench --tails`` JSON, or the ``TAIL_SECONDS`` assumption without one."""
+    ``microbench --tails`` JSON, or ``TAIL_SECONDS`` (the committed H100 measurement) without one."""
     if path is None:
-        return ClassCost(TAIL_SECONDS, 1.0, "assumption (TAIL_SECONDS; measure: microbench --tails)")
+        return ClassCost(TAIL_SECONDS, 1.0, "TAIL_SECONDS (H100, results/micro_tails_2026-12-08_h100.json)")
     with open(path) as f:
         rows = json.load(f).get("tails") or []
     costs = [max(0.0, float(r["tail_cost_us"])) for r in rows if isinstance(r, dict) and "tail_cost_us" in r]
@@ -385,7 +388,7 @@ def predict_main(argv) -> int:
                     help="L2 residency across graph replays: lru (default) or the persisting-window what-if")
     ap.add_argument("--tails", type=existing_file,
                     help="JSON of python -m sparkinfer_cute.kernels.microbench --tails: the measured cost of a "
-                         "norm-chain tail (default: the TAIL_SECONDS assumption)")
+                         "norm-chain tail (default: TAIL_SECONDS, the committed H100 measurement)")
     ap.add_argument("--json", type=writable_path, help="write the predictions as JSON here")
     args = ap.parse_args(argv)
     args.disable = args.disable or frozenset()
@@ -437,7 +440,7 @@ def predict_main(argv) -> int:
            "assumptions": {"L2_USABLE": L2_USABLE, "PERSIST_FRACTION": PERSIST_FRACTION,
                            "L2_BW_OVER_DRAM": L2_BW_OVER_DRAM, "fixed costs on Blackwell": "equal to the H100's",
                            "tail_us": tail.a * 1e6, "tail_source": tail.source,
-                           "phase_handoff_us (assumption)": PHASE_SECONDS * 1e6,
+                           "phase_handoff_us": PHASE_SECONDS * 1e6,
                            "devices": {d.name: d.source for d in DEVICES}},
            "models": {}}
     print(f"\n{'model':<22} {'device':<18} {'kern':>5} {'GB/tok':>7} {'fixed ms':>8} {'stream ms':>9} {'L2 ms':>6} "

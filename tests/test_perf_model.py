@@ -15,6 +15,7 @@ import pytest
 
 from sparkinfer_cute import perf_model as pm
 from sparkinfer_cute.models.launch_plan import KINDS, Launch, LaunchPlan
+from sparkinfer_cute.models.ops import OFF_BY_DEFAULT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,21 +145,24 @@ def test_synth_spec_prefixes():
 
 
 def test_plan_cli_prints_the_plan():
-    """The default build, and with SPARKINFER_ENABLE the routed launch (models/ops.py OFF_UNTIL_MEASURED): router,
-    gate/up and down in one launch per layer, two phase hand-offs in each."""
-    for enable, count, phases in (("", 37, 0), ("fused_route_gate_up,fused_experts_down", 29, 8)):
+    """The default build, and with SPARKINFER_ENABLE the passes that are off by default (models/ops.py
+    OFF_BY_DEFAULT): the norm-chain tails, and router, gate/up and down in one launch per layer (two phase hand-offs
+    in each)."""
+    every = ",".join(sorted(OFF_BY_DEFAULT))
+    for enable, count, tails, phases in (("", 45, 0, 0), ("fused_ffn_tail,fused_router_norm", 37, 8, 0),
+                                         (every, 29, 8, 8)):
         env = dict(os.environ, SPARKINFER_ENABLE=enable, SPARKINFER_DISABLE="")
         r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.perf_model", "plan", "--synth", "qwen3moe:tiny"],
                            capture_output=True, text=True, timeout=300, check=False, env=env)
         assert r.returncode == 0, r.stderr
-        assert (f"kernels/token {count} (8 of them end with a norm chain run by their last CTA; {phases} phase "
+        assert (f"kernels/token {count} ({tails} of them end with a norm chain run by their last CTA; {phases} phase "
                 "hand-offs") in r.stdout and "full moe" in r.stdout
 
 
 def test_calibration_refuses_another_build():
     """The bench row's measured kernels/token must be the calibration plan's: the committed H100 row (534) is the
     build before fused_attn_q8, fused_moe_act_q8, fused_head_q8, fused_router_norm, fused_qk_attention and
-    fused_ffn_tail, so calibrating today's default plan (293) against it is refused in one line."""
+    fused_ffn_tail, so calibrating today's default plan (389) against it is refused in one line."""
     r = subprocess.run([sys.executable, "-m", "sparkinfer_cute.perf_model", "--bench", str(ROOT / "results" /
                         "bench.jsonl"), "--microbench", str(ROOT / "results" / "microbench_2026-11-25_h100_after.json")],
                        capture_output=True, text=True, timeout=300, check=False)
@@ -187,16 +191,21 @@ def test_bench_accounting_is_the_launch_plan():
     assert len(emb) == 1 and emb[0].bytes["dense"] == h.tensor("token_embd.weight").row_bytes
 
 
-def test_tail_cost_is_the_measured_median_or_the_assumption(tmp_path):
+def test_tail_cost_is_the_measured_median_or_the_committed_one(tmp_path, monkeypatch):
     """A norm-chain tail's fixed cost: the median tail_cost_us of a microbench --tails JSON (a negative measurement
-    clamped to 0), else the TAIL_SECONDS assumption; each planned tail adds it to the token time."""
+    clamped to 0), else TAIL_SECONDS, which is that median for the committed H100 file; each planned tail adds it to
+    the token time."""
     f = tmp_path / "tails.json"
     f.write_text(json.dumps({"tails": [{"tail_cost_us": 0.8}, {"tail_cost_us": 1.2}, {"tail_cost_us": -0.1}]}))
     assert pm.tail_cost(str(f)).a == pytest.approx(0.8e-6)
-    assert pm.tail_cost(None).a == pm.TAIL_SECONDS and "assumption" in pm.tail_cost(None).source
+    assert pm.tail_cost(None).a == pm.TAIL_SECONDS and "micro_tails" in pm.tail_cost(None).source
+    assert pm.tail_cost(str(ROOT / "results" / "micro_tails_2026-12-08_h100.json")).a == pytest.approx(pm.TAIL_SECONDS)
     (tmp_path / "bad.json").write_text(json.dumps({"results": []}))
     with pytest.raises(ValueError, match="tail_cost_us"):
         pm.tail_cost(str(tmp_path / "bad.json"))
+    from sparkinfer_cute.models import ops
+
+    monkeypatch.setattr(ops, "DISABLED", frozenset())  # every pass on (the tails are off by default)
     plan = pm.build_plan(None, ("qwen3moe", "tiny"), 0)
     tails = sum(x.tails for x in plan.launches)
     assert tails == 8  # 4 layers: each expert down's next norm + each fused router's own input norm

@@ -121,7 +121,7 @@ for ph in "${phases[@]}"; do
     add "microbench" "see microbench.log" ;;
   routed)  # issue 15, one call: the routed launch's kernel tests and the decode model tests (correctness first), then
     # the 30B shape's tg128 with the two routed passes on (llama.cpp in the same run), off, and on again
-    ROUTED=fused_route_gate_up,fused_experts_down  # off by default until measured (models/ops.py OFF_UNTIL_MEASURED)
+    ROUTED=fused_route_gate_up,fused_experts_down  # off by default (models/ops.py OFF_BY_DEFAULT: measured slower)
     SPARKINFER_ENABLE=$ROUTED timeout "${T_ROUTED_TESTS:-240}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" \
       -p no:cacheprovider tests/kernels/test_routed_experts.py tests/models/test_gpu_decode.py 2>&1 \
       | tee "$OUT/routed_tests.log" | tail -25
@@ -199,7 +199,7 @@ for ph in "${phases[@]}"; do
     done ;;
   verify_passes)  # the newest passes (fused_ffn_tail, fused_o_tail, fused_qkv_mixed, fused_route_gate_up): their kernel tests and
     # every model's decode/prefill GPU tests with them on, in one call (xdist: kernels compile in parallel)
-    SPARKINFER_ENABLE=fused_route_gate_up,fused_experts_down \
+    SPARKINFER_ENABLE=fused_ffn_tail,fused_router_norm,fused_o_tail,fused_route_gate_up,fused_experts_down \
     timeout "${T_VERIFY:-360}" python3 -m pytest -q -m gpu -n "${XDIST:-14}" -p no:cacheprovider \
       tests/kernels/test_norm_chain.py tests/kernels/test_gemv.py::test_gemv_second_matrix \
       tests/kernels/test_routed_experts.py tests/kernels/test_router.py "tests/kernels/test_moe_ffn.py::test_gate_up" \
