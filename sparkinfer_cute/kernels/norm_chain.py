@@ -152,7 +152,9 @@ class RowNormChain:
         q8_1.py ``quantize_block_when_complete``: the barrier orders the CTA's stores before thread 0's GPU-scope
         fence + acq_rel atomic; the last CTA fences again before it reads the row. No CTA waits for another.
         ``arrivals``: the CTAs that write the row, where they are not the whole grid (a phase of a chained launch,
-        routed_experts.py); 0: every CTA of the grid."""
+        routed_experts.py); 0: every CTA of the grid. Measured on an H100 with PDL, the tail adds 3.5-7.8 µs of
+        serial time to its kernel, more than the norm kernel's own launch (RESULTS.md, 2026-12-08): models/ops.py
+        keeps the tail passes off by default."""
         smem = cutlass.memory.SmemAllocator()
         flag = smem.allocate_tensor(Int32, cute.make_layout(1), byte_alignment=16)
         red = self.smem_red()

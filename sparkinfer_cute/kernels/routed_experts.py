@@ -26,10 +26,12 @@ the flag they waited on and that count back to zero. The next launch on the stre
 completed (stream order; with PDL its ``griddepcontrol.wait``), so it finds every slot at zero. One zeroed
 ``int32[CHAIN_INTS]`` serves every layer.
 
-What this saves is one kernel boundary per phase (the launch gap and the next kernel's ramp after the last one's
-drain); what it costs is the waiting CTAs' spin, which runs while the phase before works and replaces the
-boundary's idle time. Every phase computes exactly what its own kernel computes (the same device code), so the
-outputs are bit-identical to the separate launches (tests/kernels/test_routed_experts.py, GPU).
+What this was meant to save is one kernel boundary per phase; what it costs is the hand-off (a flag polled through
+L2) and every phase running at the largest phase's register count. Measured on an H100 with PDL, the cost is the
+larger: 31.5 / 36.9 µs for two / three phases against 27.1 µs as three launches at the Qwen3-30B shape, 321.0 against
+374.2 tok/s end to end (RESULTS.md, 2026-12-08), so models/ops.py keeps its passes off by default. Every phase
+computes exactly what its own kernel computes (the same device code), so the outputs are bit-identical to the
+separate launches (tests/kernels/test_routed_experts.py, passed on the H100).
 """
 
 from __future__ import annotations
