@@ -64,8 +64,8 @@ class Qwen3MoeGPU(GPUDecoder):
             wr = w[p + "ffn_gate_inp.weight"]
             route = None
             if ops.enabled("fused_router") and wr.qtype == "F32":
-                # x += delta; h = rmsnorm(x, ffn_norm) [+ q8_1]: formed by the router, which runs in the experts'
-                # gate/up launch (ops.RouteFirst)
+                # x += delta; h = rmsnorm(x, ffn_norm) [+ q8_1]: formed by the router, which the experts' op runs
+                # first (ops.RouteFirst; in the same launch with pass fused_route_gate_up)
                 route = ops.RouteFirst(wr, self.h, self.expert_w, c.n_expert_used, self.router_state,
                                        prenorm=(self.x, self.delta, w[p + "ffn_norm.weight"], eps, hq))
             else:
@@ -82,7 +82,7 @@ class Qwen3MoeGPU(GPUDecoder):
                 nxt = (w["output_norm.weight"], self.h, self.lm_head_q8()) if n_layers is None else None
             down = ops.ExpertsDown(w[p + "ffn_down_exps.weight"], self.delta,
                                    ops.AfterFfn(self.x, eps, self.tail_counter, nxt) if nxt is not None else None)
-            if route is not None:  # routing, gate/up and down: one launch where the passes allow (ops.RouteFirst)
+            if route is not None:  # routing, gate/up and down (one launch with fused_route_gate_up, fused_experts_down)
                 ops.moe_gate_up(w[p + "ffn_gate_exps.weight"], w[p + "ffn_up_exps.weight"], self.h, self.expert_ids,
                                 self.act, stream=stream, hq=hq, actq=actq, route=route, down=down)
             else:
