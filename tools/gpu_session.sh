@@ -27,7 +27,7 @@
 # models: tests/models' GPU tests (decode + prefill, -n 14)
 # bisect: the Gemma 4 prefill accuracy gap, layer by layer (tools/prefill_bisect.py)
 # micro_attn: decode attention alone, with the fused combine, and with the Q/K prologue inside vs its two launches
-# ab_pass: tg128 with each pass of AB_PASSES switched off vs the default build (issue 15's measured gain per pass)
+# ab_pass: tg128 with each pass of AB_PASSES switched off (or on, if off by default) vs the default build
 # micro_tails: the matmul alone / + its norm launch / with the chain as its tail, at the basket shapes
 # micro_routed: router + experts as three launches, two, or one (python -m sparkinfer_cute.kernels.microbench --routed)
 # routed: the routed launch's tests + the decode model tests, then 30B tg128 with the routed passes on / off / on
@@ -205,16 +205,20 @@ for ph in "${phases[@]}"; do
       tests/kernels/test_routed_experts.py tests/kernels/test_router.py "tests/kernels/test_moe_ffn.py::test_gate_up" \
       tests/kernels/test_moe_ffn.py::test_gate_up_writes_q8_1_copy tests/models/test_gpu_decode.py tests/models/test_gpu_prefill.py 2>&1 | tee "$OUT/verify_passes.log" | tail -30
     add "tail / two-matrix passes + model GPU tests" "$(tail -1 "$OUT/verify_passes.log")" ;;
-  ab_pass)  # issue 15: each pass of AB_PASSES (default fused_ffn_tail) switched off vs the default build, 30B shape
+  ab_pass)  # issue 15: each pass of AB_PASSES (default fused_ffn_tail) switched off (on, for the passes off by default)
+    # vs the default build, 30B shape
     # tg128 back to back on the same file (AB_MODEL=gemma4 for the 26B-A4B shape)
     if [ "${AB_MODEL:-qwen}" = gemma4 ]; then F=/tmp/gemma4_26b.gguf
       [ -f $F ] || python3 -m sparkinfer_cute.gguf.synth --arch gemma4 --preset 26b-a4b -o $F --seed 0 >/dev/null 2>&1
     else F=/tmp/qwen30b.gguf
       [ -f $F ] || python3 -m sparkinfer_cute.gguf.synth --arch qwen3moe --preset 30b-a3b -o $F --seed 0 >/dev/null 2>&1
     fi
+    OFF=$(python3 -c "from sparkinfer_cute.models.ops import OFF_BY_DEFAULT as o; print(' '.join(sorted(o)))")
     for pass in default ${AB_PASSES:-fused_ffn_tail} default; do
-      dis=""; [ "$pass" != default ] && dis=$pass
-      SPARKINFER_DISABLE=$dis timeout 150 python3 -m sparkinfer_cute.bench $F --prompt-len 64 --gen 128 --runs 5 \
+      # a pass on by default is switched off, one of models/ops.py OFF_BY_DEFAULT switched on
+      dis=""; en=""; [ "$pass" != default ] && dis=$pass
+      case " $OFF " in *" $pass "*) dis=""; en=$pass ;; esac
+      SPARKINFER_DISABLE=$dis SPARKINFER_ENABLE=$en timeout 150 python3 -m sparkinfer_cute.bench $F --prompt-len 64 --gen 128 --runs 5 \
         --note "ab_pass:$pass" --json "$OUT/ab_pass_$pass.json" > "$OUT/ab_pass_$pass.log" 2>&1
       add "$(basename $F) tg128 [${pass/default/default build}]" "$(grep -E '^decode tg128' "$OUT/ab_pass_$pass.log" | awk '{print $NF}') tok/s, $(grep -E '^kernels per token' "$OUT/ab_pass_$pass.log" | awk '{print $NF}') kernels/token"
     done ;;
