@@ -804,22 +804,15 @@ def main(argv=None) -> int:
         for n_expert, n_embd, k in ((128, 2048, 8), (256, 2048, 8)):
             print(bench_router(n_expert, n_embd, k))
         return 0
-    if a.routed:
-        rows = bench_routed()
-        for r in rows:
-            print(r)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"routed": rows}, f, indent=1)
-        return 0
-    if a.tails:
-        rows = bench_tails()
-        for r in rows:
-            print(r)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"tails": rows}, f, indent=1)
-        return 0
+    for key, wanted, bench in (("routed", a.routed, bench_routed), ("tails", a.tails, bench_tails)):
+        if wanted:  # a list of rows: printed, and with --json written under its key (what perf_model --tails reads)
+            rows = bench()
+            for r in rows:
+                print(r)
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump({key: rows}, f, indent=1)
+            return 0
     report = run(a.reps, a.only)
     print(format_table(report))
     if a.json:
