@@ -12,6 +12,7 @@ module to plan a step without a GPU.)
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import os
 from collections.abc import Sequence
@@ -40,14 +41,11 @@ from sparkinfer_cute.kernels import routed_experts as _routed
 from sparkinfer_cute.kernels import router as _router
 from sparkinfer_cute.kernels import router_gemv as _router_gemv
 from sparkinfer_cute.kernels.paged_kv import PagedKVCache
+from sparkinfer_cute.errors import ConfigError
 from sparkinfer_cute.kernels.quant_decode import INT_QTYPES
 from sparkinfer_cute.runtime import DeviceArray, Workspace, get_device
 
 PAGE_SIZE = 64
-
-
-def _env_passes(var: str) -> frozenset:
-    return frozenset(x.strip() for x in os.environ.get(var, "").split(",") if x.strip())
 
 
 # Passes that are correct (their GPU tests pass) but measured slower than the launches they replace, on an H100
@@ -59,9 +57,6 @@ def _env_passes(var: str) -> frozenset:
 #   launches (30B), 52.3 / 54.8 vs 49.9 us (26B) (microbench --routed); 321.0 tok/s end to end.
 OFF_BY_DEFAULT = frozenset({"fused_ffn_tail", "fused_router_norm", "fused_o_tail", "fused_route_gate_up",
                             "fused_experts_down"})
-# Speed passes can be switched off one by one (SPARKINFER_DISABLE=fused_qk,...) so the accuracy harness and the
-# benchmark can compare a pass against the build without it, in the same run.
-DISABLED = _env_passes("SPARKINFER_DISABLE") | (OFF_BY_DEFAULT - _env_passes("SPARKINFER_ENABLE"))
 
 
 # Every pass SPARKINFER_DISABLE can switch off (README "Environment knobs"): the one list perf_model, the A/B scripts
@@ -86,6 +81,23 @@ PASSES = frozenset({
     "fused_route_gate_up",  # the router and the experts' gate/up in one launch, CTAs in ticket order
     "fused_experts_down",   # ... and the experts' down projection (+ its norm tail) as the same launch's last phase
 })
+
+
+def _env_passes(var: str, environ=os.environ) -> frozenset:
+    """The comma-separated pass names of ``var``; a name that is not in PASSES raises ConfigError (one line, with the
+    nearest pass named), so a typo cannot leave a pass switched the way it was."""
+    names = frozenset(x.strip() for x in environ.get(var, "").split(",") if x.strip())
+    for name in sorted(names - PASSES):
+        near = difflib.get_close_matches(name, PASSES, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ConfigError(f"{var}: {name!r} is not a speed pass; {hint}the passes are listed in README.md "
+                          f"(Environment knobs) and models/ops.py PASSES")
+    return names
+
+
+# Speed passes can be switched off one by one (SPARKINFER_DISABLE=fused_qk,...) so the accuracy harness and the
+# benchmark can compare a pass against the build without it, in the same run.
+DISABLED = _env_passes("SPARKINFER_DISABLE") | (OFF_BY_DEFAULT - _env_passes("SPARKINFER_ENABLE"))
 
 
 def enabled(name: str) -> bool:

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from .cli_args import ArgumentParser, existing_file, int_at_least, require_gpu, writable_path
+from .cli_args import ArgumentParser, existing_file, fail, int_at_least, require_gpu, writable_path
 
 
 def measure_copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -94,11 +94,15 @@ def main(argv=None) -> int:
     require_gpu(ap.prog, "the benchmark")
 
     from .engine import Engine
+    from .errors import SparkinferError
     from .runtime import get_device
 
     dev = get_device()
     ctx = max(args.prompt_len, args.depth) + args.gen + 8
-    eng = Engine(args.model, backend_name="gpu", max_context=ctx, progress=True)
+    try:  # a bad file, a model too large, a misspelt SPARKINFER_DISABLE pass: one line, no traceback
+        eng = Engine(args.model, backend_name="gpu", max_context=ctx, progress=True)
+    except SparkinferError as e:
+        fail(e)
     m = eng.backend
     rng = np.random.default_rng(0)
     vocab = eng.cfg.vocab_size
@@ -165,6 +169,11 @@ def main(argv=None) -> int:
     # the engine's load_tuned at start-up: cache status, and how many call sites ran a tuned config vs the default
     res["tuning"] = describe_tuning()
     res["tuning_sites"] = describe_sites()  # every call site that took (or refused) a tuned config, with its knobs
+    from .models import ops
+
+    # which speed passes this build ran without (SPARKINFER_DISABLE, and models/ops.py OFF_BY_DEFAULT unless
+    # SPARKINFER_ENABLE named them): an A/B row says what it measured, not only its --note
+    res["passes_off"] = sorted(ops.DISABLED)
     res["note"] = args.note
     rows = [("GPU", f"{dev.name} ({dev.target}), kernel family {res['kernel_family']}"),
             ("model", f"{res['model']} ({res['arch']})"),
@@ -178,7 +187,8 @@ def main(argv=None) -> int:
             ("copy bandwidth (measured)", f"{bw / 1e9:.0f} GB/s"),
             ("% of bandwidth roofline", f"{res['pct_of_roofline']:.1f}%"),
             ("resident GPU memory", f"{m.resident_bytes / 2**30:.2f} GiB"),
-            ("kernel configs", res["tuning"])]
+            ("kernel configs", res["tuning"]),
+            ("speed passes off", ", ".join(res["passes_off"]) or "none")]
     if args.depth:
         rows.append((f"decode tok/s at depth {args.depth}", f"{res['decode_tps_at_depth_median']:.1f}"))
     if "llama_bench" in res:

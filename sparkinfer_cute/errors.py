@@ -29,3 +29,8 @@ class DeviceError(SparkinferError, RuntimeError):
 
 class DeviceOutOfMemoryError(DeviceError, MemoryError):
     """A device allocation failed, or a model does not fit in the GPU's free memory."""
+
+
+class ConfigError(SparkinferError, ValueError):
+    """An environment knob names something that does not exist (a misspelt ``SPARKINFER_DISABLE`` pass, say): an
+    error rather than a silent no-op, so an A/B run cannot measure the same build twice without knowing."""

@@ -31,3 +31,18 @@ def test_every_pass_checked_in_code_is_listed_and_documented():
 def test_an_unknown_pass_name_is_an_error():
     with pytest.raises(KeyError, match="not a pass"):
         ops.enabled("fused_typo")
+
+
+def test_a_misspelt_pass_in_the_environment_is_a_one_line_error():
+    from sparkinfer_cute.errors import ConfigError
+
+    assert ops._env_passes("SPARKINFER_DISABLE", {"SPARKINFER_DISABLE": " fused_qk, flash_prefill ,"}) == \
+        {"fused_qk", "flash_prefill"}
+    assert ops._env_passes("SPARKINFER_ENABLE", {}) == frozenset()
+    with pytest.raises(ConfigError) as e:
+        ops._env_passes("SPARKINFER_ENABLE", {"SPARKINFER_ENABLE": "fused_route_gate_up,fused_expert_down"})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("SPARKINFER_ENABLE: 'fused_expert_down' is not a speed pass")
+    assert "did you mean 'fused_experts_down'?" in msg
+    with pytest.raises(ConfigError, match="'nonsense' is not a speed pass; the passes are listed"):
+        ops._env_passes("SPARKINFER_DISABLE", {"SPARKINFER_DISABLE": "nonsense"})
