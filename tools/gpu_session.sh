@@ -215,9 +215,14 @@ for ph in "${phases[@]}"; do
     fi
     OFF=$(python3 -c "from sparkinfer_cute.models.ops import OFF_BY_DEFAULT as o; print(' '.join(sorted(o)))")
     for pass in default ${AB_PASSES:-fused_ffn_tail} default; do
-      # a pass on by default is switched off, one of models/ops.py OFF_BY_DEFAULT switched on
-      dis=""; en=""; [ "$pass" != default ] && dis=$pass
-      case " $OFF " in *" $pass "*) dis=""; en=$pass ;; esac
+      # a pass on by default is switched off, one of models/ops.py OFF_BY_DEFAULT switched on; an entry may be a
+      # comma-joined group, switched together (e.g. every pass landed since an older build)
+      dis=""; en=""
+      if [ "$pass" != default ]; then
+        for p in ${pass//,/ }; do
+          case " $OFF " in *" $p "*) en="$en${en:+,}$p" ;; *) dis="$dis${dis:+,}$p" ;; esac
+        done
+      fi
       SPARKINFER_DISABLE=$dis SPARKINFER_ENABLE=$en timeout 150 python3 -m sparkinfer_cute.bench $F --prompt-len 64 --gen 128 --runs 5 \
         --note "ab_pass:$pass" --json "$OUT/ab_pass_$pass.json" > "$OUT/ab_pass_$pass.log" 2>&1
       add "$(basename $F) tg128 [${pass/default/default build}]" "$(grep -E '^decode tg128' "$OUT/ab_pass_$pass.log" | awk '{print $NF}') tok/s, $(grep -E '^kernels per token' "$OUT/ab_pass_$pass.log" | awk '{print $NF}') kernels/token"
