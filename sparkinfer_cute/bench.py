@@ -1,7 +1,7 @@
-"""`python -m sparkinfer_cute.bench MODEL.gguf [--prompt-len P] [--gen N] [--depth D] [--runs R] [--llama-bench PATH]`
+"""`python -m sparkinfer_cute.bench MODEL.gguf [--prompt-len P[,P2...]] [--gen N] [--depth D] [--runs R] [--llama-bench PATH]`
 
 Decode tok/s (median of R >= 5 timed runs after a warm-up run; greedy, whole step replayed from one CUDA graph),
-prefill tok/s, kernels per token, bytes moved per token, the minimum (routed experts' + dense weights + KV, each
+prefill tok/s (for each prompt length, e.g. ``--prompt-len 512,4096``), kernels per token, bytes moved per token, the minimum (routed experts' + dense weights + KV, each
 once) and their ratio (all from the launch plan, models/launch_plan.py), the % of the measured device-to-device copy
 bandwidth the minimum at the measured speed represents, resident GPU memory. With --llama-bench it runs llama.cpp's
 llama-bench on the same file in the same process run and prints the ratio. Prints a table, writes JSON (--json) and
@@ -13,6 +13,7 @@ Needs a CUDA GPU. Exit status: 0 done; 2 could not run as asked (a bad argument,
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -56,11 +57,22 @@ def decode_plan(model, depth: int):
                        max_context=model.max_context)
 
 
-def run_llama_bench(path: str, exe: str, p: int, n: int, d: int, reps: int) -> dict:
+def prompt_lengths(s: str) -> list[int]:
+    """``type=`` converter for ``--prompt-len``: one or more comma-separated integers >= 1."""
+    conv = int_at_least(1)
+    out = [conv(x.strip()) for x in s.split(",")]
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"a prompt length is repeated ({s!r})")
+    return out
+
+
+def run_llama_bench(path: str, exe: str, p, n: int, d: int, reps: int) -> dict:
+    """llama.cpp's llama-bench on the same file: ``p`` one prompt length or a list (one ``-p`` list)."""
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.path.dirname(os.path.abspath(exe)) + ":" + env.get("LD_LIBRARY_PATH", "")
     out = {}
-    cmd = [exe, "-m", path, "-ngl", "99", "-fa", "1", "-p", str(p), "-n", str(n), "-r", str(reps), "-o", "json"]
+    plist = ",".join(str(x) for x in (p if isinstance(p, (list, tuple)) else [p]))
+    cmd = [exe, "-m", path, "-ngl", "99", "-fa", "1", "-p", plist, "-n", str(n), "-r", str(reps), "-o", "json"]
     if d:
         cmd += ["-d", f"0,{d}"]
     res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=1800)
@@ -78,7 +90,8 @@ def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m sparkinfer_cute.bench", description=__doc__.split("\n\n")[1],
                         epilog=__doc__.split("\n\n")[2])
     ap.add_argument("model", type=existing_file, help="GGUF file")
-    ap.add_argument("--prompt-len", type=int_at_least(1), default=512, help="prompt tokens for the prefill figure")
+    ap.add_argument("--prompt-len", type=prompt_lengths, default=[512],
+                    help="prompt tokens for the prefill figure; a comma-separated list measures each (512,4096)")
     ap.add_argument("--gen", type=int_at_least(2), default=128, help="tokens generated per timed decode run")
     ap.add_argument("--depth", type=int_at_least(0), default=0,
                     help="also measure decode with this many tokens already cached (0: no)")
@@ -98,7 +111,8 @@ def main(argv=None) -> int:
     from .runtime import get_device
 
     dev = get_device()
-    ctx = max(args.prompt_len, args.depth) + args.gen + 8
+    lens = args.prompt_len
+    ctx = max(max(lens), args.depth) + args.gen + 8
     try:  # a bad file, a model too large, a misspelt SPARKINFER_DISABLE pass: one line, no traceback
         eng = Engine(args.model, backend_name="gpu", max_context=ctx, progress=True)
     except SparkinferError as e:
@@ -106,7 +120,8 @@ def main(argv=None) -> int:
     m = eng.backend
     rng = np.random.default_rng(0)
     vocab = eng.cfg.vocab_size
-    prompt = rng.integers(0, vocab, size=args.prompt_len).tolist()
+    prompts = {n: rng.integers(0, vocab, size=n).tolist() for n in lens}
+    prompt = prompts[lens[0]]
 
     def decode_run(start_pos: int) -> float:
         m.pos = start_pos
@@ -119,22 +134,26 @@ def main(argv=None) -> int:
     # prefill: batched chunks (a CUDA graph per chunk length) unless SPARKINFER_PREFILL=loop; one untimed run first
     # builds the chunk graphs and loads the prefill kernels, then the median of 3 (prefill returns the logits to the
     # host, so each timing ends with the device idle).
-    m.reset()
-    m.prefill(prompt)
-    pps = []
-    for _ in range(3):
+    pp_by_len, pps_by_len = {}, {}
+    for n, pr in prompts.items():
         m.reset()
-        t0 = time.perf_counter()
-        m.prefill(prompt)
-        pps.append(args.prompt_len / (time.perf_counter() - t0))
-    pp = statistics.median(pps)
+        m.prefill(pr)
+        runs = []
+        for _ in range(3):
+            m.reset()
+            t0 = time.perf_counter()
+            m.prefill(pr)
+            runs.append(n / (time.perf_counter() - t0))
+        pp_by_len[n], pps_by_len[n] = statistics.median(runs), runs
+    pp, pps = pp_by_len[lens[0]], pps_by_len[lens[0]]
     decode_run(0)  # warm-up
     tg = [decode_run(0) for _ in range(args.runs)]
     res = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "gpu": dev.name, "target": dev.target, "kernel_family": m._family(), "model": os.path.basename(args.model),
-        "arch": eng.cfg.arch, "prompt_len": args.prompt_len, "gen": args.gen, "runs": args.runs,
+        "arch": eng.cfg.arch, "prompt_len": lens[0], "prompt_lens": lens, "gen": args.gen, "runs": args.runs,
         "decode_tps_median": statistics.median(tg), "decode_tps_all": tg, "prefill_tps": pp, "prefill_tps_all": pps,
+        "prefill_tps_by_len": {str(n): v for n, v in pp_by_len.items()},
         "prefill_path": "batched" if getattr(m, "batched_prefill", lambda: False)() else "decode-graph loop",
         "kernels_per_prefill_chunk": getattr(m, "kernels_per_prefill_chunk", None),
         "kernels_per_token": m.kernels_per_token, "resident_bytes": m.resident_bytes,
@@ -153,14 +172,16 @@ def main(argv=None) -> int:
         tgd = [decode_run(args.depth) for _ in range(args.runs)]
         res.update(depth=args.depth, decode_tps_at_depth_median=statistics.median(tgd), decode_tps_at_depth_all=tgd)
     if args.llama_bench:
-        lb = run_llama_bench(args.model, args.llama_bench, args.prompt_len, args.gen, args.depth, args.llama_reps)
+        lb = run_llama_bench(args.model, args.llama_bench, lens, args.gen, args.depth, args.llama_reps)
         res["llama_bench"] = lb
         tgk = f"tg{args.gen}"
         if tgk in lb:
             res["ratio_tg_vs_llama"] = res["decode_tps_median"] / lb[tgk]["avg_ts"]
-        ppk = f"pp{args.prompt_len}"
-        if ppk in lb:
-            res["ratio_pp_vs_llama"] = pp / lb[ppk]["avg_ts"]
+        for n in lens:  # ratio_pp_vs_llama: the first length (the key older rows have); each length under its own
+            if f"pp{n}" in lb:
+                res[f"ratio_pp{n}_vs_llama"] = pp_by_len[n] / lb[f"pp{n}"]["avg_ts"]
+        if f"ratio_pp{lens[0]}_vs_llama" in res:
+            res["ratio_pp_vs_llama"] = res[f"ratio_pp{lens[0]}_vs_llama"]
         dk = f"tg{args.gen}@d{args.depth}"
         if args.depth and dk in lb:
             res["ratio_tg_at_depth_vs_llama"] = res["decode_tps_at_depth_median"] / lb[dk]["avg_ts"]
@@ -178,7 +199,7 @@ def main(argv=None) -> int:
     rows = [("GPU", f"{dev.name} ({dev.target}), kernel family {res['kernel_family']}"),
             ("model", f"{res['model']} ({res['arch']})"),
             (f"decode tg{args.gen} tok/s (median of {args.runs})", f"{res['decode_tps_median']:.1f}"),
-            (f"prefill pp{args.prompt_len} tok/s ({res['prefill_path']}, median of 3)", f"{pp:.1f}"),
+            *((f"prefill pp{n} tok/s ({res['prefill_path']}, median of 3)", f"{pp_by_len[n]:.1f}") for n in lens),
             ("kernels per token", f"{m.kernels_per_token}" + (
                 "" if plan.kernels_per_token == m.kernels_per_token
                 else f" (launch plan: {plan.kernels_per_token}: they disagree)")),
@@ -195,7 +216,7 @@ def main(argv=None) -> int:
         for k, v in res["llama_bench"].items():
             if isinstance(v, dict):
                 rows.append((f"llama.cpp {k} tok/s", f"{v['avg_ts']:.1f} ± {v['stddev_ts']:.1f}"))
-        for k in ("ratio_tg_vs_llama", "ratio_pp_vs_llama", "ratio_tg_at_depth_vs_llama"):
+        for k in ("ratio_tg_vs_llama", *(f"ratio_pp{n}_vs_llama" for n in lens), "ratio_tg_at_depth_vs_llama"):
             if k in res:
                 rows.append((k.replace("_", " "), f"{res[k]:.2f}x"))
         if "error" in res["llama_bench"]:

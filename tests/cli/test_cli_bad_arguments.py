@@ -109,6 +109,8 @@ CASES = [
     (BENCH, ["{GGUF}", "--gen", "1"], ["--gen", ">= 2"], {}),
     (BENCH, ["{GGUF}", "--depth", "-1"], ["--depth", ">= 0"], {}),
     (BENCH, ["{MISSING}"], ["no such file"], {}),
+    (BENCH, ["{GGUF}", "--prompt-len", "512,0"], ["--prompt-len", ">= 1"], {}),
+    (BENCH, ["{GGUF}", "--prompt-len", "512,512"], ["--prompt-len", "repeated"], {}),
     (BENCH, ["{GGUF}"], ["needs a CUDA GPU"], NO_GPU),
     # kernels CLI and micro-benchmark
     (KERNELS, ["--compile-all", "--arch", "sm_75"], ["--arch", "unsupported compile target"], {}),
