@@ -8,8 +8,6 @@ import json
 import os
 import stat
 
-import numpy as np
-
 from sparkinfer_cute.bench import run_llama_bench
 
 
@@ -23,8 +21,7 @@ def _fake_llama_bench(tmp_path, rows):
     return exe, log
 
 
-def test_several_prompt_lengths_and_a_depth_in_one_llama_bench_call(tmp_path):
-    rng = np.random.default_rng()
+def test_several_prompt_lengths_and_a_depth_in_one_llama_bench_call(tmp_path, rng):
     ts = {k: float(rng.uniform(10, 9000)) for k in ("pp512", "pp4096", "tg128", "pp512@d4096", "tg128@d4096")}
     rows = [{"n_prompt": 512, "n_gen": 0, "n_depth": 0, "avg_ts": ts["pp512"], "stddev_ts": 1.0},
             {"n_prompt": 4096, "n_gen": 0, "n_depth": 0, "avg_ts": ts["pp4096"], "stddev_ts": 2.0},

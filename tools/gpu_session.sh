@@ -85,10 +85,12 @@ for ph in "${phases[@]}"; do
     add "qk_fused_diag" "rc=$rc $(grep -E '^kernel cases' "$OUT/qk_diag.log")"
     python3 -m pytest -q -m gpu tests/kernels/test_block_reduce.py tests/kernels/test_qk_norm_rope_kv.py tests/models -p no:cacheprovider 2>&1 | tee "$OUT/qk_tests.log" | tail -15
     add "GPU tests qk+block_reduce+models" "$(tail -1 "$OUT/qk_tests.log")" ;;
-  qgemm)  # prefill GEMM: its GPU tests, then its benchmark
+  qgemm)  # prefill GEMM: its GPU tests, then it and the flash prefill attention timed against the mma.sync peak
     python3 -m pytest -q -m gpu tests/kernels/test_quant_gemm.py tests/kernels/test_moe_route.py tests/kernels/test_elementwise.py -p no:cacheprovider 2>&1 | tee "$OUT/qgemm_tests.log" | tail -25
     add "quant_gemm GPU tests" "$(tail -1 "$OUT/qgemm_tests.log")"
-    python3 tools/bench_quant_gemm.py --json "$OUT/bench_qgemm.json" 2>&1 | tee "$OUT/bench_qgemm.log" | tail -30
+    # µs, TFLOP/s and % of the int8 mma.sync peak measured in the same run (kernels/mma_peak.py)
+    python3 -m sparkinfer_cute.kernels.microbench --prefill-gemm --prefill-attention --json "$OUT/bench_qgemm.json" 2>&1 | tee "$OUT/bench_qgemm.log" | tail -40
+    add "mma.sync peak (s8 / f16 TFLOP/s)" "$(python3 -c "import json; r=json.load(open('$OUT/bench_qgemm.json'))['mma_peak']; print(' / '.join(str(x['tflops']) for x in r if x['peak']))" 2>&1 | tail -1)"
     add "quant_gemm bench" "see bench_qgemm.log" ;;
   newgpu)  # the new kernels and the batched prefill, plus the decode e2e tests (xdist: compiles in parallel)
     timeout 330 python3 -m pytest -q -m gpu -n 12 -p no:cacheprovider tests/kernels/test_quant_gemm.py \

@@ -242,6 +242,24 @@ def mma_f16_m16n8k16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, *, loc=None, ip=Non
 
 
 @dsl_user_op
+def mma_s8_m16n8k32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, *, loc=None, ip=None):
+    """D = A(16x32 s8, row) * B(32x8 s8, col) + C, int32 accumulate (``mma.sync.aligned.m16n8k32``).
+
+    Fragments (g = lane // 4, t = lane % 4; each A/B register packs four s8, the lowest k in the low byte):
+    A: a0 (row g, k 4t..4t+3), a1 (row g+8, k 4t..), a2 (row g, k 4t+16..), a3 (row g+8, k 4t+16..);
+    B: b0 (k 4t..4t+3, col g), b1 (k 4t+16.., col g); C/D: c0, c1 (row g, cols 2t, 2t+1), c2, c3 (row g+8, ...).
+    Returns the 4 Int32 of D."""
+    args = [Uint32(v).ir_value(loc=loc, ip=ip) for v in (a0, a1, a2, a3, b0, b1)]
+    args += [Int32(v).ir_value(loc=loc, ip=ip) for v in (c0, c1, c2, c3)]
+    res = llvm.inline_asm(
+        llvm.StructType.get_literal([T.i32(), T.i32(), T.i32(), T.i32()]), args,
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+        "{$10, $11, $12, $13};",
+        "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", loc=loc, ip=ip)
+    return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
+
+
+@dsl_user_op
 def ldmatrix_x4(smem_ptr: cute.Pointer, transpose: bool = False, *, loc=None, ip=None):
     """``ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16``: four 8x8 16-bit matrices; lanes 8i..8i+7 give the
     shared-memory addresses of the 8 rows (16 bytes each) of matrix i. Register i of lane l holds, of matrix i,

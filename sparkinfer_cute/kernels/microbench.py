@@ -1,6 +1,7 @@
 """GPU microbenchmark of the decode GEMV / MoE kernels at the real Qwen3-30B-A3B shapes (and, with --attention /
---router / --prefill-attention / --tails / --routed, of the split-KV decode attention, the fused router, the flash
-prefill attention, the norm-chain tails and the routed experts' one launch). Every kernel's benchmark lives here, none in the kernel files.
+--router / --prefill-attention / --prefill-gemm / --mma-peak / --tails / --routed, of the split-KV decode attention,
+the fused router, the flash prefill attention, the prefill GEMM, this GPU's mma.sync rate (the prefill kernels' % of
+peak), the norm-chain tails and the routed experts' one launch). Every kernel's benchmark lives here, none in the kernel files.
 
     python -m sparkinfer_cute.kernels.microbench [--json out.json] [--reps 50] [--only gemv]
     python -m sparkinfer_cute.kernels.microbench --attention [--ctx 512 4096 32768] [--splits N] [--fused] [--prologue]
@@ -8,6 +9,8 @@ prefill attention, the norm-chain tails and the routed experts' one launch). Eve
     python -m sparkinfer_cute.kernels.microbench --tails [--json out.json]
     python -m sparkinfer_cute.kernels.microbench --routed [--json out.json]
     python -m sparkinfer_cute.kernels.microbench --prefill-attention [--chunk 512] [--prefix 0 3584] [--config NAME]
+    python -m sparkinfer_cute.kernels.microbench --prefill-gemm [--tokens 512] [--json out.json]
+    python -m sparkinfer_cute.kernels.microbench --mma-peak
 
 For each case: median µs per kernel, achieved GB/s (bytes of weights read + activations read + outputs written) and
 the percentage of the device-to-device copy bandwidth measured in the same run (``cuMemcpyDtoDAsync`` of 1 GiB,
@@ -741,6 +744,111 @@ def bench_routed(iters: int = 200) -> list[dict]:
     return out
 
 
+def bench_mma_peak(reps: int = 20, iters: int = 4096) -> list[dict]:
+    """The ``mma.sync`` rate of this GPU (kernels/mma_peak.py): int8 m16n8k32 and f16 m16n8k16 (f32 accumulate) in
+    register-only chains, at 1-16 waves of CTAs per SM; the best row of a kind is its peak (``peak: True``), the
+    denominator of the prefill GEMM's and the flash prefill attention's "% of mma.sync peak"."""
+    from ..runtime import DeviceArray, Stream, get_device
+    from . import mma_peak as mp
+
+    dev = get_device()
+    stream = Stream()
+    rows = []
+    for kind in mp.KINDS:
+        kind_rows = []
+        for per_sm in (1, 2, 4, 8, 16):
+            n_ctas = dev.sm_count * per_sm
+            out = DeviceArray.empty((n_ctas * mp.THREADS,), np.float32)
+            us, _ = _time_graph([lambda n=n_ctas, o=out, k=kind: mp.mma_peak(k, n, iters, out=o, stream=stream)],
+                                stream, reps)
+            kind_rows.append(dict(case=f"mma_peak {kind}", kind=kind, ctas_per_sm=per_sm, iters=iters,
+                                  us=round(us, 1), tflops=round(mp.launch_flops(kind, n_ctas, iters) / us / 1e6, 1),
+                                  device=dev.name))
+        best = max(kind_rows, key=lambda r: r["tflops"])
+        for r in kind_rows:
+            r["peak"] = r is best
+        rows += kind_rows
+    return rows
+
+
+def peak_tflops(rows: list[dict], kind: str) -> float:
+    return next(r["tflops"] for r in rows if r["kind"] == kind and r["peak"])
+
+
+def bench_prefill_gemm(tokens: int = 512, reps: int = 20, int8_peak: float | None = None) -> list[dict]:
+    """The prefill GEMM (kernels/quant_gemm.py) at the Qwen3-30B-A3B and Gemma 3 270M shapes: dense q/k/v/o and the
+    30B experts' grouped gate+up SwiGLU (gathered rows) and down, per tile size. µs per launch (one launch per graph
+    node, median of ``reps`` replays) and TFLOP/s (2 * rows * n_out * n_in; grouped: rows = routed (token, expert)
+    pairs), with ``int8_peak``: the % of the measured int8 ``mma.sync`` peak. Random weights and int8 activations;
+    the 128-expert tensors exceed L2, the dense ones may not (warm L2: an upper bound on the dense rate)."""
+    from ..reference.kernel_refs import grouped_tiles_host, random_quant_bytes
+    from ..runtime import DeviceArray, Stream, get_device
+    from .q8_1 import Q8Act
+    from .quant_decode import spec
+    from .quant_gemm import max_grouped_tiles, quant_gemm
+
+    rng = np.random.default_rng(0)
+    st = Stream()
+    T = tokens
+    dev = get_device().name
+
+    def weights(q, rows, n_in):
+        sp = spec(q)
+        return DeviceArray.from_numpy(random_quant_bytes(q, rows * n_in // sp.block_elems, rng)
+                                      .reshape(rows, sp.row_bytes(n_in)))
+
+    def act(rows, n):
+        a = Q8Act(rows, n)
+        a.qs.copy_from_numpy(rng.integers(-127, 128, (rows, n), dtype=np.int8))
+        a.d.copy_from_numpy(rng.uniform(0.001, 0.01, (rows, n // 32)).astype(np.float32))
+        a.s.copy_from_numpy(rng.uniform(-0.1, 0.1, (rows, n // 32)).astype(np.float32))
+        return a
+
+    results = []
+
+    def case(name, flops, fn):
+        us, _ = _time_graph([fn], st, reps)
+        r = dict(case=name, tokens=T, us=round(us, 1), tflops=round(flops / us / 1e6, 2), device=dev)
+        if int8_peak:
+            r["pct_of_mma_peak"] = round(100 * flops / us / 1e6 / int8_peak, 1)
+        results.append(r)
+        print(r, flush=True)
+
+    # dense: Qwen3-30B-A3B q (2048->4096), k/v (->512), o (4096->2048, residual add); Gemma 3 270M q (640->1024)
+    for q, n_in, n_out, accumulate in (("Q4_K", 2048, 4096, False), ("Q4_K", 2048, 512, False),
+                                       ("Q6_K_P", 2048, 512, False), ("Q4_K", 4096, 2048, True),
+                                       ("Q5_0", 640, 1024, False), ("Q8_0", 640, 256, False)):
+        for tt in (64, 32):
+            w = weights(q, n_out, n_in)
+            x = act(T, n_in)
+            y = DeviceArray.zeros((T, n_out), np.float32)
+            case(f"dense {q} {n_in}->{n_out} tile_tokens={tt}{' +=' if accumulate else ''}", 2.0 * T * n_in * n_out,
+                 lambda w=w, x=x, y=y, q=q, n_out=n_out, a=accumulate, tt=tt: quant_gemm(
+                     w, q, x, n_out, out=y, accumulate=a, tile_tokens=tt, stream=st))
+    # grouped: Qwen3-30B-A3B experts (128, top 8): gate+up SwiGLU 2048->768 (gathered), down 768->2048
+    E, k, F, D = 128, 8, 768, 2048
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
+    wg, wu, wd = weights("Q4_K", E * F, D), weights("Q4_K", E * F, D), weights("Q4_K", E * D, F)
+    x = act(T, D)
+    a = DeviceArray.zeros((T * k, F), np.float32)
+    aq = act(T * k, F)
+    y = DeviceArray.zeros((T * k, D), np.float32)
+    for tt in (32, 64, 16):
+        tiles, tok, _ = grouped_tiles_host(ids, E, tt)
+        mt = max_grouped_tiles(T * k, E, tt)
+        dt = DeviceArray.from_numpy(np.concatenate([tiles, np.zeros((mt - len(tiles) + 1, 4), np.int32)]))
+        dn = DeviceArray.from_numpy(np.array([len(tiles)], np.int32))
+        dtok = DeviceArray.from_numpy(tok)
+        case(f"grouped gate+up SwiGLU Q4_K {D}->{F}x2 k={k} tile_tokens={tt}", 2.0 * T * k * D * 2 * F,
+             lambda dt=dt, dn=dn, mt=mt, dtok=dtok, tt=tt: quant_gemm(
+                 wg, "Q4_K", x, F, out=a, w_up=wu, tiles=dt, n_tiles=dn, max_tiles=mt, row_index=dtok,
+                 tile_tokens=tt, stream=st))
+        case(f"grouped down Q4_K {F}->{D} k={k} tile_tokens={tt}", 2.0 * T * k * F * D,
+             lambda dt=dt, dn=dn, mt=mt, tt=tt: quant_gemm(wd, "Q4_K", aq, D, out=y, tiles=dt, n_tiles=dn,
+                                                           max_tiles=mt, tile_tokens=tt, stream=st))
+    return results
+
+
 def format_table(report: dict) -> str:
     lines = [f"{report['device']} ({report['target']}, {report['sm_count']} SMs); D2D copy "
              f"{report['copy_GBps']:.0f} GB/s (read+write); median of {report['reps']} graph replays",
@@ -777,6 +885,13 @@ def main(argv=None) -> int:
                     help="flash prefill attention vs the decode kernel over the chunk: µs and TFLOP/s per model "
                          "config, chunk length (--chunk) and cached prefix (--prefix)")
     ap.add_argument("--chunk", type=int_at_least(1), nargs="+", default=[512], help="--prefill-attention chunk lengths")
+    ap.add_argument("--mma-peak", action="store_true",
+                    help="the int8 and f16 mma.sync rate of this GPU (kernels/mma_peak.py): the denominator of the "
+                         "prefill kernels' %% of peak")
+    ap.add_argument("--prefill-gemm", action="store_true",
+                    help="the prefill GEMM (kernels/quant_gemm.py) at the basket shapes: µs, TFLOP/s and %% of the "
+                         "int8 mma.sync peak measured in the same run")
+    ap.add_argument("--tokens", type=int_at_least(1), default=512, help="--prefill-gemm: prompt tokens")
     ap.add_argument("--prefix", type=int_at_least(0), nargs="+", default=[0, 3584],
                     help="--prefill-attention cached prefix lengths")
     a = ap.parse_args(argv)
@@ -792,13 +907,29 @@ def main(argv=None) -> int:
                     print(bench_attention(cfg, n, a.splits or None, fused_combine=fused, prologue=pro,
                                           heads_per_cta=a.heads_per_cta, keys_per_iter=a.keys_per_iter))
         return 0
-    if a.prefill_attention:
+    if a.prefill_attention or a.prefill_gemm or a.mma_peak:
+        # the prefill kernels against the mma.sync rate measured in the same run: {"mma_peak": [...], ...} with --json
         from .attention_prefill import MODEL_CONFIGS
 
-        for cfg in a.config or sorted(MODEL_CONFIGS):
-            for T in a.chunk:
-                for p0 in a.prefix:
-                    print(bench_prefill_attention(cfg, T, p0))
+        peak_rows = bench_mma_peak()
+        out = {"mma_peak": peak_rows}
+        for r in peak_rows:
+            print(r)
+        if a.prefill_attention:
+            f16 = peak_tflops(peak_rows, "f16")
+            out["prefill_attention"] = []
+            for cfg in a.config or sorted(MODEL_CONFIGS):
+                for T in a.chunk:
+                    for p0 in a.prefix:
+                        r = bench_prefill_attention(cfg, T, p0)
+                        r["flash_pct_of_mma_peak"] = round(100 * r["flash_tflops"] / f16, 1)
+                        out["prefill_attention"].append(r)
+                        print(r)
+        if a.prefill_gemm:
+            out["prefill_gemm"] = bench_prefill_gemm(a.tokens, int8_peak=peak_tflops(peak_rows, "s8"))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=1)
         return 0
     if a.router:
         for n_expert, n_embd, k in ((128, 2048, 8), (256, 2048, 8)):

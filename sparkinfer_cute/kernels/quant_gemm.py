@@ -53,7 +53,7 @@ from cutlass._mlir.dialects import llvm
 from cutlass.cutlass_dsl import T, dsl_user_op
 
 from .arch import pdl_enabled, smem_budget
-from .common import aligned, cp_async, fake_ptr, gptr, pdl_prologue
+from .common import aligned, cp_async, fake_ptr, gptr, mma_s8_m16n8k32, pdl_prologue
 from .compile import compile_options, kernel_cache
 from .quant_decode import check_weight_bytes, half_hi_to_f32, half_lo_to_f32, spec
 
@@ -67,19 +67,6 @@ SQRT_2_OVER_PI = 0.79788456080286535587989211986876
 
 
 # ---------------------------------------------------------------------------------------------- PTX helpers
-@dsl_user_op
-def mma_s8_m16n8k32(a0, a1, a2, a3, b0, b1, *, loc=None, ip=None):
-    """D = A(16x32 s8, row) * B(32x8 s8, col), int32, from a zero accumulator: 4 Int32 per thread."""
-    args = [Uint32(v).ir_value(loc=loc, ip=ip) for v in (a0, a1, a2, a3, b0, b1)]
-    zero = Int32(0).ir_value(loc=loc, ip=ip)
-    res = llvm.inline_asm(
-        llvm.StructType.get_literal([T.i32(), T.i32(), T.i32(), T.i32()]), args + [zero] * 4,
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
-        "{$10, $11, $12, $13};",
-        "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", loc=loc, ip=ip)
-    return [Int32(llvm.extractvalue(T.i32(), res, [i], loc=loc, ip=ip)) for i in range(4)]
-
-
 @dsl_user_op
 def mma_s8_m16n8k16(a0, a1, b0, *, loc=None, ip=None):
     """D = A(16x16 s8, row) * B(16x8 s8, col), int32, from a zero accumulator: 4 Int32 per thread."""
@@ -399,7 +386,8 @@ class QuantGemm:
                     if const_expr(q == "Q6_K_P"):
                         c = mma_s8_m16n8k16(afr[0][0], afr[1][0], bfr[j][0])
                     else:
-                        c = mma_s8_m16n8k32(afr[0][0], afr[1][0], afr[0][1], afr[1][1], bfr[j][0], bfr[j][1])
+                        c = mma_s8_m16n8k32(afr[0][0], afr[1][0], afr[0][1], afr[1][1], bfr[j][0], bfr[j][1],
+                                            0, 0, 0, 0)  # from a zero accumulator
                     # c0: (row g, tok 2tig), c1: (g, 2tig+1), c2: (g+8, 2tig), c3: (g+8, 2tig+1)
                     for e in cutlass.range_constexpr(4):
                         h = e // 2
