@@ -1,4 +1,5 @@
 """``python -m sparkinfer_cute.kernels --compile-all --arch sm_120a`` (the compile gate; no GPU needed)
+``python -m sparkinfer_cute.kernels --compile-all --arch sm_90a --spills`` (+ spill report, with a toolkit ptxas).
 ``python -m sparkinfer_cute.kernels --launch-overhead`` (host µs per launch; GPU).
 ``python -m sparkinfer_cute.kernels --list`` (registered kernels and configs)."""
 
@@ -37,6 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--launch-overhead", action="store_true", help="host µs per launch of each kernel (GPU)")
     ap.add_argument("-n", type=int_at_least(1), default=1000, help="timed calls for --launch-overhead")
     ap.add_argument("-v", "--verbose", action="store_true", help="--compile-all: a line per compile on stderr")
+    ap.add_argument("--spills", action="store_true",
+                    help="--compile-all: also assemble each config with the CUDA toolkit's ptxas -v and report "
+                         "its stack frame and register-spill bytes (a column, and a SPILL line per spilling config)")
     args = ap.parse_args(argv)
     if args.launch_overhead:
         require_gpu(ap.prog, "--launch-overhead")
@@ -65,7 +69,9 @@ def main(argv=None) -> int:
         return 0
     if args.compile_all:
         os.environ.setdefault("SPARKINFER_DISK_CACHE", "0")
-        return registry.main_compile_all(archs, args.kernel, args.jobs, args.verbose)
+        if args.spills and registry.ptxas_executable() is None:
+            ap.error("--spills needs a CUDA toolkit ptxas (on PATH, in $CUDA_HOME/bin or /usr/local/cuda/bin)")
+        return registry.main_compile_all(archs, args.kernel, args.jobs, args.verbose, spills=args.spills)
     ap.print_help()
     return 2
 

@@ -180,6 +180,45 @@ def ptx_targets(ptx: str) -> list[str]:
     return re.findall(r"^\s*\.target\s+(\w+)", ptx, re.M)
 
 
+def ptxas_executable() -> str | None:
+    """A CUDA toolkit ``ptxas`` for ``--spills`` (PATH, then $CUDA_HOME/bin, then /usr/local/cuda/bin), or None."""
+    import shutil
+
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and os.access(os.path.join(root, "bin", "ptxas"), os.X_OK):
+            return os.path.join(root, "bin", "ptxas")
+    return None
+
+
+_PTXAS_PROPS = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                          r"(\d+) bytes spill loads")
+
+
+def parse_ptxas_verbose(text: str) -> dict[str, tuple[int, int, int]]:
+    """{function: (stack frame, spill store, spill load bytes)} from ``ptxas -v`` output."""
+    return {m.group(1): (int(m.group(2)), int(m.group(3)), int(m.group(4))) for m in _PTXAS_PROPS.finditer(text)}
+
+
+def ptxas_spills(ptx: str, arch_name: str, exe: str) -> dict[str, tuple[int, int, int]]:
+    """Assemble ``ptx`` for ``arch_name`` with the toolkit's ``ptxas -v`` (what the DSL's own assembler does, at
+    its default -O3) and return :func:`parse_ptxas_verbose` of it. Register spills cost local-memory traffic in the
+    kernel's loops; a stack frame without spills is a local array (e.g. the slow path of ``sincosf``)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="sparkinfer_ptxas_") as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([exe, f"-arch={arch_name}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                           capture_output=True, text=True, check=False)
+    if r.returncode:
+        raise RuntimeError(f"ptxas failed: {r.stderr.strip()[-500:]}")
+    return parse_ptxas_verbose(r.stderr + r.stdout)
+
+
 # --------------------------------------------------------------------------------------------- the gate
 @dataclass
 class GateResult:
@@ -193,6 +232,8 @@ class GateResult:
     registers: dict = field(default_factory=dict)
     ptx_target: str = ""
     error: str = ""
+    stack: int | None = None  # with spills=True: the largest stack frame (bytes) of the config's functions
+    spill: int | None = None  # with spills=True: spill store + load bytes over the config's functions
 
     @property
     def smem(self) -> int | None:
@@ -210,8 +251,10 @@ def smem_limit(arch_name: str, families: tuple[str, ...]) -> int:
     return min([cap] + [SMEM_CAPACITY[f] for f in families])
 
 
-def compile_one(name: str, config: dict, arch_name: str) -> GateResult:
-    """Compile one registered config for ``arch_name`` (uncached) and analyse its PTX/cubin/host IR."""
+def compile_one(name: str, config: dict, arch_name: str, spills: bool = False) -> GateResult:
+    """Compile one registered config for ``arch_name`` (uncached) and analyse its PTX/cubin/host IR; ``spills``:
+    also assemble the PTX with the toolkit's ``ptxas -v`` and record its stack frame and spill bytes (a report,
+    not a failure: a few bytes around a non-inlined slow path, e.g. of a division or ``sincosf``, are ABI saves)."""
     from . import arch as _arch
     from .compile import extra_options
 
@@ -245,6 +288,14 @@ def compile_one(name: str, config: dict, arch_name: str) -> GateResult:
             problems.append(f"smem {res.smem} B > {limit} B budget")
         if not res.registers:
             problems.append("no EIATTR_REGCOUNT in cubin")
+        if spills:
+            exe = ptxas_executable()
+            if exe is None:
+                problems.append("--spills needs a CUDA toolkit ptxas (PATH, $CUDA_HOME/bin or /usr/local/cuda/bin)")
+            else:
+                props = ptxas_spills(ptx, arch_name, exe).values()
+                res.stack = max((p[0] for p in props), default=0)
+                res.spill = sum(p[1] + p[2] for p in props)
         res.ok = not problems
         res.error = "; ".join(problems)
     except Exception as e:
@@ -259,16 +310,16 @@ def _worker_init():
 
 
 def _worker_task(task):
-    name, config, arch_name = task
-    return compile_one(name, config, arch_name)
+    return compile_one(*task)
 
 
-def run_gate(archs: list[str], kernels: list[str] | None = None, jobs: int = 1, log=None) -> list[GateResult]:
+def run_gate(archs: list[str], kernels: list[str] | None = None, jobs: int = 1, log=None,
+             spills: bool = False) -> list[GateResult]:
     """Compile every registered config (optionally only ``kernels``) for each arch; returns one result per
     (kernel, config, arch), in registration order. ``jobs > 1`` uses a spawn process pool (cute.compile is not
-    thread-safe, and a forked MLIR context is not safe either)."""
+    thread-safe, and a forked MLIR context is not safe either). ``spills``: see :func:`compile_one`."""
     load_all_kernels()
-    tasks = [(e.name, c, a) for e in REGISTRY.values() if kernels is None or e.name in kernels
+    tasks = [(e.name, c, a, spills) for e in REGISTRY.values() if kernels is None or e.name in kernels
              for c in e.configs for a in archs]
     if jobs <= 1 or len(tasks) <= 2:
         results = []
@@ -290,18 +341,26 @@ def run_gate(archs: list[str], kernels: list[str] | None = None, jobs: int = 1, 
 
 
 def format_table(results: list[GateResult]) -> str:
-    rows = [("kernel", "config", "arch", "smem B (static+dyn)", "regs", "compile s", "status")]
+    with_spills = any(r.spill is not None for r in results)
+    rows = [("kernel", "config", "arch", "smem B (static+dyn)", "regs")
+            + (("stack B", "spill B") if with_spills else ()) + ("compile s", "status")]
     for r in results:
         cfg = ",".join(f"{k}={v}" for k, v in r.config.items())
         smem = "?" if r.smem is None else f"{r.smem} ({r.smem_static}+{r.smem_dynamic})"
-        rows.append((r.kernel, cfg, r.arch, smem if r.ptx_target else "-", str(r.max_registers or "-"),
-                     f"{r.seconds:.2f}", "ok" if r.ok else "FAIL"))
+        spill_cols = (("-" if r.stack is None else str(r.stack), "-" if r.spill is None else str(r.spill))
+                      if with_spills else ())
+        rows.append((r.kernel, cfg, r.arch, smem if r.ptx_target else "-", str(r.max_registers or "-"))
+                    + spill_cols + (f"{r.seconds:.2f}", "ok" if r.ok else "FAIL"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     for r in results:
         if not r.ok:
             lines.append(f"FAIL {r.kernel} {r.config} {r.arch}: {r.error}")
+    for r in results:
+        if r.spill:
+            lines.append(f"SPILL {r.kernel} {r.config} {r.arch}: {r.spill} B of spill stores + loads, stack frame "
+                         f"{r.stack} B (ptxas -v)")
     return "\n".join(lines)
 
 
@@ -336,14 +395,15 @@ def launch_overhead_us(kernels: list[str] | None = None, n: int = 1000) -> dict[
     return out
 
 
-def main_compile_all(archs: list[str], kernels: list[str] | None, jobs: int, verbose: bool = False) -> int:
+def main_compile_all(archs: list[str], kernels: list[str] | None, jobs: int, verbose: bool = False,
+                     spills: bool = False) -> int:
     t0 = time.perf_counter()
 
     def log(r):
         if verbose:
             print(f"  {r.kernel} {r.config} {r.arch}: {'ok' if r.ok else 'FAIL'} {r.seconds:.2f}s", file=sys.stderr)
 
-    results = run_gate(archs, kernels, jobs, log)
+    results = run_gate(archs, kernels, jobs, log, spills=spills)
     print(format_table(results))
     bad = [r for r in results if not r.ok]
     for mod, tb in IMPORT_ERRORS.items():

@@ -187,3 +187,24 @@ def test_arch_knobs(monkeypatch):
     monkeypatch.setenv("SPARKINFER_KERNEL_FAMILY", "sm70")
     with pytest.raises(Exception):
         arch.kernel_family()
+
+
+def test_ptxas_verbose_parser():
+    text = ("ptxas info    : Compiling entry function 'k1' for 'sm_90a'\n"
+            "ptxas info    : Function properties for k1\n"
+            "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+            "ptxas info    : Used 72 registers\n"
+            "ptxas info    : Function properties for k2\n"
+            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    assert registry.parse_ptxas_verbose(text) == {"k1": (8, 4, 12), "k2": (0, 0, 0)}
+
+
+def test_spill_report_with_a_toolkit_ptxas():
+    """--spills on one small kernel: the toolkit's ptxas assembles the DSL's PTX and reports no spill for the
+    register-only MMA chains (kernels/mma_peak.py: 84 registers), and the table grows its two columns."""
+    if registry.ptxas_executable() is None:
+        pytest.skip("no CUDA toolkit ptxas on this machine (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+    results = registry.run_gate(["sm_120a"], ["mma_peak"], spills=True)
+    assert results and all(r.ok and r.spill == 0 and r.stack == 0 for r in results), results
+    table = registry.format_table(results)
+    assert "spill B" in table.splitlines()[0] and "SPILL" not in table
