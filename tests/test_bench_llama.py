@@ -8,6 +8,8 @@ import json
 import os
 import stat
 
+import pytest
+
 from sparkinfer_cute.bench import run_llama_bench
 
 
@@ -46,3 +48,72 @@ def test_a_failing_llama_bench_is_reported_not_raised(tmp_path):
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     out = run_llama_bench("model.gguf", str(exe), [512], 128, 0, 1)
     assert "no CUDA device" in out["error"] and os.path.basename(out["cmd"].split()[0]) == "llama-bench"
+
+
+def test_bench_main_end_to_end_with_stand_ins(tmp_path, monkeypatch, rng, capsys):
+    """bench's host logic on the CPU (what a scarce GPU loan must not lose to a crash): several prompt lengths, each
+    prefilled (one untimed + 3 timed runs), decode runs, the launch-plan figures, llama-bench's rows and the ratios
+    per length, the table and the JSON. The engine, device, copy bandwidth and launch plan are stand-ins; the
+    llama.cpp rates are drawn per run, so the ratios checked are not constants."""
+    import types
+
+    from sparkinfer_cute import bench
+
+    lens, gen = [64, 256], 8
+    prefilled = []
+
+    class Backend:
+        pos = 0
+        kernels_per_token = 123
+        resident_bytes = 2**30
+        kernels_per_prefill_chunk = 7
+
+        def reset(self):
+            self.pos = 0
+
+        def prefill(self, ids):
+            prefilled.append(len(ids))
+
+        def decode_greedy(self, tok):
+            self.pos += 1
+
+        def batched_prefill(self):
+            return True
+
+        def _family(self):
+            return "sm120"
+
+    class Engine:
+        def __init__(self, path, **kw):
+            assert kw["max_context"] == max(lens) + gen + 8
+            self.backend = Backend()
+            self.cfg = types.SimpleNamespace(vocab_size=1000, arch="qwen3moe")
+
+    llama = {f"pp{n}": float(rng.uniform(100, 9000)) for n in lens} | {f"tg{gen}": float(rng.uniform(50, 500))}
+    rows = [{"n_prompt": n, "n_gen": 0, "avg_ts": llama[f"pp{n}"], "stddev_ts": 1.0} for n in lens]
+    rows.append({"n_prompt": 0, "n_gen": gen, "avg_ts": llama[f"tg{gen}"], "stddev_ts": 1.0})
+    exe, log = _fake_llama_bench(tmp_path, rows)
+    plan = types.SimpleNamespace(bytes_per_token=2e9, minimum_bytes=1.5e9, ratio=4 / 3, kernels_per_token=123)
+    monkeypatch.setattr(bench, "require_gpu", lambda *a: None)
+    monkeypatch.setattr(bench, "measure_copy_bandwidth", lambda: 3e12)
+    monkeypatch.setattr(bench, "decode_plan", lambda m, depth: plan)
+    monkeypatch.setattr("sparkinfer_cute.engine.Engine", Engine)
+    monkeypatch.setattr("sparkinfer_cute.runtime.get_device",
+                        lambda: types.SimpleNamespace(name="stand-in GPU", target="sm_120a"))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    out = tmp_path / "out.json"
+    assert bench.main([str(model), "--prompt-len", ",".join(map(str, lens)), "--gen", str(gen), "--runs", "5",
+                       "--llama-bench", str(exe), "--json", str(out), "--log", ""]) == 0
+    assert prefilled == [64] * 4 + [256] * 4  # per length: one untimed run, then the median of 3
+    argv = json.loads(log.read_text())
+    assert argv[argv.index("-p") + 1] == "64,256"
+    res = json.loads(out.read_text())
+    assert res["prompt_lens"] == lens and set(res["prefill_tps_by_len"]) == {"64", "256"}
+    for n in lens:
+        assert res[f"ratio_pp{n}_vs_llama"] == pytest.approx(res["prefill_tps_by_len"][str(n)] / llama[f"pp{n}"])
+    assert res["ratio_pp_vs_llama"] == res["ratio_pp64_vs_llama"]
+    assert res["ratio_tg_vs_llama"] == pytest.approx(res["decode_tps_median"] / llama[f"tg{gen}"])
+    assert isinstance(res["passes_off"], list)
+    table = capsys.readouterr().out
+    assert "prefill pp64 tok/s" in table and "prefill pp256 tok/s" in table and "ratio pp256 vs llama" in table
