@@ -39,15 +39,17 @@ DEFAULT_MAX_CONTEXT = 4096
 
 class GPUDecoder:
     name = "gpu"
+    # Whether the forward passes linear RoPE scaling to its RoPE kernels (:meth:`linear_rope_factors`); a file that
+    # has it is refused by a forward that does not (Gemma 4: its global layers' rope_freqs already take that input).
+    LINEAR_ROPE_SCALING = False
 
     def __init__(self, g, cfg, *, max_context: int | None = None, progress: bool = True, tuned=None):
         self.g, self.cfg = g, cfg
         self.tuned = tuned
-        scaled = [l for l in range(cfg.n_layer) if getattr(cfg, "rope_freq_scale_for", lambda l: 1.0)(l) != 1.0]
-        if scaled:  # the RoPE kernels have no linear-scaling term: refuse rather than compute another model
+        scaled = self.rope_scaled_layers()
+        if scaled and not self.LINEAR_ROPE_SCALING:  # refuse rather than compute another model
             raise GGUFError(g.path, f"linear RoPE scaling (factor {1 / cfg.rope_freq_scale_for(scaled[0]):g} on "
-                                    f"{len(scaled)} layers, e.g. Gemma 3 4B and larger) has no GPU forward yet; "
-                                    "use --backend cpu")
+                                    f"{len(scaled)} layers) has no GPU forward for {cfg.arch} yet; use --backend cpu")
         self.device = get_device()
         self.max_context = int(min(max_context or DEFAULT_MAX_CONTEXT, cfg.context_length))
         if self.max_context <= 0:
@@ -121,6 +123,30 @@ class GPUDecoder:
             off += w.nbytes
         self.stream.synchronize()  # the copies are done before the parts' own buffers are freed (dropped above)
         return QWeight(fused_name, w0.qtype, (w0.n_in, sum(w.n_out for w in ws)), buf, w0.row_bytes)
+
+    def rope_scaled_layers(self) -> list[int]:
+        """Layers with linear RoPE scaling (``rope.scaling.type`` linear: Gemma 3 4B and larger scale their global
+        layers' RoPE by 1/8)."""
+        scale = getattr(self.cfg, "rope_freq_scale_for", None)
+        return [] if scale is None else [l for l in range(self.cfg.n_layer) if scale(l) != 1.0]
+
+    def linear_rope_factors(self) -> dict[int, QWeight]:
+        """{layer: F32 divisor vector} for the layers with linear RoPE scaling: the RoPE kernels' ``freq_factors``
+        input (theta / ff per pair) filled with the scaling factor, so theta / factor where llama.cpp computes
+        ``freq_scale * theta`` with freq_scale = 1/factor (rope_cos_sin in sparkinfer_cute/reference/ops.py). For a
+        power-of-two factor (Gemma 3: 8) the two are the same f32; for another, theta / F (rounded once) and
+        theta * fl(1/F) can differ by one ulp of theta. One device vector per (factor, rotary width)."""
+        out: dict[int, QWeight] = {}
+        made: dict[tuple, QWeight] = {}
+        for l in self.rope_scaled_layers():
+            factor = 1.0 / float(self.cfg.rope_freq_scale_for(l))
+            pairs = self.attn_layers[l].n_rot // 2
+            key = (factor, pairs)
+            if key not in made:
+                data = DeviceArray.from_numpy(np.full(pairs, factor, np.float32).view(np.uint8), self.stream)
+                made[key] = QWeight(f"rope_linear_scaling({factor:g})", "F32", (pairs,), data, 4 * pairs)
+            out[l] = made[key]
+        return out
 
     def packed_qkv(self, layer: int):
         """(q, k, v, qkv) views of this layer's projections, packed one after the other in ``self.qkv_buf`` (the

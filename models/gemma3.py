@@ -1,7 +1,7 @@
 """Gemma 3 GPU forward (spec: models.md §4; reference: sparkinfer_cute/reference/gemma3.py).
 
 Per layer: Q/K/V GEMVs of h → per-head Q/K RMSNorm → NEOX RoPE (base 1e4 on sliding-window layers, rope.freq_base on
-global ones) → KV append (fp16) → flash-decoding attention (window on SWA layers; the reference's q·(1/sqrt(head_dim))
+global ones, theta / rope.scaling.factor there with linear scaling: 4B and larger) → KV append (fp16) → flash-decoding attention (window on SWA layers; the reference's q·(1/sqrt(head_dim))
 with scale 1 is folded into the attention scale) → Wo → post-attention RMSNorm + residual + ffn_norm (one launch) →
 gate/up GEMVs with GeGLU (tanh GELU) → down GEMV → post-FFW RMSNorm + residual + the next attn_norm (one launch).
 Input embedding × sqrt(n_embd); tied output (token_embd) when there is no output.weight.
@@ -22,6 +22,7 @@ class Gemma3GPU(GPUDecoder):
     # f32 activations for the LM head by default: the 270M's greedy text has near-ties (0.013 nats at token 16 of the
     # README prompt, tests/reference) that int8 activations could flip; SPARKINFER_DP4A=all opts in.
     LM_HEAD_DP4A_AUTO = False
+    LINEAR_ROPE_SCALING = True  # 4B and larger: the global layers' RoPE divided by rope.scaling.factor (8)
     LAYER_TENSORS = ("attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_q_norm.weight",
                      "attn_k_norm.weight", "attn_output.weight", "post_attention_norm.weight", "ffn_norm.weight",
                      "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "post_ffw_norm.weight")
@@ -50,6 +51,7 @@ class Gemma3GPU(GPUDecoder):
         # 27B rule (gemma3.cpp): 1/sqrt(n_embd/n_head) for 62 layers, else 1/sqrt(head_dim)
         self.q_scale = 1.0 / math.sqrt(E // H) if c.n_layer == 62 else 1.0 / math.sqrt(D)
         self.out_w = self.w["token_embd.weight"] if c.tied_output else self.w["output.weight"]
+        self.rope_ff = self.linear_rope_factors()  # {global layer: factor vector} with linear RoPE scaling, else {}
 
     def enqueue_step(self, stream, n_layers: int | None = None) -> None:
         c, w = self.cfg, self.w
@@ -67,7 +69,7 @@ class Gemma3GPU(GPUDecoder):
                          stream=stream, packed=packed)
             ops.self_attention(self.kv, l, a, q, k, v, w[p + "attn_q_norm.weight"], w[p + "attn_k_norm.weight"],
                                self.pos_buf, self.attn, self.attn_ws, eps=eps, q_scale=self.q_scale, scale=1.0,
-                               stream=stream)
+                               stream=stream, freq_factors=self.rope_ff.get(l))
             # then x += rmsnorm(o, post_attention_norm); h = rmsnorm(x, ffn_norm): the O projection's tail
             ops.gemv(w[p + "attn_output.weight"], self.attn, self.o, stream=stream,
                      after=ops.AfterAttention(self.x, w[p + "post_attention_norm.weight"],
@@ -112,7 +114,7 @@ class Gemma3GPU(GPUDecoder):
             ops.gemm(w[p + "attn_v.weight"], pf.hq, pf.v, T, stream=s)
             ops.qk_norm_rope_kv_rows(self.kv, l, pf, T, w[p + "attn_q_norm.weight"], w[p + "attn_k_norm.weight"],
                                      n_head=H, n_rot=c.n_rot, base=float(c.rope_base_for(l)), eps=eps,
-                                     q_scale=self.q_scale, stream=s)
+                                     q_scale=self.q_scale, stream=s, freq_factors=self.rope_ff.get(l))
             ops.attention_rows(self.kv, l, pf, T, n_head=H, scale=1.0, window=c.sliding_window if swa else 0,
                                stream=s)
             ops.quantize_rows(pf.attn, pf.attnq, T, stream=s)

@@ -158,6 +158,7 @@ PRESETS: dict[tuple[str, str], dict] = {
         "rope_base_swa": None,
         "sliding_window": 32,
         "rms_eps": 1e-6,
+        "rope_scaling_factor": None,  # linear RoPE scaling of the global layers (Gemma 3 4B+: 8)
     },
     ("gemma3", "270m"): {
         "n_vocab": 262144,
@@ -172,6 +173,7 @@ PRESETS: dict[tuple[str, str], dict] = {
         "rope_base_swa": None,
         "sliding_window": 512,
         "rms_eps": 1e-6,
+        "rope_scaling_factor": None,  # linear RoPE scaling of the global layers (Gemma 3 4B+: 8)
     },
     # Gemma 4 (shared/spec/models.md §3). Layer l is sliding iff l % swa_period < swa_period - 1 (26B-A4B: 5
     # sliding : 1 full, the last layer full). Sliding layers: head_dim / n_head_kv, rotary over the whole
@@ -939,6 +941,9 @@ def _add_metadata(w: GGUFWriter, arch: str, preset: str, c: dict, ftype: str, se
         w.add_uint32(f"{a}.attention.sliding_window", c["sliding_window"])
         if c.get("rope_base_swa") is not None:
             w.add_float32(f"{a}.rope.freq_base_swa", float(c["rope_base_swa"]))
+        if c.get("rope_scaling_factor") is not None:  # what convert_hf_to_gguf writes for Gemma 3 4B and larger
+            w.add_string(f"{a}.rope.scaling.type", "linear")
+            w.add_float32(f"{a}.rope.scaling.factor", float(c["rope_scaling_factor"]))
         tokens, scores, types, sp = gemma_vocab(c["n_vocab"])
         w.add_string("tokenizer.ggml.model", "llama")
         w.add_string("tokenizer.ggml.pre", "default")

@@ -69,8 +69,8 @@ def test_batched_prefill_only_where_the_gemm_takes_every_weight(tiny_files, arch
 
 def test_gpu_forwards_refuse_what_their_kernels_do_not_compute(tiny_files):
     """A file the GPU kernels would compute wrongly is refused with a one-line GGUFError before anything touches
-    the GPU: linear RoPE scaling (Gemma 3 4B and larger scale their global layers' RoPE; no kernel has that term)
-    and Gemma 4 dense MLPs of per-layer widths (the MLP buffers have one width)."""
+    the GPU: linear RoPE scaling on Gemma 4 (its global layers' rope_freqs take the kernels' divisor input) and
+    Gemma 4 dense MLPs of per-layer widths (the MLP buffers have one width)."""
     import dataclasses
 
     from sparkinfer_cute.errors import GGUFError
@@ -78,13 +78,69 @@ def test_gpu_forwards_refuse_what_their_kernels_do_not_compute(tiny_files):
     from sparkinfer_cute.gguf.config import load_config
     from sparkinfer_cute.models import GPU_FORWARDS
 
-    for arch in ("gemma3", "gemma4"):
-        g = GGUFFile(tiny_files[arch])
-        cfg = dataclasses.replace(load_config(g), rope_freq_scale=0.125)
-        with pytest.raises(GGUFError, match="linear RoPE scaling .factor 8"):
-            GPU_FORWARDS[arch](g, cfg)
+    g = GGUFFile(tiny_files["gemma4"])
+    cfg = dataclasses.replace(load_config(g), rope_freq_scale=0.125)
+    with pytest.raises(GGUFError, match="linear RoPE scaling .factor 8 on 2 layers. has no GPU forward for gemma4"):
+        GPU_FORWARDS["gemma4"](g, cfg)
     g = GGUFFile(tiny_files["gemma4"])
     cfg = load_config(g)
     widths = (cfg.n_ff[0] // 2,) + tuple(cfg.n_ff[1:])
     with pytest.raises(GGUFError, match="per-layer dense MLP widths"):
         GPU_FORWARDS["gemma4"](g, dataclasses.replace(cfg, n_ff=widths))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gemma3_linear_rope_scaling_reaches_the_global_layers_rope(tmp_path, path):
+    """Gemma 3 4B and larger scale their global layers' RoPE (rope.scaling.type linear, factor 8): the GPU forward
+    hands those layers' RoPE (decode: the attention's Q/K prologue; prefill: the batched Q/K kernel) a divisor
+    vector of the factor, and the sliding-window layers none. The vector's values: models/base.py
+    linear_rope_factors (the dry run allocates nothing)."""
+    from sparkinfer_cute.gguf import GGUFFile
+    from sparkinfer_cute.gguf.config import load_config
+    from sparkinfer_cute.gguf.synth import write_synthetic
+
+    f = tmp_path / "g3_scaled.gguf"
+    write_synthetic(str(f), arch="gemma3", preset="tiny", seed=1, overrides={"rope_scaling_factor": 8.0})
+    cfg = load_config(GGUFFile(str(f)))
+    glob = [l for l in range(cfg.n_layer) if not cfg.is_swa(l)]
+    assert glob and [l for l in range(cfg.n_layer) if cfg.rope_freq_scale_for(l) != 1.0] == glob
+    m, calls = record(str(f), path=path)
+    op = "self_attention" if path == "decode" else "qk_norm_rope_kv_rows"
+    rope_calls = [c for c in calls if c.op == op]
+    assert len(rope_calls) == cfg.n_layer
+    for l, c in enumerate(rope_calls):
+        ff = c.kwargs.get("freq_factors")
+        if l in glob:
+            assert ff is not None and ff.qtype == "F32" and ff.shape == (cfg.n_rot // 2,), (l, ff)
+        else:
+            assert ff is None, l
+
+
+def test_linear_rope_factors_values(tmp_path, monkeypatch):
+    """The divisor vectors: the factor in every pair of each scaled layer, one buffer shared by the layers of one
+    (factor, rotary width), none for an unscaled layer (the device upload replaced by a numpy stand-in)."""
+    import types
+
+    from sparkinfer_cute.gguf import GGUFFile
+    from sparkinfer_cute.gguf.config import load_config
+    from sparkinfer_cute.gguf.synth import write_synthetic
+    from sparkinfer_cute.models import base, ops
+
+    f = tmp_path / "g3_scaled.gguf"
+    write_synthetic(str(f), arch="gemma3", preset="tiny", seed=1,
+                    overrides={"rope_scaling_factor": 3.0, "n_layer": 12})
+    cfg = load_config(GGUFFile(str(f)))
+
+    class HostArray:
+        @staticmethod
+        def from_numpy(a, stream=None):
+            return types.SimpleNamespace(host=a.copy())
+
+    monkeypatch.setattr(base, "DeviceArray", HostArray)
+    m = types.SimpleNamespace(cfg=cfg, attn_layers=ops.attention_geometry(cfg), stream=None)
+    m.rope_scaled_layers = types.MethodType(base.GPUDecoder.rope_scaled_layers, m)
+    got = base.GPUDecoder.linear_rope_factors(m)
+    assert sorted(got) == [5, 11] == [l for l in range(12) if not cfg.is_swa(l)]
+    assert got[5] is got[11]
+    vals = got[5].data.host.view(np.float32)
+    assert vals.shape == (cfg.n_rot // 2,) and (vals == np.float32(3.0)).all()

@@ -105,9 +105,12 @@ def test_qwen3moe_synthetic_gpu_vs_reference(tmp_path, preset, f32_activations, 
     assert b.kernels_per_token == launch_plan(b.g, b.cfg).kernels_per_token == b._graph.kernel_nodes() > 0
 
 
-def test_gemma3_tiny_synthetic_gpu_vs_reference(tmp_path, rng):
+@pytest.mark.parametrize("rope_scaling", [None, 8.0, 3.0])
+def test_gemma3_tiny_synthetic_gpu_vs_reference(tmp_path, rng, rope_scaling):
+    """rope_scaling: linear RoPE scaling of the global layer (Gemma 3 4B+: factor 8, theta / 8 exact in f32; 3: a
+    factor whose reciprocal rounds, theta / 3 vs llama.cpp's theta * fl(1/3), one ulp of theta apart)."""
     p = str(tmp_path / "g_tiny.gguf")
-    write_synthetic(p, arch="gemma3", preset="tiny", seed=6)
+    write_synthetic(p, arch="gemma3", preset="tiny", seed=6, overrides={"rope_scaling_factor": rope_scaling})
     from sparkinfer_cute.gguf import GGUFFile
     from sparkinfer_cute.gguf.config import load_config
 

@@ -39,11 +39,11 @@ def _same_greedy(ref_logits, logits, tie_nats: float = 0.05) -> bool:
     return int(np.argmax(logits)) == int(np.argmax(ref_logits)) or top2[1] - top2[0] < tie_nats
 
 
-def _model(tmp_path, arch, preset, seed):
+def _model(tmp_path, arch, preset, seed, overrides=None):
     from sparkinfer_cute.engine import Engine
 
     p = str(tmp_path / f"{arch}_{preset}.gguf")
-    write_synthetic(p, arch=arch, preset=preset, seed=seed)
+    write_synthetic(p, arch=arch, preset=preset, seed=seed, overrides=overrides)
     eng = Engine(p, backend_name="gpu", max_context=320, progress=False)
     return p, eng
 
@@ -53,13 +53,16 @@ def _tokens(eng, n, rng):
 
 
 @pytest.mark.parametrize("arch,preset", [("qwen3moe", "tiny"), ("qwen3moe", "small"), ("gemma3", "tiny"),
-                                         ("gemma4", "tiny")])
+                                         ("gemma3", "tiny-rope-scaled"), ("gemma4", "tiny")])
 def test_prefill_all_positions_vs_reference(tmp_path, arch, preset, rng):
+    """``tiny-rope-scaled``: the tiny preset with Gemma 3 4B+'s linear RoPE scaling (factor 8) on its global layer."""
     from sparkinfer_cute.models.int8_plan import rounding_plan
     from sparkinfer_cute.reference import load_reference
     from sparkinfer_cute.reference.metrics import e2e_gate, teacher_forced_compare
 
-    p, eng = _model(tmp_path, arch, preset, 11)
+    scaled = preset == "tiny-rope-scaled"
+    p, eng = _model(tmp_path, arch, "tiny" if scaled else preset, 11,
+                    overrides={"rope_scaling_factor": 8.0} if scaled else None)
     # crosses the tiny sliding windows; 128 positions: at 64 an ignored Gemma 4 rope_freqs passed the int8 gate
     # (tests/mutation)
     tokens = _tokens(eng, 129, rng)
