@@ -49,6 +49,11 @@ Exact commands (FILE is the real Gemma 3 270M Q4_K_M GGUF, TEXT = fixtures/engli
    positions 129..256, far beyond the 32-token window of the sliding layers. ``llama_build`` holds the build and
    system_info lines llama-perplexity printed. Made 2026-12-07 with llama.cpp 0c1e570 (source tarball, so its build
    line reads "unknown (0)"), CPU build ``-DGGML_NATIVE=OFF -DGGML_AVX2=ON`` (AVX2, LLAMAFILE, REPACK), -t 2.
+
+6. synth_gemma3_tiny_rope8_logprobs.npz (``--only synth_gemma3_rope8``; test_models.py): as 3. for
+   ``write_synthetic(tmp, "gemma3", "tiny", seed=0, overrides={"rope_scaling_factor": 8.0})``: the linear RoPE
+   scaling of Gemma 3 4B and larger (``rope.scaling.type`` linear, factor 8) on the global layer (layer 5). Made
+   2026-12-08 with llama.cpp 0c1e570, CPU build ``-DGGML_NATIVE=OFF -DGGML_AVX2=ON``, -t 2 (``llama_build`` stored).
 """
 
 from __future__ import annotations
@@ -187,14 +192,16 @@ SYNTH_CTX = {"qwen3moe": (3, 5, 9, 17, 33, 65, 129), "gemma3": (3, 5, 9, 17, 33,
 GEMMA4_CTX = (258,)
 
 
-def make_synth(bin_dir: str, tmp: str, arch: str, quantized: bool = False, contexts=None) -> None:
-    """``quantized=False``: llama.cpp on the all-F32 copy (synth_{arch}_tiny_logprobs.npz); ``quantized=True``:
+def make_synth(bin_dir: str, tmp: str, arch: str, quantized: bool = False, contexts=None, overrides=None,
+               tag: str = "") -> None:
+    """``quantized=False``: llama.cpp on the all-F32 copy (synth_{arch}_tiny{tag}_logprobs.npz); ``quantized=True``:
     on the quantized file itself (synth_{arch}_tiny_q_logprobs.npz, for the ``emulate_cpu`` reference).
     ``contexts``: the llama-perplexity contexts (default ``SYNTH_CTX[arch]``); the positions they score must be
-    contiguous."""
+    contiguous. ``overrides``: synth preset overrides (``tag`` names the fixture)."""
     from sparkinfer_cute.gguf.synth import write_synthetic
 
-    q = write_synthetic(os.path.join(tmp, f"{arch}.gguf"), arch=arch, preset="tiny", seed=0)
+    q = write_synthetic(os.path.join(tmp, f"{arch}{tag}.gguf"), arch=arch, preset="tiny", seed=0,
+                        overrides=overrides)
     with open(q, "rb") as fh:
         sha = hashlib.sha256(fh.read()).hexdigest()
     model = q if quantized else write_dequantized_copy(q, os.path.join(tmp, f"{arch}_f32.gguf"))
@@ -220,9 +227,10 @@ def make_synth(bin_dir: str, tmp: str, arch: str, quantized: bool = False, conte
     order = np.argsort(positions)
     positions = np.asarray(positions)[order]
     assert np.array_equal(positions, np.arange(positions.min(), positions.max() + 1)), positions
-    extra = {"llama_build": np.array(build)} if arch == "gemma4" else {}  # the older fixtures keep their bytes
+    # the older fixtures keep their bytes
+    extra = {"llama_build": np.array(build)} if arch == "gemma4" or tag else {}
     np.savez_compressed(
-        os.path.join(FIXTURES, f"synth_{arch}_tiny{'_q' if quantized else ''}_logprobs.npz"),
+        os.path.join(FIXTURES, f"synth_{arch}_tiny{tag}{'_q' if quantized else ''}_logprobs.npz"),
         tokens=tokens[: positions.max() + 2].astype(np.int32),
         positions=positions.astype(np.int32),
         codes=np.stack(codes)[order].astype(np.uint16),
@@ -236,7 +244,8 @@ def make_synth(bin_dir: str, tmp: str, arch: str, quantized: bool = False, conte
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-bin", default="/work/llama/llama.cpp/build/bin")
-    ap.add_argument("--only", choices=["gemma3", "greedy", "synth", "synth_q", "synth_gemma4"], default=None)
+    ap.add_argument("--only", choices=["gemma3", "greedy", "synth", "synth_q", "synth_gemma4", "synth_gemma3_rope8"],
+                    default=None)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if a.only in (None, "gemma3", "greedy"):
@@ -255,6 +264,8 @@ def main() -> None:
             make_synth(a.llama_bin, tmp, "qwen3moe", quantized=True)
         if a.only in (None, "synth_gemma4"):
             make_synth(a.llama_bin, tmp, "gemma4", contexts=GEMMA4_CTX)
+        if a.only in (None, "synth_gemma3_rope8"):
+            make_synth(a.llama_bin, tmp, "gemma3", overrides={"rope_scaling_factor": 8.0}, tag="_rope8")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ Metric (``metrics.centered_logprob_rel_rms``), per position: RMS over the vocabu
 log-softmax, each centered) / RMS of llama's centered log-softmax. Measured (2026-12-05, fixtures regenerated
 byte-identically from a fresh llama.cpp 0c1e570 CPU build): qwen3moe median 4.2e-5, max 6.6e-4 (position 26);
 gemma3 mean 1.1e-3, max 2.2e-3 (gemma3 includes llama.cpp CPU GELU's fp16 table); the bound asserted is 1e-2.
+gemma3 with linear RoPE scaling (factor 8 on the global layer, fixture made 2026-12-08): mean 1.13e-3, max 2.41e-3;
+the same weights without the scaling: mean 4.3e-2, max 8.1e-2.
 A second qwen3moe fixture (synth_qwen3moe_tiny_q_logprobs.npz) is llama.cpp on the quantized file itself: the
 ``emulate_cpu=True`` reference matches it to <= 4.1e-5 at every position (the default one only to 0.125).
 """
@@ -34,20 +36,25 @@ def synth_files(tmp_path_factory):
     from sparkinfer_cute.gguf.synth import write_synthetic
 
     d = tmp_path_factory.mktemp("synth_ref")
-    return {
+    files = {
         a: write_synthetic(str(d / f"{a}.gguf"), arch=a, preset="tiny", seed=0)
         for a in ("qwen3moe", "gemma3")
     }
+    # Gemma 3 4B+'s linear RoPE scaling (factor 8 on the global layer): synth_gemma3_tiny_rope8_logprobs.npz
+    files["gemma3_rope8"] = write_synthetic(str(d / "gemma3_rope8.gguf"), arch="gemma3", preset="tiny", seed=0,
+                                            overrides={"rope_scaling_factor": 8.0})
+    return files
 
 
 def _fixture(arch):
-    f = np.load(os.path.join(FIX, f"synth_{arch}_tiny_logprobs.npz"))
+    name = "gemma3_tiny_rope8" if arch == "gemma3_rope8" else f"{arch}_tiny"
+    f = np.load(os.path.join(FIX, f"synth_{name}_logprobs.npz"))
     sm = f["scale_min"]
     logprobs = sm[:, 1:2] + sm[:, 0:1] * f["codes"].astype(np.float32)
     return f["tokens"], f["positions"], logprobs, str(f["synth_sha256"])
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "gemma3", "gemma3_rope8"])
 def test_synthetic_matches_llamacpp_every_position(synth_files, arch):
     tokens, positions, llama_lp, sha = _fixture(arch)
     path = synth_files[arch]
@@ -55,7 +62,7 @@ def test_synthetic_matches_llamacpp_every_position(synth_files, arch):
         got_sha = hashlib.sha256(fh.read()).hexdigest()
     assert got_sha == sha, (
         f"write_synthetic({arch!r}, 'tiny', seed=0) output changed (sha256 {got_sha}, fixture made from {sha}): "
-        "rerun tests/reference/make_llama_fixtures.py --only synth"
+        "rerun tests/reference/make_llama_fixtures.py --only synth" + ("_gemma3_rope8" if "rope8" in arch else "")
     )
     m = load_reference(path)
     logits = m.forward(tokens[: positions.max() + 1])
@@ -68,6 +75,16 @@ def test_synthetic_matches_llamacpp_every_position(synth_files, arch):
     # and the teacher-forced summary agrees too
     r = teacher_forced_compare(ours, llama_lp, tokens[positions + 1])
     assert r["mean_kl"] < 1e-4
+
+
+def test_the_rope8_fixture_sees_the_scaling(synth_files):
+    """The same weights without the scaling (the unscaled file's reference) miss llama.cpp's scaled logits by far more
+    than the bound above: the fixture comparison would catch a reference (or a GPU forward checked against it) that
+    ignored rope.scaling. The files differ only in the two rope.scaling keys."""
+    tokens, positions, llama_lp, _ = _fixture("gemma3_rope8")
+    ours = load_reference(synth_files["gemma3"]).forward(tokens[: positions.max() + 1])[positions]
+    rel = centered_logprob_rel_rms(ours, llama_lp)
+    assert rel.max() > 5e-2, rel.max()
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "gemma3"])
