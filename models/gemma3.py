@@ -1,8 +1,9 @@
 """Gemma 3 GPU forward (spec: models.md §4; reference: sparkinfer_cute/reference/gemma3.py).
 
 Per layer: Q/K/V GEMVs of h → per-head Q/K RMSNorm → NEOX RoPE (base 1e4 on sliding-window layers, rope.freq_base on
-global ones, theta / rope.scaling.factor there with linear scaling: 4B and larger) → KV append (fp16) → flash-decoding attention (window on SWA layers; the reference's q·(1/sqrt(head_dim))
-with scale 1 is folded into the attention scale) → Wo → post-attention RMSNorm + residual + ffn_norm (one launch) →
+global ones, theta / rope.scaling.factor there with linear scaling: 4B and larger) → KV append (fp16) →
+flash-decoding attention (window on SWA layers; the reference's q·(1/sqrt(head_dim)) with scale 1 is folded into the
+attention scale) → Wo → post-attention RMSNorm + residual + ffn_norm (one launch) →
 gate/up GEMVs with GeGLU (tanh GELU) → down GEMV → post-FFW RMSNorm + residual + the next attn_norm (one launch).
 Input embedding × sqrt(n_embd); tied output (token_embd) when there is no output.weight.
 """

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparkinfer_cute.errors import ConfigError
 from sparkinfer_cute.kernels import argmax as _am
 from sparkinfer_cute.kernels import attention_decode as _attn
 from sparkinfer_cute.kernels import attention_prefill as _fattn
@@ -41,7 +42,6 @@ from sparkinfer_cute.kernels import routed_experts as _routed
 from sparkinfer_cute.kernels import router as _router
 from sparkinfer_cute.kernels import router_gemv as _router_gemv
 from sparkinfer_cute.kernels.paged_kv import PagedKVCache
-from sparkinfer_cute.errors import ConfigError
 from sparkinfer_cute.kernels.quant_decode import INT_QTYPES
 from sparkinfer_cute.runtime import DeviceArray, Workspace, get_device
 
