@@ -327,6 +327,16 @@ def m_rope(r):
     return patched(ops, "rope_neox", rope)
 
 
+def m_rope_scaling_ignored(r):
+    """Gemma 3 4B+'s linear RoPE scaling dropped: the global layers rotate by theta, not theta / 8 (what a GPU forward
+    that does not hand its RoPE kernels models/base.py ``linear_rope_factors`` computes)."""
+    orig = ops.rope_neox
+
+    def rope(x, positions, n_rot, base, freq_factors=None, freq_scale=1.0):
+        return orig(x, positions, n_rot, base, freq_factors, 1.0)
+    return patched(ops, "rope_neox", rope)
+
+
 def m_zero_block(r):
     orig = r.act_for
 
@@ -450,6 +460,8 @@ BUGS = [
     Bug("attention scale x1.01", _attention_scale, m_scale_attr("kq_scale", 1.01)),
     Bug("RMSNorm scale x1.01", _rmsnorm("scale"), m_rmsnorm),
     Bug("RoPE theta x1.01", _rope_scale, m_rope),
+    Bug("Gemma 3 4B+: linear RoPE scaling ignored (global layers)", None, m_rope_scaling_ignored,
+        arch="gemma3_rope8"),
     Bug("zeroed 32-element activation block (GEMV)",
         _gemv_q8_case("Q4_K", 4096, 256, lambda rng, n: {"zero_block": int(rng.integers(n // 32))}), m_zero_block),
     Bug("zeroed 32-element activation block (MoE gate/up)", _moe_gate_up_q8_zero_block, None),
@@ -523,14 +535,17 @@ class E2E:
 
 
 def synthetic_models(tmp_dir: str, rng) -> dict[str, E2E]:
-    """The three synthetic models of the model-level injections (fresh weights from ``rng``) with their clean runs."""
+    """The synthetic models of the model-level injections (fresh weights from ``rng``) with their clean runs;
+    gemma3_rope8: Gemma 3 tiny with linear RoPE scaling 8 on its global layer."""
     from sparkinfer_cute.gguf.synth import write_synthetic
 
     out = {}
-    for arch, n, int8 in (("qwen3moe", 48, True), ("gemma3", 96, False), ("gemma4", 128, True)):
-        p = os.path.join(tmp_dir, f"mut_{arch}.gguf")
-        write_synthetic(p, arch=arch, preset="tiny", seed=int(rng.integers(1 << 16)))
-        out[arch] = E2E(p, n, rng, int8)
+    for name, n, int8 in (("qwen3moe", 48, True), ("gemma3", 96, False), ("gemma3_rope8", 64, False),
+                          ("gemma4", 128, True)):
+        p = os.path.join(tmp_dir, f"mut_{name}.gguf")
+        arch, overrides = ("gemma3", {"rope_scaling_factor": 8.0}) if name == "gemma3_rope8" else (name, None)
+        write_synthetic(p, arch=arch, preset="tiny", seed=int(rng.integers(1 << 16)), overrides=overrides)
+        out[name] = E2E(p, n, rng, int8)
     return out
 
 
