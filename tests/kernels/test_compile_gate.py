@@ -208,3 +208,13 @@ def test_spill_report_with_a_toolkit_ptxas():
     assert results and all(r.ok and r.spill == 0 and r.stack == 0 for r in results), results
     table = registry.format_table(results)
     assert "spill B" in table.splitlines()[0] and "SPILL" not in table
+
+
+def test_spills_without_a_toolkit_ptxas_is_a_one_line_error(monkeypatch, capsys):
+    from sparkinfer_cute.kernels.__main__ import main
+
+    monkeypatch.setattr(registry, "ptxas_executable", lambda: None)
+    with pytest.raises(SystemExit) as e:
+        main(["--compile-all", "--kernel", "mma_peak", "--spills"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--spills needs a CUDA toolkit ptxas" in err[0], err
