@@ -241,11 +241,22 @@ for ph in "${phases[@]}"; do
     add "gemma4 small GPU(f32 act) vs CPU ref" "$(grep -E 'top-1' "$OUT/acc_gemma4_small_f32.log" | head -1)"
     timeout 240 python3 -m sparkinfer_cute.accuracy /tmp/gemma4_small.gguf --reference cpu -n 128 --random-tokens 0 --max-kl 0.002 --json "$OUT/acc_gemma4_small.json" 2>&1 | tee "$OUT/acc_gemma4_small.log" | tail -4
     add "gemma4 small GPU(default) vs CPU ref" "$(grep -E 'top-1' "$OUT/acc_gemma4_small.log" | head -1)" ;;
-  bench26b)  # issue 14: Gemma 4 26B-A4B shape (synthetic Q4_K_M, ~15.6 GiB), decode + batched prefill vs llama.cpp
+  bench26b)  # issue 14: Gemma 4 26B-A4B shape (synthetic Q4_K_M, ~15.6 GiB), decode (also at depth DEPTH26B, default
+    # 4096) + batched prefill vs llama.cpp, then the hd512 (global) and hd256 (sliding) attention share of a token at
+    # that depth (tools/attention_share.py: microbench µs per call x layers / token time; sliding layers at their
+    # 1024-key window)
     [ -f /tmp/gemma4_26b.gguf ] || python3 -m sparkinfer_cute.gguf.synth --arch gemma4 --preset 26b-a4b -o /tmp/gemma4_26b.gguf --seed 0 >/dev/null 2>&1
     LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench --llama-reps 2)
-    timeout "${T_BENCH26B:-280}" python3 -m sparkinfer_cute.bench /tmp/gemma4_26b.gguf --prompt-len 512 --gen 128 --runs 5 "${LBARG[@]}" --json "$OUT/bench26b.json" 2>&1 | tee "$OUT/bench26b.log" | tail -22
-    add "Gemma 4 26B bench" "see bench26b.log" ;;
+    D26=${DEPTH26B:-4096}
+    timeout "${T_BENCH26B:-360}" python3 -m sparkinfer_cute.bench /tmp/gemma4_26b.gguf --prompt-len 512 --gen 128 --depth "$D26" --runs 5 "${LBARG[@]}" --json "$OUT/bench26b.json" 2>&1 | tee "$OUT/bench26b.log" | tail -24
+    add "Gemma 4 26B bench" "see bench26b.log"
+    if [ "$D26" != 0 ] && [ -f "$OUT/bench26b.json" ]; then
+      timeout 120 python3 -m sparkinfer_cute.kernels.microbench --attention --prologue --config gemma4-26b-a4b-full --ctx "$D26" --json "$OUT/attn26b_full.json" > "$OUT/attn26b.log" 2>&1
+      timeout 120 python3 -m sparkinfer_cute.kernels.microbench --attention --prologue --config gemma4-26b-a4b-swa --ctx 1024 --json "$OUT/attn26b_swa.json" >> "$OUT/attn26b.log" 2>&1
+      python3 -c "import json; json.dump({'attention': json.load(open('$OUT/attn26b_full.json'))['attention'] + json.load(open('$OUT/attn26b_swa.json'))['attention']}, open('$OUT/attn26b.json', 'w'))"
+      python3 tools/attention_share.py --model /tmp/gemma4_26b.gguf --bench "$OUT/bench26b.json" --attention "$OUT/attn26b.json" --json "$OUT/attn26b_share.json" 2>&1 | tee -a "$OUT/attn26b.log"
+      add "26B attention share at depth $D26" "$(grep -E 'hd 512' "$OUT/attn26b.log" | tr -s ' ' | cut -c1-100)"
+    fi ;;
   benchgemma)
     LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
     python3 -m sparkinfer_cute.bench "$GEMMA" --prompt-len 512 --gen 128 --runs 5 "${LBARG[@]}" --json "$OUT/bench_gemma.json" --log "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench_gemma.log" | tail -16

@@ -899,13 +899,18 @@ def main(argv=None) -> int:
     if a.attention:
         from .attention_decode import MODEL_CONFIGS, PROLOGUE_CONFIGS
 
+        rows = []
         for cfg in a.config or sorted(MODEL_CONFIGS):
             for n in a.ctx:
                 modes = [(False, False)] + ([(True, False)] if a.fused or a.prologue else [])
                 modes += [(True, True)] if a.prologue and cfg in PROLOGUE_CONFIGS else []
                 for fused, pro in modes:
-                    print(bench_attention(cfg, n, a.splits or None, fused_combine=fused, prologue=pro,
-                                          heads_per_cta=a.heads_per_cta, keys_per_iter=a.keys_per_iter))
+                    rows.append(bench_attention(cfg, n, a.splits or None, fused_combine=fused, prologue=pro,
+                                                heads_per_cta=a.heads_per_cta, keys_per_iter=a.keys_per_iter))
+                    print(rows[-1])
+        if a.json:  # what tools/attention_share.py reads
+            with open(a.json, "w") as f:
+                json.dump({"attention": rows}, f, indent=1)
         return 0
     if a.prefill_attention or a.prefill_gemm or a.mma_peak:
         # the prefill kernels against the mma.sync rate measured in the same run: {"mma_peak": [...], ...} with --json
