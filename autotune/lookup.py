@@ -85,7 +85,8 @@ class TunedConfigs:
             applicable: Callable[[dict], str | None] | None = None) -> dict | None:
         """The tuned config of ``op`` at ``shape`` (a copy), or None: fall back to the default heuristic.
 
-        ``shape`` needs every field of the op's ``shape_keys`` (extra fields are ignored); it is bucketed as the
+        ``shape`` needs every field of the op's ``shape_keys`` (its optional fields default; extra fields are
+        ignored); it is bucketed as the
         search bucketed it (e.g. attention context lengths round up to a power of two). The config must pass the
         op's validity check at ``shape`` (else: refused, warned once, None) and ``applicable`` when given (the call
         site's own limits: a reason string refuses it). ``where`` names the call site in :attr:`sites`."""
@@ -99,7 +100,7 @@ class TunedConfigs:
             self.sites[site] = Site(op, key, where or op, DEFAULT)
             return None
         cfg = dict(entry["config"])
-        exact = {k: shape[k] for k in top.shape_keys}
+        exact = top.full_shape(shape)
         why = self._why_invalid(top, cfg, exact)
         if why is not None:
             self.sites[site] = Site(op, key, where or op, REFUSED, reason=why)

@@ -71,20 +71,34 @@ class TunableOp:
     # shape fields the compiled kernel depends on (None: all of them)
     compile_shape_keys: tuple[str, ...] | None = None
     module: str = field(default="", compare=False)
+    # ((field, default), ...): shape fields a shape may leave out (taken as the default), written into the cache key
+    # only when they differ from it, so the keys of shapes without them stay what they were; always compiled in
+    optional_shape_keys: tuple[tuple[str, Any], ...] = ()
+
+    def full_shape(self, shape: Shape) -> Shape:
+        """``shape``'s fields of this op: every ``shape_keys`` field, then the optional ones (defaults filled in)."""
+        out = {k: shape[k] for k in self.shape_keys}
+        out.update((k, shape.get(k, d)) for k, d in self.optional_shape_keys)
+        return out
 
     def shape_key(self, shape: Shape) -> str:
-        """The cache key of ``shape``: its bucket, as ``k=v`` pairs in ``shape_keys`` order. A shape missing a
-        field is a caller bug (the engine asked with the wrong dict): ValueError naming the field."""
+        """The cache key of ``shape``: its bucket, as ``k=v`` pairs in ``shape_keys`` order, then the optional
+        fields that differ from their defaults. A shape missing a field is a caller bug (the engine asked with the
+        wrong dict): ValueError naming the field."""
         missing = [k for k in self.shape_keys if k not in shape]
         if missing:
             raise ValueError(f"autotune op {self.name!r}: shape {shape} lacks {', '.join(missing)} "
                              f"(expected fields: {', '.join(self.shape_keys)})")
-        b = self.bucket({k: shape[k] for k in self.shape_keys})
-        return ",".join(f"{k}={_fmt(b[k])}" for k in self.shape_keys)
+        b = self.bucket(self.full_shape(shape))
+        parts = [f"{k}={_fmt(b[k])}" for k in self.shape_keys]
+        parts += [f"{k}={_fmt(b[k])}" for k, d in self.optional_shape_keys if b[k] != d]
+        return ",".join(parts)
 
     def compile_key(self, config: Config, shape: Shape) -> Hashable:
         keys = self.shape_keys if self.compile_shape_keys is None else self.compile_shape_keys
-        return (self.name, config_key(config), tuple((k, shape[k]) for k in keys))
+        full = self.full_shape(shape)
+        return (self.name, config_key(config),
+                tuple((k, full[k]) for k in tuple(keys) + tuple(k for k, _ in self.optional_shape_keys)))
 
     def candidates(self, shape: Shape, ctx: TuneContext) -> tuple[Config, list[Config], list[tuple[Config, str]]]:
         """(canonical default, the valid canonical candidates with the default first and duplicates removed, the

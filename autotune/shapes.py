@@ -151,16 +151,19 @@ def collect_tasks(g, cfg, ops, *, ctxs=DEFAULT_CTXS, prefill_tokens: int = DEFAU
             continue
         window = getattr(cfg, "sliding_window", 0) if cfg.is_swa(layer) else 0
         n_rot = cfg.n_rot_for(layer)
-        # the rotary dims of the Q/K prologue the default build runs inside this layer's attention (0: none)
-        kind = (cfg.n_head, cfg.n_head_kv_for(layer), D, prologue_rot(cfg.n_head, cfg.n_head_kv_for(layer), D, n_rot),
-                window)
+        # the rotary dims of the Q/K prologue the default build runs inside this layer's attention (0: none), and
+        # the prologue's V norm and theta divisors where the layer has them
+        rot = prologue_rot(cfg.n_head, cfg.n_head_kv_for(layer), D, n_rot)
+        kind = (cfg.n_head, cfg.n_head_kv_for(layer), D, rot, window, bool(rot) and cfg.v_norm_for(layer),
+                bool(rot) and cfg.rope_divided_for(layer))
         kinds[kind] = kinds.get(kind, 0) + 1
     for ctx in ctxs:
         if ctx > cfg.context_length:
             notes.append(f"context {ctx} > the model's {cfg.context_length}: not tuned")
-    for (H, KV, D, rot, window), n in kinds.items():
+    for (H, KV, D, rot, window, v_norm, qk_ff), n in kinds.items():
+        extra = {k: True for k, v in (("v_norm", v_norm), ("qk_ff", qk_ff)) if v}  # optional fields: only when set
         for live in sorted({ctx_bucket(min(c, window) if window else c) for c in ctxs if c <= cfg.context_length}):
-            tasks.add("attention_decode", dict(n_head=H, n_kv_head=KV, head_dim=D, qk_rot=rot, ctx=live),
+            tasks.add("attention_decode", dict(n_head=H, n_kv_head=KV, head_dim=D, qk_rot=rot, ctx=live, **extra),
                       f"swa{window}" if window else "full", n)
     return list(tasks.by_key.values()), sorted(set(notes))
 

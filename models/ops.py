@@ -198,6 +198,10 @@ class AttentionGeometry:
     n_rot: int
     rope_base: float
     window: int  # 0: full causal attention, else keys with pos - p < window
+    # the Q/K/V prologue's extra terms (the models pass the tensors; here for the tuned-config lookup, whose kernel
+    # is compiled with them): V RMS-normed without a weight, theta divided per pair (rope_freqs / linear scaling)
+    v_norm: bool = False
+    rope_divided: bool = False
 
     @property
     def q_width(self) -> int:
@@ -219,7 +223,8 @@ def attention_geometry(cfg) -> list[AttentionGeometry]:
                              "the paged KV cache stores both with one head size")
         out.append(AttentionGeometry(n_head=cfg.n_head, n_head_kv=cfg.n_head_kv_for(l), head_dim=cfg.head_dim_for(l),
                                      n_rot=cfg.n_rot_for(l), rope_base=float(cfg.rope_base_for(l)),
-                                     window=cfg.sliding_window if cfg.is_swa(l) else 0))
+                                     window=cfg.sliding_window if cfg.is_swa(l) else 0, v_norm=cfg.v_norm_for(l),
+                                     rope_divided=cfg.rope_divided_for(l)))
     return out
 
 
@@ -256,10 +261,12 @@ def attention_config(g: AttentionGeometry, max_context: int, *, where: str = "at
     kernel's automatic choice). The decode graph is captured once for every position up to ``max_context``, so one
     config serves them all: the tuned config of the context bucket of the layer's most live keys (``max_context``,
     or the window of a sliding-window layer) when one is cached, else :func:`attention_splits` and automatic. The
-    shape's ``qk_rot`` says whether the kernel runs the Q/K prologue (:func:`fused_qk_attention`): tuned with it."""
+    shape's ``qk_rot`` says whether the kernel runs the Q/K prologue (:func:`fused_qk_attention`): tuned with it,
+    and with its V norm and theta divisors (``v_norm``, ``qk_ff``) where the layer has them."""
     live = min(max_context, g.window) if g.window else max_context
-    shape = {"n_head": g.n_head, "n_kv_head": g.n_head_kv, "head_dim": g.head_dim,
-             "qk_rot": g.n_rot if fused_qk_attention(g) else 0, "ctx": live}
+    pro = fused_qk_attention(g)
+    shape = {"n_head": g.n_head, "n_kv_head": g.n_head_kv, "head_dim": g.head_dim, "qk_rot": g.n_rot if pro else 0,
+             "ctx": live, "v_norm": pro and g.v_norm, "qk_ff": pro and g.rope_divided}
     return tuned("attention_decode", shape, where=where) or {
         "num_splits": attention_splits(g, max_context, sm_count), "heads_per_cta": 0, "keys_per_iter": 0}
 

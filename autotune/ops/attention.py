@@ -5,8 +5,10 @@ Shape: ``n_head``, ``n_kv_head``, ``head_dim``, ``qk_rot``, ``ctx``. ``qk_rot``:
 prologue the kernel runs inside (per-head Q/K RMSNorm + RoPE + this token's K/V append: ``fused_qk_attention``,
 what the models run by default: :func:`prologue_rot`), 0 for attention alone (with the pass off). ``ctx`` = live
 keys the query attends to (the context length, or the sliding window when that is shorter), bucketed up to a power
-of two (>= 64). The page size is the models' (64). The tuned kernel's prologue has Q/K norm weights, no V norm and no
-RoPE frequency divisors (Gemma 4's extra terms: a few flops in one split, not a different launch shape).
+of two (>= 64). The page size is the models' (64). Optional shape fields (left out of a cache key when false):
+``v_norm`` (the prologue RMS-normalizes V without a weight: Gemma 4) and ``qk_ff`` (its RoPE divides theta by a
+per-pair vector: Gemma 4's rope_freqs on global layers, Gemma 3 4B+'s linear scaling), so the timed kernel is the
+one the layer runs; both need the prologue (``qk_rot`` > 0).
 
 Configs (the tuning arguments of ``compile_attention_decode``): ``num_splits`` (key-range chunks per kv head: CTAs
 that share one query), ``heads_per_cta`` (q heads of a GQA group per CTA: a divisor of the group) and
@@ -16,7 +18,8 @@ that share one query), ``heads_per_cta`` (q heads of a GQA group per CTA: a divi
 Default: ``num_splits`` as ``models/ops.py attention_splits`` picks it with the context = the bucket (the
 compile-gated ``MODEL_CONFIGS`` entry when the model matches one, else ``default_num_splits``), and the kernel's
 automatic ``heads_per_cta`` / ``keys_per_iter``. Reference: ``attention_decode_ref`` (float64) on the same fp16 K/V
-(with ``qk_rot``: after ``qk_norm_rope_kv_ref`` of the raw q and the new K/V row, that row in the cache),
+(with ``qk_rot``: after ``qk_norm_rope_kv_ref`` of the raw q and the new K/V row, with the V norm and the theta
+divisors (drawn in 1..4) the shape names, that row in the cache),
 ``max|out - ref| / max|ref| <= 1e-3`` (the kernel's documented test tolerance).
 
 Applied by the engine (``models/ops.py attention_config``): the decode graph is captured once for every position up
@@ -106,12 +109,20 @@ def _default(shape, ctx):
     return dict(num_splits=splits, heads_per_cta=0, keys_per_iter=0)
 
 
+OPTIONAL = (("v_norm", False), ("qk_ff", False))
+
+
+def _prologue_flags(shape) -> dict:
+    """The prologue's compile flags beyond ``qk_rot`` (the optional shape fields; absent = False)."""
+    return dict(qk_freq_factors=bool(shape.get("qk_ff", False)), v_norm=bool(shape.get("v_norm", False)))
+
+
 def _kernel(config, shape):
     """The kernel object (its constructor is the validity check: ValueError with the reason)."""
     return _bind().AttentionDecodeSplitKV(
         shape["n_head"], shape["n_kv_head"], shape["head_dim"], PAGE_SIZE, config["num_splits"], False,
         keys_per_iter=config["keys_per_iter"], heads_per_cta=config["heads_per_cta"], fused_combine=True,
-        qk_rot=shape["qk_rot"])
+        qk_rot=shape["qk_rot"], **_prologue_flags(shape))
 
 
 def _canonical(config, shape, ctx):
@@ -134,6 +145,12 @@ def _why_invalid(config, shape, ctx):
     rot = shape["qk_rot"]
     if isinstance(rot, bool) or not isinstance(rot, int) or rot < 0 or rot % 2 or rot > shape["head_dim"]:
         return f"qk_rot={rot!r} is not an even rotary width in 0..head_dim"
+    for k, _ in OPTIONAL:
+        v = shape.get(k, False)
+        if not isinstance(v, bool):
+            return f"{k}={v!r} is not a bool"
+        if v and not rot:
+            return f"{k} needs the Q/K prologue (qk_rot > 0)"
     why = (unknown_keys_reason(config, {"num_splits", "heads_per_cta", "keys_per_iter"})
            or int_in(config, "num_splits", SPLITS) or int_in(config, "keys_per_iter", KEYS_PER_ITER))
     if why:
@@ -152,7 +169,7 @@ def _compile(config, shape):
     return _bind().compile_attention_decode(
         n_head=shape["n_head"], n_kv_head=shape["n_kv_head"], head_dim=shape["head_dim"], page_size=PAGE_SIZE,
         num_splits=config["num_splits"], softcap=False, heads_per_cta=config["heads_per_cta"],
-        keys_per_iter=config["keys_per_iter"], fused_combine=True, qk_rot=shape["qk_rot"])
+        keys_per_iter=config["keys_per_iter"], fused_combine=True, qk_rot=shape["qk_rot"], **_prologue_flags(shape))
 
 
 class AttentionProblem:
@@ -183,8 +200,13 @@ class AttentionProblem:
             self.q_norm = rng.uniform(0.5, 1.5, D).astype(np.float32)
             self.k_norm = rng.uniform(0.5, 1.5, D).astype(np.float32)
             self.theta_scale = float(b.theta_scale_f32(ROPE_BASE, self.rot))
+            flags = _prologue_flags(shape)
+            self.v_norm = flags["v_norm"]
+            self.freq_factors = (rng.uniform(1.0, 4.0, self.rot // 2).astype(np.float32)
+                                 if flags["qk_freq_factors"] else None)
             q, kc, vc = b.qk_norm_rope_kv_ref(self.q, self.k_new, self.v_new, self.q_norm, self.k_norm, [n - 1],
-                                              n_rot=self.rot, base=ROPE_BASE, eps=EPS)
+                                              n_rot=self.rot, base=ROPE_BASE, eps=EPS,
+                                              freq_factors=self.freq_factors, v_norm=self.v_norm)
             q = q[0]
             k_dense, v_dense = k_dense.copy(), v_dense.copy()
             k_dense[n - 1], v_dense[n - 1] = kc[0].astype(np.float16), vc[0].astype(np.float16)
@@ -213,9 +235,12 @@ class AttentionRunner(KernelRunner):
         self.out = DeviceArray.empty((1, H, D), np.float32)
         self.outputs = [self.out]
         self.counters = DeviceArray.zeros((H,), np.int32, stream=self.stream)  # >= fused_counter_count: n_head
-        # the Q/K prologue's inputs (with qk_rot; else never read: any valid pointer)
+        # the Q/K prologue's inputs (with qk_rot; else never read: any valid pointer) and its theta divisors (with
+        # qk_ff; else never read)
         self.prologue = ([DeviceArray.from_numpy(a, self.stream) for a in (p.k_new, p.v_new, p.q_norm, p.k_norm)]
                          if p.rot else [self.counters] * 4)
+        self.freq_factors = (DeviceArray.from_numpy(p.freq_factors, self.stream)
+                             if p.rot and p.freq_factors is not None else self.counters)
         self.work: dict[int, tuple] = {}
 
     def _workspace(self, S: int):
@@ -240,8 +265,8 @@ class AttentionRunner(KernelRunner):
                 ptr(Float32, lse_part.ptr, 4), ptr(Float32, self.out.ptr, 4), ptr(Int32, self.counters.ptr, 4),
                 # the q8_1 output (quantize_out) is not tuned here: never written, any valid pointers do
                 ptr(Int8, self.counters.ptr, 4), ptr(Float32, self.counters.ptr, 4), ptr(Float32, self.counters.ptr, 4),
-                # the Q/K prologue's k_new, v_new, q_norm, k_norm (and freq_factors: not compiled in, never read)
-                *(ptr(Float32, a.ptr, 4) for a in self.prologue), ptr(Float32, self.counters.ptr, 4),
+                # the Q/K prologue's k_new, v_new, q_norm, k_norm, freq_factors
+                *(ptr(Float32, a.ptr, 4) for a in self.prologue), ptr(Float32, self.freq_factors.ptr, 4),
                 Int32(1), Int32(p.pages * self.n_sets), Int32(p.pages), Float32(p.scale), Int32(0), Float32(1.0),
                 Float32(p.theta_scale if p.rot else 1.0), Float32(EPS), Float32(1.0), self.stream.cu)
         return lambda: fn(*args)
@@ -262,4 +287,5 @@ ATTENTION_DECODE = register(TunableOp(
     bucket=_bucket,
     canonical=_canonical,
     compile_shape_keys=("n_head", "n_kv_head", "head_dim", "qk_rot"),  # the context is read from device memory
+    optional_shape_keys=OPTIONAL,
 ), __name__)

@@ -151,6 +151,23 @@ class ModelConfig:
     def rope_base_for(self, layer: int) -> float:
         return self.rope_base
 
+    def rope_freq_scale_for(self, layer: int) -> float:
+        """Linear RoPE scaling (1 / rope.scaling.factor); 1: none."""
+        return 1.0
+
+    def uses_rope_freqs(self, layer: int) -> bool:
+        """Theta divided per pair by the ``rope_freqs`` tensor."""
+        return False
+
+    def rope_divided_for(self, layer: int) -> bool:
+        """The layer's RoPE divides theta per pair (``rope_freqs``, or linear scaling: the GPU kernels take both as
+        their ``freq_factors`` input)."""
+        return self.uses_rope_freqs(layer) or self.rope_freq_scale_for(layer) != 1.0
+
+    def v_norm_for(self, layer: int) -> bool:
+        """V is RMS-normalized without a weight before it is cached (Gemma 4)."""
+        return False
+
     @property
     def gqa_group(self) -> int:
         return self.n_head // self.n_head_kv
@@ -278,6 +295,9 @@ class Gemma4Config(ModelConfig):
 
     def uses_rope_freqs(self, layer: int) -> bool:
         return self.has_rope_freqs and not self.is_swa(layer)
+
+    def v_norm_for(self, layer: int) -> bool:
+        return True
 
     def has_v(self, layer: int) -> bool:
         """A V projection of its own (attn_v, or the V rows of a fused attn_qkv)."""

@@ -152,33 +152,41 @@ def test_quant_gemm(q, act, E, k):
     assert_check_discriminates(p, ideal, (len(rows) // 2, p.cols[2]))
 
 
-@pytest.mark.parametrize("H,KV,D,rot,ctx", [(8, 2, 64, 64, 200), (8, 1, 128, 32, 70)])
-def test_attention_with_the_qk_prologue(H, KV, D, rot, ctx):
+@pytest.mark.parametrize("H,KV,D,rot,ctx,extra", [(8, 2, 64, 64, 200, {}), (8, 1, 128, 32, 70, {}),
+                                                 (8, 2, 64, 64, 200, dict(v_norm=True, qk_ff=True)),
+                                                 (8, 1, 128, 32, 70, dict(qk_ff=True))])
+def test_attention_with_the_qk_prologue(H, KV, D, rot, ctx, extra):
     """With ``qk_rot`` the problem's reference is attention after the Q/K prologue: by hand here (per-head RMSNorm
-    with weights, NEOX RoPE of the first ``rot`` dims at float64 theta, this token's K/V row in the cache as f16); the
+    with weights, NEOX RoPE of the first ``rot`` dims at float64 theta (divided per pair by the problem's divisors
+    with ``qk_ff``), this token's K/V row in the cache as f16, V RMS-normed without a weight with ``v_norm``); the
     check rejects an output that skipped the prologue."""
     from sparkinfer_cute.autotune.ops.attention import EPS, ROPE_BASE
 
-    s = dict(n_head=H, n_kv_head=KV, head_dim=D, qk_rot=rot, ctx=ctx)
+    s = dict(n_head=H, n_kv_head=KV, head_dim=D, qk_rot=rot, ctx=ctx, **extra)
     p = AttentionProblem(s, 2, np.random.default_rng(5))
     pos = ctx - 1
+    assert (p.freq_factors is not None) == bool(extra.get("qk_ff")) and p.v_norm == bool(extra.get("v_norm"))
+    ff = np.ones(rot // 2) if p.freq_factors is None else p.freq_factors.astype(np.float64)
 
     def norm_rope(x, w):
         x = x.astype(np.float64)
         x = x / np.sqrt(np.mean(x * x, -1, keepdims=True) + EPS) * w.astype(np.float64)
-        th = pos * ROPE_BASE ** (-2.0 * np.arange(rot // 2) / rot)
+        th = pos * ROPE_BASE ** (-2.0 * np.arange(rot // 2) / rot) / ff
         a, b = x[..., : rot // 2].copy(), x[..., rot // 2: rot].copy()
         x[..., : rot // 2], x[..., rot // 2: rot] = a * np.cos(th) - b * np.sin(th), a * np.sin(th) + b * np.cos(th)
         return x
 
     q = norm_rope(p.q[0], p.q_norm)
     k_row = norm_rope(p.k_new[0], p.k_norm).astype(np.float16)
+    v_new = p.v_new[0].astype(np.float64)
+    if p.v_norm:
+        v_new = v_new / np.sqrt(np.mean(v_new * v_new, -1, keepdims=True) + EPS)
     ideal, skipped = np.empty((1, H, D)), np.empty((1, H, D))
     for h in range(H):
         kv = h // (H // KV)
         ks = np.stack([p.k_pool[p.tables[0][0, t // PAGE_SIZE], t % PAGE_SIZE, kv] for t in range(ctx)])
         vs = np.stack([p.v_pool[p.tables[0][0, t // PAGE_SIZE], t % PAGE_SIZE, kv] for t in range(ctx)])
-        for out, qh, k_last, v_last in ((ideal, q[h], k_row[kv], p.v_new[0, kv].astype(np.float16)),
+        for out, qh, k_last, v_last in ((ideal, q[h], k_row[kv], v_new[kv].astype(np.float16)),
                                         (skipped, p.q[0, h].astype(np.float64), ks[-1], vs[-1])):
             kk, vv = ks.astype(np.float64), vs.astype(np.float64)
             kk[-1], vv[-1] = k_last, v_last

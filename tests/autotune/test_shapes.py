@@ -92,3 +92,37 @@ def test_gemma3_270m(gemma3_path):
     assert all(t.shape["n_head"] == 4 and t.shape["n_kv_head"] == 1 and t.shape["head_dim"] == 256
                for t in att.values())
     assert not [t for t in tasks if t.op.startswith("moe")]
+
+
+def test_gemma4_and_scaled_gemma3_attention_shapes_name_the_prologue_terms(tmp_path, monkeypatch):
+    """The attention kernel a layer runs has its prologue's V norm (Gemma 4) and theta divisors (Gemma 4 global
+    layers' rope_freqs; Gemma 3 4B+'s linear scaling on global layers) compiled in: the tuned shape says so
+    (optional fields, absent when false), and the models' lookup (models/ops.py attention_config) asks with the same
+    key, so the config found was timed on that kernel."""
+    from sparkinfer_cute.autotune.registry import get_op
+    from sparkinfer_cute.gguf import GGUFFile
+    from sparkinfer_cute.gguf.config import load_config
+    from sparkinfer_cute.gguf.synth import write_synthetic
+    from sparkinfer_cute.models import ops
+
+    op = get_op("attention_decode")
+    asked = []
+    monkeypatch.setattr(ops, "tuned", lambda name, shape, where="": asked.append(op.shape_key(shape)) or None)
+    for arch, overrides in (("gemma4", None), ("gemma3", {"rope_scaling_factor": 8.0}), ("gemma3", None)):
+        f = write_synthetic(tmp_path / f"{arch}{bool(overrides)}.gguf", arch, "tiny", overrides=overrides)
+        cfg = load_config(GGUFFile(str(f)))
+        _, tasks, _ = load_model_tasks(f, ["attention_decode"], ctxs=(256,), prefill_tokens=0)
+        keys = {op.shape_key(t.shape) for t in tasks}
+        asked.clear()
+        for g in ops.attention_geometry(cfg):
+            ops.attention_config(g, 256, sm_count=132)
+        assert set(asked) == keys, (arch, asked, keys)
+        divided = [k for k in keys if "qk_ff=1" in k]
+        glob = {l for l in range(cfg.n_layer) if not cfg.is_swa(l)}
+        assert {l for l in range(cfg.n_layer) if cfg.rope_divided_for(l)} == (glob if arch == "gemma4" or overrides
+                                                                              else set())
+        if arch == "gemma4":
+            assert divided and all("v_norm=1" in k for k in keys if "qk_rot=0" not in k)
+        else:
+            assert not any("v_norm" in k for k in keys)
+            assert bool(divided) == bool(overrides), keys

@@ -40,6 +40,12 @@ class _Cfg:
     def rope_base_for(self, l):
         return 1e4 if self.is_swa(l) else 1e6
 
+    def v_norm_for(self, l):
+        return True
+
+    def rope_divided_for(self, l):
+        return not self.is_swa(l)
+
 
 class _G:
     path = "model.gguf"
