@@ -257,6 +257,15 @@ for ph in "${phases[@]}"; do
       python3 tools/attention_share.py --model /tmp/gemma4_26b.gguf --bench "$OUT/bench26b.json" --attention "$OUT/attn26b.json" --json "$OUT/attn26b_share.json" 2>&1 | tee -a "$OUT/attn26b.log"
       add "26B attention share at depth $D26" "$(grep -E 'hd 512' "$OUT/attn26b.log" | tr -s ' ' | cut -c1-100)"
     fi ;;
+  bench_g3_4b)  # Gemma 3 4B shape (synthetic Q4_K_M, ~2.5 GB; linear RoPE scaling 8 on its 5 global layers): its GPU
+    # decode/prefill tests first (the scaled tiny models), then decode + batched prefill vs llama.cpp on the same file
+    python3 -m pytest -q -m gpu -p no:cacheprovider "tests/models/test_gpu_decode.py::test_gemma3_tiny_synthetic_gpu_vs_reference" \
+      "tests/models/test_gpu_prefill.py::test_prefill_all_positions_vs_reference" 2>&1 | tee "$OUT/g3_scaled_tests.log" | tail -8
+    add "Gemma 3 linear RoPE scaling GPU tests" "$(tail -1 "$OUT/g3_scaled_tests.log")"
+    [ -f /tmp/gemma3_4b.gguf ] || python3 -m sparkinfer_cute.gguf.synth --arch gemma3 --preset 4b -o /tmp/gemma3_4b.gguf --seed 0 >/dev/null 2>&1
+    LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
+    timeout "${T_BENCH_G3_4B:-240}" python3 -m sparkinfer_cute.bench /tmp/gemma3_4b.gguf --prompt-len 512 --gen 128 --runs 5 "${LBARG[@]}" --json "$OUT/bench_g3_4b.json" 2>&1 | tee "$OUT/bench_g3_4b.log" | tail -22
+    add "Gemma 3 4B shape bench" "see bench_g3_4b.log" ;;
   benchgemma)
     LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
     python3 -m sparkinfer_cute.bench "$GEMMA" --prompt-len 512 --gen 128 --runs 5 "${LBARG[@]}" --json "$OUT/bench_gemma.json" --log "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench_gemma.log" | tail -16

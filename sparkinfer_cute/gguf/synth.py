@@ -175,6 +175,23 @@ PRESETS: dict[tuple[str, str], dict] = {
         "rms_eps": 1e-6,
         "rope_scaling_factor": None,  # linear RoPE scaling of the global layers (Gemma 3 4B+: 8)
     },
+    # Gemma 3 4B (google/gemma-3-4b-it text config): 34 layers (5 global: 5, 11, ..., 29), 8 heads / 4 KV of 256,
+    # window 1024, the global layers' RoPE linearly scaled by 8 (rope_scaling {type linear, factor 8}); ~2.5 GB
+    ("gemma3", "4b"): {
+        "n_vocab": 262208,
+        "n_embd": 2560,
+        "n_layer": 34,
+        "n_head": 8,
+        "n_head_kv": 4,
+        "head_dim": 256,
+        "n_ff": 10240,
+        "n_ctx": 131072,
+        "rope_base": 1e6,
+        "rope_base_swa": None,
+        "sliding_window": 1024,
+        "rms_eps": 1e-6,
+        "rope_scaling_factor": 8.0,
+    },
     # Gemma 4 (shared/spec/models.md §3). Layer l is sliding iff l % swa_period < swa_period - 1 (26B-A4B: 5
     # sliding : 1 full, the last layer full). Sliding layers: head_dim / n_head_kv, rotary over the whole
     # head, base rope_base_swa, attn_v. Full layers: head_dim_full / n_head_kv_full, rotary over the first

@@ -144,3 +144,17 @@ def test_linear_rope_factors_values(tmp_path, monkeypatch):
     assert got[5] is got[11]
     vals = got[5].data.host.view(np.float32)
     assert vals.shape == (cfg.n_rot // 2,) and (vals == np.float32(3.0)).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_gemma3_4b_geometry_dry_run(path):
+    """The Gemma 3 4B preset's header (no file: 2.5 GB): n_embd 2560 (a multiple of 256 but not of 1024), 8 heads /
+    4 KV of 256, linear RoPE scaling 8: every matrix op gets its weight's width (record raises otherwise) and the 5
+    global layers' RoPE gets the divisor vector."""
+    from sparkinfer_cute.gguf.synth import synthetic_header
+
+    h = synthetic_header("gemma3", "4b")
+    m, calls = record(h, path=path)
+    op = "self_attention" if path == "decode" else "qk_norm_rope_kv_rows"
+    scaled = [l for l, c in enumerate(c for c in calls if c.op == op) if c.kwargs.get("freq_factors") is not None]
+    assert scaled == [5, 11, 17, 23, 29]
