@@ -260,7 +260,7 @@ for ph in "${phases[@]}"; do
   bench_g3_4b)  # Gemma 3 4B shape (synthetic Q4_K_M, ~2.5 GB; linear RoPE scaling 8 on its 5 global layers): its GPU
     # decode/prefill tests first (the scaled tiny models), then decode + batched prefill vs llama.cpp on the same file
     python3 -m pytest -q -m gpu -p no:cacheprovider "tests/models/test_gpu_decode.py::test_gemma3_tiny_synthetic_gpu_vs_reference" \
-      "tests/models/test_gpu_prefill.py::test_prefill_all_positions_vs_reference" 2>&1 | tee "$OUT/g3_scaled_tests.log" | tail -8
+      "tests/models/test_gpu_prefill.py::test_prefill_all_positions_vs_reference[gemma3-tiny-rope-scaled]" 2>&1 | tee "$OUT/g3_scaled_tests.log" | tail -8
     add "Gemma 3 linear RoPE scaling GPU tests" "$(tail -1 "$OUT/g3_scaled_tests.log")"
     [ -f /tmp/gemma3_4b.gguf ] || python3 -m sparkinfer_cute.gguf.synth --arch gemma3 --preset 4b -o /tmp/gemma3_4b.gguf --seed 0 >/dev/null 2>&1
     LBARG=(); [ -x /tmp/llama/llama-bench ] && LBARG=(--llama-bench /tmp/llama/llama-bench)
