@@ -33,6 +33,11 @@
 # routed: the routed launch's tests + the decode model tests, then 30B tg128 with the routed passes on / off / on
 # verify_passes: the GPU tests of the norm-chain tails, the two-matrix GEMV, the routed gate/up (and the router and
 #   gate/up kernels it shares code with), and the model decode/prefill tests
+# bench30b_pp: 30B shape pp512 + tg128, then pp4096 (a second bench call), llama.cpp in the same run
+# bench26b: Gemma 4 26B-A4B shape decode (also at depth DEPTH26B=4096) + prefill vs llama.cpp, then the hd512 / hd256
+#   attention share of a token at that depth (tools/attention_share.py)
+# bench_g3_4b: Gemma 3 4B shape: the linear-RoPE-scaling GPU tests, then decode + prefill vs llama.cpp
+# qgemm: the prefill GEMM's GPU tests, then it and the flash prefill attention in TFLOP/s and % of the mma.sync peak
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
