@@ -160,8 +160,9 @@ def collect_tasks(g, cfg, ops, *, ctxs=DEFAULT_CTXS, prefill_tokens: int = DEFAU
     for ctx in ctxs:
         if ctx > cfg.context_length:
             notes.append(f"context {ctx} > the model's {cfg.context_length}: not tuned")
-    for (H, KV, D, rot, window, v_norm, qk_ff), n in kinds.items():
-        extra = {k: True for k, v in (("v_norm", v_norm), ("qk_ff", qk_ff)) if v}  # optional fields: only when set
+    for (H, KV, D, rot, window, v_norm, qk_freq_factors), n in kinds.items():
+        # the optional shape fields: only when set
+        extra = {k: True for k, v in (("v_norm", v_norm), ("qk_freq_factors", qk_freq_factors)) if v}
         for live in sorted({ctx_bucket(min(c, window) if window else c) for c in ctxs if c <= cfg.context_length}):
             tasks.add("attention_decode", dict(n_head=H, n_kv_head=KV, head_dim=D, qk_rot=rot, ctx=live, **extra),
                       f"swa{window}" if window else "full", n)

@@ -262,11 +262,11 @@ def attention_config(g: AttentionGeometry, max_context: int, *, where: str = "at
     config serves them all: the tuned config of the context bucket of the layer's most live keys (``max_context``,
     or the window of a sliding-window layer) when one is cached, else :func:`attention_splits` and automatic. The
     shape's ``qk_rot`` says whether the kernel runs the Q/K prologue (:func:`fused_qk_attention`): tuned with it,
-    and with its V norm and theta divisors (``v_norm``, ``qk_ff``) where the layer has them."""
+    and with its V norm and theta divisors (``v_norm``, ``qk_freq_factors``) where the layer has them."""
     live = min(max_context, g.window) if g.window else max_context
     pro = fused_qk_attention(g)
     shape = {"n_head": g.n_head, "n_kv_head": g.n_head_kv, "head_dim": g.head_dim, "qk_rot": g.n_rot if pro else 0,
-             "ctx": live, "v_norm": pro and g.v_norm, "qk_ff": pro and g.rope_divided}
+             "ctx": live, "v_norm": pro and g.v_norm, "qk_freq_factors": pro and g.rope_divided}
     return tuned("attention_decode", shape, where=where) or {
         "num_splits": attention_splits(g, max_context, sm_count), "heads_per_cta": 0, "keys_per_iter": 0}
 

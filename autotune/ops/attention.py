@@ -6,9 +6,9 @@ prologue the kernel runs inside (per-head Q/K RMSNorm + RoPE + this token's K/V 
 what the models run by default: :func:`prologue_rot`), 0 for attention alone (with the pass off). ``ctx`` = live
 keys the query attends to (the context length, or the sliding window when that is shorter), bucketed up to a power
 of two (>= 64). The page size is the models' (64). Optional shape fields (left out of a cache key when false):
-``v_norm`` (the prologue RMS-normalizes V without a weight: Gemma 4) and ``qk_ff`` (its RoPE divides theta by a
-per-pair vector: Gemma 4's rope_freqs on global layers, Gemma 3 4B+'s linear scaling), so the timed kernel is the
-one the layer runs; both need the prologue (``qk_rot`` > 0).
+``v_norm`` (the prologue RMS-normalizes V without a weight: Gemma 4) and ``qk_freq_factors`` (its RoPE divides
+theta by a per-pair vector: Gemma 4's rope_freqs on global layers, Gemma 3 4B+'s linear scaling), so the timed
+kernel is the one the layer runs; both need the prologue (``qk_rot`` > 0).
 
 Configs (the tuning arguments of ``compile_attention_decode``): ``num_splits`` (key-range chunks per kv head: CTAs
 that share one query), ``heads_per_cta`` (q heads of a GQA group per CTA: a divisor of the group) and
@@ -109,12 +109,12 @@ def _default(shape, ctx):
     return dict(num_splits=splits, heads_per_cta=0, keys_per_iter=0)
 
 
-OPTIONAL = (("v_norm", False), ("qk_ff", False))
+OPTIONAL = (("v_norm", False), ("qk_freq_factors", False))
 
 
 def _prologue_flags(shape) -> dict:
     """The prologue's compile flags beyond ``qk_rot`` (the optional shape fields; absent = False)."""
-    return dict(qk_freq_factors=bool(shape.get("qk_ff", False)), v_norm=bool(shape.get("v_norm", False)))
+    return dict(qk_freq_factors=bool(shape.get("qk_freq_factors", False)), v_norm=bool(shape.get("v_norm", False)))
 
 
 def _kernel(config, shape):
@@ -236,7 +236,7 @@ class AttentionRunner(KernelRunner):
         self.outputs = [self.out]
         self.counters = DeviceArray.zeros((H,), np.int32, stream=self.stream)  # >= fused_counter_count: n_head
         # the Q/K prologue's inputs (with qk_rot; else never read: any valid pointer) and its theta divisors (with
-        # qk_ff; else never read)
+        # qk_freq_factors; else never read)
         self.prologue = ([DeviceArray.from_numpy(a, self.stream) for a in (p.k_new, p.v_new, p.q_norm, p.k_norm)]
                          if p.rot else [self.counters] * 4)
         self.freq_factors = (DeviceArray.from_numpy(p.freq_factors, self.stream)

@@ -143,7 +143,8 @@ CASES = [
     ("attention_decode", dict(n_head=8, n_kv_head=2, head_dim=128, qk_rot=128, ctx=256)),  # the Q/K prologue inside
     ("attention_decode", dict(n_head=16, n_kv_head=2, head_dim=512, qk_rot=128, ctx=128)),  # partial rotary, hd 512
     # Gemma 4's global layers: V norm and theta divisors compiled in, the divisors read from the runner's buffer
-    ("attention_decode", dict(n_head=16, n_kv_head=2, head_dim=512, qk_rot=128, ctx=128, v_norm=True, qk_ff=True)),
+    ("attention_decode", dict(n_head=16, n_kv_head=2, head_dim=512, qk_rot=128, ctx=128, v_norm=True,
+                              qk_freq_factors=True)),
     ("quant_gemm", dict(qtype="Q4_K", n_in=512, n_out=256, tokens=32, n_expert=0, k=0, act="none")),
     ("quant_gemm", dict(qtype="Q5_0", n_in=640, n_out=128, tokens=32, n_expert=0, k=0, act="gelu_tanh")),
     ("quant_gemm", dict(qtype="Q4_K", n_in=256, n_out=128, tokens=32, n_expert=8, k=2, act="silu")),
@@ -207,7 +208,7 @@ def _expected(name, shape, r) -> dict:
                  n_pages={r.problem.pages * r.n_sets})
         if shape["qk_rot"]:  # the prologue reads this token's k/v and the norm weights from the runner's buffers
             e.update({n: {a.ptr} for n, a in zip(("pKNew", "pVNew", "pQNorm", "pKNorm"), r.prologue)})
-        if shape.get("qk_ff"):  # ... and the theta divisors
+        if shape.get("qk_freq_factors"):  # ... and the theta divisors
             assert r.freq_factors is not r.counters
             e.update(pFF={r.freq_factors.ptr})
         return e

@@ -153,19 +153,19 @@ def test_quant_gemm(q, act, E, k):
 
 
 @pytest.mark.parametrize("H,KV,D,rot,ctx,extra", [(8, 2, 64, 64, 200, {}), (8, 1, 128, 32, 70, {}),
-                                                 (8, 2, 64, 64, 200, dict(v_norm=True, qk_ff=True)),
-                                                 (8, 1, 128, 32, 70, dict(qk_ff=True))])
+                                                 (8, 2, 64, 64, 200, dict(v_norm=True, qk_freq_factors=True)),
+                                                 (8, 1, 128, 32, 70, dict(qk_freq_factors=True))])
 def test_attention_with_the_qk_prologue(H, KV, D, rot, ctx, extra):
     """With ``qk_rot`` the problem's reference is attention after the Q/K prologue: by hand here (per-head RMSNorm
     with weights, NEOX RoPE of the first ``rot`` dims at float64 theta (divided per pair by the problem's divisors
-    with ``qk_ff``), this token's K/V row in the cache as f16, V RMS-normed without a weight with ``v_norm``); the
-    check rejects an output that skipped the prologue."""
+    with ``qk_freq_factors``), this token's K/V row in the cache as f16, V RMS-normed without a weight with
+    ``v_norm``); the check rejects an output that skipped the prologue."""
     from sparkinfer_cute.autotune.ops.attention import EPS, ROPE_BASE
 
     s = dict(n_head=H, n_kv_head=KV, head_dim=D, qk_rot=rot, ctx=ctx, **extra)
     p = AttentionProblem(s, 2, np.random.default_rng(5))
     pos = ctx - 1
-    assert (p.freq_factors is not None) == bool(extra.get("qk_ff")) and p.v_norm == bool(extra.get("v_norm"))
+    assert (p.freq_factors is not None) == bool(extra.get("qk_freq_factors")) and p.v_norm == bool(extra.get("v_norm"))
     ff = np.ones(rot // 2) if p.freq_factors is None else p.freq_factors.astype(np.float64)
 
     def norm_rope(x, w):

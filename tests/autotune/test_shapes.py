@@ -117,7 +117,7 @@ def test_gemma4_and_scaled_gemma3_attention_shapes_name_the_prologue_terms(tmp_p
         for g in ops.attention_geometry(cfg):
             ops.attention_config(g, 256, sm_count=132)
         assert set(asked) == keys, (arch, asked, keys)
-        divided = [k for k in keys if "qk_ff=1" in k]
+        divided = [k for k in keys if "qk_freq_factors=1" in k]
         glob = {l for l in range(cfg.n_layer) if not cfg.is_swa(l)}
         assert {l for l in range(cfg.n_layer) if cfg.rope_divided_for(l)} == (glob if arch == "gemma4" or overrides
                                                                               else set())

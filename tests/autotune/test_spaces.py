@@ -226,20 +226,20 @@ def test_adapter_compile_call(name, config, shape):
 
 
 def test_attention_optional_shape_fields():
-    """``v_norm`` / ``qk_ff``: absent and false are one cache key (older caches keep their keys), true adds the field
-    to the key and to the compile key; they need the Q/K prologue, and must be bools."""
+    """``v_norm`` / ``qk_freq_factors``: absent and false are one cache key (older caches keep their keys), true
+    adds the field to the key and to the compile key; they need the Q/K prologue, and must be bools."""
     from sparkinfer_cute.autotune.registry import get_op
 
     op = get_op("attention_decode")
     base = dict(n_head=16, n_kv_head=2, head_dim=512, qk_rot=128, ctx=3000)
     k0 = op.shape_key(base)
     assert k0 == "n_head=16,n_kv_head=2,head_dim=512,qk_rot=128,ctx=4096"
-    assert op.shape_key(dict(base, v_norm=False, qk_ff=False)) == k0
-    assert op.shape_key(dict(base, v_norm=True, qk_ff=True)) == k0 + ",v_norm=1,qk_ff=1"
-    assert op.shape_key(dict(base, qk_ff=True)) == k0 + ",qk_ff=1"
+    assert op.shape_key(dict(base, v_norm=False, qk_freq_factors=False)) == k0
+    assert op.shape_key(dict(base, v_norm=True, qk_freq_factors=True)) == k0 + ",v_norm=1,qk_freq_factors=1"
+    assert op.shape_key(dict(base, qk_freq_factors=True)) == k0 + ",qk_freq_factors=1"
     cfg = dict(num_splits=16, heads_per_cta=1, keys_per_iter=1)
-    assert op.compile_key(cfg, base) != op.compile_key(cfg, dict(base, qk_ff=True))
-    assert op.compile_key(cfg, base) == op.compile_key(cfg, dict(base, qk_ff=False, ctx=100))
-    assert op.why_invalid(cfg, dict(base, v_norm=True, qk_ff=True), CTX) is None
+    assert op.compile_key(cfg, base) != op.compile_key(cfg, dict(base, qk_freq_factors=True))
+    assert op.compile_key(cfg, base) == op.compile_key(cfg, dict(base, qk_freq_factors=False, ctx=100))
+    assert op.why_invalid(cfg, dict(base, v_norm=True, qk_freq_factors=True), CTX) is None
     assert "needs the Q/K prologue" in op.why_invalid(cfg, dict(base, qk_rot=0, v_norm=True), CTX)
-    assert "is not a bool" in op.why_invalid(cfg, dict(base, qk_ff=1), CTX)
+    assert "is not a bool" in op.why_invalid(cfg, dict(base, qk_freq_factors=1), CTX)
