@@ -109,12 +109,19 @@ def main(argv=None) -> int:
 
     from .engine import Engine
     from .errors import SparkinferError
+    from .gguf import GGUFFile
+    from .gguf.config import load_config
     from .runtime import get_device
 
-    dev = get_device()
     lens = args.prompt_len
     ctx = max(max(lens), args.depth) + args.gen + 8
     try:  # a bad file, a model too large, a misspelt SPARKINFER_DISABLE pass: one line, no traceback
+        # the context the runs need, checked on the header before minutes of weight upload
+        n_ctx = load_config(GGUFFile(args.model)).context_length
+        if ctx > n_ctx:
+            fail(f"{args.model}: the bench needs a context of {ctx} tokens (prompt {max(lens)}, depth {args.depth}, "
+                 f"gen {args.gen}, + 8) but the model's is {n_ctx}")
+        dev = get_device()
         eng = Engine(args.model, backend_name="gpu", max_context=ctx, progress=True)
     except SparkinferError as e:
         fail(e)

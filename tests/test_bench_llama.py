@@ -100,8 +100,9 @@ def test_bench_main_end_to_end_with_stand_ins(tmp_path, monkeypatch, rng, capsys
     monkeypatch.setattr("sparkinfer_cute.engine.Engine", Engine)
     monkeypatch.setattr("sparkinfer_cute.runtime.get_device",
                         lambda: types.SimpleNamespace(name="stand-in GPU", target="sm_120a"))
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF")
+    from sparkinfer_cute.gguf.synth import write_synthetic
+
+    model = write_synthetic(str(tmp_path / "m.gguf"), arch="qwen3moe", preset="tiny", seed=1)  # context 512
     out = tmp_path / "out.json"
     assert bench.main([str(model), "--prompt-len", ",".join(map(str, lens)), "--gen", str(gen), "--runs", "5",
                        "--llama-bench", str(exe), "--json", str(out), "--log", ""]) == 0
@@ -117,3 +118,21 @@ def test_bench_main_end_to_end_with_stand_ins(tmp_path, monkeypatch, rng, capsys
     assert isinstance(res["passes_off"], list)
     table = capsys.readouterr().out
     assert "prefill pp64 tok/s" in table and "prefill pp256 tok/s" in table and "ratio pp256 vs llama" in table
+
+
+def test_bench_refuses_a_context_the_model_lacks_before_loading(tmp_path, monkeypatch, capsys):
+    """prompt 1024 + gen 8 + 8 on a 512-token model: one line naming both, before any engine is built."""
+    from sparkinfer_cute import bench
+    from sparkinfer_cute.gguf.synth import write_synthetic
+
+    model = write_synthetic(str(tmp_path / "m.gguf"), arch="qwen3moe", preset="tiny", seed=1)
+    monkeypatch.setattr(bench, "require_gpu", lambda *a: None)
+
+    def no_engine(*a, **k):
+        raise AssertionError("the engine must not be built")
+    monkeypatch.setattr("sparkinfer_cute.engine.Engine", no_engine)
+    with pytest.raises(SystemExit) as e:
+        bench.main([model, "--prompt-len", "1024", "--gen", "8", "--log", ""])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert "needs a context of 1040 tokens" in err[0] and "the model's is 512" in err[0], err
