@@ -12,48 +12,18 @@ two Int32 scalars swapped pass the signature check but not this one."""
 from __future__ import annotations
 
 import inspect
-import itertools
 
 import numpy as np
 import pytest
 
 from sparkinfer_cute.autotune.registry import TuneContext, get_op
+from sparkinfer_cute.runtime.testing import HostDeviceArray
 
 CTX = TuneContext(sm_count=132, smem_budget=101376, l2_bytes=1 << 20)
 STREAM = object()
 
 
-class FakeDeviceArray:
-    _addr = itertools.count(1 << 20, 1 << 12)  # 4 KiB-aligned fake addresses
-
-    def __init__(self, shape, dtype=np.float32):
-        self.host = np.zeros(shape, dtype)
-        self.shape, self.dtype, self.nbytes = self.host.shape, self.host.dtype, self.host.nbytes
-        self.ptr = next(self._addr)
-
-    @classmethod
-    def empty(cls, shape, dtype=np.float32):
-        return cls(shape, dtype)
-
-    @classmethod
-    def zeros(cls, shape, dtype=np.float32, stream=None):
-        return cls(shape, dtype)
-
-    @classmethod
-    def from_numpy(cls, arr, stream=None):
-        a = cls(np.shape(arr), np.asarray(arr).dtype)
-        a.host[...] = arr
-        return a
-
-    def copy_from_numpy(self, arr, stream=None):
-        self.host[...] = np.asarray(arr).reshape(self.shape)
-
-    def fill_bytes(self, value, stream=None):
-        self.host.view(np.uint8)[...] = value
-        return self
-
-    def to_numpy(self, stream=None):
-        return self.host.copy()
+FakeDeviceArray = HostDeviceArray  # host memory at fake 4 KiB-aligned addresses
 
 
 class FakeStream:

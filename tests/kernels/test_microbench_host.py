@@ -7,38 +7,12 @@ argument checks on the way; a scarce GPU loan then does not end in a host-side e
 
 from __future__ import annotations
 
-import itertools
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-
-class FakeDeviceArray:
-    _addr = itertools.count(1 << 20, 1 << 12)
-
-    def __init__(self, shape, dtype=np.float32):
-        self.host = np.zeros(shape, dtype)
-        self.shape, self.dtype, self.nbytes, self.size = self.host.shape, self.host.dtype, self.host.nbytes, \
-            self.host.size
-        self.ptr = next(self._addr)
-
-    @classmethod
-    def empty(cls, shape, dtype=np.float32, stream=None):
-        return cls(shape, dtype)
-
-    @classmethod
-    def zeros(cls, shape, dtype=np.float32, stream=None):
-        return cls(shape, dtype)
-
-    @classmethod
-    def from_numpy(cls, arr, stream=None):
-        a = cls(np.shape(arr), np.asarray(arr).dtype)
-        a.host[...] = arr
-        return a
-
-    def copy_from_numpy(self, arr, stream=None):
-        self.host[...] = np.asarray(arr).reshape(self.shape)
+from sparkinfer_cute.runtime.testing import HostDeviceArray
 
 
 class FakeStream:
@@ -64,7 +38,7 @@ def fake_gpu(monkeypatch):
             launches.append(type(kernel).__name__)
         return launch
 
-    monkeypatch.setattr(rt, "DeviceArray", FakeDeviceArray)
+    monkeypatch.setattr(rt, "DeviceArray", HostDeviceArray)
     monkeypatch.setattr(rt, "Stream", FakeStream)
     monkeypatch.setattr(rt, "resolve_stream", lambda s: s if s is not None else FakeStream())
     monkeypatch.setattr(rt, "get_device", lambda: SimpleNamespace(name="fake GPU", sm_count=4))
