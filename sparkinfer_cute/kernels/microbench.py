@@ -721,13 +721,12 @@ def bench_routed(iters: int = 200) -> list[dict]:
             moe_gate_up(**gate_up, stream=stream)
             moe_down(**down, stream=stream)
 
-        def two_phase():
-            routed_experts({k_: v for k_, v in route.items() if k_ != "stream"}, gate_up, chain, stream=stream)
+        def two_phase():  # (routed_experts drops the route's own stream: its launch takes ``stream``)
+            routed_experts(route, gate_up, chain, stream=stream)
             moe_down(**down, stream=stream)
 
         def three_phase():
-            routed_experts({k_: v for k_, v in route.items() if k_ != "stream"}, gate_up, chain, down=down,
-                           stream=stream)
+            routed_experts(route, gate_up, chain, down=down, stream=stream)
 
         r = dict(case=name, device=get_device().name)
         outputs = []
@@ -781,10 +780,9 @@ def bench_prefill_gemm(tokens: int = 512, reps: int = 20, int8_peak: float | Non
     node, median of ``reps`` replays) and TFLOP/s (2 * rows * n_out * n_in; grouped: rows = routed (token, expert)
     pairs), with ``int8_peak``: the % of the measured int8 ``mma.sync`` peak. Random weights and int8 activations;
     the 128-expert tensors exceed L2, the dense ones may not (warm L2: an upper bound on the dense rate)."""
-    from ..reference.kernel_refs import grouped_tiles_host, random_quant_bytes
+    from ..reference.kernel_refs import grouped_tiles_host
     from ..runtime import DeviceArray, Stream, get_device
     from .q8_1 import Q8Act
-    from .quant_decode import spec
     from .quant_gemm import max_grouped_tiles, quant_gemm
 
     rng = np.random.default_rng(0)
@@ -793,9 +791,7 @@ def bench_prefill_gemm(tokens: int = 512, reps: int = 20, int8_peak: float | Non
     dev = get_device().name
 
     def weights(q, rows, n_in):
-        sp = spec(q)
-        return DeviceArray.from_numpy(random_quant_bytes(q, rows * n_in // sp.block_elems, rng)
-                                      .reshape(rows, sp.row_bytes(n_in)))
+        return DeviceArray.from_numpy(_rand_weights(q, rows, n_in, rng))
 
     def act(rows, n):
         a = Q8Act(rows, n)
@@ -818,10 +814,8 @@ def bench_prefill_gemm(tokens: int = 512, reps: int = 20, int8_peak: float | Non
     for q, n_in, n_out, accumulate in (("Q4_K", 2048, 4096, False), ("Q4_K", 2048, 512, False),
                                        ("Q6_K_P", 2048, 512, False), ("Q4_K", 4096, 2048, True),
                                        ("Q5_0", 640, 1024, False), ("Q8_0", 640, 256, False)):
+        w, x, y = weights(q, n_out, n_in), act(T, n_in), DeviceArray.zeros((T, n_out), np.float32)
         for tt in (64, 32):
-            w = weights(q, n_out, n_in)
-            x = act(T, n_in)
-            y = DeviceArray.zeros((T, n_out), np.float32)
             case(f"dense {q} {n_in}->{n_out} tile_tokens={tt}{' +=' if accumulate else ''}", 2.0 * T * n_in * n_out,
                  lambda w=w, x=x, y=y, q=q, n_out=n_out, a=accumulate, tt=tt: quant_gemm(
                      w, q, x, n_out, out=y, accumulate=a, tile_tokens=tt, stream=st))
@@ -847,6 +841,15 @@ def bench_prefill_gemm(tokens: int = 512, reps: int = 20, int8_peak: float | Non
              lambda dt=dt, dn=dn, mt=mt, tt=tt: quant_gemm(wd, "Q4_K", aq, D, out=y, tiles=dt, n_tiles=dn,
                                                            max_tiles=mt, tile_tokens=tt, stream=st))
     return results
+
+
+def _emit_rows(key: str, rows: list[dict], path: str | None) -> None:
+    """Print a benchmark's rows, and with ``--json`` write them as ``{key: rows}``."""
+    for r in rows:
+        print(r)
+    if path:
+        with open(path, "w") as f:
+            json.dump({key: rows}, f, indent=1)
 
 
 def format_table(report: dict) -> str:
@@ -907,10 +910,7 @@ def main(argv=None) -> int:
                 for fused, pro in modes:
                     rows.append(bench_attention(cfg, n, a.splits or None, fused_combine=fused, prologue=pro,
                                                 heads_per_cta=a.heads_per_cta, keys_per_iter=a.keys_per_iter))
-                    print(rows[-1])
-        if a.json:  # what tools/attention_share.py reads
-            with open(a.json, "w") as f:
-                json.dump({"attention": rows}, f, indent=1)
+        _emit_rows("attention", rows, a.json)  # the JSON tools/attention_share.py reads
         return 0
     if a.prefill_attention or a.prefill_gemm or a.mma_peak:
         # the prefill kernels against the mma.sync rate measured in the same run: {"mma_peak": [...], ...} with --json
@@ -941,13 +941,8 @@ def main(argv=None) -> int:
             print(bench_router(n_expert, n_embd, k))
         return 0
     for key, wanted, bench in (("routed", a.routed, bench_routed), ("tails", a.tails, bench_tails)):
-        if wanted:  # a list of rows: printed, and with --json written under its key (what perf_model --tails reads)
-            rows = bench()
-            for r in rows:
-                print(r)
-            if a.json:
-                with open(a.json, "w") as f:
-                    json.dump({key: rows}, f, indent=1)
+        if wanted:  # (the --tails JSON is what perf_model --tails reads)
+            _emit_rows(key, bench(), a.json)
             return 0
     report = run(a.reps, a.only)
     print(format_table(report))
