@@ -127,8 +127,7 @@ class GPUDecoder:
     def rope_scaled_layers(self) -> list[int]:
         """Layers with linear RoPE scaling (``rope.scaling.type`` linear: Gemma 3 4B and larger scale their global
         layers' RoPE by 1/8)."""
-        scale = getattr(self.cfg, "rope_freq_scale_for", None)
-        return [] if scale is None else [l for l in range(self.cfg.n_layer) if scale(l) != 1.0]
+        return [l for l in range(self.cfg.n_layer) if self.cfg.rope_freq_scale_for(l) != 1.0]
 
     def linear_rope_factors(self) -> dict[int, QWeight]:
         """{layer: F32 divisor vector} for the layers with linear RoPE scaling: the RoPE kernels' ``freq_factors``

@@ -54,7 +54,7 @@ class Gemma3Reference(ReferenceModel):
         q = self.norm(q, p + "attn_q_norm.weight")
         k = self.norm(k, p + "attn_k_norm.weight")
         base = float(self.cfg.rope_base_for(l))
-        fs = float(self.cfg.rope_freq_scale_for(l)) if hasattr(self.cfg, "rope_freq_scale_for") else 1.0
+        fs = float(self.cfg.rope_freq_scale_for(l))
         rope = ops.rope_neox_llama_cpu if self.emulate_cpu else ops.rope_neox
         q = rope(q, positions, self.n_rot, base, freq_scale=fs)
         k = rope(k, positions, self.n_rot, base, freq_scale=fs)
