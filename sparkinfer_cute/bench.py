@@ -3,8 +3,9 @@
 
 Decode tok/s (median of R >= 5 timed runs after a warm-up run; greedy, whole step replayed from one CUDA graph),
 prefill tok/s (for each prompt length, e.g. ``--prompt-len 512,4096``), kernels per token, bytes moved per token,
-the minimum (routed experts' + dense weights + KV, each once) and their ratio (all from the launch plan, models/launch_plan.py), the % of the measured device-to-device copy
-bandwidth the minimum at the measured speed represents, resident GPU memory. With --llama-bench it runs llama.cpp's
+the minimum (routed experts' + dense weights + KV, each once) and their ratio (all from the launch plan,
+models/launch_plan.py), the % of the measured device-to-device copy bandwidth the minimum at the measured speed
+represents, resident GPU memory. With --llama-bench it runs llama.cpp's
 llama-bench on the same file in the same process run and prints the ratio. Prints a table, writes JSON (--json) and
 appends a line to the results log (--log, default RESULTS.md's sibling results/bench.jsonl).
 
